@@ -1,0 +1,1 @@
+"""Problems, answers, generation backends, the debate engine, the trajectory store and dataset builders."""

@@ -1,0 +1,1 @@
+"""Evaluation of single agent vs team vs distilled model: accuracy, cost, self-correction; reports."""

