@@ -5,7 +5,7 @@ TFLOP/s, GB/s, peak memory). Without one: the CPU rows, the PyTorch twin (the au
 memory-saving backward) vs PEFT eager, forward+backward, time and saved-activation memory, at the embedded
 model's shapes (SmolLM2-135M: d=576, d_ff=1536) and at d=4096, in float32 and under bfloat16 autocast.
 
-    .venv/bin/python bench/kernels.py [--tokens 2048] [--big-tokens 512] [--reps 10] [--threads 1]
+    .venv/bin/python bench/fused_kernels.py [--tokens 2048] [--big-tokens 512] [--reps 10] [--threads 1]
 """
 
 from __future__ import annotations
