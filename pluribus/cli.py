@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -35,6 +35,244 @@ def config_cmd(recipe: RecipeArg = None, overrides: OverridesArg = None) -> None
     from pluribus.config import load_recipe
 
     print(load_recipe(recipe, overrides or []).to_yaml(), end="")
+
+
+# ------------------------------------------------------------------------------------------- debate
+
+
+@app.command("debate")
+def debate_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML with task and team sections.")],
+    overrides: OverridesArg = None,
+    new_run: Annotated[bool, typer.Option("--new-run", help="Config changed: move the old store aside.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Run the recipe's debate team over its problems into runs/<name>/trajectories (resumable)."""
+    from rich.table import Table
+
+    from pluribus.config import load_recipe
+    from pluribus.data.debate import run_debate
+
+    summary = run_debate(load_recipe(recipe, overrides or []), new_run=new_run, progress=not no_progress)
+    table = Table("debate", "value")
+    for name, value in summary.rows():
+        table.add_row(name, value)
+    Console().print(table)
+
+
+# -------------------------------------------------------------------------------------------- build
+
+
+@app.command("build")
+def build_cmd(
+    recipe: RecipeArg = None,
+    overrides: OverridesArg = None,
+    store: Annotated[list[Path] | None, typer.Option("--store", help="Run folder or trajectory store (repeatable).")] = None,
+    kind: Annotated[list[str] | None, typer.Option("--kind", help="rsft | augmented | process (repeatable).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for <kind>/ (default <run>/datasets).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing datasets.")] = False,
+    skip_corrupt: Annotated[bool, typer.Option("--skip-corrupt", help="Skip corrupt store lines (reported).")] = False,
+    new_run: Annotated[bool, typer.Option("--new-run", help="Rollout config changed: move old rollouts aside.")] = False,
+    push: Annotated[str | None, typer.Option("--push-to-hub", help="Push the datasets to this Hub repo (HF_TOKEN).")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Build rsft / augmented / process datasets from a run's trajectories into <run>/datasets/<kind>/."""
+    from rich.table import Table
+
+    from pluribus.config import load_recipe
+    from pluribus.data.build import build_recipe, push_to_hub
+    from pluribus.data.build.stage import require_token
+
+    if push:
+        require_token()
+    if recipe is not None and "=" in recipe.name and not recipe.exists():  # `build --store RUN build.k=2`
+        overrides, recipe = [str(recipe), *(overrides or [])], None
+    loaded = load_recipe(recipe, overrides or []) if recipe is not None else None
+    built = build_recipe(loaded, None if loaded else overrides, stores=store, kinds=kind, out_root=out,
+                         overwrite=overwrite, new_run=new_run, skip_corrupt=skip_corrupt, progress=not no_progress)
+    table = Table("dataset", "rows", "problems", "path")
+    for b in built:
+        table.add_row(b.kind, str(b.rows), str(b.stats["counts"]["problems with rows"]), str(b.path))
+        if b.stats.get("skipped_lines"):
+            console.print(f"skipped {len(b.stats['skipped_lines'])} corrupt line(s): {', '.join(b.stats['skipped_lines'][:10])}")
+        if b.stats.get("no_steps"):
+            console.print(f"{len(b.stats['no_steps'])} trace(s) had no step under build.step_rule "
+                          f"(e.g. {', '.join(b.stats['no_steps'][:5])}); all are listed in {b.path}/README.md")
+    Console().print(table)
+    if push:
+        console.print(f"pushed to {push_to_hub(built, push)}")
+
+
+# -------------------------------------------------------------------------------------------- train
+
+
+@app.command("train")
+def train_cmd(
+    recipe: RecipeArg = None,
+    overrides: OverridesArg = None,
+    stage: Annotated[str | None, typer.Option("--stage", help="rsft | augmented | prm | rl (sets train.stage).")] = None,
+    dataset: Annotated[Path | None, typer.Option("--dataset", help="Dataset folder/file (default <run>/datasets/<kind>).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Adapter folder (default <run>/adapters/<stage>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint of this stage.")] = False,
+    resume_from: Annotated[Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.")] = None,
+) -> None:
+    """Train a LoRA/QLoRA stage of RECIPE; writes a PEFT adapter + training_record.json."""
+    import json
+
+    from pluribus.config import load_recipe
+    from pluribus.distill import train_stage
+
+    loaded = load_recipe(recipe, [*(overrides or []), *([f"train.stage={stage}"] if stage else [])])
+    folder = train_stage(loaded, dataset=dataset, out=out, resume=str(resume_from) if resume_from else resume)
+    metrics = json.loads((folder / "training_record.json").read_text())["metrics"]
+    shown = {k: v for k, v in metrics.items() if "loss" in k or k.startswith(("eval_step", "final_"))}
+    Console().print(f"adapter: {folder}\n" + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()), highlight=False)
+
+
+@app.command("score")
+def score_cmd(
+    adapter: Annotated[Path, typer.Argument(help="PRM adapter folder (from `pluribus train --stage prm`).")],
+    question: Annotated[str, typer.Option("--question", help="The problem statement (the prompt).")],
+    solution: Annotated[str, typer.Option("--solution", help="Solution text, one step per line; @FILE or - (stdin).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Score each step of SOLUTION with a process reward model (probability that the step is correct)."""
+    import json
+
+    from rich.table import Table
+
+    from pluribus.distill.prm import load_prm, score_steps, split_steps
+
+    text = sys.stdin.read() if solution == "-" else Path(solution[1:]).read_text() if solution.startswith("@") else solution
+    steps = split_steps(text)
+    if not steps:
+        raise PluribusError("--solution has no steps (non-empty lines) to score")
+    scores = score_steps(*load_prm(adapter), [(question, steps)])[0]
+    if as_json:
+        print(json.dumps([{"step": s, "score": round(v, 6)} for s, v in zip(steps, scores, strict=True)]))
+        return
+    table = Table("#", "score", "step")
+    for i, (s, v) in enumerate(zip(steps, scores, strict=True)):
+        table.add_row(str(i), f"{v:.3f}", s)
+    Console().print(table)
+
+
+# -------------------------------------------------------------------------------------------- merge
+
+
+def _opt(help: str, *names: str) -> Any:
+    return typer.Option(*names, help=help)
+
+
+@app.command("merge")
+def merge_cmd(
+    config: Annotated[Path | None, typer.Argument(help="Merge YAML (pluribus or mergekit) or a recipe with merge:.")] = None,
+    out: Annotated[Path | None, _opt("Output folder.", "-o", "--out")] = None,
+    method: Annotated[str | None, _opt("cat | svd | linear | task_arithmetic | magnitude | ties | dare_linear | dare_ties", "--method")] = None,
+    adapters: Annotated[list[str] | None, _opt("Adapter folders (comma-separated or repeated).", "--adapters")] = None,
+    models: Annotated[list[str] | None, _opt("Model folders, or model+adapter (comma-separated or repeated).", "--models")] = None,
+    base: Annotated[str | None, _opt("Base model folder (full merges, folding).", "--base")] = None,
+    weights: Annotated[list[str] | None, _opt("One weight per input (comma-separated or repeated).", "--weights")] = None,
+    density: Annotated[float | None, _opt("TIES / magnitude: fraction kept.", "--density")] = None,
+    drop: Annotated[float | None, _opt("DARE drop rate p.", "--drop")] = None,
+    rank: Annotated[int | None, _opt("Output adapter rank.", "--rank")] = None,
+    energy: Annotated[float | None, _opt("Per-module rank keeping this energy fraction.", "--energy")] = None,
+    lam: Annotated[float | None, _opt("Scale lambda of the merged task vector.", "--lambda")] = None,
+    output: Annotated[str | None, _opt("auto | adapter | model (fold adapters into base).", "--output")] = None,
+    mergekit: Annotated[bool, typer.Option("--mergekit", help="Reproduce mergekit's semantics.")] = False,
+    extract: Annotated[str | None, _opt("Extract a LoRA from this fine-tuned model (with --base, --rank/--energy).", "--extract")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+) -> None:
+    """Merge adapters (low-rank, any ranks) or models (streaming) into OUT; mergekit YAML is accepted."""
+    from pluribus.merge import run_merge
+    from pluribus.merge.config import resolve_cli
+
+    if extract:
+        from pluribus.merge.extract import extract_lora
+
+        if not (base and out):
+            raise PluribusError("--extract needs --base (the model it was tuned from) and -o OUT")
+        r = extract_lora(base, extract, out, rank=rank, energy=energy, overwrite=overwrite)
+        Console().print(f"{r['modules']} modules, ranks {r['rank_min']}..{r['rank_max']}, relative error {r['error']:.3e}, "
+                        f"uncaptured (non-linear weights) {r['uncaptured']:.3e} -> {out}", highlight=False)
+        return
+    spec, target = resolve_cli(config, out, method=method, adapters=adapters, models=models, base=base, weights=weights,
+                               density=density, drop=drop, rank=rank, energy=energy, output=output,
+                               mergekit=mergekit or None, **({"lambda": lam} if lam is not None else {}))
+    summary = run_merge(spec, target, overwrite=overwrite)
+    for line in summary.lines():
+        Console().print(line, highlight=False)
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+@app.command("eval")
+def eval_cmd(
+    recipe: RecipeArg = None,
+    overrides: OverridesArg = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Compare the single base agent, the team and the distilled model on the same held-out problems."""
+    from rich.table import Table
+
+    from pluribus.config import load_recipe
+    from pluribus.eval.evaluate import run_eval
+
+    loaded = load_recipe(recipe, overrides or [])
+    payload = run_eval(loaded, progress=not no_progress)
+    table = Table("system", "accuracy", "first answer", "wrong first corrected", "tokens/problem", "s/problem")
+    for name, r in payload["systems"].items():
+        table.add_row(name, f"{r['accuracy']:.1%}", f"{r['first_answer_accuracy']:.1%}",
+                      f"{r['wrong_first_corrected']:.1%}", f"{r['tokens_per_problem']:.0f}",
+                      f"{r['seconds_per_problem']:.2f}")
+    Console().print(table)
+    Console().print(f"report: {loaded.run_dir / 'eval' / 'report.md'}")
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+@app.command("export")
+def export_cmd(
+    source: Annotated[Path, typer.Argument(help="Adapter or model folder to export.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Hub-ready output folder.")],
+    push: Annotated[str | None, typer.Option("--push-to-hub", help="Push to this Hub repo (token from HF_TOKEN).")] = None,
+    eval_results: Annotated[Path | None, typer.Option("--eval", help="results.json of `pluribus eval`.")] = None,
+    dataset: Annotated[list[str] | None, typer.Option("--dataset", help="Hub dataset id for the card (repeatable).")] = None,
+    public: Annotated[bool, typer.Option("--public", help="Create the Hub repo public (default private).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+) -> None:
+    """Write a Hub-ready folder (weights, tokenizer, model card) from SOURCE, and optionally push it."""
+    from pluribus.hub import export_folder, push_folder
+
+    folder = export_folder(source, out, datasets=dataset or [], eval_results=eval_results, overwrite=overwrite)
+    Console().print(f"exported: {folder}")
+    if push:
+        Console().print(f"pushed: {push_folder(folder, push, private=not public)}")
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML; every stage with a section runs, in order.")],
+    overrides: OverridesArg = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun stages that are up to date.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+) -> None:
+    """Run the whole pipeline of RECIPE: debate, build, train, merge, eval, export (resumable)."""
+    from rich.table import Table
+
+    from pluribus.config import load_recipe
+    from pluribus.run import run_recipe
+
+    results = run_recipe(load_recipe(recipe, overrides or []), force=force, progress=not no_progress)
+    table = Table("stage", "status", "seconds", "summary")
+    for r in results:
+        table.add_row(r.stage, r.status, f"{r.seconds:.1f}", r.summary)
+    Console().print(table)
 
 
 # ------------------------------------------------------------------------------------------- models

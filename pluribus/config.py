@@ -36,7 +36,11 @@ class SyntheticConfig(Section):
         None, description="Named difficulty level (overrides steps/digits/style); see `pluribus.data.tasks.LEVELS`."
     )
     steps: int = Field(2, ge=1, le=12, description="Operations per problem (the number of gold steps).")
+    min_steps: int | None = Field(
+        None, ge=1, le=12, description="Fewest operations: each problem draws min_steps..steps (None: exactly steps)."
+    )
     digits: int = Field(1, ge=1, le=6, description="Digits per operand.")
+    first_digits: int | None = Field(None, ge=1, le=6, description="Digits of the starting number (None: digits).")
     ops: list[Literal["+", "-", "*"]] = Field(["+", "-"], description="Operators to draw from.")
     style: Literal["expression", "word"] = Field("word", description="Bare expression or word problem.")
 
@@ -55,6 +59,8 @@ class TaskConfig(Section):
     fields: dict[str, str] = Field(
         default_factory=dict, description="Field mapping for jsonl/parquet/hf: {question: col, answer: col, ...}."
     )
+    subset: str | None = Field(None, description="hf source: dataset configuration name, e.g. 'main' for openai/gsm8k.")
+    hf_split: str = Field("train", description="hf source: which split of the Hub dataset to read.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
 
@@ -108,8 +114,77 @@ class TeamConfig(Section):
 # ---------------------------------------------------------------------------------------------- build
 
 
+_CORRECTIVE_TEMPLATE = (
+    "{first_attempt}\n\nLet me check this before I commit to it. Going back over each step, I find a mistake, "
+    "so {first_answer} is not right. Here is the corrected solution.\n\n{corrected}"
+)
+
+
 class BuildConfig(Section):
+    """Turning a trajectory store into datasets: rsft, augmented and process (see pluribus.data.build)."""
+
     kinds: list[Literal["rsft", "augmented", "process"]] = Field(default_factory=lambda: ["rsft"])
+    target: Literal["gold", "consensus"] = Field(
+        "gold", description="What 'correct' means: the gold answer, or the team's final answer (tasks without gold)."
+    )
+    prompt_template: str = Field("{question}", description="The user turn / process prompt; uses {question}.")
+    max_problems: int | None = Field(None, ge=1, description="Use at most this many problems of the store.")
+    skip_corrupt: bool = Field(False, description="Skip torn/corrupt store lines (reported) instead of stopping.")
+    # augmented
+    k: int = Field(4, ge=1, description="augmented: at most this many diverse correct traces per problem.")
+    similarity: Literal["jaccard", "containment"] = Field(
+        "jaccard", description="augmented: n-gram overlap: jaccard |A&B|/|A or B|, containment |A&B|/min(|A|,|B|)."
+    )
+    ngram: int = Field(3, ge=1, le=8, description="augmented: word n-gram size of the similarity measure.")
+    max_similarity: float = Field(
+        0.9, ge=0.0, le=1.0, description="augmented: never keep a trace more similar than this to a kept one."
+    )
+    corrective: bool = Field(True, description="augmented: add wrong-then-right corrective transcripts.")
+    corrective_template: str = Field(
+        _CORRECTIVE_TEMPLATE,
+        description="augmented: the self-correction transcript; fields {question} {first_attempt} {first_answer} "
+        "{corrected} {corrected_answer}.",
+    )
+    # process
+    step_rule: Literal["lines", "paragraphs", "sentences", "regex"] = Field(
+        "lines", description="process: how a solution splits into steps (GSM8K-style lines by default)."
+    )
+    step_regex: str | None = Field(None, description="process, step_rule=regex: each match is one step.")
+    rollouts_per_step: int = Field(4, ge=1, description="process: Monte-Carlo rollouts from each step's prefix.")
+    max_steps: int = Field(12, ge=1, description="process: skip (and count) traces with more steps than this.")
+    traces_per_problem: int = Field(2, ge=1, description="process: traces labelled per problem.")
+    label_threshold: float = Field(
+        0.0, ge=0.0, lt=1.0, description="process: a step is good if its rollout score is above this."
+    )
+    completer: AgentConfig | None = Field(
+        None, description="process: the model that rolls out (default: the team's first agent, temperature 0.7)."
+    )
+    rollout_batch_size: int = Field(64, ge=1, description="process: rollouts per generation call.")
+    step_separator: str = Field("\n", description="process: separator after each step when tokenized (card).")
+    shepherd_tag: str = Field("ки", description="process: Math-Shepherd step tag in the exported text format.")
+
+    @field_validator("prompt_template", "corrective_template")
+    @classmethod
+    def _template_fields(cls, v: str, info: Any) -> str:
+        from string import Formatter
+
+        allowed = {"question"} if info.field_name == "prompt_template" else {
+            "question", "first_attempt", "first_answer", "corrected", "corrected_answer"}
+        try:
+            used = {name for _, name, _, _ in Formatter().parse(v) if name is not None}
+        except ValueError as e:
+            raise ValueError(f"not a valid format template ({e}); write literal braces as {{{{ }}}}") from None
+        if used - allowed:
+            raise ValueError(f"unknown field(s) {sorted(used - allowed)}; allowed: {sorted(allowed)}")
+        return v
+
+    @field_validator("completer")
+    @classmethod
+    def _sampled_rollouts(cls, v: AgentConfig | None, info: Any) -> AgentConfig | None:
+        if v is not None and v.sampling.temperature == 0 and info.data.get("rollouts_per_step", 1) > 1:
+            raise ValueError("greedy rollouts are all the same; set build.completer.sampling.temperature > 0 "
+                             "or build.rollouts_per_step=1")
+        return v
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -187,19 +262,68 @@ class TrainConfig(Section):
 
 
 class MergeConfig(Section):
+    """The merge stage: a merge config by path or inline (pluribus or mergekit keys; see pluribus.merge.config)."""
+
     config: str | None = Field(None, description="Path to a merge config (pluribus or mergekit YAML).")
+    spec: dict[str, Any] | None = Field(None, description="The merge config inline (same keys as the YAML file).")
+    name: str = Field("merged", pattern=r"^[A-Za-z0-9_.\-]+$", description="Output folder: <run>/merged/<name>.")
+    overwrite: bool = Field(False, description="Replace an existing output folder.")
+
+    @field_validator("spec")
+    @classmethod
+    def _spec_valid(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            from pluribus.merge.config import parse_merge_config
+
+            try:
+                parse_merge_config(v)
+            except PluribusError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    def load(self) -> Any:
+        """The merge spec (a ``pluribus.merge.config.MergeSpec``) this section names."""
+        from pluribus.merge.config import load_merge_config, parse_merge_config
+
+        if (self.config is None) == (self.spec is None):
+            raise RecipeError("merge section needs exactly one of 'config' (a path) or 'spec' (inline)")
+        return load_merge_config(self.config) if self.config else parse_merge_config(self.spec)
 
 
 # ------------------------------------------------------------------------------------- eval / export
 
 
 class EvalConfig(Section):
-    n: int | None = Field(None, ge=1, description="Held-out problems to evaluate.")
+    """Single base agent vs the debate team vs the distilled model, on the same held-out problems."""
+
+    n: int | None = Field(None, ge=1, description="Held-out problems to evaluate (None: task.n, else the whole held-out split).")
+    systems: list[Literal["single", "team", "distilled"]] = Field(
+        default_factory=lambda: ["single", "team", "distilled"], min_length=1,
+        description="single: the team's first agent's model alone (N=1, R=1); team: the recipe's team; "
+        "distilled: the student with its trained adapter (N=1, R=1).",
+    )
+    adapter: str | None = Field(
+        None, description="Adapter of the distilled system (default: <run>/adapters/<train.stage>)."
+    )
+    modes: list[Literal["greedy", "sampled"]] = Field(
+        default_factory=lambda: ["greedy"], min_length=1, description="Decoding of the single and distilled systems."
+    )
+    temperature: float = Field(0.7, gt=0.0, description="Temperature of the sampled mode.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Override every agent's max_new_tokens.")
 
 
 class ExportConfig(Section):
-    repo_id: str | None = Field(None, description="Hub repository to push to.")
+    """A Hub-ready folder of the distilled adapter (or merged model), and optionally its push."""
+
+    source: str | None = Field(
+        None, description="Adapter or model folder to export (default: <run>/merged/<merge.name> if a merge "
+        "section exists, else <run>/adapters/<train.stage>)."
+    )
+    repo_id: str | None = Field(None, description="Hub repository to push to (None: only write <run>/export).")
     private: bool = True
+    token_env: str = Field("HF_TOKEN", description="Environment variable holding the Hub token (never printed).")
+    datasets: list[str] = Field(default_factory=list, description="Hub dataset ids for the card's datasets field.")
+    overwrite: bool = Field(True, description="Replace <run>/export if it exists.")
 
 
 # --------------------------------------------------------------------------------------------- recipe

@@ -1,6 +1,6 @@
 """The one readable PyTorch reference of every kernel: the test oracle, and the math the twins must match.
 
-Each ``<op>_ref`` is plain autograd code written for clarity, not speed; tests and ``bench/kernels.py`` import these
+Each ``<op>_ref`` is plain autograd code written for clarity, not speed; tests and ``bench/fused_kernels.py`` import these
 rather than re-deriving them. ``ce_kl_rows_ref`` is also the PyTorch twin of the per-chunk loss kernel.
 """
 

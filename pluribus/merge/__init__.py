@@ -1,1 +1,216 @@
-"""Merging experts: tensor math, rank-heterogeneous adapter merges, streaming full-model merges, LoRA extraction."""
+"""Merging experts: tensor math, rank-heterogeneous adapter merges, streaming full-model merges, LoRA extraction.
+
+``run_merge(spec, out)`` is the stage: it reads the inputs, merges (adapters in low-rank space, models
+tensor by tensor, anything else through mergekit), and writes ``out`` atomically with the recipe, a report
+and a model card beside the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pluribus.errors import PluribusError
+from pluribus.merge.config import MergeInput, MergeSpec, load_merge_config, parse_merge_config
+
+__all__ = [
+    "MergeInput", "MergeSpec", "MergeSummary", "load_merge_config", "parse_merge_config", "run_merge", "run_recipe_merge",
+]
+
+ADAPTER_METHODS = ("cat", "svd")
+
+
+@dataclass
+class MergeSummary:
+    """What a merge did: the CLI prints ``lines()``; ``merge_report.json`` holds all of it."""
+
+    method: str
+    kind: str  # adapters -> adapter | adapters -> model | models -> model | mergekit
+    out: str
+    inputs: list[str]
+    ranks_in: list[list[int]] = field(default_factory=list)
+    ranks_out: list[int] = field(default_factory=list)
+    error: float | None = None
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [f"method {self.method} ({self.kind}), {len(self.inputs)} inputs -> {self.out}"]
+        if self.ranks_in:
+            out.append("ranks in: " + "; ".join(f"{'/'.join(map(str, r))}" for r in self.ranks_in))
+        if self.ranks_out:
+            lo, hi = min(self.ranks_out), max(self.ranks_out)
+            out.append(f"ranks out: {lo}" + (f"..{hi} (per module, rank_pattern)" if hi != lo else ""))
+        if self.error is not None:
+            out.append(f"relative error vs the exact merge: {self.error:.3e}")
+        out.append(f"time: {self.seconds:.1f} s")
+        return out
+
+
+def _progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True, disable=not sys.stderr.isatty())
+
+
+def _card(spec: MergeSpec, summary: MergeSummary, adapter: bool) -> str:
+    bases = [spec.base] if spec.base else []
+    front = {
+        "base_model": bases or None,
+        "base_model_relation": "adapter" if adapter else "merge",
+        "library_name": "peft" if adapter else "transformers",
+        "tags": ["merge", "pluribus", spec.method],
+    }
+    front = {k: v for k, v in front.items() if v}
+    return (
+        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
+        f"# Merged with pluribus ({spec.method})\n\n"
+        + "\n".join(f"- {line}" for line in summary.lines()[:-1])
+        + "\n\nInputs:\n\n" + "\n".join(f"- `{i}`" for i in summary.inputs)
+        + "\n\n## Recipe\n\n```yaml\n" + spec.to_yaml() + "```\n"
+    )
+
+
+def _kind(spec: MergeSpec) -> str:
+    from pluribus.merge.adapters import is_adapter
+
+    for i in spec.inputs:
+        for path in (i.path, i.adapter):
+            if path is not None and not Path(path).exists() and ("/" in path or path.startswith(".")):
+                raise PluribusError(f"input '{path}' does not exist; check the path in the merge config")
+    flags = [is_adapter(i.path) and i.adapter is None for i in spec.inputs]
+    if all(flags):
+        return "adapters"
+    if any(flags):
+        odd = next(i.path for i, f in zip(spec.inputs, flags, strict=True) if f)
+        raise PluribusError(
+            f"input '{odd}' is an adapter but others are models; give it as `adapter: {odd}` with `path:` its base"
+        )
+    return "models"
+
+
+def run_merge(
+    spec: MergeSpec, out: str | Path, *, overwrite: bool = False, progress: Callable[..., Any] | None = None
+) -> MergeSummary:
+    """Run one merge into ``out`` (refused if it exists unless ``overwrite``); returns the summary.
+
+    Raises PluribusError for bad inputs before anything is written; ``out`` appears only when complete.
+    """
+    from pluribus.io import atomic_dir
+
+    out = Path(out)
+    start = time.perf_counter()
+    if out.exists() and not overwrite:
+        raise PluribusError(f"output '{out}' already exists; pass --overwrite to replace it")
+    if spec.method == "mergekit":
+        return _run_mergekit(spec, out, overwrite, start)
+    kind = _kind(spec)
+    if kind == "models" and spec.method in ADAPTER_METHODS:
+        raise PluribusError(f"method '{spec.method}' merges adapters; for models use task_arithmetic, ties, dare_ties ...")
+    if kind == "models" and spec.output == "adapter":
+        raise PluribusError("output 'adapter' needs adapter inputs; to turn a model into a LoRA use extraction")
+    summary = MergeSummary(spec.method, "", str(out), [i.label for i in spec.inputs])
+    with atomic_dir(out, overwrite=overwrite) as tmp, _progress() as bar:
+        if kind == "adapters":
+            _merge_adapters(spec, tmp, summary, bar)
+        else:
+            summary.kind = "models -> model"
+            task = bar.add_task("merging tensors", total=None)
+            from pluribus.merge.full import copy_companions, local_model, merge_models
+
+            summary.details = merge_models(spec, tmp, lambda k, n, _: bar.update(task, completed=k, total=n))
+            copy_companions(local_model(spec.base), local_model(spec.tokenizer_source) if spec.tokenizer_source else None,
+                            tmp, spec.out_dtype)
+        summary.seconds = time.perf_counter() - start
+        (tmp / "merge.yaml").write_text(spec.to_yaml())
+        (tmp / "merge_report.json").write_text(json.dumps(asdict(summary), indent=2))
+        (tmp / "README.md").write_text(_card(spec, summary, adapter=summary.kind.endswith("adapter")))
+        publish_mode(tmp)
+    return summary
+
+
+def publish_mode(folder: Path) -> None:
+    """mkdtemp makes 0700 folders; give the output the permissions a normal mkdir would (umask applies)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
+def run_recipe_merge(recipe: Any, out: str | Path | None = None, overwrite: bool | None = None) -> MergeSummary:
+    """The merge stage of a recipe: its ``merge`` section, written to ``<run>/merged/<name>`` by default."""
+    section = recipe.require("merge")
+    target = Path(out) if out else recipe.run_dir / "merged" / section.name
+    return run_merge(section.load(), target, overwrite=section.overwrite if overwrite is None else overwrite)
+
+
+def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any) -> None:
+    from pluribus.merge.adapters import AdapterPlan, load_adapter, merge_adapters, save_adapter
+
+    adapters = [load_adapter(i.path) for i in spec.inputs]
+    summary.ranks_in = [a.ranks for a in adapters]
+    if spec.output == "model":
+        if not spec.base:
+            raise PluribusError("folding adapters into a model (output: model) needs `base`, the adapters' base model")
+        from pluribus.merge.full import copy_companions, local_model, merge_models
+
+        plan = AdapterPlan(spec, adapters)
+        summary.kind = "adapters -> model"
+        task = bar.add_task("folding into the base", total=None)
+
+        def delta(name: str, base: Any) -> Any:
+            module = name.removesuffix(".weight")
+            return plan.dense(module) if name.endswith(".weight") and module in plan.shapes else None
+
+        summary.details = merge_models(spec, tmp, lambda k, n, _: bar.update(task, completed=k, total=n), delta)
+        summary.error = 0.0
+        copy_companions(local_model(spec.base), local_model(spec.tokenizer_source) if spec.tokenizer_source else None,
+                        tmp, spec.out_dtype)
+        return
+    summary.kind = "adapters -> adapter"
+    n_modules = len({m for a in adapters for m in a.modules})
+    task = bar.add_task("merging modules", total=n_modules)
+    merged = merge_adapters(spec, adapters, lambda _: bar.advance(task))
+    save_adapter(tmp, merged, adapters[0].config)
+    summary.ranks_out = sorted(set(merged.ranks.values()))
+    summary.error = merged.total_error
+    summary.details = {"module_errors": merged.errors, "module_ranks": merged.ranks}
+
+
+def _run_mergekit(spec: MergeSpec, out: Path, overwrite: bool, start: float) -> MergeSummary:
+    """Hand a mergekit config pluribus does not implement to ``mergekit-yaml`` (same atomic output rules)."""
+    from pluribus.io import atomic_dir
+
+    exe = Path(sys.executable).with_name("mergekit-yaml")
+    if not exe.exists():
+        found = shutil.which("mergekit-yaml")
+        if not found:
+            raise PluribusError("this config needs mergekit (method not implemented by pluribus); pip install mergekit")
+        exe = Path(found)
+    data = spec.mergekit_yaml or {}
+    with atomic_dir(out, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as cfg_dir:
+        cfg = Path(cfg_dir) / "mergekit.yaml"
+        cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+        res = subprocess.run([str(exe), str(cfg), str(tmp)],
+                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if res.returncode != 0:
+            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise PluribusError(f"mergekit failed on method '{data.get('merge_method')}': {tail[0]}")
+        summary = MergeSummary(str(data.get("merge_method")), "mergekit", str(out),
+                               [str(m.get("model")) for m in data.get("models", []) if isinstance(m, dict)])
+        summary.seconds = time.perf_counter() - start
+        (tmp / "merge.yaml").write_text(spec.to_yaml())
+        (tmp / "merge_report.json").write_text(json.dumps(asdict(summary), indent=2))
+        publish_mode(tmp)
+    return summary

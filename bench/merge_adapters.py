@@ -1,0 +1,179 @@
+"""Rank-64 merge of 4 LoRA adapters (ranks 8, 16, 32, 64, all linear modules of the embedded SmolLM2-135M):
+pluribus (QR + small-core SVD, from the adapter files) vs PEFT `add_weighted_adapter("svd", svd_rank=64)` vs the
+mergekit route (`mergekit-yaml` task_arithmetic over `base+adapter` models, i.e. one full model per adapter).
+
+Prints each side's wall time, its relative Frobenius error against the exact weighted sum (computed in float64
+from the factors), and the time ratios. PEFT is timed on `add_weighted_adapter` alone (model and adapters already
+loaded); pluribus includes reading the adapter files and writing the merged one.
+
+    .venv/bin/python bench/merge_adapters.py [--no-mergekit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# bench/ holds scripts whose names shadow packages (bench/fused_kernels.py vs the `kernels` package that
+# transformers probes): drop this folder from the import path before importing anything else.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANKS = [8, 16, 32, 64]
+
+
+def base_model(root: Path) -> Path:
+    """The embedded model's folder; without it, a random Llama of identical shapes (the shapes are what matter)."""
+    try:
+        from pluribus.models import resolve_model
+
+        return resolve_model("smollm2-135m")
+    except Exception as e:  # the embedded model is an optional package; its shapes are all this needs
+        print(f"embedded model unavailable ({e}); using a random Llama with SmolLM2-135M's shapes")
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+        LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(root / "base")
+        return root / "base"
+
+
+def make_adapters(base: Path, root: Path) -> list[Path]:
+    """4 adapters with random factors on every linear module, written as PEFT folders."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from pluribus.merge.full import Checkpoint
+
+    shapes = {n.removesuffix(".weight"): i.shape for n, i in Checkpoint(base).tensors.items()
+              if n.endswith(".weight") and n.split(".")[-2] in TARGETS}
+    paths = []
+    for j, r in enumerate(RANKS):
+        g = torch.Generator().manual_seed(j)
+        out = root / f"lora-r{r}"
+        LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, base_model_name_or_path=str(base),
+                   task_type="CAUSAL_LM").save_pretrained(str(out))
+        tensors = {}
+        for name, (d_out, d_in) in shapes.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, d_in, generator=g) / math.sqrt(d_in)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(d_out, r, generator=g) * 0.01
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        paths.append(out)
+    return paths
+
+
+def exact_deltas(paths: list[Path]) -> dict[str, torch.Tensor]:
+    from pluribus.merge.adapters import load_adapter
+
+    out: dict[str, torch.Tensor] = {}
+    for p in paths:
+        for name, m in load_adapter(p).modules.items():
+            d = m.delta(torch.float64)
+            out[name] = out[name] + d if name in out else d
+    return out
+
+
+def rel_error(exact: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> float:
+    num = sum(float((exact[k] - got[k].double()).pow(2).sum()) for k in exact)
+    den = sum(float(v.pow(2).sum()) for v in exact.values())
+    return math.sqrt(num / den)
+
+
+def run_pluribus(paths: list[Path], out: Path) -> tuple[float, float, dict[str, torch.Tensor]]:
+    from pluribus.merge import MergeInput, MergeSpec, run_merge
+    from pluribus.merge.adapters import load_adapter
+
+    spec = MergeSpec(method="svd", rank=64, inputs=[MergeInput(path=str(p)) for p in paths])
+    start, cpu = time.perf_counter(), time.process_time()
+    run_merge(spec, out)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return seconds, cpu, {k: m.delta(torch.float64) for k, m in load_adapter(out).modules.items()}
+
+
+def run_peft(base: Path, paths: list[Path]) -> tuple[float, float, dict[str, torch.Tensor]]:
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(paths[0]), adapter_name="a0")
+    for i, p in enumerate(paths[1:], 1):
+        model.load_adapter(str(p), adapter_name=f"a{i}")
+    names = [f"a{i}" for i in range(len(paths))]
+    start, cpu = time.perf_counter(), time.process_time()
+    model.add_weighted_adapter(names, [1.0] * len(names), "merged", combination_type="svd", svd_rank=64)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    got = {}
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, LoraLayer) and "merged" in module.lora_A:
+            got[name] = module.get_delta_weight("merged").detach().double()
+    return seconds, cpu, got
+
+
+def run_mergekit(
+    base: Path, paths: list[Path], root: Path, exact: dict[str, torch.Tensor]
+) -> tuple[float, float, float]:
+    from pluribus.merge.full import Checkpoint
+
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
+           "models": [{"model": f"{base}+{p}", "parameters": {"weight": 1.0}} for p in paths]}
+    (root / "mk.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    exe = Path(sys.executable).with_name("mergekit-yaml")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf")}  # its LoRA cache stays in root
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(exe), str(root / "mk.yaml"), str(root / "out-mergekit"), "--lora-merge-cache",
+                             str(root / "lora-cache")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds, cpu = time.perf_counter() - start, usage.ru_utime + usage.ru_stime
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"mergekit-yaml failed:\n{proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+    merged, b = Checkpoint(root / "out-mergekit"), Checkpoint(base)
+    got = {k: merged.get(f"{k}.weight").double() - b.get(f"{k}.weight").double() for k in exact}
+    return seconds, cpu, rel_error(exact, got)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-mergekit", action="store_true", help="Skip the (slow) mergekit route.")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    root = Path(tempfile.mkdtemp(prefix="bench-merge-adapters-"))
+    try:
+        base = base_model(root)
+        paths = make_adapters(base, root)
+        exact = exact_deltas(paths)
+        print(f"{len(exact)} modules, adapters of ranks {RANKS}, exact sum of rank <= {sum(RANKS)}")
+        t_ours, c_ours, ours = run_pluribus(paths, root / "out-pluribus")
+        e_ours = rel_error(exact, ours)
+        t_peft, c_peft, peft = run_peft(base, paths)
+        e_peft = rel_error(exact, peft)
+        result = {"pluribus": {"seconds": round(t_ours, 2), "cpu_seconds": round(c_ours, 2), "error": e_ours},
+                  "peft_svd": {"seconds": round(t_peft, 2), "cpu_seconds": round(c_peft, 2), "error": e_peft}}
+        print(f"pluribus rank-64: {t_ours:.2f} s wall, {c_ours:.2f} s CPU, relative error {e_ours:.4e}")
+        print(f"PEFT svd rank-64: {t_peft:.2f} s wall, {c_peft:.2f} s CPU, relative error {e_peft:.4e}")
+        print(f"speedup vs PEFT {t_peft / t_ours:.1f}x wall, {c_peft / c_ours:.1f}x CPU (target >= 20x); "
+              f"error ratio pluribus/PEFT {e_ours / e_peft:.4f} (target <= 1)")
+        if not args.no_mergekit:
+            t_mk, c_mk, e_mk = run_mergekit(base, paths, root, exact)
+            result["mergekit_route"] = {"seconds": round(t_mk, 2), "cpu_seconds": round(c_mk, 2), "error": e_mk}
+            print(f"mergekit route (4 full models + task_arithmetic): {t_mk:.2f} s wall, {c_mk:.2f} s CPU, relative "
+                  f"error {e_mk:.4e} (full rank); speedup {t_mk / t_ours:.1f}x wall, {c_mk / c_ours:.1f}x CPU "
+                  "(target >= 50x)")
+        print(json.dumps(result))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""The build stage: trajectory store(s) in, ``<run>/datasets/<kind>/`` out (parquet + dataset card).
+
+    stores ─► trajectories ─► rsft rows | augmented rows | process traces ─► rollouts (stored, resumable)
+           ─► labels ─► datasets/<kind>/{data/train-00000-of-00001.parquet, README.md, stats.json}
+
+Every kind's rows (and the process traces) are chosen before anything is written or rolled out, so bad input
+fails fast and leaves no empty dataset behind. Each dataset folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pluribus.config import AgentConfig, BuildConfig, Recipe, SamplingConfig, TeamConfig
+from pluribus.data.build.card import render_card
+from pluribus.data.build.process import (
+    Completer,
+    RolloutRequest,
+    Trace,
+    label_traces,
+    math_shepherd,
+    process_rows,
+    traces_from,
+)
+from pluribus.data.build.select import augmented_rows, rsft_rows
+from pluribus.data.records import Trajectory
+from pluribus.errors import PluribusError
+from pluribus.io import atomic_dir, atomic_write_text
+
+KINDS = ("rsft", "augmented", "process")
+PARQUET = "data/train-00000-of-00001.parquet"
+SHEPHERD_PARQUET = "math_shepherd/train-00000-of-00001.parquet"
+
+
+@dataclass
+class Source:
+    """One trajectory store being read; ``skipped`` lists ``shard:line`` of corrupt lines passed over."""
+
+    path: Path
+    config_hash: str
+    records: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def card_row(self) -> dict[str, Any]:
+        return {"path": str(self.path), "config_hash": self.config_hash, "records": self.records,
+                "skipped": len(self.skipped)}
+
+
+@dataclass
+class Built:
+    """One written dataset: where, how many rows, and the statistics its card shows."""
+
+    kind: str
+    path: Path
+    rows: int
+    stats: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def store_dir(path: str | Path) -> Path:
+    """A run folder (holding ``trajectories/``) or a store folder (holding ``manifest.json``) -> the store."""
+    p = Path(path)
+    if (p / "trajectories" / "manifest.json").is_file():
+        return p / "trajectories"
+    if (p / "manifest.json").is_file():
+        return p
+    raise PluribusError(f"no trajectory store at '{p}' (neither {p}/trajectories/manifest.json nor "
+                        f"{p}/manifest.json); run `pluribus debate RECIPE` first or pass the run folder")
+
+
+def open_sources(paths: list[str | Path]) -> list[Source]:
+    """Open each store read-only; stores written with different configs are refused (their data would mix)."""
+    from pluribus.data.store import TrajectoryStore
+
+    if not paths:
+        raise PluribusError("no trajectory store given; pass --store RUN or a recipe whose run has trajectories/")
+    sources = []
+    for p in dict.fromkeys(store_dir(p).resolve() for p in paths):
+        store = TrajectoryStore(p)
+        sources.append(Source(p, str(store.manifest.get("config_hash"))))
+    hashes = {s.config_hash for s in sources}
+    if len(hashes) > 1:
+        listing = ", ".join(f"{s.path} ({s.config_hash})" for s in sources)
+        raise PluribusError(f"stores written with different configs cannot be mixed: {listing}; "
+                            "build each on its own")
+    return sources
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    with path.open("rb") as f:
+        yield from enumerate(f, 1)
+
+
+def read_trajectories(sources: list[Source], *, skip_corrupt: bool = False,
+                      max_problems: int | None = None) -> list[Trajectory]:
+    """Every trajectory of the stores, in storage order, each problem once, at most ``max_problems``.
+
+    Reads the shards line by line (not ``TrajectoryStore.iter_records``) so that a line that parses as JSON but
+    is not a Trajectory is reported with its file and line too. A bad line raises PluribusError naming file and
+    line unless ``skip_corrupt``; skipped lines are listed in ``Source.skipped`` (and in the card).
+    """
+    from pluribus.data.store import SHARD_GLOB
+
+    out: dict[str, Trajectory] = {}
+    for src in sources:
+        for shard in sorted(src.path.glob(SHARD_GLOB)):
+            for lineno, raw in _lines(shard):
+                try:
+                    if not raw.endswith(b"\n"):
+                        raise ValueError("no newline at the end: a torn write")
+                    traj = Trajectory.from_dict(json.loads(raw))
+                except (ValueError, TypeError, KeyError, AttributeError) as e:
+                    if not skip_corrupt:
+                        raise PluribusError(
+                            f"store shard '{shard}' line {lineno} is corrupt ({type(e).__name__}: {e}); "
+                            "pass --skip-corrupt (build.skip_corrupt=true) to skip such lines") from None
+                    src.skipped.append(f"{shard.name}:{lineno}")
+                    continue
+                src.records += 1
+                if len(out) < (max_problems or float("inf")):
+                    out.setdefault(traj.problem_id, traj)
+    return list(out.values())
+
+
+# -------------------------------------------------------------------------------------- completer
+
+
+def default_completer(cfg: BuildConfig, team: TeamConfig | None) -> AgentConfig:
+    """``build.completer``, else the team's first agent sampling at temperature 0.7 (rollouts must differ)."""
+    if cfg.completer is not None:
+        return cfg.completer
+    if team is None:
+        raise PluribusError("the process dataset needs a completer: set build.completer (an agent) in the recipe, "
+                            "or give the recipe the team section that made the store")
+    agent = team.agents[0]
+    temperature = agent.sampling.temperature or (0.7 if cfg.rollouts_per_step > 1 else 0.0)
+    return agent.model_copy(update={"sampling": agent.sampling.model_copy(update={"temperature": temperature})})
+
+
+class BackendCompleter:
+    """Rollouts with a generation backend: the prefix is sent as an unfinished assistant turn and continued."""
+
+    def __init__(self, backend: Any, agent: AgentConfig, prompt: str, seed: int) -> None:
+        self.backend, self.agent, self.prompt = backend, agent, prompt
+        self.seed, self.calls = (agent.sampling.seed if agent.sampling.seed is not None else seed), 0
+
+    def __call__(self, requests: list[RolloutRequest]) -> list[str]:
+        convs = []
+        for r in requests:
+            system = [{"role": "system", "content": self.agent.persona}] if self.agent.persona else []
+            user = self.prompt.replace("{question}", r.problem.question)  # as the debate fills it
+            convs.append([*system, {"role": "user", "content": user}, {"role": "assistant", "content": r.prefix}])
+        # A new seed per call: resumed runs reproduce, and no two groups draw the same samples.
+        sampling: SamplingConfig = self.agent.sampling.model_copy(update={"seed": self.seed + 1000 * self.calls})
+        self.calls += 1
+        return [g.text for g in self.backend.generate(convs, sampling)]
+
+
+def rollout_prompt(team: TeamConfig | None) -> str:
+    """The user turn rollouts continue under: the debate's own question prompt, so a prefix reads as it did."""
+    if team is None:
+        return "{question}"
+    from pluribus.data.debate import resolve_prompts
+
+    return resolve_prompts(team.prompts)["question"]
+
+
+def rollout_hash(cfg: BuildConfig, completer: AgentConfig, source_hash: str, prompt: str) -> str:
+    """What a stored rollout depends on; budgets (max_problems, traces_per_problem, max_steps) may change."""
+    payload = {"source": source_hash, "completer": completer.model_dump(mode="json"),
+               "n": cfg.rollouts_per_step, "rule": cfg.step_rule, "regex": cfg.step_regex,
+               "target": cfg.target, "prompt": prompt}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- the stage
+
+
+def select_traces(trajs: list[Trajectory], cfg: BuildConfig) -> tuple[list[Trace], dict[str, list[str]]]:
+    """The process traces of every trajectory and the per-trace problems (no steps, too many, no target)."""
+    report: dict[str, list[str]] = {"no_steps": [], "too_many_steps": [], "no_target": []}
+    traces = [t for traj in trajs for t in traces_from(traj, target=cfg.target, rule=cfg.step_rule,
+                                                       pattern=cfg.step_regex, per_problem=cfg.traces_per_problem,
+                                                       max_steps=cfg.max_steps, stats=report)]
+    return traces, report
+
+
+def _require_rows(kind: str, rows: list, trajs: list[Trajectory], sources: list[Source], target: str) -> None:
+    if rows:
+        return
+    where = ", ".join(str(s.path) for s in sources)
+    hint = ("the task may have no gold answers: try build.target=consensus" if target == "gold"
+            else "no agent agreed with the team's final answer")
+    raise PluribusError(f"no correct trajectory in {where} ({len(trajs)} trajectories, target={target}) for the "
+                        f"'{kind}' dataset; nothing was written ({hint})")
+
+
+def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None = None,
+          out_root: str | Path | None = None, rollouts_dir: str | Path | None = None,
+          team: TeamConfig | None = None, completer: Completer | None = None, seed: int = 0,
+          overwrite: bool = False, new_run: bool = False, trust_remote_code: bool = False,
+          progress: bool = True) -> list[Built]:
+    """Build the datasets ``kinds`` (default ``cfg.kinds``) from the trajectory stores; returns what was written.
+
+    Output goes to ``out_root/<kind>/`` (default ``<run>/datasets``, the run being the store's parent) and
+    rollouts to ``rollouts_dir`` (default ``<run>/rollouts``). ``completer`` overrides the backend built from
+    ``build.completer`` (tests pass a scripted one). Raises PluribusError on bad input before writing anything;
+    FileExistsError if a dataset exists and ``overwrite`` is False.
+    """
+    kinds = list(dict.fromkeys(kinds or cfg.kinds))
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise PluribusError(f"unknown dataset kind(s) {unknown}. Available: {', '.join(KINDS)}")
+    sources = open_sources(list(stores))
+    run_dir = sources[0].path.parent
+    out_root = Path(out_root) if out_root else run_dir / "datasets"
+    if not overwrite:
+        for kind in kinds:
+            if (out_root / kind).exists():
+                raise FileExistsError(f"output '{out_root / kind}' already exists; pass --overwrite to replace it")
+    trajs = read_trajectories(sources, skip_corrupt=cfg.skip_corrupt, max_problems=cfg.max_problems)
+    if not trajs:
+        raise PluribusError(f"store(s) {', '.join(str(s.path) for s in sources)} hold no readable trajectory; "
+                            "nothing was written")
+
+    # 1. choose every kind's rows before writing anything (bad input fails here)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    if "rsft" in kinds:
+        rows["rsft"] = rsft_rows(trajs, target=cfg.target, prompt_template=cfg.prompt_template)
+        _require_rows("rsft", rows["rsft"], trajs, sources, cfg.target)
+    if "augmented" in kinds:
+        rows["augmented"] = augmented_rows(
+            trajs, target=cfg.target, prompt_template=cfg.prompt_template, k=cfg.k, ngram=cfg.ngram,
+            measure=cfg.similarity, max_similarity=cfg.max_similarity, corrective=cfg.corrective,
+            corrective_template=cfg.corrective_template)
+        _require_rows("augmented", rows["augmented"], trajs, sources, cfg.target)
+    traces, report = select_traces(trajs, cfg) if "process" in kinds else ([], {})
+    if "process" in kinds and not traces:
+        raise PluribusError(
+            f"the step rule '{cfg.step_rule}' found no labellable trace in {len(trajs)} trajectories "
+            f"({len(report['no_steps'])} without steps, {len(report['too_many_steps'])} over "
+            f"build.max_steps={cfg.max_steps}, {len(report['no_target'])} without a target); nothing was written")
+
+    # 2. Monte-Carlo rollouts for the process traces, stored as they finish (a rerun resumes)
+    records: dict[str, dict[str, Any]] = {}
+    completer_cfg = None
+    if traces:
+        if completer is None:
+            completer_cfg = default_completer(cfg, team)
+        records = _rollouts(traces, cfg, completer, completer_cfg, sources[0].config_hash, rollout_prompt(team),
+                            Path(rollouts_dir) if rollouts_dir else run_dir / "rollouts", seed=seed,
+                            new_run=new_run, trust_remote_code=trust_remote_code, progress=progress)
+        rows["process"] = process_rows(traces, records, cfg.label_threshold, cfg.prompt_template)
+
+    # 3. write each dataset atomically, with its card
+    config = cfg.model_dump(mode="json")
+    if completer_cfg is not None:
+        config["completer"] = completer_cfg.model_dump(mode="json", exclude_none=True)
+    built = []
+    for kind in kinds:
+        stats = _stats(kind, rows[kind], trajs, report, cfg)
+        stats["skipped_lines"] = [f"{s.path.name}/{line}" for s in sources for line in s.skipped]
+        built.append(_write(kind, rows[kind], out_root / kind, run_dir.name, sources, config, stats, cfg,
+                            overwrite=overwrite))
+    return built
+
+
+def _rollouts(traces: list[Trace], cfg: BuildConfig, completer: Completer | None, agent: AgentConfig | None,
+              source_hash: str, prompt: str, directory: Path, *, seed: int, new_run: bool, trust_remote_code: bool,
+              progress: bool) -> dict[str, dict[str, Any]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pluribus.data.store import TrajectoryStore
+
+    # A completer passed in (not built from a config) is identified by its ``name``, else its class name.
+    what = agent or AgentConfig(model=f"completer:{getattr(completer, 'name', type(completer).__name__)}")
+    store = TrajectoryStore(directory, rollout_hash(cfg, what, source_hash, prompt), new_run=new_run)
+    backend = None
+    try:
+        wanted = {t.key for t in traces}
+        done = {r["problem_id"]: r for r in store.iter_records() if r["problem_id"] in wanted}
+        if completer is None and len(done) < len(traces):
+            from pluribus.data.backends import make_backend
+
+            backend = make_backend(agent, trust_remote_code=trust_remote_code, batch_size=cfg.rollout_batch_size)
+            completer = BackendCompleter(backend, agent, prompt, seed)
+        with Progress(TextColumn("rollouts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      disable=not progress, transient=True) as bar:
+            task = bar.add_task("rollouts", total=len(traces))
+            return label_traces(traces, completer, n=cfg.rollouts_per_step, batch_size=cfg.rollout_batch_size,
+                                done=done, on_record=lambda rec: store.append([rec]),
+                                on_progress=lambda k: bar.advance(task, k))
+    finally:
+        if backend is not None:
+            backend.close()
+        store.close()
+
+
+def _stats(kind: str, rows: list[dict[str, Any]], trajs: list[Trajectory], report: dict[str, list[str]],
+           cfg: BuildConfig) -> dict[str, Any]:
+    counts: dict[str, Any] = {"trajectories used": len(trajs), "rows": len(rows),
+                              "problems with rows": len({r["problem_id"] for r in rows})}
+    stats: dict[str, Any] = {"counts": counts}
+    if kind == "augmented":
+        for k, v in sorted(Counter(r["kind"] for r in rows).items()):
+            counts[f"rows of kind {k}"] = v
+    if kind == "process":
+        steps = [(lab, s) for r in rows for lab, s in zip(r["labels"], r["scores"], strict=True)]
+        counts["steps"] = len(steps)
+        counts["rollouts"] = len(steps) * cfg.rollouts_per_step
+        counts["traces without steps"] = len(report["no_steps"])
+        counts["traces over max_steps"] = len(report["too_many_steps"])
+        counts["problems without a target"] = len(report["no_target"])
+        debate = Counter(d for r in rows for d in r["debate"])
+        stats["labels"] = {
+            "good steps": sum(lab for lab, _ in steps), "bad steps": sum(not lab for lab, _ in steps),
+            "good step fraction": sum(lab for lab, _ in steps) / max(len(steps), 1),
+            "mean step score": sum(s for _, s in steps) / max(len(steps), 1),
+            "traces all good": sum(all(r["labels"]) for r in rows),
+            "label threshold": cfg.label_threshold, "rollouts per step": cfg.rollouts_per_step,
+            **{f"steps marked {k} by the debate": v for k, v in sorted(debate.items())},
+        }
+        stats.update({k: list(v) for k, v in report.items()})
+    return stats
+
+
+def _write(kind: str, rows: list[dict[str, Any]], target: Path, run: str, sources: list[Source],
+           config: dict[str, Any], stats: dict[str, Any], cfg: BuildConfig, *, overwrite: bool) -> Built:
+    from datasets import Dataset
+
+    extra = {"math_shepherd": "math_shepherd"} if kind == "process" else None
+    with atomic_dir(target, overwrite=overwrite) as tmp:
+        (tmp / "data").mkdir()
+        Dataset.from_list(rows).to_parquet(str(tmp / PARQUET))
+        if kind == "process":
+            (tmp / "math_shepherd").mkdir()
+            Dataset.from_list([math_shepherd(r, cfg.shepherd_tag) for r in rows]).to_parquet(str(tmp / SHEPHERD_PARQUET))
+        card = render_card(kind, run=run, sources=[s.card_row() for s in sources], config=config, stats=stats,
+                           extra_configs=extra)
+        atomic_write_text(tmp / "README.md", card)
+        atomic_write_text(tmp / "stats.json", json.dumps({"kind": kind, "run": run, **stats}, indent=2) + "\n")
+    return Built(kind, target, len(rows), stats)
+
+
+# ------------------------------------------------------------------------------------ recipe / hub
+
+
+def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, stores: list[Path] | None = None,
+                 kinds: list[str] | None = None, out_root: Path | None = None, overwrite: bool = False,
+                 new_run: bool = False, skip_corrupt: bool = False, progress: bool = True) -> list[Built]:
+    """``pluribus build``: the recipe's build section over its run's store, or over ``stores``.
+
+    Without a recipe, the first store's run folder supplies one (``<run>/recipe.yaml``, written by the
+    debate), so ``--store RUN --kind process`` still knows the team (the default completer) and its prompts.
+    """
+    from pluribus.config import load_recipe
+
+    if recipe is None:
+        if not stores:
+            raise PluribusError("give a recipe or --store RUN (a run folder or a trajectory store)")
+        saved = store_dir(stores[0]).parent / "recipe.yaml"
+        recipe = load_recipe(saved if saved.is_file() else None, overrides)
+    elif overrides:
+        from pluribus.config import apply_overrides, validate_recipe
+
+        recipe = validate_recipe(apply_overrides(recipe.to_dict(), overrides))
+    cfg = recipe.build or BuildConfig()
+    if skip_corrupt:
+        cfg = cfg.model_copy(update={"skip_corrupt": True})
+    return build(cfg, list(stores or [recipe.run_dir]), kinds=kinds, out_root=out_root, team=recipe.team,
+                 seed=recipe.seed, overwrite=overwrite, new_run=new_run,
+                 trust_remote_code=recipe.trust_remote_code, progress=progress)
+
+
+def require_token() -> None:
+    """Fail before any work when a push is asked for and no Hub token is available (never shows the token)."""
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise PluribusError("pushing to the Hub needs a token: set HF_TOKEN (write access) or run `hf auth login`")
+
+
+def push_to_hub(built: list[Built], repo_id: str, *, private: bool = True) -> str:
+    """Push each dataset as a config of ``repo_id`` with ``datasets``' own ``push_to_hub``, then its card.
+
+    The token comes from the environment (``HF_TOKEN``) or a stored login; it is never printed or logged.
+    Returns the dataset's URL.
+    """
+    from datasets import load_dataset
+    from huggingface_hub import DatasetCard
+
+    require_token()
+    texts = []
+    for b in built:
+        configs = {b.kind: PARQUET}
+        if b.kind == "process":
+            configs[f"{b.kind}_math_shepherd"] = SHEPHERD_PARQUET
+        for name, rel in configs.items():
+            ds = load_dataset("parquet", data_files=str(b.path / rel), split="train")
+            ds.push_to_hub(repo_id, config_name=name, private=private)
+        body = (b.path / "README.md").read_text().split("---\n", 2)[-1]
+        texts.append(body.strip())
+    # datasets wrote the YAML header (configs, features); keep it and put our cards below it.
+    card = DatasetCard.load(repo_id, repo_type="dataset")
+    card.text = "\n\n".join(texts) + "\n"
+    card.push_to_hub(repo_id, repo_type="dataset")
+    return f"https://huggingface.co/datasets/{repo_id}"

@@ -1,0 +1,498 @@
+"""The debate engine: N agents, R rounds, a topology and an aggregation, run over problems into the store.
+
+Protocol (Du et al. 2023, "Improving Factuality and Reasoning in Language Models through Multiagent Debate"):
+
+- Round 0: every agent answers the question alone (``question`` template, after its persona as system prompt).
+- Round r >= 1: every agent's conversation keeps its own earlier answers; a new user turn shows the peers'
+  round r-1 responses (``debate`` template, one ``peer`` block each) and asks it to reconsider. With no peers
+  (a single agent) the ``reflect`` template asks it to check its own answer.
+- Topology says who sees whom: ``all`` (every other agent), ``ring`` (agent i sees agent i-1, a directed ring),
+  ``star`` (with a judge: the judge reads every agent each round and the agents see only the judge's summary;
+  without one, agent 0 is the hub: it sees everyone, the others see agent 0).
+- Aggregation: ``majority`` over the last round's parsed answers; ties go to the answer with more votes over
+  all rounds, then to the one given by the lowest-index agent in the last round; unparsable answers do not
+  vote. ``judge``: the judge agent reads the last round (``judge`` template) and its answer is final.
+- Each peer response is trimmed to ``team.peer_token_budget`` tokens of the reader's tokenizer, keeping its
+  *end* (the conclusion and final answer) behind a "[...]" mark; the dropped token counts are recorded in
+  the turn's ``meta.peer_tokens_dropped``.
+- N=1, R=1 is a single agent answering once: the path that evaluates one model (with or without an adapter).
+
+Speed: problems go through in steps of ``team.problems_per_step``; in each round of a step, all
+(problem x agent) conversations of agents that share a backend and sampling settings are ONE
+``Backend.generate`` call. A step's trajectories are stored (flush + fsync) before the next step starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pluribus.config import AgentConfig, Recipe, SamplingConfig, TeamConfig
+from pluribus.data.answers import grade
+from pluribus.data.backends import Backend, Conversation, Generation, backend_key, make_backend
+from pluribus.data.records import Problem, Trajectory, Turn
+from pluribus.errors import PluribusError
+
+DEFAULT_PROMPTS: dict[str, str] = {
+    "question": (
+        "Can you solve the following problem? {question}\n"
+        "Explain your reasoning step by step. Your final answer should be in the form \\boxed{answer}, "
+        "at the end of your response."
+    ),
+    "peer": "One agent solution: ```{response}```",
+    "debate": (
+        "These are the solutions to the problem from other agents:\n\n{peers}\n\n"
+        "Using the reasoning from other agents as additional information, can you provide your answer to the "
+        "problem? Examine your solution and that of the other agents step by step. "
+        "The original problem is: {question}\n"
+        "Your final answer should be in the form \\boxed{answer}, at the end of your response."
+    ),
+    "reflect": (
+        "Review your previous answer step by step and correct any mistake. The original problem is: {question}\n"
+        "Your final answer should be in the form \\boxed{answer}, at the end of your response."
+    ),
+    "judge": (
+        "Several agents solved this problem: {question}\n\n{peers}\n\n"
+        "Compare their reasoning, decide which final answer is correct, and explain why. "
+        "Your final answer should be in the form \\boxed{answer}, at the end of your response."
+    ),
+}
+REQUIRED_FIELDS = {"question": ["{question}"], "peer": ["{response}"], "debate": ["{peers}"], "reflect": [],
+                   "judge": ["{question}", "{peers}"]}
+TRIM_MARK = "[...] "
+
+
+def fill(template: str, **values: str) -> str:
+    """Substitute ``{name}`` for the given names only, so a literal ``\\boxed{answer}`` needs no escaping."""
+    for name, value in values.items():
+        template = template.replace("{" + name + "}", value)
+    return template
+
+
+def resolve_prompts(overrides: Mapping[str, str]) -> dict[str, str]:
+    """Defaults overlaid with the recipe's templates; a PluribusError names an unknown template or missing field."""
+    unknown = sorted(set(overrides) - set(DEFAULT_PROMPTS))
+    if unknown:
+        raise PluribusError(f"unknown prompt template(s) {unknown} in team.prompts. "
+                            f"Available: {', '.join(DEFAULT_PROMPTS)}")
+    prompts = {**DEFAULT_PROMPTS, **overrides}
+    for name, needed in REQUIRED_FIELDS.items():
+        missing = [f for f in needed if f not in prompts[name]]
+        if missing:
+            raise PluribusError(f"prompt template team.prompts.{name} must contain {', '.join(missing)}")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------- team
+
+
+@dataclass(frozen=True)
+class Member:
+    """A debater or the judge: its name, its settings and the backend it generates with."""
+
+    name: str
+    agent: AgentConfig
+    backend: Backend
+
+
+@dataclass
+class Team:
+    members: list[Member]
+    judge: Member | None
+    config: TeamConfig
+    prompts: dict[str, str]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    @property
+    def judge_each_round(self) -> bool:
+        return self.config.topology == "star" and self.judge is not None
+
+
+def validate_team(team: TeamConfig) -> list[str]:
+    """Agent names (agent<i> by default); a PluribusError for a duplicate name or a judge the config lacks."""
+    names = [a.name or f"agent{i}" for i, a in enumerate(team.agents)]
+    if len(set(names)) != len(names):
+        raise PluribusError(f"team agent names must be unique, got {names}")
+    if team.aggregation == "judge" and team.judge is None:
+        raise PluribusError("team.aggregation is 'judge' but team.judge is not set; add a judge agent "
+                            "or use aggregation: majority")
+    resolve_prompts(team.prompts)
+    return names
+
+
+def build_team(team: TeamConfig, backends: Mapping[tuple, Backend]) -> Team:
+    """Pair each agent (and the judge) with its backend from ``backends`` (keyed by ``backend_key``)."""
+    names = validate_team(team)
+    members = [Member(n, a, backends[backend_key(a)]) for n, a in zip(names, team.agents, strict=True)]
+    judge = None
+    if team.judge is not None:
+        judge = Member(team.judge.name or "judge", team.judge, backends[backend_key(team.judge)])
+    return Team(members, judge, team, resolve_prompts(team.prompts))
+
+
+def make_backends(team: TeamConfig, *, trust_remote_code: bool = False) -> dict[tuple, Backend]:
+    """One backend per distinct (backend, model, adapter, ...) among the agents and the judge."""
+    out: dict[tuple, Backend] = {}
+    for agent in [*team.agents, *([team.judge] if team.judge else [])]:
+        key = backend_key(agent)
+        if key not in out:
+            out[key] = make_backend(agent, trust_remote_code=trust_remote_code, batch_size=team.batch_size)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the rounds
+
+
+@dataclass
+class _State:
+    """One problem in flight: each agent's conversation so far and the turns of every round."""
+
+    problem: Problem
+    conversations: list[Conversation]
+    rounds: list[list[Turn]] = field(default_factory=list)
+    judge_turns: list[Turn] = field(default_factory=list)
+
+
+def _trim(text: str, reader: Backend, budget: int) -> tuple[str, int]:
+    n = reader.count_tokens(text)
+    if n <= budget:
+        return text, 0
+    return TRIM_MARK + reader.keep_last_tokens(text, budget), n - budget
+
+
+def _peer_block(team: Team, reader: Backend, peers: list[tuple[str, str]]) -> tuple[str, list[str], list[int]]:
+    blocks, names, dropped = [], [], []
+    for name, response in peers:
+        text, cut = _trim(response, reader, team.config.peer_token_budget)
+        blocks.append(fill(team.prompts["peer"], response=text, agent=name))
+        names.append(name)
+        dropped.append(cut)
+    return "\n\n".join(blocks), names, dropped
+
+
+def _peers_of(team: Team, state: _State, i: int) -> list[tuple[str, str]]:
+    """(name, response) of what agent i sees of the previous round, by topology."""
+    last = state.rounds[-1]
+    n = len(team.members)
+    topology = team.config.topology
+    if topology == "star" and team.judge is not None:
+        return [(team.judge.name, state.judge_turns[-1].response)]
+    if topology == "star":
+        idx = [j for j in range(n) if j != 0] if i == 0 else [0]
+    elif topology == "ring":
+        idx = [(i - 1) % n] if n > 1 else []
+    else:
+        idx = [j for j in range(n) if j != i]
+    return [(team.members[j].name, last[j].response) for j in idx]
+
+
+def _generate_grouped(requests: list[tuple[Member, Conversation]], seed: int) -> list[Generation]:
+    """One ``generate`` call per (backend, sampling) group, results back in request order."""
+    groups: dict[tuple, list[int]] = {}
+    for k, (member, _) in enumerate(requests):
+        key = (id(member.backend), json.dumps(member.agent.sampling.model_dump(), sort_keys=True))
+        groups.setdefault(key, []).append(k)
+    out: list[Generation | None] = [None] * len(requests)
+    for rows in groups.values():
+        member = requests[rows[0]][0]
+        sampling: SamplingConfig = member.agent.sampling
+        sampling = sampling.model_copy(update={"seed": (sampling.seed if sampling.seed is not None else 0) + seed})
+        gens = member.backend.generate([requests[k][1] for k in rows], sampling)
+        if len(gens) != len(rows):
+            raise PluribusError(f"backend for '{member.backend.name}' returned {len(gens)} results "
+                                f"for {len(rows)} conversations")
+        for k, g in zip(rows, gens, strict=True):
+            out[k] = g
+    return out  # type: ignore[return-value]
+
+
+def _turn(member: Member, rnd: int, gen: Generation, problem: Problem, peers: list[str], dropped: list[int]
+          ) -> Turn:
+    g = grade(gen.text, problem)
+    return Turn(
+        agent=member.name, round=rnd, model=member.backend.name, response=gen.text, answer=g.answer,
+        correct=g.correct, tokens_in=gen.tokens_in, tokens_out=gen.tokens_out, seconds=round(gen.seconds, 6),
+        meta={"peers": peers, "peer_tokens_dropped": dropped, "prompt_tokens_dropped": gen.dropped_tokens,
+              "finish_reason": gen.finish_reason, "parse_method": g.method},
+    )
+
+
+def _judge_round(team: Team, states: list[_State], rnd: int, seed: int) -> None:
+    assert team.judge is not None
+    requests, meta = [], []
+    for st in states:
+        block, names, dropped = _peer_block(
+            team, team.judge.backend, [(m.name, t.response) for m, t in zip(team.members, st.rounds[-1],
+                                                                             strict=True)])
+        conv = _system(team.judge.agent) + [
+            {"role": "user", "content": fill(team.prompts["judge"], question=st.problem.question, peers=block)}]
+        requests.append((team.judge, conv))
+        meta.append((names, dropped))
+    gens = _generate_grouped(requests, seed)
+    for st, gen, (names, dropped) in zip(states, gens, meta, strict=True):
+        st.judge_turns.append(_turn(team.judge, rnd, gen, st.problem, names, dropped))
+
+
+def _system(agent: AgentConfig) -> Conversation:
+    return [{"role": "system", "content": agent.persona}] if agent.persona else []
+
+
+def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: int = 0) -> list[Trajectory]:
+    """Debate ``problems`` together for all rounds; one generate call per backend group per round."""
+    states = [
+        _State(p, [_system(m.agent) + [{"role": "user", "content": fill(team.prompts["question"],
+                                                                          question=p.question)}]
+                   for m in team.members])
+        for p in problems
+    ]
+    for rnd in range(team.config.rounds):
+        requests: list[tuple[Member, Conversation]] = []
+        seen: list[tuple[list[str], list[int]]] = []
+        for st in states:
+            for i, member in enumerate(team.members):
+                names: list[str] = []
+                dropped: list[int] = []
+                if rnd > 0:
+                    peers = _peers_of(team, st, i)
+                    st.conversations[i].append({"role": "assistant", "content": st.rounds[-1][i].response})
+                    if peers:
+                        block, names, dropped = _peer_block(team, member.backend, peers)
+                        text = fill(team.prompts["debate"], peers=block, question=st.problem.question)
+                    else:
+                        text = fill(team.prompts["reflect"], question=st.problem.question)
+                    st.conversations[i].append({"role": "user", "content": text})
+                requests.append((member, st.conversations[i]))
+                seen.append((names, dropped))
+        gens = _generate_grouped(requests, seed + 1009 * rnd)
+        k = 0
+        for st in states:
+            turns = []
+            for member in team.members:
+                turns.append(_turn(member, rnd, gens[k], st.problem, *seen[k]))
+                k += 1
+            st.rounds.append(turns)
+        last = rnd == team.config.rounds - 1
+        if team.judge is not None and (team.judge_each_round or (last and team.config.aggregation == "judge")):
+            _judge_round(team, states, rnd, seed + 1009 * rnd + 17)
+    return [_finish(st, team, run_id) for st in states]
+
+
+def majority(turns: Sequence[Turn], history: Sequence[Sequence[Turn]]) -> tuple[str | None, bool | None, bool]:
+    """(answer, correct, tie_broken) by majority over ``turns``; ties: more votes over ``history``, then lowest index."""
+    votes = Counter(t.answer for t in turns if t.answer is not None)
+    if not votes:
+        return None, False, False
+    top = max(votes.values())
+    tied = [a for a, c in votes.items() if c == top]
+    if len(tied) > 1:
+        total = Counter(t.answer for rnd in history for t in rnd if t.answer is not None)
+        best = max(total[a] for a in tied)
+        tied = [a for a in tied if total[a] == best]
+    first = {}
+    for idx, t in enumerate(turns):
+        first.setdefault(t.answer, idx)
+    winner = min(tied, key=lambda a: first[a])
+    correct = next(t.correct for t in turns if t.answer == winner)
+    return winner, correct, len([a for a, c in votes.items() if c == top]) > 1
+
+
+def _finish(st: _State, team: Team, run_id: str) -> Trajectory:
+    if team.config.aggregation == "judge":
+        final, correct, tie = st.judge_turns[-1].answer, st.judge_turns[-1].correct, False
+    else:
+        final, correct, tie = majority(st.rounds[-1], st.rounds)
+    turns = [t for rnd in st.rounds for t in rnd] + st.judge_turns
+    cost = {"tokens_in": sum(t.tokens_in for t in turns), "tokens_out": sum(t.tokens_out for t in turns),
+            "seconds": round(sum(t.seconds for t in turns), 6)}
+    return Trajectory(
+        problem_id=st.problem.id, question=st.problem.question, gold=st.problem.answer, team=team.names,
+        rounds=st.rounds, final_answer=final, final_correct=correct, aggregation=team.config.aggregation,
+        cost=cost, run_id=run_id,
+        meta={"source": st.problem.source, "topology": team.config.topology, "tie_broken": tie,
+              "judge": [t.to_dict() for t in st.judge_turns]},
+    )
+
+
+# ------------------------------------------------------------------------------------------- summary
+
+
+@dataclass(frozen=True)
+class DebateSummary:
+    """Over every stored trajectory: accuracies, cost per problem, and answers corrected/lost between rounds."""
+
+    problems: int
+    new: int
+    round0_accuracy: float
+    team_accuracy: float
+    tokens_per_problem: float
+    seconds_per_problem: float
+    corrected: int  # an agent wrong in round r-1, right in round r
+    lost: int  # an agent right in round r-1, wrong in round r
+    tokens_per_second: float  # generated tokens / wall seconds of this invocation
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [
+            ("problems (new this run)", f"{self.problems} ({self.new})"),
+            ("single-agent (round-0) accuracy", f"{self.round0_accuracy:.1%}"),
+            ("team accuracy", f"{self.team_accuracy:.1%}"),
+            ("tokens / problem", f"{self.tokens_per_problem:.0f}"),
+            ("seconds / problem", f"{self.seconds_per_problem:.2f}"),
+            ("wrong -> right (corrected)", str(self.corrected)),
+            ("right -> wrong (lost)", str(self.lost)),
+            ("generated tokens / s (this run)", f"{self.tokens_per_second:.1f}"),
+        ]
+
+
+def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_second: float = 0.0
+              ) -> DebateSummary:
+    n = len(records)
+    r0 = [t["correct"] for r in records for t in r["rounds"][0]]
+    corrected = lost = 0
+    for r in records:
+        for prev, cur in zip(r["rounds"], r["rounds"][1:], strict=False):
+            for a, b in zip(prev, cur, strict=True):
+                corrected += (not a["correct"]) and bool(b["correct"])
+                lost += bool(a["correct"]) and not b["correct"]
+    return DebateSummary(
+        problems=n, new=new,
+        round0_accuracy=sum(map(bool, r0)) / len(r0) if r0 else 0.0,
+        team_accuracy=sum(bool(r["final_correct"]) for r in records) / n if n else 0.0,
+        tokens_per_problem=sum(r["cost"]["tokens_in"] + r["cost"]["tokens_out"] for r in records) / n if n else 0.0,
+        seconds_per_problem=sum(r["cost"]["seconds"] for r in records) / n if n else 0.0,
+        corrected=corrected, lost=lost, tokens_per_second=tokens_per_second,
+    )
+
+
+# ------------------------------------------------------------------------------------------- the stage
+
+
+def config_hash(recipe: Recipe) -> str:
+    """What makes stored trajectories comparable: the task and team, minus settings that only change speed
+    or how many problems run (``task.n``, ``team.batch_size``, ``team.problems_per_step``), plus the seed."""
+    task = recipe.require("task").model_dump(mode="json", exclude={"n"})
+    team = recipe.require("team").model_dump(mode="json", exclude={"batch_size", "problems_per_step"})
+    payload = json.dumps({"task": task, "team": team, "seed": recipe.seed}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def check_models(team: TeamConfig) -> None:
+    """Fail before anything is written: every local model resolves, every adapter and server setting exists."""
+    import os
+
+    from pluribus.models import read_adapter_config, resolve_model
+
+    for agent in [*team.agents, *([team.judge] if team.judge else [])]:
+        if agent.backend in ("transformers", "vllm"):
+            resolve_model(agent.model)
+            if agent.adapter:
+                read_adapter_config(agent.adapter)
+        elif agent.backend == "openai":
+            if not agent.base_url:
+                raise PluribusError(f"agent '{agent.name or agent.model}' uses the openai backend but sets no "
+                                    "base_url (e.g. http://127.0.0.1:8000/v1)")
+            if agent.api_key_env and not os.environ.get(agent.api_key_env):
+                raise PluribusError(f"environment variable {agent.api_key_env} (api_key_env) is not set; "
+                                    "export it with the server's API key")
+
+
+def run_debate(
+    recipe: Recipe,
+    *,
+    new_run: bool = False,
+    problems: Sequence[Problem] | None = None,
+    backends: Mapping[tuple, Backend] | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
+) -> DebateSummary:
+    """Run the recipe's team over its task's problems into ``<run>/trajectories``, resuming a stopped run.
+
+    Everything is validated (team, problems, models) before the first file is written. ``backends`` (keyed
+    by ``backend_key``) replaces building them, for tests and benchmarks. ``on_step(done, total)`` is called
+    after each stored step. Returns the summary over every stored trajectory.
+    """
+    from pluribus.config import write_recipe
+    from pluribus.data.store import TrajectoryStore
+
+    task = recipe.require("task")
+    team_cfg = recipe.require("team")
+    validate_team(team_cfg)
+    if problems is None:
+        from pluribus.data.tasks import load_problems
+
+        problems = load_problems(task)
+    if not problems:
+        raise PluribusError("the task selects no problems; check task.source, task.path, task.split and task.n")
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise PluribusError(f"problem ids must be unique; '{dup}' appears more than once in the task")
+    if backends is None:
+        check_models(team_cfg)
+
+    write_recipe(recipe)
+    with TrajectoryStore(recipe.run_dir / "trajectories", config_hash(recipe), new_run=new_run) as store:
+        done = store.done_ids()
+        pending = [p for p in problems if p.id not in done]
+        if pending and backends is None:
+            backends = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
+        step = team_cfg.problems_per_step or max(1, team_cfg.batch_size // len(team_cfg.agents))
+        tokens, t0 = 0, time.perf_counter()
+        with _Progress(progress, total=len(problems), done=len(problems) - len(pending)) as bar:
+            if pending:
+                team = build_team(team_cfg, backends)  # type: ignore[arg-type]
+            position = {p.id: i for i, p in enumerate(problems)}
+            for s in range(0, len(pending), step):
+                # The seed follows the step's first problem, not the session, so a resumed run draws alike.
+                trajs = debate_step(pending[s : s + step], team, run_id=store.run_id,
+                                    seed=recipe.seed * 1_000_003 + position[pending[s].id])
+                store.append([t.to_dict() for t in trajs])
+                tokens += sum(t.cost["tokens_out"] for t in trajs)
+                bar.update(trajs, tokens / max(1e-9, time.perf_counter() - t0))
+                if on_step is not None:
+                    on_step(len(problems) - len(pending) + s + len(trajs), len(problems))
+        wanted = {p.id for p in problems}
+        records = [r for r in store.iter_records() if r["problem_id"] in wanted]
+    elapsed = time.perf_counter() - t0
+    return summarize(records, new=len(pending), tokens_per_second=tokens / elapsed if pending else 0.0)
+
+
+class _Progress:
+    """A rich progress bar: problems done, generated tokens/s, running team and round-0 accuracy."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.enabled, self.total, self.done = enabled, total, done
+        self.n = self.team_ok = self.r0_ok = self.r0_n = 0
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("debate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                TextColumn("{task.fields[stats]}"), console=Console(stderr=True))
+            self.bar.__enter__()
+            self.task = self.bar.add_task("debate", total=self.total, completed=self.done, stats="")
+        return self
+
+    def update(self, trajs: list[Trajectory], tps: float) -> None:
+        self.n += len(trajs)
+        self.team_ok += sum(bool(t.final_correct) for t in trajs)
+        r0 = [bool(turn.correct) for t in trajs for turn in t.rounds[0]]
+        self.r0_ok += sum(r0)
+        self.r0_n += len(r0)
+        if self.enabled:
+            stats = (f"{tps:.1f} tok/s  team {self.team_ok / self.n:.1%}  "
+                     f"round-0 {self.r0_ok / max(1, self.r0_n):.1%}")
+            self.bar.update(self.task, advance=len(trajs), stats=stats)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)

@@ -1,0 +1,228 @@
+"""The trajectory store: append-only JSONL shards plus a manifest, resumable and never holding a record twice.
+
+Layout::
+
+    <dir>/manifest.json       {format, config_hash, run_id, key, created, previous_runs}
+    <dir>/shard-00000.jsonl   one finished record a line, in the order they were stored
+    <dir>/shard-00001.jsonl   (a new shard every ``shard_records`` lines)
+
+Guarantees:
+
+- ``append`` writes whole lines with one ``write``, then flush + fsync, before it returns. A crash (SIGKILL,
+  power) can only tear the last line of the last shard; the next writer truncates that partial line (it was
+  never acknowledged, so its problem is still pending and gets regenerated).
+- Each record's ``key`` field (``problem_id``) is stored at most once: ``append`` refuses a key already stored.
+- The manifest's ``config_hash`` must match the run's; a changed config is refused unless ``new_run=True``,
+  which moves the old store aside to ``<dir>.prev-<run_id>/`` and starts empty.
+- One writer at a time (an flock on ``<dir>/.lock``; the OS releases it when a killed process dies).
+- ``datasets.load_dataset("json", data_files=f"{dir}/shard-*.jsonl")`` reads the shards as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pluribus.errors import PluribusError
+from pluribus.io import atomic_write_text
+
+FORMAT = "pluribus-trajectories/1"
+SHARD_GLOB = "shard-*.jsonl"
+
+
+class TrajectoryStore:
+    """An append-only store of finished records under ``directory``.
+
+    ``config_hash=None`` opens an existing store read-only (for the builders); a hash opens it for writing,
+    creating it if needed. Raises PluribusError on a config mismatch, a second writer, or a missing store.
+    """
+
+    def __init__(self, directory: str | Path, config_hash: str | None = None, new_run: bool = False, *,
+                 key: str = "problem_id", shard_records: int = 10_000) -> None:
+        self.directory = Path(directory)
+        self.key = key
+        self.shard_records = shard_records
+        self.writable = config_hash is not None
+        self._lock_fd: int | None = None
+        self._tail: tuple[Path, int] | None = None  # the shard appends go to, and its line count
+        manifest_path = self.directory / "manifest.json"
+        if not self.writable:
+            if not manifest_path.is_file():
+                raise PluribusError(f"no trajectory store at '{self.directory}' (no manifest.json); "
+                                    "run `pluribus debate RECIPE` first or pass the right folder")
+            self.manifest = self._read_manifest()
+            self._done = {r[self.key] for r in self.iter_records(skip_corrupt=True)}
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        if manifest_path.is_file():
+            old = self._read_manifest()
+            if old.get("config_hash") != config_hash:
+                if not new_run:
+                    self._unlock()
+                    raise PluribusError(
+                        f"store '{self.directory}' was written with config {old.get('config_hash')} but this run's "
+                        f"config is {config_hash}; restore the old settings to resume, or pass --new-run to "
+                        "move the old store aside and start a new run"
+                    )
+                self._archive(old)
+        if not manifest_path.is_file():
+            self.manifest = {"format": FORMAT, "config_hash": config_hash, "run_id": uuid.uuid4().hex[:12],
+                             "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             "previous_runs": getattr(self, "_previous", [])}
+            atomic_write_text(manifest_path, json.dumps(self.manifest, indent=2) + "\n")
+        else:
+            self.manifest = self._read_manifest()
+        self.repaired_lines = self._repair_tail()
+        self._done = {r[self.key] for r in self.iter_records()}
+
+    # ------------------------------------------------------------------------------------------ reading
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest["run_id"]
+
+    def shards(self) -> list[Path]:
+        return sorted(self.directory.glob(SHARD_GLOB))
+
+    def done_ids(self) -> set[str]:
+        """Keys of every stored record."""
+        return set(self._done)
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def iter_records(self, skip_corrupt: bool = False) -> Iterator[dict[str, Any]]:
+        """Every stored record, shard by shard, in storage order.
+
+        A line that is not one whole JSON object (torn by a crash, edited by hand) raises a PluribusError
+        naming the file and line, unless ``skip_corrupt``.
+        """
+        for shard in self.shards():
+            with shard.open("rb") as f:
+                for lineno, raw in enumerate(f, 1):
+                    try:
+                        if not raw.endswith(b"\n"):
+                            raise ValueError("line has no newline (torn write)")
+                        record = json.loads(raw)
+                        if not isinstance(record, dict) or self.key not in record:
+                            raise ValueError(f"not a record with '{self.key}'")
+                    except ValueError as e:
+                        if skip_corrupt:
+                            continue
+                        raise PluribusError(
+                            f"store shard '{shard}' line {lineno} is corrupt ({e}); reopen the store for writing "
+                            "to drop a torn last line, or read with skip_corrupt=True"
+                        ) from None
+                    yield record
+
+    # ------------------------------------------------------------------------------------------ writing
+
+    def append(self, records: list[dict[str, Any]]) -> int:
+        """Store finished records durably (one write, flush, fsync); returns how many were written.
+
+        Raises PluribusError if the store is read-only, or a record's key is already stored or repeated.
+        """
+        if not self.writable:
+            raise PluribusError(f"store '{self.directory}' was opened read-only (no config_hash)")
+        if not records:
+            return 0
+        keys = [r[self.key] for r in records]
+        dupes = sorted({k for k in keys if k in self._done} | {k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise PluribusError(f"store '{self.directory}' already holds {self.key} {dupes[:5]}; "
+                                "a problem is stored exactly once")
+        shard = self._current_shard(len(records))
+        data = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records).encode()
+        with shard.open("ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self._done.update(keys)
+        return len(records)
+
+    def close(self) -> None:
+        self._unlock()
+
+    def __enter__(self) -> TrajectoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------------- internals
+
+    def _read_manifest(self) -> dict[str, Any]:
+        path = self.directory / "manifest.json"
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise PluribusError(f"store manifest '{path}' is unreadable ({type(e).__name__}); "
+                                "restore it or remove the store folder") from None
+        if manifest.get("format") != FORMAT:
+            raise PluribusError(f"'{path}' is not a pluribus trajectory store manifest (format "
+                                f"{manifest.get('format')!r}, expected {FORMAT!r})")
+        return manifest
+
+    def _lock(self) -> None:
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise PluribusError(f"store '{self.directory}' is being written by another process; "
+                                "wait for it to finish or stop it") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _archive(self, old: dict[str, Any]) -> None:
+        """Move the old run's files to ``<dir>.prev-<run_id>/`` so the new run starts empty."""
+        dest = self.directory.with_name(f"{self.directory.name}.prev-{old.get('run_id', 'unknown')}")
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in [*self.shards(), self.directory / "manifest.json"]:
+            os.replace(path, dest / path.name)
+        self._previous = [*old.get("previous_runs", []), {"run_id": old.get("run_id"), "moved_to": str(dest)}]
+
+    def _repair_tail(self) -> int:
+        """Cut a torn last line (no trailing newline) off the last shard; returns lines removed (0 or 1)."""
+        shards = self.shards()
+        if not shards:
+            return 0
+        last = shards[-1]
+        data = last.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return 0
+        keep = data.rfind(b"\n") + 1
+        with last.open("r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        return 1
+
+    def _current_shard(self, adding: int) -> Path:
+        """The shard to append ``adding`` lines to: the last one while it stays within ``shard_records``."""
+        if self._tail is None:
+            shards = self.shards()
+            if shards:
+                with shards[-1].open("rb") as f:
+                    self._tail = (shards[-1], sum(1 for _ in f))
+            else:
+                self._tail = (self.directory / "shard-00000.jsonl", 0)
+        path, lines = self._tail
+        if lines and lines + adding > self.shard_records:
+            path, lines = self.directory / f"shard-{int(path.stem.split('-')[1]) + 1:05d}.jsonl", 0
+        self._tail = (path, lines + adding)  # counted before the write: a failed write raises out of append
+        return path

@@ -1,0 +1,383 @@
+"""What every trainer shares: datasets in, the student with LoRA/QLoRA, Trainer arguments, progress, the output.
+
+Each stage (``sft.py``, ``prm.py``, ``rl.py``) composes these pieces in its own ``train_*`` function:
+load rows -> load the student -> attach LoRA -> build a ``transformers.Trainer`` -> train -> save the adapter
+folder with ``training_record.json``. Nothing here is a framework; each function does one job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pluribus.config import Recipe, TrainConfig
+from pluribus.errors import PluribusError
+
+# The fields a row of each dataset kind must have (DESIGN.md, "Records").
+REQUIRED_FIELDS = {
+    "rsft": ("messages", "problem_id"),
+    "augmented": ("messages", "problem_id", "kind"),
+    "process": ("prompt", "completions", "labels", "scores", "problem_id"),
+}
+DATASET_OF_STAGE = {"rsft": "rsft", "augmented": "augmented", "prm": "process", "rl": "process"}
+RECORD_NAME = "training_record.json"
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+
+def dataset_files(path: str | Path) -> list[Path]:
+    """The parquet / jsonl files of a dataset folder (or the file itself), sorted; a PluribusError if none."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise PluribusError(f"dataset '{path}' does not exist; build it first (`pluribus build`) or pass --dataset")
+    files = sorted(p for p in path.rglob("*") if p.suffix in {".parquet", ".jsonl"} and not p.name.startswith("."))
+    if not files:
+        raise PluribusError(f"dataset folder '{path}' holds no .parquet or .jsonl files")
+    return files
+
+
+def _count_rows(files: list[Path]) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows if f.suffix == ".parquet"
+               else sum(1 for line in f.open() if line.strip()) for f in files)
+
+
+def load_rows(path: str | Path, kind: str) -> Any:
+    """Load a dataset of ``kind`` (rsft | augmented | process) as a ``datasets.Dataset`` and check its fields.
+
+    Raises PluribusError when the dataset is missing, empty, or lacks a required field.
+    """
+    from datasets import load_dataset
+
+    files = dataset_files(path)
+    fmt = "parquet" if files[0].suffix == ".parquet" else "json"
+    if any((f.suffix == ".parquet") != (fmt == "parquet") for f in files):
+        raise PluribusError(f"dataset '{path}' mixes parquet and jsonl files; keep one format per folder")
+    if _count_rows(files) == 0:
+        raise PluribusError(f"dataset '{path}' is empty; the builder kept no rows (check its filters)")
+    ds = load_dataset(fmt, data_files=[str(f) for f in files], split="train")
+    if len(ds) == 0:
+        raise PluribusError(f"dataset '{path}' is empty; the builder kept no rows (check its filters)")
+    missing = [f for f in REQUIRED_FIELDS[kind] if f not in ds.column_names]
+    if missing:
+        raise PluribusError(
+            f"dataset '{path}' is not a '{kind}' dataset: missing field(s) {missing}; "
+            f"it has {ds.column_names}, a '{kind}' row needs {list(REQUIRED_FIELDS[kind])}"
+        )
+    return ds
+
+
+def fingerprint(path: str | Path) -> dict[str, Any]:
+    """sha256 of each file of a dataset, so a training record names exactly the data it saw."""
+    out = {}
+    for f in dataset_files(path):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[str(f)] = h.hexdigest()
+    return out
+
+
+def split_eval(ds: Any, fraction: float, seed: int) -> tuple[Any, Any | None]:
+    """Hold out ``fraction`` of the rows for the eval loss; grouped by problem so no problem is on both sides."""
+    if fraction <= 0 or len(ds) < 2:
+        return ds, None
+    ids = sorted(set(ds["problem_id"]))
+    n_eval = max(1, round(len(ids) * fraction))
+    if n_eval >= len(ids):
+        return ds, None
+    rank = {pid: hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest() for pid in ids}
+    held = set(sorted(ids, key=rank.__getitem__)[:n_eval])
+    flags = [pid in held for pid in ds["problem_id"]]
+    return (ds.select([i for i, f in enumerate(flags) if not f]), ds.select([i for i, f in enumerate(flags) if f]))
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def load_student(cfg: TrainConfig, *, head: str = "causal", trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Load the student (``head`` causal or token-cls with one logit) in bf16, or 4-bit NF4 for QLoRA.
+
+    The tokenizer gets a pad token (eos) when it has none and pads on the right (training).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+
+    from pluribus.models import resolve_model
+
+    folder = resolve_model(cfg.model)
+    kwargs: dict[str, Any] = {
+        "dtype": torch.bfloat16 if cfg.bf16 else torch.float32,
+        "use_safetensors": True,
+        "trust_remote_code": trust_remote_code,
+        "attn_implementation": "sdpa",
+    }
+    if cfg.lora.quantize == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise PluribusError(
+                "train.lora.quantize=nf4 (QLoRA) needs bitsandbytes: run `pip install 'bitsandbytes>=0.45'`"
+            ) from None
+        from pluribus.models import nf4_config
+
+        kwargs["quantization_config"] = nf4_config("nf4")
+        kwargs["device_map"] = {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if head == "causal":
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    else:
+        model = AutoModelForTokenClassification.from_pretrained(folder, num_labels=1, **kwargs)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.lora.quantize == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Distinct suffix names of the model's linear layers (incl. 4-bit ones), e.g. ['down_proj', 'q_proj', ...]."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear4bit", "Linear8bitLt"}:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def resolve_targets(model: Any, targets: str | Sequence[str]) -> str | list[str]:
+    """'all-linear' as is; a list is checked against the model's linear layers (a PluribusError lists them)."""
+    if targets == "all-linear":
+        return "all-linear"
+    available = linear_module_names(model)
+    matched = [t for t in targets if any(n == t or re.fullmatch(t, n) for n in available)]
+    unmatched = [t for t in targets if t not in matched]
+    if not matched or unmatched:
+        raise PluribusError(
+            f"train.lora.target_modules {list(unmatched or targets)} match no linear layer of this model; "
+            f"its linear modules are {available} (or use 'all-linear')"
+        )
+    return list(targets)
+
+
+def attach_lora(model: Any, cfg: TrainConfig, task_type: str) -> Any:
+    """Wrap ``model`` with a trainable LoRA (``cfg.lora``) or continue ``cfg.init_adapter``; returns the PeftModel."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if cfg.init_adapter:
+        from pluribus.models import read_adapter_config
+
+        read_adapter_config(cfg.init_adapter)
+        return PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+    targets = resolve_targets(model, cfg.lora.target_modules)
+    if targets == "all-linear" and task_type != "CAUSAL_LM":
+        # PEFT's all-linear skips only a causal LM's output layer; a classification head is trained whole
+        targets = [n for n in linear_module_names(model) if n not in {"score", "classifier", "lm_head"}]
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        use_rslora=cfg.lora.rslora,
+        target_modules=targets,
+        task_type=task_type,
+    )
+    peft_model = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing:
+        # LoRA leaves the embeddings frozen; checkpointed blocks need an input that requires grad.
+        peft_model.enable_input_require_grads()
+    return peft_model
+
+
+def patch_kernels(model: Any, mode: str) -> Any:
+    """Swap in pluribus's fused kernels (``pluribus.kernels.patch_model``) unless mode is 'off'; returns the handle."""
+    if mode == "off":
+        return None
+    from pluribus.kernels import patch_model
+
+    return patch_model(model, mode)
+
+
+# ------------------------------------------------------------------------------------- trainer pieces
+
+
+def training_arguments(cfg: TrainConfig, output_dir: Path, *, seed: int, has_eval: bool, **overrides: Any) -> Any:
+    """``transformers.TrainingArguments`` for a stage; ``overrides`` win (a stage sets what it must)."""
+    import torch
+    from transformers import TrainingArguments
+
+    report = [r for r in cfg.report_to if r != "none"] or "none"
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "learning_rate": cfg.lr,
+        "num_train_epochs": cfg.epochs,
+        "max_steps": cfg.max_steps,
+        "per_device_train_batch_size": cfg.batch_size,
+        "per_device_eval_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "warmup_steps": cfg.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the total steps
+        "weight_decay": cfg.weight_decay,
+        "lr_scheduler_type": cfg.scheduler,
+        "logging_steps": cfg.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "eval_strategy": "steps" if has_eval else "no",
+        "eval_steps": cfg.eval_steps,
+        "report_to": report,
+        "bf16": cfg.bf16 and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()),
+        "remove_unused_columns": False,
+        "disable_tqdm": True,  # the rich bar below replaces it
+        "seed": seed,
+        "data_seed": seed,
+        "dataloader_num_workers": 0,
+        "use_cpu": not torch.cuda.is_available(),
+    }
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns)
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    kwargs.update({ckpt: cfg.gradient_checkpointing, f"{ckpt}_kwargs": {"use_reentrant": False}})
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def rich_progress_callback() -> Any:
+    """A TrainerCallback drawing one rich progress bar over optimizer steps with the latest loss."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.progress: Progress | None = None
+            self.task = None
+            self.metrics = ""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[metrics]}"), transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
+                                               metrics="")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step, metrics=self.metrics)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.progress is not None and logs:
+                shown = {k: v for k, v in logs.items() if isinstance(v, float | int) and k != "epoch"}
+                self.metrics = " ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:5])
+                self.progress.update(self.task, metrics=self.metrics)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.stop()
+                self.progress = None
+
+    return RichProgress()
+
+
+def quiet_printer(trainer: Any) -> None:
+    """Drop Trainer's plain-text log printer (it comes with disable_tqdm); the rich bar shows the metrics."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
+# ------------------------------------------------------------------------------------- resume / output
+
+
+def checkpoints_dir(out: Path) -> Path:
+    """Where a stage's Trainer checkpoints live: beside the final adapter folder, never inside it."""
+    return out.with_name(out.name + ".checkpoints")
+
+
+def base_identity(model: Any) -> str:
+    """The base model a PEFT adapter is trained on, as PEFT records it (``base_model_name_or_path``)."""
+    name = getattr(model.config, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    return str(Path(name).resolve()) if name and Path(name).exists() else str(name)
+
+
+def resume_checkpoint(out: Path, resume: bool | str | None, model: Any) -> str | None:
+    """The checkpoint to resume from (the latest under the stage's checkpoints, or a given path), or None.
+
+    Refuses (PluribusError) a checkpoint whose adapter was trained on another base model.
+    """
+    if not resume:
+        return None
+    if isinstance(resume, str) and resume not in {"latest", "true", "True"}:
+        ckpt = Path(resume)
+    else:
+        found = sorted(checkpoints_dir(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        if not found:
+            raise PluribusError(f"--resume: no checkpoint under '{checkpoints_dir(out)}'; start without --resume")
+        ckpt = found[-1]
+    cfg_path = ckpt / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise PluribusError(f"--resume: '{ckpt}' is not an adapter checkpoint (no adapter_config.json)")
+    theirs = json.loads(cfg_path.read_text()).get("base_model_name_or_path") or ""
+    theirs = str(Path(theirs).resolve()) if theirs and Path(theirs).exists() else theirs
+    ours = base_identity(model)
+    if theirs != ours:
+        raise PluribusError(
+            f"--resume: checkpoint '{ckpt}' holds an adapter of base '{theirs}', but train.model is '{ours}'; "
+            "resume with the same base model or start a new run"
+        )
+    return str(ckpt)
+
+
+def save_output(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], overwrite: bool = True) -> Path:
+    """Write the PEFT adapter (safetensors), the tokenizer and ``training_record.json`` atomically to ``out``."""
+    from pluribus.io import atomic_dir
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str))
+    return out
+
+
+def training_record(
+    recipe: Recipe, cfg: TrainConfig, model: Any, dataset: str | Path | None, metrics: dict[str, Any],
+    counts: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The small record export puts in the model card: recipe, base, dataset fingerprints, final metrics."""
+    import pluribus
+
+    return {
+        "stage": cfg.stage,
+        "base_model": cfg.model,
+        "base_model_path": base_identity(model),
+        "recipe": recipe.to_dict(),
+        "dataset": {"path": str(dataset), "files": fingerprint(dataset)} if dataset else None,
+        "data": counts or {},
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
+        "pluribus_version": getattr(pluribus, "__version__", "0"),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def default_paths(recipe: Recipe, stage: str, dataset: str | Path | None, out: str | Path | None) -> tuple[Path, Path]:
+    """(dataset, output adapter folder) for a stage: the run folder's defaults unless given."""
+    run = recipe.run_dir
+    ds = Path(dataset) if dataset else run / "datasets" / DATASET_OF_STAGE[stage]
+    return ds, Path(out) if out else run / "adapters" / stage

@@ -1,0 +1,256 @@
+"""Process reward model: LoRA + a one-logit token-classification head read at the last token of each step.
+
+A row ``{prompt, completions: [step, ...], labels: [bool, ...], scores: [float, ...]}`` is rendered as the chat
+prompt followed by the steps, one per line; the head's logit at each step's last token (its newline) is trained
+with binary cross-entropy against the step's label (``train.prm.labels``: hard = the bool, soft = the
+Monte-Carlo score in [0, 1]); every other position is ignored. ``sigmoid(logit)`` is the step's score.
+
+``score_steps`` scores the steps of solutions with a trained PRM (used by ``pluribus score``, the RL stage and
+eval); ``evaluate_prm`` gives held-out step accuracy, F1 and AUROC against the hard labels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from pluribus.config import Recipe, TrainConfig
+from pluribus.distill import common
+from pluribus.errors import PluribusError
+
+IGNORE = -100.0
+
+
+def split_steps(solution: str, rule: str = "lines", pattern: str | None = None) -> list[str]:
+    """The steps of a free-text solution, split as the process builder splits them (``build.step_rule``)."""
+    from pluribus.data.build.steps import split_steps as segment
+
+    return [step.text for step in segment(solution, rule, pattern)]
+
+
+def _prompt_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def encode_steps(tokenizer: Any, prompt: str | list[dict[str, str]], steps: list[str]) -> tuple[list[int], list[int]]:
+    """(input_ids, positions): the templated prompt, then each step + newline; positions = each step's last token.
+
+    Steps are tokenized one by one so every step ends on its own token, whatever the tokenizer merges.
+    """
+    head = tokenizer.apply_chat_template(_prompt_messages(prompt), tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    positions = []
+    for step in steps:
+        ids = ids + tokenizer(step.strip() + "\n", add_special_tokens=False)["input_ids"]
+        positions.append(len(ids) - 1)
+    return ids, positions
+
+
+def prepare_examples(ds: Any, tokenizer: Any, cfg: TrainConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Tokenize process rows into ``{input_ids, labels}`` (float targets at step ends, IGNORE elsewhere)."""
+    examples, counts = [], {"rows": len(ds), "kept": 0, "too_long": 0, "dropped": 0, "truncated": 0, "steps": 0}
+    for i, row in enumerate(ds):
+        steps, hard, soft = row["completions"], row["labels"], row["scores"]
+        if not (len(steps) == len(hard) == len(soft)) or not steps:
+            raise PluribusError(
+                f"process row {i} (problem {row['problem_id']}) has {len(steps)} steps, {len(hard)} labels and "
+                f"{len(soft)} scores; each step needs one label and one score"
+            )
+        targets = [float(x) for x in (soft if cfg.prm.labels == "soft" else hard)]
+        ids, positions = encode_steps(tokenizer, row["prompt"], steps)
+        if len(ids) > cfg.max_length:
+            counts["too_long"] += 1
+            keep = [k for k, p in enumerate(positions) if p < cfg.max_length]
+            if cfg.too_long == "drop" or not keep:
+                counts["dropped"] += 1
+                continue
+            counts["truncated"] += 1
+            ids, positions, targets = ids[: cfg.max_length], positions[: len(keep)], targets[: len(keep)]
+        labels = [IGNORE] * len(ids)
+        for p, t in zip(positions, targets, strict=True):
+            labels[p] = t
+        examples.append({"input_ids": ids, "labels": labels, "hard": [bool(h) for h in hard[: len(positions)]]})
+        counts["kept"] += 1
+        counts["steps"] += len(positions)
+    if not examples:
+        raise PluribusError(f"no PRM example is left: all {counts['rows']} rows exceed train.max_length={cfg.max_length}")
+    return examples, counts
+
+
+class PadCollator:
+    """Right-pad ``{input_ids, labels}`` rows; labels pad with IGNORE."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        ids = [list(f["input_ids"]) + [self.pad_token_id] * (width - len(f["input_ids"])) for f in features]
+        mask = [[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features]
+        labels = [list(f["labels"]) + [IGNORE] * (width - len(f["labels"])) for f in features]
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
+                "labels": torch.tensor(labels, dtype=torch.float32)}
+
+
+def prm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean binary cross-entropy of the step-end logits against their (hard or soft) targets."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    labels = batch["labels"]
+    at = labels != IGNORE
+    return F.binary_cross_entropy_with_logits(logits[at].float(), labels[at])
+
+
+class PRMTrainer(Trainer):
+    """``transformers.Trainer`` with ``prm_loss`` (a step mean per micro-batch; Trainer divides by GA)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = prm_loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = prm_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def score_steps(
+    model: Any, tokenizer: Any, items: list[tuple[str | list[dict[str, str]], list[str]]], batch_size: int = 8,
+) -> list[list[float]]:
+    """For each ``(prompt, steps)``, the PRM's score ``sigmoid(logit)`` at each step's last token."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[list[float]] = []
+    for start in range(0, len(items), batch_size):
+        chunk = [encode_steps(tokenizer, p, s) for p, s in items[start : start + batch_size]]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, (row, _) in enumerate(chunk):
+            ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.squeeze(-1).float()
+        probs = torch.sigmoid(logits).cpu()
+        out.extend([probs[r, pos].tolist() for r, (_, pos) in enumerate(chunk)])
+    model.train(was_training)
+    return out
+
+
+def load_prm(adapter: str | Path, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Load a trained PRM (base from the adapter's config + the LoRA and score head) for ``score_steps``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from pluribus.models import read_adapter_config, resolve_model
+
+    cfg = read_adapter_config(adapter)
+    if cfg.get("task_type") != "TOKEN_CLS":
+        raise PluribusError(f"adapter '{adapter}' is a {cfg.get('task_type')} adapter, not a PRM (TOKEN_CLS); "
+                            "train one with `pluribus train RECIPE --stage prm`")
+    base = cfg.get("base_model_name_or_path") or ""
+    tokenizer_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else resolve_model(base)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_src, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForTokenClassification.from_pretrained(
+        resolve_model(base), num_labels=1, dtype=torch.bfloat16, use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    model.eval()
+    return model, tokenizer
+
+
+def auroc(scores: list[float], labels: list[bool]) -> float | None:
+    """Area under the ROC curve = P(score of a random positive > a random negative), ties counting half."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def step_metrics(scores: list[float], labels: list[bool], threshold: float = 0.5) -> dict[str, float | None]:
+    """Step accuracy, F1 (positive = a correct step) and AUROC of PRM scores against hard labels."""
+    pred = [s > threshold for s in scores]
+    tp = sum(p and y for p, y in zip(pred, labels, strict=True))
+    fp = sum(p and not y for p, y in zip(pred, labels, strict=True))
+    fn = sum(not p and y for p, y in zip(pred, labels, strict=True))
+    acc = sum(p == y for p, y in zip(pred, labels, strict=True)) / max(1, len(labels))
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return {"step_accuracy": acc, "step_f1": f1, "step_auroc": auroc(scores, labels), "steps": len(labels)}
+
+
+def evaluate_prm(model: Any, tokenizer: Any, rows: Any, threshold: float = 0.5) -> dict[str, float | None]:
+    """Held-out step metrics of a PRM on process rows (hard labels)."""
+    items = [(r["prompt"], list(r["completions"])) for r in rows]
+    scores = score_steps(model, tokenizer, items)
+    flat_scores = [s for row in scores for s in row]
+    flat_labels = [bool(y) for r in rows for y in r["labels"]]
+    return step_metrics(flat_scores, flat_labels, threshold)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def train_prm(
+    recipe: Recipe, *, dataset: str | Path | None = None, out: str | Path | None = None,
+    resume: bool | str | None = None,
+) -> Path:
+    """Train the ``prm`` stage of ``recipe`` on a process dataset and return the adapter folder."""
+    from datasets import Dataset
+
+    cfg: TrainConfig = recipe.require("train")
+    ds_path, out = common.default_paths(recipe, "prm", dataset, out)
+
+    # 1. process rows and a held-out split grouped by problem
+    rows = common.load_rows(ds_path, "process")
+    train_rows, eval_rows = common.split_eval(rows, cfg.eval_fraction, recipe.seed)
+
+    # 2. the student as a one-logit token classifier, LoRA + a trainable head (PEFT TOKEN_CLS saves `score`)
+    model, tokenizer = common.load_student(cfg, head="token-cls", trust_remote_code=recipe.trust_remote_code)
+    model = common.attach_lora(model, cfg, "TOKEN_CLS")
+    kernels = common.patch_kernels(model, cfg.kernels)
+
+    # 3. step-end targets
+    train_ex, counts = prepare_examples(train_rows, tokenizer, cfg)
+    eval_ex = prepare_examples(eval_rows, tokenizer, cfg)[0] if eval_rows is not None else None
+
+    # 4. Trainer with the step BCE loss
+    args = common.training_arguments(cfg, common.checkpoints_dir(out), seed=recipe.seed, has_eval=bool(eval_ex),
+                                     prediction_loss_only=True)
+    trainer = PRMTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(train_ex),
+        eval_dataset=Dataset.from_list(eval_ex) if eval_ex else None,
+        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[common.rich_progress_callback()],
+    )
+    common.quiet_printer(trainer)
+    result = trainer.train(resume_from_checkpoint=common.resume_checkpoint(out, resume, model))
+    if kernels is not None:
+        kernels.unpatch()
+
+    # 5. held-out step accuracy / F1 / AUROC, then the adapter folder + record
+    metrics = dict(result.metrics)
+    if eval_rows is not None:
+        metrics.update(trainer.evaluate())
+        metrics.update({f"eval_{k}": v for k, v in evaluate_prm(model, tokenizer, eval_rows,
+                                                                cfg.prm.threshold).items() if v is not None})
+    counts["eval_rows"] = 0 if eval_rows is None else len(eval_rows)
+    record = common.training_record(recipe, cfg, model, ds_path, metrics, counts)
+    return common.save_output(trainer.model, tokenizer, out, record)

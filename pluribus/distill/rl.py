@@ -1,0 +1,314 @@
+"""Process-aware RL: group sampling, PRM + verified-answer rewards, group-relative advantages, clipped PG loss.
+
+One optimizer step (``train.rl.*`` settings):
+1. for each of ``prompts_per_step`` prompts, sample G = ``group_size`` solutions from the current policy
+   (``backend``: local transformers generate, or vLLM with the adapter reloaded each step);
+2. reward ``r_i = agg(PRM step scores of solution i) + answer_weight * [final answer verified]``,
+   ``agg`` in min | mean | last (``aggregate``);
+3. group-relative advantage ``A_i = (r_i - mean_g r) / (std_g r + 1e-4)`` (population std of the group);
+4. loss per completion token t: ``-min(rho_t A, clip(rho_t, 1-eps, 1+eps) A) + beta * KL_t`` with
+   ``rho_t = exp(logp_t - logp_old_t)`` and the k3 estimator ``KL_t = exp(q_t) - q_t - 1``,
+   ``q_t = logp_ref_t - logp_t``; averaged over each completion's tokens, then over completions.
+   The reference is the same model with its adapter disabled (no second model). Samples are used for one
+   update, so ``logp_old`` is the policy at sampling time (``logp.detach()``) and the ratio is 1 in value.
+Reward, accuracy, PRM score, KL and the clipped fraction are logged per step (tensorboard + progress bar).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from pluribus.config import Recipe, RLSettings, TrainConfig
+from pluribus.distill import common
+from pluribus.distill.prm import load_prm, score_steps, split_steps
+from pluribus.errors import PluribusError
+
+# --------------------------------------------------------------------------------------------- math
+
+
+def aggregate_steps(scores: list[float], how: str) -> float:
+    """One number from a solution's step scores: min, mean or last (0.0 for a solution without steps)."""
+    if not scores:
+        return 0.0
+    if how == "min":
+        return min(scores)
+    if how == "mean":
+        return sum(scores) / len(scores)
+    if how == "last":
+        return scores[-1]
+    raise PluribusError(f"unknown step aggregation '{how}'; use min, mean or last")
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """``(r - mean) / (std + eps)`` within each group; rewards ``[prompts, G]`` -> advantages ``[prompts, G]``."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True, unbiased=False)
+    return (rewards - mean) / (std + eps)
+
+
+def policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    clip: float = 0.2, ref_logp: torch.Tensor | None = None, beta: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy-gradient loss with an optional k3 KL to the reference (see the module docstring).
+
+    logp, old_logp, ref_logp, mask: ``[N, T]`` (mask 1 on completion tokens); advantages ``[N]``.
+    Returns (loss, stats with the mean KL and the fraction of clipped tokens).
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(1)
+    unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - clip, 1 + clip) * adv
+    per_token = -torch.min(unclipped, clipped)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and beta > 0:
+        q = ref_logp - logp
+        kl = torch.exp(q) - q - 1
+        per_token = per_token + beta * kl
+    mask = mask.to(per_token.dtype)
+    lengths = mask.sum(dim=1).clamp(min=1)
+    loss = ((per_token * mask).sum(dim=1) / lengths).mean()
+    n = mask.sum().clamp(min=1)
+    stats = {
+        "kl": float(((kl * mask).sum() / n).detach()),
+        "clip_fraction": float((((unclipped != clipped).to(mask.dtype)) * mask).sum() / n),
+    }
+    return loss, stats
+
+
+def token_logprobs(model: Any, ids: torch.Tensor, attention: torch.Tensor, n_completion: int) -> torch.Tensor:
+    """log p(token) of the last ``n_completion`` tokens of each (left-padded) sequence: ``[N, n_completion]``."""
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                   logits_to_keep=n_completion + 1, use_cache=False).logits[:, :-1].float()
+    targets = ids[:, -n_completion:]
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+
+class LocalSampler:
+    """Sample G completions per prompt from the policy being trained (``model.generate``, left padding)."""
+
+    def __init__(self, tokenizer: Any, settings: RLSettings) -> None:
+        self.tokenizer, self.settings = tokenizer, settings
+
+    @torch.no_grad()
+    def __call__(self, model: Any, prompts: list[str]) -> list[list[int]]:
+        tok, s = self.tokenizer, self.settings
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 for p in prompts]
+        tok.padding_side = "left"
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        tok.padding_side = "right"
+        was_training = model.training
+        model.eval()
+        out = model.generate(**enc, do_sample=True, temperature=s.temperature, top_p=s.top_p,
+                             max_new_tokens=s.max_new_tokens, num_return_sequences=s.group_size,
+                             pad_token_id=tok.pad_token_id, use_cache=True)
+        model.train(was_training)
+        completions = []
+        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            completions.append(row[:cut])  # generation pads only after the end-of-turn token
+        return completions
+
+
+class VLLMSampler:
+    """Sample with vLLM (GPU): the base model once, the current adapter saved and loaded as a LoRA each step."""
+
+    def __init__(self, tokenizer: Any, settings: RLSettings, base: str, lora_rank: int) -> None:
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise PluribusError("train.rl.backend=vllm needs vLLM on a GPU machine: `pip install 'pluribus[vllm]'`; "
+                                "or use train.rl.backend=transformers") from None
+        self.tokenizer, self.settings, self.step = tokenizer, settings, 0
+        self.llm = LLM(model=base, enable_lora=True, max_lora_rank=max(8, lora_rank), gpu_memory_utilization=0.5)
+        self.tmp = Path(tempfile.mkdtemp(prefix="pluribus-rl-lora-"))
+
+    def __call__(self, model: Any, prompts: list[str]) -> list[list[int]]:
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        self.step += 1
+        folder = self.tmp / f"step-{self.step}"
+        model.save_pretrained(folder, safe_serialization=True)
+        s = self.settings
+        params = SamplingParams(n=s.group_size, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens)
+        messages = [[{"role": "user", "content": p}] for p in prompts]
+        outs = self.llm.chat(messages, params, lora_request=LoRARequest(f"policy-{self.step}", self.step, str(folder)),
+                             use_tqdm=False)
+        return [list(c.token_ids) for o in outs for c in o.outputs]
+
+
+# ------------------------------------------------------------------------------------------- trainer
+
+
+class GroupRLTrainer(Trainer):
+    """``transformers.Trainer`` whose step samples groups, scores them and applies ``policy_loss``.
+
+    A batch is ``{prompts, answers, problem_ids}``; ``verify(text, answer) -> bool`` checks a final answer.
+    """
+
+    def __init__(self, *args: Any, sampler: Callable, prm: tuple[Any, Any], verify: Callable[[str, str], bool],
+                 settings: RLSettings, step_rule: tuple[str, str | None] = ("lines", None), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sampler, self.prm, self.verify, self.settings = sampler, prm, verify, settings
+        self.step_rule = step_rule  # how solutions split into steps: as the process builder split them
+        self.model_accepts_loss_kwargs = False
+        self._stats: dict[str, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        tok, s = self.processing_class, self.settings
+        prompts, answers = inputs["prompts"], inputs["answers"]
+        device = next(model.parameters()).device
+
+        # 1. G samples per prompt from the current policy
+        completions = self.sampler(model, prompts)
+        texts = tok.batch_decode(completions, skip_special_tokens=True)
+        group_prompts = [p for p in prompts for _ in range(s.group_size)]
+        group_answers = [a for a in answers for _ in range(s.group_size)]
+
+        # 2. rewards: aggregated PRM step scores + weighted verified answer
+        split = [split_steps(t, *self.step_rule) for t in texts]
+        step_scores = score_steps(*self.prm, list(zip(group_prompts, split, strict=True)))
+        prm_part = torch.tensor([aggregate_steps(sc, s.aggregate) for sc in step_scores])
+        correct = torch.tensor([float(self.verify(t, a)) for t, a in zip(texts, group_answers, strict=True)])
+        rewards = (prm_part + s.answer_weight * correct).view(len(prompts), s.group_size)
+
+        # 3. group-relative advantages
+        advantages = group_advantages(rewards).flatten().to(device)
+
+        # 4. sequences = left-padded prompt + right-padded completion; log-probs of the completion tokens
+        heads = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                             add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+                 for p in group_prompts]
+        width_p, width_c = max(map(len, heads)), max(1, max(map(len, completions)))
+        ids = torch.full((len(heads), width_p + width_c), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for r, (h, c) in enumerate(zip(heads, completions, strict=True)):
+            ids[r, width_p - len(h): width_p] = torch.tensor(h)
+            ids[r, width_p: width_p + len(c)] = torch.tensor(c, dtype=torch.long)
+            attention[r, width_p - len(h): width_p + len(c)] = 1
+        ids, attention = ids.to(device), attention.to(device)
+        mask = attention[:, width_p:]
+        logp = token_logprobs(model, ids, attention, width_c)
+        ref_logp = None
+        if s.kl > 0:
+            with torch.no_grad(), model.disable_adapter():
+                ref_logp = token_logprobs(model, ids, attention, width_c)
+        loss, stats = policy_loss(logp, logp.detach(), advantages, mask, s.clip, ref_logp, s.kl)
+
+        # 5. per-step statistics for the logs
+        self._stats["reward"].append(float(rewards.mean()))
+        self._stats["accuracy"].append(float(correct.mean()))
+        self._stats["prm_score"].append(float(prm_part.mean()))
+        self._stats["completion_tokens"].append(float(mask.sum(dim=1).float().mean()))
+        for k, v in stats.items():
+            self._stats[k].append(v)
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._stats and "loss" in logs:
+            logs.update({k: sum(v) / len(v) for k, v in self._stats.items()})
+            self._stats.clear()
+        super().log(logs, *args, **kwargs)
+
+
+def default_verify(text: str, answer: str) -> bool:
+    """Whether ``text``'s final answer equals ``answer`` (``pluribus.data.answers``)."""
+    from pluribus.data.answers import extract_answer, is_equivalent
+
+    found = extract_answer(text)
+    return is_equivalent(found.value if found else None, answer)
+
+
+def rl_prompts(rows: Any, recipe: Recipe) -> list[dict[str, str]]:
+    """Unique ``{prompt, answer, problem_id}`` from process rows; gold answers from a column or the task."""
+    gold: dict[str, str] = {}
+    for key in ("answer", "gold"):
+        if key in rows.column_names:
+            gold = {r["problem_id"]: str(r[key]) for r in rows}
+            break
+    if not gold:
+        if recipe.task is None:
+            raise PluribusError("the rl stage needs gold answers: a dataset column 'answer' or a recipe 'task' section")
+        from pluribus.data.tasks import load_problems
+
+        gold = {p.id: p.answer for p in load_problems(recipe.task)}
+    seen, out = set(), []
+    for r in rows:
+        pid = r["problem_id"]
+        if pid in seen:
+            continue
+        if pid not in gold:
+            raise PluribusError(f"rl: problem '{pid}' of the dataset has no gold answer in the recipe's task")
+        prompt = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
+        seen.add(pid)
+        out.append({"prompt": prompt, "answer": gold[pid], "problem_id": pid})
+    return out
+
+
+def collate_prompts(rows: list[dict[str, str]]) -> dict[str, list[str]]:
+    return {"prompts": [r["prompt"] for r in rows], "answers": [r["answer"] for r in rows],
+            "problem_ids": [r["problem_id"] for r in rows]}
+
+
+def train_rl(
+    recipe: Recipe, *, dataset: str | Path | None = None, out: str | Path | None = None,
+    resume: bool | str | None = None, verify: Callable[[str, str], bool] | None = None,
+) -> Path:
+    """Train the ``rl`` stage of ``recipe`` and return the adapter folder."""
+    from datasets import Dataset
+
+    cfg: TrainConfig = recipe.require("train")
+    s = cfg.rl
+    ds_path, out = common.default_paths(recipe, "rl", dataset, out)
+    prm_path = Path(s.prm) if s.prm else recipe.run_dir / "adapters" / "prm"
+
+    # 1. prompts with gold answers
+    prompts = rl_prompts(common.load_rows(ds_path, "process"), recipe)
+
+    # 2. the policy (LoRA, optionally continuing an SFT adapter) and the PRM (its own base + adapter)
+    model, tokenizer = common.load_student(cfg, trust_remote_code=recipe.trust_remote_code)
+    model = common.attach_lora(model, cfg, "CAUSAL_LM")
+    kernels = common.patch_kernels(model, cfg.kernels)
+    prm = load_prm(prm_path, trust_remote_code=recipe.trust_remote_code)
+
+    # 3. the sampler of the current policy
+    if s.backend == "vllm":
+        sampler = VLLMSampler(tokenizer, s, str(common.base_identity(model)), cfg.lora.r)
+    else:
+        sampler = LocalSampler(tokenizer, s)
+
+    # 4. Trainer over prompts: one batch = prompts_per_step prompts, G samples each
+    args = common.training_arguments(cfg, common.checkpoints_dir(out), seed=recipe.seed, has_eval=False,
+                                     per_device_train_batch_size=s.prompts_per_step)
+    trainer = GroupRLTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(prompts), data_collator=collate_prompts,
+        processing_class=tokenizer, callbacks=[common.rich_progress_callback()],
+        sampler=sampler, prm=prm, verify=verify or default_verify, settings=s,
+        step_rule=(recipe.build.step_rule, recipe.build.step_regex) if recipe.build else ("lines", None),
+    )
+    common.quiet_printer(trainer)
+    history_start = len(trainer.state.log_history)
+    result = trainer.train(resume_from_checkpoint=common.resume_checkpoint(out, resume, model))
+    if kernels is not None:
+        kernels.unpatch()
+
+    # 5. the adapter folder + record (final metrics: the last logged reward/accuracy/KL)
+    metrics = dict(result.metrics)
+    logged = [h for h in trainer.state.log_history[history_start:] if "reward" in h]
+    if logged:
+        metrics.update({f"final_{k}": logged[-1][k] for k in ("reward", "accuracy", "kl", "prm_score")})
+    record = common.training_record(recipe, cfg, model, ds_path, metrics,
+                                    {"prompts": len(prompts), "prm": str(prm_path)})
+    return common.save_output(trainer.model, tokenizer, out, record)

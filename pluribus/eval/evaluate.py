@@ -1,0 +1,143 @@
+"""The eval stage: single base agent vs debate team vs distilled model on the same held-out problems.
+
+Every system runs through the debate engine (a single agent is a team of N=1, R=1), into its own resumable
+store under ``<run>/eval/<system>-<mode>/``, so an interrupted eval picks up where it stopped and the
+trajectories behind every number stay inspectable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pluribus.config import AgentConfig, EvalConfig, Recipe, TeamConfig
+from pluribus.errors import PluribusError
+from pluribus.io import atomic_write_text
+
+
+@dataclass(frozen=True)
+class SystemResult:
+    """What one system scored on the held-out problems."""
+
+    system: str
+    mode: str
+    problems: int
+    accuracy: float
+    first_answer_accuracy: float  # round 0, averaged over agents
+    tokens_per_problem: float
+    seconds_per_problem: float
+    wrong_first_corrected: float  # of round-0 wrong agent answers, the fraction right in the last round
+    unparsable: float  # fraction of final-round turns with no parsable answer
+
+
+def _single(agent: AgentConfig, *, adapter: str | None, model: str | None, mode: str, cfg: EvalConfig,
+            name: str) -> TeamConfig:
+    sampling = agent.sampling.model_copy(update={
+        "temperature": cfg.temperature if mode == "sampled" else 0.0,
+        **({"max_new_tokens": cfg.max_new_tokens} if cfg.max_new_tokens else {}),
+    })
+    member = agent.model_copy(update={"name": name, "persona": None, "adapter": adapter, "sampling": sampling,
+                                      **({"model": model} if model else {})})
+    return TeamConfig(agents=[member], rounds=1, topology="all", aggregation="majority")
+
+
+def _team(team: TeamConfig, cfg: EvalConfig) -> TeamConfig:
+    if not cfg.max_new_tokens:
+        return team
+    agents = [a.model_copy(update={"sampling": a.sampling.model_copy(update={"max_new_tokens": cfg.max_new_tokens})})
+              for a in team.agents]
+    return team.model_copy(update={"agents": agents})
+
+
+def default_adapter(recipe: Recipe) -> Path:
+    stage = recipe.train.stage if recipe.train else "rsft"
+    return recipe.run_dir / "adapters" / stage
+
+
+def plan_systems(recipe: Recipe) -> list[tuple[str, str, TeamConfig]]:
+    """(system, mode, team) for every requested system and decoding mode, validated before anything runs."""
+    cfg = recipe.eval or EvalConfig()
+    team = recipe.require("team")
+    base = team.agents[0]
+    plans: list[tuple[str, str, TeamConfig]] = []
+    for system in cfg.systems:
+        if system == "team":
+            plans.append(("team", "as-configured", _team(team, cfg)))
+            continue
+        for mode in cfg.modes:
+            if system == "single":
+                plans.append(("single", mode, _single(base, adapter=None, model=None, mode=mode, cfg=cfg,
+                                                      name="single")))
+            else:
+                adapter = Path(cfg.adapter) if cfg.adapter else default_adapter(recipe)
+                if not (adapter / "adapter_config.json").is_file():
+                    raise PluribusError(
+                        f"the distilled system needs an adapter; '{adapter}' has none. Train one first "
+                        "(pluribus train RECIPE) or set eval.adapter, or drop 'distilled' from eval.systems"
+                    )
+                student = recipe.train.model if recipe.train else None
+                plans.append(("distilled", mode, _single(base, adapter=str(adapter), model=student, mode=mode,
+                                                         cfg=cfg, name="distilled")))
+    return plans
+
+
+def score(records: list[dict[str, Any]], system: str, mode: str) -> SystemResult:
+    """Accuracy, cost and self-correction over a system's stored trajectories."""
+    n = len(records)
+    first = [t for r in records for t in r["rounds"][0]]
+    last = [t for r in records for t in r["rounds"][-1]]
+    wrong_first = corrected = 0
+    for r in records:
+        for a, b in zip(r["rounds"][0], r["rounds"][-1], strict=True):
+            if not a["correct"]:
+                wrong_first += 1
+                corrected += bool(b["correct"])
+    return SystemResult(
+        system=system, mode=mode, problems=n,
+        accuracy=sum(bool(r["final_correct"]) for r in records) / n if n else 0.0,
+        first_answer_accuracy=sum(bool(t["correct"]) for t in first) / len(first) if first else 0.0,
+        tokens_per_problem=sum(r["cost"]["tokens_in"] + r["cost"]["tokens_out"] for r in records) / n if n else 0.0,
+        seconds_per_problem=sum(r["cost"]["seconds"] for r in records) / n if n else 0.0,
+        wrong_first_corrected=corrected / wrong_first if wrong_first and len(records[0]["rounds"]) > 1 else 0.0,
+        unparsable=sum(t["answer"] is None for t in last) / len(last) if last else 0.0,
+    )
+
+
+def run_eval(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
+    """Evaluate every planned system on the held-out split; write results.json, report.md and a plot."""
+    from pluribus.data.debate import run_debate
+    from pluribus.data.store import TrajectoryStore
+    from pluribus.data.tasks import load_problems
+    from pluribus.eval.report import write_report
+
+    cfg = recipe.eval or EvalConfig()
+    task = recipe.require("task")
+    task = task.model_copy(update={"split": "heldout", "n": cfg.n or task.n})
+    problems = load_problems(task)
+    if not problems:
+        raise PluribusError("the held-out split is empty; raise task.heldout_fraction or the number of problems")
+    plans = plan_systems(recipe)
+    eval_dir = recipe.run_dir / "eval"
+    results: list[SystemResult] = []
+    for system, mode, team in plans:
+        label = f"{system}-{mode}" if system != "team" else "team"
+        sub = recipe.model_copy(update={"root": str(eval_dir), "name": label, "task": task, "team": team,
+                                        "eval": None})
+        run_debate(sub, problems=problems, progress=progress)
+        wanted = {p.id for p in problems}
+        with TrajectoryStore(sub.run_dir / "trajectories") as store:
+            records = [r for r in store.iter_records() if r["problem_id"] in wanted]
+        results.append(score(records, system, mode))
+    payload = {
+        "run": recipe.name,
+        "task": f"{task.source}" + (f":{task.synthetic.level}" if task.source == "synthetic" and task.synthetic.level
+                                    else ""),
+        "split": "heldout",
+        "problems": len(problems),
+        "systems": {f"{r.system}-{r.mode}" if r.system != "team" else "team": asdict(r) for r in results},
+    }
+    atomic_write_text(eval_dir / "results.json", json.dumps(payload, indent=2))
+    write_report(payload, eval_dir)
+    return payload

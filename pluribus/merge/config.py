@@ -1,0 +1,272 @@
+"""Merge configs: the typed pluribus merge spec, and mergekit's YAML translated into it (or handed to mergekit).
+
+A pluribus merge YAML::
+
+    method: ties                 # cat | svd | linear | task_arithmetic | magnitude | ties | dare_linear | dare_ties
+    base: path/to/base           # full-model merges, and folding adapters into a model
+    inputs:
+      - {path: runs/a/adapters/rsft, weight: 1.0}
+      - {path: path/to/base, adapter: runs/b/adapters/rl, weight: 0.5}   # a `base + adapter` input
+    density: 0.5                 # TIES / magnitude: fraction kept
+    rank: 64                     # adapter output rank (or energy: 0.99 for a per-module rank)
+
+A mergekit YAML (``merge_method``, ``models``, ``base_model``, ``parameters``, ``dtype``) is translated with
+``mergekit: true`` so the result matches mergekit's; anything pluribus does not implement (other methods,
+slices, gradient parameters, tokenizer surgery) is kept verbatim and run by mergekit itself.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pluribus.errors import PluribusError
+
+MethodName = Literal[
+    "cat", "svd", "linear", "task_arithmetic", "magnitude", "ties", "dare_linear", "dare_ties", "mergekit"
+]
+#: mergekit methods translated to pluribus (same math under ``mergekit: true``); others run in mergekit.
+MERGEKIT_NATIVE = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"}
+
+
+class MergeInput(BaseModel):
+    """One expert: a PEFT adapter folder, a model folder, or a model plus an adapter (``base + adapter``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(description="Adapter folder or model folder (safetensors).")
+    adapter: str | None = Field(None, description="Adapter applied on top of `path` (a `base + adapter` input).")
+    weight: float = Field(1.0, description="w_t of this expert.")
+    density: float | None = Field(None, description="Fraction kept by trimming for this expert (overrides).")
+    drop: float | None = Field(None, description="DARE drop rate p for this expert (overrides).")
+
+    @model_validator(mode="after")
+    def _finite(self) -> MergeInput:
+        if not math.isfinite(self.weight):
+            raise ValueError(f"weight = {self.weight} of '{self.path}' must be a finite number")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"{self.path}+{self.adapter}" if self.adapter else self.path
+
+
+class MergeSpec(BaseModel):
+    """A whole merge. Adapters in -> an adapter out (or a model with ``output: model``); models in -> a model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    method: MethodName = Field(description="Merge method; `mergekit` runs `mergekit_yaml` with mergekit itself.")
+    inputs: list[MergeInput] = Field(default_factory=list, description="The experts to merge.")
+    base: str | None = Field(None, description="Base model folder (full merges; folding adapters).")
+    output: Literal["auto", "adapter", "model"] = Field("auto", description="auto: adapter for adapters, else model.")
+    rank: int | None = Field(None, ge=1, description="Output adapter rank (svd, ties, dare on adapters).")
+    energy: float | None = Field(None, gt=0, le=1, description="Keep this energy fraction: per-module ranks.")
+    density: float | None = Field(None, description="TIES / magnitude: fraction of entries kept, in (0, 1].")
+    drop: float | None = Field(None, description="DARE: drop rate p, in [0, 1).")
+    lam: float = Field(1.0, alias="lambda", description="Scale lambda of the merged task vector.")
+    normalize: bool | None = Field(None, description="Divide by summed weights; None: the method's default.")
+    trim: Literal["tensor", "global"] = Field("tensor", description="TIES trimming per tensor or over the model.")
+    mergekit: bool = Field(False, description="Reproduce mergekit 0.1.5's semantics (weighted vote, L1 rescale).")
+    seed: int = Field(0, description="Seed of the DARE masks.")
+    dtype: Literal["float32", "float64", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Arithmetic dtype of full merges; auto: each tensor's own dtype (mergekit's default)."
+    )
+    out_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="None: the base's dtype.")
+    shard_size: str = Field("1GB", description="Max output shard size (e.g. 500MB, 2GB).")
+    tokenizer_source: str | None = Field(None, description="Folder to copy the tokenizer from (default: base).")
+    check_base: bool = Field(True, description="Refuse adapters whose base_model_name_or_path differ.")
+    mergekit_yaml: dict[str, Any] | None = Field(None, description="Raw mergekit config (method: mergekit).")
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeSpec:
+        if self.method == "mergekit":
+            if not self.mergekit_yaml:
+                raise ValueError("method 'mergekit' needs mergekit_yaml (a mergekit config mapping)")
+            return self
+        if not self.inputs:
+            raise ValueError("inputs is empty; list at least one adapter or model to merge")
+        if self.rank is not None and self.energy is not None:
+            raise ValueError("give either rank or energy, not both")
+        if self.density is not None and not 0 < self.density <= 1:
+            raise ValueError(f"density = {self.density} is out of range; it must be in (0, 1]")
+        if self.drop is not None and not 0 <= self.drop < 1:
+            raise ValueError(f"drop = {self.drop} is out of range; it must be in [0, 1)")
+        for i, inp in enumerate(self.inputs):
+            if inp.density is not None and not 0 < inp.density <= 1:
+                raise ValueError(f"inputs.{i}.density = {inp.density} is out of range; it must be in (0, 1]")
+            if inp.drop is not None and not 0 <= inp.drop < 1:
+                raise ValueError(f"inputs.{i}.drop = {inp.drop} is out of range; it must be in [0, 1)")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------ mergekit
+
+
+def _scalar(value: Any, where: str) -> float | bool | None:
+    """A mergekit parameter pluribus can take: a plain number/bool. Gradients and filters return None."""
+    if isinstance(value, bool | int | float):
+        return value
+    return None
+
+
+def from_mergekit(data: dict[str, Any]) -> MergeSpec:
+    """Translate a mergekit config; what pluribus does not implement becomes ``method: mergekit``."""
+    fallback = MergeSpec(method="mergekit", mergekit_yaml=data)
+    method = data.get("merge_method")
+    if method not in MERGEKIT_NATIVE or "slices" in data or "modules" in data or data.get("tokenizer"):
+        return fallback
+    known_top = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+    if set(data) - known_top or not isinstance(data.get("models"), list):
+        return fallback
+    params = data.get("parameters") or {}
+    glob: dict[str, Any] = {}
+    for key, value in params.items():
+        v = _scalar(value, key)
+        if v is None or key not in {"lambda", "normalize", "density", "weight", "int8_mask", "rescale"}:
+            return fallback
+        glob[key] = v
+    # rescale other than mergekit's default for the method changes the math beyond what pluribus mirrors
+    default_rescale = method in ("dare_linear", "dare_ties")
+    if "rescale" in glob and bool(glob["rescale"]) != default_rescale:
+        return fallback
+    base = data.get("base_model")
+    inputs = []
+    for entry in data["models"]:
+        if not isinstance(entry, dict) or "model" not in entry:
+            return fallback
+        ref = str(entry["model"])
+        if base is not None and ref == str(base) and method != "linear":
+            continue  # mergekit lists the base among models; task-vector methods skip it
+        p = entry.get("parameters") or {}
+        vals = {k: _scalar(v, k) for k, v in p.items()}
+        if any(v is None for v in vals.values()) or set(vals) - {"weight", "density"}:
+            return fallback
+        weight = float(vals.get("weight", glob.get("weight", 1.0)))
+        density = vals.get("density", glob.get("density"))
+        path, _, adapter = ref.partition("+")
+        inputs.append(
+            MergeInput(
+                path=path,
+                adapter=adapter or None,
+                weight=weight,
+                density=float(density) if density is not None and not method.startswith("dare") else None,
+                drop=1.0 - float(density) if density is not None and method.startswith("dare") else None,
+            )
+        )
+    dtype = data.get("dtype")
+    out_dtype = data.get("out_dtype") or (dtype if dtype in ("float32", "float16", "bfloat16") else None)
+    try:
+        return MergeSpec(
+            method=method,
+            inputs=inputs,
+            base=str(base) if base is not None else None,
+            output="model",
+            lam=float(glob.get("lambda", 1.0)),
+            normalize=glob.get("normalize"),
+            mergekit=True,
+            dtype=dtype if dtype in ("float32", "float64", "bfloat16", "float16") else "auto",
+            out_dtype=out_dtype,
+            tokenizer_source=data.get("tokenizer_source"),
+        )
+    except ValidationError as e:
+        raise PluribusError(f"mergekit config: {_one_line(e)}") from None
+
+
+def _one_line(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "literal_error":
+            msg = f"{err.get('input')!r} is not allowed; expected one of {err.get('ctx', {}).get('expected', '')}"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_merge_config(data: Any, source: str = "<inline>") -> MergeSpec:
+    """Validate a pluribus or mergekit merge mapping into a MergeSpec (one-line PluribusError on problems)."""
+    if isinstance(data, MergeSpec):
+        return data
+    if not isinstance(data, dict):
+        raise PluribusError(f"merge config {source} must be a YAML mapping, got {type(data).__name__}")
+    if "merge_method" in data:
+        return from_mergekit(data)
+    try:
+        return MergeSpec.model_validate(data)
+    except ValidationError as e:
+        raise PluribusError(f"invalid merge config {source}: {_one_line(e)}") from None
+
+
+def load_merge_config(path: str | Path) -> MergeSpec:
+    """Read a merge YAML (pluribus or mergekit format) from ``path``."""
+    p = Path(path)
+    if not p.is_file():
+        raise PluribusError(f"merge config '{p}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError:
+        raise PluribusError(f"merge config '{p}' is not valid YAML") from None
+    return parse_merge_config(data, f"'{p}'")
+
+
+def _split(values: list[str] | None) -> list[str]:
+    """``["a,b", "c"]`` -> ``["a", "b", "c"]``: list flags may be repeated or comma-separated."""
+    return [v.strip() for raw in values or [] for v in raw.split(",") if v.strip()]
+
+
+def spec_from_flags(
+    method: str,
+    adapters: list[str] | None = None,
+    models: list[str] | None = None,
+    weights: list[str] | None = None,
+    **options: Any,
+) -> MergeSpec:
+    """The CLI's short form (``--method ties --adapters a,b,c --weights 1,0.5,1 --density 0.5``) as a spec."""
+    paths = _split(adapters) + _split(models)
+    if not paths:
+        raise PluribusError("give the experts to merge: --adapters a,b,c or --models x,y (or a config file)")
+    ws = _split(weights) or ["1"] * len(paths)
+    if len(ws) != len(paths):
+        raise PluribusError(f"{len(ws)} weights for {len(paths)} inputs; give one weight per input")
+    try:
+        values = [float(w) for w in ws]
+    except ValueError:
+        raise PluribusError(f"weights {ws} must be numbers") from None
+    inputs = []
+    for path, w in zip(paths, values, strict=True):
+        base, _, adapter = path.partition("+")  # mergekit's `model+lora` reference
+        inputs.append({"path": base, "adapter": adapter or None, "weight": w})
+    data = {"method": method, "inputs": inputs, **{k: v for k, v in options.items() if v is not None}}
+    return parse_merge_config(data, "from the command line")
+
+
+def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any) -> tuple[MergeSpec, Path]:
+    """What ``pluribus merge`` runs: a merge YAML, a recipe with a ``merge`` section, or the short-form flags.
+
+    Returns the spec and the output folder (a recipe's default is ``<run>/merged/<name>``).
+    """
+    if config is not None:
+        p = Path(config)
+        data = yaml.safe_load(p.read_text()) if p.is_file() else None
+        if isinstance(data, dict) and isinstance(data.get("merge"), dict):  # a whole recipe
+            from pluribus.config import load_recipe
+
+            recipe = load_recipe(p)
+            section = recipe.require("merge")
+            return section.load(), Path(out) if out else recipe.run_dir / "merged" / section.name
+        spec = load_merge_config(p)
+    else:
+        if not flags.get("method"):
+            raise PluribusError("give a merge config file, or --method with --adapters/--models (see --help)")
+        spec = spec_from_flags(**flags)
+    if out is None:
+        raise PluribusError("give the output folder with -o OUT")
+    return spec, Path(out)

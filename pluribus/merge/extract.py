@@ -1,0 +1,96 @@
+"""LoRA extraction: a fully fine-tuned expert -> a PEFT LoRA adapter by a per-module truncated SVD of its delta.
+
+For each adapted linear weight, ``delta = W_tuned - W_base ~= B A`` with ``B = U_k S_k^1/2``, ``A = S_k^1/2 V_k^T``,
+k fixed or the smallest rank keeping an energy fraction per module (so experts and modules get different ranks,
+as in FlexMoRE). The relative Frobenius error is reported per module and in total; deltas outside the adapted
+modules (embeddings, norms) cannot be carried by a LoRA and are reported as ``uncaptured``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pluribus.errors import PluribusError
+from pluribus.io import atomic_dir
+from pluribus.merge import methods as M
+from pluribus.merge import publish_mode
+from pluribus.merge.adapters import AdapterMerge, save_adapter
+from pluribus.merge.full import Checkpoint
+
+#: 2-D weights never turned into LoRA modules by default (PEFT adapts linear layers).
+SKIP = r"(embed_tokens|lm_head|wte|wpe|embed_in|embed_out)"
+
+
+def extract_lora(
+    base: str | Path,
+    tuned: str | Path,
+    folder: Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    skip: str = SKIP,
+    overwrite: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Any]:
+    """Write the LoRA adapter approximating ``tuned - base`` into ``folder`` (atomically); returns the report.
+
+    Exactly one of ``rank`` / ``energy``. Raises PluribusError for mismatched models, NaN/Inf or an existing
+    ``folder`` (unless ``overwrite``).
+    """
+    if Path(folder).exists() and not overwrite:
+        raise PluribusError(f"output '{folder}' already exists; pass --overwrite to replace it")
+    if (rank is None) == (energy is None):
+        raise PluribusError("extraction needs exactly one of rank (e.g. 16) or energy (e.g. 0.9)")
+    if energy is not None:
+        M.check_fraction(energy, "energy")
+    b_ck, t_ck = Checkpoint(base), Checkpoint(tuned)
+    if set(b_ck.tensors) != set(t_ck.tensors):
+        odd = sorted(set(b_ck.tensors) ^ set(t_ck.tensors))[0]
+        raise PluribusError(f"'{base}' and '{tuned}' have different tensors (e.g. {odd}); extract from the tuned model's own base")
+    merged = AdapterMerge(modules={})
+    uncaptured = 0.0
+    names = list(b_ck.tensors)
+    for k, name in enumerate(names):
+        bi, ti = b_ck.tensors[name], t_ck.tensors[name]
+        if bi.shape != ti.shape:
+            raise PluribusError(f"tensor {name} is {bi.shape} in '{base}' but {ti.shape} in '{tuned}'")
+        if bi.dtype.is_floating_point:
+            b, t = b_ck.get(name), t_ck.get(name)
+            M.check_finite(b, f"{base}:{name}")
+            M.check_finite(t, f"{tuned}:{name}")
+            delta = t.float() - b.float()
+            adaptable = len(bi.shape) == 2 and name.endswith(".weight") and not re.search(skip, name)
+            if adaptable and bool(delta.any()):
+                low = M.truncate_dense(delta, rank=rank, energy=energy)
+                module = name.removesuffix(".weight")
+                merged.modules[module] = (low.A.float().contiguous(), low.B.float().contiguous())
+                merged.errors[module], merged.norms[module] = low.error, low.exact_norm
+            else:
+                uncaptured += float(delta.double().pow(2).sum())
+        if progress:
+            progress(k + 1, len(names), name)
+    b_ck.close()
+    t_ck.close()
+    if not merged.modules:
+        raise PluribusError(f"'{tuned}' does not differ from '{base}' in any linear weight; nothing to extract")
+    captured = sum(n**2 for n in merged.norms.values())
+    ranks = merged.ranks
+    report = {
+        "modules": len(ranks),
+        "rank_min": min(ranks.values()),
+        "rank_max": max(ranks.values()),
+        "error": merged.total_error,
+        "uncaptured": math.sqrt(uncaptured / (captured + uncaptured)) if captured + uncaptured else 0.0,
+        "errors": merged.errors,
+        "ranks": ranks,
+    }
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        save_adapter(tmp, merged, {"base_model_name_or_path": str(base), "task_type": "CAUSAL_LM"})
+        (tmp / "extract_report.json").write_text(json.dumps(report, indent=2))
+        publish_mode(tmp)
+    return report

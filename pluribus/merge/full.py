@@ -1,0 +1,388 @@
+"""Streaming full-model merges: one tensor at a time from every input's safetensors shards, straight to disk.
+
+Memory holds the T+1 input tensors of the current name plus the merged one; output shards are planned from the
+base's headers (names, shapes, dtypes are known before any data is read), so each tensor's bytes are written
+at their place as soon as they are merged and no shard is ever buffered. Everything goes to a temporary folder
+beside the output that is renamed at the end (pluribus.io.atomic_dir): a killed merge leaves no output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from pluribus.errors import PluribusError
+from pluribus.merge import methods as M
+from pluribus.merge.config import MergeSpec
+
+# safetensors dtype codes <-> torch
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+CODES = {v: k for k, v in DTYPES.items()}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)
+
+
+def parse_size(text: str | int) -> int:
+    """'500MB' / '2GB' / '1.5GiB' / 1024 -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise PluribusError(f"shard_size '{text}' is not a size; write e.g. 500MB or 2GB")
+    base = 1024 if (m.group(3) or "").lower() == "ib" else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * base**power)
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def local_model(ref: str | Path) -> Path:
+    """A model reference as a local folder: a folder as is; an alias / .gguf / hub id via pluribus.models."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    if os.sep in str(ref) and not str(ref).endswith(".gguf") and str(ref).count("/") != 1:
+        raise PluribusError(f"input '{ref}' does not exist; check the path in the merge config")
+    from pluribus.models import resolve_model
+
+    return resolve_model(str(ref))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors file, from its JSON header (no data read)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise PluribusError(f"'{file}' is not a readable safetensors file ({e}); re-save or re-download it") from None
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta.get("dtype") not in DTYPES:
+            raise PluribusError(f"'{file}' tensor {name} has dtype {meta.get('dtype')}, which pluribus cannot merge")
+        start, end = meta["data_offsets"]
+        if 8 + n + end > size:
+            raise PluribusError(f"'{file}' is truncated (tensor {name} ends past the file); re-save or re-download it")
+        out[name] = TensorInfo(file, DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + start, 8 + n + end)
+    return out
+
+
+class Checkpoint:
+    """A model folder's safetensors (one file or shards + index), read tensor by tensor with plain reads.
+
+    Plain ``readinto`` rather than mmap keeps resident memory to the tensors actually held.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise PluribusError(f"model folder '{self.folder}' does not exist")
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError):
+                raise PluribusError(f"index '{index}' is corrupt; re-save the model") from None
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if not files:
+            raise PluribusError(
+                f"model folder '{self.folder}' has no .safetensors weights (pluribus never reads pickle checkpoints); "
+                "re-save it with save_pretrained(safe_serialization=True)"
+            )
+        self.tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            path = self.folder / name
+            if not path.is_file():
+                raise PluribusError(f"model folder '{self.folder}' is missing shard {name} named by its index")
+            self.tensors.update(read_header(path))
+        self._handles: dict[Path, BinaryIO] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        f = self._handles.get(info.file)
+        if f is None:
+            f = self._handles[info.file] = open(info.file, "rb")  # noqa: SIM115 (kept open across calls)
+        buf = bytearray(info.end - info.start)
+        f.seek(info.start)
+        if f.readinto(buf) != len(buf):
+            raise PluribusError(f"'{info.file}' is truncated at tensor {name}; re-save or re-download it")
+        if not buf:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+class ShardedWriter:
+    """Writes planned tensors, in plan order, into safetensors shards of at most ``max_bytes`` (+ index)."""
+
+    def __init__(self, folder: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int):
+        self.folder = folder
+        shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+        size = 0
+        for entry in plan:
+            nbytes = _nbytes(entry[1], entry[2])
+            if shards[-1] and size + nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += nbytes
+        self.shards = shards
+        n = len(shards)
+        self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.total = sum(_nbytes(d, s) for _, d, s in plan)
+        self._queue: Iterator[tuple[int, tuple[str, torch.dtype, tuple[int, ...]]]] = (
+            (i, e) for i, shard in enumerate(shards) for e in shard
+        )
+        self._file: BinaryIO | None = None
+        self._shard = -1
+
+    def _open(self, i: int) -> None:
+        if self._file:
+            self._close()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in self.shards[i]:
+            nbytes = _nbytes(dtype, shape)
+            header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format aligns data to 8 bytes
+        self._file = open(self.folder / self.names[i], "wb")  # noqa: SIM115 (closed in _close)
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._shard = i
+
+    def _close(self) -> None:
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        i, (planned, dtype, shape) = next(self._queue)
+        if planned != name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise PluribusError(f"internal: wrote {name} {tensor.dtype} {tuple(tensor.shape)}, planned {planned} {dtype} {shape}")
+        if i != self._shard:
+            self._open(i)
+        assert self._file is not None
+        if tensor.numel():
+            self._file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    def finish(self) -> None:
+        if self._file:
+            self._close()
+        if len(self.names) > 1:
+            weight_map = {name: self.names[i] for i, shard in enumerate(self.shards) for name, _, _ in shard}
+            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+# --------------------------------------------------------------------------------------------- merge
+
+
+class Expert:
+    """One input of a full merge: a checkpoint, optionally with a LoRA adapter on top (``base + adapter``).
+
+    When the checkpoint is the base itself, its task vector on an adapted module is just ``s B A``: the
+    merge never forms the adapted weights (the ``base + adapter`` input costs no extra read of the base).
+    """
+
+    def __init__(self, ckpt: Checkpoint | None, adapter: Any | None, label: str):
+        self.ckpt, self.adapter, self.label = ckpt, adapter, label
+
+    def delta(self, name: str, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        module = name.removesuffix(".weight")
+        if self.ckpt is not None:
+            t = self.ckpt.get(name)
+            # bf16 - f32 promotes inside one kernel: no separate up-cast pass
+            d = torch.sub(t, base) if t.dtype == base.dtype or t.itemsize < base.itemsize else t.to(dtype) - base
+            M.check_finite(d, f"{self.label}:{name}")  # finite base + finite delta <=> finite input (a fast sum)
+        else:
+            d = torch.zeros_like(base)
+        if self.adapter is not None and name.endswith(".weight") and module in self.adapter.modules:
+            d = d + self.adapter.modules[module].delta(dtype)
+        return d
+
+    def full(self, name: str, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The expert's own tensor (read as is: no base + (x - base) round trip)."""
+        t = base if self.ckpt is None else self.ckpt.get(name).to(dtype)
+        if self.ckpt is not None:
+            M.check_finite(t, f"{self.label}:{name}")
+        module = name.removesuffix(".weight")
+        if self.adapter is not None and name.endswith(".weight") and module in self.adapter.modules:
+            t = t + self.adapter.modules[module].delta(dtype)
+        return t
+
+
+def _check_shapes(base: Checkpoint, experts: list[Expert]) -> None:
+    for e in experts:
+        if e.ckpt is not None and e.ckpt is not base:
+            missing = [n for n in base.tensors if n not in e.ckpt.tensors]
+            extra = [n for n in e.ckpt.tensors if n not in base.tensors]
+            if missing or extra:
+                what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the base lacks"
+                raise PluribusError(
+                    f"model '{e.label}' {what} ({len(missing)} missing, {len(extra)} extra vs base '{base.folder}'); "
+                    "all models must share the base's architecture"
+                )
+            for n, info in base.tensors.items():
+                other = e.ckpt.tensors[n].shape
+                if other != info.shape:
+                    raise PluribusError(
+                        f"tensor {n} is {info.shape} in base '{base.folder}' but {other} in '{e.label}'; "
+                        "all models must share the base's shapes"
+                    )
+        if e.adapter is not None:
+            for module, m in e.adapter.modules.items():
+                key = f"{module}.weight"
+                if key not in base.tensors:
+                    raise PluribusError(f"adapter '{e.adapter.path}' adapts {module}, which base '{base.folder}' lacks")
+                shape = (m.B.shape[0], m.A.shape[1])
+                if base.tensors[key].shape != shape:
+                    raise PluribusError(
+                        f"adapter '{e.adapter.path}' module {module} is {shape} but base '{base.folder}' has "
+                        f"{base.tensors[key].shape}; the adapter was trained on another base"
+                    )
+
+
+def merge_models(
+    spec: MergeSpec,
+    folder: Path,
+    progress: Callable[[int, int, str], None] | None = None,
+    tensor_delta: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
+) -> dict[str, Any]:
+    """Stream the merge of ``spec`` into ``folder`` (an empty temporary folder); returns summary figures.
+
+    ``tensor_delta(name, base)`` replaces the method for tensors it returns a delta for (adapter folding).
+    Raises PluribusError for missing/corrupt files, mismatched tensors (naming both models) and NaN/Inf.
+    """
+    from pluribus.merge.adapters import is_adapter, load_adapter
+
+    if not spec.base:
+        raise PluribusError(f"method '{spec.method}' over models needs `base` (the model the experts were tuned from)")
+    base_dir = local_model(spec.base)
+    base = Checkpoint(base_dir)
+    experts: list[Expert] = []
+    if tensor_delta is None:
+        for inp in spec.inputs:
+            adapter = load_adapter(inp.adapter) if inp.adapter else None
+            if adapter is None and is_adapter(inp.path):
+                raise PluribusError(f"input '{inp.path}' is an adapter; give it as `adapter:` with `path:` its base model")
+            # the base itself as an input (alone or under an adapter) contributes no stored delta
+            path = local_model(inp.path)
+            same = path.resolve() == base_dir.resolve()
+            experts.append(Expert(None if same else Checkpoint(path), adapter, inp.label))
+        _check_shapes(base, experts)
+    fixed = None if spec.dtype == "auto" else getattr(torch, spec.dtype)
+    out_dtype = getattr(torch, spec.out_dtype) if spec.out_dtype else None
+    plan = [
+        (n, (out_dtype or i.dtype) if i.dtype.is_floating_point else i.dtype, i.shape) for n, i in base.tensors.items()
+    ]
+    writer = ShardedWriter(folder, plan, parse_size(spec.shard_size))
+    params = _params(spec, base, experts, fixed or torch.float32) if tensor_delta is None else None
+    gen = torch.Generator().manual_seed(spec.seed)
+    for k, (name, dtype, _) in enumerate(plan):
+        b = base.get(name)
+        if not b.is_floating_point():
+            merged = b
+        else:
+            work = fixed or (b.dtype if spec.mergekit else M.work_dtype(b))  # mergekit: the input dtype
+            bw = b.to(work)
+            M.check_finite(bw, f"{base.folder}:{name}")
+            if tensor_delta is not None:
+                d = tensor_delta(name, bw)
+                merged = bw if d is None else bw + d.to(work)
+            elif spec.method == "linear":
+                merged = M.linear([e.full(name, bw, work) for e in experts], params.weights,
+                                  True if spec.normalize is None else spec.normalize)
+            else:
+                delta = M.merge_deltas(spec.method, [e.delta(name, bw, work) for e in experts],
+                                       dataclasses.replace(params, dtype=work), gen, inplace=True)
+                merged = delta.add_(bw)
+        writer.write(name, merged.to(dtype))
+        if progress:
+            progress(k + 1, len(plan), name)
+    writer.finish()
+    base.close()
+    for e in experts:
+        if e.ckpt is not None:
+            e.ckpt.close()
+    return {"tensors": len(plan), "bytes": writer.total, "shards": len(writer.names)}
+
+
+def _params(spec: MergeSpec, base: Checkpoint, experts: list[Expert], work: torch.dtype) -> M.MethodParams:
+    from pluribus.merge.adapters import method_params
+
+    params = method_params(spec)
+    if spec.method in ("ties", "magnitude") and spec.trim == "global":
+        floats = [n for n, i in base.tensors.items() if i.dtype.is_floating_point]
+
+        def chunks(e: Expert) -> Iterator[torch.Tensor]:
+            for n in floats:
+                yield e.delta(n, base.get(n).to(work), work)
+
+        thresholds = tuple(
+            M.global_threshold(lambda e=e: chunks(e), params.density[t]) for t, e in enumerate(experts)
+        )
+        params = dataclasses.replace(params, thresholds=thresholds)
+    return params
+
+
+def copy_companions(source: Path, tokenizer_source: Path | None, folder: Path, out_dtype: str | None) -> None:
+    """Copy config.json (dtype updated), generation config and tokenizer files next to the merged weights."""
+    cfg = source / "config.json"
+    if cfg.is_file():
+        data = json.loads(cfg.read_text())
+        if out_dtype:
+            for key in ("torch_dtype", "dtype"):
+                if key in data:
+                    data[key] = out_dtype
+        (folder / "config.json").write_text(json.dumps(data, indent=2))
+    for src in [source] if tokenizer_source in (None, source) else [source, tokenizer_source]:
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, folder / name)

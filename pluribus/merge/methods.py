@@ -1,0 +1,461 @@
+"""Merge math: pure functions over tensors (task vectors in, merged tensor out); no files, no global RNG.
+
+A *task vector* is ``delta_t = theta_t - theta_base`` (Ilharco et al., 2023). Every method here takes the
+deltas of one tensor from T experts and returns the merged delta; the caller adds it to the base. Randomness
+comes only from an explicit ``torch.Generator``. Arithmetic runs in float32 (float64 stays float64).
+
+``mergekit=True`` reproduces mergekit 0.1.5 where its semantics differ from the papers:
+  * TIES sign election by the *weighted* sum of trimmed deltas (the paper votes with unweighted mass);
+  * trimming keeps ``max(1, int(density * n))`` entries by a stable argsort (the paper: top-k of the tensor);
+  * DARE rescales the survivors to the original L1 norm (the paper: exactly ``1 / (1 - p)``);
+  * ``dare_ties`` sums the agreeing weighted deltas without dividing (``normalize: false``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pluribus.errors import PluribusError
+
+Tensor = torch.Tensor
+
+#: Methods over full tensors and what each follows.
+METHODS: dict[str, str] = {
+    "linear": "Model soups, Wortsman et al. 2022 (arXiv:2203.05482): sum_t w_t theta_t / sum_t w_t",
+    "task_arithmetic": "Task Arithmetic, Ilharco et al. 2023 (arXiv:2212.04089): base + lambda sum_t w_t delta_t",
+    "magnitude": "magnitude pruning of each delta (Han et al. 2015), then task arithmetic",
+    "ties": "TIES-Merging, Yadav et al. 2023 (arXiv:2306.01708): trim, elect sign, disjoint mean",
+    "dare_linear": "DARE, Yu et al. 2024 (arXiv:2311.03099): drop p, rescale 1/(1-p), then task arithmetic",
+    "dare_ties": "DARE (arXiv:2311.03099) then TIES sign election and disjoint merge",
+}
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """Parameters of one merge, already resolved per expert.
+
+    weights: w_t per expert; density: fraction kept by trimming per expert (TIES, magnitude);
+    drop: DARE drop rate p per expert; lam: the final scale lambda; normalize: divide by the summed
+    weights (of agreeing experts for TIES); thresholds: per-expert magnitude thresholds for global
+    trimming (None: trim each tensor on its own); mergekit: reproduce mergekit's semantics; dtype: the
+    arithmetic dtype (None: float32, or float64 for float64 inputs; mergekit computes in its config's dtype).
+    """
+
+    weights: tuple[float, ...]
+    density: tuple[float, ...] | None = None
+    drop: tuple[float, ...] | None = None
+    lam: float = 1.0
+    normalize: bool | None = None
+    thresholds: tuple[float, ...] | None = None
+    mergekit: bool = False
+    dtype: torch.dtype | None = None
+
+
+def work_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def check_finite(t: Tensor, name: str) -> None:
+    """Raise PluribusError naming ``name`` when ``t`` holds NaN or Inf."""
+    if not t.is_floating_point() or math.isfinite(float(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return  # a finite sum means no NaN/Inf (an overflowing sum falls through to the exact check)
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise PluribusError(f"tensor '{name}' holds {bad} NaN/Inf value(s); fix or drop that input")
+
+
+def check_fraction(value: float, name: str, *, low_open: bool = True, high_open: bool = False) -> None:
+    """Raise PluribusError unless ``value`` is in (0, 1] (or the interval the flags say)."""
+    ok_low = value > 0 if low_open else value >= 0
+    ok_high = value < 1 if high_open else value <= 1
+    if not (math.isfinite(value) and ok_low and ok_high):
+        lo = "(0" if low_open else "[0"
+        hi = "1)" if high_open else "1]"
+        raise PluribusError(f"{name} = {value} is out of range; it must be in {lo}, {hi}")
+
+
+# ------------------------------------------------------------------------------------------- linear
+
+
+def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True) -> Tensor:
+    """Weighted average of whole tensors: ``sum_t w_t theta_t / sum_t w_t`` (model soups, arXiv:2203.05482).
+
+    With ``normalize=False`` the plain weighted sum. Shapes: every tensor alike; returns the same shape.
+    """
+    dtype = work_dtype(tensors[0])
+    out = torch.zeros_like(tensors[0], dtype=dtype)
+    for t, w in zip(tensors, weights, strict=True):
+        out.add_(t.to(dtype), alpha=float(w))
+    if normalize:
+        total = float(sum(weights))
+        if abs(total) < 1e-8:
+            raise PluribusError("linear merge weights sum to 0; give weights with a non-zero sum")
+        out.div_(total)
+    return out
+
+
+def task_arithmetic(deltas: Sequence[Tensor], weights: Sequence[float], lam: float = 1.0) -> Tensor:
+    """Merged task vector ``lambda * sum_t w_t delta_t`` (Task Arithmetic, Ilharco et al. 2023, arXiv:2212.04089)."""
+    return linear(deltas, weights, normalize=False).mul_(lam)
+
+
+# ------------------------------------------------------------------------------------------ pruning
+
+
+def keep_count(numel: int, density: float, mergekit: bool = False) -> int:
+    """How many entries trimming keeps: ``round(density n)`` (paper) or ``max(1, int(density n))`` (mergekit)."""
+    if density >= 1:
+        return numel
+    if density <= 0 or numel == 0:
+        return 0
+    return max(1, int(density * numel)) if mergekit else int(round(density * numel))
+
+
+def kth_largest(values: Tensor, k: int) -> float:
+    """The k-th largest of non-negative float32 ``values`` (1 <= k <= n), in O(n) by a histogram of bit patterns.
+
+    Non-negative floats order like their int32 bit patterns: count the top 16 bits, find the bucket holding
+    the k-th largest, then select inside that bucket only (a quickselect over a small remainder).
+    """
+    bits = values.reshape(-1).view(torch.int32) >> 16
+    hist = torch.bincount(bits, minlength=1 << 15)
+    above = torch.flip(hist, [0]).cumsum(0)
+    j = int(torch.searchsorted(above, torch.tensor(k)).item())
+    rank = k - (int(above[j - 1]) if j > 0 else 0)
+    inside = values.reshape(-1)[bits == (hist.numel() - 1 - j)]
+    return float(torch.kthvalue(inside, inside.numel() - rank + 1).values)
+
+
+def top_k_mask(values: Tensor, k: int, mergekit: bool = False) -> Tensor:
+    """Boolean mask of the k largest non-negative ``values``: ``values >= the k-th largest``.
+
+    Entries tied with the k-th largest are all kept (bf16 deltas tie often; no tie-break by position is
+    more principled). In mergekit's mode a tie at the cut is resolved exactly as mergekit does (its argsort),
+    so the kept set matches bit for bit; without a tie the set is unique and found in O(n) either way.
+    """
+    flat = values.reshape(-1)
+    mask = flat >= kth_largest(flat, k)
+    if mergekit and int(mask.sum()) > k:
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[torch.argsort(flat, descending=True)[:k]] = True
+    return mask.reshape(values.shape)
+
+
+def magnitude_prune(delta: Tensor, density: float, *, threshold: float | None = None, mergekit: bool = False) -> Tensor:
+    """Keep the ``density`` fraction of entries of largest magnitude; zero the rest.
+
+    ``threshold`` given (global trimming): keep ``|x| >= threshold`` instead of a per-tensor top-k.
+    Per tensor: the top ``keep_count`` entries (all entries tied at the cut are kept; mergekit's argsort in its mode).
+    """
+    if threshold is not None:
+        return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+    n = delta.numel()
+    k = keep_count(n, density, mergekit)
+    if k >= n:
+        return delta.clone()
+    if k == 0:
+        return torch.zeros_like(delta)
+    return delta * top_k_mask(delta.abs().float(), k, mergekit).to(delta.dtype)
+
+
+def dare(delta: Tensor, p: float, generator: torch.Generator, *, mergekit: bool = False) -> Tensor:
+    """Drop And REscale (Yu et al. 2024, arXiv:2311.03099): ``m ~ Bernoulli(1 - p)``, ``m * delta / (1 - p)``.
+
+    The 1/(1-p) rescale keeps the expectation: ``E[dare(delta)] = delta``. With ``mergekit=True`` the
+    survivors are rescaled to the original L1 norm instead (mergekit's ``rescale``). ``p = 0`` returns delta.
+    """
+    if p <= 0:
+        return delta.clone()
+    if p >= 1:
+        return torch.zeros_like(delta)
+    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device) >= p
+    masked = delta * keep.to(delta.dtype)
+    if not mergekit:
+        return masked / (1.0 - p)
+    before, after = delta.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+# --------------------------------------------------------------------------------------------- TIES
+
+
+def elect_sign(deltas: Tensor, weights: Tensor | None = None, *, mergekit: bool = False) -> Tensor:
+    """TIES sign election over stacked deltas ``[T, ...]``: ``sgn(sum_t delta_t)`` (total mass, arXiv:2306.01708).
+
+    ``weights`` ([T]) are applied first when given (mergekit votes with weighted deltas). A zero total
+    elects sign 0 (no expert agrees) in the paper's semantics, +1 in mergekit's.
+    """
+    stacked = deltas if weights is None else deltas * weights.reshape(-1, *([1] * (deltas.dim() - 1)))
+    total = stacked.sum(dim=0)
+    if mergekit:
+        return (total >= 0).to(deltas.dtype) * 2 - 1
+    return torch.sign(total)
+
+
+def disjoint_merge(
+    deltas: Tensor, weights: Tensor, sign: Tensor, normalize: bool = True, *, mergekit: bool = False
+) -> Tensor:
+    """Sum (or weighted mean when ``normalize``) of the entries whose sign equals the elected ``sign``.
+
+    ``deltas`` [T, ...] (unweighted), ``weights`` [T]. Entries that were trimmed to zero never agree.
+    Agreement is judged on ``w_t delta_t`` in mergekit's mode (it differs only for negative weights).
+    """
+    w = weights.reshape(-1, *([1] * (deltas.dim() - 1)))
+    weighted = deltas * w
+    judged = weighted if mergekit else deltas
+    agree = (torch.sign(judged) == sign.unsqueeze(0)) & (judged != 0)
+    agree = agree.to(deltas.dtype)
+    merged = (weighted * agree).sum(dim=0)
+    if not normalize:
+        return merged
+    divisor = (w * agree).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return merged / divisor
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+
+
+def default_normalize(method: str, mergekit: bool) -> bool:
+    """Whether the agreeing/total weights divide the sum, per method (mergekit's defaults in its mode)."""
+    if method == "linear":
+        return True
+    if method == "ties":
+        return True
+    if method == "dare_ties":
+        return not mergekit
+    return False
+
+
+def merge_deltas(
+    method: str,
+    deltas: Sequence[Tensor],
+    params: MethodParams,
+    generator: torch.Generator | None = None,
+    *,
+    inplace: bool = False,
+) -> Tensor:
+    """Merge the task vectors of one tensor with ``method``; returns the merged delta (work dtype).
+
+    ``deltas``: T tensors of one shape; with ``inplace=True`` (work-dtype inputs) they are overwritten to save
+    memory. ``linear`` is not a delta method: use :func:`linear`. TIES runs expert by expert without stacking,
+    so memory is the T deltas plus a few tensors of one expert's size.
+    Raises PluribusError for an unknown method or a missing generator for DARE.
+    """
+    if method not in METHODS or method == "linear":
+        avail = ", ".join(m for m in METHODS if m != "linear")
+        raise PluribusError(f"Unknown delta merge method '{method}'. Available: {avail}")
+    dtype = params.dtype or work_dtype(deltas[0])
+    ds = [d if inplace and d.dtype == dtype else d.to(dtype, copy=True) for d in deltas]
+    n = len(ds)
+    w = params.weights
+    normalize = default_normalize(method, params.mergekit) if params.normalize is None else params.normalize
+    if params.mergekit and dtype in (torch.bfloat16, torch.float16):
+        # in half precision the order of roundings matters: follow mergekit's stacked ops exactly
+        return _mergekit_stacked(method, ds, params, normalize, generator)
+    if method in ("magnitude", "ties"):
+        density = params.density or (1.0,) * n
+        thr = params.thresholds or (None,) * n
+        for i, d in enumerate(ds):
+            if thr[i] is not None:
+                d.mul_(d.abs() >= thr[i])
+            else:
+                k = keep_count(d.numel(), density[i], params.mergekit)
+                if k < d.numel():
+                    d.mul_(top_k_mask(d.abs().float(), k, params.mergekit) if k else 0)
+    if method in ("dare_linear", "dare_ties"):
+        if generator is None:
+            raise PluribusError(f"method '{method}' is random: pass a seeded torch.Generator")
+        drop = params.drop or (0.0,) * n
+        ds = [dare(d, drop[i], generator, mergekit=params.mergekit) for i, d in enumerate(ds)]
+    if method in ("task_arithmetic", "magnitude", "dare_linear"):
+        out = ds[0].mul_(w[0])  # ds are ours: the caller's (inplace) or fresh copies
+        for d, wt in zip(ds[1:], w[1:], strict=True):
+            out.add_(d, alpha=wt)
+        if normalize:
+            out /= _nonzero(sum(w))
+        return out.mul_(params.lam)
+    # TIES: elect a sign per entry, keep the entries that agree with it (a zero never agrees: d * sign > 0)
+    if params.mergekit:  # mergekit weights first, then votes with the weighted deltas
+        for d, wt in zip(ds, w, strict=True):
+            d.mul_(wt)
+    total = ds[0].clone()
+    for d in ds[1:]:
+        total.add_(d)
+    sign = torch.where(total >= 0, 1.0, -1.0).to(dtype) if params.mergekit else torch.sign(total)
+    del total
+    merged = torch.zeros_like(ds[0])
+    divisor = torch.zeros_like(ds[0])
+    for i, (d, wt) in enumerate(zip(ds, w, strict=True)):
+        a = d
+        a.mul_(sign).clamp_(min=0)  # |d| where d agrees with the elected sign (d * sign > 0), else 0
+        divisor.add_(a > 0, alpha=wt)
+        merged.add_(a, alpha=1.0 if params.mergekit else wt)
+        ds[i] = a = None  # type: ignore[call-overload]
+    merged.mul_(sign)
+    if normalize:
+        if min(w) > 0:
+            divisor.clamp_(min=min(w))  # 0 only where nothing agrees (merged is 0 there): one pass, not two
+        else:
+            divisor[divisor == 0] = 1
+        merged /= divisor
+    return merged.mul_(params.lam) if params.lam != 1 else merged
+
+
+def _mergekit_stacked(
+    method: str, ds: list[Tensor], params: MethodParams, normalize: bool, generator: torch.Generator | None
+) -> Tensor:
+    """mergekit 0.1.5's ``GeneralizedTaskArithmeticMerge.merge_group``, op for op (for half-precision dtypes)."""
+    n = len(ds)
+    if method in ("magnitude", "ties"):
+        density = params.density or (1.0,) * n
+        ds = [magnitude_prune(d, density[i], mergekit=True) for i, d in enumerate(ds)]
+    elif method in ("dare_linear", "dare_ties"):
+        if generator is None:
+            raise PluribusError(f"method '{method}' is random: pass a seeded torch.Generator")
+        drop = params.drop or (0.0,) * n
+        ds = [dare(d, drop[i], generator, mergekit=True) for i, d in enumerate(ds)]
+    deltas = torch.stack(ds)
+    weights = torch.tensor(params.weights, dtype=deltas.dtype)
+    while deltas.dim() > weights.dim():
+        weights.unsqueeze_(-1)
+    deltas.mul_(weights)
+    if method in ("ties", "dare_ties"):
+        sign = deltas.sign()
+        majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        mask = (sign == majority).to(deltas.dtype)
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if params.lam != 1:
+        mixed *= params.lam
+    return mixed
+
+
+def _nonzero(x: float) -> float:
+    return x if abs(x) >= 1e-8 else 1.0
+
+
+# --------------------------------------------------------------------------- global trimming threshold
+
+
+def global_threshold(chunks: Callable[[], Iterable[Tensor]], density: float) -> float:
+    """The magnitude ``tau`` such that ``|x| >= tau`` keeps ``round(density n)`` entries over all chunks.
+
+    Exact, in bounded memory: two passes over ``chunks()`` (a factory, called twice). Non-negative
+    float32 values order like their bit patterns, so pass 1 counts the top 16 bits of ``|x|`` and finds
+    the bucket holding the k-th largest; pass 2 collects only that bucket and selects inside it.
+    """
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    n = 0
+    for c in chunks():
+        bits = c.detach().float().abs().reshape(-1).view(torch.int32) >> 15
+        hist += torch.bincount(bits, minlength=1 << 16)
+        n += c.numel()
+    k = keep_count(n, density)
+    if k >= n:
+        return 0.0
+    if k == 0:
+        return math.inf
+    above = torch.flip(hist, [0]).cumsum(0)  # above[j]: entries in the top j+1 buckets
+    j = int(torch.searchsorted(above, torch.tensor(k)).item())
+    bucket = (1 << 16) - 1 - j
+    rank_in_bucket = k - (int(above[j - 1]) if j > 0 else 0)
+    vals = []
+    for c in chunks():
+        a = c.detach().float().abs().reshape(-1)
+        vals.append(a[(a.view(torch.int32) >> 15) == bucket])
+    inside = torch.sort(torch.cat(vals), descending=True).values
+    return float(inside[rank_in_bucket - 1])
+
+
+# ---------------------------------------------------------------------------------------- low rank
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """``delta ~= B @ A`` with B [d_out, k], A [k, d_in]; ``error`` = ||exact - B A||_F / ||exact||_F."""
+
+    B: Tensor
+    A: Tensor
+    singular_values: Tensor
+    error: float
+    exact_norm: float
+
+
+def rank_for_energy(s: Tensor, energy: float) -> int:
+    """Smallest k with ``sum_{i<=k} s_i^2 >= energy * sum_i s_i^2`` (at least 1)."""
+    e = s.double() ** 2
+    total = float(e.sum())
+    if total == 0:
+        return 1
+    cum = torch.cumsum(e, 0) / total
+    return max(1, int(torch.searchsorted(cum, torch.tensor(energy, dtype=torch.float64) - 1e-12).item()) + 1)
+
+
+def truncate_factors(B: Tensor, A: Tensor, rank: int | None = None, energy: float | None = None) -> LowRank:
+    """Best rank-k approximation (Eckart-Young) of ``B @ A`` from its factors, never forming B @ A.
+
+    B [d_out, R], A [R, d_in]: ``B = Q_b R_b``, ``A^T = Q_a R_a`` (reduced QR), ``core = R_b R_a^T`` [R, R],
+    ``core = U S V^T``; then ``B A = (Q_b U) S (Q_a V)^T`` is an SVD of the product and keeping k singular
+    triplets is optimal in Frobenius and spectral norm. The output splits ``S`` evenly: ``B' = Q_b U_k S_k^1/2``,
+    ``A' = S_k^1/2 V_k^T Q_a^T``. Exactly one of ``rank`` / ``energy`` chooses k (capped at R).
+    Cost: O((d_out + d_in) R^2 + R^3).
+    """
+    b64, a64 = B.to(torch.float64), A.to(torch.float64)
+    # R factors from the R x R Gram matrices (G = R^T R, Cholesky: BLAS-3 and far cheaper than Householder QR);
+    # a rank-deficient or ill-conditioned stack falls back to QR. Q = B R^-1 is never formed: B' = B R_b^-1 U_k.
+    rb, rb_ok = _gram_r(b64)
+    ra, ra_ok = _gram_r(a64.T)
+    if not (rb_ok and ra_ok):
+        qb, rb = torch.linalg.qr(b64)
+        qa, ra = torch.linalg.qr(a64.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    k = rank_for_energy(s, energy) if energy is not None else int(rank or s.numel())
+    k = max(1, min(k, s.numel()))
+    root = s[:k].sqrt()
+    if rb_ok and ra_ok:
+        new_b = b64 @ torch.linalg.solve_triangular(rb, u[:, :k] * root, upper=True)
+        new_a = torch.linalg.solve_triangular(ra, vh[:k].T * root, upper=True).T @ a64
+    else:
+        new_b = (qb @ u[:, :k]) * root
+        new_a = root[:, None] * (vh[:k] @ qa.T)
+    total = float((s**2).sum())
+    tail = float((s[k:] ** 2).sum())
+    err = math.sqrt(tail / total) if total > 0 else 0.0
+    return LowRank(new_b.to(B.dtype), new_a.to(A.dtype), s[:k].to(torch.float32), err, math.sqrt(total))
+
+
+def _gram_r(m: Tensor) -> tuple[Tensor, bool]:
+    """Upper-triangular R with ``m^T m = R^T R`` by Cholesky, and whether it is safe to use (well conditioned)."""
+    chol, info = torch.linalg.cholesky_ex(m.T @ m)
+    if int(info) != 0:
+        return chol, False
+    d = chol.diagonal().abs()
+    return chol.T, bool(d.min() > 1e-6 * d.max())
+
+
+def truncate_dense(delta: Tensor, rank: int | None = None, energy: float | None = None) -> LowRank:
+    """Best rank-k approximation of a dense ``delta`` [d_out, d_in] by its SVD (for TIES/DARE results)."""
+    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    k = rank_for_energy(s, energy) if energy is not None else int(rank or s.numel())
+    k = max(1, min(k, s.numel()))
+    root = s[:k].sqrt()
+    total = float((s**2).sum())
+    tail = float((s[k:] ** 2).sum())
+    err = math.sqrt(tail / total) if total > 0 else 0.0
+    return LowRank(
+        (u[:, :k] * root).to(delta.dtype), (root[:, None] * vh[:k]).to(delta.dtype), s[:k].float(), err, math.sqrt(total)
+    )

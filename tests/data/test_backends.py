@@ -1,0 +1,266 @@
+"""Generation backends: request building and the context rule, batched local generation, the openai client."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from pluribus.config import AgentConfig, Recipe, SamplingConfig, TaskConfig, TeamConfig
+from pluribus.data.backends import OpenAIBackend, PromptBuilder, TransformersBackend, make_backend
+from pluribus.data.debate import run_debate
+from pluribus.data.store import TrajectoryStore
+from pluribus.errors import PluribusError
+
+GREEDY8 = SamplingConfig(max_new_tokens=8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Torch with one thread: on a shared CPU, spinning OpenMP threads make generation many times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir) -> TransformersBackend:
+    return TransformersBackend(AgentConfig(model=str(tiny_llama_dir), dtype="float32"), batch_size=3)
+
+
+def convs(n: int) -> list[list[dict]]:
+    # Lengths differ so that rows are left-padded against each other.
+    return [[{"role": "user", "content": "What is " + " plus ".join(str(j) for j in range(i + 1)) + "?"}]
+            for i in range(n)]
+
+
+def test_prompt_builder_context_rule(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    b = PromptBuilder(tok, context_length=64, model_name="tiny")
+    short = b.encode(convs(1)[0], max_new_tokens=16)
+    assert short.dropped_tokens == 0 and short.max_new_tokens == 16
+    assert tok.decode(short.ids).endswith("<|im_start|>assistant\n")
+    long = [{"role": "user", "content": "word " * 200 + "final question?"}]
+    p = b.encode(long, max_new_tokens=16)
+    full = tok(b.render(long), add_special_tokens=False)["input_ids"]
+    # Prompt budget = 64 - 16; the oldest tokens go, the newest (and the generation prompt) stay.
+    assert len(p.ids) == 48 and p.dropped_tokens == len(full) - 48 and p.ids == full[-48:]
+    # New tokens get at most half the context, so some prompt always fits.
+    assert b.encode(long, max_new_tokens=1000).max_new_tokens == 32
+    no_template = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    no_template.chat_template = None
+    with pytest.raises(PluribusError, match="no chat template"):
+        PromptBuilder(no_template, 64, "tiny")
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny):
+    batch = tiny.generate(convs(7), GREEDY8)
+    assert tiny.calls == 3  # 7 conversations, batch size 3
+    for conv, g in zip(convs(7), batch, strict=True):
+        alone = tiny.generate([conv], GREEDY8)[0]
+        assert (g.text, g.tokens_out, g.tokens_in) == (alone.text, alone.tokens_out, alone.tokens_in)
+        assert 1 <= g.tokens_out <= 8 and not g.truncated and g.seconds > 0
+    assert batch[0].tokens_in < batch[6].tokens_in
+
+
+def test_sampling_is_seeded(tiny):
+    s = SamplingConfig(temperature=1.0, max_new_tokens=12, seed=7)
+    a, b = tiny.generate(convs(4), s), tiny.generate(convs(4), s)
+    c = tiny.generate(convs(4), s.model_copy(update={"seed": 8}))
+    assert [g.text for g in a] == [g.text for g in b] != [g.text for g in c]
+
+
+def test_continuation_and_long_conversation(tiny_llama_dir):
+    backend = TransformersBackend(AgentConfig(model=str(tiny_llama_dir), dtype="float32", context_length=128),
+                                  batch_size=4)
+    prefix = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "one two"}]
+    rendered = backend.builder.render(prefix)
+    assert rendered.endswith("one two")  # continued, not closed and reopened
+    long = [{"role": "user", "content": "blah " * 300}]
+    out = backend.generate([prefix, long], SamplingConfig(max_new_tokens=100))
+    assert not out[0].truncated
+    # max_new 100 -> 64 (half the context); the long prompt keeps its last 128 - 64 tokens.
+    assert out[1].truncated and out[1].dropped_tokens > 0 and out[1].tokens_in == 64
+    assert out[0].tokens_out <= 64 and out[1].tokens_out <= 64
+
+
+def test_make_backend_errors():
+    with pytest.raises(PluribusError, match="no-such-model"):
+        make_backend(AgentConfig(model="no-such-model"))
+    with pytest.raises(PluribusError, match="base_url"):
+        make_backend(AgentConfig(backend="openai"))
+    with pytest.raises(PluribusError, match="PLURIBUS_TEST_UNSET_KEY"):
+        make_backend(AgentConfig(backend="openai", base_url="http://127.0.0.1:1/v1",
+                                 api_key_env="PLURIBUS_TEST_UNSET_KEY"))
+    with pytest.raises(PluribusError, match="vllm"):
+        make_backend(AgentConfig(backend="vllm"))
+
+
+# ---------------------------------------------------------------------------------------- openai
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FlakyServer:
+    """A real HTTP server speaking the chat-completions wire format that fails the first requests on purpose."""
+
+    def __init__(self, failures: list[int]) -> None:
+        self.failures = list(failures)
+        self.seen: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.seen.append({"auth": self.headers.get("Authorization"), "body": body})
+                status = outer.failures.pop(0) if outer.failures else 200
+                payload = {"error": {"message": "try later"}} if status != 200 else {
+                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": "\\boxed{4}"}}],
+                    "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}}
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def openai_agent(url: str, **kw) -> AgentConfig:
+    return AgentConfig(backend="openai", model="served-model", base_url=url, **kw)
+
+
+def test_openai_retries_429_and_5xx_then_succeeds(monkeypatch):
+    server = FlakyServer([429, 503, 500])
+    monkeypatch.setenv("PLURIBUS_TEST_KEY", "sekret")
+    try:
+        backend = OpenAIBackend(openai_agent(server.url, api_key_env="PLURIBUS_TEST_KEY", max_retries=3),
+                                backoff_s=0.01)
+        out = backend.generate(convs(1), SamplingConfig(max_new_tokens=5, seed=3))
+        assert out[0].text == "\\boxed{4}" and (out[0].tokens_in, out[0].tokens_out) == (11, 3)
+        assert backend.requests == 4 and server.seen[-1]["auth"] == "Bearer sekret"
+        assert server.seen[-1]["body"]["max_tokens"] == 5 and server.seen[-1]["body"]["seed"] == 3
+        server.failures = [503, 503, 503, 503]
+        with pytest.raises(PluribusError, match="failed 4 times"):
+            backend.generate(convs(1), GREEDY8)
+        server.failures = [400]
+        n = backend.requests
+        with pytest.raises(PluribusError, match="HTTP 400"):
+            backend.generate(convs(1), GREEDY8)
+        assert backend.requests == n + 1  # a client error is not retried
+    finally:
+        server.close()
+
+
+def test_openai_refused_connection_retries_then_clear_error():
+    backend = OpenAIBackend(openai_agent(f"http://127.0.0.1:{free_port()}/v1", max_retries=2), backoff_s=0.01)
+    t0 = time.perf_counter()
+    with pytest.raises(PluribusError, match=r"failed 3 times .*APIConnectionError.*check the server is up"):
+        backend.generate(convs(2), GREEDY8)
+    assert backend.requests == 6 and time.perf_counter() - t0 < 30
+
+
+@contextlib.contextmanager
+def transformers_serve(model_dir: Path, port: int):
+    """`transformers serve` pinned to a local folder on a loopback port (offline); stopped on exit."""
+    exe = Path(sys.executable).parent / "transformers"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+                             "--device", "cpu", "--dtype", "float32"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"transformers serve did not start (exit code {proc.poll()})")
+            time.sleep(0.5)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_openai_backend_against_transformers_serve(tiny_llama_dir):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    with transformers_serve(tiny_llama_dir, port):
+        # The served model's name is its folder; that also lets pluribus load the tokenizer offline.
+        backend = OpenAIBackend(AgentConfig(backend="openai", model=str(tiny_llama_dir), base_url=url,
+                                            max_concurrency=2))
+        assert backend.builder is not None
+        out = backend.generate(convs(3), SamplingConfig(max_new_tokens=6))
+        assert len(out) == 3 and all(0 < g.tokens_out <= 6 and g.tokens_in > 0 for g in out)
+        cont = backend.generate([[{"role": "user", "content": "Count."},
+                                  {"role": "assistant", "content": "one two"}]], SamplingConfig(max_new_tokens=4))
+        assert 0 < cont[0].tokens_out <= 4
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_server_stops_mid_run_then_rerun_completes_exactly_once(tmp_path, tiny_llama_dir):
+    port = free_port()
+    agent = AgentConfig(backend="openai", model=str(tiny_llama_dir), base_url=f"http://127.0.0.1:{port}/v1",
+                        max_retries=2, timeout_s=30, sampling=SamplingConfig(max_new_tokens=4))
+    recipe = Recipe(name="srv", root=str(tmp_path), task=TaskConfig(n=4),
+                    team=TeamConfig(agents=[agent, agent.model_copy(update={"name": "b"})], rounds=2,
+                                    problems_per_step=2))
+    store_dir = tmp_path / "srv" / "trajectories"
+    with transformers_serve(tiny_llama_dir, port) as proc:
+
+        def stop_after_first_step(done: int, total: int) -> None:
+            if done == 2:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+        with pytest.raises(PluribusError, match="failed 3 times"):
+            run_debate(recipe, progress=False, on_step=stop_after_first_step)
+    stored = list(TrajectoryStore(store_dir).iter_records())
+    assert len(stored) == 2  # the first step, intact
+    with transformers_serve(tiny_llama_dir, port):
+        summary = run_debate(recipe, progress=False)
+    assert summary.problems == 4 and summary.new == 2
+    ids = [r["problem_id"] for r in TrajectoryStore(store_dir).iter_records()]
+    assert len(ids) == 4 and len(set(ids)) == 4 and ids[:2] == [r["problem_id"] for r in stored]

@@ -1,0 +1,128 @@
+"""TrajectoryStore: append-only shards, resume, exactly-once, torn-line repair, config guard, datasets-readable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from pluribus.data.store import TrajectoryStore
+from pluribus.errors import PluribusError
+
+
+def rec(i: int, **extra) -> dict:
+    return {"problem_id": f"p{i}", "final_answer": None if i % 3 == 0 else str(i), "final_correct": i % 2 == 0,
+            "rounds": [[{"agent": "a", "answer": None if i % 4 == 0 else str(i), "meta": {"peers": []}}]], **extra}
+
+
+def test_append_read_resume_and_exactly_once(tmp_path):
+    d = tmp_path / "traj"
+    with TrajectoryStore(d, "h1") as s:
+        assert s.done_ids() == set() and len(s) == 0
+        assert s.append([rec(0), rec(1)]) == 2
+        assert s.append([]) == 0
+        run_id = s.run_id
+        with pytest.raises(PluribusError, match="already holds problem_id \\['p1'\\]"):
+            s.append([rec(2), rec(1)])
+        with pytest.raises(PluribusError, match="p3"):
+            s.append([rec(3), rec(3)])
+    with TrajectoryStore(d, "h1") as s:  # resume
+        assert s.done_ids() == {"p0", "p1"} and s.run_id == run_id
+        s.append([rec(2)])
+    reader = TrajectoryStore(d)
+    assert [r["problem_id"] for r in reader.iter_records()] == ["p0", "p1", "p2"]
+    assert list(reader.iter_records())[1] == rec(1)
+    with pytest.raises(PluribusError, match="read-only"):
+        reader.append([rec(9)])
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["config_hash"] == "h1" and manifest["run_id"] == run_id
+
+
+def test_changed_config_refused_unless_new_run(tmp_path):
+    d = tmp_path / "traj"
+    with TrajectoryStore(d, "h1") as s:
+        s.append([rec(0)])
+        old_run = s.run_id
+    with pytest.raises(PluribusError, match="--new-run"):
+        TrajectoryStore(d, "h2")
+    assert TrajectoryStore(d).done_ids() == {"p0"}  # refused: nothing touched
+    with TrajectoryStore(d, "h2", new_run=True) as s:
+        assert s.done_ids() == set() and s.run_id != old_run
+        assert s.manifest["previous_runs"][0]["run_id"] == old_run
+    moved = tmp_path / f"traj.prev-{old_run}"
+    assert TrajectoryStore(moved).done_ids() == {"p0"}
+
+
+def test_missing_store_and_second_writer(tmp_path):
+    with pytest.raises(PluribusError, match="no trajectory store"):
+        TrajectoryStore(tmp_path / "nothing")
+    s = TrajectoryStore(tmp_path / "t", "h")
+    with pytest.raises(PluribusError, match="another process"):
+        TrajectoryStore(tmp_path / "t", "h")
+    s.close()
+    TrajectoryStore(tmp_path / "t", "h").close()
+
+
+def test_torn_last_line_is_reported_then_repaired(tmp_path):
+    d = tmp_path / "traj"
+    with TrajectoryStore(d, "h") as s:
+        s.append([rec(0), rec(1)])
+    shard = d / "shard-00000.jsonl"
+    with shard.open("ab") as f:
+        f.write(json.dumps(rec(2)).encode()[:25])  # what a kill in the middle of write() leaves
+    with pytest.raises(PluribusError, match=r"shard-00000.jsonl' line 3 is corrupt"):
+        list(TrajectoryStore(d).iter_records())
+    assert [r["problem_id"] for r in TrajectoryStore(d).iter_records(skip_corrupt=True)] == ["p0", "p1"]
+    with TrajectoryStore(d, "h") as s:  # a writer cuts the torn line; its problem is pending again
+        assert s.repaired_lines == 1 and s.done_ids() == {"p0", "p1"}
+        s.append([rec(2)])
+    assert shard.read_bytes().count(b"\n") == 3 and shard.read_bytes().endswith(b"\n")
+
+
+def test_shards_roll_over_and_datasets_reads_the_store(tmp_path):
+    import datasets
+
+    d = tmp_path / "traj"
+    with TrajectoryStore(d, "h", shard_records=4) as s:
+        for i in range(0, 10, 3):
+            s.append([rec(j) for j in range(i, min(i + 3, 10))])
+    # Appends of 3, 3, 3, 1 records with at most 4 a shard: a batch never straddles two shards.
+    assert [p.name for p in s.shards()] == ["shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"]
+    assert [p.read_bytes().count(b"\n") for p in s.shards()] == [3, 3, 4]
+    ds = datasets.load_dataset("json", data_files=str(d / "shard-*.jsonl"), split="train")
+    assert sorted(ds["problem_id"], key=lambda x: int(x[1:])) == [f"p{i}" for i in range(10)]
+    assert ds.num_rows == 10 and ds[0]["final_answer"] is None
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from pluribus.data.store import TrajectoryStore
+    s = TrajectoryStore(sys.argv[1], "h")
+    done = s.done_ids()
+    for i in range(int(sys.argv[2])):
+        if f"p{i}" not in done:
+            s.append([{"problem_id": f"p{i}", "blob": "x" * 200_000}])
+""")
+
+
+def test_sigkill_while_appending_then_restart(tmp_path):
+    d = tmp_path / "traj"
+    n = 200
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(d), str(n)])
+    shard = d / "shard-00000.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (shard.exists() and shard.stat().st_size > 5_000_000):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < TrajectoryStore(d).__len__() < n
+    subprocess.run([sys.executable, "-c", WRITER, str(d), str(n)], check=True, timeout=120)
+    ids = [json.loads(line)["problem_id"] for line in shard.read_bytes().splitlines()]
+    assert sorted(ids) == sorted(f"p{i}" for i in range(n))
+    assert shard.read_bytes().endswith(b"\n")

@@ -1,0 +1,113 @@
+"""Process reward model: step-end targets, training, reload, scoring API/CLI, metrics in closed form."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pluribus.config import Recipe
+from pluribus.distill.prm import (
+    IGNORE,
+    auroc,
+    encode_steps,
+    load_prm,
+    prepare_examples,
+    score_steps,
+    split_steps,
+    step_metrics,
+    train_prm,
+)
+from pluribus.errors import PluribusError
+from tests.distill.conftest import read_record
+
+
+def recipe(tmp_path, student_dir, **train) -> Recipe:
+    base = {"stage": "prm", "model": str(student_dir), "kernels": "off", "max_steps": 3, "batch_size": 4,
+            "logging_steps": 1, "save_steps": 10, "eval_steps": 2, "eval_fraction": 0.25, "report_to": ["none"],
+            "lora": {"r": 4}, "lr": 1e-2, "warmup_ratio": 0.0}
+    return Recipe(name="t", root=str(tmp_path / "runs"), train={**base, **train})
+
+
+def test_labels_sit_on_each_steps_last_token_only(student_dir, process_dir):
+    from transformers import AutoTokenizer
+
+    from pluribus.distill.common import load_rows
+
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    rows = load_rows(process_dir, "process")
+    ids, positions = encode_steps(tok, rows[1]["prompt"], rows[1]["completions"])
+    assert len(positions) == 3 and positions[-1] == len(ids) - 1
+    assert all(tok.decode([ids[p]]).endswith("\n") for p in positions)
+    for kind, expected in (("hard", [1.0, 0.0, 0.0]), ("soft", [1.0, 0.2, 0.1])):
+        examples, counts = prepare_examples(rows.select([1]), tok, Recipe(train={"prm": {"labels": kind}}).train)
+        labels = examples[0]["labels"]
+        assert [labels[p] for p in positions] == pytest.approx(expected)
+        assert sum(x != IGNORE for x in labels) == 3 and counts["steps"] == 3
+
+
+def test_train_prm_records_heldout_step_metrics_and_reloads(tmp_path, student_dir, process_dir):
+    out = train_prm(recipe(tmp_path, student_dir), dataset=process_dir)
+    record = read_record(out)
+    for key in ("eval_loss", "eval_step_accuracy", "eval_step_f1", "eval_step_auroc"):
+        assert key in record["metrics"], key
+    assert 0.0 <= record["metrics"]["eval_step_auroc"] <= 1.0
+    model, tok = load_prm(out)
+    items = [("What is (1 + 2) * 3?", ["1 + 2 = 3.", "3 * 3 = 9.", "The answer is 9."]), ("2+2?", ["4"])]
+    scores = score_steps(model, tok, items, batch_size=1)
+    assert [len(s) for s in scores] == [3, 1] and all(0.0 < x < 1.0 for s in scores for x in s)
+    # batched (padded) scoring equals one-by-one scoring
+    batched = score_steps(model, tok, items, batch_size=2)
+    torch.testing.assert_close(torch.tensor(batched[0]), torch.tensor(scores[0]), rtol=1e-2, atol=1e-2)
+
+
+def test_soft_labels_train(tmp_path, student_dir, process_dir):
+    # with the fused kernels on (torch twins on the CPU): the patched blocks serve a token-classification model too
+    out = train_prm(recipe(tmp_path, student_dir, prm={"labels": "soft"}, max_steps=1, kernels="torch"),
+                    dataset=process_dir)
+    assert read_record(out)["recipe"]["train"]["prm"]["labels"] == "soft"
+
+
+def test_score_cli(tmp_path, student_dir, process_dir):
+    from typer.testing import CliRunner
+
+    from pluribus.cli import app
+
+    out = train_prm(recipe(tmp_path, student_dir, max_steps=1, eval_fraction=0.0), dataset=process_dir)
+    result = CliRunner().invoke(app, ["score", str(out), "--question", "What is 2 + 2?",
+                                      "--solution", "2 + 2 = 4.\nThe answer is 4.", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [r["step"] for r in rows] == ["2 + 2 = 4.", "The answer is 4."]
+
+
+def test_step_metrics_closed_form():
+    scores, labels = [0.9, 0.8, 0.3, 0.6, 0.1], [True, True, False, False, True]
+    m = step_metrics(scores, labels, threshold=0.5)
+    # predictions T T F T F: tp=2 fp=1 fn=1 -> acc 3/5, F1 = 4/6
+    assert m["step_accuracy"] == pytest.approx(0.6) and m["step_f1"] == pytest.approx(4 / 6)
+    # positives {.9,.8,.1} vs negatives {.3,.6}: wins .9>both, .8>both, .1>none -> 4/6
+    assert auroc(scores, labels) == pytest.approx(4 / 6)
+    assert auroc([0.5, 0.5], [True, True]) is None
+
+
+def test_split_steps_and_mismatched_rows(student_dir, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    assert split_steps("a = 1\n\n  b = 2 \n") == ["a = 1", "b = 2"]
+    bad = Dataset.from_list([{"prompt": "q", "completions": ["a", "b"], "labels": [True], "scores": [1.0, 0.0],
+                              "problem_id": "p"}])
+    with pytest.raises(PluribusError, match="2 steps, 1 labels"):
+        prepare_examples(bad, AutoTokenizer.from_pretrained(student_dir), Recipe(train={}).train)
+
+
+def test_load_prm_refuses_a_causal_adapter(tmp_path, student_dir, rsft_dir):
+    from pluribus.distill.sft import train_sft
+
+    r = Recipe(name="t", root=str(tmp_path / "runs"), train={
+        "model": str(student_dir), "kernels": "off", "max_steps": 1, "eval_fraction": 0, "report_to": ["none"],
+        "lora": {"r": 2}})
+    with pytest.raises(PluribusError, match="not a PRM"):
+        load_prm(train_sft(r, dataset=rsft_dir))

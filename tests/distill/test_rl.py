@@ -1,0 +1,82 @@
+"""Process-aware RL: advantages and loss against hand computation, and a few real steps on a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pluribus.config import Recipe
+from pluribus.distill.prm import train_prm
+from pluribus.distill.rl import aggregate_steps, group_advantages, policy_loss, train_rl
+from pluribus.errors import PluribusError
+from tests.distill.conftest import read_record
+
+
+def test_aggregate_steps():
+    assert aggregate_steps([0.9, 0.2, 0.7], "min") == pytest.approx(0.2)
+    assert aggregate_steps([0.9, 0.2, 0.7], "mean") == pytest.approx(0.6)
+    assert aggregate_steps([0.9, 0.2, 0.7], "last") == pytest.approx(0.7)
+    assert aggregate_steps([], "min") == 0.0
+
+
+def test_group_advantages_by_hand():
+    # group rewards 1, 0, 0.5, 0.5: mean 0.5, population std sqrt((.25 + .25 + 0 + 0) / 4) = sqrt(0.125)
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.5, 0.5], [2.0, 2.0, 2.0, 2.0]]), eps=0.0 + 1e-12)
+    s = math.sqrt(0.125)
+    torch.testing.assert_close(adv[0], torch.tensor([0.5 / s, -0.5 / s, 0.0, 0.0]))
+    torch.testing.assert_close(adv[1], torch.zeros(4))  # a group that all agrees teaches nothing
+
+
+def test_policy_loss_by_hand():
+    # two completions: A = +1 (2 tokens, second padded away), A = -2 (2 tokens)
+    logp = torch.tensor([[math.log(0.5), math.log(0.9)], [math.log(0.3), math.log(0.2)]])
+    old = torch.tensor([[math.log(0.25), math.log(0.9)], [math.log(0.3), math.log(0.4)]])
+    ref = torch.tensor([[math.log(0.5), math.log(0.5)], [math.log(0.6), math.log(0.2)]])
+    adv, mask = torch.tensor([1.0, -2.0]), torch.tensor([[1, 0], [1, 1]])
+    # ratios: row 0: 2.0 (clipped to 1.2 since A > 0) ; row 1: 1.0, 0.5 (clipped to 0.8 since A < 0: max(...))
+    # pg per token = -min(r A, clip(r) A): row0 t0: -min(2, 1.2) = -1.2
+    # row1 t0: -min(-2, -2) = 2 ; row1 t1: -min(-1.0, -1.6) = 1.6
+    # k3 KL: q = ref - logp; row0 t0: q = 0 -> 0; row1 t0: q = log 2 -> 2 - log 2 - 1; row1 t1: q = 0 -> 0
+    beta = 0.1
+    kl10 = 2 - math.log(2) - 1
+    expected = ((-1.2) + ((2 + beta * kl10) + 1.6) / 2) / 2
+    loss, stats = policy_loss(logp, old, adv, mask, clip=0.2, ref_logp=ref, beta=beta)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert stats["clip_fraction"] == pytest.approx(2 / 3)
+    assert stats["kl"] == pytest.approx(kl10 / 3, rel=1e-5)
+    # the gradient flows through logp only (old and ref are constants)
+    lp = logp.clone().requires_grad_(True)
+    policy_loss(lp, old, adv, mask, 0.2, ref, beta)[0].backward()
+    assert lp.grad[0, 1] == 0  # padded token
+    assert lp.grad[0, 0] == 0  # clipped with A > 0: no gradient from the PG term, KL term is 0 at q = 0
+
+
+def test_rl_trains_a_few_steps_with_prm_and_kl(tmp_path, student_dir, process_dir):
+    base = {"model": str(student_dir), "kernels": "off", "max_steps": 2, "batch_size": 4, "logging_steps": 1,
+            "save_steps": 10, "eval_fraction": 0.0, "report_to": ["none"], "lora": {"r": 4}}
+    prm = train_prm(Recipe(name="t", root=str(tmp_path / "runs"), train={**base, "stage": "prm", "max_steps": 1}),
+                    dataset=process_dir)
+    r = Recipe(name="t", root=str(tmp_path / "runs"), train={
+        **base, "stage": "rl", "kernels": "torch", "rl": {"group_size": 3, "prompts_per_step": 2, "max_new_tokens": 12, "kl": 0.05,
+                                      "aggregate": "mean", "prm": str(prm)}})
+    out = train_rl(r, dataset=process_dir)
+    record = read_record(out)
+    assert record["data"]["prompts"] == 24
+    for key in ("final_reward", "final_accuracy", "final_kl", "final_prm_score"):
+        assert key in record["metrics"], key
+    # reward = PRM part + answer weight * accuracy, all logged
+    m = record["metrics"]
+    assert m["final_reward"] == pytest.approx(m["final_prm_score"] + m["final_accuracy"], abs=1e-5)
+
+
+def test_rl_needs_gold_answers(tmp_path, student_dir):
+    from tests.distill.conftest import write_parquet
+
+    rows = [{"prompt": "q", "completions": ["a"], "labels": [True], "scores": [1.0], "problem_id": "p"}]
+    ds = write_parquet(rows, tmp_path / "p")
+    r = Recipe(name="t", root=str(tmp_path / "runs"), train={"stage": "rl", "model": str(student_dir),
+                                                             "kernels": "off"})
+    with pytest.raises(PluribusError, match="gold answers"):
+        train_rl(r, dataset=ds)

@@ -1,0 +1,79 @@
+"""Eval: scoring from stored trajectories (closed form), planning errors, and an end-to-end eval on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pluribus.config import load_recipe
+from pluribus.errors import PluribusError
+from pluribus.eval.evaluate import plan_systems, run_eval, score
+
+
+def _turn(correct: bool | None, answer: str | None = "1") -> dict:
+    return {"correct": correct, "answer": answer}
+
+
+def _traj(rounds: list[list[dict]], final: bool, tin: int = 10, tout: int = 5, sec: float = 1.0) -> dict:
+    return {"rounds": rounds, "final_correct": final, "cost": {"tokens_in": tin, "tokens_out": tout, "seconds": sec}}
+
+
+def test_score_matches_hand_computed_values() -> None:
+    records = [
+        # agent 0 wrong then right (corrected), agent 1 right both rounds
+        _traj([[_turn(False), _turn(True)], [_turn(True), _turn(True)]], final=True),
+        # agent 0 wrong both rounds (not corrected), agent 1 wrong then unparsable
+        _traj([[_turn(False), _turn(False)], [_turn(False), _turn(None, answer=None)]], final=False, sec=3.0),
+    ]
+    r = score(records, "team", "as-configured")
+    assert r.problems == 2
+    assert r.accuracy == 0.5
+    assert r.first_answer_accuracy == 0.25  # 1 of 4 round-0 turns
+    assert r.wrong_first_corrected == pytest.approx(1 / 3)  # 3 wrong first answers, 1 corrected
+    assert r.unparsable == 0.25
+    assert r.tokens_per_problem == 15 and r.seconds_per_problem == 2.0
+
+
+def test_distilled_without_adapter_is_a_clear_error(tmp_path: Path) -> None:
+    recipe = load_recipe(None, [f"root={tmp_path}", "task.source=synthetic", "team.rounds=1"])
+    with pytest.raises(PluribusError, match="needs an adapter"):
+        plan_systems(recipe)
+
+
+def test_plan_single_and_sampled_modes(tmp_path: Path) -> None:
+    recipe = load_recipe(None, [f"root={tmp_path}", "task.source=synthetic", "team.rounds=1", "eval.systems=[single]",
+                                "eval.modes=[greedy, sampled]", "eval.temperature=0.9"])
+    plans = plan_systems(recipe)
+    assert [(s, m) for s, m, _ in plans] == [("single", "greedy"), ("single", "sampled")]
+    assert plans[0][2].rounds == 1 and len(plans[0][2].agents) == 1
+    assert plans[0][2].agents[0].sampling.temperature == 0.0
+    assert plans[1][2].agents[0].sampling.temperature == 0.9
+
+
+@pytest.mark.slow
+def test_eval_end_to_end_on_a_tiny_model(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(adapter)
+    agent = f"{{model: '{tiny_llama_dir}', sampling: {{max_new_tokens: 6}}}}"
+    recipe = load_recipe(None, [
+        f"root={tmp_path}", "name=evalrun", "task.source=synthetic", "task.n=3", "task.heldout_fraction=0.5",
+        f"team.agents=[{agent}, {agent}]", "team.rounds=2", f"eval.adapter={adapter}",
+    ])
+    payload = run_eval(recipe, progress=False)
+    out = tmp_path / "evalrun" / "eval"
+    assert set(payload["systems"]) == {"single-greedy", "team", "distilled-greedy"}
+    assert json.loads((out / "results.json").read_text()) == payload
+    assert (out / "report.md").read_text().count("| ") >= 3
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    for r in payload["systems"].values():
+        assert r["problems"] == 3 and 0.0 <= r["accuracy"] <= 1.0 and r["tokens_per_problem"] > 0
+    # a rerun resumes from the stores: nothing is generated twice
+    again = run_eval(recipe, progress=False)
+    assert again == payload

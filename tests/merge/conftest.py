@@ -1,0 +1,67 @@
+"""Fixtures of the merge tests: a tiny random Llama folder (no tokenizer needed) and a LoRA adapter factory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def tiny_model(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama (hidden 32) saved as float32 safetensors."""
+    out = tmp_path_factory.mktemp("merge-base")
+    tiny_model().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_expert(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``make_expert(seed, scale=0.02)``: the tiny base with every tensor perturbed by scale * N(0, 1)."""
+    from safetensors.torch import load_file, save_file
+
+    def make(seed: int, scale: float = 0.02) -> Path:
+        out = tmp_path_factory.mktemp(f"expert{seed}")
+        sd = load_file(tiny_base / "model.safetensors")
+        g = torch.Generator().manual_seed(seed)
+        save_file({k: v + scale * torch.randn(v.shape, generator=g) for k, v in sd.items()},
+                  out / "model.safetensors", metadata={"format": "pt"})
+        (out / "config.json").write_text((tiny_base / "config.json").read_text())
+        return out
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_adapter(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``make_adapter(r, alpha, targets, seed, rslora=False, **extra)``: a saved PEFT LoRA with random A and B."""
+    from peft import LoraConfig, get_peft_model
+
+    def make(r: int, alpha: float, targets: list[str], seed: int, rslora: bool = False, **extra) -> Path:
+        out = tmp_path_factory.mktemp(f"lora-r{r}-s{seed}")
+        model = get_peft_model(
+            tiny_model(),
+            LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
+                       base_model_name_or_path=str(tiny_base), **extra),
+        )
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        model.save_pretrained(out)
+        return out
+
+    return make

@@ -1,0 +1,254 @@
+"""Adapter merges in low-rank space: exactness, PEFT round trips and parity, rank selection, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pluribus.errors import PluribusError
+from pluribus.merge import MergeInput, MergeSpec, run_merge
+from pluribus.merge.adapters import load_adapter
+from tests.merge.conftest import tiny_model
+
+TOKENS = torch.tensor([[1, 5, 9, 17, 33, 65, 2], [3, 4, 8, 16, 32, 64, 95]])
+
+
+@pytest.fixture(scope="module")
+def hetero(make_adapter):
+    """Three adapters with different ranks, alphas, rsLoRA and target modules."""
+    return [
+        make_adapter(4, 8, ["q_proj", "v_proj"], seed=1),
+        make_adapter(8, 4, ["q_proj", "down_proj"], seed=2, rslora=True),
+        make_adapter(2, 16, ["o_proj", "gate_proj", "v_proj"], seed=3),
+    ]
+
+
+def exact_sum(paths: list[Path], weights: list[float], lam: float = 1.0) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for p, w in zip(paths, weights, strict=True):
+        for name, m in load_adapter(p).modules.items():
+            d = lam * w * m.delta(torch.float64)
+            out[name] = out[name] + d if name in out else d
+    return out
+
+
+def merged_deltas(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: m.delta(torch.float64) for k, m in load_adapter(folder).modules.items()}
+
+
+def peft_logits(adapter: Path) -> torch.Tensor:
+    from peft import PeftModel
+
+    with torch.no_grad():
+        return PeftModel.from_pretrained(tiny_model(), str(adapter)).eval()(TOKENS).logits
+
+
+def reference_logits(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+    model = tiny_model()
+    sd = model.state_dict()
+    for name, d in deltas.items():
+        sd[f"{name}.weight"] = sd[f"{name}.weight"] + d.float()
+    model.load_state_dict(sd)
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def spec(method: str, paths: list[Path], weights: list[float] | None = None, **kw) -> MergeSpec:
+    weights = weights or [1.0] * len(paths)
+    return MergeSpec(method=method, inputs=[MergeInput(path=str(p), weight=w) for p, w in zip(paths, weights, strict=True)], **kw)
+
+
+def test_cat_is_exact_and_loads_in_peft(hetero, tmp_path):
+    weights = [1.0, -0.5, 0.7]
+    summary = run_merge(spec("cat", hetero, weights, lam=0.9), tmp_path / "cat")
+    exact = exact_sum(hetero, weights, 0.9)
+    got = merged_deltas(tmp_path / "cat")
+    assert set(got) == set(exact)  # union of target modules; a missing module counts as zero
+    num = sum(float((exact[k] - got[k]).pow(2).sum()) for k in exact)
+    den = sum(float(v.pow(2).sum()) for v in exact.values())
+    assert math.sqrt(num / den) < 1e-6
+    assert summary.error == 0.0 and summary.ranks_out == [2, 6, 8, 12]  # o, gate: 2; v: 4+2; down: 8; q: 4+8
+    torch.testing.assert_close(peft_logits(tmp_path / "cat"), reference_logits(exact), rtol=1e-4, atol=1e-5)
+    for name in ("merge.yaml", "merge_report.json", "README.md", "adapter_config.json"):
+        assert (tmp_path / "cat" / name).is_file()
+
+
+def test_cat_matches_peft_add_weighted_adapter(make_adapter, tmp_path):
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    # PEFT's cat needs every adapter on the same modules; ranks and alphas may differ
+    paths = [make_adapter(4, 8, ["q_proj", "v_proj"], seed=7), make_adapter(6, 3, ["q_proj", "v_proj"], seed=8)]
+    model = PeftModel.from_pretrained(tiny_model(), str(paths[0]), adapter_name="a")
+    model.load_adapter(str(paths[1]), adapter_name="b")
+    model.add_weighted_adapter(["a", "b"], [0.8, 0.4], "cat", combination_type="cat")
+    peft_deltas = {n: m.get_delta_weight("cat").double() for n, m in model.base_model.model.named_modules()
+                   if isinstance(m, LoraLayer) and "cat" in m.lora_A}
+    run_merge(spec("cat", paths, [0.8, 0.4]), tmp_path / "ours")
+    ours = merged_deltas(tmp_path / "ours")
+    assert set(ours) == set(peft_deltas)
+    for k in ours:
+        torch.testing.assert_close(ours[k], peft_deltas[k], rtol=1e-5, atol=1e-7)
+
+
+def test_one_adapter_weight_one_gives_it_back(hetero, tmp_path):
+    for method, kw in (("cat", {}), ("svd", {"rank": 8})):
+        run_merge(spec(method, hetero[:1], **kw), tmp_path / method)
+        got, exact = merged_deltas(tmp_path / method), exact_sum(hetero[:1], [1.0])
+        for k in exact:
+            torch.testing.assert_close(got[k], exact[k], rtol=1e-5, atol=1e-7)
+
+
+def test_svd_rank_k_is_the_best_truncation_of_the_exact_sum(hetero, tmp_path):
+    summary = run_merge(spec("svd", hetero, [1.0, 0.5, 2.0], rank=3), tmp_path / "svd")
+    exact = exact_sum(hetero, [1.0, 0.5, 2.0])
+    got = merged_deltas(tmp_path / "svd")
+    num = den = 0.0
+    for k, e in exact.items():
+        u, s, vh = torch.linalg.svd(e, full_matrices=False)
+        best = (u[:, :3] * s[:3]) @ vh[:3]
+        torch.testing.assert_close(got[k], best, rtol=1e-5, atol=1e-7)
+        num += float((e - got[k]).pow(2).sum())
+        den += float(e.pow(2).sum())
+    assert summary.error == pytest.approx(math.sqrt(num / den), rel=1e-5)
+    torch.testing.assert_close(peft_logits(tmp_path / "svd"), reference_logits(got), rtol=1e-4, atol=1e-5)
+
+
+def test_energy_gives_per_module_ranks_via_rank_pattern(hetero, tmp_path):
+    summary = run_merge(spec("svd", hetero, energy=0.8), tmp_path / "energy")
+    cfg = json.loads((tmp_path / "energy" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] and len(summary.ranks_out) > 1
+    exact = exact_sum(hetero, [1.0] * 3)
+    got = merged_deltas(tmp_path / "energy")
+    for k, e in exact.items():
+        s = torch.linalg.svdvals(e)
+        r = load_adapter(tmp_path / "energy").modules[k].rank
+        assert (s[:r] ** 2).sum() / (s**2).sum() >= 0.8 - 1e-9
+        assert r == 1 or (s[: r - 1] ** 2).sum() / (s**2).sum() < 0.8
+    torch.testing.assert_close(peft_logits(tmp_path / "energy"), reference_logits(got), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "magnitude"])
+def test_dense_methods_compress_to_the_requested_rank(hetero, tmp_path, method):
+    summary = run_merge(spec(method, hetero, rank=4, density=0.5, drop=0.3, seed=1), tmp_path / method)
+    assert summary.ranks_out == [4] and 0 < summary.error < 1
+    peft_logits(tmp_path / method)  # loads
+
+
+def test_ties_global_trim_and_fold_into_a_model(hetero, tiny_base, tmp_path):
+    from pluribus.merge import methods as M
+    from pluribus.merge.adapters import AdapterPlan
+
+    s = spec("ties", hetero, density=0.3, trim="global", base=str(tiny_base), output="model")
+    run_merge(s, tmp_path / "folded")
+    plan = AdapterPlan(s, [load_adapter(p) for p in hetero])
+    # the global threshold of an expert keeps 30% of its entries over all modules together
+    for t, thr in enumerate(plan.params.thresholds):
+        deltas = torch.cat([m.delta().reshape(-1) for m in plan.adapters[t].modules.values()])
+        assert int((deltas.abs() >= thr).sum()) == M.keep_count(deltas.numel(), 0.3)
+    folded = load_file(tmp_path / "folded" / "model.safetensors")
+    base = load_file(tiny_base / "model.safetensors")
+    for name in plan.shapes:
+        torch.testing.assert_close(folded[f"{name}.weight"], base[f"{name}.weight"] + plan.dense(name))
+    assert torch.equal(folded["model.norm.weight"], base["model.norm.weight"])
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def copy_adapter(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_different_bases_are_refused_naming_both(hetero, tmp_path):
+    other = copy_adapter(hetero[1], tmp_path / "other")
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "org/other-model"}))
+    first = copy_adapter(hetero[0], tmp_path / "first")
+    cfg = json.loads((first / "adapter_config.json").read_text())
+    (first / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "org/base"}))
+    with pytest.raises(PluribusError, match=r"different base models: .*first.* org/base.*other.* org/other-model"):
+        run_merge(spec("cat", [first, other]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_different_shapes_are_refused_naming_both(hetero, tmp_path):
+    odd = copy_adapter(hetero[0], tmp_path / "odd")
+    sd = load_file(odd / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    sd[key] = torch.randn(4, 40)
+    save_file(sd, odd / "adapter_model.safetensors")
+    with pytest.raises(PluribusError, match=r"model\.layers\.0\.self_attn\.q_proj is \(32, 40\) in '.*odd' but \(32, 32\)"):
+        run_merge(spec("cat", [odd, hetero[1]]), tmp_path / "out")
+
+
+def test_nan_is_named(hetero, tmp_path):
+    bad = copy_adapter(hetero[0], tmp_path / "bad")
+    sd = load_file(bad / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    sd[key][0, 0] = float("nan")
+    save_file(sd, bad / "adapter_model.safetensors")
+    with pytest.raises(PluribusError, match=r"bad:base_model\.model\.model\.layers\.1\.self_attn\.v_proj\.lora_B\.weight' holds 1 NaN"):
+        run_merge(spec("svd", [bad, hetero[1]], rank=2), tmp_path / "out")
+
+
+def test_dora_and_other_peft_types_are_refused(make_adapter, hetero, tmp_path):
+    dora = make_adapter(4, 8, ["q_proj"], seed=5, use_dora=True)
+    with pytest.raises(PluribusError, match="uses DoRA"):
+        run_merge(spec("cat", [dora, hetero[0]]), tmp_path / "out")
+    ia3 = copy_adapter(hetero[0], tmp_path / "ia3")
+    cfg = json.loads((ia3 / "adapter_config.json").read_text())
+    (ia3 / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    with pytest.raises(PluribusError, match="PEFT type IA3; only LORA"):
+        run_merge(spec("cat", [ia3]), tmp_path / "out")
+
+
+def test_missing_and_corrupt_files(hetero, tmp_path):
+    with pytest.raises(PluribusError, match="nowhere' does not exist"):
+        run_merge(spec("cat", [tmp_path / "nowhere"]), tmp_path / "out")
+    broken = copy_adapter(hetero[0], tmp_path / "broken")
+    data = (broken / "adapter_model.safetensors").read_bytes()
+    (broken / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PluribusError, match="corrupt or truncated"):
+        run_merge(spec("cat", [broken]), tmp_path / "out")
+    (broken / "adapter_config.json").write_text("{not json")
+    with pytest.raises(PluribusError, match="corrupt JSON"):
+        run_merge(spec("cat", [broken]), tmp_path / "out")
+    gone = copy_adapter(hetero[0], tmp_path / "gone")
+    (gone / "adapter_model.safetensors").unlink()
+    with pytest.raises(PluribusError, match="no adapter_model.safetensors"):
+        run_merge(spec("cat", [gone]), tmp_path / "out")
+
+
+def test_weights_and_density_out_of_range(hetero):
+    with pytest.raises(Exception, match=r"density = 1.5 is out of range"):
+        spec("ties", hetero, density=1.5)
+    with pytest.raises(Exception, match=r"drop = 1.0 is out of range"):
+        spec("dare_ties", hetero, drop=1.0)
+    with pytest.raises(Exception, match=r"inputs.0.density = 0.0 is out of range"):
+        MergeSpec(method="ties", inputs=[MergeInput(path="a", density=0.0)])
+    with pytest.raises(Exception, match="weight"):
+        MergeSpec(method="ties", inputs=[MergeInput(path="a", weight=float("nan"))])
+    with pytest.raises(PluribusError, match="weights sum to 0"):
+        from pluribus.merge.adapters import AdapterPlan
+
+        AdapterPlan(spec("linear", hetero[:2], [1.0, -1.0]), [load_adapter(p) for p in hetero[:2]])
+
+
+def test_existing_output_is_refused_unless_overwrite(hetero, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(PluribusError, match="already exists; pass --overwrite"):
+        run_merge(spec("cat", hetero), out)
+    assert (out / "keep.txt").exists()
+    run_merge(spec("cat", hetero), out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()

@@ -1,0 +1,239 @@
+"""Streaming full-model merges: parity with `mergekit-yaml`, sharding, companions, atomicity and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from pluribus.errors import PluribusError
+from pluribus.merge import MergeInput, MergeSpec, load_merge_config, run_merge
+from pluribus.merge.full import Checkpoint
+
+MERGEKIT = Path(sys.executable).with_name("mergekit-yaml")
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    ck = Checkpoint(folder)
+    return {n: ck.get(n).clone() for n in ck.tensors}
+
+
+@pytest.fixture(scope="module")
+def experts(make_expert):
+    return [make_expert(11), make_expert(12), make_expert(13, scale=0.05)]
+
+
+def mergekit_config(method: str, base: Path, experts: list[Path], dtype: str = "float32") -> dict:
+    params = [{"weight": 1.0, "density": 0.5}, {"weight": 0.6, "density": 0.3}, {"weight": 1.3, "density": 0.8}]
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(e), "parameters": p} for e, p in zip(experts, params, strict=True)],
+        "parameters": {"lambda": 0.9},
+        "dtype": dtype,
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "dtype"), [("task_arithmetic", "float32"), ("ties", "float32"), ("ties", "bfloat16")])
+def test_parity_with_mergekit_yaml(method, dtype, tiny_base, experts, tmp_path):
+    cfg = mergekit_config(method, tiny_base, experts, dtype)
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([str(MERGEKIT), str(tmp_path / "mk.yaml"), str(tmp_path / "mergekit")],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    spec = load_merge_config(tmp_path / "mk.yaml")
+    assert spec.method == method and spec.mergekit
+    run_merge(spec, tmp_path / "ours")
+    theirs, ours = tensors(tmp_path / "mergekit"), tensors(tmp_path / "ours")
+    assert set(theirs) == set(ours)
+    for name in ours:
+        assert ours[name].dtype == theirs[name].dtype == getattr(torch, dtype)
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_task_arithmetic_closed_form_sharded_with_index_and_companions(tiny_base, experts, tmp_path):
+    spec = MergeSpec(method="task_arithmetic", base=str(tiny_base), shard_size="20KB", lam=0.5,
+                     inputs=[MergeInput(path=str(e), weight=w) for e, w in zip(experts, [1.0, 2.0, -1.0], strict=True)])
+    summary = run_merge(spec, tmp_path / "out")
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert summary.details["shards"] == len(shards) > 1
+    assert all((out / s).stat().st_size <= 20_000 + 4096 or len(load_file(out / s)) == 1 for s in shards)
+    base = load_file(tiny_base / "model.safetensors")
+    ins = [load_file(e / "model.safetensors") for e in experts]
+    got = tensors(out)
+    for name, b in base.items():
+        expected = b + 0.5 * (1.0 * (ins[0][name] - b) + 2.0 * (ins[1][name] - b) - 1.0 * (ins[2][name] - b))
+        torch.testing.assert_close(got[name], expected, rtol=1e-6, atol=1e-6)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in got.values())
+    for name in ("config.json", "README.md", "merge.yaml", "merge_report.json"):
+        assert (out / name).is_file()
+    assert "task_arithmetic" in (out / "README.md").read_text() and "lambda: 0.5" in (out / "merge.yaml").read_text()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)  # transformers reads the sharded output as is
+    torch.testing.assert_close(model.model.norm.weight.detach(), got["model.norm.weight"])
+
+
+def test_out_dtype_and_linear(tiny_base, experts, tmp_path):
+    spec = MergeSpec(method="linear", base=str(tiny_base), out_dtype="bfloat16",
+                     inputs=[MergeInput(path=str(e), weight=w) for e, w in zip(experts[:2], [1.0, 3.0], strict=True)])
+    run_merge(spec, tmp_path / "out")
+    got = tensors(tmp_path / "out")
+    a, b = (load_file(e / "model.safetensors") for e in experts[:2])
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert got[name].dtype == torch.bfloat16
+    torch.testing.assert_close(got[name], ((a[name] + 3 * b[name]) / 4).bfloat16())
+    assert json.loads((tmp_path / "out" / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
+
+
+def test_base_plus_adapter_input_is_merged_without_a_materialized_copy(tiny_base, experts, make_adapter, tmp_path):
+    from peft import PeftModel
+
+    from tests.merge.conftest import tiny_model
+
+    adapter = make_adapter(4, 8, ["q_proj", "up_proj"], seed=21)
+    spec = MergeSpec(method="task_arithmetic", base=str(tiny_base), inputs=[
+        MergeInput(path=str(experts[0]), weight=0.5),
+        MergeInput(path=str(tiny_base), adapter=str(adapter), weight=2.0),
+    ])
+    run_merge(spec, tmp_path / "ours")
+    # reference: materialize base + adapter with PEFT, then plain task arithmetic
+    merged = PeftModel.from_pretrained(tiny_model(), str(adapter)).merge_and_unload().state_dict()
+    base, e0 = load_file(tiny_base / "model.safetensors"), load_file(experts[0] / "model.safetensors")
+    got = tensors(tmp_path / "ours")
+    for name, b in base.items():
+        expected = b + 0.5 * (e0[name] - b) + 2.0 * (merged[name] - b)
+        torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_global_trimming_keeps_the_density_over_the_whole_model(tiny_base, experts, tmp_path):
+    spec = MergeSpec(method="magnitude", base=str(tiny_base), trim="global", density=0.2,
+                     inputs=[MergeInput(path=str(experts[2]))])
+    run_merge(spec, tmp_path / "out")
+    base, e = load_file(tiny_base / "model.safetensors"), load_file(experts[2] / "model.safetensors")
+    got = tensors(tmp_path / "out")
+    kept = sum(int((got[n] != base[n]).sum()) for n in base)
+    total = sum(b.numel() for b in base.values())
+    assert kept == round(0.2 * total)
+    changed = torch.cat([(e[n] - base[n]).abs()[got[n] != base[n]] for n in base])
+    dropped = torch.cat([(e[n] - base[n]).abs()[got[n] == base[n]] for n in base])
+    assert float(changed.min()) >= float(dropped.max())
+
+
+@pytest.mark.slow
+def test_unimplemented_mergekit_methods_run_in_mergekit(tiny_base, experts, tmp_path):
+    cfg = {"merge_method": "slerp", "base_model": str(tiny_base), "dtype": "float32",
+           "models": [{"model": str(tiny_base)}, {"model": str(experts[0])}], "parameters": {"t": 0.3}}
+    (tmp_path / "slerp.yaml").write_text(yaml.safe_dump(cfg))
+    spec = load_merge_config(tmp_path / "slerp.yaml")
+    assert spec.method == "mergekit"
+    summary = run_merge(spec, tmp_path / "out")
+    assert summary.kind == "mergekit" and (tmp_path / "out" / "merge.yaml").is_file()
+    assert "model.norm.weight" in tensors(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_mismatched_shapes_and_tensors_are_named(tiny_base, experts, tmp_path):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    sd = load_file(experts[0] / "model.safetensors")
+    sd["model.layers.1.mlp.down_proj.weight"] = torch.zeros(32, 40)
+    save_file(sd, odd / "model.safetensors")
+    spec = MergeSpec(method="ties", base=str(tiny_base), density=0.5,
+                     inputs=[MergeInput(path=str(experts[1])), MergeInput(path=str(odd))])
+    with pytest.raises(PluribusError, match=r"model\.layers\.1\.mlp\.down_proj\.weight is \(32, 48\) in base '.*' but \(32, 40\) in '.*odd'"):
+        run_merge(spec, tmp_path / "out")
+    del sd["model.layers.1.mlp.down_proj.weight"]
+    save_file(sd, odd / "model.safetensors")
+    with pytest.raises(PluribusError, match=r"model '.*odd' lacks model\.layers\.1\.mlp\.down_proj\.weight"):
+        run_merge(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_in_a_model_is_named_and_leaves_no_output(tiny_base, experts, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    sd = load_file(experts[0] / "model.safetensors")
+    sd["model.layers.0.self_attn.k_proj.weight"][3, 3] = float("inf")
+    save_file(sd, bad / "model.safetensors")
+    spec = MergeSpec(method="task_arithmetic", base=str(tiny_base), inputs=[MergeInput(path=str(bad))])
+    with pytest.raises(PluribusError, match=r"bad:model\.layers\.0\.self_attn\.k_proj\.weight' holds 1 NaN/Inf"):
+        run_merge(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # the temp folder is gone too
+
+
+def test_missing_corrupt_and_pickle_only_folders(tiny_base, experts, tmp_path):
+    def spec_for(path: Path) -> MergeSpec:
+        return MergeSpec(method="task_arithmetic", base=str(tiny_base), inputs=[MergeInput(path=str(path))])
+
+    with pytest.raises(PluribusError, match="does not exist"):
+        run_merge(spec_for(tmp_path / "nowhere"), tmp_path / "out")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x02")
+    with pytest.raises(PluribusError, match="no .safetensors weights .*never reads pickle"):
+        run_merge(spec_for(pickled), tmp_path / "out")
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    data = (experts[0] / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PluribusError, match="truncated"):
+        run_merge(spec_for(cut), tmp_path / "out")
+    (cut / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(PluribusError, match="not a readable safetensors file"):
+        run_merge(spec_for(cut), tmp_path / "out")
+    with pytest.raises(PluribusError, match="needs `base`"):
+        run_merge(MergeSpec(method="ties", inputs=[MergeInput(path=str(experts[0]))]), tmp_path / "out")
+    with pytest.raises(PluribusError, match="merges adapters"):
+        run_merge(MergeSpec(method="cat", base=str(tiny_base), inputs=[MergeInput(path=str(experts[0]))]),
+                  tmp_path / "out")
+
+
+def test_existing_output_refused_unless_overwrite(tiny_base, experts, tmp_path):
+    (tmp_path / "out").mkdir()
+    spec = MergeSpec(method="task_arithmetic", base=str(tiny_base), inputs=[MergeInput(path=str(experts[0]))])
+    with pytest.raises(PluribusError, match="already exists; pass --overwrite"):
+        run_merge(spec, tmp_path / "out")
+    run_merge(spec, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_merge_killed_midway_leaves_no_output_folder(tiny_base, experts, tmp_path):
+    out = tmp_path / "out"
+    script = f"""
+import time
+import pluribus.merge.full as F
+from pluribus.merge import MergeInput, MergeSpec, run_merge
+write = F.ShardedWriter.write
+def slow(self, name, tensor):  # slow the writes down so the kill lands mid-merge
+    write(self, name, tensor)
+    print("wrote", name, flush=True)
+    time.sleep(0.3)
+F.ShardedWriter.write = slow
+run_merge(MergeSpec(method="ties", base={str(tiny_base)!r}, density=0.5,
+          inputs=[MergeInput(path={str(experts[0])!r}), MergeInput(path={str(experts[1])!r})]), {str(out)!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    for _ in range(3):
+        assert proc.stdout.readline().startswith("wrote")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.1)
+    assert not out.exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # only a hidden temp folder remains

@@ -1,0 +1,182 @@
+"""Merge math: closed forms, hypothesis properties, and mergekit's own functions as the reference of its mode."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pluribus.errors import PluribusError
+from pluribus.merge import methods as M
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def rand(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+shapes = st.tuples(st.integers(1, 12), st.integers(1, 12))
+seeds = st.integers(0, 10_000)
+
+
+@SETTINGS
+@given(shapes, seeds, st.sampled_from(["task_arithmetic", "ties", "magnitude", "dare_linear", "dare_ties"]))
+def test_one_expert_weight_one_gives_it_back(shape, seed, method):
+    d = rand(shape, seed)
+    out = M.merge_deltas(method, [d], M.MethodParams(weights=(1.0,)), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, d, rtol=0, atol=1e-7)
+
+
+@SETTINGS
+@given(shapes, seeds, st.lists(st.floats(0.1, 2.0), min_size=2, max_size=4), st.floats(0.1, 2.0))
+def test_task_arithmetic_closed_form(shape, seed, weights, lam):
+    ds = [rand(shape, seed + i) for i in range(len(weights))]
+    out = M.merge_deltas("task_arithmetic", ds, M.MethodParams(weights=tuple(weights), lam=lam))
+    expected = lam * sum(w * d for w, d in zip(weights, ds, strict=True))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@SETTINGS
+@given(shapes, seeds, st.integers(2, 4), st.booleans())
+def test_ties_density_one_agreeing_signs_is_the_mean(shape, seed, n, mergekit):
+    sign = torch.sign(rand(shape, seed)) + (rand(shape, seed) == 0).float()  # +-1 everywhere
+    ds = [rand(shape, seed + 1 + i).abs().clamp_min(1e-3) * sign for i in range(n)]
+    out = M.merge_deltas("ties", ds, M.MethodParams(weights=(1.0,) * n, density=(1.0,) * n, mergekit=mergekit))
+    torch.testing.assert_close(out, torch.stack(ds).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_ties_follows_the_paper_on_a_worked_example():
+    # column 0: mass +3 vs -1 -> keep the two positives, mean 1.5; column 1: trimmed to zero everywhere -> 0
+    d1, d2, d3 = torch.tensor([[2.0, 0.01]]), torch.tensor([[1.0, -0.01]]), torch.tensor([[-1.0, 0.0]])
+    out = M.merge_deltas("ties", [d1, d2, d3], M.MethodParams(weights=(1.0, 1.0, 1.0), density=(0.5, 0.5, 0.5)))
+    torch.testing.assert_close(out, torch.tensor([[1.5, 0.0]]))
+
+
+def test_ties_sign_vote_weighted_only_in_mergekit_mode():
+    # unweighted mass: +1 - 2 = -1 -> negative wins; weighted (w=3, 1): +3 - 2 = +1 -> positive wins
+    d = [torch.tensor([1.0]), torch.tensor([-2.0])]
+    p = dict(weights=(3.0, 1.0), density=(1.0, 1.0))
+    assert M.merge_deltas("ties", d, M.MethodParams(**p)).item() == pytest.approx(-2.0)
+    assert M.merge_deltas("ties", d, M.MethodParams(**p, mergekit=True)).item() == pytest.approx(1.0)
+
+
+@SETTINGS
+@given(shapes, seeds)
+def test_dare_p_zero_is_task_arithmetic(shape, seed):
+    ds = [rand(shape, seed), rand(shape, seed + 1)]
+    p = M.MethodParams(weights=(0.7, 0.3), drop=(0.0, 0.0))
+    out = M.merge_deltas("dare_linear", ds, p, torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(out, M.merge_deltas("task_arithmetic", ds, p))
+
+
+def test_dare_rescale_is_exact_and_its_mean_over_seeds_converges():
+    d = rand((16, 16), 0)
+    g = torch.Generator().manual_seed(0)
+    one = M.dare(d, 0.75, g)
+    kept = one != 0
+    torch.testing.assert_close(one[kept], d[kept] * 4.0)  # exactly 1 / (1 - p)
+    mean = torch.stack([M.dare(d, 0.75, g) for _ in range(3000)]).mean(0)
+    # std of the mean: |d| sqrt(p / (1 - p)) / sqrt(3000) ~= 0.03 |d|; allow 5 sigma
+    assert float(((mean - d).abs() / d.abs().clamp_min(1e-3)).median()) < 0.05
+    assert float((mean - d).abs().max()) < 5 * float(d.abs().max()) * math.sqrt(3) / math.sqrt(3000)
+
+
+def test_dare_is_seeded():
+    d = rand((8, 8), 1)
+    a = M.dare(d, 0.5, torch.Generator().manual_seed(3))
+    b = M.dare(d, 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_dare_mergekit_mode_rescales_to_the_l1_norm():
+    d = rand((32, 32), 2)
+    out = M.dare(d, 0.6, torch.Generator().manual_seed(0), mergekit=True)
+    assert float(out.abs().sum()) == pytest.approx(float(d.abs().sum()), rel=1e-5)
+
+
+@SETTINGS
+@given(st.integers(1, 400), st.floats(0.01, 1.0), seeds)
+def test_magnitude_prune_keeps_the_largest(n, density, seed):
+    d = rand((n,), seed)
+    out = M.magnitude_prune(d, density)
+    k = M.keep_count(n, density)
+    assert int((out != 0).sum()) == k
+    if 0 < k < n:
+        assert float(out[out != 0].abs().min()) >= float(d[out == 0].abs().max())
+
+
+@SETTINGS
+@given(st.integers(1, 3000), st.floats(0.01, 1.0), seeds, st.booleans())
+def test_magnitude_mergekit_mode_matches_mergekit_bit_for_bit(n, density, seed, coarse):
+    from mergekit.sparsify import magnitude
+
+    d = rand((n,), seed)
+    if coarse:  # bf16 deltas tie a lot: the cut must follow mergekit's argsort
+        d = (d * 4).round() / 4
+    torch.testing.assert_close(M.magnitude_prune(d, density, mergekit=True), magnitude(d, density), rtol=0, atol=0)
+
+
+@SETTINGS
+@given(st.lists(st.integers(1, 500), min_size=1, max_size=5), st.floats(0.01, 0.99), seeds)
+def test_global_threshold_is_the_kth_largest_over_all_chunks(sizes, density, seed):
+    chunks = [rand((s,), seed + i) for i, s in enumerate(sizes)]
+    allv = torch.cat(chunks).abs()
+    k = M.keep_count(allv.numel(), density)
+    tau = M.global_threshold(lambda: iter(chunks), density)
+    assert int((allv >= tau).sum()) == k  # random floats: no ties
+    if 0 < k < allv.numel():
+        assert tau == float(torch.sort(allv, descending=True).values[k - 1])
+
+
+@SETTINGS
+@given(st.integers(1, 40), st.integers(1, 40), st.lists(st.integers(1, 6), min_size=1, max_size=4), st.integers(1, 8), seeds)
+def test_truncate_factors_is_the_best_rank_k(d_out, d_in, ranks, k, seed):
+    bs = [rand((d_out, r), seed + i) for i, r in enumerate(ranks)]
+    as_ = [rand((r, d_in), seed + 100 + i) for i, r in enumerate(ranks)]
+    B, A = torch.cat(bs, 1).double(), torch.cat(as_, 0).double()
+    exact = B @ A
+    low = M.truncate_factors(B, A, rank=k)
+    u, s, vh = torch.linalg.svd(exact, full_matrices=False)
+    kk = min(k, sum(ranks), min(d_out, d_in))
+    best = (u[:, :kk] * s[:kk]) @ vh[:kk]
+    got = low.B @ low.A
+    torch.testing.assert_close(got, best, rtol=1e-6, atol=1e-8 * float(s[0]))
+    actual = float(torch.linalg.matrix_norm(exact - got) / torch.linalg.matrix_norm(exact))
+    assert low.error == pytest.approx(actual, abs=1e-6)
+
+
+def test_truncate_factors_full_rank_is_exact_and_energy_picks_the_smallest_rank():
+    B, A = rand((30, 6), 0).double(), rand((6, 20), 1).double()
+    low = M.truncate_factors(B, A, rank=6)
+    torch.testing.assert_close(low.B @ low.A, B @ A)
+    assert low.error < 1e-7
+    s = torch.linalg.svdvals(B @ A)
+    for energy in (0.5, 0.9, 0.99, 1.0):
+        k = M.truncate_factors(B, A, energy=energy).A.shape[0]
+        frac = (s[:k] ** 2).sum() / (s**2).sum()
+        assert frac >= energy - 1e-9 and (k == 1 or (s[: k - 1] ** 2).sum() / (s**2).sum() < energy)
+
+
+def test_linear_is_the_weighted_average():
+    a, b = rand((4, 4), 0), rand((4, 4), 1)
+    torch.testing.assert_close(M.linear([a, b], [1.0, 3.0]), (a + 3 * b) / 4)
+    with pytest.raises(PluribusError, match="sum to 0"):
+        M.linear([a, b], [1.0, -1.0])
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(PluribusError, match=r"Unknown delta merge method 'tie'\. Available: task_arithmetic"):
+        M.merge_deltas("tie", [torch.ones(2)], M.MethodParams(weights=(1.0,)))
+    with pytest.raises(PluribusError, match="pass a seeded torch.Generator"):
+        M.merge_deltas("dare_ties", [torch.ones(2)], M.MethodParams(weights=(1.0,), drop=(0.5,)))
+    with pytest.raises(PluribusError, match=r"tensor 'expert1:layer\.w' holds 1 NaN/Inf"):
+        M.check_finite(torch.tensor([1.0, float("nan")]), "expert1:layer.w")
+    with pytest.raises(PluribusError, match="holds 1 NaN/Inf"):
+        M.check_finite(torch.tensor([1.0, float("inf")]), "x")
+    M.check_finite(torch.full((4,), 3e38), "large but finite")  # the sum overflows; the exact check passes
+    with pytest.raises(PluribusError, match=r"density = 1.5 is out of range"):
+        M.check_fraction(1.5, "density")
