@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-# bench/fused_kernels.py would shadow the `kernels` package that transformers probes for; drop the script's folder
+# Keep bench/ off sys.path: a script's name must never shadow an installed package (transformers
+# probes for optional ones such as `kernels`).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from pluribus.config import validate_recipe  # noqa: E402

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# bench/ holds scripts whose names shadow packages (bench/fused_kernels.py vs the `kernels` package that
-# transformers probes): drop this folder from the import path before importing anything else.
+# Keep bench/ off sys.path: a script's name must never shadow an installed package (transformers
+# probes for optional ones such as `kernels`).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402

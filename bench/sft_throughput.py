@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# bench/fused_kernels.py would shadow the `kernels` package that transformers probes for; drop the script's folder
+# Keep bench/ off sys.path: a script's name must never shadow an installed package (transformers
+# probes for optional ones such as `kernels`).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0}

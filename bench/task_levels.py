@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-# `python bench/task_levels.py` puts bench/ first on sys.path, where bench/fused_kernels.py would shadow the `kernels`
-# package that transformers probes at import; this script imports nothing from bench/, so drop the folder.
+# Keep bench/ off sys.path: a script's name must never shadow an installed package (transformers
+# probes for optional ones such as `kernels`).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402

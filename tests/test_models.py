@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from pluribus.errors import PluribusError
-from pluribus.models import ALIASES, find_alias_file, list_models, load_model, read_adapter_config, resolve_model
+from pluribus.models import (
+    ALIASES,
+    find_alias_file,
+    list_models,
+    load_model,
+    read_adapter_config,
+    resolve_model,
+)
 
 
 def test_local_folder_resolves_to_itself(tiny_llama_dir: Path) -> None:

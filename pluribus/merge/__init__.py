@@ -137,15 +137,7 @@ def run_merge(
         (tmp / "merge.yaml").write_text(spec.to_yaml())
         (tmp / "merge_report.json").write_text(json.dumps(asdict(summary), indent=2))
         (tmp / "README.md").write_text(_card(spec, summary, adapter=summary.kind.endswith("adapter")))
-        publish_mode(tmp)
     return summary
-
-
-def publish_mode(folder: Path) -> None:
-    """mkdtemp makes 0700 folders; give the output the permissions a normal mkdir would (umask applies)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
 
 
 def run_recipe_merge(recipe: Any, out: str | Path | None = None, overwrite: bool | None = None) -> MergeSummary:
@@ -212,5 +204,4 @@ def _run_mergekit(spec: MergeSpec, out: Path, overwrite: bool, start: float) -> 
         summary.seconds = time.perf_counter() - start
         (tmp / "merge.yaml").write_text(spec.to_yaml())
         (tmp / "merge_report.json").write_text(json.dumps(asdict(summary), indent=2))
-        publish_mode(tmp)
     return summary

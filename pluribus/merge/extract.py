@@ -18,7 +18,6 @@ from typing import Any
 from pluribus.errors import PluribusError
 from pluribus.io import atomic_dir
 from pluribus.merge import methods as M
-from pluribus.merge import publish_mode
 from pluribus.merge.adapters import AdapterMerge, save_adapter
 from pluribus.merge.full import Checkpoint
 
@@ -92,5 +91,4 @@ def extract_lora(
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         save_adapter(tmp, merged, {"base_model_name_or_path": str(base), "task_type": "CAUSAL_LM"})
         (tmp / "extract_report.json").write_text(json.dumps(report, indent=2))
-        publish_mode(tmp)
     return report
