@@ -1,0 +1,48 @@
+"""`pluribus run`: the whole pipeline from one recipe on the embedded model, and a rerun that skips what is done."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pluribus.config import load_recipe
+from pluribus.run import run_recipe
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_run_recipe_end_to_end_then_resume(tmp_path: Path, smollm2_dir: Path) -> None:
+    agent = {"model": "smollm2-135m", "sampling": {"max_new_tokens": 48}}
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump({
+        "name": "pipe", "root": str(tmp_path / "runs"),
+        "task": {"source": "synthetic", "n": 4, "heldout_fraction": 0.5, "synthetic": {"level": "quickstart"}},
+        "team": {"agents": [agent, {**agent, "name": "second"}], "rounds": 1},
+        "build": {"kinds": ["rsft"], "target": "consensus"},
+        "train": {"model": "smollm2-135m", "max_steps": 1, "batch_size": 2, "eval_fraction": 0.0,
+                  "report_to": ["none"], "kernels": "off", "lora": {"r": 2}},
+        "eval": {"n": 2, "systems": ["single", "distilled"], "max_new_tokens": 32},
+        "export": {},
+    }))
+    recipe = load_recipe(recipe_path)
+    results = run_recipe(recipe, progress=False)
+    assert [(r.stage, r.status) for r in results] == [
+        ("debate", "ran"), ("build", "ran"), ("train", "ran"), ("eval", "ran"), ("export", "ran")]
+    run = tmp_path / "runs" / "pipe"
+    assert (run / "recipe.yaml").is_file()
+    assert (run / "adapters" / "rsft" / "adapter_model.safetensors").is_file()
+    payload = json.loads((run / "eval" / "results.json").read_text())
+    assert set(payload["systems"]) == {"single-greedy", "distilled-greedy"}
+    card = (run / "export" / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "single-greedy accuracy" in card
+
+    again = run_recipe(recipe, progress=False)
+    assert {r.stage: r.status for r in again} == {
+        "debate": "ran", "build": "skipped", "train": "skipped", "eval": "ran", "export": "skipped"}
+    # a changed train section reruns training (and what depends on it), not the debate's generation
+    changed = load_recipe(recipe_path, ["train.lr=1e-4"])
+    third = {r.stage: r.status for r in run_recipe(changed, progress=False)}
+    assert third["train"] == "ran" and third["build"] == "skipped" and third["export"] == "ran"
