@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	    $(PY) -m pip install -q "torch>=2.4"; \
-	  elif $(PY) -m pip install -q --no-index "torch==2.13.0" 2>/dev/null; then :; \
+	  elif $(PY) -m pip install -q --no-index --no-deps "torch==2.13.0" 2>/dev/null; then \
+	    $(PY) -m pip install -q "torch==2.13.0"; \
 	  else $(PY) -m pip install -q --index-url https://download.pytorch.org/whl/cpu "torch>=2.4"; fi; \
 	fi
 	$(PY) -m pip install -q -e ".[dev,serve,eval]"
