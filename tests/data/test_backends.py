@@ -185,10 +185,10 @@ def test_openai_retries_429_and_5xx_then_succeeds(monkeypatch):
 
 def test_openai_refused_connection_retries_then_clear_error():
     backend = OpenAIBackend(openai_agent(f"http://127.0.0.1:{free_port()}/v1", max_retries=2), backoff_s=0.01)
-    t0 = time.perf_counter()
+    # One conversation: with several, the first to give up ends the call while others may still be retrying.
     with pytest.raises(PluribusError, match=r"failed 3 times .*APIConnectionError.*check the server is up"):
-        backend.generate(convs(2), GREEDY8)
-    assert backend.requests == 6 and time.perf_counter() - t0 < 30
+        backend.generate(convs(1), GREEDY8)
+    assert backend.requests == 3
 
 
 @contextlib.contextmanager
