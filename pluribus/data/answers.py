@@ -299,7 +299,7 @@ _FILLER = re.compile(
     r"probably|obviously|correct(?:ly)?)[,:]?\s+)+",
     re.IGNORECASE,
 )
-# A prompt's placeholder echoed back ("\boxed{answer}") is not an answer.
+# A prompt's template word echoed back ("\boxed{answer}") is not an answer.
 _PLACEHOLDERS = {"answer", "number", "final answer", "your answer", "<answer>", "<number>", "...", "n"}
 _EXPR_HINT = re.compile(r"[\d\\^_{}√π]")
 _MATH_WORDS = re.compile(r"\\[A-Za-z]+|\b(?:sqrt|pi|sin|cos|tan|log|ln|exp|inf|infty)\b")

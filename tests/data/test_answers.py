@@ -64,7 +64,7 @@ EXTRACT = [
     ("He ate 1 1/2 pies", "3/2", "last_number"),
     ("The answer is not 5 but 6", "6", "last_number"),  # prose after a marker is not an answer
     ("The answer is actually 4, the sum of 1 and 3.", "4", "answer_is"),
-    ("So 3 + 4 = 7. \\boxed{answer}", "7", "last_number"),  # an echoed placeholder is not an answer
+    ("So 3 + 4 = 7. \\boxed{answer}", "7", "last_number"),  # an echoed template word is not an answer
 ]
 
 
