@@ -90,12 +90,11 @@ def _train(recipe: Recipe, progress: bool) -> tuple[Path, str]:
 
 
 def _merge(recipe: Recipe, progress: bool) -> tuple[Path, str]:
-    from pluribus.merge import run_merge
+    from pluribus.merge import run_recipe_merge
 
-    section = recipe.require("merge")
-    out = recipe.run_dir / "merged" / section.name
-    summary = run_merge(section.load(), out, overwrite=True)
-    return out, " | ".join(summary.lines())
+    # overwrite: a rerun reaches this stage only when its inputs changed, so the old merge is stale
+    summary = run_recipe_merge(recipe, overwrite=True)
+    return recipe.run_dir / "merged" / recipe.require("merge").name, " | ".join(summary.lines())
 
 
 def _eval(recipe: Recipe, progress: bool) -> tuple[Path, str]:

@@ -25,16 +25,6 @@ from pluribus.errors import PluribusError
 GREEDY8 = SamplingConfig(max_new_tokens=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Torch with one thread: on a shared CPU, spinning OpenMP threads make generation many times slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir) -> TransformersBackend:

@@ -36,15 +36,6 @@ REPO = Path(__file__).resolve().parents[2]
 ONE_THREAD = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class ScriptedBackend:
     """Answers from a script: ``reply(conversation, call_index) -> text``; records every call it gets."""
