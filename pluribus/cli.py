@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -175,6 +176,7 @@ def merge_cmd(
     weights: Annotated[list[str] | None, _opt("One weight per input (comma-separated or repeated).", "--weights")] = None,
     density: Annotated[float | None, _opt("TIES / magnitude: fraction kept.", "--density")] = None,
     drop: Annotated[float | None, _opt("DARE drop rate p.", "--drop")] = None,
+    seed: Annotated[int | None, _opt("Seed of the DARE masks (mergekit's --random-seed; default 0).", "--seed")] = None,
     rank: Annotated[int | None, _opt("Output adapter rank.", "--rank")] = None,
     energy: Annotated[float | None, _opt("Per-module rank keeping this energy fraction.", "--energy")] = None,
     lam: Annotated[float | None, _opt("Scale lambda of the merged task vector.", "--lambda")] = None,
@@ -197,7 +199,7 @@ def merge_cmd(
                         f"uncaptured (non-linear weights) {r['uncaptured']:.3e} -> {out}", highlight=False)
         return
     spec, target = resolve_cli(config, out, method=method, adapters=adapters, models=models, base=base, weights=weights,
-                               density=density, drop=drop, rank=rank, energy=energy, output=output,
+                               density=density, drop=drop, seed=seed, rank=rank, energy=energy, output=output,
                                mergekit=mergekit or None, **({"lambda": lam} if lam is not None else {}))
     summary = run_merge(spec, target, overwrite=overwrite)
     for line in summary.lines():
@@ -302,8 +304,14 @@ def models_resolve(model: Annotated[str, typer.Argument(help="Hub id, local fold
 # -------------------------------------------------------------------------------------- entry point
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    # SIGTERM (a scheduler's kill, `timeout`) unwinds like Ctrl-C, so temporary outputs are removed
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
-    """Run the CLI; user errors print one line and exit with code 2."""
+    """Run the CLI; user errors print one line and exit with code 2; SIGTERM cleans up like Ctrl-C."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app(standalone_mode=False)
     except PluribusError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,17 +39,51 @@ def _umask() -> int:
     return current
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Remove temporary folders of ``target`` left by killed writers on this host (their pid is gone).
+
+    A writer killed by SIGKILL (or a power cut) cannot clean up; its ``.NAME.HOST-PID.*.tmp`` folder is removed
+    by the next writer of the same target. Folders of live processes, or of other hosts sharing the file
+    system, are left alone.
+    """
+    prefix = f".{target.name}.{socket.gethostname()}-"
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for p in target.parent.iterdir():
+        if not (p.name.startswith(prefix) and p.name.endswith(".tmp") and p.is_dir()):
+            continue
+        pid = p.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target``, on error it is removed.
 
-    Raises FileExistsError if ``target`` exists and ``overwrite`` is False, before anything is written.
+    Raises FileExistsError if ``target`` exists and ``overwrite`` is False, before anything is written. The
+    temporary folder is named after the host and pid, so a later writer can remove it if this one is killed.
     """
     target = Path(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"output '{target}' already exists; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{socket.gethostname()}-{os.getpid()}.", suffix=".tmp",
+                                dir=target.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the published folder gets the usual permissions
     try:
         yield tmp

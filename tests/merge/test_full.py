@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,11 +45,13 @@ def mergekit_config(method: str, base: Path, experts: list[Path], dtype: str = "
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "dtype"), [("task_arithmetic", "float32"), ("ties", "float32"), ("ties", "bfloat16")])
+@pytest.mark.parametrize(("method", "dtype"), [("task_arithmetic", "float32"), ("ties", "float32"), ("ties", "bfloat16"),
+                                              ("dare_ties", "float32"), ("dare_linear", "bfloat16")])
 def test_parity_with_mergekit_yaml(method, dtype, tiny_base, experts, tmp_path):
     cfg = mergekit_config(method, tiny_base, experts, dtype)
     (tmp_path / "mk.yaml").write_text(yaml.safe_dump(cfg))
-    res = subprocess.run([str(MERGEKIT), str(tmp_path / "mk.yaml"), str(tmp_path / "mergekit")],
+    # DARE: mergekit seeds torch's global generator; pluribus draws the same masks from its own (seed 0)
+    res = subprocess.run([str(MERGEKIT), str(tmp_path / "mk.yaml"), str(tmp_path / "mergekit"), "--random-seed", "0"],
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     spec = load_merge_config(tmp_path / "mk.yaml")
@@ -213,6 +216,32 @@ def test_existing_output_refused_unless_overwrite(tiny_base, experts, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_cli_merge_terminated_midway_leaves_nothing(tiny_base, experts, tmp_path):
+    out = tmp_path / "out"
+    script = f"""
+import sys, time
+import pluribus.merge.full as F
+from pluribus.cli import main
+write = F.ShardedWriter.write
+def slow(self, name, tensor):
+    write(self, name, tensor)
+    print("wrote", name, flush=True)
+    time.sleep(0.3)
+F.ShardedWriter.write = slow
+sys.argv = ["pluribus", "merge", "--method", "ties", "--base", {str(tiny_base)!r}, "--density", "0.5",
+            "--models", {str(experts[0]) + "," + str(experts[1])!r}, "-o", {str(out)!r}]
+main()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for _ in range(2):
+        line = proc.stdout.readline()
+        assert line.startswith("wrote"), (line, proc.stderr.read() if proc.poll() is not None else "")
+    proc.terminate()  # SIGTERM
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary folder
+
+
 def test_a_merge_killed_midway_leaves_no_output_folder(tiny_base, experts, tmp_path):
     out = tmp_path / "out"
     script = f"""
@@ -236,4 +265,12 @@ run_merge(MergeSpec(method="ties", base={str(tiny_base)!r}, density=0.5,
     proc.wait()
     time.sleep(0.1)
     assert not out.exists()
-    assert [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # only a hidden temp folder remains
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert len(left) == 1 and left[0].is_dir()  # only the killed writer's hidden temp folder remains
+    # a live writer's temp folder (here: our parent process) must survive the next run's clean-up
+    live = tmp_path / f".out.{socket.gethostname()}-{os.getppid()}.x.tmp"
+    live.mkdir()
+    run_merge(MergeSpec(method="ties", base=str(tiny_base), density=0.5,
+                        inputs=[MergeInput(path=str(experts[0])), MergeInput(path=str(experts[1]))]), out)
+    assert (out / "model.safetensors").is_file() and live.is_dir()
+    assert not left[0].exists()  # the next merge to the same output removed the dead writer's leftovers

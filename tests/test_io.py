@@ -1,0 +1,40 @@
+"""Atomic folder writes: a failed writer leaves nothing, a killed writer's leftovers go with the next write."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from pluribus.io import atomic_dir, remove_stale_temps
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_failure_inside_removes_the_temporary_folder(tmp_path):
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_dead_writers_of_this_host_and_target_are_cleaned(tmp_path):
+    host = socket.gethostname()
+    dead = tmp_path / f".out.{host}-{dead_pid()}.abc.tmp"
+    live = tmp_path / f".out.{host}-{os.getppid()}.abc.tmp"
+    other_host = tmp_path / f".out.elsewhere-{dead_pid()}.abc.tmp"
+    other_target = tmp_path / f".other.{host}-{dead_pid()}.abc.tmp"
+    for p in (dead, live, other_host, other_target):
+        p.mkdir()
+    assert remove_stale_temps(tmp_path / "out") == [dead]
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "done").write_text("ok")
+    assert (tmp_path / "out" / "done").read_text() == "ok"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, other_host.name, other_target.name])
