@@ -251,8 +251,10 @@ def spec_from_flags(
 def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any) -> tuple[MergeSpec, Path]:
     """What ``pluribus merge`` runs: a merge YAML, a recipe with a ``merge`` section, or the short-form flags.
 
-    Returns the spec and the output folder (a recipe's default is ``<run>/merged/<name>``).
+    Returns the spec and the output folder (a recipe's default is ``<run>/merged/<name>``). ``seed`` (the DARE
+    masks; mergekit's ``--random-seed``) also applies to a config file.
     """
+    seed = flags.get("seed")
     if config is not None:
         p = Path(config)
         data = yaml.safe_load(p.read_text()) if p.is_file() else None
@@ -261,8 +263,11 @@ def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any)
 
             recipe = load_recipe(p)
             section = recipe.require("merge")
-            return section.load(), Path(out) if out else recipe.run_dir / "merged" / section.name
+            spec = section.load()
+            spec = spec if seed is None else spec.model_copy(update={"seed": seed})
+            return spec, Path(out) if out else recipe.run_dir / "merged" / section.name
         spec = load_merge_config(p)
+        spec = spec if seed is None else spec.model_copy(update={"seed": seed})
     else:
         if not flags.get("method"):
             raise PluribusError("give a merge config file, or --method with --adapters/--models (see --help)")

@@ -165,21 +165,27 @@ def magnitude_prune(delta: Tensor, density: float, *, threshold: float | None = 
 def dare(delta: Tensor, p: float, generator: torch.Generator, *, mergekit: bool = False) -> Tensor:
     """Drop And REscale (Yu et al. 2024, arXiv:2311.03099): ``m ~ Bernoulli(1 - p)``, ``m * delta / (1 - p)``.
 
-    The 1/(1-p) rescale keeps the expectation: ``E[dare(delta)] = delta``. With ``mergekit=True`` the
-    survivors are rescaled to the original L1 norm instead (mergekit's ``rescale``). ``p = 0`` returns delta.
+    The 1/(1-p) rescale keeps the expectation: ``E[dare(delta)] = delta``. With ``mergekit=True`` the mask is
+    drawn as mergekit 0.1.5 draws it (``bernoulli`` of a ``1 - p`` tensor in float32, or in bfloat16 for bf16
+    tensors), so the same seed and tensor order give the same mask, and the survivors are rescaled to the
+    original L1 norm instead (mergekit's ``rescale``). ``p = 0`` returns delta.
     """
     if p <= 0:
         return delta.clone()
-    if p >= 1:
-        return torch.zeros_like(delta)
-    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device) >= p
-    masked = delta * keep.to(delta.dtype)
     if not mergekit:
-        return masked / (1.0 - p)
-    before, after = delta.abs().sum(), masked.abs().sum()
+        if p >= 1:
+            return torch.zeros_like(delta)
+        keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device) >= p
+        return delta * keep.to(delta.dtype) / (1.0 - p)
+    # mergekit draws even when everything is dropped: later masks depend on the generator's position
+    work = delta.dtype if delta.dtype == torch.bfloat16 else torch.float32
+    keep = torch.bernoulli(torch.full_like(delta, 1.0 - p, dtype=work), generator=generator)
+    full = delta.to(work)
+    masked = full * keep
+    before, after = full.abs().sum(), masked.abs().sum()
     if before < 1e-7 or after < 1e-7:
-        return masked
-    return masked * (before / after)
+        return masked.to(delta.dtype)
+    return (masked * (before / after)).to(delta.dtype)
 
 
 # --------------------------------------------------------------------------------------------- TIES
@@ -408,43 +414,67 @@ def rank_for_energy(s: Tensor, energy: float) -> int:
 def truncate_factors(B: Tensor, A: Tensor, rank: int | None = None, energy: float | None = None) -> LowRank:
     """Best rank-k approximation (Eckart-Young) of ``B @ A`` from its factors, never forming B @ A.
 
-    B [d_out, R], A [R, d_in]: ``B = Q_b R_b``, ``A^T = Q_a R_a`` (reduced QR), ``core = R_b R_a^T`` [R, R],
-    ``core = U S V^T``; then ``B A = (Q_b U) S (Q_a V)^T`` is an SVD of the product and keeping k singular
-    triplets is optimal in Frobenius and spectral norm. The output splits ``S`` evenly: ``B' = Q_b U_k S_k^1/2``,
-    ``A' = S_k^1/2 V_k^T Q_a^T``. Exactly one of ``rank`` / ``energy`` chooses k (capped at R).
-    Cost: O((d_out + d_in) R^2 + R^3).
+    B [d_out, R], A [R, d_in]. With the Cholesky factor of the R x R Gram matrix ``A A^T = R_a^T R_a``,
+    ``A = R_a^T Q_a^T`` for an orthonormal ``Q_a``, so ``B A = C Q_a^T`` with ``C = B R_a^T`` and the SVD of the
+    product is that of C: ``C^T C = R_a (B^T B) R_a^T = V S^2 V^T`` (a symmetric R x R eigenproblem, about twice
+    as fast as an SVD of the core) and ``U = C V S^-1``. Keeping k triplets is optimal in Frobenius and spectral
+    norm; the output splits ``S`` evenly: ``B' = B R_a^T V_k S_k^-1/2``, ``A' = S_k^1/2 V_k^T R_a^-T A``.
+    Exactly one of ``rank`` / ``energy`` chooses k (capped at R). A rank-deficient or ill-conditioned A (or B,
+    by symmetry) falls back to Householder QR of both factors and an SVD of the core ``R_b R_a^T``.
+    Cost: O((d_out + d_in) R^2 + R^3), all BLAS-3.
     """
     b64, a64 = B.to(torch.float64), A.to(torch.float64)
-    # R factors from the R x R Gram matrices (G = R^T R, Cholesky: BLAS-3 and far cheaper than Householder QR);
-    # a rank-deficient or ill-conditioned stack falls back to QR. Q = B R^-1 is never formed: B' = B R_b^-1 U_k.
-    rb, rb_ok = _gram_r(b64)
-    ra, ra_ok = _gram_r(a64.T)
-    if not (rb_ok and ra_ok):
-        qb, rb = torch.linalg.qr(b64)
-        qa, ra = torch.linalg.qr(a64.T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    low = _truncate_gram(b64, a64, rank, energy)
+    if low is None:  # (B A)^T = A^T B^T: the other side may be well conditioned
+        low = _truncate_gram(a64.T, b64.T, rank, energy)
+        if low is not None:
+            low = LowRank(low.A.T, low.B.T, low.singular_values, low.error, low.exact_norm)
+    if low is None:
+        low = _truncate_qr(b64, a64, rank, energy)
+    return LowRank(low.B.to(B.dtype), low.A.to(A.dtype), low.singular_values, low.error, low.exact_norm)
+
+
+def _kept(s: Tensor, rank: int | None, energy: float | None) -> tuple[int, float, float]:
+    """(k, relative error of keeping k, exact Frobenius norm) from singular values sorted descending."""
     k = rank_for_energy(s, energy) if energy is not None else int(rank or s.numel())
     k = max(1, min(k, s.numel()))
-    root = s[:k].sqrt()
-    if rb_ok and ra_ok:
-        new_b = b64 @ torch.linalg.solve_triangular(rb, u[:, :k] * root, upper=True)
-        new_a = torch.linalg.solve_triangular(ra, vh[:k].T * root, upper=True).T @ a64
-    else:
-        new_b = (qb @ u[:, :k]) * root
-        new_a = root[:, None] * (vh[:k] @ qa.T)
     total = float((s**2).sum())
     tail = float((s[k:] ** 2).sum())
-    err = math.sqrt(tail / total) if total > 0 else 0.0
-    return LowRank(new_b.to(B.dtype), new_a.to(A.dtype), s[:k].to(torch.float32), err, math.sqrt(total))
+    return k, (math.sqrt(tail / total) if total > 0 else 0.0), math.sqrt(total)
 
 
-def _gram_r(m: Tensor) -> tuple[Tensor, bool]:
-    """Upper-triangular R with ``m^T m = R^T R`` by Cholesky, and whether it is safe to use (well conditioned)."""
-    chol, info = torch.linalg.cholesky_ex(m.T @ m)
+def _truncate_gram(b64: Tensor, a64: Tensor, rank: int | None, energy: float | None) -> LowRank | None:
+    """The eigh route of truncate_factors; None when A A^T is not safely positive definite."""
+    chol, info = torch.linalg.cholesky_ex(a64 @ a64.T)
     if int(info) != 0:
-        return chol, False
-    d = chol.diagonal().abs()
-    return chol.T, bool(d.min() > 1e-6 * d.max())
+        return None
+    d = chol.diagonal()
+    # cond(R_a) <~ 1e4 keeps Q_a orthonormal to ~1e-8 in float64; worse goes to QR
+    if not bool(d.min() > 1e-4 * d.max()):
+        return None
+    ra_t = chol  # lower triangular L = R_a^T
+    gram = ra_t.T @ (b64.T @ b64) @ ra_t
+    lam, v = torch.linalg.eigh((gram + gram.T) * 0.5)
+    lam, v = lam.flip(0).clamp_min(0), v.flip(1)
+    s = lam.sqrt()
+    k, err, norm = _kept(s, rank, energy)
+    # S^-1/2 of a negligible singular value is noise: such a triplet contributes nothing and is written as zero
+    inv_root = torch.where(s[:k] > 1e-7 * s[0], s[:k].clamp_min(1e-300).rsqrt(), torch.zeros_like(s[:k]))
+    vk = v[:, :k]
+    new_b = b64 @ (ra_t @ (vk * inv_root))
+    # A' = S^1/2 V_k^T L^-1 A: one triangular solve of the small R x k system
+    new_a = torch.linalg.solve_triangular(ra_t.T, vk * (s[:k] * (inv_root > 0)).sqrt(), upper=True).T @ a64
+    return LowRank(new_b, new_a, s[:k].to(torch.float32), err, norm)
+
+
+def _truncate_qr(b64: Tensor, a64: Tensor, rank: int | None, energy: float | None) -> LowRank:
+    """Householder QR of both factors, then an SVD of the R x R core ``R_b R_a^T`` (any conditioning)."""
+    qb, rb = torch.linalg.qr(b64)
+    qa, ra = torch.linalg.qr(a64.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    k, err, norm = _kept(s, rank, energy)
+    root = s[:k].sqrt()
+    return LowRank((qb @ u[:, :k]) * root, root[:, None] * (vh[:k] @ qa.T), s[:k].to(torch.float32), err, norm)
 
 
 def truncate_dense(delta: Tensor, rank: int | None = None, energy: float | None = None) -> LowRank:

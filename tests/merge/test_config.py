@@ -106,3 +106,15 @@ def test_example_configs_parse():
     specs = {p.name: load_merge_config(p) for p in sorted(folder.glob("*.yaml"))}
     assert len(specs) >= 3 and all(s.method != "mergekit" for s in specs.values())
     assert specs["mergekit-ties.yaml"].inputs[2].adapter == "runs/quickstart/adapters/rsft"
+
+
+def test_seed_flag_sets_the_dare_seed_of_flags_and_config_files(tmp_path):
+    from pluribus.merge.config import resolve_cli
+
+    spec, _ = resolve_cli(None, tmp_path / "o", method="dare_linear", adapters=["a,b"], drop=0.3, seed=7)
+    assert spec.seed == 7
+    cfg = {"merge_method": "dare_ties", "base_model": "base", "dtype": "float32",
+           "models": [{"model": "x", "parameters": {"weight": 1.0, "density": 0.5}}]}
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(cfg))
+    assert resolve_cli(tmp_path / "mk.yaml", tmp_path / "o")[0].seed == 0
+    assert resolve_cli(tmp_path / "mk.yaml", tmp_path / "o", seed=5)[0].seed == 5

@@ -180,3 +180,26 @@ def test_bad_inputs_are_named():
     M.check_finite(torch.full((4,), 3e38), "large but finite")  # the sum overflows; the exact check passes
     with pytest.raises(PluribusError, match=r"density = 1.5 is out of range"):
         M.check_fraction(1.5, "density")
+
+
+@pytest.mark.parametrize("case", ["duplicate", "zero_b", "ill_conditioned", "wide"])
+def test_truncate_factors_stays_the_best_rank_k_on_degenerate_stacks(case):
+    # each case takes a different route: eigh with A's Cholesky, the transposed problem, or QR + SVD
+    b1, a1 = rand((50, 8), 0).double(), rand((8, 40), 1).double()
+    if case == "duplicate":  # the same adapter twice: A_cat and B_cat are rank-deficient
+        B, A = torch.cat([b1, 2 * b1], 1), torch.cat([a1, a1], 0)
+    elif case == "zero_b":  # a freshly initialised adapter (B = 0) stacked with a trained one
+        B, A = torch.cat([b1, torch.zeros(50, 4, dtype=torch.float64)], 1), torch.cat([a1, rand((4, 40), 2).double()], 0)
+    elif case == "ill_conditioned":  # rows of A scaled over 10 orders of magnitude
+        B, A = b1, a1 * torch.logspace(-5, 5, 8, dtype=torch.float64)[:, None]
+    else:  # R larger than d_in: A A^T is singular
+        B, A = rand((50, 12), 3).double(), rand((12, 6), 4).double()
+    exact = B @ A
+    u, s, vh = torch.linalg.svd(exact, full_matrices=False)
+    for k in (1, 3, 6):
+        low = M.truncate_factors(B, A, rank=k)
+        best = (u[:, :k] * s[:k]) @ vh[:k]
+        torch.testing.assert_close(low.B @ low.A, best, rtol=1e-6, atol=1e-7 * float(s[0]))
+        assert torch.isfinite(low.B).all() and torch.isfinite(low.A).all()
+        actual = float(torch.linalg.matrix_norm(exact - low.B @ low.A) / torch.linalg.matrix_norm(exact))
+        assert low.error == pytest.approx(actual, abs=1e-6)
