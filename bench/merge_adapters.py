@@ -3,13 +3,14 @@ pluribus (QR + small-core SVD, from the adapter files) vs PEFT `add_weighted_ada
 mergekit route (`mergekit-yaml` task_arithmetic over `base+adapter` models, i.e. one full model per adapter).
 
 Prints each side's wall time, its relative Frobenius error against the exact weighted sum (computed in float64
-from the factors), and the time ratios. Both sides run on 1 thread, after their imports and a LAPACK warm-up:
+from the factors), and the time ratios. Every side runs on the same number of threads (``--threads``, default all
+cores: pluribus spreads modules over them, PEFT and mergekit use them inside torch), after imports and a warm-up:
 pluribus is timed on `run_merge` from the adapter folders to the written merged folder (median of 3 runs); PEFT on
 `add_weighted_adapter` alone, with the base model and the 4 adapters already loaded (the time that loading needs,
-which pluribus never does, is printed separately); the mergekit route is the `mergekit-yaml` CLI (1 thread), whose
-process start-up (`mergekit-yaml --help`) is measured and also printed subtracted.
+which pluribus never does, is printed separately); the mergekit route is the `mergekit-yaml` CLI (same threads),
+whose process start-up (`mergekit-yaml --help`) is measured and also printed subtracted.
 
-    .venv/bin/python bench/merge_adapters.py [--no-mergekit]
+    .venv/bin/python bench/merge_adapters.py [--threads 1] [--no-mergekit]
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def run_peft(base: Path, paths: list[Path]) -> tuple[float, float, float, dict[s
 
 
 def run_mergekit(
-    base: Path, paths: list[Path], root: Path, exact: dict[str, torch.Tensor]
+    base: Path, paths: list[Path], root: Path, exact: dict[str, torch.Tensor], threads: int
 ) -> tuple[float, float, float, float]:
     from pluribus.merge.full import Checkpoint
 
@@ -148,7 +149,7 @@ def run_mergekit(
     (root / "mk.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     exe = Path(sys.executable).with_name("mergekit-yaml")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf"),  # its LoRA cache stays in root
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     subprocess.run([str(exe), "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=True)
     startup = time.perf_counter() - start
@@ -185,16 +186,17 @@ def warm_up() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-mergekit", action="store_true", help="Skip the (slow) mergekit route.")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every side (default: all cores)")
     args = ap.parse_args()
-    # 1 thread for every side: stable figures on a shared machine, and a like-for-like comparison
-    torch.set_num_threads(1)
+    # the same thread count for every side: a like-for-like comparison
+    torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="bench-merge-adapters-"))
     try:
         warm_up()
         base = base_model(root)
         paths = make_adapters(base, root)
         exact = exact_deltas(paths)
-        print(f"{len(exact)} modules, adapters of ranks {RANKS}, exact sum of rank <= {sum(RANKS)}, 1 thread")
+        print(f"{len(exact)} modules, adapters of ranks {RANKS}, exact sum of rank <= {sum(RANKS)}, {args.threads} thread(s)")
         t_ours, c_ours, t_mem, ours = run_pluribus(paths, root / "out-pluribus")
         e_ours = rel_error(exact, ours)
         t_peft, c_peft, t_load, peft = run_peft(base, paths)
@@ -213,7 +215,7 @@ def main() -> None:
               f"in-memory vs in-memory {t_peft / t_mem:.1f}x; including PEFT's loading {(t_peft + t_load) / t_ours:.1f}x; "
               f"error ratio pluribus/PEFT {e_ours / e_peft:.4f} (target <= 1)")
         if not args.no_mergekit:
-            t_mk, c_mk, t_start, e_mk = run_mergekit(base, paths, root, exact)
+            t_mk, c_mk, t_start, e_mk = run_mergekit(base, paths, root, exact, args.threads)
             result["mergekit_route"] = {"seconds": round(t_mk, 2), "cpu_seconds": round(c_mk, 2), "error": e_mk,
                                         "startup_seconds": round(t_start, 2)}
             print(f"mergekit route (4 full models + task_arithmetic): {t_mk:.2f} s wall, {c_mk:.2f} s CPU, relative "

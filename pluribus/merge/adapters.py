@@ -18,7 +18,8 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,17 +277,46 @@ class AdapterPlan:
 
 
 def merge_adapters(
-    spec: MergeSpec, adapters: list[Adapter], advance: Callable[[str], None] | None = None
+    spec: MergeSpec,
+    adapters: list[Adapter],
+    advance: Callable[[str], None] | None = None,
+    workers: int | None = None,
 ) -> AdapterMerge:
-    """Merge ``adapters`` into one adapter per ``spec``; ``advance(module)`` ticks a progress bar."""
+    """Merge ``adapters`` into one adapter per ``spec``; ``advance(module)`` ticks a progress bar.
+
+    Modules are independent, so deterministic methods run them on ``workers`` threads (default: torch's thread
+    count), each op single-threaded: the per-module LAPACK calls on R x R matrices are too small to parallelize
+    inside, but several run side by side. DARE draws from one seeded generator in module order, so it stays serial.
+    """
     plan = AdapterPlan(spec, adapters)
     out = AdapterMerge(modules={})
-    for name in plan.shapes:
-        a, b, err, norm = plan.compressed(name)
+    names = list(plan.shapes)
+    workers = max(1, workers or torch.get_num_threads())
+    if workers == 1 or spec.method.startswith("dare") or len(names) < 2:
+        results: Iterable[tuple[Tensor, Tensor, float, float]] = map(plan.compressed, names)
+        _collect(out, names, results, advance)
+        return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # OpenMP's thread count is per calling thread: each worker sets its own
+        with ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            _collect(out, names, pool.map(plan.compressed, names), advance)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _collect(
+    out: AdapterMerge,
+    names: list[str],
+    results: Iterable[tuple[Tensor, Tensor, float, float]],
+    advance: Callable[[str], None] | None,
+) -> None:
+    for name, (a, b, err, norm) in zip(names, results, strict=True):
         out.modules[name], out.errors[name], out.norms[name] = (a, b), err, norm
         if advance:
             advance(name)
-    return out
 
 
 def save_adapter(folder: Path, merged: AdapterMerge, template: dict[str, Any]) -> None:

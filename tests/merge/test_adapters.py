@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from pluribus.errors import PluribusError
 from pluribus.merge import MergeInput, MergeSpec, run_merge
-from pluribus.merge.adapters import load_adapter
+from pluribus.merge.adapters import load_adapter, merge_adapters
 from tests.merge.conftest import tiny_model
 
 TOKENS = torch.tensor([[1, 5, 9, 17, 33, 65, 2], [3, 4, 8, 16, 32, 64, 95]])
@@ -131,6 +131,17 @@ def test_energy_gives_per_module_ranks_via_rank_pattern(hetero, tmp_path):
         assert (s[:r] ** 2).sum() / (s**2).sum() >= 0.8 - 1e-9
         assert r == 1 or (s[: r - 1] ** 2).sum() / (s**2).sum() < 0.8
     torch.testing.assert_close(peft_logits(tmp_path / "energy"), reference_logits(got), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["svd", "ties", "dare_ties"])
+def test_threaded_merge_equals_the_serial_one_bit_for_bit(hetero, method):
+    adapters = [load_adapter(p) for p in hetero]
+    s = spec(method, hetero, [1.0, 0.5, 2.0], rank=3, density=0.5, drop=0.3, seed=1)
+    serial, threaded = merge_adapters(s, adapters, workers=1), merge_adapters(s, adapters, workers=3)
+    assert list(threaded.modules) == list(serial.modules)
+    for k, (a, b) in serial.modules.items():
+        assert torch.equal(threaded.modules[k][0], a) and torch.equal(threaded.modules[k][1], b)
+    assert threaded.errors == serial.errors
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "magnitude"])
