@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-# this file is named kernels.py: drop its folder from the path, or `import kernels` (which transformers tries,
-# for the Hub kernels package) would import this script
+# keep bench/ off sys.path: a script there must never shadow an installed package (transformers tries `import kernels`,
+# the Hub kernels package, and this script was once named kernels.py)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402
@@ -103,15 +103,18 @@ def cpu_rows(tokens: int, big_tokens: int, reps: int, threads: int) -> None:
         ("smollm2 down 1536->576", tokens, 1536, 576, 16),
         ("d=4096 4096->4096", big_tokens, 4096, 4096, 16),
     ]
-    header = f"{'shape':<24}{'M':>6}{'precision':>11}{'peft ms':>10}{'fused ms':>10}{'speedup':>9}" \
+    header = f"{'shape':<24}{'M':>6}{'precision':>16}{'peft ms':>10}{'fused ms':>10}{'speedup':>9}" \
              f"{'peft saved':>12}{'fused saved':>13}{'mem ratio':>11}{'max |diff|':>12}"
     print(header)
     print("-" * len(header))
     for label, m, k, n, r in shapes:
-        for precision in ("fp32", "bf16-autocast"):
+        for precision in ("fp32", "bf16-autocast", "bf16 W+autocast"):
             layer = peft_layer(k, n, r, torch.float32, "cpu")
+            # "bf16 W": how pluribus trains (train.bf16): a bf16 base, fp32 adapter weights, bf16 autocast
+            act = torch.bfloat16 if precision.startswith("bf16 W") else torch.float32
+            layer.base_layer.to(act)
             params = [p for p in layer.parameters()]
-            x = torch.randn(m, k, requires_grad=True)
+            x = torch.randn(m, k, dtype=act, requires_grad=True)
             dy = torch.randn(m, n, dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
             fused = fused_call(layer, "torch")
             autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32")
@@ -132,7 +135,7 @@ def cpu_rows(tokens: int, big_tokens: int, reps: int, threads: int) -> None:
             with autocast:
                 mp = saved_bytes(layer, x, params)
                 mf = saved_bytes(fused, x, params)
-            print(f"{label:<24}{m:>6}{precision:>11}{tp * 1e3:>10.1f}{tf * 1e3:>10.1f}{tp / tf:>8.2f}x"
+            print(f"{label:<24}{m:>6}{precision:>16}{tp * 1e3:>10.1f}{tf * 1e3:>10.1f}{tp / tf:>8.2f}x"
                   f"{mp / 2**20:>10.2f}MB{mf / 2**20:>11.2f}MB{mp / mf:>10.2f}x{diff:>12.2e}")
 
 
