@@ -223,12 +223,20 @@ def eval_cmd(
 
     loaded = load_recipe(recipe, overrides or [])
     payload = run_eval(loaded, progress=not no_progress)
-    table = Table("system", "accuracy", "first answer", "wrong first corrected", "tokens/problem", "s/problem")
+    table = Table("system", "accuracy", "95% interval", "vs single (p)", "first answer", "wrong first corrected",
+                  "tokens/problem", "s/problem")
+    versus = {c["system"]: c for c in payload.get("comparisons", [])}
     for name, r in payload["systems"].items():
-        table.add_row(name, f"{r['accuracy']:.1%}", f"{r['first_answer_accuracy']:.1%}",
-                      f"{r['wrong_first_corrected']:.1%}", f"{r['tokens_per_problem']:.0f}",
-                      f"{r['seconds_per_problem']:.2f}")
+        c = versus.get(name)
+        table.add_row(name, f"{r['accuracy']:.1%}", f"{r['accuracy_low']:.0%}-{r['accuracy_high']:.0%}",
+                      f"+{c['wins']}/-{c['losses']} ({c['p_value']:.2g})" if c else "",
+                      f"{r['first_answer_accuracy']:.1%}", f"{r['wrong_first_corrected']:.1%}",
+                      f"{r['tokens_per_problem']:.0f}", f"{r['seconds_per_problem']:.2f}")
     Console().print(table)
+    for name, kinds in (payload.get("robustness") or {}).items():
+        for kind, r in kinds.items():
+            Console().print(f"{name} under {kind}: {r['accuracy']:.1%} ({r['change']:+.1%} vs clean; "
+                            f"{r['lost']} lost, {r['gained']} gained)", highlight=False)
     Console().print(f"report: {loaded.run_dir / 'eval' / 'report.md'}")
 
 

@@ -310,6 +310,11 @@ class EvalConfig(Section):
     )
     temperature: float = Field(0.7, gt=0.0, description="Temperature of the sampled mode.")
     max_new_tokens: int | None = Field(None, ge=1, description="Override every agent's max_new_tokens.")
+    robustness: list[Literal["distractor", "typos"]] = Field(
+        default_factory=list,
+        description="Also run every system on perturbed copies of the held-out problems (same gold answers): "
+        "distractor adds an irrelevant numeric sentence, typos swaps letters; reports each accuracy drop.",
+    )
 
 
 class ExportConfig(Section):

@@ -2,7 +2,10 @@
 
 Every system runs through the debate engine (a single agent is a team of N=1, R=1), into its own resumable
 store under ``<run>/eval/<system>-<mode>/``, so an interrupted eval picks up where it stopped and the
-trajectories behind every number stay inspectable.
+trajectories behind every number stay inspectable. Each accuracy comes with its 95% Wilson interval, each
+system is compared with the single base agent on the same problems (exact McNemar test), and with
+``eval.robustness`` every system also answers perturbed copies of the problems (``eval.robustness``), stored
+under ``<run>/eval/<system>-<mode>-<perturbation>/``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 from pluribus.config import AgentConfig, EvalConfig, Recipe, TeamConfig
 from pluribus.errors import PluribusError
+from pluribus.eval.stats import mcnemar_exact, paired, wilson_interval
 from pluribus.io import atomic_write_text
 
 
@@ -24,7 +28,10 @@ class SystemResult:
     system: str
     mode: str
     problems: int
+    correct: int
     accuracy: float
+    accuracy_low: float  # 95% Wilson interval
+    accuracy_high: float
     first_answer_accuracy: float  # round 0, averaged over agents
     tokens_per_problem: float
     seconds_per_problem: float
@@ -84,7 +91,7 @@ def plan_systems(recipe: Recipe) -> list[tuple[str, str, TeamConfig]]:
 
 
 def score(records: list[dict[str, Any]], system: str, mode: str) -> SystemResult:
-    """Accuracy, cost and self-correction over a system's stored trajectories."""
+    """Accuracy (with its 95% interval), cost and self-correction over a system's stored trajectories."""
     n = len(records)
     first = [t for r in records for t in r["rounds"][0]]
     last = [t for r in records for t in r["rounds"][-1]]
@@ -94,9 +101,11 @@ def score(records: list[dict[str, Any]], system: str, mode: str) -> SystemResult
             if not a["correct"]:
                 wrong_first += 1
                 corrected += bool(b["correct"])
+    correct = sum(bool(r["final_correct"]) for r in records)
+    low, high = wilson_interval(correct, n)
     return SystemResult(
-        system=system, mode=mode, problems=n,
-        accuracy=sum(bool(r["final_correct"]) for r in records) / n if n else 0.0,
+        system=system, mode=mode, problems=n, correct=correct,
+        accuracy=correct / n if n else 0.0, accuracy_low=low, accuracy_high=high,
         first_answer_accuracy=sum(bool(t["correct"]) for t in first) / len(first) if first else 0.0,
         tokens_per_problem=sum(r["cost"]["tokens_in"] + r["cost"]["tokens_out"] for r in records) / n if n else 0.0,
         seconds_per_problem=sum(r["cost"]["seconds"] for r in records) / n if n else 0.0,
@@ -105,12 +114,46 @@ def score(records: list[dict[str, Any]], system: str, mode: str) -> SystemResult
     )
 
 
-def run_eval(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
-    """Evaluate every planned system on the held-out split; write results.json, report.md and a plot."""
+def outcomes(records: list[dict[str, Any]]) -> dict[str, bool]:
+    """Whether each problem (by its original id, perturbation stripped) was answered correctly."""
+    return {r["problem_id"].split("~", 1)[0]: bool(r["final_correct"]) for r in records}
+
+
+def compare(results: dict[str, dict[str, bool]]) -> list[dict[str, Any]]:
+    """Every system against the single base agent of the same decoding (greedy if it has none), paired by problem."""
+    out = []
+    for label, solved in results.items():
+        if label.startswith("single-"):
+            continue
+        mode = label.rsplit("-", 1)[-1]
+        baseline = f"single-{mode}" if f"single-{mode}" in results else "single-greedy"
+        if baseline not in results:
+            baseline = next((k for k in results if k.startswith("single-")), None)
+        if baseline is None:
+            continue
+        wins, losses, shared = paired(solved, results[baseline])
+        out.append({"system": label, "baseline": baseline, "problems": shared, "wins": wins, "losses": losses,
+                    "p_value": mcnemar_exact(wins, losses)})
+    return out
+
+
+def _system_records(recipe: Recipe, eval_dir: Path, label: str, task: Any, team: TeamConfig,
+                    problems: list[Any], progress: bool) -> list[dict[str, Any]]:
     from pluribus.data.debate import run_debate
     from pluribus.data.store import TrajectoryStore
+
+    sub = recipe.model_copy(update={"root": str(eval_dir), "name": label, "task": task, "team": team, "eval": None})
+    run_debate(sub, problems=problems, progress=progress)
+    wanted = {p.id for p in problems}
+    with TrajectoryStore(sub.run_dir / "trajectories") as store:
+        return [r for r in store.iter_records() if r["problem_id"] in wanted]
+
+
+def run_eval(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
+    """Evaluate every planned system on the held-out split; write results.json, report.md and a plot."""
     from pluribus.data.tasks import load_problems
     from pluribus.eval.report import write_report
+    from pluribus.eval.robustness import perturb
 
     cfg = recipe.eval or EvalConfig()
     task = recipe.require("task")
@@ -120,24 +163,35 @@ def run_eval(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
         raise PluribusError("the held-out split is empty; raise task.heldout_fraction or the number of problems")
     plans = plan_systems(recipe)
     eval_dir = recipe.run_dir / "eval"
-    results: list[SystemResult] = []
+    systems: dict[str, dict[str, Any]] = {}
+    solved: dict[str, dict[str, bool]] = {}
+    robustness: dict[str, dict[str, Any]] = {}
     for system, mode, team in plans:
         label = f"{system}-{mode}" if system != "team" else "team"
-        sub = recipe.model_copy(update={"root": str(eval_dir), "name": label, "task": task, "team": team,
-                                        "eval": None})
-        run_debate(sub, problems=problems, progress=progress)
-        wanted = {p.id for p in problems}
-        with TrajectoryStore(sub.run_dir / "trajectories") as store:
-            records = [r for r in store.iter_records() if r["problem_id"] in wanted]
-        results.append(score(records, system, mode))
-    payload = {
+        records = _system_records(recipe, eval_dir, label, task, team, problems, progress)
+        systems[label] = asdict(score(records, system, mode))
+        solved[label] = outcomes(records)
+        for kind in cfg.robustness:
+            varied = [perturb(p, kind) for p in problems]
+            perturbed = _system_records(recipe, eval_dir, f"{label}-{kind}", task, team, varied, progress)
+            result = score(perturbed, system, mode)
+            lost, gained, _ = paired(solved[label], outcomes(perturbed))
+            robustness.setdefault(label, {})[kind] = {
+                "accuracy": result.accuracy, "accuracy_low": result.accuracy_low,
+                "accuracy_high": result.accuracy_high, "change": result.accuracy - systems[label]["accuracy"],
+                "lost": lost, "gained": gained, "p_value": mcnemar_exact(lost, gained),
+            }
+    payload: dict[str, Any] = {
         "run": recipe.name,
         "task": f"{task.source}" + (f":{task.synthetic.level}" if task.source == "synthetic" and task.synthetic.level
                                     else ""),
         "split": "heldout",
         "problems": len(problems),
-        "systems": {f"{r.system}-{r.mode}" if r.system != "team" else "team": asdict(r) for r in results},
+        "systems": systems,
+        "comparisons": compare(solved),
     }
+    if robustness:
+        payload["robustness"] = robustness
     atomic_write_text(eval_dir / "results.json", json.dumps(payload, indent=2))
     write_report(payload, eval_dir)
     return payload

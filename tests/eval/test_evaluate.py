@@ -28,8 +28,9 @@ def test_score_matches_hand_computed_values() -> None:
         _traj([[_turn(False), _turn(False)], [_turn(False), _turn(None, answer=None)]], final=False, sec=3.0),
     ]
     r = score(records, "team", "as-configured")
-    assert r.problems == 2
+    assert r.problems == 2 and r.correct == 1
     assert r.accuracy == 0.5
+    assert (r.accuracy_low, r.accuracy_high) == pytest.approx((0.0945, 0.9055), abs=1e-4)  # Wilson, 1 of 2
     assert r.first_answer_accuracy == 0.25  # 1 of 4 round-0 turns
     assert r.wrong_first_corrected == pytest.approx(1 / 3)  # 3 wrong first answers, 1 corrected
     assert r.unparsable == 0.25
@@ -65,15 +66,31 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_llama_dir: Path, tmp_path: Path) -
     recipe = load_recipe(None, [
         f"root={tmp_path}", "name=evalrun", "task.source=synthetic", "task.n=3", "task.heldout_fraction=0.5",
         f"team.agents=[{agent}, {agent}]", "team.rounds=2", f"eval.adapter={adapter}",
+        "eval.robustness=[distractor, typos]",
     ])
     payload = run_eval(recipe, progress=False)
     out = tmp_path / "evalrun" / "eval"
     assert set(payload["systems"]) == {"single-greedy", "team", "distilled-greedy"}
     assert json.loads((out / "results.json").read_text()) == payload
-    assert (out / "report.md").read_text().count("| ") >= 3
+    report = (out / "report.md").read_text()
+    assert report.count("| ") >= 3 and "McNemar" in report and "| team | distractor |" in report
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     for r in payload["systems"].values():
         assert r["problems"] == 3 and 0.0 <= r["accuracy"] <= 1.0 and r["tokens_per_problem"] > 0
+        assert r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"]
+    assert {c["system"]: c["baseline"] for c in payload["comparisons"]} == {
+        "team": "single-greedy", "distilled-greedy": "single-greedy"}
+    for c in payload["comparisons"]:
+        assert c["problems"] == 3 and c["wins"] + c["losses"] <= 3 and 0.0 < c["p_value"] <= 1.0
+    # every system answered the perturbed copies too, from its own store; lost/gained pair them with the clean ones
+    for label in payload["systems"]:
+        for kind in ("distractor", "typos"):
+            r = payload["robustness"][label][kind]
+            assert r["change"] == pytest.approx(r["accuracy"] - payload["systems"][label]["accuracy"])
+            assert r["lost"] - r["gained"] == round(-r["change"] * 3)
+            stored = (out / f"{label}-{kind}" / "trajectories").glob("*.jsonl")
+            ids = [json.loads(line)["problem_id"] for f in stored for line in f.read_text().splitlines()]
+            assert len(ids) == 3 and all(i.endswith("~" + kind) for i in ids)
     # a rerun resumes from the stores: nothing is generated twice
     again = run_eval(recipe, progress=False)
     assert again == payload
