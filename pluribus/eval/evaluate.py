@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pluribus.config import AgentConfig, EvalConfig, Recipe, TeamConfig
+from pluribus.config import EvalConfig, Recipe, TeamConfig
 from pluribus.errors import PluribusError
 from pluribus.eval.stats import mcnemar_exact, paired, wilson_interval
 from pluribus.io import atomic_write_text
@@ -39,15 +39,18 @@ class SystemResult:
     unparsable: float  # fraction of final-round turns with no parsable answer
 
 
-def _single(agent: AgentConfig, *, adapter: str | None, model: str | None, mode: str, cfg: EvalConfig,
+def _single(team: TeamConfig, *, adapter: str | None, model: str | None, mode: str, cfg: EvalConfig,
             name: str) -> TeamConfig:
+    """The team's first agent alone (N=1, R=1), asked with the team's prompts so every system gets the same question."""
+    agent = team.agents[0]
     sampling = agent.sampling.model_copy(update={
         "temperature": cfg.temperature if mode == "sampled" else 0.0,
         **({"max_new_tokens": cfg.max_new_tokens} if cfg.max_new_tokens else {}),
     })
     member = agent.model_copy(update={"name": name, "persona": None, "adapter": adapter, "sampling": sampling,
                                       **({"model": model} if model else {})})
-    return TeamConfig(agents=[member], rounds=1, topology="all", aggregation="majority")
+    return team.model_copy(update={"agents": [member], "rounds": 1, "topology": "all", "aggregation": "majority",
+                                   "judge": None, "problems_per_step": None})
 
 
 def _team(team: TeamConfig, cfg: EvalConfig) -> TeamConfig:
@@ -67,7 +70,6 @@ def plan_systems(recipe: Recipe) -> list[tuple[str, str, TeamConfig]]:
     """(system, mode, team) for every requested system and decoding mode, validated before anything runs."""
     cfg = recipe.eval or EvalConfig()
     team = recipe.require("team")
-    base = team.agents[0]
     plans: list[tuple[str, str, TeamConfig]] = []
     for system in cfg.systems:
         if system == "team":
@@ -75,7 +77,7 @@ def plan_systems(recipe: Recipe) -> list[tuple[str, str, TeamConfig]]:
             continue
         for mode in cfg.modes:
             if system == "single":
-                plans.append(("single", mode, _single(base, adapter=None, model=None, mode=mode, cfg=cfg,
+                plans.append(("single", mode, _single(team, adapter=None, model=None, mode=mode, cfg=cfg,
                                                       name="single")))
             else:
                 adapter = Path(cfg.adapter) if cfg.adapter else default_adapter(recipe)
@@ -85,7 +87,7 @@ def plan_systems(recipe: Recipe) -> list[tuple[str, str, TeamConfig]]:
                         "(pluribus train RECIPE) or set eval.adapter, or drop 'distilled' from eval.systems"
                     )
                 student = recipe.train.model if recipe.train else None
-                plans.append(("distilled", mode, _single(base, adapter=str(adapter), model=student, mode=mode,
+                plans.append(("distilled", mode, _single(team, adapter=str(adapter), model=student, mode=mode,
                                                          cfg=cfg, name="distilled")))
     return plans
 

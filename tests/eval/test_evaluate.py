@@ -44,11 +44,14 @@ def test_distilled_without_adapter_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_plan_single_and_sampled_modes(tmp_path: Path) -> None:
-    recipe = load_recipe(None, [f"root={tmp_path}", "task.source=synthetic", "team.rounds=1", "eval.systems=[single]",
-                                "eval.modes=[greedy, sampled]", "eval.temperature=0.9"])
+    recipe = load_recipe(None, [f"root={tmp_path}", "task.source=synthetic", "team.rounds=3", "eval.systems=[single]",
+                                "eval.modes=[greedy, sampled]", "eval.temperature=0.9",
+                                "team.prompts.question='{question} Answer: The answer is N.'", "team.batch_size=7"])
     plans = plan_systems(recipe)
     assert [(s, m) for s, m, _ in plans] == [("single", "greedy"), ("single", "sampled")]
     assert plans[0][2].rounds == 1 and len(plans[0][2].agents) == 1
+    # the single agent is asked exactly what the team's agents are asked
+    assert plans[0][2].prompts == recipe.team.prompts and plans[0][2].batch_size == 7
     assert plans[0][2].agents[0].sampling.temperature == 0.0
     assert plans[1][2].agents[0].sampling.temperature == 0.9
 
