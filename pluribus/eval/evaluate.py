@@ -4,8 +4,8 @@ Every system runs through the debate engine (a single agent is a team of N=1, R=
 store under ``<run>/eval/<system>-<mode>/``, so an interrupted eval picks up where it stopped and the
 trajectories behind every number stay inspectable. Each accuracy comes with its 95% Wilson interval, each
 system is compared with the single base agent on the same problems (exact McNemar test), and with
-``eval.robustness`` every system also answers perturbed copies of the problems (``eval.robustness``), stored
-under ``<run>/eval/<system>-<mode>-<perturbation>/``.
+``eval.robustness`` every system also answers perturbed copies of the problems, stored under
+``<run>/eval/<system>-<mode>-<perturbation>/``.
 """
 
 from __future__ import annotations
@@ -117,8 +117,10 @@ def score(records: list[dict[str, Any]], system: str, mode: str) -> SystemResult
 
 
 def outcomes(records: list[dict[str, Any]]) -> dict[str, bool]:
-    """Whether each problem (by its original id, perturbation stripped) was answered correctly."""
-    return {r["problem_id"].split("~", 1)[0]: bool(r["final_correct"]) for r in records}
+    """Whether each problem (by its original id, perturbation suffix stripped) was answered correctly."""
+    from pluribus.eval.robustness import original_id
+
+    return {original_id(r["problem_id"]): bool(r["final_correct"]) for r in records}
 
 
 def compare(results: dict[str, dict[str, bool]]) -> list[dict[str, Any]]:

@@ -55,6 +55,12 @@ def typos(question: str, rng: random.Random, rate: float = 0.125) -> str:
     return "".join(out)
 
 
+def original_id(problem_id: str) -> str:
+    """The id a perturbed problem was made from (``<id>~<kind>`` -> ``<id>``); other ids unchanged."""
+    base, _, kind = problem_id.rpartition("~")
+    return base if base and kind in PERTURBATIONS else problem_id
+
+
 def perturb(problem: Problem, kind: str) -> Problem:
     """The perturbed copy of ``problem`` (id ``<id>~<kind>``, ``meta.perturbation`` = kind); the answer is kept."""
     if kind not in PERTURBATIONS:

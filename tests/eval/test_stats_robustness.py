@@ -7,7 +7,7 @@ import re
 import pytest
 
 from pluribus.data.records import Problem
-from pluribus.eval.robustness import PERTURBATIONS, perturb
+from pluribus.eval.robustness import PERTURBATIONS, original_id, perturb
 from pluribus.eval.stats import mcnemar_exact, paired, wilson_interval
 
 
@@ -63,3 +63,8 @@ def test_perturbing_a_one_sentence_question_and_an_unknown_kind() -> None:
     assert perturb(Problem(id="s1", question="What is 5 + 3?", answer="8"), "typos").question != "What is 5 + 3?"
     with pytest.raises(ValueError, match="unknown perturbation 'paraphrase'"):
         perturb(Problem(id="s1", question="q", answer="1"), "paraphrase")
+
+
+def test_original_id_strips_only_a_known_perturbation() -> None:
+    assert original_id(perturb(Problem(id="a~b", question="What is 5 + 3?", answer="8"), "typos").id) == "a~b"
+    assert original_id("a~b") == "a~b" and original_id("gsm8k-1") == "gsm8k-1"
