@@ -98,10 +98,19 @@ def model_card(
     if training_record:
         lines += ["", "## Training", "", "```json", json.dumps(training_record, indent=2, default=str)[:4000], "```"]
     if eval_results:
-        lines += ["", "## Evaluation", "", "| system | accuracy | tokens / problem | seconds / problem |", "|---|---|---|---|"]
+        n = eval_results.get("problems")
+        lines += ["", "## Evaluation", "", f"{n} held-out problems of `{eval_results.get('task', '?')}`." if n else "",
+                  "", "| system | accuracy | 95% interval | tokens / problem | seconds / problem |", "|---|---|---|---|---|"]
         for system, m in eval_results.get("systems", {}).items():
-            lines.append(f"| {system} | {m.get('accuracy', float('nan')):.3f} | {m.get('tokens_per_problem', 0):.0f} "
-                         f"| {m.get('seconds_per_problem', 0):.2f} |")
+            interval = f"{m['accuracy_low']:.3f} - {m['accuracy_high']:.3f}" if "accuracy_low" in m else "-"
+            lines.append(f"| {system} | {m.get('accuracy', float('nan')):.3f} | {interval} "
+                         f"| {m.get('tokens_per_problem', 0):.0f} | {m.get('seconds_per_problem', 0):.2f} |")
+        robust = [(system, kind, r) for system, kinds in (eval_results.get("robustness") or {}).items()
+                  for kind, r in kinds.items()]
+        if robust:
+            lines += ["", "Robustness (the same problems perturbed, gold answers unchanged):", "",
+                      "| system | perturbation | accuracy | change vs clean |", "|---|---|---|---|"]
+            lines += [f"| {system} | {kind} | {r['accuracy']:.3f} | {r['change']:+.3f} |" for system, kind, r in robust]
     if merge_recipe:
         lines += ["", "## Merge recipe", "", "```yaml", merge_recipe.strip(), "```"]
     return redact("\n".join(lines) + "\n")

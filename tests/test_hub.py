@@ -47,6 +47,16 @@ def test_export_adapter_writes_card_with_base_and_results(adapter_dir: Path, tmp
     assert "final_loss" in (out / "README.md").read_text()
 
 
+def test_card_shows_intervals_and_robustness_when_the_eval_has_them(adapter_dir: Path, tmp_path: Path) -> None:
+    results = {"task": "synthetic:quickstart", "problems": 27,
+               "systems": {"distilled-greedy": {"accuracy": 0.963, "accuracy_low": 0.817, "accuracy_high": 0.993}},
+               "robustness": {"distilled-greedy": {"distractor": {"accuracy": 0.778, "change": -0.185}}}}
+    card = (export_folder(adapter_dir, tmp_path / "export", eval_results=results) / "README.md").read_text()
+    assert "27 held-out problems of `synthetic:quickstart`" in card
+    assert "| distilled-greedy | 0.963 | 0.817 - 0.993 |" in card
+    assert "| distilled-greedy | distractor | 0.778 | -0.185 |" in card
+
+
 def test_export_refuses_existing_output_and_bad_source(adapter_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError):
