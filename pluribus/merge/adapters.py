@@ -296,15 +296,26 @@ def merge_adapters(
         results: Iterable[tuple[Tensor, Tensor, float, float]] = map(plan.compressed, names)
         _collect(out, names, results, advance)
         return out
+    # the caller's own OpenMP team would spin on a core the workers need: one thread here while they run
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        # OpenMP's thread count is per calling thread: each worker sets its own
-        with ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            _collect(out, names, pool.map(plan.compressed, names), advance)
+        _collect(out, names, _pool(workers).map(plan.compressed, names), advance)
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A long-lived pool of single-threaded torch workers: a fresh thread pays BLAS/LAPACK set-up on first use."""
+    if workers not in _POOLS:
+        # OpenMP's thread count is per calling thread: each worker sets its own
+        _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pluribus-merge",
+                                             initializer=torch.set_num_threads, initargs=(1,))
+    return _POOLS[workers]
 
 
 def _collect(

@@ -421,12 +421,14 @@ def truncate_factors(B: Tensor, A: Tensor, rank: int | None = None, energy: floa
     norm; the output splits ``S`` evenly: ``B' = B R_a^T V_k S_k^-1/2``, ``A' = S_k^1/2 V_k^T R_a^-T A``.
     Exactly one of ``rank`` / ``energy`` chooses k (capped at R). A rank-deficient or ill-conditioned A (or B,
     by symmetry) falls back to Householder QR of both factors and an SVD of the core ``R_b R_a^T``.
-    Cost: O((d_out + d_in) R^2 + R^3), all BLAS-3.
+    Cost: O((d_out + d_in) R^2 + R^3), all BLAS-3. The decomposition runs in float64; the two final products
+    that map the small R x k solution back to d_out and d_in run in the inputs' dtype, the one the output is
+    stored in (for float32 factors this moves the result ~1e-7 relative, the size of storing it).
     """
     b64, a64 = B.to(torch.float64), A.to(torch.float64)
-    low = _truncate_gram(b64, a64, rank, energy)
+    low = _truncate_gram(b64, a64, rank, energy, B, A)
     if low is None:  # (B A)^T = A^T B^T: the other side may be well conditioned
-        low = _truncate_gram(a64.T, b64.T, rank, energy)
+        low = _truncate_gram(a64.T, b64.T, rank, energy, A.T, B.T)
         if low is not None:
             low = LowRank(low.A.T, low.B.T, low.singular_values, low.error, low.exact_norm)
     if low is None:
@@ -443,8 +445,11 @@ def _kept(s: Tensor, rank: int | None, energy: float | None) -> tuple[int, float
     return k, (math.sqrt(tail / total) if total > 0 else 0.0), math.sqrt(total)
 
 
-def _truncate_gram(b64: Tensor, a64: Tensor, rank: int | None, energy: float | None) -> LowRank | None:
-    """The eigh route of truncate_factors; None when A A^T is not safely positive definite."""
+def _truncate_gram(
+    b64: Tensor, a64: Tensor, rank: int | None, energy: float | None, b_out: Tensor, a_out: Tensor
+) -> LowRank | None:
+    """The eigh route of truncate_factors (final products with ``b_out``/``a_out``, the factors in their own
+    dtype); None when A A^T is not safely positive definite."""
     chol, info = torch.linalg.cholesky_ex(a64 @ a64.T)
     if int(info) != 0:
         return None
@@ -461,9 +466,10 @@ def _truncate_gram(b64: Tensor, a64: Tensor, rank: int | None, energy: float | N
     # S^-1/2 of a negligible singular value is noise: such a triplet contributes nothing and is written as zero
     inv_root = torch.where(s[:k] > 1e-7 * s[0], s[:k].clamp_min(1e-300).rsqrt(), torch.zeros_like(s[:k]))
     vk = v[:, :k]
-    new_b = b64 @ (ra_t @ (vk * inv_root))
+    new_b = b_out @ (ra_t @ (vk * inv_root)).to(b_out.dtype)
     # A' = S^1/2 V_k^T L^-1 A: one triangular solve of the small R x k system
-    new_a = torch.linalg.solve_triangular(ra_t.T, vk * (s[:k] * (inv_root > 0)).sqrt(), upper=True).T @ a64
+    y = torch.linalg.solve_triangular(ra_t.T, vk * (s[:k] * (inv_root > 0)).sqrt(), upper=True)
+    new_a = y.T.to(a_out.dtype) @ a_out
     return LowRank(new_b, new_a, s[:k].to(torch.float32), err, norm)
 
 

@@ -203,3 +203,12 @@ def test_truncate_factors_stays_the_best_rank_k_on_degenerate_stacks(case):
         assert torch.isfinite(low.B).all() and torch.isfinite(low.A).all()
         actual = float(torch.linalg.matrix_norm(exact - low.B @ low.A) / torch.linalg.matrix_norm(exact))
         assert low.error == pytest.approx(actual, abs=1e-6)
+
+
+def test_float32_factors_stay_within_storage_precision_of_the_float64_result():
+    B, A = rand((300, 40), 5), rand((40, 200), 6)
+    low32, low64 = M.truncate_factors(B, A, rank=16), M.truncate_factors(B.double(), A.double(), rank=16)
+    assert low32.B.dtype == low32.A.dtype == torch.float32
+    p32, p64 = low32.B.double() @ low32.A.double(), low64.B @ low64.A
+    assert float(torch.linalg.matrix_norm(p32 - p64) / torch.linalg.matrix_norm(p64)) < 1e-6
+    assert low32.error == low64.error  # the error comes from the float64 decomposition
