@@ -17,6 +17,7 @@ from typing import Any
 
 from pluribus.config import EvalConfig, Recipe, TeamConfig
 from pluribus.errors import PluribusError
+from pluribus.eval.robustness import original_id, perturb
 from pluribus.eval.stats import mcnemar_exact, paired, wilson_interval
 from pluribus.io import atomic_write_text
 
@@ -118,23 +119,21 @@ def score(records: list[dict[str, Any]], system: str, mode: str) -> SystemResult
 
 def outcomes(records: list[dict[str, Any]]) -> dict[str, bool]:
     """Whether each problem (by its original id, perturbation suffix stripped) was answered correctly."""
-    from pluribus.eval.robustness import original_id
-
     return {original_id(r["problem_id"]): bool(r["final_correct"]) for r in records}
 
 
 def compare(results: dict[str, dict[str, bool]]) -> list[dict[str, Any]]:
     """Every system against the single base agent of the same decoding (greedy if it has none), paired by problem."""
+    singles = [k for k in results if k.startswith("single-")]
+    if not singles:
+        return []
+    fallback = "single-greedy" if "single-greedy" in results else singles[0]
     out = []
     for label, solved in results.items():
-        if label.startswith("single-"):
+        if label in singles:
             continue
-        mode = label.rsplit("-", 1)[-1]
-        baseline = f"single-{mode}" if f"single-{mode}" in results else "single-greedy"
-        if baseline not in results:
-            baseline = next((k for k in results if k.startswith("single-")), None)
-        if baseline is None:
-            continue
+        same_mode = f"single-{label.rsplit('-', 1)[-1]}"
+        baseline = same_mode if same_mode in results else fallback
         wins, losses, shared = paired(solved, results[baseline])
         out.append({"system": label, "baseline": baseline, "problems": shared, "wins": wins, "losses": losses,
                     "p_value": mcnemar_exact(wins, losses)})
@@ -157,7 +156,6 @@ def run_eval(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
     """Evaluate every planned system on the held-out split; write results.json, report.md and a plot."""
     from pluribus.data.tasks import load_problems
     from pluribus.eval.report import write_report
-    from pluribus.eval.robustness import perturb
 
     cfg = recipe.eval or EvalConfig()
     task = recipe.require("task")

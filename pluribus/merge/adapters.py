@@ -293,8 +293,7 @@ def merge_adapters(
     names = list(plan.shapes)
     workers = max(1, workers or torch.get_num_threads())
     if workers == 1 or spec.method.startswith("dare") or len(names) < 2:
-        results: Iterable[tuple[Tensor, Tensor, float, float]] = map(plan.compressed, names)
-        _collect(out, names, results, advance)
+        _collect(out, names, map(plan.compressed, names), advance)
         return out
     # the caller's own OpenMP team would spin on a core the workers need: one thread here while they run
     threads = torch.get_num_threads()

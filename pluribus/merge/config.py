@@ -255,7 +255,11 @@ def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any)
     masks; mergekit's ``--random-seed``) also applies to a config file.
     """
     seed = flags.get("seed")
-    if config is not None:
+    if config is None:
+        if not flags.get("method"):
+            raise PluribusError("give a merge config file, or --method with --adapters/--models (see --help)")
+        spec = spec_from_flags(**flags)  # the flags carry the seed
+    else:
         p = Path(config)
         data = yaml.safe_load(p.read_text()) if p.is_file() else None
         if isinstance(data, dict) and isinstance(data.get("merge"), dict):  # a whole recipe
@@ -264,14 +268,11 @@ def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any)
             recipe = load_recipe(p)
             section = recipe.require("merge")
             spec = section.load()
-            spec = spec if seed is None else spec.model_copy(update={"seed": seed})
-            return spec, Path(out) if out else recipe.run_dir / "merged" / section.name
-        spec = load_merge_config(p)
-        spec = spec if seed is None else spec.model_copy(update={"seed": seed})
-    else:
-        if not flags.get("method"):
-            raise PluribusError("give a merge config file, or --method with --adapters/--models (see --help)")
-        spec = spec_from_flags(**flags)
+            out = out or recipe.run_dir / "merged" / section.name
+        else:
+            spec = load_merge_config(p)
+        if seed is not None:
+            spec = spec.model_copy(update={"seed": seed})
     if out is None:
         raise PluribusError("give the output folder with -o OUT")
     return spec, Path(out)

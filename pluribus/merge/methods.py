@@ -457,7 +457,7 @@ def _truncate_gram(
     # cond(R_a) <~ 1e4 keeps Q_a orthonormal to ~1e-8 in float64; worse goes to QR
     if not bool(d.min() > 1e-4 * d.max()):
         return None
-    ra_t = chol  # lower triangular L = R_a^T
+    ra_t = chol  # the lower-triangular Cholesky factor is R_a^T
     gram = ra_t.T @ (b64.T @ b64) @ ra_t
     lam, v = torch.linalg.eigh((gram + gram.T) * 0.5)
     lam, v = lam.flip(0).clamp_min(0), v.flip(1)
@@ -486,12 +486,6 @@ def _truncate_qr(b64: Tensor, a64: Tensor, rank: int | None, energy: float | Non
 def truncate_dense(delta: Tensor, rank: int | None = None, energy: float | None = None) -> LowRank:
     """Best rank-k approximation of a dense ``delta`` [d_out, d_in] by its SVD (for TIES/DARE results)."""
     u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
-    k = rank_for_energy(s, energy) if energy is not None else int(rank or s.numel())
-    k = max(1, min(k, s.numel()))
+    k, err, norm = _kept(s, rank, energy)
     root = s[:k].sqrt()
-    total = float((s**2).sum())
-    tail = float((s[k:] ** 2).sum())
-    err = math.sqrt(tail / total) if total > 0 else 0.0
-    return LowRank(
-        (u[:, :k] * root).to(delta.dtype), (root[:, None] * vh[:k]).to(delta.dtype), s[:k].float(), err, math.sqrt(total)
-    )
+    return LowRank((u[:, :k] * root).to(delta.dtype), (root[:, None] * vh[:k]).to(delta.dtype), s[:k].float(), err, norm)
