@@ -293,13 +293,15 @@ def merge_adapters(
     names = list(plan.shapes)
     workers = max(1, workers or torch.get_num_threads())
     if workers == 1 or spec.method.startswith("dare") or len(names) < 2:
-        _collect(out, names, map(plan.compressed, names), advance)
+        with M.numpy_blas_capped():
+            _collect(out, names, map(plan.compressed, names), advance)
         return out
     # the caller's own OpenMP team would spin on a core the workers need: one thread here while they run
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _collect(out, names, _pool(workers).map(plan.compressed, names), advance)
+        with M.numpy_blas_capped():
+            _collect(out, names, _pool(workers).map(plan.compressed, names), advance)
     finally:
         torch.set_num_threads(threads)
     return out

@@ -13,9 +13,11 @@ comes only from an explicit ``torch.Generator``. Arithmetic runs in float32 (flo
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -450,7 +452,7 @@ def _truncate_gram(
 ) -> LowRank | None:
     """The eigh route of truncate_factors (final products with ``b_out``/``a_out``, the factors in their own
     dtype); None when A A^T is not safely positive definite."""
-    chol, info = torch.linalg.cholesky_ex(a64 @ a64.T)
+    chol, info = torch.linalg.cholesky_ex(_gram(a64))
     if int(info) != 0:
         return None
     d = chol.diagonal()
@@ -458,7 +460,7 @@ def _truncate_gram(
     if not bool(d.min() > 1e-4 * d.max()):
         return None
     ra_t = chol  # the lower-triangular Cholesky factor is R_a^T
-    gram = ra_t.T @ (b64.T @ b64) @ ra_t
+    gram = ra_t.T @ _gram(b64.T) @ ra_t
     lam, v = torch.linalg.eigh((gram + gram.T) * 0.5)
     lam, v = lam.flip(0).clamp_min(0), v.flip(1)
     s = lam.sqrt()
@@ -471,6 +473,42 @@ def _truncate_gram(
     y = torch.linalg.solve_triangular(ra_t.T, vk * (s[:k] * (inv_root > 0)).sqrt(), upper=True)
     new_a = y.T.to(a_out.dtype) @ a_out
     return LowRank(new_b, new_a, s[:k].to(torch.float32), err, norm)
+
+
+def _gram(x: Tensor) -> Tensor:
+    """``x @ x.T`` of a float64 matrix. Inside ``numpy_blas_capped`` it runs in NumPy, which hands a product of
+    a matrix with its own transpose to BLAS syrk: one triangle, half a GEMM's flops (torch has no syrk;
+    measured 0.7x the time on the merge bench's modules)."""
+    if not _CAPPED or x.device.type != "cpu" or x.requires_grad:
+        return x @ x.T
+    a = x.numpy()
+    return torch.from_numpy(a @ a.T)
+
+
+_CAPPED = 0  # how many numpy_blas_capped blocks are open
+_OPENBLAS: Any = None
+
+
+@contextlib.contextmanager
+def numpy_blas_capped() -> Iterator[None]:
+    """Let ``_gram`` use NumPy's OpenBLAS, capped at one thread while the block runs.
+
+    Its thread pool is separate from torch's OpenMP team and the two spin on each other's cores: at its
+    default (all cores) beside two merge workers the merge bench ran 2.2x slower, beside one 2-thread torch
+    worker 25x slower. Gram products of R x d factors are small enough that one thread each is right.
+    """
+    global _CAPPED, _OPENBLAS
+    import numpy  # noqa: F401 (its BLAS must be loaded for the controller to find it)
+    from threadpoolctl import ThreadpoolController
+
+    if _OPENBLAS is None:
+        _OPENBLAS = ThreadpoolController().select(internal_api="openblas")
+    with _OPENBLAS.limit(limits=1):
+        _CAPPED += 1
+        try:
+            yield
+        finally:
+            _CAPPED -= 1
 
 
 def _truncate_qr(b64: Tensor, a64: Tensor, rank: int | None, energy: float | None) -> LowRank:
