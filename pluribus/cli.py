@@ -170,10 +170,10 @@ def merge_cmd(
     config: Annotated[Path | None, typer.Argument(help="Merge YAML (pluribus or mergekit) or a recipe with merge:.")] = None,
     out: Annotated[Path | None, _opt("Output folder.", "-o", "--out")] = None,
     method: Annotated[str | None, _opt("cat | svd | linear | task_arithmetic | magnitude | ties | dare_linear | dare_ties", "--method")] = None,
-    adapters: Annotated[list[str] | None, _opt("Adapter folders (comma-separated or repeated).", "--adapters")] = None,
-    models: Annotated[list[str] | None, _opt("Model folders, or model+adapter (comma-separated or repeated).", "--models")] = None,
+    adapters: Annotated[list[str] | None, _opt("Adapter folders (space- or comma-separated).", "--adapters")] = None,
+    models: Annotated[list[str] | None, _opt("Model folders, or model+adapter (space- or comma-separated).", "--models")] = None,
     base: Annotated[str | None, _opt("Base model folder (full merges, folding).", "--base")] = None,
-    weights: Annotated[list[str] | None, _opt("One weight per input (comma-separated or repeated).", "--weights")] = None,
+    weights: Annotated[list[str] | None, _opt("One weight per input (space- or comma-separated).", "--weights")] = None,
     density: Annotated[float | None, _opt("TIES / magnitude: fraction kept.", "--density")] = None,
     drop: Annotated[float | None, _opt("DARE drop rate p.", "--drop")] = None,
     seed: Annotated[int | None, _opt("Seed of the DARE masks (mergekit's --random-seed; default 0).", "--seed")] = None,
@@ -317,11 +317,41 @@ def _terminated(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+LIST_OPTIONS = ("--adapters", "--models", "--weights")
+
+
+def gather_lists(argv: list[str]) -> list[str]:
+    """``merge --adapters a b c`` -> ``--adapters a,b,c`` (also ``--models``, ``--weights``): the short form
+    takes space-separated lists, which click options cannot. A list runs to the next option; numbers such as
+    ``-0.5`` are values, not options."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i] in LIST_OPTIONS:
+            values = []
+            while i + 1 < len(argv) and (not argv[i + 1].startswith("-") or _is_number(argv[i + 1])):
+                i += 1
+                values.append(argv[i])
+            if values:
+                out.append(",".join(values))
+        i += 1
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main() -> None:
     """Run the CLI; user errors print one line and exit with code 2; SIGTERM cleans up like Ctrl-C."""
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        app(standalone_mode=False)
+        app(args=gather_lists(sys.argv[1:]), standalone_mode=False)
     except PluribusError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

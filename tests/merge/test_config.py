@@ -90,7 +90,8 @@ def test_recipe_merge_section_inline_or_by_path(tmp_path):
 @pytest.mark.slow
 def test_cli_short_form_and_one_line_errors(make_adapter, tmp_path):
     a, b = make_adapter(2, 4, ["q_proj"], seed=31), make_adapter(3, 3, ["q_proj", "v_proj"], seed=32)
-    res = subprocess.run([str(PLURIBUS), "merge", "--method", "svd", "--adapters", f"{a},{b}", "--weights", "1,0.5",
+    # the short form: space-separated lists
+    res = subprocess.run([str(PLURIBUS), "merge", "--method", "svd", "--adapters", str(a), str(b), "--weights", "1", "0.5",
                           "--rank", "2", "-o", str(tmp_path / "out")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "method svd (adapters -> adapter)" in res.stdout and "ranks out: 2" in res.stdout
@@ -99,6 +100,15 @@ def test_cli_short_form_and_one_line_errors(make_adapter, tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 2 and "already exists; pass --overwrite" in res.stderr
     assert len([line for line in res.stderr.splitlines() if line.strip() and "gemm_4bit" not in line]) == 1
+
+
+def test_space_separated_lists_become_one_value():
+    from pluribus.cli import gather_lists
+
+    argv = ["merge", "--method", "ties", "--adapters", "a", "b", "c", "--weights", "1", "-0.5", "2", "-o", "out"]
+    assert gather_lists(argv) == ["merge", "--method", "ties", "--adapters", "a,b,c", "--weights", "1,-0.5,2", "-o", "out"]
+    assert gather_lists(["merge", "--adapters", "a,b", "--adapters", "c"]) == ["merge", "--adapters", "a,b", "--adapters", "c"]
+    assert gather_lists(["merge", "--models", "--rank", "4"]) == ["merge", "--models", "--rank", "4"]  # click reports it
 
 
 def test_example_configs_parse():
