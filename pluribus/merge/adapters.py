@@ -193,16 +193,19 @@ def stacked_factors(
 
     Each coefficient is split as sqrt|c| into A and sign(c) sqrt|c| into B so both factors keep the same scale.
     """
-    bs, as_ = [], []
-    for a, c in zip(adapters, coefs, strict=True):
-        m = a.modules.get(name)
-        if m is None:
-            continue
+    present = [(c, a.modules[name]) for a, c in zip(adapters, coefs, strict=True) if name in a.modules]
+    rank = sum(m.rank for _, m in present)
+    first = present[0][1]
+    b_cat, a_cat = torch.empty(first.B.shape[0], rank), torch.empty(rank, first.A.shape[1])
+    at = 0
+    for c, m in present:
         k = c * m.scaling
         root = math.sqrt(abs(k))
-        as_.append(m.A.float() * root)
-        bs.append(m.B.float() * (root if k >= 0 else -root))
-    return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+        # into the stacks directly: one pass over each factor; float32 first so the scaling is exact
+        torch.mul(m.A.float(), root, out=a_cat[at : at + m.rank])
+        torch.mul(m.B.float(), root if k >= 0 else -root, out=b_cat[:, at : at + m.rank])
+        at += m.rank
+    return b_cat, a_cat
 
 
 def method_params(spec: MergeSpec) -> M.MethodParams:
