@@ -486,24 +486,28 @@ def _gram(x: Tensor) -> Tensor:
 
 
 _CAPPED = 0  # how many numpy_blas_capped blocks are open
-_OPENBLAS: Any = None
+_NUMPY_BLAS: Any = None
 
 
 @contextlib.contextmanager
 def numpy_blas_capped() -> Iterator[None]:
-    """Let ``_gram`` use NumPy's OpenBLAS, capped at one thread while the block runs.
+    """Let ``_gram`` use NumPy's BLAS, capped at one thread while the block runs.
 
     Its thread pool is separate from torch's OpenMP team and the two spin on each other's cores: at its
     default (all cores) beside two merge workers the merge bench ran 2.2x slower, beside one 2-thread torch
-    worker 25x slower. Gram products of R x d factors are small enough that one thread each is right.
+    worker 25x slower. Gram products of R x d factors are small enough that one thread each is right. A BLAS
+    that threadpoolctl cannot see cannot be capped, so ``_gram`` then stays in torch.
     """
-    global _CAPPED, _OPENBLAS
+    global _CAPPED, _NUMPY_BLAS
     import numpy  # noqa: F401 (its BLAS must be loaded for the controller to find it)
     from threadpoolctl import ThreadpoolController
 
-    if _OPENBLAS is None:
-        _OPENBLAS = ThreadpoolController().select(internal_api="openblas")
-    with _OPENBLAS.limit(limits=1):
+    if _NUMPY_BLAS is None:
+        _NUMPY_BLAS = ThreadpoolController().select(user_api="blas")
+    if not _NUMPY_BLAS.lib_controllers:
+        yield
+        return
+    with _NUMPY_BLAS.limit(limits=1):
         _CAPPED += 1
         try:
             yield
