@@ -105,7 +105,7 @@ def main() -> None:
     train = validate_recipe({**harvest.to_dict(), "train": {
         "stage": "rsft", "model": EMBEDDED, "lr": args.lr, "epochs": args.epochs, "batch_size": 8,
         "kernels": "auto", "eval_fraction": 0.05, "save_steps": 1000, "report_to": ["none"]}})
-    adapter = train_stage(train)
+    adapter = train_stage(train, overwrite=True)
     record = json.loads((adapter / "training_record.json").read_text())
     print(f"adapter: {adapter} (train_loss {record['metrics'].get('train_loss'):.4f}, "
           f"eval_loss {record['metrics'].get('eval_loss', float('nan')):.4f})")

@@ -7,9 +7,11 @@ weights are ever loaded, and ``trust_remote_code`` stays off unless the caller t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +22,11 @@ from typing import Any
 from pluribus.errors import PluribusError
 
 EMBEDDED = "smollm2-135m"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# config.json keys that differ between copies of one model (who saved it, in which dtype)
+_CONFIG_NOISE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+
+logger = logging.getLogger("pluribus.models")
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,10 @@ def _is_model_dir(path: Path) -> bool:
 
 
 def _check_safetensors(folder: Path, what: str) -> None:
-    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+    files = sorted(folder.glob("*.safetensors"))
+    if files or (folder / "model.safetensors.index.json").is_file():
+        for f in files:
+            check_safetensors_header(f, "model weights", "re-save or re-download the model")
         return
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
         raise PluribusError(
@@ -84,6 +94,55 @@ def _check_safetensors(folder: Path, what: str) -> None:
             "convert it to safetensors first (save_pretrained(..., safe_serialization=True))"
         )
     raise PluribusError(f"{what} '{folder}' has a config.json but no *.safetensors weights")
+
+
+def check_safetensors_header(path: Path, what: str, fix: str) -> None:
+    """Parse the header of a safetensors file (cheap: nothing is read but the header); a truncated or foreign
+    file raises a PluribusError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PluribusError(f"{what} '{path}' are corrupt or truncated ({e}); {fix}") from None
+
+
+def first_nonfinite(tensors: Any) -> tuple[str, int] | None:
+    """(name, count) of the first floating tensor in ``tensors`` (name, tensor pairs) holding NaN/Inf, else None."""
+    import torch
+
+    for name, t in tensors:
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        # a finite sum means no NaN/Inf, without a mask as large as the tensor; an overflow falls to the exact test
+        if torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)):
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            return name, bad
+    return None
+
+
+def check_finite_model(model: Any, folder: Path) -> None:
+    """Refuse a loaded model whose weights hold NaN/Inf, naming the tensor and the file it came from."""
+    found = first_nonfinite(model.named_parameters())
+    if found is None:
+        return
+    name, bad = found
+    index = folder / "model.safetensors.index.json"
+    files = sorted(folder.glob("*.safetensors"))
+    source = ""
+    if index.is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            source = json.loads(index.read_text()).get("weight_map", {}).get(name, "")
+    elif len(files) == 1:
+        source = files[0].name
+    where = f" ({folder / source})" if source else f" (in '{folder}')"
+    raise PluribusError(
+        f"model weights hold {bad} NaN/Inf value(s) in tensor '{name}'{where}; the checkpoint is broken: "
+        "re-save or re-download the model"
+    )
 
 
 def dequantize_gguf(gguf_path: Path, out_dir: Path) -> Path:
@@ -200,6 +259,35 @@ def resolve_model(name: str | os.PathLike[str]) -> Path:
     return _resolve_hub_id(text)
 
 
+def require_tokenizer_files(folder: Path) -> None:
+    """A PluribusError when a model folder holds no tokenizer files (a bare save_pretrained of the model)."""
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise PluribusError(
+            f"model folder '{folder}' has no tokenizer files (tokenizer.json / tokenizer_config.json); copy them "
+            "from the model it was made from (tokenizer.save_pretrained(folder))"
+        )
+
+
+def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved in a model folder, or a PluribusError when it has none or it cannot be read."""
+    from transformers import AutoTokenizer
+
+    require_tokenizer_files(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise PluribusError(
+                f"the tokenizer of '{folder}' needs its own Python code; set trust_remote_code: true in the recipe "
+                "only if you trust its authors"
+            ) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PluribusError(
+            f"the tokenizer files of '{folder}' cannot be loaded ({first}); re-save them with "
+            "tokenizer.save_pretrained(folder)"
+        ) from None
+
+
 def load_model(
     name: str | os.PathLike[str],
     *,
@@ -214,16 +302,17 @@ def load_model(
 
     ``dtype`` defaults to bf16; ``quantize='nf4'`` loads 4-bit NF4 weights with bitsandbytes (QLoRA).
     The tokenizer gets a pad token (eos) if it has none, and ``padding_side`` (left, for batched generation).
+    Weights holding NaN/Inf, a corrupt file or a missing tokenizer raise a PluribusError.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = resolve_model(name)
     kwargs: dict[str, Any] = {"dtype": dtype or torch.bfloat16, "use_safetensors": True,
                               "trust_remote_code": trust_remote_code}
     if quantize is not None:
         kwargs["quantization_config"] = nf4_config(quantize)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -236,6 +325,7 @@ def load_model(
                 "only if you trust its authors"
             ) from None
         raise
+    check_finite_model(model, folder)
     model.to(device)
     if adapter is not None:
         model = apply_adapter(model, adapter)
@@ -272,11 +362,92 @@ def read_adapter_config(adapter: str | os.PathLike[str]) -> dict[str, Any]:
         raise PluribusError(f"adapter config '{cfg}' is not valid JSON (line {e.lineno})") from None
 
 
-def apply_adapter(model: Any, adapter: str | os.PathLike[str], adapter_name: str = "default") -> Any:
-    """Wrap ``model`` with the PEFT adapter at ``adapter``; a shape mismatch is reported as another base."""
-    from peft import PeftModel
+def _recorded_base_folder(base: str) -> Path | None:
+    """The local folder an adapter's recorded base names, when it names one on this machine (never downloads)."""
+    if not base:
+        return None
+    if base in ALIASES:
+        try:
+            cached = cache_dir() / "models" / f"{base}-{_file_key(find_alias_file(base))}"
+        except PluribusError:
+            return None
+        return cached if _is_model_dir(cached) else None
+    path = Path(base).expanduser()
+    if path.exists():
+        return path if _is_model_dir(path) else None
+    if base.count("/") != 1 or base.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        found = Path(snapshot_download(base, local_files_only=True, allow_patterns=["config.json"]))
+    except Exception:  # not in the cache (or not a hub id): nothing to compare with
+        return None
+    return found if _is_model_dir(found) else None
+
+
+def _config_identity(folder: Path) -> dict[str, Any] | None:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in config.items() if k not in _CONFIG_NOISE} if isinstance(config, dict) else None
+
+
+_unchecked_bases: set[str] = set()  # adapters already warned about, so a debate warns once per adapter
+
+
+def check_adapter(adapter: str | os.PathLike[str], model_folder: str | os.PathLike[str] | None = None
+                  ) -> dict[str, Any]:
+    """Check a PEFT adapter before it is applied and return its config; every problem is a PluribusError.
+
+    Its weights must be a readable safetensors file without NaN/Inf. With ``model_folder``, the adapter's
+    recorded base must be that model: refused only when the base resolves to another local folder whose
+    config.json differs (a hub id, an alias or a path from another machine cannot be compared, and passes).
+    """
+    from safetensors import SafetensorError, safe_open
 
     cfg = read_adapter_config(adapter)
+    weights = Path(adapter) / "adapter_model.safetensors"
+    try:
+        with safe_open(weights, framework="pt") as f:
+            found = first_nonfinite((key, f.get_tensor(key)) for key in f.keys())  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PluribusError(f"adapter weights '{weights}' are corrupt or truncated ({e}); re-save or retrain "
+                            "the adapter") from None
+    if found is not None:
+        raise PluribusError(f"adapter weights '{weights}' hold {found[1]} NaN/Inf value(s) in tensor '{found[0]}'; "
+                            "the adapter is broken (did its training diverge?): retrain it, e.g. with a lower "
+                            "train.lr")
+    if model_folder is None:
+        return cfg
+    model_folder = Path(model_folder)
+    base = str(cfg.get("base_model_name_or_path") or "")
+    theirs = _recorded_base_folder(base)
+    if theirs is None:
+        if str(adapter) not in _unchecked_bases:
+            _unchecked_bases.add(str(adapter))
+            logger.warning("adapter '%s' records base '%s', which is not on this machine; cannot check that it "
+                           "belongs to '%s'", adapter, base or "(none)", model_folder)
+        return cfg
+    if theirs.resolve() == model_folder.resolve():
+        return cfg
+    a, b = _config_identity(theirs), _config_identity(model_folder)
+    if a is not None and b is not None and a != b:
+        raise PluribusError(
+            f"adapter '{adapter}' was trained on base '{base}', but the model is '{model_folder}' (their "
+            "config.json differ); use the adapter's base model, or an adapter trained on this one"
+        )
+    return cfg
+
+
+def apply_adapter(model: Any, adapter: str | os.PathLike[str], adapter_name: str = "default") -> Any:
+    """Wrap ``model`` with the PEFT adapter at ``adapter`` (checked by ``check_adapter`` first); a shape mismatch
+    is reported as another base."""
+    from peft import PeftModel
+
+    name = getattr(model.config, "name_or_path", "") or ""
+    cfg = check_adapter(adapter, name if name and _is_model_dir(Path(name)) else None)
     try:
         return PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name, is_trainable=False)
     except RuntimeError as e:

@@ -108,3 +108,70 @@ def test_cli_models_resolve_prints_the_folder(smollm2_dir: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "pluribus.cli", "models", "resolve", "smollm2-135m"],
                          capture_output=True, text=True, check=True)
     assert Path(out.stdout.strip()) == smollm2_dir
+
+
+# ------------------------------------------------------------------------ broken weights, tokenizers, adapters
+
+
+def test_nan_weights_are_refused_naming_the_tensor_and_file(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from tests.broken import nan_copy
+
+    bad = nan_copy(tiny_llama_dir, tmp_path / "nan")
+    with pytest.raises(PluribusError, match=r"1 NaN/Inf value\(s\) in tensor '.+' \(.*nan/model\.safetensors\)"):
+        load_model(bad, dtype=torch.float32)
+
+
+def test_truncated_weights_are_refused_when_resolved(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from tests.broken import truncated_copy
+
+    bad = truncated_copy(tiny_llama_dir, tmp_path / "cut", keep=100_000)
+    with pytest.raises(PluribusError, match=r"model weights '.*cut/model\.safetensors' are corrupt or truncated"):
+        resolve_model(bad)
+
+
+def test_folder_without_tokenizer_files_is_a_clear_error(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama_dir / name, bare / name)
+    with pytest.raises(PluribusError, match="has no tokenizer files"):
+        load_model(bare)
+
+
+def test_corrupt_or_nan_adapter_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from pluribus.models import check_adapter
+    from tests.broken import lora_adapter, nan_copy, truncated_copy
+
+    good = lora_adapter(tiny_llama_dir, tmp_path / "good")
+    assert check_adapter(good, tiny_llama_dir)["r"] == 4
+    cut = truncated_copy(good, tmp_path / "cut", "adapter_model.safetensors", keep=5)
+    with pytest.raises(PluribusError, match="adapter weights .* are corrupt or truncated"):
+        load_model(tiny_llama_dir, adapter=cut)
+    nan = nan_copy(good, tmp_path / "nan", "adapter_model.safetensors")
+    with pytest.raises(PluribusError, match=r"hold 1 NaN/Inf value\(s\) in tensor '.*lora_A"):
+        load_model(tiny_llama_dir, adapter=nan)
+
+
+def test_adapter_of_another_local_base_with_the_same_shapes_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from tests.broken import lora_adapter, other_base
+
+    other = other_base(tiny_llama_dir, tmp_path / "other")
+    adapter = lora_adapter(tiny_llama_dir, tmp_path / "adapter", base=str(other))
+    with pytest.raises(PluribusError, match=f"trained on base '{other}', but the model is '{tiny_llama_dir}'"):
+        load_model(tiny_llama_dir, adapter=adapter)
+
+
+@pytest.mark.parametrize("recorded", ["copy", "some-org/not-cached", "/home/someone/models/llama", ""])
+def test_adapter_base_that_cannot_differ_is_accepted(tiny_llama_dir: Path, tmp_path: Path, recorded: str) -> None:
+    """A copy of the model elsewhere, a hub id, a path of another machine or no base: nothing says it differs."""
+    import shutil
+
+    from tests.broken import lora_adapter
+
+    if recorded == "copy":
+        recorded = str(shutil.copytree(tiny_llama_dir, tmp_path / "copy"))
+    adapter = lora_adapter(tiny_llama_dir, tmp_path / "a", base=recorded)
+    model, _ = load_model(tiny_llama_dir, adapter=adapter, dtype=torch.float32)
+    assert "default" in model.peft_config

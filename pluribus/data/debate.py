@@ -384,16 +384,18 @@ def config_hash(recipe: Recipe) -> str:
 
 
 def check_models(team: TeamConfig) -> None:
-    """Fail before anything is written: every local model resolves, every adapter and server setting exists."""
+    """Fail before anything is written: every local model resolves (readable weights, a tokenizer), every
+    adapter is sound and made for its agent's model, every server setting exists."""
     import os
 
-    from pluribus.models import read_adapter_config, resolve_model
+    from pluribus.models import check_adapter, require_tokenizer_files, resolve_model
 
     for agent in [*team.agents, *([team.judge] if team.judge else [])]:
         if agent.backend in ("transformers", "vllm"):
-            resolve_model(agent.model)
+            folder = resolve_model(agent.model)
+            require_tokenizer_files(folder)
             if agent.adapter:
-                read_adapter_config(agent.adapter)
+                check_adapter(agent.adapter, folder)
         elif agent.backend == "openai":
             if not agent.base_url:
                 raise PluribusError(f"agent '{agent.name or agent.model}' uses the openai backend but sets no "
@@ -436,6 +438,9 @@ def run_debate(
         raise PluribusError(f"problem ids must be unique; '{dup}' appears more than once in the task")
     if backends is None:
         check_models(team_cfg)
+        if not (recipe.run_dir / "trajectories" / "manifest.json").is_file():
+            # a new run loads its models before its first file, so a broken checkpoint leaves no run folder
+            backends = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
 
     write_recipe(recipe)
     with TrajectoryStore(recipe.run_dir / "trajectories", config_hash(recipe), new_run=new_run) as store:

@@ -7,8 +7,10 @@ folder with ``training_record.json``. Nothing here is a framework; each function
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -44,11 +46,52 @@ def dataset_files(path: str | Path) -> list[Path]:
     return files
 
 
+def _corrupt(f: Path, why: str) -> PluribusError:
+    return PluribusError(f"dataset file '{f}' is corrupt or truncated ({why}); rebuild the dataset "
+                         "(`pluribus build --overwrite`) or remove that file")
+
+
 def _count_rows(files: list[Path]) -> int:
+    """Rows over all files, from parquet footers and jsonl line counts; an unreadable file is named."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(f).metadata.num_rows if f.suffix == ".parquet"
-               else sum(1 for line in f.open() if line.strip()) for f in files)
+    total = 0
+    for f in files:
+        try:
+            if f.suffix == ".parquet":
+                total += pq.ParquetFile(f).metadata.num_rows
+            else:
+                with f.open(encoding="utf-8") as fh:
+                    total += sum(1 for line in fh if line.strip())
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+            raise _corrupt(f, f"{type(e).__name__}: {e}") from None
+    return total
+
+
+def _find_corrupt(files: list[Path]) -> PluribusError | None:
+    """After datasets failed to load the files: the error naming the first one that does not parse, if any."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in files:
+        if f.suffix == ".parquet":
+            try:
+                pq.read_table(f)
+            except (pa.ArrowException, OSError) as e:
+                return _corrupt(f, f"{type(e).__name__}: {e}")
+            continue
+        with f.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return _corrupt(f, f"line {n} is not valid JSON: {e.msg}")
+                if not isinstance(row, dict):
+                    return _corrupt(f, f"line {n} is a JSON {type(row).__name__}, not an object")
+    return None
 
 
 def load_rows(path: str | Path, kind: str) -> Any:
@@ -64,7 +107,14 @@ def load_rows(path: str | Path, kind: str) -> Any:
         raise PluribusError(f"dataset '{path}' mixes parquet and jsonl files; keep one format per folder")
     if _count_rows(files) == 0:
         raise PluribusError(f"dataset '{path}' is empty; the builder kept no rows (check its filters)")
-    ds = load_dataset(fmt, data_files=[str(f) for f in files], split="train")
+    try:
+        ds = load_dataset(fmt, data_files=[str(f) for f in files], split="train")
+    except Exception as e:  # datasets wraps a parse failure in its own error types; name the bad file instead
+        bad = _find_corrupt(files)
+        if bad is not None:
+            raise bad from None
+        raise PluribusError(f"dataset '{path}' cannot be loaded ({type(e).__name__}: {e}); its files may "
+                            "disagree on columns or types, rebuild it with `pluribus build --overwrite`") from None
     if len(ds) == 0:
         raise PluribusError(f"dataset '{path}' is empty; the builder kept no rows (check its filters)")
     missing = [f for f in REQUIRED_FIELDS[kind] if f not in ds.column_names]
@@ -111,9 +161,9 @@ def load_student(cfg: TrainConfig, *, head: str = "causal", trust_remote_code: b
     The tokenizer gets a pad token (eos) when it has none and pads on the right (training).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
-    from pluribus.models import resolve_model
+    from pluribus.models import check_finite_model, load_tokenizer, resolve_model
 
     folder = resolve_model(cfg.model)
     kwargs: dict[str, Any] = {
@@ -133,7 +183,7 @@ def load_student(cfg: TrainConfig, *, head: str = "causal", trust_remote_code: b
 
         kwargs["quantization_config"] = nf4_config("nf4")
         kwargs["device_map"] = {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -142,6 +192,7 @@ def load_student(cfg: TrainConfig, *, head: str = "causal", trust_remote_code: b
     else:
         model = AutoModelForTokenClassification.from_pretrained(folder, num_labels=1, **kwargs)
         model.config.pad_token_id = tokenizer.pad_token_id
+    check_finite_model(model, folder)
     if cfg.lora.quantize == "nf4":
         from peft import prepare_model_for_kbit_training
 
@@ -181,9 +232,9 @@ def attach_lora(model: Any, cfg: TrainConfig, task_type: str) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if cfg.init_adapter:
-        from pluribus.models import read_adapter_config
+        from pluribus.models import check_adapter
 
-        read_adapter_config(cfg.init_adapter)
+        check_adapter(cfg.init_adapter, base_identity(model))
         return PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
     targets = resolve_targets(model, cfg.lora.target_modules)
     if targets == "all-linear" and task_type != "CAUSAL_LM":
@@ -242,6 +293,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, *, seed: int, has_eva
         "report_to": report,
         "bf16": cfg.bf16 and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()),
         "remove_unused_columns": False,
+        "logging_nan_inf_filter": False,  # a NaN loss must show as NaN (FiniteGuard stops on it), not as 0.0
         "disable_tqdm": True,  # the rich bar below replaces it
         "seed": seed,
         "data_seed": seed,
@@ -296,6 +348,54 @@ def rich_progress_callback() -> Any:
     return RichProgress()
 
 
+def finite_guard() -> Any:
+    """A TrainerCallback that stops training when a logged loss is NaN/Inf (or, before a checkpoint is written,
+    a trainable weight is) and then raises a PluribusError naming the step, so nothing NaN is ever saved.
+
+    List it after ``rich_progress_callback()``: it raises in ``on_train_end``, once the progress bar is closed.
+    """
+    from transformers import TrainerCallback
+
+    class FiniteGuard(TrainerCallback):
+        def __init__(self) -> None:
+            self.problem: str | None = None
+
+        def _stop(self, control: Any, problem: str) -> None:
+            self.problem = self.problem or problem
+            control.should_save = False
+            control.should_training_stop = True
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if control.should_save and model is not None:
+                from pluribus.models import first_nonfinite
+
+                found = first_nonfinite((n, p) for n, p in model.named_parameters() if p.requires_grad)
+                if found is not None:
+                    self._stop(control, f"trainable weight '{found[0]}' became NaN/Inf at step {state.global_step}")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key, value in (logs or {}).items():
+                if "loss" in key and isinstance(value, float | int) and not math.isfinite(value):
+                    self._stop(control, f"the {key.replace('_', ' ')} became {value} at step {state.global_step}")
+                    break
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.problem is not None:
+                with contextlib.suppress(OSError):  # the checkpoints folder, if this run left it empty
+                    Path(args.output_dir).rmdir()
+                raise PluribusError(
+                    f"training diverged: {self.problem}; no adapter was saved. Lower train.lr "
+                    f"(now {args.learning_rate:g}) or check the data (e.g. empty or extreme examples)"
+                )
+
+    return FiniteGuard()
+
+
+def callbacks() -> list[Any]:
+    """The callbacks every stage's Trainer gets: the rich progress bar, then the NaN/Inf guard."""
+    return [rich_progress_callback(), finite_guard()]
+
+
 def quiet_printer(trainer: Any) -> None:
     """Drop Trainer's plain-text log printer (it comes with disable_tqdm); the rich bar shows the metrics."""
     from transformers.trainer_callback import PrinterCallback
@@ -345,8 +445,19 @@ def resume_checkpoint(out: Path, resume: bool | str | None, model: Any) -> str |
     return str(ckpt)
 
 
-def save_output(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], overwrite: bool = True) -> Path:
-    """Write the PEFT adapter (safetensors), the tokenizer and ``training_record.json`` atomically to ``out``."""
+def check_output(out: Path, *, overwrite: bool, resume: bool | str | None) -> None:
+    """Before any training: refuse an existing ``out`` unless ``overwrite``, or ``resume`` (continuing a run
+    replaces its own adapter)."""
+    if out.exists() and not overwrite and not resume:
+        raise PluribusError(f"output '{out}' already exists; pass --overwrite to replace it, --resume to continue "
+                            "the training that wrote it, or --out another folder")
+
+
+def save_output(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write the PEFT adapter (safetensors), the tokenizer and ``training_record.json`` atomically to ``out``.
+
+    An existing ``out`` is refused unless ``overwrite`` (see ``check_output``, which runs before training).
+    """
     from pluribus.io import atomic_dir
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -363,6 +474,10 @@ def training_record(
     """The small record export puts in the model card: recipe, base, dataset fingerprints, final metrics."""
     import pluribus
 
+    for key, value in metrics.items():
+        if "loss" in key and isinstance(value, float) and not math.isfinite(value):
+            raise PluribusError(f"training diverged: the final {key.replace('_', ' ')} is {value}; no adapter was "
+                                f"saved. Lower train.lr (now {cfg.lr:g}) or check the data")
     return {
         "stage": cfg.stage,
         "base_model": cfg.model,

@@ -153,23 +153,26 @@ def load_prm(adapter: str | Path, *, trust_remote_code: bool = False) -> tuple[A
     """Load a trained PRM (base from the adapter's config + the LoRA and score head) for ``score_steps``."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from transformers import AutoModelForTokenClassification
 
-    from pluribus.models import read_adapter_config, resolve_model
+    from pluribus.models import check_adapter, check_finite_model, load_tokenizer, resolve_model
 
-    cfg = read_adapter_config(adapter)
+    cfg = check_adapter(adapter)
     if cfg.get("task_type") != "TOKEN_CLS":
-        raise PluribusError(f"adapter '{adapter}' is a {cfg.get('task_type')} adapter, not a PRM (TOKEN_CLS); "
-                            "train one with `pluribus train RECIPE --stage prm`")
+        kind = f"{cfg.get('peft_type') or 'PEFT'} adapter" + (f" for {cfg['task_type']}" if cfg.get("task_type") else "")
+        raise PluribusError(f"adapter '{adapter}' is a {kind} with no PRM head (task type TOKEN_CLS), so it was not "
+                            "made by `pluribus train RECIPE --stage prm`; pass a PRM adapter, or train one that way")
     base = cfg.get("base_model_name_or_path") or ""
-    tokenizer_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else resolve_model(base)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_src, trust_remote_code=trust_remote_code)
+    base_folder = resolve_model(base)
+    has_tokenizer = (Path(adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(Path(adapter) if has_tokenizer else base_folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForTokenClassification.from_pretrained(
-        resolve_model(base), num_labels=1, dtype=torch.bfloat16, use_safetensors=True,
+        base_folder, num_labels=1, dtype=torch.bfloat16, use_safetensors=True,
         trust_remote_code=trust_remote_code,
     )
+    check_finite_model(model, base_folder)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     model.eval()
@@ -211,13 +214,14 @@ def evaluate_prm(model: Any, tokenizer: Any, rows: Any, threshold: float = 0.5) 
 
 def train_prm(
     recipe: Recipe, *, dataset: str | Path | None = None, out: str | Path | None = None,
-    resume: bool | str | None = None,
+    resume: bool | str | None = None, overwrite: bool = False,
 ) -> Path:
     """Train the ``prm`` stage of ``recipe`` on a process dataset and return the adapter folder."""
     from datasets import Dataset
 
     cfg: TrainConfig = recipe.require("train")
     ds_path, out = common.default_paths(recipe, "prm", dataset, out)
+    common.check_output(out, overwrite=overwrite, resume=resume)
 
     # 1. process rows and a held-out split grouped by problem
     rows = common.load_rows(ds_path, "process")
@@ -238,7 +242,7 @@ def train_prm(
     trainer = PRMTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_ex),
         eval_dataset=Dataset.from_list(eval_ex) if eval_ex else None,
-        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=[common.rich_progress_callback()],
+        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=common.callbacks(),
     )
     common.quiet_printer(trainer)
     result = trainer.train(resume_from_checkpoint=common.resume_checkpoint(out, resume, model))
@@ -253,4 +257,4 @@ def train_prm(
                                                                 cfg.prm.threshold).items() if v is not None})
     counts["eval_rows"] = 0 if eval_rows is None else len(eval_rows)
     record = common.training_record(recipe, cfg, model, ds_path, metrics, counts)
-    return common.save_output(trainer.model, tokenizer, out, record)
+    return common.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

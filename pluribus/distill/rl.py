@@ -265,6 +265,7 @@ def collate_prompts(rows: list[dict[str, str]]) -> dict[str, list[str]]:
 def train_rl(
     recipe: Recipe, *, dataset: str | Path | None = None, out: str | Path | None = None,
     resume: bool | str | None = None, verify: Callable[[str, str], bool] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train the ``rl`` stage of ``recipe`` and return the adapter folder."""
     from datasets import Dataset
@@ -272,6 +273,7 @@ def train_rl(
     cfg: TrainConfig = recipe.require("train")
     s = cfg.rl
     ds_path, out = common.default_paths(recipe, "rl", dataset, out)
+    common.check_output(out, overwrite=overwrite, resume=resume)
     prm_path = Path(s.prm) if s.prm else recipe.run_dir / "adapters" / "prm"
 
     # 1. prompts with gold answers
@@ -294,7 +296,7 @@ def train_rl(
                                      per_device_train_batch_size=s.prompts_per_step)
     trainer = GroupRLTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(prompts), data_collator=collate_prompts,
-        processing_class=tokenizer, callbacks=[common.rich_progress_callback()],
+        processing_class=tokenizer, callbacks=common.callbacks(),
         sampler=sampler, prm=prm, verify=verify or default_verify, settings=s,
         step_rule=(recipe.build.step_rule, recipe.build.step_regex) if recipe.build else ("lines", None),
     )
@@ -311,4 +313,4 @@ def train_rl(
         metrics.update({f"final_{k}": logged[-1][k] for k in ("reward", "accuracy", "kl", "prm_score")})
     record = common.training_record(recipe, cfg, model, ds_path, metrics,
                                     {"prompts": len(prompts), "prm": str(prm_path)})
-    return common.save_output(trainer.model, tokenizer, out, record)
+    return common.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

@@ -169,7 +169,7 @@ class PackedSFTTrainer(Trainer):
 
 def train_sft(
     recipe: Recipe, *, dataset: str | Path | None = None, out: str | Path | None = None,
-    resume: bool | str | None = None,
+    resume: bool | str | None = None, overwrite: bool = False,
 ) -> Path:
     """Train the ``rsft`` or ``augmented`` stage of ``recipe`` and return the adapter folder."""
     from datasets import Dataset
@@ -178,6 +178,7 @@ def train_sft(
     if cfg.stage not in {"rsft", "augmented"}:
         raise PluribusError(f"train_sft runs stages rsft and augmented, not '{cfg.stage}'")
     ds_path, out = common.default_paths(recipe, cfg.stage, dataset, out)
+    common.check_output(out, overwrite=overwrite, resume=resume)
 
     # 1. rows, checked against the dataset kind, and an eval split grouped by problem
     rows = common.load_rows(ds_path, common.DATASET_OF_STAGE[cfg.stage])
@@ -200,7 +201,7 @@ def train_sft(
         model=model, args=args, train_dataset=Dataset.from_list(train_ex),
         eval_dataset=Dataset.from_list(eval_ex) if eval_ex else None,
         data_collator=PackingCollator(tokenizer.pad_token_id, packing=cfg.packing),
-        callbacks=[common.rich_progress_callback()], kernels=cfg.kernels,
+        callbacks=common.callbacks(), kernels=cfg.kernels,
     )
 
     # 5. train (resuming from a checkpoint of the same base), then evaluate once more
@@ -215,4 +216,4 @@ def train_sft(
     # 6. the adapter folder + training record
     counts.update(attention=attention, eval_rows=0 if eval_rows is None else len(eval_rows))
     record = common.training_record(recipe, cfg, model, ds_path, metrics, counts)
-    return common.save_output(trainer.model, tokenizer, out, record)
+    return common.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

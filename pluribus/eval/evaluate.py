@@ -154,6 +154,7 @@ def _system_records(recipe: Recipe, eval_dir: Path, label: str, task: Any, team:
 
 def run_eval(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
     """Evaluate every planned system on the held-out split; write results.json, report.md and a plot."""
+    from pluribus.data.debate import check_models
     from pluribus.data.tasks import load_problems
     from pluribus.eval.report import write_report
 
@@ -164,6 +165,8 @@ def run_eval(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
     if not problems:
         raise PluribusError("the held-out split is empty; raise task.heldout_fraction or the number of problems")
     plans = plan_systems(recipe)
+    for _, _, team in plans:  # every system's models and adapter, before the first system writes anything
+        check_models(team)
     eval_dir = recipe.run_dir / "eval"
     systems: dict[str, dict[str, Any]] = {}
     solved: dict[str, dict[str, bool]] = {}

@@ -1,0 +1,36 @@
+"""Eval refuses a corrupt, NaN or foreign-base adapter before any system writes output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pluribus.config import load_recipe
+from pluribus.errors import PluribusError
+from pluribus.eval.evaluate import run_eval
+from tests.broken import lora_adapter, nan_copy, other_base, truncated_copy
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("truncated", "adapter weights .* are corrupt or truncated"),
+    ("nan", r"hold 1 NaN/Inf value\(s\)"),
+    ("foreign", "was trained on base '.*other', but the model is"),
+])
+def test_bad_adapter_is_refused_before_any_eval_output(tiny_llama_dir: Path, tmp_path: Path, kind: str,
+                                                      message: str) -> None:
+    good = lora_adapter(tiny_llama_dir, tmp_path / "good")
+    if kind == "truncated":
+        adapter = truncated_copy(good, tmp_path / kind, "adapter_model.safetensors", keep=5)
+    elif kind == "nan":
+        adapter = nan_copy(good, tmp_path / kind, "adapter_model.safetensors")
+    else:
+        adapter = lora_adapter(tiny_llama_dir, tmp_path / kind,
+                               base=str(other_base(tiny_llama_dir, tmp_path / "other")))
+    agent = f"{{model: '{tiny_llama_dir}', dtype: float32, sampling: {{max_new_tokens: 4}}}}"
+    recipe = load_recipe(None, [f"root={tmp_path / 'runs'}", "name=ev", "task.source=synthetic", "task.n=2",
+                                f"team.agents=[{agent}]", "team.rounds=1", f"eval.adapter={adapter}",
+                                "eval.systems=[single, distilled]"])
+    with pytest.raises(PluribusError, match=message):
+        run_eval(recipe, progress=False)
+    assert not (tmp_path / "runs" / "ev" / "eval").exists()
