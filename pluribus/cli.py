@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -30,12 +31,23 @@ OverridesArg = Annotated[list[str] | None, typer.Argument(help="Dotted overrides
 # ------------------------------------------------------------------------------------------- recipe
 
 
+def _no_recipe(recipe: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:
+    """``config train.lr=1e-4``: a first argument that is an override, not a file, starts the overrides."""
+    text = str(recipe)
+    if recipe is not None and "=" in text and "/" not in text.split("=", 1)[0] and not recipe.exists():
+        return None, [text, *(overrides or [])]
+    return recipe, list(overrides or [])
+
+
 @app.command("config")
 def config_cmd(recipe: RecipeArg = None, overrides: OverridesArg = None) -> None:
-    """Validate RECIPE with OVERRIDES and print it as it would run."""
-    from pluribus.config import load_recipe
+    """Validate RECIPE with OVERRIDES (fields and models) and print it as it would run."""
+    from pluribus.config import check_models, load_recipe
 
-    print(load_recipe(recipe, overrides or []).to_yaml(), end="")
+    recipe, overrides = _no_recipe(recipe, overrides)
+    loaded = load_recipe(recipe, overrides)
+    check_models(loaded)
+    print(loaded.to_yaml(), end="")
 
 
 # ------------------------------------------------------------------------------------------- debate
@@ -83,12 +95,13 @@ def build_cmd(
     from pluribus.config import load_recipe
     from pluribus.data.build import build_recipe, push_to_hub
     from pluribus.data.build.stage import require_token
+    from pluribus.hub import check_repo_id
 
     if push:
+        check_repo_id(push)
         require_token()
-    if recipe is not None and "=" in recipe.name and not recipe.exists():  # `build --store RUN build.k=2`
-        overrides, recipe = [str(recipe), *(overrides or [])], None
-    loaded = load_recipe(recipe, overrides or []) if recipe is not None else None
+    recipe, overrides = _no_recipe(recipe, overrides)  # `build --store RUN build.k=2`
+    loaded = load_recipe(recipe, overrides) if recipe is not None else None
     built = build_recipe(loaded, None if loaded else overrides, stores=store, kinds=kind, out_root=out,
                          overwrite=overwrite, new_run=new_run, skip_corrupt=skip_corrupt, progress=not no_progress)
     table = Table("dataset", "rows", "problems", "path")
@@ -116,6 +129,7 @@ def train_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Adapter folder (default <run>/adapters/<stage>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint of this stage.")] = False,
     resume_from: Annotated[Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter folder.")] = False,
 ) -> None:
     """Train a LoRA/QLoRA stage of RECIPE; writes a PEFT adapter + training_record.json."""
     import json
@@ -124,7 +138,8 @@ def train_cmd(
     from pluribus.distill import train_stage
 
     loaded = load_recipe(recipe, [*(overrides or []), *([f"train.stage={stage}"] if stage else [])])
-    folder = train_stage(loaded, dataset=dataset, out=out, resume=str(resume_from) if resume_from else resume)
+    folder = train_stage(loaded, dataset=dataset, out=out, resume=str(resume_from) if resume_from else resume,
+                         overwrite=overwrite)
     metrics = json.loads((folder / "training_record.json").read_text())["metrics"]
     shown = {k: v for k, v in metrics.items() if "loss" in k or k.startswith(("eval_step", "final_"))}
     Console().print(f"adapter: {folder}\n" + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()), highlight=False)
@@ -142,9 +157,12 @@ def score_cmd(
 
     from rich.table import Table
 
-    from pluribus.distill.prm import load_prm, score_steps, split_steps
+    from pluribus.config import read_text_file
 
-    text = sys.stdin.read() if solution == "-" else Path(solution[1:]).read_text() if solution.startswith("@") else solution
+    text = (sys.stdin.read() if solution == "-" else read_text_file(solution[1:], "solution file")
+            if solution.startswith("@") else solution)
+    from pluribus.distill.prm import load_prm, score_steps, split_steps  # heavy: after the cheap checks
+
     steps = split_steps(text)
     if not steps:
         raise PluribusError("--solution has no steps (non-empty lines) to score")
@@ -254,8 +272,10 @@ def export_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Write a Hub-ready folder (weights, tokenizer, model card) from SOURCE, and optionally push it."""
-    from pluribus.hub import export_folder, push_folder
+    from pluribus.hub import check_push, export_folder, push_folder
 
+    if push:
+        check_push(push)  # a bad repo id or a missing token fails before the folder is written
     folder = export_folder(source, out, datasets=dataset or [], eval_results=eval_results, overwrite=overwrite)
     Console().print(f"exported: {folder}")
     if push:
@@ -350,6 +370,9 @@ def _is_number(text: str) -> bool:
 def main() -> None:
     """Run the CLI; user errors print one line and exit with code 2; SIGTERM cleans up like Ctrl-C."""
     signal.signal(signal.SIGTERM, _terminated)
+    # bitsandbytes warns on every import on AVX512-BF16 CPUs that the `kernels` package is missing; installing
+    # it would make bitsandbytes fetch code from the Hub at import time, which pluribus never wants
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         app(args=gather_lists(sys.argv[1:]), standalone_mode=False)
     except PluribusError as e:
@@ -357,6 +380,16 @@ def main() -> None:
         sys.exit(2)
     except FileExistsError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as e:
+        # Last resort for unusable paths (an output under a file, a read-only folder, a full disk); an OSError
+        # naming no path is a bug and keeps its traceback.
+        if e.filename is None:
+            raise
+        path = e.filename if e.filename2 is None else f"{e.filename}' -> '{e.filename2}"
+        what = f"'{path}' does not exist" if isinstance(e, FileNotFoundError) else \
+            f"cannot create '{path}': {e.strerror or e}"
+        console.print(f"[bold red]error:[/] {what}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted; what was finished is stored and a rerun resumes from there")

@@ -425,6 +425,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def _list_index(items: list[Any], part: str, text: str, where: str) -> int:
+    """``part`` as an index of ``items`` (the list at dotted path ``where``), or a RecipeError saying why not."""
+    try:
+        index = int(part)
+    except ValueError:
+        hint = f"use 0..{len(items) - 1}" if items else "an empty one"
+        raise RecipeError(f"override '{text}': '{part}' is not a list index ({where} is a list; {hint})") from None
+    if not 0 <= index < len(items):
+        raise RecipeError(f"override '{text}': index {index} is out of range ({where} has {len(items)} "
+                          f"entr{'y' if len(items) == 1 else 'ies'})")
+    return index
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply dotted overrides to a recipe dict (a copy); list items are addressed by index (team.agents.0.model)."""
     data = json.loads(json.dumps(data))  # deep copy of plain YAML data
@@ -432,23 +445,40 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts, value = parse_override(text)
         node: Any = data
         for i, part in enumerate(parts[:-1]):
-            nxt = node[int(part)] if isinstance(node, list) else node.get(part)
-            if nxt is None:
-                if isinstance(node, list):
-                    raise RecipeError(f"override '{text}': index {part} is out of range")
-                nxt = node[part] = {}
-            elif not isinstance(nxt, dict | list):
+            where = ".".join(parts[:i]) or "<recipe>"
+            if isinstance(node, list):
+                nxt = node[_list_index(node, part, text, where)]
+            else:
+                nxt = node.get(part)
+                if nxt is None:
+                    nxt = node[part] = {}
+            if not isinstance(nxt, dict | list):
                 raise RecipeError(f"override '{text}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
             node = nxt
         last = parts[-1]
         if isinstance(node, list):
-            try:
-                node[int(last)] = value
-            except (ValueError, IndexError):
-                raise RecipeError(f"override '{text}': index {last} is out of range") from None
+            node[_list_index(node, last, text, ".".join(parts[:-1]))] = value
         else:
             node[last] = value
     return data
+
+
+def read_text_file(path: str | Path, what: str = "file", error: type[PluribusError] = PluribusError) -> str:
+    """The text of a YAML/JSON/text file the user named, or one ``error`` line: missing, a folder, not UTF-8.
+
+    ``what`` names the file in the message ("recipe file", "eval results").
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"'{p}' is a folder, expected {'an' if what[0] in 'aeiou' else 'a'} {what}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{what} '{p}' does not exist") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} '{p}' is not UTF-8 text (is it a YAML/JSON file?)") from None
+    except OSError as e:
+        raise error(f"{what} '{p}' cannot be read ({e.strerror or e})") from None
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
@@ -456,10 +486,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     data: Any = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise RecipeError(f"recipe file '{p}' does not exist")
+        text = read_text_file(p, "recipe file", RecipeError)
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -467,6 +496,34 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise RecipeError(f"recipe file '{p}' must hold a mapping of sections, got {type(data).__name__}")
     return validate_recipe(apply_overrides(data, overrides or []))
+
+
+def check_models(recipe: Recipe) -> None:
+    """Fail as the stages would on a model that does not resolve (a typo, a missing folder), naming the field.
+
+    Nothing is loaded, dequantized or downloaded: an alias only needs its package, an existing .gguf file and
+    a hub id (org/name) are taken as given. Models behind the openai backend live on a server and are skipped.
+    """
+    from pluribus.models import ALIASES, find_alias_file, resolve_model
+
+    agents = [(f"team.agents.{i}", a) for i, a in enumerate(recipe.team.agents)] if recipe.team else []
+    if recipe.team and recipe.team.judge:
+        agents.append(("team.judge", recipe.team.judge))
+    if recipe.build and recipe.build.completer:
+        agents.append(("build.completer", recipe.build.completer))
+    refs = [(f"{where}.model", a.model) for where, a in agents if a.backend != "openai"]
+    if recipe.train:
+        refs.append(("train.model", recipe.train.model))
+    for field, name in refs:
+        path = Path(name).expanduser()
+        hub_id = "/" in name and not path.exists() and not name.startswith((".", "/", "~")) and name.count("/") == 1
+        try:
+            if name in ALIASES:
+                find_alias_file(name)
+            elif not hub_id and not (path.suffix == ".gguf" and path.is_file()):
+                resolve_model(name)
+        except PluribusError as e:
+            raise RecipeError(f"'{field}': {e}") from None
 
 
 def write_recipe(recipe: Recipe, run_dir: Path | None = None) -> Path:

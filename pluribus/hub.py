@@ -7,10 +7,12 @@ a card or an error message.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +48,74 @@ def _detect(folder: Path) -> str:
     raise PluribusError(f"'{folder}' is neither a PEFT adapter folder nor a save_pretrained model folder")
 
 
+def check_weights(folder: Path, kind: str) -> None:
+    """Read every tensor of every .safetensors file of ``folder``: a truncated file or a NaN/Inf is refused.
+
+    Tensor by tensor, so a large model never sits in memory whole; the messages are merge's own.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from pluribus.merge.methods import check_finite
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    check_finite(f.get_tensor(key), f"{path}:{key}")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise PluribusError(f"{kind} weights '{path}' are corrupt or truncated ({e}); re-save the {kind}") from None
+
+
+_NUMBERS = ("accuracy", "accuracy_low", "accuracy_high", "tokens_per_problem", "seconds_per_problem", "change")
+
+
+def check_eval_results(results: Any, where: str) -> dict[str, Any]:
+    """``results`` if it has the shape of a results.json of ``pluribus eval`` (what the card reads), else a
+    PluribusError naming ``where``."""
+    def numbers(m: Any) -> bool:
+        return isinstance(m, dict) and all(isinstance(m[k], int | float) for k in _NUMBERS if k in m)
+
+    systems = results.get("systems") if isinstance(results, dict) else None
+    robustness = results.get("robustness") or {} if isinstance(results, dict) else {}
+    if not (isinstance(systems, dict) and all(numbers(m) for m in systems.values()) and isinstance(robustness, dict)
+            and all(isinstance(k, dict) and all(numbers(r) for r in k.values()) for k in robustness.values())):
+        raise PluribusError(f"eval results {where} is not a results.json written by `pluribus eval` "
+                            "(it needs a 'systems' mapping of accuracies); pass <run>/eval/results.json")
+    return results
+
+
+def read_eval_results(path: str | Path) -> dict[str, Any]:
+    """The results.json of ``pluribus eval`` at ``path``, or a PluribusError: missing, not JSON, another file."""
+    from pluribus.config import read_text_file
+
+    text = read_text_file(path, "eval results file")
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PluribusError(f"eval results '{path}' is not valid JSON (line {e.lineno}); "
+                            "pass the results.json that `pluribus eval` wrote") from None
+    return check_eval_results(results, f"'{path}'")
+
+
+def _json_file(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file of the export source, or a PluribusError naming it (missing, not UTF-8, not JSON)."""
+    from pluribus.config import read_text_file
+
+    try:
+        data = json.loads(read_text_file(path, what))
+    except json.JSONDecodeError as e:
+        raise PluribusError(f"{what} '{path}' is not valid JSON (line {e.lineno}); re-save it") from None
+    if not isinstance(data, dict):
+        raise PluribusError(f"{what} '{path}' is not a JSON object; re-save it")
+    return data
+
+
 def _base_model(folder: Path, kind: str) -> str | None:
     if kind == "adapter":
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-        return cfg.get("base_model_name_or_path")
+        return _json_file(folder / "adapter_config.json", "adapter config").get("base_model_name_or_path")
     record = folder / "training_record.json"
     if record.is_file():
-        return json.loads(record.read_text()).get("base_model")
+        return _json_file(record, "training record").get("base_model")
     return None
 
 
@@ -125,8 +188,18 @@ def export_folder(
     title: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a Hub-ready folder at ``out`` from an adapter or model folder ``source`` (atomically)."""
+    """Write a Hub-ready folder at ``out`` from an adapter or model folder ``source`` (atomically).
+
+    Everything is checked before the folder is written: the source, every tensor of its weights, the eval
+    results; a PluribusError names what is wrong.
+    """
+    from pluribus.config import read_text_file
+
     source = Path(source)
+    if Path(out).exists() and not overwrite:  # before reading every tensor; atomic_dir checks it again
+        raise FileExistsError(f"output '{out}' already exists; pass --overwrite to replace it")
+    if source.is_file():
+        raise PluribusError(f"export source '{source}' is a file, expected a model or adapter folder")
     if not source.is_dir():
         raise PluribusError(f"export source '{source}' does not exist")
     kind = _detect(source)
@@ -134,12 +207,14 @@ def export_folder(
     if not weights:
         raise PluribusError(f"'{source}' has no .safetensors weights to export")
     if isinstance(eval_results, str | Path):
-        path = Path(eval_results)
-        eval_results = json.loads(path.read_text()) if path.is_file() else None
+        eval_results = read_eval_results(eval_results)
+    elif eval_results is not None:
+        eval_results = check_eval_results(eval_results, "given")
+    check_weights(source, kind)
     record_path = source / "training_record.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    record = _json_file(record_path, "training record") if record_path.is_file() else None
     merge_path = source / "merge_recipe.yaml"
-    merge_recipe = merge_path.read_text() if merge_path.is_file() else None
+    merge_recipe = read_text_file(merge_path, "merge recipe") if merge_path.is_file() else None
     relation = "merge" if merge_recipe else ("adapter" if kind == "adapter" else "finetune")
     base = _base_model(source, kind)
     card = model_card(kind=kind, base_model=base, relation=relation, datasets=datasets or [],
@@ -156,21 +231,48 @@ def export_folder(
     return Path(out)
 
 
+def hub_token(token_env: str | None = None) -> str:
+    """The Hub token from ``token_env`` (else HF_TOKEN, HUGGING_FACE_HUB_TOKEN), or a PluribusError."""
+    for name in ([token_env] if token_env else []) + list(TOKEN_ENVS):
+        if name and os.environ.get(name):
+            return os.environ[name]
+    raise PluribusError(f"no Hub token: set {token_env or 'HF_TOKEN'} in the environment (it is never printed)")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A PluribusError unless ``repo_id`` is a valid Hub repo id (checked offline, before any work)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise PluribusError(f"'{repo_id}' is not a valid Hub repo id; use namespace/name with letters, digits, "
+                            "'-', '_' and '.'") from None
+
+
+def check_push(repo_id: str, token_env: str | None = None) -> str:
+    """Before anything is written: ``repo_id`` is a valid Hub id and a token is set; returns the token."""
+    check_repo_id(repo_id)
+    return hub_token(token_env)
+
+
+@contextlib.contextmanager
+def push_errors(repo_id: str) -> Iterator[None]:
+    """Turn any failure of a Hub upload (network, auth, quota) into one line without the token."""
+    try:
+        yield
+    except PluribusError:
+        raise
+    except Exception as e:
+        raise PluribusError(f"push to '{repo_id}' failed: {redact(f'{type(e).__name__}: {e}')}") from None
+
+
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = True, token_env: str | None = None) -> str:
     """Upload an export folder to ``repo_id`` and return the repo URL. The token comes from the environment."""
     from huggingface_hub import HfApi
 
-    token = None
-    for name in ([token_env] if token_env else []) + list(TOKEN_ENVS):
-        if name and os.environ.get(name):
-            token = os.environ[name]
-            break
-    if token is None:
-        raise PluribusError(f"no Hub token: set {token_env or 'HF_TOKEN'} in the environment (it is never printed)")
-    api = HfApi(token=token)
-    try:
+    api = HfApi(token=check_push(repo_id, token_env))
+    with push_errors(repo_id):
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload with pluribus export")
-    except Exception as e:
-        raise PluribusError(f"push to '{repo_id}' failed: {redact(f'{type(e).__name__}: {e}')}") from None
     return str(url)

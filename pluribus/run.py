@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from pluribus.config import Recipe, write_recipe
+from pluribus.errors import PluribusError
 from pluribus.io import atomic_write_text
 
 # The recipe sections each stage's output depends on: a change to any of them reruns the stage.
@@ -83,7 +84,8 @@ def _build(recipe: Recipe, progress: bool) -> tuple[Path, str]:
 def _train(recipe: Recipe, progress: bool) -> tuple[Path, str]:
     from pluribus.distill import train_stage
 
-    folder = train_stage(recipe)
+    # overwrite: a rerun reaches this stage only when its inputs changed, so the old adapter is stale
+    folder = train_stage(recipe, overwrite=True)
     metrics = json.loads((folder / "training_record.json").read_text()).get("metrics", {})
     shown = {k: v for k, v in metrics.items() if "loss" in k and isinstance(v, int | float)}
     return folder, "  ".join(f"{k}={v:.4g}" for k, v in shown.items())
@@ -106,17 +108,20 @@ def _eval(recipe: Recipe, progress: bool) -> tuple[Path, str]:
 
 
 def _export(recipe: Recipe, progress: bool) -> tuple[Path, str]:
-    from pluribus.hub import export_folder, push_folder
+    from pluribus.hub import check_push, export_folder, push_folder
 
     cfg = recipe.require("export")
+    if cfg.repo_id:
+        check_push(cfg.repo_id, cfg.token_env)  # before the folder is written
     if cfg.source:
         source = Path(cfg.source)
     elif recipe.merge is not None:
         source = recipe.run_dir / "merged" / recipe.merge.name
     else:
         source = recipe.run_dir / "adapters" / (recipe.train.stage if recipe.train else "rsft")
+    results = recipe.run_dir / "eval" / "results.json"
     out = export_folder(source, recipe.run_dir / "export", datasets=cfg.datasets,
-                        eval_results=recipe.run_dir / "eval" / "results.json", title=f"{recipe.name}",
+                        eval_results=results if results.is_file() else None, title=f"{recipe.name}",
                         overwrite=cfg.overwrite)
     if cfg.repo_id:
         return out, f"pushed to {push_folder(out, cfg.repo_id, private=cfg.private, token_env=cfg.token_env)}"
@@ -138,6 +143,12 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
                console: Console | None = None) -> list[StageResult]:
     """Run every stage the recipe has a section for, in order; returns what each stage did."""
     console = console or Console(stderr=True)
+    if not any(wanted(recipe) for _, wanted, _ in STAGES):
+        raise PluribusError("nothing to run: the recipe has no stage sections (team/build/train/merge/eval/export)")
+    if recipe.export is not None and recipe.export.repo_id:
+        from pluribus.hub import check_push
+
+        check_push(recipe.export.repo_id, recipe.export.token_env)  # not after hours of training
     write_recipe(recipe)
     results = []
     for name, wanted, stage in STAGES:

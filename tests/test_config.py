@@ -77,3 +77,47 @@ def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "unknown key 'team.roundz'" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("team.agents.5.sampling.temperature=0.7", "index 5 is out of range (team.agents has 2 entries)"),
+        ("team.agents.x.sampling.temperature=0.7", "'x' is not a list index (team.agents is a list; use 0..1)"),
+        ("team.agents.-1.model=m", "index -1 is out of range"),
+        ("team.agents.2=m", "index 2 is out of range (team.agents has 2 entries)"),
+        ("team.agents.y=m", "'y' is not a list index"),
+    ],
+)
+def test_list_index_overrides_name_the_index_and_the_length(override: str, needle: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(None, ["team.agents=[{model: a}, {model: b}]", override])
+    assert needle in str(info.value)
+    assert load_recipe(None, ["team.agents=[{model: a}, {model: b}]", "team.agents.1.sampling.temperature=0.7"]
+                       ).team.agents[1].sampling.temperature == 0.7
+
+
+def test_a_recipe_that_is_not_utf8_or_is_a_folder_is_refused(tmp_path: Path) -> None:
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00\x81team")
+    with pytest.raises(RecipeError, match=r"recipe file '.*bin.yaml' is not UTF-8 text \(is it a YAML/JSON file\?\)"):
+        load_recipe(binary)
+    with pytest.raises(RecipeError, match="is a folder, expected a recipe file"):
+        load_recipe(tmp_path)
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pluribus.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_config_refuses_a_model_that_does_not_resolve(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    proc = _cli("config", str(REPO / "configs" / "quickstart.yaml"), "team.agents.0.model=nosuchmodel-xyz")
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "'team.agents.0.model': model 'nosuchmodel-xyz' is not a local folder" in lines[0]
+    proc = _cli("config", "train.model=" + str(tmp_path / "gone"))
+    assert proc.returncode == 2 and "'train.model'" in proc.stderr
+    # a real folder, an alias and a hub id (not downloaded) pass
+    proc = _cli("config", str(REPO / "configs" / "quickstart.yaml"), f"team.agents.0.model={tiny_llama_dir}",
+                "team.agents.1.model=some-org/some-model")
+    assert proc.returncode == 0, proc.stderr

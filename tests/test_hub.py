@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pluribus.errors import PluribusError
-from pluribus.hub import export_folder, push_folder, redact
+from pluribus.hub import TOKEN_ENVS, export_folder, push_folder, redact
 
 
 @pytest.fixture()
@@ -95,3 +98,94 @@ def test_push_failure_never_shows_the_token(adapter_dir: Path, monkeypatch: pyte
         push_folder(adapter_dir, "me/model")
     assert token not in str(info.value)
     assert "push to 'me/model' failed" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (None, "eval results file '.*' does not exist"),
+        (b"[1, 2]", "is not a results.json written by `pluribus eval`"),
+        (b'{"foo": 1}', "is not a results.json written by `pluribus eval`"),
+        (b'{"systems": {"single": {"accuracy": "high"}}}', "is not a results.json written by `pluribus eval`"),
+        (b"{bad", "is not valid JSON"),
+        (b"\xff\xfe\x00", "is not UTF-8 text"),
+    ],
+    ids=["missing", "list", "other", "text-accuracy", "bad-json", "binary"],
+)
+def test_export_refuses_bad_eval_results_before_writing(
+    adapter_dir: Path, tmp_path: Path, content: bytes | None, needle: str
+) -> None:
+    path = tmp_path / "results.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(PluribusError, match=needle):
+        export_folder(adapter_dir, tmp_path / "out", eval_results=path)
+    assert not (tmp_path / "out").exists()
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _poison(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(("kind", "damage", "needle"), [
+    ("adapter", _truncate, "adapter weights '.*adapter_model.safetensors' are corrupt or truncated"),
+    ("adapter", _poison, "holds 1 NaN/Inf value"),
+    ("model", _truncate, "model weights '.*model.safetensors' are corrupt or truncated"),
+    ("model", _poison, "holds 1 NaN/Inf value"),
+], ids=["adapter-truncated", "adapter-nan", "model-truncated", "model-nan"])
+def test_export_refuses_corrupt_and_nan_weights(adapter_dir: Path, tiny_llama_dir: Path, tmp_path: Path, kind: str,
+                                                damage, needle: str) -> None:
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(adapter_dir if kind == "adapter" else tiny_llama_dir, source)
+    export_folder(source, tmp_path / "fine")  # intact weights export
+    damage(source / ("adapter_model.safetensors" if kind == "adapter" else "model.safetensors"))
+    with pytest.raises(PluribusError, match=needle):
+        export_folder(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_source_that_is_a_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "q.yaml").write_text("name: x\n")
+    with pytest.raises(PluribusError, match="is a file, expected a model or adapter folder"):
+        export_folder(tmp_path / "q.yaml", tmp_path / "out")
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pluribus.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_cli_export_checks_the_push_before_writing(adapter_dir: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in TOKEN_ENVS}
+    out = tmp_path / "out"
+    proc = _cli("export", str(adapter_dir), "-o", str(out), "--push-to-hub", "me/repo", env=env)
+    assert proc.returncode == 2 and "no Hub token" in proc.stderr and not out.exists()
+    token = "hf_" + "Q" * 30
+    proc = _cli("export", str(adapter_dir), "-o", str(out), "--push-to-hub", "bad repo!!", env={**env, "HF_TOKEN": token})
+    assert proc.returncode == 2 and "'bad repo!!' is not a valid Hub repo id" in proc.stderr and not out.exists()
+    assert token not in proc.stderr
+    proc = _cli("export", str(adapter_dir), "-o", str(out), "--eval", str(tmp_path / "nonexist.json"), env=env)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and not out.exists()
+
+
+def test_export_refuses_a_corrupt_adapter_config(adapter_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(adapter_dir, source)
+    (source / "adapter_config.json").write_text("{bad")
+    with pytest.raises(PluribusError, match="adapter config '.*adapter_config.json' is not valid JSON"):
+        export_folder(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -46,3 +46,28 @@ def test_run_recipe_end_to_end_then_resume(tmp_path: Path, smollm2_dir: Path) ->
     changed = load_recipe(recipe_path, ["train.lr=1e-4"])
     third = {r.stage: r.status for r in run_recipe(changed, progress=False)}
     assert third["train"] == "ran" and third["build"] == "skipped" and third["export"] == "ran"
+
+
+def test_a_recipe_without_stage_sections_has_nothing_to_run(tmp_path: Path) -> None:
+    from pluribus.errors import PluribusError
+
+    recipe = load_recipe(None, ["name=only", f"root={tmp_path}"])
+    with pytest.raises(PluribusError, match=r"nothing to run: the recipe has no stage sections \(team/build/"):
+        run_recipe(recipe, progress=False)
+    assert not (tmp_path / "only").exists()
+
+
+def test_a_push_without_token_or_with_a_bad_repo_id_fails_before_any_stage(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from pluribus.errors import PluribusError
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    recipe = load_recipe(None, ["name=p", f"root={tmp_path}", "export.repo_id=me/model", "export.token_env=MY_TOKEN"])
+    with pytest.raises(PluribusError, match="no Hub token: set MY_TOKEN"):
+        run_recipe(recipe, progress=False)
+    monkeypatch.setenv("MY_TOKEN", "hf_" + "T" * 30)
+    with pytest.raises(PluribusError, match="'bad repo!!' is not a valid Hub repo id"):
+        run_recipe(recipe.model_copy(update={"export": recipe.export.model_copy(update={"repo_id": "bad repo!!"})}),
+                   progress=False)
+    assert not (tmp_path / "p").exists()

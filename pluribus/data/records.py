@@ -1,21 +1,64 @@
 """The records passed between stages (DESIGN.md, "Records"): Problem, Turn, Trajectory.
 
 Plain dataclasses with lossless ``to_dict`` / ``from_dict``, so a record written as one JSON line by one
-stage reads back identically in the next.
+stage reads back identically in the next. ``from_dict`` checks field names and JSON types, so a hand-edited or
+foreign line is refused with the field named instead of failing later in a builder.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import functools
+import json
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type hint (str, int, float, bool, None, unions, list, dict, records)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_is(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_is(v, args[1]) for v in value.values())
+    if hint is float:  # JSON writes 2.0 as 2
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
 def _from_dict(cls, d: dict[str, Any]):
+    """``cls(**d)`` for a record read back from JSON; a ValueError naming the field if a key or type is wrong."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__} record is {json.dumps(d, default=str)[:40]}, not a JSON object")
     names = {f.name for f in fields(cls)}
     unknown = set(d) - names
     if unknown:
         raise ValueError(f"{cls.__name__} record has unknown fields {sorted(unknown)}; expected {sorted(names)}")
+    missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{cls.__name__} record lacks the field(s) {missing}")
+    for name, hint in _hints(cls).items():
+        if name in d and not _is(d[name], hint):
+            raise ValueError(f"{cls.__name__} field '{name}' is {json.dumps(d[name], default=str)[:40]}, expected {_show(hint)}")
     return cls(**d)
+
+
+def _show(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace(f"{__name__}.", "") if typing.get_args(hint) else hint.__name__
 
 
 @dataclass(frozen=True)
@@ -90,6 +133,14 @@ class Trajectory:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Trajectory:
+        if not isinstance(d, dict):
+            return _from_dict(cls, d)  # raises, naming what it got
         d = dict(d)
-        d["rounds"] = [[t if isinstance(t, Turn) else Turn.from_dict(t) for t in rnd] for rnd in d["rounds"]]
+        if "rounds" not in d:
+            return _from_dict(cls, d)  # raises, naming the missing fields
+        rounds = d["rounds"]
+        if not (isinstance(rounds, list) and all(isinstance(rnd, list) for rnd in rounds)):
+            raise ValueError(f"Trajectory field 'rounds' is {json.dumps(rounds, default=str)[:40]}, expected a list of rounds "
+                             "(lists of turns)")
+        d["rounds"] = [[t if isinstance(t, Turn) else Turn.from_dict(t) for t in rnd] for rnd in rounds]
         return _from_dict(cls, d)

@@ -222,6 +222,9 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
     sources = open_sources(list(stores))
     run_dir = sources[0].path.parent
     out_root = Path(out_root) if out_root else run_dir / "datasets"
+    existing = next(p for p in [out_root, *out_root.parents] if p.exists())  # '.' or '/' at the latest
+    if not existing.is_dir():
+        raise PluribusError(f"cannot create '{out_root}': '{existing}' is a file, not a folder")
     if not overwrite:
         for kind in kinds:
             if (out_root / kind).exists():
@@ -397,19 +400,23 @@ def push_to_hub(built: list[Built], repo_id: str, *, private: bool = True) -> st
     from datasets import load_dataset
     from huggingface_hub import DatasetCard
 
+    from pluribus.hub import check_repo_id, push_errors
+
+    check_repo_id(repo_id)
     require_token()
     texts = []
-    for b in built:
-        configs = {b.kind: PARQUET}
-        if b.kind == "process":
-            configs[f"{b.kind}_math_shepherd"] = SHEPHERD_PARQUET
-        for name, rel in configs.items():
-            ds = load_dataset("parquet", data_files=str(b.path / rel), split="train")
-            ds.push_to_hub(repo_id, config_name=name, private=private)
-        body = (b.path / "README.md").read_text().split("---\n", 2)[-1]
-        texts.append(body.strip())
-    # datasets wrote the YAML header (configs, features); keep it and put our cards below it.
-    card = DatasetCard.load(repo_id, repo_type="dataset")
-    card.text = "\n\n".join(texts) + "\n"
-    card.push_to_hub(repo_id, repo_type="dataset")
+    with push_errors(repo_id):
+        for b in built:
+            configs = {b.kind: PARQUET}
+            if b.kind == "process":
+                configs[f"{b.kind}_math_shepherd"] = SHEPHERD_PARQUET
+            for name, rel in configs.items():
+                ds = load_dataset("parquet", data_files=str(b.path / rel), split="train")
+                ds.push_to_hub(repo_id, config_name=name, private=private)
+            body = (b.path / "README.md").read_text().split("---\n", 2)[-1]
+            texts.append(body.strip())
+        # datasets wrote the YAML header (configs, features); keep it and put our cards below it.
+        card = DatasetCard.load(repo_id, repo_type="dataset")
+        card.text = "\n\n".join(texts) + "\n"
+        card.push_to_hub(repo_id, repo_type="dataset")
     return f"https://huggingface.co/datasets/{repo_id}"
