@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from pluribus.errors import PluribusError
+
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` so that readers see either the old file or the whole new one."""
@@ -80,10 +82,16 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     target = Path(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"output '{target}' already exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{socket.gethostname()}-{os.getpid()}.", suffix=".tmp",
-                                dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{socket.gethostname()}-{os.getpid()}.", suffix=".tmp",
+                                    dir=target.parent))
+    except OSError as e:
+        # the OS names the temporary folder or one parent; the user named the output
+        blocker = next((p for p in target.parents if p.exists()), None)
+        reason = f"'{blocker}' is a file, not a folder" if blocker and not blocker.is_dir() else e.strerror or str(e)
+        raise PluribusError(f"cannot create output folder '{target}': {reason}") from None
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the published folder gets the usual permissions
     try:
         yield tmp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -38,3 +39,14 @@ def test_only_dead_writers_of_this_host_and_target_are_cleaned(tmp_path):
         (tmp / "done").write_text("ok")
     assert (tmp_path / "out" / "done").read_text() == "ok"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, other_host.name, other_target.name])
+
+
+def test_an_output_that_cannot_be_created_is_one_line_naming_it(tmp_path):
+    from pluribus.errors import PluribusError
+
+    (tmp_path / "q.yaml").write_text("x")
+    for target in (tmp_path / "q.yaml" / "x", tmp_path / "q.yaml" / "x" / "y"):
+        match = rf"cannot create output folder '{re.escape(str(target))}': '.*q\.yaml' is a file, not a folder"
+        with pytest.raises(PluribusError, match=match), atomic_dir(target):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.yaml"]

@@ -22,7 +22,14 @@ from typing import Any
 import yaml
 
 from pluribus.errors import PluribusError
-from pluribus.merge.config import MergeInput, MergeSpec, load_merge_config, parse_merge_config
+from pluribus.merge.config import (
+    MergeInput,
+    MergeSpec,
+    load_merge_config,
+    mergekit_local_paths,
+    missing_local,
+    parse_merge_config,
+)
 
 __all__ = [
     "MergeInput", "MergeSpec", "MergeSummary", "load_merge_config", "parse_merge_config", "run_merge", "run_recipe_merge",
@@ -87,12 +94,19 @@ def _kind(spec: MergeSpec) -> str:
     from pluribus.merge.adapters import is_adapter
 
     for i in spec.inputs:
+        # adapters are read from local folders only; a model may also be an alias or a hub id
         for path in (i.path, i.adapter):
-            if path is not None and not Path(path).exists() and ("/" in path or path.startswith(".")):
+            if path is not None and (missing_local(path) or (path == i.adapter and not Path(path).exists())):
                 raise PluribusError(f"input '{path}' does not exist; check the path in the merge config")
     flags = [is_adapter(i.path) and i.adapter is None for i in spec.inputs]
     if all(flags):
         return "adapters"
+    for path in (i.path for i, f in zip(spec.inputs, flags, strict=True) if not f):
+        folder = Path(path)
+        # a folder that is no model either was meant as an adapter (or holds adapter weights)
+        meant = any(flags) or (folder / "adapter_model.safetensors").is_file()
+        if folder.is_dir() and not (folder / "config.json").is_file() and meant:
+            raise PluribusError(f"input '{path}' has no adapter_config.json (not a PEFT adapter folder)")
     if any(flags):
         odd = next(i.path for i, f in zip(spec.inputs, flags, strict=True) if f)
         raise PluribusError(
@@ -165,7 +179,8 @@ def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any)
             module = name.removesuffix(".weight")
             return plan.dense(module) if name.endswith(".weight") and module in plan.shapes else None
 
-        summary.details = merge_models(spec, tmp, lambda k, n, _: bar.update(task, completed=k, total=n), delta)
+        summary.details = merge_models(spec, tmp, lambda k, n, _: bar.update(task, completed=k, total=n), delta,
+                                       folded=adapters)
         summary.error = 0.0
         copy_companions(local_model(spec.base), local_model(spec.tokenizer_source) if spec.tokenizer_source else None,
                         tmp, spec.out_dtype)
@@ -190,7 +205,7 @@ def _run_mergekit(spec: MergeSpec, out: Path, overwrite: bool, start: float) -> 
         if not found:
             raise PluribusError("this config needs mergekit (method not implemented by pluribus); pip install mergekit")
         exe = Path(found)
-    data = spec.mergekit_yaml or {}
+    data = mergekit_local_paths(spec.mergekit_yaml or {})
     with atomic_dir(out, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as cfg_dir:
         cfg = Path(cfg_dir) / "mergekit.yaml"
         cfg.write_text(yaml.safe_dump(data, sort_keys=False))

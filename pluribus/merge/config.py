@@ -17,6 +17,7 @@ slices, gradient parameters, tokenizer surgery) is kept verbatim and run by merg
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -117,8 +118,56 @@ def _scalar(value: Any, where: str) -> float | bool | None:
     return None
 
 
+#: mergekit's parameter names of the methods pluribus runs: (global only, also per model); mergekit itself
+#: ignores unknown names, so a typo would silently change the merge.
+_GTA = ({"int8_mask", "normalize", "rescale", "lambda"}, {"weight", "density"})
+MERGEKIT_PARAMETERS: dict[str, tuple[set[str], set[str]]] = {
+    "linear": ({"normalize"}, {"weight"}),
+    "task_arithmetic": _GTA, "ties": _GTA, "dare_linear": _GTA, "dare_ties": _GTA,
+}
+
+
+def _mergekit_parameters(method: Any) -> tuple[set[str], set[str]] | None:
+    """The parameter names ``method`` accepts (global only, per model), from mergekit's registry when needed."""
+    if method in MERGEKIT_PARAMETERS:
+        return MERGEKIT_PARAMETERS[method]
+    try:
+        from mergekit.merge_methods import get
+
+        spec = get(str(method)).spec
+    except Exception:  # no mergekit, another version's API, or an unknown method: mergekit will say
+        return None
+    return {p.name for p in spec.shared_parameters}, {p.name for p in spec.input_parameters}
+
+
+def check_mergekit_parameters(data: dict[str, Any]) -> None:
+    """Refuse parameter names that mergekit's ``merge_method`` does not know (mergekit would ignore them)."""
+    method = data.get("merge_method")
+    names = _mergekit_parameters(method)
+    if names is None:
+        return
+    shared, per_model = names
+    sections: list[tuple[str, Any, set[str]]] = [("parameters", data.get("parameters"), shared | per_model)]
+    for i, m in enumerate(data.get("models") or []):
+        if isinstance(m, dict):
+            sections.append((f"models.{i} ({m.get('model')}) parameters", m.get("parameters"), per_model))
+    for i, sl in enumerate(data.get("slices") or []):
+        for j, src in enumerate(sl.get("sources") or [] if isinstance(sl, dict) else []):
+            if isinstance(src, dict):
+                sections.append((f"slices.{i}.sources.{j} ({src.get('model')}) parameters", src.get("parameters"),
+                                 per_model))
+    for where, params, allowed in sections:
+        unknown = sorted(set(params) - allowed) if isinstance(params, dict) else []
+        if unknown:
+            raise PluribusError(
+                f"mergekit config: {where}: unknown parameter '{unknown[0]}' for merge_method '{method}'; "
+                f"accepted: {', '.join(sorted(allowed)) or '(none)'}"
+            )
+
+
 def from_mergekit(data: dict[str, Any]) -> MergeSpec:
     """Translate a mergekit config; what pluribus does not implement becomes ``method: mergekit``."""
+    check_mergekit_parameters(data)
     fallback = MergeSpec(method="mergekit", mergekit_yaml=data)
     method = data.get("merge_method")
     if method not in MERGEKIT_NATIVE or "slices" in data or "modules" in data or data.get("tokenizer"):
@@ -180,6 +229,46 @@ def from_mergekit(data: dict[str, Any]) -> MergeSpec:
         raise PluribusError(f"mergekit config: {_one_line(e)}") from None
 
 
+def mergekit_local_paths(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a mergekit config with its local model paths absolute, as pluribus reads them (from the CWD).
+
+    mergekit runs in a temporary folder and takes any name that is no folder there for a Hub id; a path that
+    exists nowhere (and is no hub id ``org/name``) is refused here instead, naming it.
+    """
+    from pluribus.models import ALIASES, resolve_model
+
+    def local(ref: Any, where: str) -> Any:
+        if not isinstance(ref, str):
+            return ref  # mergekit's structured references are passed as they are
+        parts = []
+        for part in ref.split("+"):  # mergekit's `model+lora`
+            if part in ALIASES:
+                part = str(resolve_model(part))
+            elif Path(part).expanduser().exists():
+                part = str(Path(part).expanduser().resolve())
+            elif missing_local(part):
+                raise PluribusError(f"mergekit config: {where} '{part}' does not exist (no such local folder, "
+                                    "and a hub id looks like org/name)")
+            parts.append(part)
+        return "+".join(parts)
+
+    out = copy.deepcopy(data)
+    if "base_model" in out:
+        out["base_model"] = local(out["base_model"], "base_model")
+    for i, m in enumerate(out.get("models") or []):
+        if isinstance(m, dict) and "model" in m:
+            m["model"] = local(m["model"], f"models.{i}.model")
+    for i, sl in enumerate(out.get("slices") or []):
+        for j, src in enumerate(sl.get("sources") or [] if isinstance(sl, dict) else []):
+            if isinstance(src, dict) and "model" in src:
+                src["model"] = local(src["model"], f"slices.{i}.sources.{j}.model")
+    # a tokenizer source is also "base" / "union" / "model:..."; only an existing folder is rewritten
+    tok = out.get("tokenizer_source")
+    if isinstance(tok, str) and tok not in ("base", "union") and Path(tok).expanduser().is_dir():
+        out["tokenizer_source"] = str(Path(tok).expanduser().resolve())
+    return out
+
+
 def _one_line(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
@@ -205,16 +294,42 @@ def parse_merge_config(data: Any, source: str = "<inline>") -> MergeSpec:
         raise PluribusError(f"invalid merge config {source}: {_one_line(e)}") from None
 
 
+def read_yaml(path: str | Path, what: str = "merge config") -> Any:
+    """The YAML data of ``path``; a missing, non-UTF-8 or unparsable file is a one-line PluribusError."""
+    from pluribus.config import read_text_file
+
+    p = Path(path)
+    text = read_text_file(p, what)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise PluribusError(f"{what} '{p}' is not valid YAML{where}") from None
+
+
 def load_merge_config(path: str | Path) -> MergeSpec:
     """Read a merge YAML (pluribus or mergekit format) from ``path``."""
-    p = Path(path)
-    if not p.is_file():
-        raise PluribusError(f"merge config '{p}' does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError:
-        raise PluribusError(f"merge config '{p}' is not valid YAML") from None
-    return parse_merge_config(data, f"'{p}'")
+    return parse_merge_config(read_yaml(path), f"'{Path(path)}'")
+
+
+#: keys only a recipe has (``seed`` is shared with merge configs)
+RECIPE_KEYS = {"name", "root", "trust_remote_code", "task", "team", "build", "train", "merge", "eval", "export"}
+
+
+def _is_recipe(data: Any) -> bool:
+    if not isinstance(data, dict):
+        return False
+    return "merge" in data or ("method" not in data and "merge_method" not in data and bool(set(data) & RECIPE_KEYS))
+
+
+def missing_local(ref: str) -> bool:
+    """Whether model reference ``ref`` is no local file or folder, and cannot be an alias or a hub id either."""
+    from pluribus.models import ALIASES
+
+    if Path(ref).expanduser().exists() or ref in ALIASES:
+        return False
+    return ref.startswith((".", "/", "~")) or ref.count("/") != 1  # a hub id is org/name
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -261,16 +376,17 @@ def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any)
         spec = spec_from_flags(**flags)  # the flags carry the seed
     else:
         p = Path(config)
-        data = yaml.safe_load(p.read_text()) if p.is_file() else None
-        if isinstance(data, dict) and isinstance(data.get("merge"), dict):  # a whole recipe
+        data = read_yaml(p)
+        if _is_recipe(data):
             from pluribus.config import load_recipe
 
             recipe = load_recipe(p)
-            section = recipe.require("merge")
-            spec = section.load()
-            out = out or recipe.run_dir / "merged" / section.name
+            if recipe.merge is None:
+                raise PluribusError(f"recipe '{p}' has no merge: section; add one or pass a merge config")
+            spec = recipe.merge.load()
+            out = out or recipe.run_dir / "merged" / recipe.merge.name
         else:
-            spec = load_merge_config(p)
+            spec = parse_merge_config(data, f"'{p}'")
         if seed is not None:
             spec = spec.model_copy(update={"seed": seed})
     if out is None:

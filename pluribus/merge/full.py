@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -277,16 +277,24 @@ def _check_shapes(base: Checkpoint, experts: list[Expert]) -> None:
                         "all models must share the base's shapes"
                     )
         if e.adapter is not None:
-            for module, m in e.adapter.modules.items():
-                key = f"{module}.weight"
-                if key not in base.tensors:
-                    raise PluribusError(f"adapter '{e.adapter.path}' adapts {module}, which base '{base.folder}' lacks")
-                shape = (m.B.shape[0], m.A.shape[1])
-                if base.tensors[key].shape != shape:
-                    raise PluribusError(
-                        f"adapter '{e.adapter.path}' module {module} is {shape} but base '{base.folder}' has "
-                        f"{base.tensors[key].shape}; the adapter was trained on another base"
-                    )
+            check_adapter_fits(base, e.adapter)
+
+
+def check_adapter_fits(base: Checkpoint, adapter: Any) -> None:
+    """Refuse an adapter (``adapters.Adapter``) whose modules the base lacks or has in other shapes."""
+    # the recorded base name alone is no proof (local copies, hub ids): it only explains a mismatch
+    recorded = f" (its adapter_config.json records base '{adapter.base}')" if adapter.base else ""
+    for module, m in adapter.modules.items():
+        key = f"{module}.weight"
+        if key not in base.tensors:
+            raise PluribusError(f"adapter '{adapter.path}' adapts {module}, which base '{base.folder}' lacks{recorded}; "
+                                "the adapter was trained on another base")
+        shape = (m.B.shape[0], m.A.shape[1])
+        if base.tensors[key].shape != shape:
+            raise PluribusError(
+                f"adapter '{adapter.path}' module {module} is {shape} but base '{base.folder}' has "
+                f"{base.tensors[key].shape}; the adapter was trained on another base{recorded}"
+            )
 
 
 def merge_models(
@@ -294,10 +302,12 @@ def merge_models(
     folder: Path,
     progress: Callable[[int, int, str], None] | None = None,
     tensor_delta: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
+    folded: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Stream the merge of ``spec`` into ``folder`` (an empty temporary folder); returns summary figures.
 
-    ``tensor_delta(name, base)`` replaces the method for tensors it returns a delta for (adapter folding).
+    ``tensor_delta(name, base)`` replaces the method for tensors it returns a delta for (adapter folding);
+    ``folded`` are the adapters it folds, checked against the base's shapes before anything is written.
     Raises PluribusError for missing/corrupt files, mismatched tensors (naming both models) and NaN/Inf.
     """
     from pluribus.merge.adapters import is_adapter, load_adapter
@@ -317,6 +327,8 @@ def merge_models(
             same = path.resolve() == base_dir.resolve()
             experts.append(Expert(None if same else Checkpoint(path), adapter, inp.label))
         _check_shapes(base, experts)
+    for adapter in folded:
+        check_adapter_fits(base, adapter)
     fixed = None if spec.dtype == "auto" else getattr(torch, spec.dtype)
     out_dtype = getattr(torch, spec.out_dtype) if spec.out_dtype else None
     plan = [

@@ -263,3 +263,32 @@ def test_existing_output_is_refused_unless_overwrite(hetero, tmp_path):
     assert (out / "keep.txt").exists()
     run_merge(spec("cat", hetero), out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
+
+
+def test_folding_into_a_base_of_other_shapes_names_module_shapes_and_bases(hetero, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.merge.conftest import TINY
+
+    wide = tmp_path / "wide"
+    LlamaForCausalLM(LlamaConfig(**{**TINY, "hidden_size": 48})).save_pretrained(wide)
+    ad = copy_adapter(hetero[0], tmp_path / "ad")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "org/narrow"}))
+    s = spec("linear", [ad], base=str(wide), output="model")
+    with pytest.raises(PluribusError, match=r"module model\.layers\.0\.self_attn\.q_proj is \(32, 32\) but base "
+                                            r"'.*wide' has \(48, 48\); .*another base.*records base 'org/narrow'"):
+        run_merge(s, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "wide"]  # no output, no temporary folder
+
+
+def test_missing_input_and_folder_without_adapter_config_are_named(hetero, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PluribusError, match="input 'nonexist' does not exist"):
+        run_merge(spec("linear", [hetero[0], Path("nonexist")]), tmp_path / "out")
+    no_cfg = copy_adapter(hetero[1], tmp_path / "noCfg")
+    (no_cfg / "adapter_config.json").unlink()
+    for order in ([hetero[0], Path("noCfg")], [Path("noCfg"), hetero[0]], [Path("noCfg")]):
+        with pytest.raises(PluribusError, match=r"input 'noCfg' has no adapter_config\.json \(not a PEFT adapter folder\)"):
+            run_merge(spec("linear", order), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -128,3 +128,57 @@ def test_seed_flag_sets_the_dare_seed_of_flags_and_config_files(tmp_path):
     (tmp_path / "mk.yaml").write_text(yaml.safe_dump(cfg))
     assert resolve_cli(tmp_path / "mk.yaml", tmp_path / "o")[0].seed == 0
     assert resolve_cli(tmp_path / "mk.yaml", tmp_path / "o", seed=5)[0].seed == 5
+
+
+def test_unreadable_merge_configs_and_recipes_without_merge_are_one_line(tmp_path):
+    (tmp_path / "bad1.yaml").write_text("name: x\nteam:\n  rounds: [1\n")
+    for load in (load_merge_config, lambda p: resolve_cli(p, tmp_path / "o")):
+        with pytest.raises(PluribusError, match=r"'.*bad1\.yaml' is not valid YAML at line 4, column 1"):
+            load(tmp_path / "bad1.yaml")
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00method: ties\x81")
+    with pytest.raises(PluribusError, match=r"merge config '.*bin\.yaml' is not UTF-8"):
+        resolve_cli(tmp_path / "bin.yaml", tmp_path / "o")
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump({"name": "q", "train": {"lr": 1e-4}}))
+    with pytest.raises(PluribusError, match=r"^recipe '.*q\.yaml' has no merge: section; add one or pass a merge config$"):
+        resolve_cli(tmp_path / "q.yaml", tmp_path / "o")
+
+
+def test_unknown_mergekit_parameters_are_refused_naming_the_accepted_ones():
+    ties = {"merge_method": "ties", "base_model": "b", "dtype": "float32",
+            "models": [{"model": "x", "parameters": {"weight": 1.0, "density": 0.5}},
+                       {"model": "y", "parameters": {"weight": 1.0, "densty": 0.5}}]}
+    with pytest.raises(PluribusError, match=r"models\.1 \(y\) parameters: unknown parameter 'densty' for merge_method "
+                                            r"'ties'; accepted: density, weight$"):
+        parse_merge_config(ties)
+    # a gradient (handed to mergekit) is checked all the same
+    ties["models"][1]["parameters"] = {"weight": [0.0, 1.0], "densty": 0.5}
+    with pytest.raises(PluribusError, match="unknown parameter 'densty'"):
+        parse_merge_config(ties)
+    with pytest.raises(PluribusError, match=r"^mergekit config: parameters: unknown parameter 'lamda'.*accepted: .*lambda"):
+        parse_merge_config({**ties, "models": [{"model": "x"}], "parameters": {"lamda": 0.5}})
+    with pytest.raises(PluribusError, match=r"unknown parameter 'density' for merge_method 'linear'; accepted: weight$"):
+        parse_merge_config({"merge_method": "linear", "models": [{"model": "x", "parameters": {"density": 0.5}}]})
+    pytest.importorskip("mergekit")  # methods pluribus does not run: mergekit's own names
+    with pytest.raises(PluribusError, match=r"unknown parameter 'tt' for merge_method 'slerp'; accepted: .*\bt\b"):
+        parse_merge_config({"merge_method": "slerp", "base_model": "x", "models": [{"model": "y"}],
+                            "parameters": {"tt": 0.5}})
+
+
+def test_mergekit_fallback_gets_absolute_local_paths_from_the_cwd(tmp_path, monkeypatch):
+    from pluribus.merge.config import mergekit_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path.resolve()
+    for name in ("base", "m1", "lora"):
+        (tmp_path / name).mkdir()
+    data = {"merge_method": "slerp", "base_model": "base", "tokenizer_source": "m1",
+            "models": [{"model": "m1"}, {"model": "./base+lora"}, {"model": "org/hub-model"}]}
+    out = mergekit_local_paths(data)
+    assert out["base_model"] == str(root / "base") and out["tokenizer_source"] == str(root / "m1")
+    assert mergekit_local_paths({**data, "tokenizer_source": "base"})["tokenizer_source"] == "base"  # mergekit's word
+    assert [m["model"] for m in out["models"]] == [str(root / "m1"), f"{root / 'base'}+{root / 'lora'}",
+                                                  "org/hub-model"]
+    assert data["base_model"] == "base"  # the recipe as written is kept
+    for missing in ("mA2", "./mA2", "base+nolora"):
+        with pytest.raises(PluribusError, match=r"models\.0\.model '.*' does not exist"):
+            mergekit_local_paths({**data, "models": [{"model": missing}]})

@@ -274,3 +274,21 @@ run_merge(MergeSpec(method="ties", base={str(tiny_base)!r}, density=0.5,
                         inputs=[MergeInput(path=str(experts[0])), MergeInput(path=str(experts[1]))]), out)
     assert (out / "model.safetensors").is_file() and live.is_dir()
     assert not left[0].exists()  # the next merge to the same output removed the dead writer's leftovers
+
+
+@pytest.mark.slow
+def test_mergekit_fallback_reads_relative_local_paths_from_the_cwd(tiny_base, experts, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, src in (("base", tiny_base), ("e0", experts[0]), ("e1", experts[1])):
+        (tmp_path / name).symlink_to(src)
+    cfg = {"merge_method": "ties", "base_model": "base", "dtype": "float32",  # a gradient: mergekit runs it
+           "models": [{"model": "e0", "parameters": {"weight": [1.0, 0.5], "density": 0.5}},
+                      {"model": "e1", "parameters": {"weight": 1.0, "density": 0.5}}]}
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(cfg))
+    summary = run_merge(load_merge_config("mk.yaml"), "out")
+    assert summary.kind == "mergekit" and "model.norm.weight" in tensors(tmp_path / "out")
+    cfg["models"][1]["model"] = "e2"
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(PluribusError, match=r"models\.1\.model 'e2' does not exist"):
+        run_merge(load_merge_config("mk.yaml"), "out2")
+    assert not (tmp_path / "out2").exists()
