@@ -155,16 +155,21 @@ def split_eval(ds: Any, fraction: float, seed: int) -> tuple[Any, Any | None]:
 # ---------------------------------------------------------------------------------------------- model
 
 
-def load_student(cfg: TrainConfig, *, head: str = "causal", trust_remote_code: bool = False) -> tuple[Any, Any]:
+def load_student(
+    cfg: TrainConfig, *, head: str = "causal", trust_remote_code: bool = False, seed: int = 0
+) -> tuple[Any, Any]:
     """Load the student (``head`` causal or token-cls with one logit) in bf16, or 4-bit NF4 for QLoRA.
 
-    The tokenizer gets a pad token (eos) when it has none and pads on the right (training).
+    The tokenizer gets a pad token (eos) when it has none and pads on the right (training). The global RNG is
+    seeded with ``seed`` first: the new score head and the LoRA A matrices are drawn from it, so one recipe
+    gives one initial adapter whatever ran before in the process (the Trainer seeds only later).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, set_seed
 
     from pluribus.models import check_finite_model, load_tokenizer, resolve_model
 
+    set_seed(seed)
     folder = resolve_model(cfg.model)
     kwargs: dict[str, Any] = {
         "dtype": torch.bfloat16 if cfg.bf16 else torch.float32,
@@ -417,13 +422,11 @@ def base_identity(model: Any) -> str:
     return str(Path(name).resolve()) if name and Path(name).exists() else str(name)
 
 
-def resume_checkpoint(out: Path, resume: bool | str | None, model: Any) -> str | None:
-    """The checkpoint to resume from (the latest under the stage's checkpoints, or a given path), or None.
+def _checkpoint(out: Path, resume: bool | str) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint ``resume`` names (the latest under the stage's checkpoints, or a given path) and its
+    adapter config, or a PluribusError; reads only small files, so it runs before the model is loaded."""
+    from pluribus.models import read_adapter_config
 
-    Refuses (PluribusError) a checkpoint whose adapter was trained on another base model.
-    """
-    if not resume:
-        return None
     if isinstance(resume, str) and resume not in {"latest", "true", "True"}:
         ckpt = Path(resume)
     else:
@@ -431,10 +434,20 @@ def resume_checkpoint(out: Path, resume: bool | str | None, model: Any) -> str |
         if not found:
             raise PluribusError(f"--resume: no checkpoint under '{checkpoints_dir(out)}'; start without --resume")
         ckpt = found[-1]
-    cfg_path = ckpt / "adapter_config.json"
-    if not cfg_path.is_file():
+    if not (ckpt / "adapter_config.json").is_file():
         raise PluribusError(f"--resume: '{ckpt}' is not an adapter checkpoint (no adapter_config.json)")
-    theirs = json.loads(cfg_path.read_text()).get("base_model_name_or_path") or ""
+    return ckpt, read_adapter_config(ckpt)
+
+
+def resume_checkpoint(out: Path, resume: bool | str | None, model: Any) -> str | None:
+    """The checkpoint to resume from (see ``_checkpoint``), or None.
+
+    Refuses (PluribusError) a checkpoint whose adapter was trained on another base model.
+    """
+    if not resume:
+        return None
+    ckpt, config = _checkpoint(out, resume)
+    theirs = config.get("base_model_name_or_path") or ""
     theirs = str(Path(theirs).resolve()) if theirs and Path(theirs).exists() else theirs
     ours = base_identity(model)
     if theirs != ours:
@@ -447,10 +460,12 @@ def resume_checkpoint(out: Path, resume: bool | str | None, model: Any) -> str |
 
 def check_output(out: Path, *, overwrite: bool, resume: bool | str | None) -> None:
     """Before any training: refuse an existing ``out`` unless ``overwrite``, or ``resume`` (continuing a run
-    replaces its own adapter)."""
+    replaces its own adapter); with ``resume``, its checkpoint must exist and be readable."""
     if out.exists() and not overwrite and not resume:
         raise PluribusError(f"output '{out}' already exists; pass --overwrite to replace it, --resume to continue "
                             "the training that wrote it, or --out another folder")
+    if resume:
+        _checkpoint(out, resume)
 
 
 def save_output(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], overwrite: bool = False) -> Path:

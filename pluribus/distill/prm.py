@@ -159,9 +159,10 @@ def load_prm(adapter: str | Path, *, trust_remote_code: bool = False) -> tuple[A
 
     cfg = check_adapter(adapter)
     if cfg.get("task_type") != "TOKEN_CLS":
-        kind = f"{cfg.get('peft_type') or 'PEFT'} adapter" + (f" for {cfg['task_type']}" if cfg.get("task_type") else "")
-        raise PluribusError(f"adapter '{adapter}' is a {kind} with no PRM head (task type TOKEN_CLS), so it was not "
-                            "made by `pluribus train RECIPE --stage prm`; pass a PRM adapter, or train one that way")
+        kind = f"{cfg.get('peft_type') or 'PEFT'} adapter of task type {cfg.get('task_type') or 'none'}"
+        raise PluribusError(f"adapter '{adapter}' is a {kind}, not a PRM (task type TOKEN_CLS, with a score head), "
+                            "so it was not made by `pluribus train RECIPE --stage prm`; pass a PRM adapter, or "
+                            "train one that way")
     base = cfg.get("base_model_name_or_path") or ""
     base_folder = resolve_model(base)
     has_tokenizer = (Path(adapter) / "tokenizer_config.json").is_file()
@@ -228,7 +229,7 @@ def train_prm(
     train_rows, eval_rows = common.split_eval(rows, cfg.eval_fraction, recipe.seed)
 
     # 2. the student as a one-logit token classifier, LoRA + a trainable head (PEFT TOKEN_CLS saves `score`)
-    model, tokenizer = common.load_student(cfg, head="token-cls", trust_remote_code=recipe.trust_remote_code)
+    model, tokenizer = common.load_student(cfg, head="token-cls", trust_remote_code=recipe.trust_remote_code, seed=recipe.seed)
     model = common.attach_lora(model, cfg, "TOKEN_CLS")
     kernels = common.patch_kernels(model, cfg.kernels)
 

@@ -280,7 +280,7 @@ def train_rl(
     prompts = rl_prompts(common.load_rows(ds_path, "process"), recipe)
 
     # 2. the policy (LoRA, optionally continuing an SFT adapter) and the PRM (its own base + adapter)
-    model, tokenizer = common.load_student(cfg, trust_remote_code=recipe.trust_remote_code)
+    model, tokenizer = common.load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed)
     model = common.attach_lora(model, cfg, "CAUSAL_LM")
     kernels = common.patch_kernels(model, cfg.kernels)
     prm = load_prm(prm_path, trust_remote_code=recipe.trust_remote_code)

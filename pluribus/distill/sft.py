@@ -185,7 +185,7 @@ def train_sft(
     train_rows, eval_rows = common.split_eval(rows, cfg.eval_fraction, recipe.seed)
 
     # 2. the student with LoRA (QLoRA when quantized), fused kernels, varlen attention for packed rows
-    model, tokenizer = common.load_student(cfg, trust_remote_code=recipe.trust_remote_code)
+    model, tokenizer = common.load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed)
     model = common.attach_lora(model, cfg, "CAUSAL_LM")
     kernels = common.patch_kernels(model, cfg.kernels)
     attention = use_varlen_attention(model) if cfg.packing else "sdpa"
