@@ -58,6 +58,8 @@ def check_weights(folder: Path, kind: str) -> None:
     from pluribus.merge.methods import check_finite
 
     for path in sorted(folder.glob("*.safetensors")):
+        if path.is_dir():
+            raise PluribusError(f"{kind} weights '{path}' is a folder, not a file; re-save the {kind}")
         try:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -112,7 +114,9 @@ def _json_file(path: Path, what: str) -> dict[str, Any]:
 
 def _base_model(folder: Path, kind: str) -> str | None:
     if kind == "adapter":
-        return _json_file(folder / "adapter_config.json", "adapter config").get("base_model_name_or_path")
+        from pluribus.models import read_adapter_config
+
+        return read_adapter_config(folder).get("base_model_name_or_path")
     record = folder / "training_record.json"
     if record.is_file():
         return _json_file(record, "training record").get("base_model")
@@ -206,6 +210,7 @@ def export_folder(
     weights = list(source.glob("*.safetensors"))
     if not weights:
         raise PluribusError(f"'{source}' has no .safetensors weights to export")
+    base = _base_model(source, kind)  # an adapter's config is checked here, before its tensors are read
     if isinstance(eval_results, str | Path):
         eval_results = read_eval_results(eval_results)
     elif eval_results is not None:
@@ -216,7 +221,6 @@ def export_folder(
     merge_path = source / "merge_recipe.yaml"
     merge_recipe = read_text_file(merge_path, "merge recipe") if merge_path.is_file() else None
     relation = "merge" if merge_recipe else ("adapter" if kind == "adapter" else "finetune")
-    base = _base_model(source, kind)
     card = model_card(kind=kind, base_model=base, relation=relation, datasets=datasets or [],
                       eval_results=eval_results, merge_recipe=merge_recipe, training_record=record,
                       title=title or source.name)

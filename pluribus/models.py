@@ -12,9 +12,11 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,8 @@ def check_safetensors_header(path: Path, what: str, fix: str) -> None:
     file raises a PluribusError naming it."""
     from safetensors import SafetensorError, safe_open
 
+    if path.is_dir():
+        raise PluribusError(f"{what} '{path}' is a folder, not a file; {fix}")
     try:
         with safe_open(path, framework="pt") as f:
             f.keys()
@@ -224,6 +228,7 @@ def _resolve_hub_id(repo_id: str) -> Path:
             ) from None
     if not _is_model_dir(path):
         raise PluribusError(f"hub model '{repo_id}' has no config.json; is it a model repository?")
+    read_model_config(path)
     _check_safetensors(path, "hub model")
     return path
 
@@ -242,6 +247,7 @@ def resolve_model(name: str | os.PathLike[str]) -> Path:
     if path.is_dir():
         if not _is_model_dir(path):
             raise PluribusError(f"model folder '{path}' has no config.json; is it a save_pretrained folder?")
+        read_model_config(path)
         _check_safetensors(path, "model folder")
         return path
     if path.suffix == ".gguf":
@@ -348,18 +354,85 @@ def nf4_config(kind: str = "nf4") -> Any:
     )
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a rank
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)  # json reads NaN too
+
+
+def _is_names(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# the adapter_config.json fields pluribus (and PEFT, when it applies the adapter) reads: (expected, test)
+_ADAPTER_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "peft_type": ("a string such as \"LORA\"", lambda v: isinstance(v, str)),
+    "task_type": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "base_model_name_or_path": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "r": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "lora_alpha": ("a number", _is_number),
+    "use_rslora": ("true or false", lambda v: v is None or isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: v is None or isinstance(v, bool)),
+    "fan_in_fan_out": ("true or false", lambda v: v is None or isinstance(v, bool)),
+    "lora_bias": ("true or false", lambda v: v is None or isinstance(v, bool)),
+    "target_modules": ("a list of module names, a regex string or null",
+                       lambda v: v is None or isinstance(v, str) or _is_names(v)),
+    "modules_to_save": ("a list of module names or null", lambda v: v is None or _is_names(v)),
+    "rank_pattern": ("an object mapping module names to positive integers",
+                     lambda v: v is None or isinstance(v, dict) and all(_is_int(x) and x > 0 for x in v.values())),
+    "alpha_pattern": ("an object mapping module names to numbers",
+                      lambda v: v is None or isinstance(v, dict) and all(_is_number(x) for x in v.values())),
+}
+
+
 def read_adapter_config(adapter: str | os.PathLike[str]) -> dict[str, Any]:
-    """The adapter_config.json of a PEFT folder, or a PluribusError saying what is missing."""
+    """The adapter_config.json of a PEFT folder, checked: a JSON object whose fields pluribus reads have the
+    right JSON types, beside an adapter_model.safetensors file. Anything else is a PluribusError naming it."""
+    from pluribus.config import read_text_file
+
     folder = Path(adapter)
     cfg = folder / "adapter_config.json"
     if not cfg.is_file():
         raise PluribusError(f"adapter '{folder}' has no adapter_config.json; is it a PEFT adapter folder?")
-    if not (folder / "adapter_model.safetensors").is_file():
-        raise PluribusError(f"adapter '{folder}' has no adapter_model.safetensors (pickle adapters are not loaded)")
+    weights = folder / "adapter_model.safetensors"
+    if weights.is_dir():
+        raise PluribusError(f"adapter '{folder}': adapter_model.safetensors is a folder, not a file; re-save the "
+                            "adapter")
+    if not weights.is_file():
+        raise PluribusError(f"adapter '{folder}' has no adapter_model.safetensors (pluribus never reads pickle "
+                            "files)")
     try:
-        return json.loads(cfg.read_text())
+        config = json.loads(read_text_file(cfg, "adapter config"))
     except json.JSONDecodeError as e:
-        raise PluribusError(f"adapter config '{cfg}' is not valid JSON (line {e.lineno})") from None
+        raise PluribusError(f"adapter config '{cfg}' is not valid JSON (line {e.lineno}); re-save the adapter"
+                            ) from None
+    if not isinstance(config, dict):
+        raise PluribusError(f"adapter config '{cfg}' is not a JSON object; re-save the adapter")
+    for key, (expected, ok) in _ADAPTER_FIELDS.items():
+        if key in config and not ok(config[key]):
+            shown = json.dumps(config[key])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise PluribusError(f"adapter config '{cfg}' has {key} = {shown}, expected {expected}; fix that field "
+                                "or re-save the adapter")
+    return config
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """The config.json of a model folder if it is a JSON object, else a PluribusError (a corrupt config.json)."""
+    from pluribus.config import read_text_file
+
+    path = folder / "config.json"
+    try:
+        config = json.loads(read_text_file(path, "model config"))
+    except json.JSONDecodeError as e:
+        raise PluribusError(f"model config '{path}' is not valid JSON (line {e.lineno}); re-save or re-download "
+                            "the model") from None
+    if not isinstance(config, dict):
+        raise PluribusError(f"model config '{path}' is not a JSON object (corrupt config.json); re-save or "
+                            "re-download the model")
+    return config
 
 
 def _recorded_base_folder(base: str) -> Path | None:

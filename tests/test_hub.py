@@ -189,3 +189,31 @@ def test_export_refuses_a_corrupt_adapter_config(adapter_dir: Path, tmp_path: Pa
     with pytest.raises(PluribusError, match="adapter config '.*adapter_config.json' is not valid JSON"):
         export_folder(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ([1, 2], "is not a JSON object"),
+    ({"r": "four"}, 'has r = "four", expected a positive integer'),
+    ({"target_modules": 5}, "has target_modules = 5, expected a list of module names"),
+])
+def test_export_refuses_an_adapter_config_of_the_wrong_shape(adapter_dir: Path, tmp_path: Path, edit: object,
+                                                             message: str) -> None:
+    cfg_path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, **edit} if isinstance(edit, dict) else edit))
+    with pytest.raises(PluribusError, match=f"adapter config '.*adapter_config.json' {message}"):
+        export_folder(adapter_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "model.safetensors"])
+def test_export_names_weights_that_are_a_folder(adapter_dir: Path, tiny_llama_dir: Path, tmp_path: Path,
+                                                name: str) -> None:
+    import shutil
+
+    source = adapter_dir if name.startswith("adapter") else shutil.copytree(tiny_llama_dir, tmp_path / "model")
+    (source / name).unlink()
+    (source / name).mkdir()
+    with pytest.raises(PluribusError, match=f"{name}' is a folder, not a file|{name} is a folder, not a file"):
+        export_folder(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -175,3 +175,66 @@ def test_adapter_base_that_cannot_differ_is_accepted(tiny_llama_dir: Path, tmp_p
     adapter = lora_adapter(tiny_llama_dir, tmp_path / "a", base=recorded)
     model, _ = load_model(tiny_llama_dir, adapter=adapter, dtype=torch.float32)
     assert "default" in model.peft_config
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ([1, 2], "is not a JSON object; re-save the adapter"),
+    ({"r": "four"}, 'has r = "four", expected a positive integer'),
+    ({"r": True}, "has r = true, expected a positive integer"),
+    ({"lora_alpha": "8"}, 'has lora_alpha = "8", expected a number'),
+    ({"lora_alpha": float("nan")}, "has lora_alpha = NaN, expected a number"),
+    ({"target_modules": 5}, "has target_modules = 5, expected a list of module names"),
+    ({"rank_pattern": {"q_proj": "2"}}, "has rank_pattern = .*, expected an object mapping module names to positive"),
+    ({"alpha_pattern": [1]}, "has alpha_pattern = .*, expected an object mapping module names to numbers"),
+    ({"use_rslora": "yes"}, 'has use_rslora = "yes", expected true or false'),
+])
+def test_adapter_config_of_the_wrong_shape_is_named(tiny_llama_dir: Path, tmp_path: Path, edit: object,
+                                                    message: str) -> None:
+    from pluribus.models import check_adapter
+    from tests.broken import lora_adapter
+
+    adapter = lora_adapter(tiny_llama_dir, tmp_path / "a")
+    cfg_path = adapter / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, **edit} if isinstance(edit, dict) else edit))
+    with pytest.raises(PluribusError, match=f"adapter config '{cfg_path}' {message}"):
+        read_adapter_config(adapter)
+    with pytest.raises(PluribusError, match=message):
+        check_adapter(adapter, tiny_llama_dir)
+    with pytest.raises(PluribusError, match=message):
+        load_model(tiny_llama_dir, adapter=adapter)
+
+
+def test_adapter_weights_that_are_a_folder_are_named(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from pluribus.models import check_adapter
+    from tests.broken import lora_adapter
+
+    adapter = lora_adapter(tiny_llama_dir, tmp_path / "a")
+    (adapter / "adapter_model.safetensors").unlink()
+    (adapter / "adapter_model.safetensors").mkdir()
+    with pytest.raises(PluribusError, match="adapter_model.safetensors is a folder, not a file"):
+        check_adapter(adapter)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("[1]", "is not a JSON object \\(corrupt config.json\\)"),
+    ("{bad", "is not valid JSON \\(line 1\\)"),
+])
+def test_corrupt_model_config_is_refused_when_resolved(tiny_llama_dir: Path, tmp_path: Path, content: str,
+                                                       message: str) -> None:
+    import shutil
+
+    model = shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    (model / "config.json").write_text(content)
+    with pytest.raises(PluribusError, match=f"model config '{model / 'config.json'}' {message}"):
+        resolve_model(model)
+
+
+def test_model_weights_that_are_a_folder_are_named(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    model = shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    (model / "model.safetensors").unlink()
+    (model / "model.safetensors").mkdir()
+    with pytest.raises(PluribusError, match="model.safetensors' is a folder, not a file"):
+        resolve_model(model)

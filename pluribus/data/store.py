@@ -26,7 +26,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,14 @@ from pluribus.io import atomic_write_text
 
 FORMAT = "pluribus-trajectories/1"
 SHARD_GLOB = "shard-*.jsonl"
+# the manifest fields a store reads back, with the JSON type each must have
+_MANIFEST_FIELDS: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
+    ("config_hash", "a string", lambda v: isinstance(v, str)),
+    ("run_id", "a string", lambda v: isinstance(v, str)),
+    ("key", "a string", lambda v: isinstance(v, str)),
+    ("created", "a string", lambda v: isinstance(v, str)),
+    ("previous_runs", "a list of objects", lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v)),
+)
 
 
 class TrajectoryStore:
@@ -63,7 +71,11 @@ class TrajectoryStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock()
         if manifest_path.is_file():
-            old = self._read_manifest()
+            try:
+                old = self._read_manifest()
+            except PluribusError:
+                self._unlock()  # a corrupt store must not stay locked for the rest of the process
+                raise
             if old.get("config_hash") != config_hash:
                 if not new_run:
                     self._unlock()
@@ -163,12 +175,20 @@ class TrajectoryStore:
         path = self.directory / "manifest.json"
         try:
             manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
             raise PluribusError(f"store manifest '{path}' is unreadable ({type(e).__name__}); "
                                 "restore it or remove the store folder") from None
+        if not isinstance(manifest, dict):
+            raise PluribusError(f"store manifest '{path}' is not a JSON object (corrupt manifest.json); "
+                                "restore it or remove the store folder")
         if manifest.get("format") != FORMAT:
             raise PluribusError(f"'{path}' is not a pluribus trajectory store manifest (format "
                                 f"{manifest.get('format')!r}, expected {FORMAT!r})")
+        for field, expected, ok in _MANIFEST_FIELDS:
+            if field in manifest and not ok(manifest[field]):
+                raise PluribusError(f"store manifest '{path}' has {field} = {json.dumps(manifest[field])[:60]}, "
+                                    f"expected {expected} (corrupt manifest.json); restore it or remove the store "
+                                    "folder")
         return manifest
 
     def _lock(self) -> None:

@@ -20,6 +20,7 @@ from pluribus.errors import PluribusError
 from pluribus.eval.robustness import original_id, perturb
 from pluribus.eval.stats import mcnemar_exact, paired, wilson_interval
 from pluribus.io import atomic_write_text
+from pluribus.models import read_adapter_config
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,15 @@ def plan_systems(recipe: Recipe) -> list[tuple[str, str, TeamConfig]]:
                                                       name="single")))
             else:
                 adapter = Path(cfg.adapter) if cfg.adapter else default_adapter(recipe)
+                if cfg.adapter and not adapter.exists():
+                    raise PluribusError(f"eval.adapter '{adapter}' does not exist; set eval.adapter to a trained "
+                                        "adapter folder, or drop 'distilled' from eval.systems")
                 if not (adapter / "adapter_config.json").is_file():
                     raise PluribusError(
                         f"the distilled system needs an adapter; '{adapter}' has none. Train one first "
                         "(pluribus train RECIPE) or set eval.adapter, or drop 'distilled' from eval.systems"
                     )
+                read_adapter_config(adapter)
                 student = recipe.train.model if recipe.train else None
                 plans.append(("distilled", mode, _single(team, adapter=str(adapter), model=student, mode=mode,
                                                          cfg=cfg, name="distilled")))

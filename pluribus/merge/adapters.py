@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from pluribus.errors import PluribusError
 from pluribus.merge import methods as M
 from pluribus.merge.config import MergeSpec
+from pluribus.models import read_adapter_config
 
 PREFIX = "base_model.model."
 Tensor = torch.Tensor
@@ -84,13 +85,8 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 def load_adapter(path: str | Path) -> Adapter:
     """Read a PEFT LoRA folder; raises PluribusError for missing/corrupt files, unsupported types and NaN/Inf."""
     path = Path(path)
-    cfg_path, st_path = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not cfg_path.is_file():
-        raise PluribusError(f"adapter '{path}' has no adapter_config.json; is it a PEFT adapter folder?")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise PluribusError(f"adapter config '{cfg_path}' is corrupt JSON (line {e.lineno}); re-save the adapter") from None
+    st_path = path / "adapter_model.safetensors"
+    config = read_adapter_config(path)  # a JSON object whose fields have the types read below
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise PluribusError(f"adapter '{path}' is of PEFT type {peft_type}; only LORA adapters can be merged")

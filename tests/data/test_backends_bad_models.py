@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,5 +34,21 @@ def test_broken_model_writes_no_run_folder(tiny_llama_dir: Path, tmp_path: Path,
 def test_adapter_of_another_base_writes_no_run_folder(tiny_llama_dir: Path, tmp_path: Path) -> None:
     adapter = lora_adapter(tiny_llama_dir, tmp_path / "adapter", base=str(other_base(tiny_llama_dir, tmp_path / "o")))
     with pytest.raises(PluribusError, match="was trained on base"):
+        run_debate(_recipe(tmp_path / "runs", tiny_llama_dir, adapter), progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_model_config_that_is_not_an_object_writes_no_run_folder(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    bad = shutil.copytree(tiny_llama_dir, tmp_path / "listcfg")
+    (bad / "config.json").write_text("[1]")
+    with pytest.raises(PluribusError, match=f"model config '{bad / 'config.json'}' is not a JSON object"):
+        run_debate(_recipe(tmp_path / "runs", bad), progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_adapter_config_of_the_wrong_shape_writes_no_run_folder(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    adapter = lora_adapter(tiny_llama_dir, tmp_path / "adapter")
+    (adapter / "adapter_config.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(PluribusError, match="adapter config .* is not a JSON object"):
         run_debate(_recipe(tmp_path / "runs", tiny_llama_dir, adapter), progress=False)
     assert not (tmp_path / "runs").exists()

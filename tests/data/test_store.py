@@ -69,6 +69,27 @@ def test_missing_store_and_second_writer(tmp_path):
     TrajectoryStore(tmp_path / "t", "h").close()
 
 
+@pytest.mark.parametrize(("manifest", "message"), [
+    ("[1, 2]", "is not a JSON object"),
+    ("\udcff", "is unreadable"),
+    ({"previous_runs": "abc"}, 'has previous_runs = "abc", expected a list of objects'),
+    ({"key": 5}, "has key = 5, expected a string"),
+    ({"run_id": None}, "has run_id = null, expected a string"),
+])
+@pytest.mark.parametrize("writable", [False, True])
+def test_a_corrupt_manifest_is_named(tmp_path, manifest, message, writable):
+    TrajectoryStore(tmp_path / "t", "h").close()
+    path = tmp_path / "t" / "manifest.json"
+    if isinstance(manifest, dict):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **manifest}))
+    else:
+        path.write_bytes(manifest.encode("utf-8", "surrogateescape"))
+    with pytest.raises(PluribusError, match=f"store manifest '{path}' {message}"):
+        TrajectoryStore(tmp_path / "t", "h" if writable else None)
+    path.unlink()  # not left locked: a new run may start in the folder
+    TrajectoryStore(tmp_path / "t", "h").close()
+
+
 def test_torn_last_line_is_reported_then_repaired(tmp_path):
     d = tmp_path / "traj"
     with TrajectoryStore(d, "h") as s:

@@ -82,5 +82,20 @@ def test_an_existing_adapter_is_replaced_only_with_overwrite(tmp_path, student_d
 
 
 def test_score_names_what_a_non_prm_adapter_is(tmp_path, student_dir):
-    with pytest.raises(PluribusError, match="is a LORA adapter with no PRM head .* not made by `pluribus train"):
+    with pytest.raises(PluribusError, match="is a LORA adapter of task type none, not a PRM .* not made by `pluribus train"):
         load_prm(lora_adapter(student_dir, tmp_path / "adapter"))
+
+
+def test_resume_without_a_checkpoint_is_refused_before_the_model_and_creates_nothing(tmp_path, rsft_dir):
+    out = tmp_path / "adapter"
+    # the student does not exist: the resume error comes first, so no model was loaded
+    with pytest.raises(PluribusError, match="--resume: no checkpoint under '.*adapter.checkpoints'"):
+        train_stage(recipe(tmp_path, tmp_path / "no-model"), dataset=rsft_dir, out=out, resume=True)
+    assert not out.exists() and not common.checkpoints_dir(out).exists()
+
+
+def test_resume_from_a_checkpoint_with_a_misshapen_config_is_named(tmp_path, student_dir, rsft_dir):
+    ckpt = lora_adapter(student_dir, tmp_path / "adapter.checkpoints" / "checkpoint-2")
+    (ckpt / "adapter_config.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(PluribusError, match="adapter config '.*checkpoint-2/adapter_config.json' is not a JSON object"):
+        train_stage(recipe(tmp_path, tmp_path / "no-model"), dataset=rsft_dir, out=tmp_path / "adapter", resume=True)

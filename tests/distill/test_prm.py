@@ -109,5 +109,5 @@ def test_load_prm_refuses_a_causal_adapter(tmp_path, student_dir, rsft_dir):
     r = Recipe(name="t", root=str(tmp_path / "runs"), train={
         "model": str(student_dir), "kernels": "off", "max_steps": 1, "eval_fraction": 0, "report_to": ["none"],
         "lora": {"r": 2}})
-    with pytest.raises(PluribusError, match="LORA adapter for CAUSAL_LM with no PRM head"):
+    with pytest.raises(PluribusError, match="LORA adapter of task type CAUSAL_LM, not a PRM"):
         load_prm(train_sft(r, dataset=rsft_dir))

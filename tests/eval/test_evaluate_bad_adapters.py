@@ -34,3 +34,26 @@ def test_bad_adapter_is_refused_before_any_eval_output(tiny_llama_dir: Path, tmp
     with pytest.raises(PluribusError, match=message):
         run_eval(recipe, progress=False)
     assert not (tmp_path / "runs" / "ev" / "eval").exists()
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("missing", "eval.adapter '.*nowhere' does not exist; set eval.adapter to a trained adapter folder"),
+    ("list-config", "adapter config '.*adapter_config.json' is not a JSON object"),
+    ("string-rank", 'adapter config .* has r = "four", expected a positive integer'),
+])
+def test_missing_or_misshapen_adapter_is_named_before_any_eval_output(tiny_llama_dir: Path, tmp_path: Path, kind: str,
+                                                                     message: str) -> None:
+    import json
+
+    adapter = tmp_path / "nowhere"
+    if kind != "missing":
+        adapter = lora_adapter(tiny_llama_dir, tmp_path / kind)
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps([1, 2] if kind == "list-config" else {**cfg, "r": "four"}))
+    agent = f"{{model: '{tiny_llama_dir}', dtype: float32, sampling: {{max_new_tokens: 4}}}}"
+    recipe = load_recipe(None, [f"root={tmp_path / 'runs'}", "name=ev", "task.source=synthetic", "task.n=2",
+                                f"team.agents=[{agent}]", "team.rounds=1", f"eval.adapter={adapter}",
+                                "eval.systems=[single, distilled]"])
+    with pytest.raises(PluribusError, match=message):
+        run_eval(recipe, progress=False)
+    assert not (tmp_path / "runs" / "ev" / "eval").exists()

@@ -231,12 +231,28 @@ def test_missing_and_corrupt_files(hetero, tmp_path):
     with pytest.raises(PluribusError, match="corrupt or truncated"):
         run_merge(spec("cat", [broken]), tmp_path / "out")
     (broken / "adapter_config.json").write_text("{not json")
-    with pytest.raises(PluribusError, match="corrupt JSON"):
+    with pytest.raises(PluribusError, match="is not valid JSON"):
         run_merge(spec("cat", [broken]), tmp_path / "out")
     gone = copy_adapter(hetero[0], tmp_path / "gone")
     (gone / "adapter_model.safetensors").unlink()
     with pytest.raises(PluribusError, match="no adapter_model.safetensors"):
         run_merge(spec("cat", [gone]), tmp_path / "out")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ([1, 2], "is not a JSON object"),
+    ({"r": "four"}, 'has r = "four", expected a positive integer'),
+    ({"lora_alpha": None}, "has lora_alpha = null, expected a number"),
+    ({"target_modules": 5}, "has target_modules = 5, expected a list of module names"),
+    ({"rank_pattern": {"q_proj": 2.5}}, "has rank_pattern = .*, expected an object mapping module names to positive"),
+])
+def test_adapter_config_of_the_wrong_shape_is_named(hetero, tmp_path, edit, message):
+    bad = copy_adapter(hetero[0], tmp_path / "bad")
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, **edit} if isinstance(edit, dict) else edit))
+    with pytest.raises(PluribusError, match=f"adapter config '.*bad/adapter_config.json' {message}"):
+        run_merge(spec("cat", [bad, hetero[1]]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_weights_and_density_out_of_range(hetero):
