@@ -34,6 +34,12 @@ MethodName = Literal[
 MERGEKIT_NATIVE = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"}
 
 
+def _require_finite(value: float | None, name: str) -> None:
+    """NaN and Inf parse as floats and pass every range check (NaN compares false): refuse them by name."""
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number (got {value})")
+
+
 class MergeInput(BaseModel):
     """One expert: a PEFT adapter folder, a model folder, or a model plus an adapter (``base + adapter``)."""
 
@@ -47,8 +53,8 @@ class MergeInput(BaseModel):
 
     @model_validator(mode="after")
     def _finite(self) -> MergeInput:
-        if not math.isfinite(self.weight):
-            raise ValueError(f"weight = {self.weight} of '{self.path}' must be a finite number")
+        for name in ("weight", "density", "drop"):
+            _require_finite(getattr(self, name), f"{name} of '{self.path}'")
         return self
 
     @property
@@ -66,7 +72,7 @@ class MergeSpec(BaseModel):
     base: str | None = Field(None, description="Base model folder (full merges; folding adapters).")
     output: Literal["auto", "adapter", "model"] = Field("auto", description="auto: adapter for adapters, else model.")
     rank: int | None = Field(None, ge=1, description="Output adapter rank (svd, ties, dare on adapters).")
-    energy: float | None = Field(None, gt=0, le=1, description="Keep this energy fraction: per-module ranks.")
+    energy: float | None = Field(None, description="Keep this energy fraction, in (0, 1]: per-module ranks.")
     density: float | None = Field(None, description="TIES / magnitude: fraction of entries kept, in (0, 1].")
     drop: float | None = Field(None, description="DARE: drop rate p, in [0, 1).")
     lam: float = Field(1.0, alias="lambda", description="Scale lambda of the merged task vector.")
@@ -85,6 +91,9 @@ class MergeSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> MergeSpec:
+        for name, value in (("lambda", self.lam), ("energy", self.energy), ("density", self.density),
+                            ("drop", self.drop)):
+            _require_finite(value, name)
         if self.method == "mergekit":
             if not self.mergekit_yaml:
                 raise ValueError("method 'mergekit' needs mergekit_yaml (a mergekit config mapping)")
@@ -93,6 +102,8 @@ class MergeSpec(BaseModel):
             raise ValueError("inputs is empty; list at least one adapter or model to merge")
         if self.rank is not None and self.energy is not None:
             raise ValueError("give either rank or energy, not both")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise ValueError(f"energy = {self.energy} is out of range; it must be in (0, 1]")
         if self.density is not None and not 0 < self.density <= 1:
             raise ValueError(f"density = {self.density} is out of range; it must be in (0, 1]")
         if self.drop is not None and not 0 <= self.drop < 1:
@@ -140,13 +151,20 @@ def _mergekit_parameters(method: Any) -> tuple[set[str], set[str]] | None:
     return {p.name for p in spec.shared_parameters}, {p.name for p in spec.input_parameters}
 
 
+def _nonfinite(value: Any) -> float | None:
+    """The first NaN/Inf in a mergekit parameter value (a number, a gradient list, a filter mapping), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((bad for bad in map(_nonfinite, items) if bad is not None), None)
+
+
 def check_mergekit_parameters(data: dict[str, Any]) -> None:
-    """Refuse parameter names that mergekit's ``merge_method`` does not know (mergekit would ignore them)."""
+    """Refuse NaN/Inf parameter values, and names that mergekit's ``merge_method`` does not know (mergekit would
+    ignore them)."""
     method = data.get("merge_method")
     names = _mergekit_parameters(method)
-    if names is None:
-        return
-    shared, per_model = names
+    shared, per_model = names or (set(), set())
     sections: list[tuple[str, Any, set[str]]] = [("parameters", data.get("parameters"), shared | per_model)]
     for i, m in enumerate(data.get("models") or []):
         if isinstance(m, dict):
@@ -156,6 +174,13 @@ def check_mergekit_parameters(data: dict[str, Any]) -> None:
             if isinstance(src, dict):
                 sections.append((f"slices.{i}.sources.{j} ({src.get('model')}) parameters", src.get("parameters"),
                                  per_model))
+    for where, params, _ in sections:
+        for key, value in params.items() if isinstance(params, dict) else ():
+            bad = _nonfinite(value)
+            if bad is not None:
+                raise PluribusError(f"mergekit config: {where}: {key} must be a finite number (got {bad})")
+    if names is None:
+        return
     for where, params, allowed in sections:
         unknown = sorted(set(params) - allowed) if isinstance(params, dict) else []
         if unknown:
@@ -168,6 +193,14 @@ def check_mergekit_parameters(data: dict[str, Any]) -> None:
 def from_mergekit(data: dict[str, Any]) -> MergeSpec:
     """Translate a mergekit config; what pluribus does not implement becomes ``method: mergekit``."""
     check_mergekit_parameters(data)
+    try:
+        return _translate_mergekit(data)
+    except ValidationError as e:
+        raise PluribusError(f"mergekit config: {_one_line(e)}") from None
+
+
+def _translate_mergekit(data: dict[str, Any]) -> MergeSpec:
+    """``from_mergekit`` without its checks (a ValidationError escapes)."""
     fallback = MergeSpec(method="mergekit", mergekit_yaml=data)
     method = data.get("merge_method")
     if method not in MERGEKIT_NATIVE or "slices" in data or "modules" in data or data.get("tokenizer"):
@@ -176,6 +209,8 @@ def from_mergekit(data: dict[str, Any]) -> MergeSpec:
     if set(data) - known_top or not isinstance(data.get("models"), list):
         return fallback
     params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        return fallback  # mergekit says what is wrong with it
     glob: dict[str, Any] = {}
     for key, value in params.items():
         v = _scalar(value, key)
@@ -195,6 +230,8 @@ def from_mergekit(data: dict[str, Any]) -> MergeSpec:
         if base is not None and ref == str(base) and method != "linear":
             continue  # mergekit lists the base among models; task-vector methods skip it
         p = entry.get("parameters") or {}
+        if not isinstance(p, dict):
+            return fallback
         vals = {k: _scalar(v, k) for k, v in p.items()}
         if any(v is None for v in vals.values()) or set(vals) - {"weight", "density"}:
             return fallback
@@ -212,21 +249,18 @@ def from_mergekit(data: dict[str, Any]) -> MergeSpec:
         )
     dtype = data.get("dtype")
     out_dtype = data.get("out_dtype") or (dtype if dtype in ("float32", "float16", "bfloat16") else None)
-    try:
-        return MergeSpec(
-            method=method,
-            inputs=inputs,
-            base=str(base) if base is not None else None,
-            output="model",
-            lam=float(glob.get("lambda", 1.0)),
-            normalize=glob.get("normalize"),
-            mergekit=True,
-            dtype=dtype if dtype in ("float32", "float64", "bfloat16", "float16") else "auto",
-            out_dtype=out_dtype,
-            tokenizer_source=data.get("tokenizer_source"),
-        )
-    except ValidationError as e:
-        raise PluribusError(f"mergekit config: {_one_line(e)}") from None
+    return MergeSpec(
+        method=method,
+        inputs=inputs,
+        base=str(base) if base is not None else None,
+        output="model",
+        lam=float(glob.get("lambda", 1.0)),
+        normalize=glob.get("normalize"),
+        mergekit=True,
+        dtype=dtype if dtype in ("float32", "float64", "bfloat16", "float16") else "auto",
+        out_dtype=out_dtype,
+        tokenizer_source=data.get("tokenizer_source"),
+    )
 
 
 def mergekit_local_paths(data: dict[str, Any]) -> dict[str, Any]:

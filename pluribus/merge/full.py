@@ -66,6 +66,20 @@ def local_model(ref: str | Path) -> Path:
     return resolve_model(str(ref))
 
 
+def read_config(folder: Path) -> dict[str, Any] | None:
+    """A model folder's config.json (None when it has none); an unreadable or non-object one is a PluribusError."""
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PluribusError(f"model config '{cfg}' is not valid JSON ({e}); re-save the model") from None
+    if not isinstance(data, dict):
+        raise PluribusError(f"model config '{cfg}' is not a JSON object (got {type(data).__name__}); re-save the model")
+    return data
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     file: Path
@@ -311,10 +325,12 @@ def merge_models(
     Raises PluribusError for missing/corrupt files, mismatched tensors (naming both models) and NaN/Inf.
     """
     from pluribus.merge.adapters import is_adapter, load_adapter
+    from pluribus.models import check_adapter
 
     if not spec.base:
         raise PluribusError(f"method '{spec.method}' over models needs `base` (the model the experts were tuned from)")
     base_dir = local_model(spec.base)
+    read_config(base_dir)  # copied beside the merged weights at the end: refuse a broken one before merging
     base = Checkpoint(base_dir)
     experts: list[Expert] = []
     if tensor_delta is None:
@@ -324,10 +340,14 @@ def merge_models(
                 raise PluribusError(f"input '{inp.path}' is an adapter; give it as `adapter:` with `path:` its base model")
             # the base itself as an input (alone or under an adapter) contributes no stored delta
             path = local_model(inp.path)
+            if adapter is not None and spec.check_base:
+                check_adapter(adapter.path, path)  # shapes alone pass an adapter of a same-sized other model
             same = path.resolve() == base_dir.resolve()
             experts.append(Expert(None if same else Checkpoint(path), adapter, inp.label))
         _check_shapes(base, experts)
     for adapter in folded:
+        if spec.check_base:
+            check_adapter(adapter.path, base_dir)
         check_adapter_fits(base, adapter)
     fixed = None if spec.dtype == "auto" else getattr(torch, spec.dtype)
     out_dtype = getattr(torch, spec.out_dtype) if spec.out_dtype else None
@@ -386,9 +406,8 @@ def _params(spec: MergeSpec, base: Checkpoint, experts: list[Expert], work: torc
 
 def copy_companions(source: Path, tokenizer_source: Path | None, folder: Path, out_dtype: str | None) -> None:
     """Copy config.json (dtype updated), generation config and tokenizer files next to the merged weights."""
-    cfg = source / "config.json"
-    if cfg.is_file():
-        data = json.loads(cfg.read_text())
+    data = read_config(source)
+    if data is not None:
         if out_dtype:
             for key in ("torch_dtype", "dtype"):
                 if key in data:

@@ -56,6 +56,13 @@ class MethodParams:
     mergekit: bool = False
     dtype: torch.dtype | None = None
 
+    def __post_init__(self) -> None:
+        # a NaN weight or lambda would silently turn every merged tensor into NaN
+        for name, values in (("weight", self.weights), ("lambda", (self.lam,))):
+            bad = next((v for v in values if not math.isfinite(v)), None)
+            if bad is not None:
+                raise PluribusError(f"{name} must be a finite number (got {bad})")
+
 
 def work_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -72,9 +79,11 @@ def check_finite(t: Tensor, name: str) -> None:
 
 def check_fraction(value: float, name: str, *, low_open: bool = True, high_open: bool = False) -> None:
     """Raise PluribusError unless ``value`` is in (0, 1] (or the interval the flags say)."""
+    if not math.isfinite(value):
+        raise PluribusError(f"{name} must be a finite number (got {value})")
     ok_low = value > 0 if low_open else value >= 0
     ok_high = value < 1 if high_open else value <= 1
-    if not (math.isfinite(value) and ok_low and ok_high):
+    if not (ok_low and ok_high):
         lo = "(0" if low_open else "[0"
         hi = "1)" if high_open else "1]"
         raise PluribusError(f"{name} = {value} is out of range; it must be in {lo}, {hi}")

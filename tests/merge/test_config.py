@@ -182,3 +182,43 @@ def test_mergekit_fallback_gets_absolute_local_paths_from_the_cwd(tmp_path, monk
     for missing in ("mA2", "./mA2", "base+nolora"):
         with pytest.raises(PluribusError, match=r"models\.0\.model '.*' does not exist"):
             mergekit_local_paths({**data, "models": [{"model": missing}]})
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"method": "task_arithmetic", "lambda": float("nan")}, "lambda must be a finite number"),
+    ({"method": "svd", "energy": float("nan")}, "energy must be a finite number"),
+    ({"method": "ties", "density": float("inf")}, "density must be a finite number"),
+    ({"method": "dare_ties", "drop": float("-inf")}, "drop must be a finite number"),
+    ({"method": "ties", "inputs": [{"path": "a", "weight": float("nan")}]}, r"inputs\.0: weight of 'a' must be a finite"),
+    ({"method": "ties", "inputs": [{"path": "a", "density": float("nan")}]}, r"density of 'a' must be a finite"),
+    ({"method": "ties", "inputs": [{"path": "a", "drop": float("inf")}]}, r"drop of 'a' must be a finite"),
+    ({"method": "mergekit", "mergekit_yaml": {"merge_method": "slerp"}, "lambda": float("inf")}, "lambda must be"),
+])
+def test_nan_and_inf_parameters_are_refused_by_name(data, message):
+    data = {"inputs": [{"path": "a"}], **data}
+    with pytest.raises(PluribusError, match=message):
+        parse_merge_config(data)
+    with pytest.raises(PluribusError, match="energy = 1.5 is out of range"):
+        parse_merge_config({"method": "svd", "energy": 1.5, "inputs": [{"path": "a"}]})
+
+
+def test_nan_and_inf_in_mergekit_configs_are_one_line(tmp_path):
+    models = [{"model": "a", "parameters": {"weight": float("nan")}}, {"model": "b", "parameters": {"weight": 1.0}}]
+    (tmp_path / "nan.yaml").write_text("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: .nan}\n")
+    with pytest.raises(PluribusError, match=r"^mergekit config: models\.0 \(a\) parameters: weight must be a finite "
+                                            r"number \(got nan\)$"):
+        resolve_cli(tmp_path / "nan.yaml", tmp_path / "o")
+    with pytest.raises(PluribusError, match=r"^mergekit config: parameters: lambda must be a finite number \(got inf\)"):
+        parse_merge_config({"merge_method": "task_arithmetic", "base_model": "x", "models": models[1:],
+                            "parameters": {"lambda": float("inf")}})
+    # also what mergekit itself would run: a gradient, or a method pluribus does not implement
+    with pytest.raises(PluribusError, match=r"models\.0 \(a\) parameters: weight must be a finite number"):
+        parse_merge_config({"merge_method": "ties", "base_model": "x",
+                            "models": [{"model": "a", "parameters": {"weight": [0.5, float("nan")]}}]})
+    with pytest.raises(PluribusError, match=r"parameters: t must be a finite number"):
+        parse_merge_config({"merge_method": "slerp", "base_model": "x", "models": models[1:],
+                            "parameters": {"t": float("nan")}})
+    # a translated value that the spec refuses is one line too, not a pydantic traceback
+    with pytest.raises(PluribusError, match=r"^mergekit config: inputs\.0\.density = 1.5 is out of range"):
+        parse_merge_config({"merge_method": "ties", "base_model": "x", "models": models[1:],
+                            "parameters": {"density": 1.5}})

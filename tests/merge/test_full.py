@@ -292,3 +292,45 @@ def test_mergekit_fallback_reads_relative_local_paths_from_the_cwd(tiny_base, ex
     with pytest.raises(PluribusError, match=r"models\.1\.model 'e2' does not exist"):
         run_merge(load_merge_config("mk.yaml"), "out2")
     assert not (tmp_path / "out2").exists()
+
+
+def test_adapters_of_another_same_shaped_base_and_broken_base_configs_are_refused(tiny_base, experts, make_adapter,
+                                                                                    tmp_path):
+    import shutil
+
+    adapter = make_adapter(2, 4, ["q_proj"], seed=41)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    # as after training on tiny_base (PEFT records the model's name_or_path, None for a model built in memory)
+    (adapter / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(tiny_base)}))
+    copy, other, listed = tmp_path / "copy", tmp_path / "other", tmp_path / "listed"
+    for folder in (copy, other, listed):
+        shutil.copytree(tiny_base, folder)
+    config = json.loads((tiny_base / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rope_theta": 1234.0}))  # same shapes, another model
+    (listed / "config.json").write_text("[1]")
+
+    def fold(base: Path) -> MergeSpec:
+        return MergeSpec(method="linear", base=str(base), output="model", inputs=[MergeInput(path=str(adapter))])
+
+    run_merge(fold(copy), tmp_path / "ok")  # a copy of the recorded base is that base
+    with pytest.raises(PluribusError, match=r"adapter '.*' was trained on base '.*', but the model is '.*other'"):
+        run_merge(fold(other), tmp_path / "out")
+    plus = MergeSpec(method="task_arithmetic", base=str(tiny_base),
+                     inputs=[MergeInput(path=str(experts[0])), MergeInput(path=str(other), adapter=str(adapter))])
+    with pytest.raises(PluribusError, match=r"was trained on base .*other"):
+        run_merge(plus, tmp_path / "out")
+    run_merge(fold(other).model_copy(update={"check_base": False}), tmp_path / "unchecked")  # the way out
+    for spec in (fold(listed), MergeSpec(method="task_arithmetic", base=str(listed),
+                                         inputs=[MergeInput(path=str(experts[0]))])):
+        with pytest.raises(PluribusError, match=r"^model config '.*listed/config\.json' is not a JSON object"):
+            run_merge(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_non_finite_lambda_is_refused_before_anything_is_written(tiny_base, experts, tmp_path):
+    res = subprocess.run([str(MERGEKIT.with_name("pluribus")), "merge", "--method", "task_arithmetic", "--models",
+                          f"{experts[0]},{experts[1]}", "--base", str(tiny_base), "--lambda", "nan",
+                          "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert res.returncode == 2 and "lambda must be a finite number (got nan)" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()

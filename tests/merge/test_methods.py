@@ -229,3 +229,12 @@ def test_gram_products_in_numpy_match_torch_and_leave_numpy_threads_alone():
     torch.testing.assert_close(capped.B @ capped.A, plain.B @ plain.A, rtol=1e-5, atol=1e-7)
     assert capped.error == pytest.approx(plain.error, abs=1e-12)
 
+
+
+def test_non_finite_weights_lambda_and_fractions_are_refused():
+    with pytest.raises(PluribusError, match=r"weight must be a finite number \(got nan\)"):
+        M.MethodParams(weights=(1.0, float("nan")))
+    with pytest.raises(PluribusError, match=r"lambda must be a finite number \(got inf\)"):
+        M.MethodParams(weights=(1.0,), lam=float("inf"))
+    with pytest.raises(PluribusError, match=r"energy must be a finite number \(got nan\)"):
+        M.check_fraction(float("nan"), "energy")
