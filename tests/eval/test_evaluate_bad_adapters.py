@@ -27,13 +27,7 @@ def test_bad_adapter_is_refused_before_any_eval_output(tiny_llama_dir: Path, tmp
     else:
         adapter = lora_adapter(tiny_llama_dir, tmp_path / kind,
                                base=str(other_base(tiny_llama_dir, tmp_path / "other")))
-    agent = f"{{model: '{tiny_llama_dir}', dtype: float32, sampling: {{max_new_tokens: 4}}}}"
-    recipe = load_recipe(None, [f"root={tmp_path / 'runs'}", "name=ev", "task.source=synthetic", "task.n=2",
-                                f"team.agents=[{agent}]", "team.rounds=1", f"eval.adapter={adapter}",
-                                "eval.systems=[single, distilled]"])
-    with pytest.raises(PluribusError, match=message):
-        run_eval(recipe, progress=False)
-    assert not (tmp_path / "runs" / "ev" / "eval").exists()
+    _refused_before_any_output(tiny_llama_dir, tmp_path, adapter, message)
 
 
 @pytest.mark.parametrize(("kind", "message"), [
@@ -50,7 +44,11 @@ def test_missing_or_misshapen_adapter_is_named_before_any_eval_output(tiny_llama
         adapter = lora_adapter(tiny_llama_dir, tmp_path / kind)
         cfg = json.loads((adapter / "adapter_config.json").read_text())
         (adapter / "adapter_config.json").write_text(json.dumps([1, 2] if kind == "list-config" else {**cfg, "r": "four"}))
-    agent = f"{{model: '{tiny_llama_dir}', dtype: float32, sampling: {{max_new_tokens: 4}}}}"
+    _refused_before_any_output(tiny_llama_dir, tmp_path, adapter, message)
+
+
+def _refused_before_any_output(model: Path, tmp_path: Path, adapter: Path, message: str) -> None:
+    agent = f"{{model: '{model}', dtype: float32, sampling: {{max_new_tokens: 4}}}}"
     recipe = load_recipe(None, [f"root={tmp_path / 'runs'}", "name=ev", "task.source=synthetic", "task.n=2",
                                 f"team.agents=[{agent}]", "team.rounds=1", f"eval.adapter={adapter}",
                                 "eval.systems=[single, distilled]"])
