@@ -367,6 +367,15 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _creating(e: OSError) -> bool:
+    """Whether ``e`` came from making a folder: a missing path there (e.g. under /proc) cannot be created,
+    where a missing path that was read does not exist."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name in ("mkdir", "makedirs", "mkdtemp")
+
+
 def main() -> None:
     """Run the CLI; user errors print one line and exit with code 2; SIGTERM cleans up like Ctrl-C."""
     signal.signal(signal.SIGTERM, _terminated)
@@ -374,7 +383,13 @@ def main() -> None:
     # it would make bitsandbytes fetch code from the Hub at import time, which pluribus never wants
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
-        app(args=gather_lists(sys.argv[1:]), standalone_mode=False)
+        # without standalone mode typer *returns* the exit code of a ctx.exit / typer.Exit, and turns Ctrl-C
+        # into Exit(130) after the command has unwound; commands themselves return None
+        code = app(args=gather_lists(sys.argv[1:]), standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except PluribusError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -387,7 +402,7 @@ def main() -> None:
         if e.filename is None:
             raise
         path = e.filename if e.filename2 is None else f"{e.filename}' -> '{e.filename2}"
-        what = f"'{path}' does not exist" if isinstance(e, FileNotFoundError) else \
+        what = f"'{path}' does not exist" if isinstance(e, FileNotFoundError) and not _creating(e) else \
             f"cannot create '{path}': {e.strerror or e}"
         console.print(f"[bold red]error:[/] {what}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,13 @@ class RecipeError(PluribusError, ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _folder_name(v: str) -> str:
+    """A name that is exactly one folder under its parent: ``.`` and ``..`` would write outside it."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", v) or not v.strip("."):
+        raise ValueError("must be one folder name: letters, digits, '_', '-' and '.', not only dots")
+    return v
 
 
 # --------------------------------------------------------------------------------------------- task
@@ -93,6 +101,24 @@ class AgentConfig(Section):
     timeout_s: float = Field(120.0, gt=0, description="openai backend: seconds before a request times out.")
     max_retries: int = Field(5, ge=0, description="openai backend: retries on 429/5xx/timeouts/refused connections.")
 
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        # a typo would otherwise be retried max_retries times and then reported as a failing server
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(v)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in v)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("not a server URL; expected http(s)://host[:port]/..., e.g. http://127.0.0.1:8000/v1")
+        return v
+
 
 class TeamConfig(Section):
     agents: list[AgentConfig] = Field(default_factory=lambda: [AgentConfig()], min_length=1)
@@ -123,7 +149,7 @@ _CORRECTIVE_TEMPLATE = (
 class BuildConfig(Section):
     """Turning a trajectory store into datasets: rsft, augmented and process (see pluribus.data.build)."""
 
-    kinds: list[Literal["rsft", "augmented", "process"]] = Field(default_factory=lambda: ["rsft"])
+    kinds: list[Literal["rsft", "augmented", "process"]] = Field(default_factory=lambda: ["rsft"], min_length=1)
     target: Literal["gold", "consensus"] = Field(
         "gold", description="What 'correct' means: the gold answer, or the team's final answer (tasks without gold)."
     )
@@ -257,6 +283,13 @@ class TrainConfig(Section):
     prm: PRMSettings = Field(default_factory=PRMSettings)
     rl: RLSettings = Field(default_factory=RLSettings)
 
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("must be a positive number of optimizer steps, or -1 to run train.epochs")
+        return v
+
 
 # ---------------------------------------------------------------------------------------------- merge
 
@@ -266,8 +299,10 @@ class MergeConfig(Section):
 
     config: str | None = Field(None, description="Path to a merge config (pluribus or mergekit YAML).")
     spec: dict[str, Any] | None = Field(None, description="The merge config inline (same keys as the YAML file).")
-    name: str = Field("merged", pattern=r"^[A-Za-z0-9_.\-]+$", description="Output folder: <run>/merged/<name>.")
+    name: str = Field("merged", description="Output folder: <run>/merged/<name>.")
     overwrite: bool = Field(False, description="Replace an existing output folder.")
+
+    _name_is_a_folder = field_validator("name")(_folder_name)
 
     @field_validator("spec")
     @classmethod
@@ -337,7 +372,7 @@ class ExportConfig(Section):
 class Recipe(Section):
     """A whole run. ``runs/<name>/`` under ``root`` is where every stage reads and writes."""
 
-    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.\-]+$", description="Run name (folder under root).")
+    name: str = Field("quickstart", description="Run name (folder under root).")
     root: str = Field("runs", description="Folder holding run folders.")
     seed: int = Field(0)
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
@@ -348,6 +383,8 @@ class Recipe(Section):
     merge: MergeConfig | None = None
     eval: EvalConfig | None = None
     export: ExportConfig | None = None
+
+    _name_is_a_folder = field_validator("name")(_folder_name)
 
     @field_validator("root")
     @classmethod
@@ -386,7 +423,7 @@ def _describe_error(err: dict[str, Any]) -> str:
     path = ".".join(str(p) for p in err["loc"]) or "<recipe>"
     kind = err["type"]
     value = err.get("input")
-    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    shown = json.dumps(value, default=str, ensure_ascii=False) if not isinstance(value, dict) else "{...}"
     if len(shown) > 60:
         shown = shown[:57] + "..."
     if kind == "extra_forbidden":
@@ -396,7 +433,7 @@ def _describe_error(err: dict[str, Any]) -> str:
         return f"'{path}' = {shown} is not allowed; expected one of {allowed}"
     if kind == "missing":
         return f"'{path}' is required"
-    return f"'{path}' = {shown}: {err['msg']}"
+    return f"'{path}' = {shown}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def validate_recipe(data: dict[str, Any]) -> Recipe:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -37,3 +42,34 @@ def test_export_of_a_file_and_config_of_a_folder_say_what_they_expected(tmp_path
     assert "is a file, expected a model or adapter folder" in _one_line(
         _cli("export", "q.yaml", "-o", "out", cwd=tmp_path))
     assert "is a folder, expected a recipe file" in _one_line(_cli("config", str(tmp_path), cwd=tmp_path))
+
+
+def test_ctrl_c_exits_130_with_the_interrupted_line(tmp_path: Path) -> None:
+    """A debate against a server that accepts but never answers is still running when SIGINT arrives."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(120)  # the CLI's imports come first
+    port = server.getsockname()[1]
+    (tmp_path / "d.yaml").write_text(
+        "name: ctrlc\ntask: {source: synthetic, n: 2}\n"
+        f"team: {{rounds: 1, agents: [{{model: m, backend: openai, base_url: 'http://127.0.0.1:{port}/v1', "
+        "timeout_s: 600, max_retries: 0}]}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pluribus.cli", "debate", "d.yaml", "--no-progress"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OPENAI_API_KEY": "x"})
+    try:
+        conn, _ = server.accept()  # the debate is now waiting on its first request
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        conn.close()
+    finally:
+        proc.kill()
+        server.close()
+    assert proc.returncode == 130, err
+    assert "interrupted; what was finished is stored" in err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="procfs, where mkdir says 'no such file', is Linux-only")
+def test_a_root_that_cannot_be_made_says_cannot_create(tmp_path: Path) -> None:
+    (tmp_path / "q.yaml").write_text("name: x\n")
+    line = _one_line(_cli("run", "q.yaml", "root=/proc/runs", "build.k=2", cwd=tmp_path))
+    assert line == "error: cannot create '/proc/runs': No such file or directory"

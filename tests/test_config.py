@@ -121,3 +121,39 @@ def test_cli_config_refuses_a_model_that_does_not_resolve(tmp_path: Path, tiny_l
     proc = _cli("config", str(REPO / "configs" / "quickstart.yaml"), f"team.agents.0.model={tiny_llama_dir}",
                 "team.agents.1.model=some-org/some-model")
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["name=.."], "'name' = \"..\": must be one folder name"),
+        (["name=."], "'name' = \".\": must be one folder name"),
+        (["name=a/b"], "'name' = \"a/b\": must be one folder name"),
+        (["name=Ärger"], "'name' = \"Ärger\""),  # as typed, not \u00c4
+        (["merge.name=.."], "'merge.name' = \"..\": must be one folder name"),
+        (["train.max_steps=0"], "'train.max_steps' = 0: must be a positive number of optimizer steps, or -1"),
+        (["train.max_steps=-5"], "'train.max_steps' = -5"),
+        (["build.kinds=[]"], "'build.kinds' = []: List should have at least 1 item"),
+        (["team.agents=[{base_url: notaurl}]"], "'team.agents.0.base_url' = \"notaurl\": not a server URL"),
+        (["team.agents=[{base_url: 'http://h:80a/v1'}]"], "not a server URL; expected http(s)://host[:port]/"),
+    ],
+)
+def test_names_that_leave_the_run_root_and_meaningless_values_are_refused(overrides: list[str], needle: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(None, overrides)
+    assert needle in str(info.value)
+
+
+def test_the_documented_values_next_to_the_refused_ones_still_load() -> None:
+    r = load_recipe(None, ["name=run.v2", "train.max_steps=-1", "build.kinds=[rsft, process]",
+                           "team.agents=[{base_url: 'http://[::1]:8000/v1'}, {base_url: 'https://api.example.com'}]"])
+    assert r.name == "run.v2" and r.train.max_steps == -1 and r.build.kinds == ["rsft", "process"]
+    assert load_recipe(None, ["train.max_steps=3"]).train.max_steps == 3
+
+
+def test_name_dot_dot_leaves_the_users_recipe_alone(tmp_path: Path) -> None:
+    (tmp_path / "recipe.yaml").write_text("name: x\nbuild: {k: 2}\n")
+    proc = _cli("run", "recipe.yaml", "name=..", f"root={tmp_path / 'runs'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "'name' = \"..\"" in proc.stderr, proc.stderr
+    assert (tmp_path / "recipe.yaml").read_text() == "name: x\nbuild: {k: 2}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
