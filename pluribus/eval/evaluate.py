@@ -2,7 +2,10 @@
 
 Every system runs through the debate engine (a single agent is a team of N=1, R=1), into its own resumable
 store under ``<run>/eval/<system>-<mode>/``, so an interrupted eval picks up where it stopped and the
-trajectories behind every number stay inspectable. Each accuracy comes with its 95% Wilson interval, each
+trajectories behind every number stay inspectable. The distilled system's answers depend on its adapter's
+contents, not its path: its store is ``<run>/eval/distilled-<mode>/<adapter fingerprint>/``, so a retrained
+or different adapter gets fresh answers, returning to an earlier one resumes its answers, and a moved run
+folder resumes as before. Each accuracy comes with its 95% Wilson interval, each
 system is compared with the single base agent on the same problems (exact McNemar test), and with
 ``eval.robustness`` every system also answers perturbed copies of the problems, stored under
 ``<run>/eval/<system>-<mode>-<perturbation>/``.
@@ -10,6 +13,7 @@ system is compared with the single base agent on the same problems (exact McNema
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,6 +70,19 @@ def _team(team: TeamConfig, cfg: EvalConfig) -> TeamConfig:
 def default_adapter(recipe: Recipe) -> Path:
     stage = recipe.train.stage if recipe.train else "rsft"
     return recipe.run_dir / "adapters" / stage
+
+
+def adapter_fingerprint(adapter: str | Path) -> str:
+    """A short sha256 of the adapter's config and weights files: what the distilled system's answers depend on."""
+    folder = Path(adapter)
+    digest = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.name == "adapter_config.json" or f.name.startswith("adapter_model."):
+            digest.update(f.name.encode() + b"\0")
+            with f.open("rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def plan_systems(recipe: Recipe) -> list[tuple[str, str, TeamConfig]]:
@@ -145,13 +162,44 @@ def compare(results: dict[str, dict[str, bool]]) -> list[dict[str, Any]]:
     return out
 
 
-def _system_records(recipe: Recipe, eval_dir: Path, label: str, task: Any, team: TeamConfig,
-                    problems: list[Any], progress: bool) -> list[dict[str, Any]]:
+def _folder(eval_dir: Path, label: str, fingerprint: str | None) -> Path:
+    return eval_dir / label / fingerprint if fingerprint else eval_dir / label
+
+
+def _pending(store: Path, problems: list[Any]) -> bool:
+    from pluribus.data.store import TrajectoryStore
+
+    if not (store / "manifest.json").is_file():
+        return True
+    with TrajectoryStore(store) as existing:
+        done = existing.done_ids()
+    return any(p.id not in done for p in problems)
+
+
+def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, problems: list[Any],
+                    progress: bool, fingerprint: str | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) one system over ``problems`` in the store under ``folder``; its records for them.
+
+    With ``fingerprint``, the team's single agent is stored as using adapter ``sha256:<fingerprint>``: the
+    store's config hash then follows the adapter's contents, not where it lies, and the backend is built here
+    from the real path (only when something is left to answer, so a finished store resumes without loading).
+    """
+    from pluribus.data.backends import backend_key, make_backend
     from pluribus.data.debate import run_debate
     from pluribus.data.store import TrajectoryStore
 
-    sub = recipe.model_copy(update={"root": str(eval_dir), "name": label, "task": task, "team": team, "eval": None})
-    run_debate(sub, problems=problems, progress=progress)
+    sub = recipe.model_copy(update={"root": str(folder.parent), "name": folder.name, "task": task, "team": team,
+                                    "eval": None})
+    backends = None
+    if fingerprint:
+        agent = team.agents[0]
+        keyed = agent.model_copy(update={"adapter": f"sha256:{fingerprint}"})
+        sub = sub.model_copy(update={"team": team.model_copy(update={"agents": [keyed]})})
+        backends = {}
+        if _pending(sub.run_dir / "trajectories", problems):
+            backends[backend_key(keyed)] = make_backend(agent, trust_remote_code=recipe.trust_remote_code,
+                                                        batch_size=team.batch_size)
+    run_debate(sub, problems=problems, progress=progress, backends=backends)
     wanted = {p.id for p in problems}
     with TrajectoryStore(sub.run_dir / "trajectories") as store:
         return [r for r in store.iter_records() if r["problem_id"] in wanted]
@@ -176,14 +224,21 @@ def run_eval(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
     systems: dict[str, dict[str, Any]] = {}
     solved: dict[str, dict[str, bool]] = {}
     robustness: dict[str, dict[str, Any]] = {}
+    adapter: dict[str, str] = {}
     for system, mode, team in plans:
         label = f"{system}-{mode}" if system != "team" else "team"
-        records = _system_records(recipe, eval_dir, label, task, team, problems, progress)
+        fingerprint = None
+        if system == "distilled":
+            fingerprint = adapter_fingerprint(team.agents[0].adapter or "")
+            adapter = {"path": team.agents[0].adapter or "", "fingerprint": fingerprint}
+        records = _system_records(recipe, _folder(eval_dir, label, fingerprint), task, team, problems, progress,
+                                  fingerprint)
         systems[label] = asdict(score(records, system, mode))
         solved[label] = outcomes(records)
         for kind in cfg.robustness:
             varied = [perturb(p, kind) for p in problems]
-            perturbed = _system_records(recipe, eval_dir, f"{label}-{kind}", task, team, varied, progress)
+            perturbed = _system_records(recipe, _folder(eval_dir, f"{label}-{kind}", fingerprint), task, team,
+                                        varied, progress, fingerprint)
             result = score(perturbed, system, mode)
             lost, gained, _ = paired(solved[label], outcomes(perturbed))
             robustness.setdefault(label, {})[kind] = {
@@ -200,6 +255,8 @@ def run_eval(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
         "systems": systems,
         "comparisons": compare(solved),
     }
+    if adapter:
+        payload["adapter"] = adapter  # which adapter the distilled numbers belong to
     if robustness:
         payload["robustness"] = robustness
     atomic_write_text(eval_dir / "results.json", json.dumps(payload, indent=2))

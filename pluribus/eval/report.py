@@ -15,6 +15,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"{payload['problems']} held-out problems of `{payload['task']}`; every system saw the same ones.",
         "",
+        *([f"The distilled system uses adapter `{payload['adapter']['path']}` (sha256 "
+             f"{payload['adapter']['fingerprint']}).", ""] if payload.get("adapter") else []),
         "| system | accuracy | 95% interval | first-answer accuracy | wrong first answers corrected | unparsable "
         "| tokens / problem | seconds / problem |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -91,7 +91,9 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_llama_dir: Path, tmp_path: Path) -
             r = payload["robustness"][label][kind]
             assert r["change"] == pytest.approx(r["accuracy"] - payload["systems"][label]["accuracy"])
             assert r["lost"] - r["gained"] == round(-r["change"] * 3)
-            stored = (out / f"{label}-{kind}" / "trajectories").glob("*.jsonl")
+            # the distilled system's stores sit in a folder named by its adapter's fingerprint
+            folder = out / f"{label}-{kind}" / (payload["adapter"]["fingerprint"] if label.startswith("distilled") else "")
+            stored = (folder / "trajectories").glob("*.jsonl")
             ids = [json.loads(line)["problem_id"] for f in stored for line in f.read_text().splitlines()]
             assert len(ids) == 3 and all(i.endswith("~" + kind) for i in ids)
     # a rerun resumes from the stores: nothing is generated twice
