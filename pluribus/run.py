@@ -149,7 +149,7 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
         from pluribus.hub import check_push
 
         check_push(recipe.export.repo_id, recipe.export.token_env)  # not after hours of training
-    write_recipe(recipe)
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)  # an unusable root fails here, before any stage
     results = []
     for name, wanted, stage in STAGES:
         if not wanted(recipe):
@@ -161,6 +161,7 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
         console.rule(f"[bold]{name}")
         t0 = time.perf_counter()
         output, summary = stage(recipe, progress)
+        write_recipe(recipe)  # once a stage has accepted it: a refused config must not replace the run's recipe
         _mark(recipe, name, output)
         results.append(StageResult(name, "ran", time.perf_counter() - t0, summary))
         console.print(f"[bold]{name}[/]: {summary}", highlight=False)

@@ -374,11 +374,29 @@ def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_
 # ------------------------------------------------------------------------------------------- the stage
 
 
+# Agent settings that cannot change an answer: how the openai backend reaches its server. base_url is one
+# of them: the served model is named by ``model``, which stays hashed, so moving the server (another host or
+# port after a connection failure) must not orphan the trajectories already stored.
+_TRANSPORT_FIELDS = {"base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries"}
+
+
 def config_hash(recipe: Recipe) -> str:
     """What makes stored trajectories comparable: the task and team, minus settings that only change speed
-    or how many problems run (``task.n``, ``team.batch_size``, ``team.problems_per_step``), plus the seed."""
+    or how many problems run (``task.n``, ``team.batch_size``, ``team.problems_per_step``, the agents'
+    server connection settings), plus the seed."""
+    return _hash(recipe, {"batch_size": True, "problems_per_step": True,
+                          "agents": {"__all__": _TRANSPORT_FIELDS}, "judge": _TRANSPORT_FIELDS})
+
+
+def legacy_config_hash(recipe: Recipe) -> str:
+    """``config_hash`` as pluribus computed it while the connection settings were part of it: stores written
+    then resume, taking the new hash."""
+    return _hash(recipe, {"batch_size", "problems_per_step"})
+
+
+def _hash(recipe: Recipe, team_exclude: Any) -> str:
     task = recipe.require("task").model_dump(mode="json", exclude={"n"})
-    team = recipe.require("team").model_dump(mode="json", exclude={"batch_size", "problems_per_step"})
+    team = recipe.require("team").model_dump(mode="json", exclude=team_exclude)
     payload = json.dumps({"task": task, "team": team, "seed": recipe.seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -442,8 +460,9 @@ def run_debate(
             # a new run loads its models before its first file, so a broken checkpoint leaves no run folder
             backends = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
 
-    write_recipe(recipe)
-    with TrajectoryStore(recipe.run_dir / "trajectories", config_hash(recipe), new_run=new_run) as store:
+    with TrajectoryStore(recipe.run_dir / "trajectories", config_hash(recipe), new_run=new_run,
+                         same_config=[legacy_config_hash(recipe)]) as store:
+        write_recipe(recipe)  # only now: a config the store refused must not replace the run's recipe
         done = store.done_ids()
         pending = [p for p in problems if p.id not in done]
         if pending and backends is None:

@@ -13,7 +13,8 @@ Guarantees:
   never acknowledged, so its problem is still pending and gets regenerated).
 - Each record's ``key`` field (``problem_id``) is stored at most once: ``append`` refuses a key already stored.
 - The manifest's ``config_hash`` must match the run's; a changed config is refused unless ``new_run=True``,
-  which moves the old store aside to ``<dir>.prev-<run_id>/`` and starts empty.
+  which moves the old store aside to ``<dir>.prev-<run_id>/`` and starts empty. A store holding no record
+  yet takes the new config in place.
 - One writer at a time (an flock on ``<dir>/.lock``; the OS releases it when a killed process dies).
 - ``datasets.load_dataset("json", data_files=f"{dir}/shard-*.jsonl")`` reads the shards as they are.
 """
@@ -26,7 +27,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +50,11 @@ class TrajectoryStore:
     """An append-only store of finished records under ``directory``.
 
     ``config_hash=None`` opens an existing store read-only (for the builders); a hash opens it for writing,
-    creating it if needed. Raises PluribusError on a config mismatch, a second writer, or a missing store.
+    creating it if needed; ``same_config`` are older hashes of the same config, accepted and replaced. Raises PluribusError on a config mismatch, a second writer, or a missing store.
     """
 
     def __init__(self, directory: str | Path, config_hash: str | None = None, new_run: bool = False, *,
-                 key: str = "problem_id", shard_records: int = 10_000) -> None:
+                 key: str = "problem_id", shard_records: int = 10_000, same_config: Collection[str] = ()) -> None:
         self.directory = Path(directory)
         self.key = key
         self.shard_records = shard_records
@@ -76,6 +77,15 @@ class TrajectoryStore:
             except PluribusError:
                 self._unlock()  # a corrupt store must not stay locked for the rest of the process
                 raise
+            if old.get("config_hash") in same_config:
+                # the same config hashed by an earlier pluribus: adopt this version's hash and resume
+                old["config_hash"] = config_hash
+                atomic_write_text(manifest_path, json.dumps(old, indent=2) + "\n")
+            if old.get("config_hash") != config_hash and not self._holds_records():
+                # nothing stored yet (e.g. the first run failed to reach its server): nothing to be
+                # inconsistent with, so the store takes this run's config in place, without an archive
+                old["config_hash"] = config_hash
+                atomic_write_text(manifest_path, json.dumps(old, indent=2) + "\n")
             if old.get("config_hash") != config_hash:
                 if not new_run:
                     self._unlock()
@@ -190,6 +200,10 @@ class TrajectoryStore:
                                     f"expected {expected} (corrupt manifest.json); restore it or remove the store "
                                     "folder")
         return manifest
+
+    def _holds_records(self) -> bool:
+        """Whether any shard holds a whole line (a torn first line was never acknowledged: no record)."""
+        return any(b"\n" in shard.read_bytes() for shard in self.shards())
 
     def _lock(self) -> None:
         fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)

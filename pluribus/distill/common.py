@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import re
 import time
@@ -19,6 +20,8 @@ from typing import Any
 
 from pluribus.config import Recipe, TrainConfig
 from pluribus.errors import PluribusError
+
+logger = logging.getLogger("pluribus.distill")
 
 # The fields a row of each dataset kind must have (DESIGN.md, "Records").
 REQUIRED_FIELDS = {
@@ -422,21 +425,61 @@ def base_identity(model: Any) -> str:
     return str(Path(name).resolve()) if name and Path(name).exists() else str(name)
 
 
+_CHECKPOINT_FILES = (("adapter_config.json",), ("adapter_model.safetensors", "adapter_model.bin"),
+                     ("trainer_state.json",))
+
+
+def _missing(ckpt: Path) -> str | None:
+    """What a checkpoint folder lacks to be resumed from (a crash while it was saved leaves it partial), or
+    None. trainer_state.json is written last, so a readable one means the rest is whole."""
+    for names in _CHECKPOINT_FILES:
+        if not any((ckpt / n).is_file() for n in names):
+            return names[0]
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "a readable trainer_state.json"
+    return None if isinstance(state, dict) else "a readable trainer_state.json"
+
+
 def _checkpoint(out: Path, resume: bool | str) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint ``resume`` names (the latest under the stage's checkpoints, or a given path) and its
-    adapter config, or a PluribusError; reads only small files, so it runs before the model is loaded."""
+    """The checkpoint ``resume`` names (the latest complete one under the stage's checkpoints, or a given
+    path) and its adapter config, or a PluribusError; reads only small files, so it runs before the model is
+    loaded."""
     from pluribus.models import read_adapter_config
 
     if isinstance(resume, str) and resume not in {"latest", "true", "True"}:
         ckpt = Path(resume)
+        if not (ckpt / "adapter_config.json").is_file():
+            raise PluribusError(f"--resume: '{ckpt}' is not an adapter checkpoint (no adapter_config.json)")
+        if (lacks := _missing(ckpt)) is not None:
+            raise PluribusError(f"--resume: checkpoint '{ckpt}' is incomplete (no {lacks}; was it killed while "
+                                "saving?); resume from an earlier checkpoint or start without --resume")
     else:
-        found = sorted(checkpoints_dir(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        found = sorted((p for p in checkpoints_dir(out).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
+                       key=lambda p: int(p.name.split("-")[-1]))
         if not found:
             raise PluribusError(f"--resume: no checkpoint under '{checkpoints_dir(out)}'; start without --resume")
+        while found and (lacks := _missing(found[-1])) is not None:
+            logger.warning("--resume: skipping '%s', an incomplete checkpoint (no %s; killed while saving?)",
+                           found[-1], lacks)
+            found.pop()
+        if not found:
+            raise PluribusError(f"--resume: no complete checkpoint under '{checkpoints_dir(out)}' (each was cut "
+                                "off while saving); start without --resume")
         ckpt = found[-1]
-    if not (ckpt / "adapter_config.json").is_file():
-        raise PluribusError(f"--resume: '{ckpt}' is not an adapter checkpoint (no adapter_config.json)")
     return ckpt, read_adapter_config(ckpt)
+
+
+def _finished_at(ckpt: Path, cfg: TrainConfig) -> int | None:
+    """The step a checkpoint ended its training at, when ``cfg`` asks for no more steps or epochs, else None."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    step, planned = state.get("global_step", 0), state.get("max_steps", 0)
+    if not (isinstance(step, int) and isinstance(planned, int) and planned > 0 and step >= planned):
+        return None
+    # a larger max_steps (or more epochs) continues a finished run: that is what --resume is for
+    more = cfg.max_steps > step if cfg.max_steps > 0 else cfg.epochs > state.get("num_train_epochs", cfg.epochs)
+    return None if more else step
 
 
 def resume_checkpoint(out: Path, resume: bool | str | None, model: Any) -> str | None:
@@ -458,14 +501,20 @@ def resume_checkpoint(out: Path, resume: bool | str | None, model: Any) -> str |
     return str(ckpt)
 
 
-def check_output(out: Path, *, overwrite: bool, resume: bool | str | None) -> None:
+def check_output(out: Path, *, overwrite: bool, resume: bool | str | None, cfg: TrainConfig | None = None) -> None:
     """Before any training: refuse an existing ``out`` unless ``overwrite``, or ``resume`` (continuing a run
-    replaces its own adapter); with ``resume``, its checkpoint must exist and be readable."""
+    replaces its own adapter); with ``resume``, its checkpoint must exist and be readable, and (given ``cfg``)
+    not already be the end of a training whose adapter is in ``out``."""
     if out.exists() and not overwrite and not resume:
         raise PluribusError(f"output '{out}' already exists; pass --overwrite to replace it, --resume to continue "
                             "the training that wrote it, or --out another folder")
     if resume:
-        _checkpoint(out, resume)
+        ckpt, _ = _checkpoint(out, resume)
+        # without out, resuming a finished checkpoint still saves its adapter (killed right after the last save)
+        if cfg is not None and out.exists() and (step := _finished_at(ckpt, cfg)) is not None:
+            raise PluribusError(f"--resume: training already finished at step {step} ('{ckpt}'); nothing to "
+                                f"resume. The adapter is in '{out}'; raise train.max_steps (or train.epochs) to "
+                                "train further, or pass --overwrite without --resume to train again")
 
 
 def save_output(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], overwrite: bool = False) -> Path:

@@ -222,7 +222,7 @@ def train_prm(
 
     cfg: TrainConfig = recipe.require("train")
     ds_path, out = common.default_paths(recipe, "prm", dataset, out)
-    common.check_output(out, overwrite=overwrite, resume=resume)
+    common.check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
 
     # 1. process rows and a held-out split grouped by problem
     rows = common.load_rows(ds_path, "process")

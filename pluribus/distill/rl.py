@@ -273,7 +273,7 @@ def train_rl(
     cfg: TrainConfig = recipe.require("train")
     s = cfg.rl
     ds_path, out = common.default_paths(recipe, "rl", dataset, out)
-    common.check_output(out, overwrite=overwrite, resume=resume)
+    common.check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
     prm_path = Path(s.prm) if s.prm else recipe.run_dir / "adapters" / "prm"
 
     # 1. prompts with gold answers

@@ -178,7 +178,7 @@ def train_sft(
     if cfg.stage not in {"rsft", "augmented"}:
         raise PluribusError(f"train_sft runs stages rsft and augmented, not '{cfg.stage}'")
     ds_path, out = common.default_paths(recipe, cfg.stage, dataset, out)
-    common.check_output(out, overwrite=overwrite, resume=resume)
+    common.check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
 
     # 1. rows, checked against the dataset kind, and an eval split grouped by problem
     rows = common.load_rows(ds_path, common.DATASET_OF_STAGE[cfg.stage])

@@ -224,6 +224,28 @@ def test_run_debate_resumes_and_refuses_changed_config(tmp_path):
     assert s.problems == 2 and s.new == 2
 
 
+def test_refused_config_leaves_recipe_and_transport_settings_are_not_hashed(tmp_path):
+    be = ScriptedBackend(lambda conv, k: "\\boxed{2}")
+    recipe = Recipe(name="r", root=str(tmp_path), task=TaskConfig(n=2),
+                    team=TeamConfig(agents=[AgentConfig(name="a"), AgentConfig(name="b")], rounds=2))
+    backends = {backend_key(recipe.team.agents[0]): be}
+    run_debate(recipe, problems=problems(2), backends=backends, progress=False)
+    written = (tmp_path / "r" / "recipe.yaml").read_text()
+    changed = recipe.model_copy(update={"team": recipe.team.model_copy(update={"rounds": 3})})
+    with pytest.raises(PluribusError, match="--new-run"):
+        run_debate(changed, problems=problems(2), backends=backends, progress=False)
+    assert (tmp_path / "r" / "recipe.yaml").read_text() == written  # still the recipe of the stored data
+    # How an agent reaches its server cannot change its answers.
+    moved = [a.model_copy(update={"base_url": "http://other:9/v1", "api_key_env": "K", "max_retries": 0,
+                                  "timeout_s": 5.0, "max_concurrency": 1}) for a in recipe.team.agents]
+    judged = recipe.team.model_copy(update={"agents": moved, "judge": moved[0]})
+    assert config_hash(recipe.model_copy(update={"team": judged})) == config_hash(
+        recipe.model_copy(update={"team": recipe.team.model_copy(update={"judge": recipe.team.agents[0]})}))
+    other_model = [a.model_copy(update={"model": "m2"}) for a in recipe.team.agents]
+    assert config_hash(recipe.model_copy(update={"team": recipe.team.model_copy(update={"agents": other_model})})) \
+        != config_hash(recipe)
+
+
 def test_summary_counts_corrections():
     # agent a: wrong -> right; agent b: right -> wrong.
     def reply(conv, k):

@@ -59,6 +59,32 @@ def test_changed_config_refused_unless_new_run(tmp_path):
     assert TrajectoryStore(moved).done_ids() == {"p0"}
 
 
+def test_empty_store_takes_any_config_without_archive(tmp_path):
+    d = tmp_path / "traj"
+    with TrajectoryStore(d, "h1") as s:  # a first run that stored nothing (server unreachable)
+        run_id = s.run_id
+    (d / "shard-00000.jsonl").write_bytes(b'{"problem_id": "p0"')  # torn, never acknowledged: no record
+    with TrajectoryStore(d, "h2") as s:
+        assert s.done_ids() == set() and s.run_id == run_id
+    with TrajectoryStore(d, "h3", new_run=True) as s:  # nothing to move aside either
+        assert s.done_ids() == set() and s.run_id == run_id
+        s.append([rec(1)])
+    assert json.loads((d / "manifest.json").read_text())["config_hash"] == "h3"
+    assert list(tmp_path.glob("traj.prev-*")) == []
+    with pytest.raises(PluribusError, match="--new-run"):  # once it holds a record, the guard is back
+        TrajectoryStore(d, "h4")
+
+
+def test_a_store_hashed_by_an_earlier_version_resumes_under_the_new_hash(tmp_path):
+    d = tmp_path / "traj"
+    with TrajectoryStore(d, "old") as s:
+        s.append([rec(1)])
+    with TrajectoryStore(d, "new", same_config=["old"]) as s:
+        assert s.done_ids() == {rec(1)["problem_id"]}
+    assert json.loads((d / "manifest.json").read_text())["config_hash"] == "new"
+    assert list(tmp_path.glob("traj.prev-*")) == []
+
+
 def test_missing_store_and_second_writer(tmp_path):
     with pytest.raises(PluribusError, match="no trajectory store"):
         TrajectoryStore(tmp_path / "nothing")

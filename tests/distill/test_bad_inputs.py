@@ -97,5 +97,37 @@ def test_resume_without_a_checkpoint_is_refused_before_the_model_and_creates_not
 def test_resume_from_a_checkpoint_with_a_misshapen_config_is_named(tmp_path, student_dir, rsft_dir):
     ckpt = lora_adapter(student_dir, tmp_path / "adapter.checkpoints" / "checkpoint-2")
     (ckpt / "adapter_config.json").write_text(json.dumps([1, 2]))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 4}))
     with pytest.raises(PluribusError, match="adapter config '.*checkpoint-2/adapter_config.json' is not a JSON object"):
         train_stage(recipe(tmp_path, tmp_path / "no-model"), dataset=rsft_dir, out=tmp_path / "adapter", resume=True)
+
+
+def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path, student_dir, rsft_dir, caplog):
+    out = tmp_path / "adapter"
+    r = recipe(tmp_path, student_dir, max_steps=2, save_steps=1)
+    train_stage(r, dataset=rsft_dir, out=out)
+    # killed while checkpoint-2 was written, before the adapter: checkpoint-2 has no trainer_state.json yet
+    ckpts = common.checkpoints_dir(out)
+    (ckpts / "checkpoint-2" / "trainer_state.json").unlink()
+    shutil.rmtree(out)
+    partial = ckpts / "checkpoint-3"
+    partial.mkdir()  # and a later one that got no further than its folder
+    with pytest.raises(PluribusError, match="'.*checkpoint-3' is not an adapter checkpoint"):
+        train_stage(r, dataset=rsft_dir, out=out, resume=str(partial))
+    with pytest.raises(PluribusError, match="checkpoint '.*checkpoint-2' is incomplete \\(no trainer_state.json"):
+        train_stage(r, dataset=rsft_dir, out=out, resume=str(ckpts / "checkpoint-2"))
+    with caplog.at_level("WARNING", logger="pluribus.distill"):
+        train_stage(r, dataset=rsft_dir, out=out, resume=True)
+    assert "skipping '" in caplog.text and "checkpoint-3" in caplog.text and "checkpoint-2" in caplog.text
+    state = json.loads((ckpts / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and len(state["log_history"]) > 1  # step 2 trained again, after step 1
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_resume_of_a_finished_training_is_refused_and_keeps_the_adapter(tmp_path, student_dir, rsft_dir):
+    out = tmp_path / "adapter"
+    train_stage(recipe(tmp_path, student_dir, max_steps=2), dataset=rsft_dir, out=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(PluribusError, match="training already finished at step 2 .*nothing to resume"):
+        train_stage(recipe(tmp_path, student_dir, max_steps=2), dataset=rsft_dir, out=out, resume=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
