@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,22 +23,91 @@ from pluribus.errors import PluribusError
 from pluribus.io import atomic_dir
 
 TOKEN_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_TOKEN_RE = re.compile(r"\b(hf|sk)[_-][A-Za-z0-9_\-]{8,}")
+_USERINFO_RE = re.compile(r"(?<=://)[^/\s@]+@")  # https://user:key@host -> https://***@host
+_SECRET_KEY_RE = re.compile(r"(?i)(^|[_-])(api[_-]?key|token|secret|password|passwd|credentials?)$")
+_RECIPES = ("merge.yaml", "merge_recipe.yaml")
 
 _COPY_PATTERNS = (
     "adapter_config.json", "adapter_model.safetensors", "config.json", "generation_config.json",
     "model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
-    "chat_template.jinja", "vocab.json", "merges.txt", "training_record.json", "merge_recipe.yaml", "merge_report.json",
+    "chat_template.jinja", "vocab.json", "merges.txt", "training_record.json", *_RECIPES, "merge_report.json",
 )
+# records rewritten with every path reduced and every secret redacted; configs get only their path keys reduced
+# (a tokenizer's vocabulary may hold strings that look like paths)
+_RECORDS = ("training_record.json", "merge_report.json")
+_PATH_KEYS = {"adapter_config.json": "base_model_name_or_path", "config.json": "_name_or_path",
+              "tokenizer_config.json": "name_or_path"}
+
+logger = logging.getLogger("pluribus.hub")
 
 
 def redact(text: str) -> str:
-    """Remove Hub tokens (the env's own and anything shaped like ``hf_...``) from ``text``."""
+    """Remove Hub tokens (the env's own and anything shaped like ``hf_...`` / ``sk-...``) and URL credentials."""
     for name in TOKEN_ENVS:
         value = os.environ.get(name)
         if value:
             text = text.replace(value, "***")
-    return _TOKEN_RE.sub("hf_***", text)
+    return _USERINFO_RE.sub("***@", _TOKEN_RE.sub(lambda m: f"{m.group(1)}_***", text))
+
+
+def _is_local_path(ref: str) -> bool:
+    return ref.startswith(("/", "~", "./", "../", "\\")) or bool(re.match(r"[A-Za-z]:[\\/]", ref))
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", ref)) and not Path(ref).exists()
+
+
+def public_model_name(ref: str | None) -> str | None:
+    """How an export names a model: its Hub id where pluribus knows it, else its folder's last name.
+
+    Known: an alias of pluribus.models, a checkpoint pluribus dequantized from an alias (``pluribus_source.json``
+    or its cache folder's name), a folder whose config.json records a Hub id, a Hub id itself. Never a local
+    absolute path: a card or adapter config pushed to the Hub cannot point into this machine.
+    """
+    from pluribus.models import ALIASES
+
+    if not ref:
+        return None
+    ref = redact(str(ref))
+    if ref in ALIASES:
+        return ALIASES[ref].hub_id
+    if _looks_like_hub_id(ref):
+        return ref
+    folder = Path(ref).expanduser()
+    source = folder / "pluribus_source.json"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        gguf = Path(json.loads(source.read_text()).get("gguf") or "").name
+        for alias in ALIASES.values():
+            if gguf == alias.filename:
+                return alias.hub_id
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        recorded = json.loads((folder / "config.json").read_text()).get("_name_or_path") or ""
+        if recorded != ref and not _is_local_path(recorded) and (recorded in ALIASES or _looks_like_hub_id(recorded)):
+            return public_model_name(recorded)
+    name = folder.name or ref
+    for alias, spec in ALIASES.items():  # the cache folder <alias>-<hash> of a dequantized alias
+        if name == alias or name.startswith(f"{alias}-"):
+            return spec.hub_id
+    return name
+
+
+def _public_path(value: str) -> str:
+    """A string of a record as an export shows it: no URL credentials, a local absolute path by its last name."""
+    value = redact(value)
+    return (public_model_name(value) or value) if _is_local_path(value) else value
+
+
+def scrub(data: Any, key: str = "") -> Any:
+    """``data`` (a JSON/YAML record) with secrets redacted and local absolute paths reduced to names."""
+    if isinstance(data, dict):
+        return {_public_path(str(k)): scrub(v, str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [scrub(v, key) for v in data]
+    if isinstance(data, str):
+        return "***" if data and _SECRET_KEY_RE.search(key) else _public_path(data)
+    return data
 
 
 def _detect(folder: Path) -> str:
@@ -112,7 +182,10 @@ def _json_file(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _base_model(folder: Path, kind: str) -> str | None:
+def _base_model(folder: Path, kind: str, recipe: dict[str, Any] | None) -> str | None:
+    """The base of ``folder`` as recorded locally (a path or an id): its merge recipe's, adapter's or record's."""
+    if recipe and recipe.get("base"):
+        return str(recipe["base"])
     if kind == "adapter":
         from pluribus.models import read_adapter_config
 
@@ -124,13 +197,26 @@ def _base_model(folder: Path, kind: str) -> str | None:
 
 
 def _hub_name(ref: str | None) -> str | None:
-    """A card's base_model must be a Hub id; local paths are left out (the card text still names them)."""
-    if not ref:
-        return None
-    if ref == "smollm2-135m" or "smollm2-135m" in ref:
-        return "HuggingFaceTB/SmolLM2-135M-Instruct"
-    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", ref) and not Path(ref).exists():
-        return ref
+    """A card's base_model must be a Hub id (the Hub refuses a card naming no model); a bare folder name is not."""
+    name = public_model_name(ref)
+    return name if name and "/" in name else None
+
+
+def _read_recipe(folder: Path) -> tuple[str, dict[str, Any]] | None:
+    """The merge recipe of a pluribus merge output (merge.yaml), as an export shows it: (YAML text, data)."""
+    from pluribus.config import read_text_file
+
+    for name in _RECIPES:
+        path = folder / name
+        if path.is_file():
+            try:
+                data = yaml.safe_load(read_text_file(path, "merge recipe"))
+            except yaml.YAMLError as e:
+                raise PluribusError(f"merge recipe '{path}' is not valid YAML ({e}); re-run the merge") from None
+            if not isinstance(data, dict):
+                raise PluribusError(f"merge recipe '{path}' is not a mapping; re-run the merge")
+            data = scrub(data)
+            return yaml.safe_dump(data, sort_keys=False), data
     return None
 
 
@@ -144,9 +230,12 @@ def model_card(
     merge_recipe: str | None,
     training_record: dict[str, Any] | None,
     title: str,
+    merge: dict[str, Any] | None = None,
 ) -> str:
     """The README.md of an export: YAML metadata the Hub reads, then what was done and measured."""
     meta: dict[str, Any] = {"library_name": "peft" if kind == "adapter" else "transformers", "tags": ["pluribus"]}
+    if merge is not None:
+        meta["tags"] += ["merge", str(merge.get("method", "?"))]
     hub_base = _hub_name(base_model)
     if hub_base:
         meta["base_model"] = hub_base
@@ -160,10 +249,15 @@ def model_card(
                              for system, m in eval_results.get("systems", {}).items() if "accuracy" in m]}]
         meta["model-index"] = [{"name": title, "results": rows}]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {title}", ""]
+    base_name = public_model_name(base_model)
     lines.append(f"A {'LoRA adapter' if kind == 'adapter' else 'model'} made with pluribus"
-                 + (f" from `{base_model}` ({relation})." if base_model else "."))
+                 + (f" from `{base_name}` ({relation})." if base_name else "."))
+    if merge is not None:
+        inputs = [public_model_name(i.get("path") or i.get("adapter")) for i in merge.get("inputs") or []
+                  if isinstance(i, dict)]
+        lines += ["", f"Merged with `{merge.get('method', '?')}` from: " + ", ".join(f"`{i}`" for i in inputs if i)]
     if training_record:
-        lines += ["", "## Training", "", "```json", json.dumps(training_record, indent=2, default=str)[:4000], "```"]
+        lines += ["", "## Training", "", "```json", json.dumps(scrub(training_record), indent=2, default=str)[:4000], "```"]
     if eval_results:
         n = eval_results.get("problems")
         lines += ["", "## Evaluation", "", f"{n} held-out problems of `{eval_results.get('task', '?')}`." if n else "",
@@ -183,6 +277,22 @@ def model_card(
     return redact("\n".join(lines) + "\n")
 
 
+def _copy_public(src: Path, dst: Path, recipe: str) -> None:
+    """Copy one file of the export, its local paths reduced to names and its secrets redacted on the way."""
+    if src.name in _RECIPES:
+        dst.write_text(recipe)
+    elif src.name in _RECORDS:
+        dst.write_text(json.dumps(scrub(_json_file(src, src.stem.replace("_", " "))), indent=2))
+    elif src.name in _PATH_KEYS:
+        data = _json_file(src, src.stem.replace("_", " "))
+        key = _PATH_KEYS[src.name]
+        if data.get(key):
+            data[key] = public_model_name(str(data[key]))
+        dst.write_text(json.dumps(data, indent=2))
+    else:
+        shutil.copy2(src, dst)
+
+
 def export_folder(
     source: str | Path,
     out: str | Path,
@@ -197,7 +307,7 @@ def export_folder(
     Everything is checked before the folder is written: the source, every tensor of its weights, the eval
     results; a PluribusError names what is wrong.
     """
-    from pluribus.config import read_text_file
+    from pluribus.models import TOKENIZER_FILES
 
     source = Path(source)
     if Path(out).exists() and not overwrite:  # before reading every tensor; atomic_dir checks it again
@@ -210,7 +320,8 @@ def export_folder(
     weights = list(source.glob("*.safetensors"))
     if not weights:
         raise PluribusError(f"'{source}' has no .safetensors weights to export")
-    base = _base_model(source, kind)  # an adapter's config is checked here, before its tensors are read
+    recipe = _read_recipe(source)
+    base = _base_model(source, kind, recipe[1] if recipe else None)  # an adapter's config is checked here
     if isinstance(eval_results, str | Path):
         eval_results = read_eval_results(eval_results)
     elif eval_results is not None:
@@ -218,19 +329,20 @@ def export_folder(
     check_weights(source, kind)
     record_path = source / "training_record.json"
     record = _json_file(record_path, "training record") if record_path.is_file() else None
-    merge_path = source / "merge_recipe.yaml"
-    merge_recipe = read_text_file(merge_path, "merge recipe") if merge_path.is_file() else None
-    relation = "merge" if merge_recipe else ("adapter" if kind == "adapter" else "finetune")
+    relation = "merge" if recipe else ("adapter" if kind == "adapter" else "finetune")
+    if kind == "model" and not any((source / name).is_file() for name in TOKENIZER_FILES):
+        logger.warning("model '%s' has no tokenizer files; the export will not load with AutoTokenizer "
+                       "(save the tokenizer into it, or merge with tokenizer_source)", source.name)
     card = model_card(kind=kind, base_model=base, relation=relation, datasets=datasets or [],
-                      eval_results=eval_results, merge_recipe=merge_recipe, training_record=record,
-                      title=title or source.name)
+                      eval_results=eval_results, merge_recipe=recipe[0] if recipe else None, training_record=record,
+                      title=title or source.name, merge=recipe[1] if recipe else None)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for pattern in _COPY_PATTERNS:
             for f in source.glob(pattern):
                 if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
+                    _copy_public(f, tmp / f.name, recipe[0] if recipe else "")
         if eval_results:
-            (tmp / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+            (tmp / "eval_results.json").write_text(json.dumps(scrub(eval_results), indent=2))
         (tmp / "README.md").write_text(card)
     return Path(out)
 

@@ -217,3 +217,108 @@ def test_export_names_weights_that_are_a_folder(adapter_dir: Path, tiny_llama_di
     with pytest.raises(PluribusError, match=f"{name}' is a folder, not a file|{name} is a folder, not a file"):
         export_folder(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ nothing local or secret leaves in an export
+
+
+def _all_text(folder: Path) -> str:
+    return "\n".join(f.read_text() for f in folder.iterdir() if f.suffix in {".json", ".md", ".yaml"})
+
+
+def test_export_names_the_base_by_hub_id_and_strips_local_paths(adapter_dir: Path, tmp_path: Path) -> None:
+    # what the quickstart writes: the base is the dequantized cache folder of the embedded alias
+    cache = "/root/.cache/pluribus/models/smollm2-135m-58e992c2ff92"
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (adapter_dir / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": cache}))
+    record = {"stage": "rsft", "base_model": "smollm2-135m", "base_model_path": cache,
+              "recipe": {"root": str(tmp_path / "runs")},
+              "dataset": {"path": str(tmp_path / "data"), "files": {str(tmp_path / "data" / "d.parquet"): "ab12"}}}
+    (adapter_dir / "training_record.json").write_text(json.dumps(record))
+    out = export_folder(adapter_dir, tmp_path / "export")
+    hub = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == hub
+    assert _front_matter((out / "README.md").read_text())["base_model"] == hub
+    exported = json.loads((out / "training_record.json").read_text())
+    assert exported["base_model_path"] == hub and exported["dataset"] == {"path": "data", "files": {"d.parquet": "ab12"}}
+    text = _all_text(out)
+    assert "/root/" not in text and str(tmp_path) not in text
+
+
+def test_a_local_base_is_named_by_the_hub_id_it_records_else_by_its_folder(tiny_llama_dir: Path, tmp_path: Path,
+                                                                         adapter_dir: Path) -> None:
+    import shutil
+
+    from pluribus.hub import public_model_name
+
+    base = shutil.copytree(tiny_llama_dir, tmp_path / "mybase")
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "_name_or_path": str(tmp_path / "elsewhere")}))
+    assert public_model_name(str(base)) == "mybase"
+    (base / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "someone/tiny-llama"}))
+    assert public_model_name(str(base)) == "someone/tiny-llama"
+    (base / "pluribus_source.json").write_text(json.dumps({"gguf": "/x/SmolLM2-135M-Instruct.Q4_1.gguf"}))
+    assert public_model_name(str(base)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert public_model_name("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_export_redacts_url_credentials_and_api_keys(adapter_dir: Path, tmp_path: Path) -> None:
+    url = "https://bob:sk-LEAKED999@api.example.com/v1"
+    record = {"stage": "rsft", "recipe": {"team": {"agents": [{"base_url": url, "api_key": "plain-secret-1"}]}}}
+    (adapter_dir / "training_record.json").write_text(json.dumps(record))
+    out = export_folder(adapter_dir, tmp_path / "export")
+    text = _all_text(out)
+    assert "sk-LEAKED999" not in text and "bob:" not in text and "plain-secret-1" not in text
+    agent = json.loads((out / "training_record.json").read_text())["recipe"]["team"]["agents"][0]
+    assert agent == {"base_url": "https://***@api.example.com/v1", "api_key": "***"}
+    assert "sk-LEAKED" not in redact("key sk-LEAKED999abc") and "***@h" in redact("http://u:p@h/x")
+
+
+@pytest.fixture()
+def two_adapters(adapter_dir: Path, tiny_llama_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    import shutil
+
+    a, b = shutil.copytree(adapter_dir, tmp_path / "adA"), shutil.copytree(adapter_dir, tmp_path / "adB")
+    for ad in (a, b):
+        cfg = json.loads((ad / "adapter_config.json").read_text())
+        (ad / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(tiny_llama_dir)}))
+    return a, b
+
+
+@pytest.mark.parametrize("output", ["model", "adapter"])
+def test_export_of_a_merge_carries_relation_inputs_and_recipe(two_adapters: tuple[Path, Path], tiny_llama_dir: Path,
+                                                            tmp_path: Path, output: str) -> None:
+    import shutil
+
+    from pluribus.merge import MergeInput, MergeSpec, run_merge
+
+    base = shutil.copytree(tiny_llama_dir, tmp_path / "base")
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "someone/tiny-llama"}))
+    spec = MergeSpec(method="linear", inputs=[MergeInput(path=str(p)) for p in two_adapters], output=output,
+                     base=str(base), check_base=False)
+    run_merge(spec, tmp_path / "merged")
+    out = export_folder(tmp_path / "merged", tmp_path / "export")
+    card = (out / "README.md").read_text()
+    meta = _front_matter(card)
+    assert meta["base_model"] == "someone/tiny-llama" and meta["base_model_relation"] == "merge"
+    assert "linear" in meta["tags"] and "`adA`, `adB`" in card and "## Merge recipe" in card
+    recipe = yaml.safe_load((out / "merge.yaml").read_text())
+    assert recipe["base"] == "someone/tiny-llama" and [i["path"] for i in recipe["inputs"]] == ["adA", "adB"]
+    assert str(tmp_path) not in _all_text(out)
+
+
+def test_export_warns_when_a_model_has_no_tokenizer(tiny_llama_dir: Path, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, source, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json",
+                                                                          "vocab.json", "chat_template.jinja"))
+    with caplog.at_level("WARNING", logger="pluribus.hub"):
+        export_folder(source, tmp_path / "export")
+    assert [r.getMessage() for r in caplog.records if "no tokenizer files" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pluribus.hub"):
+        export_folder(tiny_llama_dir, tmp_path / "export2")
+    assert not [r for r in caplog.records if "no tokenizer" in r.getMessage()]
