@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -92,6 +93,12 @@ def load_problems(task: TaskConfig) -> list[Problem]:
                 chosen.append(p)
                 if len(chosen) >= want:
                     break
+        if task.n is not None and 0 < len(chosen) < want:
+            # a level has finitely many distinct problems; say so rather than quietly run fewer
+            logging.getLogger(__name__).warning(
+                "task.n=%d but synthetic level '%s' has only %d distinct %s problems; running those "
+                "(a harder level or another heldout_fraction gives more)", want, task.synthetic.level or "(custom)", len(chosen),
+                task.split)
     else:
         chosen = [
             p for p in load_source(task) if split_of(p.question, task.seed, task.heldout_fraction) == task.split

@@ -271,6 +271,13 @@ def test_synthetic_split_and_exhaustion() -> None:
     assert load_problems(task.model_copy(update={"n": 10})) == train[:10]
 
 
+def test_asking_a_level_for_more_problems_than_it_has_warns(caplog: pytest.LogCaptureFixture) -> None:
+    task = TaskConfig(synthetic=SyntheticConfig(level="add1"), heldout_fraction=0.25, seed=0, n=500)
+    with caplog.at_level("WARNING", logger="pluribus.data.tasks"):
+        got = load_problems(task)
+    assert len(got) < 500 and "task.n=500 but synthetic level 'add1' has only" in caplog.text
+
+
 def test_levels_exist_and_unknown_level_errors() -> None:
     assert {"add1", "add2x1", "word1", "quickstart"} <= set(LEVELS)
     for name in LEVELS:
