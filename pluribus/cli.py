@@ -231,6 +231,7 @@ def merge_cmd(
 def eval_cmd(
     recipe: RecipeArg = None,
     overrides: OverridesArg = None,
+    new_run: Annotated[bool, typer.Option("--new-run", help="Move aside answers stored with other settings.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Compare the single base agent, the team and the distilled model on the same held-out problems."""
@@ -240,7 +241,7 @@ def eval_cmd(
     from pluribus.eval.evaluate import run_eval
 
     loaded = load_recipe(recipe, overrides or [])
-    payload = run_eval(loaded, progress=not no_progress)
+    payload = run_eval(loaded, progress=not no_progress, new_run=new_run)
     table = Table("system", "accuracy", "95% interval", "vs single (p)", "first answer", "wrong first corrected",
                   "tokens/problem", "s/problem")
     versus = {c["system"]: c for c in payload.get("comparisons", [])}
@@ -290,6 +291,7 @@ def run_cmd(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML; every stage with a section runs, in order.")],
     overrides: OverridesArg = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun stages that are up to date.")] = False,
+    new_run: Annotated[bool, typer.Option("--new-run", help="Move aside debate/eval stores written with other settings.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Run the whole pipeline of RECIPE: debate, build, train, merge, eval, export (resumable)."""
@@ -298,7 +300,7 @@ def run_cmd(
     from pluribus.config import load_recipe
     from pluribus.run import run_recipe
 
-    results = run_recipe(load_recipe(recipe, overrides or []), force=force, progress=not no_progress)
+    results = run_recipe(load_recipe(recipe, overrides or []), force=force, progress=not no_progress, new_run=new_run)
     table = Table("stage", "status", "seconds", "summary")
     for r in results:
         table.add_row(r.stage, r.status, f"{r.seconds:.1f}", r.summary)

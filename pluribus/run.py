@@ -40,6 +40,9 @@ class StageResult:
     summary: str
 
 
+STORES = ("debate", "eval")  # the stages that take new_run
+
+
 def _stages_file(recipe: Recipe) -> Path:
     return recipe.run_dir / "stages.json"
 
@@ -65,10 +68,10 @@ def _is_current(recipe: Recipe, stage: str) -> bool:
 # ------------------------------------------------------------------------------------------ the stages
 
 
-def _debate(recipe: Recipe, progress: bool) -> tuple[Path, str]:
+def _debate(recipe: Recipe, progress: bool, new_run: bool = False) -> tuple[Path, str]:
     from pluribus.data.debate import run_debate
 
-    s = run_debate(recipe, progress=progress)
+    s = run_debate(recipe, progress=progress, new_run=new_run)
     return recipe.run_dir / "trajectories", (
         f"{s.problems} problems; round-0 accuracy {s.round0_accuracy:.1%}, team {s.team_accuracy:.1%}; "
         f"{s.corrected} corrected, {s.lost} lost")
@@ -99,10 +102,10 @@ def _merge(recipe: Recipe, progress: bool) -> tuple[Path, str]:
     return recipe.run_dir / "merged" / recipe.require("merge").name, " | ".join(summary.lines())
 
 
-def _eval(recipe: Recipe, progress: bool) -> tuple[Path, str]:
+def _eval(recipe: Recipe, progress: bool, new_run: bool = False) -> tuple[Path, str]:
     from pluribus.eval.evaluate import run_eval
 
-    payload = run_eval(recipe, progress=progress)
+    payload = run_eval(recipe, progress=progress, new_run=new_run)
     return recipe.run_dir / "eval" / "results.json", ", ".join(
         f"{name} {r['accuracy']:.1%}" for name, r in payload["systems"].items())
 
@@ -139,9 +142,12 @@ STAGES: list[tuple[str, Callable[[Recipe], bool], Callable[[Recipe, bool], tuple
 ALWAYS_RESUME = {"debate", "eval"}
 
 
-def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
+def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True, new_run: bool = False,
                console: Console | None = None) -> list[StageResult]:
-    """Run every stage the recipe has a section for, in order; returns what each stage did."""
+    """Run every stage the recipe has a section for, in order; returns what each stage did.
+
+    ``new_run`` is passed to the stages that keep answer stores (debate, eval): stores written with other
+    settings are moved aside instead of refused."""
     console = console or Console(stderr=True)
     if not any(wanted(recipe) for _, wanted, _ in STAGES):
         raise PluribusError("nothing to run: the recipe has no stage sections (team/build/train/merge/eval/export)")
@@ -160,7 +166,7 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True,
             continue
         console.rule(f"[bold]{name}")
         t0 = time.perf_counter()
-        output, summary = stage(recipe, progress)
+        output, summary = stage(recipe, progress, new_run=True) if new_run and name in STORES else stage(recipe, progress)
         write_recipe(recipe)  # once a stage has accepted it: a refused config must not replace the run's recipe
         _mark(recipe, name, output)
         results.append(StageResult(name, "ran", time.perf_counter() - t0, summary))

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from pluribus.config import load_recipe
+from pluribus.errors import PluribusError
 from pluribus.run import run_recipe
 
 
@@ -46,6 +47,14 @@ def test_run_recipe_end_to_end_then_resume(tmp_path: Path, smollm2_dir: Path) ->
     changed = load_recipe(recipe_path, ["train.lr=1e-4"])
     third = {r.stage: r.status for r in run_recipe(changed, progress=False)}
     assert third["train"] == "ran" and third["build"] == "skipped" and third["export"] == "ran"
+    # a changed team is refused by the debate's store (the run's recipe.yaml stays), unless --new-run
+    saved = (run / "recipe.yaml").read_text()
+    other_team = load_recipe(recipe_path, ["train.lr=1e-4", "team.agents.1.sampling.max_new_tokens=16"])
+    with pytest.raises(PluribusError, match="--new-run"):
+        run_recipe(other_team, progress=False)
+    assert (run / "recipe.yaml").read_text() == saved
+    fourth = {r.stage: r.status for r in run_recipe(other_team, progress=False, new_run=True)}
+    assert fourth["debate"] == "ran" and fourth["eval"] == "ran" and "max_new_tokens: 16" in (run / "recipe.yaml").read_text()
 
 
 def test_a_recipe_without_stage_sections_has_nothing_to_run(tmp_path: Path) -> None:

@@ -177,7 +177,7 @@ def _pending(store: Path, problems: list[Any]) -> bool:
 
 
 def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, problems: list[Any],
-                    progress: bool, fingerprint: str | None = None) -> list[dict[str, Any]]:
+                    progress: bool, fingerprint: str | None = None, new_run: bool = False) -> list[dict[str, Any]]:
     """Run (or resume) one system over ``problems`` in the store under ``folder``; its records for them.
 
     With ``fingerprint``, the team's single agent is stored as using adapter ``sha256:<fingerprint>``: the
@@ -199,14 +199,16 @@ def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, p
         if _pending(sub.run_dir / "trajectories", problems):
             backends[backend_key(keyed)] = make_backend(agent, trust_remote_code=recipe.trust_remote_code,
                                                         batch_size=team.batch_size)
-    run_debate(sub, problems=problems, progress=progress, backends=backends)
+    run_debate(sub, problems=problems, progress=progress, backends=backends, new_run=new_run)
     wanted = {p.id for p in problems}
     with TrajectoryStore(sub.run_dir / "trajectories") as store:
         return [r for r in store.iter_records() if r["problem_id"] in wanted]
 
 
-def run_eval(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
-    """Evaluate every planned system on the held-out split; write results.json, report.md and a plot."""
+def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> dict[str, Any]:
+    """Evaluate every planned system on the held-out split; write results.json, report.md and a plot.
+
+    ``new_run`` moves aside a system's stored answers written with other settings (otherwise refused)."""
     from pluribus.data.debate import check_models
     from pluribus.data.tasks import load_problems
     from pluribus.eval.report import write_report
@@ -232,13 +234,13 @@ def run_eval(recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
             fingerprint = adapter_fingerprint(team.agents[0].adapter or "")
             adapter = {"path": team.agents[0].adapter or "", "fingerprint": fingerprint}
         records = _system_records(recipe, _folder(eval_dir, label, fingerprint), task, team, problems, progress,
-                                  fingerprint)
+                                  fingerprint, new_run)
         systems[label] = asdict(score(records, system, mode))
         solved[label] = outcomes(records)
         for kind in cfg.robustness:
             varied = [perturb(p, kind) for p in problems]
             perturbed = _system_records(recipe, _folder(eval_dir, f"{label}-{kind}", fingerprint), task, team,
-                                        varied, progress, fingerprint)
+                                        varied, progress, fingerprint, new_run)
             result = score(perturbed, system, mode)
             lost, gained, _ = paired(solved[label], outcomes(perturbed))
             robustness.setdefault(label, {})[kind] = {

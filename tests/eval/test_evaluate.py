@@ -99,3 +99,11 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_llama_dir: Path, tmp_path: Path) -
     # a rerun resumes from the stores: nothing is generated twice
     again = run_eval(recipe, progress=False)
     assert again == payload
+    # other settings for the same store: refused, unless new_run moves the old answers aside
+    shorter = f"{{model: '{tiny_llama_dir}', sampling: {{max_new_tokens: 5}}}}"
+    changed = load_recipe(None, [f"root={tmp_path}", "name=evalrun", "task.source=synthetic", "task.n=3",
+                                 "task.heldout_fraction=0.5", f"team.agents=[{shorter}, {shorter}]",
+                                 "eval.systems=[single]"])
+    with pytest.raises(PluribusError, match="--new-run"):
+        run_eval(changed, progress=False)
+    assert run_eval(changed, progress=False, new_run=True)["systems"]["single-greedy"]["problems"] == 3
