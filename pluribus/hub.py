@@ -123,19 +123,12 @@ def check_weights(folder: Path, kind: str) -> None:
 
     Tensor by tensor, so a large model never sits in memory whole; the messages are merge's own.
     """
-    from safetensors import SafetensorError, safe_open
-
-    from pluribus.merge.methods import check_finite
+    from pluribus.models import first_nonfinite_in_file
 
     for path in sorted(folder.glob("*.safetensors")):
-        if path.is_dir():
-            raise PluribusError(f"{kind} weights '{path}' is a folder, not a file; re-save the {kind}")
-        try:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    check_finite(f.get_tensor(key), f"{path}:{key}")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise PluribusError(f"{kind} weights '{path}' are corrupt or truncated ({e}); re-save the {kind}") from None
+        found = first_nonfinite_in_file(path, f"{kind} weights", f"re-save the {kind}")
+        if found is not None:
+            raise PluribusError(f"tensor '{path}:{found[0]}' holds {found[1]} NaN/Inf value(s); fix or drop that input")
 
 
 _NUMBERS = ("accuracy", "accuracy_low", "accuracy_high", "tokens_per_problem", "seconds_per_problem", "change")

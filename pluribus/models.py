@@ -98,6 +98,20 @@ def _check_safetensors(folder: Path, what: str) -> None:
     raise PluribusError(f"{what} '{folder}' has a config.json but no *.safetensors weights")
 
 
+def first_nonfinite_in_file(path: Path, what: str, fix: str) -> tuple[str, int] | None:
+    """(tensor, count) of the first tensor of safetensors file ``path`` holding NaN/Inf, else None; read tensor
+    by tensor, so a large model never sits in memory whole. A folder or a corrupt file is a PluribusError."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.is_dir():
+        raise PluribusError(f"{what} '{path}' is a folder, not a file; {fix}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return first_nonfinite((key, f.get_tensor(key)) for key in f.keys())  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PluribusError(f"{what} '{path}' are corrupt or truncated ({e}); {fix}") from None
+
+
 def check_safetensors_header(path: Path, what: str, fix: str) -> None:
     """Parse the header of a safetensors file (cheap: nothing is read but the header); a truncated or foreign
     file raises a PluribusError naming it."""
@@ -478,16 +492,9 @@ def check_adapter(adapter: str | os.PathLike[str], model_folder: str | os.PathLi
     recorded base must be that model: refused only when the base resolves to another local folder whose
     config.json differs (a hub id, an alias or a path from another machine cannot be compared, and passes).
     """
-    from safetensors import SafetensorError, safe_open
-
     cfg = read_adapter_config(adapter)
     weights = Path(adapter) / "adapter_model.safetensors"
-    try:
-        with safe_open(weights, framework="pt") as f:
-            found = first_nonfinite((key, f.get_tensor(key)) for key in f.keys())  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise PluribusError(f"adapter weights '{weights}' are corrupt or truncated ({e}); re-save or retrain "
-                            "the adapter") from None
+    found = first_nonfinite_in_file(weights, "adapter weights", "re-save or retrain the adapter")
     if found is not None:
         raise PluribusError(f"adapter weights '{weights}' hold {found[1]} NaN/Inf value(s) in tensor '{found[0]}'; "
                             "the adapter is broken (did its training diverge?): retrain it, e.g. with a lower "
