@@ -103,7 +103,7 @@ def main() -> None:
     from pluribus.distill import train_stage
 
     train = validate_recipe({**harvest.to_dict(), "train": {
-        "stage": "rsft", "model": EMBEDDED, "lr": args.lr, "epochs": args.epochs, "batch_size": 8,
+        "objective": "rsft", "model": EMBEDDED, "lr": args.lr, "epochs": args.epochs, "batch_size": 8,
         "kernels": "auto", "eval_fraction": 0.05, "save_steps": 1000, "report_to": ["none"]}})
     adapter = train_stage(train, overwrite=True)
     record = json.loads((adapter / "training_record.json").read_text())

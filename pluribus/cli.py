@@ -124,30 +124,40 @@ def build_cmd(
 def train_cmd(
     recipe: RecipeArg = None,
     overrides: OverridesArg = None,
-    stage: Annotated[str | None, typer.Option("--stage", help="rsft | augmented | prm | rl (sets train.stage).")] = None,
+    expert: Annotated[str | None, typer.Option("--expert", help="Train this expert of the recipe (by name).")] = None,
+    all_experts: Annotated[bool, typer.Option("--all", help="Train every expert of the recipe, in order.")] = False,
+    objective: Annotated[str | None, typer.Option(
+        "--objective", help="rsft | augmented | prm | rl (sets train.objective).")] = None,
     dataset: Annotated[Path | None, typer.Option("--dataset", help="Dataset folder/file (default <run>/datasets/<kind>).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Adapter folder (default <run>/adapters/<stage>).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint of this stage.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Adapter folder (default <run>/adapters/<expert>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint of this expert.")] = False,
     resume_from: Annotated[Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter folder.")] = False,
 ) -> None:
-    """Train a LoRA/QLoRA stage of RECIPE; writes a PEFT adapter + training_record.json."""
+    """Train a LoRA/QLoRA expert of RECIPE; writes a PEFT adapter + training_record.json."""
     import json
 
     from pluribus.config import load_recipe
     from pluribus.distill import train_stage
+    from pluribus.errors import PluribusError
 
-    loaded = load_recipe(recipe, [*(overrides or []), *([f"train.stage={stage}"] if stage else [])])
-    folder = train_stage(loaded, dataset=dataset, out=out, resume=str(resume_from) if resume_from else resume,
-                         overwrite=overwrite)
-    metrics = json.loads((folder / "training_record.json").read_text())["metrics"]
-    shown = {k: v for k, v in metrics.items() if "loss" in k or k.startswith(("eval_step", "final_"))}
-    Console().print(f"adapter: {folder}\n" + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()), highlight=False)
+    loaded = load_recipe(recipe, [*(overrides or []), *([f"train.objective={objective}"] if objective else [])])
+    names = [expert] if expert else None
+    if all_experts:
+        if expert or dataset or out:
+            raise PluribusError("--all trains every expert into its own folder; leave out --expert, --dataset and --out")
+        names = [t.expert_name for t in loaded.require("train").trainings()]
+    for name in names or [None]:
+        folder = train_stage(loaded, expert=name, dataset=dataset, out=out,
+                             resume=str(resume_from) if resume_from else resume, overwrite=overwrite)
+        metrics = json.loads((folder / "training_record.json").read_text())["metrics"]
+        shown = {k: v for k, v in metrics.items() if "loss" in k or k.startswith(("eval_step", "final_"))}
+        Console().print(f"adapter: {folder}\n" + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()), highlight=False)
 
 
 @app.command("score")
 def score_cmd(
-    adapter: Annotated[Path, typer.Argument(help="PRM adapter folder (from `pluribus train --stage prm`).")],
+    adapter: Annotated[Path, typer.Argument(help="PRM adapter folder (from a prm expert: `pluribus train --objective prm`).")],
     question: Annotated[str, typer.Option("--question", help="The problem statement (the prompt).")],
     solution: Annotated[str, typer.Option("--solution", help="Solution text, one step per line; @FILE or - (stdin).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -295,15 +305,16 @@ def run_cmd(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Run the whole pipeline of RECIPE: debate, build, train, merge, eval, export (resumable)."""
+    from rich.markup import escape
     from rich.table import Table
 
     from pluribus.config import load_recipe
     from pluribus.run import run_recipe
 
     results = run_recipe(load_recipe(recipe, overrides or []), force=force, progress=not no_progress, new_run=new_run)
-    table = Table("stage", "status", "seconds", "summary")
+    table = Table("step", "status", "seconds", "summary")
     for r in results:
-        table.add_row(r.stage, r.status, f"{r.seconds:.1f}", r.summary)
+        table.add_row(escape(r.stage), r.status, f"{r.seconds:.1f}", escape(r.summary))
     Console().print(table)
 
 

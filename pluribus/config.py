@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pluribus.errors import PluribusError
+from pluribus.layout import RunLayout
 
 
 class RecipeError(PluribusError, ValueError):
@@ -60,7 +61,8 @@ class TaskConfig(Section):
         "synthetic", description="Problem source."
     )
     path: str | None = Field(None, description="File or dataset id for gsm8k / jsonl / parquet / hf / mc sources.")
-    split: Literal["train", "heldout"] = Field("train", description="Deterministic split of the source.")
+    split: Literal["train", "heldout", "all"] = Field(
+        "train", description="Deterministic split of the source (a seeded hash of each question); all: no split.")
     heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of problems held out for eval.")
     n: int | None = Field(None, ge=1, description="Use at most this many problems of the split.")
     seed: int = Field(0, description="Seed for generation and the train/held-out split.")
@@ -135,6 +137,9 @@ class TeamConfig(Section):
     problems_per_step: int | None = Field(
         None, ge=1, description="Problems debated together (stored after each step); None: batch_size // agents."
     )
+    early_stop: bool = Field(
+        False, description="Stop debating a problem once every agent gives the same parsed answer (recorded in "
+        "the trajectory's meta.stopped_after_round); eval reports the tokens it saves and its effect on accuracy.")
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -153,9 +158,17 @@ class BuildConfig(Section):
     target: Literal["gold", "consensus"] = Field(
         "gold", description="What 'correct' means: the gold answer, or the team's final answer (tasks without gold)."
     )
-    prompt_template: str = Field("{question}", description="The user turn / process prompt; uses {question}.")
+    prompt_template: str | None = Field(
+        None, description="The user turn of every built row and rollout, with {question} replaced (other braces are "
+        "literal). None: the team's question prompt, so training asks what the agents were asked. When set, eval "
+        "asks the single agent and every distilled system this prompt too.")
     max_problems: int | None = Field(None, ge=1, description="Use at most this many problems of the store.")
     skip_corrupt: bool = Field(False, description="Skip torn/corrupt store lines (reported) instead of stopping.")
+    # self: the single agent's own samples (the data of experts with data: self)
+    self_samples: int | None = Field(
+        None, ge=1, description="self: samples the single agent draws per training problem (None: the team's "
+        "agents x rounds, the same number of generations the team spent).")
+    self_temperature: float = Field(0.7, gt=0.0, description="self: sampling temperature of those samples.")
     # augmented
     k: int = Field(4, ge=1, description="augmented: at most this many diverse correct traces per problem.")
     similarity: Literal["jaccard", "containment"] = Field(
@@ -189,13 +202,19 @@ class BuildConfig(Section):
     step_separator: str = Field("\n", description="process: separator after each step when tokenized (card).")
     shepherd_tag: str = Field("ки", description="process: Math-Shepherd step tag in the exported text format.")
 
-    @field_validator("prompt_template", "corrective_template")
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_question(cls, v: str | None) -> str | None:
+        if v is not None and "{question}" not in v:
+            raise ValueError("must contain {question}, where the problem's question goes")
+        return v
+
+    @field_validator("corrective_template")
     @classmethod
     def _template_fields(cls, v: str, info: Any) -> str:
         from string import Formatter
 
-        allowed = {"question"} if info.field_name == "prompt_template" else {
-            "question", "first_attempt", "first_answer", "corrected", "corrected_answer"}
+        allowed = {"question", "first_attempt", "first_answer", "corrected", "corrected_answer"}
         try:
             used = {name for _, name, _, _ in Formatter().parse(v) if name is not None}
         except ValueError as e:
@@ -245,24 +264,46 @@ class RLSettings(Section):
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(256, ge=1)
-    prm: str | None = Field(None, description="PRM adapter folder (default <run>/adapters/prm).")
+    prm: str | None = Field(None, description="The PRM: an earlier expert's name or an adapter folder (default: "
+                            "the recipe's prm expert).")
     aggregate: Literal["min", "mean", "last"] = Field("min", description="How step scores become one reward.")
     answer_weight: float = Field(1.0, ge=0.0, description="Reward weight of the verified final answer.")
     clip: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range epsilon of the ratio.")
     kl: float = Field(0.0, ge=0.0, description="Weight beta of the KL to the reference (adapter disabled).")
 
 
-class TrainConfig(Section):
-    """A LoRA/QLoRA training stage (``pluribus.distill``); the output is a PEFT adapter + training_record.json."""
+OBJECTIVES = ("rsft", "augmented", "prm", "rl")
+# The dataset kind each training objective reads (DESIGN.md, "Records").
+DATASET_OF_OBJECTIVE = {"rsft": "rsft", "augmented": "augmented", "prm": "process", "rl": "process"}
 
-    stage: Literal["rsft", "augmented", "prm", "rl"] = Field("rsft")
+
+class TrainConfig(Section):
+    """One LoRA/QLoRA training (an expert), or the shared settings of several (``experts``).
+
+    The output is a PEFT adapter + training_record.json in ``<run>/adapters/<name>/``. With ``experts``, each
+    entry overrides these settings for one training (nested sections merge key by key); the trainings run in
+    order, so an entry's ``init_adapter`` or ``rl.prm`` may name an earlier entry.
+    """
+
+    objective: Literal["rsft", "augmented", "prm", "rl"] = Field(
+        "rsft", description="rsft: reasoning SFT; augmented: trajectory-augmented SFT; prm: process reward model; "
+        "rl: process-aware RL guided by a PRM.")
+    name: str | None = Field(None, description="The expert's name: its folder <run>/adapters/<name> (default: the "
+                             "objective).")
+    data: Literal["team", "self"] = Field(
+        "team", description="Whose verified traces it learns from: the team's debate (team), or the single agent's "
+        "own samples of the same problems (self: the single-agent distillation baseline, same number of rows).")
+    experts: list[dict[str, Any]] = Field(
+        default_factory=list, description="Several trainings, each a mapping of the settings above that differ "
+        "(at least objective or name); empty: this section is the one training.")
     model: str = Field("smollm2-135m", description="The student model.")
     lr: float = Field(2e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run the epochs).")
     kernels: Literal["auto", "triton", "torch", "off"] = Field("auto", description="Fused LoRA kernels dispatch.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    init_adapter: str | None = Field(None, description="Start from this PEFT adapter (e.g. rl from adapters/rsft).")
+    init_adapter: str | None = Field(
+        None, description="Start from this PEFT adapter: an earlier expert's name (rl from rsft) or a folder.")
     batch_size: int = Field(8, ge=1, description="Examples per device per micro-step (packed into one row in SFT).")
     grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
     max_length: int = Field(1024, ge=8, description="Max tokens of one example.")
@@ -290,19 +331,116 @@ class TrainConfig(Section):
             raise ValueError("must be a positive number of optimizer steps, or -1 to run train.epochs")
         return v
 
+    _name_is_a_folder = field_validator("name")(lambda v: v if v is None else _folder_name(v))
+
+    @property
+    def expert_name(self) -> str:
+        return self.name or self.objective
+
+    @model_validator(mode="after")
+    def _experts_valid(self) -> TrainConfig:
+        self.trainings()  # every entry validates, names are unique, references point back
+        return self
+
+    def trainings(self) -> list[TrainConfig]:
+        """The trainings this section names, in order: each expert's settings over the shared ones."""
+        if not self.experts:
+            return [self]
+        shared = self.model_dump(mode="json", exclude={"experts"})
+        out: list[TrainConfig] = []
+        for i, entry in enumerate(self.experts):
+            if not isinstance(entry, dict):
+                raise ValueError(f"experts.{i} must be a mapping of settings, got {type(entry).__name__}")
+            if "experts" in entry:
+                raise ValueError(f"experts.{i}: an expert cannot have experts of its own")
+            try:
+                expert = TrainConfig.model_validate(_deep_merge(shared, entry))
+            except ValidationError as e:
+                raise ValueError(f"experts.{i}: " + "; ".join(_describe_error(err) for err in e.errors())) from None
+            names = [t.expert_name for t in out]
+            if expert.expert_name in names:
+                raise ValueError(f"experts.{i}: name '{expert.expert_name}' is used twice; give each expert a "
+                                 "distinct name")
+            out.append(expert)
+        return out
+
+    def expert(self, name: str) -> TrainConfig:
+        """The training named ``name``, or a RecipeError listing the names there are."""
+        for t in self.trainings():
+            if t.expert_name == name:
+                return t
+        names = ", ".join(t.expert_name for t in self.trainings())
+        raise RecipeError(f"no expert named '{name}' in the train section. Available: {names}")
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
 
 # ---------------------------------------------------------------------------------------------- merge
 
 
 class MergeConfig(Section):
-    """The merge stage: a merge config by path or inline (pluribus or mergekit keys; see pluribus.merge.config)."""
+    """The merge stage: the run's own experts by name, or a merge config by path or inline (pluribus or mergekit
+    keys; see pluribus.merge.config). With ``merges``, several merges of the same experts (TA vs TIES vs PCB)."""
 
+    experts: list[str] | None = Field(
+        None, description="Names of the run's trained experts to merge (their adapters in <run>/adapters/).")
+    method: str = Field("task_arithmetic", description="Merge method for `experts` (task_arithmetic, ties, pcb, ...).")
+    weights: list[float] | None = Field(
+        None, description="One weight per expert (default 1/n each: the task vectors' mean).")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Other merge-spec settings for `experts` (density, rank, lambda, ...).")
     config: str | None = Field(None, description="Path to a merge config (pluribus or mergekit YAML).")
     spec: dict[str, Any] | None = Field(None, description="The merge config inline (same keys as the YAML file).")
-    name: str = Field("merged", description="Output folder: <run>/merged/<name>.")
+    name: str = Field("merged", description="Output folder: <run>/merged/<name>; also the merged system's name in eval.")
     overwrite: bool = Field(False, description="Replace an existing output folder.")
+    merges: list[dict[str, Any]] = Field(
+        default_factory=list, description="Several merges, each a mapping of the settings above that differ (at "
+        "least name); empty: this section is the one merge.")
 
     _name_is_a_folder = field_validator("name")(_folder_name)
+
+    @model_validator(mode="after")
+    def _merges_valid(self) -> MergeConfig:
+        names = [m.name for m in self.all()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"merge names must be distinct, got {names}")
+        for m in self.all():
+            sources = sum(x is not None for x in (m.experts, m.config, m.spec))
+            if sources != 1:
+                raise ValueError(f"merge '{m.name}' needs exactly one of experts (names), config (a path) or "
+                                 "spec (inline)")
+            if m.weights is not None and m.experts is not None and len(m.weights) != len(m.experts):
+                raise ValueError(f"merge '{m.name}': {len(m.weights)} weights for {len(m.experts)} experts")
+            if m.experts is not None:
+                if not m.experts:
+                    raise ValueError(f"merge '{m.name}': experts is empty; name the experts to merge")
+                from pluribus.merge.config import parse_merge_config
+
+                try:  # the method and its settings, checked now rather than after hours of training
+                    parse_merge_config({"method": m.method, "inputs": [{"path": e} for e in m.experts], **m.params})
+                except PluribusError as e:
+                    raise ValueError(str(e)) from None
+        return self
+
+    def all(self) -> list[MergeConfig]:
+        """Every merge this section names, in order: each entry of ``merges`` over the shared settings."""
+        if not self.merges:
+            return [self]
+        shared = self.model_dump(mode="json", exclude={"merges"})
+        out = []
+        for i, entry in enumerate(self.merges):
+            if not isinstance(entry, dict) or "merges" in entry:
+                raise ValueError(f"merges.{i} must be a mapping of merge settings (without merges of its own)")
+            try:
+                out.append(MergeConfig.model_validate({**shared, **entry}))
+            except ValidationError as e:
+                raise ValueError(f"merges.{i}: " + "; ".join(_describe_error(err) for err in e.errors())) from None
+        return out
 
     @field_validator("spec")
     @classmethod
@@ -316,40 +454,74 @@ class MergeConfig(Section):
                 raise ValueError(str(e)) from None
         return v
 
-    def load(self) -> Any:
-        """The merge spec (a ``pluribus.merge.config.MergeSpec``) this section names."""
+    def load(self, layout: RunLayout | None = None) -> Any:
+        """The merge spec (a ``pluribus.merge.config.MergeSpec``) this merge names; ``layout`` finds experts."""
         from pluribus.merge.config import load_merge_config, parse_merge_config
 
-        if (self.config is None) == (self.spec is None):
-            raise RecipeError("merge section needs exactly one of 'config' (a path) or 'spec' (inline)")
+        if self.experts is not None:
+            if layout is None:
+                raise RecipeError(f"merge '{self.name}' names experts; it runs inside a recipe's run folder")
+            weights = self.weights or [1.0 / len(self.experts)] * len(self.experts)
+            inputs = [{"path": str(layout.adapter(e)), "weight": w} for e, w in zip(self.experts, weights, strict=True)]
+            return parse_merge_config({"method": self.method, "inputs": inputs, **self.params},
+                                      f"merge '{self.name}'")
         return load_merge_config(self.config) if self.config else parse_merge_config(self.spec)
 
 
 # ------------------------------------------------------------------------------------- eval / export
 
 
+class EvalTask(TaskConfig):
+    """A task eval runs on besides the recipe's own held-out split (another level, a file, a Hub dataset)."""
+
+    name: str = Field(description="The task's name in the report and its folder <run>/eval/<name>/.")
+    split: Literal["train", "heldout", "all"] = Field(
+        "heldout", description="heldout: the held-out share (same hash split as training, so no question the "
+        "students trained on); all: every problem of the source (a test file nobody trained on).")
+
+    _name_is_a_folder = field_validator("name")(_folder_name)
+
+
+SYSTEMS = ("single", "sc", "team", "experts", "merged", "distilled")
+
+
 class EvalConfig(Section):
-    """Single base agent vs the debate team vs the distilled model, on the same held-out problems."""
+    """Every system side by side on the same problems: the base single agent, self-consistency at the team's
+    token budget, the team, every expert, every merge, on the held-out split and on ``tasks``."""
 
     n: int | None = Field(None, ge=1, description="Held-out problems to evaluate (None: task.n, else the whole held-out split).")
-    systems: list[Literal["single", "team", "distilled"]] = Field(
-        default_factory=lambda: ["single", "team", "distilled"], min_length=1,
-        description="single: the team's first agent's model alone (N=1, R=1); team: the recipe's team; "
-        "distilled: the student with its trained adapter (N=1, R=1).",
+    systems: list[str] | None = Field(
+        None, description="single: the team's first agent's model alone (N=1, R=1); sc: that model sampled until it "
+        "has spent the team's tokens on each problem, majority vote; team: the recipe's team; experts: every "
+        "trained expert but PRMs (or name experts one by one); merged: every merge of the merge section; "
+        "distilled: the adapter in eval.adapter. None: every system the recipe has the sections for.",
     )
+    team_n: int | None = Field(
+        None, ge=1, description="Run the team and sc on the first team_n of the problems only (they cost "
+        "agents x rounds generations each); None: all. The report says how many.")
+    sc_max_samples: int = Field(32, ge=1, description="sc: at most this many samples per problem.")
     adapter: str | None = Field(
-        None, description="Adapter of the distilled system (default: <run>/adapters/<train.stage>)."
+        None, description="Adapter of the distilled system (default: <run>/adapters/<the first expert>)."
     )
     modes: list[Literal["greedy", "sampled"]] = Field(
-        default_factory=lambda: ["greedy"], min_length=1, description="Decoding of the single and distilled systems."
-    )
-    temperature: float = Field(0.7, gt=0.0, description="Temperature of the sampled mode.")
+        default_factory=lambda: ["greedy"], min_length=1, description="Decoding of the single agent and the "
+        "distilled systems (experts, merges).")
+    temperature: float = Field(0.7, gt=0.0, description="Temperature of the sampled mode and of sc.")
     max_new_tokens: int | None = Field(None, ge=1, description="Override every agent's max_new_tokens.")
+    tasks: list[EvalTask] = Field(default_factory=list, description="More tasks to evaluate every single-agent "
+                                  "system on (transfer), each with a name.")
     robustness: list[Literal["distractor", "typos"]] = Field(
         default_factory=list,
         description="Also run every system on perturbed copies of the held-out problems (same gold answers): "
         "distractor adds an irrelevant numeric sentence, typos swaps letters; reports each accuracy drop.",
     )
+
+    @field_validator("systems")
+    @classmethod
+    def _systems(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("is empty; name at least one system, or leave it out for every system")
+        return v
 
 
 class ExportConfig(Section):
@@ -393,9 +565,29 @@ class Recipe(Section):
             raise ValueError("root must be a folder path")
         return v
 
+    @model_validator(mode="after")
+    def _names_resolve(self) -> Recipe:
+        experts = [t.expert_name for t in self.train.trainings()] if self.train else []
+        merges = [m.name for m in self.merge.all()] if self.merge else []
+        for m in self.merge.all() if self.merge else []:
+            unknown = [e for e in m.experts or [] if e not in experts]
+            if unknown:
+                raise ValueError(f"merge '{m.name}' names experts {unknown} that the train section does not have "
+                                 f"(experts: {', '.join(experts) or 'none'})")
+        if self.eval is not None and self.eval.systems is not None:
+            unknown = [s for s in self.eval.systems if s not in (*SYSTEMS, *experts, *merges)]
+            if unknown:
+                raise ValueError(f"eval.systems {unknown} are not systems; use {', '.join(SYSTEMS)}, an expert "
+                                 f"({', '.join(experts) or 'none'}) or a merge ({', '.join(merges) or 'none'})")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.root) / self.name
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_dir)
 
     def require(self, section: str) -> Any:
         """The named section, or a RecipeError telling the user to add it."""
@@ -426,6 +618,8 @@ def _describe_error(err: dict[str, Any]) -> str:
     shown = json.dumps(value, default=str, ensure_ascii=False) if not isinstance(value, dict) else "{...}"
     if len(shown) > 60:
         shown = shown[:57] + "..."
+    if kind == "extra_forbidden" and path.endswith("stage") and path.startswith("train"):
+        return f"'{path}' is now called objective (train.objective: rsft | augmented | prm | rl)"
     if kind == "extra_forbidden":
         return f"unknown key '{path}' (check the spelling; allowed keys are listed in configs/quickstart.yaml)"
     if kind == "literal_error":

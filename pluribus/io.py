@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import socket
@@ -106,3 +107,30 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+# Files that describe a folder rather than hold its data: left out of its fingerprint, so a rebuilt card or
+# manifest over the same data does not make the stages after it stale. (A training record is content: export
+# publishes it.)
+_NOT_CONTENT = {"README.md", "stats.json", "manifest.json", "recipe.yaml"}
+
+
+def content_fingerprint(path: str | Path) -> str | None:
+    """A short sha256 of what a file or folder holds (names and bytes of its files, recursively), or None if absent.
+
+    Hidden entries (temporary folders, moved-aside runs), checkpoints and the bookkeeping files above are not
+    part of it.
+    """
+    p = Path(path)
+    if not p.exists():
+        return None
+    files = [p] if p.is_file() else sorted(
+        f for f in p.rglob("*") if f.is_file() and f.name not in _NOT_CONTENT
+        and not any(part.startswith(".") or part == "checkpoints" for part in f.relative_to(p).parts))
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(p) if f != p else f.name).encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]

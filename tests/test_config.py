@@ -30,7 +30,7 @@ def test_overrides_apply_by_dotted_path() -> None:
 
 
 def test_round_trip_of_a_full_recipe() -> None:
-    r = load_recipe(None, ["task.source=gsm8k", "team.topology=ring", "train.stage=prm", "eval.n=5"])
+    r = load_recipe(None, ["task.source=gsm8k", "team.topology=ring", "train.objective=prm", "eval.n=5"])
     assert validate_recipe(r.to_dict()) == r
 
 

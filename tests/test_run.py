@@ -31,7 +31,7 @@ def test_run_recipe_end_to_end_then_resume(tmp_path: Path, smollm2_dir: Path) ->
     recipe = load_recipe(recipe_path)
     results = run_recipe(recipe, progress=False)
     assert [(r.stage, r.status) for r in results] == [
-        ("debate", "ran"), ("build", "ran"), ("train", "ran"), ("eval", "ran"), ("export", "ran")]
+        ("debate", "ran"), ("build", "ran"), ("train:rsft", "ran"), ("eval", "ran"), ("export", "ran")]
     run = tmp_path / "runs" / "pipe"
     assert (run / "recipe.yaml").is_file()
     assert (run / "adapters" / "rsft" / "adapter_model.safetensors").is_file()
@@ -42,11 +42,11 @@ def test_run_recipe_end_to_end_then_resume(tmp_path: Path, smollm2_dir: Path) ->
 
     again = run_recipe(recipe, progress=False)
     assert {r.stage: r.status for r in again} == {
-        "debate": "ran", "build": "skipped", "train": "skipped", "eval": "ran", "export": "skipped"}
+        "debate": "ran", "build": "skipped", "train:rsft": "skipped", "eval": "ran", "export": "skipped"}
     # a changed train section reruns training (and what depends on it), not the debate's generation
     changed = load_recipe(recipe_path, ["train.lr=1e-4"])
     third = {r.stage: r.status for r in run_recipe(changed, progress=False)}
-    assert third["train"] == "ran" and third["build"] == "skipped" and third["export"] == "ran"
+    assert third["train:rsft"] == "ran" and third["build"] == "skipped" and third["export"] == "ran"
     # a changed team is refused by the debate's store (the run's recipe.yaml stays), unless --new-run
     saved = (run / "recipe.yaml").read_text()
     other_team = load_recipe(recipe_path, ["train.lr=1e-4", "team.agents.1.sampling.max_new_tokens=16"])

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pluribus.config import AgentConfig, Recipe, SamplingConfig, TeamConfig
+from pluribus.config import AgentConfig, BuildConfig, Recipe, SamplingConfig, TeamConfig
 from pluribus.data.answers import grade
 from pluribus.data.backends import Backend, Conversation, Generation, backend_key, make_backend
 from pluribus.data.records import Problem, Trajectory, Turn
@@ -86,6 +86,17 @@ def resolve_prompts(overrides: Mapping[str, str]) -> dict[str, str]:
         if missing:
             raise PluribusError(f"prompt template team.prompts.{name} must contain {', '.join(missing)}")
     return prompts
+
+
+def question_prompt(build: BuildConfig | None, team: TeamConfig | None) -> str:
+    """The one question prompt that training rows, rollouts, the PRM and eval's single systems use.
+
+    ``build.prompt_template`` when a recipe sets one, else the team's own ``question`` template, so a distilled
+    model is trained on exactly what the agents were asked and examined on it.
+    """
+    if build is not None and build.prompt_template is not None:
+        return build.prompt_template
+    return resolve_prompts(team.prompts if team is not None else {})["question"]
 
 
 # ----------------------------------------------------------------------------------------------- team
@@ -253,10 +264,16 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
                    for m in team.members])
         for p in problems
     ]
+    active = states
     for rnd in range(team.config.rounds):
+        if rnd > 0 and team.config.early_stop:
+            # every agent agrees: another round would only repeat the consensus (Du et al. stop on agreement too)
+            active = [st for st in active if not agreed(st.rounds[-1])]
+            if not active:
+                break
         requests: list[tuple[Member, Conversation]] = []
         seen: list[tuple[list[str], list[int]]] = []
-        for st in states:
+        for st in active:
             for i, member in enumerate(team.members):
                 names: list[str] = []
                 dropped: list[int] = []
@@ -273,7 +290,7 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
                 seen.append((names, dropped))
         gens = _generate_grouped(requests, seed + 1009 * rnd)
         k = 0
-        for st in states:
+        for st in active:
             turns = []
             for member in team.members:
                 turns.append(_turn(member, rnd, gens[k], st.problem, *seen[k]))
@@ -281,8 +298,19 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
             st.rounds.append(turns)
         last = rnd == team.config.rounds - 1
         if team.judge is not None and (team.judge_each_round or (last and team.config.aggregation == "judge")):
-            _judge_round(team, states, rnd, seed + 1009 * rnd + 17)
+            _judge_round(team, active, rnd, seed + 1009 * rnd + 17)
+    if team.judge is not None and team.config.aggregation == "judge":
+        # problems stopped early still get the judge's verdict on their last round
+        stopped = [st for st in states if len(st.judge_turns) < (len(st.rounds) if team.judge_each_round else 1)]
+        if stopped:
+            _judge_round(team, stopped, team.config.rounds, seed + 1009 * team.config.rounds + 17)
     return [_finish(st, team, run_id) for st in states]
+
+
+def agreed(turns: Sequence[Turn]) -> bool:
+    """Every agent gave a parsed answer and all are the same (the early-stop rule)."""
+    answers = [t.answer for t in turns]
+    return len(turns) > 1 and None not in answers and len(set(answers)) == 1
 
 
 def majority(turns: Sequence[Turn], history: Sequence[Sequence[Turn]]) -> tuple[str | None, bool | None, bool]:
@@ -317,7 +345,8 @@ def _finish(st: _State, team: Team, run_id: str) -> Trajectory:
         rounds=st.rounds, final_answer=final, final_correct=correct, aggregation=team.config.aggregation,
         cost=cost, run_id=run_id,
         meta={"source": st.problem.source, "topology": team.config.topology, "tie_broken": tie,
-              "judge": [t.to_dict() for t in st.judge_turns]},
+              "judge": [t.to_dict() for t in st.judge_turns],
+              **({"stopped_after_round": len(st.rounds) - 1} if len(st.rounds) < team.config.rounds else {})},
     )
 
 
@@ -431,6 +460,7 @@ def run_debate(
     backends: Mapping[tuple, Backend] | None = None,
     progress: bool = True,
     on_step: Callable[[int, int], None] | None = None,
+    label: str = "debate",
 ) -> DebateSummary:
     """Run the recipe's team over its task's problems into ``<run>/trajectories``, resuming a stopped run.
 
@@ -469,7 +499,7 @@ def run_debate(
             backends = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
         step = team_cfg.problems_per_step or max(1, team_cfg.batch_size // len(team_cfg.agents))
         tokens, t0 = 0, time.perf_counter()
-        with _Progress(progress, total=len(problems), done=len(problems) - len(pending)) as bar:
+        with _Progress(progress, total=len(problems), done=len(problems) - len(pending), label=label) as bar:
             if pending:
                 team = build_team(team_cfg, backends)  # type: ignore[arg-type]
             position = {p.id: i for i, p in enumerate(problems)}
@@ -491,16 +521,17 @@ def run_debate(
 class _Progress:
     """A rich progress bar: problems done, generated tokens/s, running team and round-0 accuracy."""
 
-    def __init__(self, enabled: bool, total: int, done: int) -> None:
-        self.enabled, self.total, self.done = enabled, total, done
+    def __init__(self, enabled: bool, total: int, done: int, label: str = "debate") -> None:
+        self.enabled, self.total, self.done, self.label = enabled, total, done, label
         self.n = self.team_ok = self.r0_ok = self.r0_n = 0
 
     def __enter__(self) -> _Progress:
         if self.enabled:
             from rich.console import Console
+            from rich.markup import escape
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("debate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            self.bar = Progress(TextColumn(escape(self.label)), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                 TextColumn("{task.fields[stats]}"), console=Console(stderr=True))
             self.bar.__enter__()
             self.task = self.bar.add_task("debate", total=self.total, completed=self.done, stats="")

@@ -89,7 +89,7 @@ def load_problems(task: TaskConfig) -> list[Problem]:
         want = task.n or DEFAULT_SYNTHETIC_N
         chosen = []
         for p in synthetic(task.synthetic, seed=task.seed):
-            if split_of(p.question, task.seed, task.heldout_fraction) == task.split:
+            if task.split == "all" or split_of(p.question, task.seed, task.heldout_fraction) == task.split:
                 chosen.append(p)
                 if len(chosen) >= want:
                     break
@@ -101,7 +101,8 @@ def load_problems(task: TaskConfig) -> list[Problem]:
                 task.split)
     else:
         chosen = [
-            p for p in load_source(task) if split_of(p.question, task.seed, task.heldout_fraction) == task.split
+            p for p in load_source(task)
+            if task.split == "all" or split_of(p.question, task.seed, task.heldout_fraction) == task.split
         ]
         if task.n is not None:
             chosen = chosen[: task.n]

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pluribus.config import Recipe, TrainConfig
+from pluribus.config import DATASET_OF_OBJECTIVE, Recipe, TrainConfig
 from pluribus.errors import PluribusError
 
 logger = logging.getLogger("pluribus.distill")
@@ -29,7 +29,6 @@ REQUIRED_FIELDS = {
     "augmented": ("messages", "problem_id", "kind"),
     "process": ("prompt", "completions", "labels", "scores", "problem_id"),
 }
-DATASET_OF_STAGE = {"rsft": "rsft", "augmented": "augmented", "prm": "process", "rl": "process"}
 RECORD_NAME = "training_record.json"
 
 
@@ -543,7 +542,8 @@ def training_record(
             raise PluribusError(f"training diverged: the final {key.replace('_', ' ')} is {value}; no adapter was "
                                 f"saved. Lower train.lr (now {cfg.lr:g}) or check the data")
     return {
-        "stage": cfg.stage,
+        "objective": cfg.objective,
+        "expert": cfg.expert_name,
         "base_model": cfg.model,
         "base_model_path": base_identity(model),
         "recipe": recipe.to_dict(),
@@ -555,8 +555,10 @@ def training_record(
     }
 
 
-def default_paths(recipe: Recipe, stage: str, dataset: str | Path | None, out: str | Path | None) -> tuple[Path, Path]:
-    """(dataset, output adapter folder) for a stage: the run folder's defaults unless given."""
-    run = recipe.run_dir
-    ds = Path(dataset) if dataset else run / "datasets" / DATASET_OF_STAGE[stage]
-    return ds, Path(out) if out else run / "adapters" / stage
+def default_paths(recipe: Recipe, objective: str, dataset: str | Path | None,
+                  out: str | Path | None) -> tuple[Path, Path]:
+    """(dataset, output adapter folder) of a training: the run folder's defaults unless given."""
+    cfg = recipe.require("train")
+    layout = recipe.layout
+    ds = Path(dataset) if dataset else layout.dataset(DATASET_OF_OBJECTIVE[objective], cfg.data)
+    return ds, Path(out) if out else layout.adapter(cfg.expert_name)

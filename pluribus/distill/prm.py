@@ -161,7 +161,7 @@ def load_prm(adapter: str | Path, *, trust_remote_code: bool = False) -> tuple[A
     if cfg.get("task_type") != "TOKEN_CLS":
         kind = f"{cfg.get('peft_type') or 'PEFT'} adapter of task type {cfg.get('task_type') or 'none'}"
         raise PluribusError(f"adapter '{adapter}' is a {kind}, not a PRM (task type TOKEN_CLS, with a score head), "
-                            "so it was not made by `pluribus train RECIPE --stage prm`; pass a PRM adapter, or "
+                            "so it was not made by `pluribus train RECIPE --objective prm`; pass a PRM adapter, or "
                             "train one that way")
     base = cfg.get("base_model_name_or_path") or ""
     base_folder = resolve_model(base)

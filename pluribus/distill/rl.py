@@ -274,7 +274,7 @@ def train_rl(
     s = cfg.rl
     ds_path, out = common.default_paths(recipe, "rl", dataset, out)
     common.check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
-    prm_path = Path(s.prm) if s.prm else recipe.run_dir / "adapters" / "prm"
+    prm_path = Path(s.prm) if s.prm else recipe.layout.adapter("prm")
 
     # 1. prompts with gold answers
     prompts = rl_prompts(common.load_rows(ds_path, "process"), recipe)

@@ -175,13 +175,13 @@ def train_sft(
     from datasets import Dataset
 
     cfg: TrainConfig = recipe.require("train")
-    if cfg.stage not in {"rsft", "augmented"}:
-        raise PluribusError(f"train_sft runs stages rsft and augmented, not '{cfg.stage}'")
-    ds_path, out = common.default_paths(recipe, cfg.stage, dataset, out)
+    if cfg.objective not in {"rsft", "augmented"}:
+        raise PluribusError(f"train_sft trains the objectives rsft and augmented, not '{cfg.objective}'")
+    ds_path, out = common.default_paths(recipe, cfg.objective, dataset, out)
     common.check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
 
     # 1. rows, checked against the dataset kind, and an eval split grouped by problem
-    rows = common.load_rows(ds_path, common.DATASET_OF_STAGE[cfg.stage])
+    rows = common.load_rows(ds_path, common.DATASET_OF_OBJECTIVE[cfg.objective])
     train_rows, eval_rows = common.split_eval(rows, cfg.eval_fraction, recipe.seed)
 
     # 2. the student with LoRA (QLoRA when quantized), fused kernels, varlen attention for packed rows

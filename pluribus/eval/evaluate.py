@@ -1,25 +1,31 @@
-"""The eval stage: single base agent vs debate team vs distilled model on the same held-out problems.
+"""The eval stage: every system side by side on the same problems, to answer *does distilling my team help?*
+
+Systems (``eval.systems``): the base single agent (greedy and sampled); **sc**, self-consistency at the team's
+token budget (the same model sampled until it has spent, on each problem, the tokens the team spent there, then
+a majority vote: the compute-matched baseline); the **team**; every trained **expert** (reasoning SFT, augmented,
+RL, and the single-agent distillation baseline trained on the model's own samples); every **merge**; and
+``distilled``, any adapter named by ``eval.adapter``.
 
 Every system runs through the debate engine (a single agent is a team of N=1, R=1), into its own resumable
-store under ``<run>/eval/<system>-<mode>/``, so an interrupted eval picks up where it stopped and the
-trajectories behind every number stay inspectable. The distilled system's answers depend on its adapter's
-contents, not its path: its store is ``<run>/eval/distilled-<mode>/<adapter fingerprint>/``, so a retrained
-or different adapter gets fresh answers, returning to an earlier one resumes its answers, and a moved run
-folder resumes as before. Each accuracy comes with its 95% Wilson interval, each
-system is compared with the single base agent on the same problems (exact McNemar test), and with
-``eval.robustness`` every system also answers perturbed copies of the problems, stored under
-``<run>/eval/<system>-<mode>-<perturbation>/``.
+store under ``<run>/eval/<system>-<mode>/`` (the recipe's held-out split) or ``<run>/eval/tasks/<task>/...``
+(``eval.tasks``, for transfer), so an interrupted eval picks up where it stopped and the trajectories behind every
+number stay inspectable. A system with an adapter keeps its answers in a folder named by the adapter's contents,
+so a retrained adapter is evaluated afresh. Each accuracy comes with its 95% Wilson interval; each system is
+compared with the single base agent on the same problems (exact McNemar test), and with the team on the team's
+problems: the share of the team's gain over the single agent that it recovers, at what fraction of its tokens.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pluribus.config import EvalConfig, Recipe, TeamConfig
+from pluribus.config import EvalConfig, Recipe, TaskConfig, TeamConfig
 from pluribus.errors import PluribusError
 from pluribus.eval.robustness import original_id, perturb
 from pluribus.eval.stats import mcnemar_exact, paired, wilson_interval
@@ -29,7 +35,7 @@ from pluribus.models import read_adapter_config
 
 @dataclass(frozen=True)
 class SystemResult:
-    """What one system scored on the held-out problems."""
+    """What one system scored on its problems."""
 
     system: str
     mode: str
@@ -45,9 +51,20 @@ class SystemResult:
     unparsable: float  # fraction of final-round turns with no parsable answer
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One system to evaluate: its label, kind, decoding mode, team, and adapter (for its store's key)."""
+
+    label: str
+    system: str  # single | sc | team | expert | merged | distilled
+    mode: str
+    team: TeamConfig
+    adapter: str | None = None
+
+
 def _single(team: TeamConfig, *, adapter: str | None, model: str | None, mode: str, cfg: EvalConfig,
-            name: str) -> TeamConfig:
-    """The team's first agent alone (N=1, R=1), asked with the team's prompts so every system gets the same question."""
+            name: str, prompt: str) -> TeamConfig:
+    """The team's first agent alone (N=1, R=1), asked the recipe's one question prompt."""
     agent = team.agents[0]
     sampling = agent.sampling.model_copy(update={
         "temperature": cfg.temperature if mode == "sampled" else 0.0,
@@ -56,7 +73,8 @@ def _single(team: TeamConfig, *, adapter: str | None, model: str | None, mode: s
     member = agent.model_copy(update={"name": name, "persona": None, "adapter": adapter, "sampling": sampling,
                                       **({"model": model} if model else {})})
     return team.model_copy(update={"agents": [member], "rounds": 1, "topology": "all", "aggregation": "majority",
-                                   "judge": None, "problems_per_step": None})
+                                   "judge": None, "problems_per_step": None, "early_stop": False,
+                                   "prompts": {**team.prompts, "question": prompt}})
 
 
 def _team(team: TeamConfig, cfg: EvalConfig) -> TeamConfig:
@@ -67,9 +85,17 @@ def _team(team: TeamConfig, cfg: EvalConfig) -> TeamConfig:
     return team.model_copy(update={"agents": agents})
 
 
+def _sc_team(single: TeamConfig, k: int, temperature: float) -> TeamConfig:
+    """k independent samples of the single agent (distinct seeds), R=1: the draws self-consistency votes over."""
+    agent = single.agents[0]
+    members = [agent.model_copy(update={"name": f"sc{i}", "sampling": agent.sampling.model_copy(
+        update={"temperature": temperature, "seed": 104729 * (i + 1)})}) for i in range(k)]
+    return single.model_copy(update={"agents": members})
+
+
 def default_adapter(recipe: Recipe) -> Path:
-    stage = recipe.train.stage if recipe.train else "rsft"
-    return recipe.run_dir / "adapters" / stage
+    experts = [t for t in recipe.train.trainings() if t.objective != "prm"] if recipe.train else []
+    return recipe.layout.adapter(experts[0].expert_name if experts else "rsft")
 
 
 def adapter_fingerprint(adapter: str | Path) -> str:
@@ -77,7 +103,8 @@ def adapter_fingerprint(adapter: str | Path) -> str:
     folder = Path(adapter)
     digest = hashlib.sha256()
     for f in sorted(folder.iterdir()):
-        if f.name == "adapter_config.json" or f.name.startswith("adapter_model."):
+        if f.name == "adapter_config.json" or f.name.startswith("adapter_model.") or (
+                f.name.endswith(".safetensors") or f.name == "config.json"):
             digest.update(f.name.encode() + b"\0")
             with f.open("rb") as fh:
                 for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
@@ -85,34 +112,92 @@ def adapter_fingerprint(adapter: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def plan_systems(recipe: Recipe) -> list[tuple[str, str, TeamConfig]]:
-    """(system, mode, team) for every requested system and decoding mode, validated before anything runs."""
+def _requested(recipe: Recipe, cfg: EvalConfig) -> list[str]:
+    if cfg.systems is not None:
+        return cfg.systems
+    out = ["single"]
+    if recipe.team is not None and len(recipe.team.agents) * recipe.team.rounds > 1:
+        out += ["sc", "team"]
+    if recipe.train is not None:
+        out.append("experts")
+    if recipe.merge is not None:
+        out.append("merged")
+    return out
+
+
+def _check_adapter(path: Path, what: str, fix: str) -> None:
+    if not (path / "adapter_config.json").is_file():
+        raise PluribusError(f"the {what} system needs an adapter; '{path}' has none. {fix}")
+    read_adapter_config(path)
+
+
+def plan_systems(recipe: Recipe, *, check: bool = True) -> list[Plan]:
+    """Every requested system and decoding mode, validated before anything runs (adapters must exist)."""
     cfg = recipe.eval or EvalConfig()
     team = recipe.require("team")
-    plans: list[tuple[str, str, TeamConfig]] = []
-    for system in cfg.systems:
-        if system == "team":
-            plans.append(("team", "as-configured", _team(team, cfg)))
-            continue
+    from pluribus.data.debate import question_prompt
+
+    prompt = question_prompt(recipe.build, team)
+    experts = {t.expert_name: t for t in recipe.train.trainings()} if recipe.train else {}
+    merges = {m.name: m for m in recipe.merge.all()} if recipe.merge else {}
+    plans: list[Plan] = []
+
+    def single_agent(system: str, name: str, adapter: str | None, model: str | None) -> None:
         for mode in cfg.modes:
-            if system == "single":
-                plans.append(("single", mode, _single(team, adapter=None, model=None, mode=mode, cfg=cfg,
-                                                      name="single")))
-            else:
-                adapter = Path(cfg.adapter) if cfg.adapter else default_adapter(recipe)
-                if cfg.adapter and not adapter.exists():
-                    raise PluribusError(f"eval.adapter '{adapter}' does not exist; set eval.adapter to a trained "
-                                        "adapter folder, or drop 'distilled' from eval.systems")
-                if not (adapter / "adapter_config.json").is_file():
-                    raise PluribusError(
-                        f"the distilled system needs an adapter; '{adapter}' has none. Train one first "
-                        "(pluribus train RECIPE) or set eval.adapter, or drop 'distilled' from eval.systems"
-                    )
-                read_adapter_config(adapter)
-                student = recipe.train.model if recipe.train else None
-                plans.append(("distilled", mode, _single(team, adapter=str(adapter), model=student, mode=mode,
-                                                         cfg=cfg, name="distilled")))
+            plans.append(Plan(f"{name}-{mode}", system, mode, _single(team, adapter=adapter, model=model, mode=mode,
+                                                                      cfg=cfg, name=name, prompt=prompt), adapter))
+
+    for system in _requested(recipe, cfg):
+        if system == "single":
+            single_agent("single", "single", None, None)
+        elif system == "team":
+            plans.append(Plan("team", "team", "as-configured", _team(team, cfg)))
+        elif system == "sc":
+            single = _single(team, adapter=None, model=None, mode="sampled", cfg=cfg, name="sc", prompt=prompt)
+            plans.append(Plan("sc", "sc", "sampled", single))
+        elif system == "experts" or system in experts:
+            chosen = [t for t in experts.values() if t.objective != "prm"] if system == "experts" else [experts[system]]
+            if system in experts and experts[system].objective == "prm":
+                raise PluribusError(f"eval.systems: '{system}' is a process reward model, which scores steps "
+                                    "rather than answering; evaluate the rl expert it guides instead")
+            for t in chosen:
+                path = recipe.layout.adapter(t.expert_name)
+                if check:
+                    _check_adapter(path, f"'{t.expert_name}' expert", "Train it first (pluribus train RECIPE "
+                                   f"--expert {t.expert_name}) or drop it from eval.systems")
+                single_agent("expert", t.expert_name, str(path), t.model)
+        elif system == "merged" or system in merges:
+            for m in merges.values() if system == "merged" else [merges[system]]:
+                path = recipe.layout.merged(m.name)
+                if check and not path.is_dir():
+                    raise PluribusError(f"the merged system '{m.name}' needs '{path}'; run the merge first "
+                                        "(pluribus run RECIPE) or drop it from eval.systems")
+                if (path / "adapter_config.json").is_file():
+                    student = recipe.train.model if recipe.train else None
+                    single_agent("merged", m.name, str(path), student)
+                else:  # a full model
+                    single_agent("merged", m.name, None, str(path))
+        elif system == "distilled":
+            adapter = Path(cfg.adapter) if cfg.adapter else default_adapter(recipe)
+            if cfg.adapter and not adapter.exists():
+                raise PluribusError(f"eval.adapter '{adapter}' does not exist; set eval.adapter to a trained "
+                                    "adapter folder, or drop 'distilled' from eval.systems")
+            if check:
+                _check_adapter(adapter, "distilled", "Train one first (pluribus train RECIPE) or set eval.adapter, "
+                               "or drop 'distilled' from eval.systems")
+            student = recipe.train.model if recipe.train else None
+            single_agent("distilled", "distilled", str(adapter), student)
+        else:
+            raise PluribusError(f"unknown eval system '{system}'")
+    labels = [p.label for p in plans]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise PluribusError(f"eval systems {dup} are named twice (an expert or merge named like a system?); "
+                            "rename the expert or merge")
     return plans
+
+
+# ------------------------------------------------------------------------------------------ scoring
 
 
 def score(records: list[dict[str, Any]], system: str, mode: str) -> SystemResult:
@@ -126,6 +211,7 @@ def score(records: list[dict[str, Any]], system: str, mode: str) -> SystemResult
             if not a["correct"]:
                 wrong_first += 1
                 corrected += bool(b["correct"])
+    debated = any(len(r["rounds"]) > 1 for r in records)
     correct = sum(bool(r["final_correct"]) for r in records)
     low, high = wilson_interval(correct, n)
     return SystemResult(
@@ -134,9 +220,75 @@ def score(records: list[dict[str, Any]], system: str, mode: str) -> SystemResult
         first_answer_accuracy=sum(bool(t["correct"]) for t in first) / len(first) if first else 0.0,
         tokens_per_problem=sum(r["cost"]["tokens_in"] + r["cost"]["tokens_out"] for r in records) / n if n else 0.0,
         seconds_per_problem=sum(r["cost"]["seconds"] for r in records) / n if n else 0.0,
-        wrong_first_corrected=corrected / wrong_first if wrong_first and len(records[0]["rounds"]) > 1 else 0.0,
+        wrong_first_corrected=corrected / wrong_first if wrong_first and debated else 0.0,
         unparsable=sum(t["answer"] is None for t in last) / len(last) if last else 0.0,
     )
+
+
+def _tokens(record: dict[str, Any]) -> int:
+    return record["cost"]["tokens_in"] + record["cost"]["tokens_out"]
+
+
+def budget_vote(samples: dict[str, Any], budget: float) -> tuple[dict[str, Any], int]:
+    """Self-consistency within a token budget: the first samples (in order) until their tokens reach ``budget``,
+    at least one, then a majority vote over their parsed answers (ties: the answer seen first).
+
+    ``samples`` is one stored trajectory of k independent agents (one round). Returns a trajectory-shaped record
+    of the vote (its cost is what the used samples spent) and how many samples it used.
+    """
+    turns = samples["rounds"][0]
+    used, spent = [], 0
+    for t in turns:
+        used.append(t)
+        spent += t["tokens_in"] + t["tokens_out"]
+        if spent >= budget:
+            break
+    votes = Counter(t["answer"] for t in used if t["answer"] is not None)
+    final, correct = None, False
+    if votes:
+        top = max(votes.values())
+        final = next(t["answer"] for t in used if t["answer"] is not None and votes[t["answer"]] == top)
+        correct = bool(next(t["correct"] for t in used if t["answer"] == final))
+    cost = {"tokens_in": sum(t["tokens_in"] for t in used), "tokens_out": sum(t["tokens_out"] for t in used),
+            "seconds": sum(t["seconds"] for t in used)}
+    return {**samples, "rounds": [used], "final_answer": final, "final_correct": correct, "cost": cost}, len(used)
+
+
+def early_stop_effect(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What stopping on agreement does, from the team's trajectories.
+
+    Problems that stopped (``meta.stopped_after_round``) count as they ran. For full trajectories the effect is
+    exact to compute: rounds run in order and never see later ones, so stopping after the first round in which
+    every agent gave the same parsed answer yields that answer, at the tokens spent up to then.
+    """
+    from pluribus.data.debate import agreed
+    from pluribus.data.records import Turn
+
+    if not records or max(len(r["rounds"]) for r in records) < 2:
+        return None
+    full_tokens = stop_tokens = full_ok = stop_ok = stopped = 0
+    ran_stopped = sum("stopped_after_round" in (r.get("meta") or {}) for r in records)
+    for r in records:
+        full_tokens += _tokens(r)
+        full_ok += bool(r["final_correct"])
+        spent, outcome = 0, None
+        for rnd in r["rounds"]:
+            spent += sum(t["tokens_in"] + t["tokens_out"] for t in rnd)
+            if rnd is not r["rounds"][-1] and agreed([Turn.from_dict(t) for t in rnd]):
+                outcome = bool(rnd[0]["correct"])
+                break
+        if outcome is None:
+            stop_tokens += _tokens(r)
+            stop_ok += bool(r["final_correct"])
+        else:
+            stopped += 1
+            stop_tokens += spent
+            stop_ok += outcome
+    n = len(records)
+    return {"problems": n, "stopped_early": stopped, "ran_with_early_stop": ran_stopped,
+            "accuracy_full": full_ok / n, "accuracy_early_stop": stop_ok / n,
+            "tokens_full": full_tokens / n, "tokens_early_stop": stop_tokens / n,
+            "tokens_saved": 1 - stop_tokens / full_tokens if full_tokens else 0.0}
 
 
 def outcomes(records: list[dict[str, Any]]) -> dict[str, bool]:
@@ -162,8 +314,32 @@ def compare(results: dict[str, dict[str, bool]]) -> list[dict[str, Any]]:
     return out
 
 
-def _folder(eval_dir: Path, label: str, fingerprint: str | None) -> Path:
-    return eval_dir / label / fingerprint if fingerprint else eval_dir / label
+def team_gain(records: dict[str, list[dict[str, Any]]], team_ids: set[str]) -> dict[str, dict[str, Any]]:
+    """On the team's problems: each system's share of the team's gain over single-greedy, and its token fraction."""
+    if "team" not in records or "single-greedy" not in records:
+        return {}
+
+    def acc_tokens(label: str) -> tuple[float, float]:
+        mine = [r for r in records[label] if r["problem_id"] in team_ids]
+        return (sum(bool(r["final_correct"]) for r in mine) / max(1, len(mine)),
+                sum(_tokens(r) for r in mine) / max(1, len(mine)))
+
+    base, _ = acc_tokens("single-greedy")
+    team_acc, team_tokens = acc_tokens("team")
+    gain = team_acc - base
+    out = {}
+    for label in records:
+        if label in ("team", "single-greedy"):
+            continue
+        acc, tokens = acc_tokens(label)
+        out[label] = {"accuracy_on_team_problems": acc, "gain_over_single": acc - base,
+                      "share_of_team_gain": (acc - base) / gain if gain > 0 else None,
+                      "token_fraction_of_team": tokens / team_tokens if team_tokens else None}
+    return {"problems": len(team_ids), "single_accuracy": base, "team_accuracy": team_acc, "team_gain": gain,
+            "team_tokens_per_problem": team_tokens, "systems": out}
+
+
+# ------------------------------------------------------------------------------------------ running
 
 
 def _pending(store: Path, problems: list[Any]) -> bool:
@@ -177,90 +353,167 @@ def _pending(store: Path, problems: list[Any]) -> bool:
 
 
 def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, problems: list[Any],
-                    progress: bool, fingerprint: str | None = None, new_run: bool = False) -> list[dict[str, Any]]:
+                    progress: bool, fingerprint: str | None = None, new_run: bool = False,
+                    label: str = "eval") -> list[dict[str, Any]]:
     """Run (or resume) one system over ``problems`` in the store under ``folder``; its records for them.
 
-    With ``fingerprint``, the team's single agent is stored as using adapter ``sha256:<fingerprint>``: the
-    store's config hash then follows the adapter's contents, not where it lies, and the backend is built here
-    from the real path (only when something is left to answer, so a finished store resumes without loading).
+    With ``fingerprint``, every agent is stored as using ``sha256:<fingerprint>`` for its adapter or model: the
+    store's config hash then follows the weights' contents, not where they lie, and the backend is built here from
+    the real path (only when something is left to answer, so a finished store resumes without loading).
     """
     from pluribus.data.backends import backend_key, make_backend
     from pluribus.data.debate import run_debate
     from pluribus.data.store import TrajectoryStore
 
     sub = recipe.model_copy(update={"root": str(folder.parent), "name": folder.name, "task": task, "team": team,
-                                    "eval": None})
+                                    "train": None, "merge": None, "eval": None, "export": None})
     backends = None
     if fingerprint:
-        agent = team.agents[0]
-        keyed = agent.model_copy(update={"adapter": f"sha256:{fingerprint}"})
-        sub = sub.model_copy(update={"team": team.model_copy(update={"agents": [keyed]})})
+        field = "adapter" if team.agents[0].adapter else "model"
+        keyed = [a.model_copy(update={field: f"sha256:{fingerprint}"}) for a in team.agents]
+        sub = sub.model_copy(update={"team": team.model_copy(update={"agents": keyed})})
         backends = {}
         if _pending(sub.run_dir / "trajectories", problems):
-            backends[backend_key(keyed)] = make_backend(agent, trust_remote_code=recipe.trust_remote_code,
-                                                        batch_size=team.batch_size)
-    run_debate(sub, problems=problems, progress=progress, backends=backends, new_run=new_run)
+            backend = make_backend(team.agents[0], trust_remote_code=recipe.trust_remote_code,
+                                   batch_size=team.batch_size)
+            for a in keyed:
+                backends[backend_key(a)] = backend
+    run_debate(sub, problems=problems, progress=progress, backends=backends, new_run=new_run, label=label)
     wanted = {p.id for p in problems}
     with TrajectoryStore(sub.run_dir / "trajectories") as store:
         return [r for r in store.iter_records() if r["problem_id"] in wanted]
 
 
-def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> dict[str, Any]:
-    """Evaluate every planned system on the held-out split; write results.json, report.md and a plot.
+def _eval_tasks(recipe: Recipe, cfg: EvalConfig) -> list[tuple[str, TaskConfig, Path]]:
+    """(name, task config, store folder) of the recipe's held-out split, then each of ``eval.tasks``."""
+    task = recipe.require("task")
+    main = task.model_copy(update={"split": "heldout", "n": cfg.n or task.n})
+    out = [("heldout", main, recipe.layout.eval)]
+    for t in cfg.tasks:
+        out.append((t.name, TaskConfig.model_validate(t.model_dump(exclude={"name"})),
+                    recipe.layout.eval / "tasks" / t.name))
+    return out
 
-    ``new_run`` moves aside a system's stored answers written with other settings (otherwise refused)."""
-    from pluribus.data.debate import check_models
+
+def _task_label(name: str, task: TaskConfig) -> str:
+    return f"{task.source}" + (f":{task.synthetic.level}" if task.source == "synthetic" and task.synthetic.level
+                               else f":{Path(task.path).name}" if task.path else "")
+
+
+def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig, eval_dir: Path, *,
+                  progress: bool, new_run: bool, robustness: bool) -> dict[str, Any]:
+    """Every planned system on one task's problems: results, comparisons, the team's gain, early stopping."""
     from pluribus.data.tasks import load_problems
+
+    cfg = recipe.eval or EvalConfig()
+    problems = load_problems(task)
+    if not problems:
+        raise PluribusError(f"eval task '{name}' selects no problems; check its source, split and n")
+    team_problems = problems[: cfg.team_n] if cfg.team_n else problems
+    team_ids = {p.id for p in team_problems}
+    results: dict[str, dict[str, Any]] = {}
+    records: dict[str, list[dict[str, Any]]] = {}
+    robust: dict[str, dict[str, Any]] = {}
+    sc_info: dict[str, Any] = {}
+    adapters: dict[str, dict[str, str | None]] = {}  # which weights each single-agent system's numbers belong to
+    # single-greedy first (sc sizes its draws from it), the team before sc (sc spends the team's tokens)
+    order = sorted(plans, key=lambda p: {"single": 0, "team": 1, "sc": 2}.get(p.system, 3))
+    for plan in order:
+        mine = team_problems if plan.system in ("team", "sc") else problems
+        fingerprint = adapter_fingerprint(plan.adapter) if plan.adapter else None
+        if plan.system == "merged" and not plan.adapter:
+            fingerprint = adapter_fingerprint(plan.team.agents[0].model)
+        if plan.system == "sc":
+            if "team" not in records:
+                raise PluribusError("eval system 'sc' spends the team's tokens: add 'team' to eval.systems")
+            team_tokens = {r["problem_id"]: _tokens(r) for r in records["team"]}
+            greedy = records.get("single-greedy") or _system_records(
+                recipe, eval_dir / "single-greedy", task, _single(recipe.require("team"), adapter=None, model=None,
+                                                                   mode="greedy", cfg=cfg, name="single",
+                                                                   prompt=plan.team.prompts["question"]),
+                problems, progress, None, new_run, label="single-greedy")
+            per_sample = sum(_tokens(r) for r in greedy) / max(1, len(greedy))
+            most = max(team_tokens.values())
+            k = max(1, min(cfg.sc_max_samples, math.ceil(1.5 * most / max(1.0, per_sample))))
+            draws = _system_records(recipe, eval_dir / "sc" / f"k{k}", task,
+                                    _sc_team(plan.team, k, cfg.temperature), mine, progress, None, new_run,
+                                    label=f"sc (k={k})")
+            voted, used = [], []
+            for r in draws:
+                v, u = budget_vote(r, team_tokens[r["problem_id"]])
+                voted.append(v)
+                used.append(u)
+            reached = sum(_tokens(v) >= team_tokens[v["problem_id"]] for v in voted)
+            sc_info = {"samples_drawn": k, "mean_samples_used": sum(used) / max(1, len(used)),
+                       "budget_reached": reached / max(1, len(voted))}
+            recs = voted
+        else:
+            folder = eval_dir / plan.label / fingerprint if fingerprint else eval_dir / plan.label
+            recs = _system_records(recipe, folder, task, plan.team, mine, progress, fingerprint, new_run,
+                                   label=plan.label)
+        records[plan.label] = recs
+        results[plan.label] = asdict(score(recs, plan.system, plan.mode))
+        if plan.adapter:
+            adapters[plan.label] = {"path": plan.adapter, "fingerprint": fingerprint}
+        if plan.system == "sc":
+            results[plan.label].update(sc_info)
+        for kind in cfg.robustness if robustness and plan.system != "sc" else []:
+            varied = [perturb(p, kind) for p in mine]
+            folder = eval_dir / f"{plan.label}-{kind}" / fingerprint if fingerprint else eval_dir / f"{plan.label}-{kind}"
+            perturbed = _system_records(recipe, folder, task, plan.team, varied, progress, fingerprint, new_run,
+                                        label=f"{plan.label} {kind}")
+            result = score(perturbed, plan.system, plan.mode)
+            lost, gained, _ = paired(outcomes(recs), outcomes(perturbed))
+            robust.setdefault(plan.label, {})[kind] = {
+                "accuracy": result.accuracy, "accuracy_low": result.accuracy_low,
+                "accuracy_high": result.accuracy_high, "change": result.accuracy - results[plan.label]["accuracy"],
+                "lost": lost, "gained": gained, "p_value": mcnemar_exact(lost, gained),
+            }
+    ordered = {p.label: results[p.label] for p in plans}  # report in the order the recipe asks
+    out: dict[str, Any] = {
+        "name": name, "task": _task_label(name, task), "split": task.split, "problems": len(problems),
+        "team_problems": len(team_problems) if any(p.system in ("team", "sc") for p in plans) else 0,
+        "systems": ordered, "comparisons": compare({k: outcomes(v) for k, v in records.items()}),
+    }
+    if adapters:
+        out["adapters"] = adapters
+    gain = team_gain(records, team_ids)
+    if gain:
+        out["team_gain"] = gain
+    if "team" in records and (effect := early_stop_effect(records["team"])):
+        out["early_stop"] = effect
+    if robust:
+        out["robustness"] = robust
+    return out
+
+
+def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> dict[str, Any]:
+    """Evaluate every planned system on the held-out split and on ``eval.tasks``; write results.json, report.md
+    and the plots. ``new_run`` moves aside a system's stored answers written with other settings (else refused)."""
+    from pluribus.data.debate import check_models
     from pluribus.eval.report import write_report
 
     cfg = recipe.eval or EvalConfig()
-    task = recipe.require("task")
-    task = task.model_copy(update={"split": "heldout", "n": cfg.n or task.n})
-    problems = load_problems(task)
-    if not problems:
-        raise PluribusError("the held-out split is empty; raise task.heldout_fraction or the number of problems")
     plans = plan_systems(recipe)
-    for _, _, team in plans:  # every system's models and adapter, before the first system writes anything
-        check_models(team)
-    eval_dir = recipe.run_dir / "eval"
-    systems: dict[str, dict[str, Any]] = {}
-    solved: dict[str, dict[str, bool]] = {}
-    robustness: dict[str, dict[str, Any]] = {}
-    adapter: dict[str, str] = {}
-    for system, mode, team in plans:
-        label = f"{system}-{mode}" if system != "team" else "team"
-        fingerprint = None
-        if system == "distilled":
-            fingerprint = adapter_fingerprint(team.agents[0].adapter or "")
-            adapter = {"path": team.agents[0].adapter or "", "fingerprint": fingerprint}
-        records = _system_records(recipe, _folder(eval_dir, label, fingerprint), task, team, problems, progress,
-                                  fingerprint, new_run)
-        systems[label] = asdict(score(records, system, mode))
-        solved[label] = outcomes(records)
-        for kind in cfg.robustness:
-            varied = [perturb(p, kind) for p in problems]
-            perturbed = _system_records(recipe, _folder(eval_dir, f"{label}-{kind}", fingerprint), task, team,
-                                        varied, progress, fingerprint, new_run)
-            result = score(perturbed, system, mode)
-            lost, gained, _ = paired(solved[label], outcomes(perturbed))
-            robustness.setdefault(label, {})[kind] = {
-                "accuracy": result.accuracy, "accuracy_low": result.accuracy_low,
-                "accuracy_high": result.accuracy_high, "change": result.accuracy - systems[label]["accuracy"],
-                "lost": lost, "gained": gained, "p_value": mcnemar_exact(lost, gained),
-            }
+    for p in plans:  # every system's models and adapter, before the first system writes anything
+        check_models(p.team)
+    tasks = []
+    for i, (name, task, folder) in enumerate(_eval_tasks(recipe, cfg)):
+        # the team and sc run on the recipe's own task; transfer tasks measure the single-agent systems
+        mine = plans if i == 0 else [p for p in plans if p.system not in ("team", "sc")]
+        tasks.append(evaluate_task(recipe, mine, name, task, folder, progress=progress, new_run=new_run,
+                                   robustness=i == 0))
+    main = tasks[0]
     payload: dict[str, Any] = {
-        "run": recipe.name,
-        "task": f"{task.source}" + (f":{task.synthetic.level}" if task.source == "synthetic" and task.synthetic.level
-                                    else ""),
-        "split": "heldout",
-        "problems": len(problems),
-        "systems": systems,
-        "comparisons": compare(solved),
+        "run": recipe.name, "task": main["task"], "split": "heldout", "problems": main["problems"],
+        "systems": main["systems"], "comparisons": main["comparisons"], "tasks": tasks,
     }
-    if adapter:
-        payload["adapter"] = adapter  # which adapter the distilled numbers belong to
-    if robustness:
-        payload["robustness"] = robustness
+    distilled = next((a for k, a in main.get("adapters", {}).items() if k.startswith("distilled")), None)
+    if distilled:
+        payload["adapter"] = distilled  # which adapter the distilled numbers belong to
+    if main.get("robustness"):
+        payload["robustness"] = main["robustness"]
+    eval_dir = recipe.layout.eval
     atomic_write_text(eval_dir / "results.json", json.dumps(payload, indent=2))
     write_report(payload, eval_dir)
     return payload

@@ -8,33 +8,75 @@ from typing import Any
 from pluribus.io import atomic_write_bytes, atomic_write_text
 
 
-def markdown(payload: dict[str, Any]) -> str:
-    """The report.md text: one row per system, same held-out problems for all; comparisons; robustness."""
+def _system_table(task: dict[str, Any]) -> list[str]:
     lines = [
-        f"# Eval of run `{payload['run']}`",
-        "",
-        f"{payload['problems']} held-out problems of `{payload['task']}`; every system saw the same ones.",
-        "",
-        *([f"The distilled system uses adapter `{payload['adapter']['path']}` (sha256 "
-             f"{payload['adapter']['fingerprint']}).", ""] if payload.get("adapter") else []),
-        "| system | accuracy | 95% interval | first-answer accuracy | wrong first answers corrected | unparsable "
-        "| tokens / problem | seconds / problem |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | problems | accuracy | 95% interval | first-answer accuracy | wrong first answers corrected "
+        "| unparsable | tokens / problem | seconds / problem |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, r in payload["systems"].items():
+    for name, r in task["systems"].items():
         lines.append(
-            f"| {name} | {r['accuracy']:.1%} | {r['accuracy_low']:.1%} - {r['accuracy_high']:.1%} "
+            f"| {name} | {r['problems']} | {r['accuracy']:.1%} | {r['accuracy_low']:.1%} - {r['accuracy_high']:.1%} "
             f"| {r['first_answer_accuracy']:.1%} | {r['wrong_first_corrected']:.1%} "
             f"| {r['unparsable']:.1%} | {r['tokens_per_problem']:.0f} | {r['seconds_per_problem']:.2f} |"
         )
-    if payload.get("comparisons"):
+    return lines
+
+
+def _task_section(task: dict[str, Any], heading: str) -> list[str]:
+    lines = [f"## {heading}", "",
+             f"{task['problems']} problems of `{task['task']}` (split: {task['split']}); every single-agent system saw "
+             "the same ones" + (f"; the team and sc ran on the first {task['team_problems']} of them."
+                                if task.get("team_problems") and task["team_problems"] < task["problems"] else "."),
+             "", *_system_table(task)]
+    for name, a in (task.get("adapters") or {}).items():
+        lines += ["", f"{name} uses adapter `{a['path']}` (sha256 {a['fingerprint']})."]
+    sc = task["systems"].get("sc")
+    if sc:
+        lines += ["", f"sc: {sc['samples_drawn']} samples drawn per problem, {sc['mean_samples_used']:.1f} used on "
+                  f"average to spend the team's tokens on that problem (reached on {sc['budget_reached']:.0%} of "
+                  "problems), then a majority vote."]
+    if task.get("comparisons"):
         lines += ["", "Against the single base agent, problem by problem (two-sided exact McNemar test):", "",
-                  "| system | baseline | solved only by the system | solved only by the baseline | p |",
-                  "|---|---|---:|---:|---:|"]
-        for c in payload["comparisons"]:
-            lines.append(f"| {c['system']} | {c['baseline']} | {c['wins']} | {c['losses']} | {c['p_value']:.3g} |")
+                  "| system | baseline | problems | solved only by the system | solved only by the baseline | p |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for c in task["comparisons"]:
+            lines.append(f"| {c['system']} | {c['baseline']} | {c['problems']} | {c['wins']} | {c['losses']} "
+                         f"| {c['p_value']:.3g} |")
+    gain = task.get("team_gain")
+    if gain:
+        lines += ["", f"On the team's {gain['problems']} problems the single agent scores {gain['single_accuracy']:.1%} "
+                  f"and the team {gain['team_accuracy']:.1%} ({gain['team_gain']:+.1%}) at "
+                  f"{gain['team_tokens_per_problem']:.0f} tokens per problem. Each system's share of that gain, and "
+                  "its tokens as a fraction of the team's:", "",
+                  "| system | accuracy there | gain over single | share of the team's gain | tokens vs team |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, g in gain["systems"].items():
+            share = f"{g['share_of_team_gain']:.0%}" if g["share_of_team_gain"] is not None else "n/a (no team gain)"
+            frac = f"{g['token_fraction_of_team']:.0%}" if g["token_fraction_of_team"] is not None else "n/a"
+            lines.append(f"| {name} | {g['accuracy_on_team_problems']:.1%} | {g['gain_over_single']:+.1%} | {share} "
+                         f"| {frac} |")
+    stop = task.get("early_stop")
+    if stop:
+        lines += ["", f"Early stopping (a problem stops debating once every agent gives the same answer): on "
+                  f"{stop['problems']} team problems, {stop['stopped_early']} would stop before the last round; "
+                  f"accuracy {stop['accuracy_full']:.1%} -> {stop['accuracy_early_stop']:.1%}, tokens per problem "
+                  f"{stop['tokens_full']:.0f} -> {stop['tokens_early_stop']:.0f} ({stop['tokens_saved']:.0%} saved)"
+                  + (f"; {stop['ran_with_early_stop']} problems ran with team.early_stop and count as they ran."
+                     if stop["ran_with_early_stop"] else ".")]
+    return lines
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The report.md text: a table per task (same problems for every system), comparisons, gain, robustness."""
+    tasks = payload.get("tasks") or [{**payload, "name": "heldout", "team_problems": 0}]
+    lines = [f"# Eval of run `{payload['run']}`", "", "![accuracy against tokens](accuracy.png)", ""]
+    for i, task in enumerate(tasks):
+        heading = f"Held-out problems of the training task: `{task['task']}`" if i == 0 else \
+            f"Transfer: `{task['name']}` ({task['task']})"
+        lines += [*_task_section(task, heading), ""]
     if payload.get("robustness"):
-        lines += ["", "Robustness: the same problems perturbed, gold answers unchanged (lost: right before, wrong "
+        lines += ["## Robustness", "", "The same problems perturbed, gold answers unchanged (lost: right before, wrong "
                   "after; p: exact McNemar of lost vs gained):", "",
                   "| system | perturbation | accuracy | 95% interval | change vs clean | lost | gained | p |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -43,12 +85,12 @@ def markdown(payload: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {kind} | {r['accuracy']:.1%} | {r['accuracy_low']:.1%} - "
                              f"{r['accuracy_high']:.1%} | {r['change']:+.1%} | {r['lost']} | {r['gained']} "
                              f"| {r['p_value']:.3g} |")
-    lines += ["", "![accuracy and cost](accuracy.png)", ""]
+        lines.append("")
     return "\n".join(lines)
 
 
 def plot(payload: dict[str, Any]) -> bytes:
-    """A PNG with accuracy (left) and tokens per problem (right) per system."""
+    """A PNG with one panel per task: accuracy (95% interval) against tokens per problem, one point per system."""
     import io
 
     import matplotlib
@@ -56,42 +98,23 @@ def plot(payload: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(payload["systems"])
-    systems = payload["systems"]
-    acc = [systems[n]["accuracy"] * 100 for n in names]
-    err = [[(systems[n]["accuracy"] - systems[n]["accuracy_low"]) * 100 for n in names],
-           [(systems[n]["accuracy_high"] - systems[n]["accuracy"]) * 100 for n in names]]
-    tok = [systems[n]["tokens_per_problem"] for n in names]
-    robust = payload.get("robustness") or {}
-    fig, axes = plt.subplots(1, 3 if robust else 2, figsize=(13.5 if robust else 9, 3.6))
-    a, b = axes[0], axes[1]
-    bars = a.bar(names, acc, color="#4C72B0", yerr=err, capsize=4, error_kw={"elinewidth": 1})
-    a.bar_label(bars, fmt="%.1f%%", label_type="center", color="white")
-    a.set_ylabel("accuracy (%), 95% interval")
-    a.set_ylim(0, 105)
-    a.set_title(f"accuracy on {payload['problems']} held-out problems")
-    bars = b.bar(names, tok, color="#DD8452")
-    b.bar_label(bars, fmt="%.0f")
-    b.set_ylabel("tokens / problem")
-    b.set_ylim(0, max(tok + [1.0]) * 1.15)
-    b.set_title("cost")
-    if robust:
-        c = axes[2]
-        kinds = sorted({k for v in robust.values() for k in v})
-        width = 0.8 / (len(kinds) + 1)
-        xs = range(len(names))
-        c.bar([x - 0.4 + width / 2 for x in xs], acc, width, label="clean", color="#4C72B0")
-        for j, kind in enumerate(kinds, 1):
-            vals = [robust.get(n, {}).get(kind, {}).get("accuracy", 0.0) * 100 for n in names]
-            c.bar([x - 0.4 + width / 2 + j * width for x in xs], vals, width, label=kind,
-                  color=("#55A868", "#C44E52", "#8172B2")[(j - 1) % 3])
-        c.set_xticks(list(xs), names)
-        c.set_ylabel("accuracy (%)")
-        c.set_ylim(0, 105)
-        c.set_title("robustness")
-        c.legend(fontsize=8)
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=20)
+    tasks = payload.get("tasks") or [{**payload, "name": "heldout"}]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.4), squeeze=False)
+    colors = {"single": "#4C72B0", "sc": "#8172B2", "team": "#C44E52", "expert": "#55A868", "merged": "#DD8452",
+              "distilled": "#55A868"}
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for name, r in task["systems"].items():
+            x, y = r["tokens_per_problem"], r["accuracy"] * 100
+            err = [[y - r["accuracy_low"] * 100], [r["accuracy_high"] * 100 - y]]
+            ax.errorbar([x], [y], yerr=err, fmt="o", capsize=4, color=colors.get(r["system"], "#333333"),
+                        markerfacecolor="white" if r["mode"] == "sampled" else None)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens per problem (log)")
+        ax.set_ylabel("accuracy (%), 95% interval")
+        ax.set_ylim(0, 105)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{task['name']}: {task['problems']} problems of {task['task']}", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

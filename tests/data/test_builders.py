@@ -11,6 +11,7 @@ from datasets import load_dataset
 from pluribus.config import BuildConfig
 from pluribus.data.build import build
 from pluribus.data.build.process import RolloutRequest, tokenize_stepwise
+from pluribus.data.debate import DEFAULT_PROMPTS
 from pluribus.data.records import Trajectory, Turn
 from pluribus.data.store import TrajectoryStore
 from pluribus.errors import PluribusError
@@ -91,8 +92,9 @@ def test_builds_all_three_and_datasets_loads_them(tmp_path: Path, smollm2_dir: P
 
     rsft = load_dataset(str(run / "datasets" / "rsft"), split="train")
     assert len(rsft) == built["rsft"].rows == 4  # p1: a, b; p2: a, b (different texts); p3: none
-    assert rsft[0]["messages"] == [{"role": "user", "content": "Question p1: what is 5+7?"},
-                                   {"role": "assistant", "content": RIGHT}]
+    # the user turn is exactly what the agents were asked: the debate's question prompt (no team given: its default)
+    asked = DEFAULT_PROMPTS["question"].replace("{question}", "Question p1: what is 5+7?")
+    assert rsft[0]["messages"] == [{"role": "user", "content": asked}, {"role": "assistant", "content": RIGHT}]
     assert set(rsft.column_names) == {"messages", "problem_id", "agent", "round"}
 
     aug = load_dataset(str(run / "datasets" / "augmented"), split="train")

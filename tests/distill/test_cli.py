@@ -21,7 +21,7 @@ def test_train_cli_runs_a_stage_into_the_run_folder(tmp_path, student_dir, rsft_
     recipe.write_text(yaml.safe_dump({"name": "cli", "root": str(tmp_path / "runs"), "train": {
         "model": str(student_dir), "kernels": "off", "max_steps": 1, "eval_fraction": 0, "report_to": ["none"],
         "lora": {"r": 2}}}))
-    result = CliRunner().invoke(app, ["train", str(recipe), "train.batch_size=2", "--stage", "rsft",
+    result = CliRunner().invoke(app, ["train", str(recipe), "train.batch_size=2", "--objective", "rsft",
                                       "--dataset", str(rsft_dir)])
     assert result.exit_code == 0, result.output
     out = tmp_path / "runs" / "cli" / "adapters" / "rsft"

@@ -24,7 +24,7 @@ from tests.distill.conftest import read_record
 
 
 def recipe(tmp_path, student_dir, **train) -> Recipe:
-    base = {"stage": "prm", "model": str(student_dir), "kernels": "off", "max_steps": 3, "batch_size": 4,
+    base = {"objective": "prm", "model": str(student_dir), "kernels": "off", "max_steps": 3, "batch_size": 4,
             "logging_steps": 1, "save_steps": 10, "eval_steps": 2, "eval_fraction": 0.25, "report_to": ["none"],
             "lora": {"r": 4}, "lr": 1e-2, "warmup_ratio": 0.0}
     return Recipe(name="t", root=str(tmp_path / "runs"), train={**base, **train})

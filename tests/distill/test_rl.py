@@ -56,10 +56,10 @@ def test_policy_loss_by_hand():
 def test_rl_trains_a_few_steps_with_prm_and_kl(tmp_path, student_dir, process_dir):
     base = {"model": str(student_dir), "kernels": "off", "max_steps": 2, "batch_size": 4, "logging_steps": 1,
             "save_steps": 10, "eval_fraction": 0.0, "report_to": ["none"], "lora": {"r": 4}}
-    prm = train_prm(Recipe(name="t", root=str(tmp_path / "runs"), train={**base, "stage": "prm", "max_steps": 1}),
+    prm = train_prm(Recipe(name="t", root=str(tmp_path / "runs"), train={**base, "objective": "prm", "max_steps": 1}),
                     dataset=process_dir)
     r = Recipe(name="t", root=str(tmp_path / "runs"), train={
-        **base, "stage": "rl", "kernels": "torch", "rl": {"group_size": 3, "prompts_per_step": 2, "max_new_tokens": 12, "kl": 0.05,
+        **base, "objective": "rl", "kernels": "torch", "rl": {"group_size": 3, "prompts_per_step": 2, "max_new_tokens": 12, "kl": 0.05,
                                       "aggregate": "mean", "prm": str(prm)}})
     out = train_rl(r, dataset=process_dir)
     record = read_record(out)
@@ -76,7 +76,7 @@ def test_rl_needs_gold_answers(tmp_path, student_dir):
 
     rows = [{"prompt": "q", "completions": ["a"], "labels": [True], "scores": [1.0], "problem_id": "p"}]
     ds = write_parquet(rows, tmp_path / "p")
-    r = Recipe(name="t", root=str(tmp_path / "runs"), train={"stage": "rl", "model": str(student_dir),
+    r = Recipe(name="t", root=str(tmp_path / "runs"), train={"objective": "rl", "model": str(student_dir),
                                                              "kernels": "off"})
     with pytest.raises(PluribusError, match="gold answers"):
         train_rl(r, dataset=ds)

@@ -115,7 +115,7 @@ def test_train_rsft_writes_adapter_and_record(tmp_path, student_dir, rsft_dir):
     out = train_sft(r, dataset=rsft_dir)
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     record = read_record(out)
-    assert record["stage"] == "rsft" and record["recipe"]["train"]["model"] == str(student_dir)
+    assert record["objective"] == "rsft" and record["recipe"]["train"]["model"] == str(student_dir)
     assert list(record["dataset"]["files"].values())[0] and record["data"]["kept"] > 0
     assert "eval_loss" in record["metrics"] and "train_loss" in record["metrics"]
     assert record["data"]["attention"] == VARLEN_SDPA
@@ -188,11 +188,11 @@ def test_too_long_rows_are_dropped_or_truncated_and_counted(tmp_path, student_di
 
 def test_augmented_weights_corrective_traces(tmp_path, student_dir, augmented_dir, tokenizer):
     rows = common.load_rows(augmented_dir, "augmented")
-    cfg = Recipe(train={"stage": "augmented", "corrective_weight": 2.5}).train
+    cfg = Recipe(train={"objective": "augmented", "corrective_weight": 2.5}).train
     examples, _ = prepare_examples(rows, tokenizer, cfg)
     assert [e["weight"] for e in examples] == [2.5 if k == "corrective" else 1.0 for k in rows["kind"]]
-    out = train_sft(recipe(tmp_path, student_dir, stage="augmented", corrective_weight=2.0), dataset=augmented_dir)
-    assert read_record(out)["stage"] == "augmented"
+    out = train_sft(recipe(tmp_path, student_dir, objective="augmented", corrective_weight=2.0), dataset=augmented_dir)
+    assert read_record(out)["objective"] == "augmented"
 
 
 def test_dataset_missing_field_or_empty_is_refused(tmp_path, student_dir):
@@ -201,7 +201,7 @@ def test_dataset_missing_field_or_empty_is_refused(tmp_path, student_dir):
         train_sft(recipe(tmp_path, student_dir), dataset=bad)
     aug = write_parquet([{"messages": [{"role": "user", "content": "hi"}], "problem_id": "p"}], tmp_path / "aug")
     with pytest.raises(PluribusError, match="missing field.*kind"):
-        train_sft(recipe(tmp_path, student_dir, stage="augmented"), dataset=aug)
+        train_sft(recipe(tmp_path, student_dir, objective="augmented"), dataset=aug)
     from datasets import Dataset
 
     (tmp_path / "empty").mkdir()

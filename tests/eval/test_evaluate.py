@@ -38,7 +38,8 @@ def test_score_matches_hand_computed_values() -> None:
 
 
 def test_distilled_without_adapter_is_a_clear_error(tmp_path: Path) -> None:
-    recipe = load_recipe(None, [f"root={tmp_path}", "task.source=synthetic", "team.rounds=1"])
+    recipe = load_recipe(None, [f"root={tmp_path}", "task.source=synthetic", "team.rounds=1",
+                                "eval.systems=[single, team, distilled]"])
     with pytest.raises(PluribusError, match="needs an adapter"):
         plan_systems(recipe)
 
@@ -48,12 +49,12 @@ def test_plan_single_and_sampled_modes(tmp_path: Path) -> None:
                                 "eval.modes=[greedy, sampled]", "eval.temperature=0.9",
                                 "team.prompts.question='{question} Answer: The answer is N.'", "team.batch_size=7"])
     plans = plan_systems(recipe)
-    assert [(s, m) for s, m, _ in plans] == [("single", "greedy"), ("single", "sampled")]
-    assert plans[0][2].rounds == 1 and len(plans[0][2].agents) == 1
+    assert [(p.system, p.mode) for p in plans] == [("single", "greedy"), ("single", "sampled")]
+    assert plans[0].team.rounds == 1 and len(plans[0].team.agents) == 1
     # the single agent is asked exactly what the team's agents are asked
-    assert plans[0][2].prompts == recipe.team.prompts and plans[0][2].batch_size == 7
-    assert plans[0][2].agents[0].sampling.temperature == 0.0
-    assert plans[1][2].agents[0].sampling.temperature == 0.9
+    assert plans[0].team.prompts == recipe.team.prompts and plans[0].team.batch_size == 7
+    assert plans[0].team.agents[0].sampling.temperature == 0.0
+    assert plans[1].team.agents[0].sampling.temperature == 0.9
 
 
 @pytest.mark.slow
@@ -69,6 +70,7 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_llama_dir: Path, tmp_path: Path) -
     recipe = load_recipe(None, [
         f"root={tmp_path}", "name=evalrun", "task.source=synthetic", "task.n=3", "task.heldout_fraction=0.5",
         f"team.agents=[{agent}, {agent}]", "team.rounds=2", f"eval.adapter={adapter}",
+        "eval.systems=[single, team, distilled]",
         "eval.robustness=[distractor, typos]",
     ])
     payload = run_eval(recipe, progress=False)

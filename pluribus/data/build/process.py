@@ -196,7 +196,7 @@ def process_rows(traces: Iterable[Trace], records: dict[str, dict[str, Any]], th
     rows = []
     for t in traces:
         scores = [float(s) for s in records[t.key]["scores"]]
-        rows.append({"prompt": prompt_template.format(question=t.problem.question),
+        rows.append({"prompt": prompt_template.replace("{question}", t.problem.question),
                      "completions": [s.text for s in t.steps], "labels": hard_labels(scores, threshold),
                      "scores": scores, "problem_id": t.problem.id, "agent": t.agent, "round": t.round,
                      "debate": list(t.debate)})

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from string import Formatter
 from typing import Any
 
+from pluribus.data.debate import fill
 from pluribus.data.records import Trajectory, Turn
 
 CORRECTIVE_FIELDS = ("question", "first_attempt", "first_answer", "corrected", "corrected_answer")
@@ -58,7 +59,7 @@ def rsft_rows(trajs: Iterable[Trajectory], *, target: str, prompt_template: str)
     """Reasoning SFT: per problem, the final-round responses judged correct, duplicates (same text) removed."""
     rows = []
     for traj in trajs:
-        prompt = prompt_template.format(question=traj.question)
+        prompt = fill(prompt_template, question=traj.question)
         seen: set[str] = set()
         for turn in traj.rounds[-1]:
             key = _norm(turn.response)
@@ -144,7 +145,7 @@ def augmented_rows(trajs: Iterable[Trajectory], *, target: str, prompt_template:
     """
     rows = []
     for traj in trajs:
-        prompt = prompt_template.format(question=traj.question)
+        prompt = fill(prompt_template, question=traj.question)
         cands: list[Turn] = []
         seen: set[str] = set()
         for rnd in reversed(traj.rounds):

@@ -29,6 +29,7 @@ from pluribus.data.build.process import (
     traces_from,
 )
 from pluribus.data.build.select import augmented_rows, rsft_rows
+from pluribus.data.debate import question_prompt
 from pluribus.data.records import Trajectory
 from pluribus.errors import PluribusError
 from pluribus.io import atomic_dir, atomic_write_text
@@ -164,13 +165,6 @@ class BackendCompleter:
         return [g.text for g in self.backend.generate(convs, sampling)]
 
 
-def rollout_prompt(team: TeamConfig | None) -> str:
-    """The user turn rollouts continue under: the debate's own question prompt, so a prefix reads as it did."""
-    if team is None:
-        return "{question}"
-    from pluribus.data.debate import resolve_prompts
-
-    return resolve_prompts(team.prompts)["question"]
 
 
 def rollout_hash(cfg: BuildConfig, completer: AgentConfig, source_hash: str, prompt: str) -> str:
@@ -207,12 +201,13 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
           out_root: str | Path | None = None, rollouts_dir: str | Path | None = None,
           team: TeamConfig | None = None, completer: Completer | None = None, seed: int = 0,
           overwrite: bool = False, new_run: bool = False, trust_remote_code: bool = False,
-          progress: bool = True) -> list[Built]:
+          progress: bool = True, match_rows: dict[str, int] | None = None) -> list[Built]:
     """Build the datasets ``kinds`` (default ``cfg.kinds``) from the trajectory stores; returns what was written.
 
     Output goes to ``out_root/<kind>/`` (default ``<run>/datasets``, the run being the store's parent) and
     rollouts to ``rollouts_dir`` (default ``<run>/rollouts``). ``completer`` overrides the backend built from
-    ``build.completer`` (tests pass a scripted one). Raises PluribusError on bad input before writing anything;
+    ``build.completer`` (tests pass a scripted one). ``match_rows`` caps a kind at that many rows, a seeded
+    choice of problems' rows (the single-agent baseline trains on as many rows as its team twin). Raises PluribusError on bad input before writing anything;
     FileExistsError if a dataset exists and ``overwrite`` is False.
     """
     kinds = list(dict.fromkeys(kinds or cfg.kinds))
@@ -236,12 +231,13 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
 
     # 1. choose every kind's rows before writing anything (bad input fails here)
     rows: dict[str, list[dict[str, Any]]] = {}
+    prompt = question_prompt(cfg, team)
     if "rsft" in kinds:
-        rows["rsft"] = rsft_rows(trajs, target=cfg.target, prompt_template=cfg.prompt_template)
+        rows["rsft"] = rsft_rows(trajs, target=cfg.target, prompt_template=prompt)
         _require_rows("rsft", rows["rsft"], trajs, sources, cfg.target)
     if "augmented" in kinds:
         rows["augmented"] = augmented_rows(
-            trajs, target=cfg.target, prompt_template=cfg.prompt_template, k=cfg.k, ngram=cfg.ngram,
+            trajs, target=cfg.target, prompt_template=prompt, k=cfg.k, ngram=cfg.ngram,
             measure=cfg.similarity, max_similarity=cfg.max_similarity, corrective=cfg.corrective,
             corrective_template=cfg.corrective_template)
         _require_rows("augmented", rows["augmented"], trajs, sources, cfg.target)
@@ -252,16 +248,25 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
             f"({len(report['no_steps'])} without steps, {len(report['too_many_steps'])} over "
             f"build.max_steps={cfg.max_steps}, {len(report['no_target'])} without a target); nothing was written")
 
+    matched: dict[str, int] = {}
+    for kind, n in (match_rows or {}).items():
+        if kind in rows and len(rows[kind]) > n:
+            matched[kind] = len(rows[kind])
+            rank = sorted(range(len(rows[kind])), key=lambda i: hashlib.sha256(
+                f"{seed}:{rows[kind][i]['problem_id']}:{i}".encode()).hexdigest())
+            keep = set(rank[:n])
+            rows[kind] = [r for i, r in enumerate(rows[kind]) if i in keep]
+
     # 2. Monte-Carlo rollouts for the process traces, stored as they finish (a rerun resumes)
     records: dict[str, dict[str, Any]] = {}
     completer_cfg = None
     if traces:
         if completer is None:
             completer_cfg = default_completer(cfg, team)
-        records = _rollouts(traces, cfg, completer, completer_cfg, sources[0].config_hash, rollout_prompt(team),
+        records = _rollouts(traces, cfg, completer, completer_cfg, sources[0].config_hash, prompt,
                             Path(rollouts_dir) if rollouts_dir else run_dir / "rollouts", seed=seed,
                             new_run=new_run, trust_remote_code=trust_remote_code, progress=progress)
-        rows["process"] = process_rows(traces, records, cfg.label_threshold, cfg.prompt_template)
+        rows["process"] = process_rows(traces, records, cfg.label_threshold, prompt)
 
     # 3. write each dataset atomically, with its card
     config = cfg.model_dump(mode="json")
@@ -271,6 +276,9 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
     for kind in kinds:
         stats = _stats(kind, rows[kind], trajs, report, cfg)
         stats["skipped_lines"] = [f"{s.path.name}/{line}" for s in sources for line in s.skipped]
+        if match_rows and kind in match_rows:
+            stats["counts"]["rows to match"] = match_rows[kind]
+            stats["counts"]["rows before matching"] = matched.get(kind, len(rows[kind]))
         built.append(_write(kind, rows[kind], out_root / kind, run_dir.name, sources, config, stats, cfg,
                             overwrite=overwrite))
     return built

@@ -1,0 +1,39 @@
+"""The single agent's own samples of the training problems: the data of the single-agent distillation baseline.
+
+The baseline asks whether the team's data beats what the model gets from itself: the team's first agent's
+model, alone (no persona, no peers), samples each training problem ``build.self_samples`` times (by default
+the team's agents x rounds, the generations the team spent) into ``<run>/self/trajectories``, a store like
+the debate's; ``build`` makes the same datasets of it with as many rows as the team's, and an expert with
+``data: self`` trains on them exactly as its team twin does.
+"""
+
+from __future__ import annotations
+
+from pluribus.config import BuildConfig, Recipe, TeamConfig
+from pluribus.data.debate import DebateSummary, question_prompt, run_debate
+
+
+def self_team(recipe: Recipe) -> TeamConfig:
+    """The single agent sampled ``self_samples`` times as a team of independent agents (R=1, each its own seed)."""
+    team = recipe.require("team")
+    build = recipe.build or BuildConfig()
+    k = build.self_samples or len(team.agents) * team.rounds
+    agent = team.agents[0]
+    members = [agent.model_copy(update={
+        "name": f"self{i}", "persona": None,
+        "sampling": agent.sampling.model_copy(update={"temperature": build.self_temperature, "seed": 7919 * (i + 1)}),
+    }) for i in range(k)]
+    return team.model_copy(update={"agents": members, "rounds": 1, "topology": "all", "aggregation": "majority",
+                                   "judge": None, "early_stop": False,
+                                   "prompts": {**team.prompts, "question": question_prompt(build, team)}})
+
+
+def self_recipe(recipe: Recipe) -> Recipe:
+    """The recipe of the self store: the run's task and the self team, in ``<run>/self/``."""
+    return recipe.model_copy(update={"root": str(recipe.run_dir), "name": "self", "team": self_team(recipe),
+                                     "train": None, "merge": None, "eval": None, "export": None})
+
+
+def run_self_samples(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> DebateSummary:
+    """Sample (or resume sampling) the training problems with the single agent into ``<run>/self/trajectories``."""
+    return run_debate(self_recipe(recipe), progress=progress, new_run=new_run)
