@@ -182,6 +182,10 @@ class BuildConfig(Section):
     label_threshold: float = Field(
         0.0, ge=0.0, lt=1.0, description="process: a step is good if its rollout score is above this."
     )
+    monotone_labels: bool = Field(
+        False, description="process: also mark every step after the first bad one bad (label_i and label_{i-1}); "
+        "off, as in Math-Shepherd, each step is labelled by its own score."
+    )
     completer: AgentConfig | None = Field(
         None, description="process: the model that rolls out (default: the team's first agent, temperature 0.7)."
     )
