@@ -325,6 +325,14 @@ def gold_tolerance(gold: str) -> Fraction:
     return Fraction(1, 2 * 10**places)
 
 
+def vote_key(answer: str) -> str:
+    """The key under which equal answers count as one vote: a number by its exact value ("0.5", "1/2" -> "1/2"),
+    anything else by its case-folded normalized text. Never symbolic: votes are counted, not proved equal."""
+    norm = normalize_answer(answer) or ""
+    value = _to_fraction(norm)
+    return str(value) if value is not None else norm.lower()
+
+
 def is_equivalent(pred: str | None, gold: str | None, *, use_math_verify: bool | None = None,
                   answer_form: str | None = None) -> bool:
     """Whether a predicted answer equals the gold one.
