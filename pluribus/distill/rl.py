@@ -31,6 +31,7 @@ Reward, accuracy, PRM score, KL and the clipped fraction are logged per step (te
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
@@ -41,6 +42,8 @@ import torch
 from transformers import Trainer
 
 from pluribus.config import Recipe, RLSettings, TrainConfig
+from pluribus.data.answers import grade
+from pluribus.data.records import Problem
 from pluribus.distill import common
 from pluribus.distill.prm import load_prm, score_steps, split_steps
 from pluribus.errors import PluribusError
@@ -204,10 +207,13 @@ class VLLMSampler:
 class GroupRLTrainer(Trainer):
     """``transformers.Trainer`` whose step samples groups, scores them and applies ``policy_loss``.
 
-    A batch is ``{prompts, answers, problem_ids}``; ``verify(text, answer) -> bool`` checks a final answer.
+    A batch is ``{prompts, answers, problem_ids, metas}``; ``verify(text, answer) -> bool`` checks a final answer;
+    ``verify=None`` grades as the debate and the builders do (``answers.grade``, with each problem's meta: the
+    choices of a multiple-choice task, its answer form).
     """
 
-    def __init__(self, *args: Any, sampler: Callable, prm: tuple[Any, Any], verify: Callable[[str, str], bool],
+    def __init__(self, *args: Any, sampler: Callable, prm: tuple[Any, Any],
+                 verify: Callable[[str, str], bool] | None,
                  settings: RLSettings, step_rule: tuple[str, str | None] = ("lines", None), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sampler, self.prm, self.verify, self.settings = sampler, prm, verify, settings
@@ -230,7 +236,13 @@ class GroupRLTrainer(Trainer):
         split = [split_steps(t, *self.step_rule) for t in texts]
         step_scores = score_steps(*self.prm, list(zip(group_prompts, split, strict=True)))
         prm_part = torch.tensor([aggregate_steps(sc, s.aggregate) for sc in step_scores])
-        correct = torch.tensor([float(self.verify(t, a)) for t, a in zip(texts, group_answers, strict=True)])
+        if self.verify is None:
+            metas = [json.loads(m) for m in inputs.get("metas") or ["{}"] * len(prompts)]
+            group_metas = [m for m in metas for _ in range(s.group_size)]
+            correct = torch.tensor([float(grade(t, Problem("rl", p, a, meta=m)).correct) for t, p, a, m
+                                    in zip(texts, group_prompts, group_answers, group_metas, strict=True)])
+        else:
+            correct = torch.tensor([float(self.verify(t, a)) for t, a in zip(texts, group_answers, strict=True)])
         rewards = (prm_part + s.answer_weight * correct).view(len(prompts), s.group_size)
 
         # 3. group-relative advantages
@@ -274,16 +286,18 @@ class GroupRLTrainer(Trainer):
 
 
 def default_verify(text: str, answer: str) -> bool:
-    """Whether ``text``'s final answer equals ``answer`` (``pluribus.data.answers``)."""
-    from pluribus.data.answers import extract_answer, is_equivalent
-
-    found = extract_answer(text)
-    return is_equivalent(found.value if found else None, answer)
+    """Whether ``text``'s final answer equals ``answer`` (``pluribus.data.answers.grade``, no task meta)."""
+    return grade(text, Problem("rl", "", answer)).correct
 
 
 def rl_prompts(rows: Any, recipe: Recipe) -> list[dict[str, str]]:
-    """Unique ``{prompt, answer, problem_id}`` from process rows; gold answers from a column or the task."""
+    """Unique ``{prompt, answer, problem_id, meta}`` from process rows; gold answers from a column or the task.
+
+    ``meta`` (JSON) carries what grading needs from the task's problem: a multiple-choice task's ``choices``
+    (its gold is a letter, which a reply names only among them) and an ``answer_form``.
+    """
     gold: dict[str, str] = {}
+    metas: dict[str, str] = {}
     for key in ("answer", "gold"):
         if key in rows.column_names:
             gold = {r["problem_id"]: str(r[key]) for r in rows}
@@ -293,7 +307,10 @@ def rl_prompts(rows: Any, recipe: Recipe) -> list[dict[str, str]]:
             raise PluribusError("the rl stage needs gold answers: a dataset column 'answer' or a recipe 'task' section")
         from pluribus.data.tasks import load_problems
 
-        gold = {p.id: p.answer for p in load_problems(recipe.task)}
+        problems = load_problems(recipe.task)
+        gold = {p.id: p.answer for p in problems}
+        metas = {p.id: json.dumps({k: p.meta[k] for k in ("choices", "answer_form") if k in p.meta})
+                 for p in problems}
     seen, out = set(), []
     for r in rows:
         pid = r["problem_id"]
@@ -303,13 +320,13 @@ def rl_prompts(rows: Any, recipe: Recipe) -> list[dict[str, str]]:
             raise PluribusError(f"rl: problem '{pid}' of the dataset has no gold answer in the recipe's task")
         prompt = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
         seen.add(pid)
-        out.append({"prompt": prompt, "answer": gold[pid], "problem_id": pid})
+        out.append({"prompt": prompt, "answer": gold[pid], "problem_id": pid, "meta": metas.get(pid, "{}")})
     return out
 
 
 def collate_prompts(rows: list[dict[str, str]]) -> dict[str, list[str]]:
     return {"prompts": [r["prompt"] for r in rows], "answers": [r["answer"] for r in rows],
-            "problem_ids": [r["problem_id"] for r in rows]}
+            "problem_ids": [r["problem_id"] for r in rows], "metas": [r.get("meta", "{}") for r in rows]}
 
 
 def train_rl(
@@ -347,7 +364,7 @@ def train_rl(
     trainer = GroupRLTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(prompts), data_collator=collate_prompts,
         processing_class=tokenizer, callbacks=common.callbacks(),
-        sampler=sampler, prm=prm, verify=verify or default_verify, settings=s,
+        sampler=sampler, prm=prm, verify=verify, settings=s,
         step_rule=(recipe.build.step_rule, recipe.build.step_regex) if recipe.build else ("lines", None),
     )
     common.quiet_printer(trainer)

@@ -136,3 +136,32 @@ def test_rl_needs_gold_answers(tmp_path, student_dir):
                                                              "kernels": "off"})
     with pytest.raises(PluribusError, match="gold answers"):
         train_rl(r, dataset=ds)
+
+
+def test_rl_grades_a_multiple_choice_task_by_its_choices(tmp_path):
+    # The gold of a multiple-choice task is a letter; without the choices no reply names it, so every reward's
+    # answer part was 0. The prompts carry the task's meta, and the default check is answers.grade.
+    import json
+
+    from datasets import Dataset
+
+    from pluribus.data.answers import grade
+    from pluribus.data.records import Problem
+    from pluribus.data.tasks import load_problems
+    from pluribus.distill.rl import collate_prompts, default_verify, rl_prompts
+
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "Capital of France?", "choices": ["Paris", "London", "Rome"], "answer": 0},
+        {"question": "Color of the sky?", "choices": ["green", "blue"], "answer": "blue"}]) + "\n")
+    recipe = Recipe(name="t", root=str(tmp_path / "runs"),
+                    task={"source": "mc", "path": str(path), "heldout_fraction": 0.0})
+    problems = load_problems(recipe.task)
+    rows = Dataset.from_list([{"prompt": p.question, "problem_id": p.id} for p in problems])
+    prompts = rl_prompts(rows, recipe)
+    batch = collate_prompts(prompts)
+    metas = [json.loads(m) for m in batch["metas"]]
+    assert [m["choices"] for m in metas] == [p.meta["choices"] for p in problems]
+    for prompt, gold, meta in zip(batch["prompts"], batch["answers"], metas, strict=True):
+        assert grade(f"The answer is ({gold}).", Problem("rl", prompt, gold, meta=meta)).correct
+        assert not default_verify(f"The answer is ({gold}).", gold)  # what the reward saw before: never right
