@@ -10,8 +10,9 @@ lora_dropout > 0 in training, a lora_bias, a non-``nn.Linear`` base such as 4-bi
 forward and logs why, once. ``handle.unpatch()`` restores every module exactly as it was.
 
 The patched attention stands in for the library's ``forward``, so it must take the KV cache under the name the
-decoder layer passes it (``cache`` in transformers 5.24, ``past_key_values`` in earlier 5.x releases): a cache given under
-another name lands in ``**kwargs``, is never updated, and generation silently attends to the new tokens only.
+decoder layer passes it (``cache`` in transformers 5.24, ``past_key_values`` in earlier releases): a cache
+given under another name lands in ``**kwargs``, is never updated, and generation silently attends to the new
+tokens only.
 ``patch_model`` therefore reads the signature of each attention class's ``forward`` and patches only the
 signatures listed in ``_ATTENTION_SIGNATURES``; any other (a transformers release this module does not know)
 leaves that block on its own forward, listed in ``handle.skipped`` and logged as a warning: slower, never wrong.
@@ -36,10 +37,11 @@ logger = logging.getLogger("pluribus.kernels")
 _ATTR_MODE = "_pluribus_kernels"
 _ATTR_ORIGINAL = "_pluribus_original_forward"
 _logged: set[str] = set()
-# The parameters (after self) of the attention forwards the patched one can stand in for, by the cache's name.
+# The parameters (after self) of the attention forwards the patched one can stand in for, by the cache's name:
+# only signatures checked against a transformers release (5.24, by tests/kernels/test_patching.py's generation
+# test), since an earlier one may also expect cache_position or cache kwargs in cache.update.
 _ATTENTION_SIGNATURES = {
     "cache": ("hidden_states", "position_embeddings", "attention_mask", "cache"),
-    "past_key_values": ("hidden_states", "position_embeddings", "attention_mask", "past_key_values"),
 }
 
 

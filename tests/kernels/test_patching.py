@@ -154,21 +154,35 @@ def test_patched_model_generates_like_unpatched_with_kv_cache(family):
     torch.testing.assert_close(torch.stack(fused.logits), torch.stack(plain.logits), atol=1e-5, rtol=1e-5)
 
 
-def test_attention_with_an_unknown_forward_signature_is_not_patched(monkeypatch, caplog):
-    # A transformers 4.5x-style signature (cache under another name, plus cache_position): standing in for it could
-    # drop the cache, so the block keeps its own forward, and says why.
+def _forward_4x(self, hidden_states, position_embeddings, attention_mask, past_key_value=None, cache_position=None,
+                **kwargs):
     from transformers.models.llama.modeling_llama import LlamaAttention
 
-    original = LlamaAttention.forward
+    return LlamaAttention.__dict__["_saved"](self, hidden_states, position_embeddings, attention_mask,
+                                             cache=kwargs.pop("cache", past_key_value), **kwargs)
 
-    def old_forward(self, hidden_states, position_embeddings, attention_mask, past_key_value=None,
-                    cache_position=None, **kwargs):
-        return original(self, hidden_states, position_embeddings, attention_mask, cache=past_key_value, **kwargs)
 
+def _forward_past_key_values(self, hidden_states, position_embeddings=None, attention_mask=None,
+                             past_key_values=None, **kwargs):
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    return LlamaAttention.__dict__["_saved"](self, hidden_states, position_embeddings, attention_mask,
+                                             cache=kwargs.pop("cache", past_key_values), **kwargs)
+
+
+@pytest.mark.parametrize("old_forward", [_forward_4x, _forward_past_key_values])
+def test_attention_with_an_unknown_forward_signature_is_not_patched(monkeypatch, caplog, old_forward):
+    # Signatures of other transformers releases (the cache under another name, cache_position): standing in for
+    # them could drop the cache, so the block keeps its own forward, and says why.
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    monkeypatch.setattr(LlamaAttention, "_saved", LlamaAttention.forward, raising=False)
     monkeypatch.setattr(LlamaAttention, "forward", old_forward)
     model = tiny_peft("llama")
+    before = loss_and_grads(model)
     with caplog.at_level(logging.WARNING, logger="pluribus.kernels"), patch_model(model, "torch") as handle:
         assert "attention" not in handle.counts and handle.counts["mlp"] == 2
         reasons = [reason for name, reason in handle.skipped if name.endswith("self_attn")]
         assert len(reasons) == 2 and "past_key_value" in reasons[0] and "not an attention signature" in reasons[0]
+        assert_same(loss_and_grads(model), before)
     assert "attention blocks run their original forward" in caplog.text
