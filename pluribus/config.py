@@ -195,6 +195,10 @@ class BuildConfig(Section):
     label_threshold: float = Field(
         0.0, ge=0.0, lt=1.0, description="process: a step is good if its rollout score is above this."
     )
+    monotone_labels: bool = Field(
+        False, description="process: also mark every step after the first bad one bad (label_i and label_{i-1}); "
+        "off, as in Math-Shepherd, each step is labelled by its own score."
+    )
     completer: AgentConfig | None = Field(
         None, description="process: the model that rolls out (default: the team's first agent, temperature 0.7)."
     )
@@ -412,8 +416,8 @@ class MergeConfig(Section):
         for m in self.all():
             sources = sum(x is not None for x in (m.experts, m.config, m.spec))
             if sources != 1:
-                raise ValueError(f"merge '{m.name}' needs exactly one of experts (names), config (a path) or "
-                                 "spec (inline)")
+                raise ValueError(f"merge '{m.name}' needs exactly one of 'config' (a path), 'spec' (inline) or "
+                                 "'experts' (names of the run's experts)")
             if m.weights is not None and m.experts is not None and len(m.weights) != len(m.experts):
                 raise ValueError(f"merge '{m.name}': {len(m.weights)} weights for {len(m.experts)} experts")
             if m.experts is not None:

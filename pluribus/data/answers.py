@@ -7,10 +7,25 @@ before giving its own). With no marker, the last number in the text is taken and
 accepts a letter only in answer position: after a marker, in parentheses, or as the whole reply; the article
 "a" inside a sentence is never answer A.
 
-Normalization turns "$1,234.00", "1234 apples", "\\frac{3}{4}", "1 1/2", "-5", "25%" into canonical strings
-("1234", "3/4", "3/2", "-5", "25"). Equivalence compares numbers exactly (as fractions, with a 1e-6 relative
-tolerance); anything else goes to ``math-verify`` when it is installed, and to a normalized string comparison
+Normalization turns "$1,234.00", "1 000", "1234 apples", "\\frac{3}{4}", "1 1/2", "-5", "25%", "twelve" into
+canonical strings ("1234", "1000", "3/4", "3/2", "-5", "25", "12"). Equivalence compares numbers exactly, as
+fractions: 1200001 is not 1200000 and 0.3333333 is not 1/3. The one tolerance is for a gold that says it is
+inexact ("about 3.14", "≈ 2.7"): it stands for every value that rounds to it, within half a unit of its last
+written digit. Anything else goes to ``math-verify`` when it is installed, and to a normalized string comparison
 otherwise. Unparsable input is ``None`` / ``False``, never an exception.
+
+A final answer must be a value in the task's answer form: where the gold is a number, so must the answer be
+(``answer_form="number"``, the default for a numeric gold), so "5+3" is no answer to "What is 5 + 3?" even
+though it evaluates to the gold; a task whose answers are expressions says so with ``meta["answer_form"] =
+"expression"`` on its problems, and then math-verify may decide symbolic equality against a numeric gold too.
+
+Deliberate readings of ambiguous answers (tested in tests/data/test_answers.py):
+- an equation after a marker gives its result, whatever the operator: "20 x 3 = 60" -> 60, "50% of 20 = 10" -> 10,
+  "3/4 of 20 = 15" -> 15 ("x", "×", "÷", "·" and "of" before a number are operators; "3/4 of the cake" is 3/4);
+- thousands may be grouped by commas or by single spaces, in groups of three: "1 000" -> 1000;
+- number words are read when they are the whole answer: "The answer is twelve." -> 12 (never in running text,
+  where "one of them" is not 1);
+- "2,50" is no number (a decimal comma, or 250 mistyped?): not 2, not 50, not 2.5; it grades wrong.
 """
 
 from __future__ import annotations
@@ -25,7 +40,8 @@ from typing import Any
 
 from pluribus.data.records import Problem
 
-REL_TOL = Fraction(1, 10**6)
+REL_TOL = Fraction(1, 10**6)  # only for an approximate gold that is not a decimal ("about 1/3")
+ANSWER_FORMS = ("number", "expression")
 MAX_SYMBOLIC_CHARS = 300  # longer "answers" are prose, not formulas: never worth a symbolic parse
 
 
@@ -54,7 +70,9 @@ class Grade:
 
 # ------------------------------------------------------------------------------------------ numbers
 
-_INT = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)"  # 1,234,567 or 1234567 (commas only in groups of three)
+_SPACE = "[ \u00a0\u2009\u202f]"
+# 1,234,567 or 1 234 567 or 1234567 (separators only in groups of three)
+_INT = rf"(?:\d{{1,3}}(?:,\d{{3}})+(?!\d)|\d{{1,3}}(?:{_SPACE}\d{{3}})+(?![\d,-]|\s*/)|\d+)"
 _DEC = rf"(?:{_INT}(?:\.\d+)?|\.\d+)"
 _CURRENCY = r"(?:\\\$|\$|US\$|USD|€|£|¥|₹|Rs\.?)"
 _APPROX = r"(?:(?:about|approximately|approx\.?|around|roughly|~|≈)\s*)"
@@ -66,11 +84,13 @@ _NUMBER_BODY = (
     rf"|\(?(?P<fnum>{_DEC})\)?\s*/\s*\(?(?P<fden>{_DEC})\)?"  # fraction: 3/4, (3)/(4), 1.5/2
     rf"|(?P<dec>{_DEC}(?:[eE][-+]?\d+)?))"
 )
-_NUMBER_FULL = re.compile(rf"^{_APPROX}?{_NUMBER_BODY}\s*(?P<unit>{_UNIT})?\s*$", re.IGNORECASE)
+_NUMBER_FULL = re.compile(rf"^(?P<approx>{_APPROX})?{_NUMBER_BODY}\s*(?P<unit>{_UNIT})?\s*$", re.IGNORECASE)
 _NUMBER_LEAD = re.compile(rf"^{_APPROX}?{_NUMBER_BODY}(?P<pct>\s*%)?", re.IGNORECASE)
 # Numbers inside running text, for the last-number fallback; a '-' counts as a sign only when not after a word.
+# Digits glued to a comma that is no thousands separator ("2,50") are no number at all.
 _NUMBER_IN_TEXT = re.compile(
-    rf"(?<![\w./])(?:(?<![\w)])-\s*)?{_CURRENCY}?(?:\d+\s+\d+\s*/\s*\d+(?![\d,./])|{_DEC}(?:\s*/\s*\d+(?![\d.]))?)"
+    rf"(?<![\w./,])(?:(?<![\w)])-\s*)?{_CURRENCY}?"
+    rf"(?:\d+\s+\d+\s*/\s*\d+(?![\d,./])|{_DEC}(?:\s*/\s*\d+(?![\d.]))?)(?!,\d)"
 )
 
 
@@ -102,6 +122,45 @@ def _format_fraction(value: Fraction, as_decimal: bool) -> str:
     return f"{value.numerator}/{value.denominator}"
 
 
+def _digits(s: str) -> str:
+    return re.sub(rf",|{_SPACE}", "", s)
+
+
+_UNITS = {w: i for i, w in enumerate([
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"])}
+_TENS = {w: 10 * i for i, w in enumerate(
+    ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"], start=2)}
+_SCALES = {"thousand": 10**3, "million": 10**6, "billion": 10**9}
+
+
+def _number_words(s: str) -> str | None:
+    """The integer an English number phrase names ("twelve", "three hundred and five", "minus four"), else None."""
+    words = [w for w in re.split(r"[\s-]+", s.strip().lower()) if w and w != "and"]
+    negative = bool(words) and words[0] in ("minus", "negative")
+    words = words[1:] if negative else words
+    if not words or len(words) > 12 or (words[0] == "zero" and len(words) > 1):
+        return None
+    total, current, last, scale = 0, 0, None, None  # last: the kind of the previous word
+    for w in words:
+        if w in _UNITS and (last in (None, "hundred", "scale") or (last == "ten" and _UNITS[w] < 10)):
+            current += _UNITS[w]
+            last = "unit"
+        elif w in _TENS and last in (None, "hundred", "scale"):
+            current += _TENS[w]
+            last = "ten"
+        elif w == "hundred" and last == "unit" and current < 100:
+            current *= 100
+            last = "hundred"
+        elif w in _SCALES and last not in (None, "scale") and (scale is None or _SCALES[w] < scale):
+            total += current * _SCALES[w]
+            current, last, scale = 0, "scale", _SCALES[w]
+        else:
+            return None
+    value = total + current
+    return str(-value if negative else value)
+
+
 def _number_from_match(m: re.Match[str]) -> str | None:
     digits = sum(len(m.group(g) or "") for g in ("whole", "mnum", "mden", "fnum", "fden", "dec"))
     exponent = re.search(r"[eE]([-+]?\d+)$", m.group("dec") or "")
@@ -113,12 +172,10 @@ def _number_from_match(m: re.Match[str]) -> str | None:
             value = int(m.group("whole")) + Fraction(int(m.group("mnum")), int(m.group("mden")))
             as_decimal = False
         elif m.group("fnum") is not None:
-            value = Fraction(Decimal(m.group("fnum").replace(",", ""))) / Fraction(
-                Decimal(m.group("fden").replace(",", ""))
-            )
+            value = Fraction(Decimal(_digits(m.group("fnum")))) / Fraction(Decimal(_digits(m.group("fden"))))
             as_decimal = False
         else:
-            dec = m.group("dec").replace(",", "")
+            dec = _digits(m.group("dec"))
             value = Fraction(Decimal(dec))
             as_decimal = True
     except (InvalidOperation, ValueError, ZeroDivisionError):
@@ -133,6 +190,7 @@ _FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _FRAC_SHORT = re.compile(r"\\[dt]?frac\s*(\d)\s*(\d)")
 _SPACING = re.compile(r"\\[,!;:> ]|\\quad|\\qquad|\\left|\\right|~")
 _DEGREES = re.compile(r"\^\s*\{?\\circ\}?|°|\\degree")
+_PRODUCT = re.compile(r"\d\s*[xX×·]\s*\d")
 _LABEL = re.compile(r"^[A-Za-z]\w{0,10}\s*=\s*(?=[-+$\\.\d(])")  # "x = 5" -> "5"
 
 
@@ -216,12 +274,12 @@ def normalize_answer(s: str | None) -> str | None:
         return None
     if "(" in t and re.fullmatch(r"\(\s*-?[\d.]+\s*\)", t):  # "(5)" -> "5"
         t = t.strip("()").strip()
-    m = _NUMBER_FULL.match(t)
+    m = None if _PRODUCT.search(t) else _NUMBER_FULL.match(t)  # "20 x 3" is a product, not 20 with a unit "x 3"
     if m is not None:
         value = _number_from_match(m)
         if value is not None:
             return value
-    return re.sub(r"\s+", "", t)
+    return _number_words(t) or re.sub(r"\s+", "", t)
 
 
 # --------------------------------------------------------------------------------------- equivalence
@@ -253,19 +311,43 @@ def _math_verify_equal(pred: str, gold: str) -> bool:
         return False
 
 
-def _close(a: Fraction, b: Fraction) -> bool:
-    return a == b or abs(a - b) <= REL_TOL * max(Fraction(1), abs(b))
+def gold_tolerance(gold: str) -> Fraction:
+    """How far an answer may be from a numeric ``gold``: 0, unless the gold says it is approximate ("about 3.14",
+    "≈ 40"), then half a unit of its last written digit (3.14 -> 0.005, 40 -> 0.5; 1e-6 relative for a fraction)."""
+    m = _NUMBER_FULL.match(_clean(gold))
+    if m is None or not m.group("approx"):
+        return Fraction(0)
+    dec = m.group("dec")
+    if dec is None or "e" in dec.lower():
+        value = _to_fraction(normalize_answer(gold) or "")
+        return REL_TOL * max(Fraction(1), abs(value)) if value is not None else Fraction(0)
+    places = len(dec.split(".", 1)[1]) if "." in dec else 0
+    return Fraction(1, 2 * 10**places)
 
 
-def is_equivalent(pred: str | None, gold: str | None, *, use_math_verify: bool | None = None) -> bool:
+def vote_key(answer: str) -> str:
+    """The key under which equal answers count as one vote: a number by its exact value ("0.5", "1/2" -> "1/2"),
+    anything else by its case-folded normalized text. Never symbolic: votes are counted, not proved equal."""
+    norm = normalize_answer(answer) or ""
+    value = _to_fraction(norm)
+    return str(value) if value is not None else norm.lower()
+
+
+def is_equivalent(pred: str | None, gold: str | None, *, use_math_verify: bool | None = None,
+                  answer_form: str | None = None) -> bool:
     """Whether a predicted answer equals the gold one.
 
-    Both sides are normalized; two numbers compare as exact fractions within a relative tolerance of 1e-6
-    ("0.5" == "1/2" == "\\frac{1}{2}", "1,234" == "1234.00"). Otherwise the normalized strings are compared
-    (case- and space-insensitive) and, if they differ, ``math-verify`` decides symbolic equality
-    ("x^2+1" == "1+x^2", "\\sqrt{8}" == "2\\sqrt{2}"). ``use_math_verify``: None uses it when installed,
-    False never does (the pure-Python path), True requires it (ImportError if missing).
+    Both sides are normalized; two numbers compare as exact fractions ("0.5" == "1/2" == "\\frac{1}{2}",
+    "1,234" == "1234.00", "1200001" != "1200000"), within ``gold_tolerance(gold)`` only for an approximate gold.
+    ``answer_form`` (number | expression; None: number where the gold is a number) says what an answer must be:
+    with ``number`` a prediction that is no number ("5+3", "\\sqrt{4}") never equals a numeric gold. Otherwise the
+    normalized strings are compared (case- and space-insensitive) and, if they differ, ``math-verify`` decides
+    symbolic equality ("x^2+1" == "1+x^2", "\\sqrt{8}" == "2\\sqrt{2}"). ``use_math_verify``: None uses it when
+    installed, False never does (the pure-Python path), True requires it (ImportError if missing).
+    Raises ValueError for an unknown ``answer_form``.
     """
+    if answer_form is not None and answer_form not in ANSWER_FORMS:
+        raise ValueError(f"Unknown answer form '{answer_form}'. Available: {', '.join(ANSWER_FORMS)}.")
     if pred is None or gold is None:
         return False
     p, g = normalize_answer(pred), normalize_answer(gold)
@@ -273,7 +355,9 @@ def is_equivalent(pred: str | None, gold: str | None, *, use_math_verify: bool |
         return False
     pv, gv = _to_fraction(p), _to_fraction(g)
     if pv is not None and gv is not None:
-        return _close(pv, gv)
+        return abs(pv - gv) <= gold_tolerance(gold)
+    if gv is not None and answer_form != "expression":
+        return False  # a numeric task is answered by a number, not by an expression that evaluates to it
     if p.lower() == g.lower():
         return True
     if use_math_verify is None:
@@ -303,7 +387,8 @@ _FILLER = re.compile(
 _PLACEHOLDERS = {"answer", "number", "final answer", "your answer", "<answer>", "<number>", "...", "n"}
 _EXPR_HINT = re.compile(r"[\d\\^_{}√π]")
 _MATH_WORDS = re.compile(r"\\[A-Za-z]+|\b(?:sqrt|pi|sin|cos|tan|log|ln|exp|inf|infty)\b")
-_OPERATOR_NEXT = re.compile(r"\s*[-+*/×^]\s*[\d(]")
+# What makes a leading number an operand, not the answer: "2 * 5", "20 x 3 = 60", "50% of 20 = 10".
+_OPERATOR_NEXT = re.compile(r"\s*(?:[-+*/×÷·^]|[xX]|of\b)\s*\$?\s*[\d(]")
 
 
 def _looks_like_math(s: str) -> bool:
@@ -318,8 +403,8 @@ def _looks_like_math(s: str) -> bool:
 def _lead_number(sentence: str) -> tuple[str, str] | None:
     lead = _clean(sentence) if sentence.startswith("\\") else sentence
     m = _NUMBER_LEAD.match(lead)
-    if m is None or _OPERATOR_NEXT.match(lead[m.end() :]):
-        return None
+    if m is None or _OPERATOR_NEXT.match(lead[m.end() :]) or lead[m.end() : m.end() + 2][1:].isdigit():
+        return None  # an operand, or digits glued to a comma that is no thousands separator ("2,50")
     value = _number_from_match(m)
     return (value, m.group(0).strip()) if value is not None else None
 
@@ -352,6 +437,9 @@ def _lead_value(span: str) -> tuple[str, str] | None:
     got = _lead_number(sentence)
     if got is not None:
         return got
+    words = _number_words(sentence)
+    if words is not None:
+        return words, sentence
     if "=" in sentence:
         sentence = _LEAD_JUNK.sub("", sentence.rsplit("=", 1)[1]).strip()
         got = _lead_number(sentence)
@@ -405,6 +493,9 @@ def extract_answer(text: str | None, choices: list[str] | None = None) -> Extrac
     if found:
         _, method, value, raw = max(found, key=lambda c: c[0])
         return Extraction(value, method, raw)
+    words = _number_words(_clean(text))  # a reply that is only a number in words ("Twelve.")
+    if words is not None:
+        return Extraction(words, "last_number", text.strip())
     return _last_number(text)
 
 
@@ -497,7 +588,9 @@ def grade(text: str | None, problem: Problem) -> Grade:
     """Extract the answer of ``text`` and check it against ``problem.answer``.
 
     A multiple-choice problem (``problem.meta['choices']``) is graded on the letter; any other on
-    ``is_equivalent``. An unparsable reply grades as ``Grade(None, False, None)``.
+    ``is_equivalent`` in the problem's ``meta['answer_form']`` (number | expression; by default a number where the
+    gold is one). An unparsable reply grades as ``Grade(None, False, None)``; an answer in another form (an
+    expression for a numeric gold) as ``Grade(answer, False, method)``.
     """
     choices = (problem.meta or {}).get("choices")
     found = extract_answer(text, choices)
@@ -506,4 +599,5 @@ def grade(text: str | None, problem: Problem) -> Grade:
     if choices:
         gold = gold_choice(problem.answer, list(choices))
         return Grade(found.value, gold is not None and found.value == gold, found.method)
-    return Grade(found.value, is_equivalent(found.value, problem.answer), found.method)
+    form = (problem.meta or {}).get("answer_form")
+    return Grade(found.value, is_equivalent(found.value, problem.answer, answer_form=form), found.method)

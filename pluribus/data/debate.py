@@ -11,7 +11,7 @@ Protocol (Du et al. 2023, "Improving Factuality and Reasoning in Language Models
   without one, agent 0 is the hub: it sees everyone, the others see agent 0).
 - Aggregation: ``majority`` over the last round's parsed answers; ties go to the answer with more votes over
   all rounds, then to the one given by the lowest-index agent in the last round; unparsable answers do not
-  vote. ``judge``: the judge agent reads the last round (``judge`` template) and its answer is final.
+  vote, and equal numbers written differently ("0.5", "1/2") are one answer. ``judge``: the judge agent reads the last round (``judge`` template) and its answer is final.
 - Each peer response is trimmed to ``team.peer_token_budget`` tokens of the reader's tokenizer, keeping its
   *end* (the conclusion and final answer) behind a "[...]" mark; the dropped token counts are recorded in
   the turn's ``meta.peer_tokens_dropped``.
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pluribus.config import AgentConfig, BuildConfig, Recipe, SamplingConfig, TeamConfig
-from pluribus.data.answers import grade
+from pluribus.data.answers import grade, vote_key
 from pluribus.data.backends import Backend, Conversation, Generation, backend_key, make_backend
 from pluribus.data.records import Problem, Trajectory, Turn
 from pluribus.errors import PluribusError
@@ -310,26 +310,30 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
 def agreed(turns: Sequence[Turn]) -> bool:
     """Every agent gave a parsed answer and all are the same (the early-stop rule)."""
     answers = [t.answer for t in turns]
-    return len(turns) > 1 and None not in answers and len(set(answers)) == 1
+    return len(turns) > 1 and None not in answers and len({vote_key(a) for a in answers}) == 1
 
 
 def majority(turns: Sequence[Turn], history: Sequence[Sequence[Turn]]) -> tuple[str | None, bool | None, bool]:
-    """(answer, correct, tie_broken) by majority over ``turns``; ties: more votes over ``history``, then lowest index."""
-    votes = Counter(t.answer for t in turns if t.answer is not None)
+    """(answer, correct, tie_broken) by majority over ``turns``; ties: more votes over ``history``, then lowest index.
+
+    Answers vote by ``answers.vote_key``, so "0.5" and "1/2" are one answer; the winner is written as its first
+    voter in ``turns`` wrote it.
+    """
+    votes = Counter(vote_key(t.answer) for t in turns if t.answer is not None)
     if not votes:
         return None, False, False
     top = max(votes.values())
     tied = [a for a, c in votes.items() if c == top]
     if len(tied) > 1:
-        total = Counter(t.answer for rnd in history for t in rnd if t.answer is not None)
+        total = Counter(vote_key(t.answer) for rnd in history for t in rnd if t.answer is not None)
         best = max(total[a] for a in tied)
         tied = [a for a in tied if total[a] == best]
-    first = {}
+    first: dict[str, int] = {}
     for idx, t in enumerate(turns):
-        first.setdefault(t.answer, idx)
-    winner = min(tied, key=lambda a: first[a])
-    correct = next(t.correct for t in turns if t.answer == winner)
-    return winner, correct, len([a for a, c in votes.items() if c == top]) > 1
+        if t.answer is not None:
+            first.setdefault(vote_key(t.answer), idx)
+    winner = turns[min(first[a] for a in tied)]
+    return winner.answer, winner.correct, len([a for a, c in votes.items() if c == top]) > 1
 
 
 def _finish(st: _State, team: Team, run_id: str) -> Trajectory:

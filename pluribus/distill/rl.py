@@ -9,13 +9,29 @@ One optimizer step (``train.rl.*`` settings):
 4. loss per completion token t: ``-min(rho_t A, clip(rho_t, 1-eps, 1+eps) A) + beta * KL_t`` with
    ``rho_t = exp(logp_t - logp_old_t)`` and the k3 estimator ``KL_t = exp(q_t) - q_t - 1``,
    ``q_t = logp_ref_t - logp_t``; averaged over each completion's tokens, then over completions.
-   The reference is the same model with its adapter disabled (no second model). Samples are used for one
-   update, so ``logp_old`` is the policy at sampling time (``logp.detach()``) and the ratio is 1 in value.
+   The reference is the same model with its adapter disabled (no second model).
+
+Which distribution ``logp`` is. The policy is the distribution the sampler draws from: ``softmax(logits / T)``,
+restricted to the top-p nucleus when ``top_p < 1`` (renormalized; the sampled token is always kept), and nothing
+else: the local sampler passes top_k=0 and neutral values for every other logits warper or penalty, so neither
+transformers' default top_k=50 nor a model's ``generation_config.json`` changes what is sampled
+(``sampling_kwargs``). ``token_logprobs`` applies the same T and top-p, for the policy and the reference alike
+(as TRL's GRPOTrainer scales by 1/T). Without this the loss would train a distribution the samples did not come
+from, with no importance correction.
+
+Which importance ratio. Each batch of samples is used for exactly one optimizer step, and it is drawn by the
+very parameters that then compute ``logp`` (micro-batches of one step share them), so the sampling policy *is*
+the current one: ``logp_old = logp.detach()`` is exact, ``rho_t = 1`` in value, the clip is never active and
+the gradient, ``-A * grad logp_t`` per token, is the on-policy policy gradient (GRPO with one iteration per
+batch, as TRL's ``num_iterations=1``). It stays exact only while sampler and trainer share the distribution
+above; two limits of that: LoRA dropout > 0 makes the training forward a perturbed policy, and the vLLM backend
+samples with its own (bf16) kernels, whose small numerical gap is not corrected.
 Reward, accuracy, PRM score, KL and the clipped fraction are logged per step (tensorboard + progress bar).
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
@@ -26,6 +42,8 @@ import torch
 from transformers import Trainer
 
 from pluribus.config import Recipe, RLSettings, TrainConfig
+from pluribus.data.answers import grade
+from pluribus.data.records import Problem
 from pluribus.distill import common
 from pluribus.distill.prm import load_prm, score_steps, split_steps
 from pluribus.errors import PluribusError
@@ -82,13 +100,46 @@ def policy_loss(
     return loss, stats
 
 
-def token_logprobs(model: Any, ids: torch.Tensor, attention: torch.Tensor, n_completion: int) -> torch.Tensor:
-    """log p(token) of the last ``n_completion`` tokens of each (left-padded) sequence: ``[N, n_completion]``."""
+def sampling_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                      top_p: float = 1.0) -> torch.Tensor:
+    """``log p(target)`` under the sampler's distribution: ``log_softmax(logits / T)`` over the top-p nucleus.
+
+    logits ``[..., V]``, targets ``[...]`` -> ``[...]``. The nucleus is transformers' own ``TopPLogitsWarper``
+    (the filter ``generate`` applies); the target is kept in it even where a rounding difference between the
+    sampler's cached forward and this one moves it just past the edge, so the result is always finite.
+    """
+    scaled = logits.float() / temperature
+    if top_p < 1.0:
+        from transformers.generation.logits_process import TopPLogitsWarper
+
+        shape = scaled.shape
+        flat = scaled.reshape(-1, shape[-1])
+        kept = TopPLogitsWarper(top_p)(None, flat)
+        index = targets.reshape(-1, 1)
+        scaled = kept.scatter(-1, index, flat.gather(-1, index)).view(shape)
+    return torch.log_softmax(scaled, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def token_logprobs(model: Any, ids: torch.Tensor, attention: torch.Tensor, n_completion: int,
+                   temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """log p(token) of the last ``n_completion`` tokens of each (left-padded) sequence: ``[N, n_completion]``,
+    under the sampling distribution at ``temperature`` and ``top_p`` (``sampling_logprobs``)."""
     positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                   logits_to_keep=n_completion + 1, use_cache=False).logits[:, :-1].float()
-    targets = ids[:, -n_completion:]
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                   logits_to_keep=n_completion + 1, use_cache=False).logits[:, :-1]
+    return sampling_logprobs(logits, ids[:, -n_completion:], temperature, top_p)
+
+
+def sampling_kwargs(settings: RLSettings) -> dict[str, Any]:
+    """``generate`` keywords that sample from exactly ``softmax(logits / T)`` over the top-p nucleus.
+
+    ``generate`` fills every setting left unset from the model's ``generation_config.json``, then from its own
+    defaults (top_k=50), so each warper or penalty that would reshape the distribution is set to its neutral value (min_new_tokens
+    overrides a configured min_length).
+    """
+    return {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0,
+            "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
+            "no_repeat_ngram_size": 0, "min_new_tokens": 0}
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -110,8 +161,7 @@ class LocalSampler:
         tok.padding_side = "right"
         was_training = model.training
         model.eval()
-        out = model.generate(**enc, do_sample=True, temperature=s.temperature, top_p=s.top_p,
-                             max_new_tokens=s.max_new_tokens, num_return_sequences=s.group_size,
+        out = model.generate(**enc, **sampling_kwargs(s), max_new_tokens=s.max_new_tokens, num_return_sequences=s.group_size,
                              pad_token_id=tok.pad_token_id, use_cache=True)
         model.train(was_training)
         completions = []
@@ -142,7 +192,9 @@ class VLLMSampler:
         folder = self.tmp / f"step-{self.step}"
         model.save_pretrained(folder, safe_serialization=True)
         s = self.settings
-        params = SamplingParams(n=s.group_size, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens)
+        # top_k=-1 and SamplingParams' other defaults are neutral: the distribution token_logprobs computes
+        params = SamplingParams(n=s.group_size, temperature=s.temperature, top_p=s.top_p, top_k=-1,
+                                max_tokens=s.max_new_tokens)
         messages = [[{"role": "user", "content": p}] for p in prompts]
         outs = self.llm.chat(messages, params, lora_request=LoRARequest(f"policy-{self.step}", self.step, str(folder)),
                              use_tqdm=False)
@@ -155,10 +207,13 @@ class VLLMSampler:
 class GroupRLTrainer(Trainer):
     """``transformers.Trainer`` whose step samples groups, scores them and applies ``policy_loss``.
 
-    A batch is ``{prompts, answers, problem_ids}``; ``verify(text, answer) -> bool`` checks a final answer.
+    A batch is ``{prompts, answers, problem_ids, metas}``; ``verify(text, answer) -> bool`` checks a final answer;
+    ``verify=None`` grades as the debate and the builders do (``answers.grade``, with each problem's meta: the
+    choices of a multiple-choice task, its answer form).
     """
 
-    def __init__(self, *args: Any, sampler: Callable, prm: tuple[Any, Any], verify: Callable[[str, str], bool],
+    def __init__(self, *args: Any, sampler: Callable, prm: tuple[Any, Any],
+                 verify: Callable[[str, str], bool] | None,
                  settings: RLSettings, step_rule: tuple[str, str | None] = ("lines", None), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sampler, self.prm, self.verify, self.settings = sampler, prm, verify, settings
@@ -181,7 +236,13 @@ class GroupRLTrainer(Trainer):
         split = [split_steps(t, *self.step_rule) for t in texts]
         step_scores = score_steps(*self.prm, list(zip(group_prompts, split, strict=True)))
         prm_part = torch.tensor([aggregate_steps(sc, s.aggregate) for sc in step_scores])
-        correct = torch.tensor([float(self.verify(t, a)) for t, a in zip(texts, group_answers, strict=True)])
+        if self.verify is None:
+            metas = [json.loads(m) for m in inputs.get("metas") or ["{}"] * len(prompts)]
+            group_metas = [m for m in metas for _ in range(s.group_size)]
+            correct = torch.tensor([float(grade(t, Problem("rl", p, a, meta=m)).correct) for t, p, a, m
+                                    in zip(texts, group_prompts, group_answers, group_metas, strict=True)])
+        else:
+            correct = torch.tensor([float(self.verify(t, a)) for t, a in zip(texts, group_answers, strict=True)])
         rewards = (prm_part + s.answer_weight * correct).view(len(prompts), s.group_size)
 
         # 3. group-relative advantages
@@ -200,11 +261,12 @@ class GroupRLTrainer(Trainer):
             attention[r, width_p - len(h): width_p + len(c)] = 1
         ids, attention = ids.to(device), attention.to(device)
         mask = attention[:, width_p:]
-        logp = token_logprobs(model, ids, attention, width_c)
+        logp = token_logprobs(model, ids, attention, width_c, s.temperature, s.top_p)
         ref_logp = None
         if s.kl > 0:
             with torch.no_grad(), model.disable_adapter():
-                ref_logp = token_logprobs(model, ids, attention, width_c)
+                ref_logp = token_logprobs(model, ids, attention, width_c, s.temperature, s.top_p)
+        # the samples came from these very parameters: see "Which importance ratio" in the module docstring
         loss, stats = policy_loss(logp, logp.detach(), advantages, mask, s.clip, ref_logp, s.kl)
 
         # 5. per-step statistics for the logs
@@ -224,16 +286,18 @@ class GroupRLTrainer(Trainer):
 
 
 def default_verify(text: str, answer: str) -> bool:
-    """Whether ``text``'s final answer equals ``answer`` (``pluribus.data.answers``)."""
-    from pluribus.data.answers import extract_answer, is_equivalent
-
-    found = extract_answer(text)
-    return is_equivalent(found.value if found else None, answer)
+    """Whether ``text``'s final answer equals ``answer`` (``pluribus.data.answers.grade``, no task meta)."""
+    return grade(text, Problem("rl", "", answer)).correct
 
 
 def rl_prompts(rows: Any, recipe: Recipe) -> list[dict[str, str]]:
-    """Unique ``{prompt, answer, problem_id}`` from process rows; gold answers from a column or the task."""
+    """Unique ``{prompt, answer, problem_id, meta}`` from process rows; gold answers from a column or the task.
+
+    ``meta`` (JSON) carries what grading needs from the task's problem: a multiple-choice task's ``choices``
+    (its gold is a letter, which a reply names only among them) and an ``answer_form``.
+    """
     gold: dict[str, str] = {}
+    metas: dict[str, str] = {}
     for key in ("answer", "gold"):
         if key in rows.column_names:
             gold = {r["problem_id"]: str(r[key]) for r in rows}
@@ -243,7 +307,10 @@ def rl_prompts(rows: Any, recipe: Recipe) -> list[dict[str, str]]:
             raise PluribusError("the rl stage needs gold answers: a dataset column 'answer' or a recipe 'task' section")
         from pluribus.data.tasks import load_problems
 
-        gold = {p.id: p.answer for p in load_problems(recipe.task)}
+        problems = load_problems(recipe.task)
+        gold = {p.id: p.answer for p in problems}
+        metas = {p.id: json.dumps({k: p.meta[k] for k in ("choices", "answer_form") if k in p.meta})
+                 for p in problems}
     seen, out = set(), []
     for r in rows:
         pid = r["problem_id"]
@@ -253,13 +320,13 @@ def rl_prompts(rows: Any, recipe: Recipe) -> list[dict[str, str]]:
             raise PluribusError(f"rl: problem '{pid}' of the dataset has no gold answer in the recipe's task")
         prompt = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
         seen.add(pid)
-        out.append({"prompt": prompt, "answer": gold[pid], "problem_id": pid})
+        out.append({"prompt": prompt, "answer": gold[pid], "problem_id": pid, "meta": metas.get(pid, "{}")})
     return out
 
 
 def collate_prompts(rows: list[dict[str, str]]) -> dict[str, list[str]]:
     return {"prompts": [r["prompt"] for r in rows], "answers": [r["answer"] for r in rows],
-            "problem_ids": [r["problem_id"] for r in rows]}
+            "problem_ids": [r["problem_id"] for r in rows], "metas": [r.get("meta", "{}") for r in rows]}
 
 
 def train_rl(
@@ -297,7 +364,7 @@ def train_rl(
     trainer = GroupRLTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(prompts), data_collator=collate_prompts,
         processing_class=tokenizer, callbacks=common.callbacks(),
-        sampler=sampler, prm=prm, verify=verify or default_verify, settings=s,
+        sampler=sampler, prm=prm, verify=verify, settings=s,
         step_rule=(recipe.build.step_rule, recipe.build.step_regex) if recipe.build else ("lines", None),
     )
     common.quiet_printer(trainer)

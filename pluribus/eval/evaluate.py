@@ -243,12 +243,14 @@ def budget_vote(samples: dict[str, Any], budget: float) -> tuple[dict[str, Any],
         spent += t["tokens_in"] + t["tokens_out"]
         if spent >= budget:
             break
-    votes = Counter(t["answer"] for t in used if t["answer"] is not None)
+    from pluribus.data.answers import vote_key
+
+    votes = Counter(vote_key(t["answer"]) for t in used if t["answer"] is not None)
     final, correct = None, False
     if votes:
         top = max(votes.values())
-        final = next(t["answer"] for t in used if t["answer"] is not None and votes[t["answer"]] == top)
-        correct = bool(next(t["correct"] for t in used if t["answer"] == final))
+        winner = next(t for t in used if t["answer"] is not None and votes[vote_key(t["answer"])] == top)
+        final, correct = winner["answer"], bool(winner["correct"])
     cost = {"tokens_in": sum(t["tokens_in"] for t in used), "tokens_out": sum(t["tokens_out"] for t in used),
             "seconds": sum(t["seconds"] for t in used)}
     return {**samples, "rounds": [used], "final_answer": final, "final_correct": correct, "cost": cost}, len(used)

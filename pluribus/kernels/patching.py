@@ -8,10 +8,20 @@ What is patched (instance ``forward`` attributes only; no class, library functio
 Each patched forward checks its layer at every call (adapter disabled or merged, several active adapters, DoRA,
 lora_dropout > 0 in training, a lora_bias, a non-``nn.Linear`` base such as 4-bit): then it runs the original
 forward and logs why, once. ``handle.unpatch()`` restores every module exactly as it was.
+
+The patched attention stands in for the library's ``forward``, so it must take the KV cache under the name the
+decoder layer passes it (``cache`` in transformers 5.24, ``past_key_values`` in earlier releases): a cache
+given under another name lands in ``**kwargs``, is never updated, and generation silently attends to the new
+tokens only.
+``patch_model`` therefore reads the signature of each attention class's ``forward`` and patches only the
+signatures listed in ``_ATTENTION_SIGNATURES``; any other (a transformers release this module does not know)
+leaves that block on its own forward, listed in ``handle.skipped`` and logged as a warning: slower, never wrong.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import types
 from dataclasses import dataclass, field
@@ -27,6 +37,12 @@ logger = logging.getLogger("pluribus.kernels")
 _ATTR_MODE = "_pluribus_kernels"
 _ATTR_ORIGINAL = "_pluribus_original_forward"
 _logged: set[str] = set()
+# The parameters (after self) of the attention forwards the patched one can stand in for, by the cache's name:
+# only signatures checked against a transformers release (5.24, by tests/kernels/test_patching.py's generation
+# test), since an earlier one may also expect cache_position or cache kwargs in cache.update.
+_ATTENTION_SIGNATURES = {
+    "cache": ("hidden_states", "position_embeddings", "attention_mask", "cache"),
+}
 
 
 def _log_once(kind: str, reason: str) -> None:
@@ -115,20 +131,36 @@ def _fused_specs(x: torch.Tensor, layers: list[nn.Module]):
     return specs, _dtype_reason(x, specs[0].weight)
 
 
-def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+def attention_cache_arg(cls: type) -> tuple[str | None, str | None]:
+    """``(name of the KV-cache parameter, None)`` when ``cls.forward``'s signature is one the patched attention
+    can stand in for, else ``(None, reason)``."""
+    sig = inspect.signature(cls.forward)  # follows functools.wraps (transformers' deprecate_kwarg) to the real one
+    params = list(sig.parameters.values())[1:]
+    named = tuple(p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD)
+    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    for cache_arg, expected in _ATTENTION_SIGNATURES.items():
+        if named == expected and has_var_kw:
+            return cache_arg, None
+    import transformers
+
+    return None, (f"{cls.__name__}.forward{sig} is not an attention signature pluribus.kernels knows "
+                  f"(transformers {transformers.__version__}); its KV cache could be dropped")
+
+
+def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, *, cache_arg: str,
                        **kwargs):
     from pluribus.kernels.attention import attention
     from pluribus.kernels.lora_linear import projections
     from pluribus.kernels.rope import rope_
 
+    cache = kwargs.pop(cache_arg, None)
     specs, reason = _fused_specs(hidden_states, [self.q_proj, self.k_proj, self.v_proj])
     if not reason and (position_embeddings is None or hidden_states.dim() != 3):
         reason = "it was called without position_embeddings or with a non (B, T, d) input"
     if reason:
         _log_once("attention block", reason)
         return getattr(self, _ATTR_ORIGINAL)(hidden_states, position_embeddings=position_embeddings,
-                                             attention_mask=attention_mask, past_key_values=past_key_values,
-                                             **kwargs)
+                                             attention_mask=attention_mask, **{cache_arg: cache}, **kwargs)
     mode = getattr(self, _ATTR_MODE)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
@@ -138,11 +170,11 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     cos, sin = position_embeddings
     q, k = rope_(q, k, cos, sin, mode=mode)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, self.layer_idx)
+    if cache is not None:
+        k, v = cache.update(k, v, self.layer_idx)
     out, weights = attention(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
                              scaling=self.scaling, sliding_window=getattr(self, "sliding_window", None),
-                             has_cache=past_key_values is not None, **kwargs)
+                             has_cache=cache is not None, **kwargs)
     out = out.reshape(*input_shape, -1).contiguous()
     return self.o_proj(out), weights
 
@@ -212,7 +244,9 @@ def patch_model(model: nn.Module, mode: str) -> PatchHandle:
     ``model`` may be a PeftModel or any module tree. ``mode``: auto | triton | torch | off (``off`` patches
     nothing). With ``torch`` the patched model computes the same loss and gradients as the unpatched one.
     Raises PluribusError for an unknown mode, for ``triton`` where Triton cannot run (no CUDA GPU of compute
-    capability 8.0+, triton missing), or for a model that is already patched.
+    capability 8.0+, triton missing), or for a model that is already patched. An attention class whose
+    ``forward`` signature is not one this module knows is not patched (see the module docstring): it is listed in
+    ``handle.skipped`` with the signature, and a warning is logged.
     """
     check_mode(mode)
     handle = PatchHandle(mode)
@@ -227,11 +261,18 @@ def patch_model(model: nn.Module, mode: str) -> PatchHandle:
     attn_cls, mlp_cls = _block_classes()
     for name, module in model.named_modules():
         if isinstance(module, attn_cls):
-            _, reason = _fused_specs(module.q_proj.weight, [module.q_proj, module.k_proj, module.v_proj])
+            cache_arg, reason = attention_cache_arg(type(module))
+            if reason:
+                if reason not in _logged:
+                    _logged.add(reason)
+                    logger.warning("kernels: attention blocks run their original forward: %s", reason)
+            else:
+                _, reason = _fused_specs(module.q_proj.weight, [module.q_proj, module.k_proj, module.v_proj])
             if reason:
                 handle.skipped.append((name, reason))
             else:
-                _patch(handle, name, "attention", module, _attention_forward)
+                _patch(handle, name, "attention", module,
+                       functools.partial(_attention_forward, cache_arg=cache_arg))
         elif isinstance(module, mlp_cls):
             _, reason = _fused_specs(module.gate_proj.weight, [module.gate_proj, module.up_proj])
             if reason:

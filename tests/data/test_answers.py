@@ -65,6 +65,21 @@ EXTRACT = [
     ("The answer is not 5 but 6", "6", "last_number"),  # prose after a marker is not an answer
     ("The answer is actually 4, the sum of 1 and 3.", "4", "answer_is"),
     ("So 3 + 4 = 7. \\boxed{answer}", "7", "last_number"),  # an echoed template word is not an answer
+    # issue 13's adversarial strings, each decided (see the module docstring of pluribus.data.answers)
+    ("The answer is 20 x 3 = 60", "60", "answer_is"),  # "x" is an operator: the equation's result
+    ("The answer is 20 × 3 = 60.", "60", "answer_is"),
+    ("The answer is 20 x 3", "20x3", "answer_is"),  # an expression, graded wrong for a numeric gold
+    ("The answer is 50% of 20 = 10", "10", "answer_is"),  # "of" before a number is an operator
+    ("50% of 20 = 10", "10", "last_number"),
+    ("The answer is 3/4 of 20 = 15", "15", "answer_is"),
+    ("3/4 of 20 = 15", "15", "last_number"),
+    ("The answer is 1 000.", "1000", "answer_is"),  # thousands grouped by a space
+    ("1 000", "1000", "last_number"),
+    ("#### 1 234 567", "1234567", "gsm8k"),
+    ("The answer is twelve.", "12", "answer_is"),  # a number in words, as the whole answer
+    ("The answer is three hundred and five", "305", "answer_is"),
+    ("twelve", "12", "last_number"),
+    ("The answer is 2,50", "2,50", "answer_is"),  # no number (2.5? 250?): kept as text, graded wrong
 ]
 
 
@@ -76,7 +91,11 @@ def test_extract_table(text: str, value: str, method: str) -> None:
     assert isinstance(got, Extraction) and got.raw
 
 
-@pytest.mark.parametrize("text", ["", "   ", "I don't know.", "The answer is unclear", None, 42])
+@pytest.mark.parametrize("text", ["", "   ", "I don't know.", "The answer is unclear", None, 42,
+                                  "2,50",  # not 2, not 50: digits glued to a comma that groups no thousands
+                                  "It costs 2,50",
+                                  "The answer is twelve apples",  # number words only as the whole answer
+                                  "I picked one of them."])
 def test_unparsable_is_none(text: object) -> None:
     assert extract_answer(text) is None  # type: ignore[arg-type]
 
@@ -136,8 +155,22 @@ EQUIV_BOTH = [
     ("18 apples", "18", True),
     ("-5", "\u22125", True),
     ("3/2", "1 1/2", True),
-    ("0.3333333", "1/3", True),  # within the 1e-6 relative tolerance
+    ("0.3333333", "1/3", False),  # exact golds compare exactly: a rounded decimal is not 1/3
     ("0.33", "1/3", False),
+    ("1200001", "1200000", False),
+    ("99999999", "100000000", False),
+    ("1200000.0", "1,200,000", True),
+    ("3.1416", "about 3.14", True),  # an approximate gold: anything that rounds to it (|d| <= 0.005)
+    ("3.145", "approximately 3.14", True),
+    ("3.1", "about 3.14", False),
+    ("40.4", "≈ 40", True),
+    ("41", "~40", False),
+    ("1 000", "1000", True),
+    ("twelve", "12", True),
+    ("2,50", "2.5", False),
+    ("2,50", "250", False),
+    ("5+3", "8", False),  # an expression is no answer to a numeric task, though it evaluates to the gold
+    ("\\sqrt{4}", "2", False),
     ("72", "71", False),
     ("-5", "5", False),
     ("Monday", "\\text{monday}", True),
@@ -322,6 +355,46 @@ def test_integers_round_trip(n: int, template: str) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.fractions(max_denominator=50).filter(lambda f: abs(f) < 10**6))
 def test_fractions_and_decimals_agree(f) -> None:
+    from decimal import Decimal
+    from fractions import Fraction
+
     text = f"{f.numerator}/{f.denominator}"
     assert is_equivalent(text, f"\\frac{{{f.numerator}}}{{{f.denominator}}}", use_math_verify=False)
-    assert is_equivalent(f"{float(f):.10f}", text, use_math_verify=False)
+    decimal = f"{float(f):.10f}"  # equal exactly when the expansion terminates within 10 places, else not
+    assert is_equivalent(decimal, text, use_math_verify=False) is (Fraction(Decimal(decimal)) == f)
+
+
+@pytest.mark.parametrize("use_mv", [False, pytest.param(True, marks=pytest.mark.skipif(not math_verify_available(), reason="math-verify not installed"))])
+def test_an_answer_that_restates_the_question_is_not_an_answer(use_mv: bool) -> None:
+    p = Problem(id="p", question="What is 5 + 3?", answer="8")
+    for reply in ("The answer is 5+3.", "The answer is 5 + 3", "\\boxed{5+3}", "#### 5+3", "Final Answer: 3 + 5"):
+        got = grade(reply, p)
+        assert got.answer is not None and not got.correct, reply
+    assert grade("The answer is 5 + 3 = 8.", p).correct  # an equation gives its result: a value
+    assert not is_equivalent("5+3", "8", use_math_verify=use_mv)
+    assert not is_equivalent("5+3", "8", use_math_verify=use_mv, answer_form="number")
+
+
+@pytest.mark.skipif(not math_verify_available(), reason="math-verify not installed")
+def test_a_task_may_accept_expressions() -> None:
+    p = Problem(id="p", question="Write 8 as a sum", answer="8", meta={"answer_form": "expression"})
+    assert grade("The answer is 5+3.", p).correct
+    assert is_equivalent("5+3", "8", answer_form="expression")
+    with pytest.raises(ValueError, match="Unknown answer form 'formula'. Available: number, expression"):
+        is_equivalent("5+3", "8", answer_form="formula")
+
+
+def test_every_checker_applies_the_answer_form_rule() -> None:
+    # The debate (grade), the builders (is_correct on stored answers), the Monte-Carlo check and the RL reward.
+    from pluribus.data.build.process import answer_check
+    from pluribus.data.build.select import is_correct
+    from pluribus.data.records import Trajectory, Turn
+    from pluribus.distill.rl import default_verify
+
+    p = Problem(id="p", question="What is 5 + 3?", answer="8")
+    assert not answer_check("The answer is 5+3", p) and answer_check("The answer is 8", p)
+    assert not default_verify("The answer is 5+3", "8") and default_verify("The answer is 8", "8")
+    assert not default_verify("The answer is 1200001", "1200000")
+    turn = Turn("a", 0, "m", "The answer is 5+3", "5+3", None, 1, 1, 0.1)
+    traj = Trajectory("p", p.question, "8", ["a"], [[turn]], "8", True, "majority", {}, "run")
+    assert not is_correct(turn, traj, "gold") and not is_correct(turn, traj, "consensus")

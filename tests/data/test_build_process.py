@@ -64,11 +64,11 @@ def test_a_wrong_step_and_every_later_step_are_bad() -> None:
     assert rows[0]["labels"] == [True, False, False] and rows[0]["prompt"] == f"Q: {q}"
 
 
-def test_scores_are_rollout_fractions_and_labels_stop_at_first_bad() -> None:
-    p = Problem("p", "1+1+1?", "3")
-    t = trace("t", p, "1+1 = 2\n2+1 = 3")
-    replies = iter(["The answer is 3", "The answer is 4", "The answer is 5", "The answer is 4",  # step 0
-                    "", "The answer is 3", "", ""])  # step 1 (prefix already ends with 3)
+def test_scores_are_rollout_fractions_and_the_last_step_is_its_own_answer() -> None:
+    p = Problem("p", "1+1+1+1?", "4")
+    t = trace("t", p, "1+1 = 2\n2+1 = 3\nThe answer is 3+1 = 4")
+    replies = iter(["The answer is 4", "The answer is 3", "The answer is 5", "The answer is 3",  # step 0
+                    "", "The answer is 4", "", ""])  # step 1
     seen: list[RolloutRequest] = []
 
     def scripted(requests: list[RolloutRequest]) -> list[str]:
@@ -76,31 +76,55 @@ def test_scores_are_rollout_fractions_and_labels_stop_at_first_bad() -> None:
         return [next(replies) for _ in requests]
 
     rec = label_traces([t], scripted, n=4)["t"]
-    assert rec["scores"] == [0.25, 1.0]
-    assert [(r.step, r.sample) for r in seen] == [(i, j) for i in range(2) for j in range(4)]
-    assert seen[0].prefix == "1+1 = 2\n" and seen[4].prefix == "1+1 = 2\n2+1 = 3"
+    assert rec["scores"] == [0.25, 0.25, 1.0]
+    assert [(r.step, r.sample) for r in seen] == [(i, j) for i in range(2) for j in range(4)]  # none for the last
+    assert seen[0].prefix == "1+1 = 2\n" and seen[4].prefix == "1+1 = 2\n2+1 = 3\n"
+    assert rec["hits"][-1] == [True] and rec["rollouts"][-1] == []
     assert hard_labels([0.25, 1.0], 0.0) == [True, True]
-    assert hard_labels([0.25, 1.0], 0.5) == [False, False]
-    assert hard_labels([1.0, 0.0, 1.0], 0.0) == [True, False, False]
+    assert hard_labels([0.25, 1.0], 0.5) == [False, True]
+
+
+def test_a_wrong_trace_is_not_rescued_by_a_rollout_that_appends_the_right_answer() -> None:
+    # Rolling out the full solution lets the continuation's last answer win: a wrong trace labelled all good.
+    p = Problem("p", "What is 2 + 3 + 1?", "6")
+    t = trace("t", p, "2 + 3 = 5\n5 + 1 = 7\nThe answer is 7")
+    rec = label_traces([t], lambda requests: ["\nThe answer is 6"] * len(requests), n=2)["t"]
+    assert rec["scores"] == [1.0, 1.0, 0.0]
+    assert process_rows([t], {"t": rec}, 0.0, "{question}")[0]["labels"] == [True, True, False]
+    one_step = trace("o", p, "The answer is 6")  # nothing to roll out: graded by its answer, no completer call
+    assert label_traces([one_step], lambda requests: [] if not requests else 1 / 0, n=2)["o"]["scores"] == [1.0]
+
+
+def test_monotone_labels_are_an_option_off_by_default() -> None:
+    from pluribus.config import BuildConfig
+
+    assert BuildConfig().monotone_labels is False  # Math-Shepherd labels each step by its own score
+    assert hard_labels([1.0, 0.0, 1.0], 0.0) == [True, False, True]
+    assert hard_labels([1.0, 0.0, 1.0], 0.0, monotone=True) == [True, False, False]
+    p = Problem("p", "q", "3")
+    t = trace("t", p, "a\nb\nThe answer is 3")
+    rec = {"t": {"scores": [1.0, 0.0, 1.0]}}
+    assert process_rows([t], rec, 0.0, "{question}")[0]["labels"] == [True, False, True]
+    assert process_rows([t], rec, 0.0, "{question}", monotone=True)[0]["labels"] == [True, False, False]
 
 
 def test_batches_group_whole_traces_and_resume_skips_done() -> None:
     p = Problem("p", "q", "3")
-    traces = [trace(f"t{i}", p, "a\nb\nThe answer is 3") for i in range(5)]  # 3 steps each
+    traces = [trace(f"t{i}", p, "a\nb\nThe answer is 3") for i in range(5)]  # 3 steps each, 2 rolled out
     calls: list[int] = []
 
     def count(requests: list[RolloutRequest]) -> list[str]:
         calls.append(len(requests))
-        assert len({r.key for r in requests}) * 6 == len(requests)  # whole traces only
+        assert len({r.key for r in requests}) * 4 == len(requests)  # whole traces only
         return [""] * len(requests)
 
     stored: list[dict] = []
-    first = label_traces(traces[:2], count, n=2, batch_size=12, on_record=stored.append)
-    assert calls == [12] and [r["problem_id"] for r in stored] == ["t0", "t1"]
+    first = label_traces(traces[:2], count, n=2, batch_size=8, on_record=stored.append)
+    assert calls == [8] and [r["problem_id"] for r in stored] == ["t0", "t1"]
     calls.clear()
     done = {r["problem_id"]: r for r in stored}
-    out = label_traces(traces, count, n=2, batch_size=12, done=done)
-    assert calls == [12, 6] and set(out) == {f"t{i}" for i in range(5)}
+    out = label_traces(traces, count, n=2, batch_size=8, done=done)
+    assert calls == [8, 4] and set(out) == {f"t{i}" for i in range(5)}
     assert out["t0"] is first["t0"] or out["t0"] == first["t0"]
     assert out["t4"]["scores"] == [0.0, 0.0, 1.0]  # only the last prefix states the answer
 

@@ -111,7 +111,7 @@ def test_builds_all_three_and_datasets_loads_them(tmp_path: Path, smollm2_dir: P
     assert wrong["debate"] == ["corrected", "corrected", "corrected"]
     right = by_key[("p1", "a", 1)]
     assert right["labels"] == [True, True, True] and right["debate"] == ["final"] * 3
-    assert completer.requests == sum(len(r["completions"]) for r in proc) * 2
+    assert completer.requests == sum(len(r["completions"]) - 1 for r in proc) * 2  # the last step is not rolled out
 
     assert check_stepwise(proc, AutoTokenizer.from_pretrained(smollm2_dir)) == built["process"].stats["counts"]["steps"]
 
@@ -145,7 +145,7 @@ def test_rollouts_are_stored_and_resumed(tmp_path: Path) -> None:
               progress=False)
     moved = build(cfg.model_copy(update={"rollouts_per_step": 3}), [run], completer=Scripted(), overwrite=True,
                   new_run=True, progress=False)[0]
-    assert moved.stats["counts"]["rollouts"] == 3 * moved.stats["counts"]["steps"]
+    assert moved.stats["counts"]["rollouts"] == 3 * (moved.stats["counts"]["steps"] - moved.rows)
 
 
 def test_no_correct_trajectory_writes_nothing(tmp_path: Path) -> None:

@@ -46,4 +46,5 @@ def test_debate_then_build_all_three(tmp_path: Path, smollm2_dir: Path) -> None:
     assert all(s in (0.0, 0.5, 1.0) for r in proc for s in r["scores"])
     assert check_stepwise(proc, tok) == built["process"].stats["counts"]["steps"]
     rollouts = list(TrajectoryStore(recipe.run_dir / "rollouts").iter_records())
-    assert len(rollouts) == len(proc) and all(len(x) == 2 for r in rollouts for x in r["rollouts"])
+    assert len(rollouts) == len(proc) and all(len(x) == 2 for r in rollouts for x in r["rollouts"][:-1])
+    assert all(r["rollouts"][-1] == [] for r in rollouts)  # the last step is graded by the trace's own answer

@@ -136,6 +136,17 @@ def test_majority_tie_break_and_unparsable():
     assert majority([turn("a", None)], [[turn("a", None)]]) == (None, False, False)
 
 
+def test_majority_counts_equal_numbers_as_one_answer():
+    def turn(agent, ans, correct=False):
+        return Turn(agent, 1, "m", "", ans, correct, 0, 0, 0.0)
+
+    # 1/2 and 0.5 are the same answer: two votes against one, no tie to break
+    last = [turn("a", "3"), turn("b", "1/2", True), turn("c", "0.5", True)]
+    assert majority(last, [last]) == ("1/2", True, False)
+    last = [turn("a", "Monday"), turn("b", "monday"), turn("c", "7")]
+    assert majority(last, [last]) == ("Monday", False, False)
+
+
 def test_judge_aggregation_and_errors():
     def reply(conv, k):
         return "\\boxed{99}" if agent_of(conv) == "J" else "\\boxed{1}"

@@ -7,9 +7,17 @@ import math
 import pytest
 import torch
 
-from pluribus.config import Recipe
+from pluribus.config import Recipe, RLSettings
 from pluribus.distill.prm import train_prm
-from pluribus.distill.rl import aggregate_steps, group_advantages, policy_loss, train_rl
+from pluribus.distill.rl import (
+    LocalSampler,
+    aggregate_steps,
+    group_advantages,
+    policy_loss,
+    sampling_kwargs,
+    token_logprobs,
+    train_rl,
+)
 from pluribus.errors import PluribusError
 from tests.distill.conftest import read_record
 
@@ -53,6 +61,54 @@ def test_policy_loss_by_hand():
     assert lp.grad[0, 0] == 0  # clipped with A > 0: no gradient from the PG term, KL term is 0 at q = 0
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_trainer_logprobs_are_the_samplers_distribution(top_p):
+    # The distribution generate samples from (its processed scores) must be the one the loss differentiates, even
+    # for a model whose generation_config.json asks for top_k, min_p and a repetition penalty.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model.generation_config.update(top_k=5, top_p=0.5, min_p=0.2, repetition_penalty=1.3)
+    settings = RLSettings(temperature=0.7, top_p=top_p)
+    prompt = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    prompt_mask = torch.ones_like(prompt)
+    prompt[1, :2], prompt_mask[1, :2] = 0, 0  # left padding, as the sampler batches
+    torch.manual_seed(2)
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, attention_mask=prompt_mask, **sampling_kwargs(settings),
+                             max_new_tokens=10, pad_token_id=0, eos_token_id=None, output_scores=True,
+                             return_dict_in_generate=True)
+        completion = out.sequences[:, prompt.shape[1]:]
+        sampler = torch.log_softmax(torch.stack(out.scores, dim=1), dim=-1)
+        sampled = sampler.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+        attention = torch.cat([prompt_mask, torch.ones_like(completion)], dim=1)
+        trainer = token_logprobs(model, out.sequences, attention, completion.shape[1], settings.temperature, top_p)
+    torch.testing.assert_close(trainer, sampled, atol=1e-4, rtol=1e-4)
+    if top_p == 1.0:  # no filter at all: every token of the vocabulary could have been sampled
+        assert torch.isfinite(sampler).all()
+
+
+def test_local_sampler_samples_with_the_distribution_the_loss_uses(student_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    seen = {}
+    generate = model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return generate(**kwargs)
+
+    model.generate = spy
+    settings = RLSettings(temperature=0.7, group_size=2, max_new_tokens=3)
+    LocalSampler(tok, settings)(model, ["What is 2 + 2?"])
+    assert seen["top_k"] == 0 and seen["temperature"] == 0.7 and seen["top_p"] == 1.0
+    assert {k: seen[k] for k in sampling_kwargs(settings)} == sampling_kwargs(settings)
+
+
 def test_rl_trains_a_few_steps_with_prm_and_kl(tmp_path, student_dir, process_dir):
     base = {"model": str(student_dir), "kernels": "off", "max_steps": 2, "batch_size": 4, "logging_steps": 1,
             "save_steps": 10, "eval_fraction": 0.0, "report_to": ["none"], "lora": {"r": 4}}
@@ -80,3 +136,32 @@ def test_rl_needs_gold_answers(tmp_path, student_dir):
                                                              "kernels": "off"})
     with pytest.raises(PluribusError, match="gold answers"):
         train_rl(r, dataset=ds)
+
+
+def test_rl_grades_a_multiple_choice_task_by_its_choices(tmp_path):
+    # The gold of a multiple-choice task is a letter; without the choices no reply names it, so every reward's
+    # answer part was 0. The prompts carry the task's meta, and the default check is answers.grade.
+    import json
+
+    from datasets import Dataset
+
+    from pluribus.data.answers import grade
+    from pluribus.data.records import Problem
+    from pluribus.data.tasks import load_problems
+    from pluribus.distill.rl import collate_prompts, default_verify, rl_prompts
+
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "Capital of France?", "choices": ["Paris", "London", "Rome"], "answer": 0},
+        {"question": "Color of the sky?", "choices": ["green", "blue"], "answer": "blue"}]) + "\n")
+    recipe = Recipe(name="t", root=str(tmp_path / "runs"),
+                    task={"source": "mc", "path": str(path), "heldout_fraction": 0.0})
+    problems = load_problems(recipe.task)
+    rows = Dataset.from_list([{"prompt": p.question, "problem_id": p.id} for p in problems])
+    prompts = rl_prompts(rows, recipe)
+    batch = collate_prompts(prompts)
+    metas = [json.loads(m) for m in batch["metas"]]
+    assert [m["choices"] for m in metas] == [p.meta["choices"] for p in problems]
+    for prompt, gold, meta in zip(batch["prompts"], batch["answers"], metas, strict=True):
+        assert grade(f"The answer is ({gold}).", Problem("rl", prompt, gold, meta=meta)).correct
+        assert not default_verify(f"The answer is ({gold}).", gold)  # what the reward saw before: never right

@@ -133,3 +133,56 @@ def test_lora_bias_is_not_taken_by_the_fused_path():
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     spec, reason = lora_projection(layer)
     assert spec is None and "lora_bias" in reason
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_model_generates_like_unpatched_with_kv_cache(family):
+    # Left-padded batch, greedy, cache on: the patched attention must update the cache it is handed, or every step
+    # after the prefill attends to the new token only.
+    model = tiny_peft(family).eval()
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    gen = {"attention_mask": mask, "max_new_tokens": 12, "do_sample": False, "use_cache": True,
+           "pad_token_id": 0, "eos_token_id": None, "output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        plain = model.generate(input_ids=ids, **gen)
+        with patch_model(model, "torch") as handle:
+            assert handle.counts["attention"] == 2
+            fused = model.generate(input_ids=ids, **gen)
+    assert fused.sequences.tolist() == plain.sequences.tolist()
+    torch.testing.assert_close(torch.stack(fused.logits), torch.stack(plain.logits), atol=1e-5, rtol=1e-5)
+
+
+def _forward_4x(self, hidden_states, position_embeddings, attention_mask, past_key_value=None, cache_position=None,
+                **kwargs):
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    return LlamaAttention.__dict__["_saved"](self, hidden_states, position_embeddings, attention_mask,
+                                             cache=kwargs.pop("cache", past_key_value), **kwargs)
+
+
+def _forward_past_key_values(self, hidden_states, position_embeddings=None, attention_mask=None,
+                             past_key_values=None, **kwargs):
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    return LlamaAttention.__dict__["_saved"](self, hidden_states, position_embeddings, attention_mask,
+                                             cache=kwargs.pop("cache", past_key_values), **kwargs)
+
+
+@pytest.mark.parametrize("old_forward", [_forward_4x, _forward_past_key_values])
+def test_attention_with_an_unknown_forward_signature_is_not_patched(monkeypatch, caplog, old_forward):
+    # Signatures of other transformers releases (the cache under another name, cache_position): standing in for
+    # them could drop the cache, so the block keeps its own forward, and says why.
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    monkeypatch.setattr(LlamaAttention, "_saved", LlamaAttention.forward, raising=False)
+    monkeypatch.setattr(LlamaAttention, "forward", old_forward)
+    model = tiny_peft("llama")
+    before = loss_and_grads(model)
+    with caplog.at_level(logging.WARNING, logger="pluribus.kernels"), patch_model(model, "torch") as handle:
+        assert "attention" not in handle.counts and handle.counts["mlp"] == 2
+        reasons = [reason for name, reason in handle.skipped if name.endswith("self_attn")]
+        assert len(reasons) == 2 and "past_key_value" in reasons[0] and "not an attention signature" in reasons[0]
+        assert_same(loss_and_grads(model), before)
+    assert "attention blocks run their original forward" in caplog.text

@@ -15,7 +15,9 @@ HOW = {
                  "(first attempt, a check, the corrected answer). `kind` tells them apart.",
     "process": "Process supervision (stepwise supervision: `prompt`, `completions`, `labels`): solutions split "
                "into steps, each scored by Monte-Carlo rollouts from its prefix (`scores` = fraction of rollouts "
-               "reaching the target answer); `labels[i]` = score > threshold and every earlier step good. "
+               "reaching the target answer), the last step by the trace's own final answer (Math-Shepherd); "
+               "`labels[i]` = score > threshold (and every earlier step good where the label statistics say "
+               "monotone labels: True). "
                "`debate` records what the debate did to each step (final, kept, corrected, revised).",
 }
 

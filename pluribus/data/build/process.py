@@ -2,11 +2,16 @@
 
 For a solution split into steps s_1..s_m (``steps.split_steps``) and a completer that continues a prefix,
 
-    score_i = (1/n) * #{j : check(prefix_i + completion_ij) reaches the target answer},   j = 1..n
-    label_i = score_i > threshold  and  label_{i-1}            (a step after the first bad step is bad)
+    score_i = (1/n) * #{j : check(prefix_i + completion_ij) reaches the target answer},   j = 1..n,  i < m
+    score_m = check(solution)        (the last step is graded by the trace's own final answer, no rollouts)
+    label_i = score_i > threshold    [and label_{i-1}, with monotone=True (BuildConfig.monotone_labels)]
 
 ``prefix_i`` is the solution text up to the end of step i and its separator (``steps.prefix_bounds``). With
-threshold 0 this is Math-Shepherd's hard estimate (a step is good if any rollout still reaches the answer).
+threshold 0 and monotone off this is Math-Shepherd's hard estimate (a step is good if any rollout still reaches
+the answer; the last step by the correctness of the answer itself). The last step is not rolled out because
+nothing is left to complete: a rollout could only append text, and the last answer of a text is the one graded,
+so a wrong trace whose continuation restates the right number would be labelled good. Monotone labels (every step
+after the first bad one is bad) are a choice some PRM recipes make, not Math-Shepherd's, so it is an option.
 Debate signals are recorded beside the labels, per step: ``final`` (a last-round trace), ``kept`` (the step
 reappears in the agent's next-round answer), ``corrected`` (the trace was wrong, the agent's next answer right,
 and the step did not survive) or ``revised`` (dropped without a wrong-to-right correction).
@@ -69,25 +74,28 @@ class Trace:
         return [self.text[:b] for b in prefix_bounds(self.text, self.steps)]
 
 
-def hard_labels(scores: list[float], threshold: float) -> list[bool]:
-    """``label_i = score_i > threshold`` and every earlier label good."""
+def hard_labels(scores: list[float], threshold: float, monotone: bool = False) -> list[bool]:
+    """``label_i = score_i > threshold``; with ``monotone``, also every earlier label good."""
     labels, ok = [], True
     for s in scores:
-        ok = ok and s > threshold
+        ok = (ok or not monotone) and s > threshold
         labels.append(ok)
     return labels
 
 
 def requests_for(trace: Trace, n: int) -> list[RolloutRequest]:
+    """``n`` rollouts from each step's prefix but the last (graded by the trace's own answer instead)."""
     return [RolloutRequest(trace.key, i, j, trace.problem, p)
-            for i, p in enumerate(trace.prefixes) for j in range(n)]
+            for i, p in enumerate(trace.prefixes[:-1]) for j in range(n)]
 
 
 def score_trace(trace: Trace, completions: list[str], n: int, check: Check) -> tuple[list[float], list[list[bool]]]:
-    """Scores per step from the ``len(steps) * n`` completions of ``requests_for(trace, n)`` (same order)."""
+    """Scores per step from the ``(len(steps) - 1) * n`` completions of ``requests_for(trace, n)`` (same order),
+    the last step's from ``check(trace.text)``; the hits per step (one, the trace's own, for the last)."""
     hits = [[check(p + completions[i * n + j], trace.problem) for j in range(n)]
-            for i, p in enumerate(trace.prefixes)]
-    return [sum(h) / n for h in hits], hits
+            for i, p in enumerate(trace.prefixes[:-1])]
+    hits.append([check(trace.text, trace.problem)])
+    return [sum(h) / len(h) for h in hits], hits
 
 
 def label_traces(traces: list[Trace], completer: Completer, *, n: int, check: Check = answer_check,
@@ -107,16 +115,16 @@ def label_traces(traces: list[Trace], completer: Completer, *, n: int, check: Ch
         on_progress(len(traces) - len(todo))
     for group in _groups(todo, n, batch_size):
         requests = [r for t in group for r in requests_for(t, n)]
-        completions = completer(requests)
+        completions = completer(requests) if requests else []  # a group of one-step traces needs no rollout
         if len(completions) != len(requests):
             raise RuntimeError(f"completer returned {len(completions)} continuations for {len(requests)} prefixes")
         pos = 0
         for t in group:
-            m = len(t.steps) * n
+            m = (len(t.steps) - 1) * n
             scores, hits = score_trace(t, completions[pos : pos + m], n, check)
             rec = {"problem_id": t.key, "source_problem": t.problem.id, "agent": t.agent, "round": t.round,
                    "steps": [s.text for s in t.steps], "scores": scores, "hits": hits,
-                   "rollouts": [completions[pos + i * n : pos + (i + 1) * n] for i in range(len(t.steps))]}
+                   "rollouts": [completions[pos + i * n : pos + (i + 1) * n] for i in range(len(t.steps) - 1)] + [[]]}
             pos += m
             out[t.key] = rec
             if on_record:
@@ -130,7 +138,7 @@ def _groups(traces: list[Trace], n: int, batch_size: int) -> Iterator[list[Trace
     group: list[Trace] = []
     size = 0
     for t in traces:
-        cost = len(t.steps) * n
+        cost = (len(t.steps) - 1) * n
         if group and size + cost > batch_size:
             yield group
             group, size = [], 0
@@ -191,13 +199,13 @@ def traces_from(traj: Trajectory, *, target: str, rule: str, pattern: str | None
 
 
 def process_rows(traces: Iterable[Trace], records: dict[str, dict[str, Any]], threshold: float,
-                 prompt_template: str) -> list[dict[str, Any]]:
+                 prompt_template: str, monotone: bool = False) -> list[dict[str, Any]]:
     """Stepwise-supervision rows: ``{prompt, completions, labels, scores, problem_id, agent, round, debate}``."""
     rows = []
     for t in traces:
         scores = [float(s) for s in records[t.key]["scores"]]
         rows.append({"prompt": prompt_template.replace("{question}", t.problem.question),
-                     "completions": [s.text for s in t.steps], "labels": hard_labels(scores, threshold),
+                     "completions": [s.text for s in t.steps], "labels": hard_labels(scores, threshold, monotone),
                      "scores": scores, "problem_id": t.problem.id, "agent": t.agent, "round": t.round,
                      "debate": list(t.debate)})
     return rows

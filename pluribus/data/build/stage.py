@@ -171,7 +171,9 @@ def rollout_hash(cfg: BuildConfig, completer: AgentConfig, source_hash: str, pro
     """What a stored rollout depends on; budgets (max_problems, traces_per_problem, max_steps) may change."""
     payload = {"source": source_hash, "completer": completer.model_dump(mode="json"),
                "n": cfg.rollouts_per_step, "rule": cfg.step_rule, "regex": cfg.step_regex,
-               "target": cfg.target, "prompt": prompt}
+               "target": cfg.target, "prompt": prompt,
+               # stores from before it graded the last step by the trace's own answer rolled it out instead
+               "last_step": "own-answer"}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -266,7 +268,8 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
         records = _rollouts(traces, cfg, completer, completer_cfg, sources[0].config_hash, prompt,
                             Path(rollouts_dir) if rollouts_dir else run_dir / "rollouts", seed=seed,
                             new_run=new_run, trust_remote_code=trust_remote_code, progress=progress)
-        rows["process"] = process_rows(traces, records, cfg.label_threshold, prompt)
+        rows["process"] = process_rows(traces, records, cfg.label_threshold, prompt,
+                                       cfg.monotone_labels)
 
     # 3. write each dataset atomically, with its card
     config = cfg.model_dump(mode="json")
@@ -326,7 +329,7 @@ def _stats(kind: str, rows: list[dict[str, Any]], trajs: list[Trajectory], repor
     if kind == "process":
         steps = [(lab, s) for r in rows for lab, s in zip(r["labels"], r["scores"], strict=True)]
         counts["steps"] = len(steps)
-        counts["rollouts"] = len(steps) * cfg.rollouts_per_step
+        counts["rollouts"] = (len(steps) - len(rows)) * cfg.rollouts_per_step  # the last step is not rolled out
         counts["traces without steps"] = len(report["no_steps"])
         counts["traces over max_steps"] = len(report["too_many_steps"])
         counts["problems without a target"] = len(report["no_target"])
@@ -336,7 +339,8 @@ def _stats(kind: str, rows: list[dict[str, Any]], trajs: list[Trajectory], repor
             "good step fraction": sum(lab for lab, _ in steps) / max(len(steps), 1),
             "mean step score": sum(s for _, s in steps) / max(len(steps), 1),
             "traces all good": sum(all(r["labels"]) for r in rows),
-            "label threshold": cfg.label_threshold, "rollouts per step": cfg.rollouts_per_step,
+            "label threshold": cfg.label_threshold, "monotone labels": cfg.monotone_labels,
+            "rollouts per step": cfg.rollouts_per_step,
             **{f"steps marked {k} by the debate": v for k, v in sorted(debate.items())},
         }
         stats.update({k: list(v) for k, v in report.items()})
