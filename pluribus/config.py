@@ -260,7 +260,9 @@ class TrainConfig(Section):
     lr: float = Field(2e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run the epochs).")
-    kernels: Literal["auto", "triton", "torch", "off"] = Field("auto", description="Fused LoRA kernels dispatch.")
+    kernels: Literal["auto", "triton", "torch", "off"] = Field(
+        "auto", description="Fused LoRA kernels dispatch: auto (Triton where it runs, else the torch twins), triton, "
+        "torch, off. A bare YAML off/false means off, on/true means auto.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     init_adapter: str | None = Field(None, description="Start from this PEFT adapter (e.g. rl from adapters/rsft).")
     batch_size: int = Field(8, ge=1, description="Examples per device per micro-step (packed into one row in SFT).")
@@ -282,6 +284,15 @@ class TrainConfig(Section):
     corrective_weight: float = Field(1.0, ge=0.0, description="augmented: loss weight of corrective traces.")
     prm: PRMSettings = Field(default_factory=PRMSettings)
     rl: RLSettings = Field(default_factory=RLSettings)
+
+    @field_validator("kernels", mode="before")
+    @classmethod
+    def _kernels_as_written(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false and `on` as true, so `train.kernels: off` (as documented) and
+        # `train.kernels=off` arrive as booleans; "on" asks for kernels wherever they can run, which is auto
+        if isinstance(v, bool):
+            return "auto" if v else "off"
+        return v
 
     @field_validator("max_steps")
     @classmethod
