@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pluribus.errors import PluribusError
 
@@ -69,7 +70,7 @@ def debate_cmd(
     summary = run_debate(load_recipe(recipe, overrides or []), new_run=new_run, progress=not no_progress)
     table = Table("debate", "value")
     for name, value in summary.rows():
-        table.add_row(name, value)
+        table.add_row(escape(name), escape(value))
     Console().print(table)
 
 
@@ -106,15 +107,17 @@ def build_cmd(
                          overwrite=overwrite, new_run=new_run, skip_corrupt=skip_corrupt, progress=not no_progress)
     table = Table("dataset", "rows", "problems", "path")
     for b in built:
-        table.add_row(b.kind, str(b.rows), str(b.stats["counts"]["problems with rows"]), str(b.path))
+        table.add_row(b.kind, str(b.rows), str(b.stats["counts"]["problems with rows"]), escape(str(b.path)))
         if b.stats.get("skipped_lines"):
-            console.print(f"skipped {len(b.stats['skipped_lines'])} corrupt line(s): {', '.join(b.stats['skipped_lines'][:10])}")
+            console.print(f"skipped {len(b.stats['skipped_lines'])} corrupt line(s): "
+                          f"{', '.join(b.stats['skipped_lines'][:10])}", markup=False)
         if b.stats.get("no_steps"):
             console.print(f"{len(b.stats['no_steps'])} trace(s) had no step under build.step_rule "
-                          f"(e.g. {', '.join(b.stats['no_steps'][:5])}); all are listed in {b.path}/README.md")
+                          f"(e.g. {', '.join(b.stats['no_steps'][:5])}); all are listed in {b.path}/README.md",
+                          markup=False)
     Console().print(table)
     if push:
-        console.print(f"pushed to {push_to_hub(built, push)}")
+        console.print(f"pushed to {push_to_hub(built, push)}", markup=False)
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -142,7 +145,8 @@ def train_cmd(
                          overwrite=overwrite)
     metrics = json.loads((folder / "training_record.json").read_text())["metrics"]
     shown = {k: v for k, v in metrics.items() if "loss" in k or k.startswith(("eval_step", "final_"))}
-    Console().print(f"adapter: {folder}\n" + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()), highlight=False)
+    Console().print(f"adapter: {folder}\n" + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()), highlight=False,
+                    markup=False)
 
 
 @app.command("score")
@@ -172,7 +176,7 @@ def score_cmd(
         return
     table = Table("#", "score", "step")
     for i, (s, v) in enumerate(zip(steps, scores, strict=True)):
-        table.add_row(str(i), f"{v:.3f}", s)
+        table.add_row(str(i), f"{v:.3f}", escape(s))
     Console().print(table)
 
 
@@ -214,14 +218,15 @@ def merge_cmd(
             raise PluribusError("--extract needs --base (the model it was tuned from) and -o OUT")
         r = extract_lora(base, extract, out, rank=rank, energy=energy, overwrite=overwrite)
         Console().print(f"{r['modules']} modules, ranks {r['rank_min']}..{r['rank_max']}, relative error {r['error']:.3e}, "
-                        f"uncaptured (non-linear weights) {r['uncaptured']:.3e} -> {out}", highlight=False)
+                        f"uncaptured (non-linear weights) {r['uncaptured']:.3e} -> {out}", highlight=False,
+                        markup=False)
         return
     spec, target = resolve_cli(config, out, method=method, adapters=adapters, models=models, base=base, weights=weights,
                                density=density, drop=drop, seed=seed, rank=rank, energy=energy, output=output,
                                mergekit=mergekit or None, **({"lambda": lam} if lam is not None else {}))
     summary = run_merge(spec, target, overwrite=overwrite)
     for line in summary.lines():
-        Console().print(line, highlight=False)
+        Console().print(line, highlight=False, markup=False)
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -247,7 +252,7 @@ def eval_cmd(
     versus = {c["system"]: c for c in payload.get("comparisons", [])}
     for name, r in payload["systems"].items():
         c = versus.get(name)
-        table.add_row(name, f"{r['accuracy']:.1%}", f"{r['accuracy_low']:.0%}-{r['accuracy_high']:.0%}",
+        table.add_row(escape(name), f"{r['accuracy']:.1%}", f"{r['accuracy_low']:.0%}-{r['accuracy_high']:.0%}",
                       f"+{c['wins']}/-{c['losses']} ({c['p_value']:.2g})" if c else "",
                       f"{r['first_answer_accuracy']:.1%}", f"{r['wrong_first_corrected']:.1%}",
                       f"{r['tokens_per_problem']:.0f}", f"{r['seconds_per_problem']:.2f}")
@@ -255,8 +260,8 @@ def eval_cmd(
     for name, kinds in (payload.get("robustness") or {}).items():
         for kind, r in kinds.items():
             Console().print(f"{name} under {kind}: {r['accuracy']:.1%} ({r['change']:+.1%} vs clean; "
-                            f"{r['lost']} lost, {r['gained']} gained)", highlight=False)
-    Console().print(f"report: {loaded.run_dir / 'eval' / 'report.md'}")
+                            f"{r['lost']} lost, {r['gained']} gained)", highlight=False, markup=False)
+    Console().print(f"report: {loaded.run_dir / 'eval' / 'report.md'}", markup=False)
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -278,9 +283,9 @@ def export_cmd(
     if push:
         check_push(push)  # a bad repo id or a missing token fails before the folder is written
     folder = export_folder(source, out, datasets=dataset or [], eval_results=eval_results, overwrite=overwrite)
-    Console().print(f"exported: {folder}")
+    Console().print(f"exported: {folder}", markup=False)
     if push:
-        Console().print(f"pushed: {push_folder(folder, push, private=not public)}")
+        Console().print(f"pushed: {push_folder(folder, push, private=not public)}", markup=False)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -303,7 +308,7 @@ def run_cmd(
     results = run_recipe(load_recipe(recipe, overrides or []), force=force, progress=not no_progress, new_run=new_run)
     table = Table("stage", "status", "seconds", "summary")
     for r in results:
-        table.add_row(r.stage, r.status, f"{r.seconds:.1f}", r.summary)
+        table.add_row(r.stage, r.status, f"{r.seconds:.1f}", escape(r.summary))
     Console().print(table)
 
 
@@ -319,7 +324,7 @@ def models_list() -> None:
 
     table = Table("alias", "source", "status")
     for row in list_models():
-        table.add_row(row["alias"], row["source"], row["status"])
+        table.add_row(*(escape(str(row[k])) for k in ("alias", "source", "status")))
     Console().print(table)
 
 
@@ -378,6 +383,13 @@ def _creating(e: OSError) -> bool:
     return tb is not None and tb.tb_frame.f_code.co_name in ("mkdir", "makedirs", "mkdtemp")
 
 
+def _error(message: str) -> None:
+    """Print one error line and exit 2. The message is escaped: rich would read an install hint such as
+    ``pip install 'pluribus[vllm]'`` as markup and print ``pip install 'pluribus'``."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
 def main() -> None:
     """Run the CLI; user errors print one line and exit with code 2; SIGTERM cleans up like Ctrl-C."""
     signal.signal(signal.SIGTERM, _terminated)
@@ -392,12 +404,8 @@ def main() -> None:
             raise KeyboardInterrupt
         if isinstance(code, int) and code:
             sys.exit(code)
-    except PluribusError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except FileExistsError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    except (PluribusError, FileExistsError) as e:
+        _error(str(e))
     except OSError as e:
         # Last resort for unusable paths (an output under a file, a read-only folder, a full disk); an OSError
         # naming no path is a bug and keeps its traceback.
@@ -406,8 +414,7 @@ def main() -> None:
         path = e.filename if e.filename2 is None else f"{e.filename}' -> '{e.filename2}"
         what = f"'{path}' does not exist" if isinstance(e, FileNotFoundError) and not _creating(e) else \
             f"cannot create '{path}': {e.strerror or e}"
-        console.print(f"[bold red]error:[/] {what}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _error(what)
     except KeyboardInterrupt:
         console.print("interrupted; what was finished is stored and a rerun resumes from there")
         sys.exit(130)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from pluribus.config import Recipe, write_recipe
 from pluribus.errors import PluribusError
@@ -170,5 +171,5 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True, ne
         write_recipe(recipe)  # once a stage has accepted it: a refused config must not replace the run's recipe
         _mark(recipe, name, output)
         results.append(StageResult(name, "ran", time.perf_counter() - t0, summary))
-        console.print(f"[bold]{name}[/]: {summary}", highlight=False)
+        console.print(f"[bold]{name}[/]: {escape(summary)}", highlight=False)
     return results

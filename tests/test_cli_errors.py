@@ -73,3 +73,36 @@ def test_a_root_that_cannot_be_made_says_cannot_create(tmp_path: Path) -> None:
     (tmp_path / "q.yaml").write_text("name: x\n")
     line = _one_line(_cli("run", "q.yaml", "root=/proc/runs", "build.k=2", cwd=tmp_path))
     assert line == "error: cannot create '/proc/runs': No such file or directory"
+
+
+def test_an_install_hint_in_an_error_is_printed_as_written(monkeypatch, capsys) -> None:
+    # rich reads "[vllm]" as a markup tag: unescaped, the hint would print as pip install 'pluribus'
+    import pluribus.config
+    from pluribus import cli
+    from pluribus.errors import PluribusError
+
+    def refuse(*args, **kwargs):
+        raise PluribusError("the vllm backend needs vLLM on a GPU machine: pip install 'pluribus[vllm]'")
+
+    monkeypatch.setattr(pluribus.config, "load_recipe", refuse)
+    monkeypatch.setattr(sys, "argv", ["pluribus", "config", "name=x"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: the vllm backend needs vLLM on a GPU machine: pip install 'pluribus[vllm]'")
+
+
+def test_a_run_summary_with_brackets_is_printed_as_written(tmp_path: Path, monkeypatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from pluribus import run
+    from pluribus.config import Recipe
+
+    monkeypatch.setattr(run, "STAGES", [("merge", lambda r: True,
+                                         lambda r, p: (tmp_path, "merged [bold] x[/] into 'out[merged]'"))])
+    buf = io.StringIO()
+    run.run_recipe(Recipe(root=str(tmp_path)), console=Console(file=buf, width=200))
+    assert "merge: merged [bold] x[/] into 'out[merged]'" in buf.getvalue()
