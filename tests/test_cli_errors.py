@@ -11,9 +11,14 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pluribus.cli", *args], capture_output=True, text=True, cwd=cwd)
+    # PYTHONPATH: from another folder, `-m pluribus.cli` would import whichever pluribus is installed
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "pluribus.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env)
 
 
 def _one_line(proc: subprocess.CompletedProcess) -> str:
@@ -106,3 +111,10 @@ def test_a_run_summary_with_brackets_is_printed_as_written(tmp_path: Path, monke
     buf = io.StringIO()
     run.run_recipe(Recipe(root=str(tmp_path)), console=Console(file=buf, width=200))
     assert "merge: merged [bold] x[/] into 'out[merged]'" in buf.getvalue()
+
+
+def test_a_task_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "t.jsonl").write_bytes(b'{"question": "Caf\xe9 has 2 cups", "answer": "2"}\n')
+    (tmp_path / "r.yaml").write_text("task:\n  source: jsonl\n  path: t.jsonl\n  heldout_fraction: 0.0\nteam: {}\n")
+    line = _one_line(_cli("debate", "r.yaml", cwd=tmp_path))
+    assert line == "error: t.jsonl is not UTF-8 text: line 1, byte offset 17 (b'\\xe9'); save it as UTF-8"
