@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import sys
@@ -111,6 +112,9 @@ def build_cmd(
         if b.stats.get("skipped_lines"):
             console.print(f"skipped {len(b.stats['skipped_lines'])} corrupt line(s): "
                           f"{', '.join(b.stats['skipped_lines'][:10])}", markup=False)
+        if b.stats.get("duplicate_lines"):
+            console.print(f"ignored {len(b.stats['duplicate_lines'])} duplicated store line(s) (the first line of "
+                          f"each problem is used): {', '.join(b.stats['duplicate_lines'][:10])}", markup=False)
         if b.stats.get("no_steps"):
             console.print(f"{len(b.stats['no_steps'])} trace(s) had no step under build.step_rule "
                           f"(e.g. {', '.join(b.stats['no_steps'][:5])}); all are listed in {b.path}/README.md",
@@ -118,6 +122,28 @@ def build_cmd(
     Console().print(table)
     if push:
         console.print(f"pushed to {push_to_hub(built, push)}", markup=False)
+
+
+@app.command("repair")
+def repair_cmd(
+    store: Annotated[Path, typer.Argument(help="Run folder or store folder (trajectories/, rollouts/, an eval store).")],
+) -> None:
+    """Move corrupt and duplicated lines out of a store's shards into removed-<time>.jsonl; the next
+    `pluribus debate` (or eval, build) generates their problems again."""
+    from pluribus.data.build.stage import store_dir
+    from pluribus.data.records import Trajectory
+    from pluribus.data.store import repair_store
+
+    folder = store_dir(store)
+    # rollout stores hold rollout records; every other store holds trajectories
+    report = repair_store(folder, check=None if folder.name == "rollouts" else Trajectory.from_dict)
+    if report["moved_to"] is None:
+        Console().print(f"{folder}: no corrupt or duplicated line", markup=False)
+        return
+    for what in ("corrupt", "duplicates"):
+        if report[what]:
+            Console().print(f"{len(report[what])} {what} line(s): {', '.join(report[what][:10])}", markup=False)
+    Console().print(f"moved to {report['moved_to']}; rerun the stage to generate their problems again", markup=False)
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -409,6 +435,10 @@ def main() -> None:
     except OSError as e:
         # Last resort for unusable paths (an output under a file, a read-only folder, a full disk); an OSError
         # naming no path is a bug and keeps its traceback.
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # a library writing (parquet, checkpoints) on a full disk: the run resumes once space is freed
+            _error(f"{e.strerror or 'no space left on device'} (errno {e.errno}); free space on the disk holding "
+                   "the run folder and rerun: finished work is kept")
         if e.filename is None:
             raise
         path = e.filename if e.filename2 is None else f"{e.filename}' -> '{e.filename2}"

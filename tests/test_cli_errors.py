@@ -118,3 +118,21 @@ def test_a_task_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("task:\n  source: jsonl\n  path: t.jsonl\n  heldout_fraction: 0.0\nteam: {}\n")
     line = _one_line(_cli("debate", "r.yaml", cwd=tmp_path))
     assert line == "error: t.jsonl is not UTF-8 text: line 1, byte offset 17 (b'\\xe9'); save it as UTF-8"
+
+
+def test_a_full_disk_inside_a_library_is_one_line(monkeypatch, capsys) -> None:
+    import errno
+
+    import pluribus.config
+    from pluribus import cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pluribus.config, "load_recipe", full)
+    monkeypatch.setattr(sys, "argv", ["pluribus", "config", "name=x"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: No space left on device") and "free space" in err and "\n" not in err

@@ -337,9 +337,13 @@ class DebateSummary:
     corrected: int  # an agent wrong in round r-1, right in round r
     lost: int  # an agent right in round r-1, wrong in round r
     tokens_per_second: float  # generated tokens / wall seconds of this invocation
+    duplicates: tuple[str, ...] = ()  # "shard:line" of store lines repeating a stored problem (counted once)
 
     def rows(self) -> list[tuple[str, str]]:
-        return [
+        repeated = [("duplicated store lines (counted once)",
+                     f"{len(self.duplicates)}: {', '.join(self.duplicates[:5])}"
+                     f"{', ...' if len(self.duplicates) > 5 else ''} (pluribus repair removes them)")]
+        return [*(repeated if self.duplicates else []),
             ("problems (new this run)", f"{self.problems} ({self.new})"),
             ("single-agent (round-0) accuracy", f"{self.round0_accuracy:.1%}"),
             ("team accuracy", f"{self.team_accuracy:.1%}"),
@@ -351,8 +355,8 @@ class DebateSummary:
         ]
 
 
-def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_second: float = 0.0
-              ) -> DebateSummary:
+def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_second: float = 0.0,
+              duplicates: Sequence[str] = ()) -> DebateSummary:
     n = len(records)
     r0 = [t["correct"] for r in records for t in r["rounds"][0]]
     corrected = lost = 0
@@ -367,7 +371,7 @@ def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_
         team_accuracy=sum(bool(r["final_correct"]) for r in records) / n if n else 0.0,
         tokens_per_problem=sum(r["cost"]["tokens_in"] + r["cost"]["tokens_out"] for r in records) / n if n else 0.0,
         seconds_per_problem=sum(r["cost"]["seconds"] for r in records) / n if n else 0.0,
-        corrected=corrected, lost=lost, tokens_per_second=tokens_per_second,
+        corrected=corrected, lost=lost, tokens_per_second=tokens_per_second, duplicates=tuple(duplicates),
     )
 
 
@@ -461,7 +465,7 @@ def run_debate(
             backends = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
 
     with TrajectoryStore(recipe.run_dir / "trajectories", config_hash(recipe), new_run=new_run,
-                         same_config=[legacy_config_hash(recipe)]) as store:
+                         same_config=[legacy_config_hash(recipe)], check=Trajectory.from_dict) as store:
         write_recipe(recipe)  # only now: a config the store refused must not replace the run's recipe
         done = store.done_ids()
         pending = [p for p in problems if p.id not in done]
@@ -485,7 +489,8 @@ def run_debate(
         wanted = {p.id for p in problems}
         records = [r for r in store.iter_records() if r["problem_id"] in wanted]
     elapsed = time.perf_counter() - t0
-    return summarize(records, new=len(pending), tokens_per_second=tokens / elapsed if pending else 0.0)
+    return summarize(records, new=len(pending), tokens_per_second=tokens / elapsed if pending else 0.0,
+                     duplicates=store.duplicates)
 
 
 class _Progress:

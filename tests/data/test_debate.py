@@ -390,3 +390,45 @@ def test_embedded_model_small_debate(tmp_path):
     records = list(TrajectoryStore(tmp_path / "emb" / "trajectories").iter_records())
     responses = [t["response"] for r in records for rnd in r["rounds"] for t in rnd]
     assert len(responses) == 8 and all(isinstance(x, str) for x in responses) and any(responses)
+
+
+def _store_lines(tmp_path):
+    shard = tmp_path / "r" / "trajectories" / "shard-00000.jsonl"
+    return shard, shard.read_bytes().splitlines(keepends=True)
+
+
+def test_a_store_line_with_no_rounds_is_corrupt_and_repair_resumes(tmp_path, monkeypatch, capsys):
+    from pluribus import cli
+
+    be = ScriptedBackend(lambda conv, k: "\\boxed{2}")
+    recipe = Recipe(name="r", root=str(tmp_path), task=TaskConfig(n=3),
+                    team=TeamConfig(agents=[AgentConfig(name="a")], rounds=1))
+    backends = {backend_key(recipe.team.agents[0]): be}
+    run_debate(recipe, problems=problems(3), backends=backends, progress=False)
+    shard, lines = _store_lines(tmp_path)
+    hollow = json.loads(lines[1])
+    hollow["rounds"] = []  # valid JSON, not a trajectory
+    shard.write_bytes(lines[0] + json.dumps(hollow).encode() + b"\n" + lines[2])
+    with pytest.raises(PluribusError, match=r"line 2 is corrupt \(Trajectory field 'rounds' is empty.*\); "
+                                            r"run `pluribus repair "):
+        run_debate(recipe, problems=problems(3), backends=backends, progress=False)
+    monkeypatch.setattr(sys, "argv", ["pluribus", "repair", str(tmp_path / "r")])
+    cli.main()  # the command the message names
+    assert "1 corrupt line(s): shard-00000.jsonl:2" in capsys.readouterr().out
+    s = run_debate(recipe, problems=problems(3), backends=backends, progress=False)
+    assert s.problems == 3 and s.new == 1  # p1 generated again
+
+
+def test_a_duplicated_store_line_is_counted_once_and_reported(tmp_path):
+    be = ScriptedBackend(lambda conv, k: "\\boxed{2}")
+    recipe = Recipe(name="r", root=str(tmp_path), task=TaskConfig(n=2),
+                    team=TeamConfig(agents=[AgentConfig(name="a")], rounds=1))
+    backends = {backend_key(recipe.team.agents[0]): be}
+    run_debate(recipe, problems=problems(2), backends=backends, progress=False)
+    shard, lines = _store_lines(tmp_path)
+    shard.write_bytes(lines[0] + lines[1] + lines[1])
+    s = run_debate(recipe, problems=problems(2), backends=backends, progress=False)
+    assert s.problems == 2 and s.team_accuracy == pytest.approx(0.5)  # p1 (gold 2) counted once
+    assert s.duplicates == ("shard-00000.jsonl:3",)
+    assert ("duplicated store lines (counted once)", "1: shard-00000.jsonl:3 (pluribus repair removes them)") \
+        in s.rows()
