@@ -28,6 +28,20 @@ console = Console(stderr=True)
 
 RecipeArg = Annotated[Path | None, typer.Argument(help="Recipe YAML (configs/quickstart.yaml).")]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. team.rounds=3 train.lr=1e-4")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    "--threads", min=1, help="CPU threads of torch (the recipe's `threads`); default 1 without a GPU, "
+    "which does not collapse when other jobs share the cores ($OMP_NUM_THREADS is respected).")]
+
+
+def _with_threads(overrides: list[str] | None, threads: int | None) -> list[str]:
+    """``--threads N`` as the override ``threads=N``: the recipe as run records it, and every stage reads it."""
+    return [*(overrides or []), *([f"threads={threads}"] if threads is not None else [])]
+
+
+def _threads(threads: int | None) -> None:
+    from pluribus.threads import apply_threads
+
+    apply_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------- recipe
@@ -61,6 +75,7 @@ def debate_cmd(
     overrides: OverridesArg = None,
     new_run: Annotated[bool, typer.Option("--new-run", help="Config changed: move the old store aside.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run the recipe's debate team over its problems into runs/<name>/trajectories (resumable)."""
     from rich.table import Table
@@ -68,7 +83,8 @@ def debate_cmd(
     from pluribus.config import load_recipe
     from pluribus.data.debate import run_debate
 
-    summary = run_debate(load_recipe(recipe, overrides or []), new_run=new_run, progress=not no_progress)
+    summary = run_debate(load_recipe(recipe, _with_threads(overrides, threads)), new_run=new_run,
+                         progress=not no_progress)
     table = Table("debate", "value")
     for name, value in summary.rows():
         table.add_row(escape(name), escape(value))
@@ -90,6 +106,7 @@ def build_cmd(
     new_run: Annotated[bool, typer.Option("--new-run", help="Rollout config changed: move old rollouts aside.")] = False,
     push: Annotated[str | None, typer.Option("--push-to-hub", help="Push the datasets to this Hub repo (HF_TOKEN).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Build rsft / augmented / process datasets from a run's trajectories into <run>/datasets/<kind>/."""
     from rich.table import Table
@@ -103,6 +120,7 @@ def build_cmd(
         check_repo_id(push)
         require_token()
     recipe, overrides = _no_recipe(recipe, overrides)  # `build --store RUN build.k=2`
+    overrides = _with_threads(overrides, threads)
     loaded = load_recipe(recipe, overrides) if recipe is not None else None
     built = build_recipe(loaded, None if loaded else overrides, stores=store, kinds=kind, out_root=out,
                          overwrite=overwrite, new_run=new_run, skip_corrupt=skip_corrupt, progress=not no_progress)
@@ -159,6 +177,7 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint of this stage.")] = False,
     resume_from: Annotated[Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter folder.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train a LoRA/QLoRA stage of RECIPE; writes a PEFT adapter + training_record.json."""
     import json
@@ -166,7 +185,8 @@ def train_cmd(
     from pluribus.config import load_recipe
     from pluribus.distill import train_stage
 
-    loaded = load_recipe(recipe, [*(overrides or []), *([f"train.stage={stage}"] if stage else [])])
+    loaded = load_recipe(recipe, [*_with_threads(overrides, threads), *([f"train.stage={stage}"] if stage else [])])
+    _threads(loaded.threads)
     folder = train_stage(loaded, dataset=dataset, out=out, resume=str(resume_from) if resume_from else resume,
                          overwrite=overwrite)
     metrics = json.loads((folder / "training_record.json").read_text())["metrics"]
@@ -181,6 +201,7 @@ def score_cmd(
     question: Annotated[str, typer.Option("--question", help="The problem statement (the prompt).")],
     solution: Annotated[str, typer.Option("--solution", help="Solution text, one step per line; @FILE or - (stdin).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Score each step of SOLUTION with a process reward model (probability that the step is correct)."""
     import json
@@ -196,6 +217,7 @@ def score_cmd(
     steps = split_steps(text)
     if not steps:
         raise PluribusError("--solution has no steps (non-empty lines) to score")
+    _threads(threads)
     scores = score_steps(*load_prm(adapter), [(question, steps)])[0]
     if as_json:
         print(json.dumps([{"step": s, "score": round(v, 6)} for s, v in zip(steps, scores, strict=True)]))
@@ -232,11 +254,13 @@ def merge_cmd(
     mergekit: Annotated[bool, typer.Option("--mergekit", help="Reproduce mergekit's semantics.")] = False,
     extract: Annotated[str | None, _opt("Extract a LoRA from this fine-tuned model (with --base, --rank/--energy).", "--extract")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Merge adapters (low-rank, any ranks) or models (streaming) into OUT; mergekit YAML is accepted."""
     from pluribus.merge import run_merge
     from pluribus.merge.config import resolve_cli
 
+    _threads(threads)
     if extract:
         from pluribus.merge.extract import extract_lora
 
@@ -264,6 +288,7 @@ def eval_cmd(
     overrides: OverridesArg = None,
     new_run: Annotated[bool, typer.Option("--new-run", help="Move aside answers stored with other settings.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Compare the single base agent, the team and the distilled model on the same held-out problems."""
     from rich.table import Table
@@ -271,7 +296,8 @@ def eval_cmd(
     from pluribus.config import load_recipe
     from pluribus.eval.evaluate import run_eval
 
-    loaded = load_recipe(recipe, overrides or [])
+    loaded = load_recipe(recipe, _with_threads(overrides, threads))
+    _threads(loaded.threads)
     payload = run_eval(loaded, progress=not no_progress, new_run=new_run)
     table = Table("system", "accuracy", "95% interval", "vs single (p)", "first answer", "wrong first corrected",
                   "tokens/problem", "s/problem")
@@ -324,6 +350,7 @@ def run_cmd(
     force: Annotated[bool, typer.Option("--force", help="Rerun stages that are up to date.")] = False,
     new_run: Annotated[bool, typer.Option("--new-run", help="Move aside debate/eval stores written with other settings.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run the whole pipeline of RECIPE: debate, build, train, merge, eval, export (resumable)."""
     from rich.table import Table
@@ -331,7 +358,7 @@ def run_cmd(
     from pluribus.config import load_recipe
     from pluribus.run import run_recipe
 
-    results = run_recipe(load_recipe(recipe, overrides or []), force=force, progress=not no_progress, new_run=new_run)
+    results = run_recipe(load_recipe(recipe, _with_threads(overrides, threads)), force=force, progress=not no_progress, new_run=new_run)
     table = Table("stage", "status", "seconds", "summary")
     for r in results:
         table.add_row(r.stage, r.status, f"{r.seconds:.1f}", escape(r.summary))

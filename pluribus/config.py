@@ -387,6 +387,11 @@ class Recipe(Section):
     root: str = Field("runs", description="Folder holding run folders.")
     seed: int = Field(0)
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads of torch in every stage (CLI --threads). None: $OMP_NUM_THREADS if "
+        "set, else 1 without a GPU (torch's default on a GPU machine): torch's one spinning thread per core "
+        "collapses when other jobs share the cores (2 tok/s against 42-58 with one thread on a busy 2-core "
+        "box). On a dedicated CPU machine set the cores you can spare. Speed only: no result depends on it.")
     task: TaskConfig | None = None
     team: TeamConfig | None = None
     build: BuildConfig | None = None

@@ -199,7 +199,9 @@ def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, p
         if _pending(sub.run_dir / "trajectories", problems):
             backends[backend_key(keyed)] = make_backend(agent, trust_remote_code=recipe.trust_remote_code,
                                                         batch_size=team.batch_size)
-    run_debate(sub, problems=problems, progress=progress, backends=backends, new_run=new_run)
+    # the bar names the system (single-greedy, team, ...), not "debate"
+    label = folder.parent.name if fingerprint else folder.name
+    run_debate(sub, problems=problems, progress=progress, backends=backends, new_run=new_run, label=label)
     wanted = {p.id for p in problems}
     with TrajectoryStore(sub.run_dir / "trajectories") as store:
         return [r for r in store.iter_records() if r["problem_id"] in wanted]

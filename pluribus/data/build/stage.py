@@ -384,6 +384,9 @@ def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, s
         from pluribus.config import apply_overrides, validate_recipe
 
         recipe = validate_recipe(apply_overrides(recipe.to_dict(), overrides))
+    from pluribus.threads import apply_threads
+
+    apply_threads(recipe.threads)  # before the rollouts' model loads
     cfg = recipe.build or BuildConfig()
     if skip_corrupt:
         cfg = cfg.model_copy(update={"skip_corrupt": True})
