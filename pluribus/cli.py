@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +22,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # click's plain help: typer's rich panels print every flag with a type, as in "--overwrite <bool>"
+    rich_markup_mode=None,
 )
 models_app = typer.Typer(help="List and resolve models (hub ids, local folders, .gguf files, aliases).",
                          no_args_is_help=True)
@@ -129,17 +133,17 @@ def build_cmd(
         table.add_row(b.kind, str(b.rows), str(b.stats["counts"]["problems with rows"]), escape(str(b.path)))
         if b.stats.get("skipped_lines"):
             console.print(f"skipped {len(b.stats['skipped_lines'])} corrupt line(s): "
-                          f"{', '.join(b.stats['skipped_lines'][:10])}", markup=False)
+                          f"{', '.join(b.stats['skipped_lines'][:10])}", markup=False, soft_wrap=True)
         if b.stats.get("duplicate_lines"):
             console.print(f"ignored {len(b.stats['duplicate_lines'])} duplicated store line(s) (the first line of "
-                          f"each problem is used): {', '.join(b.stats['duplicate_lines'][:10])}", markup=False)
+                          f"each problem is used): {', '.join(b.stats['duplicate_lines'][:10])}", markup=False, soft_wrap=True)
         if b.stats.get("no_steps"):
             console.print(f"{len(b.stats['no_steps'])} trace(s) had no step under build.step_rule "
                           f"(e.g. {', '.join(b.stats['no_steps'][:5])}); all are listed in {b.path}/README.md",
-                          markup=False)
+                          markup=False, soft_wrap=True)
     Console().print(table)
     if push:
-        console.print(f"pushed to {push_to_hub(built, push)}", markup=False)
+        console.print(f"pushed to {push_to_hub(built, push)}", markup=False, soft_wrap=True)
 
 
 @app.command("repair")
@@ -156,12 +160,12 @@ def repair_cmd(
     # rollout stores hold rollout records; every other store holds trajectories
     report = repair_store(folder, check=None if folder.name == "rollouts" else Trajectory.from_dict)
     if report["moved_to"] is None:
-        Console().print(f"{folder}: no corrupt or duplicated line", markup=False)
+        Console().print(f"{folder}: no corrupt or duplicated line", markup=False, soft_wrap=True)
         return
     for what in ("corrupt", "duplicates"):
         if report[what]:
-            Console().print(f"{len(report[what])} {what} line(s): {', '.join(report[what][:10])}", markup=False)
-    Console().print(f"moved to {report['moved_to']}; rerun the stage to generate their problems again", markup=False)
+            Console().print(f"{len(report[what])} {what} line(s): {', '.join(report[what][:10])}", markup=False, soft_wrap=True)
+    Console().print(f"moved to {report['moved_to']}; rerun the stage to generate their problems again", markup=False, soft_wrap=True)
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -191,8 +195,9 @@ def train_cmd(
                          overwrite=overwrite)
     metrics = json.loads((folder / "training_record.json").read_text())["metrics"]
     shown = {k: v for k, v in metrics.items() if "loss" in k or k.startswith(("eval_step", "final_"))}
+    # soft_wrap: a path cut over lines cannot be copied
     Console().print(f"adapter: {folder}\n" + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()), highlight=False,
-                    markup=False)
+                    markup=False, soft_wrap=True)
 
 
 @app.command("score")
@@ -269,14 +274,14 @@ def merge_cmd(
         r = extract_lora(base, extract, out, rank=rank, energy=energy, overwrite=overwrite)
         Console().print(f"{r['modules']} modules, ranks {r['rank_min']}..{r['rank_max']}, relative error {r['error']:.3e}, "
                         f"uncaptured (non-linear weights) {r['uncaptured']:.3e} -> {out}", highlight=False,
-                        markup=False)
+                        markup=False, soft_wrap=True)
         return
     spec, target = resolve_cli(config, out, method=method, adapters=adapters, models=models, base=base, weights=weights,
                                density=density, drop=drop, seed=seed, rank=rank, energy=energy, output=output,
                                mergekit=mergekit or None, **({"lambda": lam} if lam is not None else {}))
     summary = run_merge(spec, target, overwrite=overwrite)
     for line in summary.lines():
-        Console().print(line, highlight=False, markup=False)
+        Console().print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -312,8 +317,8 @@ def eval_cmd(
     for name, kinds in (payload.get("robustness") or {}).items():
         for kind, r in kinds.items():
             Console().print(f"{name} under {kind}: {r['accuracy']:.1%} ({r['change']:+.1%} vs clean; "
-                            f"{r['lost']} lost, {r['gained']} gained)", highlight=False, markup=False)
-    Console().print(f"report: {loaded.run_dir / 'eval' / 'report.md'}", markup=False)
+                            f"{r['lost']} lost, {r['gained']} gained)", highlight=False, markup=False, soft_wrap=True)
+    Console().print(f"report: {loaded.run_dir / 'eval' / 'report.md'}", markup=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -335,9 +340,9 @@ def export_cmd(
     if push:
         check_push(push)  # a bad repo id or a missing token fails before the folder is written
     folder = export_folder(source, out, datasets=dataset or [], eval_results=eval_results, overwrite=overwrite)
-    Console().print(f"exported: {folder}", markup=False)
+    Console().print(f"exported: {folder}", markup=False, soft_wrap=True)
     if push:
-        Console().print(f"pushed: {push_folder(folder, push, private=not public)}", markup=False)
+        Console().print(f"pushed: {push_folder(folder, push, private=not public)}", markup=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -443,9 +448,22 @@ def _error(message: str) -> None:
     sys.exit(2)
 
 
+def quiet_libraries() -> None:
+    """The screen shows pluribus's own bars and lines: the libraries' tqdm bars ("Loading weights",
+    "Generating train split", "Creating parquet") ignore --no-progress and break rich's bars, and a library's
+    deprecation of another library's call is nothing a user can act on. A user's own setting of the
+    variables wins."""
+    # read at import by huggingface_hub and transformers (whose "Loading weights" bar follows it) and datasets
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # peft asks every model for is_gradient_checkpointing, which transformers 5 deprecates
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def main() -> None:
     """Run the CLI; user errors print one line and exit with code 2; SIGTERM cleans up like Ctrl-C."""
     signal.signal(signal.SIGTERM, _terminated)
+    quiet_libraries()
     # bitsandbytes warns on every import on AVX512-BF16 CPUs that the `kernels` package is missing; installing
     # it would make bitsandbytes fetch code from the Hub at import time, which pluribus never wants
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
