@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pluribus.errors import PluribusError
 
@@ -18,6 +22,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # click's plain help: typer's rich panels print every flag with a type, as in "--overwrite <bool>"
+    rich_markup_mode=None,
 )
 models_app = typer.Typer(help="List and resolve models (hub ids, local folders, .gguf files, aliases).",
                          no_args_is_help=True)
@@ -26,6 +32,20 @@ console = Console(stderr=True)
 
 RecipeArg = Annotated[Path | None, typer.Argument(help="Recipe YAML (configs/quickstart.yaml).")]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. team.rounds=3 train.lr=1e-4")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    "--threads", min=1, help="CPU threads of torch (the recipe's `threads`); default 1 without a GPU, "
+    "which does not collapse when other jobs share the cores ($OMP_NUM_THREADS is respected).")]
+
+
+def _with_threads(overrides: list[str] | None, threads: int | None) -> list[str]:
+    """``--threads N`` as the override ``threads=N``: the recipe as run records it, and every stage reads it."""
+    return [*(overrides or []), *([f"threads={threads}"] if threads is not None else [])]
+
+
+def _threads(threads: int | None) -> None:
+    from pluribus.threads import apply_threads
+
+    apply_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------- recipe
@@ -59,6 +79,7 @@ def debate_cmd(
     overrides: OverridesArg = None,
     new_run: Annotated[bool, typer.Option("--new-run", help="Config changed: move the old store aside.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run the recipe's debate team over its problems into runs/<name>/trajectories (resumable)."""
     from rich.table import Table
@@ -66,10 +87,11 @@ def debate_cmd(
     from pluribus.config import load_recipe
     from pluribus.data.debate import run_debate
 
-    summary = run_debate(load_recipe(recipe, overrides or []), new_run=new_run, progress=not no_progress)
+    summary = run_debate(load_recipe(recipe, _with_threads(overrides, threads)), new_run=new_run,
+                         progress=not no_progress)
     table = Table("debate", "value")
     for name, value in summary.rows():
-        table.add_row(name, value)
+        table.add_row(escape(name), escape(value))
     Console().print(table)
 
 
@@ -88,6 +110,7 @@ def build_cmd(
     new_run: Annotated[bool, typer.Option("--new-run", help="Rollout config changed: move old rollouts aside.")] = False,
     push: Annotated[str | None, typer.Option("--push-to-hub", help="Push the datasets to this Hub repo (HF_TOKEN).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Build rsft / augmented / process datasets from a run's trajectories into <run>/datasets/<kind>/."""
     from rich.table import Table
@@ -101,20 +124,48 @@ def build_cmd(
         check_repo_id(push)
         require_token()
     recipe, overrides = _no_recipe(recipe, overrides)  # `build --store RUN build.k=2`
+    overrides = _with_threads(overrides, threads)
     loaded = load_recipe(recipe, overrides) if recipe is not None else None
     built = build_recipe(loaded, None if loaded else overrides, stores=store, kinds=kind, out_root=out,
                          overwrite=overwrite, new_run=new_run, skip_corrupt=skip_corrupt, progress=not no_progress)
     table = Table("dataset", "rows", "problems", "path")
     for b in built:
-        table.add_row(b.kind, str(b.rows), str(b.stats["counts"]["problems with rows"]), str(b.path))
+        table.add_row(b.kind, str(b.rows), str(b.stats["counts"]["problems with rows"]), escape(str(b.path)))
         if b.stats.get("skipped_lines"):
-            console.print(f"skipped {len(b.stats['skipped_lines'])} corrupt line(s): {', '.join(b.stats['skipped_lines'][:10])}")
+            console.print(f"skipped {len(b.stats['skipped_lines'])} corrupt line(s): "
+                          f"{', '.join(b.stats['skipped_lines'][:10])}", markup=False, soft_wrap=True)
+        if b.stats.get("duplicate_lines"):
+            console.print(f"ignored {len(b.stats['duplicate_lines'])} duplicated store line(s) (the first line of "
+                          f"each problem is used): {', '.join(b.stats['duplicate_lines'][:10])}", markup=False, soft_wrap=True)
         if b.stats.get("no_steps"):
             console.print(f"{len(b.stats['no_steps'])} trace(s) had no step under build.step_rule "
-                          f"(e.g. {', '.join(b.stats['no_steps'][:5])}); all are listed in {b.path}/README.md")
+                          f"(e.g. {', '.join(b.stats['no_steps'][:5])}); all are listed in {b.path}/README.md",
+                          markup=False, soft_wrap=True)
     Console().print(table)
     if push:
-        console.print(f"pushed to {push_to_hub(built, push)}")
+        console.print(f"pushed to {push_to_hub(built, push)}", markup=False, soft_wrap=True)
+
+
+@app.command("repair")
+def repair_cmd(
+    store: Annotated[Path, typer.Argument(help="Run folder or store folder (trajectories/, rollouts/, an eval store).")],
+) -> None:
+    """Move corrupt and duplicated lines out of a store's shards into removed-<time>.jsonl; the next
+    `pluribus debate` (or eval, build) generates their problems again."""
+    from pluribus.data.build.stage import store_dir
+    from pluribus.data.records import Trajectory
+    from pluribus.data.store import repair_store
+
+    folder = store_dir(store)
+    # rollout stores hold rollout records; every other store holds trajectories
+    report = repair_store(folder, check=None if folder.name == "rollouts" else Trajectory.from_dict)
+    if report["moved_to"] is None:
+        Console().print(f"{folder}: no corrupt or duplicated line", markup=False, soft_wrap=True)
+        return
+    for what in ("corrupt", "duplicates"):
+        if report[what]:
+            Console().print(f"{len(report[what])} {what} line(s): {', '.join(report[what][:10])}", markup=False, soft_wrap=True)
+    Console().print(f"moved to {report['moved_to']}; rerun the stage to generate their problems again", markup=False, soft_wrap=True)
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -133,6 +184,7 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint of this expert.")] = False,
     resume_from: Annotated[Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter folder.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train a LoRA/QLoRA expert of RECIPE; writes a PEFT adapter + training_record.json."""
     import json
@@ -141,7 +193,8 @@ def train_cmd(
     from pluribus.distill import train_stage
     from pluribus.errors import PluribusError
 
-    loaded = load_recipe(recipe, [*(overrides or []), *([f"train.objective={objective}"] if objective else [])])
+    loaded = load_recipe(recipe, [*_with_threads(overrides, threads), *([f"train.objective={objective}"] if objective else [])])
+    _threads(loaded.threads)
     names = [expert] if expert else None
     if all_experts:
         if expert or dataset or out:
@@ -152,7 +205,9 @@ def train_cmd(
                              resume=str(resume_from) if resume_from else resume, overwrite=overwrite)
         metrics = json.loads((folder / "training_record.json").read_text())["metrics"]
         shown = {k: v for k, v in metrics.items() if "loss" in k or k.startswith(("eval_step", "final_"))}
-        Console().print(f"adapter: {folder}\n" + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()), highlight=False)
+        # soft_wrap: a path cut over lines cannot be copied
+        Console().print(f"adapter: {folder}\n" + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()),
+                        highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("score")
@@ -161,6 +216,7 @@ def score_cmd(
     question: Annotated[str, typer.Option("--question", help="The problem statement (the prompt).")],
     solution: Annotated[str, typer.Option("--solution", help="Solution text, one step per line; @FILE or - (stdin).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Score each step of SOLUTION with a process reward model (probability that the step is correct)."""
     import json
@@ -176,13 +232,14 @@ def score_cmd(
     steps = split_steps(text)
     if not steps:
         raise PluribusError("--solution has no steps (non-empty lines) to score")
+    _threads(threads)
     scores = score_steps(*load_prm(adapter), [(question, steps)])[0]
     if as_json:
         print(json.dumps([{"step": s, "score": round(v, 6)} for s, v in zip(steps, scores, strict=True)]))
         return
     table = Table("#", "score", "step")
     for i, (s, v) in enumerate(zip(steps, scores, strict=True)):
-        table.add_row(str(i), f"{v:.3f}", s)
+        table.add_row(str(i), f"{v:.3f}", escape(s))
     Console().print(table)
 
 
@@ -212,11 +269,13 @@ def merge_cmd(
     mergekit: Annotated[bool, typer.Option("--mergekit", help="Reproduce mergekit's semantics.")] = False,
     extract: Annotated[str | None, _opt("Extract a LoRA from this fine-tuned model (with --base, --rank/--energy).", "--extract")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Merge adapters (low-rank, any ranks) or models (streaming) into OUT; mergekit YAML is accepted."""
     from pluribus.merge import run_merge
     from pluribus.merge.config import resolve_cli
 
+    _threads(threads)
     if extract:
         from pluribus.merge.extract import extract_lora
 
@@ -224,14 +283,15 @@ def merge_cmd(
             raise PluribusError("--extract needs --base (the model it was tuned from) and -o OUT")
         r = extract_lora(base, extract, out, rank=rank, energy=energy, overwrite=overwrite)
         Console().print(f"{r['modules']} modules, ranks {r['rank_min']}..{r['rank_max']}, relative error {r['error']:.3e}, "
-                        f"uncaptured (non-linear weights) {r['uncaptured']:.3e} -> {out}", highlight=False)
+                        f"uncaptured (non-linear weights) {r['uncaptured']:.3e} -> {out}", highlight=False,
+                        markup=False, soft_wrap=True)
         return
     spec, target = resolve_cli(config, out, method=method, adapters=adapters, models=models, base=base, weights=weights,
                                density=density, drop=drop, seed=seed, rank=rank, energy=energy, output=output,
                                mergekit=mergekit or None, **({"lambda": lam} if lam is not None else {}))
     summary = run_merge(spec, target, overwrite=overwrite)
     for line in summary.lines():
-        Console().print(line, highlight=False)
+        Console().print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -243,6 +303,7 @@ def eval_cmd(
     overrides: OverridesArg = None,
     new_run: Annotated[bool, typer.Option("--new-run", help="Move aside answers stored with other settings.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Compare the single base agent, the team and the distilled model on the same held-out problems."""
     from rich.table import Table
@@ -250,14 +311,15 @@ def eval_cmd(
     from pluribus.config import load_recipe
     from pluribus.eval.evaluate import run_eval
 
-    loaded = load_recipe(recipe, overrides or [])
+    loaded = load_recipe(recipe, _with_threads(overrides, threads))
+    _threads(loaded.threads)
     payload = run_eval(loaded, progress=not no_progress, new_run=new_run)
     table = Table("system", "accuracy", "95% interval", "vs single (p)", "first answer", "wrong first corrected",
                   "tokens/problem", "s/problem")
     versus = {c["system"]: c for c in payload.get("comparisons", [])}
     for name, r in payload["systems"].items():
         c = versus.get(name)
-        table.add_row(name, f"{r['accuracy']:.1%}", f"{r['accuracy_low']:.0%}-{r['accuracy_high']:.0%}",
+        table.add_row(escape(name), f"{r['accuracy']:.1%}", f"{r['accuracy_low']:.0%}-{r['accuracy_high']:.0%}",
                       f"+{c['wins']}/-{c['losses']} ({c['p_value']:.2g})" if c else "",
                       f"{r['first_answer_accuracy']:.1%}", f"{r['wrong_first_corrected']:.1%}",
                       f"{r['tokens_per_problem']:.0f}", f"{r['seconds_per_problem']:.2f}")
@@ -265,8 +327,8 @@ def eval_cmd(
     for name, kinds in (payload.get("robustness") or {}).items():
         for kind, r in kinds.items():
             Console().print(f"{name} under {kind}: {r['accuracy']:.1%} ({r['change']:+.1%} vs clean; "
-                            f"{r['lost']} lost, {r['gained']} gained)", highlight=False)
-    Console().print(f"report: {loaded.run_dir / 'eval' / 'report.md'}")
+                            f"{r['lost']} lost, {r['gained']} gained)", highlight=False, markup=False, soft_wrap=True)
+    Console().print(f"report: {loaded.run_dir / 'eval' / 'report.md'}", markup=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -288,9 +350,9 @@ def export_cmd(
     if push:
         check_push(push)  # a bad repo id or a missing token fails before the folder is written
     folder = export_folder(source, out, datasets=dataset or [], eval_results=eval_results, overwrite=overwrite)
-    Console().print(f"exported: {folder}")
+    Console().print(f"exported: {folder}", markup=False, soft_wrap=True)
     if push:
-        Console().print(f"pushed: {push_folder(folder, push, private=not public)}")
+        Console().print(f"pushed: {push_folder(folder, push, private=not public)}", markup=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -303,6 +365,7 @@ def run_cmd(
     force: Annotated[bool, typer.Option("--force", help="Rerun stages that are up to date.")] = False,
     new_run: Annotated[bool, typer.Option("--new-run", help="Move aside debate/eval stores written with other settings.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run the whole pipeline of RECIPE: debate, build, train, merge, eval, export (resumable)."""
     from rich.markup import escape
@@ -311,7 +374,7 @@ def run_cmd(
     from pluribus.config import load_recipe
     from pluribus.run import run_recipe
 
-    results = run_recipe(load_recipe(recipe, overrides or []), force=force, progress=not no_progress, new_run=new_run)
+    results = run_recipe(load_recipe(recipe, _with_threads(overrides, threads)), force=force, progress=not no_progress, new_run=new_run)
     table = Table("step", "status", "seconds", "summary")
     for r in results:
         table.add_row(escape(r.stage), r.status, f"{r.seconds:.1f}", escape(r.summary))
@@ -330,7 +393,7 @@ def models_list() -> None:
 
     table = Table("alias", "source", "status")
     for row in list_models():
-        table.add_row(row["alias"], row["source"], row["status"])
+        table.add_row(*(escape(str(row[k])) for k in ("alias", "source", "status")))
     Console().print(table)
 
 
@@ -389,9 +452,29 @@ def _creating(e: OSError) -> bool:
     return tb is not None and tb.tb_frame.f_code.co_name in ("mkdir", "makedirs", "mkdtemp")
 
 
+def _error(message: str) -> None:
+    """Print one error line and exit 2. The message is escaped: rich would read an install hint such as
+    ``pip install 'pluribus[vllm]'`` as markup and print ``pip install 'pluribus'``."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+def quiet_libraries() -> None:
+    """The screen shows pluribus's own bars and lines: the libraries' tqdm bars ("Loading weights",
+    "Generating train split", "Creating parquet") ignore --no-progress and break rich's bars, and a library's
+    deprecation of another library's call is nothing a user can act on. A user's own setting of the
+    variables wins."""
+    # read at import by huggingface_hub and transformers (whose "Loading weights" bar follows it) and datasets
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # peft asks every model for is_gradient_checkpointing, which transformers 5 deprecates
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def main() -> None:
     """Run the CLI; user errors print one line and exit with code 2; SIGTERM cleans up like Ctrl-C."""
     signal.signal(signal.SIGTERM, _terminated)
+    quiet_libraries()
     # bitsandbytes warns on every import on AVX512-BF16 CPUs that the `kernels` package is missing; installing
     # it would make bitsandbytes fetch code from the Hub at import time, which pluribus never wants
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -403,22 +486,21 @@ def main() -> None:
             raise KeyboardInterrupt
         if isinstance(code, int) and code:
             sys.exit(code)
-    except PluribusError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except FileExistsError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    except (PluribusError, FileExistsError) as e:
+        _error(str(e))
     except OSError as e:
         # Last resort for unusable paths (an output under a file, a read-only folder, a full disk); an OSError
         # naming no path is a bug and keeps its traceback.
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # a library writing (parquet, checkpoints) on a full disk: the run resumes once space is freed
+            _error(f"{e.strerror or 'no space left on device'} (errno {e.errno}); free space on the disk holding "
+                   "the run folder and rerun: finished work is kept")
         if e.filename is None:
             raise
         path = e.filename if e.filename2 is None else f"{e.filename}' -> '{e.filename2}"
         what = f"'{path}' does not exist" if isinstance(e, FileNotFoundError) and not _creating(e) else \
             f"cannot create '{path}': {e.strerror or e}"
-        console.print(f"[bold red]error:[/] {what}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _error(what)
     except KeyboardInterrupt:
         console.print("interrupted; what was finished is stored and a rerun resumes from there")
         sys.exit(130)

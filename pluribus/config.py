@@ -304,7 +304,9 @@ class TrainConfig(Section):
     lr: float = Field(2e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run the epochs).")
-    kernels: Literal["auto", "triton", "torch", "off"] = Field("auto", description="Fused LoRA kernels dispatch.")
+    kernels: Literal["auto", "triton", "torch", "off"] = Field(
+        "auto", description="Fused LoRA kernels dispatch: auto (Triton where it runs, else the torch twins), triton, "
+        "torch, off. A bare YAML off/false means off, on/true means auto.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     init_adapter: str | None = Field(
         None, description="Start from this PEFT adapter: an earlier expert's name (rl from rsft) or a folder.")
@@ -327,6 +329,15 @@ class TrainConfig(Section):
     corrective_weight: float = Field(1.0, ge=0.0, description="augmented: loss weight of corrective traces.")
     prm: PRMSettings = Field(default_factory=PRMSettings)
     rl: RLSettings = Field(default_factory=RLSettings)
+
+    @field_validator("kernels", mode="before")
+    @classmethod
+    def _kernels_as_written(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false and `on` as true, so `train.kernels: off` (as documented) and
+        # `train.kernels=off` arrive as booleans; "on" asks for kernels wherever they can run, which is auto
+        if isinstance(v, bool):
+            return "auto" if v else "off"
+        return v
 
     @field_validator("max_steps")
     @classmethod
@@ -552,6 +563,11 @@ class Recipe(Section):
     root: str = Field("runs", description="Folder holding run folders.")
     seed: int = Field(0)
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads of torch in every stage (CLI --threads). None: $OMP_NUM_THREADS if "
+        "set, else 1 without a GPU (torch's default on a GPU machine): torch's one spinning thread per core "
+        "collapses when other jobs share the cores (2 tok/s against 42-58 with one thread on a busy 2-core "
+        "box). On a dedicated CPU machine set the cores you can spare. Speed only: no result depends on it.")
     task: TaskConfig | None = None
     team: TeamConfig | None = None
     build: BuildConfig | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -20,19 +21,41 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically, with the usual file mode (0666 less the umask).
+
+    A full disk is one PluribusError naming the file; the old file, if any, is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600: a recipe.yaml or manifest.json others on the machine cannot read
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise PluribusError(f"cannot write '{path}': {e.strerror or 'no space left on device'}; free space "
+                                f"on the disk holding '{path.parent}' and rerun") from None
         raise
+    return path
+
+
+def ensure_dir(path: str | Path, what: str = "") -> Path:
+    """``mkdir -p path``, or one PluribusError naming the part of ``path`` that exists but is not a folder."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        named = f" ({what})" if what else ""
+        raise PluribusError(f"'{blocker}' exists but is not a folder, so '{path}'{named} cannot be created "
+                            "there; move it away or choose another location") from None
     return path
 
 

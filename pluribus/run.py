@@ -262,6 +262,9 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True, ne
 
         check_push(recipe.export.repo_id, recipe.export.token_env)  # not after hours of training
     recipe.run_dir.mkdir(parents=True, exist_ok=True)  # an unusable root fails here, before any stage
+    from pluribus.threads import apply_threads
+
+    apply_threads(recipe.threads)  # before the first stage loads a model
     results = []
     for step in steps:
         if not step.keeps_store:

@@ -11,9 +11,14 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pluribus.cli", *args], capture_output=True, text=True, cwd=cwd)
+    # PYTHONPATH: from another folder, `-m pluribus.cli` would import whichever pluribus is installed
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "pluribus.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env)
 
 
 def _one_line(proc: subprocess.CompletedProcess) -> str:
@@ -73,3 +78,61 @@ def test_a_root_that_cannot_be_made_says_cannot_create(tmp_path: Path) -> None:
     (tmp_path / "q.yaml").write_text("name: x\n")
     line = _one_line(_cli("run", "q.yaml", "root=/proc/runs", "build.k=2", cwd=tmp_path))
     assert line == "error: cannot create '/proc/runs': No such file or directory"
+
+
+def test_an_install_hint_in_an_error_is_printed_as_written(monkeypatch, capsys) -> None:
+    # rich reads "[vllm]" as a markup tag: unescaped, the hint would print as pip install 'pluribus'
+    import pluribus.config
+    from pluribus import cli
+    from pluribus.errors import PluribusError
+
+    def refuse(*args, **kwargs):
+        raise PluribusError("the vllm backend needs vLLM on a GPU machine: pip install 'pluribus[vllm]'")
+
+    monkeypatch.setattr(pluribus.config, "load_recipe", refuse)
+    monkeypatch.setattr(sys, "argv", ["pluribus", "config", "name=x"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: the vllm backend needs vLLM on a GPU machine: pip install 'pluribus[vllm]'")
+
+
+def test_a_run_summary_with_brackets_is_printed_as_written(tmp_path: Path, monkeypatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from pluribus import run
+    from pluribus.config import Recipe
+
+    monkeypatch.setattr(run, "STAGES", [("merge", lambda r: True,
+                                         lambda r, p: (tmp_path, "merged [bold] x[/] into 'out[merged]'"))])
+    buf = io.StringIO()
+    run.run_recipe(Recipe(root=str(tmp_path)), console=Console(file=buf, width=200))
+    assert "merge: merged [bold] x[/] into 'out[merged]'" in buf.getvalue()
+
+
+def test_a_task_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "t.jsonl").write_bytes(b'{"question": "Caf\xe9 has 2 cups", "answer": "2"}\n')
+    (tmp_path / "r.yaml").write_text("task:\n  source: jsonl\n  path: t.jsonl\n  heldout_fraction: 0.0\nteam: {}\n")
+    line = _one_line(_cli("debate", "r.yaml", cwd=tmp_path))
+    assert line == "error: t.jsonl is not UTF-8 text: line 1, byte offset 17 (b'\\xe9'); save it as UTF-8"
+
+
+def test_a_full_disk_inside_a_library_is_one_line(monkeypatch, capsys) -> None:
+    import errno
+
+    import pluribus.config
+    from pluribus import cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pluribus.config, "load_recipe", full)
+    monkeypatch.setattr(sys, "argv", ["pluribus", "config", "name=x"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: No space left on device") and "free space" in err and "\n" not in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,19 @@ def test_name_dot_dot_leaves_the_users_recipe_alone(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "'name' = \"..\"" in proc.stderr, proc.stderr
     assert (tmp_path / "recipe.yaml").read_text() == "name: x\nbuild: {k: 2}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_kernels_off_is_accepted_as_yaml_writes_it(tmp_path: Path) -> None:
+    # YAML 1.1 reads a bare `off` as false: the documented `train.kernels: off` must still mean off
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  kernels: off\n")
+    assert load_recipe(recipe).train.kernels == "off"
+    assert load_recipe(None, ["train.kernels=off"]).train.kernels == "off"
+    assert load_recipe(None, ["train.kernels=on"]).train.kernels == "auto"
+    assert load_recipe(None, ["train.kernels='off'"]).train.kernels == "off"
+    with pytest.raises(RecipeError, match="train.kernels"):
+        load_recipe(None, ["train.kernels=fast"])
+    out = subprocess.run([sys.executable, "-m", "pluribus.cli", "config", "train.kernels=off"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "kernels: 'off'" in out.stdout or 'kernels: "off"' in out.stdout

@@ -50,3 +50,15 @@ def test_an_output_that_cannot_be_created_is_one_line_naming_it(tmp_path):
         with pytest.raises(PluribusError, match=match), atomic_dir(target):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.yaml"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_usual_mode_under_the_umask(tmp_path, umask, mode):
+    from pluribus.config import Recipe, write_recipe
+
+    old = os.umask(umask)
+    try:
+        path = write_recipe(Recipe(root=str(tmp_path)))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode  # mkstemp alone gives 0600 whatever the umask

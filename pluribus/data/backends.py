@@ -1,6 +1,8 @@
 """Generation backends behind one batch method: chat conversations + sampling parameters in, texts + token counts out.
 
-``Backend.generate(conversations, sampling) -> list[Generation]`` is the whole interface. Three backends:
+``Backend.generate(conversations, sampling) -> list[Generation]`` is the whole interface (a backend may also
+take ``on_batch``, called with each batch of generations as it finishes, which the debate's progress bar
+follows). Three backends:
 
 - ``transformers``: local model, batched with left padding (rows sorted by length to waste little padding),
   bf16 by default also on CPU, greedy or seeded sampling, ``batch_size`` conversations per ``generate`` call.
@@ -26,7 +28,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,6 +36,7 @@ from pluribus.config import AgentConfig, SamplingConfig
 from pluribus.errors import PluribusError
 
 Conversation = list[dict[str, str]]
+OnBatch = Callable[[list["Generation"]], None]
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,8 @@ class TransformersBackend:
     def keep_last_tokens(self, text: str, n: int) -> str:
         return self.builder.keep_last_tokens(text, n)
 
-    def generate(self, conversations: list[Conversation], sampling: SamplingConfig) -> list[Generation]:
+    def generate(self, conversations: list[Conversation], sampling: SamplingConfig,
+                 on_batch: OnBatch | None = None) -> list[Generation]:
         prompts = [self.builder.encode(c, sampling.max_new_tokens) for c in conversations]
         # Longest first, so each micro-batch holds rows of similar length (little padding).
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids))
@@ -198,6 +202,8 @@ class TransformersBackend:
             gens = self._generate_batch([prompts[i] for i in rows], sampling, start // self.batch_size)
             for i, g in zip(rows, gens, strict=True):
                 out[i] = g
+            if on_batch is not None:
+                on_batch(gens)
         return out  # type: ignore[return-value]
 
     def _generate_batch(self, prompts: list[Prompt], sampling: SamplingConfig, part: int) -> list[Generation]:
@@ -301,8 +307,9 @@ class OpenAIBackend:
             return self.builder.keep_last_tokens(text, n)
         return text if len(text) <= 4 * n else text[-4 * n :]
 
-    def generate(self, conversations: list[Conversation], sampling: SamplingConfig) -> list[Generation]:
-        coro = self._generate_all(conversations, sampling)
+    def generate(self, conversations: list[Conversation], sampling: SamplingConfig,
+                 on_batch: OnBatch | None = None) -> list[Generation]:
+        coro = self._generate_all(conversations, sampling, on_batch)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -323,7 +330,8 @@ class OpenAIBackend:
             raise box["err"]
         return box["out"]
 
-    async def _generate_all(self, conversations: list[Conversation], sampling: SamplingConfig) -> list[Generation]:
+    async def _generate_all(self, conversations: list[Conversation], sampling: SamplingConfig,
+                            on_batch: OnBatch | None = None) -> list[Generation]:
         from openai import AsyncOpenAI
 
         sem = asyncio.Semaphore(self.max_concurrency)
@@ -333,7 +341,10 @@ class OpenAIBackend:
             async def one(i: int, conv: Conversation) -> Generation:
                 async with sem:
                     seed = None if sampling.seed is None else sampling.seed + i
-                    return await self._request(client, conv, sampling, seed)
+                    gen = await self._request(client, conv, sampling, seed)
+                if on_batch is not None:  # requests finish one by one: each is a batch of one
+                    on_batch([gen])
+                return gen
 
             return list(await asyncio.gather(*(one(i, c) for i, c in enumerate(conversations))))
 
@@ -432,7 +443,8 @@ class VLLMBackend:
     def keep_last_tokens(self, text: str, n: int) -> str:
         return self.builder.keep_last_tokens(text, n)
 
-    def generate(self, conversations: list[Conversation], sampling: SamplingConfig) -> list[Generation]:
+    def generate(self, conversations: list[Conversation], sampling: SamplingConfig,
+                 on_batch: OnBatch | None = None) -> list[Generation]:
         from vllm import SamplingParams
 
         prompts = [self.builder.encode(c, sampling.max_new_tokens) for c in conversations]
@@ -443,12 +455,15 @@ class VLLMBackend:
         outs = self.llm.generate([{"prompt_token_ids": p.ids} for p in prompts], params,
                                  lora_request=self.lora, use_tqdm=False)
         seconds = (time.perf_counter() - t0) / max(1, len(prompts))
-        return [
+        gens = [
             Generation(text=o.outputs[0].text, tokens_in=len(p.ids), tokens_out=len(o.outputs[0].token_ids),
                        seconds=seconds, truncated=p.dropped_tokens > 0, dropped_tokens=p.dropped_tokens,
                        finish_reason="length" if o.outputs[0].finish_reason == "length" else "stop")
             for p, o in zip(prompts, outs, strict=True)
         ]
+        if on_batch is not None:  # vLLM schedules the whole call itself: one report when it returns
+            on_batch(gens)
+        return gens
 
     def close(self) -> None:
         self.llm = None

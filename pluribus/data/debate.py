@@ -20,11 +20,13 @@ Protocol (Du et al. 2023, "Improving Factuality and Reasoning in Language Models
 Speed: problems go through in steps of ``team.problems_per_step``; in each round of a step, all
 (problem x agent) conversations of agents that share a backend and sampling settings are ONE
 ``Backend.generate`` call. A step's trajectories are stored (flush + fsync) before the next step starts.
+The progress bar counts generations, so it moves with each batch a backend finishes, not only per step.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import time
 from collections import Counter
@@ -205,7 +207,28 @@ def _peers_of(team: Team, state: _State, i: int) -> list[tuple[str, str]]:
     return [(team.members[j].name, last[j].response) for j in idx]
 
 
-def _generate_grouped(requests: list[tuple[Member, Conversation]], seed: int) -> list[Generation]:
+OnBatch = Callable[[list[Generation]], None]
+
+
+def _generate(backend: Backend, conversations: list[Conversation], sampling: SamplingConfig,
+              on_batch: OnBatch | None) -> list[Generation]:
+    """``backend.generate``, reporting each finished batch to ``on_batch``: through the backend where it takes
+    ``on_batch`` (its micro-batches), else once for the whole call (a scripted or third-party backend)."""
+    if on_batch is None:
+        return backend.generate(conversations, sampling)
+    try:
+        reports = "on_batch" in inspect.signature(backend.generate).parameters
+    except (TypeError, ValueError):
+        reports = False
+    if reports:
+        return backend.generate(conversations, sampling, on_batch=on_batch)  # type: ignore[call-arg]
+    gens = backend.generate(conversations, sampling)
+    on_batch(gens)
+    return gens
+
+
+def _generate_grouped(requests: list[tuple[Member, Conversation]], seed: int,
+                      on_batch: OnBatch | None = None) -> list[Generation]:
     """One ``generate`` call per (backend, sampling) group, results back in request order."""
     groups: dict[tuple, list[int]] = {}
     for k, (member, _) in enumerate(requests):
@@ -216,7 +239,7 @@ def _generate_grouped(requests: list[tuple[Member, Conversation]], seed: int) ->
         member = requests[rows[0]][0]
         sampling: SamplingConfig = member.agent.sampling
         sampling = sampling.model_copy(update={"seed": (sampling.seed if sampling.seed is not None else 0) + seed})
-        gens = member.backend.generate([requests[k][1] for k in rows], sampling)
+        gens = _generate(member.backend, [requests[k][1] for k in rows], sampling, on_batch)
         if len(gens) != len(rows):
             raise PluribusError(f"backend for '{member.backend.name}' returned {len(gens)} results "
                                 f"for {len(rows)} conversations")
@@ -236,7 +259,7 @@ def _turn(member: Member, rnd: int, gen: Generation, problem: Problem, peers: li
     )
 
 
-def _judge_round(team: Team, states: list[_State], rnd: int, seed: int) -> None:
+def _judge_round(team: Team, states: list[_State], rnd: int, seed: int, on_batch: OnBatch | None = None) -> None:
     assert team.judge is not None
     requests, meta = [], []
     for st in states:
@@ -247,7 +270,7 @@ def _judge_round(team: Team, states: list[_State], rnd: int, seed: int) -> None:
             {"role": "user", "content": fill(team.prompts["judge"], question=st.problem.question, peers=block)}]
         requests.append((team.judge, conv))
         meta.append((names, dropped))
-    gens = _generate_grouped(requests, seed)
+    gens = _generate_grouped(requests, seed, on_batch)
     for st, gen, (names, dropped) in zip(states, gens, meta, strict=True):
         st.judge_turns.append(_turn(team.judge, rnd, gen, st.problem, names, dropped))
 
@@ -256,8 +279,19 @@ def _system(agent: AgentConfig) -> Conversation:
     return [{"role": "system", "content": agent.persona}] if agent.persona else []
 
 
-def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: int = 0) -> list[Trajectory]:
-    """Debate ``problems`` together for all rounds; one generate call per backend group per round."""
+def generations_per_problem(team: TeamConfig) -> int:
+    """How many generations ``debate_step`` makes per problem: every agent each round, plus the judge's."""
+    judge = 0
+    if team.judge is not None:
+        judge = team.rounds if team.topology == "star" else int(team.aggregation == "judge")
+    return team.rounds * len(team.agents) + judge
+
+
+def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: int = 0,
+                on_batch: OnBatch | None = None) -> list[Trajectory]:
+    """Debate ``problems`` together for all rounds; one generate call per backend group per round.
+
+    ``on_batch(generations)`` is called as each batch of generations finishes (progress within a step)."""
     states = [
         _State(p, [_system(m.agent) + [{"role": "user", "content": fill(team.prompts["question"],
                                                                           question=p.question)}]
@@ -288,7 +322,7 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
                     st.conversations[i].append({"role": "user", "content": text})
                 requests.append((member, st.conversations[i]))
                 seen.append((names, dropped))
-        gens = _generate_grouped(requests, seed + 1009 * rnd)
+        gens = _generate_grouped(requests, seed + 1009 * rnd, on_batch)
         k = 0
         for st in active:
             turns = []
@@ -298,12 +332,12 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
             st.rounds.append(turns)
         last = rnd == team.config.rounds - 1
         if team.judge is not None and (team.judge_each_round or (last and team.config.aggregation == "judge")):
-            _judge_round(team, active, rnd, seed + 1009 * rnd + 17)
+            _judge_round(team, active, rnd, seed + 1009 * rnd + 17, on_batch)
     if team.judge is not None and team.config.aggregation == "judge":
         # problems stopped early still get the judge's verdict on their last round
         stopped = [st for st in states if len(st.judge_turns) < (len(st.rounds) if team.judge_each_round else 1)]
         if stopped:
-            _judge_round(team, stopped, team.config.rounds, seed + 1009 * team.config.rounds + 17)
+            _judge_round(team, stopped, team.config.rounds, seed + 1009 * team.config.rounds + 17, on_batch)
     return [_finish(st, team, run_id) for st in states]
 
 
@@ -370,9 +404,13 @@ class DebateSummary:
     corrected: int  # an agent wrong in round r-1, right in round r
     lost: int  # an agent right in round r-1, wrong in round r
     tokens_per_second: float  # generated tokens / wall seconds of this invocation
+    duplicates: tuple[str, ...] = ()  # "shard:line" of store lines repeating a stored problem (counted once)
 
     def rows(self) -> list[tuple[str, str]]:
-        return [
+        repeated = [("duplicated store lines (counted once)",
+                     f"{len(self.duplicates)}: {', '.join(self.duplicates[:5])}"
+                     f"{', ...' if len(self.duplicates) > 5 else ''} (pluribus repair removes them)")]
+        return [*(repeated if self.duplicates else []),
             ("problems (new this run)", f"{self.problems} ({self.new})"),
             ("single-agent (round-0) accuracy", f"{self.round0_accuracy:.1%}"),
             ("team accuracy", f"{self.team_accuracy:.1%}"),
@@ -384,8 +422,8 @@ class DebateSummary:
         ]
 
 
-def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_second: float = 0.0
-              ) -> DebateSummary:
+def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_second: float = 0.0,
+              duplicates: Sequence[str] = ()) -> DebateSummary:
     n = len(records)
     r0 = [t["correct"] for r in records for t in r["rounds"][0]]
     corrected = lost = 0
@@ -400,7 +438,7 @@ def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_
         team_accuracy=sum(bool(r["final_correct"]) for r in records) / n if n else 0.0,
         tokens_per_problem=sum(r["cost"]["tokens_in"] + r["cost"]["tokens_out"] for r in records) / n if n else 0.0,
         seconds_per_problem=sum(r["cost"]["seconds"] for r in records) / n if n else 0.0,
-        corrected=corrected, lost=lost, tokens_per_second=tokens_per_second,
+        corrected=corrected, lost=lost, tokens_per_second=tokens_per_second, duplicates=tuple(duplicates),
     )
 
 
@@ -470,10 +508,12 @@ def run_debate(
 
     Everything is validated (team, problems, models) before the first file is written. ``backends`` (keyed
     by ``backend_key``) replaces building them, for tests and benchmarks. ``on_step(done, total)`` is called
-    after each stored step. Returns the summary over every stored trajectory.
+    after each stored step. ``label`` names the progress bar (eval names its systems). Returns the summary
+    over every stored trajectory.
     """
     from pluribus.config import write_recipe
     from pluribus.data.store import TrajectoryStore
+    from pluribus.threads import apply_threads
 
     task = recipe.require("task")
     team_cfg = recipe.require("team")
@@ -488,6 +528,7 @@ def run_debate(
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise PluribusError(f"problem ids must be unique; '{dup}' appears more than once in the task")
+    apply_threads(recipe.threads)  # before a model loads: torch sizes its pools on first use
     if backends is None:
         check_models(team_cfg)
         if not (recipe.run_dir / "trajectories" / "manifest.json").is_file():
@@ -495,7 +536,7 @@ def run_debate(
             backends = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
 
     with TrajectoryStore(recipe.run_dir / "trajectories", config_hash(recipe), new_run=new_run,
-                         same_config=[legacy_config_hash(recipe)]) as store:
+                         same_config=[legacy_config_hash(recipe)], check=Trajectory.from_dict) as store:
         write_recipe(recipe)  # only now: a config the store refused must not replace the run's recipe
         done = store.done_ids()
         pending = [p for p in problems if p.id not in done]
@@ -503,54 +544,75 @@ def run_debate(
             backends = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
         step = team_cfg.problems_per_step or max(1, team_cfg.batch_size // len(team_cfg.agents))
         tokens, t0 = 0, time.perf_counter()
-        with _Progress(progress, total=len(problems), done=len(problems) - len(pending), label=label) as bar:
+        with _Progress(progress, total=len(problems), done=len(problems) - len(pending), label=label,
+                       per_problem=generations_per_problem(team_cfg)) as bar:
             if pending:
                 team = build_team(team_cfg, backends)  # type: ignore[arg-type]
             position = {p.id: i for i, p in enumerate(problems)}
             for s in range(0, len(pending), step):
                 # The seed follows the step's first problem, not the session, so a resumed run draws alike.
                 trajs = debate_step(pending[s : s + step], team, run_id=store.run_id,
-                                    seed=recipe.seed * 1_000_003 + position[pending[s].id])
+                                    seed=recipe.seed * 1_000_003 + position[pending[s].id], on_batch=bar.batch)
                 store.append([t.to_dict() for t in trajs])
                 tokens += sum(t.cost["tokens_out"] for t in trajs)
-                bar.update(trajs, tokens / max(1e-9, time.perf_counter() - t0))
+                bar.update(trajs)
                 if on_step is not None:
                     on_step(len(problems) - len(pending) + s + len(trajs), len(problems))
         wanted = {p.id for p in problems}
         records = [r for r in store.iter_records() if r["problem_id"] in wanted]
     elapsed = time.perf_counter() - t0
-    return summarize(records, new=len(pending), tokens_per_second=tokens / elapsed if pending else 0.0)
+    return summarize(records, new=len(pending), tokens_per_second=tokens / elapsed if pending else 0.0,
+                     duplicates=store.duplicates)
 
 
 class _Progress:
-    """A rich progress bar: problems done, generated tokens/s, running team and round-0 accuracy."""
+    """A rich progress bar over generations (so it moves with every finished batch, also inside a long step),
+    showing the problems stored, generated tokens/s, and the running team and round-0 accuracy."""
 
-    def __init__(self, enabled: bool, total: int, done: int, label: str = "debate") -> None:
+    def __init__(self, enabled: bool, total: int, done: int, label: str = "debate", per_problem: int = 1) -> None:
         self.enabled, self.total, self.done, self.label = enabled, total, done, label
+        self.per_problem = max(1, per_problem)
         self.n = self.team_ok = self.r0_ok = self.r0_n = 0
+        self.tokens, self.t0 = 0, time.perf_counter()
 
     def __enter__(self) -> _Progress:
         if self.enabled:
             from rich.console import Console
             from rich.markup import escape
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn(escape(self.label)), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TextColumn("{task.fields[stats]}"), console=Console(stderr=True))
+            self.bar = Progress(TextColumn(escape(self.label)), BarColumn(),
+                                TextColumn("{task.fields[stored]}/{task.fields[problems]} problems"),
+                                TimeElapsedColumn(), TextColumn("{task.fields[stats]}"), console=Console(stderr=True))
             self.bar.__enter__()
-            self.task = self.bar.add_task("debate", total=self.total, completed=self.done, stats="")
+            self.task = self.bar.add_task(self.label, total=self.total * self.per_problem,
+                                          completed=self.done * self.per_problem, stored=self.done,
+                                          problems=self.total, stats="")
         return self
 
-    def update(self, trajs: list[Trajectory], tps: float) -> None:
+    def _stats(self) -> str:
+        tps = self.tokens / max(1e-9, time.perf_counter() - self.t0)
+        if not self.n:
+            return f"{tps:.1f} tok/s"
+        return f"{tps:.1f} tok/s  team {self.team_ok / self.n:.1%}  round-0 {self.r0_ok / max(1, self.r0_n):.1%}"
+
+    def batch(self, gens: list[Generation]) -> None:
+        """A batch of generations finished (called from inside a step)."""
+        self.tokens += sum(g.tokens_out for g in gens)
+        if self.enabled:
+            self.bar.update(self.task, advance=len(gens), stats=self._stats())
+
+    def update(self, trajs: list[Trajectory]) -> None:
+        """A step's trajectories were stored."""
         self.n += len(trajs)
         self.team_ok += sum(bool(t.final_correct) for t in trajs)
         r0 = [bool(turn.correct) for t in trajs for turn in t.rounds[0]]
         self.r0_ok += sum(r0)
         self.r0_n += len(r0)
         if self.enabled:
-            stats = (f"{tps:.1f} tok/s  team {self.team_ok / self.n:.1%}  "
-                     f"round-0 {self.r0_ok / max(1, self.r0_n):.1%}")
-            self.bar.update(self.task, advance=len(trajs), stats=stats)
+            stored = self.done + self.n
+            # the batches of a step add up to its generations; set it exactly, whatever a backend reported
+            self.bar.update(self.task, completed=stored * self.per_problem, stored=stored, stats=self._stats())
 
     def __exit__(self, *exc: object) -> None:
         if self.enabled:

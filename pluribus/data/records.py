@@ -143,4 +143,12 @@ class Trajectory:
             raise ValueError(f"Trajectory field 'rounds' is {json.dumps(rounds, default=str)[:40]}, expected a list of rounds "
                              "(lists of turns)")
         d["rounds"] = [[t if isinstance(t, Turn) else Turn.from_dict(t) for t in rnd] for rnd in rounds]
-        return _from_dict(cls, d)
+        traj = _from_dict(cls, d)
+        # every consumer reads rounds[0] and rounds[-1] and pairs turns with team members: a line with no
+        # round, or a round missing an agent, is as unusable as a torn line
+        if not traj.rounds:
+            raise ValueError("Trajectory field 'rounds' is empty; a trajectory has at least one round")
+        for r, rnd in enumerate(traj.rounds):
+            if len(rnd) != len(traj.team):
+                raise ValueError(f"Trajectory round {r} has {len(rnd)} turns for a team of {len(traj.team)}")
+        return traj

@@ -17,11 +17,17 @@ Guarantees:
   yet takes the new config in place.
 - One writer at a time (an flock on ``<dir>/.lock``; the OS releases it when a killed process dies).
 - ``datasets.load_dataset("json", data_files=f"{dir}/shard-*.jsonl")`` reads the shards as they are.
+- A line that is not a whole record (hand-edited, or valid JSON of something else) is refused naming its
+  shard and line; a repeated key (a line copied by hand or a botched merge of shards) counts once and is
+  listed in ``duplicates``. ``repair_store`` (``pluribus repair STORE``) moves both kinds of line out of the
+  shards into ``removed-<time>.jsonl``, so their problems are generated again on resume.
+- A full disk is one PluribusError naming the shard; the partial write is cut off, so the store resumes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -32,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pluribus.errors import PluribusError
-from pluribus.io import atomic_write_text
+from pluribus.io import atomic_write_bytes, atomic_write_text, ensure_dir
 
 FORMAT = "pluribus-trajectories/1"
 SHARD_GLOB = "shard-*.jsonl"
@@ -44,19 +50,32 @@ _MANIFEST_FIELDS: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
     ("created", "a string", lambda v: isinstance(v, str)),
     ("previous_runs", "a list of objects", lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v)),
 )
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+Check = Callable[[dict[str, Any]], Any]
+
+
+def repair_hint(directory: Path) -> str:
+    return (f"run `pluribus repair {directory}` to move such lines aside (their problems are generated again "
+            "on resume), or build from the store as it is with `pluribus build --skip-corrupt`")
 
 
 class TrajectoryStore:
     """An append-only store of finished records under ``directory``.
 
     ``config_hash=None`` opens an existing store read-only (for the builders); a hash opens it for writing,
-    creating it if needed; ``same_config`` are older hashes of the same config, accepted and replaced. Raises PluribusError on a config mismatch, a second writer, or a missing store.
+    creating it if needed; ``same_config`` are older hashes of the same config, accepted and replaced.
+    ``check(record)`` raises ValueError for a line that parses but is not a record of this store (the debate
+    passes ``Trajectory.from_dict``). Raises PluribusError on a config mismatch, a second writer, a missing
+    store, or a corrupt line.
     """
 
     def __init__(self, directory: str | Path, config_hash: str | None = None, new_run: bool = False, *,
-                 key: str = "problem_id", shard_records: int = 10_000, same_config: Collection[str] = ()) -> None:
+                 key: str = "problem_id", shard_records: int = 10_000, same_config: Collection[str] = (),
+                 check: Check | None = None) -> None:
         self.directory = Path(directory)
         self.key = key
+        self.check = check
+        self.duplicates: list[str] = []  # "shard:line" of lines repeating a stored key (read once, ignored)
         self.shard_records = shard_records
         self.writable = config_hash is not None
         self._lock_fd: int | None = None
@@ -69,7 +88,7 @@ class TrajectoryStore:
             self.manifest = self._read_manifest()
             self._done = {r[self.key] for r in self.iter_records(skip_corrupt=True)}
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.directory, "the trajectory store")
         self._lock()
         if manifest_path.is_file():
             try:
@@ -102,8 +121,12 @@ class TrajectoryStore:
             atomic_write_text(manifest_path, json.dumps(self.manifest, indent=2) + "\n")
         else:
             self.manifest = self._read_manifest()
-        self.repaired_lines = self._repair_tail()
-        self._done = {r[self.key] for r in self.iter_records()}
+        try:
+            self.repaired_lines = self._repair_tail()
+            self._done = {r[self.key] for r in self.iter_records()}
+        except BaseException:
+            self._unlock()
+            raise
 
     # ------------------------------------------------------------------------------------------ reading
 
@@ -122,11 +145,29 @@ class TrajectoryStore:
         return len(self._done)
 
     def iter_records(self, skip_corrupt: bool = False) -> Iterator[dict[str, Any]]:
-        """Every stored record, shard by shard, in storage order.
+        """Every stored record, shard by shard, in storage order, each key once (the first line holding it).
 
-        A line that is not one whole JSON object (torn by a crash, edited by hand) raises a PluribusError
-        naming the file and line, unless ``skip_corrupt``.
+        A line that is not one whole record (torn by a crash, edited by hand, failing ``check``) raises a
+        PluribusError naming the file and line, unless ``skip_corrupt``. Lines repeating a key are listed
+        in ``self.duplicates``.
         """
+        seen: set[Any] = set()
+        duplicates = []
+        for shard, lineno, _, record, problem in self._lines():
+            if problem is not None:
+                if skip_corrupt:
+                    continue
+                raise PluribusError(f"store shard '{shard}' line {lineno} is corrupt ({problem}); "
+                                    f"{repair_hint(self.directory)}")
+            if record[self.key] in seen:
+                duplicates.append(f"{shard.name}:{lineno}")
+                continue
+            seen.add(record[self.key])
+            yield record
+        self.duplicates = duplicates
+
+    def _lines(self) -> Iterator[tuple[Path, int, bytes, dict[str, Any] | None, str | None]]:
+        """(shard, line number, bytes, record or None, what is wrong with the line or None) of every line."""
         for shard in self.shards():
             with shard.open("rb") as f:
                 for lineno, raw in enumerate(f, 1):
@@ -136,14 +177,12 @@ class TrajectoryStore:
                         record = json.loads(raw)
                         if not isinstance(record, dict) or self.key not in record:
                             raise ValueError(f"not a record with '{self.key}'")
-                    except ValueError as e:
-                        if skip_corrupt:
-                            continue
-                        raise PluribusError(
-                            f"store shard '{shard}' line {lineno} is corrupt ({e}); reopen the store for writing "
-                            "to drop a torn last line, or read with skip_corrupt=True"
-                        ) from None
-                    yield record
+                        if self.check is not None:
+                            self.check(record)
+                    except (ValueError, TypeError, KeyError) as e:  # TypeError/KeyError: a check on odd JSON
+                        yield shard, lineno, raw, None, str(e)
+                        continue
+                    yield shard, lineno, raw, record, None
 
     # ------------------------------------------------------------------------------------------ writing
 
@@ -164,9 +203,24 @@ class TrajectoryStore:
         shard = self._current_shard(len(records))
         data = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records).encode()
         with shard.open("ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            start = f.tell()
+            try:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                # Cut what part of the lines reached the disk: the store then holds whole records only and a
+                # rerun resumes with these problems pending, as after a kill. Truncating frees space, so it
+                # works on a full disk.
+                with contextlib.suppress(OSError):
+                    f.truncate(start)
+                self._tail = None
+                if e.errno in NO_SPACE:
+                    raise PluribusError(f"cannot write to '{shard}': {e.strerror or 'no space left on device'}; "
+                                        f"free space on the disk holding '{self.directory}', then rerun: "
+                                        f"the {len(self._done)} stored problems are kept") from None
+                raise PluribusError(f"cannot write to '{shard}': {e.strerror or e}; the {len(self._done)} "
+                                    "stored problems are kept, rerun once it is writable") from None
         self._done.update(keys)
         return len(records)
 
@@ -260,3 +314,46 @@ class TrajectoryStore:
             path, lines = self.directory / f"shard-{int(path.stem.split('-')[1]) + 1:05d}.jsonl", 0
         self._tail = (path, lines + adding)  # counted before the write: a failed write raises out of append
         return path
+
+
+# ---------------------------------------------------------------------------------------------- repair
+
+
+def repair_store(directory: str | Path, *, check: Check | None = None, key: str = "problem_id"
+                 ) -> dict[str, Any]:
+    """Move every corrupt line, and every line repeating a stored key, out of the shards of ``directory``.
+
+    The lines go, as they were, to ``<dir>/removed-<time>.jsonl`` (outside the shard glob, so no reader sees
+    them); each shard is rewritten atomically with the lines it keeps. Their problems are pending again, so
+    the next ``pluribus debate`` (or eval) generates them. Takes the writer's lock. Returns
+    ``{"corrupt": [...], "duplicates": [...], "moved_to": path or None}`` ("shard:line" each).
+    """
+    store = TrajectoryStore(directory)  # checks that it is a store (manifest)
+    store.check, store.key = check, key
+    fd = os.open(store.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PluribusError(f"store '{store.directory}' is being written by another process; "
+                                "wait for it to finish or stop it") from None
+        corrupt, duplicates, removed = [], [], []
+        keep: dict[Path, list[bytes]] = {shard: [] for shard in store.shards()}
+        seen: set[Any] = set()
+        for shard, lineno, raw, record, problem in store._lines():
+            if problem is None and record[key] not in seen:
+                seen.add(record[key])
+                keep[shard].append(raw)
+                continue
+            (corrupt if problem is not None else duplicates).append(f"{shard.name}:{lineno}")
+            removed.append(raw if raw.endswith(b"\n") else raw + b"\n")
+        moved_to = None
+        if removed:
+            moved_to = store.directory / f"removed-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+            atomic_write_bytes(moved_to, b"".join(removed))  # first: a crash now loses no line
+            for shard, lines in keep.items():
+                atomic_write_bytes(shard, b"".join(lines))
+        return {"corrupt": corrupt, "duplicates": duplicates, "moved_to": moved_to}
+    finally:
+        os.close(fd)
+

@@ -177,6 +177,7 @@ def load_gsm8k(path: str | os.PathLike[str] | None = None, *, split: str = "trai
     """
     if path is not None and str(path) == GSM8K_HUB:
         rows = _hub_rows(GSM8K_HUB, subset or "main", split)
+        places = [f"{GSM8K_HUB} record {i}" for i in range(1, len(rows) + 1)]
         name = split
     else:
         file = default_gsm8k_path() if path is None else Path(path).expanduser()
@@ -184,18 +185,20 @@ def load_gsm8k(path: str | os.PathLike[str] | None = None, *, split: str = "trai
             file = file / f"{split}.jsonl"
         if not file.is_file():
             raise PluribusError(f"GSM8K file '{file}' does not exist; set task.path to GSM8K's train.jsonl")
-        rows = _read_jsonl(file)
+        numbered = _read_jsonl(file)
+        rows = [row for _, row in numbered]
+        places = [f"{file} line {lineno}" for lineno, _ in numbered]
         name = file.name.split(".")[0]
     problems = []
-    for i, row in enumerate(rows):
+    for i, (row, where) in enumerate(zip(rows, places, strict=True)):
         if "question" not in row or "answer" not in row or "####" not in str(row["answer"]):
-            raise PluribusError(f"GSM8K record {i} has no question / answer with '#### N'; is this GSM8K?")
+            raise PluribusError(f"GSM8K {where} has no question / answer with '#### N'; is this GSM8K?")
         solution, answer = clean_gsm8k_solution(row["answer"])
         problems.append(
             Problem(
                 id=f"gsm8k-{name}-{i:06d}",
-                question=row["question"].strip(),
-                answer=answer,
+                question=_text(row["question"], "question", where),
+                answer=_text(answer, "answer", where),
                 solution=solution,
                 source="gsm8k",
                 meta={},
@@ -215,10 +218,21 @@ FIELD_DEFAULTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number from 1, object) of each non-blank line. A UTF-8 byte-order mark (Windows editors write
+    one) is skipped; bytes that are not UTF-8 are one PluribusError naming the file, line and byte offset."""
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, start = raw[3:], 3
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PluribusError(f"{path} is not UTF-8 text: line {lineno}, byte offset {start + e.start} "
+                                    f"({raw[e.start:e.start + 1]!r}); save it as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -227,7 +241,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 raise PluribusError(f"{path}: line {lineno} is not valid JSON") from None
             if not isinstance(row, dict):
                 raise PluribusError(f"{path}: line {lineno} is not a JSON object")
-            rows.append(row)
+            rows.append((lineno, row))
     return rows
 
 
@@ -244,17 +258,26 @@ def _hub_rows(dataset_id: str, subset: str | None, split: str) -> list[dict[str,
     return list(ds)
 
 
-def _read_rows(path: str, kind: str | None, subset: str | None, hf_split: str) -> tuple[list[dict[str, Any]], str]:
-    """Rows of a jsonl / parquet file or a Hub dataset, and a short name for ids."""
+def _read_rows(path: str, kind: str | None, subset: str | None, hf_split: str
+               ) -> tuple[list[dict[str, Any]], str, list[str]]:
+    """Rows of a jsonl / parquet file or a Hub dataset, a short name for ids, and where each row is, for
+    messages: "line 7" of a jsonl, "record 7" otherwise, both counted from 1 as editors and viewers count."""
     p = Path(path).expanduser()
     suffix = p.suffix.lower()
     if kind is None:  # multiple choice: any of the three, by the path's look
         kind = "jsonl" if suffix in (".jsonl", ".json") else "parquet" if suffix == ".parquet" else "hf"
+    if kind == "jsonl" and p.is_file():
+        numbered = _read_jsonl(p)
+        return [row for _, row in numbered], p.stem, [f"{path} line {n}" for n, _ in numbered]
+    rows, name = _read_table_rows(p, path, kind, subset, hf_split)
+    return rows, name, [f"{path} record {i}" for i in range(1, len(rows) + 1)]
+
+
+def _read_table_rows(p: Path, path: str, kind: str, subset: str | None, hf_split: str
+                     ) -> tuple[list[dict[str, Any]], str]:
     if kind in ("jsonl", "parquet"):
         if not p.is_file():
             raise PluribusError(f"task.path '{path}' is not a file; give the path of a .{kind} file")
-        if kind == "jsonl":
-            return _read_jsonl(p), p.stem
         import pyarrow.parquet as pq
 
         try:
@@ -306,6 +329,23 @@ def _choices_of(value: Any, where: str) -> tuple[list[str], list[str] | None]:
     raise PluribusError(f"{where}: choices must be a non-empty list (or {{text, label}}), got {type(value).__name__}")
 
 
+def _text(value: Any, name: str, where: str) -> str:
+    """A question or gold answer as stripped text; null or empty is refused, naming the record."""
+    if value is None:
+        raise PluribusError(f"{where}: {name} is null; give every record a {name} (or drop the record)")
+    text = str(value).strip()
+    if not text:
+        raise PluribusError(f"{where}: {name} is empty; give every record a {name} (or drop the record)")
+    return text
+
+
+def _present(row: dict[str, Any], name: str, fields: dict[str, str]) -> bool:
+    """Whether ``row`` has a column for ``name`` (mapped or by a default name), whatever its value."""
+    if name in fields:
+        return fields[name] in row
+    return any(col in row for col in FIELD_DEFAULTS[name])
+
+
 def _gold(value: Any) -> str:
     """A gold answer as stored: numbers normalized ("1,200" -> "1200"), anything else stripped text."""
     text = str(value).strip()
@@ -336,16 +376,17 @@ def load_table(
     unknown = set(fields) - set(FIELD_DEFAULTS)
     if unknown:
         raise PluribusError(f"task.fields has unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(FIELD_DEFAULTS)}")
-    rows, name = _read_rows(path, kind, subset, hf_split)
+    rows, name, places = _read_rows(path, kind, subset, hf_split)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name) or "data"
     problems = []
-    for i, row in enumerate(rows):
-        where = f"{path} record {i}"
-        question = _column(row, "question", fields, True, where)
+    for i, (row, where) in enumerate(zip(rows, places, strict=True)):
+        question = _text(_column(row, "question", fields, True, where), "question", where)
         raw_choices = _column(row, "choices", fields, multiple_choice, where)
         answer = _column(row, "answer", fields, raw_choices is not None, where)
         solution = _column(row, "solution", fields, False, where)
         rid = _column(row, "id", fields, False, where)
+        if answer is None and _present(row, "answer", fields):
+            _text(answer, "answer", where)  # a null in the answer column is not a missing column
         meta: dict[str, Any] = {}
         if raw_choices is not None:
             choices, labels = _choices_of(raw_choices, where)
@@ -356,7 +397,7 @@ def load_table(
                 gold = gold_choice(answer if isinstance(answer, int) else key, choices)
             if gold is None:
                 raise PluribusError(f"{where}: answer {answer!r} is not a letter, index or text of its {len(choices)} choices")
-            question = f"{str(question).strip()}\n\n" + "\n".join(f"{LETTERS[j]}) {c}" for j, c in enumerate(choices))
+            question = f"{question}\n\n" + "\n".join(f"{LETTERS[j]}) {c}" for j, c in enumerate(choices))
             meta["choices"] = choices
             answer_text = gold
         elif answer is None and solution is not None:
@@ -369,13 +410,13 @@ def load_table(
         elif isinstance(answer, str) and "####" in answer:
             solution, answer_text = clean_gsm8k_solution(answer)
         else:
-            answer_text = _gold(answer)
+            answer_text = _gold(_text(answer, "answer", where))
         pid = f"{name}-{rid}" if rid is not None and str(rid).strip() else f"{name}-{i:06d}"
         problems.append(
             Problem(
                 id=pid,
-                question=str(question).strip(),
-                answer=answer_text,
+                question=question,
+                answer=_text(answer_text, "answer", where),
                 solution=None if solution is None else str(solution),
                 source=name,
                 meta=meta,

@@ -318,6 +318,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, *, seed: int, has_eva
 def rich_progress_callback() -> Any:
     """A TrainerCallback drawing one rich progress bar over optimizer steps with the latest loss."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Column
     from transformers import TrainerCallback
 
     class RichProgress(TrainerCallback):
@@ -330,8 +331,11 @@ def rich_progress_callback() -> Any:
             if not state.is_world_process_zero:
                 return
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[metrics]}"), transient=False,
+                # on a narrow screen rich squeezes the first column ("t..."): the metrics give way instead
+                TextColumn("[bold]train", table_column=Column(no_wrap=True, min_width=5)), BarColumn(),
+                MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[metrics]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
+                transient=False,
             )
             self.progress.start()
             self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
@@ -342,7 +346,8 @@ def rich_progress_callback() -> Any:
                 self.progress.update(self.task, completed=state.global_step, metrics=self.metrics)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.progress is not None and logs:
+            # the end-of-training summary (train_runtime, ...) is the CLI's to print, not the bar's last line
+            if self.progress is not None and logs and "train_runtime" not in logs:
                 shown = {k: v for k, v in logs.items() if isinstance(v, float | int) and k != "epoch"}
                 self.metrics = " ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:5])
                 self.progress.update(self.task, metrics=self.metrics)

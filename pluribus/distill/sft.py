@@ -93,10 +93,11 @@ def prepare_examples(ds: Any, tokenizer: Any, cfg: TrainConfig) -> tuple[list[di
         counts["tokens"] += len(ids)
         counts["labelled_tokens"] += sum(x != -100 for x in labels[1:])
     if not examples:
-        raise PluribusError(
-            f"no SFT example is left: {counts['dropped']} of {counts['rows']} rows are longer than "
-            f"train.max_length={cfg.max_length}; raise it or set train.too_long=truncate"
-        )
+        # under truncate, a row is dropped only when its cut leaves no answer token: truncate is no advice then
+        fix = "raise it or set train.too_long=truncate" if cfg.too_long == "drop" else \
+            "truncated, they keep no assistant token to learn from (train.too_long=truncate); raise it"
+        raise PluribusError(f"no SFT example is left: {counts['dropped']} of {counts['rows']} rows are longer than "
+                            f"train.max_length={cfg.max_length}; {fix}")
     return examples, counts
 
 

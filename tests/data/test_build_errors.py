@@ -60,3 +60,27 @@ def test_a_failed_push_is_one_line_without_the_token(tmp_path: Path, monkeypatch
     assert str(info.value).startswith("push to 'me/ds' failed: ") and token not in str(info.value)
     with pytest.raises(PluribusError, match="'bad repo!!' is not a valid Hub repo id"):
         push_to_hub(built, "bad repo!!")
+
+
+def test_a_line_with_no_rounds_is_corrupt_also_with_skip_corrupt(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", sample_trajs())
+    shard = run / "trajectories" / "shard-00000.jsonl"
+    lines = shard.read_text().splitlines(keepends=True)
+    hollow = json.loads(lines[0])
+    hollow["rounds"] = []
+    shard.write_text(json.dumps(hollow) + "\n" + "".join(lines[1:]))
+    with pytest.raises(PluribusError, match=r"line 1 is corrupt \(ValueError: Trajectory field 'rounds' is empty"
+                                            r".*--skip-corrupt.*`pluribus repair "):
+        build(BuildConfig(), [run], kinds=["rsft", "augmented", "process"], progress=False)
+    built = build(BuildConfig(skip_corrupt=True), [run], kinds=["rsft", "augmented"], progress=False)
+    assert built[0].stats["skipped_lines"] == ["trajectories/shard-00000.jsonl:1"]
+
+
+def test_a_duplicated_line_is_reported_not_dropped_silently(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", sample_trajs())
+    shard = run / "trajectories" / "shard-00000.jsonl"
+    lines = shard.read_text().splitlines(keepends=True)
+    shard.write_text("".join(lines) + lines[0])
+    (built,) = build(BuildConfig(), [run], kinds=["rsft"], progress=False)
+    assert built.stats["duplicate_lines"] == [f"trajectories/shard-00000.jsonl:{len(lines) + 1}"]
+    assert "Store lines repeating a problem (the first line was used) (1)" in (built.path / "README.md").read_text()

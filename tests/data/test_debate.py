@@ -401,3 +401,88 @@ def test_embedded_model_small_debate(tmp_path):
     records = list(TrajectoryStore(tmp_path / "emb" / "trajectories").iter_records())
     responses = [t["response"] for r in records for rnd in r["rounds"] for t in rnd]
     assert len(responses) == 8 and all(isinstance(x, str) for x in responses) and any(responses)
+
+
+def _store_lines(tmp_path):
+    shard = tmp_path / "r" / "trajectories" / "shard-00000.jsonl"
+    return shard, shard.read_bytes().splitlines(keepends=True)
+
+
+def test_a_store_line_with_no_rounds_is_corrupt_and_repair_resumes(tmp_path, monkeypatch, capsys):
+    from pluribus import cli
+
+    be = ScriptedBackend(lambda conv, k: "\\boxed{2}")
+    recipe = Recipe(name="r", root=str(tmp_path), task=TaskConfig(n=3),
+                    team=TeamConfig(agents=[AgentConfig(name="a")], rounds=1))
+    backends = {backend_key(recipe.team.agents[0]): be}
+    run_debate(recipe, problems=problems(3), backends=backends, progress=False)
+    shard, lines = _store_lines(tmp_path)
+    hollow = json.loads(lines[1])
+    hollow["rounds"] = []  # valid JSON, not a trajectory
+    shard.write_bytes(lines[0] + json.dumps(hollow).encode() + b"\n" + lines[2])
+    with pytest.raises(PluribusError, match=r"line 2 is corrupt \(Trajectory field 'rounds' is empty.*\); "
+                                            r"run `pluribus repair "):
+        run_debate(recipe, problems=problems(3), backends=backends, progress=False)
+    monkeypatch.setattr(sys, "argv", ["pluribus", "repair", str(tmp_path / "r")])
+    cli.main()  # the command the message names
+    assert "1 corrupt line(s): shard-00000.jsonl:2" in capsys.readouterr().out
+    s = run_debate(recipe, problems=problems(3), backends=backends, progress=False)
+    assert s.problems == 3 and s.new == 1  # p1 generated again
+
+
+def test_a_duplicated_store_line_is_counted_once_and_reported(tmp_path):
+    be = ScriptedBackend(lambda conv, k: "\\boxed{2}")
+    recipe = Recipe(name="r", root=str(tmp_path), task=TaskConfig(n=2),
+                    team=TeamConfig(agents=[AgentConfig(name="a")], rounds=1))
+    backends = {backend_key(recipe.team.agents[0]): be}
+    run_debate(recipe, problems=problems(2), backends=backends, progress=False)
+    shard, lines = _store_lines(tmp_path)
+    shard.write_bytes(lines[0] + lines[1] + lines[1])
+    s = run_debate(recipe, problems=problems(2), backends=backends, progress=False)
+    assert s.problems == 2 and s.team_accuracy == pytest.approx(0.5)  # p1 (gold 2) counted once
+    assert s.duplicates == ("shard-00000.jsonl:3",)
+    assert ("duplicated store lines (counted once)", "1: shard-00000.jsonl:3 (pluribus repair removes them)") \
+        in s.rows()
+
+
+def _record_bar(monkeypatch) -> list[tuple[float, int]]:
+    """(completed generations, stored problems) of the live bar after every finished batch."""
+    from pluribus.data import debate
+
+    seen: list[tuple[float, int]] = []
+    original = debate._Progress.batch
+
+    def batch(self, gens):
+        original(self, gens)
+        task = self.bar.tasks[0]
+        seen.append((task.completed, task.fields["stored"]))
+
+    monkeypatch.setattr(debate._Progress, "batch", batch)
+    return seen
+
+
+def test_the_bar_moves_with_each_generated_batch_inside_a_step(tmp_path, monkeypatch):
+    seen = _record_bar(monkeypatch)
+    be = ScriptedBackend(lambda conv, k: "\\boxed{2}")
+    recipe = Recipe(name="r", root=str(tmp_path), task=TaskConfig(n=3),
+                    team=TeamConfig(agents=[AgentConfig(name="a"), AgentConfig(name="b")], rounds=2,
+                                    problems_per_step=3))
+    run_debate(recipe, problems=problems(3), backends={backend_key(recipe.team.agents[0]): be}, progress=True)
+    # one step of 3 problems x 2 agents x 2 rounds: the bar moves after each round, before anything is stored
+    assert seen == [(6, 0), (12, 0)]
+
+
+def test_the_bar_follows_the_transformers_backends_micro_batches(tmp_path, monkeypatch, capsys, tiny_llama_dir):
+    from pluribus.data.backends import TransformersBackend
+
+    seen = _record_bar(monkeypatch)
+    agent = AgentConfig(name="a", model=str(tiny_llama_dir), dtype="float32",
+                        sampling=SamplingConfig(max_new_tokens=4))
+    backend = TransformersBackend(agent, batch_size=2)
+    recipe = Recipe(name="r", root=str(tmp_path), task=TaskConfig(n=3),
+                    team=TeamConfig(agents=[agent], rounds=1, problems_per_step=3, batch_size=2))
+    run_debate(recipe, problems=problems(3), backends={backend_key(agent): backend}, progress=True,
+               label="single-greedy")
+    assert seen == [(2, 0), (3, 0)] and backend.calls == 2  # micro-batches of 2 and 1 rows
+    err = capsys.readouterr().err
+    assert "single-greedy" in err and "3/3 problems" in err and "debate" not in err  # eval names its systems

@@ -173,3 +173,112 @@ def test_sigkill_while_appending_then_restart(tmp_path):
     ids = [json.loads(line)["problem_id"] for line in shard.read_bytes().splitlines()]
     assert sorted(ids) == sorted(f"p{i}" for i in range(n))
     assert shard.read_bytes().endswith(b"\n")
+
+
+# ------------------------------------------------------------------------------ failures and repair
+
+
+def test_a_full_disk_is_one_line_and_the_store_stays_resumable(tmp_path, monkeypatch):
+    import errno
+
+    import pluribus.data.store as store_module
+
+    d = tmp_path / "traj"
+    with TrajectoryStore(d, "h") as s:
+        s.append([rec(0)])
+        real_fsync = os.fsync
+
+        def full(fd):  # the lines reached the page cache, then the disk filled: what a real ENOSPC leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(store_module.os, "fsync", full)
+        with pytest.raises(PluribusError, match=r"cannot write to '.*shard-00000.jsonl': No space left on device; "
+                                                r"free space on the disk holding '.*traj', then rerun"):
+            s.append([rec(1), rec(2)])
+        monkeypatch.setattr(store_module.os, "fsync", real_fsync)
+    shard = d / "shard-00000.jsonl"
+    assert shard.read_bytes().count(b"\n") == 1  # the unacknowledged lines are gone, not half there
+    with TrajectoryStore(d, "h") as s:
+        assert s.done_ids() == {"p0"} and s.repaired_lines == 0
+        s.append([rec(1), rec(2)])
+    assert [r["problem_id"] for r in TrajectoryStore(d).iter_records()] == ["p0", "p1", "p2"]
+
+
+def test_a_full_disk_while_writing_the_manifest_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    import pluribus.io
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pluribus.io.os, "fsync", full)
+    with pytest.raises(PluribusError, match=r"cannot write '.*manifest.json': No space left on device; free space"):
+        TrajectoryStore(tmp_path / "traj", "h")
+    assert not (tmp_path / "traj" / "manifest.json").exists()
+
+
+def test_duplicated_lines_are_read_once_and_listed(tmp_path):
+    d = tmp_path / "traj"
+    with TrajectoryStore(d, "h") as s:
+        s.append([rec(0), rec(1)])
+    shard = d / "shard-00000.jsonl"
+    lines = shard.read_bytes().splitlines(keepends=True)
+    shard.write_bytes(lines[0] + lines[1] + lines[0])  # a line pasted twice by hand
+    store = TrajectoryStore(d)
+    assert [r["problem_id"] for r in store.iter_records()] == ["p0", "p1"]
+    assert store.duplicates == ["shard-00000.jsonl:3"]
+
+
+def test_a_valid_json_line_that_fails_the_check_is_corrupt(tmp_path):
+    def check(r):
+        if not r.get("rounds"):
+            raise ValueError("Trajectory field 'rounds' is empty")
+
+    d = tmp_path / "traj"
+    with TrajectoryStore(d, "h", check=check) as s:
+        s.append([rec(0), rec(1)])
+    shard = d / "shard-00000.jsonl"
+    lines = shard.read_bytes().splitlines(keepends=True)
+    shard.write_bytes(lines[0] + json.dumps({"problem_id": "p9", "rounds": []}).encode() + b"\n" + lines[1])
+    with pytest.raises(PluribusError, match=r"line 2 is corrupt \(Trajectory field 'rounds' is empty\); "
+                                            r"run `pluribus repair .*traj`"):
+        TrajectoryStore(d, "h", check=check)
+    # the refused store was unlocked: opening it again says the same, not 'being written by another process'
+    with pytest.raises(PluribusError, match="is corrupt"):
+        TrajectoryStore(d, "h", check=check)
+
+
+def test_repair_moves_corrupt_and_duplicated_lines_aside(tmp_path):
+    from pluribus.data.store import repair_store
+
+    d = tmp_path / "traj"
+    with TrajectoryStore(d, "h") as s:
+        s.append([rec(0), rec(1), rec(2)])
+    shard = d / "shard-00000.jsonl"
+    lines = shard.read_bytes().splitlines(keepends=True)
+    shard.write_bytes(lines[0] + b'{"problem_id": "p1", "trunc\n' + lines[2] + lines[0])
+    report = repair_store(d)
+    assert report["corrupt"] == ["shard-00000.jsonl:2"] and report["duplicates"] == ["shard-00000.jsonl:4"]
+    assert report["moved_to"].read_bytes() == b'{"problem_id": "p1", "trunc\n' + lines[0]
+    assert shard.read_bytes() == lines[0] + lines[2]
+    with TrajectoryStore(d, "h") as s:  # resumes: p1 is pending again
+        assert s.done_ids() == {"p0", "p2"}
+    assert repair_store(d)["moved_to"] is None
+
+
+def test_a_store_path_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "trajectories").write_text("not a folder")
+    with pytest.raises(PluribusError, match=r"'.*trajectories' exists but is not a folder"):
+        TrajectoryStore(tmp_path / "trajectories", "h")
+
+
+def test_manifest_and_shards_get_the_usual_file_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with TrajectoryStore(tmp_path / "traj", "h") as s:
+            s.append([rec(0)])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "traj" / "manifest.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "traj" / "shard-00000.jsonl").stat().st_mode & 0o777 == 0o644

@@ -302,3 +302,51 @@ def test_hf_dataset_saved_to_disk(tmp_path: Path) -> None:
     problems = load_problems(task)
     assert [p.answer for p in problems] == [str(2 * i) for i in range(12)]
     assert problems[3].id == "ds-000003" and problems[3].solution == "3 * 2 = 6\n#### 6"
+
+
+# ------------------------------------------------------------------------------------ broken task files
+
+
+@pytest.mark.parametrize(
+    ("record", "needle"),
+    [
+        ({"question": "   ", "answer": "3"}, "line 3: question is empty"),
+        ({"question": "", "answer": "3"}, "line 3: question is empty"),
+        ({"question": None, "answer": "3"}, "line 3: question is null"),
+        ({"question": "What is 1 + 2?", "answer": " "}, "line 3: answer is empty"),
+        ({"question": "What is 1 + 2?", "answer": None}, "line 3: answer is null"),
+    ],
+)
+def test_empty_or_null_questions_and_answers_name_the_line(tmp_path: Path, record: dict, needle: str) -> None:
+    # line 2 is blank: the number is the editor's line, not the record's index
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "4"}) + "\n\n" + json.dumps(record) + "\n")
+    with pytest.raises(PluribusError, match=re.escape(f"{path} {needle}")):
+        load_table(str(path))
+
+
+def test_parquet_records_count_from_one(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "What is 2 + 2?", "answer": "4"},
+                                         {"question": "What is 1 + 1?", "answer": ""}]), path)
+    with pytest.raises(PluribusError, match=re.escape(f"{path} record 2: answer is empty")):
+        load_table(str(path), kind="parquet")
+
+
+def test_a_task_file_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"question": "What is 2 + 2?", "answer": "4"}).encode() + b"\n")
+    (p,) = load_table(str(path))
+    assert p.question == "What is 2 + 2?" and p.answer == "4"
+
+
+def test_a_task_file_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    first = json.dumps({"question": "What is 2 + 2?", "answer": "4"}).encode() + b"\n"
+    path.write_bytes(first + b'{"question": "Caf\xe9 has 2 cups", "answer": "2"}\n')
+    offset = len(first) + len(b'{"question": "Caf')
+    with pytest.raises(PluribusError, match=re.escape(f"{path} is not UTF-8 text: line 2, byte offset {offset}")):
+        load_table(str(path))

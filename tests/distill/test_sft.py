@@ -179,8 +179,12 @@ def test_too_long_rows_are_dropped_or_truncated_and_counted(tmp_path, student_di
     cfg = Recipe(train={"max_length": 200, "too_long": "truncate"}).train
     kept, counts = prepare_examples(ds, tokenizer, cfg)
     assert (counts["too_long"], counts["truncated"], counts["dropped"], counts["kept"]) == (1, 0, 1, 3)
-    with pytest.raises(PluribusError, match="max_length"):
+    with pytest.raises(PluribusError, match="max_length=50; raise it or set train.too_long=truncate"):
         prepare_examples(Dataset.from_list([long]), tokenizer, Recipe(train={"max_length": 50}).train)
+    # the advice to truncate is not given to a recipe that already truncates
+    with pytest.raises(PluribusError, match="max_length=50; truncated, they keep no assistant token") as info:
+        prepare_examples(Dataset.from_list([long]), tokenizer, Recipe(train={"max_length": 50, "too_long": "truncate"}).train)
+    assert "set train.too_long=truncate" not in str(info.value)
     out = train_sft(recipe(tmp_path, student_dir, max_length=60, too_long="truncate", max_steps=1), dataset=rsft_dir)
     data = read_record(out)["data"]
     assert data["too_long"] > 0 and data["too_long"] == data["truncated"] + data["dropped"]

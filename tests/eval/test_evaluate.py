@@ -109,3 +109,22 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_llama_dir: Path, tmp_path: Path) -
     with pytest.raises(PluribusError, match="--new-run"):
         run_eval(changed, progress=False)
     assert run_eval(changed, progress=False, new_run=True)["systems"]["single-greedy"]["problems"] == 3
+
+
+def test_eval_bars_are_labelled_by_system(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import pluribus.data.debate as debate
+
+    labels = []
+    real = debate.run_debate
+
+    def recording(recipe, **kwargs):
+        labels.append(kwargs.get("label"))
+        return real(recipe, **kwargs)
+
+    monkeypatch.setattr(debate, "run_debate", recording)
+    agent = f"{{model: '{tiny_llama_dir}', sampling: {{max_new_tokens: 2}}}}"
+    recipe = load_recipe(None, [f"root={tmp_path}", "name=e", "task.n=1", "task.heldout_fraction=0.5",
+                                f"team.agents=[{agent}, {agent}]", "team.rounds=1", "eval.systems=[single, team]",
+                                "eval.robustness=[typos]"])
+    run_eval(recipe, progress=False)
+    assert labels == ["single-greedy", "single-greedy-typos", "team", "team-typos"]

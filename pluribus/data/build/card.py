@@ -58,7 +58,8 @@ def render_card(kind: str, *, run: str, sources: list[dict[str, Any]], config: d
     for key, title in (("no_steps", "Traces where the step rule found no step"),
                        ("too_many_steps", "Traces skipped for having more than max_steps steps"),
                        ("no_target", "Problems without a target answer"),
-                       ("skipped_lines", "Corrupt store lines skipped (build.skip_corrupt)")):
+                       ("skipped_lines", "Corrupt store lines skipped (build.skip_corrupt)"),
+                       ("duplicate_lines", "Store lines repeating a problem (the first line was used)")):
         if stats.get(key):
             lines += ["", f"## {title} ({len(stats[key])})", "", _listing(stats[key])]
     if extra_configs:

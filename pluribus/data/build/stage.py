@@ -41,12 +41,14 @@ SHEPHERD_PARQUET = "math_shepherd/train-00000-of-00001.parquet"
 
 @dataclass
 class Source:
-    """One trajectory store being read; ``skipped`` lists ``shard:line`` of corrupt lines passed over."""
+    """One trajectory store being read; ``skipped`` lists ``shard:line`` of corrupt lines passed over,
+    ``duplicates`` those repeating a problem already read (the first line of a problem is the one used)."""
 
     path: Path
     config_hash: str
     records: int = 0
     skipped: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
 
     def card_row(self) -> dict[str, Any]:
         return {"path": str(self.path), "config_hash": self.config_hash, "records": self.records,
@@ -111,6 +113,7 @@ def read_trajectories(sources: list[Source], *, skip_corrupt: bool = False,
     from pluribus.data.store import SHARD_GLOB
 
     out: dict[str, Trajectory] = {}
+    seen: set[str] = set()
     for src in sources:
         for shard in sorted(src.path.glob(SHARD_GLOB)):
             for lineno, raw in _lines(shard):
@@ -122,9 +125,14 @@ def read_trajectories(sources: list[Source], *, skip_corrupt: bool = False,
                     if not skip_corrupt:
                         raise PluribusError(
                             f"store shard '{shard}' line {lineno} is corrupt ({type(e).__name__}: {e}); "
-                            "pass --skip-corrupt (build.skip_corrupt=true) to skip such lines") from None
+                            "pass --skip-corrupt (build.skip_corrupt=true) to skip such lines, or run "
+                            f"`pluribus repair {src.path}` to move them out of the store") from None
                     src.skipped.append(f"{shard.name}:{lineno}")
                     continue
+                if traj.problem_id in seen:
+                    src.duplicates.append(f"{shard.name}:{lineno}")
+                    continue
+                seen.add(traj.problem_id)
                 src.records += 1
                 if len(out) < (max_problems or float("inf")):
                     out.setdefault(traj.problem_id, traj)
@@ -279,6 +287,7 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
     for kind in kinds:
         stats = _stats(kind, rows[kind], trajs, report, cfg)
         stats["skipped_lines"] = [f"{s.path.name}/{line}" for s in sources for line in s.skipped]
+        stats["duplicate_lines"] = [f"{s.path.name}/{line}" for s in sources for line in s.duplicates]
         if match_rows and kind in match_rows:
             stats["counts"]["rows to match"] = match_rows[kind]
             stats["counts"]["rows before matching"] = matched.get(kind, len(rows[kind]))
@@ -387,6 +396,9 @@ def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, s
         from pluribus.config import apply_overrides, validate_recipe
 
         recipe = validate_recipe(apply_overrides(recipe.to_dict(), overrides))
+    from pluribus.threads import apply_threads
+
+    apply_threads(recipe.threads)  # before the rollouts' model loads
     cfg = recipe.build or BuildConfig()
     if skip_corrupt:
         cfg = cfg.model_copy(update={"skip_corrupt": True})
