@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pluribus.config import Recipe, RecipeError, apply_overrides, load_recipe, validate_recipe
+from pluribus.errors import PluribusError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -174,3 +175,63 @@ def test_kernels_off_is_accepted_as_yaml_writes_it(tmp_path: Path) -> None:
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert "kernels: 'off'" in out.stdout or 'kernels: "off"' in out.stdout
+
+
+def test_experts_take_the_shared_settings_and_override_them_key_by_key() -> None:
+    r = load_recipe(None, ["train.lr=1e-4", "train.lora.r=8", "train.experts=[{objective: rsft}, "
+                           "{objective: augmented, lr: 3e-4}, {objective: prm, lora: {alpha: 4}}, "
+                           "{name: rl-from-rsft, objective: rl, init_adapter: rsft, rl: {group_size: 3}}, "
+                           "{name: self-rsft, objective: rsft, data: self}]"])
+    ts = r.train.trainings()
+    assert [t.expert_name for t in ts] == ["rsft", "augmented", "prm", "rl-from-rsft", "self-rsft"]
+    assert [t.lr for t in ts] == [1e-4, 3e-4, 1e-4, 1e-4, 1e-4]
+    assert ts[2].lora.r == 8 and ts[2].lora.alpha == 4  # nested sections merge, not replace
+    assert ts[3].rl.group_size == 3 and ts[3].rl.prompts_per_step == r.train.rl.prompts_per_step
+    assert ts[4].data == "self" and r.train.expert("prm").objective == "prm"
+    with pytest.raises(RecipeError, match="no expert named 'rl' in the train section. Available: rsft, augmented"):
+        r.train.expert("rl")
+    # without experts the section is the one training, named after its objective
+    assert [t.expert_name for t in load_recipe(None, ["train.objective=prm"]).train.trainings()] == ["prm"]
+
+
+def test_expert_references_resolve_to_earlier_experts_folders(tmp_path: Path) -> None:
+    from pluribus.distill import resolve_expert
+
+    r = load_recipe(None, [f"root={tmp_path}", "name=x", "train.experts=[{objective: rsft}, {objective: prm}, "
+                           "{objective: rl, init_adapter: rsft}, {name: rl2, objective: rl, init_adapter: /a/b, "
+                           "rl: {prm: /p}}]"])
+    rl = resolve_expert(r, r.train.expert("rl"))
+    assert rl.init_adapter == str(tmp_path / "x" / "adapters" / "rsft")
+    assert rl.rl.prm == str(tmp_path / "x" / "adapters" / "prm")  # the prm expert before it
+    rl2 = resolve_expert(r, r.train.expert("rl2"))
+    assert (rl2.init_adapter, rl2.rl.prm) == ("/a/b", "/p")  # not expert names: folders as given
+    late = load_recipe(None, ["train.experts=[{objective: rl, init_adapter: rsft}, {objective: rsft}]"])
+    with pytest.raises(PluribusError, match="names an expert trained after it"):
+        resolve_expert(late, late.train.expert("rl"))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.experts=[{objective: rsft}, {objective: rsft}]"], "name 'rsft' is used twice"),
+    (["train.experts=[{objective: rsft, lr: -1}]"], "experts.0: 'lr' = -1"),
+    (["train.experts=[{objective: rsft, experts: []}]"], "cannot have experts of its own"),
+    (["train.stage=rsft"], "now called objective"),
+    (["merge.experts=[nope]"], "names experts \\['nope'\\] that the train section does not have"),
+    (["train.objective=rsft", "merge.experts=[rsft]", "merge.method=tie"], "tie"),
+    (["train.objective=rsft", "merge.experts=[rsft]", "merge.weights=[1, 2]"], "2 weights for 1 experts"),
+    (["eval.systems=[single, nope]"], "eval.systems \\['nope'\\] are not systems"),
+    (["merge.experts=[]", "train.objective=rsft"], "experts is empty"),
+])
+def test_expert_and_system_names_are_checked_up_front(overrides: list[str], message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, overrides)
+
+
+def test_merges_of_the_run_experts_by_name(tmp_path: Path) -> None:
+    r = load_recipe(None, [f"root={tmp_path}", "name=x", "train.experts=[{objective: rsft}, {objective: augmented}]",
+                           "merge.experts=[rsft, augmented]", "merge.merges=[{name: ta}, {name: ties, method: ties, "
+                           "params: {density: 0.5}}]", "eval.systems=[single, experts, ta, ties]"])
+    ta, ties = r.merge.all()
+    spec = ta.load(r.layout)
+    assert spec.method == "task_arithmetic" and [i.weight for i in spec.inputs] == [0.5, 0.5]
+    assert [i.path for i in spec.inputs] == [str(tmp_path / "x" / "adapters" / n) for n in ("rsft", "augmented")]
+    assert ties.load(r.layout).method == "ties" and ties.load(r.layout).density == 0.5

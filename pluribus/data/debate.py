@@ -302,7 +302,7 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
     for rnd in range(team.config.rounds):
         if rnd > 0 and team.config.early_stop:
             # every agent agrees: another round would only repeat the consensus (Du et al. stop on agreement too)
-            active = [st for st in active if not agreed(st.rounds[-1])]
+            active = [st for st in active if not agreed([t.answer for t in st.rounds[-1]])]
             if not active:
                 break
         requests: list[tuple[Member, Conversation]] = []
@@ -341,10 +341,9 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
     return [_finish(st, team, run_id) for st in states]
 
 
-def agreed(turns: Sequence[Turn]) -> bool:
+def agreed(answers: Sequence[str | None]) -> bool:
     """Every agent gave a parsed answer and all are the same (the early-stop rule)."""
-    answers = [t.answer for t in turns]
-    return len(turns) > 1 and None not in answers and len({vote_key(a) for a in answers}) == 1
+    return len(answers) > 1 and None not in answers and len({vote_key(a) for a in answers}) == 1  # type: ignore[arg-type]
 
 
 def majority(turns: Sequence[Turn], history: Sequence[Sequence[Turn]]) -> tuple[str | None, bool | None, bool]:

@@ -264,7 +264,6 @@ def early_stop_effect(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     every agent gave the same parsed answer yields that answer, at the tokens spent up to then.
     """
     from pluribus.data.debate import agreed
-    from pluribus.data.records import Turn
 
     if not records or max(len(r["rounds"]) for r in records) < 2:
         return None
@@ -276,7 +275,7 @@ def early_stop_effect(records: list[dict[str, Any]]) -> dict[str, Any] | None:
         spent, outcome = 0, None
         for rnd in r["rounds"]:
             spent += sum(t["tokens_in"] + t["tokens_out"] for t in rnd)
-            if rnd is not r["rounds"][-1] and agreed([Turn.from_dict(t) for t in rnd]):
+            if rnd is not r["rounds"][-1] and agreed([t["answer"] for t in rnd]):
                 outcome = bool(rnd[0]["correct"])
                 break
         if outcome is None:
@@ -463,7 +462,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             varied = [perturb(p, kind) for p in mine]
             folder = eval_dir / f"{plan.label}-{kind}" / fingerprint if fingerprint else eval_dir / f"{plan.label}-{kind}"
             perturbed = _system_records(recipe, folder, task, plan.team, varied, progress, fingerprint, new_run,
-                                        label=f"{plan.label} {kind}")
+                                        label=f"{plan.label}-{kind}")
             result = score(perturbed, plan.system, plan.mode)
             lost, gained, _ = paired(outcomes(recs), outcomes(perturbed))
             robust.setdefault(plan.label, {})[kind] = {

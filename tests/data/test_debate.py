@@ -486,3 +486,33 @@ def test_the_bar_follows_the_transformers_backends_micro_batches(tmp_path, monke
     assert seen == [(2, 0), (3, 0)] and backend.calls == 2  # micro-batches of 2 and 1 rows
     err = capsys.readouterr().err
     assert "single-greedy" in err and "3/3 problems" in err and "debate" not in err  # eval names its systems
+
+
+def test_early_stop_skips_the_rounds_of_problems_whose_agents_agree():
+    # p0's agents agree in round 0 (all say 1); p1's disagree (9, 2, 2), then agree on 2 in round 1
+    rows = iter(range(10_000))  # the call's rows come problem by problem, agent by agent: p1's a0 is row 3
+
+    def reply(conv, k):
+        row = next(rows)
+        if "What is 0 + 1" in conv[0]["content"]:
+            return "\\boxed{1}"
+        return "\\boxed{9}" if (k, row) == (0, 3) else "\\boxed{2}"
+
+    be = ScriptedBackend(reply)
+    cfg, backends = team_of(be, 3, rounds=3, early_stop=True)
+    t0, t1 = debate_step(problems(2), build_team(cfg, backends), run_id="r")
+    assert len(t0.rounds) == 1 and t0.meta["stopped_after_round"] == 0 and t0.final_answer == "1"
+    assert len(t1.rounds) == 2 and t1.meta["stopped_after_round"] == 1  # agreed on 2 in round 1
+    assert [len(call) for call in be.calls] == [6, 3]  # round 1 for p1 only, no round 2 at all
+    # off by default: every round runs for every problem, and nothing is recorded
+    be.calls.clear()
+    cfg, backends = team_of(be, 3, rounds=3)
+    t0, _ = debate_step(problems(2), build_team(cfg, backends), run_id="r")
+    assert len(t0.rounds) == 3 and "stopped_after_round" not in t0.meta and len(be.calls) == 3
+
+
+def test_early_stop_needs_every_agent_to_give_the_same_parsed_answer():
+    from pluribus.data.debate import agreed
+
+    assert agreed(["3", "3", "3"]) and agreed(["0.5", "1/2"])  # equal numbers written two ways
+    assert not agreed(["3", "3", None]) and not agreed(["3", "4"]) and not agreed(["3"])

@@ -128,3 +128,60 @@ def test_eval_bars_are_labelled_by_system(tiny_llama_dir: Path, tmp_path: Path, 
                                 "eval.robustness=[typos]"])
     run_eval(recipe, progress=False)
     assert labels == ["single-greedy", "single-greedy-typos", "team", "team-typos"]
+
+
+def _t(answer, correct, tin=10, tout=5):
+    return {"answer": answer, "correct": correct, "tokens_in": tin, "tokens_out": tout, "seconds": 0.1}
+
+
+def test_self_consistency_votes_over_the_samples_that_fit_the_budget() -> None:
+    from pluribus.eval.evaluate import budget_vote
+
+    samples = {"problem_id": "p", "rounds": [[_t("3", False), _t("4", True), _t("4", True), _t("5", False)]],
+               "final_correct": None, "cost": {}}
+    # 15 tokens each: a budget of 31 needs three samples (45 >= 31), whose majority is 4
+    voted, used = budget_vote(samples, 31)
+    assert used == 3 and voted["final_answer"] == "4" and voted["final_correct"] is True
+    assert voted["cost"] == {"tokens_in": 30, "tokens_out": 15, "seconds": pytest.approx(0.3)}
+    # a budget under one sample still uses one; ties go to the answer seen first
+    assert budget_vote(samples, 1)[1] == 1 and budget_vote(samples, 1)[0]["final_answer"] == "3"
+    assert budget_vote(samples, 16)[0]["final_answer"] == "3"  # 3 vs 4, one vote each: first seen
+    # more budget than samples: all of them; equal numbers written two ways are one vote
+    frac = {**samples, "rounds": [[_t("0.5", True), _t("1/2", True), _t("7", False)]]}
+    voted, used = budget_vote(frac, 10_000)
+    assert used == 3 and voted["final_answer"] == "0.5" and voted["final_correct"] is True
+    assert budget_vote({**samples, "rounds": [[_t(None, False)]]}, 5)[0]["final_correct"] is False
+
+
+def test_early_stop_effect_from_full_trajectories() -> None:
+    from pluribus.eval.evaluate import early_stop_effect
+
+    agree_right = {"rounds": [[_t("2", True), _t("2", True)], [_t("2", True), _t("2", True)]], "final_correct": True,
+                   "cost": {"tokens_in": 40, "tokens_out": 20}, "meta": {}}
+    # agreeing on a wrong answer in round 0 would stop there, though the debate later fixed it
+    agree_wrong = {"rounds": [[_t("3", False), _t("3", False)], [_t("2", True), _t("2", True)]], "final_correct": True,
+                   "cost": {"tokens_in": 40, "tokens_out": 20}, "meta": {}}
+    split = {"rounds": [[_t("2", True), _t("3", False)], [_t("2", True), _t("2", True)]], "final_correct": True,
+             "cost": {"tokens_in": 40, "tokens_out": 20}, "meta": {}}
+    e = early_stop_effect([agree_right, agree_wrong, split])
+    assert e["stopped_early"] == 2 and e["accuracy_full"] == 1.0 and e["accuracy_early_stop"] == pytest.approx(2 / 3)
+    assert e["tokens_full"] == 60 and e["tokens_early_stop"] == pytest.approx((30 + 30 + 60) / 3)
+    assert e["tokens_saved"] == pytest.approx(1 - 40 / 60)
+    assert early_stop_effect([{**split, "rounds": split["rounds"][:1]}]) is None  # one round: nothing to stop
+
+
+def test_share_of_the_team_gain_on_the_team_problems() -> None:
+    from pluribus.eval.evaluate import team_gain
+
+    def recs(correct, tokens):
+        return [{"problem_id": f"p{i}", "final_correct": c, "cost": {"tokens_in": tokens, "tokens_out": 0}}
+                for i, c in enumerate(correct)]
+
+    records = {"single-greedy": recs([1, 0, 0, 0, 1], 10), "team": recs([1, 1, 1, 0, 0], 100),
+               "rsft-greedy": recs([1, 1, 0, 0, 0], 20)}
+    g = team_gain(records, {"p0", "p1", "p2", "p3"})  # p4 is not a team problem
+    assert g["single_accuracy"] == 0.25 and g["team_accuracy"] == 0.75 and g["team_gain"] == 0.5
+    assert g["systems"]["rsft-greedy"]["share_of_team_gain"] == pytest.approx(0.5)
+    assert g["systems"]["rsft-greedy"]["token_fraction_of_team"] == pytest.approx(0.2)
+    worse = team_gain({**records, "team": recs([1, 0, 0, 0, 0], 100)}, {"p0", "p1", "p2", "p3"})
+    assert worse["systems"]["rsft-greedy"]["share_of_team_gain"] is None  # no gain to share
