@@ -135,6 +135,9 @@ def run_merge(
         raise PluribusError(f"method '{spec.method}' merges adapters; for models use task_arithmetic, ties, dare_ties ...")
     if kind == "models" and spec.output == "adapter":
         raise PluribusError("output 'adapter' needs adapter inputs; to turn a model into a LoRA use extraction")
+    if (kind == "models" or spec.output == "model") and (spec.rank is not None or spec.energy is not None):
+        raise PluribusError("rank and energy shape an adapter output, but this merge writes a model; remove them "
+                            "(or write an adapter with output: adapter)")
     summary = MergeSummary(spec.method, "", str(out), [i.label for i in spec.inputs])
     with atomic_dir(out, overwrite=overwrite) as tmp, _progress() as bar:
         if kind == "adapters":

@@ -7,7 +7,7 @@ counts as zero. The weighted sum ``lambda sum_t w_t delta_t(m) = B_cat A_cat`` i
   * ``cat`` writes exactly that (rank sum r_t);
   * ``svd`` its best rank-k approximation from the factors (methods.truncate_factors), or per module the
     smallest rank keeping an energy fraction (written as ``rank_pattern``);
-  * ``ties`` / ``dare_*`` / ``magnitude`` act on each module's dense delta (the only basis-independent
+  * ``ties`` / ``dare_*`` / ``magnitude`` / ``pcb`` act on each module's dense delta (the only basis-independent
     choice: low-rank factors are defined up to an invertible r x r map), then compress back to rank k.
 Output adapters have scaling 1 (``lora_alpha = r`` per module) so the stored factors are the delta itself.
 """
@@ -225,9 +225,11 @@ class AdapterPlan:
         self.params = method_params(spec)
         weights = self.params.weights
         scale = spec.lam
-        if spec.method == "linear":
+        # the factors carry the whole weighting of the low-rank methods, so `normalize` is applied here
+        normalize = M.default_normalize(spec.method, spec.mergekit) if spec.normalize is None else spec.normalize
+        if spec.method in ("linear", "task_arithmetic") and normalize:
             if abs(sum(weights)) < 1e-8:
-                raise PluribusError("linear merge weights sum to 0; give weights with a non-zero sum")
+                raise PluribusError(f"{spec.method} merge weights sum to 0; give weights with a non-zero sum")
             scale = spec.lam / sum(weights)
         self.coefs = [w * scale for w in weights]
         self.default_rank = max(max(a.ranks) for a in adapters)

@@ -133,10 +133,15 @@ def test_energy_gives_per_module_ranks_via_rank_pattern(hetero, tmp_path):
     torch.testing.assert_close(peft_logits(tmp_path / "energy"), reference_logits(got), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["svd", "ties", "dare_ties"])
+def options(method: str) -> dict:
+    """The trimming option each method reads (any other one is refused)."""
+    return {"svd": {}, "dare_ties": {"drop": 0.3}, "dare_linear": {"drop": 0.3}}.get(method, {"density": 0.5})
+
+
+@pytest.mark.parametrize("method", ["svd", "ties", "dare_ties", "pcb"])
 def test_threaded_merge_equals_the_serial_one_bit_for_bit(hetero, method):
     adapters = [load_adapter(p) for p in hetero]
-    s = spec(method, hetero, [1.0, 0.5, 2.0], rank=3, density=0.5, drop=0.3, seed=1)
+    s = spec(method, hetero, [1.0, 0.5, 2.0], rank=3, seed=1, **options(method))
     serial, threaded = merge_adapters(s, adapters, workers=1), merge_adapters(s, adapters, workers=3)
     assert list(threaded.modules) == list(serial.modules)
     for k, (a, b) in serial.modules.items():
@@ -144,9 +149,9 @@ def test_threaded_merge_equals_the_serial_one_bit_for_bit(hetero, method):
     assert threaded.errors == serial.errors
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "magnitude"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "magnitude", "pcb"])
 def test_dense_methods_compress_to_the_requested_rank(hetero, tmp_path, method):
-    summary = run_merge(spec(method, hetero, rank=4, density=0.5, drop=0.3, seed=1), tmp_path / method)
+    summary = run_merge(spec(method, hetero, rank=4, seed=1, **options(method)), tmp_path / method)
     assert summary.ranks_out == [4] and 0 < summary.error < 1
     peft_logits(tmp_path / method)  # loads
 
@@ -167,6 +172,34 @@ def test_ties_global_trim_and_fold_into_a_model(hetero, tiny_base, tmp_path):
     for name in plan.shapes:
         torch.testing.assert_close(folded[f"{name}.weight"], base[f"{name}.weight"] + plan.dense(name))
     assert torch.equal(folded["model.norm.weight"], base["model.norm.weight"])
+
+
+def test_pcb_merges_each_module_densely_then_compresses_or_folds(hetero, tiny_base, tmp_path):
+    from tests.merge.test_methods import pcb_paper
+
+    adapters = [load_adapter(p) for p in hetero]
+    names = sorted({m for a in adapters for m in a.modules})
+    weights = [1.0, 0.5, 2.0]
+
+    def expected(name: str) -> torch.Tensor:
+        shape = next(a.modules[name].delta().shape for a in adapters if name in a.modules)
+        # a module an adapter lacks is its zero task vector
+        deltas = [a.modules[name].delta(torch.float64) if name in a.modules else torch.zeros(shape, dtype=torch.float64)
+                  for a in adapters]
+        return pcb_paper(deltas, 0.3, weights=weights)
+
+    # rank 32 = the modules' full rank: the compression is exact, so the adapter is PCB's dense delta
+    summary = run_merge(spec("pcb", hetero, weights, density=0.3, rank=32, **{"lambda": 0.8}), tmp_path / "a")
+    assert summary.error < 1e-6
+    got = merged_deltas(tmp_path / "a")
+    assert sorted(got) == names
+    for name in names:
+        torch.testing.assert_close(got[name], 0.8 * expected(name), rtol=1e-4, atol=1e-6)
+    run_merge(spec("pcb", hetero, weights, density=0.3, base=str(tiny_base), output="model"), tmp_path / "m")
+    folded, base = load_file(tmp_path / "m" / "model.safetensors"), load_file(tiny_base / "model.safetensors")
+    for name in names:
+        torch.testing.assert_close(folded[f"{name}.weight"].double(), base[f"{name}.weight"].double() + expected(name),
+                                   rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -121,6 +121,22 @@ def test_base_plus_adapter_input_is_merged_without_a_materialized_copy(tiny_base
         torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_pcb_full_merge_is_the_base_plus_the_papers_merge_per_tensor(tiny_base, experts, tmp_path):
+    from tests.merge.test_methods import pcb_paper
+
+    weights = [1.0, 0.6, 1.3]
+    spec = MergeSpec(method="pcb", base=str(tiny_base), density=0.3, **{"lambda": 0.8},
+                     inputs=[MergeInput(path=str(e), weight=w) for e, w in zip(experts, weights, strict=True)])
+    run_merge(spec, tmp_path / "out")
+    got = tensors(tmp_path / "out")
+    base = load_file(tiny_base / "model.safetensors")
+    ex = [load_file(e / "model.safetensors") for e in experts]
+    for name, b in base.items():
+        deltas = [e[name].double() - b.double() for e in ex]
+        expected = b.double() + pcb_paper(deltas, 0.3, lam=0.8, weights=weights)
+        torch.testing.assert_close(got[name].double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_global_trimming_keeps_the_density_over_the_whole_model(tiny_base, experts, tmp_path):
     spec = MergeSpec(method="magnitude", base=str(tiny_base), trim="global", density=0.2,
                      inputs=[MergeInput(path=str(experts[2]))])
