@@ -109,9 +109,10 @@ def load_adapter(path: str | Path) -> Adapter:
     r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     rs = bool(config.get("use_rslora", False))
     modules: dict[str, LoraModule] = {}
+    others = [k for k in tensors if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if others:
+        raise PluribusError(_not_lora(path, others, config))
     for key, a in tensors.items():
-        if ".lora_embedding_" in key:
-            raise PluribusError(f"adapter '{path}' adapts an embedding ({key}); pluribus merges linear LoRA modules only")
         if not key.endswith(".lora_A.weight"):
             continue
         name = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
@@ -132,6 +133,25 @@ def load_adapter(path: str | Path) -> Adapter:
     if not modules:
         raise PluribusError(f"adapter '{path}' holds no lora_A/lora_B weights")
     return Adapter(path, config, modules)
+
+
+def _not_lora(path: Path, keys: list[str], config: dict[str, Any]) -> str:
+    """The refusal of tensors other than lora_A/lora_B: each is a full tensor (or a delta of one) that B A does
+    not carry, so a merge of the factors alone would drop what it changes, with a relative error of 0 printed."""
+    key = keys[0]
+    if ".lora_embedding_" in key:
+        what, fix = "an embedding LoRA", "LoRA on linear modules only"
+    elif "trainable_tokens" in key or "token_adapter" in key:
+        what, fix = "trainable tokens (trainable_token_indices)", "trainable_token_indices unset"
+    elif "modules_to_save" in key:
+        what, fix = "full copies of modules (modules_to_save)", "modules_to_save unset"
+    elif key.endswith(".bias"):
+        what, fix = f"biases (bias: {config.get('bias', '?')!r})", "bias: none"
+    else:
+        what, fix = "tensors other than lora_A/lora_B", "a plain LoRA config"
+    return (f"adapter '{path}' also trains {what}, e.g. {key} ({len(keys)} tensor(s)), which a merge in low-rank space "
+            f"cannot carry and will not drop; retrain with {fix}, or fold each adapter into its base with PEFT "
+            "(merge_and_unload) and merge the models")
 
 
 def check_compatible(adapters: list[Adapter], check_base: bool = True) -> dict[str, tuple[int, int]]:

@@ -174,6 +174,17 @@ def test_ties_global_trim_and_fold_into_a_model(hetero, tiny_base, tmp_path):
     assert torch.equal(folded["model.norm.weight"], base["model.norm.weight"])
 
 
+@pytest.mark.parametrize(("method", "normalize", "divisor"), [("task_arithmetic", True, 3.5), ("linear", False, 1.0),
+                                                              ("linear", None, 3.5), ("task_arithmetic", None, 1.0)])
+def test_normalize_has_its_effect_on_low_rank_methods(hetero, tmp_path, method, normalize, divisor):
+    weights = [1.0, 0.5, 2.0]
+    s = spec(method, hetero, weights, rank=14, **({} if normalize is None else {"normalize": normalize}))
+    run_merge(s, tmp_path / "out")  # rank 14 = 4 + 8 + 2: exact
+    got, exact = merged_deltas(tmp_path / "out"), exact_sum(hetero, weights)
+    for name, d in exact.items():
+        torch.testing.assert_close(got[name], d / divisor, rtol=1e-5, atol=1e-6)
+
+
 def test_pcb_merges_each_module_densely_then_compresses_or_folds(hetero, tiny_base, tmp_path):
     from tests.merge.test_methods import pcb_paper
 
@@ -210,6 +221,26 @@ def copy_adapter(src: Path, dst: Path) -> Path:
     for f in src.iterdir():
         (dst / f.name).write_bytes(f.read_bytes())
     return dst
+
+
+@pytest.mark.parametrize(("key", "config", "message"), [
+    ("base_model.model.model.layers.0.self_attn.q_proj.bias", {"bias": "lora_only"}, r"trains biases \(bias: 'lora_only'\)"),
+    ("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta", {"trainable_token_indices": [3, 5]},
+     r"trains trainable tokens \(trainable_token_indices\)"),
+    ("base_model.model.lm_head.modules_to_save.weight", {}, r"full copies of modules \(modules_to_save\)"),
+    ("base_model.model.model.norm.weight", {}, r"tensors other than lora_A/lora_B"),
+])
+def test_tensors_other_than_lora_factors_are_refused_not_dropped(hetero, tmp_path, key, config, message):
+    # they change the model: merging the factors alone would drop them and still print a relative error of 0
+    bad = copy_adapter(hetero[0], tmp_path / "extra")
+    sd = load_file(bad / "adapter_model.safetensors")
+    sd[key] = torch.randn(3, 32) if "tokens" in key else torch.randn(32)
+    save_file(sd, bad / "adapter_model.safetensors")
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+    with pytest.raises(PluribusError, match=message + r".*will not drop; retrain with .* or fold each adapter"):
+        run_merge(spec("cat", [bad, hetero[1]]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_different_bases_are_refused_naming_both(hetero, tmp_path):
