@@ -128,6 +128,8 @@ def run_merge(
     start = time.perf_counter()
     if out.exists() and not overwrite:
         raise PluribusError(f"output '{out}' already exists; pass --overwrite to replace it")
+    if out.exists():
+        _refuse_replacing_an_input(spec, out)
     if spec.method == "mergekit":
         return _run_mergekit(spec, out, overwrite, start)
     kind = _kind(spec)
@@ -155,6 +157,29 @@ def run_merge(
         (tmp / "merge_report.json").write_text(json.dumps(asdict(summary), indent=2))
         (tmp / "README.md").write_text(_card(spec, summary, adapter=summary.kind.endswith("adapter")))
     return summary
+
+
+def _input_paths(spec: MergeSpec) -> list[str]:
+    """Every local path a merge reads: inputs, their adapters, the base, the tokenizer source, mergekit's models."""
+    refs = [r for i in spec.inputs for r in (i.path, i.adapter) if r] + [r for r in (spec.base, spec.tokenizer_source) if r]
+    data = spec.mergekit_yaml or {}
+    models = list(data.get("models") or [])
+    for sl in data.get("slices") or []:
+        models += list(sl.get("sources") or []) if isinstance(sl, dict) else []
+    for ref in [data.get("base_model"), *(m.get("model") for m in models if isinstance(m, dict))]:
+        if isinstance(ref, str):
+            refs += ref.split("+")  # mergekit's `model+lora`
+    return refs
+
+
+def _refuse_replacing_an_input(spec: MergeSpec, out: Path) -> None:
+    """--overwrite replaces ``out`` at the end: refuse an ``out`` that is an input or holds one (it would be deleted)."""
+    target = out.resolve()
+    for ref in _input_paths(spec):
+        path = Path(ref).expanduser()
+        if path.exists() and (path.resolve() == target or target in path.resolve().parents):
+            raise PluribusError(f"output '{out}' is the input '{ref}' or holds it, and --overwrite would delete it; "
+                                "write the merge to another folder")
 
 
 def run_recipe_merge(recipe: Any, out: str | Path | None = None, overwrite: bool | None = None) -> MergeSummary:

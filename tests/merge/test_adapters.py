@@ -362,6 +362,17 @@ def test_existing_output_is_refused_unless_overwrite(hetero, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
 
 
+def test_overwrite_never_replaces_an_input(hetero, tiny_base, tmp_path):
+    a = copy_adapter(hetero[0], tmp_path / "a")
+    before = (a / "adapter_model.safetensors").read_bytes()
+    for out in (a, tmp_path):  # the input itself, or a folder holding it
+        with pytest.raises(PluribusError, match=r"is the input .* or holds it, and --overwrite would delete it"):
+            run_merge(spec("cat", [a, hetero[1]]), out, overwrite=True)
+    with pytest.raises(PluribusError, match=rf"is the input '{tiny_base}'"):
+        run_merge(spec("ties", [a], density=0.5, base=str(tiny_base), output="model"), tiny_base, overwrite=True)
+    assert (a / "adapter_model.safetensors").read_bytes() == before and (tiny_base / "model.safetensors").is_file()
+
+
 def test_folding_into_a_base_of_other_shapes_names_module_shapes_and_bases(hetero, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
