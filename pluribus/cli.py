@@ -334,6 +334,13 @@ def models_resolve(model: Annotated[str, typer.Argument(help="Hub id, local fold
 # -------------------------------------------------------------------------------------- entry point
 
 
+def interrupted_message(argv: list[str]) -> str:
+    """What Ctrl-C leaves, per command: a merge writes its output only when complete and never resumes."""
+    if argv[:1] == ["merge"]:
+        return "interrupted; a merge writes its output only when complete, so nothing was kept: a rerun starts it over"
+    return "interrupted; what was finished is stored and a rerun resumes from there"
+
+
 def _terminated(signum: int, frame: Any) -> None:
     # SIGTERM (a scheduler's kill, `timeout`) unwinds like Ctrl-C, so temporary outputs are removed
     raise SystemExit(128 + signum)
@@ -409,7 +416,7 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {what}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("interrupted; what was finished is stored and a rerun resumes from there")
+        console.print(interrupted_message(sys.argv[1:]))
         sys.exit(130)
     except Exception as e:
         # click's own usage errors (typer may vendor click, so match by shape rather than by class)

@@ -7,6 +7,7 @@ and a model card beside the weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,30 @@ def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any)
     summary.details = {"module_errors": merged.errors, "module_ranks": merged.ranks}
 
 
+@contextlib.contextmanager
+def _config_dir(tmp: Path) -> Iterator[Path]:
+    """A folder for mergekit's config, named like the output's temporary folder (host and pid) beside it, so that
+    when this process is killed the next writer of the same output removes it (io.remove_stale_temps)."""
+    stem = tmp.name.removesuffix(".tmp").rsplit(".", 1)[0]  # .NAME.HOST-PID, less mkdtemp's random part
+    folder = Path(tempfile.mkdtemp(prefix=stem + ".", suffix=".tmp", dir=tmp.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the mergekit child before exec: the kernel sends it SIGKILL when pluribus dies, even by SIGKILL (which
+    no handler of ours can see); without it mergekit-yaml runs on, re-parented, writing into a removed folder."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _run_mergekit(spec: MergeSpec, out: Path, overwrite: bool, start: float) -> MergeSummary:
     """Hand a mergekit config pluribus does not implement to ``mergekit-yaml`` (same atomic output rules)."""
     from pluribus.io import atomic_dir
@@ -234,11 +259,13 @@ def _run_mergekit(spec: MergeSpec, out: Path, overwrite: bool, start: float) -> 
             raise PluribusError("this config needs mergekit (method not implemented by pluribus); pip install mergekit")
         exe = Path(found)
     data = mergekit_local_paths(spec.mergekit_yaml or {})
-    with atomic_dir(out, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as cfg_dir:
-        cfg = Path(cfg_dir) / "mergekit.yaml"
+    with atomic_dir(out, overwrite=overwrite) as tmp, _config_dir(tmp) as cfg_dir:
+        cfg = cfg_dir / "mergekit.yaml"
         cfg.write_text(yaml.safe_dump(data, sort_keys=False))
-        res = subprocess.run([str(exe), str(cfg), str(tmp)],
-                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        # pluribus's seed is mergekit's: the random methods handed to it (della, breadcrumbs ...) draw from it
+        res = subprocess.run([str(exe), str(cfg), str(tmp), "--random-seed", str(spec.seed)],
+                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         if res.returncode != 0:
             tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["(no output)"]
             raise PluribusError(f"mergekit failed on method '{data.get('merge_method')}': {tail[0]}")

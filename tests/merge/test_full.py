@@ -350,3 +350,101 @@ def test_non_finite_lambda_is_refused_before_anything_is_written(tiny_base, expe
                           "-o", str(tmp_path / "out")], capture_output=True, text=True)
     assert res.returncode == 2 and "lambda must be a finite number (got nan)" in res.stderr, res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _della(tiny_base: Path, experts: list[Path]) -> MergeSpec:
+    return MergeSpec(method="mergekit", seed=7, mergekit_yaml={
+        "merge_method": "della", "base_model": str(tiny_base), "dtype": "float32",
+        "models": [{"model": str(e), "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}} for e in experts[:2]],
+    })
+
+
+def test_the_seed_is_passed_to_mergekit(tiny_base, experts, tmp_path, monkeypatch):
+    import pluribus.merge as PM
+
+    seen = []
+
+    def fake_run(argv, **kw):
+        seen.append(argv)
+        Path(argv[2], "model.safetensors").write_bytes(b"")
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(PM.subprocess, "run", fake_run)
+    run_merge(_della(tiny_base, experts), tmp_path / "out")
+    assert seen[0][-2:] == ["--random-seed", "7"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie waits to be reaped but runs nothing
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_merge_kills_its_mergekit_child_and_the_next_run_removes_its_folders(tiny_base, experts, tmp_path):
+    # a stand-in mergekit-yaml that records its pid and runs until killed (exec: the pid stays the sleeper's)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "mergekit-yaml").write_text(f"#!/bin/sh\necho $$ > {tmp_path / 'child.pid'}\nexec sleep 120\n")
+    (fake / "mergekit-yaml").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    script = f"""
+import sys
+sys.executable = {str(fake / "python")!r}  # where pluribus looks for mergekit-yaml
+from pluribus.merge import run_merge
+from tests.merge.test_full import _della
+from pathlib import Path
+run_merge(_della(Path({str(tiny_base)!r}), [Path({str(experts[0])!r}), Path({str(experts[1])!r})]), {str(out)!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pid_file = tmp_path / "child.pid"
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = _alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "mergekit-yaml outlived the killed merge"
+    left = sorted(p.name for p in work.iterdir())
+    assert len(left) == 2 and all(n.startswith(".out.") for n in left)  # the output's and the config's temp folders
+    run_merge(MergeSpec(method="task_arithmetic", base=str(tiny_base), inputs=[MergeInput(path=str(experts[0]))]), out)
+    assert sorted(p.name for p in work.iterdir()) == ["out"]
+
+
+def test_ctrl_c_of_a_merge_says_a_rerun_starts_over(tiny_base, experts, tmp_path):
+    out = tmp_path / "out"
+    script = f"""
+import sys, time
+import pluribus.merge.full as F
+from pluribus.cli import main
+write = F.ShardedWriter.write
+def slow(self, name, tensor):
+    write(self, name, tensor)
+    print("wrote", name, flush=True)
+    time.sleep(0.3)
+F.ShardedWriter.write = slow
+sys.argv = ["pluribus", "merge", "--method", "task_arithmetic", "--base", {str(tiny_base)!r},
+            "--models", {str(experts[0])!r}, "-o", {str(out)!r}]
+main()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith("wrote")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err = proc.stderr.read()
+    assert "a rerun starts it over" in err and "resumes" not in err
+    assert list(tmp_path.iterdir()) == []
