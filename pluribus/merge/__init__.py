@@ -52,6 +52,7 @@ class MergeSummary:
     error: float | None = None
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None  # what the output's floating tensors are stored in, when pluribus wrote them
 
     def lines(self) -> list[str]:
         out = [f"method {self.method} ({self.kind}), {len(self.inputs)} inputs -> {self.out}"]
@@ -62,6 +63,8 @@ class MergeSummary:
             out.append(f"ranks out: {lo}" + (f"..{hi} (per module, rank_pattern)" if hi != lo else ""))
         if self.error is not None:
             out.append(f"relative error vs the exact merge: {self.error:.3e}")
+        if self.dtype:
+            out.append(f"stored as {self.dtype}")
         out.append(f"time: {self.seconds:.1f} s")
         return out
 
@@ -147,6 +150,7 @@ def run_merge(
             _merge_adapters(spec, tmp, summary, bar)
         else:
             summary.kind = "models -> model"
+            summary.dtype = spec.out_dtype or "the base's dtype"
             task = bar.add_task("merging tensors", total=None)
             from pluribus.merge.full import copy_companions, local_model, merge_models
 
@@ -202,6 +206,7 @@ def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any)
 
         plan = AdapterPlan(spec, adapters)
         summary.kind = "adapters -> model"
+        summary.dtype = spec.out_dtype or "the base's dtype"
         task = bar.add_task("folding into the base", total=None)
 
         def delta(name: str, base: Any) -> Any:
@@ -219,6 +224,7 @@ def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any)
     task = bar.add_task("merging modules", total=n_modules)
     merged = merge_adapters(spec, adapters, lambda _: bar.advance(task))
     save_adapter(tmp, merged, adapters[0].config)
+    summary.dtype = spec.out_dtype or "float32"
     summary.ranks_out = sorted(set(merged.ranks.values()))
     summary.error = merged.total_error
     summary.details = {"module_errors": merged.errors, "module_ranks": merged.ranks}

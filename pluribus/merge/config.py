@@ -461,6 +461,11 @@ def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any)
             raise PluribusError("give a merge config file, or --method with --adapters/--models (see --help)")
         spec = spec_from_flags(**flags)  # the flags carry the seed
     else:
+        ignored = sorted(k for k, v in flags.items() if v not in (None, False, []) and k != "seed")
+        if ignored:
+            flag = "--" + ignored[0].replace("_", "-")
+            raise PluribusError(f"{flag} has no effect with a merge config file ('{config}'); set it in the config, "
+                                "or give the merge by flags alone")
         p = Path(config)
         data = read_yaml(p)
         if _is_recipe(data):

@@ -202,6 +202,28 @@ def test_nearly_cancelling_adapters_are_merged_and_reported_in_float64(hetero, t
         assert summary.error == pytest.approx(true, rel=0.05) and summary.error > 1e-4
 
 
+@pytest.mark.parametrize(("method", "options"), [("svd", {"rank": 6}), ("cat", {}), ("ties", {"density": 0.5, "rank": 6})])
+def test_out_dtype_of_an_adapter_output_is_applied_printed_and_in_the_error(hetero, tmp_path, method, options):
+    weights = [1.0, 0.5, 2.0]
+    s = spec(method, hetero, weights, out_dtype="bfloat16", **options)
+    summary = run_merge(s, tmp_path / "bf16")
+    stored = load_file(tmp_path / "bf16" / "adapter_model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    assert "stored as bfloat16" in summary.lines()
+    # the error is that of the stored factors: above the float32 merge's, by bf16's rounding
+    f32 = run_merge(spec(method, hetero, weights, **options), tmp_path / "f32")
+    assert "stored as float32" in f32.lines()
+    got, ref = merged_deltas(tmp_path / "bf16"), merged_deltas(tmp_path / "f32")
+    exact = exact_sum(hetero, weights) if method != "ties" else None
+    if exact is not None:
+        num = sum(float(torch.linalg.matrix_norm(got[k] - d)) ** 2 for k, d in exact.items())
+        true = math.sqrt(num / sum(float(torch.linalg.matrix_norm(d)) ** 2 for d in exact.values()))
+        assert summary.error == pytest.approx(true, rel=0.02)
+    # bf16 rounding (~2e-3 relative) adds in quadrature to the truncation error
+    assert 1e-6 < summary.error**2 - f32.error**2 < 1e-4
+    assert set(got) == set(ref)
+
+
 def test_pcb_merges_each_module_densely_then_compresses_or_folds(hetero, tiny_base, tmp_path):
     from tests.merge.test_methods import pcb_paper
 

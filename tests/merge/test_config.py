@@ -281,3 +281,12 @@ def test_cli_pcb_merges_models_and_refuses_options_it_does_not_read(tiny_base, m
                   "-o", str(tmp_path / "o2"))
         assert res.returncode == 2 and message in res.stderr, res.stderr
         assert not (tmp_path / "o2").exists()
+
+
+def test_flags_beside_a_config_file_are_refused_not_ignored(tmp_path):
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"method": "ties", "density": 0.5, "inputs": [{"path": "a"}]}))
+    with pytest.raises(PluribusError, match=r"--density has no effect with a merge config file .*set it in the config"):
+        resolve_cli(tmp_path / "m.yaml", tmp_path / "o", density=0.3)
+    with pytest.raises(PluribusError, match=r"--lambda has no effect"):
+        resolve_cli(tmp_path / "m.yaml", tmp_path / "o", **{"lambda": 0.5})
+    assert resolve_cli(tmp_path / "m.yaml", tmp_path / "o", seed=3, mergekit=None)[0].seed == 3
