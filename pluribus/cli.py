@@ -200,6 +200,8 @@ def merge_cmd(
     lam: Annotated[float | None, _opt("Scale lambda of the merged task vector.", "--lambda")] = None,
     output: Annotated[str | None, _opt("auto | adapter | model (fold adapters into base).", "--output")] = None,
     mergekit: Annotated[bool, typer.Option("--mergekit", help="Reproduce mergekit's semantics.")] = False,
+    no_check_base: Annotated[bool, typer.Option("--no-check-base",
+                                                help="Merge adapters even if their recorded bases differ.")] = False,
     extract: Annotated[str | None, _opt("Extract a LoRA from this fine-tuned model (with --base, --rank/--energy).", "--extract")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -218,7 +220,8 @@ def merge_cmd(
         return
     spec, target = resolve_cli(config, out, method=method, adapters=adapters, models=models, base=base, weights=weights,
                                density=density, drop=drop, seed=seed, rank=rank, energy=energy, output=output,
-                               mergekit=mergekit or None, **({"lambda": lam} if lam is not None else {}))
+                               mergekit=mergekit or None, check_base=False if no_check_base else None,
+                               **({"lambda": lam} if lam is not None else {}))
     summary = run_merge(spec, target, overwrite=overwrite)
     for line in summary.lines():
         Console().print(line, highlight=False)

@@ -154,16 +154,31 @@ def _not_lora(path: Path, keys: list[str], config: dict[str, Any]) -> str:
             "(merge_and_unload) and merge the models")
 
 
+def _check_one_base(adapters: list[Adapter]) -> None:
+    """Refuse adapters of different bases. A base on this machine is compared by its contents (config.json and
+    a weights fingerprint: the same model under a relative path, an absolute one or a copy is one base); bases
+    that are not here are compared by name; one here and one not cannot be compared and pass."""
+    from pluribus.merge.full import base_identity
+
+    known = [(a, base_identity(a.base)) for a in adapters if a.base]
+    for (a, ida), (b, idb) in zip(known, known[1:], strict=False):
+        if ida is not None and idb is not None:
+            same, why = ida == idb, "their config.json or weights differ"
+        elif ida is None and idb is None:
+            same, why = a.base == b.base, "neither is on this machine to compare by contents"
+        else:
+            continue
+        if not same:
+            raise PluribusError(
+                f"adapters have different base models: '{a.path}' -> {a.base}, '{b.path}' -> {b.base} ({why}); "
+                "merge adapters of one base (or pass --no-check-base / check_base: false if they are one model)"
+            )
+
+
 def check_compatible(adapters: list[Adapter], check_base: bool = True) -> dict[str, tuple[int, int]]:
     """Shapes ``(d_out, d_in)`` per module over all adapters; raises naming both sides of any mismatch."""
-    first = adapters[0]
     if check_base:
-        for a in adapters[1:]:
-            if first.base and a.base and first.base != a.base:
-                raise PluribusError(
-                    f"adapters have different base models: '{first.path}' -> {first.base}, '{a.path}' -> {a.base}; "
-                    "merge adapters of one base (or set check_base: false if both names are the same model)"
-                )
+        _check_one_base(adapters)
     shapes: dict[str, tuple[int, int]] = {}
     owner: dict[str, Path] = {}
     for a in adapters:

@@ -117,7 +117,8 @@ class MergeSpec(BaseModel):
     out_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="None: the base's dtype.")
     shard_size: str = Field("1GB", description="Max output shard size (e.g. 500MB, 2GB).")
     tokenizer_source: str | None = Field(None, description="Folder to copy the tokenizer from (default: base).")
-    check_base: bool = Field(True, description="Refuse adapters whose base_model_name_or_path differ.")
+    check_base: bool = Field(True, description="Refuse adapters of different bases (compared by contents where "
+                                               "they are on this machine; CLI --no-check-base).")
     mergekit_yaml: dict[str, Any] | None = Field(None, description="Raw mergekit config (method: mergekit).")
 
     @model_validator(mode="after")
@@ -453,7 +454,8 @@ def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any)
     """What ``pluribus merge`` runs: a merge YAML, a recipe with a ``merge`` section, or the short-form flags.
 
     Returns the spec and the output folder (a recipe's default is ``<run>/merged/<name>``). ``seed`` (the DARE
-    masks; mergekit's ``--random-seed``) also applies to a config file.
+    masks; mergekit's ``--random-seed``) and ``--no-check-base`` also apply to a config file; other flags beside a
+    config file are refused.
     """
     seed = flags.get("seed")
     if config is None:
@@ -461,7 +463,7 @@ def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any)
             raise PluribusError("give a merge config file, or --method with --adapters/--models (see --help)")
         spec = spec_from_flags(**flags)  # the flags carry the seed
     else:
-        ignored = sorted(k for k, v in flags.items() if v not in (None, False, []) and k != "seed")
+        ignored = sorted(k for k, v in flags.items() if v not in (None, False, []) and k not in ("seed", "check_base"))
         if ignored:
             flag = "--" + ignored[0].replace("_", "-")
             raise PluribusError(f"{flag} has no effect with a merge config file ('{config}'); set it in the config, "
@@ -480,6 +482,8 @@ def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any)
             spec = parse_merge_config(data, f"'{p}'")
         if seed is not None:
             spec = spec.model_copy(update={"seed": seed})
+        if flags.get("check_base") is False:
+            spec = spec.model_copy(update={"check_base": False})
     if out is None:
         raise PluribusError("give the output folder with -o OUT")
     return spec, Path(out)

@@ -294,6 +294,29 @@ def test_different_bases_are_refused_naming_both(hetero, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_one_base_under_several_names_is_one_base_and_bases_are_compared_by_contents(hetero, tiny_base, make_expert,
+                                                                                     tmp_path, monkeypatch):
+    import shutil
+
+    def recording(src: Path, name: str, base: str) -> Path:
+        a = copy_adapter(src, tmp_path / name)
+        cfg = json.loads((a / "adapter_config.json").read_text())
+        (a / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": base}))
+        return a
+
+    shutil.copytree(tiny_base, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path)
+    relative = recording(hetero[0], "rel", "copy")  # as typed, e.g. by an extraction run from this folder
+    absolute = recording(hetero[1], "abs", str(tiny_base))
+    run_merge(spec("cat", [relative, absolute]), tmp_path / "out")  # a copy of the same weights: one base
+    # same config.json, other weights (a fine-tune of the base): another base
+    other = recording(hetero[2], "other", str(make_expert(61)))
+    with pytest.raises(PluribusError, match=r"different base models: .*abs.*other.* \(their config.json or weights "
+                                            r"differ\); .*--no-check-base"):
+        run_merge(spec("cat", [absolute, other]), tmp_path / "out2")
+    run_merge(spec("cat", [absolute, other], check_base=False), tmp_path / "out3")
+
+
 def test_different_shapes_are_refused_naming_both(hetero, tmp_path):
     odd = copy_adapter(hetero[0], tmp_path / "odd")
     sd = load_file(odd / "adapter_model.safetensors")

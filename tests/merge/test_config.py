@@ -290,3 +290,10 @@ def test_flags_beside_a_config_file_are_refused_not_ignored(tmp_path):
     with pytest.raises(PluribusError, match=r"--lambda has no effect"):
         resolve_cli(tmp_path / "m.yaml", tmp_path / "o", **{"lambda": 0.5})
     assert resolve_cli(tmp_path / "m.yaml", tmp_path / "o", seed=3, mergekit=None)[0].seed == 3
+
+
+def test_no_check_base_flag_reaches_the_spec_from_flags_and_config_files(tmp_path):
+    assert resolve_cli(None, tmp_path / "o", method="cat", adapters=["a,b"], check_base=False)[0].check_base is False
+    assert resolve_cli(None, tmp_path / "o", method="cat", adapters=["a,b"], check_base=None)[0].check_base is True
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"method": "cat", "inputs": [{"path": "a"}]}))
+    assert resolve_cli(tmp_path / "m.yaml", tmp_path / "o", check_base=False)[0].check_base is False

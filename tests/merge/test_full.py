@@ -336,6 +336,11 @@ def test_adapters_of_another_same_shaped_base_and_broken_base_configs_are_refuse
     with pytest.raises(PluribusError, match=r"was trained on base .*other"):
         run_merge(plus, tmp_path / "out")
     run_merge(fold(other).model_copy(update={"check_base": False}), tmp_path / "unchecked")  # the way out
+    # a fine-tune of the recorded base has its config.json: its weights tell them apart
+    (adapter / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(experts[0])}))
+    with pytest.raises(PluribusError, match=r"was trained on base .*, whose weights differ from the model .* --no-check"):
+        run_merge(fold(tiny_base), tmp_path / "out")
+    (adapter / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(tiny_base)}))
     for spec in (fold(listed), MergeSpec(method="task_arithmetic", base=str(listed),
                                          inputs=[MergeInput(path=str(experts[0]))])):
         with pytest.raises(PluribusError, match=r"^model config '.*listed/config\.json' is not a JSON object"):
