@@ -141,6 +141,13 @@ def run_merge(
         raise PluribusError(f"method '{spec.method}' merges adapters; for models use task_arithmetic, ties, dare_ties ...")
     if kind == "models" and spec.output == "adapter":
         raise PluribusError("output 'adapter' needs adapter inputs; to turn a model into a LoRA use extraction")
+    if kind == "adapters" and spec.output != "model":
+        unused = {"tokenizer_source": spec.tokenizer_source is not None, "dtype": spec.dtype != "float32",
+                  "shard_size": spec.shard_size != "1GB"}
+        name = next((k for k, v in unused.items() if v), None)
+        if name is not None:  # an adapter output is merged in float32 (float64 decompositions), one file, no tokenizer
+            raise PluribusError(f"{name} has no effect on an adapter output; remove it (or fold into the base with "
+                                "output: model)")
     if (kind == "models" or spec.output == "model") and (spec.rank is not None or spec.energy is not None):
         raise PluribusError("rank and energy shape an adapter output, but this merge writes a model; remove them "
                             "(or write an adapter with output: adapter)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -167,6 +168,10 @@ def _check_one_base(adapters: list[Adapter]) -> None:
         elif ida is None and idb is None:
             same, why = a.base == b.base, "neither is on this machine to compare by contents"
         else:
+            if a.base != b.base:
+                logging.getLogger("pluribus.merge").warning(
+                    "adapters '%s' (base %s) and '%s' (base %s): only one base is on this machine, so they cannot "
+                    "be compared; merging them as one base", a.path, a.base, b.path, b.base)
             continue
         if not same:
             raise PluribusError(

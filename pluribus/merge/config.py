@@ -129,6 +129,11 @@ class MergeSpec(BaseModel):
         if self.method == "mergekit":
             if not self.mergekit_yaml:
                 raise ValueError("method 'mergekit' needs mergekit_yaml (a mergekit config mapping)")
+            extra = next((k for k in ("inputs", "rank", "energy", "density", "drop", "normalize", "base")
+                          if getattr(self, k) not in (None, [])), None)
+            if extra is not None:
+                raise ValueError(f"{extra} has no effect in method 'mergekit', which runs mergekit_yaml as it is; "
+                                 "put it in mergekit_yaml")
             return self
         if not self.inputs:
             raise ValueError("inputs is empty; list at least one adapter or model to merge")

@@ -407,6 +407,13 @@ def test_existing_output_is_refused_unless_overwrite(hetero, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.parametrize("option", [{"tokenizer_source": "x"}, {"dtype": "bfloat16"}, {"shard_size": "2GB"}])
+def test_model_output_options_are_refused_for_an_adapter_output(hetero, tmp_path, option):
+    name = next(iter(option))
+    with pytest.raises(PluribusError, match=rf"^{name} has no effect on an adapter output"):
+        run_merge(spec("cat", hetero[:2], **option), tmp_path / "out")
+
+
 def test_overwrite_never_replaces_an_input(hetero, tiny_base, tmp_path):
     a = copy_adapter(hetero[0], tmp_path / "a")
     before = (a / "adapter_model.safetensors").read_bytes()

@@ -297,3 +297,8 @@ def test_no_check_base_flag_reaches_the_spec_from_flags_and_config_files(tmp_pat
     assert resolve_cli(None, tmp_path / "o", method="cat", adapters=["a,b"], check_base=None)[0].check_base is True
     (tmp_path / "m.yaml").write_text(yaml.safe_dump({"method": "cat", "inputs": [{"path": "a"}]}))
     assert resolve_cli(tmp_path / "m.yaml", tmp_path / "o", check_base=False)[0].check_base is False
+
+
+def test_pluribus_options_beside_a_raw_mergekit_config_are_refused():
+    with pytest.raises(PluribusError, match=r"density has no effect in method 'mergekit'.*put it in mergekit_yaml"):
+        parse_merge_config({"method": "mergekit", "density": 0.5, "mergekit_yaml": {"merge_method": "della"}})
