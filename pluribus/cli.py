@@ -254,12 +254,12 @@ def _opt(help: str, *names: str) -> Any:
 def merge_cmd(
     config: Annotated[Path | None, typer.Argument(help="Merge YAML (pluribus or mergekit) or a recipe with merge:.")] = None,
     out: Annotated[Path | None, _opt("Output folder.", "-o", "--out")] = None,
-    method: Annotated[str | None, _opt("cat | svd | linear | task_arithmetic | magnitude | ties | dare_linear | dare_ties", "--method")] = None,
+    method: Annotated[str | None, _opt("cat | svd | linear | task_arithmetic | magnitude | ties | dare_linear | dare_ties | pcb", "--method")] = None,
     adapters: Annotated[list[str] | None, _opt("Adapter folders (space- or comma-separated).", "--adapters")] = None,
     models: Annotated[list[str] | None, _opt("Model folders, or model+adapter (space- or comma-separated).", "--models")] = None,
     base: Annotated[str | None, _opt("Base model folder (full merges, folding).", "--base")] = None,
     weights: Annotated[list[str] | None, _opt("One weight per input (space- or comma-separated).", "--weights")] = None,
-    density: Annotated[float | None, _opt("TIES / magnitude: fraction kept.", "--density")] = None,
+    density: Annotated[float | None, _opt("TIES / magnitude / PCB: fraction kept (DARE: use --drop).", "--density")] = None,
     drop: Annotated[float | None, _opt("DARE drop rate p.", "--drop")] = None,
     seed: Annotated[int | None, _opt("Seed of the DARE masks (mergekit's --random-seed; default 0).", "--seed")] = None,
     rank: Annotated[int | None, _opt("Output adapter rank.", "--rank")] = None,
@@ -267,6 +267,8 @@ def merge_cmd(
     lam: Annotated[float | None, _opt("Scale lambda of the merged task vector.", "--lambda")] = None,
     output: Annotated[str | None, _opt("auto | adapter | model (fold adapters into base).", "--output")] = None,
     mergekit: Annotated[bool, typer.Option("--mergekit", help="Reproduce mergekit's semantics.")] = False,
+    no_check_base: Annotated[bool, typer.Option("--no-check-base",
+                                                help="Merge adapters even if their recorded bases differ.")] = False,
     extract: Annotated[str | None, _opt("Extract a LoRA from this fine-tuned model (with --base, --rank/--energy).", "--extract")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     threads: ThreadsOpt = None,
@@ -288,7 +290,8 @@ def merge_cmd(
         return
     spec, target = resolve_cli(config, out, method=method, adapters=adapters, models=models, base=base, weights=weights,
                                density=density, drop=drop, seed=seed, rank=rank, energy=energy, output=output,
-                               mergekit=mergekit or None, **({"lambda": lam} if lam is not None else {}))
+                               mergekit=mergekit or None, check_base=False if no_check_base else None,
+                               **({"lambda": lam} if lam is not None else {}))
     summary = run_merge(spec, target, overwrite=overwrite)
     for line in summary.lines():
         Console().print(line, highlight=False, markup=False, soft_wrap=True)
@@ -408,6 +411,13 @@ def models_resolve(model: Annotated[str, typer.Argument(help="Hub id, local fold
 # -------------------------------------------------------------------------------------- entry point
 
 
+def interrupted_message(argv: list[str]) -> str:
+    """What Ctrl-C leaves, per command: a merge writes its output only when complete and never resumes."""
+    if argv[:1] == ["merge"]:
+        return "interrupted; a merge writes its output only when complete, so nothing was kept: a rerun starts it over"
+    return "interrupted; what was finished is stored and a rerun resumes from there"
+
+
 def _terminated(signum: int, frame: Any) -> None:
     # SIGTERM (a scheduler's kill, `timeout`) unwinds like Ctrl-C, so temporary outputs are removed
     raise SystemExit(128 + signum)
@@ -502,7 +512,7 @@ def main() -> None:
             f"cannot create '{path}': {e.strerror or e}"
         _error(what)
     except KeyboardInterrupt:
-        console.print("interrupted; what was finished is stored and a rerun resumes from there")
+        console.print(interrupted_message(sys.argv[1:]))
         sys.exit(130)
     except Exception as e:
         # click's own usage errors (typer may vendor click, so match by shape rather than by class)

@@ -7,6 +7,7 @@ and a model card beside the weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class MergeSummary:
     error: float | None = None
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None  # what the output's floating tensors are stored in, when pluribus wrote them
 
     def lines(self) -> list[str]:
         out = [f"method {self.method} ({self.kind}), {len(self.inputs)} inputs -> {self.out}"]
@@ -61,6 +63,8 @@ class MergeSummary:
             out.append(f"ranks out: {lo}" + (f"..{hi} (per module, rank_pattern)" if hi != lo else ""))
         if self.error is not None:
             out.append(f"relative error vs the exact merge: {self.error:.3e}")
+        if self.dtype:
+            out.append(f"stored as {self.dtype}")
         out.append(f"time: {self.seconds:.1f} s")
         return out
 
@@ -128,6 +132,8 @@ def run_merge(
     start = time.perf_counter()
     if out.exists() and not overwrite:
         raise PluribusError(f"output '{out}' already exists; pass --overwrite to replace it")
+    if out.exists():
+        _refuse_replacing_an_input(spec, out)
     if spec.method == "mergekit":
         return _run_mergekit(spec, out, overwrite, start)
     kind = _kind(spec)
@@ -135,12 +141,23 @@ def run_merge(
         raise PluribusError(f"method '{spec.method}' merges adapters; for models use task_arithmetic, ties, dare_ties ...")
     if kind == "models" and spec.output == "adapter":
         raise PluribusError("output 'adapter' needs adapter inputs; to turn a model into a LoRA use extraction")
+    if kind == "adapters" and spec.output != "model":
+        unused = {"tokenizer_source": spec.tokenizer_source is not None, "dtype": spec.dtype != "float32",
+                  "shard_size": spec.shard_size != "1GB"}
+        name = next((k for k, v in unused.items() if v), None)
+        if name is not None:  # an adapter output is merged in float32 (float64 decompositions), one file, no tokenizer
+            raise PluribusError(f"{name} has no effect on an adapter output; remove it (or fold into the base with "
+                                "output: model)")
+    if (kind == "models" or spec.output == "model") and (spec.rank is not None or spec.energy is not None):
+        raise PluribusError("rank and energy shape an adapter output, but this merge writes a model; remove them "
+                            "(or write an adapter with output: adapter)")
     summary = MergeSummary(spec.method, "", str(out), [i.label for i in spec.inputs])
     with atomic_dir(out, overwrite=overwrite) as tmp, _progress() as bar:
         if kind == "adapters":
             _merge_adapters(spec, tmp, summary, bar)
         else:
             summary.kind = "models -> model"
+            summary.dtype = spec.out_dtype or "the base's dtype"
             task = bar.add_task("merging tensors", total=None)
             from pluribus.merge.full import copy_companions, local_model, merge_models
 
@@ -152,6 +169,29 @@ def run_merge(
         (tmp / "merge_report.json").write_text(json.dumps(asdict(summary), indent=2))
         (tmp / "README.md").write_text(_card(spec, summary, adapter=summary.kind.endswith("adapter")))
     return summary
+
+
+def _input_paths(spec: MergeSpec) -> list[str]:
+    """Every local path a merge reads: inputs, their adapters, the base, the tokenizer source, mergekit's models."""
+    refs = [r for i in spec.inputs for r in (i.path, i.adapter) if r] + [r for r in (spec.base, spec.tokenizer_source) if r]
+    data = spec.mergekit_yaml or {}
+    models = list(data.get("models") or [])
+    for sl in data.get("slices") or []:
+        models += list(sl.get("sources") or []) if isinstance(sl, dict) else []
+    for ref in [data.get("base_model"), *(m.get("model") for m in models if isinstance(m, dict))]:
+        if isinstance(ref, str):
+            refs += ref.split("+")  # mergekit's `model+lora`
+    return refs
+
+
+def _refuse_replacing_an_input(spec: MergeSpec, out: Path) -> None:
+    """--overwrite replaces ``out`` at the end: refuse an ``out`` that is an input or holds one (it would be deleted)."""
+    target = out.resolve()
+    for ref in _input_paths(spec):
+        path = Path(ref).expanduser()
+        if path.exists() and (path.resolve() == target or target in path.resolve().parents):
+            raise PluribusError(f"output '{out}' is the input '{ref}' or holds it, and --overwrite would delete it; "
+                                "write the merge to another folder")
 
 
 def run_recipe_merge(recipe: Any, out: str | Path | None = None, overwrite: bool | None = None) -> MergeSummary:
@@ -173,6 +213,7 @@ def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any)
 
         plan = AdapterPlan(spec, adapters)
         summary.kind = "adapters -> model"
+        summary.dtype = spec.out_dtype or "the base's dtype"
         task = bar.add_task("folding into the base", total=None)
 
         def delta(name: str, base: Any) -> Any:
@@ -190,9 +231,34 @@ def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any)
     task = bar.add_task("merging modules", total=n_modules)
     merged = merge_adapters(spec, adapters, lambda _: bar.advance(task))
     save_adapter(tmp, merged, adapters[0].config)
+    summary.dtype = spec.out_dtype or "float32"
     summary.ranks_out = sorted(set(merged.ranks.values()))
     summary.error = merged.total_error
     summary.details = {"module_errors": merged.errors, "module_ranks": merged.ranks}
+
+
+@contextlib.contextmanager
+def _config_dir(tmp: Path) -> Iterator[Path]:
+    """A folder for mergekit's config, named like the output's temporary folder (host and pid) beside it, so that
+    when this process is killed the next writer of the same output removes it (io.remove_stale_temps)."""
+    stem = tmp.name.removesuffix(".tmp").rsplit(".", 1)[0]  # .NAME.HOST-PID, less mkdtemp's random part
+    folder = Path(tempfile.mkdtemp(prefix=stem + ".", suffix=".tmp", dir=tmp.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the mergekit child before exec: the kernel sends it SIGKILL when pluribus dies, even by SIGKILL (which
+    no handler of ours can see); without it mergekit-yaml runs on, re-parented, writing into a removed folder."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _run_mergekit(spec: MergeSpec, out: Path, overwrite: bool, start: float) -> MergeSummary:
@@ -206,11 +272,13 @@ def _run_mergekit(spec: MergeSpec, out: Path, overwrite: bool, start: float) -> 
             raise PluribusError("this config needs mergekit (method not implemented by pluribus); pip install mergekit")
         exe = Path(found)
     data = mergekit_local_paths(spec.mergekit_yaml or {})
-    with atomic_dir(out, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as cfg_dir:
-        cfg = Path(cfg_dir) / "mergekit.yaml"
+    with atomic_dir(out, overwrite=overwrite) as tmp, _config_dir(tmp) as cfg_dir:
+        cfg = cfg_dir / "mergekit.yaml"
         cfg.write_text(yaml.safe_dump(data, sort_keys=False))
-        res = subprocess.run([str(exe), str(cfg), str(tmp)],
-                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        # pluribus's seed is mergekit's: the random methods handed to it (della, breadcrumbs ...) draw from it
+        res = subprocess.run([str(exe), str(cfg), str(tmp), "--random-seed", str(spec.seed)],
+                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         if res.returncode != 0:
             tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["(no output)"]
             raise PluribusError(f"mergekit failed on method '{data.get('merge_method')}': {tail[0]}")

@@ -7,7 +7,7 @@ counts as zero. The weighted sum ``lambda sum_t w_t delta_t(m) = B_cat A_cat`` i
   * ``cat`` writes exactly that (rank sum r_t);
   * ``svd`` its best rank-k approximation from the factors (methods.truncate_factors), or per module the
     smallest rank keeping an energy fraction (written as ``rank_pattern``);
-  * ``ties`` / ``dare_*`` / ``magnitude`` act on each module's dense delta (the only basis-independent
+  * ``ties`` / ``dare_*`` / ``magnitude`` / ``pcb`` act on each module's dense delta (the only basis-independent
     choice: low-rank factors are defined up to an invertible r x r map), then compress back to rank k.
 Output adapters have scaling 1 (``lora_alpha = r`` per module) so the stored factors are the delta itself.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -109,9 +110,10 @@ def load_adapter(path: str | Path) -> Adapter:
     r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     rs = bool(config.get("use_rslora", False))
     modules: dict[str, LoraModule] = {}
+    others = [k for k in tensors if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if others:
+        raise PluribusError(_not_lora(path, others, config))
     for key, a in tensors.items():
-        if ".lora_embedding_" in key:
-            raise PluribusError(f"adapter '{path}' adapts an embedding ({key}); pluribus merges linear LoRA modules only")
         if not key.endswith(".lora_A.weight"):
             continue
         name = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
@@ -134,16 +136,54 @@ def load_adapter(path: str | Path) -> Adapter:
     return Adapter(path, config, modules)
 
 
+def _not_lora(path: Path, keys: list[str], config: dict[str, Any]) -> str:
+    """The refusal of tensors other than lora_A/lora_B: each is a full tensor (or a delta of one) that B A does
+    not carry, so a merge of the factors alone would drop what it changes, with a relative error of 0 printed."""
+    key = keys[0]
+    if ".lora_embedding_" in key:
+        what, fix = "an embedding LoRA", "LoRA on linear modules only"
+    elif "trainable_tokens" in key or "token_adapter" in key:
+        what, fix = "trainable tokens (trainable_token_indices)", "trainable_token_indices unset"
+    elif "modules_to_save" in key:
+        what, fix = "full copies of modules (modules_to_save)", "modules_to_save unset"
+    elif key.endswith(".bias"):
+        what, fix = f"biases (bias: {config.get('bias', '?')!r})", "bias: none"
+    else:
+        what, fix = "tensors other than lora_A/lora_B", "a plain LoRA config"
+    return (f"adapter '{path}' also trains {what}, e.g. {key} ({len(keys)} tensor(s)), which a merge in low-rank space "
+            f"cannot carry and will not drop; retrain with {fix}, or fold each adapter into its base with PEFT "
+            "(merge_and_unload) and merge the models")
+
+
+def _check_one_base(adapters: list[Adapter]) -> None:
+    """Refuse adapters of different bases. A base on this machine is compared by its contents (config.json and
+    a weights fingerprint: the same model under a relative path, an absolute one or a copy is one base); bases
+    that are not here are compared by name; one here and one not cannot be compared and pass."""
+    from pluribus.merge.full import base_identity
+
+    known = [(a, base_identity(a.base)) for a in adapters if a.base]
+    for (a, ida), (b, idb) in zip(known, known[1:], strict=False):
+        if ida is not None and idb is not None:
+            same, why = ida == idb, "their config.json or weights differ"
+        elif ida is None and idb is None:
+            same, why = a.base == b.base, "neither is on this machine to compare by contents"
+        else:
+            if a.base != b.base:
+                logging.getLogger("pluribus.merge").warning(
+                    "adapters '%s' (base %s) and '%s' (base %s): only one base is on this machine, so they cannot "
+                    "be compared; merging them as one base", a.path, a.base, b.path, b.base)
+            continue
+        if not same:
+            raise PluribusError(
+                f"adapters have different base models: '{a.path}' -> {a.base}, '{b.path}' -> {b.base} ({why}); "
+                "merge adapters of one base (or pass --no-check-base / check_base: false if they are one model)"
+            )
+
+
 def check_compatible(adapters: list[Adapter], check_base: bool = True) -> dict[str, tuple[int, int]]:
     """Shapes ``(d_out, d_in)`` per module over all adapters; raises naming both sides of any mismatch."""
-    first = adapters[0]
     if check_base:
-        for a in adapters[1:]:
-            if first.base and a.base and first.base != a.base:
-                raise PluribusError(
-                    f"adapters have different base models: '{first.path}' -> {first.base}, '{a.path}' -> {a.base}; "
-                    "merge adapters of one base (or set check_base: false if both names are the same model)"
-                )
+        _check_one_base(adapters)
     shapes: dict[str, tuple[int, int]] = {}
     owner: dict[str, Path] = {}
     for a in adapters:
@@ -183,25 +223,36 @@ class AdapterMerge:
 
 
 def stacked_factors(
-    adapters: list[Adapter], coefs: list[float], name: str
+    adapters: list[Adapter], coefs: list[float], name: str, dtype: torch.dtype = torch.float64
 ) -> tuple[Tensor, Tensor]:
-    """``(B_cat, A_cat)`` with ``B_cat @ A_cat = sum_t coefs_t s_t B_t A_t`` for one module (float32).
+    """``(B_cat, A_cat)`` with ``B_cat @ A_cat = sum_t coefs_t s_t B_t A_t`` for one module (``dtype``).
 
     Each coefficient is split as sqrt|c| into A and sign(c) sqrt|c| into B so both factors keep the same scale.
+    float64 by default: when adapters nearly cancel (weights 1 and -0.99999) the sum is 1e-5 of each term, and
+    float32 rounding of the scaled factors (1e-7 of each term) would be 1e-2 of the result.
     """
     present = [(c, a.modules[name]) for a, c in zip(adapters, coefs, strict=True) if name in a.modules]
     rank = sum(m.rank for _, m in present)
     first = present[0][1]
-    b_cat, a_cat = torch.empty(first.B.shape[0], rank), torch.empty(rank, first.A.shape[1])
+    b_cat = torch.empty(first.B.shape[0], rank, dtype=dtype)
+    a_cat = torch.empty(rank, first.A.shape[1], dtype=dtype)
     at = 0
     for c, m in present:
         k = c * m.scaling
         root = math.sqrt(abs(k))
-        # into the stacks directly: one pass over each factor; float32 first so the scaling is exact
-        torch.mul(m.A.float(), root, out=a_cat[at : at + m.rank])
-        torch.mul(m.B.float(), root if k >= 0 else -root, out=b_cat[:, at : at + m.rank])
+        # into the stacks directly: one pass over each factor, converted first so the scaling is exact
+        torch.mul(m.A.to(dtype), root, out=a_cat[at : at + m.rank])
+        torch.mul(m.B.to(dtype), root if k >= 0 else -root, out=b_cat[:, at : at + m.rank])
         at += m.rank
     return b_cat, a_cat
+
+
+def product_norm(B: Tensor, A: Tensor) -> float:
+    """``||B @ A||_F`` in float64 without forming the product: ``||R_b R_a^T||_F`` from QR of B and A^T (stable
+    even when the columns of B nearly cancel, where a trace of Gram matrices would subtract large terms)."""
+    rb = torch.linalg.qr(B.double(), mode="r").R
+    ra = torch.linalg.qr(A.double().T, mode="r").R
+    return float(torch.linalg.matrix_norm(rb @ ra.T))
 
 
 def method_params(spec: MergeSpec) -> M.MethodParams:
@@ -225,12 +276,16 @@ class AdapterPlan:
         self.params = method_params(spec)
         weights = self.params.weights
         scale = spec.lam
-        if spec.method == "linear":
+        # the factors carry the whole weighting of the low-rank methods, so `normalize` is applied here
+        normalize = M.default_normalize(spec.method, spec.mergekit) if spec.normalize is None else spec.normalize
+        if spec.method in ("linear", "task_arithmetic") and normalize:
             if abs(sum(weights)) < 1e-8:
-                raise PluribusError("linear merge weights sum to 0; give weights with a non-zero sum")
+                raise PluribusError(f"{spec.method} merge weights sum to 0; give weights with a non-zero sum")
             scale = spec.lam / sum(weights)
         self.coefs = [w * scale for w in weights]
         self.default_rank = max(max(a.ranks) for a in adapters)
+        #: the dtype an adapter output is stored in (out_dtype; float32 by default)
+        self.store_dtype = getattr(torch, spec.out_dtype) if spec.out_dtype else torch.float32
         self.generator = torch.Generator().manual_seed(spec.seed)
         if spec.method in ("ties", "magnitude") and spec.trim == "global":
             # an expert's task vector is its own modules: those it lacks are not part of its density
@@ -258,21 +313,35 @@ class AdapterPlan:
         """The merged dense delta of one module [d_out, d_in] (float32)."""
         if self.low_rank:
             b, a = self.factors(name)
-            return b @ a
+            return (b @ a).float()
         return M.merge_deltas(self.spec.method, self._deltas(name, self.shapes[name]), self.params, self.generator)
 
     def compressed(self, name: str) -> tuple[Tensor, Tensor, float, float]:
         """``(A, B, relative error, exact norm)`` of one module at the spec's rank or energy."""
         rank = self.spec.rank or (None if self.spec.energy else self.default_rank)
+        store = self.store_dtype
         if self.spec.method == "cat":
             b, a = self.factors(name)
-            return a, b, 0.0, float(torch.linalg.matrix_norm(b.double() @ a.double()))
+            bs, as_ = b.to(store), a.to(store)
+            # exact up to storing the factors, which is what the error reports
+            norm = product_norm(b, a)
+            err = product_norm(torch.cat([b, -bs.double()], 1), torch.cat([a, as_.double()], 0))
+            return as_, bs, (err / norm if norm > 0 else 0.0), norm
         if self.low_rank:
             b, a = self.factors(name)
             low = M.truncate_factors(b, a, rank=rank, energy=self.spec.energy)
         else:
-            low = M.truncate_dense(self.dense(name), rank=rank, energy=self.spec.energy)
-        return low.A.float(), low.B.float(), low.error, low.exact_norm
+            dense = self.dense(name)
+            low = M.truncate_dense(dense, rank=rank, energy=self.spec.energy)
+        bs, as_ = low.B.to(store), low.A.to(store)
+        if store == torch.float32 or low.exact_norm == 0:
+            return as_, bs, low.error, low.exact_norm  # float32 storage moves the result ~1e-7: below the figure
+        # half precision moves it ~1e-3: the error is measured on the stored factors
+        if self.low_rank:
+            err = product_norm(torch.cat([b, -bs.double()], 1), torch.cat([a, as_.double()], 0))
+        else:
+            err = float(torch.linalg.matrix_norm(dense.double() - bs.double() @ as_.double()))
+        return as_, bs, err / low.exact_norm, low.exact_norm
 
 
 def merge_adapters(

@@ -2,13 +2,15 @@
 
 A pluribus merge YAML::
 
-    method: ties                 # cat | svd | linear | task_arithmetic | magnitude | ties | dare_linear | dare_ties
+    method: ties                 # cat | svd | linear | task_arithmetic | magnitude | ties | dare_linear | dare_ties | pcb
     base: path/to/base           # full-model merges, and folding adapters into a model
     inputs:
       - {path: runs/a/adapters/rsft, weight: 1.0}
       - {path: path/to/base, adapter: runs/b/adapters/rl, weight: 0.5}   # a `base + adapter` input
-    density: 0.5                 # TIES / magnitude: fraction kept
+    density: 0.5                 # TIES / magnitude / PCB: fraction kept (DARE takes drop instead)
     rank: 64                     # adapter output rank (or energy: 0.99 for a per-module rank)
+
+An option a method does not read is refused by name (see ``METHOD_OPTIONS``): it would change nothing.
 
 A mergekit YAML (``merge_method``, ``models``, ``base_model``, ``parameters``, ``dtype``) is translated with
 ``mergekit: true`` so the result matches mergekit's; anything pluribus does not implement (other methods,
@@ -28,10 +30,39 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pluribus.errors import PluribusError
 
 MethodName = Literal[
-    "cat", "svd", "linear", "task_arithmetic", "magnitude", "ties", "dare_linear", "dare_ties", "mergekit"
+    "cat", "svd", "linear", "task_arithmetic", "magnitude", "ties", "dare_linear", "dare_ties", "pcb", "mergekit"
 ]
 #: mergekit methods translated to pluribus (same math under ``mergekit: true``); others run in mergekit.
 MERGEKIT_NATIVE = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"}
+
+
+#: The options each method reads; any other one given is refused (an option without effect is a silent wrong
+#: result). rank/energy shape an adapter output; run_merge refuses them for model outputs.
+METHOD_OPTIONS: dict[str, frozenset[str]] = {
+    "cat": frozenset(),
+    "svd": frozenset({"rank", "energy"}),
+    "linear": frozenset({"rank", "energy", "normalize"}),
+    "task_arithmetic": frozenset({"rank", "energy", "normalize"}),
+    "magnitude": frozenset({"rank", "energy", "density", "trim", "normalize"}),
+    "ties": frozenset({"rank", "energy", "density", "trim", "normalize"}),
+    "dare_linear": frozenset({"rank", "energy", "drop", "normalize"}),
+    "dare_ties": frozenset({"rank", "energy", "drop", "normalize"}),
+    "pcb": frozenset({"rank", "energy", "density"}),
+}
+_OPTION_HINTS = {
+    ("cat", "rank"): "cat writes the exact sum at the summed rank; use method svd for a rank-k result",
+    ("cat", "energy"): "cat writes the exact sum at the summed rank; use method svd for a per-module rank",
+}
+
+
+def _refusal(method: str, option: str, value: Any) -> str:
+    if method.startswith("dare") and option == "density":
+        keep = f" (drop: {1 - value:g})" if isinstance(value, int | float) else ""
+        return (f"density has no effect in method '{method}': DARE drops each entry with probability drop "
+                f"(mergekit's density is 1 - drop); give drop instead{keep}")
+    hint = _OPTION_HINTS.get((method, option))
+    users = ", ".join(m for m, opts in METHOD_OPTIONS.items() if option in opts) or "no method"
+    return f"{option} has no effect in method '{method}' ({hint or f'it applies to {users}'}); remove it"
 
 
 def _require_finite(value: float | None, name: str) -> None:
@@ -86,7 +117,8 @@ class MergeSpec(BaseModel):
     out_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="None: the base's dtype.")
     shard_size: str = Field("1GB", description="Max output shard size (e.g. 500MB, 2GB).")
     tokenizer_source: str | None = Field(None, description="Folder to copy the tokenizer from (default: base).")
-    check_base: bool = Field(True, description="Refuse adapters whose base_model_name_or_path differ.")
+    check_base: bool = Field(True, description="Refuse adapters of different bases (compared by contents where "
+                                               "they are on this machine; CLI --no-check-base).")
     mergekit_yaml: dict[str, Any] | None = Field(None, description="Raw mergekit config (method: mergekit).")
 
     @model_validator(mode="after")
@@ -97,6 +129,11 @@ class MergeSpec(BaseModel):
         if self.method == "mergekit":
             if not self.mergekit_yaml:
                 raise ValueError("method 'mergekit' needs mergekit_yaml (a mergekit config mapping)")
+            extra = next((k for k in ("inputs", "rank", "energy", "density", "drop", "normalize", "base")
+                          if getattr(self, k) not in (None, [])), None)
+            if extra is not None:
+                raise ValueError(f"{extra} has no effect in method 'mergekit', which runs mergekit_yaml as it is; "
+                                 "put it in mergekit_yaml")
             return self
         if not self.inputs:
             raise ValueError("inputs is empty; list at least one adapter or model to merge")
@@ -113,6 +150,20 @@ class MergeSpec(BaseModel):
                 raise ValueError(f"inputs.{i}.density = {inp.density} is out of range; it must be in (0, 1]")
             if inp.drop is not None and not 0 <= inp.drop < 1:
                 raise ValueError(f"inputs.{i}.drop = {inp.drop} is out of range; it must be in [0, 1)")
+        given: dict[str, Any] = {k: getattr(self, k) for k in ("rank", "energy", "density", "drop", "normalize")
+                                 if getattr(self, k) is not None}
+        if self.trim != "tensor":
+            given["trim"] = self.trim
+        for inp in self.inputs:
+            for k in ("density", "drop"):
+                if getattr(inp, k) is not None:
+                    given.setdefault(k, getattr(inp, k))
+        allowed = METHOD_OPTIONS[self.method]
+        for option, value in given.items():
+            if option not in allowed:
+                raise ValueError(_refusal(self.method, option, value))
+        if self.method == "pcb" and self.mergekit:
+            raise ValueError("method 'pcb' has no mergekit counterpart (mergekit 0.1.5 lacks it); drop mergekit: true")
         return self
 
     def to_yaml(self) -> str:
@@ -222,6 +273,11 @@ def _translate_mergekit(data: dict[str, Any]) -> MergeSpec:
     if "rescale" in glob and bool(glob["rescale"]) != default_rescale:
         return fallback
     base = data.get("base_model")
+    refs = [str(e.get("model")) for e in data["models"] if isinstance(e, dict)]
+    if method == "linear" and base is not None and str(base) not in refs:
+        # mergekit refuses it; merged here it would silently average the models without the base
+        raise PluribusError(f"mergekit config: linear averages the models listed; base_model '{base}' is not among "
+                            "models: add it to models (with a weight) or remove base_model")
     inputs = []
     for entry in data["models"]:
         if not isinstance(entry, dict) or "model" not in entry:
@@ -237,6 +293,8 @@ def _translate_mergekit(data: dict[str, Any]) -> MergeSpec:
             return fallback
         weight = float(vals.get("weight", glob.get("weight", 1.0)))
         density = vals.get("density", glob.get("density"))
+        if method in ("linear", "task_arithmetic"):
+            density = None  # mergekit declares it for every task-arithmetic method but reads it in none of these
         path, _, adapter = ref.partition("+")
         inputs.append(
             MergeInput(
@@ -401,7 +459,8 @@ def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any)
     """What ``pluribus merge`` runs: a merge YAML, a recipe with a ``merge`` section, or the short-form flags.
 
     Returns the spec and the output folder (a recipe's default is ``<run>/merged/<name>``). ``seed`` (the DARE
-    masks; mergekit's ``--random-seed``) also applies to a config file.
+    masks; mergekit's ``--random-seed``) and ``--no-check-base`` also apply to a config file; other flags beside a
+    config file are refused.
     """
     seed = flags.get("seed")
     if config is None:
@@ -409,6 +468,11 @@ def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any)
             raise PluribusError("give a merge config file, or --method with --adapters/--models (see --help)")
         spec = spec_from_flags(**flags)  # the flags carry the seed
     else:
+        ignored = sorted(k for k, v in flags.items() if v not in (None, False, []) and k not in ("seed", "check_base"))
+        if ignored:
+            flag = "--" + ignored[0].replace("_", "-")
+            raise PluribusError(f"{flag} has no effect with a merge config file ('{config}'); set it in the config, "
+                                "or give the merge by flags alone")
         p = Path(config)
         data = read_yaml(p)
         if _is_recipe(data):
@@ -423,6 +487,8 @@ def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any)
             spec = parse_merge_config(data, f"'{p}'")
         if seed is not None:
             spec = spec.model_copy(update={"seed": seed})
+        if flags.get("check_base") is False:
+            spec = spec.model_copy(update={"check_base": False})
     if out is None:
         raise PluribusError("give the output folder with -o OUT")
     return spec, Path(out)

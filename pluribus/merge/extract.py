@@ -89,6 +89,8 @@ def extract_lora(
         "ranks": ranks,
     }
     with atomic_dir(folder, overwrite=overwrite) as tmp:
-        save_adapter(tmp, merged, {"base_model_name_or_path": str(base), "task_type": "CAUSAL_LM"})
+        # an absolute path (or the hub id / alias as given): a relative name means nothing from another folder
+        recorded = str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else str(base)
+        save_adapter(tmp, merged, {"base_model_name_or_path": recorded, "task_type": "CAUSAL_LM"})
         (tmp / "extract_report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -163,6 +163,45 @@ class Checkpoint:
         self._handles.clear()
 
 
+def weights_fingerprint(folder: Path, sample: int = 4096) -> str:
+    """A fingerprint of a model folder's weights: each tensor's name, dtype, shape and the bytes at its start,
+    middle and end (``sample`` each), hashed. Equal for the same weights wherever they are stored (a copy, a
+    re-sharded save); it differs for two models whose tensors differ at any of those places, which any fine-tune
+    does (a full one, or a merged LoRA, which changes every entry of the weights it adapts). Reads ~12 KB a tensor."""
+    import hashlib
+
+    ck = Checkpoint(folder)
+    digest = hashlib.sha256()
+    try:
+        for name in sorted(ck.tensors):
+            info = ck.tensors[name]
+            digest.update(f"{name}|{info.dtype}|{info.shape}|".encode())
+            f = ck._handles.get(info.file) or ck._handles.setdefault(info.file, open(info.file, "rb"))  # noqa: SIM115
+            size = info.end - info.start
+            for at in sorted({0, max(0, size // 2 - sample // 2), max(0, size - sample)}):
+                f.seek(info.start + at)
+                digest.update(f.read(min(sample, size - at)))
+    finally:
+        ck.close()
+    return digest.hexdigest()
+
+
+def base_identity(ref: str | None) -> tuple[str, str] | None:
+    """What identifies the base model an adapter records: its config.json (less names and versions) and its
+    weights fingerprint, when ``ref`` (a path, an alias, a cached hub id) is on this machine; else None."""
+    from pluribus.models import _config_identity, _recorded_base_folder
+
+    folder = _recorded_base_folder(ref or "")
+    if folder is None:
+        return None
+    config = _config_identity(folder)
+    try:
+        weights = weights_fingerprint(folder)
+    except PluribusError:
+        return None  # no readable safetensors (a pickle-only folder): nothing to compare by
+    return json.dumps(config, sort_keys=True), weights
+
+
 # ------------------------------------------------------------------------------------------- writing
 
 
@@ -294,6 +333,22 @@ def _check_shapes(base: Checkpoint, experts: list[Expert]) -> None:
             check_adapter_fits(base, e.adapter)
 
 
+def check_same_weights(adapter: Any, model: Path) -> None:
+    """Refuse applying ``adapter`` (``adapters.Adapter``) to ``model`` when the base it records is on this machine
+    and holds other weights: a fine-tune of the base has the same config.json, which models.check_adapter compares."""
+    from pluribus.models import _recorded_base_folder
+
+    recorded = _recorded_base_folder(adapter.base or "")
+    if recorded is None or recorded.resolve() == model.resolve():
+        return
+    mine, theirs = base_identity(adapter.base), base_identity(str(model))
+    if mine is not None and theirs is not None and mine[1] != theirs[1]:
+        raise PluribusError(
+            f"adapter '{adapter.path}' was trained on base '{adapter.base}', whose weights differ from the model "
+            f"'{model}' (same config.json); use the adapter's base model, or pass --no-check-base if that is intended"
+        )
+
+
 def check_adapter_fits(base: Checkpoint, adapter: Any) -> None:
     """Refuse an adapter (``adapters.Adapter``) whose modules the base lacks or has in other shapes."""
     # the recorded base name alone is no proof (local copies, hub ids): it only explains a mismatch
@@ -342,12 +397,14 @@ def merge_models(
             path = local_model(inp.path)
             if adapter is not None and spec.check_base:
                 check_adapter(adapter.path, path)  # shapes alone pass an adapter of a same-sized other model
+                check_same_weights(adapter, path)
             same = path.resolve() == base_dir.resolve()
             experts.append(Expert(None if same else Checkpoint(path), adapter, inp.label))
         _check_shapes(base, experts)
     for adapter in folded:
         if spec.check_base:
             check_adapter(adapter.path, base_dir)
+            check_same_weights(adapter, base_dir)
         check_adapter_fits(base, adapter)
     fixed = None if spec.dtype == "auto" else getattr(torch, spec.dtype)
     out_dtype = getattr(torch, spec.out_dtype) if spec.out_dtype else None

@@ -9,6 +9,8 @@ comes only from an explicit ``torch.Generator``. Arithmetic runs in float32 (flo
   * trimming keeps ``max(1, int(density * n))`` entries by a stable argsort (the paper: top-k of the tensor);
   * DARE rescales the survivors to the original L1 norm (the paper: exactly ``1 / (1 - p)``);
   * ``dare_ties`` sums the agreeing weighted deltas without dividing (``normalize: false``).
+
+``pcb`` has no mergekit counterpart (mergekit 0.1.5 does not implement it); it follows the paper (see :func:`pcb`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ METHODS: dict[str, str] = {
     "ties": "TIES-Merging, Yadav et al. 2023 (arXiv:2306.01708): trim, elect sign, disjoint mean",
     "dare_linear": "DARE, Yu et al. 2024 (arXiv:2311.03099): drop p, rescale 1/(1-p), then task arithmetic",
     "dare_ties": "DARE (arXiv:2311.03099) then TIES sign election and disjoint merge",
+    "pcb": "PCB-Merging, Du et al. 2024 (arXiv:2410.02396): intra/inter balancing, drop, rescale",
 }
 
 
@@ -236,6 +239,94 @@ def disjoint_merge(
     return merged / divisor
 
 
+# ---------------------------------------------------------------------------------------------- PCB
+
+
+def _minmax(x: Tensor) -> Tensor:
+    """``Norm`` of PCB-Merging: ``(x - min x) / (max x - min x)`` over the tensor's entries, into [0, 1].
+
+    A constant tensor (max = min: an all-zero task vector) has no entry that stands out: it maps to zeros (the
+    official code would divide 0 by 0 there).
+    """
+    lo, hi = torch.aminmax(x)
+    span = hi - lo
+    return (x - lo) / span if bool(span > 0) else torch.zeros_like(x)
+
+
+def pcb(
+    deltas: Sequence[Tensor],
+    density: float | Sequence[float] = 1.0,
+    weights: Sequence[float] | None = None,
+    lam: float = 1.0,
+) -> Tensor:
+    """PCB-Merging (Du et al. 2024, NeurIPS, arXiv:2410.02396, Sec. 3) of the N task vectors of one tensor.
+
+    ``tau_i`` = ``deltas[i]``; ``Norm`` = min-max over the tensor's entries (:func:`_minmax`); Softmax over the
+    tensor's entries:
+      * intra-balancing  ``beta_intra_i = Softmax(N * Norm(tau_i * tau_i))``
+      * inter-balancing  ``beta_inter_i = sum_j Softmax(Norm(tau_i * tau_j))`` (j = 1..N, i included)
+      * ``beta_i = beta_intra_i * beta_inter_i``
+      * drop: ``m_i = beta_i >= sorted(beta_i)[(1 - r) D]``: the top ``density`` fraction of ``beta_i`` is kept
+        (the paper's ratio r, the official code's ``pcb_ratio``, is this kept fraction, as TIES's density is);
+        ``beta_hat_i = m_i * beta_i``
+      * rescale: ``tau = sum_i beta_hat_i w_i tau_i / sum_i beta_hat_i`` (0 where no task keeps the entry), times lam.
+
+    ``weights`` w_i scale each task vector in the numerator only, as the official code's per-task coefficients do
+    (its evolutionary search tunes them); the balancing scores are computed from the unweighted task vectors, so
+    all-ones weights are the paper. An entry where ``tau_i`` is exactly 0 is no parameter of task i and is never
+    kept (as in TIES's disjoint merge): otherwise a module one adapter lacks (stored as zeros) would pull the
+    other adapters' deltas toward 0. ``density`` is one value or one per task.
+
+    Where the official code (github.com/duguodong7/pcb-merging) departs from the paper, this follows the paper:
+    the code drops the softmax denominators and replaces the inter softmax by tanh, clips the 0.01% largest and
+    smallest |tau| first, and min-max normalises the kept scores (so its smallest kept score is 0); it also
+    normalises over the whole flattened model, where this normalises per tensor (the merge streams tensors).
+
+    The ratio ``beta_hat_i / sum_j beta_hat_j`` is a softmax over tasks of ``log beta_i``, computed that way:
+    ``e^(-N)`` of the intra softmax underflows float32 once N passes ~87 tasks.
+    Shapes: N tensors of one shape; returns that shape in the work dtype.
+    """
+    n = len(deltas)
+    dens = [float(density)] * n if isinstance(density, int | float) else [float(d) for d in density]
+    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    if len(dens) != n or len(w) != n:
+        raise PluribusError(f"pcb got {n} task vectors but {len(dens)} densities and {len(w)} weights; give one each")
+    for d in dens:
+        check_fraction(d, "pcb density")
+    dtype = work_dtype(deltas[0])
+    shape = deltas[0].shape
+    taus = [d.to(dtype).reshape(-1) for d in deltas]
+    if taus[0].numel() == 0:
+        return torch.zeros(shape, dtype=dtype)
+    inter = [torch.zeros_like(taus[0]) for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):  # tau_i * tau_j is symmetric: one softmax serves both tasks
+            s = torch.softmax(_minmax(taus[i] * taus[j]), dim=0)
+            inter[i].add_(s)
+            if j != i:
+                inter[j].add_(s)
+    scores = []
+    for i in range(n):
+        logits = _minmax(taus[i] * taus[i]).mul_(n)
+        log_beta = logits.sub_(torch.logsumexp(logits, dim=0)).add_(inter[i].log_())
+        inter[i] = None  # type: ignore[call-overload]
+        k = keep_count(log_beta.numel(), dens[i])
+        kept = taus[i] != 0
+        if k < log_beta.numel():
+            cut = torch.kthvalue(log_beta, log_beta.numel() - k + 1).values if k else math.inf
+            kept &= log_beta >= cut
+        scores.append(log_beta.masked_fill_(~kept, -math.inf))
+    top = torch.stack(scores).amax(dim=0)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # no task kept it: every weight is 0
+    num, den = torch.zeros_like(taus[0]), torch.zeros_like(taus[0])
+    for tau, wt, score in zip(taus, w, scores, strict=True):
+        e = (score - top).exp_()
+        den.add_(e)
+        num.add_(e.mul_(tau), alpha=wt)
+    out = torch.where(den > 0, num / den.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(num))
+    return out.mul_(lam).reshape(shape)
+
+
 # ------------------------------------------------------------------------------------------ dispatch
 
 
@@ -268,6 +359,13 @@ def merge_deltas(
     if method not in METHODS or method == "linear":
         avail = ", ".join(m for m in METHODS if m != "linear")
         raise PluribusError(f"Unknown delta merge method '{method}'. Available: {avail}")
+    if method == "pcb":
+        if params.mergekit:
+            raise PluribusError("method 'pcb' has no mergekit counterpart; drop mergekit: true")
+        if params.thresholds is not None:
+            raise PluribusError("method 'pcb' balances each tensor on its own; use trim: tensor")
+        return pcb([d.to(params.dtype) if params.dtype else d for d in deltas], params.density or 1.0,
+                   params.weights, params.lam)
     dtype = params.dtype or work_dtype(deltas[0])
     ds = [d if inplace and d.dtype == dtype else d.to(dtype, copy=True) for d in deltas]
     n = len(ds)

@@ -20,6 +20,15 @@ from pluribus.merge.config import (
 )
 
 PLURIBUS = Path(sys.executable).with_name("pluribus")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """``pluribus ARGS`` importing this checkout's package (an editable install may point at another one)."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([str(PLURIBUS), *args], capture_output=True, text=True, env=env)
 
 
 def test_mergekit_yaml_translates_with_its_semantics():
@@ -222,3 +231,74 @@ def test_nan_and_inf_in_mergekit_configs_are_one_line(tmp_path):
     with pytest.raises(PluribusError, match=r"^mergekit config: inputs\.0\.density = 1.5 is out of range"):
         parse_merge_config({"merge_method": "ties", "base_model": "x", "models": models[1:],
                             "parameters": {"density": 1.5}})
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"method": "dare_ties", "density": 0.5},
+     r"density has no effect in method 'dare_ties': DARE drops each entry with probability drop .* \(drop: 0.5\)"),
+    ({"method": "dare_linear", "inputs": [{"path": "a", "density": 0.7}]}, r"density has no effect in method 'dare_linear'"),
+    ({"method": "cat", "rank": 2}, r"rank has no effect in method 'cat' \(cat writes the exact sum .* use method svd"),
+    ({"method": "cat", "density": 0.5}, r"density has no effect in method 'cat' \(it applies to magnitude, ties, pcb\)"),
+    ({"method": "ties", "drop": 0.2}, r"drop has no effect in method 'ties' \(it applies to dare_linear, dare_ties\)"),
+    ({"method": "svd", "normalize": False}, r"normalize has no effect in method 'svd'"),
+    ({"method": "pcb", "drop": 0.1}, r"drop has no effect in method 'pcb'"),
+    ({"method": "pcb", "trim": "global"}, r"trim has no effect in method 'pcb'"),
+    ({"method": "pcb", "normalize": True}, r"normalize has no effect in method 'pcb'"),
+    ({"method": "pcb", "mergekit": True}, r"method 'pcb' has no mergekit counterpart"),
+    ({"method": "pcb", "density": 0.0}, r"density = 0.0 is out of range"),
+])
+def test_an_option_the_method_does_not_read_is_refused_by_name(data, message):
+    with pytest.raises(PluribusError, match=message):
+        parse_merge_config({"inputs": [{"path": "a"}], **data})
+
+
+def test_pcb_spec_and_flags():
+    spec = parse_merge_config({"method": "pcb", "density": 0.2, "lambda": 0.9, "inputs": [{"path": "a", "density": 0.5},
+                                                                                        {"path": "b"}]})
+    assert spec.method == "pcb" and spec.density == 0.2 and spec.lam == 0.9 and spec.inputs[0].density == 0.5
+    flags = spec_from_flags("pcb", adapters=["a,b"], weights=["1,0.5"], density=0.1, rank=8)
+    assert flags.method == "pcb" and flags.density == 0.1 and flags.rank == 8
+
+
+def test_mergekit_linear_with_a_base_outside_models_is_refused():
+    with pytest.raises(PluribusError, match=r"base_model 'b' is not among models: add it to models"):
+        parse_merge_config({"merge_method": "linear", "base_model": "b", "models": [{"model": "x"}, {"model": "y"}]})
+    spec = parse_merge_config({"merge_method": "linear", "base_model": "x", "models": [{"model": "x"}, {"model": "y"}]})
+    assert [i.path for i in spec.inputs] == ["x", "y"]
+
+
+@pytest.mark.slow
+def test_cli_pcb_merges_models_and_refuses_options_it_does_not_read(tiny_base, make_expert, tmp_path):
+    a, b = make_expert(41), make_expert(42)
+    res = cli("merge", "--method", "pcb", "--base", str(tiny_base), "--models", str(a), str(b),
+              "--weights", "1", "0.5", "--density", "0.2", "--lambda", "0.9", "-o", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    assert "method pcb (models -> model), 2 inputs" in res.stdout
+    assert yaml.safe_load((tmp_path / "out" / "merge.yaml").read_text())["method"] == "pcb"
+    for extra, message in ((["--drop", "0.1"], "drop has no effect in method 'pcb'"),
+                           (["--rank", "4"], "rank and energy shape an adapter output")):
+        res = cli("merge", "--method", "pcb", "--base", str(tiny_base), "--models", str(a), str(b), *extra,
+                  "-o", str(tmp_path / "o2"))
+        assert res.returncode == 2 and message in res.stderr, res.stderr
+        assert not (tmp_path / "o2").exists()
+
+
+def test_flags_beside_a_config_file_are_refused_not_ignored(tmp_path):
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"method": "ties", "density": 0.5, "inputs": [{"path": "a"}]}))
+    with pytest.raises(PluribusError, match=r"--density has no effect with a merge config file .*set it in the config"):
+        resolve_cli(tmp_path / "m.yaml", tmp_path / "o", density=0.3)
+    with pytest.raises(PluribusError, match=r"--lambda has no effect"):
+        resolve_cli(tmp_path / "m.yaml", tmp_path / "o", **{"lambda": 0.5})
+    assert resolve_cli(tmp_path / "m.yaml", tmp_path / "o", seed=3, mergekit=None)[0].seed == 3
+
+
+def test_no_check_base_flag_reaches_the_spec_from_flags_and_config_files(tmp_path):
+    assert resolve_cli(None, tmp_path / "o", method="cat", adapters=["a,b"], check_base=False)[0].check_base is False
+    assert resolve_cli(None, tmp_path / "o", method="cat", adapters=["a,b"], check_base=None)[0].check_base is True
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"method": "cat", "inputs": [{"path": "a"}]}))
+    assert resolve_cli(tmp_path / "m.yaml", tmp_path / "o", check_base=False)[0].check_base is False
+
+
+def test_pluribus_options_beside_a_raw_mergekit_config_are_refused():
+    with pytest.raises(PluribusError, match=r"density has no effect in method 'mergekit'.*put it in mergekit_yaml"):
+        parse_merge_config({"method": "mergekit", "density": 0.5, "mergekit_yaml": {"merge_method": "della"}})

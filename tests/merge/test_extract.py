@@ -67,3 +67,13 @@ def test_bad_input(tiny_base, low_rank_tune, tmp_path):
     save_file(sd, odd / "model.safetensors")
     with pytest.raises(PluribusError, match=r"up_proj\.weight is \(48, 32\) in '.*' but \(48, 30\) in '.*odd'"):
         extract_lora(tiny_base, odd, tmp_path / "x", rank=2)
+
+
+def test_an_extracted_adapter_records_its_base_as_an_absolute_path(tiny_base, low_rank_tune, tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    monkeypatch.chdir(tiny_base.parent)
+    extract_lora(tiny_base.name, low_rank_tune, tmp_path / "lora", rank=3)  # the base given by a relative name
+    recorded = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert os.path.isabs(recorded) and Path(recorded) == tiny_base.resolve()

@@ -121,6 +121,22 @@ def test_base_plus_adapter_input_is_merged_without_a_materialized_copy(tiny_base
         torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_pcb_full_merge_is_the_base_plus_the_papers_merge_per_tensor(tiny_base, experts, tmp_path):
+    from tests.merge.test_methods import pcb_paper
+
+    weights = [1.0, 0.6, 1.3]
+    spec = MergeSpec(method="pcb", base=str(tiny_base), density=0.3, **{"lambda": 0.8},
+                     inputs=[MergeInput(path=str(e), weight=w) for e, w in zip(experts, weights, strict=True)])
+    run_merge(spec, tmp_path / "out")
+    got = tensors(tmp_path / "out")
+    base = load_file(tiny_base / "model.safetensors")
+    ex = [load_file(e / "model.safetensors") for e in experts]
+    for name, b in base.items():
+        deltas = [e[name].double() - b.double() for e in ex]
+        expected = b.double() + pcb_paper(deltas, 0.3, lam=0.8, weights=weights)
+        torch.testing.assert_close(got[name].double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_global_trimming_keeps_the_density_over_the_whole_model(tiny_base, experts, tmp_path):
     spec = MergeSpec(method="magnitude", base=str(tiny_base), trim="global", density=0.2,
                      inputs=[MergeInput(path=str(experts[2]))])
@@ -320,6 +336,11 @@ def test_adapters_of_another_same_shaped_base_and_broken_base_configs_are_refuse
     with pytest.raises(PluribusError, match=r"was trained on base .*other"):
         run_merge(plus, tmp_path / "out")
     run_merge(fold(other).model_copy(update={"check_base": False}), tmp_path / "unchecked")  # the way out
+    # a fine-tune of the recorded base has its config.json: its weights tell them apart
+    (adapter / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(experts[0])}))
+    with pytest.raises(PluribusError, match=r"was trained on base .*, whose weights differ from the model .* --no-check"):
+        run_merge(fold(tiny_base), tmp_path / "out")
+    (adapter / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(tiny_base)}))
     for spec in (fold(listed), MergeSpec(method="task_arithmetic", base=str(listed),
                                          inputs=[MergeInput(path=str(experts[0]))])):
         with pytest.raises(PluribusError, match=r"^model config '.*listed/config\.json' is not a JSON object"):
@@ -334,3 +355,101 @@ def test_non_finite_lambda_is_refused_before_anything_is_written(tiny_base, expe
                           "-o", str(tmp_path / "out")], capture_output=True, text=True)
     assert res.returncode == 2 and "lambda must be a finite number (got nan)" in res.stderr, res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _della(tiny_base: Path, experts: list[Path]) -> MergeSpec:
+    return MergeSpec(method="mergekit", seed=7, mergekit_yaml={
+        "merge_method": "della", "base_model": str(tiny_base), "dtype": "float32",
+        "models": [{"model": str(e), "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}} for e in experts[:2]],
+    })
+
+
+def test_the_seed_is_passed_to_mergekit(tiny_base, experts, tmp_path, monkeypatch):
+    import pluribus.merge as PM
+
+    seen = []
+
+    def fake_run(argv, **kw):
+        seen.append(argv)
+        Path(argv[2], "model.safetensors").write_bytes(b"")
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(PM.subprocess, "run", fake_run)
+    run_merge(_della(tiny_base, experts), tmp_path / "out")
+    assert seen[0][-2:] == ["--random-seed", "7"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie waits to be reaped but runs nothing
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_merge_kills_its_mergekit_child_and_the_next_run_removes_its_folders(tiny_base, experts, tmp_path):
+    # a stand-in mergekit-yaml that records its pid and runs until killed (exec: the pid stays the sleeper's)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "mergekit-yaml").write_text(f"#!/bin/sh\necho $$ > {tmp_path / 'child.pid'}\nexec sleep 120\n")
+    (fake / "mergekit-yaml").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    script = f"""
+import sys
+sys.executable = {str(fake / "python")!r}  # where pluribus looks for mergekit-yaml
+from pluribus.merge import run_merge
+from tests.merge.test_full import _della
+from pathlib import Path
+run_merge(_della(Path({str(tiny_base)!r}), [Path({str(experts[0])!r}), Path({str(experts[1])!r})]), {str(out)!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pid_file = tmp_path / "child.pid"
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = _alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "mergekit-yaml outlived the killed merge"
+    left = sorted(p.name for p in work.iterdir())
+    assert len(left) == 2 and all(n.startswith(".out.") for n in left)  # the output's and the config's temp folders
+    run_merge(MergeSpec(method="task_arithmetic", base=str(tiny_base), inputs=[MergeInput(path=str(experts[0]))]), out)
+    assert sorted(p.name for p in work.iterdir()) == ["out"]
+
+
+def test_ctrl_c_of_a_merge_says_a_rerun_starts_over(tiny_base, experts, tmp_path):
+    out = tmp_path / "out"
+    script = f"""
+import sys, time
+import pluribus.merge.full as F
+from pluribus.cli import main
+write = F.ShardedWriter.write
+def slow(self, name, tensor):
+    write(self, name, tensor)
+    print("wrote", name, flush=True)
+    time.sleep(0.3)
+F.ShardedWriter.write = slow
+sys.argv = ["pluribus", "merge", "--method", "task_arithmetic", "--base", {str(tiny_base)!r},
+            "--models", {str(experts[0])!r}, "-o", {str(out)!r}]
+main()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith("wrote")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err = proc.stderr.read()
+    assert "a rerun starts it over" in err and "resumes" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -24,7 +24,7 @@ seeds = st.integers(0, 10_000)
 
 
 @SETTINGS
-@given(shapes, seeds, st.sampled_from(["task_arithmetic", "ties", "magnitude", "dare_linear", "dare_ties"]))
+@given(shapes, seeds, st.sampled_from(["task_arithmetic", "ties", "magnitude", "dare_linear", "dare_ties", "pcb"]))
 def test_one_expert_weight_one_gives_it_back(shape, seed, method):
     d = rand(shape, seed)
     out = M.merge_deltas(method, [d], M.MethodParams(weights=(1.0,)), torch.Generator().manual_seed(0))
@@ -238,3 +238,98 @@ def test_non_finite_weights_lambda_and_fractions_are_refused():
         M.MethodParams(weights=(1.0,), lam=float("inf"))
     with pytest.raises(PluribusError, match=r"energy must be a finite number \(got nan\)"):
         M.check_fraction(float("nan"), "energy")
+
+
+# ---------------------------------------------------------------------------------------------- PCB
+
+
+def pcb_paper(taus: list[torch.Tensor], r: float, lam: float = 1.0, weights: list[float] | None = None) -> torch.Tensor:
+    """PCB-Merging as the paper writes it (arXiv:2410.02396, Sec. 3), step by step, in float64; ``weights`` scale
+    each task vector in the numerator (all ones: the paper)."""
+    n, d = len(taus), taus[0].numel()
+    flat = [t.double().reshape(-1) for t in taus]
+
+    def norm(x):  # min-max over the tensor's entries; a constant tensor (0 / 0) maps to zeros, pluribus's convention
+        return (x - x.min()) / (x.max() - x.min()) if x.max() > x.min() else torch.zeros_like(x)
+
+    beta_hat = []
+    for ti in flat:
+        intra = torch.softmax(n * norm(ti * ti), dim=0)
+        inter = sum(torch.softmax(norm(ti * tj), dim=0) for tj in flat)
+        beta = intra * inter
+        k = round(r * d)  # top r fraction: sorted ascending, from index (1 - r) D
+        m = beta >= torch.sort(beta).values[d - k] if k else torch.zeros(d, dtype=torch.bool)
+        m &= ti != 0  # pluribus's one addition (M.pcb's docstring): an exact zero of tau_i is never kept
+        beta_hat.append(m * beta)
+    ws = weights or [1.0] * n
+    num = sum(b * w * t for b, w, t in zip(beta_hat, ws, flat, strict=True))
+    den = sum(beta_hat)
+    return (lam * torch.where(den > 0, num / den, 0.0)).reshape(taus[0].shape)
+
+
+@SETTINGS
+@given(shapes, seeds, st.integers(2, 5), st.sampled_from([1.0, 0.7, 0.3, 0.1]), st.floats(0.5, 2.0))
+def test_pcb_follows_the_paper_step_by_step(shape, seed, n, density, lam):
+    taus = [rand(shape, seed + i).double() for i in range(n)]
+    got = M.merge_deltas("pcb", taus, M.MethodParams(weights=(1.0,) * n, density=(density,) * n, lam=lam))
+    torch.testing.assert_close(got, pcb_paper(taus, density, lam), rtol=1e-12, atol=1e-12)
+    # float32 inputs compute in float32: within its rounding of the same formula
+    got32 = M.pcb([t.float() for t in taus], density, lam=lam)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), pcb_paper(taus, density, lam), rtol=1e-5, atol=1e-6)
+
+
+def test_pcb_worked_example_by_hand():
+    # two tasks, two entries: Norm(t1^2) = [0, 1], Norm(t2^2) = [1, 0]; t1 t2 = [2, 2] is constant -> Norm = [0, 0]
+    # -> Softmax = [1/2, 1/2]
+    t1, t2 = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([2.0, 1.0], dtype=torch.float64)
+    e2 = math.exp(2)  # N = 2
+    intra1 = torch.tensor([1, e2]) / (1 + e2)
+    intra2 = torch.tensor([e2, 1]) / (1 + e2)
+    self1 = torch.tensor([1, math.e]) / (1 + math.e)  # Softmax(Norm(t1 t1)) = Softmax([0, 1])
+    self2 = torch.tensor([math.e, 1]) / (1 + math.e)
+    beta1 = intra1 * (self1 + 0.5)
+    beta2 = intra2 * (self2 + 0.5)
+    dense = (beta1 * t1 + beta2 * t2) / (beta1 + beta2)
+    torch.testing.assert_close(M.pcb([t1, t2], 1.0), dense.double())
+    # density 0.5 keeps one entry per task: task 1 its second, task 2 its first -> each entry from one task alone
+    torch.testing.assert_close(M.pcb([t1, t2], 0.5), torch.tensor([2.0, 2.0], dtype=torch.float64))
+
+
+def test_pcb_edge_cases():
+    d = rand((6, 5), 3)
+    # one task, density 1: beta cancels in beta tau / beta -> the task vector itself (then lambda)
+    torch.testing.assert_close(M.pcb([d], 1.0), d, rtol=1e-6, atol=0)
+    torch.testing.assert_close(M.pcb([d], 1.0, lam=0.5), 0.5 * d, rtol=1e-6, atol=0)
+    # one task, density r: beta is increasing in |tau|, so the top-r |tau| survive unchanged (magnitude pruning)
+    torch.testing.assert_close(M.pcb([d], 0.3), M.magnitude_prune(d, 0.3), rtol=1e-6, atol=0)
+    # density 1, two equal tasks: the balanced mean of equal vectors is that vector
+    torch.testing.assert_close(M.pcb([d, d.clone()], 1.0), d, rtol=1e-6, atol=1e-7)
+    # an all-zero task vector (an expert equal to the base, or a module an adapter lacks) never pulls toward 0
+    zero = torch.zeros_like(d)
+    torch.testing.assert_close(M.pcb([d, zero], 1.0), d, rtol=1e-6, atol=0)
+    torch.testing.assert_close(M.pcb([d, zero], 0.4), M.pcb([d], 0.4), rtol=1e-6, atol=0)
+    assert torch.equal(M.pcb([zero, zero], 0.5), zero)
+    # weights scale each task vector in the numerator: all ones is the paper, 2 doubles a lone task
+    torch.testing.assert_close(M.pcb([d], 1.0, weights=[2.0]), 2 * d, rtol=1e-6, atol=0)
+    # a single entry, and an empty tensor
+    torch.testing.assert_close(M.pcb([torch.tensor([3.0]), torch.tensor([1.0])], 1.0).sum(), torch.tensor(2.0))
+    assert M.pcb([torch.zeros(0, 4)], 0.5).shape == (0, 4)
+
+
+def test_pcb_many_tasks_do_not_underflow_in_float32():
+    # exp(-N) of the intra softmax underflows float32 past N ~ 87: the log-space weights keep the formula
+    taus = [rand((4, 4), 500 + i) for i in range(120)]
+    got = M.pcb(taus, 1.0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), pcb_paper([t.double() for t in taus], 1.0), rtol=1e-4, atol=1e-6)
+
+
+def test_pcb_bad_parameters_are_named():
+    d = [rand((3, 3), 0), rand((3, 3), 1)]
+    with pytest.raises(PluribusError, match=r"pcb density = 0.0 is out of range"):
+        M.pcb(d, 0.0)
+    with pytest.raises(PluribusError, match="pcb got 2 task vectors but 3 densities"):
+        M.pcb(d, [0.5, 0.5, 0.5])
+    with pytest.raises(PluribusError, match="'pcb' has no mergekit counterpart"):
+        M.merge_deltas("pcb", d, M.MethodParams(weights=(1.0, 1.0), mergekit=True))
