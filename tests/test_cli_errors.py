@@ -106,11 +106,11 @@ def test_a_run_summary_with_brackets_is_printed_as_written(tmp_path: Path, monke
     from pluribus import run
     from pluribus.config import Recipe
 
-    monkeypatch.setattr(run, "STAGES", [("merge", lambda r: True,
-                                         lambda r, p: (tmp_path, "merged [bold] x[/] into 'out[merged]'"))])
+    step = run.Step("merge:[soup]", lambda p, n: (tmp_path, "merged [bold] x[/] into 'out[merged]'"))
+    monkeypatch.setattr(run, "plan", lambda recipe: [step])
     buf = io.StringIO()
     run.run_recipe(Recipe(root=str(tmp_path)), console=Console(file=buf, width=200))
-    assert "merge: merged [bold] x[/] into 'out[merged]'" in buf.getvalue()
+    assert "merge:[soup]: merged [bold] x[/] into 'out[merged]'" in buf.getvalue()
 
 
 def test_a_task_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:

@@ -53,6 +53,10 @@ LEVELS: dict[str, dict[str, Any]] = {
     # The quickstart: addsub1's problems, the one level inside 20-60% with both prompts, so the team has right
     # and wrong answers to debate and learn from. 126 distinct questions: about 100 train, 25 held out at 0.2.
     "quickstart": {"steps": 1, "digits": 1, "ops": ["+", "-"], "style": "expression"},
+    # The demo's level: one or two additions/subtractions of 1-digit numbers, never below zero:
+    # "What is 7 - 3 + 5?". About 1,400 distinct questions (126 of one step), so a held-out split of 200+ problems
+    # that share no question with training.
+    "addsub12": {"steps": 2, "min_steps": 1, "digits": 1, "ops": ["+", "-"], "style": "expression"},
     # 2-digit + 1-digit additions: "What is 47 + 8?"
     "add2x1": {"steps": 1, "first_digits": 2, "digits": 1, "ops": ["+"], "style": "expression"},
     # One-step word problems with small numbers: "Mia has 7 apples. She finds 3 more apples. ..."
