@@ -118,8 +118,11 @@ def base_metadata(ref: str | None) -> dict[str, Any]:
     from pluribus.models import ALIASES
 
     origin = gguf_origin(ref)
-    if origin and origin[1]:
-        spec = ALIASES[origin[1]]
+    alias = origin[1] if origin else None
+    # the Hub id of an alias is the same model (its license is the alias's)
+    alias = alias or next((a for a, spec in ALIASES.items() if spec.hub_id == public_model_name(ref)), None)
+    if alias:
+        spec = ALIASES[alias]
         return {k: v for k, v in (("license", spec.license), ("language", list(spec.language))) if v}
     readme = Path(str(ref or "")).expanduser() / "README.md"
     if ref and readme.is_file():
@@ -401,6 +404,31 @@ def model_card(
     if merge_recipe:
         lines += ["", "## Merge recipe", "", "```yaml", merge_recipe.strip(), "```"]
     return redact("\n".join(lines) + "\n")
+
+
+EXPORT_NOTE = ("This is a local working folder: its `adapter_config.json` / `merge.yaml` may point to files on the "
+               "machine that wrote it. To publish it, run `pluribus export {folder} -o <out>` (add `--eval "
+               "<run>/eval/results.json`): the export names every model by its Hub id, strips local paths and "
+               "secrets, and writes the full card.")
+
+
+def local_card(kind: str, base: str | None, title: str, relation: str, tags: list[str] | None = None,
+               body: list[str] | None = None, folder: str = "<this folder>") -> str:
+    """The README of a folder pluribus writes for local use (a trained adapter, a merge): Hub-valid metadata
+    (``base_model`` a Hub id, never a local path) and the note that ``pluribus export`` is the way to publish."""
+    meta: dict[str, Any] = {"library_name": "peft" if kind == "adapter" else "transformers",
+                            "pipeline_tag": "text-generation", "tags": ["pluribus", *(tags or [])]}
+    meta.update(base_metadata(base))
+    hub_base = _hub_name(base)
+    if hub_base:
+        meta["base_model"] = hub_base
+        meta["base_model_relation"] = relation
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {title}", "",
+             EXPORT_NOTE.format(folder=folder)]
+    origin = gguf_origin(base)
+    if origin:
+        lines += _gguf_note(kind, hub_base, origin)[:4]  # what it was trained on; export's card says how to load
+    return redact("\n".join([*lines, *(body or [])]) + "\n")
 
 
 def measured_systems(results: dict[str, Any], source: Path, where: str) -> dict[str, list[str]]:

@@ -561,12 +561,17 @@ def save_output(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], o
 
     An existing ``out`` is refused unless ``overwrite`` (see ``check_output``, which runs before training).
     """
+    from pluribus.hub import local_card
     from pluribus.io import atomic_dir
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str))
+        # PEFT's own card names the base by its local path (invalid on the Hub): ours by Hub id, and says how to publish
+        base = record.get("base_model_path") or record.get("base_model")
+        (tmp / "README.md").write_text(local_card("adapter", base, f"pluribus {record.get('expert', 'adapter')} adapter",
+                                                  "adapter", tags=[str(record.get("objective", ""))], folder=out.name))
     return out
 
 
