@@ -111,6 +111,8 @@ def build_cmd(
     push: Annotated[str | None, typer.Option("--push-to-hub", help="Push the datasets to this Hub repo (HF_TOKEN).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     threads: ThreadsOpt = None,
+    prompt_completion: Annotated[bool, typer.Option(
+        "--prompt-completion", help="Also write rsft as TRL prompt/completion (rsft/prompt_completion/).")] = False,
 ) -> None:
     """Build rsft / augmented / process datasets from a run's trajectories into <run>/datasets/<kind>/."""
     from rich.table import Table
@@ -127,7 +129,8 @@ def build_cmd(
     overrides = _with_threads(overrides, threads)
     loaded = load_recipe(recipe, overrides) if recipe is not None else None
     built = build_recipe(loaded, None if loaded else overrides, stores=store, kinds=kind, out_root=out,
-                         overwrite=overwrite, new_run=new_run, skip_corrupt=skip_corrupt, progress=not no_progress)
+                         overwrite=overwrite, new_run=new_run, skip_corrupt=skip_corrupt, progress=not no_progress,
+                         prompt_completion=prompt_completion)
     table = Table("dataset", "rows", "problems", "path")
     for b in built:
         table.add_row(b.kind, str(b.rows), str(b.stats["counts"]["problems with rows"]), escape(str(b.path)))

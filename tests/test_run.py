@@ -38,7 +38,8 @@ def test_run_recipe_end_to_end_then_resume(tmp_path: Path, smollm2_dir: Path) ->
     payload = json.loads((run / "eval" / "results.json").read_text())
     assert set(payload["systems"]) == {"single-greedy", "distilled-greedy"}
     card = (run / "export" / "README.md").read_text()
-    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "single-greedy accuracy" in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "| single-greedy |" in card
+    assert "accuracy (greedy decoding)" in card  # the distilled adapter's own result, in model-index
 
     again = run_recipe(recipe, progress=False)
     assert {r.stage: r.status for r in again} == {

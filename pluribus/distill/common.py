@@ -23,11 +23,13 @@ from pluribus.errors import PluribusError
 
 logger = logging.getLogger("pluribus.distill")
 
-# The fields a row of each dataset kind must have (DESIGN.md, "Records").
+# The fields a row of each dataset kind must have: TRL's own formats (conversational ``messages``, stepwise
+# supervision). What pluribus's builders add beside them (problem_id, agent, round, kind, scores, debate) is
+# optional on input, so a user's TRL dataset trains as it is (``load_rows`` fills in what training reads).
 REQUIRED_FIELDS = {
-    "rsft": ("messages", "problem_id"),
-    "augmented": ("messages", "problem_id", "kind"),
-    "process": ("prompt", "completions", "labels", "scores", "problem_id"),
+    "rsft": ("messages",),
+    "augmented": ("messages",),
+    "process": ("prompt", "completions", "labels"),
 }
 RECORD_NAME = "training_record.json"
 
@@ -99,6 +101,9 @@ def _find_corrupt(files: list[Path]) -> PluribusError | None:
 def load_rows(path: str | Path, kind: str) -> Any:
     """Load a dataset of ``kind`` (rsft | augmented | process) as a ``datasets.Dataset`` and check its fields.
 
+    TRL's formats are read as they are: a conversational ``messages`` dataset, a prompt-completion one (made
+    into ``messages``), a stepwise-supervision one (``prompt``, ``completions``, ``labels``). What pluribus's
+    builders add is filled in where absent: ``problem_id`` from a hash of the question, ``scores`` from the labels.
     Raises PluribusError when the dataset is missing, empty, or lacks a required field.
     """
     from datasets import load_dataset
@@ -119,13 +124,43 @@ def load_rows(path: str | Path, kind: str) -> Any:
                             "disagree on columns or types, rebuild it with `pluribus build --overwrite`") from None
     if len(ds) == 0:
         raise PluribusError(f"dataset '{path}' is empty; the builder kept no rows (check its filters)")
+    if kind != "process" and "messages" not in ds.column_names and {"prompt", "completion"} <= set(ds.column_names):
+        chats = [_prompt_completion_as_messages(r) for r in ds]  # no ds.map: its progress bar ignores --no-progress
+        ds = ds.add_column("messages", chats).remove_columns(["prompt", "completion"])
     missing = [f for f in REQUIRED_FIELDS[kind] if f not in ds.column_names]
     if missing:
         raise PluribusError(
             f"dataset '{path}' is not a '{kind}' dataset: missing field(s) {missing}; "
             f"it has {ds.column_names}, a '{kind}' row needs {list(REQUIRED_FIELDS[kind])}"
+            + (" (or TRL's prompt + completion)" if kind != "process" else "")
         )
+    if "problem_id" not in ds.column_names:
+        ds = ds.add_column("problem_id", [_question_id(r, kind) for r in ds])
+    if kind == "process" and "scores" not in ds.column_names:  # hard labels only: the soft target is the label
+        ds = ds.add_column("scores", [[float(x) for x in r["labels"]] for r in ds])
     return ds
+
+
+def _prompt_completion_as_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """TRL's prompt-completion row (strings or message lists) as one chat: the loss is on the completion alone
+    either way, since SFT labels the assistant turns only."""
+    prompt, completion = row["prompt"], row["completion"]
+    head = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    tail = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+    return head + tail
+
+
+def _question_id(row: dict[str, Any], kind: str) -> str:
+    """A row's problem, where the data names none: a hash of its question (the first user turn), so that
+    ``split_eval`` keeps rows of one question on one side."""
+    if kind == "process":
+        prompt = row["prompt"]
+        question = prompt if isinstance(prompt, str) else next(
+            (m.get("content", "") for m in prompt if m.get("role") == "user"), json.dumps(prompt))
+    else:
+        question = next((m.get("content", "") for m in row["messages"] if m.get("role") == "user"),
+                        json.dumps(row["messages"]))
+    return "q-" + hashlib.sha256(str(question).encode()).hexdigest()[:12]
 
 
 def fingerprint(path: str | Path) -> dict[str, Any]:
@@ -526,12 +561,17 @@ def save_output(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], o
 
     An existing ``out`` is refused unless ``overwrite`` (see ``check_output``, which runs before training).
     """
+    from pluribus.hub import local_card
     from pluribus.io import atomic_dir
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str))
+        # PEFT's own card names the base by its local path (invalid on the Hub): ours by Hub id, and says how to publish
+        base = record.get("base_model_path") or record.get("base_model")
+        (tmp / "README.md").write_text(local_card("adapter", base, f"pluribus {record.get('expert', 'adapter')} adapter",
+                                                  "adapter", tags=[str(record.get("objective", ""))], folder=out.name))
     return out
 
 

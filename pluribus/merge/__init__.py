@@ -77,21 +77,16 @@ def _progress() -> Any:
 
 
 def _card(spec: MergeSpec, summary: MergeSummary, adapter: bool) -> str:
-    bases = [spec.base] if spec.base else []
-    front = {
-        "base_model": bases or None,
-        "base_model_relation": "adapter" if adapter else "merge",
-        "library_name": "peft" if adapter else "transformers",
-        "tags": ["merge", "pluribus", spec.method],
-    }
-    front = {k: v for k, v in front.items() if v}
-    return (
-        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
-        f"# Merged with pluribus ({spec.method})\n\n"
-        + "\n".join(f"- {line}" for line in summary.lines()[:-1])
-        + "\n\nInputs:\n\n" + "\n".join(f"- `{i}`" for i in summary.inputs)
-        + "\n\n## Recipe\n\n```yaml\n" + spec.to_yaml() + "```\n"
-    )
+    """The merge folder's README: Hub-valid metadata (the base by Hub id, never a local path), what was merged
+    with every input named without its local path, and the note that ``pluribus export`` publishes it."""
+    from pluribus.hub import local_card, public_model_name, scrub
+
+    body = ["", *(f"- {line}" for line in summary.lines()[1:-1]), "", "Inputs:", "",
+            *(f"- `{public_model_name(i)}`" for i in summary.inputs), "", "## Recipe", "", "```yaml",
+            yaml.safe_dump(scrub(yaml.safe_load(spec.to_yaml())), sort_keys=False).rstrip(), "```"]
+    return local_card("adapter" if adapter else "model", spec.base, f"Merged with pluribus ({spec.method})",
+                      "adapter" if adapter else "merge", tags=["merge", spec.method], body=body,
+                      folder=Path(summary.out).name)
 
 
 def _kind(spec: MergeSpec) -> str:

@@ -200,12 +200,12 @@ def test_augmented_weights_corrective_traces(tmp_path, student_dir, augmented_di
 
 
 def test_dataset_missing_field_or_empty_is_refused(tmp_path, student_dir):
-    bad = write_parquet([{"messages": [{"role": "user", "content": "hi"}], "agent": "a"}], tmp_path / "bad")
-    with pytest.raises(PluribusError, match="missing field.*problem_id"):
+    # pluribus's own columns (problem_id, kind) are optional (tests/distill/test_trl_formats.py); messages is not
+    bad = write_parquet([{"text": "hi", "problem_id": "p"}], tmp_path / "bad")
+    with pytest.raises(PluribusError, match=r"missing field.*messages.*or TRL's prompt \+ completion"):
         train_sft(recipe(tmp_path, student_dir), dataset=bad)
-    aug = write_parquet([{"messages": [{"role": "user", "content": "hi"}], "problem_id": "p"}], tmp_path / "aug")
-    with pytest.raises(PluribusError, match="missing field.*kind"):
-        train_sft(recipe(tmp_path, student_dir, objective="augmented"), dataset=aug)
+    with pytest.raises(PluribusError, match="missing field.*messages"):
+        train_sft(recipe(tmp_path, student_dir, objective="augmented"), dataset=bad)
     from datasets import Dataset
 
     (tmp_path / "empty").mkdir()

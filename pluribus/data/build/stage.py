@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pluribus.config import AgentConfig, BuildConfig, Recipe, SamplingConfig, TeamConfig
-from pluribus.data.build.card import render_card
+from pluribus.data.build.card import SIZE_ORDER, render_card
 from pluribus.data.build.process import (
     Completer,
     RolloutRequest,
@@ -37,6 +37,7 @@ from pluribus.io import atomic_dir, atomic_write_text
 KINDS = ("rsft", "augmented", "process")
 PARQUET = "data/train-00000-of-00001.parquet"
 SHEPHERD_PARQUET = "math_shepherd/train-00000-of-00001.parquet"
+PROMPT_COMPLETION_PARQUET = "prompt_completion/train-00000-of-00001.parquet"
 
 
 @dataclass
@@ -51,8 +52,9 @@ class Source:
     duplicates: list[str] = field(default_factory=list)
 
     def card_row(self) -> dict[str, Any]:
-        return {"path": str(self.path), "config_hash": self.config_hash, "records": self.records,
-                "skipped": len(self.skipped)}
+        # the store by its run and folder name: a card may be pushed, and this machine's paths mean nothing there
+        return {"path": f"{self.path.parent.name}/{self.path.name}", "config_hash": self.config_hash,
+                "records": self.records, "skipped": len(self.skipped)}
 
 
 @dataclass
@@ -211,14 +213,18 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
           out_root: str | Path | None = None, rollouts_dir: str | Path | None = None,
           team: TeamConfig | None = None, completer: Completer | None = None, seed: int = 0,
           overwrite: bool = False, new_run: bool = False, trust_remote_code: bool = False,
-          progress: bool = True, match_rows: dict[str, int] | None = None) -> list[Built]:
+          progress: bool = True, match_rows: dict[str, int] | None = None, prompt_completion: bool = False,
+          task_source: str | None = None) -> list[Built]:
     """Build the datasets ``kinds`` (default ``cfg.kinds``) from the trajectory stores; returns what was written.
 
     Output goes to ``out_root/<kind>/`` (default ``<run>/datasets``, the run being the store's parent) and
     rollouts to ``rollouts_dir`` (default ``<run>/rollouts``). ``completer`` overrides the backend built from
     ``build.completer`` (tests pass a scripted one). ``match_rows`` caps a kind at that many rows, a seeded
-    choice of problems' rows (the single-agent baseline trains on as many rows as its team twin). Raises PluribusError on bad input before writing anything;
-    FileExistsError if a dataset exists and ``overwrite`` is False.
+    choice of problems' rows (the single-agent baseline trains on as many rows as its team twin).
+    ``prompt_completion`` also writes rsft as TRL's prompt-completion format (``prompt_completion/``);
+    ``task_source`` (the recipe's ``task.source``) gives the cards' license and language.
+    Raises PluribusError on bad input before writing anything; FileExistsError if a dataset exists and
+    ``overwrite`` is False.
     """
     kinds = list(dict.fromkeys(kinds or cfg.kinds))
     unknown = [k for k in kinds if k not in KINDS]
@@ -235,6 +241,7 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
             if (out_root / kind).exists():
                 raise FileExistsError(f"output '{out_root / kind}' already exists; pass --overwrite to replace it")
     trajs = read_trajectories(sources, skip_corrupt=cfg.skip_corrupt, max_problems=cfg.max_problems)
+    task_source = task_source or _recorded_task_source(run_dir)
     if not trajs:
         raise PluribusError(f"store(s) {', '.join(str(s.path) for s in sources)} hold no readable trajectory; "
                             "nothing was written")
@@ -292,7 +299,8 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
             stats["counts"]["rows to match"] = match_rows[kind]
             stats["counts"]["rows before matching"] = matched.get(kind, len(rows[kind]))
         built.append(_write(kind, rows[kind], out_root / kind, run_dir.name, sources, config, stats, cfg,
-                            overwrite=overwrite))
+                            overwrite=overwrite, prompt_completion=prompt_completion and kind == "rsft",
+                            task_source=task_source, model=team.agents[0].model if team else None))
     return built
 
 
@@ -356,19 +364,44 @@ def _stats(kind: str, rows: list[dict[str, Any]], trajs: list[Trajectory], repor
     return stats
 
 
+def prompt_completion_row(row: dict[str, Any]) -> dict[str, Any]:
+    """An rsft row as TRL's conversational prompt-completion: the turns before the last one, then the last."""
+    messages = row["messages"]
+    return {"prompt": messages[:-1], "completion": messages[-1:],
+            **{k: v for k, v in row.items() if k != "messages"}}
+
+
+def _recorded_task_source(run_dir: Path) -> str | None:
+    """The task source of the recipe the debate wrote into its run folder, if there is one to read."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+        source = (recipe.get("task") or {}).get("source")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    return source if isinstance(source, str) else None
+
+
 def _write(kind: str, rows: list[dict[str, Any]], target: Path, run: str, sources: list[Source],
-           config: dict[str, Any], stats: dict[str, Any], cfg: BuildConfig, *, overwrite: bool) -> Built:
+           config: dict[str, Any], stats: dict[str, Any], cfg: BuildConfig, *, overwrite: bool,
+           prompt_completion: bool = False, task_source: str | None = None, model: str | None = None) -> Built:
     from datasets import Dataset
 
-    extra = {"math_shepherd": "math_shepherd"} if kind == "process" else None
+    extra = {"math_shepherd": "math_shepherd"} if kind == "process" else {}
+    if prompt_completion:
+        extra["prompt_completion"] = "prompt_completion"
     with atomic_dir(target, overwrite=overwrite) as tmp:
         (tmp / "data").mkdir()
         Dataset.from_list(rows).to_parquet(str(tmp / PARQUET))
         if kind == "process":
             (tmp / "math_shepherd").mkdir()
             Dataset.from_list([math_shepherd(r, cfg.shepherd_tag) for r in rows]).to_parquet(str(tmp / SHEPHERD_PARQUET))
+        if prompt_completion:
+            (tmp / "prompt_completion").mkdir()
+            Dataset.from_list([prompt_completion_row(r) for r in rows]).to_parquet(str(tmp / PROMPT_COMPLETION_PARQUET))
         card = render_card(kind, run=run, sources=[s.card_row() for s in sources], config=config, stats=stats,
-                           extra_configs=extra)
+                           extra_configs=extra or None, task_source=task_source, model=model)
         atomic_write_text(tmp / "README.md", card)
         atomic_write_text(tmp / "stats.json", json.dumps({"kind": kind, "run": run, **stats}, indent=2) + "\n")
     return Built(kind, target, len(rows), stats)
@@ -379,7 +412,8 @@ def _write(kind: str, rows: list[dict[str, Any]], target: Path, run: str, source
 
 def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, stores: list[Path] | None = None,
                  kinds: list[str] | None = None, out_root: Path | None = None, overwrite: bool = False,
-                 new_run: bool = False, skip_corrupt: bool = False, progress: bool = True) -> list[Built]:
+                 new_run: bool = False, skip_corrupt: bool = False, progress: bool = True,
+                 prompt_completion: bool = False) -> list[Built]:
     """``pluribus build``: the recipe's build section over its run's store, or over ``stores``.
 
     Without a recipe, the first store's run folder supplies one (``<run>/recipe.yaml``, written by the
@@ -404,7 +438,8 @@ def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, s
         cfg = cfg.model_copy(update={"skip_corrupt": True})
     return build(cfg, list(stores or [recipe.run_dir]), kinds=kinds, out_root=out_root, team=recipe.team,
                  seed=recipe.seed, overwrite=overwrite, new_run=new_run,
-                 trust_remote_code=recipe.trust_remote_code, progress=progress)
+                 trust_remote_code=recipe.trust_remote_code, progress=progress, prompt_completion=prompt_completion,
+                 task_source=recipe.task.source if recipe.task else None)
 
 
 def require_token() -> None:
@@ -428,19 +463,51 @@ def push_to_hub(built: list[Built], repo_id: str, *, private: bool = True) -> st
 
     check_repo_id(repo_id)
     require_token()
-    texts = []
     with push_errors(repo_id):
         for b in built:
             configs = {b.kind: PARQUET}
             if b.kind == "process":
                 configs[f"{b.kind}_math_shepherd"] = SHEPHERD_PARQUET
+            if (b.path / PROMPT_COMPLETION_PARQUET).is_file():
+                configs[f"{b.kind}_prompt_completion"] = PROMPT_COMPLETION_PARQUET
             for name, rel in configs.items():
                 ds = load_dataset("parquet", data_files=str(b.path / rel), split="train")
                 ds.push_to_hub(repo_id, config_name=name, private=private)
-            body = (b.path / "README.md").read_text().split("---\n", 2)[-1]
-            texts.append(body.strip())
-        # datasets wrote the YAML header (configs, features); keep it and put our cards below it.
-        card = DatasetCard.load(repo_id, repo_type="dataset")
-        card.text = "\n\n".join(texts) + "\n"
-        card.push_to_hub(repo_id, repo_type="dataset")
+        pushed = DatasetCard.load(repo_id, repo_type="dataset")
+        DatasetCard(hub_card(str(pushed), built)).push_to_hub(repo_id, repo_type="dataset")
     return f"https://huggingface.co/datasets/{repo_id}"
+
+
+_LISTS = ("tags", "task_categories", "language", "size_categories")
+
+
+def hub_card(pushed: str, built: list[Built]) -> str:
+    """The dataset card to push: the header ``datasets`` wrote (``configs``, ``dataset_info``) merged with each
+    built dataset's own metadata (tags, task, license, language, size), then each dataset's card text.
+
+    Lists are joined (one size category: the largest); licenses that differ become ``other``.
+    """
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard(pushed)
+    data = card.data.to_dict()
+    texts, licenses, names = [], [], []
+    for b in built:
+        local = DatasetCard((b.path / "README.md").read_text())
+        ours = local.data.to_dict()
+        for key in _LISTS:
+            data[key] = list(dict.fromkeys([*(data.get(key) or []), *(ours.get(key) or [])]))
+        licenses.append(ours.get("license"))
+        names.append(ours.get("pretty_name"))
+        texts.append(local.text.strip())
+    if data.get("size_categories"):
+        data["size_categories"] = [max(data["size_categories"], key=lambda c: SIZE_ORDER.index(c)
+                                       if c in SIZE_ORDER else -1)]
+    known = {x for x in licenses if x}
+    if known:
+        data["license"] = known.pop() if len(known) == 1 else "other"
+    data["pretty_name"] = names[0] if len(names) == 1 else "pluribus datasets: " + ", ".join(b.kind for b in built)
+    data = {k: v for k, v in data.items() if v not in (None, [], {})}
+    import yaml
+
+    return "---\n" + yaml.safe_dump(data, sort_keys=False) + "---\n\n" + "\n\n".join(texts) + "\n"
