@@ -454,8 +454,8 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
                                    label=plan.label)
         records[plan.label] = recs
         results[plan.label] = asdict(score(recs, plan.system, plan.mode))
-        if plan.adapter:
-            adapters[plan.label] = {"path": plan.adapter, "fingerprint": fingerprint}
+        if fingerprint:
+            adapters[plan.label] = {"path": plan.adapter or plan.team.agents[0].model, "fingerprint": fingerprint}
         if plan.system == "sc":
             results[plan.label].update(sc_info)
         for kind in cfg.robustness if robustness and plan.system != "sc" else []:
