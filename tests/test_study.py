@@ -13,7 +13,7 @@ from pluribus.config import load_recipe
 from pluribus.data.debate import fill
 from pluribus.run import run_recipe
 
-PROMPT = "{question}\nAnswer with \\boxed{N}."
+PROMPT = "{question} Answer with \\boxed{N}."
 
 
 def _recipe(tmp_path: Path, *overrides: str):

@@ -44,7 +44,10 @@ def dataset_files(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise PluribusError(f"dataset '{path}' does not exist; build it first (`pluribus build`) or pass --dataset")
-    files = sorted(p for p in path.rglob("*") if p.suffix in {".parquet", ".jsonl"} and not p.name.startswith("."))
+    # a built dataset keeps its rows in data/ and other formats of the same rows beside it (math_shepherd/,
+    # prompt_completion/): read the rows once, in the format their kind trains on
+    root = path / "data" if (path / "data").is_dir() else path
+    files = sorted(p for p in root.rglob("*") if p.suffix in {".parquet", ".jsonl"} and not p.name.startswith("."))
     if not files:
         raise PluribusError(f"dataset folder '{path}' holds no .parquet or .jsonl files")
     return files
