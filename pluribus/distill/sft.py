@@ -207,8 +207,7 @@ def train_sft(
 
     # 5. train (resuming from a checkpoint of the same base), then evaluate once more
     common.quiet_printer(trainer)
-    result = trainer.train(resume_from_checkpoint=common.resume_checkpoint(out, resume, model))
-    metrics = dict(result.metrics)
+    metrics = common.train_and_report(trainer, common.resume_checkpoint(out, resume, model))
     if eval_ex:
         metrics.update(trainer.evaluate())
     if kernels is not None:

@@ -155,6 +155,18 @@ def test_resume_continues_from_the_saved_step_with_the_same_data(tmp_path, stude
     assert '"global_step": 4' in state
 
 
+def test_resume_reports_the_whole_runs_train_loss(tmp_path, student_dir, rsft_dir):
+    # logging_steps=3 does not divide the checkpoint step: the loss of steps 1-2 reaches the checkpoint only
+    # because a checkpoint step is also logged
+    kw = {"scheduler": "constant", "warmup_ratio": 0.0, "save_steps": 2, "lr": 1e-2, "logging_steps": 3}
+    straight = train_sft(recipe(tmp_path / "a", student_dir, max_steps=4, **kw), dataset=rsft_dir)
+    train_sft(recipe(tmp_path / "b", student_dir, max_steps=2, **kw), dataset=rsft_dir)
+    resumed = train_sft(recipe(tmp_path / "b", student_dir, max_steps=4, **kw), dataset=rsft_dir, resume=True)
+    whole, again = read_record(straight)["metrics"], read_record(resumed)["metrics"]
+    assert again["train_loss_steps"] == 4
+    assert again["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-4)
+
+
 def test_resume_refuses_an_adapter_of_another_base(tmp_path, student_dir, other_student_dir, rsft_dir):
     train_sft(recipe(tmp_path, student_dir, max_steps=2), dataset=rsft_dir)
     with pytest.raises(PluribusError, match="another base|holds an adapter of base"):
