@@ -210,36 +210,56 @@ def _peers_of(team: Team, state: _State, i: int) -> list[tuple[str, str]]:
 OnBatch = Callable[[list[Generation]], None]
 
 
-def _generate(backend: Backend, conversations: list[Conversation], sampling: SamplingConfig,
-              on_batch: OnBatch | None) -> list[Generation]:
-    """``backend.generate``, reporting each finished batch to ``on_batch``: through the backend where it takes
-    ``on_batch`` (its micro-batches), else once for the whole call (a scripted or third-party backend)."""
-    if on_batch is None:
-        return backend.generate(conversations, sampling)
+def _takes(backend: Backend, keyword: str) -> bool:
     try:
-        reports = "on_batch" in inspect.signature(backend.generate).parameters
+        return keyword in inspect.signature(backend.generate).parameters
     except (TypeError, ValueError):
-        reports = False
-    if reports:
-        return backend.generate(conversations, sampling, on_batch=on_batch)  # type: ignore[call-arg]
-    gens = backend.generate(conversations, sampling)
-    on_batch(gens)
+        return False
+
+
+def _generate(backend: Backend, conversations: list[Conversation], sampling: SamplingConfig,
+              on_batch: OnBatch | None, seeds: list[int] | None = None) -> list[Generation]:
+    """``backend.generate``, with one sampling seed per conversation where it takes ``seeds``, reporting each
+    finished batch to ``on_batch``: through the backend where it takes ``on_batch`` (its micro-batches), else
+    once for the whole call (a scripted or third-party backend)."""
+    kwargs: dict[str, Any] = {}
+    if seeds is not None and _takes(backend, "seeds"):
+        kwargs["seeds"] = seeds
+    if on_batch is not None and _takes(backend, "on_batch"):
+        kwargs["on_batch"] = on_batch
+    gens = backend.generate(conversations, sampling, **kwargs)
+    if on_batch is not None and "on_batch" not in kwargs:
+        on_batch(gens)
     return gens
 
 
-def _generate_grouped(requests: list[tuple[Member, Conversation]], seed: int,
-                      on_batch: OnBatch | None = None) -> list[Generation]:
-    """One ``generate`` call per (backend, sampling) group, results back in request order."""
+def conversation_seed(seed: int, problem_id: str, agent: str, rnd: int) -> int:
+    """The sampling seed of one conversation turn: a hash of (seed, problem, agent, round), so neither the
+    batch it is generated in, nor the problems around it, nor a resume changes what it draws."""
+    digest = hashlib.sha256(json.dumps([seed, problem_id, agent, rnd]).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
+
+
+# (member, conversation, problem id, round): one generation request and what seeds it
+Request = tuple[Member, Conversation, str, int]
+
+
+def _generate_grouped(requests: list[Request], seed: int, on_batch: OnBatch | None = None) -> list[Generation]:
+    """One ``generate`` call per (backend, sampling) group, results back in request order. Each conversation is
+    seeded by ``conversation_seed`` from the agent's ``sampling.seed`` (when set) or the recipe's ``seed``."""
     groups: dict[tuple, list[int]] = {}
-    for k, (member, _) in enumerate(requests):
+    for k, (member, *_) in enumerate(requests):
         key = (id(member.backend), json.dumps(member.agent.sampling.model_dump(), sort_keys=True))
         groups.setdefault(key, []).append(k)
     out: list[Generation | None] = [None] * len(requests)
     for rows in groups.values():
         member = requests[rows[0]][0]
         sampling: SamplingConfig = member.agent.sampling
-        sampling = sampling.model_copy(update={"seed": (sampling.seed if sampling.seed is not None else 0) + seed})
-        gens = _generate(member.backend, [requests[k][1] for k in rows], sampling, on_batch)
+        base = sampling.seed if sampling.seed is not None else seed
+        seeds = [conversation_seed(base, requests[k][2], requests[k][0].name, requests[k][3]) for k in rows]
+        # a backend without per-row seeds gets one seed for the call, still a function of the first row only
+        sampling = sampling.model_copy(update={"seed": seeds[0] % 2**31})
+        gens = _generate(member.backend, [requests[k][1] for k in rows], sampling, on_batch, seeds)
         if len(gens) != len(rows):
             raise PluribusError(f"backend for '{member.backend.name}' returned {len(gens)} results "
                                 f"for {len(rows)} conversations")
@@ -268,7 +288,7 @@ def _judge_round(team: Team, states: list[_State], rnd: int, seed: int, on_batch
                                                                              strict=True)])
         conv = _system(team.judge.agent) + [
             {"role": "user", "content": fill(team.prompts["judge"], question=st.problem.question, peers=block)}]
-        requests.append((team.judge, conv))
+        requests.append((team.judge, conv, st.problem.id, rnd))
         meta.append((names, dropped))
     gens = _generate_grouped(requests, seed, on_batch)
     for st, gen, (names, dropped) in zip(states, gens, meta, strict=True):
@@ -291,6 +311,9 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
                 on_batch: OnBatch | None = None) -> list[Trajectory]:
     """Debate ``problems`` together for all rounds; one generate call per backend group per round.
 
+    ``seed`` is the recipe's seed: each conversation turn samples from ``conversation_seed(seed, problem,
+    agent, round)`` (an agent's own ``sampling.seed`` replaces ``seed``), never from its place in the batch.
+
     ``on_batch(generations)`` is called as each batch of generations finishes (progress within a step)."""
     states = [
         _State(p, [_system(m.agent) + [{"role": "user", "content": fill(team.prompts["question"],
@@ -305,7 +328,7 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
             active = [st for st in active if not agreed([t.answer for t in st.rounds[-1]])]
             if not active:
                 break
-        requests: list[tuple[Member, Conversation]] = []
+        requests: list[Request] = []
         seen: list[tuple[list[str], list[int]]] = []
         for st in active:
             for i, member in enumerate(team.members):
@@ -320,9 +343,9 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
                     else:
                         text = fill(team.prompts["reflect"], question=st.problem.question)
                     st.conversations[i].append({"role": "user", "content": text})
-                requests.append((member, st.conversations[i]))
+                requests.append((member, st.conversations[i], st.problem.id, rnd))
                 seen.append((names, dropped))
-        gens = _generate_grouped(requests, seed + 1009 * rnd, on_batch)
+        gens = _generate_grouped(requests, seed, on_batch)
         k = 0
         for st in active:
             turns = []
@@ -332,12 +355,12 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
             st.rounds.append(turns)
         last = rnd == team.config.rounds - 1
         if team.judge is not None and (team.judge_each_round or (last and team.config.aggregation == "judge")):
-            _judge_round(team, active, rnd, seed + 1009 * rnd + 17, on_batch)
+            _judge_round(team, active, rnd, seed, on_batch)
     if team.judge is not None and team.config.aggregation == "judge":
         # problems stopped early still get the judge's verdict on their last round
         stopped = [st for st in states if len(st.judge_turns) < (len(st.rounds) if team.judge_each_round else 1)]
         if stopped:
-            _judge_round(team, stopped, team.config.rounds, seed + 1009 * team.config.rounds + 17, on_batch)
+            _judge_round(team, stopped, team.config.rounds, seed, on_batch)
     return [_finish(st, team, run_id) for st in states]
 
 
@@ -547,11 +570,9 @@ def run_debate(
                        per_problem=generations_per_problem(team_cfg)) as bar:
             if pending:
                 team = build_team(team_cfg, backends)  # type: ignore[arg-type]
-            position = {p.id: i for i, p in enumerate(problems)}
             for s in range(0, len(pending), step):
-                # The seed follows the step's first problem, not the session, so a resumed run draws alike.
-                trajs = debate_step(pending[s : s + step], team, run_id=store.run_id,
-                                    seed=recipe.seed * 1_000_003 + position[pending[s].id], on_batch=bar.batch)
+                trajs = debate_step(pending[s : s + step], team, run_id=store.run_id, seed=recipe.seed,
+                                    on_batch=bar.batch)
                 store.append([t.to_dict() for t in trajs])
                 tokens += sum(t.cost["tokens_out"] for t in trajs)
                 bar.update(trajs)
