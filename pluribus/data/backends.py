@@ -17,9 +17,11 @@ follows, and ``seeds``, one sampling seed per conversation). Three backends:
 - ``vllm``: in-process ``vllm.LLM`` for GPU machines, fed token ids built by the same ``PromptBuilder``.
 
 Context rule (transformers, vllm, and openai continuations): the new tokens get at most half the context
-(``max_new = min(max_new_tokens, context // 2)``); a prompt longer than ``context - max_new`` keeps its *last*
-tokens (the newest turn and the generation prompt) and drops the oldest ones. ``Generation.truncated`` and
-``Generation.dropped_tokens`` record it; nothing crashes on a long conversation.
+(``max_new = min(max_new_tokens, context // 2)``) and the prompt must fit in the rest: a prompt longer than
+``context - max_new`` is never cut (cutting its front would lose the system prompt and the question's start);
+``encode`` raises ``PromptTooLong`` naming the numbers. ``Backend.prompt_fit`` tells a caller beforehand (the
+debate refuses or skips such a problem up front, by ``team.too_long``). ``Generation.truncated`` and
+``dropped_tokens`` stay in the record for old readers and are always False / 0.
 
 A conversation whose last message has role ``assistant`` is continued: the assistant prefix is kept and the
 generation extends it (used by Monte-Carlo rollouts from a solution prefix).
@@ -51,8 +53,8 @@ class Generation:
     tokens_in: int
     tokens_out: int
     seconds: float
-    truncated: bool  # the prompt was left-truncated to fit the context
-    dropped_tokens: int = 0  # how many prompt tokens the context rule dropped
+    truncated: bool  # always False now: a prompt that does not fit is refused (kept for old readers)
+    dropped_tokens: int = 0  # always 0, as above
     finish_reason: str = "stop"  # "stop" (end of turn) or "length" (hit max_new_tokens)
 
 
@@ -63,6 +65,7 @@ class Backend(Protocol):
 
     def generate(self, conversations: list[Conversation], sampling: SamplingConfig) -> list[Generation]: ...
     # optional keywords: on_batch (progress) and seeds (one sampling seed per conversation)
+    # optional method: prompt_fit(conversation, max_new_tokens) -> Fit | None (does the prompt fit the context)
 
     def count_tokens(self, text: str) -> int: ...
 
@@ -100,6 +103,28 @@ class Prompt:
     dropped_tokens: int
 
 
+@dataclass(frozen=True)
+class Fit:
+    """How a rendered prompt compares with the room the context leaves it: ``room = context - max_new``."""
+
+    tokens: int
+    room: int
+    context: int
+    max_new: int
+
+    @property
+    def fits(self) -> bool:
+        return self.tokens <= self.room
+
+    def describe(self) -> str:
+        return (f"its prompt is {self.tokens} tokens, and the context of {self.context} leaves {self.room} for the "
+                f"prompt after {self.max_new} new tokens")
+
+
+class PromptTooLong(PluribusError):
+    """A prompt does not fit its model's context; it is refused, never cut."""
+
+
 class PromptBuilder:
     """Render a conversation with the model's chat template and apply the context rule (module docstring)."""
 
@@ -119,12 +144,20 @@ class PromptBuilder:
             conversation, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
         )
 
-    def encode(self, conversation: Conversation, max_new_tokens: int) -> Prompt:
+    def _ids_and_fit(self, conversation: Conversation, max_new_tokens: int) -> tuple[list[int], Fit]:
         ids = self.tokenizer(self.render(conversation), add_special_tokens=False)["input_ids"]
         max_new = min(max_new_tokens, self.context_length // 2)
-        budget = self.context_length - max_new
-        dropped = max(0, len(ids) - budget)
-        return Prompt(ids=list(ids[dropped:]), max_new_tokens=max_new, dropped_tokens=dropped)
+        return list(ids), Fit(len(ids), self.context_length - max_new, self.context_length, max_new)
+
+    def fit(self, conversation: Conversation, max_new_tokens: int) -> Fit:
+        return self._ids_and_fit(conversation, max_new_tokens)[1]
+
+    def encode(self, conversation: Conversation, max_new_tokens: int) -> Prompt:
+        ids, fit = self._ids_and_fit(conversation, max_new_tokens)
+        if not fit.fits:
+            raise PromptTooLong(f"a prompt does not fit the model's context: {fit.describe()}; shorten it, raise "
+                                "the agent's context_length or lower max_new_tokens")
+        return Prompt(ids=ids, max_new_tokens=fit.max_new, dropped_tokens=0)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -223,6 +256,9 @@ class TransformersBackend:
 
     def keep_last_tokens(self, text: str, n: int) -> str:
         return self.builder.keep_last_tokens(text, n)
+
+    def prompt_fit(self, conversation: Conversation, max_new_tokens: int) -> Fit | None:
+        return self.builder.fit(conversation, max_new_tokens)
 
     def generate(self, conversations: list[Conversation], sampling: SamplingConfig,
                  on_batch: OnBatch | None = None, seeds: list[int] | None = None) -> list[Generation]:
@@ -349,6 +385,10 @@ class OpenAIBackend:
         if self.builder is not None:
             return self.builder.keep_last_tokens(text, n)
         return text if len(text) <= 4 * n else text[-4 * n :]
+
+    def prompt_fit(self, conversation: Conversation, max_new_tokens: int) -> Fit | None:
+        """Known only with the model's tokenizer offline; without it the server refuses what does not fit."""
+        return None if self.builder is None else self.builder.fit(conversation, max_new_tokens)
 
     def generate(self, conversations: list[Conversation], sampling: SamplingConfig,
                  on_batch: OnBatch | None = None, seeds: list[int] | None = None) -> list[Generation]:
@@ -485,6 +525,9 @@ class VLLMBackend:
 
     def keep_last_tokens(self, text: str, n: int) -> str:
         return self.builder.keep_last_tokens(text, n)
+
+    def prompt_fit(self, conversation: Conversation, max_new_tokens: int) -> Fit | None:
+        return self.builder.fit(conversation, max_new_tokens)
 
     def generate(self, conversations: list[Conversation], sampling: SamplingConfig,
                  on_batch: OnBatch | None = None, seeds: list[int] | None = None) -> list[Generation]:

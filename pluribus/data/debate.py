@@ -16,6 +16,16 @@ Protocol (Du et al. 2023, "Improving Factuality and Reasoning in Language Models
   *end* (the conclusion and final answer) behind a "[...]" mark; the dropped token counts are recorded in
   the turn's ``meta.peer_tokens_dropped``.
 - N=1, R=1 is a single agent answering once: the path that evaluates one model (with or without an adapter).
+- Prompts are never cut: a problem whose prompt does not fit an agent's context (round 0 is checked for every
+  problem before the first step; a later round's prompt, peers trimmed, before that round) is refused with
+  one line naming it and the numbers, or, with ``team.too_long: skip``, left out of the store and named in the
+  summary (a rerun tries it again).
+- Seeds: each conversation turn samples from ``conversation_seed(seed, problem, agent, round)``, one
+  generator per row, so ``team.batch_size``, ``team.problems_per_step``, problem order and resuming (a torn
+  step too) never change what is drawn. On the transformers backend, logits of a row still depend in their
+  last bits on the rows batched with it; float32 (``dtype: float32``) keeps that from flipping tokens in
+  practice, bf16 does not (``bench/batch_invariance.py``): which is why batch settings stay out of
+  ``config_hash`` and bf16 stores are reproducible only at equal batch settings.
 
 Speed: problems go through in steps of ``team.problems_per_step``; in each round of a step, all
 (problem x agent) conversations of agents that share a backend and sampling settings are ONE
@@ -268,6 +278,57 @@ def _generate_grouped(requests: list[Request], seed: int, on_batch: OnBatch | No
     return out  # type: ignore[return-value]
 
 
+def _overflow(member: Member, conv: Conversation, problem: Problem, rnd: int) -> str | None:
+    """Why ``conv`` cannot be asked of ``member`` (its prompt does not fit the context), or None."""
+    fit_of = getattr(member.backend, "prompt_fit", None)
+    fit = fit_of(conv, member.agent.sampling.max_new_tokens) if fit_of is not None else None
+    if fit is None or fit.fits:
+        return None
+    return f"problem '{problem.id}' does not fit agent '{member.name}' in round {rnd}: {fit.describe()}"
+
+
+def too_long_error(reason: str) -> PluribusError:
+    return PluribusError(f"{reason}; prompts are never cut: shorten the question, raise the agent's context_length, "
+                         "lower max_new_tokens or team.peer_token_budget, or set team.too_long=skip to leave such "
+                         "problems out (named in the summary)")
+
+
+def _drop_too_long(team: Team, states: list[_State], requests: list[Request], skipped: list[str] | None
+                   ) -> set[int]:
+    """Indices of ``states`` whose request in this round does not fit: an error under ``team.too_long=error``,
+    else each is named in ``skipped``. ``requests`` hold each state's rows in order."""
+    out: set[int] = set()
+    by_id = {st.problem.id: k for k, st in enumerate(states)}
+    for member, conv, pid, rnd in requests:
+        k = by_id[pid]
+        if k in out:
+            continue
+        reason = _overflow(member, conv, states[k].problem, rnd)
+        if reason is None:
+            continue
+        if team.config.too_long == "error":
+            raise too_long_error(reason)
+        out.add(k)
+        if skipped is not None:
+            skipped.append(reason)
+    return out
+
+
+def check_prompts(problems: Sequence[Problem], team: Team) -> dict[str, str]:
+    """Round 0 of every problem against every agent's context, before any step: under ``team.too_long=error``
+    the first problem that does not fit raises; under ``skip`` {problem id: reason} of those that do not."""
+    skipped: list[str] = []
+    states = [_State(p, [_first_turn(team, m, p) for m in team.members]) for p in problems]
+    requests = [(m, st.conversations[i], st.problem.id, 0) for st in states for i, m in enumerate(team.members)]
+    drop = sorted(_drop_too_long(team, states, requests, skipped))
+    return {states[k].problem.id: reason for k, reason in zip(drop, skipped, strict=True)}
+
+
+def _first_turn(team: Team, member: Member, problem: Problem) -> Conversation:
+    return _system(member.agent) + [{"role": "user", "content": fill(team.prompts["question"],
+                                                                     question=problem.question)}]
+
+
 def _turn(member: Member, rnd: int, gen: Generation, problem: Problem, peers: list[str], dropped: list[int]
           ) -> Turn:
     g = grade(gen.text, problem)
@@ -279,7 +340,9 @@ def _turn(member: Member, rnd: int, gen: Generation, problem: Problem, peers: li
     )
 
 
-def _judge_round(team: Team, states: list[_State], rnd: int, seed: int, on_batch: OnBatch | None = None) -> None:
+def _judge_round(team: Team, states: list[_State], rnd: int, seed: int, on_batch: OnBatch | None = None,
+                 skipped: list[str] | None = None) -> list[_State]:
+    """The judge reads each state's last round; returns the states it could not read (prompt too long)."""
     assert team.judge is not None
     requests, meta = [], []
     for st in states:
@@ -290,9 +353,12 @@ def _judge_round(team: Team, states: list[_State], rnd: int, seed: int, on_batch
             {"role": "user", "content": fill(team.prompts["judge"], question=st.problem.question, peers=block)}]
         requests.append((team.judge, conv, st.problem.id, rnd))
         meta.append((names, dropped))
-    gens = _generate_grouped(requests, seed, on_batch)
-    for st, gen, (names, dropped) in zip(states, gens, meta, strict=True):
-        st.judge_turns.append(_turn(team.judge, rnd, gen, st.problem, names, dropped))
+    drop = _drop_too_long(team, states, requests, skipped)
+    keep = [k for k in range(len(states)) if k not in drop]
+    gens = _generate_grouped([requests[k] for k in keep], seed, on_batch) if keep else []
+    for k, gen in zip(keep, gens, strict=True):
+        states[k].judge_turns.append(_turn(team.judge, rnd, gen, states[k].problem, *meta[k]))
+    return [states[k] for k in drop]
 
 
 def _system(agent: AgentConfig) -> Conversation:
@@ -308,20 +374,19 @@ def generations_per_problem(team: TeamConfig) -> int:
 
 
 def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: int = 0,
-                on_batch: OnBatch | None = None) -> list[Trajectory]:
+                on_batch: OnBatch | None = None, skipped: list[str] | None = None) -> list[Trajectory]:
     """Debate ``problems`` together for all rounds; one generate call per backend group per round.
+
+    A problem whose prompt does not fit an agent's context in some round raises (``team.too_long=error``) or
+    is left out of the result, its reason appended to ``skipped`` (``skip``).
 
     ``seed`` is the recipe's seed: each conversation turn samples from ``conversation_seed(seed, problem,
     agent, round)`` (an agent's own ``sampling.seed`` replaces ``seed``), never from its place in the batch.
 
     ``on_batch(generations)`` is called as each batch of generations finishes (progress within a step)."""
-    states = [
-        _State(p, [_system(m.agent) + [{"role": "user", "content": fill(team.prompts["question"],
-                                                                          question=p.question)}]
-                   for m in team.members])
-        for p in problems
-    ]
+    states = [_State(p, [_first_turn(team, m, p) for m in team.members]) for p in problems]
     active = states
+    gone: list[_State] = []
     for rnd in range(team.config.rounds):
         if rnd > 0 and team.config.early_stop:
             # every agent agrees: another round would only repeat the consensus (Du et al. stop on agreement too)
@@ -345,7 +410,15 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
                     st.conversations[i].append({"role": "user", "content": text})
                 requests.append((member, st.conversations[i], st.problem.id, rnd))
                 seen.append((names, dropped))
-        gens = _generate_grouped(requests, seed, on_batch)
+        n = len(team.members)
+        drop = _drop_too_long(team, active, requests, skipped)
+        if drop:
+            gone += [active[k] for k in drop]
+            keep = [k for k in range(len(active)) if k not in drop]
+            requests = [requests[k * n + i] for k in keep for i in range(n)]
+            seen = [seen[k * n + i] for k in keep for i in range(n)]
+            active = [active[k] for k in keep]
+        gens = _generate_grouped(requests, seed, on_batch) if requests else []
         k = 0
         for st in active:
             turns = []
@@ -355,13 +428,16 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
             st.rounds.append(turns)
         last = rnd == team.config.rounds - 1
         if team.judge is not None and (team.judge_each_round or (last and team.config.aggregation == "judge")):
-            _judge_round(team, active, rnd, seed, on_batch)
+            unread = _judge_round(team, active, rnd, seed, on_batch, skipped)
+            gone += unread
+            active = [st for st in active if st not in unread]
     if team.judge is not None and team.config.aggregation == "judge":
         # problems stopped early still get the judge's verdict on their last round
-        stopped = [st for st in states if len(st.judge_turns) < (len(st.rounds) if team.judge_each_round else 1)]
+        stopped = [st for st in states if st not in gone
+                   and len(st.judge_turns) < (len(st.rounds) if team.judge_each_round else 1)]
         if stopped:
-            _judge_round(team, stopped, team.config.rounds, seed, on_batch)
-    return [_finish(st, team, run_id) for st in states]
+            gone += _judge_round(team, stopped, team.config.rounds, seed, on_batch, skipped)
+    return [_finish(st, team, run_id) for st in states if st not in gone]
 
 
 def agreed(answers: Sequence[str | None]) -> bool:
@@ -427,12 +503,15 @@ class DebateSummary:
     lost: int  # an agent right in round r-1, wrong in round r
     tokens_per_second: float  # generated tokens / wall seconds of this invocation
     duplicates: tuple[str, ...] = ()  # "shard:line" of store lines repeating a stored problem (counted once)
+    skipped: tuple[str, ...] = ()  # why each problem left out this run (team.too_long=skip) was
 
     def rows(self) -> list[tuple[str, str]]:
         repeated = [("duplicated store lines (counted once)",
                      f"{len(self.duplicates)}: {', '.join(self.duplicates[:5])}"
                      f"{', ...' if len(self.duplicates) > 5 else ''} (pluribus repair removes them)")]
-        return [*(repeated if self.duplicates else []),
+        skipped = [("skipped: prompt too long (team.too_long=skip)",
+                    f"{len(self.skipped)}: {'; '.join(self.skipped[:3])}{'; ...' if len(self.skipped) > 3 else ''}")]
+        return [*(repeated if self.duplicates else []), *(skipped if self.skipped else []),
             ("problems (new this run)", f"{self.problems} ({self.new})"),
             ("single-agent (round-0) accuracy", f"{self.round0_accuracy:.1%}"),
             ("team accuracy", f"{self.team_accuracy:.1%}"),
@@ -445,7 +524,7 @@ class DebateSummary:
 
 
 def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_second: float = 0.0,
-              duplicates: Sequence[str] = ()) -> DebateSummary:
+              duplicates: Sequence[str] = (), skipped: Sequence[str] = ()) -> DebateSummary:
     n = len(records)
     r0 = [t["correct"] for r in records for t in r["rounds"][0]]
     corrected = lost = 0
@@ -461,6 +540,7 @@ def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_
         tokens_per_problem=sum(r["cost"]["tokens_in"] + r["cost"]["tokens_out"] for r in records) / n if n else 0.0,
         seconds_per_problem=sum(r["cost"]["seconds"] for r in records) / n if n else 0.0,
         corrected=corrected, lost=lost, tokens_per_second=tokens_per_second, duplicates=tuple(duplicates),
+        skipped=tuple(skipped),
     )
 
 
@@ -475,16 +555,21 @@ _TRANSPORT_FIELDS = {"base_url", "api_key_env", "max_concurrency", "timeout_s", 
 
 def config_hash(recipe: Recipe) -> str:
     """What makes stored trajectories comparable: the task and team, minus settings that only change speed
-    or how many problems run (``task.n``, ``team.batch_size``, ``team.problems_per_step``, the agents'
-    server connection settings), plus the seed."""
-    return _hash(recipe, {"batch_size": True, "problems_per_step": True,
+    or how many problems run (``task.n``, ``team.batch_size``, ``team.problems_per_step``, ``team.too_long``,
+    the agents' server connection settings), plus the seed.
+
+    Batch settings stay out because a conversation's seed does not depend on its batch (``conversation_seed``);
+    on bf16 transformers agents its logits still do in their last bits, so a bf16 store resumed with other
+    batch settings may hold turns an uninterrupted run would not (float32 agents avoid it; see the module
+    docstring)."""
+    return _hash(recipe, {"batch_size": True, "problems_per_step": True, "too_long": True,
                           "agents": {"__all__": _TRANSPORT_FIELDS}, "judge": _TRANSPORT_FIELDS})
 
 
 def legacy_config_hash(recipe: Recipe) -> str:
     """``config_hash`` as pluribus computed it while the connection settings were part of it: stores written
     then resume, taking the new hash."""
-    return _hash(recipe, {"batch_size", "problems_per_step"})
+    return _hash(recipe, {"batch_size", "problems_per_step", "too_long"})
 
 
 def _hash(recipe: Recipe, team_exclude: Any) -> str:
@@ -551,11 +636,16 @@ def run_debate(
         dup = next(i for i in ids if ids.count(i) > 1)
         raise PluribusError(f"problem ids must be unique; '{dup}' appears more than once in the task")
     apply_threads(recipe.threads)  # before a model loads: torch sizes its pools on first use
+    fresh = not (recipe.run_dir / "trajectories" / "manifest.json").is_file()
     if backends is None:
         check_models(team_cfg)
-        if not (recipe.run_dir / "trajectories" / "manifest.json").is_file():
+        if fresh:
             # a new run loads its models before its first file, so a broken checkpoint leaves no run folder
             backends = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
+    too_long: dict[str, str] | None = None
+    if fresh and backends is not None:
+        # round 0 of every problem against the contexts: a refusal comes before any file, not hours in
+        too_long = check_prompts(problems, build_team(team_cfg, backends))
 
     with TrajectoryStore(recipe.run_dir / "trajectories", config_hash(recipe), new_run=new_run,
                          same_config=[legacy_config_hash(recipe)], check=Trajectory.from_dict) as store:
@@ -564,25 +654,31 @@ def run_debate(
         pending = [p for p in problems if p.id not in done]
         if pending and backends is None:
             backends = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
+        stored_before = len(problems) - len(pending)
+        if pending:
+            team = build_team(team_cfg, backends)  # type: ignore[arg-type]
+            if too_long is None:
+                too_long = check_prompts(pending, team)  # a resumed run checks what it still has to debate
+            pending = [p for p in pending if p.id not in too_long]
+        skipped = [reason for pid, reason in (too_long or {}).items() if pid not in done]
         step = team_cfg.problems_per_step or max(1, team_cfg.batch_size // len(team_cfg.agents))
-        tokens, t0 = 0, time.perf_counter()
-        with _Progress(progress, total=len(problems), done=len(problems) - len(pending), label=label,
+        tokens, new, t0 = 0, 0, time.perf_counter()
+        with _Progress(progress, total=len(problems) - len(skipped), done=stored_before, label=label,
                        per_problem=generations_per_problem(team_cfg)) as bar:
-            if pending:
-                team = build_team(team_cfg, backends)  # type: ignore[arg-type]
             for s in range(0, len(pending), step):
                 trajs = debate_step(pending[s : s + step], team, run_id=store.run_id, seed=recipe.seed,
-                                    on_batch=bar.batch)
+                                    on_batch=bar.batch, skipped=skipped)
                 store.append([t.to_dict() for t in trajs])
                 tokens += sum(t.cost["tokens_out"] for t in trajs)
+                new += len(trajs)
                 bar.update(trajs)
                 if on_step is not None:
-                    on_step(len(problems) - len(pending) + s + len(trajs), len(problems))
+                    on_step(stored_before + s + len(pending[s : s + step]), len(problems))
         wanted = {p.id for p in problems}
         records = [r for r in store.iter_records() if r["problem_id"] in wanted]
     elapsed = time.perf_counter() - t0
-    return summarize(records, new=len(pending), tokens_per_second=tokens / elapsed if pending else 0.0,
-                     duplicates=store.duplicates)
+    return summarize(records, new=new, tokens_per_second=tokens / elapsed if pending else 0.0,
+                     duplicates=store.duplicates, skipped=skipped)
 
 
 class _Progress:
