@@ -22,10 +22,12 @@ Protocol (Du et al. 2023, "Improving Factuality and Reasoning in Language Models
   summary (a rerun tries it again).
 - Seeds: each conversation turn samples from ``conversation_seed(seed, problem, agent, round)``, one
   generator per row, so ``team.batch_size``, ``team.problems_per_step``, problem order and resuming (a torn
-  step too) never change what is drawn. On the transformers backend, logits of a row still depend in their
-  last bits on the rows batched with it; float32 (``dtype: float32``) keeps that from flipping tokens in
-  practice, bf16 does not (``bench/batch_invariance.py``): which is why batch settings stay out of
-  ``config_hash`` and bf16 stores are reproducible only at equal batch settings.
+  step too) never change what is drawn. Steps are fixed slices of the task's problem list, and a step that a
+  crash left half stored is debated again whole (only its missing problems are stored), so it is batched
+  as in the uninterrupted run. A row's logits on a local backend still depend in their last bits on the
+  rows batched with it: in float32 (``dtype: float32``) that flipped no token in ``bench/batch_invariance.py``,
+  in bf16 it flips a third to a half of the responses, so for agents on 16-bit local backends
+  ``team.batch_size`` and ``team.problems_per_step`` are part of ``config_hash`` (see there).
 
 Speed: problems go through in steps of ``team.problems_per_step``; in each round of a step, all
 (problem x agent) conversations of agents that share a backend and sampling settings are ONE
@@ -558,12 +560,31 @@ def config_hash(recipe: Recipe) -> str:
     or how many problems run (``task.n``, ``team.batch_size``, ``team.problems_per_step``, ``team.too_long``,
     the agents' server connection settings), plus the seed.
 
-    Batch settings stay out because a conversation's seed does not depend on its batch (``conversation_seed``);
-    on bf16 transformers agents its logits still do in their last bits, so a bf16 store resumed with other
-    batch settings may hold turns an uninterrupted run would not (float32 agents avoid it; see the module
-    docstring)."""
-    return _hash(recipe, {"batch_size": True, "problems_per_step": True, "too_long": True,
-                          "agents": {"__all__": _TRANSPORT_FIELDS}, "judge": _TRANSPORT_FIELDS})
+    A conversation's seed does not depend on its batch (``conversation_seed``), but where an agent or the judge
+    runs a local backend (transformers, vllm) in a 16-bit dtype, its logits do in their last bits, and that
+    flips tokens: there the batch settings (``team.batch_size`` and the effective ``team.problems_per_step``)
+    are hashed too, so a store is never continued with batches that would have drawn other turns. float32
+    agents are batch invariant in practice and keep them out."""
+    team = recipe.require("team")
+    batch = None
+    if batch_sensitive(team):
+        batch = [team.batch_size, team.problems_per_step or max(1, team.batch_size // len(team.agents))]
+    return _hash(recipe, _CURRENT_EXCLUDE, batch=batch)
+
+
+_CURRENT_EXCLUDE = {"batch_size": True, "problems_per_step": True, "too_long": True,
+                    "agents": {"__all__": _TRANSPORT_FIELDS}, "judge": _TRANSPORT_FIELDS}
+
+
+def batch_sensitive(team: TeamConfig) -> bool:
+    """Whether some agent (or the judge) generates on a local backend in 16 bits, where batching flips tokens."""
+    return any(a.backend in ("transformers", "vllm") and a.dtype != "float32"
+               for a in [*team.agents, *([team.judge] if team.judge else [])])
+
+
+def older_config_hashes(recipe: Recipe) -> list[str]:
+    """The hashes earlier pluribus versions gave this config: stores written then are taken over on resume."""
+    return [legacy_config_hash(recipe), _hash(recipe, _CURRENT_EXCLUDE)]
 
 
 def legacy_config_hash(recipe: Recipe) -> str:
@@ -572,10 +593,11 @@ def legacy_config_hash(recipe: Recipe) -> str:
     return _hash(recipe, {"batch_size", "problems_per_step", "too_long"})
 
 
-def _hash(recipe: Recipe, team_exclude: Any) -> str:
+def _hash(recipe: Recipe, team_exclude: Any, batch: list[int] | None = None) -> str:
     task = recipe.require("task").model_dump(mode="json", exclude={"n"})
     team = recipe.require("team").model_dump(mode="json", exclude=team_exclude)
-    payload = json.dumps({"task": task, "team": team, "seed": recipe.seed}, sort_keys=True)
+    extra = {} if batch is None else {"batch": batch}
+    payload = json.dumps({"task": task, "team": team, "seed": recipe.seed, **extra}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -648,7 +670,7 @@ def run_debate(
         too_long = check_prompts(problems, build_team(team_cfg, backends))
 
     with TrajectoryStore(recipe.run_dir / "trajectories", config_hash(recipe), new_run=new_run,
-                         same_config=[legacy_config_hash(recipe)], check=Trajectory.from_dict) as store:
+                         same_config=older_config_hashes(recipe), check=Trajectory.from_dict) as store:
         write_recipe(recipe)  # only now: a config the store refused must not replace the run's recipe
         done = store.done_ids()
         pending = [p for p in problems if p.id not in done]
@@ -662,18 +684,26 @@ def run_debate(
             pending = [p for p in pending if p.id not in too_long]
         skipped = [reason for pid, reason in (too_long or {}).items() if pid not in done]
         step = team_cfg.problems_per_step or max(1, team_cfg.batch_size // len(team_cfg.agents))
+        # Steps are slices of the whole task (not of what is pending), and one with any problem pending is
+        # debated whole: a step torn by a crash is batched again as the uninterrupted run batched it.
+        todo = {p.id for p in pending}
+        debated = [p for p in problems if p.id not in (too_long or {})]
+        steps = [debated[s : s + step] for s in range(0, len(debated), step)]
         tokens, new, t0 = 0, 0, time.perf_counter()
         with _Progress(progress, total=len(problems) - len(skipped), done=stored_before, label=label,
                        per_problem=generations_per_problem(team_cfg)) as bar:
-            for s in range(0, len(pending), step):
-                trajs = debate_step(pending[s : s + step], team, run_id=store.run_id, seed=recipe.seed,
-                                    on_batch=bar.batch, skipped=skipped)
+            for chunk in steps:
+                if not todo & {p.id for p in chunk}:
+                    continue
+                trajs = debate_step(chunk, team, run_id=store.run_id, seed=recipe.seed, on_batch=bar.batch,
+                                    skipped=skipped)
+                trajs = [t for t in trajs if t.problem_id in todo]
                 store.append([t.to_dict() for t in trajs])
                 tokens += sum(t.cost["tokens_out"] for t in trajs)
                 new += len(trajs)
                 bar.update(trajs)
                 if on_step is not None:
-                    on_step(stored_before + s + len(pending[s : s + step]), len(problems))
+                    on_step(stored_before + new, len(problems))
         wanted = {p.id for p in problems}
         records = [r for r in store.iter_records() if r["problem_id"] in wanted]
     elapsed = time.perf_counter() - t0

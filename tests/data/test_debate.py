@@ -228,9 +228,14 @@ def test_run_debate_resumes_and_refuses_changed_config(tmp_path):
     assert config_hash(changed) != config_hash(recipe)
     with pytest.raises(PluribusError, match="--new-run"):
         run_debate(changed, problems=problems(8), backends=backends, progress=False)
-    # Speed-only settings do not change the hash.
+    # Batch settings change the hash only where batching changes tokens: 16-bit local agents (bf16 here).
     faster = recipe.model_copy(update={"team": recipe.team.model_copy(update={"batch_size": 7})})
-    assert config_hash(faster) == config_hash(recipe)
+    assert config_hash(faster) != config_hash(recipe)
+    fp32 = [a.model_copy(update={"dtype": "float32"}) for a in recipe.team.agents]
+    exact = recipe.model_copy(update={"team": recipe.team.model_copy(update={"agents": fp32})})
+    for speed in ({"batch_size": 7}, {"problems_per_step": 1}, {"too_long": "skip"}):
+        assert config_hash(exact.model_copy(update={"team": exact.team.model_copy(update=speed)})) == \
+            config_hash(exact)
     s = run_debate(changed, problems=problems(2), backends=backends, progress=False, new_run=True)
     assert s.problems == 2 and s.new == 2
 
@@ -568,3 +573,23 @@ def test_a_debate_round_that_does_not_fit_follows_the_same_rule(tmp_path):
     assert s.problems == 2 and s.new == 2 and len(s.skipped) == 1 and "problem 'p0'" in s.skipped[0]
     stored = list(TrajectoryStore(tmp_path / "s" / "trajectories").iter_records())
     assert sorted(r["problem_id"] for r in stored) == ["p1", "p2"] and all(len(r["rounds"]) == 2 for r in stored)
+
+
+def test_a_bf16_store_is_not_continued_with_other_batches_but_older_stores_are_taken_over(tmp_path):
+    from pluribus.data.debate import _CURRENT_EXCLUDE, _hash
+
+    be = ScriptedBackend(lambda conv, k: "\\boxed{2}")
+    recipe = Recipe(name="r", root=str(tmp_path), task=TaskConfig(n=4),
+                    team=TeamConfig(agents=[AgentConfig(name="a"), AgentConfig(name="b")], rounds=1,
+                                    problems_per_step=2))
+    backends = {backend_key(recipe.team.agents[0]): be}
+    run_debate(recipe, problems=problems(2), backends=backends, progress=False)
+    other = recipe.model_copy(update={"team": recipe.team.model_copy(update={"problems_per_step": 3})})
+    with pytest.raises(PluribusError, match="--new-run"):
+        run_debate(other, problems=problems(4), backends=backends, progress=False)
+    # a store written before batch settings were hashed resumes, and takes the new hash
+    manifest = tmp_path / "r" / "trajectories" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "config_hash": _hash(other, _CURRENT_EXCLUDE)}))
+    assert run_debate(other, problems=problems(4), backends=backends, progress=False).new == 2
+    assert json.loads(manifest.read_text())["config_hash"] == config_hash(other)
