@@ -183,7 +183,7 @@ def test_too_long_rows_are_dropped_or_truncated_and_counted(tmp_path, student_di
     cfg = Recipe(train={"max_length": 200}).train
     kept, counts = prepare_examples(ds, tokenizer, cfg)
     assert (counts["too_long"], counts["dropped"], counts["kept"]) == (1, 1, 3)
-    cfg = Recipe(train={"max_length": 400, "too_long": "truncate"}).train
+    cfg = Recipe(train={"max_length": 400, "too_long": "truncate", "min_kept_labels": 0.1}).train
     kept, counts = prepare_examples(ds, tokenizer, cfg)
     assert (counts["too_long"], counts["truncated"], counts["kept"]) == (1, 1, 4)
     assert len(kept[-1]["input_ids"]) == 400 and kept[-1]["labels"][-1] != -100
@@ -275,3 +275,25 @@ def test_kernels_torch_give_the_same_packed_loss_and_gradients(student_dir, toke
     assert results[0][1].keys() == results[1][1].keys()
     for n in results[0][1]:
         torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-4, atol=1e-6)
+
+
+def test_truncation_is_said_and_refused_when_it_keeps_too_few_labelled_tokens(tokenizer, caplog):
+    from datasets import Dataset
+
+    def row(i: int, answer_words: int) -> dict:
+        return {"messages": [{"role": "user", "content": f"question {i} " + "q " * 40},
+                             {"role": "assistant", "content": "a " * answer_words}],
+                "problem_id": f"p{i}", "agent": "a", "round": 0}
+
+    ds = Dataset.from_list([row(i, 300) for i in range(3)])
+    prompt_len = len(tokenize_conversation(tokenizer, row(0, 1)["messages"])[0])
+    # every row cut a few tokens past its prompt: each keeps a sliver of its answer
+    cfg = Recipe(train={"max_length": prompt_len + 4, "too_long": "truncate"}).train
+    with pytest.raises(PluribusError, match=r"cut 3 of 3 rows to train.max_length=\d+: the kept rows keep \d+ of "
+                                            r"\d+ labelled tokens \(\d+\.\d%\), under train.min_kept_labels=0.5"):
+        prepare_examples(ds, tokenizer, cfg)
+    # cut mildly: allowed, and said
+    cfg = Recipe(train={"max_length": prompt_len + 250, "too_long": "truncate"}).train
+    with caplog.at_level("WARNING", logger="pluribus.distill"):
+        kept, counts = prepare_examples(ds, tokenizer, cfg)
+    assert counts["truncated"] == 3 and "train.too_long=truncate cut 3 of 3 rows" in caplog.text
