@@ -10,6 +10,7 @@ fails fast and leaves no empty dataset behind. Each dataset folder is written at
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from collections import Counter
@@ -30,7 +31,7 @@ from pluribus.data.build.process import (
     traces_from,
 )
 from pluribus.data.build.select import augmented_rows, rsft_rows
-from pluribus.data.debate import question_prompt
+from pluribus.data.debate import conversation_seed, question_prompt
 from pluribus.data.records import Trajectory
 from pluribus.errors import PluribusError
 from pluribus.io import atomic_dir, atomic_write_text
@@ -174,10 +175,17 @@ class BackendCompleter:
             system = [{"role": "system", "content": self.agent.persona}] if self.agent.persona else []
             user = self.prompt.replace("{question}", r.problem.question)  # as the debate fills it
             convs.append([*system, {"role": "user", "content": user}, {"role": "assistant", "content": r.prefix}])
-        # A new seed per call: resumed runs reproduce, and no two groups draw the same samples.
-        sampling: SamplingConfig = self.agent.sampling.model_copy(update={"seed": self.seed + 1000 * self.calls})
+        # Each rollout is seeded by what it is (trace, step, sample), not by when it is asked for: a resumed
+        # build, or other rollout batches, draw the same continuations.
+        seeds = [conversation_seed(self.seed, r.key, f"step {r.step}", r.sample) for r in requests]
+        sampling: SamplingConfig = self.agent.sampling.model_copy(update={"seed": seeds[0] % 2**31 if seeds else 0})
         self.calls += 1
-        return [g.text for g in self.backend.generate(convs, sampling)]
+        try:
+            per_row = "seeds" in inspect.signature(self.backend.generate).parameters
+        except (TypeError, ValueError):
+            per_row = False
+        gens = self.backend.generate(convs, sampling, **({"seeds": seeds} if per_row else {}))
+        return [g.text for g in gens]
 
 
 
