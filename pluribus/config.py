@@ -97,7 +97,7 @@ class AgentConfig(Section):
         "bfloat16", description="transformers/vllm backends: weight and compute dtype (bf16 also on CPU)."
     )
     context_length: int | None = Field(
-        None, ge=32, description="Max prompt + new tokens; None: the model's own limit. Longer prompts are left-truncated."
+        None, ge=32, description="Max prompt + new tokens; None: the model's own limit. Longer prompts are refused, never cut (team.too_long)."
     )
     max_concurrency: int = Field(16, ge=1, description="openai backend: max requests in flight at once.")
     timeout_s: float = Field(120.0, gt=0, description="openai backend: seconds before a request times out.")
@@ -140,6 +140,10 @@ class TeamConfig(Section):
     early_stop: bool = Field(
         False, description="Stop debating a problem once every agent gives the same parsed answer (recorded in "
         "the trajectory's meta.stopped_after_round); eval reports the tokens it saves and its effect on accuracy.")
+    too_long: Literal["error", "skip"] = Field(
+        "error", description="A problem whose prompt does not fit an agent's context (after peer trimming), in any "
+        "round: error (refuse, naming it and the numbers) or skip (leave it out, counted and named in the summary). "
+        "Prompts are never cut.")
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -320,6 +324,9 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
     max_length: int = Field(1024, ge=8, description="Max tokens of one example.")
     too_long: Literal["drop", "truncate"] = Field("drop", description="What to do with longer examples (counted).")
+    min_kept_labels: float = Field(
+        0.5, ge=0.0, le=1.0, description="too_long=truncate: refuse the training when truncation leaves less than "
+        "this share of the labelled (assistant) tokens of the rows it keeps.")
     packing: bool = Field(True, description="SFT: padding-free packing of a micro-batch into one row.")
     bf16: bool = Field(True, description="bf16 weights/autocast (CPU and GPU).")
     gradient_checkpointing: bool = Field(False)

@@ -71,8 +71,8 @@ def plan(recipe: Recipe) -> list[Step]:
             return {"store": layout.trajectories(), **({"self store": layout.trajectories("self")} if self_kinds else {})}
 
         steps.append(Step("build", lambda p, n: _build(recipe, p, self_kinds),
-                          settings=lambda: {"build": _dump(recipe.build), "prompts": _dump(recipe.team),
-                                            "self": self_kinds},
+                          settings=lambda: {"build": _dump(recipe.build), "team": _dump(recipe.team),
+                                            "task": _dump(recipe.task), "self": self_kinds},
                           inputs=build_inputs))
     for cfg in trainings:
         steps.append(Step(f"train:{cfg.expert_name}", _train_step(recipe, cfg.expert_name),

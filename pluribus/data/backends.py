@@ -2,19 +2,26 @@
 
 ``Backend.generate(conversations, sampling) -> list[Generation]`` is the whole interface (a backend may also
 take ``on_batch``, called with each batch of generations as it finishes, which the debate's progress bar
-follows). Three backends:
+follows, and ``seeds``, one sampling seed per conversation). Three backends:
 
 - ``transformers``: local model, batched with left padding (rows sorted by length to waste little padding),
   bf16 by default also on CPU, greedy or seeded sampling, ``batch_size`` conversations per ``generate`` call.
+  Sampling draws each row's tokens from a ``torch.Generator`` of its own, seeded by its entry of ``seeds``
+  (default ``sampling.seed + i``), so a row's draws never depend on which rows share its batch or on their
+  order. Its logits still do, in the last bits: batched matmuls round differently from unbatched ones, and
+  in bf16 that flips near-tie tokens (a greedy argmax, or a draw near a probability boundary); in float32
+  such flips are rare but not impossible. ``bench/batch_invariance.py`` measures both.
 - ``openai``: any OpenAI-compatible server (vLLM, SGLang, llama.cpp, ``transformers serve``); asyncio with at
   most ``max_concurrency`` requests in flight, exponential backoff on 429, 5xx, timeouts and refused
   connections, a per-request timeout, the API key read from the environment variable the recipe names.
 - ``vllm``: in-process ``vllm.LLM`` for GPU machines, fed token ids built by the same ``PromptBuilder``.
 
 Context rule (transformers, vllm, and openai continuations): the new tokens get at most half the context
-(``max_new = min(max_new_tokens, context // 2)``); a prompt longer than ``context - max_new`` keeps its *last*
-tokens (the newest turn and the generation prompt) and drops the oldest ones. ``Generation.truncated`` and
-``Generation.dropped_tokens`` record it; nothing crashes on a long conversation.
+(``max_new = min(max_new_tokens, context // 2)``) and the prompt must fit in the rest: a prompt longer than
+``context - max_new`` is never cut (cutting its front would lose the system prompt and the question's start);
+``encode`` raises ``PromptTooLong`` naming the numbers. ``Backend.prompt_fit`` tells a caller beforehand (the
+debate refuses or skips such a problem up front, by ``team.too_long``). ``Generation.truncated`` and
+``dropped_tokens`` stay in the record for old readers and are always False / 0.
 
 A conversation whose last message has role ``assistant`` is continued: the assistant prefix is kept and the
 generation extends it (used by Monte-Carlo rollouts from a solution prefix).
@@ -23,12 +30,11 @@ generation extends it (used by Monte-Carlo rollouts from a solution prefix).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,8 +53,8 @@ class Generation:
     tokens_in: int
     tokens_out: int
     seconds: float
-    truncated: bool  # the prompt was left-truncated to fit the context
-    dropped_tokens: int = 0  # how many prompt tokens the context rule dropped
+    truncated: bool  # always False now: a prompt that does not fit is refused (kept for old readers)
+    dropped_tokens: int = 0  # always 0, as above
     finish_reason: str = "stop"  # "stop" (end of turn) or "length" (hit max_new_tokens)
 
 
@@ -58,6 +64,8 @@ class Backend(Protocol):
     name: str  # the model name recorded in turns
 
     def generate(self, conversations: list[Conversation], sampling: SamplingConfig) -> list[Generation]: ...
+    # optional keywords: on_batch (progress) and seeds (one sampling seed per conversation)
+    # optional method: prompt_fit(conversation, max_new_tokens) -> Fit | None (does the prompt fit the context)
 
     def count_tokens(self, text: str) -> int: ...
 
@@ -95,6 +103,28 @@ class Prompt:
     dropped_tokens: int
 
 
+@dataclass(frozen=True)
+class Fit:
+    """How a rendered prompt compares with the room the context leaves it: ``room = context - max_new``."""
+
+    tokens: int
+    room: int
+    context: int
+    max_new: int
+
+    @property
+    def fits(self) -> bool:
+        return self.tokens <= self.room
+
+    def describe(self) -> str:
+        return (f"its prompt is {self.tokens} tokens, and the context of {self.context} leaves {self.room} for the "
+                f"prompt after {self.max_new} new tokens")
+
+
+class PromptTooLong(PluribusError):
+    """A prompt does not fit its model's context; it is refused, never cut."""
+
+
 class PromptBuilder:
     """Render a conversation with the model's chat template and apply the context rule (module docstring)."""
 
@@ -114,12 +144,20 @@ class PromptBuilder:
             conversation, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
         )
 
-    def encode(self, conversation: Conversation, max_new_tokens: int) -> Prompt:
+    def _ids_and_fit(self, conversation: Conversation, max_new_tokens: int) -> tuple[list[int], Fit]:
         ids = self.tokenizer(self.render(conversation), add_special_tokens=False)["input_ids"]
         max_new = min(max_new_tokens, self.context_length // 2)
-        budget = self.context_length - max_new
-        dropped = max(0, len(ids) - budget)
-        return Prompt(ids=list(ids[dropped:]), max_new_tokens=max_new, dropped_tokens=dropped)
+        return list(ids), Fit(len(ids), self.context_length - max_new, self.context_length, max_new)
+
+    def fit(self, conversation: Conversation, max_new_tokens: int) -> Fit:
+        return self._ids_and_fit(conversation, max_new_tokens)[1]
+
+    def encode(self, conversation: Conversation, max_new_tokens: int) -> Prompt:
+        ids, fit = self._ids_and_fit(conversation, max_new_tokens)
+        if not fit.fits:
+            raise PromptTooLong(f"a prompt does not fit the model's context: {fit.describe()}; shorten it, raise "
+                                "the agent's context_length or lower max_new_tokens")
+        return Prompt(ids=ids, max_new_tokens=fit.max_new, dropped_tokens=0)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -146,17 +184,49 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    """HF sampling draws from torch's global RNG: seed it inside a fork so the caller's RNG state is untouched."""
-    import torch
+def row_seeds(sampling: SamplingConfig, n: int, seeds: list[int] | None) -> list[int] | None:
+    """The sampling seed of each of ``n`` conversations: ``seeds`` as given, else ``sampling.seed + i``, else
+    None (unseeded)."""
+    if seeds is not None:
+        if len(seeds) != n:
+            raise PluribusError(f"{len(seeds)} sampling seeds for {n} conversations; give one per conversation")
+        return list(seeds)
+    return None if sampling.seed is None else [sampling.seed + i for i in range(n)]
 
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
+
+def row_sampler(seeds: list[int], temperature: float, top_p: float) -> Any:
+    """A logits processor that samples each row from its own ``torch.Generator`` and leaves only the drawn token
+    finite, so ``generate``'s greedy step picks it: p = softmax(logits / T) restricted to the smallest set of
+    most likely tokens whose mass reaches ``top_p``; one uniform draw per row per step, mapped through the
+    row's cumulative distribution.
+
+    HF's own sampling draws the whole batch from torch's global RNG, which ties a row's tokens to its batch.
+    """
+    import torch
+    from transformers import LogitsProcessor
+
+    class RowSampler(LogitsProcessor):
+        def __init__(self) -> None:
+            self.generators = [torch.Generator().manual_seed(s % 2**63) for s in seeds]
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            logits = scores.float() / temperature
+            if top_p < 1.0:
+                sorted_logits, order = logits.sort(dim=-1, descending=True)
+                probs = sorted_logits.softmax(dim=-1)
+                # drop a token once the mass before it already reaches top_p (the first is always kept)
+                drop = (probs.cumsum(dim=-1) - probs) >= top_p
+                logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+            # inverse-CDF: one uniform per row from its generator; the first token whose cumulative mass
+            # exceeds it (side=right never lands on a zero-probability token). 7x cheaper than a multinomial
+            # per row on a 49k vocabulary.
+            cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+            u = torch.stack([torch.rand((), generator=g) for g in self.generators]).to(cdf.device)
+            picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=cdf.shape[-1] - 1)
+            out = torch.full_like(scores, float("-inf"))
+            return out.scatter(1, picks, 0.0)
+
+    return RowSampler()
 
 
 # ---------------------------------------------------------------------------------------- transformers
@@ -191,24 +261,35 @@ class TransformersBackend:
     def keep_last_tokens(self, text: str, n: int) -> str:
         return self.builder.keep_last_tokens(text, n)
 
+    def prompt_fit(self, conversation: Conversation, max_new_tokens: int) -> Fit | None:
+        return self.builder.fit(conversation, max_new_tokens)
+
     def generate(self, conversations: list[Conversation], sampling: SamplingConfig,
-                 on_batch: OnBatch | None = None) -> list[Generation]:
+                 on_batch: OnBatch | None = None, seeds: list[int] | None = None) -> list[Generation]:
         prompts = [self.builder.encode(c, sampling.max_new_tokens) for c in conversations]
+        per_row = row_seeds(sampling, len(prompts), seeds)
+        if per_row is None and sampling.temperature > 0:
+            # unseeded sampling: seeds from torch's global RNG, so torch.manual_seed still reproduces a call
+            import torch
+
+            per_row = torch.randint(0, 2**62, (len(prompts),)).tolist()
         # Longest first, so each micro-batch holds rows of similar length (little padding).
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids))
         out: list[Generation | None] = [None] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            gens = self._generate_batch([prompts[i] for i in rows], sampling, start // self.batch_size)
+            gens = self._generate_batch([prompts[i] for i in rows], sampling,
+                                        None if per_row is None else [per_row[i] for i in rows])
             for i, g in zip(rows, gens, strict=True):
                 out[i] = g
             if on_batch is not None:
                 on_batch(gens)
         return out  # type: ignore[return-value]
 
-    def _generate_batch(self, prompts: list[Prompt], sampling: SamplingConfig, part: int) -> list[Generation]:
+    def _generate_batch(self, prompts: list[Prompt], sampling: SamplingConfig, seeds: list[int] | None
+                        ) -> list[Generation]:
         import torch
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList
 
         width = max(len(p.ids) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
@@ -218,15 +299,17 @@ class TransformersBackend:
                 input_ids[r, width - len(p.ids) :] = torch.tensor(p.ids)
                 mask[r, width - len(p.ids) :] = 1
         greedy = sampling.temperature == 0.0
+        # sampling happens in row_sampler (a generator per row); generate itself only takes the argmax
         config = GenerationConfig(
-            max_new_tokens=prompts[0].max_new_tokens, do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
+            max_new_tokens=prompts[0].max_new_tokens, do_sample=False, temperature=None, top_p=None,
             top_k=None, eos_token_id=self.eos, pad_token_id=self.pad,
         )
-        seed = None if greedy or sampling.seed is None else sampling.seed + part
+        processors = LogitsProcessorList(
+            [] if greedy else [row_sampler(seeds or [0] * len(prompts), sampling.temperature, sampling.top_p)])
         t0 = time.perf_counter()
-        with torch.inference_mode(), _seeded(seed):
-            out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
+                                      logits_processor=processors)
         self.calls += 1
         seconds = (time.perf_counter() - t0) / len(prompts)
         gens = []
@@ -307,9 +390,13 @@ class OpenAIBackend:
             return self.builder.keep_last_tokens(text, n)
         return text if len(text) <= 4 * n else text[-4 * n :]
 
+    def prompt_fit(self, conversation: Conversation, max_new_tokens: int) -> Fit | None:
+        """Known only with the model's tokenizer offline; without it the server refuses what does not fit."""
+        return None if self.builder is None else self.builder.fit(conversation, max_new_tokens)
+
     def generate(self, conversations: list[Conversation], sampling: SamplingConfig,
-                 on_batch: OnBatch | None = None) -> list[Generation]:
-        coro = self._generate_all(conversations, sampling, on_batch)
+                 on_batch: OnBatch | None = None, seeds: list[int] | None = None) -> list[Generation]:
+        coro = self._generate_all(conversations, sampling, on_batch, row_seeds(sampling, len(conversations), seeds))
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -331,7 +418,7 @@ class OpenAIBackend:
         return box["out"]
 
     async def _generate_all(self, conversations: list[Conversation], sampling: SamplingConfig,
-                            on_batch: OnBatch | None = None) -> list[Generation]:
+                            on_batch: OnBatch | None = None, seeds: list[int] | None = None) -> list[Generation]:
         from openai import AsyncOpenAI
 
         sem = asyncio.Semaphore(self.max_concurrency)
@@ -340,7 +427,7 @@ class OpenAIBackend:
 
             async def one(i: int, conv: Conversation) -> Generation:
                 async with sem:
-                    seed = None if sampling.seed is None else sampling.seed + i
+                    seed = None if seeds is None else seeds[i] % 2**31  # servers take a 32-bit seed
                     gen = await self._request(client, conv, sampling, seed)
                 if on_batch is not None:  # requests finish one by one: each is a batch of one
                     on_batch([gen])
@@ -443,13 +530,17 @@ class VLLMBackend:
     def keep_last_tokens(self, text: str, n: int) -> str:
         return self.builder.keep_last_tokens(text, n)
 
+    def prompt_fit(self, conversation: Conversation, max_new_tokens: int) -> Fit | None:
+        return self.builder.fit(conversation, max_new_tokens)
+
     def generate(self, conversations: list[Conversation], sampling: SamplingConfig,
-                 on_batch: OnBatch | None = None) -> list[Generation]:
+                 on_batch: OnBatch | None = None, seeds: list[int] | None = None) -> list[Generation]:
         from vllm import SamplingParams
 
         prompts = [self.builder.encode(c, sampling.max_new_tokens) for c in conversations]
+        per_row = row_seeds(sampling, len(prompts), seeds)
         params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=p.max_new_tokens,
-                                 seed=None if sampling.seed is None else sampling.seed + i)
+                                 seed=None if per_row is None else per_row[i] % 2**31)
                   for i, p in enumerate(prompts)]
         t0 = time.perf_counter()
         outs = self.llm.generate([{"prompt_token_ids": p.ids} for p in prompts], params,

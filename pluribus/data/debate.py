@@ -16,6 +16,18 @@ Protocol (Du et al. 2023, "Improving Factuality and Reasoning in Language Models
   *end* (the conclusion and final answer) behind a "[...]" mark; the dropped token counts are recorded in
   the turn's ``meta.peer_tokens_dropped``.
 - N=1, R=1 is a single agent answering once: the path that evaluates one model (with or without an adapter).
+- Prompts are never cut: a problem whose prompt does not fit an agent's context (round 0 is checked for every
+  problem before the first step; a later round's prompt, peers trimmed, before that round) is refused with
+  one line naming it and the numbers, or, with ``team.too_long: skip``, left out of the store and named in the
+  summary (a rerun tries it again).
+- Seeds: each conversation turn samples from ``conversation_seed(seed, problem, agent, round)``, one
+  generator per row, so ``team.batch_size``, ``team.problems_per_step``, problem order and resuming (a torn
+  step too) never change what is drawn. Steps are fixed slices of the task's problem list, and a step that a
+  crash left half stored is debated again whole (only its missing problems are stored), so it is batched
+  as in the uninterrupted run. A row's logits on a local backend still depend in their last bits on the
+  rows batched with it: in float32 (``dtype: float32``) that flipped no token in ``bench/batch_invariance.py``,
+  in bf16 it flips a third to a half of the responses, so for agents on 16-bit local backends
+  ``team.batch_size`` and ``team.problems_per_step`` are part of ``config_hash`` (see there).
 
 Speed: problems go through in steps of ``team.problems_per_step``; in each round of a step, all
 (problem x agent) conversations of agents that share a backend and sampling settings are ONE
@@ -210,42 +222,113 @@ def _peers_of(team: Team, state: _State, i: int) -> list[tuple[str, str]]:
 OnBatch = Callable[[list[Generation]], None]
 
 
-def _generate(backend: Backend, conversations: list[Conversation], sampling: SamplingConfig,
-              on_batch: OnBatch | None) -> list[Generation]:
-    """``backend.generate``, reporting each finished batch to ``on_batch``: through the backend where it takes
-    ``on_batch`` (its micro-batches), else once for the whole call (a scripted or third-party backend)."""
-    if on_batch is None:
-        return backend.generate(conversations, sampling)
+def _takes(backend: Backend, keyword: str) -> bool:
     try:
-        reports = "on_batch" in inspect.signature(backend.generate).parameters
+        return keyword in inspect.signature(backend.generate).parameters
     except (TypeError, ValueError):
-        reports = False
-    if reports:
-        return backend.generate(conversations, sampling, on_batch=on_batch)  # type: ignore[call-arg]
-    gens = backend.generate(conversations, sampling)
-    on_batch(gens)
+        return False
+
+
+def _generate(backend: Backend, conversations: list[Conversation], sampling: SamplingConfig,
+              on_batch: OnBatch | None, seeds: list[int] | None = None) -> list[Generation]:
+    """``backend.generate``, with one sampling seed per conversation where it takes ``seeds``, reporting each
+    finished batch to ``on_batch``: through the backend where it takes ``on_batch`` (its micro-batches), else
+    once for the whole call (a scripted or third-party backend)."""
+    kwargs: dict[str, Any] = {}
+    if seeds is not None and _takes(backend, "seeds"):
+        kwargs["seeds"] = seeds
+    if on_batch is not None and _takes(backend, "on_batch"):
+        kwargs["on_batch"] = on_batch
+    gens = backend.generate(conversations, sampling, **kwargs)
+    if on_batch is not None and "on_batch" not in kwargs:
+        on_batch(gens)
     return gens
 
 
-def _generate_grouped(requests: list[tuple[Member, Conversation]], seed: int,
-                      on_batch: OnBatch | None = None) -> list[Generation]:
-    """One ``generate`` call per (backend, sampling) group, results back in request order."""
+def conversation_seed(seed: int, problem_id: str, agent: str, rnd: int) -> int:
+    """The sampling seed of one conversation turn: a hash of (seed, problem, agent, round), so neither the
+    batch it is generated in, nor the problems around it, nor a resume changes what it draws."""
+    digest = hashlib.sha256(json.dumps([seed, problem_id, agent, rnd]).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
+
+
+# (member, conversation, problem id, round): one generation request and what seeds it
+Request = tuple[Member, Conversation, str, int]
+
+
+def _generate_grouped(requests: list[Request], seed: int, on_batch: OnBatch | None = None) -> list[Generation]:
+    """One ``generate`` call per (backend, sampling) group, results back in request order. Each conversation is
+    seeded by ``conversation_seed`` from the agent's ``sampling.seed`` (when set) or the recipe's ``seed``."""
     groups: dict[tuple, list[int]] = {}
-    for k, (member, _) in enumerate(requests):
+    for k, (member, *_) in enumerate(requests):
         key = (id(member.backend), json.dumps(member.agent.sampling.model_dump(), sort_keys=True))
         groups.setdefault(key, []).append(k)
     out: list[Generation | None] = [None] * len(requests)
     for rows in groups.values():
         member = requests[rows[0]][0]
         sampling: SamplingConfig = member.agent.sampling
-        sampling = sampling.model_copy(update={"seed": (sampling.seed if sampling.seed is not None else 0) + seed})
-        gens = _generate(member.backend, [requests[k][1] for k in rows], sampling, on_batch)
+        base = sampling.seed if sampling.seed is not None else seed
+        seeds = [conversation_seed(base, requests[k][2], requests[k][0].name, requests[k][3]) for k in rows]
+        # a backend without per-row seeds gets one seed for the call, still a function of the first row only
+        sampling = sampling.model_copy(update={"seed": seeds[0] % 2**31})
+        gens = _generate(member.backend, [requests[k][1] for k in rows], sampling, on_batch, seeds)
         if len(gens) != len(rows):
             raise PluribusError(f"backend for '{member.backend.name}' returned {len(gens)} results "
                                 f"for {len(rows)} conversations")
         for k, g in zip(rows, gens, strict=True):
             out[k] = g
     return out  # type: ignore[return-value]
+
+
+def _overflow(member: Member, conv: Conversation, problem: Problem, rnd: int) -> str | None:
+    """Why ``conv`` cannot be asked of ``member`` (its prompt does not fit the context), or None."""
+    fit_of = getattr(member.backend, "prompt_fit", None)
+    fit = fit_of(conv, member.agent.sampling.max_new_tokens) if fit_of is not None else None
+    if fit is None or fit.fits:
+        return None
+    return f"problem '{problem.id}' does not fit agent '{member.name}' in round {rnd}: {fit.describe()}"
+
+
+def too_long_error(reason: str) -> PluribusError:
+    return PluribusError(f"{reason}; prompts are never cut: shorten the question, raise the agent's context_length, "
+                         "lower max_new_tokens or team.peer_token_budget, or set team.too_long=skip to leave such "
+                         "problems out (named in the summary)")
+
+
+def _drop_too_long(team: Team, states: list[_State], requests: list[Request], skipped: list[str] | None
+                   ) -> set[int]:
+    """Indices of ``states`` whose request in this round does not fit: an error under ``team.too_long=error``,
+    else each is named in ``skipped``. ``requests`` hold each state's rows in order."""
+    out: set[int] = set()
+    by_id = {st.problem.id: k for k, st in enumerate(states)}
+    for member, conv, pid, rnd in requests:
+        k = by_id[pid]
+        if k in out:
+            continue
+        reason = _overflow(member, conv, states[k].problem, rnd)
+        if reason is None:
+            continue
+        if team.config.too_long == "error":
+            raise too_long_error(reason)
+        out.add(k)
+        if skipped is not None:
+            skipped.append(reason)
+    return out
+
+
+def check_prompts(problems: Sequence[Problem], team: Team) -> dict[str, str]:
+    """Round 0 of every problem against every agent's context, before any step: under ``team.too_long=error``
+    the first problem that does not fit raises; under ``skip`` {problem id: reason} of those that do not."""
+    skipped: list[str] = []
+    states = [_State(p, [_first_turn(team, m, p) for m in team.members]) for p in problems]
+    requests = [(m, st.conversations[i], st.problem.id, 0) for st in states for i, m in enumerate(team.members)]
+    drop = sorted(_drop_too_long(team, states, requests, skipped))
+    return {states[k].problem.id: reason for k, reason in zip(drop, skipped, strict=True)}
+
+
+def _first_turn(team: Team, member: Member, problem: Problem) -> Conversation:
+    return _system(member.agent) + [{"role": "user", "content": fill(team.prompts["question"],
+                                                                     question=problem.question)}]
 
 
 def _turn(member: Member, rnd: int, gen: Generation, problem: Problem, peers: list[str], dropped: list[int]
@@ -259,7 +342,9 @@ def _turn(member: Member, rnd: int, gen: Generation, problem: Problem, peers: li
     )
 
 
-def _judge_round(team: Team, states: list[_State], rnd: int, seed: int, on_batch: OnBatch | None = None) -> None:
+def _judge_round(team: Team, states: list[_State], rnd: int, seed: int, on_batch: OnBatch | None = None,
+                 skipped: list[str] | None = None) -> list[_State]:
+    """The judge reads each state's last round; returns the states it could not read (prompt too long)."""
     assert team.judge is not None
     requests, meta = [], []
     for st in states:
@@ -268,11 +353,14 @@ def _judge_round(team: Team, states: list[_State], rnd: int, seed: int, on_batch
                                                                              strict=True)])
         conv = _system(team.judge.agent) + [
             {"role": "user", "content": fill(team.prompts["judge"], question=st.problem.question, peers=block)}]
-        requests.append((team.judge, conv))
+        requests.append((team.judge, conv, st.problem.id, rnd))
         meta.append((names, dropped))
-    gens = _generate_grouped(requests, seed, on_batch)
-    for st, gen, (names, dropped) in zip(states, gens, meta, strict=True):
-        st.judge_turns.append(_turn(team.judge, rnd, gen, st.problem, names, dropped))
+    drop = _drop_too_long(team, states, requests, skipped)
+    keep = [k for k in range(len(states)) if k not in drop]
+    gens = _generate_grouped([requests[k] for k in keep], seed, on_batch) if keep else []
+    for k, gen in zip(keep, gens, strict=True):
+        states[k].judge_turns.append(_turn(team.judge, rnd, gen, states[k].problem, *meta[k]))
+    return [states[k] for k in drop]
 
 
 def _system(agent: AgentConfig) -> Conversation:
@@ -288,24 +376,26 @@ def generations_per_problem(team: TeamConfig) -> int:
 
 
 def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: int = 0,
-                on_batch: OnBatch | None = None) -> list[Trajectory]:
+                on_batch: OnBatch | None = None, skipped: list[str] | None = None) -> list[Trajectory]:
     """Debate ``problems`` together for all rounds; one generate call per backend group per round.
 
+    A problem whose prompt does not fit an agent's context in some round raises (``team.too_long=error``) or
+    is left out of the result, its reason appended to ``skipped`` (``skip``).
+
+    ``seed`` is the recipe's seed: each conversation turn samples from ``conversation_seed(seed, problem,
+    agent, round)`` (an agent's own ``sampling.seed`` replaces ``seed``), never from its place in the batch.
+
     ``on_batch(generations)`` is called as each batch of generations finishes (progress within a step)."""
-    states = [
-        _State(p, [_system(m.agent) + [{"role": "user", "content": fill(team.prompts["question"],
-                                                                          question=p.question)}]
-                   for m in team.members])
-        for p in problems
-    ]
+    states = [_State(p, [_first_turn(team, m, p) for m in team.members]) for p in problems]
     active = states
+    gone: list[_State] = []
     for rnd in range(team.config.rounds):
         if rnd > 0 and team.config.early_stop:
             # every agent agrees: another round would only repeat the consensus (Du et al. stop on agreement too)
             active = [st for st in active if not agreed([t.answer for t in st.rounds[-1]])]
             if not active:
                 break
-        requests: list[tuple[Member, Conversation]] = []
+        requests: list[Request] = []
         seen: list[tuple[list[str], list[int]]] = []
         for st in active:
             for i, member in enumerate(team.members):
@@ -320,9 +410,17 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
                     else:
                         text = fill(team.prompts["reflect"], question=st.problem.question)
                     st.conversations[i].append({"role": "user", "content": text})
-                requests.append((member, st.conversations[i]))
+                requests.append((member, st.conversations[i], st.problem.id, rnd))
                 seen.append((names, dropped))
-        gens = _generate_grouped(requests, seed + 1009 * rnd, on_batch)
+        n = len(team.members)
+        drop = _drop_too_long(team, active, requests, skipped)
+        if drop:
+            gone += [active[k] for k in drop]
+            keep = [k for k in range(len(active)) if k not in drop]
+            requests = [requests[k * n + i] for k in keep for i in range(n)]
+            seen = [seen[k * n + i] for k in keep for i in range(n)]
+            active = [active[k] for k in keep]
+        gens = _generate_grouped(requests, seed, on_batch) if requests else []
         k = 0
         for st in active:
             turns = []
@@ -332,13 +430,16 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
             st.rounds.append(turns)
         last = rnd == team.config.rounds - 1
         if team.judge is not None and (team.judge_each_round or (last and team.config.aggregation == "judge")):
-            _judge_round(team, active, rnd, seed + 1009 * rnd + 17, on_batch)
+            unread = _judge_round(team, active, rnd, seed, on_batch, skipped)
+            gone += unread
+            active = [st for st in active if st not in unread]
     if team.judge is not None and team.config.aggregation == "judge":
         # problems stopped early still get the judge's verdict on their last round
-        stopped = [st for st in states if len(st.judge_turns) < (len(st.rounds) if team.judge_each_round else 1)]
+        stopped = [st for st in states if st not in gone
+                   and len(st.judge_turns) < (len(st.rounds) if team.judge_each_round else 1)]
         if stopped:
-            _judge_round(team, stopped, team.config.rounds, seed + 1009 * team.config.rounds + 17, on_batch)
-    return [_finish(st, team, run_id) for st in states]
+            gone += _judge_round(team, stopped, team.config.rounds, seed, on_batch, skipped)
+    return [_finish(st, team, run_id) for st in states if st not in gone]
 
 
 def agreed(answers: Sequence[str | None]) -> bool:
@@ -404,12 +505,15 @@ class DebateSummary:
     lost: int  # an agent right in round r-1, wrong in round r
     tokens_per_second: float  # generated tokens / wall seconds of this invocation
     duplicates: tuple[str, ...] = ()  # "shard:line" of store lines repeating a stored problem (counted once)
+    skipped: tuple[str, ...] = ()  # why each problem left out this run (team.too_long=skip) was
 
     def rows(self) -> list[tuple[str, str]]:
         repeated = [("duplicated store lines (counted once)",
                      f"{len(self.duplicates)}: {', '.join(self.duplicates[:5])}"
                      f"{', ...' if len(self.duplicates) > 5 else ''} (pluribus repair removes them)")]
-        return [*(repeated if self.duplicates else []),
+        skipped = [("skipped: prompt too long (team.too_long=skip)",
+                    f"{len(self.skipped)}: {'; '.join(self.skipped[:3])}{'; ...' if len(self.skipped) > 3 else ''}")]
+        return [*(repeated if self.duplicates else []), *(skipped if self.skipped else []),
             ("problems (new this run)", f"{self.problems} ({self.new})"),
             ("single-agent (round-0) accuracy", f"{self.round0_accuracy:.1%}"),
             ("team accuracy", f"{self.team_accuracy:.1%}"),
@@ -422,7 +526,7 @@ class DebateSummary:
 
 
 def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_second: float = 0.0,
-              duplicates: Sequence[str] = ()) -> DebateSummary:
+              duplicates: Sequence[str] = (), skipped: Sequence[str] = ()) -> DebateSummary:
     n = len(records)
     r0 = [t["correct"] for r in records for t in r["rounds"][0]]
     corrected = lost = 0
@@ -438,6 +542,7 @@ def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_
         tokens_per_problem=sum(r["cost"]["tokens_in"] + r["cost"]["tokens_out"] for r in records) / n if n else 0.0,
         seconds_per_problem=sum(r["cost"]["seconds"] for r in records) / n if n else 0.0,
         corrected=corrected, lost=lost, tokens_per_second=tokens_per_second, duplicates=tuple(duplicates),
+        skipped=tuple(skipped),
     )
 
 
@@ -452,22 +557,47 @@ _TRANSPORT_FIELDS = {"base_url", "api_key_env", "max_concurrency", "timeout_s", 
 
 def config_hash(recipe: Recipe) -> str:
     """What makes stored trajectories comparable: the task and team, minus settings that only change speed
-    or how many problems run (``task.n``, ``team.batch_size``, ``team.problems_per_step``, the agents'
-    server connection settings), plus the seed."""
-    return _hash(recipe, {"batch_size": True, "problems_per_step": True,
-                          "agents": {"__all__": _TRANSPORT_FIELDS}, "judge": _TRANSPORT_FIELDS})
+    or how many problems run (``task.n``, ``team.batch_size``, ``team.problems_per_step``, ``team.too_long``,
+    the agents' server connection settings), plus the seed.
+
+    A conversation's seed does not depend on its batch (``conversation_seed``), but where an agent or the judge
+    runs a local backend (transformers, vllm) in a 16-bit dtype, its logits do in their last bits, and that
+    flips tokens: there the batch settings (``team.batch_size`` and the effective ``team.problems_per_step``)
+    are hashed too, so a store is never continued with batches that would have drawn other turns. float32
+    agents are batch invariant in practice and keep them out."""
+    team = recipe.require("team")
+    batch = None
+    if batch_sensitive(team):
+        batch = [team.batch_size, team.problems_per_step or max(1, team.batch_size // len(team.agents))]
+    return _hash(recipe, _CURRENT_EXCLUDE, batch=batch)
+
+
+_CURRENT_EXCLUDE = {"batch_size": True, "problems_per_step": True, "too_long": True,
+                    "agents": {"__all__": _TRANSPORT_FIELDS}, "judge": _TRANSPORT_FIELDS}
+
+
+def batch_sensitive(team: TeamConfig) -> bool:
+    """Whether some agent (or the judge) generates on a local backend in 16 bits, where batching flips tokens."""
+    return any(a.backend in ("transformers", "vllm") and a.dtype != "float32"
+               for a in [*team.agents, *([team.judge] if team.judge else [])])
+
+
+def older_config_hashes(recipe: Recipe) -> list[str]:
+    """The hashes earlier pluribus versions gave this config: stores written then are taken over on resume."""
+    return [legacy_config_hash(recipe), _hash(recipe, _CURRENT_EXCLUDE)]
 
 
 def legacy_config_hash(recipe: Recipe) -> str:
     """``config_hash`` as pluribus computed it while the connection settings were part of it: stores written
     then resume, taking the new hash."""
-    return _hash(recipe, {"batch_size", "problems_per_step"})
+    return _hash(recipe, {"batch_size", "problems_per_step", "too_long"})
 
 
-def _hash(recipe: Recipe, team_exclude: Any) -> str:
+def _hash(recipe: Recipe, team_exclude: Any, batch: list[int] | None = None) -> str:
     task = recipe.require("task").model_dump(mode="json", exclude={"n"})
     team = recipe.require("team").model_dump(mode="json", exclude=team_exclude)
-    payload = json.dumps({"task": task, "team": team, "seed": recipe.seed}, sort_keys=True)
+    extra = {} if batch is None else {"batch": batch}
+    payload = json.dumps({"task": task, "team": team, "seed": recipe.seed, **extra}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -528,40 +658,57 @@ def run_debate(
         dup = next(i for i in ids if ids.count(i) > 1)
         raise PluribusError(f"problem ids must be unique; '{dup}' appears more than once in the task")
     apply_threads(recipe.threads)  # before a model loads: torch sizes its pools on first use
+    fresh = not (recipe.run_dir / "trajectories" / "manifest.json").is_file()
     if backends is None:
         check_models(team_cfg)
-        if not (recipe.run_dir / "trajectories" / "manifest.json").is_file():
+        if fresh:
             # a new run loads its models before its first file, so a broken checkpoint leaves no run folder
             backends = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
+    too_long: dict[str, str] | None = None
+    if fresh and backends is not None:
+        # round 0 of every problem against the contexts: a refusal comes before any file, not hours in
+        too_long = check_prompts(problems, build_team(team_cfg, backends))
 
     with TrajectoryStore(recipe.run_dir / "trajectories", config_hash(recipe), new_run=new_run,
-                         same_config=[legacy_config_hash(recipe)], check=Trajectory.from_dict) as store:
+                         same_config=older_config_hashes(recipe), check=Trajectory.from_dict) as store:
         write_recipe(recipe)  # only now: a config the store refused must not replace the run's recipe
         done = store.done_ids()
         pending = [p for p in problems if p.id not in done]
         if pending and backends is None:
             backends = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
+        stored_before = len(problems) - len(pending)
+        if pending:
+            team = build_team(team_cfg, backends)  # type: ignore[arg-type]
+            if too_long is None:
+                too_long = check_prompts(pending, team)  # a resumed run checks what it still has to debate
+            pending = [p for p in pending if p.id not in too_long]
+        skipped = [reason for pid, reason in (too_long or {}).items() if pid not in done]
         step = team_cfg.problems_per_step or max(1, team_cfg.batch_size // len(team_cfg.agents))
-        tokens, t0 = 0, time.perf_counter()
-        with _Progress(progress, total=len(problems), done=len(problems) - len(pending), label=label,
+        # Steps are slices of the whole task (not of what is pending), and one with any problem pending is
+        # debated whole: a step torn by a crash is batched again as the uninterrupted run batched it.
+        todo = {p.id for p in pending}
+        debated = [p for p in problems if p.id not in (too_long or {})]
+        steps = [debated[s : s + step] for s in range(0, len(debated), step)]
+        tokens, new, t0 = 0, 0, time.perf_counter()
+        with _Progress(progress, total=len(problems) - len(skipped), done=stored_before, label=label,
                        per_problem=generations_per_problem(team_cfg)) as bar:
-            if pending:
-                team = build_team(team_cfg, backends)  # type: ignore[arg-type]
-            position = {p.id: i for i, p in enumerate(problems)}
-            for s in range(0, len(pending), step):
-                # The seed follows the step's first problem, not the session, so a resumed run draws alike.
-                trajs = debate_step(pending[s : s + step], team, run_id=store.run_id,
-                                    seed=recipe.seed * 1_000_003 + position[pending[s].id], on_batch=bar.batch)
+            for chunk in steps:
+                if not todo & {p.id for p in chunk}:
+                    continue
+                trajs = debate_step(chunk, team, run_id=store.run_id, seed=recipe.seed, on_batch=bar.batch,
+                                    skipped=skipped)
+                trajs = [t for t in trajs if t.problem_id in todo]
                 store.append([t.to_dict() for t in trajs])
                 tokens += sum(t.cost["tokens_out"] for t in trajs)
+                new += len(trajs)
                 bar.update(trajs)
                 if on_step is not None:
-                    on_step(len(problems) - len(pending) + s + len(trajs), len(problems))
+                    on_step(stored_before + new, len(problems))
         wanted = {p.id for p in problems}
         records = [r for r in store.iter_records() if r["problem_id"] in wanted]
     elapsed = time.perf_counter() - t0
-    return summarize(records, new=len(pending), tokens_per_second=tokens / elapsed if pending else 0.0,
-                     duplicates=store.duplicates)
+    return summarize(records, new=new, tokens_per_second=tokens / elapsed if pending else 0.0,
+                     duplicates=store.duplicates, skipped=skipped)
 
 
 class _Progress:

@@ -441,9 +441,52 @@ def finite_guard() -> Any:
     return FiniteGuard()
 
 
+def log_at_save() -> Any:
+    """A TrainerCallback that logs the loss at every checkpoint step, so the checkpoint's log_history covers
+    each step before it and a resumed run can report the whole run's ``train_loss`` (``train_and_report``)."""
+    from transformers import TrainerCallback
+
+    class LogAtSave(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save:
+                control.should_log = True
+
+    return LogAtSave()
+
+
 def callbacks() -> list[Any]:
-    """The callbacks every stage's Trainer gets: the rich progress bar, then the NaN/Inf guard."""
-    return [rich_progress_callback(), finite_guard()]
+    """The callbacks every stage's Trainer gets: the rich progress bar, the NaN/Inf guard, a log at each save."""
+    return [rich_progress_callback(), finite_guard(), log_at_save()]
+
+
+def train_and_report(trainer: Any, checkpoint: str | None) -> dict[str, Any]:
+    """``trainer.train(resume_from_checkpoint=checkpoint)``'s metrics, with ``train_loss`` over the whole run.
+
+    Trainer averages the loss over the steps of this call only; resumed, the steps before the checkpoint come
+    from its log_history: ``sum_i loss_i * (step_i - step_{i-1})`` over the logged windows up to the checkpoint
+    step (``log_at_save`` makes them reach it). A checkpoint whose logs stop short keeps Trainer's figure, and
+    ``train_loss_steps`` says how many steps that figure covers.
+    """
+    start = 0
+    if checkpoint is not None:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        start = int(state.get("global_step", 0))
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = dict(result.metrics)
+    end = trainer.state.global_step
+    if not start or "train_loss" not in metrics:
+        return metrics
+    before, last = 0.0, 0
+    for entry in trainer.state.log_history:
+        if "loss" in entry and entry.get("step", 0) <= start:
+            before += float(entry["loss"]) * (entry["step"] - last)
+            last = entry["step"]
+    if last != start:
+        metrics["train_loss_steps"] = end - start
+        return metrics
+    metrics["train_loss"] = (before + metrics["train_loss"] * (end - start)) / max(end, 1)
+    metrics["train_loss_steps"] = end
+    return metrics
 
 
 def quiet_printer(trainer: Any) -> None:

@@ -246,12 +246,11 @@ def train_prm(
         data_collator=PadCollator(tokenizer.pad_token_id), callbacks=common.callbacks(),
     )
     common.quiet_printer(trainer)
-    result = trainer.train(resume_from_checkpoint=common.resume_checkpoint(out, resume, model))
+    metrics = common.train_and_report(trainer, common.resume_checkpoint(out, resume, model))
     if kernels is not None:
         kernels.unpatch()
 
     # 5. held-out step accuracy / F1 / AUROC, then the adapter folder + record
-    metrics = dict(result.metrics)
     if eval_rows is not None:
         metrics.update(trainer.evaluate())
         metrics.update({f"eval_{k}": v for k, v in evaluate_prm(model, tokenizer, eval_rows,

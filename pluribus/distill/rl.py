@@ -369,12 +369,11 @@ def train_rl(
     )
     common.quiet_printer(trainer)
     history_start = len(trainer.state.log_history)
-    result = trainer.train(resume_from_checkpoint=common.resume_checkpoint(out, resume, model))
+    metrics = common.train_and_report(trainer, common.resume_checkpoint(out, resume, model))
     if kernels is not None:
         kernels.unpatch()
 
     # 5. the adapter folder + record (final metrics: the last logged reward/accuracy/KL)
-    metrics = dict(result.metrics)
     logged = [h for h in trainer.state.log_history[history_start:] if "reward" in h]
     if logged:
         metrics.update({f"final_{k}": logged[-1][k] for k in ("reward", "accuracy", "kl", "prm_score")})

@@ -70,12 +70,18 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> tup
 
 
 def prepare_examples(ds: Any, tokenizer: Any, cfg: TrainConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Tokenize rows into ``{input_ids, labels, weight}``; too-long rows are dropped or truncated and counted."""
+    """Tokenize rows into ``{input_ids, labels, weight}``; too-long rows are dropped or truncated and counted.
+
+    Truncation is said on screen (a warning with the numbers), and refused (PluribusError) when the kept rows
+    keep less than ``train.min_kept_labels`` of the labelled tokens they had before it.
+    """
     examples, counts = [], {"rows": len(ds), "kept": 0, "too_long": 0, "dropped": 0, "truncated": 0,
                             "labelled_tokens": 0, "tokens": 0}
     has_kind = "kind" in ds.column_names
+    labelled_before = 0
     for row in ds:
         ids, labels = tokenize_conversation(tokenizer, row["messages"])
+        uncut = sum(x != -100 for x in labels[1:])
         if len(ids) > cfg.max_length:
             counts["too_long"] += 1
             if cfg.too_long == "drop":
@@ -92,12 +98,22 @@ def prepare_examples(ds: Any, tokenizer: Any, cfg: TrainConfig) -> tuple[list[di
         counts["kept"] += 1
         counts["tokens"] += len(ids)
         counts["labelled_tokens"] += sum(x != -100 for x in labels[1:])
+        labelled_before += uncut
     if not examples:
         # under truncate, a row is dropped only when its cut leaves no answer token: truncate is no advice then
         fix = "raise it or set train.too_long=truncate" if cfg.too_long == "drop" else \
             "truncated, they keep no assistant token to learn from (train.too_long=truncate); raise it"
         raise PluribusError(f"no SFT example is left: {counts['dropped']} of {counts['rows']} rows are longer than "
                             f"train.max_length={cfg.max_length}; {fix}")
+    if counts["truncated"]:
+        share = counts["labelled_tokens"] / max(labelled_before, 1)
+        what = (f"train.too_long=truncate cut {counts['truncated']} of {counts['rows']} rows to "
+                f"train.max_length={cfg.max_length}: the kept rows keep {counts['labelled_tokens']} of "
+                f"{labelled_before} labelled tokens ({share:.1%})")
+        if share < cfg.min_kept_labels:
+            raise PluribusError(f"{what}, under train.min_kept_labels={cfg.min_kept_labels:g}; raise "
+                                "train.max_length, set train.too_long=drop, or lower train.min_kept_labels")
+        common.logger.warning("%s", what)
     return examples, counts
 
 
@@ -207,8 +223,7 @@ def train_sft(
 
     # 5. train (resuming from a checkpoint of the same base), then evaluate once more
     common.quiet_printer(trainer)
-    result = trainer.train(resume_from_checkpoint=common.resume_checkpoint(out, resume, model))
-    metrics = dict(result.metrics)
+    metrics = common.train_and_report(trainer, common.resume_checkpoint(out, resume, model))
     if eval_ex:
         metrics.update(trainer.evaluate())
     if kernels is not None:

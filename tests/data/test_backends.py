@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from pluribus.config import AgentConfig, Recipe, SamplingConfig, TaskConfig, TeamConfig
-from pluribus.data.backends import OpenAIBackend, PromptBuilder, TransformersBackend, make_backend
+from pluribus.data.backends import (
+    Fit,
+    OpenAIBackend,
+    PromptBuilder,
+    PromptTooLong,
+    TransformersBackend,
+    make_backend,
+)
 from pluribus.data.debate import run_debate
 from pluribus.data.store import TrajectoryStore
 from pluribus.errors import PluribusError
@@ -45,13 +52,14 @@ def test_prompt_builder_context_rule(tiny_llama_dir):
     short = b.encode(convs(1)[0], max_new_tokens=16)
     assert short.dropped_tokens == 0 and short.max_new_tokens == 16
     assert tok.decode(short.ids).endswith("<|im_start|>assistant\n")
-    long = [{"role": "user", "content": "word " * 200 + "final question?"}]
-    p = b.encode(long, max_new_tokens=16)
+    long = [{"role": "system", "content": "You are careful."}, {"role": "user", "content": "word " * 200 + "?"}]
     full = tok(b.render(long), add_special_tokens=False)["input_ids"]
-    # Prompt budget = 64 - 16; the oldest tokens go, the newest (and the generation prompt) stay.
-    assert len(p.ids) == 48 and p.dropped_tokens == len(full) - 48 and p.ids == full[-48:]
-    # New tokens get at most half the context, so some prompt always fits.
-    assert b.encode(long, max_new_tokens=1000).max_new_tokens == 32
+    # Prompt room = 64 - 16: a longer prompt is refused with the numbers, never cut (the persona would go).
+    with pytest.raises(PromptTooLong, match=f"its prompt is {len(full)} tokens, and the context of 64 leaves 48"):
+        b.encode(long, max_new_tokens=16)
+    assert b.fit(long, 16) == Fit(len(full), 48, 64, 16) and not b.fit(long, 16).fits
+    # New tokens get at most half the context.
+    assert b.fit(convs(1)[0], max_new_tokens=1000).max_new == 32
     no_template = AutoTokenizer.from_pretrained(tiny_llama_dir)
     no_template.chat_template = None
     with pytest.raises(PluribusError, match="no chat template"):
@@ -82,11 +90,12 @@ def test_continuation_and_long_conversation(tiny_llama_dir):
     rendered = backend.builder.render(prefix)
     assert rendered.endswith("one two")  # continued, not closed and reopened
     long = [{"role": "user", "content": "blah " * 300}]
-    out = backend.generate([prefix, long], SamplingConfig(max_new_tokens=100))
-    assert not out[0].truncated
-    # max_new 100 -> 64 (half the context); the long prompt keeps its last 128 - 64 tokens.
-    assert out[1].truncated and out[1].dropped_tokens > 0 and out[1].tokens_in == 64
-    assert out[0].tokens_out <= 64 and out[1].tokens_out <= 64
+    out = backend.generate([prefix], SamplingConfig(max_new_tokens=100))
+    # max_new 100 -> 64 (half the context)
+    assert not out[0].truncated and out[0].tokens_out <= 64
+    assert backend.prompt_fit(long, 100).room == 64 and not backend.prompt_fit(long, 100).fits
+    with pytest.raises(PromptTooLong, match="leaves 64 for the prompt after 64 new tokens"):
+        backend.generate([prefix, long], SamplingConfig(max_new_tokens=100))
 
 
 def test_make_backend_errors():
@@ -254,3 +263,27 @@ def test_server_stops_mid_run_then_rerun_completes_exactly_once(tmp_path, tiny_l
     assert summary.problems == 4 and summary.new == 2
     ids = [r["problem_id"] for r in TrajectoryStore(store_dir).iter_records()]
     assert len(ids) == 4 and len(set(ids)) == 4 and ids[:2] == [r["problem_id"] for r in stored]
+
+
+def test_row_sampler_draws_each_row_from_its_softmax_and_top_p():
+    import torch
+
+    from pluribus.data.backends import row_sampler
+
+    probs = torch.tensor([0.2, 0.0, 0.5, 0.3])
+    logits = probs.log().expand(2, 4).clone()
+    counts = torch.zeros(2, 4)
+    sampler = row_sampler([1, 2], temperature=1.0, top_p=1.0)
+    for _ in range(4000):
+        counts[torch.arange(2), sampler(None, logits).argmax(-1)] += 1
+    torch.testing.assert_close(counts / 4000, probs.expand(2, 4), atol=0.03, rtol=0)
+    # top_p 0.6 keeps 0.5 and 0.3 (the mass before 0.2 already reaches 0.6), renormalized
+    counts = torch.zeros(4)
+    sampler = row_sampler([3], temperature=1.0, top_p=0.6)
+    for _ in range(4000):
+        counts[sampler(None, logits[:1]).argmax()] += 1
+    torch.testing.assert_close(counts / 4000, torch.tensor([0.0, 0.0, 0.625, 0.375]), atol=0.03, rtol=0)
+    # the same seed, the same draws, whatever row it sits in
+    a = [row_sampler([5, 9], 1.0, 1.0) for _ in range(2)]
+    b = row_sampler([9], 1.0, 1.0)
+    assert all(a[0](None, logits)[1].argmax() == b(None, logits[:1])[0].argmax() for _ in range(50))

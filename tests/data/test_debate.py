@@ -228,9 +228,14 @@ def test_run_debate_resumes_and_refuses_changed_config(tmp_path):
     assert config_hash(changed) != config_hash(recipe)
     with pytest.raises(PluribusError, match="--new-run"):
         run_debate(changed, problems=problems(8), backends=backends, progress=False)
-    # Speed-only settings do not change the hash.
+    # Batch settings change the hash only where batching changes tokens: 16-bit local agents (bf16 here).
     faster = recipe.model_copy(update={"team": recipe.team.model_copy(update={"batch_size": 7})})
-    assert config_hash(faster) == config_hash(recipe)
+    assert config_hash(faster) != config_hash(recipe)
+    fp32 = [a.model_copy(update={"dtype": "float32"}) for a in recipe.team.agents]
+    exact = recipe.model_copy(update={"team": recipe.team.model_copy(update={"agents": fp32})})
+    for speed in ({"batch_size": 7}, {"problems_per_step": 1}, {"too_long": "skip"}):
+        assert config_hash(exact.model_copy(update={"team": exact.team.model_copy(update=speed)})) == \
+            config_hash(exact)
     s = run_debate(changed, problems=problems(2), backends=backends, progress=False, new_run=True)
     assert s.problems == 2 and s.new == 2
 
@@ -516,3 +521,75 @@ def test_early_stop_needs_every_agent_to_give_the_same_parsed_answer():
 
     assert agreed(["3", "3", "3"]) and agreed(["0.5", "1/2"])  # equal numbers written two ways
     assert not agreed(["3", "3", None]) and not agreed(["3", "4"]) and not agreed(["3"])
+
+
+class FittingBackend(ScriptedBackend):
+    """A scripted backend with a context of ``context`` words (a prompt's size: the words of its messages)."""
+
+    def __init__(self, reply, context: int) -> None:
+        super().__init__(reply)
+        self.context = context
+
+    def prompt_fit(self, conv, max_new_tokens):
+        from pluribus.data.backends import Fit
+
+        words = sum(len(m["content"].split()) for m in conv)
+        return Fit(words, self.context - max_new_tokens, self.context, max_new_tokens)
+
+
+def long_problems() -> list[Problem]:
+    return [*problems(3), Problem(id="long", question="Why " * 300 + "is 1 + 1?", answer="2")]
+
+
+def test_a_question_past_the_context_is_refused_up_front_never_cut(tmp_path, tiny_llama_dir):
+    agent = AgentConfig(model=str(tiny_llama_dir), dtype="float32", context_length=128, persona="You are careful.",
+                        sampling=SamplingConfig(max_new_tokens=16))
+    recipe = Recipe(name="r", root=str(tmp_path), task=TaskConfig(n=4), team=TeamConfig(agents=[agent], rounds=1))
+    with pytest.raises(PluribusError, match=r"problem 'long' does not fit agent 'agent0' in round 0: its prompt is "
+                                            r"\d+ tokens, and the context of 128 leaves 112 .*team.too_long=skip"):
+        run_debate(recipe, problems=long_problems(), progress=False)
+    assert not (tmp_path / "r").exists()  # refused before the first file
+    skip = recipe.model_copy(update={"team": recipe.team.model_copy(update={"too_long": "skip"})})
+    s = run_debate(skip, problems=long_problems(), progress=False)
+    assert s.problems == 3 and s.new == 3 and len(s.skipped) == 1 and "problem 'long'" in s.skipped[0]
+    assert any("skipped: prompt too long" in k and v.startswith("1: problem 'long'") for k, v in s.rows())
+    stored = list(TrajectoryStore(tmp_path / "r" / "trajectories").iter_records())
+    assert sorted(r["problem_id"] for r in stored) == ["p0", "p1", "p2"]
+    assert config_hash(skip) == config_hash(recipe)  # the setting stores nothing different
+
+
+def test_a_debate_round_that_does_not_fit_follows_the_same_rule(tmp_path):
+    # round 0 fits every problem; in round 1, p0's peers' long replies push its prompt past 120 - 8 words
+    be = FittingBackend(lambda conv, k: "long " * 20 + "\\boxed{1}" if "What is 0 + 1" in conv[0]["content"]
+                        else "\\boxed{3}", context=120)
+    agents = [AgentConfig(name=n, sampling=SamplingConfig(max_new_tokens=8)) for n in ("a", "b")]
+    team = TeamConfig(agents=agents, rounds=2)
+    recipe = Recipe(name="r", root=str(tmp_path), task=TaskConfig(n=3), team=team)
+    backends = {backend_key(agents[0]): be}
+    with pytest.raises(PluribusError, match="problem 'p0' does not fit agent 'a' in round 1: its prompt is"):
+        run_debate(recipe, problems=problems(3), backends=backends, progress=False)
+    skip = recipe.model_copy(update={"name": "s", "team": team.model_copy(update={"too_long": "skip"})})
+    s = run_debate(skip, problems=problems(3), backends=backends, progress=False)
+    assert s.problems == 2 and s.new == 2 and len(s.skipped) == 1 and "problem 'p0'" in s.skipped[0]
+    stored = list(TrajectoryStore(tmp_path / "s" / "trajectories").iter_records())
+    assert sorted(r["problem_id"] for r in stored) == ["p1", "p2"] and all(len(r["rounds"]) == 2 for r in stored)
+
+
+def test_a_bf16_store_is_not_continued_with_other_batches_but_older_stores_are_taken_over(tmp_path):
+    from pluribus.data.debate import _CURRENT_EXCLUDE, _hash
+
+    be = ScriptedBackend(lambda conv, k: "\\boxed{2}")
+    recipe = Recipe(name="r", root=str(tmp_path), task=TaskConfig(n=4),
+                    team=TeamConfig(agents=[AgentConfig(name="a"), AgentConfig(name="b")], rounds=1,
+                                    problems_per_step=2))
+    backends = {backend_key(recipe.team.agents[0]): be}
+    run_debate(recipe, problems=problems(2), backends=backends, progress=False)
+    other = recipe.model_copy(update={"team": recipe.team.model_copy(update={"problems_per_step": 3})})
+    with pytest.raises(PluribusError, match="--new-run"):
+        run_debate(other, problems=problems(4), backends=backends, progress=False)
+    # a store written before batch settings were hashed resumes, and takes the new hash
+    manifest = tmp_path / "r" / "trajectories" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "config_hash": _hash(other, _CURRENT_EXCLUDE)}))
+    assert run_debate(other, problems=problems(4), backends=backends, progress=False).new == 2
+    assert json.loads(manifest.read_text())["config_hash"] == config_hash(other)

@@ -155,6 +155,18 @@ def test_resume_continues_from_the_saved_step_with_the_same_data(tmp_path, stude
     assert '"global_step": 4' in state
 
 
+def test_resume_reports_the_whole_runs_train_loss(tmp_path, student_dir, rsft_dir):
+    # logging_steps=3 does not divide the checkpoint step: the loss of steps 1-2 reaches the checkpoint only
+    # because a checkpoint step is also logged
+    kw = {"scheduler": "constant", "warmup_ratio": 0.0, "save_steps": 2, "lr": 1e-2, "logging_steps": 3}
+    straight = train_sft(recipe(tmp_path / "a", student_dir, max_steps=4, **kw), dataset=rsft_dir)
+    train_sft(recipe(tmp_path / "b", student_dir, max_steps=2, **kw), dataset=rsft_dir)
+    resumed = train_sft(recipe(tmp_path / "b", student_dir, max_steps=4, **kw), dataset=rsft_dir, resume=True)
+    whole, again = read_record(straight)["metrics"], read_record(resumed)["metrics"]
+    assert again["train_loss_steps"] == 4
+    assert again["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-4)
+
+
 def test_resume_refuses_an_adapter_of_another_base(tmp_path, student_dir, other_student_dir, rsft_dir):
     train_sft(recipe(tmp_path, student_dir, max_steps=2), dataset=rsft_dir)
     with pytest.raises(PluribusError, match="another base|holds an adapter of base"):
@@ -171,7 +183,7 @@ def test_too_long_rows_are_dropped_or_truncated_and_counted(tmp_path, student_di
     cfg = Recipe(train={"max_length": 200}).train
     kept, counts = prepare_examples(ds, tokenizer, cfg)
     assert (counts["too_long"], counts["dropped"], counts["kept"]) == (1, 1, 3)
-    cfg = Recipe(train={"max_length": 400, "too_long": "truncate"}).train
+    cfg = Recipe(train={"max_length": 400, "too_long": "truncate", "min_kept_labels": 0.1}).train
     kept, counts = prepare_examples(ds, tokenizer, cfg)
     assert (counts["too_long"], counts["truncated"], counts["kept"]) == (1, 1, 4)
     assert len(kept[-1]["input_ids"]) == 400 and kept[-1]["labels"][-1] != -100
@@ -263,3 +275,25 @@ def test_kernels_torch_give_the_same_packed_loss_and_gradients(student_dir, toke
     assert results[0][1].keys() == results[1][1].keys()
     for n in results[0][1]:
         torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-4, atol=1e-6)
+
+
+def test_truncation_is_said_and_refused_when_it_keeps_too_few_labelled_tokens(tokenizer, caplog):
+    from datasets import Dataset
+
+    def row(i: int, answer_words: int) -> dict:
+        return {"messages": [{"role": "user", "content": f"question {i} " + "q " * 40},
+                             {"role": "assistant", "content": "a " * answer_words}],
+                "problem_id": f"p{i}", "agent": "a", "round": 0}
+
+    ds = Dataset.from_list([row(i, 300) for i in range(3)])
+    prompt_len = len(tokenize_conversation(tokenizer, row(0, 1)["messages"])[0])
+    # every row cut a few tokens past its prompt: each keeps a sliver of its answer
+    cfg = Recipe(train={"max_length": prompt_len + 4, "too_long": "truncate"}).train
+    with pytest.raises(PluribusError, match=r"cut 3 of 3 rows to train.max_length=\d+: the kept rows keep \d+ of "
+                                            r"\d+ labelled tokens \(\d+\.\d%\), under train.min_kept_labels=0.5"):
+        prepare_examples(ds, tokenizer, cfg)
+    # cut mildly: allowed, and said
+    cfg = Recipe(train={"max_length": prompt_len + 250, "too_long": "truncate"}).train
+    with caplog.at_level("WARNING", logger="pluribus.distill"):
+        kept, counts = prepare_examples(ds, tokenizer, cfg)
+    assert counts["truncated"] == 3 and "train.too_long=truncate cut 3 of 3 rows" in caplog.text

@@ -10,9 +10,11 @@ fails fast and leaves no empty dataset behind. Each dataset folder is written at
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +31,12 @@ from pluribus.data.build.process import (
     traces_from,
 )
 from pluribus.data.build.select import augmented_rows, rsft_rows
-from pluribus.data.debate import question_prompt
+from pluribus.data.debate import conversation_seed, question_prompt
 from pluribus.data.records import Trajectory
 from pluribus.errors import PluribusError
 from pluribus.io import atomic_dir, atomic_write_text
 
+logger = logging.getLogger("pluribus.data")
 KINDS = ("rsft", "augmented", "process")
 PARQUET = "data/train-00000-of-00001.parquet"
 SHEPHERD_PARQUET = "math_shepherd/train-00000-of-00001.parquet"
@@ -50,6 +53,7 @@ class Source:
     records: int = 0
     skipped: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
+    outside: int = 0  # trajectories of problems the recipe's task does not select (left out)
 
     def card_row(self) -> dict[str, Any]:
         # the store by its run and folder name: a card may be pushed, and this machine's paths mean nothing there
@@ -104,9 +108,10 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
         yield from enumerate(f, 1)
 
 
-def read_trajectories(sources: list[Source], *, skip_corrupt: bool = False,
-                      max_problems: int | None = None) -> list[Trajectory]:
-    """Every trajectory of the stores, in storage order, each problem once, at most ``max_problems``.
+def read_trajectories(sources: list[Source], *, skip_corrupt: bool = False, max_problems: int | None = None,
+                      only: set[str] | None = None) -> list[Trajectory]:
+    """Every trajectory of the stores, in storage order, each problem once, at most ``max_problems``; with
+    ``only``, just those problems (the others are counted in ``Source.outside``).
 
     Reads the shards line by line (not ``TrajectoryStore.iter_records``) so that a line that parses as JSON but
     is not a Trajectory is reported with its file and line too. A bad line raises PluribusError naming file and
@@ -135,6 +140,9 @@ def read_trajectories(sources: list[Source], *, skip_corrupt: bool = False,
                     src.duplicates.append(f"{shard.name}:{lineno}")
                     continue
                 seen.add(traj.problem_id)
+                if only is not None and traj.problem_id not in only:
+                    src.outside += 1
+                    continue
                 src.records += 1
                 if len(out) < (max_problems or float("inf")):
                     out.setdefault(traj.problem_id, traj)
@@ -169,10 +177,17 @@ class BackendCompleter:
             system = [{"role": "system", "content": self.agent.persona}] if self.agent.persona else []
             user = self.prompt.replace("{question}", r.problem.question)  # as the debate fills it
             convs.append([*system, {"role": "user", "content": user}, {"role": "assistant", "content": r.prefix}])
-        # A new seed per call: resumed runs reproduce, and no two groups draw the same samples.
-        sampling: SamplingConfig = self.agent.sampling.model_copy(update={"seed": self.seed + 1000 * self.calls})
+        # Each rollout is seeded by what it is (trace, step, sample), not by when it is asked for: a resumed
+        # build, or other rollout batches, draw the same continuations.
+        seeds = [conversation_seed(self.seed, r.key, f"step {r.step}", r.sample) for r in requests]
+        sampling: SamplingConfig = self.agent.sampling.model_copy(update={"seed": seeds[0] % 2**31 if seeds else 0})
         self.calls += 1
-        return [g.text for g in self.backend.generate(convs, sampling)]
+        try:
+            per_row = "seeds" in inspect.signature(self.backend.generate).parameters
+        except (TypeError, ValueError):
+            per_row = False
+        gens = self.backend.generate(convs, sampling, **({"seeds": seeds} if per_row else {}))
+        return [g.text for g in gens]
 
 
 
@@ -214,7 +229,8 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
           team: TeamConfig | None = None, completer: Completer | None = None, seed: int = 0,
           overwrite: bool = False, new_run: bool = False, trust_remote_code: bool = False,
           progress: bool = True, match_rows: dict[str, int] | None = None, prompt_completion: bool = False,
-          task_source: str | None = None) -> list[Built]:
+          task_source: str | None = None, config_hashes: Collection[str] | None = None,
+          problem_ids: Collection[str] | None = None) -> list[Built]:
     """Build the datasets ``kinds`` (default ``cfg.kinds``) from the trajectory stores; returns what was written.
 
     Output goes to ``out_root/<kind>/`` (default ``<run>/datasets``, the run being the store's parent) and
@@ -223,14 +239,25 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
     choice of problems' rows (the single-agent baseline trains on as many rows as its team twin).
     ``prompt_completion`` also writes rsft as TRL's prompt-completion format (``prompt_completion/``);
     ``task_source`` (the recipe's ``task.source``) gives the cards' license and language.
-    Raises PluribusError on bad input before writing anything; FileExistsError if a dataset exists and
-    ``overwrite`` is False.
+    ``config_hashes``: the store configs the caller's recipe accepts (``debate.config_hash`` and its older
+    forms); a store written by another is refused. ``problem_ids``: build from these problems only (the
+    recipe's task), saying how many stored ones are left out. Raises PluribusError on bad input before writing
+    anything; FileExistsError if a dataset exists and ``overwrite`` is False.
     """
     kinds = list(dict.fromkeys(kinds or cfg.kinds))
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise PluribusError(f"unknown dataset kind(s) {unknown}. Available: {', '.join(KINDS)}")
     sources = open_sources(list(stores))
+    if config_hashes is not None:
+        wanted = next(iter(config_hashes))
+        for src in sources:
+            if src.config_hash not in config_hashes:
+                raise PluribusError(
+                    f"the store '{src.path}' was written by another task, team or seed (config hash "
+                    f"{src.config_hash}) than this recipe's ({wanted}); build with the recipe that made it "
+                    f"(pluribus build --store {src.path.parent}) or debate this one first (pluribus debate "
+                    "RECIPE --new-run)")
     run_dir = sources[0].path.parent
     out_root = Path(out_root) if out_root else run_dir / "datasets"
     existing = next(p for p in [out_root, *out_root.parents] if p.exists())  # '.' or '/' at the latest
@@ -240,11 +267,18 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
         for kind in kinds:
             if (out_root / kind).exists():
                 raise FileExistsError(f"output '{out_root / kind}' already exists; pass --overwrite to replace it")
-    trajs = read_trajectories(sources, skip_corrupt=cfg.skip_corrupt, max_problems=cfg.max_problems)
+    only = None if problem_ids is None else set(problem_ids)
+    trajs = read_trajectories(sources, skip_corrupt=cfg.skip_corrupt, max_problems=cfg.max_problems, only=only)
+    outside = sum(s.outside for s in sources)
+    if outside:
+        logger.warning("build: the recipe's task selects %d of the store's %d problems; building from those %d "
+                       "(%d stored ones left out)", sum(s.records for s in sources),
+                       sum(s.records for s in sources) + outside, len(trajs), outside)
     task_source = task_source or _recorded_task_source(run_dir)
     if not trajs:
-        raise PluribusError(f"store(s) {', '.join(str(s.path) for s in sources)} hold no readable trajectory; "
-                            "nothing was written")
+        what = f" of the {len(only or ())} problems the recipe's task selects" if outside else ""
+        raise PluribusError(f"store(s) {', '.join(str(s.path) for s in sources)} hold no readable trajectory"
+                            f"{what}; nothing was written")
 
     # 1. choose every kind's rows before writing anything (bad input fails here)
     rows: dict[str, list[dict[str, Any]]] = {}
@@ -295,6 +329,8 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
         stats = _stats(kind, rows[kind], trajs, report, cfg)
         stats["skipped_lines"] = [f"{s.path.name}/{line}" for s in sources for line in s.skipped]
         stats["duplicate_lines"] = [f"{s.path.name}/{line}" for s in sources for line in s.duplicates]
+        if problem_ids is not None:
+            stats["counts"]["stored trajectories outside the recipe's task (left out)"] = outside
         if match_rows and kind in match_rows:
             stats["counts"]["rows to match"] = match_rows[kind]
             stats["counts"]["rows before matching"] = matched.get(kind, len(rows[kind]))
@@ -421,11 +457,14 @@ def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, s
     """
     from pluribus.config import load_recipe
 
+    # a recipe given, or the one the debate saved, names the store's config and task; a default one does not
+    known = recipe is not None
     if recipe is None:
         if not stores:
             raise PluribusError("give a recipe or --store RUN (a run folder or a trajectory store)")
         saved = store_dir(stores[0]).parent / "recipe.yaml"
-        recipe = load_recipe(saved if saved.is_file() else None, overrides)
+        known = saved.is_file()
+        recipe = load_recipe(saved if known else None, overrides)
     elif overrides:
         from pluribus.config import apply_overrides, validate_recipe
 
@@ -436,10 +475,17 @@ def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, s
     cfg = recipe.build or BuildConfig()
     if skip_corrupt:
         cfg = cfg.model_copy(update={"skip_corrupt": True})
+    hashes = ids = None
+    if known and recipe.task is not None and recipe.team is not None:
+        from pluribus.data.debate import config_hash, older_config_hashes
+        from pluribus.data.tasks import load_problems
+
+        hashes = [config_hash(recipe), *older_config_hashes(recipe)]
+        ids = [p.id for p in load_problems(recipe.task)]
     return build(cfg, list(stores or [recipe.run_dir]), kinds=kinds, out_root=out_root, team=recipe.team,
                  seed=recipe.seed, overwrite=overwrite, new_run=new_run,
                  trust_remote_code=recipe.trust_remote_code, progress=progress, prompt_completion=prompt_completion,
-                 task_source=recipe.task.source if recipe.task else None)
+                 task_source=recipe.task.source if recipe.task else None, config_hashes=hashes, problem_ids=ids)
 
 
 def require_token() -> None:
