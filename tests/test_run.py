@@ -81,3 +81,52 @@ def test_a_push_without_token_or_with_a_bad_repo_id_fails_before_any_stage(tmp_p
         run_recipe(recipe.model_copy(update={"export": recipe.export.model_copy(update={"repo_id": "bad repo!!"})}),
                    progress=False)
     assert not (tmp_path / "p").exists()
+
+
+def test_a_step_is_current_only_while_its_settings_and_the_contents_it_read_are(tmp_path: Path, monkeypatch) -> None:
+    """Freshness from fingerprints: an input rewritten outside the recipe (same path, other bytes) or a changed
+    setting reruns the step, and run says why; an identical rewrite does not."""
+    import io
+
+    from rich.console import Console
+
+    from pluribus import run
+    from pluribus.config import Recipe
+
+    data = tmp_path / "data.txt"
+    data.write_text("rows v1")
+    ran: list[str] = []
+    settings = {"lr": 1}
+
+    def train(progress: bool, new_run: bool) -> tuple[Path, str]:
+        ran.append(data.read_text())
+        out = tmp_path / "adapter"
+        out.write_text(f"trained on {data.read_text()}")
+        return out, "trained"
+
+    step = run.Step("train:x", train, settings=lambda: dict(settings), inputs=lambda: {"dataset": data})
+    monkeypatch.setattr(run, "plan", lambda recipe: [step])
+    recipe = Recipe(root=str(tmp_path), name="r")
+
+    def go() -> tuple[str, str]:
+        buf = io.StringIO()
+        status = run.run_recipe(recipe, console=Console(file=buf, width=200))[0].status
+        return status, buf.getvalue()
+
+    assert go()[0] == "ran" and ran == ["rows v1"]
+    assert go()[0] == "skipped"
+    data.write_text("rows v1")  # rewritten with the same contents: still current
+    assert go()[0] == "skipped"
+    data.write_text("rows v2")  # rebuilt outside the recipe
+    status, shown = go()
+    assert status == "ran" and ran[-1] == "rows v2" and "runs: dataset changed" in shown
+    settings["lr"] = 2
+    status, shown = go()
+    assert status == "ran" and "runs: its settings changed" in shown
+    (tmp_path / "adapter").unlink()
+    status, shown = go()
+    assert status == "ran" and "runs: its output is missing" in shown
+    assert go()[0] == "skipped"
+    recipe = Recipe(root=str(tmp_path), name="r", seed=7)  # the seed changes every step's output
+    status, shown = go()
+    assert status == "ran" and "its settings changed" in shown
