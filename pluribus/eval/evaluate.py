@@ -433,9 +433,11 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
                                                                    mode="greedy", cfg=cfg, name="single",
                                                                    prompt=plan.team.prompts["question"]),
                 problems, progress, None, new_run, label="single-greedy")
+            # enough draws to reach the team's budget on 9 problems of 10 (the report says on how many it did)
             per_sample = sum(_tokens(r) for r in greedy) / max(1, len(greedy))
-            most = max(team_tokens.values())
-            k = max(1, min(cfg.sc_max_samples, math.ceil(1.5 * most / max(1.0, per_sample))))
+            spent = sorted(team_tokens.values())
+            q90 = spent[min(len(spent) - 1, math.ceil(0.9 * len(spent)) - 1)]
+            k = max(1, min(cfg.sc_max_samples, math.ceil(1.1 * q90 / max(1.0, per_sample))))
             draws = _system_records(recipe, eval_dir / "sc" / f"k{k}", task,
                                     _sc_team(plan.team, k, cfg.temperature), mine, progress, None, new_run,
                                     label=f"sc (k={k})")
