@@ -264,7 +264,8 @@ def _run_mergekit(spec: MergeSpec, out: Path, overwrite: bool, start: float) -> 
     if not exe.exists():
         found = shutil.which("mergekit-yaml")
         if not found:
-            raise PluribusError("this config needs mergekit (method not implemented by pluribus); pip install mergekit")
+            raise PluribusError("this config needs mergekit (a method pluribus does not implement): "
+                               "pip install 'pluribus[mergekit]'")
         exe = Path(found)
     data = mergekit_local_paths(spec.mergekit_yaml or {})
     with atomic_dir(out, overwrite=overwrite) as tmp, _config_dir(tmp) as cfg_dir:
