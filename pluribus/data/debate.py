@@ -658,7 +658,7 @@ def run_debate(
         dup = next(i for i in ids if ids.count(i) > 1)
         raise PluribusError(f"problem ids must be unique; '{dup}' appears more than once in the task")
     apply_threads(recipe.threads)  # before a model loads: torch sizes its pools on first use
-    fresh = not (recipe.run_dir / "trajectories" / "manifest.json").is_file()
+    fresh = not (recipe.layout.trajectories() / "manifest.json").is_file()
     if backends is None:
         check_models(team_cfg)
         if fresh:
@@ -669,7 +669,7 @@ def run_debate(
         # round 0 of every problem against the contexts: a refusal comes before any file, not hours in
         too_long = check_prompts(problems, build_team(team_cfg, backends))
 
-    with TrajectoryStore(recipe.run_dir / "trajectories", config_hash(recipe), new_run=new_run,
+    with TrajectoryStore(recipe.layout.trajectories(), config_hash(recipe), new_run=new_run,
                          same_config=older_config_hashes(recipe), check=Trajectory.from_dict) as store:
         write_recipe(recipe)  # only now: a config the store refused must not replace the run's recipe
         done = store.done_ids()

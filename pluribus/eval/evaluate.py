@@ -374,14 +374,14 @@ def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, p
         keyed = [a.model_copy(update={field: f"sha256:{fingerprint}"}) for a in team.agents]
         sub = sub.model_copy(update={"team": team.model_copy(update={"agents": keyed})})
         backends = {}
-        if _pending(sub.run_dir / "trajectories", problems):
+        if _pending(sub.layout.trajectories(), problems):
             backend = make_backend(team.agents[0], trust_remote_code=recipe.trust_remote_code,
                                    batch_size=team.batch_size)
             for a in keyed:
                 backends[backend_key(a)] = backend
     run_debate(sub, problems=problems, progress=progress, backends=backends, new_run=new_run, label=label)
     wanted = {p.id for p in problems}
-    with TrajectoryStore(sub.run_dir / "trajectories") as store:
+    with TrajectoryStore(sub.layout.trajectories()) as store:
         return [r for r in store.iter_records() if r["problem_id"] in wanted]
 
 

@@ -33,7 +33,7 @@ from pluribus.merge.config import (
 )
 
 __all__ = [
-    "MergeInput", "MergeSpec", "MergeSummary", "load_merge_config", "parse_merge_config", "run_merge", "run_recipe_merge",
+    "MergeInput", "MergeSpec", "MergeSummary", "load_merge_config", "parse_merge_config", "run_merge",
 ]
 
 ADAPTER_METHODS = ("cat", "svd")
@@ -187,13 +187,6 @@ def _refuse_replacing_an_input(spec: MergeSpec, out: Path) -> None:
         if path.exists() and (path.resolve() == target or target in path.resolve().parents):
             raise PluribusError(f"output '{out}' is the input '{ref}' or holds it, and --overwrite would delete it; "
                                 "write the merge to another folder")
-
-
-def run_recipe_merge(recipe: Any, out: str | Path | None = None, overwrite: bool | None = None) -> MergeSummary:
-    """The merge stage of a recipe: its ``merge`` section, written to ``<run>/merged/<name>`` by default."""
-    section = recipe.require("merge")
-    target = Path(out) if out else recipe.run_dir / "merged" / section.name
-    return run_merge(section.load(), target, overwrite=section.overwrite if overwrite is None else overwrite)
 
 
 def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any) -> None:

@@ -481,8 +481,9 @@ def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any)
             recipe = load_recipe(p)
             if recipe.merge is None:
                 raise PluribusError(f"recipe '{p}' has no merge: section; add one or pass a merge config")
-            spec = recipe.merge.load()
-            out = out or recipe.run_dir / "merged" / recipe.merge.name
+            first = recipe.merge.all()[0]  # a recipe with several merges: the first (pluribus run makes them all)
+            spec = first.load(recipe.layout)
+            out = out or recipe.layout.merged(first.name)
         else:
             spec = parse_merge_config(data, f"'{p}'")
         if seed is not None:

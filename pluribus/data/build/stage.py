@@ -35,6 +35,7 @@ from pluribus.data.debate import conversation_seed, question_prompt
 from pluribus.data.records import Trajectory
 from pluribus.errors import PluribusError
 from pluribus.io import atomic_dir, atomic_write_text
+from pluribus.layout import RunLayout
 
 logger = logging.getLogger("pluribus.data")
 KINDS = ("rsft", "augmented", "process")
@@ -77,8 +78,8 @@ class Built:
 def store_dir(path: str | Path) -> Path:
     """A run folder (holding ``trajectories/``) or a store folder (holding ``manifest.json``) -> the store."""
     p = Path(path)
-    if (p / "trajectories" / "manifest.json").is_file():
-        return p / "trajectories"
+    if (RunLayout(p).trajectories() / "manifest.json").is_file():
+        return RunLayout(p).trajectories()
     if (p / "manifest.json").is_file():
         return p
     raise PluribusError(f"no trajectory store at '{p}' (neither {p}/trajectories/manifest.json nor "
@@ -259,7 +260,7 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
                     f"(pluribus build --store {src.path.parent}) or debate this one first (pluribus debate "
                     "RECIPE --new-run)")
     run_dir = sources[0].path.parent
-    out_root = Path(out_root) if out_root else run_dir / "datasets"
+    out_root = Path(out_root) if out_root else RunLayout(run_dir).datasets()
     existing = next(p for p in [out_root, *out_root.parents] if p.exists())  # '.' or '/' at the latest
     if not existing.is_dir():
         raise PluribusError(f"cannot create '{out_root}': '{existing}' is a file, not a folder")
@@ -315,7 +316,7 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
         if completer is None:
             completer_cfg = default_completer(cfg, team)
         records = _rollouts(traces, cfg, completer, completer_cfg, sources[0].config_hash, prompt,
-                            Path(rollouts_dir) if rollouts_dir else run_dir / "rollouts", seed=seed,
+                            Path(rollouts_dir) if rollouts_dir else RunLayout(run_dir).rollouts(), seed=seed,
                             new_run=new_run, trust_remote_code=trust_remote_code, progress=progress)
         rows["process"] = process_rows(traces, records, cfg.label_threshold, prompt,
                                        cfg.monotone_labels)
@@ -412,7 +413,7 @@ def _recorded_task_source(run_dir: Path) -> str | None:
     import yaml
 
     try:
-        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+        recipe = yaml.safe_load((RunLayout(run_dir).recipe).read_text())
         source = (recipe.get("task") or {}).get("source")
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return None
