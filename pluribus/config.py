@@ -379,6 +379,13 @@ class TrainConfig(Section):
         return self.name or self.objective
 
     @model_validator(mode="after")
+    def _self_data(self) -> TrainConfig:
+        if self.data == "self" and self.objective not in ("rsft", "augmented"):
+            raise ValueError(f"data: self (the single-agent baseline) trains rsft or augmented experts, not "
+                             f"{self.objective}: the single agent's samples have one round and no step labels")
+        return self
+
+    @model_validator(mode="after")
     def _experts_valid(self) -> TrainConfig:
         self.trainings()  # every entry validates, names are unique, references point back
         return self
@@ -478,7 +485,7 @@ class MergeConfig(Section):
             if not isinstance(entry, dict) or "merges" in entry:
                 raise ValueError(f"merges.{i} must be a mapping of merge settings (without merges of its own)")
             try:
-                out.append(MergeConfig.model_validate({**shared, **entry}))
+                out.append(MergeConfig.model_validate(_deep_merge(shared, entry)))
             except ValidationError as e:
                 raise ValueError(f"merges.{i}: " + "; ".join(_describe_error(err) for err in e.errors())) from None
         return out
@@ -542,7 +549,8 @@ class EvalConfig(Section):
         "agents x rounds generations each); None: all. The report says how many.")
     sc_max_samples: int = Field(32, ge=1, description="sc: at most this many samples per problem.")
     adapter: str | None = Field(
-        None, description="Adapter of the distilled system (default: <run>/adapters/<the first expert>)."
+        None, description="Adapter of the distilled system (default: <run>/adapters/<the first expert that is not "
+        "a PRM>)."
     )
     modes: list[Literal["greedy", "sampled"]] = Field(
         default_factory=lambda: ["greedy"], min_length=1, description="Decoding of the single agent and the "
@@ -569,8 +577,8 @@ class ExportConfig(Section):
     """A Hub-ready folder of the distilled adapter (or merged model), and optionally its push."""
 
     source: str | None = Field(
-        None, description="Adapter or model folder to export (default: <run>/merged/<merge.name> if a merge "
-        "section exists, else <run>/adapters/<train.stage>)."
+        None, description="Adapter or model folder to export (default: <run>/merged/<the first merge> if a merge "
+        "section exists, else <run>/adapters/<the first expert that is not a PRM>)."
     )
     repo_id: str | None = Field(None, description="Hub repository to push to (None: only write <run>/export).")
     private: bool = True
@@ -615,11 +623,20 @@ class Recipe(Section):
     def _names_resolve(self) -> Recipe:
         experts = [t.expert_name for t in self.train.trainings()] if self.train else []
         merges = [m.name for m in self.merge.all()] if self.merge else []
+        prms = [t.expert_name for t in self.train.trainings() if t.objective == "prm"] if self.train else []
         for m in self.merge.all() if self.merge else []:
             unknown = [e for e in m.experts or [] if e not in experts]
             if unknown:
                 raise ValueError(f"merge '{m.name}' names experts {unknown} that the train section does not have "
                                  f"(experts: {', '.join(experts) or 'none'})")
+            if any(e in prms for e in m.experts or []):
+                raise ValueError(f"merge '{m.name}' names the process reward model(s) {[e for e in m.experts or [] if e in prms]}, "
+                                 "whose score head is no policy; merge the experts that answer")
+        clash = sorted(set(experts) & set(merges))
+        reserved = sorted(n for n in [*experts, *merges] if n in ("sc", "team") or n.startswith("single"))
+        if clash or reserved:
+            raise ValueError(f"names {clash or reserved} are used twice in eval's systems (an expert and a merge, "
+                             "or a built-in system: single, sc, team); rename them")
         if self.eval is not None and self.eval.systems is not None:
             unknown = [s for s in self.eval.systems if s not in (*SYSTEMS, *experts, *merges)]
             if unknown:

@@ -124,9 +124,12 @@ def _build(recipe: Recipe, progress: bool, self_kinds: list[str]) -> tuple[Path,
             raise PluribusError(f"experts with data: self train on {missing}, which build.kinds does not make for "
                                 "the team; add them to build.kinds so both sides have the same kind of data")
         layout = recipe.layout
+        from pluribus.data.tasks import load_problems
+
         mine = build(cfg, [layout.trajectories("self")], kinds=self_kinds, out_root=layout.datasets("self"),
                      team=self_team(recipe), seed=recipe.seed, overwrite=True,
-                     trust_remote_code=recipe.trust_remote_code, progress=progress, match_rows=match)
+                     trust_remote_code=recipe.trust_remote_code, progress=progress, match_rows=match,
+                     problem_ids=[p.id for p in load_problems(recipe.require("task"))])
         summary += "; self: " + ", ".join(f"{b.kind}: {b.rows} rows" for b in mine)
     return recipe.layout.datasets(), summary
 
@@ -159,6 +162,8 @@ def _merge_inputs(recipe: Recipe, m: Any) -> dict[str, Path]:
             out[f"input {i} adapter"] = Path(inp.adapter)
     if spec.base:
         out["base"] = Path(spec.base)
+    if m.config:
+        out["config"] = Path(m.config)  # edited in place, the merge it names is another
     return {k: v for k, v in out.items() if v.exists()}  # hub ids are named by the settings
 
 

@@ -208,6 +208,9 @@ def test_expert_references_resolve_to_earlier_experts_folders(tmp_path: Path) ->
     late = load_recipe(None, ["train.experts=[{objective: rl, init_adapter: rsft}, {objective: rsft}]"])
     with pytest.raises(PluribusError, match="names an expert trained after it"):
         resolve_expert(late, late.train.expert("rl"))
+    prm_later = load_recipe(None, ["train.experts=[{objective: rsft}, {objective: rl}, {objective: prm}]"])
+    with pytest.raises(PluribusError, match="the prm expert prm is trained after it"):
+        resolve_expert(prm_later, prm_later.train.expert("rl"))  # not the previous run's adapters/prm
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -220,6 +223,10 @@ def test_expert_references_resolve_to_earlier_experts_folders(tmp_path: Path) ->
     (["train.objective=rsft", "merge.experts=[rsft]", "merge.weights=[1, 2]"], "2 weights for 1 experts"),
     (["eval.systems=[single, nope]"], "eval.systems \\['nope'\\] are not systems"),
     (["merge.experts=[]", "train.objective=rsft"], "experts is empty"),
+    (["train.experts=[{objective: prm, data: self}]"], "data: self .* trains rsft or augmented"),
+    (["train.experts=[{objective: rsft}, {objective: prm}]", "merge.experts=[rsft, prm]"], "process reward model"),
+    (["train.experts=[{objective: rsft, name: merged}]", "merge.experts=[merged]"], "used twice"),
+    (["train.experts=[{objective: rsft, name: single-x}]"], "used twice"),
 ])
 def test_expert_and_system_names_are_checked_up_front(overrides: list[str], message: str) -> None:
     with pytest.raises(RecipeError, match=message):
@@ -235,3 +242,11 @@ def test_merges_of_the_run_experts_by_name(tmp_path: Path) -> None:
     assert spec.method == "task_arithmetic" and [i.weight for i in spec.inputs] == [0.5, 0.5]
     assert [i.path for i in spec.inputs] == [str(tmp_path / "x" / "adapters" / n) for n in ("rsft", "augmented")]
     assert ties.load(r.layout).method == "ties" and ties.load(r.layout).density == 0.5
+
+
+def test_merges_override_the_shared_settings_key_by_key() -> None:
+    r = load_recipe(None, ["train.experts=[{objective: rsft}, {objective: augmented}]", "merge.experts=[rsft, augmented]",
+                           "merge.method=ties", "merge.params={density: 0.3}",
+                           "merge.merges=[{name: a}, {name: b, params: {lambda: 0.5}}]"])
+    a, b = r.merge.all()
+    assert a.params == {"density": 0.3} and b.params == {"density": 0.3, "lambda": 0.5}

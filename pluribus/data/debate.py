@@ -437,8 +437,9 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
         # problems stopped early still get the judge's verdict on their last round
         stopped = [st for st in states if st not in gone
                    and len(st.judge_turns) < (len(st.rounds) if team.judge_each_round else 1)]
-        if stopped:
-            gone += _judge_round(team, stopped, team.config.rounds, seed, on_batch, skipped)
+        for rnd in sorted({len(st.rounds) - 1 for st in stopped}):  # judged as of the round each stopped after
+            gone += _judge_round(team, [st for st in stopped if len(st.rounds) - 1 == rnd], rnd, seed, on_batch,
+                                 skipped)
     return [_finish(st, team, run_id) for st in states if st not in gone]
 
 

@@ -21,7 +21,8 @@ def self_team(recipe: Recipe) -> TeamConfig:
     agent = team.agents[0]
     members = [agent.model_copy(update={
         "name": f"self{i}", "persona": None,
-        "sampling": agent.sampling.model_copy(update={"temperature": build.self_temperature, "seed": 7919 * (i + 1)}),
+        "sampling": agent.sampling.model_copy(update={"temperature": build.self_temperature,
+                                                      "seed": 7919 * (i + 1) + 1_000_003 * recipe.seed}),
     }) for i in range(k)]
     return team.model_copy(update={"agents": members, "rounds": 1, "topology": "all", "aggregation": "majority",
                                    "judge": None, "early_stop": False,

@@ -35,6 +35,10 @@ def resolve_expert(recipe: Recipe, cfg: TrainConfig) -> TrainConfig:
         prm = cfg.rl.prm
         if prm is None:
             prms = [t.expert_name for t in trainings if t.objective == "prm" and t.expert_name in earlier]
+            later = [t.expert_name for t in trainings if t.objective == "prm" and t.expert_name not in earlier]
+            if not prms and later:
+                raise PluribusError(f"train expert '{cfg.expert_name}' (rl) needs a process reward model, and the "
+                                    f"prm expert {later[0]} is trained after it; list the prm expert first")
             prm = prms[-1] if prms else str(layout.adapter("prm"))
         update["rl"] = cfg.rl.model_copy(update={"prm": ref(prm, "rl.prm")})
     return cfg.model_copy(update=update)

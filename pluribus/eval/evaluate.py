@@ -85,11 +85,11 @@ def _team(team: TeamConfig, cfg: EvalConfig) -> TeamConfig:
     return team.model_copy(update={"agents": agents})
 
 
-def _sc_team(single: TeamConfig, k: int, temperature: float) -> TeamConfig:
+def _sc_team(single: TeamConfig, k: int, temperature: float, seed: int) -> TeamConfig:
     """k independent samples of the single agent (distinct seeds), R=1: the draws self-consistency votes over."""
     agent = single.agents[0]
     members = [agent.model_copy(update={"name": f"sc{i}", "sampling": agent.sampling.model_copy(
-        update={"temperature": temperature, "seed": 104729 * (i + 1)})}) for i in range(k)]
+        update={"temperature": temperature, "seed": 104729 * (i + 1) + 1_000_003 * seed})}) for i in range(k)]
     return single.model_copy(update={"agents": members})
 
 
@@ -230,8 +230,8 @@ def _tokens(record: dict[str, Any]) -> int:
 
 
 def budget_vote(samples: dict[str, Any], budget: float) -> tuple[dict[str, Any], int]:
-    """Self-consistency within a token budget: the first samples (in order) until their tokens reach ``budget``,
-    at least one, then a majority vote over their parsed answers (ties: the answer seen first).
+    """Self-consistency at a token budget: the first samples (in order) whose total tokens come closest to
+    ``budget`` (at least one), then a majority vote over their parsed answers (ties: the answer seen first).
 
     ``samples`` is one stored trajectory of k independent agents (one round). Returns a trajectory-shaped record
     of the vote (its cost is what the used samples spent) and how many samples it used.
@@ -239,8 +239,11 @@ def budget_vote(samples: dict[str, Any], budget: float) -> tuple[dict[str, Any],
     turns = samples["rounds"][0]
     used, spent = [], 0
     for t in turns:
+        cost = t["tokens_in"] + t["tokens_out"]
+        if used and spent + cost - budget > budget - spent:
+            break  # without this sample the total is closer to the budget than with it
         used.append(t)
-        spent += t["tokens_in"] + t["tokens_out"]
+        spent += cost
         if spent >= budget:
             break
     from pluribus.data.answers import vote_key
@@ -267,8 +270,15 @@ def early_stop_effect(records: list[dict[str, Any]]) -> dict[str, Any] | None:
 
     if not records or max(len(r["rounds"]) for r in records) < 2:
         return None
-    full_tokens = stop_tokens = full_ok = stop_ok = stopped = 0
+    if any((r.get("meta") or {}).get("judge") for r in records):
+        return None  # a judge's verdict and tokens after a stop are not in the trajectory: nothing exact to say
+    n = len(records)
     ran_stopped = sum("stopped_after_round" in (r.get("meta") or {}) for r in records)
+    if ran_stopped:  # run with team.early_stop: what it did is observed; the full debate was never run
+        return {"problems": n, "observed": True, "stopped_early": ran_stopped,
+                "accuracy_early_stop": sum(bool(r["final_correct"]) for r in records) / n,
+                "tokens_early_stop": sum(_tokens(r) for r in records) / n}
+    full_tokens = stop_tokens = full_ok = stop_ok = stopped = 0
     for r in records:
         full_tokens += _tokens(r)
         full_ok += bool(r["final_correct"])
@@ -285,8 +295,7 @@ def early_stop_effect(records: list[dict[str, Any]]) -> dict[str, Any] | None:
             stopped += 1
             stop_tokens += spent
             stop_ok += outcome
-    n = len(records)
-    return {"problems": n, "stopped_early": stopped, "ran_with_early_stop": ran_stopped,
+    return {"problems": n, "observed": False, "stopped_early": stopped,
             "accuracy_full": full_ok / n, "accuracy_early_stop": stop_ok / n,
             "tokens_full": full_tokens / n, "tokens_early_stop": stop_tokens / n,
             "tokens_saved": 1 - stop_tokens / full_tokens if full_tokens else 0.0}
@@ -388,11 +397,21 @@ def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, p
 def _eval_tasks(recipe: Recipe, cfg: EvalConfig) -> list[tuple[str, TaskConfig, Path]]:
     """(name, task config, store folder) of the recipe's held-out split, then each of ``eval.tasks``."""
     task = recipe.require("task")
+    if task.split != "train":
+        raise PluribusError(f"task.split is '{task.split}', so the debate (and every expert) already saw the "
+                            "held-out problems eval would use; debate on task.split=train")
     main = task.model_copy(update={"split": "heldout", "n": cfg.n or task.n})
     out = [("heldout", main, recipe.layout.eval)]
+    same = {"source", "path", "synthetic", "fields", "subset", "hf_split"}
     for t in cfg.tasks:
-        out.append((t.name, TaskConfig.model_validate(t.model_dump(exclude={"name"})),
-                    recipe.layout.eval / "tasks" / t.name))
+        one = TaskConfig.model_validate(t.model_dump(exclude={"name"}))
+        if one.model_dump(include=same) == task.model_dump(include=same):
+            # the training task's own problems: its split decides what was trained on, not the eval task's
+            one = one.model_copy(update={"seed": task.seed, "heldout_fraction": task.heldout_fraction})
+            if one.split != "heldout":
+                raise PluribusError(f"eval task '{t.name}' is the training task itself with split "
+                                    f"'{one.split}', which holds training problems; use split: heldout")
+        out.append((t.name, one, recipe.layout.eval / "tasks" / t.name))
     return out
 
 
@@ -428,6 +447,9 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             if "team" not in records:
                 raise PluribusError("eval system 'sc' spends the team's tokens: add 'team' to eval.systems")
             team_tokens = {r["problem_id"]: _tokens(r) for r in records["team"]}
+            mine = [p for p in mine if p.id in team_tokens]  # a problem the team skipped has no budget
+            if not mine:
+                raise PluribusError("eval system 'sc' has no problem to run: the team answered none of them")
             greedy = records.get("single-greedy") or _system_records(
                 recipe, eval_dir / "single-greedy", task, _single(recipe.require("team"), adapter=None, model=None,
                                                                    mode="greedy", cfg=cfg, name="single",
@@ -439,7 +461,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             q90 = spent[min(len(spent) - 1, math.ceil(0.9 * len(spent)) - 1)]
             k = max(1, min(cfg.sc_max_samples, math.ceil(1.1 * q90 / max(1.0, per_sample))))
             draws = _system_records(recipe, eval_dir / "sc" / f"k{k}", task,
-                                    _sc_team(plan.team, k, cfg.temperature), mine, progress, None, new_run,
+                                    _sc_team(plan.team, k, cfg.temperature, recipe.seed), mine, progress, None, new_run,
                                     label=f"sc (k={k})")
             voted, used = [], []
             for r in draws:

@@ -57,13 +57,17 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
             lines.append(f"| {name} | {g['accuracy_on_team_problems']:.1%} | {g['gain_over_single']:+.1%} | {share} "
                          f"| {frac} |")
     stop = task.get("early_stop")
-    if stop:
-        lines += ["", f"Early stopping (a problem stops debating once every agent gives the same answer): on "
-                  f"{stop['problems']} team problems, {stop['stopped_early']} would stop before the last round; "
-                  f"accuracy {stop['accuracy_full']:.1%} -> {stop['accuracy_early_stop']:.1%}, tokens per problem "
-                  f"{stop['tokens_full']:.0f} -> {stop['tokens_early_stop']:.0f} ({stop['tokens_saved']:.0%} saved)"
-                  + (f"; {stop['ran_with_early_stop']} problems ran with team.early_stop and count as they ran."
-                     if stop["ran_with_early_stop"] else ".")]
+    if stop and stop["observed"]:
+        lines += ["", f"Early stopping (team.early_stop: a problem stops debating once every agent gives the same "
+                  f"answer): {stop['stopped_early']} of {stop['problems']} team problems stopped before the last "
+                  f"round; accuracy {stop['accuracy_early_stop']:.1%} at {stop['tokens_early_stop']:.0f} tokens per "
+                  "problem (the full debate did not run, so its accuracy is not known here)."]
+    elif stop:
+        lines += ["", f"Early stopping (a problem stops debating once every agent gives the same answer), computed "
+                  f"from the full debate: on {stop['problems']} team problems, {stop['stopped_early']} would stop "
+                  f"before the last round; accuracy {stop['accuracy_full']:.1%} -> {stop['accuracy_early_stop']:.1%}, "
+                  f"tokens per problem {stop['tokens_full']:.0f} -> {stop['tokens_early_stop']:.0f} "
+                  f"({stop['tokens_saved']:.0%} saved). `team.early_stop: true` makes the debate stop so."]
     return lines
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pluribus.config import load_recipe
+from pluribus.config import EvalConfig, load_recipe
 from pluribus.errors import PluribusError
 from pluribus.eval.evaluate import plan_systems, run_eval, score
 
@@ -139,13 +139,14 @@ def test_self_consistency_votes_over_the_samples_that_fit_the_budget() -> None:
 
     samples = {"problem_id": "p", "rounds": [[_t("3", False), _t("4", True), _t("4", True), _t("5", False)]],
                "final_correct": None, "cost": {}}
-    # 15 tokens each: a budget of 31 needs three samples (45 >= 31), whose majority is 4
-    voted, used = budget_vote(samples, 31)
+    # 15 tokens each: for a budget of 40 three samples (45) come closest, and their majority is 4
+    voted, used = budget_vote(samples, 40)
     assert used == 3 and voted["final_answer"] == "4" and voted["final_correct"] is True
     assert voted["cost"] == {"tokens_in": 30, "tokens_out": 15, "seconds": pytest.approx(0.3)}
     # a budget under one sample still uses one; ties go to the answer seen first
     assert budget_vote(samples, 1)[1] == 1 and budget_vote(samples, 1)[0]["final_answer"] == "3"
-    assert budget_vote(samples, 16)[0]["final_answer"] == "3"  # 3 vs 4, one vote each: first seen
+    assert budget_vote(samples, 31)[1] == 2  # 30 tokens are closer to 31 than 45 are
+    assert budget_vote(samples, 31)[0]["final_answer"] == "3"  # 3 vs 4, one vote each: first seen
     # more budget than samples: all of them; equal numbers written two ways are one vote
     frac = {**samples, "rounds": [[_t("0.5", True), _t("1/2", True), _t("7", False)]]}
     voted, used = budget_vote(frac, 10_000)
@@ -164,7 +165,7 @@ def test_early_stop_effect_from_full_trajectories() -> None:
     split = {"rounds": [[_t("2", True), _t("3", False)], [_t("2", True), _t("2", True)]], "final_correct": True,
              "cost": {"tokens_in": 40, "tokens_out": 20}, "meta": {}}
     e = early_stop_effect([agree_right, agree_wrong, split])
-    assert e["stopped_early"] == 2 and e["accuracy_full"] == 1.0 and e["accuracy_early_stop"] == pytest.approx(2 / 3)
+    assert e["observed"] is False and e["stopped_early"] == 2 and e["accuracy_full"] == 1.0 and e["accuracy_early_stop"] == pytest.approx(2 / 3)
     assert e["tokens_full"] == 60 and e["tokens_early_stop"] == pytest.approx((30 + 30 + 60) / 3)
     assert e["tokens_saved"] == pytest.approx(1 - 40 / 60)
     assert early_stop_effect([{**split, "rounds": split["rounds"][:1]}]) is None  # one round: nothing to stop
@@ -185,3 +186,30 @@ def test_share_of_the_team_gain_on_the_team_problems() -> None:
     assert g["systems"]["rsft-greedy"]["token_fraction_of_team"] == pytest.approx(0.2)
     worse = team_gain({**records, "team": recs([1, 0, 0, 0, 0], 100)}, {"p0", "p1", "p2", "p3"})
     assert worse["systems"]["rsft-greedy"]["share_of_team_gain"] is None  # no gain to share
+
+
+def test_early_stop_effect_of_a_run_that_stopped_or_had_a_judge() -> None:
+    from pluribus.eval.evaluate import early_stop_effect
+
+    full = {"rounds": [[_t("2", True), _t("3", False)], [_t("2", True), _t("2", True)]], "final_correct": True,
+            "cost": {"tokens_in": 40, "tokens_out": 20}, "meta": {}}
+    stopped = {"rounds": [[_t("2", True), _t("2", True)]], "final_correct": True,
+               "cost": {"tokens_in": 20, "tokens_out": 10}, "meta": {"stopped_after_round": 0}}
+    e = early_stop_effect([full, stopped])
+    assert e == {"problems": 2, "observed": True, "stopped_early": 1, "accuracy_early_stop": 1.0,
+                 "tokens_early_stop": 45.0}
+    judged = {**full, "meta": {"judge": [{"answer": "2"}]}}
+    assert early_stop_effect([judged]) is None  # a stop would change the judge's input and cost
+
+
+def test_eval_refuses_held_out_problems_the_debate_already_saw(tmp_path: Path) -> None:
+    from pluribus.eval.evaluate import _eval_tasks
+
+    recipe = load_recipe(None, [f"root={tmp_path}", "task.source=synthetic", "task.split=heldout"])
+    with pytest.raises(PluribusError, match="already saw the held-out problems"):
+        _eval_tasks(recipe, EvalConfig())
+    # a transfer task that is the training task itself takes the training task's split settings
+    recipe = load_recipe(None, [f"root={tmp_path}", "task.source=synthetic", "task.seed=3",
+                                "task.heldout_fraction=0.4", "eval.tasks=[{name: again, source: synthetic}]"])
+    (_, main, _), (_, again, _) = _eval_tasks(recipe, recipe.eval)
+    assert (again.seed, again.heldout_fraction, again.split) == (3, 0.4, "heldout") == (main.seed, 0.4, main.split)
