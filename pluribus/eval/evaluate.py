@@ -173,7 +173,8 @@ def plan_systems(recipe: Recipe, *, check: bool = True) -> list[Plan]:
                     raise PluribusError(f"the merged system '{m.name}' needs '{path}'; run the merge first "
                                         "(pluribus run RECIPE) or drop it from eval.systems")
                 if (path / "adapter_config.json").is_file():
-                    student = recipe.train.model if recipe.train else None
+                    # the base of the experts it merges (they share one: merge checks it)
+                    student = experts[m.experts[0]].model if m.experts else recipe.train.model if recipe.train else None
                     single_agent("merged", m.name, str(path), student)
                 else:  # a full model
                     single_agent("merged", m.name, None, str(path))
