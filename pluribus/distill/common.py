@@ -205,7 +205,7 @@ def load_student(
     gives one initial adapter whatever ran before in the process (the Trainer seeds only later).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, set_seed
+    from transformers import AutoModelForCausalLM, set_seed
 
     from pluribus.models import check_finite_model, load_tokenizer, resolve_model
 
@@ -235,7 +235,7 @@ def load_student(
     if head == "causal":
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     else:
-        model = AutoModelForTokenClassification.from_pretrained(folder, num_labels=1, **kwargs)
+        model = score_head_model(folder, **kwargs)
         model.config.pad_token_id = tokenizer.pad_token_id
     check_finite_model(model, folder)
     if cfg.lora.quantize == "nf4":
@@ -244,6 +244,20 @@ def load_student(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     model.config.use_cache = False
     return model, tokenizer
+
+
+def score_head_model(folder: str | Path, **kwargs: Any) -> Any:
+    """The base as a token classifier with one logit (the PRM), without transformers' report of the new head."""
+    from transformers import AutoModelForTokenClassification
+    from transformers.utils import logging as hf_logging
+
+    # the score head is new by design: the load report listing its weights as MISSING is no news to the user
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForTokenClassification.from_pretrained(folder, num_labels=1, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def linear_module_names(model: Any) -> list[str]:

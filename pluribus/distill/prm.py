@@ -153,7 +153,6 @@ def load_prm(adapter: str | Path, *, trust_remote_code: bool = False) -> tuple[A
     """Load a trained PRM (base from the adapter's config + the LoRA and score head) for ``score_steps``."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForTokenClassification
 
     from pluribus.models import check_adapter, check_finite_model, load_tokenizer, resolve_model
 
@@ -169,10 +168,8 @@ def load_prm(adapter: str | Path, *, trust_remote_code: bool = False) -> tuple[A
     tokenizer = load_tokenizer(Path(adapter) if has_tokenizer else base_folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForTokenClassification.from_pretrained(
-        base_folder, num_labels=1, dtype=torch.bfloat16, use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-    )
+    model = common.score_head_model(base_folder, dtype=torch.bfloat16, use_safetensors=True,
+                                    trust_remote_code=trust_remote_code)
     check_finite_model(model, base_folder)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)

@@ -111,3 +111,11 @@ def test_load_prm_refuses_a_causal_adapter(tmp_path, student_dir, rsft_dir):
         "lora": {"r": 2}})
     with pytest.raises(PluribusError, match="LORA adapter of task type CAUSAL_LM, not a PRM"):
         load_prm(train_sft(r, dataset=rsft_dir))
+
+
+def test_the_new_score_head_loads_without_a_load_report(student_dir, capfd) -> None:
+    from pluribus.distill.common import score_head_model
+
+    model = score_head_model(student_dir)
+    out, err = capfd.readouterr()
+    assert model.config.num_labels == 1 and "MISSING" not in out + err and "LOAD REPORT" not in out + err
