@@ -548,6 +548,9 @@ class EvalConfig(Section):
         None, ge=1, description="Run the team and sc on the first team_n of the problems only (they cost "
         "agents x rounds generations each); None: all. The report says how many.")
     sc_max_samples: int = Field(32, ge=1, description="sc: at most this many samples per problem.")
+    sc_n: int | None = Field(
+        None, ge=1, description="Run sc on the first sc_n of the team's problems only (it draws many samples "
+        "per problem); None: all of the team's. The report says how many.")
     adapter: str | None = Field(
         None, description="Adapter of the distilled system (default: <run>/adapters/<the first expert that is not "
         "a PRM>)."

@@ -326,27 +326,33 @@ def compare(results: dict[str, dict[str, bool]]) -> list[dict[str, Any]]:
 
 
 def team_gain(records: dict[str, list[dict[str, Any]]], team_ids: set[str]) -> dict[str, dict[str, Any]]:
-    """On the team's problems: each system's share of the team's gain over single-greedy, and its token fraction."""
+    """On the team's problems: each system's share of the team's gain over single-greedy, and its token fraction.
+
+    Each system is compared on the team's problems it answered (sc may run on fewer), with the single agent's
+    and the team's figures on exactly those problems."""
     if "team" not in records or "single-greedy" not in records:
         return {}
 
-    def acc_tokens(label: str) -> tuple[float, float]:
-        mine = [r for r in records[label] if r["problem_id"] in team_ids]
+    def acc_tokens(label: str, ids: set[str]) -> tuple[float, float]:
+        mine = [r for r in records[label] if r["problem_id"] in ids]
         return (sum(bool(r["final_correct"]) for r in mine) / max(1, len(mine)),
                 sum(_tokens(r) for r in mine) / max(1, len(mine)))
 
-    base, _ = acc_tokens("single-greedy")
-    team_acc, team_tokens = acc_tokens("team")
-    gain = team_acc - base
+    answered = {r["problem_id"] for r in records["team"]} & team_ids
+    base, _ = acc_tokens("single-greedy", answered)
+    team_acc, team_tokens = acc_tokens("team", answered)
     out = {}
     for label in records:
         if label in ("team", "single-greedy"):
             continue
-        acc, tokens = acc_tokens(label)
-        out[label] = {"accuracy_on_team_problems": acc, "gain_over_single": acc - base,
-                      "share_of_team_gain": (acc - base) / gain if gain > 0 else None,
-                      "token_fraction_of_team": tokens / team_tokens if team_tokens else None}
-    return {"problems": len(team_ids), "single_accuracy": base, "team_accuracy": team_acc, "team_gain": gain,
+        ids = answered & {r["problem_id"] for r in records[label]}
+        acc, tokens = acc_tokens(label, ids)
+        b, _ = acc_tokens("single-greedy", ids)
+        t_acc, t_tokens = acc_tokens("team", ids)
+        out[label] = {"problems": len(ids), "accuracy_on_team_problems": acc, "gain_over_single": acc - b,
+                      "share_of_team_gain": (acc - b) / (t_acc - b) if t_acc > b else None,
+                      "token_fraction_of_team": tokens / t_tokens if t_tokens else None}
+    return {"problems": len(answered), "single_accuracy": base, "team_accuracy": team_acc, "team_gain": team_acc - base,
             "team_tokens_per_problem": team_tokens, "systems": out}
 
 
@@ -448,7 +454,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             if "team" not in records:
                 raise PluribusError("eval system 'sc' spends the team's tokens: add 'team' to eval.systems")
             team_tokens = {r["problem_id"]: _tokens(r) for r in records["team"]}
-            mine = [p for p in mine if p.id in team_tokens]  # a problem the team skipped has no budget
+            mine = [p for p in mine if p.id in team_tokens][: cfg.sc_n]  # a problem the team skipped has no budget
             if not mine:
                 raise PluribusError("eval system 'sc' has no problem to run: the team answered none of them")
             greedy = records.get("single-greedy") or _system_records(

@@ -49,13 +49,13 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
                   f"and the team {gain['team_accuracy']:.1%} ({gain['team_gain']:+.1%}) at "
                   f"{gain['team_tokens_per_problem']:.0f} tokens per problem. Each system's share of that gain, and "
                   "its tokens as a fraction of the team's:", "",
-                  "| system | accuracy there | gain over single | share of the team's gain | tokens vs team |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| system | problems | accuracy there | gain over single | share of the team's gain | tokens vs team |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for name, g in gain["systems"].items():
             share = f"{g['share_of_team_gain']:.0%}" if g["share_of_team_gain"] is not None else "n/a (no team gain)"
             frac = f"{g['token_fraction_of_team']:.0%}" if g["token_fraction_of_team"] is not None else "n/a"
-            lines.append(f"| {name} | {g['accuracy_on_team_problems']:.1%} | {g['gain_over_single']:+.1%} | {share} "
-                         f"| {frac} |")
+            lines.append(f"| {name} | {g['problems']} | {g['accuracy_on_team_problems']:.1%} | "
+                         f"{g['gain_over_single']:+.1%} | {share} | {frac} |")
     stop = task.get("early_stop")
     if stop and stop["observed"]:
         lines += ["", f"Early stopping (team.early_stop: a problem stops debating once every agent gives the same "
