@@ -33,8 +33,8 @@ def run(backend: TransformersBackend, convs, sampling: SamplingConfig, seeds: li
     return gens, time.perf_counter() - t0
 
 
-def hf_sampling(backend: TransformersBackend, convs, max_new: int) -> float:
-    """Seconds of one batched generate with HF's own sampling (one draw for the whole batch per step)."""
+def left_padded(backend: TransformersBackend, convs, max_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conversations as one left-padded batch of ids and its attention mask, as the backend builds them."""
     prompts = [backend.builder.encode(c, max_new) for c in convs]
     width = max(len(p.ids) for p in prompts)
     ids = torch.full((len(prompts), width), backend.pad, dtype=torch.long)
@@ -42,6 +42,12 @@ def hf_sampling(backend: TransformersBackend, convs, max_new: int) -> float:
     for r, p in enumerate(prompts):
         ids[r, width - len(p.ids):] = torch.tensor(p.ids)
         mask[r, width - len(p.ids):] = 1
+    return ids, mask
+
+
+def hf_sampling(backend: TransformersBackend, convs, max_new: int) -> float:
+    """Seconds of one batched generate with HF's own sampling (one draw for the whole batch per step)."""
+    ids, mask = left_padded(backend, convs, max_new)
     t0 = time.perf_counter()
     with torch.inference_mode():
         backend.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
@@ -53,13 +59,7 @@ def row_sampling(backend: TransformersBackend, convs, max_new: int, seeds: list[
     """The same with pluribus' per-row generators (min_new_tokens keeps both at max_new tokens a row)."""
     from pluribus.data.backends import row_sampler
 
-    prompts = [backend.builder.encode(c, max_new) for c in convs]
-    width = max(len(p.ids) for p in prompts)
-    ids = torch.full((len(prompts), width), backend.pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p.ids):] = torch.tensor(p.ids)
-        mask[r, width - len(p.ids):] = 1
+    ids, mask = left_padded(backend, convs, max_new)
     t0 = time.perf_counter()
     with torch.inference_mode():
         backend.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,

@@ -422,7 +422,7 @@ def _eval_tasks(recipe: Recipe, cfg: EvalConfig) -> list[tuple[str, TaskConfig, 
     return out
 
 
-def _task_label(name: str, task: TaskConfig) -> str:
+def _task_label(task: TaskConfig) -> str:
     return f"{task.source}" + (f":{task.synthetic.level}" if task.source == "synthetic" and task.synthetic.level
                                else f":{Path(task.path).name}" if task.path else "")
 
@@ -503,7 +503,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             }
     ordered = {p.label: results[p.label] for p in plans}  # report in the order the recipe asks
     out: dict[str, Any] = {
-        "name": name, "task": _task_label(name, task), "split": task.split, "problems": len(problems),
+        "name": name, "task": _task_label(task), "split": task.split, "problems": len(problems),
         "team_problems": len(team_problems) if any(p.system in ("team", "sc") for p in plans) else 0,
         "systems": ordered, "comparisons": compare({k: outcomes(v) for k, v in records.items()}),
     }
