@@ -3,8 +3,8 @@
 The embedded SmolLM2-135M, the synthetic task's round-0 prompts, greedy and sampled (per-row seeds), in bf16
 and float32 on the CPU: each prompt generated in one batch of all of them, and alone (batch of one). Prints,
 per dtype and decoding, how many responses are equal batched and alone, and generated tokens/s batched and
-alone, measured in one run. Then the cost of per-row generators: one batched sampled ``generate`` with
-pluribus' row sampler vs HF's own batch sampling (global RNG), interleaved, same rows and tokens.
+alone, measured in one run. Then the cost of per-row generators: pluribus' ``decode`` with its row sampler vs one batched sampled
+``generate`` with HF's own batch sampling (global RNG), interleaved, same rows and tokens.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/batch_invariance.py --problems 12 --max-new-tokens 48 --threads 1
 """
@@ -56,15 +56,12 @@ def hf_sampling(backend: TransformersBackend, convs, max_new: int) -> float:
 
 
 def row_sampling(backend: TransformersBackend, convs, max_new: int, seeds: list[int]) -> float:
-    """The same with pluribus' per-row generators (min_new_tokens keeps both at max_new tokens a row)."""
-    from pluribus.data.backends import row_sampler
+    """The same with pluribus' decode and per-row generators (no stop token, so both make max_new tokens a row)."""
+    from pluribus.data.decoding import decode, row_sampler
 
     ids, mask = left_padded(backend, convs, max_new)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        backend.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                               do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=backend.pad,
-                               logits_processor=[row_sampler(seeds, 0.8, 1.0)])
+    decode(backend.model, ids, mask, max_new_tokens=max_new, eos=[], pick=row_sampler(seeds, 0.8, 1.0))
     return time.perf_counter() - t0
 
 

@@ -5,7 +5,8 @@ take ``on_batch``, called with each batch of generations as it finishes, which t
 follows, and ``seeds``, one sampling seed per conversation). Three backends:
 
 - ``transformers``: local model, batched with left padding (rows sorted by length to waste little padding),
-  bf16 by default also on CPU, greedy or seeded sampling, ``batch_size`` conversations per ``generate`` call.
+  bf16 by default also on CPU, greedy or seeded sampling, ``batch_size`` conversations per batch, each row leaving the batch as soon as
+  it finishes (``decoding.decode``).
   Sampling draws each row's tokens from a ``torch.Generator`` of its own, seeded by its entry of ``seeds``
   (default ``sampling.seed + i``), so a row's draws never depend on which rows share its batch or on their
   order. Its logits still do, in the last bits: batched matmuls round differently from unbatched ones, and
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pluribus.config import AgentConfig, SamplingConfig
+from pluribus.data.decoding import decode, row_sampler
 from pluribus.errors import PluribusError
 
 Conversation = list[dict[str, str]]
@@ -194,46 +196,12 @@ def row_seeds(sampling: SamplingConfig, n: int, seeds: list[int] | None) -> list
     return None if sampling.seed is None else [sampling.seed + i for i in range(n)]
 
 
-def row_sampler(seeds: list[int], temperature: float, top_p: float) -> Any:
-    """A logits processor that samples each row from its own ``torch.Generator`` and leaves only the drawn token
-    finite, so ``generate``'s greedy step picks it: p = softmax(logits / T) restricted to the smallest set of
-    most likely tokens whose mass reaches ``top_p``; one uniform draw per row per step, mapped through the
-    row's cumulative distribution.
-
-    HF's own sampling draws the whole batch from torch's global RNG, which ties a row's tokens to its batch.
-    """
-    import torch
-    from transformers import LogitsProcessor
-
-    class RowSampler(LogitsProcessor):
-        def __init__(self) -> None:
-            self.generators = [torch.Generator().manual_seed(s % 2**63) for s in seeds]
-
-        def __call__(self, input_ids: Any, scores: Any) -> Any:
-            logits = scores.float() / temperature
-            if top_p < 1.0:
-                sorted_logits, order = logits.sort(dim=-1, descending=True)
-                probs = sorted_logits.softmax(dim=-1)
-                # drop a token once the mass before it already reaches top_p (the first is always kept)
-                drop = (probs.cumsum(dim=-1) - probs) >= top_p
-                logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-            # inverse-CDF: one uniform per row from its generator; the first token whose cumulative mass
-            # exceeds it (side=right never lands on a zero-probability token). 7x cheaper than a multinomial
-            # per row on a 49k vocabulary.
-            cdf = logits.softmax(dim=-1).cumsum(dim=-1)
-            u = torch.stack([torch.rand((), generator=g) for g in self.generators]).to(cdf.device)
-            picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=cdf.shape[-1] - 1)
-            out = torch.full_like(scores, float("-inf"))
-            return out.scatter(1, picks, 0.0)
-
-    return RowSampler()
-
-
 # ---------------------------------------------------------------------------------------- transformers
 
 
 class TransformersBackend:
-    """A local model; every call is split into ``batch_size`` rows per ``model.generate``, left-padded."""
+    """A local model; every call is split into batches of ``batch_size`` rows, left-padded, decoded by
+    ``decoding.decode``."""
 
     def __init__(self, agent: AgentConfig, *, trust_remote_code: bool = False, batch_size: int = 32,
                  device: str = "cpu") -> None:
@@ -289,7 +257,6 @@ class TransformersBackend:
     def _generate_batch(self, prompts: list[Prompt], sampling: SamplingConfig, seeds: list[int] | None
                         ) -> list[Generation]:
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList
 
         width = max(len(p.ids) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
@@ -298,23 +265,15 @@ class TransformersBackend:
             if p.ids:
                 input_ids[r, width - len(p.ids) :] = torch.tensor(p.ids)
                 mask[r, width - len(p.ids) :] = 1
-        greedy = sampling.temperature == 0.0
-        # sampling happens in row_sampler (a generator per row); generate itself only takes the argmax
-        config = GenerationConfig(
-            max_new_tokens=prompts[0].max_new_tokens, do_sample=False, temperature=None, top_p=None,
-            top_k=None, eos_token_id=self.eos, pad_token_id=self.pad,
-        )
-        processors = LogitsProcessorList(
-            [] if greedy else [row_sampler(seeds or [0] * len(prompts), sampling.temperature, sampling.top_p)])
+        pick = None if sampling.temperature == 0.0 else row_sampler(
+            seeds or [0] * len(prompts), sampling.temperature, sampling.top_p)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
-                                      logits_processor=processors)
+        rows = decode(self.model, input_ids, mask, max_new_tokens=prompts[0].max_new_tokens, eos=self.eos,
+                      pick=pick)
         self.calls += 1
         seconds = (time.perf_counter() - t0) / len(prompts)
         gens = []
-        for r, p in enumerate(prompts):
-            new = out[r, width:].tolist()
+        for p, new in zip(prompts, rows, strict=True):
             stop = next((k for k, t in enumerate(new) if t in self.eos), None)
             n_out = len(new) if stop is None else stop + 1
             text = self.tokenizer.decode(new[: stop if stop is not None else n_out], skip_special_tokens=True)

@@ -268,22 +268,27 @@ def test_server_stops_mid_run_then_rerun_completes_exactly_once(tmp_path, tiny_l
 def test_row_sampler_draws_each_row_from_its_softmax_and_top_p():
     import torch
 
-    from pluribus.data.backends import row_sampler
+    from pluribus.data.decoding import row_sampler
 
     probs = torch.tensor([0.2, 0.0, 0.5, 0.3])
     logits = probs.log().expand(2, 4).clone()
     counts = torch.zeros(2, 4)
     sampler = row_sampler([1, 2], temperature=1.0, top_p=1.0)
     for _ in range(4000):
-        counts[torch.arange(2), sampler(None, logits).argmax(-1)] += 1
+        counts[torch.arange(2), sampler(logits, [0, 1])] += 1
     torch.testing.assert_close(counts / 4000, probs.expand(2, 4), atol=0.03, rtol=0)
     # top_p 0.6 keeps 0.5 and 0.3 (the mass before 0.2 already reaches 0.6), renormalized
     counts = torch.zeros(4)
     sampler = row_sampler([3], temperature=1.0, top_p=0.6)
     for _ in range(4000):
-        counts[sampler(None, logits[:1]).argmax()] += 1
+        counts[sampler(logits[:1], [0])[0]] += 1
     torch.testing.assert_close(counts / 4000, torch.tensor([0.0, 0.0, 0.625, 0.375]), atol=0.03, rtol=0)
     # the same seed, the same draws, whatever row it sits in
     a = [row_sampler([5, 9], 1.0, 1.0) for _ in range(2)]
     b = row_sampler([9], 1.0, 1.0)
-    assert all(a[0](None, logits)[1].argmax() == b(None, logits[:1])[0].argmax() for _ in range(50))
+    assert all(a[0](logits, [0, 1])[1] == b(logits[:1], [0])[0] for _ in range(50))
+    # a finished row leaves the batch: the others keep drawing from their own generators
+    c, d = row_sampler([5, 9], 1.0, 1.0), row_sampler([9], 1.0, 1.0)
+    c(logits, [0, 1])
+    d(logits[:1], [0])
+    assert all(c(logits[:1], [1])[0] == d(logits[:1], [0])[0] for _ in range(50))

@@ -1,0 +1,61 @@
+"""decode: the tokens generate would pick, with finished rows leaving the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pluribus.data.decoding import decode, row_sampler
+
+
+def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row)
+        mask[r, width - len(row):] = 1
+    return ids, mask
+
+
+def _alone(model, row: list[int], max_new: int, eos: list[int]) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+                             max_new_tokens=max_new, do_sample=False, temperature=None, top_p=None, top_k=None,
+                             eos_token_id=eos, pad_token_id=0)
+    new = out[0, len(row):].tolist()
+    return new[: new.index(eos[0]) + 1] if eos[0] in new else new
+
+
+@pytest.mark.parametrize("family", ["tiny_llama_dir", "tiny_qwen2_dir"])
+def test_greedy_decode_equals_generate_row_by_row_as_rows_finish(family, request):
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(family), dtype=torch.float32).eval()
+    rows = [[5, 17, 99, 3], [8, 8, 2, 41, 7, 7, 120], [300, 4], [11, 12, 13, 14, 15]]
+    never = model.config.vocab_size + 1
+    free = [_alone(model, r, 12, [never]) for r in rows]
+    # a stop token that one row reaches within a few steps and another never does: the first leaves the
+    # batch while the other runs on
+    eos = next([t] for r in free for k, t in enumerate(r[:6]) if t not in r[:k] and any(t not in o for o in free))
+    expected = [_alone(model, r, 12, eos) for r in rows]
+    assert min(map(len, expected)) < 7 and max(map(len, expected)) == 12
+    ids, mask = _left_padded(rows, pad=0)
+    got = decode(model, ids, mask, max_new_tokens=12, eos=eos)
+    assert got == expected
+
+
+def test_sampled_decode_depends_on_the_row_seed_only(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    rows = [[5, 17, 99, 3], [8, 8, 2, 41, 7, 7, 120], [300, 4]]
+    ids, mask = _left_padded(rows, pad=0)
+    together = decode(model, ids, mask, max_new_tokens=10, eos=[], pick=row_sampler([7, 8, 9], 0.9, 1.0))
+    for r, seed in enumerate([7, 8, 9]):
+        one_ids, one_mask = _left_padded([rows[r]], pad=0)
+        alone = decode(model, one_ids, one_mask, max_new_tokens=10, eos=[], pick=row_sampler([seed], 0.9, 1.0))
+        assert alone[0] == together[r]
+    other = decode(model, ids, mask, max_new_tokens=10, eos=[], pick=row_sampler([1, 2, 3], 0.9, 1.0))
+    assert other != together
+
+
+def test_nothing_to_decode():
+    assert decode(None, torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3), max_new_tokens=4, eos=[0]) == []
