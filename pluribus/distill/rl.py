@@ -13,10 +13,10 @@ One optimizer step (``train.rl.*`` settings):
 
 Which distribution ``logp`` is. The policy is the distribution the sampler draws from: ``softmax(logits / T)``,
 restricted to the top-p nucleus when ``top_p < 1`` (renormalized; the sampled token is always kept), and nothing
-else: the local sampler passes top_k=0 and neutral values for every other logits warper or penalty, so neither
-transformers' default top_k=50 nor a model's ``generation_config.json`` changes what is sampled
-(``sampling_kwargs``). ``token_logprobs`` applies the same T and top-p, for the policy and the reference alike
-(as TRL's GRPOTrainer scales by 1/T). Without this the loss would train a distribution the samples did not come
+else: the local sampler draws with ``decoding.row_sampler`` and never reads a ``generation_config.json``, so
+neither transformers' default top_k=50 nor a model's configured warpers or penalties change what is sampled.
+``token_logprobs`` applies the same T and top-p, for the policy and the reference alike (as TRL's GRPOTrainer
+scales by 1/T). Without this the loss would train a distribution the samples did not come
 from, with no importance correction.
 
 Which importance ratio. Each batch of samples is used for exactly one optimizer step, and it is drawn by the
@@ -130,45 +130,39 @@ def token_logprobs(model: Any, ids: torch.Tensor, attention: torch.Tensor, n_com
     return sampling_logprobs(logits, ids[:, -n_completion:], temperature, top_p)
 
 
-def sampling_kwargs(settings: RLSettings) -> dict[str, Any]:
-    """``generate`` keywords that sample from exactly ``softmax(logits / T)`` over the top-p nucleus.
-
-    ``generate`` fills every setting left unset from the model's ``generation_config.json``, then from its own
-    defaults (top_k=50), so each warper or penalty that would reshape the distribution is set to its neutral value (min_new_tokens
-    overrides a configured min_length).
-    """
-    return {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0,
-            "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
-            "no_repeat_ngram_size": 0, "min_new_tokens": 0}
-
-
 # ------------------------------------------------------------------------------------------- sampling
 
 
 class LocalSampler:
-    """Sample G completions per prompt from the policy being trained (``model.generate``, left padding)."""
+    """Sample G completions per prompt from the policy being trained (``decoding.decode``, left padding): each
+    row from softmax(logits / T) over the top-p nucleus, the distribution ``token_logprobs`` computes, with its
+    own generator seeded from torch's global RNG (``torch.manual_seed`` reproduces a step)."""
 
     def __init__(self, tokenizer: Any, settings: RLSettings) -> None:
         self.tokenizer, self.settings = tokenizer, settings
 
     @torch.no_grad()
     def __call__(self, model: Any, prompts: list[str]) -> list[list[int]]:
+        from pluribus.data.backends import _eos_ids
+        from pluribus.data.decoding import decode, row_sampler
+
         tok, s = self.tokenizer, self.settings
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                  for p in prompts]
         tok.padding_side = "left"
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         tok.padding_side = "right"
+        ids = enc["input_ids"].repeat_interleave(s.group_size, dim=0)
+        mask = enc["attention_mask"].repeat_interleave(s.group_size, dim=0)
+        seeds = torch.randint(0, 2**62, (ids.shape[0],)).tolist()
         was_training = model.training
         model.eval()
-        out = model.generate(**enc, **sampling_kwargs(s), max_new_tokens=s.max_new_tokens, num_return_sequences=s.group_size,
-                             pad_token_id=tok.pad_token_id, use_cache=True)
-        model.train(was_training)
-        completions = []
-        for row in out[:, enc["input_ids"].shape[1]:].tolist():
-            cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
-            completions.append(row[:cut])  # generation pads only after the end-of-turn token
-        return completions
+        try:
+            # a completion keeps its end-of-turn token: the policy is trained to stop
+            return decode(model, ids, mask, max_new_tokens=s.max_new_tokens, eos=_eos_ids(model, tok),
+                          pick=row_sampler(seeds, s.temperature, s.top_p) if s.temperature > 0 else None)
+        finally:
+            model.train(was_training)
 
 
 class VLLMSampler:

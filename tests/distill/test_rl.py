@@ -14,7 +14,6 @@ from pluribus.distill.rl import (
     aggregate_steps,
     group_advantages,
     policy_loss,
-    sampling_kwargs,
     token_logprobs,
     train_rl,
 )
@@ -63,50 +62,70 @@ def test_policy_loss_by_hand():
 
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_trainer_logprobs_are_the_samplers_distribution(top_p):
-    # The distribution generate samples from (its processed scores) must be the one the loss differentiates, even
-    # for a model whose generation_config.json asks for top_k, min_p and a repetition penalty.
+    # The distribution the sampler draws from must be the one the loss differentiates, even for a model whose
+    # generation_config.json asks for top_k, min_p and a repetition penalty (decode never reads it).
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from pluribus.data.decoding import decode, row_sampler
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=23, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
     model.generation_config.update(top_k=5, top_p=0.5, min_p=0.2, repetition_penalty=1.3)
-    settings = RLSettings(temperature=0.7, top_p=top_p)
-    prompt = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # a peaked distribution, so the nucleus drops tokens at top_p 0.9
+    prompt = torch.randint(1, 23, (2, 6), generator=torch.Generator().manual_seed(1))
     prompt_mask = torch.ones_like(prompt)
     prompt[1, :2], prompt_mask[1, :2] = 0, 0  # left padding, as the sampler batches
-    torch.manual_seed(2)
-    with torch.no_grad():
-        out = model.generate(input_ids=prompt, attention_mask=prompt_mask, **sampling_kwargs(settings),
-                             max_new_tokens=10, pad_token_id=0, eos_token_id=None, output_scores=True,
-                             return_dict_in_generate=True)
-        completion = out.sequences[:, prompt.shape[1]:]
-        sampler = torch.log_softmax(torch.stack(out.scores, dim=1), dim=-1)
-        sampled = sampler.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
-        attention = torch.cat([prompt_mask, torch.ones_like(completion)], dim=1)
-        trainer = token_logprobs(model, out.sequences, attention, completion.shape[1], settings.temperature, top_p)
-    torch.testing.assert_close(trainer, sampled, atol=1e-4, rtol=1e-4)
-    if top_p == 1.0:  # no filter at all: every token of the vocabulary could have been sampled
-        assert torch.isfinite(sampler).all()
+    draws = 2000
+    ids, mask = prompt.repeat_interleave(draws, 0), prompt_mask.repeat_interleave(draws, 0)
+    picked = torch.tensor(decode(model, ids, mask, max_new_tokens=2, eos=[],
+                                 pick=row_sampler(list(range(2 * draws)), 0.7, top_p)))
+    for r in range(2):
+        rows = picked[r * draws:(r + 1) * draws]
+        seq = torch.cat([ids[r * draws:(r + 1) * draws], rows], dim=1)
+        attention = torch.cat([mask[r * draws:(r + 1) * draws], torch.ones_like(rows)], dim=1)
+        with torch.no_grad():
+            lp = token_logprobs(model, seq, attention, 2, 0.7, top_p)  # each drawn token under the loss's p
+        assert torch.isfinite(lp).all()
+        # first token: empirical frequencies match exp(logp) of the loss's distribution, token by token
+        with torch.no_grad():
+            last = model(input_ids=prompt[r:r + 1], attention_mask=prompt_mask[r:r + 1],
+                         position_ids=(prompt_mask[r:r + 1].cumsum(1) - 1).clamp(min=0)).logits[0, -1]
+        scaled = last[None] / 0.7
+        if top_p < 1.0:
+            from transformers.generation.logits_process import TopPLogitsWarper
+
+            scaled = TopPLogitsWarper(top_p)(None, scaled)
+            assert torch.isinf(scaled).sum() > 0  # the nucleus leaves tokens out
+        p = scaled[0].softmax(-1)
+        freq = torch.bincount(rows[:, 0], minlength=23).float() / draws
+        torch.testing.assert_close(freq, p, atol=0.035, rtol=0)  # 2000 draws: 3.5 standard errors at p=0.5
+        assert freq[p == 0].sum() == 0
+        assert torch.allclose(lp[:, 0], torch.log(p[rows[:, 0]]), atol=1e-4)
 
 
-def test_local_sampler_samples_with_the_distribution_the_loss_uses(student_dir):
+def test_local_sampler_samples_with_the_distribution_the_loss_uses(student_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import pluribus.data.decoding as decoding
 
     tok = AutoTokenizer.from_pretrained(student_dir)
     model = AutoModelForCausalLM.from_pretrained(student_dir)
     seen = {}
-    generate = model.generate
+    sampler = decoding.row_sampler
 
-    def spy(**kwargs):
-        seen.update(kwargs)
-        return generate(**kwargs)
+    def spy(seeds, temperature, top_p):
+        seen.update(n=len(seeds), temperature=temperature, top_p=top_p)
+        return sampler(seeds, temperature, top_p)
 
-    model.generate = spy
+    monkeypatch.setattr(decoding, "row_sampler", spy)
     settings = RLSettings(temperature=0.7, group_size=2, max_new_tokens=3)
-    LocalSampler(tok, settings)(model, ["What is 2 + 2?"])
-    assert seen["top_k"] == 0 and seen["temperature"] == 0.7 and seen["top_p"] == 1.0
-    assert {k: seen[k] for k in sampling_kwargs(settings)} == sampling_kwargs(settings)
+    torch.manual_seed(0)
+    first = LocalSampler(tok, settings)(model, ["What is 2 + 2?", "What is 3 + 1?"])
+    assert seen == {"n": 4, "temperature": 0.7, "top_p": 1.0}
+    assert len(first) == 4 and all(1 <= len(c) <= 3 for c in first)
+    torch.manual_seed(0)
+    assert LocalSampler(tok, settings)(model, ["What is 2 + 2?", "What is 3 + 1?"]) == first  # reproducible
 
 
 def test_rl_trains_a_few_steps_with_prm_and_kl(tmp_path, student_dir, process_dir):
