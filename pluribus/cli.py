@@ -62,11 +62,11 @@ def _no_recipe(recipe: Path | None, overrides: list[str] | None) -> tuple[Path |
 @app.command("config")
 def config_cmd(recipe: RecipeArg = None, overrides: OverridesArg = None) -> None:
     """Validate RECIPE with OVERRIDES (fields and models) and print it as it would run."""
-    from pluribus.config import check_models, load_recipe
+    from pluribus.config import check_recipe_models, load_recipe
 
     recipe, overrides = _no_recipe(recipe, overrides)
     loaded = load_recipe(recipe, overrides)
-    check_models(loaded)
+    check_recipe_models(loaded)
     print(loaded.to_yaml(), end="")
 
 
@@ -226,7 +226,7 @@ def score_cmd(
 
     from rich.table import Table
 
-    from pluribus.config import read_text_file
+    from pluribus.io import read_text_file
 
     text = (sys.stdin.read() if solution == "-" else read_text_file(solution[1:], "solution file")
             if solution.startswith("@") else solution)
@@ -278,7 +278,7 @@ def merge_cmd(
 ) -> None:
     """Merge adapters (low-rank, any ranks) or models (streaming) into OUT; mergekit YAML is accepted."""
     from pluribus.merge import run_merge
-    from pluribus.merge.config import resolve_cli
+    from pluribus.merge.resolve import resolve_cli
 
     _threads(threads)
     if extract:

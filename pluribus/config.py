@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pluribus.errors import PluribusError
+from pluribus.io import atomic_write_text, read_yaml
 from pluribus.layout import RunLayout
 
 
@@ -760,48 +761,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def read_text_file(path: str | Path, what: str = "file", error: type[PluribusError] = PluribusError) -> str:
-    """The text of a YAML/JSON/text file the user named, or one ``error`` line: missing, a folder, not UTF-8.
-
-    ``what`` names the file in the message ("recipe file", "eval results").
-    """
-    p = Path(path)
-    if p.is_dir():
-        raise error(f"'{p}' is a folder, expected {'an' if what[0] in 'aeiou' else 'a'} {what}")
-    try:
-        return p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{what} '{p}' does not exist") from None
-    except UnicodeDecodeError:
-        raise error(f"{what} '{p}' is not UTF-8 text (is it a YAML/JSON file?)") from None
-    except OSError as e:
-        raise error(f"{what} '{p}' cannot be read ({e.strerror or e})") from None
-
-
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe from YAML (or start from an empty one) and apply dotted overrides."""
     data: Any = {}
     if path is not None:
-        p = Path(path)
-        text = read_text_file(p, "recipe file", RecipeError)
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise RecipeError(f"recipe file '{p}' is not valid YAML{where}") from None
+        data = read_yaml(path, "recipe file", RecipeError) or {}
         if not isinstance(data, dict):
-            raise RecipeError(f"recipe file '{p}' must hold a mapping of sections, got {type(data).__name__}")
+            raise RecipeError(f"recipe file '{Path(path)}' must hold a mapping of sections, got {type(data).__name__}")
     return validate_recipe(apply_overrides(data, overrides or []))
 
 
-def check_models(recipe: Recipe) -> None:
+def check_recipe_models(recipe: Recipe) -> None:
     """Fail as the stages would on a model that does not resolve (a typo, a missing folder), naming the field.
 
     Nothing is loaded, dequantized or downloaded: an alias only needs its package, an existing .gguf file and
     a hub id (org/name) are taken as given. Models behind the openai backend live on a server and are skipped.
     """
-    from pluribus.models import ALIASES, find_alias_file, resolve_model
+    from pluribus.modelref import ModelRef
+    from pluribus.models import find_alias_file, resolve_model
 
     agents = [(f"team.agents.{i}", a) for i, a in enumerate(recipe.team.agents)] if recipe.team else []
     if recipe.team and recipe.team.judge:
@@ -812,12 +789,11 @@ def check_models(recipe: Recipe) -> None:
     if recipe.train:
         refs.append(("train.model", recipe.train.model))
     for field, name in refs:
-        path = Path(name).expanduser()
-        hub_id = "/" in name and not path.exists() and not name.startswith((".", "/", "~")) and name.count("/") == 1
+        ref = ModelRef.parse(name)
         try:
-            if name in ALIASES:
+            if ref.form == "alias":
                 find_alias_file(name)
-            elif not hub_id and not (path.suffix == ".gguf" and path.is_file()):
+            elif ref.form not in ("hub", "gguf"):
                 resolve_model(name)
         except PluribusError as e:
             raise RecipeError(f"'{field}': {e}") from None
@@ -825,8 +801,6 @@ def check_models(recipe: Recipe) -> None:
 
 def write_recipe(recipe: Recipe, run_dir: Path | None = None) -> Path:
     """Write the recipe as run to ``<run>/recipe.yaml`` (atomically) and return the path."""
-    from pluribus.io import atomic_write_text
-
     out = (run_dir or recipe.run_dir) / "recipe.yaml"
     atomic_write_text(out, recipe.to_yaml())
     return out

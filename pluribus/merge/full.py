@@ -56,12 +56,14 @@ def parse_size(text: str | int) -> int:
 
 def local_model(ref: str | Path) -> Path:
     """A model reference as a local folder: a folder as is; an alias / .gguf / hub id via pluribus.models."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    if os.sep in str(ref) and not str(ref).endswith(".gguf") and str(ref).count("/") != 1:
-        raise PluribusError(f"input '{ref}' does not exist; check the path in the merge config")
+    from pluribus.modelref import ModelRef
     from pluribus.models import resolve_model
+
+    parsed = ModelRef.parse(ref)
+    if parsed.form == "folder" and parsed.path is not None:
+        return parsed.path
+    if parsed.form == "missing" and parsed.path is not None and parsed.path.suffix != ".gguf":
+        raise PluribusError(f"input '{ref}' does not exist; check the path in the merge config")
 
     return resolve_model(str(ref))
 
