@@ -119,12 +119,10 @@ def build_cmd(
 
     from pluribus.config import load_recipe
     from pluribus.data.build import build_recipe, push_to_hub
-    from pluribus.data.build.stage import require_token
-    from pluribus.hub import check_repo_id
+    from pluribus.hub import check_push
 
     if push:
-        check_repo_id(push)
-        require_token()
+        check_push(push)  # a bad repo id or a missing token fails before any work
     recipe, overrides = _no_recipe(recipe, overrides)  # `build --store RUN build.k=2`
     overrides = _with_threads(overrides, threads)
     loaded = load_recipe(recipe, overrides) if recipe is not None else None
@@ -456,15 +454,6 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _creating(e: OSError) -> bool:
-    """Whether ``e`` came from making a folder: a missing path there (e.g. under /proc) cannot be created,
-    where a missing path that was read does not exist."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_name in ("mkdir", "makedirs", "mkdtemp")
-
-
 def _error(message: str) -> None:
     """Print one error line and exit 2. The message is escaped: rich would read an install hint such as
     ``pip install 'pluribus[vllm]'`` as markup and print ``pip install 'pluribus'``."""
@@ -499,21 +488,20 @@ def main() -> None:
             raise KeyboardInterrupt
         if isinstance(code, int) and code:
             sys.exit(code)
-    except (PluribusError, FileExistsError) as e:
+    except PluribusError as e:
         _error(str(e))
     except OSError as e:
-        # Last resort for unusable paths (an output under a file, a read-only folder, a full disk); an OSError
-        # naming no path is a bug and keeps its traceback.
+        # pluribus's own reads and folders word their errors where they happen (pluribus.io); what is left is a
+        # library reading or writing a path of the user's (parquet, checkpoints) on a full disk or a path that
+        # went away. An OSError naming no path is a bug and keeps its traceback.
         if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            # a library writing (parquet, checkpoints) on a full disk: the run resumes once space is freed
+            # the run resumes once space is freed
             _error(f"{e.strerror or 'no space left on device'} (errno {e.errno}); free space on the disk holding "
                    "the run folder and rerun: finished work is kept")
         if e.filename is None:
             raise
         path = e.filename if e.filename2 is None else f"{e.filename}' -> '{e.filename2}"
-        what = f"'{path}' does not exist" if isinstance(e, FileNotFoundError) and not _creating(e) else \
-            f"cannot create '{path}': {e.strerror or e}"
-        _error(what)
+        _error(f"'{path}' does not exist" if isinstance(e, FileNotFoundError) else f"'{path}': {e.strerror or e}")
     except KeyboardInterrupt:
         console.print(interrupted_message(sys.argv[1:]))
         sys.exit(130)

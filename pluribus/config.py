@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pluribus.errors import PluribusError
+from pluribus.errors import PluribusError, validation_message
 from pluribus.io import atomic_write_text, read_yaml
 from pluribus.layout import RunLayout
 
@@ -679,22 +679,10 @@ class Recipe(Section):
 
 
 def _describe_error(err: dict[str, Any]) -> str:
-    path = ".".join(str(p) for p in err["loc"]) or "<recipe>"
-    kind = err["type"]
-    value = err.get("input")
-    shown = json.dumps(value, default=str, ensure_ascii=False) if not isinstance(value, dict) else "{...}"
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    if kind == "extra_forbidden" and path.endswith("stage") and path.startswith("train"):
+    path = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden" and path.endswith("stage") and path.startswith("train"):
         return f"'{path}' is now called objective (train.objective: rsft | augmented | prm | rl)"
-    if kind == "extra_forbidden":
-        return f"unknown key '{path}' (check the spelling; allowed keys are listed in configs/quickstart.yaml)"
-    if kind == "literal_error":
-        allowed = err.get("ctx", {}).get("expected", "")
-        return f"'{path}' = {shown} is not allowed; expected one of {allowed}"
-    if kind == "missing":
-        return f"'{path}' is required"
-    return f"'{path}' = {shown}: {err['msg'].removeprefix('Value error, ')}"
+    return validation_message([err])
 
 
 def validate_recipe(data: dict[str, Any]) -> Recipe:

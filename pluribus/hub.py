@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pluribus.errors import PluribusError
+from pluribus.errors import OutputExistsError, PluribusError
 from pluribus.io import atomic_dir, read_json, read_json_object, read_yaml
 from pluribus.modelref import ALIASES, ModelRef
 
@@ -456,7 +456,7 @@ def export_folder(
 
     source = Path(source)
     if Path(out).exists() and not overwrite:  # before reading every tensor; atomic_dir checks it again
-        raise FileExistsError(f"output '{out}' already exists; pass --overwrite to replace it")
+        raise OutputExistsError(out)
     if source.is_file():
         raise PluribusError(f"export source '{source}' is a file, expected a model or adapter folder")
     if not source.is_dir():
@@ -495,11 +495,18 @@ def export_folder(
 
 
 def hub_token(token_env: str | None = None) -> str:
-    """The Hub token from ``token_env`` (else HF_TOKEN, HUGGING_FACE_HUB_TOKEN), or a PluribusError."""
+    """The Hub token of every push (datasets and models): from ``token_env``, else HF_TOKEN, else
+    HUGGING_FACE_HUB_TOKEN, or a PluribusError.
+
+    The environment only: a stored ``hf auth login`` is not read, so the token a push uses is the one the user
+    set for it, and a test or a CI job never pushes with a login left on the machine. The token is passed to
+    huggingface_hub explicitly and never written to a log, a card or an error (``redact``).
+    """
     for name in ([token_env] if token_env else []) + list(TOKEN_ENVS):
         if name and os.environ.get(name):
             return os.environ[name]
-    raise PluribusError(f"no Hub token: set {token_env or 'HF_TOKEN'} in the environment (it is never printed)")
+    raise PluribusError(f"no Hub token: set {token_env or 'HF_TOKEN'} in the environment; pushing to the Hub needs "
+                        "a token with write access (read from the environment only, never printed)")
 
 
 def check_repo_id(repo_id: str) -> None:

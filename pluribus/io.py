@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pluribus.errors import PluribusError
+from pluribus.errors import OutputExistsError, PluribusError, cannot_create
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -62,6 +62,18 @@ def ensure_dir(path: str | Path, what: str = "") -> Path:
     return path
 
 
+def make_dirs(path: str | Path) -> Path:
+    """``mkdir -p path``, or one PluribusError naming ``path`` and the system's reason (under a file, read-only,
+    a path the system cannot hold such as /proc/x)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        # the OS names the part it could not make (a parent, for /proc/runs/x)
+        raise PluribusError(cannot_create(e.filename or path, e.strerror or str(e))) from None
+    return path
+
+
 def _umask() -> int:
     current = os.umask(0o022)
     os.umask(current)
@@ -103,12 +115,12 @@ def remove_stale_temps(target: Path) -> list[Path]:
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target``, on error it is removed.
 
-    Raises FileExistsError if ``target`` exists and ``overwrite`` is False, before anything is written. The
+    Raises OutputExistsError if ``target`` exists and ``overwrite`` is False, before anything is written. The
     temporary folder is named after the host and pid, so a later writer can remove it if this one is killed.
     """
     target = Path(target)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"output '{target}' already exists; pass --overwrite to replace it")
+        raise OutputExistsError(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(target)
@@ -118,7 +130,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         # the OS names the temporary folder or one parent; the user named the output
         blocker = next((p for p in target.parents if p.exists()), None)
         reason = f"'{blocker}' is a file, not a folder" if blocker and not blocker.is_dir() else e.strerror or str(e)
-        raise PluribusError(f"cannot create output folder '{target}': {reason}") from None
+        raise PluribusError(cannot_create(target, reason, "output folder")) from None
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the published folder gets the usual permissions
     try:
         yield tmp

@@ -50,7 +50,7 @@ from pluribus.config import AgentConfig, BuildConfig, Recipe, SamplingConfig, Te
 from pluribus.data.answers import grade, vote_key
 from pluribus.data.backends import Backend, Conversation, Generation, backend_key, make_backend
 from pluribus.data.records import Problem, Trajectory, Turn
-from pluribus.errors import PluribusError
+from pluribus.errors import PluribusError, unknown_name
 
 DEFAULT_PROMPTS: dict[str, str] = {
     "question": (
@@ -92,8 +92,7 @@ def resolve_prompts(overrides: Mapping[str, str]) -> dict[str, str]:
     """Defaults overlaid with the recipe's templates; a PluribusError names an unknown template or missing field."""
     unknown = sorted(set(overrides) - set(DEFAULT_PROMPTS))
     if unknown:
-        raise PluribusError(f"unknown prompt template(s) {unknown} in team.prompts. "
-                            f"Available: {', '.join(DEFAULT_PROMPTS)}")
+        raise PluribusError(unknown_name("team.prompts template(s)", unknown, DEFAULT_PROMPTS))
     prompts = {**DEFAULT_PROMPTS, **overrides}
     for name, needed in REQUIRED_FIELDS.items():
         missing = [f for f in needed if f not in prompts[name]]

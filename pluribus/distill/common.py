@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pluribus.config import DATASET_OF_OBJECTIVE, Recipe, TrainConfig
-from pluribus.errors import PluribusError
+from pluribus.errors import OutputExistsError, PluribusError
 
 logger = logging.getLogger("pluribus.distill")
 
@@ -605,8 +605,7 @@ def check_output(out: Path, *, overwrite: bool, resume: bool | str | None, cfg: 
     replaces its own adapter); with ``resume``, its checkpoint must exist and be readable, and (given ``cfg``)
     not already be the end of a training whose adapter is in ``out``."""
     if out.exists() and not overwrite and not resume:
-        raise PluribusError(f"output '{out}' already exists; pass --overwrite to replace it, --resume to continue "
-                            "the training that wrote it, or --out another folder")
+        raise OutputExistsError(out, ", --resume to continue the training that wrote it, or --out another folder")
     if resume:
         ckpt, _ = _checkpoint(out, resume)
         # without out, resuming a finished checkpoint still saves its adapter (killed right after the last save)

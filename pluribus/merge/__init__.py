@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from pluribus.errors import PluribusError
+from pluribus.errors import OutputExistsError, PluribusError
 from pluribus.merge.config import (
     MergeInput,
     MergeSpec,
@@ -126,7 +126,7 @@ def run_merge(
     out = Path(out)
     start = time.perf_counter()
     if out.exists() and not overwrite:
-        raise PluribusError(f"output '{out}' already exists; pass --overwrite to replace it")
+        raise OutputExistsError(out)
     if out.exists():
         _refuse_replacing_an_input(spec, out)
     if spec.method == "mergekit":

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pluribus.errors import PluribusError
+from pluribus.errors import PluribusError, not_finite, validation_message
 from pluribus.io import read_yaml
 from pluribus.modelref import ModelRef
 
@@ -70,7 +70,7 @@ def _refusal(method: str, option: str, value: Any) -> str:
 def _require_finite(value: float | None, name: str) -> None:
     """NaN and Inf parse as floats and pass every range check (NaN compares false): refuse them by name."""
     if value is not None and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number (got {value})")
+        raise ValueError(not_finite(name, value))
 
 
 class MergeInput(BaseModel):
@@ -231,7 +231,7 @@ def check_mergekit_parameters(data: dict[str, Any]) -> None:
         for key, value in params.items() if isinstance(params, dict) else ():
             bad = _nonfinite(value)
             if bad is not None:
-                raise PluribusError(f"mergekit config: {where}: {key} must be a finite number (got {bad})")
+                raise PluribusError(f"mergekit config: {where}: {not_finite(key, bad)}")
     if names is None:
         return
     for where, params, allowed in sections:
@@ -249,7 +249,7 @@ def from_mergekit(data: dict[str, Any]) -> MergeSpec:
     try:
         return _translate_mergekit(data)
     except ValidationError as e:
-        raise PluribusError(f"mergekit config: {_one_line(e)}") from None
+        raise PluribusError(f"mergekit config: {validation_message(e.errors(), quoted=False)}") from None
 
 
 def _translate_mergekit(data: dict[str, Any]) -> MergeSpec:
@@ -366,17 +366,6 @@ def mergekit_local_paths(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _one_line(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "literal_error":
-            msg = f"{err.get('input')!r} is not allowed; expected one of {err.get('ctx', {}).get('expected', '')}"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
-
-
 def parse_merge_config(data: Any, source: str = "<inline>") -> MergeSpec:
     """Validate a pluribus or mergekit merge mapping into a MergeSpec (one-line PluribusError on problems)."""
     if isinstance(data, MergeSpec):
@@ -388,7 +377,7 @@ def parse_merge_config(data: Any, source: str = "<inline>") -> MergeSpec:
     try:
         return MergeSpec.model_validate(data)
     except ValidationError as e:
-        raise PluribusError(f"invalid merge config {source}: {_one_line(e)}") from None
+        raise PluribusError(f"invalid merge config {source}: {validation_message(e.errors(), quoted=False)}") from None
 
 
 def load_merge_config(path: str | Path) -> MergeSpec:
