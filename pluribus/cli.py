@@ -228,9 +228,9 @@ def score_cmd(
 
     text = (sys.stdin.read() if solution == "-" else read_text_file(solution[1:], "solution file")
             if solution.startswith("@") else solution)
-    from pluribus.distill.prm import load_prm, score_steps, split_steps  # heavy: after the cheap checks
+    from pluribus.distill.prm import load_prm, score_steps, step_texts  # heavy: after the cheap checks
 
-    steps = split_steps(text)
+    steps = step_texts(text)
     if not steps:
         raise PluribusError("--solution has no steps (non-empty lines) to score")
     _threads(threads)
@@ -344,16 +344,22 @@ def export_cmd(
     out: Annotated[Path, typer.Option("-o", "--out", help="Hub-ready output folder.")],
     push: Annotated[str | None, typer.Option("--push-to-hub", help="Push to this Hub repo (token from HF_TOKEN).")] = None,
     eval_results: Annotated[Path | None, typer.Option("--eval", help="results.json of `pluribus eval`.")] = None,
-    dataset: Annotated[list[str] | None, typer.Option("--dataset", help="Hub dataset id for the card (repeatable).")] = None,
+    hub_dataset: Annotated[list[str] | None, typer.Option(
+        "--hub-dataset", help="Hub dataset id for the card's datasets field (repeatable).")] = None,
+    old_dataset: Annotated[list[str] | None, typer.Option("--dataset", hidden=True)] = None,
     public: Annotated[bool, typer.Option("--public", help="Create the Hub repo public (default private).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Write a Hub-ready folder (weights, tokenizer, model card) from SOURCE, and optionally push it."""
     from pluribus.hub import check_push, export_folder, push_folder
 
+    if old_dataset:  # `--dataset` is a folder in `train`; here it always was a Hub id
+        console.print("export --dataset is now --hub-dataset (the old name still works; rename it)", markup=False,
+                      highlight=False, soft_wrap=True)
+    datasets = [*(hub_dataset or []), *(old_dataset or [])]
     if push:
         check_push(push)  # a bad repo id or a missing token fails before the folder is written
-    folder = export_folder(source, out, datasets=dataset or [], eval_results=eval_results, overwrite=overwrite)
+    folder = export_folder(source, out, datasets=datasets, eval_results=eval_results, overwrite=overwrite)
     Console().print(f"exported: {folder}", markup=False, soft_wrap=True)
     if push:
         Console().print(f"pushed: {push_folder(folder, push, private=not public)}", markup=False, soft_wrap=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,8 @@ from pluribus.errors import PluribusError, validation_message
 from pluribus.io import atomic_write_text, read_yaml
 from pluribus.layout import RunLayout
 
+logger = logging.getLogger("pluribus.config")
+
 
 class RecipeError(PluribusError, ValueError):
     """A recipe (or override) that does not validate. The message is one line, ready for the user."""
@@ -27,6 +30,27 @@ class RecipeError(PluribusError, ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _renamed(data: Any, section: str, renames: dict[str, str]) -> Any:
+    """``data`` (a section as written) with its keys of an older pluribus under their new (dotted) names, each
+    with a one-line hint, so recipes written before a rename keep running. Both names at once are refused."""
+    if not isinstance(data, dict) or not any(old in data for old in renames):
+        return data
+    data = dict(data)
+    for old, new in renames.items():
+        if old not in data:
+            continue
+        *parents, last = new.split(".")
+        node = data
+        for part in parents:
+            node[part] = node = dict(node.get(part) or {})
+        if last in node:
+            raise ValueError(f"'{section}.{old}' and '{section}.{new}' are one setting; give only {section}.{new}")
+        node[last] = data.pop(old)
+        logger.warning("recipe: '%s.%s' is now '%s.%s' (the old name still works; rename it)", section, old,
+                       section, new)
+    return data
 
 
 def _folder_name(v: str) -> str:
@@ -167,7 +191,8 @@ class BuildConfig(Section):
         None, description="The user turn of every built row and rollout, with {question} replaced (other braces are "
         "literal). None: the team's question prompt, so training asks what the agents were asked. When set, eval "
         "asks the single agent and every distilled system this prompt too.")
-    max_problems: int | None = Field(None, ge=1, description="Use at most this many problems of the store.")
+    n: int | None = Field(None, ge=1, description="Use at most this many problems of the store (as task.n and "
+                          "eval.n do of theirs; formerly build.max_problems).")
     skip_corrupt: bool = Field(False, description="Skip torn/corrupt store lines (reported) instead of stopping.")
     # self: the single agent's own samples (the data of experts with data: self)
     self_samples: int | None = Field(
@@ -210,6 +235,11 @@ class BuildConfig(Section):
     rollout_batch_size: int = Field(64, ge=1, description="process: rollouts per generation call.")
     step_separator: str = Field("\n", description="process: separator after each step when tokenized (card).")
     shepherd_tag: str = Field("ки", description="process: Math-Shepherd step tag in the exported text format.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return _renamed(data, "build", {"max_problems": "n"})
 
     @field_validator("prompt_template")
     @classmethod
@@ -270,15 +300,32 @@ class RLSettings(Section):
     group_size: int = Field(4, ge=2, description="Solutions G sampled per prompt.")
     prompts_per_step: int = Field(2, ge=1, description="Prompts per optimizer step (each sampled G times).")
     backend: Literal["transformers", "vllm"] = Field("transformers", description="Sampler of the current policy.")
-    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(256, ge=1)
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=1.0), description="How the policy samples: temperature "
+        "(> 0; default 1.0), top_p, max_new_tokens. Its draws follow the training seed (the recipe's seed).")
     prm: str | None = Field(None, description="The PRM: an earlier expert's name or an adapter folder (default: "
                             "the recipe's prm expert).")
     aggregate: Literal["min", "mean", "last"] = Field("min", description="How step scores become one reward.")
     answer_weight: float = Field(1.0, ge=0.0, description="Reward weight of the verified final answer.")
     clip: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range epsilon of the ratio.")
     kl: float = Field(0.0, ge=0.0, description="Weight beta of the KL to the reference (adapter disabled).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        data = _renamed(data, "train.rl", {k: f"sampling.{k}" for k in ("temperature", "top_p", "max_new_tokens")})
+        if isinstance(data, dict) and isinstance(data.get("sampling"), dict) and "temperature" not in data["sampling"]:
+            data = {**data, "sampling": {**data["sampling"], "temperature": 1.0}}  # RL's default, not greedy's
+        return data
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampled(cls, v: SamplingConfig) -> SamplingConfig:
+        if v.temperature <= 0:
+            raise ValueError("temperature must be > 0: RL learns from a group of different samples per prompt")
+        if v.seed is not None:
+            raise ValueError("seed has no effect here: RL's samples follow the training seed (the recipe's seed)")
+        return v
 
 
 OBJECTIVES = ("rsft", "augmented", "prm", "rl")

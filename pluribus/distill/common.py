@@ -26,7 +26,7 @@ logger = logging.getLogger("pluribus.distill")
 # The fields a row of each dataset kind must have: TRL's own formats (conversational ``messages``, stepwise
 # supervision). What pluribus's builders add beside them (problem_id, agent, round, kind, scores, debate) is
 # optional on input, so a user's TRL dataset trains as it is (``load_rows`` fills in what training reads).
-REQUIRED_FIELDS = {
+DATASET_COLUMNS = {
     "rsft": ("messages",),
     "augmented": ("messages",),
     "process": ("prompt", "completions", "labels"),
@@ -130,11 +130,11 @@ def load_rows(path: str | Path, kind: str) -> Any:
     if kind != "process" and "messages" not in ds.column_names and {"prompt", "completion"} <= set(ds.column_names):
         chats = [_prompt_completion_as_messages(r) for r in ds]  # no ds.map: its progress bar ignores --no-progress
         ds = ds.add_column("messages", chats).remove_columns(["prompt", "completion"])
-    missing = [f for f in REQUIRED_FIELDS[kind] if f not in ds.column_names]
+    missing = [f for f in DATASET_COLUMNS[kind] if f not in ds.column_names]
     if missing:
         raise PluribusError(
             f"dataset '{path}' is not a '{kind}' dataset: missing field(s) {missing}; "
-            f"it has {ds.column_names}, a '{kind}' row needs {list(REQUIRED_FIELDS[kind])}"
+            f"it has {ds.column_names}, a '{kind}' row needs {list(DATASET_COLUMNS[kind])}"
             + (" (or TRL's prompt + completion)" if kind != "process" else "")
         )
     if "problem_id" not in ds.column_names:

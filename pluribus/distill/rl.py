@@ -45,7 +45,7 @@ from pluribus.config import Recipe, RLSettings, TrainConfig
 from pluribus.data.answers import grade
 from pluribus.data.records import Problem
 from pluribus.distill import common
-from pluribus.distill.prm import load_prm, score_steps, split_steps
+from pluribus.distill.prm import load_prm, score_steps, step_texts
 from pluribus.errors import PluribusError
 
 # --------------------------------------------------------------------------------------------- math
@@ -137,7 +137,7 @@ def sampling_kwargs(settings: RLSettings) -> dict[str, Any]:
     defaults (top_k=50), so each warper or penalty that would reshape the distribution is set to its neutral value (min_new_tokens
     overrides a configured min_length).
     """
-    return {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0,
+    return {"do_sample": True, "temperature": settings.sampling.temperature, "top_p": settings.sampling.top_p, "top_k": 0,
             "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
             "no_repeat_ngram_size": 0, "min_new_tokens": 0}
 
@@ -161,7 +161,7 @@ class LocalSampler:
         tok.padding_side = "right"
         was_training = model.training
         model.eval()
-        out = model.generate(**enc, **sampling_kwargs(s), max_new_tokens=s.max_new_tokens, num_return_sequences=s.group_size,
+        out = model.generate(**enc, **sampling_kwargs(s), max_new_tokens=s.sampling.max_new_tokens, num_return_sequences=s.group_size,
                              pad_token_id=tok.pad_token_id, use_cache=True)
         model.train(was_training)
         completions = []
@@ -193,8 +193,8 @@ class VLLMSampler:
         model.save_pretrained(folder, safe_serialization=True)
         s = self.settings
         # top_k=-1 and SamplingParams' other defaults are neutral: the distribution token_logprobs computes
-        params = SamplingParams(n=s.group_size, temperature=s.temperature, top_p=s.top_p, top_k=-1,
-                                max_tokens=s.max_new_tokens)
+        params = SamplingParams(n=s.group_size, temperature=s.sampling.temperature, top_p=s.sampling.top_p, top_k=-1,
+                                max_tokens=s.sampling.max_new_tokens)
         messages = [[{"role": "user", "content": p}] for p in prompts]
         outs = self.llm.chat(messages, params, lora_request=LoRARequest(f"policy-{self.step}", self.step, str(folder)),
                              use_tqdm=False)
@@ -233,7 +233,7 @@ class GroupRLTrainer(Trainer):
         group_answers = [a for a in answers for _ in range(s.group_size)]
 
         # 2. rewards: aggregated PRM step scores + weighted verified answer
-        split = [split_steps(t, *self.step_rule) for t in texts]
+        split = [step_texts(t, *self.step_rule) for t in texts]
         step_scores = score_steps(*self.prm, list(zip(group_prompts, split, strict=True)))
         prm_part = torch.tensor([aggregate_steps(sc, s.aggregate) for sc in step_scores])
         if self.verify is None:
@@ -261,11 +261,11 @@ class GroupRLTrainer(Trainer):
             attention[r, width_p - len(h): width_p + len(c)] = 1
         ids, attention = ids.to(device), attention.to(device)
         mask = attention[:, width_p:]
-        logp = token_logprobs(model, ids, attention, width_c, s.temperature, s.top_p)
+        logp = token_logprobs(model, ids, attention, width_c, s.sampling.temperature, s.sampling.top_p)
         ref_logp = None
         if s.kl > 0:
             with torch.no_grad(), model.disable_adapter():
-                ref_logp = token_logprobs(model, ids, attention, width_c, s.temperature, s.top_p)
+                ref_logp = token_logprobs(model, ids, attention, width_c, s.sampling.temperature, s.sampling.top_p)
         # the samples came from these very parameters: see "Which importance ratio" in the module docstring
         loss, stats = policy_loss(logp, logp.detach(), advantages, mask, s.clip, ref_logp, s.kl)
 

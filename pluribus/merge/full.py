@@ -33,7 +33,8 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 CODES = {v: k for k, v in DTYPES.items()}
-TOKENIZER_FILES = (
+# what a merged model keeps from its base beside the weights: the tokenizer and the generation config
+COMPANION_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
@@ -473,6 +474,6 @@ def copy_companions(source: Path, tokenizer_source: Path | None, folder: Path, o
                     data[key] = out_dtype
         (folder / "config.json").write_text(json.dumps(data, indent=2))
     for src in [source] if tokenizer_source in (None, source) else [source, tokenizer_source]:
-        for name in TOKENIZER_FILES:
+        for name in COMPANION_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, folder / name)

@@ -269,7 +269,7 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
             if (out_root / kind).exists():
                 raise OutputExistsError(out_root / kind)
     only = None if problem_ids is None else set(problem_ids)
-    trajs = read_trajectories(sources, skip_corrupt=cfg.skip_corrupt, max_problems=cfg.max_problems, only=only)
+    trajs = read_trajectories(sources, skip_corrupt=cfg.skip_corrupt, max_problems=cfg.n, only=only)
     outside = sum(s.outside for s in sources)
     if outside:
         logger.warning("build: the recipe's task selects %d of the store's %d problems; building from those %d "
