@@ -294,6 +294,9 @@ class PRMSettings(Section):
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Score above which a step counts as correct.")
 
 
+_RL_RENAMES = {k: f"sampling.{k}" for k in ("temperature", "top_p", "max_new_tokens")}  # before train.rl.sampling
+
+
 class RLSettings(Section):
     """Process-aware RL: G samples per prompt, PRM + verified-answer reward, group-relative advantages."""
 
@@ -313,7 +316,7 @@ class RLSettings(Section):
     @model_validator(mode="before")
     @classmethod
     def _old_names(cls, data: Any) -> Any:
-        data = _renamed(data, "train.rl", {k: f"sampling.{k}" for k in ("temperature", "top_p", "max_new_tokens")})
+        data = _renamed(data, "train.rl", _RL_RENAMES)
         if isinstance(data, dict) and isinstance(data.get("sampling"), dict) and "temperature" not in data["sampling"]:
             data = {**data, "sampling": {**data["sampling"], "temperature": 1.0}}  # RL's default, not greedy's
         return data
@@ -449,6 +452,8 @@ class TrainConfig(Section):
                 raise ValueError(f"experts.{i} must be a mapping of settings, got {type(entry).__name__}")
             if "experts" in entry:
                 raise ValueError(f"experts.{i}: an expert cannot have experts of its own")
+            if isinstance(entry.get("rl"), dict):  # old names under the shared settings' new ones
+                entry = {**entry, "rl": _renamed(entry["rl"], f"train.experts.{i}.rl", _RL_RENAMES)}
             try:
                 expert = TrainConfig.model_validate(_deep_merge(shared, entry))
             except ValidationError as e:

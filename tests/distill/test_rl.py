@@ -84,7 +84,7 @@ def test_trainer_logprobs_are_the_samplers_distribution(top_p):
         sampler = torch.log_softmax(torch.stack(out.scores, dim=1), dim=-1)
         sampled = sampler.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
         attention = torch.cat([prompt_mask, torch.ones_like(completion)], dim=1)
-        trainer = token_logprobs(model, out.sequences, attention, completion.shape[1], settings.temperature, top_p)
+        trainer = token_logprobs(model, out.sequences, attention, completion.shape[1], settings.sampling.temperature, top_p)
     torch.testing.assert_close(trainer, sampled, atol=1e-4, rtol=1e-4)
     if top_p == 1.0:  # no filter at all: every token of the vocabulary could have been sampled
         assert torch.isfinite(sampler).all()
