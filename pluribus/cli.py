@@ -62,11 +62,11 @@ def _no_recipe(recipe: Path | None, overrides: list[str] | None) -> tuple[Path |
 @app.command("config")
 def config_cmd(recipe: RecipeArg = None, overrides: OverridesArg = None) -> None:
     """Validate RECIPE with OVERRIDES (fields and models) and print it as it would run."""
-    from pluribus.config import check_models, load_recipe
+    from pluribus.config import check_recipe_models, load_recipe
 
     recipe, overrides = _no_recipe(recipe, overrides)
     loaded = load_recipe(recipe, overrides)
-    check_models(loaded)
+    check_recipe_models(loaded)
     print(loaded.to_yaml(), end="")
 
 
@@ -119,12 +119,10 @@ def build_cmd(
 
     from pluribus.config import load_recipe
     from pluribus.data.build import build_recipe, push_to_hub
-    from pluribus.data.build.stage import require_token
-    from pluribus.hub import check_repo_id
+    from pluribus.hub import check_push
 
     if push:
-        check_repo_id(push)
-        require_token()
+        check_push(push)  # a bad repo id or a missing token fails before any work
     recipe, overrides = _no_recipe(recipe, overrides)  # `build --store RUN build.k=2`
     overrides = _with_threads(overrides, threads)
     loaded = load_recipe(recipe, overrides) if recipe is not None else None
@@ -226,13 +224,13 @@ def score_cmd(
 
     from rich.table import Table
 
-    from pluribus.config import read_text_file
+    from pluribus.io import read_text_file
 
     text = (sys.stdin.read() if solution == "-" else read_text_file(solution[1:], "solution file")
             if solution.startswith("@") else solution)
-    from pluribus.distill.prm import load_prm, score_steps, split_steps  # heavy: after the cheap checks
+    from pluribus.distill.prm import load_prm, score_steps, step_texts  # heavy: after the cheap checks
 
-    steps = split_steps(text)
+    steps = step_texts(text)
     if not steps:
         raise PluribusError("--solution has no steps (non-empty lines) to score")
     _threads(threads)
@@ -278,7 +276,7 @@ def merge_cmd(
 ) -> None:
     """Merge adapters (low-rank, any ranks) or models (streaming) into OUT; mergekit YAML is accepted."""
     from pluribus.merge import run_merge
-    from pluribus.merge.config import resolve_cli
+    from pluribus.merge.resolve import resolve_cli
 
     _threads(threads)
     if extract:
@@ -346,16 +344,22 @@ def export_cmd(
     out: Annotated[Path, typer.Option("-o", "--out", help="Hub-ready output folder.")],
     push: Annotated[str | None, typer.Option("--push-to-hub", help="Push to this Hub repo (token from HF_TOKEN).")] = None,
     eval_results: Annotated[Path | None, typer.Option("--eval", help="results.json of `pluribus eval`.")] = None,
-    dataset: Annotated[list[str] | None, typer.Option("--dataset", help="Hub dataset id for the card (repeatable).")] = None,
+    hub_dataset: Annotated[list[str] | None, typer.Option(
+        "--hub-dataset", help="Hub dataset id for the card's datasets field (repeatable).")] = None,
+    old_dataset: Annotated[list[str] | None, typer.Option("--dataset", hidden=True)] = None,
     public: Annotated[bool, typer.Option("--public", help="Create the Hub repo public (default private).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Write a Hub-ready folder (weights, tokenizer, model card) from SOURCE, and optionally push it."""
     from pluribus.hub import check_push, export_folder, push_folder
 
+    if old_dataset:  # `--dataset` is a folder in `train`; here it always was a Hub id
+        console.print("export --dataset is now --hub-dataset (the old name still works; rename it)", markup=False,
+                      highlight=False, soft_wrap=True)
+    datasets = [*(hub_dataset or []), *(old_dataset or [])]
     if push:
         check_push(push)  # a bad repo id or a missing token fails before the folder is written
-    folder = export_folder(source, out, datasets=dataset or [], eval_results=eval_results, overwrite=overwrite)
+    folder = export_folder(source, out, datasets=datasets, eval_results=eval_results, overwrite=overwrite)
     Console().print(f"exported: {folder}", markup=False, soft_wrap=True)
     if push:
         Console().print(f"pushed: {push_folder(folder, push, private=not public)}", markup=False, soft_wrap=True)
@@ -456,15 +460,6 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _creating(e: OSError) -> bool:
-    """Whether ``e`` came from making a folder: a missing path there (e.g. under /proc) cannot be created,
-    where a missing path that was read does not exist."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_name in ("mkdir", "makedirs", "mkdtemp")
-
-
 def _error(message: str) -> None:
     """Print one error line and exit 2. The message is escaped: rich would read an install hint such as
     ``pip install 'pluribus[vllm]'`` as markup and print ``pip install 'pluribus'``."""
@@ -499,21 +494,20 @@ def main() -> None:
             raise KeyboardInterrupt
         if isinstance(code, int) and code:
             sys.exit(code)
-    except (PluribusError, FileExistsError) as e:
+    except PluribusError as e:
         _error(str(e))
     except OSError as e:
-        # Last resort for unusable paths (an output under a file, a read-only folder, a full disk); an OSError
-        # naming no path is a bug and keeps its traceback.
+        # pluribus's own reads and folders word their errors where they happen (pluribus.io); what is left is a
+        # library reading or writing a path of the user's (parquet, checkpoints) on a full disk or a path that
+        # went away. An OSError naming no path is a bug and keeps its traceback.
         if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            # a library writing (parquet, checkpoints) on a full disk: the run resumes once space is freed
+            # the run resumes once space is freed
             _error(f"{e.strerror or 'no space left on device'} (errno {e.errno}); free space on the disk holding "
                    "the run folder and rerun: finished work is kept")
         if e.filename is None:
             raise
         path = e.filename if e.filename2 is None else f"{e.filename}' -> '{e.filename2}"
-        what = f"'{path}' does not exist" if isinstance(e, FileNotFoundError) and not _creating(e) else \
-            f"cannot create '{path}': {e.strerror or e}"
-        _error(what)
+        _error(f"'{path}' does not exist" if isinstance(e, FileNotFoundError) else f"'{path}': {e.strerror or e}")
     except KeyboardInterrupt:
         console.print(interrupted_message(sys.argv[1:]))
         sys.exit(130)

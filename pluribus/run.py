@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from pluribus.config import DATASET_OF_OBJECTIVE, Recipe, write_recipe
 from pluribus.errors import PluribusError
-from pluribus.io import atomic_write_text, content_fingerprint
+from pluribus.io import atomic_write_text, content_fingerprint, make_dirs
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,7 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True, ne
         from pluribus.hub import check_push
 
         check_push(recipe.export.repo_id, recipe.export.token_env)  # not after hours of training
-    recipe.run_dir.mkdir(parents=True, exist_ok=True)  # an unusable root fails here, before any stage
+    make_dirs(recipe.run_dir)  # an unusable root fails here, before any stage
     from pluribus.threads import apply_threads
 
     apply_threads(recipe.threads)  # before the first stage loads a model

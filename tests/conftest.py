@@ -24,29 +24,14 @@ def smollm2_dir() -> Path:
 
 
 def _tiny(model_type: str, out: Path, tokenizer_dir: Path) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from tests.tiny import save_tiny, tiny_causal_lm
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    model = tiny_causal_lm(model_type, tokenizer=tok, hidden_size=64, intermediate_size=128,
+                           max_position_embeddings=1024, tie_word_embeddings=True)
+    return save_tiny(out, model, tok)
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,7 @@ from pluribus.config import AgentConfig, BuildConfig, Recipe, SamplingConfig, Te
 from pluribus.data.answers import grade, vote_key
 from pluribus.data.backends import Backend, Conversation, Generation, backend_key, make_backend
 from pluribus.data.records import Problem, Trajectory, Turn
-from pluribus.errors import PluribusError
+from pluribus.errors import PluribusError, unknown_name
 
 DEFAULT_PROMPTS: dict[str, str] = {
     "question": (
@@ -76,7 +76,7 @@ DEFAULT_PROMPTS: dict[str, str] = {
         "Your final answer should be in the form \\boxed{answer}, at the end of your response."
     ),
 }
-REQUIRED_FIELDS = {"question": ["{question}"], "peer": ["{response}"], "debate": ["{peers}"], "reflect": [],
+PROMPT_FIELDS = {"question": ["{question}"], "peer": ["{response}"], "debate": ["{peers}"], "reflect": [],
                    "judge": ["{question}", "{peers}"]}
 TRIM_MARK = "[...] "
 
@@ -92,10 +92,9 @@ def resolve_prompts(overrides: Mapping[str, str]) -> dict[str, str]:
     """Defaults overlaid with the recipe's templates; a PluribusError names an unknown template or missing field."""
     unknown = sorted(set(overrides) - set(DEFAULT_PROMPTS))
     if unknown:
-        raise PluribusError(f"unknown prompt template(s) {unknown} in team.prompts. "
-                            f"Available: {', '.join(DEFAULT_PROMPTS)}")
+        raise PluribusError(unknown_name("team.prompts template(s)", unknown, DEFAULT_PROMPTS))
     prompts = {**DEFAULT_PROMPTS, **overrides}
-    for name, needed in REQUIRED_FIELDS.items():
+    for name, needed in PROMPT_FIELDS.items():
         missing = [f for f in needed if f not in prompts[name]]
         if missing:
             raise PluribusError(f"prompt template team.prompts.{name} must contain {', '.join(missing)}")
@@ -602,7 +601,7 @@ def _hash(recipe: Recipe, team_exclude: Any, batch: list[int] | None = None) -> 
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def check_models(team: TeamConfig) -> None:
+def check_team_models(team: TeamConfig) -> None:
     """Fail before anything is written: every local model resolves (readable weights, a tokenizer), every
     adapter is sound and made for its agent's model, every server setting exists."""
     import os
@@ -661,7 +660,7 @@ def run_debate(
     apply_threads(recipe.threads)  # before a model loads: torch sizes its pools on first use
     fresh = not (recipe.layout.trajectories() / "manifest.json").is_file()
     if backends is None:
-        check_models(team_cfg)
+        check_team_models(team_cfg)
         if fresh:
             # a new run loads its models before its first file, so a broken checkpoint leaves no run folder
             backends = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)

@@ -20,7 +20,7 @@ from typing import Any
 from pluribus.config import SyntheticConfig, TaskConfig
 from pluribus.data.answers import LETTERS, extract_answer, gold_choice, normalize_answer
 from pluribus.data.records import Problem
-from pluribus.errors import PluribusError
+from pluribus.errors import PluribusError, unknown_name
 
 GSM8K_ENV = "PLURIBUS_GSM8K"
 GSM8K_HUB = "openai/gsm8k"
@@ -467,7 +467,7 @@ def resolve_level(cfg: SyntheticConfig) -> tuple[str, SyntheticConfig]:
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:6]
         return f"custom{digest}", cfg
     if cfg.level not in LEVELS:
-        raise PluribusError(f"unknown synthetic level '{cfg.level}'; available: {', '.join(LEVELS)}")
+        raise PluribusError(unknown_name("synthetic level", cfg.level, LEVELS))
     return cfg.level, SyntheticConfig(level=cfg.level, **LEVELS[cfg.level])
 
 

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from pluribus.config import DATASET_OF_OBJECTIVE, Recipe, TrainConfig
-from pluribus.errors import PluribusError
+from pluribus.errors import OutputExistsError, PluribusError
 
 logger = logging.getLogger("pluribus.distill")
 
 # The fields a row of each dataset kind must have: TRL's own formats (conversational ``messages``, stepwise
 # supervision). What pluribus's builders add beside them (problem_id, agent, round, kind, scores, debate) is
 # optional on input, so a user's TRL dataset trains as it is (``load_rows`` fills in what training reads).
-REQUIRED_FIELDS = {
+DATASET_COLUMNS = {
     "rsft": ("messages",),
     "augmented": ("messages",),
     "process": ("prompt", "completions", "labels"),
@@ -130,11 +130,11 @@ def load_rows(path: str | Path, kind: str) -> Any:
     if kind != "process" and "messages" not in ds.column_names and {"prompt", "completion"} <= set(ds.column_names):
         chats = [_prompt_completion_as_messages(r) for r in ds]  # no ds.map: its progress bar ignores --no-progress
         ds = ds.add_column("messages", chats).remove_columns(["prompt", "completion"])
-    missing = [f for f in REQUIRED_FIELDS[kind] if f not in ds.column_names]
+    missing = [f for f in DATASET_COLUMNS[kind] if f not in ds.column_names]
     if missing:
         raise PluribusError(
             f"dataset '{path}' is not a '{kind}' dataset: missing field(s) {missing}; "
-            f"it has {ds.column_names}, a '{kind}' row needs {list(REQUIRED_FIELDS[kind])}"
+            f"it has {ds.column_names}, a '{kind}' row needs {list(DATASET_COLUMNS[kind])}"
             + (" (or TRL's prompt + completion)" if kind != "process" else "")
         )
     if "problem_id" not in ds.column_names:
@@ -605,8 +605,7 @@ def check_output(out: Path, *, overwrite: bool, resume: bool | str | None, cfg: 
     replaces its own adapter); with ``resume``, its checkpoint must exist and be readable, and (given ``cfg``)
     not already be the end of a training whose adapter is in ``out``."""
     if out.exists() and not overwrite and not resume:
-        raise PluribusError(f"output '{out}' already exists; pass --overwrite to replace it, --resume to continue "
-                            "the training that wrote it, or --out another folder")
+        raise OutputExistsError(out, ", --resume to continue the training that wrote it, or --out another folder")
     if resume:
         ckpt, _ = _checkpoint(out, resume)
         # without out, resuming a finished checkpoint still saves its adapter (killed right after the last save)

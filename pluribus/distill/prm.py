@@ -25,11 +25,11 @@ from pluribus.errors import PluribusError
 IGNORE = -100.0
 
 
-def split_steps(solution: str, rule: str = "lines", pattern: str | None = None) -> list[str]:
+def step_texts(solution: str, rule: str = "lines", pattern: str | None = None) -> list[str]:
     """The steps of a free-text solution, split as the process builder splits them (``build.step_rule``)."""
-    from pluribus.data.build.steps import split_steps as segment
+    from pluribus.data.build.steps import split_steps
 
-    return [step.text for step in segment(solution, rule, pattern)]
+    return [step.text for step in split_steps(solution, rule, pattern)]
 
 
 def _prompt_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:

@@ -45,7 +45,7 @@ from pluribus.config import Recipe, RLSettings, TrainConfig
 from pluribus.data.answers import grade
 from pluribus.data.records import Problem
 from pluribus.distill import common
-from pluribus.distill.prm import load_prm, score_steps, split_steps
+from pluribus.distill.prm import load_prm, score_steps, step_texts
 from pluribus.errors import PluribusError
 
 # --------------------------------------------------------------------------------------------- math
@@ -159,8 +159,8 @@ class LocalSampler:
         model.eval()
         try:
             # a completion keeps its end-of-turn token: the policy is trained to stop
-            return decode(model, ids, mask, max_new_tokens=s.max_new_tokens, eos=_eos_ids(model, tok),
-                          pick=row_sampler(seeds, s.temperature, s.top_p) if s.temperature > 0 else None)
+            return decode(model, ids, mask, max_new_tokens=s.sampling.max_new_tokens, eos=_eos_ids(model, tok),
+                          pick=row_sampler(seeds, s.sampling.temperature, s.sampling.top_p))
         finally:
             model.train(was_training)
 
@@ -187,8 +187,8 @@ class VLLMSampler:
         model.save_pretrained(folder, safe_serialization=True)
         s = self.settings
         # top_k=-1 and SamplingParams' other defaults are neutral: the distribution token_logprobs computes
-        params = SamplingParams(n=s.group_size, temperature=s.temperature, top_p=s.top_p, top_k=-1,
-                                max_tokens=s.max_new_tokens)
+        params = SamplingParams(n=s.group_size, temperature=s.sampling.temperature, top_p=s.sampling.top_p, top_k=-1,
+                                max_tokens=s.sampling.max_new_tokens)
         messages = [[{"role": "user", "content": p}] for p in prompts]
         outs = self.llm.chat(messages, params, lora_request=LoRARequest(f"policy-{self.step}", self.step, str(folder)),
                              use_tqdm=False)
@@ -227,7 +227,7 @@ class GroupRLTrainer(Trainer):
         group_answers = [a for a in answers for _ in range(s.group_size)]
 
         # 2. rewards: aggregated PRM step scores + weighted verified answer
-        split = [split_steps(t, *self.step_rule) for t in texts]
+        split = [step_texts(t, *self.step_rule) for t in texts]
         step_scores = score_steps(*self.prm, list(zip(group_prompts, split, strict=True)))
         prm_part = torch.tensor([aggregate_steps(sc, s.aggregate) for sc in step_scores])
         if self.verify is None:
@@ -255,11 +255,11 @@ class GroupRLTrainer(Trainer):
             attention[r, width_p - len(h): width_p + len(c)] = 1
         ids, attention = ids.to(device), attention.to(device)
         mask = attention[:, width_p:]
-        logp = token_logprobs(model, ids, attention, width_c, s.temperature, s.top_p)
+        logp = token_logprobs(model, ids, attention, width_c, s.sampling.temperature, s.sampling.top_p)
         ref_logp = None
         if s.kl > 0:
             with torch.no_grad(), model.disable_adapter():
-                ref_logp = token_logprobs(model, ids, attention, width_c, s.temperature, s.top_p)
+                ref_logp = token_logprobs(model, ids, attention, width_c, s.sampling.temperature, s.sampling.top_p)
         # the samples came from these very parameters: see "Which importance ratio" in the module docstring
         loss, stats = policy_loss(logp, logp.detach(), advantages, mask, s.clip, ref_logp, s.kl)
 

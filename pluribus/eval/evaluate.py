@@ -522,13 +522,13 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
 def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> dict[str, Any]:
     """Evaluate every planned system on the held-out split and on ``eval.tasks``; write results.json, report.md
     and the plots. ``new_run`` moves aside a system's stored answers written with other settings (else refused)."""
-    from pluribus.data.debate import check_models
+    from pluribus.data.debate import check_team_models
     from pluribus.eval.report import write_report
 
     cfg = recipe.eval or EvalConfig()
     plans = plan_systems(recipe)
     for p in plans:  # every system's models and adapter, before the first system writes anything
-        check_models(p.team)
+        check_team_models(p.team)
     tasks = []
     for i, (name, task, folder) in enumerate(_eval_tasks(recipe, cfg)):
         # the team and sc run on the recipe's own task; transfer tasks measure the single-agent systems

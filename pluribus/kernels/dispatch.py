@@ -26,7 +26,7 @@ from pluribus.errors import PluribusError
 logger = logging.getLogger("pluribus.kernels")
 
 Mode = Literal["auto", "triton", "torch", "off"]
-Backend = Literal["triton", "torch"]
+KernelImpl = Literal["triton", "torch"]
 MODES: tuple[str, ...] = ("auto", "triton", "torch", "off")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -88,7 +88,7 @@ def tensor_reason(tensors: Iterable[torch.Tensor | None], dtype: torch.dtype) ->
     return None
 
 
-def choose_backend(mode: str, reason: str | None, op: str) -> Backend:
+def choose_backend(mode: str, reason: str | None, op: str) -> KernelImpl:
     """Pick the backend for one call of ``op``: ``reason`` says why Triton cannot take it (None: it can)."""
     if mode == "torch":
         return "torch"

@@ -22,15 +22,15 @@ from typing import Any
 
 import yaml
 
-from pluribus.errors import PluribusError
+from pluribus.errors import OutputExistsError, PluribusError
 from pluribus.merge.config import (
     MergeInput,
     MergeSpec,
     load_merge_config,
     mergekit_local_paths,
-    missing_local,
     parse_merge_config,
 )
+from pluribus.modelref import ModelRef
 
 __all__ = [
     "MergeInput", "MergeSpec", "MergeSummary", "load_merge_config", "parse_merge_config", "run_merge",
@@ -95,7 +95,7 @@ def _kind(spec: MergeSpec) -> str:
     for i in spec.inputs:
         # adapters are read from local folders only; a model may also be an alias or a hub id
         for path in (i.path, i.adapter):
-            if path is not None and (missing_local(path) or (path == i.adapter and not Path(path).exists())):
+            if path is not None and (ModelRef.parse(path).form == "missing" or (path == i.adapter and not Path(path).exists())):
                 raise PluribusError(f"input '{path}' does not exist; check the path in the merge config")
     flags = [is_adapter(i.path) and i.adapter is None for i in spec.inputs]
     if all(flags):
@@ -126,7 +126,7 @@ def run_merge(
     out = Path(out)
     start = time.perf_counter()
     if out.exists() and not overwrite:
-        raise PluribusError(f"output '{out}' already exists; pass --overwrite to replace it")
+        raise OutputExistsError(out)
     if out.exists():
         _refuse_replacing_an_input(spec, out)
     if spec.method == "mergekit":
@@ -175,7 +175,8 @@ def _input_paths(spec: MergeSpec) -> list[str]:
         models += list(sl.get("sources") or []) if isinstance(sl, dict) else []
     for ref in [data.get("base_model"), *(m.get("model") for m in models if isinstance(m, dict))]:
         if isinstance(ref, str):
-            refs += ref.split("+")  # mergekit's `model+lora`
+            model = ModelRef.parse(ref, adapter=True)  # mergekit's `model+lora`
+            refs += [model.text, *([model.adapter] if model.adapter else [])]
     return refs
 
 

@@ -27,7 +27,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pluribus.errors import PluribusError
+from pluribus.errors import PluribusError, not_finite, validation_message
+from pluribus.io import read_yaml
+from pluribus.modelref import ModelRef
 
 MethodName = Literal[
     "cat", "svd", "linear", "task_arithmetic", "magnitude", "ties", "dare_linear", "dare_ties", "pcb", "mergekit"
@@ -68,7 +70,7 @@ def _refusal(method: str, option: str, value: Any) -> str:
 def _require_finite(value: float | None, name: str) -> None:
     """NaN and Inf parse as floats and pass every range check (NaN compares false): refuse them by name."""
     if value is not None and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number (got {value})")
+        raise ValueError(not_finite(name, value))
 
 
 class MergeInput(BaseModel):
@@ -229,7 +231,7 @@ def check_mergekit_parameters(data: dict[str, Any]) -> None:
         for key, value in params.items() if isinstance(params, dict) else ():
             bad = _nonfinite(value)
             if bad is not None:
-                raise PluribusError(f"mergekit config: {where}: {key} must be a finite number (got {bad})")
+                raise PluribusError(f"mergekit config: {where}: {not_finite(key, bad)}")
     if names is None:
         return
     for where, params, allowed in sections:
@@ -247,7 +249,7 @@ def from_mergekit(data: dict[str, Any]) -> MergeSpec:
     try:
         return _translate_mergekit(data)
     except ValidationError as e:
-        raise PluribusError(f"mergekit config: {_one_line(e)}") from None
+        raise PluribusError(f"mergekit config: {validation_message(e.errors(), quoted=False)}") from None
 
 
 def _translate_mergekit(data: dict[str, Any]) -> MergeSpec:
@@ -295,11 +297,11 @@ def _translate_mergekit(data: dict[str, Any]) -> MergeSpec:
         density = vals.get("density", glob.get("density"))
         if method in ("linear", "task_arithmetic"):
             density = None  # mergekit declares it for every task-arithmetic method but reads it in none of these
-        path, _, adapter = ref.partition("+")
+        model = ModelRef.parse(ref, adapter=True)
         inputs.append(
             MergeInput(
-                path=path,
-                adapter=adapter or None,
+                path=model.text,
+                adapter=model.adapter,
                 weight=weight,
                 density=float(density) if density is not None and not method.startswith("dare") else None,
                 drop=1.0 - float(density) if density is not None and method.startswith("dare") else None,
@@ -327,49 +329,41 @@ def mergekit_local_paths(data: dict[str, Any]) -> dict[str, Any]:
     mergekit runs in a temporary folder and takes any name that is no folder there for a Hub id; a path that
     exists nowhere (and is no hub id ``org/name``) is refused here instead, naming it.
     """
-    from pluribus.models import ALIASES, resolve_model
+    from pluribus.models import resolve_model
 
-    def local(ref: Any, where: str) -> Any:
-        if not isinstance(ref, str):
-            return ref  # mergekit's structured references are passed as they are
-        parts = []
-        for part in ref.split("+"):  # mergekit's `model+lora`
-            if part in ALIASES:
-                part = str(resolve_model(part))
-            elif Path(part).expanduser().exists():
-                part = str(Path(part).expanduser().resolve())
-            elif missing_local(part):
-                raise PluribusError(f"mergekit config: {where} '{part}' does not exist (no such local folder, "
-                                    "and a hub id looks like org/name)")
-            parts.append(part)
-        return "+".join(parts)
+    def local(text: str, where: str) -> str:
+        ref = ModelRef.parse(text)
+        if ref.form == "alias":
+            return str(resolve_model(text))
+        if ref.is_local:
+            return str(Path(text).expanduser().resolve())
+        if ref.form == "missing":
+            raise PluribusError(f"mergekit config: {where} '{text}' does not exist (no such local folder, "
+                                "and a hub id looks like org/name)")
+        return text
+
+    def refs(value: Any, where: str) -> Any:
+        if not isinstance(value, str):
+            return value  # mergekit's structured references are passed as they are
+        ref = ModelRef.parse(value, adapter=True)  # mergekit's `model+lora`
+        model = local(ref.text, where)
+        return f"{model}+{local(ref.adapter, where)}" if ref.adapter else model
 
     out = copy.deepcopy(data)
     if "base_model" in out:
-        out["base_model"] = local(out["base_model"], "base_model")
+        out["base_model"] = refs(out["base_model"], "base_model")
     for i, m in enumerate(out.get("models") or []):
         if isinstance(m, dict) and "model" in m:
-            m["model"] = local(m["model"], f"models.{i}.model")
+            m["model"] = refs(m["model"], f"models.{i}.model")
     for i, sl in enumerate(out.get("slices") or []):
         for j, src in enumerate(sl.get("sources") or [] if isinstance(sl, dict) else []):
             if isinstance(src, dict) and "model" in src:
-                src["model"] = local(src["model"], f"slices.{i}.sources.{j}.model")
+                src["model"] = refs(src["model"], f"slices.{i}.sources.{j}.model")
     # a tokenizer source is also "base" / "union" / "model:..."; only an existing folder is rewritten
     tok = out.get("tokenizer_source")
     if isinstance(tok, str) and tok not in ("base", "union") and Path(tok).expanduser().is_dir():
         out["tokenizer_source"] = str(Path(tok).expanduser().resolve())
     return out
-
-
-def _one_line(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "literal_error":
-            msg = f"{err.get('input')!r} is not allowed; expected one of {err.get('ctx', {}).get('expected', '')}"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
 
 
 def parse_merge_config(data: Any, source: str = "<inline>") -> MergeSpec:
@@ -383,113 +377,9 @@ def parse_merge_config(data: Any, source: str = "<inline>") -> MergeSpec:
     try:
         return MergeSpec.model_validate(data)
     except ValidationError as e:
-        raise PluribusError(f"invalid merge config {source}: {_one_line(e)}") from None
-
-
-def read_yaml(path: str | Path, what: str = "merge config") -> Any:
-    """The YAML data of ``path``; a missing, non-UTF-8 or unparsable file is a one-line PluribusError."""
-    from pluribus.config import read_text_file
-
-    p = Path(path)
-    text = read_text_file(p, what)
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise PluribusError(f"{what} '{p}' is not valid YAML{where}") from None
+        raise PluribusError(f"invalid merge config {source}: {validation_message(e.errors(), quoted=False)}") from None
 
 
 def load_merge_config(path: str | Path) -> MergeSpec:
     """Read a merge YAML (pluribus or mergekit format) from ``path``."""
-    return parse_merge_config(read_yaml(path), f"'{Path(path)}'")
-
-
-#: keys only a recipe has (``seed`` is shared with merge configs)
-RECIPE_KEYS = {"name", "root", "trust_remote_code", "task", "team", "build", "train", "merge", "eval", "export"}
-
-
-def _is_recipe(data: Any) -> bool:
-    if not isinstance(data, dict):
-        return False
-    return "merge" in data or ("method" not in data and "merge_method" not in data and bool(set(data) & RECIPE_KEYS))
-
-
-def missing_local(ref: str) -> bool:
-    """Whether model reference ``ref`` is no local file or folder, and cannot be an alias or a hub id either."""
-    from pluribus.models import ALIASES
-
-    if Path(ref).expanduser().exists() or ref in ALIASES:
-        return False
-    return ref.startswith((".", "/", "~")) or ref.count("/") != 1  # a hub id is org/name
-
-
-def _split(values: list[str] | None) -> list[str]:
-    """``["a,b", "c"]`` -> ``["a", "b", "c"]``: list flags may be repeated or comma-separated."""
-    return [v.strip() for raw in values or [] for v in raw.split(",") if v.strip()]
-
-
-def spec_from_flags(
-    method: str,
-    adapters: list[str] | None = None,
-    models: list[str] | None = None,
-    weights: list[str] | None = None,
-    **options: Any,
-) -> MergeSpec:
-    """The CLI's short form (``--method ties --adapters a,b,c --weights 1,0.5,1 --density 0.5``) as a spec."""
-    paths = _split(adapters) + _split(models)
-    if not paths:
-        raise PluribusError("give the experts to merge: --adapters a,b,c or --models x,y (or a config file)")
-    ws = _split(weights) or ["1"] * len(paths)
-    if len(ws) != len(paths):
-        raise PluribusError(f"{len(ws)} weights for {len(paths)} inputs; give one weight per input")
-    try:
-        values = [float(w) for w in ws]
-    except ValueError:
-        raise PluribusError(f"weights {ws} must be numbers") from None
-    inputs = []
-    for path, w in zip(paths, values, strict=True):
-        base, _, adapter = path.partition("+")  # mergekit's `model+lora` reference
-        inputs.append({"path": base, "adapter": adapter or None, "weight": w})
-    data = {"method": method, "inputs": inputs, **{k: v for k, v in options.items() if v is not None}}
-    return parse_merge_config(data, "from the command line")
-
-
-def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any) -> tuple[MergeSpec, Path]:
-    """What ``pluribus merge`` runs: a merge YAML, a recipe with a ``merge`` section, or the short-form flags.
-
-    Returns the spec and the output folder (a recipe's default is ``<run>/merged/<name>``). ``seed`` (the DARE
-    masks; mergekit's ``--random-seed``) and ``--no-check-base`` also apply to a config file; other flags beside a
-    config file are refused.
-    """
-    seed = flags.get("seed")
-    if config is None:
-        if not flags.get("method"):
-            raise PluribusError("give a merge config file, or --method with --adapters/--models (see --help)")
-        spec = spec_from_flags(**flags)  # the flags carry the seed
-    else:
-        ignored = sorted(k for k, v in flags.items() if v not in (None, False, []) and k not in ("seed", "check_base"))
-        if ignored:
-            flag = "--" + ignored[0].replace("_", "-")
-            raise PluribusError(f"{flag} has no effect with a merge config file ('{config}'); set it in the config, "
-                                "or give the merge by flags alone")
-        p = Path(config)
-        data = read_yaml(p)
-        if _is_recipe(data):
-            from pluribus.config import load_recipe
-
-            recipe = load_recipe(p)
-            if recipe.merge is None:
-                raise PluribusError(f"recipe '{p}' has no merge: section; add one or pass a merge config")
-            first = recipe.merge.all()[0]  # a recipe with several merges: the first (pluribus run makes them all)
-            spec = first.load(recipe.layout)
-            out = out or recipe.layout.merged(first.name)
-        else:
-            spec = parse_merge_config(data, f"'{p}'")
-        if seed is not None:
-            spec = spec.model_copy(update={"seed": seed})
-        if flags.get("check_base") is False:
-            spec = spec.model_copy(update={"check_base": False})
-    if out is None:
-        raise PluribusError("give the output folder with -o OUT")
-    return spec, Path(out)
+    return parse_merge_config(read_yaml(path, "merge config"), f"'{Path(path)}'")

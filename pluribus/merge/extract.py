@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pluribus.errors import PluribusError
+from pluribus.errors import OutputExistsError, PluribusError
 from pluribus.io import atomic_dir
 from pluribus.merge import methods as M
 from pluribus.merge.adapters import AdapterMerge, save_adapter
@@ -42,7 +42,7 @@ def extract_lora(
     ``folder`` (unless ``overwrite``).
     """
     if Path(folder).exists() and not overwrite:
-        raise PluribusError(f"output '{folder}' already exists; pass --overwrite to replace it")
+        raise OutputExistsError(folder)
     if (rank is None) == (energy is None):
         raise PluribusError("extraction needs exactly one of rank (e.g. 16) or energy (e.g. 0.9)")
     if energy is not None:

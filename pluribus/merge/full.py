@@ -33,7 +33,8 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 CODES = {v: k for k, v in DTYPES.items()}
-TOKENIZER_FILES = (
+# what a merged model keeps from its base beside the weights: the tokenizer and the generation config
+COMPANION_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
@@ -56,12 +57,14 @@ def parse_size(text: str | int) -> int:
 
 def local_model(ref: str | Path) -> Path:
     """A model reference as a local folder: a folder as is; an alias / .gguf / hub id via pluribus.models."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    if os.sep in str(ref) and not str(ref).endswith(".gguf") and str(ref).count("/") != 1:
-        raise PluribusError(f"input '{ref}' does not exist; check the path in the merge config")
+    from pluribus.modelref import ModelRef
     from pluribus.models import resolve_model
+
+    parsed = ModelRef.parse(ref)
+    if parsed.form == "folder" and parsed.path is not None:
+        return parsed.path
+    if parsed.form == "missing" and parsed.path is not None and parsed.path.suffix != ".gguf":
+        raise PluribusError(f"input '{ref}' does not exist; check the path in the merge config")
 
     return resolve_model(str(ref))
 
@@ -471,6 +474,6 @@ def copy_companions(source: Path, tokenizer_source: Path | None, folder: Path, o
                     data[key] = out_dtype
         (folder / "config.json").write_text(json.dumps(data, indent=2))
     for src in [source] if tokenizer_source in (None, source) else [source, tokenizer_source]:
-        for name in TOKENIZER_FILES:
+        for name in COMPANION_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, folder / name)

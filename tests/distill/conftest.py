@@ -8,37 +8,24 @@ from pathlib import Path
 import pytest
 
 
-def _build_tiny_llama(folder: Path) -> Path:
+@pytest.fixture(scope="session")
+def student_dir(tiny_llama_dir: Path) -> Path:
+    """The student of the trainer tests: tests/conftest.py's tiny Llama."""
+    return tiny_llama_dir
+
+
+@pytest.fixture(scope="session")
+def other_student_dir(tmp_path_factory, smollm2_dir: Path) -> Path:
+    """A second tiny base in bf16 (hidden 32, another folder) for the resume-from-another-base test."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    from pluribus.models import EMBEDDED, resolve_model
+    from tests.tiny import save_tiny, tiny_causal_lm
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(EMBEDDED))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def student_dir(request, tmp_path_factory) -> Path:
-    """The lead's ``tiny_llama_dir`` when tests/conftest.py provides it, else a tiny Llama built here."""
-    try:
-        return Path(request.getfixturevalue("tiny_llama_dir"))
-    except pytest.FixtureLookupError:
-        return _build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture(scope="session")
-def other_student_dir(tmp_path_factory) -> Path:
-    """A second tiny base (same shapes, other folder) for the resume-from-another-base test."""
-    return _build_tiny_llama(tmp_path_factory.mktemp("other_llama"))
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = tiny_causal_lm("llama", tokenizer=tokenizer, dtype=torch.bfloat16, pad_token_id=None, hidden_size=32,
+                           intermediate_size=64, max_position_embeddings=512, tie_word_embeddings=True)
+    return save_tiny(tmp_path_factory.mktemp("other_llama"), model, tokenizer)
 
 
 def synthetic_problems(n: int, seed: int = 0) -> list[dict]:

@@ -15,8 +15,8 @@ from pluribus.distill.prm import (
     load_prm,
     prepare_examples,
     score_steps,
-    split_steps,
     step_metrics,
+    step_texts,
     train_prm,
 )
 from pluribus.errors import PluribusError
@@ -96,7 +96,7 @@ def test_split_steps_and_mismatched_rows(student_dir, tmp_path):
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    assert split_steps("a = 1\n\n  b = 2 \n") == ["a = 1", "b = 2"]
+    assert step_texts("a = 1\n\n  b = 2 \n") == ["a = 1", "b = 2"]
     bad = Dataset.from_list([{"prompt": "q", "completions": ["a", "b"], "labels": [True], "scores": [1.0, 0.0],
                               "problem_id": "p"}])
     with pytest.raises(PluribusError, match="2 steps, 1 labels"):

@@ -119,7 +119,7 @@ def test_local_sampler_samples_with_the_distribution_the_loss_uses(student_dir, 
         return sampler(seeds, temperature, top_p)
 
     monkeypatch.setattr(decoding, "row_sampler", spy)
-    settings = RLSettings(temperature=0.7, group_size=2, max_new_tokens=3)
+    settings = RLSettings(group_size=2, sampling={"temperature": 0.7, "max_new_tokens": 3})
     torch.manual_seed(0)
     first = LocalSampler(tok, settings)(model, ["What is 2 + 2?", "What is 3 + 1?"])
     assert seen == {"n": 4, "temperature": 0.7, "top_p": 1.0}

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tiny import tiny_causal_lm
+
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
 
 
 def tiny_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    """The merge tests' tiny Llama (``TINY``: hidden 32, untied, no tokenizer) drawn from ``seed``."""
+    return tiny_causal_lm("llama", seed=seed, **TINY)
 
 
 @pytest.fixture(scope="session")

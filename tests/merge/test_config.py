@@ -11,13 +11,8 @@ import yaml
 
 from pluribus.config import RecipeError, validate_recipe
 from pluribus.errors import PluribusError
-from pluribus.merge.config import (
-    from_mergekit,
-    load_merge_config,
-    parse_merge_config,
-    resolve_cli,
-    spec_from_flags,
-)
+from pluribus.merge.config import from_mergekit, load_merge_config, parse_merge_config
+from pluribus.merge.resolve import resolve_cli, spec_from_flags
 
 PLURIBUS = Path(sys.executable).with_name("pluribus")
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,7 +123,7 @@ def test_example_configs_parse():
 
 
 def test_seed_flag_sets_the_dare_seed_of_flags_and_config_files(tmp_path):
-    from pluribus.merge.config import resolve_cli
+    from pluribus.merge.resolve import resolve_cli
 
     spec, _ = resolve_cli(None, tmp_path / "o", method="dare_linear", adapters=["a,b"], drop=0.3, seed=7)
     assert spec.seed == 7

@@ -33,7 +33,7 @@ from pluribus.data.build.process import (
 from pluribus.data.build.select import augmented_rows, rsft_rows
 from pluribus.data.debate import conversation_seed, question_prompt
 from pluribus.data.records import Trajectory
-from pluribus.errors import PluribusError
+from pluribus.errors import OutputExistsError, PluribusError, cannot_create, unknown_name
 from pluribus.io import atomic_dir, atomic_write_text
 from pluribus.layout import RunLayout
 
@@ -243,12 +243,12 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
     ``config_hashes``: the store configs the caller's recipe accepts (``debate.config_hash`` and its older
     forms); a store written by another is refused. ``problem_ids``: build from these problems only (the
     recipe's task), saying how many stored ones are left out. Raises PluribusError on bad input before writing
-    anything; FileExistsError if a dataset exists and ``overwrite`` is False.
+    anything; OutputExistsError if a dataset exists and ``overwrite`` is False.
     """
     kinds = list(dict.fromkeys(kinds or cfg.kinds))
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
-        raise PluribusError(f"unknown dataset kind(s) {unknown}. Available: {', '.join(KINDS)}")
+        raise PluribusError(unknown_name("dataset kind(s)", unknown, KINDS))
     sources = open_sources(list(stores))
     if config_hashes is not None:
         wanted = next(iter(config_hashes))
@@ -263,13 +263,13 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
     out_root = Path(out_root) if out_root else RunLayout(run_dir).datasets()
     existing = next(p for p in [out_root, *out_root.parents] if p.exists())  # '.' or '/' at the latest
     if not existing.is_dir():
-        raise PluribusError(f"cannot create '{out_root}': '{existing}' is a file, not a folder")
+        raise PluribusError(cannot_create(out_root, f"'{existing}' is a file, not a folder"))
     if not overwrite:
         for kind in kinds:
             if (out_root / kind).exists():
-                raise FileExistsError(f"output '{out_root / kind}' already exists; pass --overwrite to replace it")
+                raise OutputExistsError(out_root / kind)
     only = None if problem_ids is None else set(problem_ids)
-    trajs = read_trajectories(sources, skip_corrupt=cfg.skip_corrupt, max_problems=cfg.max_problems, only=only)
+    trajs = read_trajectories(sources, skip_corrupt=cfg.skip_corrupt, max_problems=cfg.n, only=only)
     outside = sum(s.outside for s in sources)
     if outside:
         logger.warning("build: the recipe's task selects %d of the store's %d problems; building from those %d "
@@ -489,27 +489,18 @@ def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, s
                  task_source=recipe.task.source if recipe.task else None, config_hashes=hashes, problem_ids=ids)
 
 
-def require_token() -> None:
-    """Fail before any work when a push is asked for and no Hub token is available (never shows the token)."""
-    from huggingface_hub import get_token
-
-    if not get_token():
-        raise PluribusError("pushing to the Hub needs a token: set HF_TOKEN (write access) or run `hf auth login`")
-
-
-def push_to_hub(built: list[Built], repo_id: str, *, private: bool = True) -> str:
+def push_to_hub(built: list[Built], repo_id: str, *, private: bool = True, token_env: str | None = None) -> str:
     """Push each dataset as a config of ``repo_id`` with ``datasets``' own ``push_to_hub``, then its card.
 
-    The token comes from the environment (``HF_TOKEN``) or a stored login; it is never printed or logged.
-    Returns the dataset's URL.
+    The token is ``pluribus.hub.hub_token``'s (the environment only, as for ``export``); it is never printed or
+    logged. Returns the dataset's URL.
     """
     from datasets import load_dataset
     from huggingface_hub import DatasetCard
 
-    from pluribus.hub import check_repo_id, push_errors
+    from pluribus.hub import check_push, push_errors
 
-    check_repo_id(repo_id)
-    require_token()
+    token = check_push(repo_id, token_env)
     with push_errors(repo_id):
         for b in built:
             configs = {b.kind: PARQUET}
@@ -519,9 +510,9 @@ def push_to_hub(built: list[Built], repo_id: str, *, private: bool = True) -> st
                 configs[f"{b.kind}_prompt_completion"] = PROMPT_COMPLETION_PARQUET
             for name, rel in configs.items():
                 ds = load_dataset("parquet", data_files=str(b.path / rel), split="train")
-                ds.push_to_hub(repo_id, config_name=name, private=private)
-        pushed = DatasetCard.load(repo_id, repo_type="dataset")
-        DatasetCard(hub_card(str(pushed), built)).push_to_hub(repo_id, repo_type="dataset")
+                ds.push_to_hub(repo_id, config_name=name, private=private, token=token)
+        pushed = DatasetCard.load(repo_id, repo_type="dataset", token=token)
+        DatasetCard(hub_card(str(pushed), built)).push_to_hub(repo_id, repo_type="dataset", token=token)
     return f"https://huggingface.co/datasets/{repo_id}"
 
 

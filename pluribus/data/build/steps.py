@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pluribus.errors import PluribusError
+from pluribus.errors import PluribusError, unknown_name
 
 # A sentence ends at . ! or ? followed by whitespace; decimals like 0.5 and "x = 2." at the end both work.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -68,7 +68,7 @@ def split_steps(text: str, rule: str = "lines", pattern: str | None = None) -> l
     if rule == "regex":
         regex = compile_step_regex(pattern)
         return [s for m in regex.finditer(text) if (s := _trimmed(text, m.start(), m.end()))]
-    raise PluribusError(f"unknown step rule '{rule}'. Available: {', '.join(STEP_RULES)}")
+    raise PluribusError(unknown_name("step rule", rule, STEP_RULES))
 
 
 def _offset(steps: list[Step], by: int) -> list[Step]:

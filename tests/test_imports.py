@@ -1,0 +1,73 @@
+"""The import graph of pluribus: which module imports which (module level and inside functions), and no cycles."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pluribus"
+# Two pairs known (function-local imports both ways), each to end by a move out of the pair:
+# merge/adapters.py asks merge/full.py for a base's identity while full.py loads adapters (the safetensors reader
+# and base_identity out of full.py); hub.py reads a task source's Hub metadata from data/build/card.py, which
+# names models as hub.py does (data/build/card.py's SOURCES beside the task sources in data/tasks.py).
+KNOWN = {("pluribus.merge.adapters", "pluribus.merge.full"), ("pluribus.data.build.card", "pluribus.hub")}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for f in sorted(PACKAGE.rglob("*.py")):
+        parts = f.relative_to(PACKAGE.parent).with_suffix("").parts
+        out[".".join(parts).removesuffix(".__init__")] = f
+    return out
+
+
+def imports(name: str, file: Path, mods: dict[str, Path], *, top_level: bool) -> set[str]:
+    """The pluribus modules ``file`` imports; ``from pkg import submodule`` counts as the submodule alone."""
+    tree = ast.parse(file.read_text())
+    out: set[str] = set()
+    for node in tree.body if top_level else ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods]
+            names = subs + ([node.module] if len(subs) < len(node.names) else [])
+        else:
+            continue
+        for n in names:
+            while n not in mods and "." in n:
+                n = n.rsplit(".", 1)[0]
+            if n in mods and n != name and n.startswith("pluribus"):
+                out.add(n)
+    return out
+
+
+def cycles(graph: dict[str, set[str]]) -> set[tuple[str, ...]]:
+    """Every elementary cycle, as the sorted tuple of its modules."""
+    found: set[tuple[str, ...]] = set()
+
+    def walk(start: str, node: str, path: list[str]) -> None:
+        for n in graph.get(node, ()):
+            if n == start:
+                found.add(tuple(sorted(path)))
+            elif n not in path and n > start:
+                walk(start, n, [*path, n])
+
+    for s in sorted(graph):
+        walk(s, s, [s])
+    return found
+
+
+def test_no_import_cycles_among_pluribus_modules() -> None:
+    mods = modules()
+    for top_level in (True, False):
+        graph = {n: imports(n, f, mods, top_level=top_level) for n, f in mods.items()}
+        assert cycles(graph) <= KNOWN, "\n".join(" <-> ".join(c) for c in sorted(cycles(graph) - KNOWN))
+
+
+def test_the_model_reference_and_file_reading_sit_below_config_and_models() -> None:
+    mods = modules()
+    graph = {n: imports(n, f, mods, top_level=False) for n, f in mods.items()}
+    assert graph["pluribus.errors"] == set()
+    assert graph["pluribus.modelref"] == {"pluribus.errors"}
+    assert graph["pluribus.io"] == {"pluribus.errors"}
+    assert "pluribus.config" not in graph["pluribus.models"] | graph["pluribus.merge.config"]
