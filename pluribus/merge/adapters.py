@@ -23,6 +23,7 @@ LoRAs are refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from safetensors.torch import save_file
 
 from pluribus.errors import PluribusError
 from pluribus.merge import methods as M
+from pluribus.merge.blas import capped_gram
 from pluribus.merge.config import MergeSpec
 from pluribus.models import read_adapter_config
 
@@ -479,8 +481,9 @@ class AdapterPlan:
         err = float((stored.double() - exact).norm())
         return kind, key, stored, (err / norm if norm > 0 else 0.0), norm
 
-    def compressed(self, name: str) -> tuple[Tensor, Tensor, float, float]:
-        """``(A, B, relative error, exact norm)`` of one module at the spec's rank or energy."""
+    def compressed(self, name: str, gram: Callable[[Tensor], Tensor] = M.gram) -> tuple[Tensor, Tensor, float, float]:
+        """``(A, B, relative error, exact norm)`` of one module at the spec's rank or energy (``gram``: the Gram
+        product of methods.truncate_factors)."""
         rank = self.spec.rank or (None if self.spec.energy else self.default_rank)
         store = self.store_dtype
         if self.spec.method == "cat":
@@ -492,7 +495,7 @@ class AdapterPlan:
             return as_, bs, (err / norm if norm > 0 else 0.0), norm
         if self.low_rank:
             b, a = self.factors(name)
-            low = M.truncate_factors(b, a, rank=rank, energy=self.spec.energy)
+            low = M.truncate_factors(b, a, rank=rank, energy=self.spec.energy, gram=gram)
         else:
             dense = self.dense(name)
             low = M.truncate_dense(dense, rank=rank, energy=self.spec.energy)
@@ -524,15 +527,15 @@ def merge_adapters(
     names = list(plan.shapes)
     workers = max(1, workers or torch.get_num_threads())
     if workers == 1 or spec.method.startswith("dare") or len(names) < 2:
-        with M.numpy_blas_capped():
-            _collect(out, names, map(plan.compressed, names), advance)
+        with capped_gram() as gram:
+            _collect(out, names, map(functools.partial(plan.compressed, gram=gram), names), advance)
     else:
         # the caller's own OpenMP team would spin on a core the workers need: one thread here while they run
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            with M.numpy_blas_capped():
-                _collect(out, names, _pool(workers).map(plan.compressed, names), advance)
+            with capped_gram() as gram:
+                _collect(out, names, _pool(workers).map(functools.partial(plan.compressed, gram=gram), names), advance)
         finally:
             torch.set_num_threads(threads)
     # after the modules, in a fixed order: DARE's draws for the modules stay those of an adapter without them

@@ -435,6 +435,11 @@ def merge_models(
     for k, (name, dtype, _) in enumerate(plan):
         b = base.get(name)
         if not b.is_floating_point():
+            # integer tensors (buffers) are not merged: an expert that changed one would be dropped without a word
+            other = next((e for e in experts if e.ckpt is not None and not torch.equal(e.ckpt.get(name), b)), None)
+            if other is not None:
+                raise PluribusError(f"tensor {name} ({b.dtype}) of '{other.label}' differs from the base's; integer "
+                                    "tensors cannot be merged: give experts that keep the base's")
             merged = b
         else:
             work = fixed or (b.dtype if spec.mergekit else M.work_dtype(b))  # mergekit: the input dtype
