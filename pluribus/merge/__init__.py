@@ -53,6 +53,7 @@ class MergeSummary:
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None  # what the output's floating tensors are stored in, when pluribus wrote them
+    others: int = 0  # tensors merged besides the LoRA factors (biases, modules_to_save)
 
     def lines(self) -> list[str]:
         out = [f"method {self.method} ({self.kind}), {len(self.inputs)} inputs -> {self.out}"]
@@ -61,6 +62,8 @@ class MergeSummary:
         if self.ranks_out:
             lo, hi = min(self.ranks_out), max(self.ranks_out)
             out.append(f"ranks out: {lo}" + (f"..{hi} (per module, rank_pattern)" if hi != lo else ""))
+        if self.others:
+            out.append(f"besides the LoRA factors: {self.others} tensor(s) (biases, modules_to_save), merged at full rank")
         if self.error is not None:
             out.append(f"relative error vs the exact merge: {self.error:.3e}")
         if self.dtype:
@@ -201,12 +204,17 @@ def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any)
         from pluribus.merge.full import copy_companions, local_model, merge_models
 
         plan = AdapterPlan(spec, adapters)
+        summary.others = len(plan.others)
         summary.kind = "adapters -> model"
         summary.dtype = spec.out_dtype or "the base's dtype"
         task = bar.add_task("folding into the base", total=None)
 
+        others = set(plan.others)
+
         def delta(name: str, base: Any) -> Any:
             module = name.removesuffix(".weight")
+            if name in others:
+                return plan.other(name)
             return plan.dense(module) if name.endswith(".weight") and module in plan.shapes else None
 
         summary.details = merge_models(spec, tmp, lambda k, n, _: bar.update(task, completed=k, total=n), delta,
@@ -223,6 +231,7 @@ def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any)
     summary.dtype = spec.out_dtype or "float32"
     summary.ranks_out = sorted(set(merged.ranks.values()))
     summary.error = merged.total_error
+    summary.others = len(merged.others)
     summary.details = {"module_errors": merged.errors, "module_ranks": merged.ranks}
 
 

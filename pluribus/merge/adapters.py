@@ -10,11 +10,20 @@ counts as zero. The weighted sum ``lambda sum_t w_t delta_t(m) = B_cat A_cat`` i
   * ``ties`` / ``dare_*`` / ``magnitude`` / ``pcb`` act on each module's dense delta (the only basis-independent
     choice: low-rank factors are defined up to an invertible r x r map), then compress back to rank k.
 Output adapters have scaling 1 (``lora_alpha = r`` per module) so the stored factors are the delta itself.
+
+Besides the factors an adapter may change other tensors of its base, and each is merged as its own task vector
+(never dropped): a LoRA bias (``lora_bias: true``) adds ``s b_B`` to its module's bias; trained biases
+(``bias: lora_only`` / ``all``) and the modules of ``modules_to_save`` are stored as full values ``theta_t``, whose
+task vector ``theta_t - theta_base`` needs the base (``base:``, else the base the adapters record). These tensors are
+merged by the same method as the modules (a sum for the low-rank methods, the method itself for the dense ones)
+and written at full rank: the base plus the merged delta (or the merged LoRA bias). Trainable tokens and embedding
+LoRAs are refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -31,6 +40,7 @@ from safetensors.torch import save_file
 
 from pluribus.errors import PluribusError
 from pluribus.merge import methods as M
+from pluribus.merge.blas import capped_gram
 from pluribus.merge.config import MergeSpec
 from pluribus.models import read_adapter_config
 
@@ -40,11 +50,13 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One adapted module: ``delta = scaling * B @ A`` with A [r, d_in], B [d_out, r]."""
+    """One adapted module: ``delta = scaling * B @ A`` with A [r, d_in], B [d_out, r]; ``bias`` [d_out] is lora_B's
+    bias (``lora_bias: true``), which adds ``scaling * bias`` to the module's bias."""
 
     A: Tensor
     B: Tensor
     scaling: float
+    bias: Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -56,11 +68,33 @@ class LoraModule:
 
 @dataclass
 class Adapter:
-    """A loaded PEFT LoRA adapter: its folder, its config and its modules by name (``model.layers.0...q_proj``)."""
+    """A loaded PEFT LoRA adapter: its folder, its config and its modules by name (``model.layers.0...q_proj``).
+
+    ``full`` holds the base tensors it sets to values of its own, by the base's tensor name
+    (``model.layers.0.self_attn.q_proj.bias``): trained biases (``bias: lora_only`` / ``all``) and the weights of its
+    ``modules_to_save``.
+    """
 
     path: Path
     config: dict[str, Any]
     modules: dict[str, LoraModule]
+    full: dict[str, Tensor] = field(default_factory=dict)
+
+    def other_deltas(self, base: Callable[[str], Tensor], dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """The task vector of every tensor it changes besides the LoRA weights, by base tensor name: ``theta - base``
+        of its full tensors (``base(name)`` gives the base's value) plus ``s b_B`` of its LoRA biases."""
+        out = {name: t.to(dtype) - base(name).to(dtype) for name, t in self.full.items()}
+        for module, m in self.modules.items():
+            if m.bias is not None:
+                name = f"{module}.bias"
+                lora = m.bias.to(dtype) * m.scaling
+                out[name] = out[name] + lora if name in out else lora
+        return out
+
+    @property
+    def other_names(self) -> set[str]:
+        """The base tensors it changes besides the LoRA weights (see :meth:`other_deltas`)."""
+        return set(self.full) | {f"{k}.bias" for k, m in self.modules.items() if m.bias is not None}
 
     @property
     def base(self) -> str | None:
@@ -91,13 +125,9 @@ def load_adapter(path: str | Path) -> Adapter:
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise PluribusError(f"adapter '{path}' is of PEFT type {peft_type}; only LORA adapters can be merged")
-    for flag, name in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D)"), ("lora_bias", "lora_bias")):
+    for flag, name in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D)")):
         if config.get(flag):
             raise PluribusError(f"adapter '{path}' uses {name}, which pluribus cannot merge; use plain LoRA adapters")
-    if config.get("modules_to_save"):
-        raise PluribusError(
-            f"adapter '{path}' has modules_to_save {config['modules_to_save']} (full weights); merge only LoRA weights"
-        )
     if not st_path.is_file():
         raise PluribusError(f"adapter '{path}' has no adapter_model.safetensors (pluribus never reads pickle files)")
     tensors: dict[str, Tensor] = {}
@@ -110,9 +140,11 @@ def load_adapter(path: str | Path) -> Adapter:
     r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     rs = bool(config.get("use_rslora", False))
     modules: dict[str, LoraModule] = {}
-    others = [k for k in tensors if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    full, lora_bias, others = _full_tensors(tensors, config)
     if others:
         raise PluribusError(_not_lora(path, others, config))
+    for key, t in [*full.items(), *lora_bias.items()]:
+        M.check_finite(t, f"{path}:{key}")
     for key, a in tensors.items():
         if not key.endswith(".lora_A.weight"):
             continue
@@ -130,28 +162,113 @@ def load_adapter(path: str | Path) -> Adapter:
         if r != a.shape[0]:
             raise PluribusError(f"adapter '{path}' module {name}: config says rank {r}, weights have rank {a.shape[0]}")
         scaling = alpha / math.sqrt(r) if rs else alpha / r
-        modules[name] = LoraModule(a, b, scaling)
+        bias = lora_bias.pop(name, None)
+        if bias is not None and bias.shape != (b.shape[0],):
+            raise PluribusError(f"adapter '{path}' module {name}: lora_B bias {tuple(bias.shape)} does not fit lora_B "
+                                f"{tuple(b.shape)}; the file is corrupt")
+        modules[name] = LoraModule(a, b, scaling, bias)
+    if lora_bias:
+        raise PluribusError(f"adapter '{path}' has a lora_B bias for {next(iter(lora_bias))} but no lora_A/lora_B "
+                            "weights there; the file is incomplete")
     if not modules:
         raise PluribusError(f"adapter '{path}' holds no lora_A/lora_B weights")
-    return Adapter(path, config, modules)
+    return Adapter(path, config, modules, {_base_name(k): t for k, t in full.items()})
+
+
+def _saved_module(module: str, saved: list[str]) -> bool:
+    """Whether ``module`` is one of ``modules_to_save`` (PEFT matches a name or a dotted suffix)."""
+    return any(module == m or module.endswith("." + m) for m in saved)
+
+
+def _base_values(spec: MergeSpec, adapters: list[Adapter], shapes: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
+    """The base's values of the tensors the adapters store as full values (their task vectors are the differences),
+    read from ``spec.base``, else from the base the adapters record; refused when no base is on this machine."""
+    from pluribus.merge.full import Checkpoint, check_same_weights, local_model
+    from pluribus.models import _recorded_base_folder
+
+    names = sorted(set().union(*(a.full for a in adapters)))
+    if not names:
+        return {}
+    for a in adapters:
+        mixed = next((n for n in a.full if n.endswith(".weight") and n.removesuffix(".weight") in shapes), None)
+        if mixed is not None:
+            raise PluribusError(f"adapter '{a.path}' saves module {mixed.removesuffix('.weight')} whole "
+                                "(modules_to_save) while another adapter trains a LoRA on it; merge adapters that "
+                                "treat each module alike")
+    owner = next(a for a in adapters if a.full)
+    folder = local_model(spec.base) if spec.base else _recorded_base_folder(owner.base or "")
+    if folder is None:
+        raise PluribusError(
+            f"adapter '{owner.path}' stores full values of {len(owner.full)} base tensor(s) (trained biases or "
+            f"modules_to_save, e.g. {next(iter(owner.full))}), whose task vector is their difference from the base, "
+            f"and {f'its base {owner.base!r} is not on this machine' if owner.base else 'it records no base'}; "
+            "give the base model folder with base: (--base)")
+    if spec.base and spec.check_base:
+        for a in adapters:
+            check_same_weights(a, folder)
+    ck = Checkpoint(folder)
+    try:
+        out: dict[str, Tensor] = {}
+        for n in names:
+            for a in (a for a in adapters if n in a.full):
+                if n not in ck.tensors or ck.tensors[n].shape != tuple(a.full[n].shape):
+                    found = f"has it as {ck.tensors[n].shape}" if n in ck.tensors else "lacks it"
+                    raise PluribusError(f"adapter '{a.path}' sets {n} {tuple(a.full[n].shape)}, but base '{folder}' "
+                                        f"{found}; the adapter was trained on another base")
+            out[n] = ck.get(n)
+    finally:
+        ck.close()
+    return out
+
+
+def _base_name(key: str) -> str:
+    """The base model's tensor name of an adapter key: PEFT saves a LoRA module's own bias under ``base_layer``."""
+    return key.removeprefix(PREFIX).replace(".base_layer.", ".")
+
+
+def _full_tensors(
+    tensors: dict[str, Tensor], config: dict[str, Any]
+) -> tuple[dict[str, Tensor], dict[str, Tensor], list[str]]:
+    """Split the keys besides lora_A/lora_B weights: (full values by key, lora_B biases by module, the rest).
+
+    Full values are the biases PEFT trains under ``bias: lora_only`` / ``all`` (``<module>[.base_layer].bias``) and
+    the parameters of ``modules_to_save`` (``<module>.<param>``, PEFT's saved form); anything else is the rest.
+    """
+    saved = list(config.get("modules_to_save") or [])
+    full: dict[str, Tensor] = {}
+    lora_bias: dict[str, Tensor] = {}
+    rest = []
+    for key, t in tensors.items():
+        if key.endswith((".lora_A.weight", ".lora_B.weight")):
+            continue
+        module = key.removeprefix(PREFIX).rsplit(".", 1)[0]
+        if key.endswith(".lora_B.bias"):
+            lora_bias[module.removesuffix(".lora_B")] = t
+        elif "lora_" in key or "trainable_tokens" in key or "modules_to_save" in key:
+            rest.append(key)
+        elif _saved_module(module, saved) or key.endswith(".bias"):
+            full[key] = t
+        else:
+            rest.append(key)
+    return full, lora_bias, rest
 
 
 def _not_lora(path: Path, keys: list[str], config: dict[str, Any]) -> str:
-    """The refusal of tensors other than lora_A/lora_B: each is a full tensor (or a delta of one) that B A does
-    not carry, so a merge of the factors alone would drop what it changes, with a relative error of 0 printed."""
+    """The refusal of tensors pluribus does not merge (it never drops them: the merge would print a relative error
+    of 0 without what they change). Trainable tokens are refused on purpose: each adapter stores the rows of its own
+    token ids (a tied lm_head shares them), which no other tensor of the merge is, so their task vectors are not
+    aligned like the rest; fold them with PEFT and merge the models instead."""
     key = keys[0]
     if ".lora_embedding_" in key:
         what, fix = "an embedding LoRA", "LoRA on linear modules only"
     elif "trainable_tokens" in key or "token_adapter" in key:
         what, fix = "trainable tokens (trainable_token_indices)", "trainable_token_indices unset"
     elif "modules_to_save" in key:
-        what, fix = "full copies of modules (modules_to_save)", "modules_to_save unset"
-    elif key.endswith(".bias"):
-        what, fix = f"biases (bias: {config.get('bias', '?')!r})", "bias: none"
+        what, fix = "full copies of modules (modules_to_save) in a form PEFT does not save", "a current PEFT"
     else:
-        what, fix = "tensors other than lora_A/lora_B", "a plain LoRA config"
-    return (f"adapter '{path}' also trains {what}, e.g. {key} ({len(keys)} tensor(s)), which a merge in low-rank space "
-            f"cannot carry and will not drop; retrain with {fix}, or fold each adapter into its base with PEFT "
+        what, fix = "tensors other than LoRA factors, biases and modules_to_save", "a plain LoRA config"
+    return (f"adapter '{path}' also trains {what}, e.g. {key} ({len(keys)} tensor(s)), which pluribus does not merge "
+            f"and will not drop; retrain with {fix}, or fold each adapter into its base with PEFT "
             "(merge_and_unload) and merge the models")
 
 
@@ -204,11 +321,20 @@ def check_compatible(adapters: list[Adapter], check_base: bool = True) -> dict[s
 
 @dataclass
 class AdapterMerge:
-    """The merged factors per module (delta = B @ A, scaling 1) and the relative error of each."""
+    """The merged factors per module (delta = B @ A, scaling 1), the other tensors, and the relative error of each.
+
+    ``others``: the base tensors merged besides the modules' weights, each written either in ``full`` (base + merged
+    delta, by base tensor name) or in ``biases`` (lora_B biases by module: the merged bias delta, scaling 1);
+    ``modules_to_save``: the output's list. ``errors`` and ``norms`` cover modules and the other tensors alike.
+    """
 
     modules: dict[str, tuple[Tensor, Tensor]]
     errors: dict[str, float] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
+    full: dict[str, Tensor] = field(default_factory=dict)
+    biases: dict[str, Tensor] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)
+    others: list[str] = field(default_factory=list)  # the base tensors merged besides the modules' weights
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -287,14 +413,18 @@ class AdapterPlan:
         #: the dtype an adapter output is stored in (out_dtype; float32 by default)
         self.store_dtype = getattr(torch, spec.out_dtype) if spec.out_dtype else torch.float32
         self.generator = torch.Generator().manual_seed(spec.seed)
+        #: the base tensors changed besides the LoRA weights (biases, modules_to_save), and the base values of those
+        #: an adapter stores as full values
+        self.others = sorted(set().union(*(a.other_names for a in adapters)))
+        self.base_values = _base_values(spec, adapters, self.shapes)
         if spec.method in ("ties", "magnitude") and spec.trim == "global":
-            # an expert's task vector is its own modules: those it lacks are not part of its density
-            thresholds = tuple(
-                M.global_threshold(
-                    lambda t=t: (m.delta() for _, m in sorted(adapters[t].modules.items())), self.params.density[t]
-                )
-                for t in range(len(adapters))
-            )
+            # an expert's task vector is its own modules and tensors: those it lacks are not part of its density
+            def chunks(t: int) -> Iterable[Tensor]:
+                yield from (m.delta() for _, m in sorted(adapters[t].modules.items()))
+                yield from adapters[t].other_deltas(self.base_values.__getitem__).values()
+
+            thresholds = tuple(M.global_threshold(lambda t=t: chunks(t), self.params.density[t])
+                               for t in range(len(adapters)))
             self.params = dataclasses.replace(self.params, thresholds=thresholds)
 
     @property
@@ -316,8 +446,44 @@ class AdapterPlan:
             return (b @ a).float()
         return M.merge_deltas(self.spec.method, self._deltas(name, self.shapes[name]), self.params, self.generator)
 
-    def compressed(self, name: str) -> tuple[Tensor, Tensor, float, float]:
-        """``(A, B, relative error, exact norm)`` of one module at the spec's rank or energy."""
+    def other(self, name: str) -> Tensor:
+        """The merged delta of a base tensor changed besides the LoRA weights (``self.others``), by the spec's method:
+        the weighted sum in float64 for the low-rank methods (their exact result), the method in float32 otherwise."""
+        dtype = torch.float64 if self.low_rank else torch.float32
+        per = [a.other_deltas(self.base_values.__getitem__, dtype) for a in self.adapters]
+        shape = next(d[name].shape for d in per if name in d)
+        deltas = [d.get(name, torch.zeros(shape, dtype=dtype)) for d in per]
+        if self.low_rank:
+            out = torch.zeros(shape, dtype=dtype)
+            for c, d in zip(self.coefs, deltas, strict=True):
+                out.add_(d, alpha=c)
+            return out
+        return M.merge_deltas(self.spec.method, deltas, self.params, self.generator)
+
+    @property
+    def lora_bias(self) -> bool:
+        """Whether the output carries bias deltas as lora_B biases (an input does): else as full values."""
+        return any(m.bias is not None for a in self.adapters for m in a.modules.values())
+
+    def stored_other(self, name: str) -> tuple[str, str, Tensor, float, float]:
+        """How tensor ``name`` of ``self.others`` is written into an adapter output: ``("bias", module)`` for a lora_B
+        bias or ``("full", name)`` for a full value, the stored tensor, its relative error vs the exact merged delta
+        (storage rounding only: it is written at full rank) and that delta's norm."""
+        delta = self.other(name).double()
+        norm = float(delta.norm())
+        module = name.removesuffix(".bias")
+        if self.lora_bias and name.endswith(".bias") and module in self.shapes:
+            stored, exact = delta.to(self.store_dtype), delta
+            kind, key = "bias", module
+        else:
+            exact = self.base_values[name].double() + delta
+            stored, kind, key = exact.to(self.store_dtype), "full", name
+        err = float((stored.double() - exact).norm())
+        return kind, key, stored, (err / norm if norm > 0 else 0.0), norm
+
+    def compressed(self, name: str, gram: Callable[[Tensor], Tensor] = M.gram) -> tuple[Tensor, Tensor, float, float]:
+        """``(A, B, relative error, exact norm)`` of one module at the spec's rank or energy (``gram``: the Gram
+        product of methods.truncate_factors)."""
         rank = self.spec.rank or (None if self.spec.energy else self.default_rank)
         store = self.store_dtype
         if self.spec.method == "cat":
@@ -329,7 +495,7 @@ class AdapterPlan:
             return as_, bs, (err / norm if norm > 0 else 0.0), norm
         if self.low_rank:
             b, a = self.factors(name)
-            low = M.truncate_factors(b, a, rank=rank, energy=self.spec.energy)
+            low = M.truncate_factors(b, a, rank=rank, energy=self.spec.energy, gram=gram)
         else:
             dense = self.dense(name)
             low = M.truncate_dense(dense, rank=rank, energy=self.spec.energy)
@@ -361,17 +527,27 @@ def merge_adapters(
     names = list(plan.shapes)
     workers = max(1, workers or torch.get_num_threads())
     if workers == 1 or spec.method.startswith("dare") or len(names) < 2:
-        with M.numpy_blas_capped():
-            _collect(out, names, map(plan.compressed, names), advance)
-        return out
-    # the caller's own OpenMP team would spin on a core the workers need: one thread here while they run
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with M.numpy_blas_capped():
-            _collect(out, names, _pool(workers).map(plan.compressed, names), advance)
-    finally:
-        torch.set_num_threads(threads)
+        with capped_gram() as gram:
+            _collect(out, names, map(functools.partial(plan.compressed, gram=gram), names), advance)
+    else:
+        # the caller's own OpenMP team would spin on a core the workers need: one thread here while they run
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with capped_gram() as gram:
+                _collect(out, names, _pool(workers).map(functools.partial(plan.compressed, gram=gram), names), advance)
+        finally:
+            torch.set_num_threads(threads)
+    # after the modules, in a fixed order: DARE's draws for the modules stay those of an adapter without them
+    out.others = plan.others
+    for name in plan.others:
+        kind, key, stored, err, norm = plan.stored_other(name)
+        (out.biases if kind == "bias" else out.full)[key] = stored
+        out.errors[name], out.norms[name] = err, norm
+    if plan.lora_bias:  # PEFT gives every module a lora_B bias: those without one are zero
+        for name, (_, b) in out.modules.items():
+            out.biases.setdefault(name, torch.zeros(b.shape[0], dtype=b.dtype))
+    out.modules_to_save = sorted({m for a in adapters for m in a.config.get("modules_to_save") or []})
     return out
 
 
@@ -406,6 +582,11 @@ def save_adapter(folder: Path, merged: AdapterMerge, template: dict[str, Any]) -
     a module's rank differs from the most common one. Keys of the patterns are the escaped full module names.
     """
     ranks = merged.ranks
+    # a full bias of a LoRA module is its base layer's (PEFT's key); of another module (bias: all), the module's own
+    lora_module_biases = [n for n in merged.full if n.endswith(".bias") and n.removesuffix(".bias") in ranks]
+    saved = merged.modules_to_save
+    other_biases = [n for n in merged.full if n.endswith(".bias") and n not in lora_module_biases
+                    and not _saved_module(n.removesuffix(".bias"), saved)]
     counts: dict[int, int] = {}
     for r in ranks.values():
         counts[r] = counts.get(r, 0) + 1
@@ -422,12 +603,13 @@ def save_adapter(folder: Path, merged: AdapterMerge, template: dict[str, Any]) -
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
         "lora_dropout": 0.0,
-        "bias": "none",
+        "bias": "all" if other_biases else "lora_only" if lora_module_biases else "none",
+        "lora_bias": bool(merged.biases),
         "use_rslora": False,
         "use_dora": False,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": saved or None,
         "inference_mode": True,
     }
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
@@ -435,4 +617,9 @@ def save_adapter(folder: Path, merged: AdapterMerge, template: dict[str, Any]) -
     for name, (a, b) in merged.modules.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
+    for name, bias in merged.biases.items():
+        tensors[f"{PREFIX}{name}.lora_B.bias"] = bias.contiguous()
+    for name, t in merged.full.items():
+        key = name.removesuffix(".bias") + ".base_layer.bias" if name in lora_module_biases else name
+        tensors[f"{PREFIX}{key}"] = t.contiguous()
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})

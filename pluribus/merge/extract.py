@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pluribus.errors import OutputExistsError, PluribusError
 from pluribus.io import atomic_dir
 from pluribus.merge import methods as M
@@ -58,6 +60,9 @@ def extract_lora(
         bi, ti = b_ck.tensors[name], t_ck.tensors[name]
         if bi.shape != ti.shape:
             raise PluribusError(f"tensor {name} is {bi.shape} in '{base}' but {ti.shape} in '{tuned}'")
+        if not bi.dtype.is_floating_point and not torch.equal(b_ck.get(name), t_ck.get(name)):
+            raise PluribusError(f"tensor {name} ({bi.dtype}) differs between '{base}' and '{tuned}'; a LoRA cannot "
+                                "carry an integer tensor, and extraction will not drop it")
         if bi.dtype.is_floating_point:
             b, t = b_ck.get(name), t_ck.get(name)
             M.check_finite(b, f"{base}:{name}")

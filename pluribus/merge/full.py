@@ -291,26 +291,34 @@ class Expert:
         self.ckpt, self.adapter, self.label = ckpt, adapter, label
 
     def delta(self, name: str, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        module = name.removesuffix(".weight")
-        if self.ckpt is not None:
+        if self.adapter is not None and name in self.adapter.full:
+            d = self.adapter.full[name].to(dtype) - base  # the adapter replaces the checkpoint's tensor
+        elif self.ckpt is not None:
             t = self.ckpt.get(name)
             # bf16 - f32 promotes inside one kernel: no separate up-cast pass
             d = torch.sub(t, base) if t.dtype == base.dtype or t.itemsize < base.itemsize else t.to(dtype) - base
             M.check_finite(d, f"{self.label}:{name}")  # finite base + finite delta <=> finite input (a fast sum)
         else:
             d = torch.zeros_like(base)
-        if self.adapter is not None and name.endswith(".weight") and module in self.adapter.modules:
-            d = d + self.adapter.modules[module].delta(dtype)
-        return d
+        return self._add_adapter(d, name, dtype)
 
     def full(self, name: str, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The expert's own tensor (read as is: no base + (x - base) round trip)."""
-        t = base if self.ckpt is None else self.ckpt.get(name).to(dtype)
-        if self.ckpt is not None:
-            M.check_finite(t, f"{self.label}:{name}")
-        module = name.removesuffix(".weight")
-        if self.adapter is not None and name.endswith(".weight") and module in self.adapter.modules:
-            t = t + self.adapter.modules[module].delta(dtype)
+        if self.adapter is not None and name in self.adapter.full:
+            t = self.adapter.full[name].to(dtype)
+        else:
+            t = base if self.ckpt is None else self.ckpt.get(name).to(dtype)
+            if self.ckpt is not None:
+                M.check_finite(t, f"{self.label}:{name}")
+        return self._add_adapter(t, name, dtype)
+
+    def _add_adapter(self, t: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``t`` plus what the adapter's LoRA adds to tensor ``name``: ``s B A`` to a weight, ``s b_B`` to a bias."""
+        m = None if self.adapter is None else self.adapter.modules.get(name.rsplit(".", 1)[0])
+        if m is not None and name.endswith(".weight"):
+            t = t + m.delta(dtype)
+        elif m is not None and name.endswith(".bias") and m.bias is not None:
+            t = t + m.bias.to(dtype) * m.scaling
         return t
 
 
@@ -367,6 +375,16 @@ def check_adapter_fits(base: Checkpoint, adapter: Any) -> None:
                 f"adapter '{adapter.path}' module {module} is {shape} but base '{base.folder}' has "
                 f"{base.tensors[key].shape}; the adapter was trained on another base{recorded}"
             )
+    for name in sorted(adapter.other_names):
+        shape = tuple(adapter.full[name].shape) if name in adapter.full else (adapter.modules[name[:-5]].B.shape[0],)
+        if name not in base.tensors and name not in adapter.full:  # a lora_B bias on a layer without a bias
+            raise PluribusError(f"adapter '{adapter.path}' trains a lora_B bias on {name.removesuffix('.bias')}, whose "
+                                f"layer has no bias in base '{base.folder}', so no model of that architecture holds "
+                                "it; merge it into an adapter instead (output: adapter)")
+        if name not in base.tensors or base.tensors[name].shape != shape:
+            found = f"has it as {base.tensors[name].shape}" if name in base.tensors else "lacks it"
+            raise PluribusError(f"adapter '{adapter.path}' sets {name} {shape}, but base '{base.folder}' {found}; the "
+                                f"adapter was trained on another base{recorded}")
 
 
 def merge_models(
@@ -420,6 +438,11 @@ def merge_models(
     for k, (name, dtype, _) in enumerate(plan):
         b = base.get(name)
         if not b.is_floating_point():
+            # integer tensors (buffers) are not merged: an expert that changed one would be dropped without a word
+            other = next((e for e in experts if e.ckpt is not None and not torch.equal(e.ckpt.get(name), b)), None)
+            if other is not None:
+                raise PluribusError(f"tensor {name} ({b.dtype}) of '{other.label}' differs from the base's; integer "
+                                    "tensors cannot be merged: give experts that keep the base's")
             merged = b
         else:
             work = fixed or (b.dtype if spec.mergekit else M.work_dtype(b))  # mergekit: the input dtype

@@ -15,11 +15,9 @@ comes only from an explicit ``torch.Generator``. Arithmetic runs in float32 (flo
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -165,15 +163,17 @@ def magnitude_prune(delta: Tensor, density: float, *, threshold: float | None = 
     ``threshold`` given (global trimming): keep ``|x| >= threshold`` instead of a per-tensor top-k.
     Per tensor: the top ``keep_count`` entries (all entries tied at the cut are kept; mergekit's argsort in its mode).
     """
+    return _trim_(delta.clone(), density, threshold, mergekit)
+
+
+def _trim_(d: Tensor, density: float, threshold: float | None, mergekit: bool) -> Tensor:
+    """:func:`magnitude_prune` in place on ``d``."""
     if threshold is not None:
-        return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
-    n = delta.numel()
-    k = keep_count(n, density, mergekit)
-    if k >= n:
-        return delta.clone()
-    if k == 0:
-        return torch.zeros_like(delta)
-    return delta * top_k_mask(delta.abs().float(), k, mergekit).to(delta.dtype)
+        return d.mul_(d.abs() >= threshold)
+    k = keep_count(d.numel(), density, mergekit)
+    if k < d.numel():
+        d.mul_(top_k_mask(d.abs().float(), k, mergekit) if k else 0)
+    return d
 
 
 def dare(delta: Tensor, p: float, generator: torch.Generator, *, mergekit: bool = False) -> Tensor:
@@ -351,44 +351,97 @@ def merge_deltas(
 ) -> Tensor:
     """Merge the task vectors of one tensor with ``method``; returns the merged delta (work dtype).
 
-    ``deltas``: T tensors of one shape; with ``inplace=True`` (work-dtype inputs) they are overwritten to save
-    memory. ``linear`` is not a delta method: use :func:`linear`. TIES runs expert by expert without stacking,
-    so memory is the T deltas plus a few tensors of one expert's size.
-    Raises PluribusError for an unknown method or a missing generator for DARE.
+    The fast path of :func:`composed_merge` (same steps, same result up to float rounding of the sums): after
+    :func:`prune`, TIES elects and merges expert by expert without stacking, so memory is the T deltas plus a few
+    tensors of one expert's size. In mergekit's mode in half precision the order of roundings matters, so it runs
+    the composed steps over the stack, op for op as mergekit does. ``deltas``: T tensors of one shape; with
+    ``inplace=True`` (work-dtype inputs) they are overwritten to save memory. ``linear`` is not a delta method: use
+    :func:`linear`. Raises PluribusError for an unknown method or a missing generator for DARE.
     """
-    if method not in METHODS or method == "linear":
-        avail = ", ".join(m for m in METHODS if m != "linear")
-        raise PluribusError(f"Unknown delta merge method '{method}'. Available: {avail}")
+    _check_delta_method(method, params)
     if method == "pcb":
-        if params.mergekit:
-            raise PluribusError("method 'pcb' has no mergekit counterpart; drop mergekit: true")
-        if params.thresholds is not None:
-            raise PluribusError("method 'pcb' balances each tensor on its own; use trim: tensor")
         return pcb([d.to(params.dtype) if params.dtype else d for d in deltas], params.density or 1.0,
                    params.weights, params.lam)
     dtype = params.dtype or work_dtype(deltas[0])
-    ds = [d if inplace and d.dtype == dtype else d.to(dtype, copy=True) for d in deltas]
-    n = len(ds)
-    w = params.weights
-    normalize = default_normalize(method, params.mergekit) if params.normalize is None else params.normalize
+    ds = prune(method, [d if inplace and d.dtype == dtype else d.to(dtype, copy=True) for d in deltas], params,
+               generator)
     if params.mergekit and dtype in (torch.bfloat16, torch.float16):
-        # in half precision the order of roundings matters: follow mergekit's stacked ops exactly
-        return _mergekit_stacked(method, ds, params, normalize, generator)
+        return _combine_stacked(method, ds, params)
+    return _combine_lean(method, ds, params)
+
+
+def composed_merge(
+    method: str, deltas: Sequence[Tensor], params: MethodParams, generator: torch.Generator | None = None
+) -> Tensor:
+    """TIES, DARE, magnitude and task arithmetic composed from their steps as the papers state them, over the
+    stacked deltas ``[T, ...]``: :func:`prune` (trim to the density, or DARE's drop and rescale), then for TIES
+    :func:`elect_sign` and :func:`disjoint_merge`, else the weighted sum; times lambda. The reference that
+    :func:`merge_deltas` is tested against (and, in mergekit's mode in half precision, the path it takes)."""
+    _check_delta_method(method, params)
+    if method == "pcb":
+        return merge_deltas(method, deltas, params, generator)
+    dtype = params.dtype or work_dtype(deltas[0])
+    return _combine_stacked(method, prune(method, [d.to(dtype, copy=True) for d in deltas], params, generator), params)
+
+
+def _check_delta_method(method: str, params: MethodParams) -> None:
+    if method not in METHODS or method == "linear":
+        avail = ", ".join(m for m in METHODS if m != "linear")
+        raise PluribusError(f"Unknown delta merge method '{method}'. Available: {avail}")
+    if method == "pcb" and params.mergekit:
+        raise PluribusError("method 'pcb' has no mergekit counterpart; drop mergekit: true")
+    if method == "pcb" and params.thresholds is not None:
+        raise PluribusError("method 'pcb' balances each tensor on its own; use trim: tensor")
+
+
+def prune(method: str, ds: list[Tensor], params: MethodParams, generator: torch.Generator | None) -> list[Tensor]:
+    """Step one, expert by expert: trim to the density (``magnitude``, ``ties``: per-tensor top-k, or the global
+    ``thresholds``) or drop and rescale (``dare_*``); other methods pass through. Trims ``ds`` in place."""
+    n = len(ds)
     if method in ("magnitude", "ties"):
         density = params.density or (1.0,) * n
         thr = params.thresholds or (None,) * n
         for i, d in enumerate(ds):
-            if thr[i] is not None:
-                d.mul_(d.abs() >= thr[i])
-            else:
-                k = keep_count(d.numel(), density[i], params.mergekit)
-                if k < d.numel():
-                    d.mul_(top_k_mask(d.abs().float(), k, params.mergekit) if k else 0)
+            _trim_(d, density[i], thr[i], params.mergekit)
     if method in ("dare_linear", "dare_ties"):
         if generator is None:
             raise PluribusError(f"method '{method}' is random: pass a seeded torch.Generator")
         drop = params.drop or (0.0,) * n
         ds = [dare(d, drop[i], generator, mergekit=params.mergekit) for i, d in enumerate(ds)]
+    return ds
+
+
+def _normalize(method: str, params: MethodParams) -> bool:
+    return default_normalize(method, params.mergekit) if params.normalize is None else params.normalize
+
+
+def _combine_stacked(method: str, ds: list[Tensor], params: MethodParams) -> Tensor:
+    """Steps two and three over the stack (mergekit 0.1.5's ``GeneralizedTaskArithmeticMerge.merge_group`` op for op
+    in its mode): elect and disjoint-merge for TIES, else the weighted sum (divided by the summed weights when
+    normalizing); times lambda."""
+    normalize = _normalize(method, params)
+    stacked = torch.stack(ds)
+    w = torch.tensor(params.weights, dtype=stacked.dtype)
+    if method in ("ties", "dare_ties"):
+        sign = elect_sign(stacked, w if params.mergekit else None, mergekit=params.mergekit)
+        merged = disjoint_merge(stacked, w, sign, normalize, mergekit=params.mergekit)
+    else:
+        w = w.reshape(-1, *([1] * (stacked.dim() - 1)))
+        merged = (stacked * w).sum(dim=0)
+        if normalize:
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+            merged /= divisor
+    if params.lam != 1:
+        merged *= params.lam
+    return merged
+
+
+def _combine_lean(method: str, ds: list[Tensor], params: MethodParams) -> Tensor:
+    """:func:`_combine_stacked` without the stack, overwriting ``ds``: TIES's election and disjoint merge in one
+    loop over the experts, whose memory is a few tensors of one expert's size."""
+    w = params.weights
+    normalize = _normalize(method, params)
     if method in ("task_arithmetic", "magnitude", "dare_linear"):
         out = ds[0].mul_(w[0])  # ds are ours: the caller's (inplace) or fresh copies
         for d, wt in zip(ds[1:], w[1:], strict=True):
@@ -396,15 +449,16 @@ def merge_deltas(
         if normalize:
             out /= _nonzero(sum(w))
         return out.mul_(params.lam)
-    # TIES: elect a sign per entry, keep the entries that agree with it (a zero never agrees: d * sign > 0)
-    if params.mergekit:  # mergekit weights first, then votes with the weighted deltas
+    # elect_sign: mergekit weights first, then votes with the weighted deltas
+    if params.mergekit:
         for d, wt in zip(ds, w, strict=True):
             d.mul_(wt)
     total = ds[0].clone()
     for d in ds[1:]:
         total.add_(d)
-    sign = torch.where(total >= 0, 1.0, -1.0).to(dtype) if params.mergekit else torch.sign(total)
+    sign = torch.where(total >= 0, 1.0, -1.0).to(total.dtype) if params.mergekit else torch.sign(total)
     del total
+    # disjoint_merge: the entries that agree with the elected sign (a zero never agrees: d * sign > 0)
     merged = torch.zeros_like(ds[0])
     divisor = torch.zeros_like(ds[0])
     for i, (d, wt) in enumerate(zip(ds, w, strict=True)):
@@ -421,42 +475,6 @@ def merge_deltas(
             divisor[divisor == 0] = 1
         merged /= divisor
     return merged.mul_(params.lam) if params.lam != 1 else merged
-
-
-def _mergekit_stacked(
-    method: str, ds: list[Tensor], params: MethodParams, normalize: bool, generator: torch.Generator | None
-) -> Tensor:
-    """mergekit 0.1.5's ``GeneralizedTaskArithmeticMerge.merge_group``, op for op (for half-precision dtypes)."""
-    n = len(ds)
-    if method in ("magnitude", "ties"):
-        density = params.density or (1.0,) * n
-        ds = [magnitude_prune(d, density[i], mergekit=True) for i, d in enumerate(ds)]
-    elif method in ("dare_linear", "dare_ties"):
-        if generator is None:
-            raise PluribusError(f"method '{method}' is random: pass a seeded torch.Generator")
-        drop = params.drop or (0.0,) * n
-        ds = [dare(d, drop[i], generator, mergekit=True) for i, d in enumerate(ds)]
-    deltas = torch.stack(ds)
-    weights = torch.tensor(params.weights, dtype=deltas.dtype)
-    while deltas.dim() > weights.dim():
-        weights.unsqueeze_(-1)
-    deltas.mul_(weights)
-    if method in ("ties", "dare_ties"):
-        sign = deltas.sign()
-        majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-        mask = (sign == majority).to(deltas.dtype)
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed /= divisor
-    if params.lam != 1:
-        mixed *= params.lam
-    return mixed
 
 
 def _nonzero(x: float) -> float:
@@ -520,7 +538,14 @@ def rank_for_energy(s: Tensor, energy: float) -> int:
     return max(1, int(torch.searchsorted(cum, torch.tensor(energy, dtype=torch.float64) - 1e-12).item()) + 1)
 
 
-def truncate_factors(B: Tensor, A: Tensor, rank: int | None = None, energy: float | None = None) -> LowRank:
+def gram(x: Tensor) -> Tensor:
+    """``x @ x.T``: the Gram product of :func:`truncate_factors` (merge.blas has a faster one for CPU merges)."""
+    return x @ x.T
+
+
+def truncate_factors(
+    B: Tensor, A: Tensor, rank: int | None = None, energy: float | None = None, *, gram: Callable[[Tensor], Tensor] = gram
+) -> LowRank:
     """Best rank-k approximation (Eckart-Young) of ``B @ A`` from its factors, never forming B @ A.
 
     B [d_out, R], A [R, d_in]. With the Cholesky factor of the R x R Gram matrix ``A A^T = R_a^T R_a``,
@@ -532,12 +557,13 @@ def truncate_factors(B: Tensor, A: Tensor, rank: int | None = None, energy: floa
     by symmetry) falls back to Householder QR of both factors and an SVD of the core ``R_b R_a^T``.
     Cost: O((d_out + d_in) R^2 + R^3), all BLAS-3. The decomposition runs in float64; the two final products
     that map the small R x k solution back to d_out and d_in run in the inputs' dtype, the one the output is
-    stored in (for float32 factors this moves the result ~1e-7 relative, the size of storing it).
+    stored in (for float32 factors this moves the result ~1e-7 relative, the size of storing it). ``gram(x)`` computes
+    the float64 ``x @ x.T`` products (merge.blas.capped_gram gives a faster one on CPUs).
     """
     b64, a64 = B.to(torch.float64), A.to(torch.float64)
-    low = _truncate_gram(b64, a64, rank, energy, B, A)
+    low = _truncate_gram(b64, a64, rank, energy, B, A, gram)
     if low is None:  # (B A)^T = A^T B^T: the other side may be well conditioned
-        low = _truncate_gram(a64.T, b64.T, rank, energy, A.T, B.T)
+        low = _truncate_gram(a64.T, b64.T, rank, energy, A.T, B.T, gram)
         if low is not None:
             low = LowRank(low.A.T, low.B.T, low.singular_values, low.error, low.exact_norm)
     if low is None:
@@ -555,11 +581,12 @@ def _kept(s: Tensor, rank: int | None, energy: float | None) -> tuple[int, float
 
 
 def _truncate_gram(
-    b64: Tensor, a64: Tensor, rank: int | None, energy: float | None, b_out: Tensor, a_out: Tensor
+    b64: Tensor, a64: Tensor, rank: int | None, energy: float | None, b_out: Tensor, a_out: Tensor,
+    gram: Callable[[Tensor], Tensor],
 ) -> LowRank | None:
     """The eigh route of truncate_factors (final products with ``b_out``/``a_out``, the factors in their own
     dtype); None when A A^T is not safely positive definite."""
-    chol, info = torch.linalg.cholesky_ex(_gram(a64))
+    chol, info = torch.linalg.cholesky_ex(gram(a64))
     if int(info) != 0:
         return None
     d = chol.diagonal()
@@ -567,7 +594,7 @@ def _truncate_gram(
     if not bool(d.min() > 1e-4 * d.max()):
         return None
     ra_t = chol  # the lower-triangular Cholesky factor is R_a^T
-    gram = ra_t.T @ _gram(b64.T) @ ra_t
+    gram = ra_t.T @ gram(b64.T) @ ra_t
     lam, v = torch.linalg.eigh((gram + gram.T) * 0.5)
     lam, v = lam.flip(0).clamp_min(0), v.flip(1)
     s = lam.sqrt()
@@ -580,46 +607,6 @@ def _truncate_gram(
     y = torch.linalg.solve_triangular(ra_t.T, vk * (s[:k] * (inv_root > 0)).sqrt(), upper=True)
     new_a = y.T.to(a_out.dtype) @ a_out
     return LowRank(new_b, new_a, s[:k].to(torch.float32), err, norm)
-
-
-def _gram(x: Tensor) -> Tensor:
-    """``x @ x.T`` of a float64 matrix. Inside ``numpy_blas_capped`` it runs in NumPy, which hands a product of
-    a matrix with its own transpose to BLAS syrk: one triangle, half a GEMM's flops (torch has no syrk;
-    measured 0.7x the time on the merge bench's modules)."""
-    if not _CAPPED or x.device.type != "cpu" or x.requires_grad:
-        return x @ x.T
-    a = x.numpy()
-    return torch.from_numpy(a @ a.T)
-
-
-_CAPPED = 0  # how many numpy_blas_capped blocks are open
-_NUMPY_BLAS: Any = None
-
-
-@contextlib.contextmanager
-def numpy_blas_capped() -> Iterator[None]:
-    """Let ``_gram`` use NumPy's BLAS, capped at one thread while the block runs.
-
-    Its thread pool is separate from torch's OpenMP team and the two spin on each other's cores: at its
-    default (all cores) beside two merge workers the merge bench ran 2.2x slower, beside one 2-thread torch
-    worker 25x slower. Gram products of R x d factors are small enough that one thread each is right. A BLAS
-    that threadpoolctl cannot see cannot be capped, so ``_gram`` then stays in torch.
-    """
-    global _CAPPED, _NUMPY_BLAS
-    import numpy  # noqa: F401 (its BLAS must be loaded for the controller to find it)
-    from threadpoolctl import ThreadpoolController
-
-    if _NUMPY_BLAS is None:
-        _NUMPY_BLAS = ThreadpoolController().select(user_api="blas")
-    if not _NUMPY_BLAS.lib_controllers:
-        yield
-        return
-    with _NUMPY_BLAS.limit(limits=1):
-        _CAPPED += 1
-        try:
-            yield
-        finally:
-            _CAPPED -= 1
 
 
 def _truncate_qr(b64: Tensor, a64: Tensor, rank: int | None, energy: float | None) -> LowRank:

@@ -65,3 +65,49 @@ def make_adapter(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> C
         return out
 
     return make
+
+
+def tiny_qwen2(seed: int = 0):
+    """A 2-layer random Qwen2 (q/k/v have biases), its biases random too (a zero base bias would hide a lost base)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape) * 0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random Qwen2 of :func:`tiny_qwen2` saved as float32 safetensors."""
+    out = tmp_path_factory.mktemp("merge-qwen2-base")
+    tiny_qwen2().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_qwen2_adapter(tiny_qwen2_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``make_qwen2_adapter(targets, seed, r=4, alpha=8, **extra)``: a saved PEFT LoRA of the tiny Qwen2 in which
+    every trainable tensor is random (LoRA factors) or randomly moved from the base (biases, modules_to_save), as
+    a training with ``extra`` (``bias="all"``, ``modules_to_save=[...]``, ``lora_bias=True``) would leave it."""
+    from peft import LoraConfig, get_peft_model
+
+    def make(targets: list[str], seed: int, r: int = 4, alpha: float = 8, **extra) -> Path:
+        out = tmp_path_factory.mktemp(f"qwen2-lora-s{seed}")
+        qwen2 = tiny_qwen2()
+        qwen2.name_or_path = str(tiny_qwen2_base)  # what PEFT records as the base
+        model = get_peft_model(qwen2, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                        base_model_name_or_path=str(tiny_qwen2_base), **extra))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    noise = torch.randn(p.shape, generator=g) * 0.1
+                    p.copy_(noise if "lora_" in name else p + noise)
+        model.save_pretrained(out)
+        return out
+
+    return make

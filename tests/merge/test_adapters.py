@@ -263,17 +263,17 @@ def copy_adapter(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.parametrize(("key", "config", "message"), [
-    ("base_model.model.model.layers.0.self_attn.q_proj.bias", {"bias": "lora_only"}, r"trains biases \(bias: 'lora_only'\)"),
     ("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta", {"trainable_token_indices": [3, 5]},
      r"trains trainable tokens \(trainable_token_indices\)"),
-    ("base_model.model.lm_head.modules_to_save.weight", {}, r"full copies of modules \(modules_to_save\)"),
-    ("base_model.model.model.norm.weight", {}, r"tensors other than lora_A/lora_B"),
+    ("base_model.model.model.embed_tokens.lora_embedding_A", {}, r"trains an embedding LoRA"),
+    ("base_model.model.lm_head.modules_to_save.default.weight", {}, r"full copies of modules \(modules_to_save\)"),
+    ("base_model.model.model.norm.weight", {}, r"tensors other than LoRA factors, biases and modules_to_save"),
 ])
-def test_tensors_other_than_lora_factors_are_refused_not_dropped(hetero, tmp_path, key, config, message):
-    # they change the model: merging the factors alone would drop them and still print a relative error of 0
+def test_tensors_pluribus_does_not_merge_are_refused_not_dropped(hetero, tmp_path, key, config, message):
+    # they change the model: merging the rest alone would drop them and still print a relative error of 0
     bad = copy_adapter(hetero[0], tmp_path / "extra")
     sd = load_file(bad / "adapter_model.safetensors")
-    sd[key] = torch.randn(3, 32) if "tokens" in key else torch.randn(32)
+    sd[key] = torch.randn(3, 32) if "tokens" in key or "lora_embedding" in key else torch.randn(32)
     save_file(sd, bad / "adapter_model.safetensors")
     cfg = json.loads((bad / "adapter_config.json").read_text())
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
@@ -452,3 +452,199 @@ def test_missing_input_and_folder_without_adapter_config_are_named(hetero, tmp_p
         with pytest.raises(PluribusError, match=r"input 'noCfg' has no adapter_config\.json \(not a PEFT adapter folder\)"):
             run_merge(spec("linear", order), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------- tensors besides the factors: biases, modules_to_save
+
+
+#: PEFT options that make an adapter change tensors besides its LoRA factors (Qwen2's q/k/v have biases)
+EXTRAS = {
+    "bias_lora_only": {"bias": "lora_only"},
+    "bias_all": {"bias": "all"},
+    "lora_bias": {"lora_bias": True},
+    "modules_to_save": {"modules_to_save": ["lm_head"]},
+    "all_of_them": {"bias": "all", "lora_bias": True, "modules_to_save": ["lm_head"]},
+}
+
+
+def qwen2_logits(adapter: Path | None = None, model: Path | None = None) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.merge.conftest import tiny_qwen2
+
+    with torch.no_grad():
+        if model is not None:
+            return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()(TOKENS).logits
+        return PeftModel.from_pretrained(tiny_qwen2(), str(adapter)).eval()(TOKENS).logits
+
+
+def by_hand(adapter: Path, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every base tensor an adapter changes and its task vector, read from its raw files (float64): ``s B A`` per
+    module, ``s b_B`` per LoRA bias, ``value - base`` per stored full value."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    s = cfg["lora_alpha"] / cfg["r"]
+    sd = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v.double()
+          for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    out: dict[str, torch.Tensor] = {}
+
+    def add(name: str, d: torch.Tensor) -> None:
+        out[name] = out[name] + d if name in out else d
+
+    for key, v in sd.items():
+        if key.endswith(".lora_A.weight"):
+            add(key.replace(".lora_A.weight", ".weight"), s * sd[key.replace("lora_A", "lora_B")] @ v)
+        elif key.endswith(".lora_B.bias"):
+            add(key.replace(".lora_B.bias", ".bias"), s * v)
+        elif "lora_" not in key:
+            add(key, v - base[key].double())
+    return out
+
+
+def strip_to_factors(adapter: Path, out: Path) -> Path:
+    """The adapter without what it changes besides its LoRA factors: what a merge that drops them would write."""
+    out.mkdir()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**cfg, "bias": "none", "lora_bias": False,
+                                                         "modules_to_save": None}))
+    sd = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v for k, v in sd.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))},
+              out / "adapter_model.safetensors")
+    return out
+
+
+@pytest.mark.parametrize("kind", list(EXTRAS))
+def test_an_adapter_with_biases_or_saved_modules_merged_alone_is_itself(make_qwen2_adapter, tiny_qwen2_base, tmp_path,
+                                                                        kind):
+    targets = ["q_proj", "v_proj"] if "lora_bias" in EXTRAS[kind] or kind == "all_of_them" else ["q_proj", "o_proj"]
+    adapter = make_qwen2_adapter(targets, seed=40, **EXTRAS[kind])
+    own = qwen2_logits(adapter)
+    # the issue's defect: the factors alone are another model (0.59 in logits there; this tiny one's are small),
+    # hundreds of times the tolerance below
+    assert float((qwen2_logits(strip_to_factors(adapter, tmp_path / "factors")) - own).abs().max()) > 1e-3
+    summary = run_merge(spec("cat", [adapter]), tmp_path / "a")
+    changed = set(by_hand(adapter, load_file(tiny_qwen2_base / "model.safetensors")))
+    others = {n for n in changed if not (n.endswith(".weight") and n.removesuffix(".weight") in load_adapter(adapter).modules)}
+    assert summary.others == len(others) > 0
+    assert f"besides the LoRA factors: {len(others)} tensor(s) (biases, modules_to_save), merged at full rank" in summary.lines()
+    assert others <= set(summary.details["module_errors"])  # the reported error covers them
+    torch.testing.assert_close(qwen2_logits(tmp_path / "a"), own, atol=2e-6, rtol=0)
+    # folded into the base: the model PEFT's merge_and_unload gives
+    run_merge(spec("task_arithmetic", [adapter], base=str(tiny_qwen2_base), output="model"), tmp_path / "m")
+    torch.testing.assert_close(qwen2_logits(model=tmp_path / "m"), own, atol=2e-6, rtol=0)
+
+
+def test_two_adapters_with_biases_merge_by_task_arithmetic_as_computed_by_hand(make_qwen2_adapter, tiny_qwen2_base,
+                                                                                tmp_path):
+    a = make_qwen2_adapter(["q_proj", "v_proj"], seed=41, bias="all", lora_bias=True)
+    b = make_qwen2_adapter(["q_proj", "o_proj"], seed=42, bias="lora_only", modules_to_save=["lm_head"])
+    base = load_file(tiny_qwen2_base / "model.safetensors")
+    weights, lam = [1.0, -0.5], 0.8
+    expected = {k: v.double() for k, v in base.items()}
+    for w, adapter in zip(weights, [a, b], strict=True):
+        for name, d in by_hand(adapter, base).items():
+            expected[name] = expected[name] + lam * w * d
+    # rank 8 = 4 + 4 on q_proj: exact everywhere
+    summary = run_merge(spec("task_arithmetic", [a, b], weights, lam=lam, rank=8), tmp_path / "ta")
+    assert summary.error < 1e-6
+    model = tiny_model_from(expected, tmp_path / "expected")
+    torch.testing.assert_close(qwen2_logits(tmp_path / "ta"), qwen2_logits(model=model), atol=2e-6, rtol=0)
+    stored = load_file(tmp_path / "ta" / "adapter_model.safetensors")
+    # lm_head (b's modules_to_save) as a full value; k_proj (a's bias: all) as the module's bias
+    torch.testing.assert_close(stored["base_model.model.lm_head.weight"].double(), expected["lm_head.weight"])
+    torch.testing.assert_close(stored["base_model.model.model.layers.1.self_attn.k_proj.bias"].double(),
+                               expected["model.layers.1.self_attn.k_proj.bias"])
+    # folded into the base: the same model
+    run_merge(spec("task_arithmetic", [a, b], weights, lam=lam, base=str(tiny_qwen2_base), output="model"),
+              tmp_path / "m")
+    folded = load_file(tmp_path / "m" / "model.safetensors")
+    for name, t in expected.items():
+        torch.testing.assert_close(folded[name].double(), t, atol=1e-6, rtol=1e-6)
+
+
+def tiny_model_from(state: dict[str, torch.Tensor], out: Path) -> Path:
+    from tests.merge.conftest import tiny_qwen2
+
+    model = tiny_qwen2()
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "pcb"])
+def test_dense_methods_merge_bias_and_module_task_vectors_like_the_factors(make_qwen2_adapter, tiny_qwen2_base, tmp_path,
+                                                                           method):
+    from pluribus.merge import methods as M
+    from pluribus.merge.adapters import method_params
+
+    a = make_qwen2_adapter(["q_proj", "v_proj"], seed=43, bias="all")
+    b = make_qwen2_adapter(["q_proj", "o_proj"], seed=44, bias="lora_only", modules_to_save=["lm_head"])
+    base = load_file(tiny_qwen2_base / "model.safetensors")
+    opts = {"drop": 0.3} if method.startswith("dare") else {"density": 0.5}
+    s = spec(method, [a, b], [1.0, 0.7], base=str(tiny_qwen2_base), output="model", seed=3, **opts)
+    run_merge(s, tmp_path / "m")
+    folded = load_file(tmp_path / "m" / "model.safetensors")
+    hand = [by_hand(p, base) for p in (a, b)]
+    gen = torch.Generator().manual_seed(3)
+    for name in base:  # the base's order: the order DARE draws in
+        if not any(name in h for h in hand):
+            assert torch.equal(folded[name], base[name])
+            continue
+        deltas = [h.get(name, torch.zeros_like(base[name], dtype=torch.float64)).float() for h in hand]
+        want = base[name] + M.merge_deltas(method, deltas, method_params(s), gen)
+        torch.testing.assert_close(folded[name], want, atol=1e-6, rtol=1e-5)
+
+
+def test_a_base_plus_adapter_input_of_a_full_merge_carries_its_biases_and_saved_modules(make_qwen2_adapter,
+                                                                                         tiny_qwen2_base, tmp_path):
+    from peft import PeftModel
+
+    from tests.merge.conftest import tiny_qwen2
+
+    adapter = make_qwen2_adapter(["q_proj", "v_proj"], seed=45, bias="all", lora_bias=True, modules_to_save=["lm_head"])
+    inputs = [MergeInput(path=str(tiny_qwen2_base), adapter=str(adapter))]
+    run_merge(MergeSpec(method="task_arithmetic", base=str(tiny_qwen2_base), inputs=inputs), tmp_path / "m")
+    want = PeftModel.from_pretrained(tiny_qwen2(), str(adapter)).merge_and_unload().state_dict()
+    got = load_file(tmp_path / "m" / "model.safetensors")
+    for name, t in got.items():
+        torch.testing.assert_close(t, want[name], atol=1e-6, rtol=1e-6)
+
+
+def test_what_cannot_be_merged_besides_the_factors_is_refused_in_one_line(make_qwen2_adapter, tiny_qwen2_base,
+                                                                          tmp_path):
+    import subprocess
+
+    from tests.merge.test_config import PLURIBUS
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(PLURIBUS), "merge", *args], capture_output=True, text=True)
+
+    def one_line(res: subprocess.CompletedProcess) -> str:
+        lines = [line for line in res.stderr.splitlines() if line.strip() and "gemm_4bit" not in line
+                 and "warnings.warn" not in line]
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        return lines[0]
+
+    plain = make_qwen2_adapter(["q_proj"], seed=46)
+    # trainable tokens: refused on purpose (each adapter stores the rows of its own token ids), by every method
+    tokens = make_qwen2_adapter(["q_proj"], seed=47, trainable_token_indices=[3, 5])
+    for method in ("ties", "task_arithmetic"):
+        line = one_line(cli("--method", method, "--adapters", f"{tokens},{plain}", "-o", str(tmp_path / "t")))
+        assert "trains trainable tokens (trainable_token_indices)" in line and "will not drop" in line
+    # a lora_B bias on a layer without a bias (o_proj) has no place in a model of that architecture
+    lora_bias = make_qwen2_adapter(["o_proj"], seed=48, lora_bias=True)
+    line = one_line(cli("--method", "task_arithmetic", "--adapters", str(lora_bias), "--base", str(tiny_qwen2_base),
+                        "--output", "model", "-o", str(tmp_path / "f")))
+    assert "trains a lora_B bias on model.layers.0.self_attn.o_proj, whose layer has no bias" in line
+    # full values without a base on this machine: no task vector can be formed
+    biased = copy_adapter(make_qwen2_adapter(["q_proj"], seed=49, bias="lora_only"), tmp_path / "biased")
+    cfg = json.loads((biased / "adapter_config.json").read_text())
+    (biased / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "org/not-here"}))
+    line = one_line(cli("--method", "cat", "--adapters", str(biased), "-o", str(tmp_path / "b")))
+    assert "its base 'org/not-here' is not on this machine; give the base model folder with base: (--base)" in line
+    # one module whole in one adapter and LoRA-adapted in another
+    saved = make_qwen2_adapter(["q_proj"], seed=50, modules_to_save=["o_proj"])
+    line = one_line(cli("--method", "ties", "--adapters", f"{saved},{make_qwen2_adapter(['o_proj'], seed=51)}",
+                        "-o", str(tmp_path / "s")))
+    assert "saves module model.layers.0.self_attn.o_proj whole (modules_to_save) while another adapter trains" in line
+    assert not any((tmp_path / n).exists() for n in "tfbs")

@@ -453,3 +453,25 @@ main()
     err = proc.stderr.read()
     assert "a rerun starts it over" in err and "resumes" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_integer_tensor_an_expert_changed_is_refused_not_dropped(tiny_base, experts, tmp_path):
+    from pluribus.merge.extract import extract_lora
+
+    def with_step(src: Path, dst: Path, step: int) -> Path:
+        dst.mkdir()
+        sd = load_file(src / "model.safetensors")
+        save_file({**sd, "model.step": torch.tensor([step])}, dst / "model.safetensors")
+        (dst / "config.json").write_text((src / "config.json").read_text())
+        return dst
+
+    base, same, changed = (with_step(tiny_base, tmp_path / "b", 0), with_step(experts[0], tmp_path / "e0", 0),
+                           with_step(experts[1], tmp_path / "e1", 7))
+    run_merge(MergeSpec(method="ties", base=str(base), density=0.5, inputs=[MergeInput(path=str(same))]),
+              tmp_path / "ok")
+    with pytest.raises(PluribusError, match=r"tensor model.step \(torch.int64\) of '.*e1' differs from the base's"):
+        run_merge(MergeSpec(method="ties", base=str(base), density=0.5,
+                            inputs=[MergeInput(path=str(same)), MergeInput(path=str(changed))]), tmp_path / "out")
+    with pytest.raises(PluribusError, match=r"tensor model.step \(torch.int64\) differs between .* will not drop it"):
+        extract_lora(base, changed, tmp_path / "lora", rank=2)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "lora").exists()

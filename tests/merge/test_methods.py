@@ -214,23 +214,6 @@ def test_float32_factors_stay_within_storage_precision_of_the_float64_result():
     assert low32.error == low64.error  # the error comes from the float64 decomposition
 
 
-def test_gram_products_in_numpy_match_torch_and_leave_numpy_threads_alone():
-    from threadpoolctl import threadpool_info
-
-    B, A = rand((300, 40), 7), rand((40, 200), 8)
-    before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
-    plain = M.truncate_factors(B, A, rank=16)
-    with M.numpy_blas_capped():
-        assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == [1] * len(before)
-        x = A.double()
-        torch.testing.assert_close(M._gram(x), x @ x.T, rtol=1e-13, atol=1e-13)
-        capped = M.truncate_factors(B, A, rank=16)
-    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before
-    torch.testing.assert_close(capped.B @ capped.A, plain.B @ plain.A, rtol=1e-5, atol=1e-7)
-    assert capped.error == pytest.approx(plain.error, abs=1e-12)
-
-
-
 def test_non_finite_weights_lambda_and_fractions_are_refused():
     with pytest.raises(PluribusError, match=r"weight must be a finite number \(got nan\)"):
         M.MethodParams(weights=(1.0, float("nan")))
@@ -333,3 +316,46 @@ def test_pcb_bad_parameters_are_named():
         M.pcb(d, [0.5, 0.5, 0.5])
     with pytest.raises(PluribusError, match="'pcb' has no mergekit counterpart"):
         M.merge_deltas("pcb", d, M.MethodParams(weights=(1.0, 1.0), mergekit=True))
+
+
+# ------------------------------------------------------- the lean loop against the steps composed
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "magnitude", "ties", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("mergekit", [False, True])
+@pytest.mark.parametrize("normalize", [None, True, False])
+@pytest.mark.parametrize("weights", [(1.0, 0.5, 2.0), (1.0, -0.7, 0.3)])
+def test_the_lean_loop_is_the_composed_merge(method, mergekit, normalize, weights):
+    ds = [rand((37, 53), s) for s in range(3)]
+    p = M.MethodParams(weights=weights, density=(0.3, 0.5, 0.8), drop=(0.2, 0.5, 0.1), lam=0.7, normalize=normalize,
+                       mergekit=mergekit)
+    fast = M.merge_deltas(method, ds, p, torch.Generator().manual_seed(1))
+    ref = M.composed_merge(method, ds, p, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-7)
+    # in float64 too, and with global trimming thresholds
+    ds64 = [d.double() for d in ds]
+    p = M.MethodParams(weights=weights, density=(0.3, 0.5, 0.8), drop=(0.2, 0.5, 0.1), normalize=normalize,
+                       mergekit=mergekit, thresholds=(0.5, 1.0, 0.2) if method in ("ties", "magnitude") else None)
+    torch.testing.assert_close(M.merge_deltas(method, ds64, p, torch.Generator().manual_seed(2)),
+                               M.composed_merge(method, ds64, p, torch.Generator().manual_seed(2)),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_composed_ties_is_peft_ties_on_unit_weights():
+    from peft.utils.merge_utils import ties
+
+    ds = [rand((37, 50), s) for s in range(3)]  # 1850 entries: density 0.4 keeps 740 exactly in both
+    p = M.MethodParams(weights=(1.0,) * 3, density=(0.4,) * 3)
+    torch.testing.assert_close(M.composed_merge("ties", ds, p), ties(ds, torch.ones(3), 0.4), rtol=1e-6, atol=1e-7)
+
+
+def test_global_thresholds_apply_in_mergekit_half_precision_too():
+    # the half-precision path of mergekit's mode used to trim each tensor on its own, ignoring the thresholds
+    ds = [rand((40, 30), s).bfloat16() for s in range(2)]
+    glob = M.MethodParams(weights=(1.0, 1.0), density=(0.5, 0.5), thresholds=(1.5, 1.5), mergekit=True)
+    out = M.merge_deltas("ties", ds, glob)
+    kept = [d.float().abs() >= 1.5 for d in ds]
+    assert torch.equal(out != 0, (kept[0] | kept[1]) & (out != 0))  # nothing below the threshold survives
+    assert torch.equal(out, M.composed_merge("ties", ds, glob))
+    assert not torch.equal(out, M.merge_deltas("ties", ds, M.MethodParams(weights=(1.0, 1.0), density=(0.5, 0.5),
+                                                                          mergekit=True)))
