@@ -620,10 +620,15 @@ def save_output(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], o
     """Write the PEFT adapter (safetensors), the tokenizer and ``training_record.json`` atomically to ``out``.
 
     An existing ``out`` is refused unless ``overwrite`` (see ``check_output``, which runs before training).
+    In several processes rank 0 writes and every rank returns once the folder is in place.
     """
+    from pluribus.distill import distributed
     from pluribus.hub import local_card
     from pluribus.io import atomic_dir
 
+    if not distributed.is_main():  # several processes: rank 0 writes, the others wait until the folder is whole
+        distributed.barrier()
+        return out
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -632,6 +637,7 @@ def save_output(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], o
         base = record.get("base_model_path") or record.get("base_model")
         (tmp / "README.md").write_text(local_card("adapter", base, f"pluribus {record.get('expert', 'adapter')} adapter",
                                                   "adapter", tags=[str(record.get("objective", ""))], folder=out.name))
+    distributed.barrier()
     return out
 
 
@@ -641,6 +647,7 @@ def training_record(
 ) -> dict[str, Any]:
     """The small record export puts in the model card: recipe, base, dataset fingerprints, final metrics."""
     import pluribus
+    from pluribus.distill import distributed
 
     for key, value in metrics.items():
         if "loss" in key and isinstance(value, float) and not math.isfinite(value):
@@ -654,6 +661,7 @@ def training_record(
         "recipe": recipe.to_dict(),
         "dataset": {"path": str(dataset), "files": fingerprint(dataset)} if dataset else None,
         "data": counts or {},
+        "processes": distributed.world_size(),  # data-parallel: a step saw batch_size x grad_accum x processes
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
         "pluribus_version": getattr(pluribus, "__version__", "0"),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -2,7 +2,8 @@
 
 One optimizer step (``train.rl.*`` settings):
 1. for each of ``prompts_per_step`` prompts, sample G = ``group_size`` solutions from the current policy
-   (``backend``: local transformers generate, or vLLM with the adapter reloaded each step);
+   (``backend``: local transformers generate, or vLLM with the adapter reloaded each step), seeded by
+   (seed, step, problem) (``sample_seeds``);
 2. reward ``r_i = agg(PRM step scores of solution i) + answer_weight * [final answer verified]``,
    ``agg`` in min | mean | last (``aggregate``);
 3. group-relative advantage ``A_i = (r_i - mean_g r) / (std_g r + 1e-4)`` (population std of the group);
@@ -31,6 +32,8 @@ Reward, accuracy, PRM score, KL and the clipped fraction are logged per step (te
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import tempfile
 from collections import defaultdict
@@ -44,7 +47,7 @@ from transformers import Trainer
 from pluribus.config import Recipe, RLSettings, TrainConfig
 from pluribus.data.answers import grade
 from pluribus.data.records import Problem
-from pluribus.distill import common
+from pluribus.distill import common, distributed
 from pluribus.distill.prm import load_prm, score_steps, split_steps
 from pluribus.errors import PluribusError
 
@@ -145,29 +148,42 @@ def sampling_kwargs(settings: RLSettings) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- sampling
 
 
+def sample_seeds(seed: int, step: int, problem_ids: list[str]) -> list[int]:
+    """The sampling seed of each prompt's group at an optimizer step: a hash of (seed, step, problem), so a
+    group's samples depend neither on the prompts beside it nor on the process that draws it (one process
+    with gradient accumulation and several processes sample the same solutions) nor on a resume."""
+    return [int(hashlib.sha256(f"{seed}:{step}:{pid}".encode()).hexdigest()[:15], 16) for pid in problem_ids]
+
+
 class LocalSampler:
-    """Sample G completions per prompt from the policy being trained (``model.generate``, left padding)."""
+    """Sample G completions per prompt from the policy being trained (``model.generate``, one prompt per call,
+    each from torch's RNG seeded by its entry of ``seeds`` and then restored)."""
 
     def __init__(self, tokenizer: Any, settings: RLSettings) -> None:
         self.tokenizer, self.settings = tokenizer, settings
 
     @torch.no_grad()
-    def __call__(self, model: Any, prompts: list[str]) -> list[list[int]]:
+    def __call__(self, model: Any, prompts: list[str], seeds: list[int] | None = None) -> list[list[int]]:
         tok, s = self.tokenizer, self.settings
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                 for p in prompts]
-        tok.padding_side = "left"
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        tok.padding_side = "right"
         was_training = model.training
         model.eval()
-        out = model.generate(**enc, **sampling_kwargs(s), max_new_tokens=s.max_new_tokens, num_return_sequences=s.group_size,
-                             pad_token_id=tok.pad_token_id, use_cache=True)
-        model.train(was_training)
         completions = []
-        for row in out[:, enc["input_ids"].shape[1]:].tolist():
-            cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
-            completions.append(row[:cut])  # generation pads only after the end-of-turn token
+        for i, prompt in enumerate(prompts):
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+            enc = tok([text], return_tensors="pt", add_special_tokens=False).to(model.device)
+            rng = contextlib.nullcontext()
+            if seeds is not None:
+                rng = torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else [])
+            with rng:
+                if seeds is not None:
+                    torch.manual_seed(seeds[i])
+                out = model.generate(**enc, **sampling_kwargs(s), max_new_tokens=s.max_new_tokens,
+                                     num_return_sequences=s.group_size, pad_token_id=tok.pad_token_id, use_cache=True)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+                completions.append(row[:cut])  # generation pads only after the end-of-turn token
+        model.train(was_training)
         return completions
 
 
@@ -184,7 +200,7 @@ class VLLMSampler:
         self.llm = LLM(model=base, enable_lora=True, max_lora_rank=max(8, lora_rank), gpu_memory_utilization=0.5)
         self.tmp = Path(tempfile.mkdtemp(prefix="pluribus-rl-lora-"))
 
-    def __call__(self, model: Any, prompts: list[str]) -> list[list[int]]:
+    def __call__(self, model: Any, prompts: list[str], seeds: list[int] | None = None) -> list[list[int]]:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
@@ -193,8 +209,9 @@ class VLLMSampler:
         model.save_pretrained(folder, safe_serialization=True)
         s = self.settings
         # top_k=-1 and SamplingParams' other defaults are neutral: the distribution token_logprobs computes
-        params = SamplingParams(n=s.group_size, temperature=s.temperature, top_p=s.top_p, top_k=-1,
-                                max_tokens=s.max_new_tokens)
+        params = [SamplingParams(n=s.group_size, temperature=s.temperature, top_p=s.top_p, top_k=-1,
+                                 max_tokens=s.max_new_tokens, seed=None if seeds is None else seeds[i] % 2**31)
+                  for i in range(len(prompts))]
         messages = [[{"role": "user", "content": p}] for p in prompts]
         outs = self.llm.chat(messages, params, lora_request=LoRARequest(f"policy-{self.step}", self.step, str(folder)),
                              use_tqdm=False)
@@ -225,9 +242,12 @@ class GroupRLTrainer(Trainer):
         tok, s = self.processing_class, self.settings
         prompts, answers = inputs["prompts"], inputs["answers"]
         device = next(model.parameters()).device
+        # under DDP ``model`` is the wrapper: its forward syncs gradients; sampling and the reference need the policy
+        policy = distributed.unwrap(model)
 
-        # 1. G samples per prompt from the current policy
-        completions = self.sampler(model, prompts)
+        # 1. G samples per prompt from the current policy, seeded per (step, problem)
+        seeds = sample_seeds(self.args.seed, self.state.global_step, inputs["problem_ids"])
+        completions = self.sampler(policy, prompts, seeds)
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         group_prompts = [p for p in prompts for _ in range(s.group_size)]
         group_answers = [a for a in answers for _ in range(s.group_size)]
@@ -264,8 +284,8 @@ class GroupRLTrainer(Trainer):
         logp = token_logprobs(model, ids, attention, width_c, s.temperature, s.top_p)
         ref_logp = None
         if s.kl > 0:
-            with torch.no_grad(), model.disable_adapter():
-                ref_logp = token_logprobs(model, ids, attention, width_c, s.temperature, s.top_p)
+            with torch.no_grad(), policy.disable_adapter():
+                ref_logp = token_logprobs(policy, ids, attention, width_c, s.temperature, s.top_p)
         # the samples came from these very parameters: see "Which importance ratio" in the module docstring
         loss, stats = policy_loss(logp, logp.detach(), advantages, mask, s.clip, ref_logp, s.kl)
 
@@ -280,7 +300,13 @@ class GroupRLTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._stats and "loss" in logs:
-            logs.update({k: sum(v) / len(v) for k, v in self._stats.items()})
+            names = sorted(self._stats)
+            means = torch.tensor([sum(self._stats[k]) / len(self._stats[k]) for k in names])
+            if self.accelerator.num_processes > 1:
+                # every process logs at the same steps (Trainer gathers the loss there); each drew its own
+                # prompts, so a figure is the mean over all of them, not rank 0's share
+                means = self.accelerator.reduce(means.to(self.accelerator.device), reduction="mean").cpu()
+            logs.update({k: float(v) for k, v in zip(names, means, strict=True)})
             self._stats.clear()
         super().log(logs, *args, **kwargs)
 
