@@ -479,8 +479,17 @@ def train_and_report(trainer: Any, checkpoint: str | None) -> dict[str, Any]:
     Trainer averages the loss over the steps of this call only; resumed, the steps before the checkpoint come
     from its log_history: ``sum_i loss_i * (step_i - step_{i-1})`` over the logged windows up to the checkpoint
     step (``log_at_save`` makes them reach it). A checkpoint whose logs stop short keeps Trainer's figure, and
-    ``train_loss_steps`` says how many steps that figure covers.
+    ``train_loss_steps`` says how many steps that figure covers. An accelerate config whose engine (FSDP,
+    DeepSpeed) accelerate did not set up is refused first (``distributed.check_engine``).
     """
+    from pluribus.distill import distributed
+
+    try:
+        distributed.check_engine(trainer.accelerator)
+    except PluribusError:
+        with contextlib.suppress(OSError):  # Trainer made the (empty) checkpoints folder: leave nothing behind
+            Path(trainer.args.output_dir).rmdir()
+        raise
     start = 0
     if checkpoint is not None:
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())

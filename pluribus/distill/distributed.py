@@ -70,3 +70,17 @@ def check_launch() -> None:
             "--cpu, its default launcher runs a single process whatever --num_processes says); launch N processes "
             "with `accelerate launch --multi_gpu --num_processes N -m pluribus.cli train ...` (on CPU they train "
             "on gloo) or `torchrun --nproc_per_node N -m pluribus.cli train ...`, or drop --num_processes")
+
+
+def check_engine(accelerator: Any) -> None:
+    """Refuse a training whose accelerate config asks for FSDP or DeepSpeed when accelerate set up something
+    else: on a machine without a GPU accelerate runs an FSDP config as plain data parallelism (MULTI_CPU), with
+    every weight on every process, and says nothing."""
+    for engine, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
+        got = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+        if os.environ.get(var, "false").lower() == "true" and got != engine:
+            raise PluribusError(
+                f"the accelerate config asks for {engine}, but accelerate set this training up as {got} (it "
+                f"applies {engine} on GPUs and other accelerators, not on CPU processes); on CPU launch plain data "
+                "parallelism (`accelerate launch --multi_gpu --num_processes N -m pluribus.cli train ...`), or run "
+                f"the {engine} config on GPUs")

@@ -195,3 +195,17 @@ def test_quiet_single_process_launch_end_to_end(tmp_path, student_dir):
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "started only this one" in done.stderr
     assert not (tmp_path / "ddp" / "adapters").exists()
+
+
+@pytest.mark.parametrize(("var", "engine"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")])
+def test_an_engine_accelerate_did_not_set_up_is_refused(monkeypatch, var, engine):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from pluribus.distill.distributed import check_engine
+
+    monkeypatch.setenv(var, "true")  # what `accelerate launch --config_file configs/accelerate/...` exports
+    with pytest.raises(PluribusError, match=rf"asks for {engine}, but accelerate set this training up as MULTI_CPU"):
+        check_engine(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # what it does on CPU for FSDP
+    check_engine(SimpleNamespace(distributed_type=getattr(DistributedType, engine)))
