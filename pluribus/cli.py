@@ -192,6 +192,7 @@ def train_cmd(
 
     from pluribus.config import load_recipe
     from pluribus.distill import train_stage
+    from pluribus.distill.distributed import is_main
     from pluribus.errors import PluribusError
 
     loaded = load_recipe(recipe, [*_with_threads(overrides, threads), *([f"train.objective={objective}"] if objective else [])])
@@ -204,6 +205,8 @@ def train_cmd(
     for name in names or [None]:
         folder = train_stage(loaded, expert=name, dataset=dataset, out=out,
                              resume=str(resume_from) if resume_from else resume, overwrite=overwrite)
+        if not is_main():  # several processes: rank 0 wrote the adapter and prints its summary
+            continue
         metrics = json.loads((folder / "training_record.json").read_text())["metrics"]
         shown = {k: v for k, v in metrics.items() if "loss" in k or k.startswith(("eval_step", "final_"))}
         # soft_wrap: a path cut over lines cannot be copied
@@ -479,6 +482,16 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
+def _one_process_unless_training(argv: list[str]) -> None:
+    """Only ``train`` runs in several processes (accelerate / torchrun): every other stage would run once per
+    process, each writing the same outputs."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and command not in (None, "train"):
+        raise PluribusError(f"`pluribus {command}` was launched in {world} processes; only `pluribus train` runs in "
+                            f"several (data-parallel training); run `pluribus {command}` as one process")
+
+
 def main() -> None:
     """Run the CLI; user errors print one line and exit with code 2; SIGTERM cleans up like Ctrl-C."""
     signal.signal(signal.SIGTERM, _terminated)
@@ -487,6 +500,7 @@ def main() -> None:
     # it would make bitsandbytes fetch code from the Hub at import time, which pluribus never wants
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
+        _one_process_unless_training(sys.argv[1:])
         # without standalone mode typer *returns* the exit code of a ctx.exit / typer.Exit, and turns Ctrl-C
         # into Exit(130) after the command has unwound; commands themselves return None
         code = app(args=gather_lists(sys.argv[1:]), standalone_mode=False)

@@ -116,7 +116,9 @@ class AgentConfig(Section):
     adapter: str | None = Field(None, description="PEFT LoRA adapter folder applied on top of the model.")
     persona: str | None = Field(None, description="System prompt of this agent.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    base_url: str | None = Field(None, description="openai backend: server URL, e.g. http://127.0.0.1:8000/v1.")
+    base_url: str | list[str] | None = Field(
+        None, description="openai backend: server URL, e.g. http://127.0.0.1:8000/v1, or a list of servers of the "
+        "same model: requests spread over them, and a server that dies is taken out and its requests sent to the others.")
     api_key_env: str | None = Field(None, description="openai backend: name of the env var holding the API key.")
     dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field(
         "bfloat16", description="transformers/vllm backends: weight and compute dtype (bf16 also on CPU)."
@@ -124,27 +126,44 @@ class AgentConfig(Section):
     context_length: int | None = Field(
         None, ge=32, description="Max prompt + new tokens; None: the model's own limit. Longer prompts are refused, never cut (team.too_long)."
     )
-    max_concurrency: int = Field(16, ge=1, description="openai backend: max requests in flight at once.")
+    max_concurrency: int = Field(16, ge=1, description="openai backend: max requests in flight at once, per server.")
     timeout_s: float = Field(120.0, gt=0, description="openai backend: seconds before a request times out.")
     max_retries: int = Field(5, ge=0, description="openai backend: retries on 429/5xx/timeouts/refused connections.")
 
     @field_validator("base_url")
     @classmethod
-    def _url(cls, v: str | None) -> str | None:
+    def _url(cls, v: str | list[str] | None) -> str | list[str] | None:
         # a typo would otherwise be retried max_retries times and then reported as a failing server
         if v is None:
             return v
         from urllib.parse import urlsplit
 
-        try:
-            parts = urlsplit(v)
-            ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in v)
-            parts.port  # noqa: B018 - raises on a port that is not a number
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError("not a server URL; expected http(s)://host[:port]/..., e.g. http://127.0.0.1:8000/v1")
+        for url in [v] if isinstance(v, str) else v:
+            try:
+                parts = urlsplit(url)
+                ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in url)
+                parts.port  # noqa: B018 - raises on a port that is not a number
+            except ValueError:
+                ok = False
+            if not ok:
+                which = "" if isinstance(v, str) else f"'{url}' is "  # a list: name the bad entry
+                raise ValueError(f"{which}not a server URL; expected http(s)://host[:port]/..., e.g. "
+                                 "http://127.0.0.1:8000/v1")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list of servers; give at least one URL")
+            # a server listed twice would silently get twice its max_concurrency
+            twice = sorted({u for u in v if v.count(u) > 1})
+            if twice:
+                raise ValueError(f"server {twice[0]} is listed twice; list each server once")
         return v
+
+    @property
+    def base_urls(self) -> list[str]:
+        """The servers of an openai agent as a list (one URL or several), in the recipe's order."""
+        if self.base_url is None:
+            return []
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
 
 class TeamConfig(Section):

@@ -12,9 +12,11 @@ follows, and ``seeds``, one sampling seed per conversation). Three backends:
   order. Its logits still do, in the last bits: batched matmuls round differently from unbatched ones, and
   in bf16 that flips near-tie tokens (a greedy argmax, or a draw near a probability boundary); in float32
   such flips are rare but not impossible. ``bench/batch_invariance.py`` measures both.
-- ``openai``: any OpenAI-compatible server (vLLM, SGLang, llama.cpp, ``transformers serve``); asyncio with at
-  most ``max_concurrency`` requests in flight, exponential backoff on 429, 5xx, timeouts and refused
-  connections, a per-request timeout, the API key read from the environment variable the recipe names.
+- ``openai``: any OpenAI-compatible servers (vLLM, SGLang, llama.cpp, ``transformers serve``), one or several
+  of the same model; asyncio with at most ``max_concurrency`` requests in flight per server, retries on 429,
+  5xx, timeouts and refused connections (moved to another server, or with exponential backoff on the last
+  one), a server that keeps failing taken out, a per-request timeout, the API key read from the environment
+  variable the recipe names.
 - ``vllm``: in-process ``vllm.LLM`` for GPU machines, fed token ids built by the same ``PromptBuilder``.
 
 Context rule (transformers, vllm, and openai continuations): the new tokens get at most half the context
@@ -31,6 +33,7 @@ generation extends it (used by Monte-Carlo rollouts from a solution prefix).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import threading
@@ -45,6 +48,7 @@ from pluribus.errors import PluribusError
 
 Conversation = list[dict[str, str]]
 OnBatch = Callable[[list["Generation"]], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ class Backend(Protocol):
 def backend_key(agent: AgentConfig) -> tuple:
     """Agents with equal keys share one backend instance (one model in memory, one batch per round)."""
     if agent.backend == "openai":
-        return ("openai", agent.model, agent.base_url, agent.api_key_env, agent.max_concurrency,
+        return ("openai", agent.model, tuple(agent.base_urls), agent.api_key_env, agent.max_concurrency,
                 agent.timeout_s, agent.max_retries)
     return (agent.backend, agent.model, agent.adapter, agent.dtype, agent.context_length)
 
@@ -303,13 +307,54 @@ def _local_tokenizer(model: str, trust_remote_code: bool) -> Any | None:
         return None
 
 
+@dataclass
+class Server:
+    """One OpenAI-compatible server of an agent: its URL, whether it still takes requests, what it answered."""
+
+    url: str
+    live: bool = True  # False once taken out (for the rest of this backend's life)
+    failures: int = 0  # failed requests in a row (429 excluded: a rate limit is an answer)
+    served: int = 0  # requests it answered
+    last_error: str = ""
+
+
+@dataclass
+class _Job:
+    index: int
+    payload: dict[str, Any]
+    continuation: bool
+    dropped: int
+    attempts: int = 0
+
+
+class _Retryable(Exception):
+    """A failed attempt worth retrying; ``counts`` is False for a rate limit, which says the server is alive."""
+
+    def __init__(self, error: Exception, counts: bool) -> None:
+        super().__init__(str(error))
+        self.error, self.counts = error, counts
+
+
+# A server that fails this many requests in a row (connection refused or reset, timeouts, 5xx) is taken out,
+# unless it is the last one left: then its requests are retried on it with backoff, as with a single server.
+TAKE_OUT_AFTER = 3
+
+
 class OpenAIBackend:
-    """An OpenAI-compatible server: one burst of at most ``max_concurrency`` concurrent requests per call.
+    """OpenAI-compatible servers of one model: the requests of a call spread over them, ``max_concurrency`` each.
 
     Chat requests go to ``/chat/completions``. A continuation (last message from the assistant) is rendered
     locally with the model's chat template and sent to ``/completions``, so it needs the tokenizer offline.
-    Retries: 429, 408/409, 5xx, timeouts and refused connections, with delays ``backoff * 2**attempt``
-    (jittered, capped at 30 s); other errors, and the last failed retry, raise a one-line PluribusError.
+
+    Several servers (``base_url`` a list): each runs ``max_concurrency`` workers that take the call's requests
+    from one queue, so a faster server takes more. A request's seed is fixed by its conversation (``seeds``),
+    never by the server that answers it, and results come back in the conversations' order: the servers, their
+    number and a failover do not change a result (given servers of the same model and settings).
+    Retries: 429, 408/409, 5xx, timeouts and refused or reset connections; at most ``max_retries`` per request,
+    over all servers. A failed request moves to another live server at once; on the same server (the only one
+    left, or a 429) it waits ``backoff * 2**attempt`` first (jittered, capped at 30 s). A server that fails
+    ``TAKE_OUT_AFTER`` requests in a row is taken out with a warning while another one is live. Other errors,
+    and a request out of retries, raise a one-line PluribusError.
     """
 
     def __init__(self, agent: AgentConfig, *, trust_remote_code: bool = False, backoff_s: float = 0.5) -> None:
@@ -317,7 +362,7 @@ class OpenAIBackend:
             import openai  # noqa: F401
         except ImportError:
             raise PluribusError("the openai backend needs the openai client: pip install 'pluribus[serve]'") from None
-        if not agent.base_url:
+        if not agent.base_urls:
             raise PluribusError(f"agent '{agent.name or agent.model}' uses the openai backend but sets no base_url "
                                 "(e.g. base_url: http://127.0.0.1:8000/v1)")
         self.api_key = "EMPTY"  # local servers accept any key
@@ -328,7 +373,7 @@ class OpenAIBackend:
                                     "export it with the server's API key")
             self.api_key = key
         self.name = agent.model
-        self.base_url = agent.base_url
+        self.servers = [Server(url) for url in agent.base_urls]
         self.max_concurrency = agent.max_concurrency
         self.timeout_s = agent.timeout_s
         self.max_retries = agent.max_retries
@@ -355,7 +400,9 @@ class OpenAIBackend:
 
     def generate(self, conversations: list[Conversation], sampling: SamplingConfig,
                  on_batch: OnBatch | None = None, seeds: list[int] | None = None) -> list[Generation]:
-        coro = self._generate_all(conversations, sampling, on_batch, row_seeds(sampling, len(conversations), seeds))
+        per_row = row_seeds(sampling, len(conversations), seeds)
+        jobs = [self._job(i, c, sampling, None if per_row is None else per_row[i]) for i, c in enumerate(conversations)]
+        coro = self._generate_all(jobs, on_batch)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -376,77 +423,144 @@ class OpenAIBackend:
             raise box["err"]
         return box["out"]
 
-    async def _generate_all(self, conversations: list[Conversation], sampling: SamplingConfig,
-                            on_batch: OnBatch | None = None, seeds: list[int] | None = None) -> list[Generation]:
-        from openai import AsyncOpenAI
-
-        sem = asyncio.Semaphore(self.max_concurrency)
-        async with AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s,
-                               max_retries=0) as client:
-
-            async def one(i: int, conv: Conversation) -> Generation:
-                async with sem:
-                    seed = None if seeds is None else seeds[i] % 2**31  # servers take a 32-bit seed
-                    gen = await self._request(client, conv, sampling, seed)
-                if on_batch is not None:  # requests finish one by one: each is a batch of one
-                    on_batch([gen])
-                return gen
-
-            return list(await asyncio.gather(*(one(i, c) for i, c in enumerate(conversations))))
-
-    async def _request(self, client: Any, conv: Conversation, sampling: SamplingConfig, seed: int | None
-                       ) -> Generation:
-        import openai
-
-        common: dict[str, Any] = {"model": self.name, "max_tokens": sampling.max_new_tokens,
-                                  "temperature": sampling.temperature, "top_p": sampling.top_p}
+    def _job(self, index: int, conv: Conversation, sampling: SamplingConfig, seed: int | None) -> _Job:
+        """A request's payload, built once: whichever server sends it sends these exact fields."""
+        payload: dict[str, Any] = {"model": self.name, "max_tokens": sampling.max_new_tokens,
+                                   "temperature": sampling.temperature, "top_p": sampling.top_p}
         if seed is not None:
-            common["seed"] = seed
-        dropped = 0
+            payload["seed"] = seed % 2**31  # servers take a 32-bit seed
         continuation = bool(conv) and conv[-1].get("role") == "assistant"
+        dropped = 0
         if continuation:
             if self.builder is None:
                 raise PluribusError(f"continuing an assistant message on the openai backend needs model "
                                     f"'{self.name}' available offline (its chat template renders the prompt)")
             prompt = self.builder.encode(conv, sampling.max_new_tokens)
             dropped = prompt.dropped_tokens
-            common["max_tokens"] = prompt.max_new_tokens
-            text_prompt = self.tokenizer.decode(prompt.ids)
-        t0 = time.perf_counter()
-        last: Exception | None = None
-        for attempt in range(self.max_retries + 1):
+            payload.update(max_tokens=prompt.max_new_tokens, prompt=self.tokenizer.decode(prompt.ids))
+        else:
+            payload["messages"] = conv
+        return _Job(index, payload, continuation, dropped)
+
+    async def _generate_all(self, jobs: list[_Job], on_batch: OnBatch | None) -> list[Generation]:
+        import contextlib
+
+        from openai import AsyncOpenAI
+
+        out: list[Generation | None] = [None] * len(jobs)
+        if not jobs:
+            return []
+        live = [s for s in self.servers if s.live]  # never empty: the last server is never taken out
+        queue: asyncio.Queue[_Job] = asyncio.Queue()
+        for job in jobs:
+            queue.put_nowait(job)
+        done = asyncio.Event()
+        errors: list[BaseException] = []
+        left = len(jobs)
+
+        async def worker(server: Server, client: Any) -> None:
+            nonlocal left
             try:
-                self.requests += 1
-                if continuation:
-                    resp = await client.completions.create(prompt=text_prompt, **common)
-                    choice = resp.choices[0]
-                    text = choice.text or ""
-                else:
-                    resp = await client.chat.completions.create(messages=conv, **common)
-                    choice = resp.choices[0]
-                    text = choice.message.content or ""
-                usage = resp.usage
-                tokens_in = usage.prompt_tokens if usage else self.count_tokens(str(conv))
-                tokens_out = usage.completion_tokens if usage else self.count_tokens(text)
-                return Generation(
-                    text=text, tokens_in=tokens_in, tokens_out=tokens_out, seconds=time.perf_counter() - t0,
-                    truncated=dropped > 0, dropped_tokens=dropped,
-                    finish_reason="length" if choice.finish_reason == "length" else "stop",
-                )
-            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
-                last = e  # APITimeoutError is an APIConnectionError: refused, reset and timed-out all land here
-            except openai.APIStatusError as e:
-                if e.status_code in (408, 409, 429) or e.status_code >= 500:
-                    last = e
-                else:
-                    raise PluribusError(f"server {self.base_url} rejected a request for model '{self.name}' "
-                                        f"(HTTP {e.status_code}): {_one_line(e.message)}") from None
-            if attempt < self.max_retries:
-                delay = min(30.0, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
-                await asyncio.sleep(delay)
-        raise PluribusError(f"server {self.base_url} failed {self.max_retries + 1} times for model '{self.name}' "
-                            f"(last: {type(last).__name__}: {_one_line(str(last))}); check the server is up, "
-                            "then rerun: stored problems are skipped")
+                while server.live and not done.is_set():
+                    job = await queue.get()
+                    try:
+                        gen = await self._attempt(client, server, job)
+                    except _Retryable as e:
+                        await self._failed(server, job, e)  # raises once the request is out of retries
+                        queue.put_nowait(job)
+                        continue
+                    server.failures = 0
+                    server.served += 1
+                    out[job.index] = gen
+                    left -= 1
+                    if on_batch is not None:  # requests finish one by one: each is a batch of one
+                        on_batch([gen])
+                    if left == 0:
+                        done.set()
+            except Exception as e:  # a request that cannot succeed (or on_batch's error) ends the call
+                errors.append(e)
+                done.set()
+
+        async with contextlib.AsyncExitStack() as stack:
+            tasks = []
+            for server in live:
+                client = await stack.enter_async_context(AsyncOpenAI(
+                    base_url=server.url, api_key=self.api_key, timeout=self.timeout_s, max_retries=0))
+                tasks += [asyncio.create_task(worker(server, client)) for _ in range(self.max_concurrency)]
+            try:
+                await done.wait()
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        if errors:
+            raise errors[0]
+        return out  # type: ignore[return-value]
+
+    async def _attempt(self, client: Any, server: Server, job: _Job) -> Generation:
+        """One request to one server; a retryable failure raises ``_Retryable``, a refusal a PluribusError."""
+        import openai
+
+        t0 = time.perf_counter()
+        self.requests += 1
+        try:
+            if job.continuation:
+                resp = await client.completions.create(**job.payload)
+                choice = resp.choices[0]
+                text = choice.text or ""
+            else:
+                resp = await client.chat.completions.create(**job.payload)
+                choice = resp.choices[0]
+                text = choice.message.content or ""
+        except openai.RateLimitError as e:
+            raise _Retryable(e, counts=False) from None
+        except (openai.APIConnectionError, openai.InternalServerError) as e:
+            raise _Retryable(e, counts=True) from None  # refused, reset and timed out (APITimeoutError) land here
+        except openai.APIStatusError as e:
+            if e.status_code in (408, 409) or e.status_code >= 500:
+                raise _Retryable(e, counts=True) from None
+            if e.status_code == 429:
+                raise _Retryable(e, counts=False) from None
+            raise PluribusError(f"server {server.url} rejected a request for model '{self.name}' "
+                                f"(HTTP {e.status_code}): {_one_line(e.message)}") from None
+        usage = resp.usage
+        source = job.payload.get("prompt") or str(job.payload.get("messages"))
+        tokens_in = usage.prompt_tokens if usage else self.count_tokens(source)
+        tokens_out = usage.completion_tokens if usage else self.count_tokens(text)
+        return Generation(
+            text=text, tokens_in=tokens_in, tokens_out=tokens_out, seconds=time.perf_counter() - t0,
+            truncated=job.dropped > 0, dropped_tokens=job.dropped,
+            finish_reason="length" if choice.finish_reason == "length" else "stop",
+        )
+
+    async def _failed(self, server: Server, job: _Job, e: _Retryable) -> None:
+        """Count a failed attempt against the request and its server, and wait the backoff unless another live
+        server can take the request; a PluribusError once the request is out of retries."""
+        job.attempts += 1
+        server.last_error = f"{type(e.error).__name__}: {_one_line(str(e.error))}"
+        others = [s for s in self.servers if s.live and s is not server]
+        if e.counts:
+            server.failures += 1
+            if server.live and others and server.failures >= TAKE_OUT_AFTER:
+                server.live = False
+                logger.warning("server %s failed %d requests in a row (last: %s); taken out for the rest of this "
+                               "run, its requests go to %s", server.url, server.failures, server.last_error,
+                               ", ".join(s.url for s in others))
+        if job.attempts > self.max_retries:
+            raise PluribusError(self._gave_up(server, job))
+        if not (e.counts and others):
+            delay = min(30.0, self.backoff_s * 2 ** (job.attempts - 1)) * (0.5 + random.random() / 2)
+            await asyncio.sleep(delay)
+
+    def _gave_up(self, server: Server, job: _Job) -> str:
+        if len(self.servers) == 1:
+            return (f"server {server.url} failed {job.attempts} times for model '{self.name}' (last: "
+                    f"{server.last_error}); check the server is up, then rerun: stored problems are skipped")
+        states = "; ".join(f"{s.url} {'live' if s.live else 'taken out'}, {s.served} answered"
+                           + (f", last error {s.last_error}" if s.last_error else "") for s in self.servers)
+        return (f"a request for model '{self.name}' failed {job.attempts} times over {len(self.servers)} servers "
+                f"(last on {server.url}: {server.last_error}); servers: {states}. Check the servers are up, then "
+                "rerun: stored problems are skipped")
 
     def close(self) -> None:
         pass

@@ -62,6 +62,9 @@ def train_stage(recipe: Recipe, *, expert: str | None = None, dataset: str | Pat
     rsft | augmented -> SFT, prm -> the process reward model, rl -> process-aware RL. An existing adapter folder
     is replaced only with ``overwrite`` (or when ``resume`` continues its run).
     """
+    from pluribus.distill.distributed import check_launch
+
+    check_launch()
     section = recipe.require("train")
     trainings = section.trainings()
     if expert is None:

@@ -479,8 +479,17 @@ def train_and_report(trainer: Any, checkpoint: str | None) -> dict[str, Any]:
     Trainer averages the loss over the steps of this call only; resumed, the steps before the checkpoint come
     from its log_history: ``sum_i loss_i * (step_i - step_{i-1})`` over the logged windows up to the checkpoint
     step (``log_at_save`` makes them reach it). A checkpoint whose logs stop short keeps Trainer's figure, and
-    ``train_loss_steps`` says how many steps that figure covers.
+    ``train_loss_steps`` says how many steps that figure covers. An accelerate config whose engine (FSDP,
+    DeepSpeed) accelerate did not set up is refused first (``distributed.check_engine``).
     """
+    from pluribus.distill import distributed
+
+    try:
+        distributed.check_engine(trainer.accelerator)
+    except PluribusError:
+        with contextlib.suppress(OSError):  # Trainer made the (empty) checkpoints folder: leave nothing behind
+            Path(trainer.args.output_dir).rmdir()
+        raise
     start = 0
     if checkpoint is not None:
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
@@ -619,10 +628,15 @@ def save_output(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], o
     """Write the PEFT adapter (safetensors), the tokenizer and ``training_record.json`` atomically to ``out``.
 
     An existing ``out`` is refused unless ``overwrite`` (see ``check_output``, which runs before training).
+    In several processes rank 0 writes and every rank returns once the folder is in place.
     """
+    from pluribus.distill import distributed
     from pluribus.hub import local_card
     from pluribus.io import atomic_dir
 
+    if not distributed.is_main():  # several processes: rank 0 writes, the others wait until the folder is whole
+        distributed.barrier()
+        return out
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -631,6 +645,7 @@ def save_output(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], o
         base = record.get("base_model_path") or record.get("base_model")
         (tmp / "README.md").write_text(local_card("adapter", base, f"pluribus {record.get('expert', 'adapter')} adapter",
                                                   "adapter", tags=[str(record.get("objective", ""))], folder=out.name))
+    distributed.barrier()
     return out
 
 
@@ -640,6 +655,7 @@ def training_record(
 ) -> dict[str, Any]:
     """The small record export puts in the model card: recipe, base, dataset fingerprints, final metrics."""
     import pluribus
+    from pluribus.distill import distributed
 
     for key, value in metrics.items():
         if "loss" in key and isinstance(value, float) and not math.isfinite(value):
@@ -653,6 +669,7 @@ def training_record(
         "recipe": recipe.to_dict(),
         "dataset": {"path": str(dataset), "files": fingerprint(dataset)} if dataset else None,
         "data": counts or {},
+        "processes": distributed.world_size(),  # data-parallel: a step saw batch_size x grad_accum x processes
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
         "pluribus_version": getattr(pluribus, "__version__", "0"),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

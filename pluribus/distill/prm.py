@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from pluribus.config import Recipe, TrainConfig
-from pluribus.distill import common
+from pluribus.distill import common, distributed
 from pluribus.errors import PluribusError
 
 IGNORE = -100.0
@@ -249,9 +249,10 @@ def train_prm(
 
     # 5. held-out step accuracy / F1 / AUROC, then the adapter folder + record
     if eval_rows is not None:
-        metrics.update(trainer.evaluate())
-        metrics.update({f"eval_{k}": v for k, v in evaluate_prm(model, tokenizer, eval_rows,
-                                                                cfg.prm.threshold).items() if v is not None})
+        metrics.update(trainer.evaluate())  # every process: the eval loss is gathered over them
+        if distributed.is_main():  # the step metrics go to the record, which rank 0 alone writes
+            metrics.update({f"eval_{k}": v for k, v in evaluate_prm(model, tokenizer, eval_rows,
+                                                                    cfg.prm.threshold).items() if v is not None})
     counts["eval_rows"] = 0 if eval_rows is None else len(eval_rows)
     record = common.training_record(recipe, cfg, model, ds_path, metrics, counts)
     return common.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

@@ -2,7 +2,8 @@
 
 One optimizer step (``train.rl.*`` settings):
 1. for each of ``prompts_per_step`` prompts, sample G = ``group_size`` solutions from the current policy
-   (``backend``: local transformers generate, or vLLM with the adapter reloaded each step);
+   (``backend``: local ``decoding.decode``, or vLLM with the adapter reloaded each step), seeded by
+   (seed, step, problem) (``sample_seeds``);
 2. reward ``r_i = agg(PRM step scores of solution i) + answer_weight * [final answer verified]``,
    ``agg`` in min | mean | last (``aggregate``);
 3. group-relative advantage ``A_i = (r_i - mean_g r) / (std_g r + 1e-4)`` (population std of the group);
@@ -31,6 +32,7 @@ Reward, accuracy, PRM score, KL and the clipped fraction are logged per step (te
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from collections import defaultdict
@@ -44,7 +46,7 @@ from transformers import Trainer
 from pluribus.config import Recipe, RLSettings, TrainConfig
 from pluribus.data.answers import grade
 from pluribus.data.records import Problem
-from pluribus.distill import common
+from pluribus.distill import common, distributed
 from pluribus.distill.prm import load_prm, score_steps, step_texts
 from pluribus.errors import PluribusError
 
@@ -133,16 +135,24 @@ def token_logprobs(model: Any, ids: torch.Tensor, attention: torch.Tensor, n_com
 # ------------------------------------------------------------------------------------------- sampling
 
 
+def sample_seeds(seed: int, step: int, problem_ids: list[str]) -> list[int]:
+    """The sampling seed of each prompt's group at an optimizer step: a hash of (seed, step, problem), so a
+    group's samples depend neither on the prompts beside it nor on the process that draws it (one process
+    with gradient accumulation and several processes sample the same solutions) nor on a resume."""
+    return [int(hashlib.sha256(f"{seed}:{step}:{pid}".encode()).hexdigest()[:15], 16) for pid in problem_ids]
+
+
 class LocalSampler:
-    """Sample G completions per prompt from the policy being trained (``decoding.decode``, left padding): each
-    row from softmax(logits / T) over the top-p nucleus, the distribution ``token_logprobs`` computes, with its
-    own generator seeded from torch's global RNG (``torch.manual_seed`` reproduces a step)."""
+    """Sample G completions per prompt from the policy being trained (``decoding.decode``, left padding, one
+    batch): each row from softmax(logits / T) over the top-p nucleus, the distribution ``token_logprobs``
+    computes, with its own generator, seeded from the prompt's entry of ``seeds`` and its place in the group
+    (without ``seeds``, from torch's global RNG), so a group's samples never depend on the prompts beside it."""
 
     def __init__(self, tokenizer: Any, settings: RLSettings) -> None:
         self.tokenizer, self.settings = tokenizer, settings
 
     @torch.no_grad()
-    def __call__(self, model: Any, prompts: list[str]) -> list[list[int]]:
+    def __call__(self, model: Any, prompts: list[str], seeds: list[int] | None = None) -> list[list[int]]:
         from pluribus.data.backends import _eos_ids
         from pluribus.data.decoding import decode, row_sampler
 
@@ -152,15 +162,18 @@ class LocalSampler:
         tok.padding_side = "left"
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         tok.padding_side = "right"
-        ids = enc["input_ids"].repeat_interleave(s.group_size, dim=0)
-        mask = enc["attention_mask"].repeat_interleave(s.group_size, dim=0)
-        seeds = torch.randint(0, 2**62, (ids.shape[0],)).tolist()
+        g = s.group_size
+        ids = enc["input_ids"].repeat_interleave(g, dim=0)
+        mask = enc["attention_mask"].repeat_interleave(g, dim=0)
+        if seeds is None:
+            seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
+        row_seeds = [(seed * g + k) % 2**63 for seed in seeds for k in range(g)]
         was_training = model.training
         model.eval()
         try:
             # a completion keeps its end-of-turn token: the policy is trained to stop
             return decode(model, ids, mask, max_new_tokens=s.sampling.max_new_tokens, eos=_eos_ids(model, tok),
-                          pick=row_sampler(seeds, s.sampling.temperature, s.sampling.top_p))
+                          pick=row_sampler(row_seeds, s.sampling.temperature, s.sampling.top_p))
         finally:
             model.train(was_training)
 
@@ -178,7 +191,7 @@ class VLLMSampler:
         self.llm = LLM(model=base, enable_lora=True, max_lora_rank=max(8, lora_rank), gpu_memory_utilization=0.5)
         self.tmp = Path(tempfile.mkdtemp(prefix="pluribus-rl-lora-"))
 
-    def __call__(self, model: Any, prompts: list[str]) -> list[list[int]]:
+    def __call__(self, model: Any, prompts: list[str], seeds: list[int] | None = None) -> list[list[int]]:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
@@ -187,8 +200,10 @@ class VLLMSampler:
         model.save_pretrained(folder, safe_serialization=True)
         s = self.settings
         # top_k=-1 and SamplingParams' other defaults are neutral: the distribution token_logprobs computes
-        params = SamplingParams(n=s.group_size, temperature=s.sampling.temperature, top_p=s.sampling.top_p, top_k=-1,
-                                max_tokens=s.sampling.max_new_tokens)
+        params = [SamplingParams(n=s.group_size, temperature=s.sampling.temperature, top_p=s.sampling.top_p,
+                                 top_k=-1, max_tokens=s.sampling.max_new_tokens,
+                                 seed=None if seeds is None else seeds[i] % 2**31)
+                  for i in range(len(prompts))]
         messages = [[{"role": "user", "content": p}] for p in prompts]
         outs = self.llm.chat(messages, params, lora_request=LoRARequest(f"policy-{self.step}", self.step, str(folder)),
                              use_tqdm=False)
@@ -219,9 +234,12 @@ class GroupRLTrainer(Trainer):
         tok, s = self.processing_class, self.settings
         prompts, answers = inputs["prompts"], inputs["answers"]
         device = next(model.parameters()).device
+        # under DDP ``model`` is the wrapper: its forward syncs gradients; sampling and the reference need the policy
+        policy = distributed.unwrap(model)
 
-        # 1. G samples per prompt from the current policy
-        completions = self.sampler(model, prompts)
+        # 1. G samples per prompt from the current policy, seeded per (step, problem)
+        seeds = sample_seeds(self.args.seed, self.state.global_step, inputs["problem_ids"])
+        completions = self.sampler(policy, prompts, seeds)
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         group_prompts = [p for p in prompts for _ in range(s.group_size)]
         group_answers = [a for a in answers for _ in range(s.group_size)]
@@ -258,8 +276,9 @@ class GroupRLTrainer(Trainer):
         logp = token_logprobs(model, ids, attention, width_c, s.sampling.temperature, s.sampling.top_p)
         ref_logp = None
         if s.kl > 0:
-            with torch.no_grad(), model.disable_adapter():
-                ref_logp = token_logprobs(model, ids, attention, width_c, s.sampling.temperature, s.sampling.top_p)
+            with torch.no_grad(), policy.disable_adapter():
+                ref_logp = token_logprobs(policy, ids, attention, width_c, s.sampling.temperature,
+                                          s.sampling.top_p)
         # the samples came from these very parameters: see "Which importance ratio" in the module docstring
         loss, stats = policy_loss(logp, logp.detach(), advantages, mask, s.clip, ref_logp, s.kl)
 
@@ -274,7 +293,13 @@ class GroupRLTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._stats and "loss" in logs:
-            logs.update({k: sum(v) / len(v) for k, v in self._stats.items()})
+            names = sorted(self._stats)
+            means = torch.tensor([sum(self._stats[k]) / len(self._stats[k]) for k in names])
+            if self.accelerator.num_processes > 1:
+                # every process logs at the same steps (Trainer gathers the loss there); each drew its own
+                # prompts, so a figure is the mean over all of them, not rank 0's share
+                means = self.accelerator.reduce(means.to(self.accelerator.device), reduction="mean").cpu()
+            logs.update({k: float(v) for k, v in zip(names, means, strict=True)})
             self._stats.clear()
         super().log(logs, *args, **kwargs)
 

@@ -126,13 +126,26 @@ def _chunked_head(model: Any, weights: torch.Tensor, kernels: str) -> Any:
     """
     if kernels == "off" or not bool((weights[weights != 0] == 1).all()):
         return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # the model is a DDP/FSDP/ZeRO wrapper whose forward syncs gradients: running its body directly would
+        # skip that; its own head (logits at the labelled positions only) gives the same loss
+        _log_head_once("a distributed wrapper owns the forward (several processes)")
+        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     if getattr(config, "final_logit_softcapping", None) or hasattr(config, "logit_scale"):
         return None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return None
     return base
+
+
+def _log_head_once(reason: str) -> None:
+    if reason not in _HEAD_LOGGED:
+        _HEAD_LOGGED.add(reason)
+        common.logger.info("kernels: the chunked lm_head loss is off because %s; the fused LoRA layers still run",
+                           reason)
+
+
+_HEAD_LOGGED: set[str] = set()
 
 
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor], num_items: torch.Tensor | int | None,
@@ -174,6 +187,11 @@ class PackedSFTTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = causal_lm_loss(model, inputs, num_items_in_batch, self.kernels)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts the labels of every process, and DDP averages the gradients over the
+            # processes: scaled by their number, the step's gradient is that of sum(nll) / N over all of them (as
+            # Trainer's own compute_loss does). Unscaled, N processes would train at 1/N of the learning rate.
+            loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -18,6 +18,7 @@ import pytest
 
 from pluribus.config import AgentConfig, Recipe, SamplingConfig, TaskConfig, TeamConfig
 from pluribus.data.backends import (
+    TAKE_OUT_AFTER,
     Fit,
     OpenAIBackend,
     PromptBuilder,
@@ -190,6 +191,92 @@ def test_openai_refused_connection_retries_then_clear_error():
     assert backend.requests == 3
 
 
+class EchoServer:
+    """A real chat-completions server whose reply names the request (its seed and question), or that fails
+    every request with ``status``: a stand-in for a server of the same model that answers or is broken."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status, self.answered = status, 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = f"{body.get('seed')}|{body['messages'][-1]['content']}"
+                payload = {"error": {"message": "broken"}} if outer.status != 200 else {
+                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+                outer.answered += outer.status == 200
+                data = json.dumps(payload).encode()
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_openai_servers_share_requests_and_a_broken_one_is_taken_out():
+    good, other, broken = EchoServer(), EchoServer(), EchoServer(status=503)
+    refused = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    try:
+        sampling = SamplingConfig(max_new_tokens=4, temperature=0.7, seed=100)
+        expected = [f"{100 + i}|{c[-1]['content']}" for i, c in enumerate(convs(12))]
+        backend = OpenAIBackend(openai_agent([broken.url, good.url, refused, other.url], max_concurrency=2,
+                                             max_retries=5), backoff_s=0.01)
+        out = backend.generate(convs(12), sampling)
+        # every result is its own conversation's (seed and question), in order, once
+        assert [g.text for g in out] == expected
+        live = {s.url: s.live for s in backend.servers}
+        assert live == {broken.url: False, good.url: True, refused: False, other.url: True}
+        served = {s.url: s.served for s in backend.servers}
+        assert served[broken.url] == served[refused] == 0 and served[good.url] + served[other.url] == 12
+        assert good.answered + other.answered == 12
+        # a server taken out stays out: the next call sends it nothing
+        sent = backend.requests
+        assert [g.text for g in backend.generate(convs(12), sampling)] == expected
+        assert backend.requests == sent + 12
+        # the same conversations through one server give the same results
+        one = OpenAIBackend(openai_agent(good.url), backoff_s=0.01)
+        assert [g.text for g in one.generate(convs(12), sampling)] == expected
+    finally:
+        for s in (good, other, broken):
+            s.close()
+
+
+def test_openai_every_server_failing_is_a_clear_error_and_the_last_is_kept():
+    a, b = EchoServer(status=503), EchoServer(status=500)
+    try:
+        backend = OpenAIBackend(openai_agent([a.url, b.url], max_retries=4, max_concurrency=1), backoff_s=0.01)
+        with pytest.raises(PluribusError, match=r"failed 5 times over 2 servers .*taken out.*live.*Check the "
+                                                r"servers are up"):
+            backend.generate(convs(1), GREEDY8)
+        assert [s.live for s in backend.servers].count(True) == 1  # the last server is never taken out
+    finally:
+        a.close()
+        b.close()
+
+
+def test_openai_server_list_is_checked():
+    with pytest.raises(ValueError, match="listed twice"):
+        openai_agent(["http://127.0.0.1:1/v1", "http://127.0.0.1:1/v1"])
+    with pytest.raises(ValueError, match="'nope' is not a server URL"):
+        openai_agent(["http://127.0.0.1:1/v1", "nope"])
+    with pytest.raises(ValueError, match="empty list"):
+        openai_agent([])
+
+
 @contextlib.contextmanager
 def transformers_serve(model_dir: Path, port: int):
     """`transformers serve` pinned to a local folder on a loopback port (offline); stopped on exit."""
@@ -263,6 +350,58 @@ def test_server_stops_mid_run_then_rerun_completes_exactly_once(tmp_path, tiny_l
     assert summary.problems == 4 and summary.new == 2
     ids = [r["problem_id"] for r in TrajectoryStore(store_dir).iter_records()]
     assert len(ids) == 4 and len(set(ids)) == 4 and ids[:2] == [r["problem_id"] for r in stored]
+
+
+def _without_timings(record):
+    """A stored record minus what differs between two runs of the same team: wall times and the run id."""
+    if isinstance(record, dict):
+        return {k: _without_timings(v) for k, v in record.items() if k not in {"seconds", "run_id"}}
+    if isinstance(record, list):
+        return [_without_timings(v) for v in record]
+    return record
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_debate_over_two_servers_survives_one_killed_mid_run(tmp_path, tiny_llama_dir):
+    """Two `transformers serve` processes behind one agent, the first killed (SIGKILL) while it holds a
+    request: the run finishes, every problem is stored once, and the records equal a run on one server."""
+    from pluribus.data.backends import backend_key
+
+    port_a, port_b = free_port(), free_port()
+    url_a, url_b = f"http://127.0.0.1:{port_a}/v1", f"http://127.0.0.1:{port_b}/v1"
+
+    def recipe(name: str, base_url) -> Recipe:
+        # one request at a time per server: `transformers serve` seeds torch's global RNG per request
+        agent = AgentConfig(backend="openai", model=str(tiny_llama_dir), base_url=base_url, max_concurrency=1,
+                            max_retries=3, timeout_s=60, sampling=SamplingConfig(max_new_tokens=6, temperature=1.0))
+        return Recipe(name=name, root=str(tmp_path), seed=7, task=TaskConfig(n=6),
+                      team=TeamConfig(agents=[agent, agent.model_copy(update={"name": "b"})], rounds=2,
+                                      problems_per_step=3))
+
+    with transformers_serve(tiny_llama_dir, port_a) as proc_a, transformers_serve(tiny_llama_dir, port_b):
+        run_debate(recipe("one", url_b), progress=False)
+        two = recipe("two", [url_a, url_b])
+        backend = OpenAIBackend(two.team.agents[0])
+        killed = threading.Event()
+
+        def kill_a_once_it_served_three() -> None:
+            while backend.servers[0].served < 3:
+                time.sleep(0.01)
+            proc_a.kill()  # mid-run: server a holds its next request by now
+            proc_a.wait()
+            killed.set()
+
+        threading.Thread(target=kill_a_once_it_served_three, daemon=True).start()
+        summary = run_debate(two, progress=False, backends={backend_key(two.team.agents[0]): backend})
+    assert killed.is_set() and summary.problems == 6 and summary.new == 6
+    a, b = backend.servers
+    assert not a.live and b.live and a.served >= 3 and a.served + b.served == 6 * 2 * 2
+    assert backend.requests >= 6 * 2 * 2 + TAKE_OUT_AFTER  # a's failed attempts were sent again to b
+    one = [_without_timings(r) for r in TrajectoryStore(tmp_path / "one" / "trajectories").iter_records()]
+    got = [_without_timings(r) for r in TrajectoryStore(tmp_path / "two" / "trajectories").iter_records()]
+    assert len({r["problem_id"] for r in got}) == len(got) == 6  # nothing lost, nothing twice
+    assert got == one  # same records, same order, as on one server
 
 
 def test_row_sampler_draws_each_row_from_its_softmax_and_top_p():
