@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import urllib.request
 
 import pytest
@@ -11,7 +10,7 @@ from pluribus.config import AgentConfig, Recipe, SamplingConfig, TaskConfig, Tea
 from pluribus.data.backends import backend_key, make_backend
 from pluribus.data.debate import run_debate
 from pluribus.data.store import TrajectoryStore
-from pluribus.data.vllm_engine import GIB, VLLMServer
+from pluribus.data.vllm_engine import GIB, VLLMServer, group_members
 
 MODEL = "smollm2-135m"
 PROMPT = "{question} Answer briefly: show the one calculation and end with \\boxed{N}."
@@ -129,7 +128,6 @@ def test_openai_backend_against_a_vllm_server(engine, agent, tmp_path):
         records = list(TrajectoryStore(recipe.layout.trajectories()).iter_records())
         assert all(t["response"] and t["tokens_out"] > 0 for r in records for rnd in r["rounds"] for t in rnd)
         url = server.base_url
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pid, 0)  # the whole process group is gone
+    assert group_members(pid) == []  # the server and its engine processes are gone
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{url}/models", timeout=5)
