@@ -120,6 +120,7 @@ def main() -> None:
                                lora_rank_needed=None, trust_remote_code=False)
         t0 = time.perf_counter()
         server = VLLMServer(kwargs, served_name=EMBEDDED, log=Path(tempfile.gettempdir()) / "bench-vllm-server.log",
+                            start_timeout_s=1800,
                             threads=torch.get_num_threads()).__enter__()
         startup["vllm-server"] = time.perf_counter() - t0
         remote = agent.model_copy(update={"backend": "openai", "base_url": server.base_url,
