@@ -44,8 +44,8 @@ def test_the_cpu_twin_runs_end_to_end(tmp_path, tiny_qwen3_dir):
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     run = tmp_path / "qwen3-gsm8k-cpu-twin"
     stages = json.loads((run / "stages.json").read_text())
-    for step in ("debate", "build", "train:rsft", "train:prm", "train:rl", "eval", "export"):
-        assert step in json.dumps(stages), step
+    for step in ("build", "train:rsft", "train:prm", "train:rl", "export"):  # the stages with fingerprints
+        assert step in stages, step
     # the debate: 3 agents x 3 rounds on two engines, every turn recorded
     lines = [json.loads(x) for f in sorted((run / "trajectories").rglob("*.jsonl")) for x in f.read_text().splitlines()]
     assert len(lines) == 10 and all(len(r["rounds"]) == 3 and all(len(t) == 3 for t in r["rounds"]) for r in lines)
