@@ -61,7 +61,8 @@ test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels $(PYTEST_ARGS)
 
 # The vLLM integration tests (tests/vllm, marker vllm): in-process engine, a loopback vLLM server, RL and
-# Monte-Carlo rollouts on vLLM, the CPU twin of the GPU recipe end to end. About 10 minutes on 2 CPU cores.
+# Monte-Carlo rollouts on vLLM, the CPU twin of the GPU recipe end to end: about 15 engine starts (25 s each on
+# a quiet 2-core machine, 3-5 minutes each at load 10-20, where the twin alone ran past 30 minutes).
 test-vllm: $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest tests/vllm $(PYTEST_ARGS)
 
