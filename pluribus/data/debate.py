@@ -46,7 +46,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pluribus.config import AgentConfig, BuildConfig, Recipe, SamplingConfig, TeamConfig
+from pluribus.config import (
+    AgentConfig,
+    BuildConfig,
+    Recipe,
+    SamplingConfig,
+    TeamConfig,
+    without_engine_settings,
+)
 from pluribus.data.answers import grade, vote_key
 from pluribus.data.backends import Backend, Conversation, Generation, backend_key, make_backend
 from pluribus.data.records import Problem, Trajectory, Turn
@@ -164,11 +171,14 @@ def build_team(team: TeamConfig, backends: Mapping[tuple, Backend]) -> Team:
 
 def make_backends(team: TeamConfig, *, trust_remote_code: bool = False) -> dict[tuple, Backend]:
     """One backend per distinct (backend, model, adapter, ...) among the agents and the judge."""
+    agents = [*team.agents, *([team.judge] if team.judge else [])]
+    engines = len({backend_key(a) for a in agents if a.backend == "vllm"})  # they share one GPU
     out: dict[tuple, Backend] = {}
-    for agent in [*team.agents, *([team.judge] if team.judge else [])]:
+    for agent in agents:
         key = backend_key(agent)
         if key not in out:
-            out[key] = make_backend(agent, trust_remote_code=trust_remote_code, batch_size=team.batch_size)
+            out[key] = make_backend(agent, trust_remote_code=trust_remote_code, batch_size=team.batch_size,
+                                    engines=engines)
     return out
 
 
@@ -595,7 +605,7 @@ def legacy_config_hash(recipe: Recipe) -> str:
 
 def _hash(recipe: Recipe, team_exclude: Any, batch: list[int] | None = None) -> str:
     task = recipe.require("task").model_dump(mode="json", exclude={"n"})
-    team = recipe.require("team").model_dump(mode="json", exclude=team_exclude)
+    team = without_engine_settings(recipe.require("team").model_dump(mode="json", exclude=team_exclude))
     extra = {} if batch is None else {"batch": batch}
     payload = json.dumps({"task": task, "team": team, "seed": recipe.seed, **extra}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -640,8 +650,6 @@ def run_debate(
     after each stored step. ``label`` names the progress bar (eval names its systems). Returns the summary
     over every stored trajectory.
     """
-    from pluribus.config import write_recipe
-    from pluribus.data.store import TrajectoryStore
     from pluribus.threads import apply_threads
 
     task = recipe.require("task")
@@ -659,11 +667,28 @@ def run_debate(
         raise PluribusError(f"problem ids must be unique; '{dup}' appears more than once in the task")
     apply_threads(recipe.threads)  # before a model loads: torch sizes its pools on first use
     fresh = not (recipe.layout.trajectories() / "manifest.json").is_file()
+    owned: dict[str, Any] = {}  # backends built here are closed here: a vLLM engine holds its memory until then
+    try:
+        return _debate_into_store(recipe, problems, backends, fresh=fresh, new_run=new_run, progress=progress,
+                                  on_step=on_step, label=label, holder=owned)
+    finally:
+        for backend in owned.get("backends", {}).values():
+            backend.close()
+
+
+def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Mapping[tuple, Backend] | None, *,
+                       fresh: bool, new_run: bool, progress: bool, on_step: Callable[[int, int], None] | None,
+                       label: str, holder: dict[str, Any]) -> DebateSummary:
+    """``run_debate`` from its checks on; the backends it builds are left in ``holder`` for the caller to close."""
+    from pluribus.config import write_recipe
+    from pluribus.data.store import TrajectoryStore
+
+    team_cfg = recipe.require("team")
     if backends is None:
         check_team_models(team_cfg)
         if fresh:
             # a new run loads its models before its first file, so a broken checkpoint leaves no run folder
-            backends = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
+            backends = holder["backends"] = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
     too_long: dict[str, str] | None = None
     if fresh and backends is not None:
         # round 0 of every problem against the contexts: a refusal comes before any file, not hours in
@@ -675,7 +700,7 @@ def run_debate(
         done = store.done_ids()
         pending = [p for p in problems if p.id not in done]
         if pending and backends is None:
-            backends = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
+            backends = holder["backends"] = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
         stored_before = len(problems) - len(pending)
         if pending:
             team = build_team(team_cfg, backends)  # type: ignore[arg-type]

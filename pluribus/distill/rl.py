@@ -2,7 +2,7 @@
 
 One optimizer step (``train.rl.*`` settings):
 1. for each of ``prompts_per_step`` prompts, sample G = ``group_size`` solutions from the current policy
-   (``backend``: local ``decoding.decode``, or vLLM with the adapter reloaded each step), seeded by
+   (``backend``: local ``decoding.decode``, or vLLM with the adapter reloaded at every step), seeded by
    (seed, step, problem) (``sample_seeds``);
 2. reward ``r_i = agg(PRM step scores of solution i) + answer_weight * [final answer verified]``,
    ``agg`` in min | mean | last (``aggregate``);
@@ -179,19 +179,35 @@ class LocalSampler:
 
 
 class VLLMSampler:
-    """Sample with vLLM (GPU): the base model once, the current adapter saved and loaded as a LoRA each step."""
+    """Sample with vLLM: the base model loaded once, the current adapter saved and loaded as a LoRA at every call,
+    so each step samples from the policy as the last update left it.
 
-    def __init__(self, tokenizer: Any, settings: RLSettings, base: str, lora_rank: int) -> None:
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise PluribusError("train.rl.backend=vllm needs vLLM on a GPU machine: `pip install 'pluribus[vllm]'`; "
-                                "or use train.rl.backend=transformers") from None
-        self.tokenizer, self.settings, self.step = tokenizer, settings, 0
-        self.llm = LLM(model=base, enable_lora=True, max_lora_rank=max(8, lora_rank), gpu_memory_utilization=0.5)
+    Prompts are the token ids the trainer scores (the tokenizer's chat template, as ``LocalSampler``); each
+    request is seeded from (``seed``, call, prompt), its G samples ``seed + g`` (vLLM's rule for ``n``). The
+    engine holds the longest prompt plus ``max_new_tokens`` (its ``max_model_len``); settings: ``rl.vllm``.
+    """
+
+    def __init__(self, tokenizer: Any, settings: RLSettings, base: str, lora_rank: int, *, prompts: list[str],
+                 dtype: str, seed: int = 0, trust_remote_code: bool = False) -> None:
+        from pluribus.data import vllm_engine
+
+        self.tokenizer, self.settings, self.seed, self.step = tokenizer, settings, seed, 0
+        longest = max(len(self._ids(p)) for p in prompts)
+        kwargs = vllm_engine.engine_kwargs(
+            settings.vllm, model=base, dtype=dtype, max_model_len=longest + settings.sampling.max_new_tokens,
+            lora_rank_needed=lora_rank, trust_remote_code=trust_remote_code, gpu_share=0.5)
+        self.engine_kwargs = kwargs
+        self.llm = vllm_engine.start_engine(kwargs, what="train.rl.backend=vllm")
         self.tmp = Path(tempfile.mkdtemp(prefix="pluribus-rl-lora-"))
 
+    def _ids(self, prompt: str) -> list[int]:
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def __call__(self, model: Any, prompts: list[str], seeds: list[int] | None = None) -> list[list[int]]:
+        import shutil
+
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
@@ -202,12 +218,25 @@ class VLLMSampler:
         # top_k=-1 and SamplingParams' other defaults are neutral: the distribution token_logprobs computes
         params = [SamplingParams(n=s.group_size, temperature=s.sampling.temperature, top_p=s.sampling.top_p,
                                  top_k=-1, max_tokens=s.sampling.max_new_tokens,
-                                 seed=None if seeds is None else seeds[i] % 2**31)
+                                 seed=(seeds[i] if seeds is not None
+                                       else self.seed * 1_000_003 + self.step * 10_007 + i * s.group_size) % 2**31)
                   for i in range(len(prompts))]
-        messages = [[{"role": "user", "content": p}] for p in prompts]
-        outs = self.llm.chat(messages, params, lora_request=LoRARequest(f"policy-{self.step}", self.step, str(folder)),
-                             use_tqdm=False)
+        # a new id each call: vLLM caches adapters by id, and the weights changed
+        outs = self.llm.generate([{"prompt_token_ids": self._ids(p)} for p in prompts], params,
+                                 lora_request=LoRARequest(f"policy-{self.step}", self.step, str(folder)),
+                                 use_tqdm=False)
+        shutil.rmtree(self.tmp / f"step-{self.step - 1}", ignore_errors=True)  # loaded, no longer needed
         return [list(c.token_ids) for o in outs for c in o.outputs]
+
+    def close(self) -> None:
+        import shutil
+
+        from pluribus.data.vllm_engine import stop_engine
+
+        if self.llm is not None:
+            stop_engine(self.llm)
+        self.llm = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -304,6 +333,12 @@ class GroupRLTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+def _policy_rank(model: Any) -> int:
+    """The largest LoRA rank of the policy's adapter (a continued ``init_adapter`` keeps its own rank)."""
+    cfg = model.peft_config[model.active_adapter]
+    return max([int(cfg.r), *(int(v) for v in (getattr(cfg, "rank_pattern", None) or {}).values())])
+
+
 def default_verify(text: str, answer: str) -> bool:
     """Whether ``text``'s final answer equals ``answer`` (``pluribus.data.answers.grade``, no task meta)."""
     return grade(text, Problem("rl", "", answer)).correct
@@ -373,7 +408,9 @@ def train_rl(
 
     # 3. the sampler of the current policy
     if s.backend == "vllm":
-        sampler = VLLMSampler(tokenizer, s, str(common.base_identity(model)), cfg.lora.r)
+        sampler = VLLMSampler(tokenizer, s, str(common.base_identity(model)), _policy_rank(model),
+                              prompts=[p["prompt"] for p in prompts], dtype="bfloat16" if cfg.bf16 else "float32",
+                              seed=recipe.seed, trust_remote_code=recipe.trust_remote_code)
     else:
         sampler = LocalSampler(tokenizer, s)
 
@@ -388,7 +425,11 @@ def train_rl(
     )
     common.quiet_printer(trainer)
     history_start = len(trainer.state.log_history)
-    metrics = common.train_and_report(trainer, common.resume_checkpoint(out, resume, model))
+    try:
+        metrics = common.train_and_report(trainer, common.resume_checkpoint(out, resume, model))
+    finally:
+        if hasattr(sampler, "close"):
+            sampler.close()
     if kernels is not None:
         kernels.unpatch()
 

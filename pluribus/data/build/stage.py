@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pluribus.config import AgentConfig, BuildConfig, Recipe, SamplingConfig, TeamConfig
+from pluribus.config import (
+    AgentConfig,
+    BuildConfig,
+    Recipe,
+    SamplingConfig,
+    TeamConfig,
+    without_engine_settings,
+)
 from pluribus.data.build.card import SIZE_ORDER, render_card
 from pluribus.data.build.process import (
     Completer,
@@ -195,7 +202,7 @@ class BackendCompleter:
 
 def rollout_hash(cfg: BuildConfig, completer: AgentConfig, source_hash: str, prompt: str) -> str:
     """What a stored rollout depends on; budgets (max_problems, traces_per_problem, max_steps) may change."""
-    payload = {"source": source_hash, "completer": completer.model_dump(mode="json"),
+    payload = {"source": source_hash, "completer": without_engine_settings(completer.model_dump(mode="json")),
                "n": cfg.rollouts_per_step, "rule": cfg.step_rule, "regex": cfg.step_regex,
                "target": cfg.target, "prompt": prompt,
                # stores from before it graded the last step by the trace's own answer rolled it out instead
