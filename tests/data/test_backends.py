@@ -123,24 +123,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class FlakyServer:
-    """A real HTTP server speaking the chat-completions wire format that fails the first requests on purpose."""
+class ChatServer:
+    """A real HTTP server speaking the chat-completions wire format on loopback; ``reply(body)`` says the status
+    and the text of each answer."""
 
-    def __init__(self, failures: list[int]) -> None:
-        self.failures = list(failures)
-        self.seen: list[dict] = []
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+
+    def __init__(self) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.seen.append({"auth": self.headers.get("Authorization"), "body": body})
-                status = outer.failures.pop(0) if outer.failures else 200
-                payload = {"error": {"message": "try later"}} if status != 200 else {
+                status, text = outer.reply(body, self.headers)
+                payload = {"error": {"message": text}} if status != 200 else {
                     "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": "\\boxed{4}"}}],
-                    "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}}
+                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                    "usage": outer.usage}
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -155,9 +154,28 @@ class FlakyServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
+    def reply(self, body: dict, headers) -> tuple[int, str]:
+        raise NotImplementedError
+
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class FlakyServer(ChatServer):
+    """Fails the first requests on purpose (``failures``: their statuses), then answers \\boxed{4}."""
+
+    usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+
+    def __init__(self, failures: list[int]) -> None:
+        self.failures = list(failures)
+        self.seen: list[dict] = []
+        super().__init__()
+
+    def reply(self, body: dict, headers) -> tuple[int, str]:
+        self.seen.append({"auth": headers.get("Authorization"), "body": body})
+        status = self.failures.pop(0) if self.failures else 200
+        return status, "\\boxed{4}" if status == 200 else "try later"
 
 
 def openai_agent(url: str, **kw) -> AgentConfig:
@@ -194,40 +212,17 @@ def test_openai_refused_connection_retries_then_clear_error():
     assert backend.requests == 3
 
 
-class EchoServer:
-    """A real chat-completions server whose reply names the request (its seed and question), or that fails
-    every request with ``status``: a stand-in for a server of the same model that answers or is broken."""
+class EchoServer(ChatServer):
+    """A server whose reply names the request (its seed and question), or that fails every request with
+    ``status``: a stand-in for a server of the same model that answers or is broken."""
 
     def __init__(self, status: int = 200) -> None:
         self.status, self.answered = status, 0
-        outer = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = f"{body.get('seed')}|{body['messages'][-1]['content']}"
-                payload = {"error": {"message": "broken"}} if outer.status != 200 else {
-                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
-                outer.answered += outer.status == 200
-                data = json.dumps(payload).encode()
-                self.send_response(outer.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def reply(self, body: dict, headers) -> tuple[int, str]:
+        self.answered += self.status == 200
+        return self.status, f"{body.get('seed')}|{body['messages'][-1]['content']}" if self.status == 200 else "broken"
 
 
 def test_openai_servers_share_requests_and_a_broken_one_is_taken_out():
