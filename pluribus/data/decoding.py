@@ -19,11 +19,9 @@ from typing import Any
 Pick = Callable[[Any, list[int]], Any]
 
 
-def _cache_kwarg(model: Any) -> str:
-    """The forward argument that carries the KV cache: ``cache`` from transformers 5.24, ``past_key_values``
-    before (5.24 still takes the old name, with a deprecation warning)."""
+def _forward_params(model: Any) -> set[str]:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel takes **kwargs
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    return set(inspect.signature(inner.forward).parameters)
 
 
 def decode(model: Any, input_ids: Any, attention_mask: Any, *, max_new_tokens: int, eos: list[int],
@@ -37,16 +35,20 @@ def decode(model: Any, input_ids: Any, attention_mask: Any, *, max_new_tokens: i
     out: list[list[int]] = [[] for _ in range(n)]
     if n == 0 or max_new_tokens <= 0:
         return out
-    cache_arg = _cache_kwarg(model)
+    params = _forward_params(model)
+    # the KV cache is `cache` from transformers 5.24, `past_key_values` before (5.24 still takes the old name,
+    # with a deprecation warning)
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     cache = DynamicCache(config=model.config)
-    stop = torch.tensor(sorted(set(eos)), dtype=torch.long)
+    stop = torch.tensor(sorted(set(eos)), dtype=torch.long, device=input_ids.device)
     mask = attention_mask
     # left padding: positions count real tokens only, as generate derives them from the mask
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     alive = list(range(n))
     with torch.inference_mode():
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                       logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
+                       **keep_last, **{cache_arg: cache}).logits[:, -1]
         last = positions[:, -1]
         for step in range(max_new_tokens):
             scores = logits.float()
