@@ -80,7 +80,8 @@ def policy_loss(
     """Clipped policy-gradient loss with an optional k3 KL to the reference (see the module docstring).
 
     logp, old_logp, ref_logp, mask: ``[N, T]`` (mask 1 on completion tokens); advantages ``[N]``.
-    Returns (loss, stats with the mean KL and the fraction of clipped tokens).
+    Returns (loss, stats: the fraction of clipped tokens, and the mean KL where it was computed: with
+    ``beta = 0`` there is no reference pass, and a KL of 0 would claim the policy never moved).
     """
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(1)
@@ -96,9 +97,10 @@ def policy_loss(
     loss = ((per_token * mask).sum(dim=1) / lengths).mean()
     n = mask.sum().clamp(min=1)
     stats = {
-        "kl": float(((kl * mask).sum() / n).detach()),
         "clip_fraction": float((((unclipped != clipped).to(mask.dtype)) * mask).sum() / n),
     }
+    if ref_logp is not None and beta > 0:
+        stats["kl"] = float(((kl * mask).sum() / n).detach())
     return loss, stats
 
 
@@ -436,7 +438,8 @@ def train_rl(
     # 5. the adapter folder + record (final metrics: the last logged reward/accuracy/KL)
     logged = [h for h in trainer.state.log_history[history_start:] if "reward" in h]
     if logged:
-        metrics.update({f"final_{k}": logged[-1][k] for k in ("reward", "accuracy", "kl", "prm_score")})
+        metrics.update({f"final_{k}": logged[-1][k] for k in ("reward", "accuracy", "kl", "prm_score")
+                        if k in logged[-1]})  # kl only where it was computed (train.rl.kl > 0)
     record = common.training_record(recipe, cfg, model, ds_path, metrics,
                                     {"prompts": len(prompts), "prm": str(prm_path)})
     return common.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

@@ -53,6 +53,8 @@ def test_policy_loss_by_hand():
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     assert stats["clip_fraction"] == pytest.approx(2 / 3)
     assert stats["kl"] == pytest.approx(kl10 / 3, rel=1e-5)
+    # without the KL term there is no reference pass: no KL figure, rather than a KL of 0
+    assert "kl" not in policy_loss(logp, old, adv, mask, clip=0.2, ref_logp=None, beta=0.0)[1]
     # the gradient flows through logp only (old and ref are constants)
     lp = logp.clone().requires_grad_(True)
     policy_loss(lp, old, adv, mask, 0.2, ref, beta)[0].backward()
