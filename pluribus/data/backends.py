@@ -282,8 +282,9 @@ class TransformersBackend:
         pick = None if sampling.temperature == 0.0 else row_sampler(
             seeds or [0] * len(prompts), sampling.temperature, sampling.top_p)
         t0 = time.perf_counter()
-        rows = decode(self.model, input_ids, mask, max_new_tokens=prompts[0].max_new_tokens, eos=self.eos,
-                      pick=pick)
+        device = self.model.device
+        rows = decode(self.model, input_ids.to(device), mask.to(device), max_new_tokens=prompts[0].max_new_tokens,
+                      eos=self.eos, pick=pick)
         self.calls += 1
         seconds = (time.perf_counter() - t0) / len(prompts)
         gens = []

@@ -19,6 +19,24 @@ from typing import Any
 Pick = Callable[[Any, list[int]], Any]
 
 
+def _prunable() -> tuple[type, ...]:
+    """The cache layers whose rows ``batch_select_indices`` drops exactly (keys and values are all they hold)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    return (DynamicLayer, DynamicSlidingWindowLayer)
+
+
+def nucleus(logits: Any, top_p: float) -> Any:
+    """``logits`` with every token outside the top-p nucleus set to -inf: transformers' ``TopPLogitsWarper``,
+    the one rule for the sampler and for the log-probabilities RL trains (vLLM's too), ties included."""
+    if top_p >= 1.0:
+        return logits
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    shape = logits.shape
+    return TopPLogitsWarper(top_p)(None, logits.reshape(-1, shape[-1])).view(shape)
+
+
 def _forward_params(model: Any) -> set[str]:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel takes **kwargs
     return set(inspect.signature(inner.forward).parameters)
@@ -49,31 +67,38 @@ def decode(model: Any, input_ids: Any, attention_mask: Any, *, max_new_tokens: i
     with torch.inference_mode():
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                        **keep_last, **{cache_arg: cache}).logits[:, -1]
+        # rows leave the batch only where every cache layer can drop rows exactly; a linear-attention or hybrid
+        # layer keeps per-row state beside its keys and values, so there finished rows run on, as in generate
+        prunable = _prunable()
+        prune = all(type(layer) in prunable for layer in getattr(cache, "layers", [None]))
+        stop = stop.to(logits.device)
         last = positions[:, -1]
+        done = torch.zeros(n, dtype=torch.bool, device=logits.device)
         for step in range(max_new_tokens):
             scores = logits.float()
             tokens = scores.argmax(-1) if pick is None else pick(scores, alive)
-            for row, t in zip(alive, tokens.tolist(), strict=True):
-                out[row].append(t)
-            running = ~torch.isin(tokens, stop)
-            if step == max_new_tokens - 1 or not bool(running.any()):
+            for row, t, finished in zip(alive, tokens.tolist(), done.tolist(), strict=True):
+                if not finished:
+                    out[row].append(t)
+            done = done | torch.isin(tokens, stop)
+            if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            if not bool(running.all()):
-                keep = running.nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
+            if prune and bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep.to(input_ids.device))
                 alive = [alive[i] for i in keep.tolist()]
-                mask, last, tokens = mask[keep], last[keep], tokens[keep]
+                mask, last, tokens, done = mask[keep], last[keep], tokens[keep], done[keep]
             mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
             last = last + 1
-            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],
-                           use_cache=True, **{cache_arg: cache}).logits[:, -1]
+            logits = model(input_ids=tokens[:, None].to(input_ids.device), attention_mask=mask,
+                           position_ids=last[:, None], use_cache=True, **{cache_arg: cache}).logits[:, -1]
     return out
 
 
 def row_sampler(seeds: list[int], temperature: float, top_p: float) -> Pick:
     """A sampler that draws each row from its own ``torch.Generator``: p = softmax(logits / T) restricted to the
-    smallest set of most likely tokens whose mass reaches ``top_p``; one uniform draw per row per step, mapped
-    through the row's cumulative distribution.
+    top-p nucleus (``nucleus``); one uniform draw per row per step, mapped through the row's cumulative
+    distribution. torch's CPU generator keeps the low 32 bits of a seed, so seeds must differ there (hash them).
 
     HF's own sampling draws the whole batch from torch's global RNG, which ties a row's tokens to its batch;
     here a row's draws depend only on its seed (a finished row draws no more, as it takes no more steps).
@@ -83,13 +108,7 @@ def row_sampler(seeds: list[int], temperature: float, top_p: float) -> Pick:
     generators = [torch.Generator().manual_seed(s % 2**63) for s in seeds]
 
     def pick(scores: Any, rows: list[int]) -> Any:
-        logits = scores / temperature
-        if top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(dim=-1)
-            # drop a token once the mass before it already reaches top_p (the first is always kept)
-            drop = (probs.cumsum(dim=-1) - probs) >= top_p
-            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        logits = nucleus(scores / temperature, top_p)
         # inverse-CDF: one uniform per row from its generator; the first token whose cumulative mass exceeds it
         # (side=right never lands on a zero-probability token). 7x cheaper than a multinomial per row on a
         # 49k vocabulary.

@@ -112,15 +112,13 @@ def sampling_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: 
     (the filter ``generate`` applies); the target is kept in it even where a rounding difference between the
     sampler's cached forward and this one moves it just past the edge, so the result is always finite.
     """
+    from pluribus.data.decoding import nucleus
+
     scaled = logits.float() / temperature
     if top_p < 1.0:
-        from transformers.generation.logits_process import TopPLogitsWarper
-
-        shape = scaled.shape
-        flat = scaled.reshape(-1, shape[-1])
-        kept = TopPLogitsWarper(top_p)(None, flat)
-        index = targets.reshape(-1, 1)
-        scaled = kept.scatter(-1, index, flat.gather(-1, index)).view(shape)
+        kept = nucleus(scaled, top_p)
+        index = targets.unsqueeze(-1)
+        scaled = kept.scatter(-1, index, scaled.gather(-1, index))
     return torch.log_softmax(scaled, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
@@ -169,7 +167,9 @@ class LocalSampler:
         mask = enc["attention_mask"].repeat_interleave(g, dim=0)
         if seeds is None:
             seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
-        row_seeds = [(seed * g + k) % 2**63 for seed in seeds for k in range(g)]
+        # hashed: torch's CPU generator keeps a seed's low 32 bits, where seed * g + k would collide across prompts
+        row_seeds = [int(hashlib.sha256(f"{seed}:{k}".encode()).hexdigest()[:15], 16) for seed in seeds
+                     for k in range(g)]
         was_training = model.training
         model.eval()
         try:

@@ -59,3 +59,37 @@ def test_sampled_decode_depends_on_the_row_seed_only(tiny_llama_dir):
 
 def test_nothing_to_decode():
     assert decode(None, torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3), max_new_tokens=4, eos=[0]) == []
+
+
+def test_linear_attention_cache_keeps_finished_rows_and_equals_generate():
+    # a Qwen3-Next layer caches conv and recurrent state per row, which batch_select_indices cannot drop:
+    # decode keeps such rows in the batch (as generate does) instead of failing or mixing states
+    from tests.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm(
+        "qwen3_next", hidden_size=32, intermediate_size=64, vocab_size=512, head_dim=8, linear_num_key_heads=2,
+        linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=2,
+        num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        layer_types=["linear_attention", "full_attention"]).eval()
+    rows = [[5, 17, 99, 3, 9, 9, 10, 11, 12], [8, 8, 2, 41, 7, 7, 120, 5, 6, 7], [300, 4]]
+    free = _alone(model, rows[0], 12, [model.config.vocab_size + 1])
+    eos = [free[3]] if free[3] not in free[:3] else [free[0]]
+    ids, mask = _left_padded(rows, pad=0)
+    got = decode(model, ids, mask, max_new_tokens=12, eos=eos)
+    assert got == [_alone(model, r, 12, eos) for r in rows]
+    assert len(got[0]) < 12
+
+
+def test_sampler_and_loss_share_one_nucleus_also_on_ties():
+    # tied logits at the nucleus edge: the sampler draws only tokens the loss's nucleus keeps
+    from pluribus.data.decoding import nucleus
+    from pluribus.distill.rl import sampling_logprobs
+
+    logits = torch.tensor([[0.0, 0.0, 0.0, -3.0]]).to(torch.bfloat16).float()
+    kept = torch.isfinite(nucleus(logits, 0.5))[0]
+    assert 0 < int(kept.sum()) < 3  # the edge cuts through the tie
+    pick = row_sampler([11], 1.0, 0.5)
+    drawn = {int(pick(logits, [0])[0]) for _ in range(200)}
+    assert drawn == set(kept.nonzero().squeeze(1).tolist())
+    lp = sampling_logprobs(logits.expand(len(drawn), 4), torch.tensor(sorted(drawn)), 1.0, 0.5).exp()
+    torch.testing.assert_close(lp, torch.full_like(lp, 1.0 / len(drawn)))
