@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny import default_sigint
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,7 +62,7 @@ def test_ctrl_c_exits_130_with_the_interrupted_line(tmp_path: Path) -> None:
         "timeout_s: 600, max_retries: 0}]}\n")
     proc = subprocess.Popen([sys.executable, "-m", "pluribus.cli", "debate", "d.yaml", "--no-progress"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OPENAI_API_KEY": "x"})
+                            env={**os.environ, "OPENAI_API_KEY": "x"}, preexec_fn=default_sigint)
     try:
         conn, _ = server.accept()  # the debate is now waiting on its first request
         proc.send_signal(signal.SIGINT)

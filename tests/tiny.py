@@ -32,3 +32,11 @@ def save_tiny(folder: Path, model: Any, tokenizer: Any = None) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
+
+
+def default_sigint() -> None:
+    """For ``Popen(preexec_fn=...)``: the child takes SIGINT as Ctrl-C even when the test run itself was started
+    as a background job, where the shell leaves SIGINT ignored and every child inherits that."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

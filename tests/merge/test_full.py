@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from pluribus.errors import PluribusError
 from pluribus.merge import MergeInput, MergeSpec, load_merge_config, run_merge
 from pluribus.merge.full import Checkpoint
+from tests.tiny import default_sigint
 
 MERGEKIT = Path(sys.executable).with_name("mergekit-yaml")
 
@@ -445,7 +446,7 @@ sys.argv = ["pluribus", "merge", "--method", "task_arithmetic", "--base", {str(t
 main()
 """
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+                            cwd=Path(__file__).resolve().parents[2], preexec_fn=default_sigint)
     assert proc.stdout is not None and proc.stderr is not None
     assert proc.stdout.readline().startswith("wrote")
     proc.send_signal(signal.SIGINT)
