@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
+from abc import ABC, abstractmethod
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ChatServer:
+class ChatServer(ABC):
     """A real HTTP server speaking the chat-completions wire format on loopback; ``reply(body)`` says the status
     and the text of each answer."""
 
@@ -154,8 +155,9 @@ class ChatServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
+    @abstractmethod
     def reply(self, body: dict, headers) -> tuple[int, str]:
-        raise NotImplementedError
+        """The HTTP status and the text (of the answer, or of the error) for one request."""
 
     def close(self) -> None:
         self.httpd.shutdown()
