@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,27 @@ def check_finite_model(model: Any, folder: Path) -> None:
     )
 
 
+@contextlib.contextmanager
+def _rich_gguf_bar() -> Iterator[None]:
+    """transformers' GGUF reader draws its own tqdm bar (which no transformers setting turns off): ours instead."""
+    import sys
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from rich.console import Console
+    from rich.progress import track
+
+    def bar(items: Any, desc: str = "", **_: Any) -> Any:
+        return track(items, description="dequantizing the GGUF model (once)", transient=True,
+                     disable=not sys.stderr.isatty(), console=Console(stderr=True))
+
+    own = gguf_utils.tqdm
+    gguf_utils.tqdm = bar
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = own
+
+
 def dequantize_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF checkpoint into a bf16 safetensors folder (config, tokenizer, weights) at ``out_dir``.
 
@@ -167,9 +188,10 @@ def dequantize_gguf(gguf_path: Path, out_dir: Path) -> Path:
         config.dtype = torch.bfloat16
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-        parsed = load_gguf_checkpoint(
-            str(gguf_path), return_tensors=True, model_to_load=skeleton, torch_dtype=torch.bfloat16
-        )
+        with _rich_gguf_bar():
+            parsed = load_gguf_checkpoint(
+                str(gguf_path), return_tensors=True, model_to_load=skeleton, torch_dtype=torch.bfloat16
+            )
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         state = parsed["tensors"]
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -267,17 +267,23 @@ Request = tuple[Member, Conversation, str, int]
 
 def _generate_grouped(requests: list[Request], seed: int, on_batch: OnBatch | None = None) -> list[Generation]:
     """One ``generate`` call per (backend, sampling) group, results back in request order. Each conversation is
-    seeded by ``conversation_seed`` from the agent's ``sampling.seed`` (when set) or the recipe's ``seed``."""
+    seeded by ``conversation_seed`` from its agent's ``sampling.seed`` (when set) or the recipe's ``seed``.
+
+    Agents that differ only in their seed (the single agent's k samples) share a call: their rows are seeded
+    one by one anyway, and one call makes full batches in which rows with one prompt share its prefill."""
     groups: dict[tuple, list[int]] = {}
     for k, (member, *_) in enumerate(requests):
-        key = (id(member.backend), json.dumps(member.agent.sampling.model_dump(), sort_keys=True))
+        # a backend that takes one seed per call needs one call per seed (else k samples would draw alike)
+        fields = member.agent.sampling.model_dump(exclude={"seed"} if _takes(member.backend, "seeds") else None)
+        key = (id(member.backend), json.dumps(fields, sort_keys=True))
         groups.setdefault(key, []).append(k)
     out: list[Generation | None] = [None] * len(requests)
     for rows in groups.values():
         member = requests[rows[0]][0]
         sampling: SamplingConfig = member.agent.sampling
-        base = sampling.seed if sampling.seed is not None else seed
-        seeds = [conversation_seed(base, requests[k][2], requests[k][0].name, requests[k][3]) for k in rows]
+        seeds = [conversation_seed(seed if requests[k][0].agent.sampling.seed is None
+                                   else requests[k][0].agent.sampling.seed,
+                                   requests[k][2], requests[k][0].name, requests[k][3]) for k in rows]
         # a backend without per-row seeds gets one seed for the call, still a function of the first row only
         sampling = sampling.model_copy(update={"seed": seeds[0] % 2**31})
         gens = _generate(member.backend, [requests[k][1] for k in rows], sampling, on_batch, seeds)

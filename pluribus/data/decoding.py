@@ -64,13 +64,26 @@ def decode(model: Any, input_ids: Any, attention_mask: Any, *, max_new_tokens: i
     # left padding: positions count real tokens only, as generate derives them from the mask
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     alive = list(range(n))
+    # rows leave the batch only where every cache layer can drop rows exactly; a linear-attention or hybrid
+    # layer keeps per-row state beside its keys and values, so there finished rows run on, as in generate
+    prunable = _prunable()
+    prune = all(type(layer) in prunable for layer in getattr(cache, "layers", [None]))
     with torch.inference_mode():
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                       **keep_last, **{cache_arg: cache}).logits[:, -1]
-        # rows leave the batch only where every cache layer can drop rows exactly; a linear-attention or hybrid
-        # layer keeps per-row state beside its keys and values, so there finished rows run on, as in generate
-        prunable = _prunable()
-        prune = all(type(layer) in prunable for layer in getattr(cache, "layers", [None]))
+        # rows with the same prompt (self-consistency's samples, an RL group, a single agent's k samples, the
+        # rollouts from one step) share one prefill: the cache of each distinct prompt is copied to its rows
+        rows = torch.cat([input_ids, mask.to(input_ids.dtype)], 1)
+        unique, inverse = torch.unique(rows, dim=0, return_inverse=True) if prune else (rows, None)
+        if inverse is not None and unique.shape[0] < n:
+            width = input_ids.shape[1]
+            ids, first_mask = unique[:, :width], unique[:, width:].to(mask.dtype)
+            logits = model(input_ids=ids, attention_mask=first_mask,
+                           position_ids=(first_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                           **keep_last, **{cache_arg: cache}).logits[:, -1]
+            cache.batch_select_indices(inverse.to(input_ids.device))
+            logits = logits[inverse.to(logits.device)]
+        else:
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           **keep_last, **{cache_arg: cache}).logits[:, -1]
         stop = stop.to(logits.device)
         last = positions[:, -1]
         done = torch.zeros(n, dtype=torch.bool, device=logits.device)

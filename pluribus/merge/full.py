@@ -435,6 +435,9 @@ def merge_models(
     writer = ShardedWriter(folder, plan, parse_size(spec.shard_size))
     params = _params(spec, base, experts, fixed or torch.float32) if tensor_delta is None else None
     gen = torch.Generator().manual_seed(spec.seed)
+    # the stored dtype rounds each merged tensor; against the change the merge made (not the weight, which would
+    # hide it), that rounding is what the output loses: a small delta folded into bfloat16 can lose much of itself
+    lost = changed = 0.0
     for k, (name, dtype, _) in enumerate(plan):
         b = base.get(name)
         if not b.is_floating_point():
@@ -443,7 +446,7 @@ def merge_models(
             if other is not None:
                 raise PluribusError(f"tensor {name} ({b.dtype}) of '{other.label}' differs from the base's; integer "
                                     "tensors cannot be merged: give experts that keep the base's")
-            merged = b
+            stored = b
         else:
             work = fixed or (b.dtype if spec.mergekit else M.work_dtype(b))  # mergekit: the input dtype
             bw = b.to(work)
@@ -458,7 +461,11 @@ def merge_models(
                 delta = M.merge_deltas(spec.method, [e.delta(name, bw, work) for e in experts],
                                        dataclasses.replace(params, dtype=work), gen, inplace=True)
                 merged = delta.add_(bw)
-        writer.write(name, merged.to(dtype))
+            stored = merged.to(dtype)
+            if merged is not bw:
+                changed += float((merged.double() - bw.double()).pow(2).sum())
+                lost += float((stored.double() - merged.double()).pow(2).sum())
+        writer.write(name, stored)
         if progress:
             progress(k + 1, len(plan), name)
     writer.finish()
@@ -466,7 +473,8 @@ def merge_models(
     for e in experts:
         if e.ckpt is not None:
             e.ckpt.close()
-    return {"tensors": len(plan), "bytes": writer.total, "shards": len(writer.names)}
+    return {"tensors": len(plan), "bytes": writer.total, "shards": len(writer.names),
+            "storage_error": math.sqrt(lost / changed) if changed else 0.0}
 
 
 def _params(spec: MergeSpec, base: Checkpoint, experts: list[Expert], work: torch.dtype) -> M.MethodParams:

@@ -96,6 +96,33 @@ def test_seeds_other_than_the_recipes_change_sampled_turns(tmp_path, tiny_llama_
     assert digest(tmp_path / "a" / "trajectories") != digest(tmp_path / "b" / "trajectories")
 
 
+def test_agents_differing_only_in_seed_share_one_call_and_draw_as_their_own(tmp_path, tiny_llama_dir):
+    # the single agent's k samples (self samples, self-consistency) are agents with their own seeds: one call
+    # serves them (full batches, one prefill per prompt), and each row still draws from its agent's seed
+    def team(*seeds: int) -> dict:
+        agent = {"model": str(tiny_llama_dir), "dtype": "float32",
+                 "sampling": {"max_new_tokens": 10, "temperature": 1.0, "top_p": 0.9}}
+        return {"agents": [{**agent, "name": f"s{s}", "sampling": {**agent["sampling"], "seed": s}} for s in seeds],
+                "rounds": 1, "batch_size": 8}
+
+    agent = AgentConfig(model=str(tiny_llama_dir), dtype="float32")
+    backend = TransformersBackend(agent, batch_size=8)
+    one = {backend_key(agent): backend}
+    both = Recipe(name="both", root=str(tmp_path), seed=3, task=TaskConfig(source="synthetic", n=4),
+                  team=TeamConfig(**team(5, 6)))
+    run_debate(both, backends=one, progress=False)
+    assert backend.calls == 1  # 4 problems x 2 agents in one batch of 8, not two calls of 4
+    turns = {}
+    for s in (5, 6):
+        alone = both.model_copy(update={"name": f"alone{s}", "team": TeamConfig(**team(s))})
+        run_debate(alone, backends=one, progress=False)
+        for r in TrajectoryStore(tmp_path / f"alone{s}" / "trajectories").iter_records():
+            turns[r["problem_id"], f"s{s}"] = r["rounds"][0][0]["response"]
+    together = {(r["problem_id"], t["agent"]): t["response"]
+                for r in TrajectoryStore(tmp_path / "both" / "trajectories").iter_records() for t in r["rounds"][0]}
+    assert together == turns and len(set(together.values())) > 2
+
+
 def test_a_row_samples_alike_alone_and_in_a_batch(backends):
     backend = next(iter(backends.values()))
     convs = [[{"role": "user", "content": f"Count to {i} please" + " and more" * i}] for i in range(5)]

@@ -93,3 +93,24 @@ def test_sampler_and_loss_share_one_nucleus_also_on_ties():
     assert drawn == set(kept.nonzero().squeeze(1).tolist())
     lp = sampling_logprobs(logits.expand(len(drawn), 4), torch.tensor(sorted(drawn)), 1.0, 0.5).exp()
     torch.testing.assert_close(lp, torch.full_like(lp, 1.0 / len(drawn)))
+
+
+def test_rows_with_one_prompt_share_its_prefill_and_sample_as_if_alone(tiny_llama_dir):
+    # self-consistency's samples and an RL group ask one prompt k times: one prefill serves them, and each row
+    # still draws what it draws alone (greedy rows: what generate gives)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    rows = [[5, 17, 99, 3], [300, 4], [5, 17, 99, 3], [8, 8, 2, 41, 7], [5, 17, 99, 3], [300, 4]]
+    ids, mask = _left_padded(rows, pad=0)
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw["input_ids"].shape), with_kwargs=True)
+    seeds = [11, 12, 13, 14, 15, 16]
+    together = decode(model, ids, mask, max_new_tokens=8, eos=[], pick=row_sampler(seeds, 0.9, 1.0))
+    hook.remove()
+    assert forwards[0] == (3, ids.shape[1])  # three distinct prompts prefilled, not six
+    for r, seed in enumerate(seeds):
+        one_ids, one_mask = _left_padded([rows[r]], pad=0)
+        assert decode(model, one_ids, one_mask, max_new_tokens=8, eos=[],
+                      pick=row_sampler([seed], 0.9, 1.0))[0] == together[r]
+    assert together[0] != together[2]  # same prompt, own seeds, own samples
+    greedy = decode(model, ids, mask, max_new_tokens=8, eos=[])
+    assert greedy == [_alone(model, r, 8, [model.config.vocab_size + 1]) for r in rows]

@@ -648,3 +648,27 @@ def test_what_cannot_be_merged_besides_the_factors_is_refused_in_one_line(make_q
                         "-o", str(tmp_path / "s")))
     assert "saves module model.layers.0.self_attn.o_proj whole (modules_to_save) while another adapter trains" in line
     assert not any((tmp_path / n).exists() for n in "tfbs")
+
+
+def test_folding_reports_what_the_stored_dtype_rounds_away_from_the_change(hetero, tiny_base, tmp_path):
+    # the figure is measured, not assumed: exact in float32, and in bfloat16 the share of the change it loses
+    exact = exact_sum(hetero[:1], [1.0])
+    base = load_file(tiny_base / "model.safetensors")
+    for out_dtype in ("float32", "bfloat16"):
+        summary = run_merge(spec("task_arithmetic", hetero[:1], base=str(tiny_base), output="model",
+                                 out_dtype=out_dtype), tmp_path / out_dtype)
+        folded = load_file(tmp_path / out_dtype / "model.safetensors")
+        num = den = 0.0
+        for module, d in exact.items():
+            want = base[f"{module}.weight"].double() + d
+            num += float((folded[f"{module}.weight"].double() - want).pow(2).sum())
+            den += float(d.pow(2).sum())
+        assert summary.error == pytest.approx(math.sqrt(num / den), rel=1e-3, abs=1e-7)
+        line = next(x for x in summary.lines() if x.startswith("relative error"))
+        if out_dtype == "float32":
+            assert summary.error < 1e-5 and "loses" not in line
+        else:
+            assert summary.error > 1e-4
+    # a change bfloat16 rounds visibly away is said, with the way to keep it
+    summary.error = 0.3
+    assert "(rounding to the stored dtype loses 30% of the change; out_dtype: float32 keeps it)" in "".join(summary.lines())
