@@ -1,3 +1,3 @@
 """pluribus: distill a debating team of LLM agents into one model, and merge expert adapters into one checkpoint."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

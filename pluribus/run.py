@@ -3,8 +3,9 @@
 debate (task + team) -> self samples (if an expert learns from them) -> build -> train (each expert, in
 order) -> merge (each merge) -> eval -> export. Each step reads what the previous ones wrote in
 ``runs/<name>/``. A finished step is recorded in ``<run>/stages.json`` with a fingerprint of every setting that
-changes its output (the seed included) and of the contents of every file it read (the store, the datasets, the
-adapters it starts from); a rerun skips it only while both match and its output exists, and says why it reran.
+changes its output (the seed included), of the contents of every file it read (the store, the datasets, the
+adapters it starts from) and the pluribus version that ran it; a rerun skips it only while all match and its
+output exists, and says why it reran.
 The steps that keep answer stores (debate, self samples, eval) always run and generate only what is missing.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from pluribus import __version__
 from pluribus.config import DATASET_OF_OBJECTIVE, Recipe, without_engine_settings, write_recipe
 from pluribus.errors import PluribusError
 from pluribus.io import atomic_write_text, content_fingerprint, make_dirs
@@ -48,7 +50,8 @@ class Step:
     def compute(self, seed: int) -> dict[str, Any]:
         settings = json.dumps({"settings": self.settings(), "seed": seed}, sort_keys=True, default=str)
         self.fingerprint = {"settings": hashlib.sha256(settings.encode()).hexdigest()[:16],
-                            "inputs": {role: content_fingerprint(p) for role, p in sorted(self.inputs().items())}}
+                            "inputs": {role: content_fingerprint(p) for role, p in sorted(self.inputs().items())},
+                            "pluribus": __version__}
         return self.fingerprint
 
 
@@ -244,6 +247,11 @@ def stale_reason(recipe: Recipe, step: Step) -> str | None:
         return "never ran"
     if entry["settings"] != step.fingerprint["settings"]:
         return "its settings changed"
+    if entry.get("pluribus") != step.fingerprint["pluribus"]:
+        # another version may compute the same settings differently (a fixed bug, a new default)
+        before = entry.get("pluribus")
+        return f"it ran with pluribus {before}, this is {__version__}" if before else \
+            f"it ran with a pluribus before {__version__}"
     old, new = entry.get("inputs", {}), step.fingerprint["inputs"]
     changed = sorted(role for role in set(old) | set(new) if old.get(role) != new.get(role))
     if changed:

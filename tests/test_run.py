@@ -90,6 +90,7 @@ def test_a_step_is_current_only_while_its_settings_and_the_contents_it_read_are(
 
     from rich.console import Console
 
+    import pluribus
     from pluribus import run
     from pluribus.config import Recipe
 
@@ -130,3 +131,8 @@ def test_a_step_is_current_only_while_its_settings_and_the_contents_it_read_are(
     recipe = Recipe(root=str(tmp_path), name="r", seed=7)  # the seed changes every step's output
     status, shown = go()
     assert status == "ran" and "its settings changed" in shown
+    # another version of pluribus may compute the same settings otherwise: what it made is not reused
+    monkeypatch.setattr(run, "__version__", "9.9.9")
+    status, shown = go()
+    assert status == "ran" and f"it ran with pluribus {pluribus.__version__}, this is 9.9.9" in shown
+    assert go()[0] == "skipped"
