@@ -571,7 +571,7 @@ def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_
 _TRANSPORT_FIELDS = {"base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries"}
 
 
-def config_hash(recipe: Recipe) -> str:
+def config_hash(recipe: Recipe, weights: str | None = None) -> str:
     """What makes stored trajectories comparable: the task and team, minus settings that only change speed
     or how many problems run (``task.n``, ``team.batch_size``, ``team.problems_per_step``, ``team.too_long``,
     the agents' server connection settings), plus the seed.
@@ -580,12 +580,15 @@ def config_hash(recipe: Recipe) -> str:
     runs a local backend (transformers, vllm) in a 16-bit dtype, its logits do in their last bits, and that
     flips tokens: there the batch settings (``team.batch_size`` and the effective ``team.problems_per_step``)
     are hashed too, so a store is never continued with batches that would have drawn other turns. float32
-    agents are batch invariant in practice and keep them out."""
+    agents are batch invariant in practice and keep them out.
+
+    ``weights``: a content fingerprint of the weights every agent runs (eval's systems), hashed in place of
+    where they lie (the agents' adapter, else their model): a store follows what answered, not its path."""
     team = recipe.require("team")
     batch = None
     if batch_sensitive(team):
         batch = [team.batch_size, team.problems_per_step or max(1, team.batch_size // len(team.agents))]
-    return _hash(recipe, _CURRENT_EXCLUDE, batch=batch)
+    return _hash(recipe, _CURRENT_EXCLUDE, batch=batch, weights=weights)
 
 
 _CURRENT_EXCLUDE = {"batch_size": True, "problems_per_step": True, "too_long": True,
@@ -598,20 +601,22 @@ def batch_sensitive(team: TeamConfig) -> bool:
                for a in [*team.agents, *([team.judge] if team.judge else [])])
 
 
-def older_config_hashes(recipe: Recipe) -> list[str]:
+def older_config_hashes(recipe: Recipe, weights: str | None = None) -> list[str]:
     """The hashes earlier pluribus versions gave this config: stores written then are taken over on resume."""
-    return [legacy_config_hash(recipe), _hash(recipe, _CURRENT_EXCLUDE)]
+    return [legacy_config_hash(recipe, weights), _hash(recipe, _CURRENT_EXCLUDE, weights=weights)]
 
 
-def legacy_config_hash(recipe: Recipe) -> str:
+def legacy_config_hash(recipe: Recipe, weights: str | None = None) -> str:
     """``config_hash`` as pluribus computed it while the connection settings were part of it: stores written
     then resume, taking the new hash."""
-    return _hash(recipe, {"batch_size", "problems_per_step", "too_long"})
+    return _hash(recipe, {"batch_size", "problems_per_step", "too_long"}, weights=weights)
 
 
-def _hash(recipe: Recipe, team_exclude: Any, batch: list[int] | None = None) -> str:
+def _hash(recipe: Recipe, team_exclude: Any, batch: list[int] | None = None, weights: str | None = None) -> str:
     task = recipe.require("task").model_dump(mode="json", exclude={"n"})
     team = without_engine_settings(recipe.require("team").model_dump(mode="json", exclude=team_exclude))
+    for agent in team["agents"] if weights else []:
+        agent["adapter" if agent.get("adapter") else "model"] = f"sha256:{weights}"
     extra = {} if batch is None else {"batch": batch}
     payload = json.dumps({"task": task, "team": team, "seed": recipe.seed, **extra}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -648,13 +653,15 @@ def run_debate(
     progress: bool = True,
     on_step: Callable[[int, int], None] | None = None,
     label: str = "debate",
+    weights: str | None = None,
 ) -> DebateSummary:
     """Run the recipe's team over its task's problems into ``<run>/trajectories``, resuming a stopped run.
 
     Everything is validated (team, problems, models) before the first file is written. ``backends`` (keyed
     by ``backend_key``) replaces building them, for tests and benchmarks. ``on_step(done, total)`` is called
-    after each stored step. ``label`` names the progress bar (eval names its systems). Returns the summary
-    over every stored trajectory.
+    after each stored step. ``label`` names the progress bar (eval names its systems). ``weights`` keys the
+    store by the contents of the agents' weights (``config_hash``). Returns the summary over every stored
+    trajectory.
     """
     from pluribus.threads import apply_threads
 
@@ -676,7 +683,7 @@ def run_debate(
     owned: dict[str, Any] = {}  # backends built here are closed here: a vLLM engine holds its memory until then
     try:
         return _debate_into_store(recipe, problems, backends, fresh=fresh, new_run=new_run, progress=progress,
-                                  on_step=on_step, label=label, holder=owned)
+                                  on_step=on_step, label=label, holder=owned, weights=weights)
     finally:
         for backend in owned.get("backends", {}).values():
             backend.close()
@@ -684,7 +691,7 @@ def run_debate(
 
 def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Mapping[tuple, Backend] | None, *,
                        fresh: bool, new_run: bool, progress: bool, on_step: Callable[[int, int], None] | None,
-                       label: str, holder: dict[str, Any]) -> DebateSummary:
+                       label: str, holder: dict[str, Any], weights: str | None = None) -> DebateSummary:
     """``run_debate`` from its checks on; the backends it builds are left in ``holder`` for the caller to close."""
     from pluribus.config import write_recipe
     from pluribus.data.store import TrajectoryStore
@@ -700,8 +707,8 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
         # round 0 of every problem against the contexts: a refusal comes before any file, not hours in
         too_long = check_prompts(problems, build_team(team_cfg, backends))
 
-    with TrajectoryStore(recipe.layout.trajectories(), config_hash(recipe), new_run=new_run,
-                         same_config=older_config_hashes(recipe), check=Trajectory.from_dict) as store:
+    with TrajectoryStore(recipe.layout.trajectories(), config_hash(recipe, weights), new_run=new_run,
+                         same_config=older_config_hashes(recipe, weights), check=Trajectory.from_dict) as store:
         write_recipe(recipe)  # only now: a config the store refused must not replace the run's recipe
         done = store.done_ids()
         pending = [p for p in problems if p.id not in done]

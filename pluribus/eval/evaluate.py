@@ -374,9 +374,9 @@ def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, p
                     label: str = "eval") -> list[dict[str, Any]]:
     """Run (or resume) one system over ``problems`` in the store under ``folder``; its records for them.
 
-    With ``fingerprint``, every agent is stored as using ``sha256:<fingerprint>`` for its adapter or model: the
-    store's config hash then follows the weights' contents, not where they lie, and the backend is built here from
-    the real path (only when something is left to answer, so a finished store resumes without loading).
+    With ``fingerprint`` (of the weights every agent runs), the store's config hash follows the weights'
+    contents, not where they lie, and the backend is built only when something is left to answer (a finished
+    store resumes without loading the model).
     """
     from pluribus.data.backends import backend_key, make_backend
     from pluribus.data.debate import run_debate
@@ -386,16 +386,14 @@ def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, p
                                     "train": None, "merge": None, "eval": None, "export": None})
     backends = None
     if fingerprint:
-        field = "adapter" if team.agents[0].adapter else "model"
-        keyed = [a.model_copy(update={field: f"sha256:{fingerprint}"}) for a in team.agents]
-        sub = sub.model_copy(update={"team": team.model_copy(update={"agents": keyed})})
         backends = {}
         if _pending(sub.layout.trajectories(), problems):
             backend = make_backend(team.agents[0], trust_remote_code=recipe.trust_remote_code,
                                    batch_size=team.batch_size)
-            for a in keyed:
+            for a in team.agents:
                 backends[backend_key(a)] = backend
-    run_debate(sub, problems=problems, progress=progress, backends=backends, new_run=new_run, label=label)
+    run_debate(sub, problems=problems, progress=progress, backends=backends, new_run=new_run, label=label,
+               weights=fingerprint)
     wanted = {p.id for p in problems}
     with TrajectoryStore(sub.layout.trajectories()) as store:
         return [r for r in store.iter_records() if r["problem_id"] in wanted]

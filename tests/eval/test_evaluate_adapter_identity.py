@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pluribus.config import load_recipe
 from pluribus.eval.evaluate import adapter_fingerprint, run_eval
@@ -40,6 +41,9 @@ def test_distilled_answers_follow_the_adapter_contents(tiny_llama_dir: Path, tmp
     payload = run_eval(recipe, progress=False)
     assert payload["adapter"] == {"path": str(trained), "fingerprint": fp1}
     assert len(_stored(out / "distilled-greedy" / fp1)["shard-00000.jsonl"].splitlines()) == payload["problems"]
+    # the store is keyed by the contents; its recipe names the adapter that answered, where it lay
+    kept = yaml.safe_load((out / "distilled-greedy" / fp1 / "recipe.yaml").read_text())
+    assert kept["team"]["agents"][0]["adapter"] == str(trained)
     single = _stored(out / "single-greedy")
 
     # retrained in place: same path, new contents -> fresh answers in the new adapter's store
