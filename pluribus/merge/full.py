@@ -463,8 +463,9 @@ def merge_models(
                 merged = delta.add_(bw)
             stored = merged.to(dtype)
             if merged is not bw:
-                changed += float((merged.double() - bw.double()).pow(2).sum())
-                lost += float((stored.double() - merged.double()).pow(2).sum())
+                # one temporary of the tensor's size each (a float64 copy would triple a large merge's peak memory)
+                changed += float((merged - bw).pow_(2).sum(dtype=torch.float64))
+                lost += float((stored.to(merged.dtype) - merged).pow_(2).sum(dtype=torch.float64))
         writer.write(name, stored)
         if progress:
             progress(k + 1, len(plan), name)
