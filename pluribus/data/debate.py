@@ -272,18 +272,23 @@ def _generate_grouped(requests: list[Request], seed: int, on_batch: OnBatch | No
     Agents that differ only in their seed (the single agent's k samples) share a call: their rows are seeded
     one by one anyway, and one call makes full batches in which rows with one prompt share its prefill."""
     groups: dict[tuple, list[int]] = {}
+    per_row: dict[int, bool] = {}  # by backend: whether it takes one seed per row
     for k, (member, *_) in enumerate(requests):
+        backend = id(member.backend)
+        if backend not in per_row:
+            per_row[backend] = _takes(member.backend, "seeds")
         # a backend that takes one seed per call needs one call per seed (else k samples would draw alike)
-        fields = member.agent.sampling.model_dump(exclude={"seed"} if _takes(member.backend, "seeds") else None)
-        key = (id(member.backend), json.dumps(fields, sort_keys=True))
-        groups.setdefault(key, []).append(k)
+        fields = member.agent.sampling.model_dump(exclude={"seed"} if per_row[backend] else None)
+        groups.setdefault((backend, json.dumps(fields, sort_keys=True)), []).append(k)
     out: list[Generation | None] = [None] * len(requests)
     for rows in groups.values():
         member = requests[rows[0]][0]
         sampling: SamplingConfig = member.agent.sampling
-        seeds = [conversation_seed(seed if requests[k][0].agent.sampling.seed is None
-                                   else requests[k][0].agent.sampling.seed,
-                                   requests[k][2], requests[k][0].name, requests[k][3]) for k in rows]
+        seeds = []
+        for k in rows:
+            own, conversation, problem_id, rnd = requests[k]
+            base = own.agent.sampling.seed if own.agent.sampling.seed is not None else seed
+            seeds.append(conversation_seed(base, problem_id, own.name, rnd))
         # a backend without per-row seeds gets one seed for the call, still a function of the first row only
         sampling = sampling.model_copy(update={"seed": seeds[0] % 2**31})
         gens = _generate(member.backend, [requests[k][1] for k in rows], sampling, on_batch, seeds)

@@ -71,9 +71,9 @@ def decode(model: Any, input_ids: Any, attention_mask: Any, *, max_new_tokens: i
     with torch.inference_mode():
         # rows with the same prompt (self-consistency's samples, an RL group, a single agent's k samples, the
         # rollouts from one step) share one prefill: the cache of each distinct prompt is copied to its rows
-        rows = torch.cat([input_ids, mask.to(input_ids.dtype)], 1)
-        unique, inverse = torch.unique(rows, dim=0, return_inverse=True) if prune else (rows, None)
-        if inverse is not None and unique.shape[0] < n:
+        unique, inverse = torch.unique(torch.cat([input_ids, mask.to(input_ids.dtype)], 1), dim=0,
+                                       return_inverse=True) if prune else (None, None)
+        if unique is not None and unique.shape[0] < n:
             width = input_ids.shape[1]
             ids, first_mask = unique[:, :width], unique[:, width:].to(mask.dtype)
             logits = model(input_ids=ids, attention_mask=first_mask,
