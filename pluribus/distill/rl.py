@@ -127,8 +127,10 @@ def token_logprobs(model: Any, ids: torch.Tensor, attention: torch.Tensor, n_com
     """log p(token) of the last ``n_completion`` tokens of each (left-padded) sequence: ``[N, n_completion]``,
     under the sampling distribution at ``temperature`` and ``top_p`` (``sampling_logprobs``)."""
     positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    # an index tensor, not the count: see decoding.decode (a strided slice makes a frozen head copy itself per row)
+    keep = torch.arange(ids.shape[1] - n_completion - 1, ids.shape[1], device=ids.device)
     logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                   logits_to_keep=n_completion + 1, use_cache=False).logits[:, :-1]
+                   logits_to_keep=keep, use_cache=False).logits[:, :-1]
     return sampling_logprobs(logits, ids[:, -n_completion:], temperature, top_p)
 
 

@@ -114,3 +114,20 @@ def test_rows_with_one_prompt_share_its_prefill_and_sample_as_if_alone(tiny_llam
     assert together[0] != together[2]  # same prompt, own seeds, own samples
     greedy = decode(model, ids, mask, max_new_tokens=8, eos=[])
     assert greedy == [_alone(model, r, 8, [model.config.vocab_size + 1]) for r in rows]
+
+
+def test_the_head_sees_a_contiguous_last_position_also_under_a_frozen_adapter(tiny_llama_dir):
+    # a strided [:, -1:] slice into a frozen head (every PeftModel's) made torch copy the head once per row
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    rows = [[5, 17, 99, 3], [8, 8, 2, 41, 7, 7, 120], [300, 4]]
+    ids, mask = _left_padded(rows, pad=0)
+    plain = decode(base, ids, mask, max_new_tokens=6, eos=[])
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    seen = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, out: seen.append((args[0].is_contiguous(), tuple(out.shape))))
+    assert decode(model, ids, mask, max_new_tokens=6, eos=[]) == plain  # B = 0: the adapter changes nothing
+    assert seen[0] == (True, (3, 1, base.config.vocab_size))
+    assert all(contiguous for contiguous, _ in seen)
