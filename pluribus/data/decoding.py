@@ -60,7 +60,8 @@ def decode(model: Any, input_ids: Any, attention_mask: Any, *, max_new_tokens: i
     # the last position as an index tensor, not `logits_to_keep=1`: the slice that 1 makes is a strided view, and
     # torch's linear on a strided 3-d input with a frozen weight (every PeftModel's head) expands the head to one
     # copy per row: 12 s of a 96-row prefill on SmolLM2 instead of 0.01 s (bench/lora_decode.py)
-    keep_last = {"logits_to_keep": input_ids.new_tensor([input_ids.shape[1] - 1])} if "logits_to_keep" in params else {}
+    last_position = input_ids.new_tensor([input_ids.shape[1] - 1])
+    keep_last = {"logits_to_keep": last_position} if "logits_to_keep" in params else {}
     cache = DynamicCache(config=model.config)
     stop = torch.tensor(sorted(set(eos)), dtype=torch.long, device=input_ids.device)
     mask = attention_mask
