@@ -4,11 +4,12 @@ Eval and the debate backend run every expert as base model + adapter. ``generate
 position's logits with ``logits_to_keep=1``, a strided slice on which torch expands a frozen head (every
 PeftModel's) to one copy per row: a LoRA system cost 3x the base model here. ``decoding.decode`` keeps the last
 position by an index tensor. Both keep the adapter in float32, as PEFT loads it; ``--adapter-dtype model`` casts
-it to the model's dtype (a few percent faster, and it changes greedy answers: pluribus does not).
+it to the model's dtype (about 5% less time relative to the base model here, and it changes greedy
+answers: pluribus does not cast).
 
 SmolLM2-135M bf16, an all-linear r=16 adapter with random B (so the adapter changes the output), the quickstart's
-question prompt on 96 ``word1`` problems, greedy, 64 new tokens, one process, ``--threads`` torch threads; one
-warm-up, then the best of two. Prints seconds per 96 rows for the base model, PEFT + generate and pluribus, and
+question prompt on ``--rows`` (96) ``word1`` problems, greedy, 64 new tokens, one process, ``--threads`` torch threads; one
+warm-up, then the best of two. Prints seconds per batch of `--rows` rows for the base model, PEFT + generate and pluribus, and
 the ratios.
 
     python bench/lora_decode.py --threads 2
@@ -81,8 +82,12 @@ def main() -> None:
         def run() -> int:
             with torch.inference_mode():
                 out = model.generate(**enc, max_new_tokens=64, do_sample=False, pad_token_id=tok.pad_token_id)
-            new = out[:, enc.input_ids.shape[1]:]
-            return int((new != tok.pad_token_id).sum())
+            # generate pads finished rows with the pad token (= eos here): count each row up to its first eos,
+            # included, as decode's rows are
+            tokens = 0
+            for row in out[:, enc.input_ids.shape[1]:].tolist():
+                tokens += row.index(eos[0]) + 1 if eos[0] in row else len(row)
+            return tokens
         return run
 
     t_base, n_base = best_of(ours(base.eval()))
@@ -93,9 +98,10 @@ def main() -> None:
     del peft_default
     model, _ = load_model("smollm2-135m", adapter=adapter)
     if args.adapter_dtype == "model":
+        dtype = model.get_base_model().dtype
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.data = p.data.to(torch.bfloat16)
+                p.data = p.data.to(dtype)
     t_ours, n_ours = best_of(ours(model.eval()))
     print(f"LoRA, pluribus (load_model + decode): {t_ours:5.1f} s  ({n_ours} tokens)", flush=True)
     print(f"ratio PEFT+generate / pluribus: {t_peft / t_ours:.2f}x; pluribus LoRA / base: {t_ours / t_base:.2f}x")

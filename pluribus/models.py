@@ -514,7 +514,8 @@ def apply_adapter(model: Any, adapter: str | os.PathLike[str], adapter_name: str
     is reported as another base.
 
     The adapter stays in float32 over a 16-bit model, as it trained and as its model card loads it: in the
-    model's dtype it decoded 5% faster (bench/lora_decode.py) but changed greedy answers.
+    model's dtype it decoded about 5% faster, relative to the base model (bench/lora_decode.py
+    --adapter-dtype model), but changed greedy answers.
     """
     from peft import PeftModel
 
