@@ -59,7 +59,7 @@ def make_adapters(base: Path, root: Path) -> list[Path]:
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from pluribus.merge.full import Checkpoint
+    from pluribus.merge.checkpoint import Checkpoint
 
     shapes = {n.removesuffix(".weight"): i.shape for n, i in Checkpoint(base).tensors.items()
               if n.endswith(".weight") and n.split(".")[-2] in TARGETS}
@@ -163,7 +163,7 @@ def run_mergekit(
 ) -> dict[str, float]:
     """The mergekit route in a child process (what `mergekit-yaml` runs): its merge timed inside the child after
     its imports (the like-for-like figure: pluribus is timed in-process after its imports), and the whole process."""
-    from pluribus.merge.full import Checkpoint
+    from pluribus.merge.checkpoint import Checkpoint
 
     cfg = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
            "models": [{"model": f"{base}+{p}", "parameters": {"weight": 1.0}} for p in paths]}

@@ -71,7 +71,7 @@ def run_child(cmd: list[str]) -> tuple[float, float, float]:
 
 
 def max_diff(a: Path, b: Path) -> float:
-    from pluribus.merge.full import Checkpoint
+    from pluribus.merge.checkpoint import Checkpoint
 
     ca, cb = Checkpoint(a), Checkpoint(b)
     worst = 0.0

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from pluribus.errors import PluribusError
-from pluribus.hub import TOKEN_ENVS, export_folder, push_folder, redact
+from pluribus.hub import export_folder, push_folder
+from pluribus.public import TOKEN_ENVS, redact
 
 
 @pytest.fixture()
@@ -263,7 +264,7 @@ def test_a_local_base_is_named_by_the_hub_id_it_records_else_by_its_folder(tiny_
                                                                          adapter_dir: Path) -> None:
     import shutil
 
-    from pluribus.hub import public_model_name
+    from pluribus.public import public_model_name
 
     base = shutil.copytree(tiny_llama_dir, tmp_path / "mybase")
     cfg = json.loads((base / "config.json").read_text())

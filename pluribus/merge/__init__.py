@@ -84,7 +84,8 @@ def _progress() -> Any:
 def _card(spec: MergeSpec, summary: MergeSummary, adapter: bool) -> str:
     """The merge folder's README: Hub-valid metadata (the base by Hub id, never a local path), what was merged
     with every input named without its local path, and the note that ``pluribus export`` publishes it."""
-    from pluribus.hub import local_card, public_model_name, scrub
+    from pluribus.hub import local_card
+    from pluribus.public import public_model_name, scrub
 
     body = ["", *(f"- {line}" for line in summary.lines()[1:-1]), "", "Inputs:", "",
             *(f"- `{public_model_name(i)}`" for i in summary.inputs), "", "## Recipe", "", "```yaml",
@@ -159,7 +160,8 @@ def run_merge(
             summary.kind = "models -> model"
             summary.dtype = spec.out_dtype or "the base's dtype"
             task = bar.add_task("merging tensors", total=None)
-            from pluribus.merge.full import copy_companions, local_model, merge_models
+            from pluribus.merge.checkpoint import local_model
+            from pluribus.merge.full import copy_companions, merge_models
 
             summary.details = merge_models(spec, tmp, lambda k, n, _: bar.update(task, completed=k, total=n))
             summary.error = summary.details["storage_error"]
@@ -204,7 +206,8 @@ def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any)
     if spec.output == "model":
         if not spec.base:
             raise PluribusError("folding adapters into a model (output: model) needs `base`, the adapters' base model")
-        from pluribus.merge.full import copy_companions, local_model, merge_models
+        from pluribus.merge.checkpoint import local_model
+        from pluribus.merge.full import copy_companions, merge_models
 
         plan = AdapterPlan(spec, adapters)
         summary.others = len(plan.others)

@@ -183,7 +183,7 @@ def _saved_module(module: str, saved: list[str]) -> bool:
 def _base_values(spec: MergeSpec, adapters: list[Adapter], shapes: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
     """The base's values of the tensors the adapters store as full values (their task vectors are the differences),
     read from ``spec.base``, else from the base the adapters record; refused when no base is on this machine."""
-    from pluribus.merge.full import Checkpoint, check_same_weights, local_model
+    from pluribus.merge.checkpoint import Checkpoint, check_same_weights, local_model
     from pluribus.models import _recorded_base_folder
 
     names = sorted(set().union(*(a.full for a in adapters)))
@@ -276,7 +276,7 @@ def _check_one_base(adapters: list[Adapter]) -> None:
     """Refuse adapters of different bases. A base on this machine is compared by its contents (config.json and
     a weights fingerprint: the same model under a relative path, an absolute one or a copy is one base); bases
     that are not here are compared by name; one here and one not cannot be compared and pass."""
-    from pluribus.merge.full import base_identity
+    from pluribus.merge.checkpoint import base_identity
 
     known = [(a, base_identity(a.base)) for a in adapters if a.base]
     for (a, ida), (b, idb) in zip(known, known[1:], strict=False):

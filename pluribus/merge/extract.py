@@ -21,7 +21,7 @@ from pluribus.errors import OutputExistsError, PluribusError
 from pluribus.io import atomic_dir
 from pluribus.merge import methods as M
 from pluribus.merge.adapters import AdapterMerge, save_adapter
-from pluribus.merge.full import Checkpoint
+from pluribus.merge.checkpoint import Checkpoint
 
 #: 2-D weights never turned into LoRA modules by default (PEFT adapts linear layers).
 SKIP = r"(embed_tokens|lm_head|wte|wpe|embed_in|embed_out)"

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from pluribus.errors import PluribusError
 from pluribus.merge import MergeInput, MergeSpec, load_merge_config, run_merge
-from pluribus.merge.full import Checkpoint
+from pluribus.merge.checkpoint import Checkpoint
 from tests.tiny import default_sigint
 
 MERGEKIT = Path(sys.executable).with_name("mergekit-yaml")

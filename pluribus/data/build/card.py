@@ -6,6 +6,8 @@ from typing import Any
 
 import yaml
 
+from pluribus.public import public_model_name, scrub
+
 HOW = {
     "rsft": "Reasoning SFT: per problem, the final-round responses of the agents whose answer is verified "
             "correct, as a user/assistant chat; identical responses are kept once.",
@@ -87,7 +89,6 @@ def render_card(kind: str, *, run: str, sources: list[dict[str, Any]], config: d
     (``load_dataset(folder, data_dir=...)``). ``task_source`` (the recipe's ``task.source``) gives the license
     and language; ``model`` names the model that wrote the responses.
     """
-    from pluribus.hub import public_model_name, scrub
 
     known = source_metadata(task_source)
     meta = header(kind, run, stats["counts"].get("rows", 0), task_source)
