@@ -60,7 +60,7 @@ def subset(dataset: str | None, stores: list[str] | None, rows: int, batch: int,
     ``eval_rows`` after them (or the last training rows when there are none) for the like-for-like loss."""
     from datasets import Dataset
 
-    from pluribus.distill.common import load_rows
+    from pluribus.distill.data import load_rows
 
     if stores:
         ds = Dataset.from_list([row for store in stores for row in store_rows(Path(store))])
@@ -117,7 +117,7 @@ def last_losses(state_file: Path, k: int = 5) -> tuple[float, list[float]]:
 
 def run_pluribus(args, data: Path, work: Path) -> dict:
     from pluribus.config import Recipe
-    from pluribus.distill.common import checkpoints_dir
+    from pluribus.distill.output import checkpoints_dir
     from pluribus.distill.sft import train_sft
 
     steps = args.rows_used // args.batch

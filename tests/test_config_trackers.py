@@ -31,7 +31,7 @@ def test_an_unknown_tracker_is_refused_with_the_list(tmp_path: Path) -> None:
 
 
 def test_report_to_reaches_the_training_arguments(tmp_path: Path) -> None:
-    from pluribus.distill.common import training_arguments
+    from pluribus.distill.loop import training_arguments
 
     cfg = load_recipe(None, ["train.report_to=[mlflow, none]"]).train
     args = training_arguments(cfg, tmp_path / "ckpt", seed=0, has_eval=False)

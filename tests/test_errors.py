@@ -57,7 +57,7 @@ def test_every_stage_refuses_an_existing_output_with_the_one_message(site: str, 
         (out / "rsft").mkdir()
         call = lambda: build(BuildConfig(), [run], out_root=out, progress=False)  # noqa: E731
     else:
-        from pluribus.distill.common import check_output
+        from pluribus.distill.output import check_output
 
         call = lambda: check_output(out, overwrite=False, resume=False)  # noqa: E731
     with pytest.raises(OutputExistsError, match="already exists; pass --overwrite to replace it"):

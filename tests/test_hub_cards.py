@@ -134,7 +134,7 @@ def test_a_trained_adapter_card_names_the_hub_base_and_points_to_export(tiny_lla
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pluribus.distill.common import save_output
+    from pluribus.distill.output import save_output
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=2, target_modules=["q_proj"]))
     cache = "/root/.cache/pluribus/models/smollm2-135m-58e992c2ff92"  # where the embedded base's weights are

@@ -19,7 +19,18 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from pluribus.config import Recipe, TrainConfig
-from pluribus.distill import common, distributed
+from pluribus.distill import distributed
+from pluribus.distill.data import load_rows, split_eval
+from pluribus.distill.loop import callbacks, quiet_printer, train_and_report, training_arguments
+from pluribus.distill.output import (
+    check_output,
+    checkpoints_dir,
+    default_paths,
+    resume_checkpoint,
+    save_output,
+    training_record,
+)
+from pluribus.distill.student import attach_lora, load_student, patch_kernels, score_head_model
 from pluribus.errors import PluribusError
 
 IGNORE = -100.0
@@ -168,7 +179,7 @@ def load_prm(adapter: str | Path, *, trust_remote_code: bool = False) -> tuple[A
     tokenizer = load_tokenizer(Path(adapter) if has_tokenizer else base_folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = common.score_head_model(base_folder, dtype=torch.bfloat16, use_safetensors=True,
+    model = score_head_model(base_folder, dtype=torch.bfloat16, use_safetensors=True,
                                     trust_remote_code=trust_remote_code)
     check_finite_model(model, base_folder)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -218,32 +229,32 @@ def train_prm(
     from datasets import Dataset
 
     cfg: TrainConfig = recipe.require("train")
-    ds_path, out = common.default_paths(recipe, "prm", dataset, out)
-    common.check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
+    ds_path, out = default_paths(recipe, "prm", dataset, out)
+    check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
 
     # 1. process rows and a held-out split grouped by problem
-    rows = common.load_rows(ds_path, "process")
-    train_rows, eval_rows = common.split_eval(rows, cfg.eval_fraction, recipe.seed)
+    rows = load_rows(ds_path, "process")
+    train_rows, eval_rows = split_eval(rows, cfg.eval_fraction, recipe.seed)
 
     # 2. the student as a one-logit token classifier, LoRA + a trainable head (PEFT TOKEN_CLS saves `score`)
-    model, tokenizer = common.load_student(cfg, head="token-cls", trust_remote_code=recipe.trust_remote_code, seed=recipe.seed)
-    model = common.attach_lora(model, cfg, "TOKEN_CLS")
-    kernels = common.patch_kernels(model, cfg.kernels)
+    model, tokenizer = load_student(cfg, head="token-cls", trust_remote_code=recipe.trust_remote_code, seed=recipe.seed)
+    model = attach_lora(model, cfg, "TOKEN_CLS")
+    kernels = patch_kernels(model, cfg.kernels)
 
     # 3. step-end targets
     train_ex, counts = prepare_examples(train_rows, tokenizer, cfg)
     eval_ex = prepare_examples(eval_rows, tokenizer, cfg)[0] if eval_rows is not None else None
 
     # 4. Trainer with the step BCE loss
-    args = common.training_arguments(cfg, common.checkpoints_dir(out), seed=recipe.seed, has_eval=bool(eval_ex),
+    args = training_arguments(cfg, checkpoints_dir(out), seed=recipe.seed, has_eval=bool(eval_ex),
                                      prediction_loss_only=True)
     trainer = PRMTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_ex),
         eval_dataset=Dataset.from_list(eval_ex) if eval_ex else None,
-        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=common.callbacks(),
+        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks(),
     )
-    common.quiet_printer(trainer)
-    metrics = common.train_and_report(trainer, common.resume_checkpoint(out, resume, model))
+    quiet_printer(trainer)
+    metrics = train_and_report(trainer, resume_checkpoint(out, resume, model))
     if kernels is not None:
         kernels.unpatch()
 
@@ -254,5 +265,5 @@ def train_prm(
             metrics.update({f"eval_{k}": v for k, v in evaluate_prm(model, tokenizer, eval_rows,
                                                                     cfg.prm.threshold).items() if v is not None})
     counts["eval_rows"] = 0 if eval_rows is None else len(eval_rows)
-    record = common.training_record(recipe, cfg, model, ds_path, metrics, counts)
-    return common.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above
+    record = training_record(recipe, cfg, model, ds_path, metrics, counts)
+    return save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

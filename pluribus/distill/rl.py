@@ -46,8 +46,19 @@ from transformers import Trainer
 from pluribus.config import Recipe, RLSettings, TrainConfig
 from pluribus.data.answers import grade
 from pluribus.data.records import Problem
-from pluribus.distill import common, distributed
+from pluribus.distill import distributed
+from pluribus.distill.data import load_rows
+from pluribus.distill.loop import callbacks, quiet_printer, train_and_report, training_arguments
+from pluribus.distill.output import (
+    check_output,
+    checkpoints_dir,
+    default_paths,
+    resume_checkpoint,
+    save_output,
+    training_record,
+)
 from pluribus.distill.prm import load_prm, score_steps, step_texts
+from pluribus.distill.student import attach_lora, base_identity, load_student, patch_kernels
 from pluribus.errors import PluribusError
 
 # --------------------------------------------------------------------------------------------- math
@@ -397,40 +408,40 @@ def train_rl(
 
     cfg: TrainConfig = recipe.require("train")
     s = cfg.rl
-    ds_path, out = common.default_paths(recipe, "rl", dataset, out)
-    common.check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
+    ds_path, out = default_paths(recipe, "rl", dataset, out)
+    check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
     prm_path = Path(s.prm) if s.prm else recipe.layout.adapter("prm")
 
     # 1. prompts with gold answers
-    prompts = rl_prompts(common.load_rows(ds_path, "process"), recipe)
+    prompts = rl_prompts(load_rows(ds_path, "process"), recipe)
 
     # 2. the policy (LoRA, optionally continuing an SFT adapter) and the PRM (its own base + adapter)
-    model, tokenizer = common.load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed)
-    model = common.attach_lora(model, cfg, "CAUSAL_LM")
-    kernels = common.patch_kernels(model, cfg.kernels)
+    model, tokenizer = load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed)
+    model = attach_lora(model, cfg, "CAUSAL_LM")
+    kernels = patch_kernels(model, cfg.kernels)
     prm = load_prm(prm_path, trust_remote_code=recipe.trust_remote_code)
 
     # 3. the sampler of the current policy
     if s.backend == "vllm":
-        sampler = VLLMSampler(tokenizer, s, str(common.base_identity(model)), _policy_rank(model),
+        sampler = VLLMSampler(tokenizer, s, str(base_identity(model)), _policy_rank(model),
                               prompts=[p["prompt"] for p in prompts], dtype="bfloat16" if cfg.bf16 else "float32",
                               seed=recipe.seed, trust_remote_code=recipe.trust_remote_code)
     else:
         sampler = LocalSampler(tokenizer, s)
 
     # 4. Trainer over prompts: one batch = prompts_per_step prompts, G samples each
-    args = common.training_arguments(cfg, common.checkpoints_dir(out), seed=recipe.seed, has_eval=False,
+    args = training_arguments(cfg, checkpoints_dir(out), seed=recipe.seed, has_eval=False,
                                      per_device_train_batch_size=s.prompts_per_step)
     trainer = GroupRLTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(prompts), data_collator=collate_prompts,
-        processing_class=tokenizer, callbacks=common.callbacks(),
+        processing_class=tokenizer, callbacks=callbacks(),
         sampler=sampler, prm=prm, verify=verify, settings=s,
         step_rule=(recipe.build.step_rule, recipe.build.step_regex) if recipe.build else ("lines", None),
     )
-    common.quiet_printer(trainer)
+    quiet_printer(trainer)
     history_start = len(trainer.state.log_history)
     try:
-        metrics = common.train_and_report(trainer, common.resume_checkpoint(out, resume, model))
+        metrics = train_and_report(trainer, resume_checkpoint(out, resume, model))
     finally:
         if hasattr(sampler, "close"):
             sampler.close()
@@ -442,6 +453,6 @@ def train_rl(
     if logged:
         metrics.update({f"final_{k}": logged[-1][k] for k in ("reward", "accuracy", "kl", "prm_score")
                         if k in logged[-1]})  # kl only where it was computed (train.rl.kl > 0)
-    record = common.training_record(recipe, cfg, model, ds_path, metrics,
+    record = training_record(recipe, cfg, model, ds_path, metrics,
                                     {"prompts": len(prompts), "prm": str(prm_path)})
-    return common.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above
+    return save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

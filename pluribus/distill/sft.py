@@ -17,6 +17,7 @@ change the math.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,22 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from pluribus.config import Recipe, TrainConfig
-from pluribus.distill import common
+from pluribus.config import DATASET_OF_OBJECTIVE, Recipe, TrainConfig
+from pluribus.distill.data import load_rows, split_eval
+from pluribus.distill.loop import callbacks, quiet_printer, train_and_report, training_arguments
+from pluribus.distill.output import (
+    check_output,
+    checkpoints_dir,
+    default_paths,
+    resume_checkpoint,
+    save_output,
+    training_record,
+)
 from pluribus.distill.packing import PackingCollator, use_varlen_attention
+from pluribus.distill.student import attach_lora, load_student, patch_kernels
 from pluribus.errors import PluribusError
+
+logger = logging.getLogger("pluribus.distill")
 
 
 def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
@@ -113,7 +126,7 @@ def prepare_examples(ds: Any, tokenizer: Any, cfg: TrainConfig) -> tuple[list[di
         if share < cfg.min_kept_labels:
             raise PluribusError(f"{what}, under train.min_kept_labels={cfg.min_kept_labels:g}; raise "
                                 "train.max_length, set train.too_long=drop, or lower train.min_kept_labels")
-        common.logger.warning("%s", what)
+        logger.warning("%s", what)
     return examples, counts
 
 
@@ -141,7 +154,7 @@ def _chunked_head(model: Any, weights: torch.Tensor, kernels: str) -> Any:
 def _log_head_once(reason: str) -> None:
     if reason not in _HEAD_LOGGED:
         _HEAD_LOGGED.add(reason)
-        common.logger.info("kernels: the chunked lm_head loss is off because %s; the fused LoRA layers still run",
+        logger.info("kernels: the chunked lm_head loss is off because %s; the fused LoRA layers still run",
                            reason)
 
 
@@ -212,17 +225,17 @@ def train_sft(
     cfg: TrainConfig = recipe.require("train")
     if cfg.objective not in {"rsft", "augmented"}:
         raise PluribusError(f"train_sft trains the objectives rsft and augmented, not '{cfg.objective}'")
-    ds_path, out = common.default_paths(recipe, cfg.objective, dataset, out)
-    common.check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
+    ds_path, out = default_paths(recipe, cfg.objective, dataset, out)
+    check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
 
     # 1. rows, checked against the dataset kind, and an eval split grouped by problem
-    rows = common.load_rows(ds_path, common.DATASET_OF_OBJECTIVE[cfg.objective])
-    train_rows, eval_rows = common.split_eval(rows, cfg.eval_fraction, recipe.seed)
+    rows = load_rows(ds_path, DATASET_OF_OBJECTIVE[cfg.objective])
+    train_rows, eval_rows = split_eval(rows, cfg.eval_fraction, recipe.seed)
 
     # 2. the student with LoRA (QLoRA when quantized), fused kernels, varlen attention for packed rows
-    model, tokenizer = common.load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed)
-    model = common.attach_lora(model, cfg, "CAUSAL_LM")
-    kernels = common.patch_kernels(model, cfg.kernels)
+    model, tokenizer = load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed)
+    model = attach_lora(model, cfg, "CAUSAL_LM")
+    kernels = patch_kernels(model, cfg.kernels)
     attention = use_varlen_attention(model) if cfg.packing else "sdpa"
 
     # 3. tokenized examples (assistant-only labels, too-long rows counted)
@@ -230,18 +243,18 @@ def train_sft(
     eval_ex = prepare_examples(eval_rows, tokenizer, cfg)[0] if eval_rows is not None else None
 
     # 4. the Trainer: packed collator, checkpoints beside the output, rich progress
-    args = common.training_arguments(cfg, common.checkpoints_dir(out), seed=recipe.seed, has_eval=bool(eval_ex),
+    args = training_arguments(cfg, checkpoints_dir(out), seed=recipe.seed, has_eval=bool(eval_ex),
                                      prediction_loss_only=True)
     trainer = PackedSFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_ex),
         eval_dataset=Dataset.from_list(eval_ex) if eval_ex else None,
         data_collator=PackingCollator(tokenizer.pad_token_id, packing=cfg.packing),
-        callbacks=common.callbacks(), kernels=cfg.kernels,
+        callbacks=callbacks(), kernels=cfg.kernels,
     )
 
     # 5. train (resuming from a checkpoint of the same base), then evaluate once more
-    common.quiet_printer(trainer)
-    metrics = common.train_and_report(trainer, common.resume_checkpoint(out, resume, model))
+    quiet_printer(trainer)
+    metrics = train_and_report(trainer, resume_checkpoint(out, resume, model))
     if eval_ex:
         metrics.update(trainer.evaluate())
     if kernels is not None:
@@ -249,5 +262,5 @@ def train_sft(
 
     # 6. the adapter folder + training record
     counts.update(attention=attention, eval_rows=0 if eval_rows is None else len(eval_rows))
-    record = common.training_record(recipe, cfg, model, ds_path, metrics, counts)
-    return common.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above
+    record = training_record(recipe, cfg, model, ds_path, metrics, counts)
+    return save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

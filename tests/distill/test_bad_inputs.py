@@ -10,7 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from pluribus.config import Recipe
-from pluribus.distill import common, train_stage
+from pluribus.distill import train_stage
+from pluribus.distill.output import checkpoints_dir
 from pluribus.distill.prm import load_prm
 from pluribus.errors import PluribusError
 from tests.broken import lora_adapter, nan_copy, truncated_copy
@@ -44,7 +45,7 @@ def test_broken_student_is_refused_before_training(tmp_path, student_dir, rsft_d
     out = tmp_path / "adapter"
     with pytest.raises(PluribusError, match=message):
         train_stage(recipe(tmp_path, model), dataset=rsft_dir, out=out)
-    assert not out.exists() and not common.checkpoints_dir(out).exists()
+    assert not out.exists() and not checkpoints_dir(out).exists()
 
 
 def test_corrupt_dataset_files_are_named(tmp_path, student_dir, rsft_dir):
@@ -66,7 +67,7 @@ def test_diverging_training_saves_nothing_and_names_the_step(tmp_path, student_d
     with pytest.raises(PluribusError, match=r"training diverged: .* at step \d+; no adapter was saved\. Lower train\.lr"):
         train_stage(r, dataset=rsft_dir, out=out)
     assert not out.exists()
-    for ckpt in common.checkpoints_dir(out).glob("checkpoint-*"):  # a checkpoint kept to resume from is finite
+    for ckpt in checkpoints_dir(out).glob("checkpoint-*"):  # a checkpoint kept to resume from is finite
         assert all(t.isfinite().all() for t in load_file(ckpt / "adapter_model.safetensors").values())
 
 
@@ -91,7 +92,7 @@ def test_resume_without_a_checkpoint_is_refused_before_the_model_and_creates_not
     # the student does not exist: the resume error comes first, so no model was loaded
     with pytest.raises(PluribusError, match="--resume: no checkpoint under '.*adapter.checkpoints'"):
         train_stage(recipe(tmp_path, tmp_path / "no-model"), dataset=rsft_dir, out=out, resume=True)
-    assert not out.exists() and not common.checkpoints_dir(out).exists()
+    assert not out.exists() and not checkpoints_dir(out).exists()
 
 
 def test_resume_from_a_checkpoint_with_a_misshapen_config_is_named(tmp_path, student_dir, rsft_dir):
@@ -107,7 +108,7 @@ def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path, student_dir, r
     r = recipe(tmp_path, student_dir, max_steps=2, save_steps=1)
     train_stage(r, dataset=rsft_dir, out=out)
     # killed while checkpoint-2 was written, before the adapter: checkpoint-2 has no trainer_state.json yet
-    ckpts = common.checkpoints_dir(out)
+    ckpts = checkpoints_dir(out)
     (ckpts / "checkpoint-2" / "trainer_state.json").unlink()
     shutil.rmtree(out)
     partial = ckpts / "checkpoint-3"

@@ -17,8 +17,9 @@ import yaml
 from safetensors.torch import load_file
 
 from pluribus.config import load_recipe
-from pluribus.distill import common, train_stage
+from pluribus.distill import train_stage
 from pluribus.distill.distributed import check_launch
+from pluribus.distill.output import save_output
 from pluribus.errors import PluribusError
 from tests.distill.conftest import read_record, synthetic_problems, write_parquet
 
@@ -154,7 +155,7 @@ def test_save_output_writes_on_rank_zero_only(tmp_path, student_dir, monkeypatch
     from transformers import AutoTokenizer
 
     monkeypatch.setenv("RANK", "1")  # no process group: the barrier has nothing to wait for
-    out = common.save_output(object(), AutoTokenizer.from_pretrained(student_dir), tmp_path / "adapter", {})
+    out = save_output(object(), AutoTokenizer.from_pretrained(student_dir), tmp_path / "adapter", {})
     assert out == tmp_path / "adapter" and not out.exists() and not any(tmp_path.iterdir())
 
 

@@ -33,7 +33,7 @@ def recipe(tmp_path, student_dir, **train) -> Recipe:
 def test_labels_sit_on_each_steps_last_token_only(student_dir, process_dir):
     from transformers import AutoTokenizer
 
-    from pluribus.distill.common import load_rows
+    from pluribus.distill.data import load_rows
 
     tok = AutoTokenizer.from_pretrained(student_dir)
     rows = load_rows(process_dir, "process")
@@ -114,7 +114,7 @@ def test_load_prm_refuses_a_causal_adapter(tmp_path, student_dir, rsft_dir):
 
 
 def test_the_new_score_head_loads_without_a_load_report(student_dir, capfd) -> None:
-    from pluribus.distill.common import score_head_model
+    from pluribus.distill.student import score_head_model
 
     model = score_head_model(student_dir)
     out, err = capfd.readouterr()

@@ -9,9 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from pluribus.config import Recipe
-from pluribus.distill import common
+from pluribus.distill.data import load_rows
+from pluribus.distill.loop import training_arguments
+from pluribus.distill.output import checkpoints_dir
 from pluribus.distill.packing import VARLEN_SDPA, PackingCollator, use_varlen_attention
 from pluribus.distill.sft import causal_lm_loss, prepare_examples, tokenize_conversation, train_sft
+from pluribus.distill.student import attach_lora, load_student, patch_kernels
 from pluribus.errors import PluribusError
 from tests.distill.conftest import read_record, synthetic_problems, write_parquet
 
@@ -119,7 +122,7 @@ def test_train_rsft_writes_adapter_and_record(tmp_path, student_dir, rsft_dir):
     assert list(record["dataset"]["files"].values())[0] and record["data"]["kept"] > 0
     assert "eval_loss" in record["metrics"] and "train_loss" in record["metrics"]
     assert record["data"]["attention"] == VARLEN_SDPA
-    assert list((common.checkpoints_dir(out)).rglob("events.out.tfevents*")), "tensorboard logs are written"
+    assert list((checkpoints_dir(out)).rglob("events.out.tfevents*")), "tensorboard logs are written"
 
 
 def test_one_optimizer_step_changes_only_the_adapter(tmp_path, student_dir, tokenizer):
@@ -128,11 +131,11 @@ def test_one_optimizer_step_changes_only_the_adapter(tmp_path, student_dir, toke
     from pluribus.distill.sft import PackedSFTTrainer
 
     cfg = recipe(tmp_path, student_dir, max_steps=1, lr=1e-2, warmup_ratio=0.0).train
-    model, tok = common.load_student(cfg)
-    model = common.attach_lora(model, cfg, "CAUSAL_LM")
+    model, tok = load_student(cfg)
+    model = attach_lora(model, cfg, "CAUSAL_LM")
     use_varlen_attention(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = common.training_arguments(cfg, tmp_path / "ckpt", seed=0, has_eval=False, save_strategy="no")
+    args = training_arguments(cfg, tmp_path / "ckpt", seed=0, has_eval=False, save_strategy="no")
     PackedSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_examples(tok, 4)),
                      data_collator=PackingCollator(tok.pad_token_id)).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
@@ -145,13 +148,13 @@ def test_resume_continues_from_the_saved_step_with_the_same_data(tmp_path, stude
     straight = train_sft(recipe(tmp_path / "a", student_dir, max_steps=4, **kw), dataset=rsft_dir)
     r1 = recipe(tmp_path / "b", student_dir, max_steps=2, **kw)
     first = train_sft(r1, dataset=rsft_dir)
-    assert (common.checkpoints_dir(first) / "checkpoint-2").is_dir()
+    assert (checkpoints_dir(first) / "checkpoint-2").is_dir()
     resumed = train_sft(recipe(tmp_path / "b", student_dir, max_steps=4, **kw), dataset=rsft_dir, resume=True)
     a = load_file(straight / "adapter_model.safetensors")
     b = load_file(resumed / "adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    state = (common.checkpoints_dir(resumed) / "checkpoint-4" / "trainer_state.json").read_text()
+    state = (checkpoints_dir(resumed) / "checkpoint-4" / "trainer_state.json").read_text()
     assert '"global_step": 4' in state
 
 
@@ -176,7 +179,7 @@ def test_resume_refuses_an_adapter_of_another_base(tmp_path, student_dir, other_
 def test_too_long_rows_are_dropped_or_truncated_and_counted(tmp_path, student_dir, tokenizer, rsft_dir):
     from datasets import Dataset
 
-    rows = common.load_rows(rsft_dir, "rsft")
+    rows = load_rows(rsft_dir, "rsft")
     long = {"messages": [{"role": "user", "content": "q " * 300}, {"role": "assistant", "content": "a " * 300}],
             "problem_id": "long", "agent": "a", "round": 0}
     ds = Dataset.from_list([*rows.to_list()[:3], long])
@@ -203,7 +206,7 @@ def test_too_long_rows_are_dropped_or_truncated_and_counted(tmp_path, student_di
 
 
 def test_augmented_weights_corrective_traces(tmp_path, student_dir, augmented_dir, tokenizer):
-    rows = common.load_rows(augmented_dir, "augmented")
+    rows = load_rows(augmented_dir, "augmented")
     cfg = Recipe(train={"objective": "augmented", "corrective_weight": 2.5}).train
     examples, _ = prepare_examples(rows, tokenizer, cfg)
     assert [e["weight"] for e in examples] == [2.5 if k == "corrective" else 1.0 for k in rows["kind"]]
@@ -254,7 +257,7 @@ def test_kernels_torch_give_the_same_packed_loss_and_gradients(student_dir, toke
 
     cfg = Recipe(train={"lora": {"r": 4}}).train
     model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
-    model = common.attach_lora(model, cfg, "CAUSAL_LM")
+    model = attach_lora(model, cfg, "CAUSAL_LM")
     with torch.no_grad():  # non-zero B so the LoRA path matters
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -263,7 +266,7 @@ def test_kernels_torch_give_the_same_packed_loss_and_gradients(student_dir, toke
     batch = PackingCollator(tokenizer.pad_token_id)(_examples(tokenizer))
     results = []
     for mode in ("off", "torch"):
-        handle = common.patch_kernels(model, mode)
+        handle = patch_kernels(model, mode)
         model.zero_grad()
         loss = causal_lm_loss(model, batch, None, mode)
         loss.backward()

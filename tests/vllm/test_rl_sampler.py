@@ -16,15 +16,15 @@ G = 48  # samples per prompt of the one-token distributions compared below
 
 @pytest.fixture(scope="module")
 def policy_and_sampler():
-    from pluribus.distill import common
     from pluribus.distill.rl import VLLMSampler
+    from pluribus.distill.student import attach_lora, base_identity, load_student
 
     cfg = TrainConfig(model=MODEL, lora={"r": 8, "alpha": 16})
-    model, tokenizer = common.load_student(cfg, seed=0)
-    model = common.attach_lora(model, cfg, "CAUSAL_LM")
+    model, tokenizer = load_student(cfg, seed=0)
+    model = attach_lora(model, cfg, "CAUSAL_LM")
     settings = RLSettings(backend="vllm", group_size=G, temperature=1.0, max_new_tokens=1,
                           vllm=VLLMSettings(kv_cache_gib=1.0))
-    sampler = VLLMSampler(tokenizer, settings, str(common.base_identity(model)), 8, prompts=PROMPTS,
+    sampler = VLLMSampler(tokenizer, settings, str(base_identity(model)), 8, prompts=PROMPTS,
                           dtype="bfloat16", seed=0)
     yield model, tokenizer, sampler
     sampler.close()
