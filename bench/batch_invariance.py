@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from pluribus.config import AgentConfig, SamplingConfig, TaskConfig  # noqa: E402
 from pluribus.data.backends import TransformersBackend  # noqa: E402
-from pluribus.data.debate import DEFAULT_PROMPTS, conversation_seed, fill  # noqa: E402
+from pluribus.data.debate import conversation_seed  # noqa: E402
+from pluribus.data.prompts import DEFAULT_PROMPTS, fill  # noqa: E402
 from pluribus.data.tasks import load_problems  # noqa: E402
 from pluribus.models import EMBEDDED  # noqa: E402
 

@@ -27,9 +27,9 @@ import torch  # noqa: E402
 
 from pluribus.config import AgentConfig, SamplingConfig  # noqa: E402
 from pluribus.data.backends import make_backend  # noqa: E402
-from pluribus.data.build.process import Trace, label_traces, requests_for  # noqa: E402
-from pluribus.data.build.stage import BackendCompleter  # noqa: E402
-from pluribus.data.build.steps import split_steps  # noqa: E402
+from pluribus.data.builders.datasets import BackendCompleter  # noqa: E402
+from pluribus.data.builders.process import Trace, label_traces, requests_for  # noqa: E402
+from pluribus.data.builders.steps import split_steps  # noqa: E402
 from pluribus.data.tasks import load_gsm8k  # noqa: E402
 from pluribus.models import EMBEDDED  # noqa: E402
 

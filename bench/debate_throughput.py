@@ -35,10 +35,11 @@ import torch  # noqa: E402
 
 from pluribus.config import AgentConfig, Recipe, SamplingConfig, TaskConfig, TeamConfig  # noqa: E402
 from pluribus.data.backends import TransformersBackend, backend_key, make_backend  # noqa: E402
-from pluribus.data.debate import DEFAULT_PROMPTS, fill, run_debate  # noqa: E402
+from pluribus.data.prompts import DEFAULT_PROMPTS, fill  # noqa: E402
 from pluribus.data.store import TrajectoryStore  # noqa: E402
 from pluribus.data.tasks import load_problems  # noqa: E402
 from pluribus.models import EMBEDDED  # noqa: E402
+from pluribus.stages.debate import run_debate  # noqa: E402
 
 
 def naive_debate(backend: TransformersBackend, problems, n_agents: int, rounds: int, max_new: int):

@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from pluribus.config import validate_recipe  # noqa: E402
-from pluribus.data.debate import run_debate  # noqa: E402
 from pluribus.models import EMBEDDED  # noqa: E402
+from pluribus.stages.debate import run_debate  # noqa: E402
 
 # The prompt bench/task_levels.py calibrated the levels with (the debate's default asks for \boxed{}, which the
 # 135M model rarely produces); the rsft user turn is the same prompt, so training matches evaluation.
@@ -93,14 +93,14 @@ def main() -> None:
           flush=True)
 
     # 2. the rsft dataset (verified-correct traces)
-    from pluribus.data.build import build_recipe
+    from pluribus.stages.build import build_recipe
 
     built = build_recipe(harvest, overwrite=True, progress=False)
     rows = built[0].rows
     print(f"rsft dataset: {rows} rows at {built[0].path}")
 
     # 3. LoRA reasoning SFT
-    from pluribus.distill import train_stage
+    from pluribus.stages.train import train_stage
 
     train = validate_recipe({**harvest.to_dict(), "train": {
         "objective": "rsft", "model": EMBEDDED, "lr": args.lr, "epochs": args.epochs, "batch_size": 8,

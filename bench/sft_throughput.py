@@ -39,7 +39,7 @@ def store_rows(run: Path) -> list[dict]:
     with the user turn the debate asked (the run's question prompt)."""
     import yaml
 
-    from pluribus.data.debate import DEFAULT_PROMPTS
+    from pluribus.data.prompts import DEFAULT_PROMPTS
     from pluribus.data.store import TrajectoryStore
 
     recipe = yaml.safe_load((run / "recipe.yaml").read_text()) or {}

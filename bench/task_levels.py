@@ -67,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.prompt == "debate":
-        from pluribus.data.debate import DEFAULT_PROMPTS
+        from pluribus.data.prompts import DEFAULT_PROMPTS
 
         prompt = DEFAULT_PROMPTS["question"]
     else:

@@ -85,7 +85,7 @@ def debate_cmd(
     from rich.table import Table
 
     from pluribus.config import load_recipe
-    from pluribus.data.debate import run_debate
+    from pluribus.stages.debate import run_debate
 
     summary = run_debate(load_recipe(recipe, _with_threads(overrides, threads)), new_run=new_run,
                          progress=not no_progress)
@@ -118,8 +118,8 @@ def build_cmd(
     from rich.table import Table
 
     from pluribus.config import load_recipe
-    from pluribus.data.build import build_recipe, push_to_hub
     from pluribus.hub import check_push
+    from pluribus.stages.build import build_recipe, push_to_hub
 
     if push:
         check_push(push)  # a bad repo id or a missing token fails before any work
@@ -153,7 +153,7 @@ def repair_cmd(
 ) -> None:
     """Move corrupt and duplicated lines out of a store's shards into removed-<time>.jsonl; the next
     `pluribus debate` (or eval, build) generates their problems again."""
-    from pluribus.data.build.stage import store_dir
+    from pluribus.data.builders.datasets import store_dir
     from pluribus.data.records import Trajectory
     from pluribus.data.store import repair_store
 
@@ -191,9 +191,9 @@ def train_cmd(
     import json
 
     from pluribus.config import load_recipe
-    from pluribus.distill import train_stage
     from pluribus.distill.distributed import is_main
     from pluribus.errors import PluribusError
+    from pluribus.stages.train import train_stage
 
     loaded = load_recipe(recipe, [*_with_threads(overrides, threads), *([f"train.objective={objective}"] if objective else [])])
     _threads(loaded.threads)

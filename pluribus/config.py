@@ -257,7 +257,7 @@ class TeamConfig(Section):
     peer_token_budget: int = Field(256, ge=16, description="Max tokens of each peer response shown to an agent.")
     prompts: dict[str, str] = Field(
         default_factory=dict,
-        description="Prompt template overrides by name (question, debate, peer, judge); see pluribus.data.debate.",
+        description="Prompt template overrides by name (question, debate, peer, judge); see pluribus.data.prompts.",
     )
     problems_per_step: int | None = Field(
         None, ge=1, description="Problems debated together (stored after each step); None: batch_size // agents."
@@ -281,7 +281,7 @@ _CORRECTIVE_TEMPLATE = (
 
 
 class BuildConfig(Section):
-    """Turning a trajectory store into datasets: rsft, augmented and process (see pluribus.data.build)."""
+    """Turning a trajectory store into datasets: rsft, augmented and process (see pluribus.data.builders)."""
 
     kinds: list[Literal["rsft", "augmented", "process"]] = Field(default_factory=lambda: ["rsft"], min_length=1)
     target: Literal["gold", "consensus"] = Field(

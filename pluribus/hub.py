@@ -169,7 +169,7 @@ def _gguf_note(kind: str, hub_base: str | None, origin: tuple[str, str | None]) 
 
 def _dataset_of(task: dict[str, Any]) -> dict[str, Any]:
     """A results task as model-index's ``dataset``: the Hub dataset it names where pluribus knows one."""
-    from pluribus.data.build.card import source_metadata
+    from pluribus.data.builders.card import source_metadata
 
     label = str(task.get("task") or task.get("name") or "held-out")
     source, _, rest = label.partition(":")

@@ -96,7 +96,7 @@ def plan(recipe: Recipe) -> list[Step]:
 
 
 def _debate(recipe: Recipe, progress: bool, new_run: bool) -> tuple[Path, str]:
-    from pluribus.data.debate import run_debate
+    from pluribus.stages.debate import run_debate
 
     s = run_debate(recipe, progress=progress, new_run=new_run)
     return recipe.layout.trajectories(), (
@@ -105,7 +105,7 @@ def _debate(recipe: Recipe, progress: bool, new_run: bool) -> tuple[Path, str]:
 
 
 def _self(recipe: Recipe, progress: bool, new_run: bool) -> tuple[Path, str]:
-    from pluribus.data.selfsamples import run_self_samples, self_team
+    from pluribus.stages.selfsamples import run_self_samples, self_team
 
     s = run_self_samples(recipe, progress=progress, new_run=new_run)
     k = len(self_team(recipe).agents)
@@ -114,9 +114,9 @@ def _self(recipe: Recipe, progress: bool, new_run: bool) -> tuple[Path, str]:
 
 
 def _build(recipe: Recipe, progress: bool, self_kinds: list[str]) -> tuple[Path, str]:
-    from pluribus.data.build import build_recipe
-    from pluribus.data.build.stage import build
-    from pluribus.data.selfsamples import self_team
+    from pluribus.data.builders.datasets import build
+    from pluribus.stages.build import build_recipe
+    from pluribus.stages.selfsamples import self_team
 
     built = build_recipe(recipe, None, overwrite=True, progress=progress)
     summary = ", ".join(f"{b.kind}: {b.rows} rows" for b in built)
@@ -139,14 +139,14 @@ def _build(recipe: Recipe, progress: bool, self_kinds: list[str]) -> tuple[Path,
 
 
 def _train_inputs(recipe: Recipe, cfg: Any) -> dict[str, Path]:
-    from pluribus.distill import expert_inputs
+    from pluribus.stages.train import expert_inputs
 
     return expert_inputs(recipe, cfg)
 
 
 def _train_step(recipe: Recipe, name: str) -> Callable[[bool, bool], tuple[Path, str]]:
     def run(progress: bool, new_run: bool) -> tuple[Path, str]:
-        from pluribus.distill import train_stage
+        from pluribus.stages.train import train_stage
 
         # overwrite: a rerun reaches this step only when its inputs changed, so the old adapter is stale
         folder = train_stage(recipe, expert=name, overwrite=True)

@@ -195,7 +195,7 @@ def test_experts_take_the_shared_settings_and_override_them_key_by_key() -> None
 
 
 def test_expert_references_resolve_to_earlier_experts_folders(tmp_path: Path) -> None:
-    from pluribus.distill import resolve_expert
+    from pluribus.stages.train import resolve_expert
 
     r = load_recipe(None, [f"root={tmp_path}", "name=x", "train.experts=[{objective: rsft}, {objective: prm}, "
                            "{objective: rl, init_adapter: rsft}, {name: rl2, objective: rl, init_adapter: /a/b, "

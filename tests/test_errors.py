@@ -50,7 +50,7 @@ def test_every_stage_refuses_an_existing_output_with_the_one_message(site: str, 
         call = lambda: extract_lora("base", "tuned", out, rank=4)  # noqa: E731
     elif site == "build":
         from pluribus.config import BuildConfig
-        from pluribus.data.build.stage import build
+        from pluribus.data.builders.datasets import build
         from tests.data.test_builders import make_run, sample_trajs
 
         run = make_run(tmp_path / "run", sample_trajs())

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pluribus.config import load_recipe
-from pluribus.data.debate import fill
+from pluribus.data.prompts import fill
 from pluribus.run import run_recipe
 
 PROMPT = "{question} Answer with \\boxed{N}."

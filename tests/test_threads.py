@@ -54,7 +54,7 @@ def test_every_computing_command_takes_threads(command: str) -> None:
 
 
 def test_cli_threads_reach_torch_before_the_stage(tmp_path: Path, monkeypatch) -> None:
-    import pluribus.distill
+    import pluribus.stages.train
     from pluribus import cli
 
     seen = {}
@@ -63,7 +63,7 @@ def test_cli_threads_reach_torch_before_the_stage(tmp_path: Path, monkeypatch) -
         seen["threads"], seen["torch"] = recipe.threads, torch.get_num_threads()
         raise SystemExit(0)
 
-    monkeypatch.setattr(pluribus.distill, "train_stage", stage)
+    monkeypatch.setattr(pluribus.stages.train, "train_stage", stage)
     (tmp_path / "r.yaml").write_text("train:\n  max_steps: 1\n")
     monkeypatch.setattr(sys, "argv", ["pluribus", "train", str(tmp_path / "r.yaml"), "--threads", "3"])
     torch.set_num_threads(1)
@@ -75,7 +75,7 @@ def test_cli_threads_reach_torch_before_the_stage(tmp_path: Path, monkeypatch) -
 def test_run_debate_applies_the_recipe_threads(tmp_path: Path) -> None:
     from pluribus.config import AgentConfig, Recipe, TaskConfig, TeamConfig
     from pluribus.data.backends import backend_key
-    from pluribus.data.debate import run_debate
+    from pluribus.stages.debate import run_debate
     from tests.data.test_debate import ScriptedBackend, problems
 
     seen = []

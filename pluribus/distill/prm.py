@@ -38,7 +38,7 @@ IGNORE = -100.0
 
 def step_texts(solution: str, rule: str = "lines", pattern: str | None = None) -> list[str]:
     """The steps of a free-text solution, split as the process builder splits them (``build.step_rule``)."""
-    from pluribus.data.build.steps import split_steps
+    from pluribus.data.builders.steps import split_steps
 
     return [step.text for step in split_steps(solution, rule, pattern)]
 

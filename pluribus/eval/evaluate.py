@@ -135,7 +135,7 @@ def plan_systems(recipe: Recipe, *, check: bool = True) -> list[Plan]:
     """Every requested system and decoding mode, validated before anything runs (adapters must exist)."""
     cfg = recipe.eval or EvalConfig()
     team = recipe.require("team")
-    from pluribus.data.debate import question_prompt
+    from pluribus.data.prompts import question_prompt
 
     prompt = question_prompt(recipe.build, team)
     experts = {t.expert_name: t for t in recipe.train.trainings()} if recipe.train else {}
@@ -379,8 +379,8 @@ def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, p
     store resumes without loading the model).
     """
     from pluribus.data.backends import backend_key, make_backend
-    from pluribus.data.debate import run_debate
     from pluribus.data.store import TrajectoryStore
+    from pluribus.stages.debate import run_debate
 
     sub = recipe.model_copy(update={"root": str(folder.parent), "name": folder.name, "task": task, "team": team,
                                     "train": None, "merge": None, "eval": None, "export": None})
@@ -520,8 +520,8 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
 def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> dict[str, Any]:
     """Evaluate every planned system on the held-out split and on ``eval.tasks``; write results.json, report.md
     and the plots. ``new_run`` moves aside a system's stored answers written with other settings (else refused)."""
-    from pluribus.data.debate import check_team_models
     from pluribus.eval.report import write_report
+    from pluribus.stages.debate import check_team_models
 
     cfg = recipe.eval or EvalConfig()
     plans = plan_systems(recipe)

@@ -386,8 +386,8 @@ def test_a_task_may_accept_expressions() -> None:
 
 def test_every_checker_applies_the_answer_form_rule() -> None:
     # The debate (grade), the builders (is_correct on stored answers), the Monte-Carlo check and the RL reward.
-    from pluribus.data.build.process import answer_check
-    from pluribus.data.build.select import is_correct
+    from pluribus.data.builders.process import answer_check
+    from pluribus.data.builders.select import is_correct
     from pluribus.data.records import Trajectory, Turn
     from pluribus.distill.rl import default_verify
 

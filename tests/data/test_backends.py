@@ -27,9 +27,9 @@ from pluribus.data.backends import (
     TransformersBackend,
     make_backend,
 )
-from pluribus.data.debate import run_debate
 from pluribus.data.store import TrajectoryStore
 from pluribus.errors import PluribusError
+from pluribus.stages.debate import run_debate
 
 GREEDY8 = SamplingConfig(max_new_tokens=8)
 

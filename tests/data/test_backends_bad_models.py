@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pluribus.config import AgentConfig, Recipe, SamplingConfig, TaskConfig, TeamConfig
-from pluribus.data.debate import run_debate
 from pluribus.errors import PluribusError
+from pluribus.stages.debate import run_debate
 from tests.broken import lora_adapter, nan_copy, other_base, truncated_copy
 
 

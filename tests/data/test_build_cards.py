@@ -10,8 +10,8 @@ from datasets import load_dataset
 from huggingface_hub import DatasetCard
 
 from pluribus.config import BuildConfig
-from pluribus.data.build import build
-from pluribus.data.build.stage import hub_card
+from pluribus.data.builders import build
+from pluribus.stages.build import hub_card
 from tests.data.test_builders import make_run, sample_trajs
 
 
@@ -81,6 +81,6 @@ def test_the_pushed_card_keeps_the_datasets_header_and_pluribus_metadata(tmp_pat
 @pytest.mark.parametrize(("rows", "category"), [(0, "n<1K"), (999, "n<1K"), (1000, "1K<n<10K"),
                                                (250_000, "100K<n<1M")])
 def test_size_categories_are_the_hubs(rows: int, category: str) -> None:
-    from pluribus.data.build.card import size_category
+    from pluribus.data.builders.card import size_category
 
     assert size_category(rows) == category

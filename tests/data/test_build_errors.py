@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from pluribus.config import BuildConfig
-from pluribus.data.build import build, push_to_hub
+from pluribus.data.builders import build
 from pluribus.errors import PluribusError
+from pluribus.stages.build import push_to_hub
 from tests.data.test_builders import make_run, sample_trajs
 
 

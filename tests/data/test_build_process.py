@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pluribus.data.build.process import (
+from pluribus.data.builders.process import (
     SHEPHERD_TAG,
     RolloutRequest,
     Trace,
@@ -15,7 +15,7 @@ from pluribus.data.build.process import (
     process_rows,
     tokenize_stepwise,
 )
-from pluribus.data.build.steps import split_steps
+from pluribus.data.builders.steps import split_steps
 from pluribus.data.records import Problem, Trajectory, Turn
 from tests.data.test_build_steps import GSM8K, gsm8k_solutions
 

@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from pluribus.config import Recipe, write_recipe
-from pluribus.data.build import build_recipe
-from pluribus.data.debate import config_hash
 from pluribus.data.tasks import load_problems
 from pluribus.errors import PluribusError
+from pluribus.stages.build import build_recipe
+from pluribus.stages.debate import config_hash
 from tests.data.test_builders import RIGHT, make_run, traj, turn
 
 

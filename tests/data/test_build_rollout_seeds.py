@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pluribus.config import AgentConfig, SamplingConfig
 from pluribus.data.backends import TransformersBackend
-from pluribus.data.build.process import RolloutRequest
-from pluribus.data.build.stage import BackendCompleter
+from pluribus.data.builders.datasets import BackendCompleter
+from pluribus.data.builders.process import RolloutRequest
 from pluribus.data.records import Problem
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pluribus.config import BuildConfig
-from pluribus.data.build.select import (
+from pluribus.data.builders.select import (
     augmented_rows,
     corrective_pairs,
     ngrams,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pluribus.data.build.steps import compile_step_regex, prefix_bounds, split_steps
+from pluribus.data.builders.steps import compile_step_regex, prefix_bounds, split_steps
 from pluribus.errors import PluribusError
 
 GSM8K = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "train.jsonl"

@@ -9,9 +9,9 @@ import pytest
 from datasets import load_dataset
 
 from pluribus.config import BuildConfig
-from pluribus.data.build import build
-from pluribus.data.build.process import RolloutRequest, tokenize_stepwise
-from pluribus.data.debate import DEFAULT_PROMPTS
+from pluribus.data.builders import build
+from pluribus.data.builders.process import RolloutRequest, tokenize_stepwise
+from pluribus.data.prompts import DEFAULT_PROMPTS
 from pluribus.data.records import Trajectory, Turn
 from pluribus.data.store import TrajectoryStore
 from pluribus.errors import PluribusError

@@ -8,8 +8,8 @@ import pytest
 from datasets import load_dataset
 
 from pluribus.config import validate_recipe
-from pluribus.data.build import build_recipe
 from pluribus.data.store import TrajectoryStore
+from pluribus.stages.build import build_recipe
 from tests.data.test_builders import check_stepwise
 
 
@@ -18,7 +18,7 @@ from tests.data.test_builders import check_stepwise
 def test_debate_then_build_all_three(tmp_path: Path, smollm2_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from pluribus.data.debate import run_debate
+    from pluribus.stages.debate import run_debate
 
     agent = {"model": str(smollm2_dir), "sampling": {"temperature": 0.7, "max_new_tokens": 64, "seed": 1}}
     recipe = validate_recipe({

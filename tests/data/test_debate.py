@@ -15,20 +15,12 @@ import yaml
 
 from pluribus.config import AgentConfig, Recipe, SamplingConfig, TaskConfig, TeamConfig, load_recipe
 from pluribus.data.backends import Generation, backend_key
-from pluribus.data.debate import (
-    DEFAULT_PROMPTS,
-    TRIM_MARK,
-    build_team,
-    config_hash,
-    debate_step,
-    fill,
-    majority,
-    resolve_prompts,
-    run_debate,
-)
+from pluribus.data.debate import TRIM_MARK, build_team, debate_step, majority
+from pluribus.data.prompts import DEFAULT_PROMPTS, fill, resolve_prompts
 from pluribus.data.records import Problem, Turn
 from pluribus.data.store import TrajectoryStore
 from pluribus.errors import PluribusError
+from pluribus.stages.debate import config_hash, run_debate
 
 REPO = Path(__file__).resolve().parents[2]
 # One torch thread in tests and their subprocesses: on a shared CPU, spinning OpenMP threads make
@@ -272,7 +264,7 @@ def test_summary_counts_corrections():
     be = ScriptedBackend(reply)
     agents = [AgentConfig(name="a", persona="A"), AgentConfig(name="b", persona="B")]
     cfg = TeamConfig(agents=agents, rounds=2)
-    from pluribus.data.debate import summarize
+    from pluribus.stages.debate import summarize
 
     trajs = debate_step([Problem("q", "What is 0 + 1?", "1")], build_team(cfg, {backend_key(agents[0]): be}),
                         run_id="r")
@@ -452,7 +444,7 @@ def test_a_duplicated_store_line_is_counted_once_and_reported(tmp_path):
 
 def _record_bar(monkeypatch) -> list[tuple[float, int]]:
     """(completed generations, stored problems) of the live bar after every finished batch."""
-    from pluribus.data import debate
+    from pluribus.stages import debate
 
     seen: list[tuple[float, int]] = []
     original = debate._Progress.batch
@@ -576,7 +568,7 @@ def test_a_debate_round_that_does_not_fit_follows_the_same_rule(tmp_path):
 
 
 def test_a_bf16_store_is_not_continued_with_other_batches_but_older_stores_are_taken_over(tmp_path):
-    from pluribus.data.debate import _CURRENT_EXCLUDE, _hash
+    from pluribus.stages.debate import _CURRENT_EXCLUDE, _hash
 
     be = ScriptedBackend(lambda conv, k: "\\boxed{2}")
     recipe = Recipe(name="r", root=str(tmp_path), task=TaskConfig(n=4),

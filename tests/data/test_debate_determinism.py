@@ -17,9 +17,9 @@ import yaml
 
 from pluribus.config import AgentConfig, Recipe, SamplingConfig, TaskConfig, TeamConfig
 from pluribus.data.backends import TransformersBackend, backend_key
-from pluribus.data.debate import run_debate
 from pluribus.data.store import SHARD_GLOB, TrajectoryStore
 from pluribus.data.tasks import load_problems
+from pluribus.stages.debate import run_debate
 
 REPO = Path(__file__).resolve().parents[2]
 ONE_THREAD = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -15,10 +15,10 @@ from pluribus.config import (
     validate_recipe,
 )
 from pluribus.data.backends import backend_key
-from pluribus.data.build.stage import rollout_hash
-from pluribus.data.debate import config_hash, legacy_config_hash
+from pluribus.data.builders.datasets import rollout_hash
 from pluribus.data.vllm_engine import GIB, engine_kwargs, lora_rank, server_args
 from pluribus.errors import PluribusError
+from pluribus.stages.debate import config_hash, legacy_config_hash
 
 
 def _kw(settings: VLLMSettings | None, *, cpu: bool, **over):

@@ -10,10 +10,10 @@ import pytest
 from safetensors.torch import load_file
 
 from pluribus.config import Recipe
-from pluribus.distill import train_stage
 from pluribus.distill.output import checkpoints_dir
 from pluribus.distill.prm import load_prm
 from pluribus.errors import PluribusError
+from pluribus.stages.train import train_stage
 from tests.broken import lora_adapter, nan_copy, truncated_copy
 
 

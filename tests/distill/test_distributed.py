@@ -17,10 +17,10 @@ import yaml
 from safetensors.torch import load_file
 
 from pluribus.config import load_recipe
-from pluribus.distill import train_stage
 from pluribus.distill.distributed import check_launch
 from pluribus.distill.output import save_output
 from pluribus.errors import PluribusError
+from pluribus.stages.train import train_stage
 from tests.distill.conftest import read_record, synthetic_problems, write_parquet
 
 REPO = Path(__file__).resolve().parents[2]

@@ -59,7 +59,7 @@ def test_trl_prm_trainer_tokenizes_our_process_rows(process_dir, student_dir) ->
     prm = pytest.importorskip("trl.experimental.prm", reason="TRL >= 1.14 removed the PRM trainer")
     from transformers import AutoTokenizer
 
-    from pluribus.data.build.process import tokenize_stepwise
+    from pluribus.data.builders.process import tokenize_stepwise
 
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     for row in load_rows(process_dir, "process"):

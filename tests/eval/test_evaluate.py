@@ -112,7 +112,7 @@ def test_eval_end_to_end_on_a_tiny_model(tiny_llama_dir: Path, tmp_path: Path) -
 
 
 def test_eval_bars_are_labelled_by_system(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    import pluribus.data.debate as debate
+    import pluribus.stages.debate as debate
 
     labels = []
     real = debate.run_debate

@@ -8,9 +8,9 @@ import pytest
 
 from pluribus.config import AgentConfig, Recipe, SamplingConfig, TaskConfig, TeamConfig, VLLMSettings
 from pluribus.data.backends import backend_key, make_backend
-from pluribus.data.debate import run_debate
 from pluribus.data.store import TrajectoryStore
 from pluribus.data.vllm_engine import GIB, VLLMServer, group_members
+from pluribus.stages.debate import run_debate
 
 MODEL = "smollm2-135m"
 PROMPT = "{question} Answer briefly: show the one calculation and end with \\boxed{N}."

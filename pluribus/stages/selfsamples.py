@@ -10,7 +10,8 @@ the debate's; ``build`` makes the same datasets of it with as many rows as the t
 from __future__ import annotations
 
 from pluribus.config import BuildConfig, Recipe, TeamConfig
-from pluribus.data.debate import DebateSummary, question_prompt, run_debate
+from pluribus.data.prompts import question_prompt
+from pluribus.stages.debate import DebateSummary, run_debate
 
 
 def self_team(recipe: Recipe) -> TeamConfig:

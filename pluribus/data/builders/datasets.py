@@ -22,13 +22,12 @@ from typing import Any
 from pluribus.config import (
     AgentConfig,
     BuildConfig,
-    Recipe,
     SamplingConfig,
     TeamConfig,
     without_engine_settings,
 )
-from pluribus.data.build.card import SIZE_ORDER, render_card
-from pluribus.data.build.process import (
+from pluribus.data.builders.card import render_card
+from pluribus.data.builders.process import (
     Completer,
     RolloutRequest,
     Trace,
@@ -37,8 +36,9 @@ from pluribus.data.build.process import (
     process_rows,
     traces_from,
 )
-from pluribus.data.build.select import augmented_rows, rsft_rows
-from pluribus.data.debate import conversation_seed, question_prompt
+from pluribus.data.builders.select import augmented_rows, rsft_rows
+from pluribus.data.debate import conversation_seed
+from pluribus.data.prompts import question_prompt
 from pluribus.data.records import Trajectory
 from pluribus.errors import OutputExistsError, PluribusError, cannot_create, unknown_name
 from pluribus.io import atomic_dir, atomic_write_text
@@ -196,8 +196,6 @@ class BackendCompleter:
             per_row = False
         gens = self.backend.generate(convs, sampling, **({"seeds": seeds} if per_row else {}))
         return [g.text for g in gens]
-
-
 
 
 def rollout_hash(cfg: BuildConfig, completer: AgentConfig, source_hash: str, prompt: str) -> str:
@@ -454,105 +452,6 @@ def _write(kind: str, rows: list[dict[str, Any]], target: Path, run: str, source
 # ------------------------------------------------------------------------------------ recipe / hub
 
 
-def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, stores: list[Path] | None = None,
-                 kinds: list[str] | None = None, out_root: Path | None = None, overwrite: bool = False,
-                 new_run: bool = False, skip_corrupt: bool = False, progress: bool = True,
-                 prompt_completion: bool = False) -> list[Built]:
-    """``pluribus build``: the recipe's build section over its run's store, or over ``stores``.
-
-    Without a recipe, the first store's run folder supplies one (``<run>/recipe.yaml``, written by the
-    debate), so ``--store RUN --kind process`` still knows the team (the default completer) and its prompts.
-    """
-    from pluribus.config import load_recipe
-
-    # a recipe given, or the one the debate saved, names the store's config and task; a default one does not
-    known = recipe is not None
-    if recipe is None:
-        if not stores:
-            raise PluribusError("give a recipe or --store RUN (a run folder or a trajectory store)")
-        saved = store_dir(stores[0]).parent / "recipe.yaml"
-        known = saved.is_file()
-        recipe = load_recipe(saved if known else None, overrides)
-    elif overrides:
-        from pluribus.config import apply_overrides, validate_recipe
-
-        recipe = validate_recipe(apply_overrides(recipe.to_dict(), overrides))
-    from pluribus.threads import apply_threads
-
-    apply_threads(recipe.threads)  # before the rollouts' model loads
-    cfg = recipe.build or BuildConfig()
-    if skip_corrupt:
-        cfg = cfg.model_copy(update={"skip_corrupt": True})
-    hashes = ids = None
-    if known and recipe.task is not None and recipe.team is not None:
-        from pluribus.data.debate import config_hash, older_config_hashes
-        from pluribus.data.tasks import load_problems
-
-        hashes = [config_hash(recipe), *older_config_hashes(recipe)]
-        ids = [p.id for p in load_problems(recipe.task)]
-    return build(cfg, list(stores or [recipe.run_dir]), kinds=kinds, out_root=out_root, team=recipe.team,
-                 seed=recipe.seed, overwrite=overwrite, new_run=new_run,
-                 trust_remote_code=recipe.trust_remote_code, progress=progress, prompt_completion=prompt_completion,
-                 task_source=recipe.task.source if recipe.task else None, config_hashes=hashes, problem_ids=ids)
-
-
-def push_to_hub(built: list[Built], repo_id: str, *, private: bool = True, token_env: str | None = None) -> str:
-    """Push each dataset as a config of ``repo_id`` with ``datasets``' own ``push_to_hub``, then its card.
-
-    The token is ``pluribus.hub.hub_token``'s (the environment only, as for ``export``); it is never printed or
-    logged. Returns the dataset's URL.
-    """
-    from datasets import load_dataset
-    from huggingface_hub import DatasetCard
-
-    from pluribus.hub import check_push, push_errors
-
-    token = check_push(repo_id, token_env)
-    with push_errors(repo_id):
-        for b in built:
-            configs = {b.kind: PARQUET}
-            if b.kind == "process":
-                configs[f"{b.kind}_math_shepherd"] = SHEPHERD_PARQUET
-            if (b.path / PROMPT_COMPLETION_PARQUET).is_file():
-                configs[f"{b.kind}_prompt_completion"] = PROMPT_COMPLETION_PARQUET
-            for name, rel in configs.items():
-                ds = load_dataset("parquet", data_files=str(b.path / rel), split="train")
-                ds.push_to_hub(repo_id, config_name=name, private=private, token=token)
-        pushed = DatasetCard.load(repo_id, repo_type="dataset", token=token)
-        DatasetCard(hub_card(str(pushed), built)).push_to_hub(repo_id, repo_type="dataset", token=token)
-    return f"https://huggingface.co/datasets/{repo_id}"
-
-
 _LISTS = ("tags", "task_categories", "language", "size_categories")
 
 
-def hub_card(pushed: str, built: list[Built]) -> str:
-    """The dataset card to push: the header ``datasets`` wrote (``configs``, ``dataset_info``) merged with each
-    built dataset's own metadata (tags, task, license, language, size), then each dataset's card text.
-
-    Lists are joined (one size category: the largest); licenses that differ become ``other``.
-    """
-    from huggingface_hub import DatasetCard
-
-    card = DatasetCard(pushed)
-    data = card.data.to_dict()
-    texts, licenses, names = [], [], []
-    for b in built:
-        local = DatasetCard((b.path / "README.md").read_text())
-        ours = local.data.to_dict()
-        for key in _LISTS:
-            data[key] = list(dict.fromkeys([*(data.get(key) or []), *(ours.get(key) or [])]))
-        licenses.append(ours.get("license"))
-        names.append(ours.get("pretty_name"))
-        texts.append(local.text.strip())
-    if data.get("size_categories"):
-        data["size_categories"] = [max(data["size_categories"], key=lambda c: SIZE_ORDER.index(c)
-                                       if c in SIZE_ORDER else -1)]
-    known = {x for x in licenses if x}
-    if known:
-        data["license"] = known.pop() if len(known) == 1 else "other"
-    data["pretty_name"] = names[0] if len(names) == 1 else "pluribus datasets: " + ", ".join(b.kind for b in built)
-    data = {k: v for k, v in data.items() if v not in (None, [], {})}
-    import yaml
-
-    return "---\n" + yaml.safe_dump(data, sort_keys=False) + "---\n\n" + "\n\n".join(texts) + "\n"

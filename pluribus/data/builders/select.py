@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from string import Formatter
 from typing import Any
 
-from pluribus.data.debate import fill
+from pluribus.data.prompts import fill
 from pluribus.data.records import Trajectory, Turn
 
 CORRECTIVE_FIELDS = ("question", "first_attempt", "first_answer", "corrected", "corrected_answer")

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pluribus.data.build.select import _norm, is_correct
-from pluribus.data.build.steps import Step, prefix_bounds, split_steps
+from pluribus.data.builders.select import _norm, is_correct
+from pluribus.data.builders.steps import Step, prefix_bounds, split_steps
 from pluribus.data.records import Problem, Trajectory, Turn
 
 SHEPHERD_TAG = "ки"  # Math-Shepherd's step tag (a Cyrillic token that appears nowhere else in its text)

@@ -1,0 +1,90 @@
+"""The train stage: one expert of a recipe (its objective's trainer, its data, the adapters it starts from) into adapters/<name>/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pluribus.config import DATASET_OF_OBJECTIVE, Recipe, TrainConfig
+from pluribus.errors import PluribusError
+
+
+def resolve_expert(recipe: Recipe, cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with expert names turned into adapter folders: ``init_adapter`` and ``rl.prm``.
+
+    A name of an expert trained earlier in the recipe means ``<run>/adapters/<name>``; anything else is a folder.
+    An rl expert without ``rl.prm`` takes the last prm expert before it, else ``<run>/adapters/prm``.
+    """
+    trainings = recipe.require("train").trainings()
+    names = [t.expert_name for t in trainings]
+    earlier = names[: names.index(cfg.expert_name)] if cfg.expert_name in names else names
+    layout = recipe.layout
+
+    def ref(value: str, field: str) -> str:
+        if value in earlier:
+            return str(layout.adapter(value))
+        if value in names:
+            raise PluribusError(f"train expert '{cfg.expert_name}': {field} '{value}' names an expert trained after "
+                                "it; list that expert first")
+        return value
+
+    update: dict[str, Any] = {}
+    if cfg.init_adapter:
+        update["init_adapter"] = ref(cfg.init_adapter, "init_adapter")
+    if cfg.objective == "rl":
+        prm = cfg.rl.prm
+        if prm is None:
+            prms = [t.expert_name for t in trainings if t.objective == "prm" and t.expert_name in earlier]
+            later = [t.expert_name for t in trainings if t.objective == "prm" and t.expert_name not in earlier]
+            if not prms and later:
+                raise PluribusError(f"train expert '{cfg.expert_name}' (rl) needs a process reward model, and the "
+                                    f"prm expert {later[0]} is trained after it; list the prm expert first")
+            prm = prms[-1] if prms else str(layout.adapter("prm"))
+        update["rl"] = cfg.rl.model_copy(update={"prm": ref(prm, "rl.prm")})
+    return cfg.model_copy(update=update)
+
+
+def expert_inputs(recipe: Recipe, cfg: TrainConfig) -> dict[str, Path]:
+    """What a training reads from the run folder: its dataset, and the adapters it starts from or is guided by."""
+    resolved = resolve_expert(recipe, cfg)
+    inputs = {"dataset": recipe.layout.dataset(DATASET_OF_OBJECTIVE[cfg.objective], cfg.data)}
+    if resolved.init_adapter:
+        inputs["init_adapter"] = Path(resolved.init_adapter)
+    if cfg.objective == "rl" and resolved.rl.prm:
+        inputs["prm"] = Path(resolved.rl.prm)
+    return inputs
+
+
+def train_stage(recipe: Recipe, *, expert: str | None = None, dataset: str | Path | None = None,
+                out: str | Path | None = None, resume: bool | str | None = None, overwrite: bool = False) -> Path:
+    """Train one expert of ``recipe.train`` (the only one, or the one named ``expert``); returns its adapter folder.
+
+    rsft | augmented -> SFT, prm -> the process reward model, rl -> process-aware RL. An existing adapter folder
+    is replaced only with ``overwrite`` (or when ``resume`` continues its run).
+    """
+    from pluribus.distill.distributed import check_launch
+
+    check_launch()
+    section = recipe.require("train")
+    trainings = section.trainings()
+    if expert is None:
+        if len(trainings) > 1:
+            names = ", ".join(t.expert_name for t in trainings)
+            raise PluribusError(f"the train section has {len(trainings)} experts ({names}); name one with --expert "
+                                "or run them all with `pluribus train RECIPE --all`")
+        cfg = trainings[0]
+    else:
+        cfg = section.expert(expert)
+    cfg = resolve_expert(recipe, cfg)
+    if dataset is None:
+        dataset = recipe.layout.dataset(DATASET_OF_OBJECTIVE[cfg.objective], cfg.data)
+    if out is None:
+        out = recipe.layout.adapter(cfg.expert_name)
+    one = recipe.model_copy(update={"train": cfg})
+    if cfg.objective in {"rsft", "augmented"}:
+        from pluribus.distill.sft import train_sft as run
+    elif cfg.objective == "prm":
+        from pluribus.distill.prm import train_prm as run
+    else:
+        from pluribus.distill.rl import train_rl as run
+    return run(one, dataset=dataset, out=out, resume=resume, overwrite=overwrite)
