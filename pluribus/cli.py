@@ -48,6 +48,11 @@ def _threads(threads: int | None) -> None:
     apply_threads(threads)
 
 
+def _show(summary: Any) -> None:
+    """A stage's summary (pluribus.stages.StageSummary) as `pluribus run` shows it: the table and notes on stdout."""
+    summary.print(Console(), console)
+
+
 # ------------------------------------------------------------------------------------------- recipe
 
 
@@ -82,17 +87,10 @@ def debate_cmd(
     threads: ThreadsOpt = None,
 ) -> None:
     """Run the recipe's debate team over its problems into runs/<name>/trajectories (resumable)."""
-    from rich.table import Table
-
     from pluribus.config import load_recipe
-    from pluribus.stages.debate import run_debate
+    from pluribus.stages import debate
 
-    summary = run_debate(load_recipe(recipe, _with_threads(overrides, threads)), new_run=new_run,
-                         progress=not no_progress)
-    table = Table("debate", "value")
-    for name, value in summary.rows():
-        table.add_row(escape(name), escape(value))
-    Console().print(table)
+    _show(debate.run(load_recipe(recipe, _with_threads(overrides, threads)), new_run=new_run, progress=not no_progress))
 
 
 # -------------------------------------------------------------------------------------------- build
@@ -115,11 +113,9 @@ def build_cmd(
         "--prompt-completion", help="Also write rsft as TRL prompt/completion (rsft/prompt_completion/).")] = False,
 ) -> None:
     """Build rsft / augmented / process datasets from a run's trajectories into <run>/datasets/<kind>/."""
-    from rich.table import Table
-
     from pluribus.config import load_recipe
     from pluribus.hub import check_push
-    from pluribus.stages.build import build_recipe, push_to_hub
+    from pluribus.stages.build import build_recipe, push_to_hub, summary_of
 
     if push:
         check_push(push)  # a bad repo id or a missing token fails before any work
@@ -129,20 +125,7 @@ def build_cmd(
     built = build_recipe(loaded, None if loaded else overrides, stores=store, kinds=kind, out_root=out,
                          overwrite=overwrite, new_run=new_run, skip_corrupt=skip_corrupt, progress=not no_progress,
                          prompt_completion=prompt_completion)
-    table = Table("dataset", "rows", "problems", "path")
-    for b in built:
-        table.add_row(b.kind, str(b.rows), str(b.stats["counts"]["problems with rows"]), escape(str(b.path)))
-        if b.stats.get("skipped_lines"):
-            console.print(f"skipped {len(b.stats['skipped_lines'])} corrupt line(s): "
-                          f"{', '.join(b.stats['skipped_lines'][:10])}", markup=False, soft_wrap=True)
-        if b.stats.get("duplicate_lines"):
-            console.print(f"ignored {len(b.stats['duplicate_lines'])} duplicated store line(s) (the first line of "
-                          f"each problem is used): {', '.join(b.stats['duplicate_lines'][:10])}", markup=False, soft_wrap=True)
-        if b.stats.get("no_steps"):
-            console.print(f"{len(b.stats['no_steps'])} trace(s) had no step under build.step_rule "
-                          f"(e.g. {', '.join(b.stats['no_steps'][:5])}); all are listed in {b.path}/README.md",
-                          markup=False, soft_wrap=True)
-    Console().print(table)
+    _show(summary_of(built))
     if push:
         console.print(f"pushed to {push_to_hub(built, push)}", markup=False, soft_wrap=True)
 
@@ -188,12 +171,8 @@ def train_cmd(
     threads: ThreadsOpt = None,
 ) -> None:
     """Train a LoRA/QLoRA expert of RECIPE; writes a PEFT adapter + training_record.json."""
-    import json
-
     from pluribus.config import load_recipe
-    from pluribus.distill.distributed import is_main
-    from pluribus.errors import PluribusError
-    from pluribus.stages.train import train_stage
+    from pluribus.stages import train
 
     loaded = load_recipe(recipe, [*_with_threads(overrides, threads), *([f"train.objective={objective}"] if objective else [])])
     _threads(loaded.threads)
@@ -203,15 +182,9 @@ def train_cmd(
             raise PluribusError("--all trains every expert into its own folder; leave out --expert, --dataset and --out")
         names = [t.expert_name for t in loaded.require("train").trainings()]
     for name in names or [None]:
-        folder = train_stage(loaded, expert=name, dataset=dataset, out=out,
-                             resume=str(resume_from) if resume_from else resume, overwrite=overwrite)
-        if not is_main():  # several processes: rank 0 wrote the adapter and prints its summary
-            continue
-        metrics = json.loads((folder / "training_record.json").read_text())["metrics"]
-        shown = {k: v for k, v in metrics.items() if "loss" in k or k.startswith(("eval_step", "final_"))}
-        # soft_wrap: a path cut over lines cannot be copied
-        Console().print(f"adapter: {folder}\n" + "  ".join(f"{k}={v:.4g}" for k, v in shown.items()),
-                        highlight=False, markup=False, soft_wrap=True)
+        # several processes: rank 0 wrote the adapter, and only its summary has lines
+        _show(train.run(loaded, expert=name, dataset=dataset, out=out,
+                        resume=str(resume_from) if resume_from else resume, overwrite=overwrite))
 
 
 @app.command("score")
@@ -278,8 +251,8 @@ def merge_cmd(
     threads: ThreadsOpt = None,
 ) -> None:
     """Merge adapters (low-rank, any ranks) or models (streaming) into OUT; mergekit YAML is accepted."""
-    from pluribus.merge import run_merge
     from pluribus.merge.resolve import resolve_cli
+    from pluribus.stages import merge
 
     _threads(threads)
     if extract:
@@ -296,9 +269,7 @@ def merge_cmd(
                                density=density, drop=drop, seed=seed, rank=rank, energy=energy, output=output,
                                mergekit=mergekit or None, check_base=False if no_check_base else None,
                                **({"lambda": lam} if lam is not None else {}))
-    summary = run_merge(spec, target, overwrite=overwrite)
-    for line in summary.lines():
-        Console().print(line, highlight=False, markup=False, soft_wrap=True)
+    _show(merge.run(spec, target, overwrite=overwrite))
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -313,29 +284,12 @@ def eval_cmd(
     threads: ThreadsOpt = None,
 ) -> None:
     """Compare the single base agent, the team and the distilled model on the same held-out problems."""
-    from rich.table import Table
-
     from pluribus.config import load_recipe
-    from pluribus.eval.evaluate import run_eval
+    from pluribus.stages import eval
 
     loaded = load_recipe(recipe, _with_threads(overrides, threads))
     _threads(loaded.threads)
-    payload = run_eval(loaded, progress=not no_progress, new_run=new_run)
-    table = Table("system", "accuracy", "95% interval", "vs single (p)", "first answer", "wrong first corrected",
-                  "tokens/problem", "s/problem")
-    versus = {c["system"]: c for c in payload.get("comparisons", [])}
-    for name, r in payload["systems"].items():
-        c = versus.get(name)
-        table.add_row(escape(name), f"{r['accuracy']:.1%}", f"{r['accuracy_low']:.0%}-{r['accuracy_high']:.0%}",
-                      f"+{c['wins']}/-{c['losses']} ({c['p_value']:.2g})" if c else "",
-                      f"{r['first_answer_accuracy']:.1%}", f"{r['wrong_first_corrected']:.1%}",
-                      f"{r['tokens_per_problem']:.0f}", f"{r['seconds_per_problem']:.2f}")
-    Console().print(table)
-    for name, kinds in (payload.get("robustness") or {}).items():
-        for kind, r in kinds.items():
-            Console().print(f"{name} under {kind}: {r['accuracy']:.1%} ({r['change']:+.1%} vs clean; "
-                            f"{r['lost']} lost, {r['gained']} gained)", highlight=False, markup=False, soft_wrap=True)
-    Console().print(f"report: {loaded.run_dir / 'eval' / 'report.md'}", markup=False, soft_wrap=True)
+    _show(eval.run(loaded, progress=not no_progress, new_run=new_run))
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -354,18 +308,13 @@ def export_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
 ) -> None:
     """Write a Hub-ready folder (weights, tokenizer, model card) from SOURCE, and optionally push it."""
-    from pluribus.hub import check_push, export_folder, push_folder
+    from pluribus.stages.export import publish
 
     if old_dataset:  # `--dataset` is a folder in `train`; here it always was a Hub id
         console.print("export --dataset is now --hub-dataset (the old name still works; rename it)", markup=False,
                       highlight=False, soft_wrap=True)
-    datasets = [*(hub_dataset or []), *(old_dataset or [])]
-    if push:
-        check_push(push)  # a bad repo id or a missing token fails before the folder is written
-    folder = export_folder(source, out, datasets=datasets, eval_results=eval_results, overwrite=overwrite)
-    Console().print(f"exported: {folder}", markup=False, soft_wrap=True)
-    if push:
-        Console().print(f"pushed: {push_folder(folder, push, private=not public)}", markup=False, soft_wrap=True)
+    _show(publish(source, out, repo_id=push, private=not public, datasets=[*(hub_dataset or []), *(old_dataset or [])],
+                  eval_results=eval_results, overwrite=overwrite))
 
 
 # ---------------------------------------------------------------------------------------------- run

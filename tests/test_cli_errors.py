@@ -107,8 +107,9 @@ def test_a_run_summary_with_brackets_is_printed_as_written(tmp_path: Path, monke
 
     from pluribus import run
     from pluribus.config import Recipe
+    from pluribus.stages import Stage, StageSummary
 
-    step = run.Step("merge:[soup]", lambda p, n: (tmp_path, "merged [bold] x[/] into 'out[merged]'"))
+    step = Stage("merge:[soup]", lambda p, n: StageSummary("merge:[soup]", tmp_path, "merged [bold] x[/] into 'out[merged]'"))
     monkeypatch.setattr(run, "plan", lambda recipe: [step])
     buf = io.StringIO()
     run.run_recipe(Recipe(root=str(tmp_path)), console=Console(file=buf, width=200))

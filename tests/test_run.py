@@ -93,19 +93,20 @@ def test_a_step_is_current_only_while_its_settings_and_the_contents_it_read_are(
     import pluribus
     from pluribus import run
     from pluribus.config import Recipe
+    from pluribus.stages import Stage, StageSummary
 
     data = tmp_path / "data.txt"
     data.write_text("rows v1")
     ran: list[str] = []
     settings = {"lr": 1}
 
-    def train(progress: bool, new_run: bool) -> tuple[Path, str]:
+    def train(progress: bool, new_run: bool) -> StageSummary:
         ran.append(data.read_text())
         out = tmp_path / "adapter"
         out.write_text(f"trained on {data.read_text()}")
-        return out, "trained"
+        return StageSummary("train:x", out, "trained")
 
-    step = run.Step("train:x", train, settings=lambda: dict(settings), inputs=lambda: {"dataset": data})
+    step = Stage("train:x", train, settings=lambda: dict(settings), inputs=lambda: {"dataset": data})
     monkeypatch.setattr(run, "plan", lambda recipe: [step])
     recipe = Recipe(root=str(tmp_path), name="r")
 

@@ -16,6 +16,7 @@ from pluribus.data.builders.datasets import (
     store_dir,
 )
 from pluribus.errors import PluribusError
+from pluribus.stages import Stage, StageSummary, json_of
 
 
 def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, stores: list[Path] | None = None,
@@ -117,3 +118,70 @@ def hub_card(pushed: str, built: list[Built]) -> str:
     import yaml
 
     return "---\n" + yaml.safe_dump(data, sort_keys=False) + "---\n\n" + "\n\n".join(texts) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ the protocol
+
+
+def _warnings(b: Built) -> list[str]:
+    out = []
+    if b.stats.get("skipped_lines"):
+        out.append(f"skipped {len(b.stats['skipped_lines'])} corrupt line(s): {', '.join(b.stats['skipped_lines'][:10])}")
+    if b.stats.get("duplicate_lines"):
+        out.append(f"ignored {len(b.stats['duplicate_lines'])} duplicated store line(s) (the first line of each "
+                   f"problem is used): {', '.join(b.stats['duplicate_lines'][:10])}")
+    if b.stats.get("no_steps"):
+        out.append(f"{len(b.stats['no_steps'])} trace(s) had no step under build.step_rule "
+                   f"(e.g. {', '.join(b.stats['no_steps'][:5])}); all are listed in {b.path}/README.md")
+    return out
+
+
+def build_self(recipe: Recipe, built: list[Built], kinds: list[str], *, progress: bool = True) -> list[Built]:
+    """The single agent's own samples (``<run>/self``) built into the same kinds with as many rows as the team's."""
+    from pluribus.data.tasks import load_problems
+    from pluribus.stages.selfsamples import self_team
+
+    cfg = recipe.require("build")
+    match = {b.kind: b.rows for b in built}
+    missing = [k for k in kinds if k not in match]
+    if missing:
+        raise PluribusError(f"experts with data: self train on {missing}, which build.kinds does not make for "
+                            "the team; add them to build.kinds so both sides have the same kind of data")
+    layout = recipe.layout
+    return build(cfg, [layout.trajectories("self")], kinds=kinds, out_root=layout.datasets("self"),
+                 team=self_team(recipe), seed=recipe.seed, overwrite=True, trust_remote_code=recipe.trust_remote_code,
+                 progress=progress, match_rows=match, problem_ids=[p.id for p in load_problems(recipe.require("task"))])
+
+
+def summary_of(built: list[Built], mine: list[Built] | None = None, output: Path | None = None) -> StageSummary:
+    """The datasets a build wrote (the team's, then the single agent's own when there are any)."""
+    both = [(b, "") for b in built] + [(b, "self/") for b in mine or []]
+    rows = [(f"{prefix}{b.kind}", str(b.rows), str(b.stats["counts"]["problems with rows"]), str(b.path))
+            for b, prefix in both]
+    line = ", ".join(f"{b.kind}: {b.rows} rows" for b in built)
+    if mine:
+        line += "; self: " + ", ".join(f"{b.kind}: {b.rows} rows" for b in mine)
+    output = output or (built[0].path.parent if built else None)
+    return StageSummary("build", output, line, ("dataset", "rows", "problems", "path"), tuple(rows),
+                        tuple(w for b, _ in both for w in _warnings(b)))
+
+
+def plan(recipe: Recipe) -> list[Stage]:
+    """The build step: its output follows the build, team and task sections and the stores it reads."""
+    from pluribus.stages.selfsamples import self_kinds
+
+    if recipe.build is None:
+        return []
+    layout, kinds = recipe.layout, self_kinds(recipe)
+
+    def run(progress: bool, new_run: bool) -> StageSummary:
+        # overwrite: a rerun reaches this step only when its inputs changed, so the old datasets are stale
+        built = build_recipe(recipe, None, overwrite=True, progress=progress)
+        return summary_of(built, build_self(recipe, built, kinds, progress=progress) if kinds else None,
+                          layout.datasets())
+
+    return [Stage("build", run,
+                  settings=lambda: {"build": json_of(recipe.build), "team": json_of(recipe.team),
+                                    "task": json_of(recipe.task), "self": kinds},
+                  inputs=lambda: {"store": layout.trajectories(),
+                                  **({"self store": layout.trajectories("self")} if kinds else {})})]

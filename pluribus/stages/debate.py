@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pluribus.config import Recipe, TeamConfig, without_engine_settings
@@ -27,6 +28,7 @@ from pluribus.data.debate import (
 )
 from pluribus.data.records import Problem, Trajectory
 from pluribus.errors import PluribusError
+from pluribus.stages import Stage, StageSummary, pairs
 
 
 @dataclass(frozen=True)
@@ -320,3 +322,26 @@ class _Progress:
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
             self.bar.__exit__(*exc)
+
+
+# ------------------------------------------------------------------------------------------ the protocol
+
+
+def summary_of(s: DebateSummary, stage: str, output: Path, line: str | None = None) -> StageSummary:
+    """A debate store's summary as a stage prints it (the debate and the single agent's own samples)."""
+    line = line or (f"{s.problems} problems; round-0 accuracy {s.round0_accuracy:.1%}, team {s.team_accuracy:.1%}; "
+                    f"{s.corrected} corrected, {s.lost} lost")
+    return pairs(stage, output, s.rows(), header=("debate", "value"), line=line)
+
+
+def run(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> StageSummary:
+    """The debate stage of ``recipe`` (``pluribus debate``), summarized."""
+    return summary_of(run_debate(recipe, progress=progress, new_run=new_run), "debate", recipe.layout.trajectories())
+
+
+def plan(recipe: Recipe) -> list[Stage]:
+    """A debate step when the recipe has a task and a team; it keeps a store, so it always runs (and resumes)."""
+    if recipe.task is None or recipe.team is None:
+        return []
+    return [Stage("debate", lambda progress, new_run: run(recipe, progress=progress, new_run=new_run),
+                  keeps_store=True)]

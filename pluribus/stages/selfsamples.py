@@ -9,9 +9,10 @@ the debate's; ``build`` makes the same datasets of it with as many rows as the t
 
 from __future__ import annotations
 
-from pluribus.config import BuildConfig, Recipe, TeamConfig
+from pluribus.config import DATASET_OF_OBJECTIVE, BuildConfig, Recipe, TeamConfig
 from pluribus.data.prompts import question_prompt
-from pluribus.stages.debate import DebateSummary, run_debate
+from pluribus.stages import Stage, StageSummary
+from pluribus.stages.debate import DebateSummary, run_debate, summary_of
 
 
 def self_team(recipe: Recipe) -> TeamConfig:
@@ -39,3 +40,25 @@ def self_recipe(recipe: Recipe) -> Recipe:
 def run_self_samples(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> DebateSummary:
     """Sample (or resume sampling) the training problems with the single agent into ``<run>/self/trajectories``."""
     return run_debate(self_recipe(recipe), progress=progress, new_run=new_run)
+
+
+def self_kinds(recipe: Recipe) -> list[str]:
+    """The dataset kinds an expert with ``data: self`` trains on: what the self samples are built into."""
+    trainings = recipe.train.trainings() if recipe.train else []
+    return sorted({DATASET_OF_OBJECTIVE[t.objective] for t in trainings if t.data == "self"})
+
+
+def run(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> StageSummary:
+    """The single agent's own samples of ``recipe``'s training problems, summarized."""
+    s = run_self_samples(recipe, progress=progress, new_run=new_run)
+    k = len(self_team(recipe).agents)
+    return summary_of(s, "self", recipe.layout.trajectories("self"),
+                      line=f"{s.problems} problems x {k} samples of the single agent; {s.round0_accuracy:.1%} correct")
+
+
+def plan(recipe: Recipe) -> list[Stage]:
+    """A step when some expert learns from the single agent's own samples (and there is a task and a team)."""
+    if recipe.task is None or recipe.team is None or not self_kinds(recipe):
+        return []
+    return [Stage("self", lambda progress, new_run: run(recipe, progress=progress, new_run=new_run),
+                  keeps_store=True)]

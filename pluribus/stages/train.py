@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from pluribus.config import DATASET_OF_OBJECTIVE, Recipe, TrainConfig
 from pluribus.errors import PluribusError
+from pluribus.stages import Stage, StageSummary, json_of
 
 
 def resolve_expert(recipe: Recipe, cfg: TrainConfig) -> TrainConfig:
@@ -88,3 +90,34 @@ def train_stage(recipe: Recipe, *, expert: str | None = None, dataset: str | Pat
     else:
         from pluribus.distill.rl import train_rl as run
     return run(one, dataset=dataset, out=out, resume=resume, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------------------------------ the protocol
+
+
+def run(recipe: Recipe, *, expert: str | None = None, dataset: str | Path | None = None, out: str | Path | None = None,
+        resume: bool | str | None = None, overwrite: bool = False) -> StageSummary:
+    """One expert of ``recipe`` trained (``pluribus train``), summarized by its losses and final metrics.
+
+    Under several processes every rank trains; rank 0 alone wrote the adapter, and only its summary has lines."""
+    from pluribus.distill.distributed import is_main
+
+    folder = train_stage(recipe, expert=expert, dataset=dataset, out=out, resume=resume, overwrite=overwrite)
+    name = expert or recipe.require("train").trainings()[0].expert_name
+    if not is_main():
+        return StageSummary(f"train:{name}", folder, "")
+    metrics = json.loads((folder / "training_record.json").read_text()).get("metrics", {})
+    shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                      if ("loss" in k or k.startswith(("eval_step", "final_"))) and isinstance(v, int | float))
+    return StageSummary(f"train:{name}", folder, shown, notes=(f"adapter: {folder}", shown))
+
+
+def plan(recipe: Recipe) -> list[Stage]:
+    """One step per expert, in the recipe's order; each follows its own settings and the files it reads."""
+    def step(cfg: TrainConfig) -> Stage:
+        # overwrite: a rerun reaches this step only when its inputs changed, so the old adapter is stale
+        return Stage(f"train:{cfg.expert_name}",
+                     lambda progress, new_run: run(recipe, expert=cfg.expert_name, overwrite=True),
+                     settings=lambda: json_of(cfg), inputs=lambda: expert_inputs(recipe, cfg))
+
+    return [step(cfg) for cfg in (recipe.train.trainings() if recipe.train else [])]
