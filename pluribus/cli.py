@@ -67,7 +67,8 @@ def _no_recipe(recipe: Path | None, overrides: list[str] | None) -> tuple[Path |
 @app.command("config")
 def config_cmd(recipe: RecipeArg = None, overrides: OverridesArg = None) -> None:
     """Validate RECIPE with OVERRIDES (fields and models) and print it as it would run."""
-    from pluribus.config import check_recipe_models, load_recipe
+    from pluribus.checks import check_recipe_models
+    from pluribus.config import load_recipe
 
     recipe, overrides = _no_recipe(recipe, overrides)
     loaded = load_recipe(recipe, overrides)

@@ -17,15 +17,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pluribus.errors import PluribusError, validation_message
+from pluribus.errors import PluribusError, RecipeError, validation_message
 from pluribus.io import atomic_write_text, read_yaml
 from pluribus.layout import RunLayout
+from pluribus.overrides import apply_overrides
 
 logger = logging.getLogger("pluribus.config")
-
-
-class RecipeError(PluribusError, ValueError):
-    """A recipe (or override) that does not validate. The message is one line, ready for the user."""
 
 
 class Section(BaseModel):
@@ -857,59 +854,6 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
         raise RecipeError("invalid recipe: " + "; ".join(problems)) from None
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``train.lr=1e-4`` -> (["train", "lr"], 1e-4). The value is parsed as YAML (numbers, lists, bools)."""
-    if "=" not in text:
-        raise RecipeError(f"override '{text}' must look like section.key=value, e.g. train.lr=1e-4")
-    key, raw = text.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise RecipeError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
-
-
-def _list_index(items: list[Any], part: str, text: str, where: str) -> int:
-    """``part`` as an index of ``items`` (the list at dotted path ``where``), or a RecipeError saying why not."""
-    try:
-        index = int(part)
-    except ValueError:
-        hint = f"use 0..{len(items) - 1}" if items else "an empty one"
-        raise RecipeError(f"override '{text}': '{part}' is not a list index ({where} is a list; {hint})") from None
-    if not 0 <= index < len(items):
-        raise RecipeError(f"override '{text}': index {index} is out of range ({where} has {len(items)} "
-                          f"entr{'y' if len(items) == 1 else 'ies'})")
-    return index
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted overrides to a recipe dict (a copy); list items are addressed by index (team.agents.0.model)."""
-    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
-    for text in overrides:
-        parts, value = parse_override(text)
-        node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            where = ".".join(parts[:i]) or "<recipe>"
-            if isinstance(node, list):
-                nxt = node[_list_index(node, part, text, where)]
-            else:
-                nxt = node.get(part)
-                if nxt is None:
-                    nxt = node[part] = {}
-            if not isinstance(nxt, dict | list):
-                raise RecipeError(f"override '{text}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
-            node = nxt
-        last = parts[-1]
-        if isinstance(node, list):
-            node[_list_index(node, last, text, ".".join(parts[:-1]))] = value
-        else:
-            node[last] = value
-    return data
-
-
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe from YAML (or start from an empty one) and apply dotted overrides."""
     data: Any = {}
@@ -918,34 +862,6 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise RecipeError(f"recipe file '{Path(path)}' must hold a mapping of sections, got {type(data).__name__}")
     return validate_recipe(apply_overrides(data, overrides or []))
-
-
-def check_recipe_models(recipe: Recipe) -> None:
-    """Fail as the stages would on a model that does not resolve (a typo, a missing folder), naming the field.
-
-    Nothing is loaded, dequantized or downloaded: an alias only needs its package, an existing .gguf file and
-    a hub id (org/name) are taken as given. Models behind the openai backend live on a server and are skipped.
-    """
-    from pluribus.modelref import ModelRef
-    from pluribus.models import find_alias_file, resolve_model
-
-    agents = [(f"team.agents.{i}", a) for i, a in enumerate(recipe.team.agents)] if recipe.team else []
-    if recipe.team and recipe.team.judge:
-        agents.append(("team.judge", recipe.team.judge))
-    if recipe.build and recipe.build.completer:
-        agents.append(("build.completer", recipe.build.completer))
-    refs = [(f"{where}.model", a.model) for where, a in agents if a.backend != "openai"]
-    if recipe.train:
-        refs.append(("train.model", recipe.train.model))
-    for field, name in refs:
-        ref = ModelRef.parse(name)
-        try:
-            if ref.form == "alias":
-                find_alias_file(name)
-            elif ref.form not in ("hub", "gguf"):
-                resolve_model(name)
-        except PluribusError as e:
-            raise RecipeError(f"'{field}': {e}") from None
 
 
 def write_recipe(recipe: Recipe, run_dir: Path | None = None) -> Path:

@@ -15,6 +15,10 @@ class PluribusError(Exception):
     """Bad input from the user (config, files, models, data). The message is shown as is, on one line."""
 
 
+class RecipeError(PluribusError, ValueError):
+    """A recipe (or override) that does not validate. The message is one line, ready for the user."""
+
+
 class OutputExistsError(PluribusError, FileExistsError):
     """An output that exists while ``--overwrite`` was not given; raised before anything is written."""
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pluribus.config import Recipe, RecipeError, apply_overrides, load_recipe, validate_recipe
-from pluribus.errors import PluribusError
+from pluribus.config import Recipe, load_recipe, validate_recipe
+from pluribus.errors import PluribusError, RecipeError
+from pluribus.overrides import apply_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from pluribus.config import RecipeError, RLSettings, load_recipe
+from pluribus.config import RLSettings, load_recipe
+from pluribus.errors import RecipeError
 
 
 def test_build_max_problems_is_build_n(caplog: pytest.LogCaptureFixture) -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pluribus.config import REPORT_TO, RecipeError, load_recipe
+from pluribus.config import REPORT_TO, load_recipe
+from pluribus.errors import RecipeError
 
 
 def test_the_tracker_list_is_the_installed_transformers_list() -> None:

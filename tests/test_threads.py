@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pluribus.config import RecipeError, load_recipe
+from pluribus.config import load_recipe
+from pluribus.errors import RecipeError
 from pluribus.threads import DEFAULT_CPU_THREADS, apply_threads, resolve_threads
 
 

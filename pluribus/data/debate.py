@@ -46,11 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pluribus.config import (
-    AgentConfig,
-    SamplingConfig,
-    TeamConfig,
-)
+from pluribus.config import AgentConfig, SamplingConfig, TeamConfig
 from pluribus.data.answers import grade, vote_key
 from pluribus.data.backends import Backend, Conversation, Generation, backend_key, make_backend
 from pluribus.data.prompts import fill, resolve_prompts

@@ -39,7 +39,8 @@ def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, s
         known = saved.is_file()
         recipe = load_recipe(saved if known else None, overrides)
     elif overrides:
-        from pluribus.config import apply_overrides, validate_recipe
+        from pluribus.config import validate_recipe
+        from pluribus.overrides import apply_overrides
 
         recipe = validate_recipe(apply_overrides(recipe.to_dict(), overrides))
     from pluribus.threads import apply_threads

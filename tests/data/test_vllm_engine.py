@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from pluribus.config import (
-    AgentConfig,
-    Recipe,
-    RecipeError,
-    TaskConfig,
-    TeamConfig,
-    VLLMSettings,
-    validate_recipe,
-)
+from pluribus.config import AgentConfig, Recipe, TaskConfig, TeamConfig, VLLMSettings, validate_recipe
 from pluribus.data.backends import backend_key
 from pluribus.data.builders.datasets import rollout_hash
 from pluribus.data.vllm_engine import GIB, engine_kwargs, lora_rank, server_args
-from pluribus.errors import PluribusError
+from pluribus.errors import PluribusError, RecipeError
 from pluribus.stages.debate import config_hash, legacy_config_hash
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pluribus.config import RecipeError, validate_recipe
-from pluribus.errors import PluribusError
+from pluribus.config import validate_recipe
+from pluribus.errors import PluribusError, RecipeError
 from pluribus.merge.config import from_mergekit, load_merge_config, parse_merge_config
 from pluribus.merge.resolve import resolve_cli, spec_from_flags
 

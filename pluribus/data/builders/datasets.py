@@ -19,13 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pluribus.config import (
-    AgentConfig,
-    BuildConfig,
-    SamplingConfig,
-    TeamConfig,
-    without_engine_settings,
-)
+from pluribus.config import AgentConfig, BuildConfig, SamplingConfig, TeamConfig, without_engine_settings
 from pluribus.data.builders.card import render_card
 from pluribus.data.builders.process import (
     Completer,
