@@ -12,8 +12,9 @@ def check_recipe_models(recipe: Recipe) -> None:
     Nothing is loaded, dequantized or downloaded: an alias only needs its package, an existing .gguf file and
     a hub id (org/name) are taken as given. Models behind the openai backend live on a server and are skipped.
     """
+    from pluribus.gguf import find_alias_file
     from pluribus.modelref import ModelRef
-    from pluribus.models import find_alias_file, resolve_model
+    from pluribus.models import resolve_model
 
     agents = [(f"team.agents.{i}", a) for i, a in enumerate(recipe.team.agents)] if recipe.team else []
     if recipe.team and recipe.team.judge:

@@ -53,7 +53,7 @@ def check_weights(folder: Path, kind: str) -> None:
 
     Tensor by tensor, so a large model never sits in memory whole; the messages are merge's own.
     """
-    from pluribus.models import first_nonfinite_in_file
+    from pluribus.weights import first_nonfinite_in_file
 
     for path in sorted(folder.glob("*.safetensors")):
         found = first_nonfinite_in_file(path, f"{kind} weights", f"re-save the {kind}")
@@ -95,7 +95,7 @@ def _base_model(folder: Path, kind: str, recipe: dict[str, Any] | None) -> str |
     if recipe and recipe.get("base"):
         return str(recipe["base"])
     if kind == "adapter":
-        from pluribus.models import read_adapter_config
+        from pluribus.adapter import read_adapter_config
 
         return read_adapter_config(folder).get("base_model_name_or_path")
     record = folder / "training_record.json"

@@ -10,15 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pluribus.adapter import read_adapter_config
 from pluribus.errors import PluribusError
-from pluribus.models import (
-    ALIASES,
-    find_alias_file,
-    list_models,
-    load_model,
-    read_adapter_config,
-    resolve_model,
-)
+from pluribus.gguf import find_alias_file
+from pluribus.models import ALIASES, list_models, load_model, resolve_model
 
 
 def test_local_folder_resolves_to_itself(tiny_llama_dir: Path) -> None:
@@ -141,7 +136,7 @@ def test_folder_without_tokenizer_files_is_a_clear_error(tiny_llama_dir: Path, t
 
 
 def test_corrupt_or_nan_adapter_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from pluribus.models import check_adapter
+    from pluribus.adapter import check_adapter
     from tests.broken import lora_adapter, nan_copy, truncated_copy
 
     good = lora_adapter(tiny_llama_dir, tmp_path / "good")
@@ -190,7 +185,7 @@ def test_adapter_base_that_cannot_differ_is_accepted(tiny_llama_dir: Path, tmp_p
 ])
 def test_adapter_config_of_the_wrong_shape_is_named(tiny_llama_dir: Path, tmp_path: Path, edit: object,
                                                     message: str) -> None:
-    from pluribus.models import check_adapter
+    from pluribus.adapter import check_adapter
     from tests.broken import lora_adapter
 
     adapter = lora_adapter(tiny_llama_dir, tmp_path / "a")
@@ -206,7 +201,7 @@ def test_adapter_config_of_the_wrong_shape_is_named(tiny_llama_dir: Path, tmp_pa
 
 
 def test_adapter_weights_that_are_a_folder_are_named(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from pluribus.models import check_adapter
+    from pluribus.adapter import check_adapter
     from tests.broken import lora_adapter
 
     adapter = lora_adapter(tiny_llama_dir, tmp_path / "a")

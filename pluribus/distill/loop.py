@@ -117,7 +117,7 @@ def finite_guard() -> Any:
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if control.should_save and model is not None:
-                from pluribus.models import first_nonfinite
+                from pluribus.weights import first_nonfinite
 
                 found = first_nonfinite((n, p) for n, p in model.named_parameters() if p.requires_grad)
                 if found is not None:

@@ -46,7 +46,7 @@ def _checkpoint(out: Path, resume: bool | str) -> tuple[Path, dict[str, Any]]:
     """The checkpoint ``resume`` names (the latest complete one under the stage's checkpoints, or a given
     path) and its adapter config, or a PluribusError; reads only small files, so it runs before the model is
     loaded."""
-    from pluribus.models import read_adapter_config
+    from pluribus.adapter import read_adapter_config
 
     if isinstance(resume, str) and resume not in {"latest", "true", "True"}:
         ckpt = Path(resume)

@@ -165,7 +165,9 @@ def load_prm(adapter: str | Path, *, trust_remote_code: bool = False) -> tuple[A
     import torch
     from peft import PeftModel
 
-    from pluribus.models import check_adapter, check_finite_model, load_tokenizer, resolve_model
+    from pluribus.adapter import check_adapter
+    from pluribus.models import load_tokenizer, resolve_model
+    from pluribus.weights import check_finite_model
 
     cfg = check_adapter(adapter)
     if cfg.get("task_type") != "TOKEN_CLS":

@@ -23,7 +23,8 @@ def load_student(
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
-    from pluribus.models import check_finite_model, load_tokenizer, resolve_model
+    from pluribus.models import load_tokenizer, resolve_model
+    from pluribus.weights import check_finite_model
 
     set_seed(seed)
     folder = resolve_model(cfg.model)
@@ -107,7 +108,7 @@ def attach_lora(model: Any, cfg: TrainConfig, task_type: str) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if cfg.init_adapter:
-        from pluribus.models import check_adapter
+        from pluribus.adapter import check_adapter
 
         check_adapter(cfg.init_adapter, base_identity(model))
         return PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)

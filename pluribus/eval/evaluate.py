@@ -25,12 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pluribus.adapter import read_adapter_config
 from pluribus.config import EvalConfig, Recipe, TaskConfig, TeamConfig
 from pluribus.errors import PluribusError
 from pluribus.eval.robustness import original_id, perturb
 from pluribus.eval.stats import mcnemar_exact, paired, wilson_interval
 from pluribus.io import atomic_write_text
-from pluribus.models import read_adapter_config
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from pluribus.adapter import read_adapter_config
 from pluribus.errors import PluribusError
 from pluribus.merge import methods as M
 from pluribus.merge.blas import capped_gram
 from pluribus.merge.config import MergeSpec
-from pluribus.models import read_adapter_config
 
 PREFIX = "base_model.model."
 Tensor = torch.Tensor
@@ -183,8 +183,8 @@ def _saved_module(module: str, saved: list[str]) -> bool:
 def _base_values(spec: MergeSpec, adapters: list[Adapter], shapes: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
     """The base's values of the tensors the adapters store as full values (their task vectors are the differences),
     read from ``spec.base``, else from the base the adapters record; refused when no base is on this machine."""
+    from pluribus.adapter import _recorded_base_folder
     from pluribus.merge.checkpoint import Checkpoint, check_same_weights, local_model
-    from pluribus.models import _recorded_base_folder
 
     names = sorted(set().union(*(a.full for a in adapters)))
     if not names:

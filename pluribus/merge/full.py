@@ -224,8 +224,8 @@ def merge_models(
     ``folded`` are the adapters it folds, checked against the base's shapes before anything is written.
     Raises PluribusError for missing/corrupt files, mismatched tensors (naming both models) and NaN/Inf.
     """
+    from pluribus.adapter import check_adapter
     from pluribus.merge.adapters import is_adapter, load_adapter
-    from pluribus.models import check_adapter
 
     if not spec.base:
         raise PluribusError(f"method '{spec.method}' over models needs `base` (the model the experts were tuned from)")

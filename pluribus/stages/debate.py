@@ -148,7 +148,8 @@ def check_team_models(team: TeamConfig) -> None:
     adapter is sound and made for its agent's model, every server setting exists."""
     import os
 
-    from pluribus.models import check_adapter, require_tokenizer_files, resolve_model
+    from pluribus.adapter import check_adapter
+    from pluribus.models import require_tokenizer_files, resolve_model
 
     for agent in [*team.agents, *([team.judge] if team.judge else [])]:
         if agent.backend in ("transformers", "vllm"):
