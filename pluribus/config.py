@@ -592,7 +592,7 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 class MergeConfig(Section):
     """The merge stage: the run's own experts by name, or a merge config by path or inline (pluribus or mergekit
-    keys; see pluribus.merge.config). With ``merges``, several merges of the same experts (TA vs TIES vs PCB)."""
+    keys; see pluribus.merge.spec). With ``merges``, several merges of the same experts (TA vs TIES vs PCB)."""
 
     experts: list[str] | None = Field(
         None, description="Names of the run's trained experts to merge (their adapters in <run>/adapters/).")
@@ -662,7 +662,7 @@ class MergeConfig(Section):
         return v
 
     def load(self, layout: RunLayout | None = None) -> Any:
-        """The merge spec (a ``pluribus.merge.config.MergeSpec``) this merge names; ``layout`` finds experts."""
+        """The merge spec (a ``pluribus.merge.spec.MergeSpec``) this merge names; ``layout`` finds experts."""
         from pluribus.merge.config import load_merge_config, parse_merge_config
 
         if self.experts is not None:

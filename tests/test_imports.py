@@ -65,4 +65,4 @@ def test_the_model_reference_and_file_reading_sit_below_config_and_models() -> N
     assert graph["pluribus.errors"] == set()
     assert graph["pluribus.modelref"] == {"pluribus.errors"}
     assert graph["pluribus.io"] == {"pluribus.errors"}
-    assert "pluribus.config" not in graph["pluribus.models"] | graph["pluribus.merge.config"]
+    assert "pluribus.config" not in graph["pluribus.models"] | graph["pluribus.merge.spec"]

@@ -23,13 +23,9 @@ from typing import Any
 import yaml
 
 from pluribus.errors import OutputExistsError, PluribusError
-from pluribus.merge.config import (
-    MergeInput,
-    MergeSpec,
-    load_merge_config,
-    mergekit_local_paths,
-    parse_merge_config,
-)
+from pluribus.merge.config import load_merge_config, parse_merge_config
+from pluribus.merge.mergekit import mergekit_local_paths
+from pluribus.merge.spec import MergeInput, MergeSpec
 from pluribus.modelref import ModelRef
 
 __all__ = [

@@ -42,7 +42,7 @@ from pluribus.adapter import read_adapter_config
 from pluribus.errors import PluribusError
 from pluribus.merge import methods as M
 from pluribus.merge.blas import capped_gram
-from pluribus.merge.config import MergeSpec
+from pluribus.merge.spec import MergeSpec
 
 PREFIX = "base_model.model."
 Tensor = torch.Tensor

@@ -24,7 +24,7 @@ import torch
 from pluribus.errors import PluribusError
 from pluribus.merge import methods as M
 from pluribus.merge.checkpoint import CODES, Checkpoint, check_same_weights, local_model, read_config
-from pluribus.merge.config import MergeSpec
+from pluribus.merge.spec import MergeSpec
 
 # what a merged model keeps from its base beside the weights: the tokenizer and the generation config
 COMPANION_FILES = (

@@ -8,7 +8,8 @@ from typing import Any
 from pluribus.config import load_recipe
 from pluribus.errors import PluribusError
 from pluribus.io import read_yaml
-from pluribus.merge.config import MergeSpec, parse_merge_config
+from pluribus.merge.config import parse_merge_config
+from pluribus.merge.spec import MergeSpec
 from pluribus.modelref import ModelRef
 
 #: keys only a recipe has (``seed`` is shared with merge configs)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pluribus.config import Recipe
-from pluribus.merge.config import MergeSpec
+from pluribus.merge.spec import MergeSpec
 from pluribus.stages import Stage, StageSummary, json_of
 
 

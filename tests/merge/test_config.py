@@ -11,7 +11,8 @@ import yaml
 
 from pluribus.config import validate_recipe
 from pluribus.errors import PluribusError, RecipeError
-from pluribus.merge.config import from_mergekit, load_merge_config, parse_merge_config
+from pluribus.merge.config import load_merge_config, parse_merge_config
+from pluribus.merge.mergekit import from_mergekit
 from pluribus.merge.resolve import resolve_cli, spec_from_flags
 
 PLURIBUS = Path(sys.executable).with_name("pluribus")
@@ -169,7 +170,7 @@ def test_unknown_mergekit_parameters_are_refused_naming_the_accepted_ones():
 
 
 def test_mergekit_fallback_gets_absolute_local_paths_from_the_cwd(tmp_path, monkeypatch):
-    from pluribus.merge.config import mergekit_local_paths
+    from pluribus.merge.mergekit import mergekit_local_paths
 
     monkeypatch.chdir(tmp_path)
     root = tmp_path.resolve()
