@@ -1,36 +1,28 @@
-"""The eval stage: every system side by side on the same problems, to answer *does distilling my team help?*
+"""Eval's systems and their scores: which systems a recipe asks for, and what their stored answers say.
 
 Systems (``eval.systems``): the base single agent (greedy and sampled); **sc**, self-consistency at the team's
 token budget (the same model sampled until it has spent, on each problem, the tokens the team spent there, then
 a majority vote: the compute-matched baseline); the **team**; every trained **expert** (reasoning SFT, augmented,
 RL, and the single-agent distillation baseline trained on the model's own samples); every **merge**; and
-``distilled``, any adapter named by ``eval.adapter``.
-
-Every system runs through the debate engine (a single agent is a team of N=1, R=1), into its own resumable
-store under ``<run>/eval/<system>-<mode>/`` (the recipe's held-out split) or ``<run>/eval/tasks/<task>/...``
-(``eval.tasks``, for transfer), so an interrupted eval picks up where it stopped and the trajectories behind every
-number stay inspectable. A system with an adapter keeps its answers in a folder named by the adapter's contents,
-so a retrained adapter is evaluated afresh. Each accuracy comes with its 95% Wilson interval; each system is
-compared with the single base agent on the same problems (exact McNemar test), and with the team on the team's
-problems: the share of the team's gain over the single agent that it recovers, at what fraction of its tokens.
+``distilled``, any adapter named by ``eval.adapter``. Each accuracy comes with its 95% Wilson interval; each
+system is compared with the single base agent on the same problems (exact McNemar test), and with the team on the
+team's problems: the share of the team's gain over the single agent that it recovers, at what fraction of its
+tokens. The eval stage (pluribus.stages.eval) runs the systems into their stores and reports.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pluribus.adapter import read_adapter_config
-from pluribus.config import EvalConfig, Recipe, TaskConfig, TeamConfig
+from pluribus.config import EvalConfig, Recipe, TeamConfig
 from pluribus.errors import PluribusError
-from pluribus.eval.robustness import original_id, perturb
+from pluribus.eval.robustness import original_id
 from pluribus.eval.stats import mcnemar_exact, paired, wilson_interval
-from pluribus.io import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -359,191 +351,3 @@ def team_gain(records: dict[str, list[dict[str, Any]]], team_ids: set[str]) -> d
 # ------------------------------------------------------------------------------------------ running
 
 
-def _pending(store: Path, problems: list[Any]) -> bool:
-    from pluribus.data.store import TrajectoryStore
-
-    if not (store / "manifest.json").is_file():
-        return True
-    with TrajectoryStore(store) as existing:
-        done = existing.done_ids()
-    return any(p.id not in done for p in problems)
-
-
-def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, problems: list[Any],
-                    progress: bool, fingerprint: str | None = None, new_run: bool = False,
-                    label: str = "eval") -> list[dict[str, Any]]:
-    """Run (or resume) one system over ``problems`` in the store under ``folder``; its records for them.
-
-    With ``fingerprint`` (of the weights every agent runs), the store's config hash follows the weights'
-    contents, not where they lie, and the backend is built only when something is left to answer (a finished
-    store resumes without loading the model).
-    """
-    from pluribus.data.backends import backend_key, make_backend
-    from pluribus.data.store import TrajectoryStore
-    from pluribus.stages.debate import run_debate
-
-    sub = recipe.model_copy(update={"root": str(folder.parent), "name": folder.name, "task": task, "team": team,
-                                    "train": None, "merge": None, "eval": None, "export": None})
-    backends = None
-    if fingerprint:
-        backends = {}
-        if _pending(sub.layout.trajectories(), problems):
-            backend = make_backend(team.agents[0], trust_remote_code=recipe.trust_remote_code,
-                                   batch_size=team.batch_size)
-            for a in team.agents:
-                backends[backend_key(a)] = backend
-    run_debate(sub, problems=problems, progress=progress, backends=backends, new_run=new_run, label=label,
-               weights=fingerprint)
-    wanted = {p.id for p in problems}
-    with TrajectoryStore(sub.layout.trajectories()) as store:
-        return [r for r in store.iter_records() if r["problem_id"] in wanted]
-
-
-def _eval_tasks(recipe: Recipe, cfg: EvalConfig) -> list[tuple[str, TaskConfig, Path]]:
-    """(name, task config, store folder) of the recipe's held-out split, then each of ``eval.tasks``."""
-    task = recipe.require("task")
-    if task.split != "train":
-        raise PluribusError(f"task.split is '{task.split}', so the debate (and every expert) already saw the "
-                            "held-out problems eval would use; debate on task.split=train")
-    main = task.model_copy(update={"split": "heldout", "n": cfg.n or task.n})
-    out = [("heldout", main, recipe.layout.eval)]
-    same = {"source", "path", "synthetic", "fields", "subset", "hf_split"}
-    for t in cfg.tasks:
-        one = TaskConfig.model_validate(t.model_dump(exclude={"name"}))
-        if one.model_dump(include=same) == task.model_dump(include=same):
-            # the training task's own problems: its split decides what was trained on, not the eval task's
-            one = one.model_copy(update={"seed": task.seed, "heldout_fraction": task.heldout_fraction})
-            if one.split != "heldout":
-                raise PluribusError(f"eval task '{t.name}' is the training task itself with split "
-                                    f"'{one.split}', which holds training problems; use split: heldout")
-        out.append((t.name, one, recipe.layout.eval / "tasks" / t.name))
-    return out
-
-
-def _task_label(task: TaskConfig) -> str:
-    return f"{task.source}" + (f":{task.synthetic.level}" if task.source == "synthetic" and task.synthetic.level
-                               else f":{Path(task.path).name}" if task.path else "")
-
-
-def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig, eval_dir: Path, *,
-                  progress: bool, new_run: bool, robustness: bool) -> dict[str, Any]:
-    """Every planned system on one task's problems: results, comparisons, the team's gain, early stopping."""
-    from pluribus.data.tasks import load_problems
-
-    cfg = recipe.eval or EvalConfig()
-    problems = load_problems(task)
-    if not problems:
-        raise PluribusError(f"eval task '{name}' selects no problems; check its source, split and n")
-    team_problems = problems[: cfg.team_n] if cfg.team_n else problems
-    team_ids = {p.id for p in team_problems}
-    results: dict[str, dict[str, Any]] = {}
-    records: dict[str, list[dict[str, Any]]] = {}
-    robust: dict[str, dict[str, Any]] = {}
-    sc_info: dict[str, Any] = {}
-    adapters: dict[str, dict[str, str | None]] = {}  # which weights each single-agent system's numbers belong to
-    # single-greedy first (sc sizes its draws from it), the team before sc (sc spends the team's tokens)
-    order = sorted(plans, key=lambda p: {"single": 0, "team": 1, "sc": 2}.get(p.system, 3))
-    for plan in order:
-        mine = team_problems if plan.system in ("team", "sc") else problems
-        fingerprint = adapter_fingerprint(plan.adapter) if plan.adapter else None
-        if plan.system == "merged" and not plan.adapter:
-            fingerprint = adapter_fingerprint(plan.team.agents[0].model)
-        if plan.system == "sc":
-            if "team" not in records:
-                raise PluribusError("eval system 'sc' spends the team's tokens: add 'team' to eval.systems")
-            team_tokens = {r["problem_id"]: _tokens(r) for r in records["team"]}
-            mine = [p for p in mine if p.id in team_tokens][: cfg.sc_n]  # a problem the team skipped has no budget
-            if not mine:
-                raise PluribusError("eval system 'sc' has no problem to run: the team answered none of them")
-            greedy = records.get("single-greedy") or _system_records(
-                recipe, eval_dir / "single-greedy", task, _single(recipe.require("team"), adapter=None, model=None,
-                                                                   mode="greedy", cfg=cfg, name="single",
-                                                                   prompt=plan.team.prompts["question"]),
-                problems, progress, None, new_run, label="single-greedy")
-            # enough draws to reach the team's budget on 9 problems of 10 (the report says on how many it did)
-            per_sample = sum(_tokens(r) for r in greedy) / max(1, len(greedy))
-            spent = sorted(team_tokens.values())
-            q90 = spent[min(len(spent) - 1, math.ceil(0.9 * len(spent)) - 1)]
-            k = max(1, min(cfg.sc_max_samples, math.ceil(1.1 * q90 / max(1.0, per_sample))))
-            draws = _system_records(recipe, eval_dir / "sc" / f"k{k}", task,
-                                    _sc_team(plan.team, k, cfg.temperature, recipe.seed), mine, progress, None, new_run,
-                                    label=f"sc (k={k})")
-            voted, used = [], []
-            for r in draws:
-                v, u = budget_vote(r, team_tokens[r["problem_id"]])
-                voted.append(v)
-                used.append(u)
-            reached = sum(_tokens(v) >= team_tokens[v["problem_id"]] for v in voted)
-            sc_info = {"samples_drawn": k, "mean_samples_used": sum(used) / max(1, len(used)),
-                       "budget_reached": reached / max(1, len(voted))}
-            recs = voted
-        else:
-            folder = eval_dir / plan.label / fingerprint if fingerprint else eval_dir / plan.label
-            recs = _system_records(recipe, folder, task, plan.team, mine, progress, fingerprint, new_run,
-                                   label=plan.label)
-        records[plan.label] = recs
-        results[plan.label] = asdict(score(recs, plan.system, plan.mode))
-        if fingerprint:
-            adapters[plan.label] = {"path": plan.adapter or plan.team.agents[0].model, "fingerprint": fingerprint}
-        if plan.system == "sc":
-            results[plan.label].update(sc_info)
-        for kind in cfg.robustness if robustness and plan.system != "sc" else []:
-            varied = [perturb(p, kind) for p in mine]
-            folder = eval_dir / f"{plan.label}-{kind}" / fingerprint if fingerprint else eval_dir / f"{plan.label}-{kind}"
-            perturbed = _system_records(recipe, folder, task, plan.team, varied, progress, fingerprint, new_run,
-                                        label=f"{plan.label}-{kind}")
-            result = score(perturbed, plan.system, plan.mode)
-            lost, gained, _ = paired(outcomes(recs), outcomes(perturbed))
-            robust.setdefault(plan.label, {})[kind] = {
-                "accuracy": result.accuracy, "accuracy_low": result.accuracy_low,
-                "accuracy_high": result.accuracy_high, "change": result.accuracy - results[plan.label]["accuracy"],
-                "lost": lost, "gained": gained, "p_value": mcnemar_exact(lost, gained),
-            }
-    ordered = {p.label: results[p.label] for p in plans}  # report in the order the recipe asks
-    out: dict[str, Any] = {
-        "name": name, "task": _task_label(task), "split": task.split, "problems": len(problems),
-        "team_problems": len(team_problems) if any(p.system in ("team", "sc") for p in plans) else 0,
-        "systems": ordered, "comparisons": compare({k: outcomes(v) for k, v in records.items()}),
-    }
-    if adapters:
-        out["adapters"] = adapters
-    gain = team_gain(records, team_ids)
-    if gain:
-        out["team_gain"] = gain
-    if "team" in records and (effect := early_stop_effect(records["team"])):
-        out["early_stop"] = effect
-    if robust:
-        out["robustness"] = robust
-    return out
-
-
-def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> dict[str, Any]:
-    """Evaluate every planned system on the held-out split and on ``eval.tasks``; write results.json, report.md
-    and the plots. ``new_run`` moves aside a system's stored answers written with other settings (else refused)."""
-    from pluribus.eval.report import write_report
-    from pluribus.stages.debate import check_team_models
-
-    cfg = recipe.eval or EvalConfig()
-    plans = plan_systems(recipe)
-    for p in plans:  # every system's models and adapter, before the first system writes anything
-        check_team_models(p.team)
-    tasks = []
-    for i, (name, task, folder) in enumerate(_eval_tasks(recipe, cfg)):
-        # the team and sc run on the recipe's own task; transfer tasks measure the single-agent systems
-        mine = plans if i == 0 else [p for p in plans if p.system not in ("team", "sc")]
-        tasks.append(evaluate_task(recipe, mine, name, task, folder, progress=progress, new_run=new_run,
-                                   robustness=i == 0))
-    main = tasks[0]
-    payload: dict[str, Any] = {
-        "run": recipe.name, "task": main["task"], "split": "heldout", "problems": main["problems"],
-        "systems": main["systems"], "comparisons": main["comparisons"], "tasks": tasks,
-    }
-    distilled = next((a for k, a in main.get("adapters", {}).items() if k.startswith("distilled")), None)
-    if distilled:
-        payload["adapter"] = distilled  # which adapter the distilled numbers belong to
-    if main.get("robustness"):
-        payload["robustness"] = main["robustness"]
-    eval_dir = recipe.layout.eval
-    atomic_write_text(eval_dir / "results.json", json.dumps(payload, indent=2))
-    write_report(payload, eval_dir)
-    return payload

@@ -9,7 +9,8 @@ import pytest
 
 from pluribus.config import EvalConfig, load_recipe
 from pluribus.errors import PluribusError
-from pluribus.eval.evaluate import plan_systems, run_eval, score
+from pluribus.eval.evaluate import plan_systems, score
+from pluribus.stages.eval import run_eval
 
 
 def _turn(correct: bool | None, answer: str | None = "1") -> dict:
@@ -203,7 +204,7 @@ def test_early_stop_effect_of_a_run_that_stopped_or_had_a_judge() -> None:
 
 
 def test_eval_refuses_held_out_problems_the_debate_already_saw(tmp_path: Path) -> None:
-    from pluribus.eval.evaluate import _eval_tasks
+    from pluribus.stages.eval import _eval_tasks
 
     recipe = load_recipe(None, [f"root={tmp_path}", "task.source=synthetic", "task.split=heldout"])
     with pytest.raises(PluribusError, match="already saw the held-out problems"):

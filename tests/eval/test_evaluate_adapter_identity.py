@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from pluribus.config import load_recipe
-from pluribus.eval.evaluate import adapter_fingerprint, run_eval
+from pluribus.eval.evaluate import adapter_fingerprint
+from pluribus.stages.eval import run_eval
 from tests.broken import lora_adapter
 
 

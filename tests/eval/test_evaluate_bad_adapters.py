@@ -8,7 +8,7 @@ import pytest
 
 from pluribus.config import load_recipe
 from pluribus.errors import PluribusError
-from pluribus.eval.evaluate import run_eval
+from pluribus.stages.eval import run_eval
 from tests.broken import lora_adapter, nan_copy, other_base, truncated_copy
 
 
