@@ -95,8 +95,8 @@ def train_stage(recipe: Recipe, *, expert: str | None = None, dataset: str | Pat
 # ------------------------------------------------------------------------------------------ the protocol
 
 
-def run(recipe: Recipe, *, expert: str | None = None, dataset: str | Path | None = None, out: str | Path | None = None,
-        resume: bool | str | None = None, overwrite: bool = False) -> StageSummary:
+def run(recipe: Recipe, *, expert: str | None = None, dataset: str | Path | None = None,
+        out: str | Path | None = None, resume: bool | str | None = None, overwrite: bool = False) -> StageSummary:
     """One expert of ``recipe`` trained (``pluribus train``), summarized by its losses and final metrics.
 
     Under several processes every rank trains; rank 0 alone wrote the adapter, and only its summary has lines."""
