@@ -685,6 +685,9 @@ class EvalTask(TaskConfig):
     split: Literal["train", "heldout", "all"] = Field(
         "heldout", description="heldout: the held-out share (same hash split as training, so no question the "
         "students trained on); all: every problem of the source (a test file nobody trained on).")
+    team: bool = Field(
+        False, description="Also run the team and sc (at the team's budget on this task) here, as on the held-out "
+        "split: does the team's edge transfer? They cost agents x rounds generations a problem (team_n, sc_n apply).")
 
     _name_is_a_folder = field_validator("name")(_folder_name)
 
@@ -720,7 +723,7 @@ class EvalConfig(Section):
     temperature: float = Field(0.7, gt=0.0, description="Temperature of the sampled mode and of sc.")
     max_new_tokens: int | None = Field(None, ge=1, description="Override every agent's max_new_tokens.")
     tasks: list[EvalTask] = Field(default_factory=list, description="More tasks to evaluate every single-agent "
-                                  "system on (transfer), each with a name.")
+                                  "system on (transfer), each with a name; with team: true the team and sc too.")
     robustness: list[Literal["distractor", "typos"]] = Field(
         default_factory=list,
         description="Also run every system on perturbed copies of the held-out problems (same gold answers): "

@@ -124,7 +124,7 @@ def _eval_tasks(recipe: Recipe, cfg: EvalConfig) -> list[tuple[str, TaskConfig, 
     out = [("heldout", main, recipe.layout.eval)]
     same = {"source", "path", "synthetic", "fields", "subset", "hf_split"}
     for t in cfg.tasks:
-        one = TaskConfig.model_validate(t.model_dump(exclude={"name"}))
+        one = TaskConfig.model_validate(t.model_dump(exclude={"name", "team"}))
         if one.model_dump(include=same) == task.model_dump(include=same):
             # the training task's own problems: its split decides what was trained on, not the eval task's
             one = one.model_copy(update={"seed": task.seed, "heldout_fraction": task.heldout_fraction})
@@ -243,9 +243,11 @@ def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) ->
     for p in plans:  # every system's models and adapter, before the first system writes anything
         check_team_models(p.team)
     tasks = []
+    with_team = {t.name for t in cfg.tasks if t.team}
     for i, (name, task, folder) in enumerate(_eval_tasks(recipe, cfg)):
-        # the team and sc run on the recipe's own task; transfer tasks measure the single-agent systems
-        mine = plans if i == 0 else [p for p in plans if p.system not in ("team", "sc")]
+        # the team and sc run on the recipe's own task; a transfer task measures the single-agent systems, and
+        # the team and sc too where it says team: true
+        mine = plans if i == 0 or name in with_team else [p for p in plans if p.system not in ("team", "sc")]
         tasks.append(evaluate_task(recipe, mine, name, task, folder, progress=progress, new_run=new_run,
                                    robustness=i == 0))
     main = tasks[0]

@@ -214,3 +214,22 @@ def test_eval_refuses_held_out_problems_the_debate_already_saw(tmp_path: Path) -
                                 "task.heldout_fraction=0.4", "eval.tasks=[{name: again, source: synthetic}]"])
     (_, main, _), (_, again, _) = _eval_tasks(recipe, recipe.eval)
     assert (again.seed, again.heldout_fraction, again.split) == (3, 0.4, "heldout") == (main.seed, 0.4, main.split)
+
+
+def test_a_transfer_task_with_team_true_runs_the_team_and_sc_there_too(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    agent = f"{{model: '{tiny_llama_dir}', sampling: {{max_new_tokens: 4}}}}"
+    recipe = load_recipe(None, [
+        f"root={tmp_path}", "name=transfer", "task.source=synthetic", "task.n=2", "task.heldout_fraction=0.5",
+        f"team.agents=[{agent}, {agent}]", "team.rounds=2", "eval.systems=[single, team, sc]", "eval.sc_max_samples=2",
+        "eval.tasks=[{name: two, source: synthetic, synthetic: {level: word2}, n: 2, team: true}, "
+        "{name: one, source: synthetic, synthetic: {level: word1}, n: 2}]",
+    ])
+    payload = run_eval(recipe, progress=False)
+    held, two, one = payload["tasks"]
+    assert set(held["systems"]) == set(two["systems"]) == {"single-greedy", "team", "sc"}
+    assert set(one["systems"]) == {"single-greedy"}  # without team: true a transfer task measures the single agent
+    assert two["team_problems"] == 2 and one["team_problems"] == 0
+    assert two["team_gain"]["problems"] == 2
+    stored = (tmp_path / "transfer" / "eval" / "tasks" / "two" / "team" / "trajectories").glob("*.jsonl")
+    assert sum(len(f.read_text().splitlines()) for f in stored) == 2
+    assert "Transfer: `two`" in (tmp_path / "transfer" / "eval" / "report.md").read_text()
