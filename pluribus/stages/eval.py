@@ -74,6 +74,58 @@ def plan(recipe: Recipe) -> list[Stage]:
                   keeps_store=True)]
 
 
+class EnginePool:
+    """The vLLM engines of one eval: one per base model, started on first use and shared by every system on it
+    (the single agent, the team's agents, sc, each expert and adapter merge as a LoRA request), closed when the
+    eval ends. An engine start costs half a minute to minutes on CPU, and an eval has a dozen systems."""
+
+    def __init__(self, plans: list[Plan], *, trust_remote_code: bool) -> None:
+        from pluribus.data.vllm_engine import adapter_rank
+
+        agents = [a for p in plans if self.serves(p.team) for a in self._agents(p.team)]
+        ranks = [adapter_rank(a.adapter) for a in agents if a.adapter]
+        self.rank = max(ranks) if ranks else None  # one LoRA rank that holds every adapter the eval asks for
+        self.bases = {self._key(a) for a in agents}  # engines at once: they share a GPU's memory evenly
+        self.trust_remote_code = trust_remote_code
+        self.engines: dict[tuple, Any] = {}
+        self.lora_ids: dict[str, int] = {}
+
+    @staticmethod
+    def _agents(team: TeamConfig) -> list[Any]:
+        return [*team.agents, *([team.judge] if team.judge else [])]
+
+    @staticmethod
+    def _key(agent: Any) -> tuple:
+        from pluribus.data.backends import backend_key
+
+        return backend_key(agent.model_copy(update={"adapter": None}))
+
+    def serves(self, team: TeamConfig) -> bool:
+        """Whether every agent of ``team`` runs on in-process vLLM (a mixed team builds its own backends)."""
+        return all(a.backend == "vllm" for a in self._agents(team))
+
+    def backends(self, team: TeamConfig) -> dict[tuple, Any]:
+        """The team's backends, keyed as the debate keys them: views of the pool's engines."""
+        from pluribus.data.backends import VLLMBackend, backend_key
+        from pluribus.data.vllm_engine import GPU_MEMORY_SHARE
+
+        out = {}
+        for a in self._agents(team):
+            key = self._key(a)
+            if key not in self.engines:
+                self.engines[key] = VLLMBackend(a.model_copy(update={"adapter": None}),
+                                                trust_remote_code=self.trust_remote_code, lora_rank=self.rank,
+                                                gpu_share=GPU_MEMORY_SHARE / max(1, len(self.bases)))
+            lora_id = self.lora_ids.setdefault(str(a.adapter), len(self.lora_ids) + 1) if a.adapter else 0
+            out[backend_key(a)] = self.engines[key].with_adapter(a.adapter, lora_id)
+        return out
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        self.engines.clear()
+
+
 def _pending(store: Path, problems: list[Any]) -> bool:
     from pluribus.data.store import TrajectoryStore
 
@@ -86,12 +138,12 @@ def _pending(store: Path, problems: list[Any]) -> bool:
 
 def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, problems: list[Any],
                     progress: bool, fingerprint: str | None = None, new_run: bool = False,
-                    label: str = "eval") -> list[dict[str, Any]]:
+                    label: str = "eval", pool: EnginePool | None = None) -> list[dict[str, Any]]:
     """Run (or resume) one system over ``problems`` in the store under ``folder``; its records for them.
 
     With ``fingerprint`` (of the weights every agent runs), the store's config hash follows the weights'
     contents, not where they lie, and the backend is built only when something is left to answer (a finished
-    store resumes without loading the model).
+    store resumes without loading the model). A team on vLLM answers from ``pool``'s engines.
     """
     from pluribus.data.backends import backend_key, make_backend
     from pluribus.data.store import TrajectoryStore
@@ -100,7 +152,9 @@ def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, p
     sub = recipe.model_copy(update={"root": str(folder.parent), "name": folder.name, "task": task, "team": team,
                                     "train": None, "merge": None, "eval": None, "export": None})
     backends = None
-    if fingerprint:
+    if pool is not None and pool.serves(team):
+        backends = pool.backends(team) if _pending(sub.layout.trajectories(), problems) else {}
+    elif fingerprint:
         backends = {}
         if _pending(sub.layout.trajectories(), problems):
             backend = make_backend(team.agents[0], trust_remote_code=recipe.trust_remote_code,
@@ -141,7 +195,7 @@ def _task_label(task: TaskConfig) -> str:
 
 
 def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig, eval_dir: Path, *,
-                  progress: bool, new_run: bool, robustness: bool) -> dict[str, Any]:
+                  progress: bool, new_run: bool, robustness: bool, pool: EnginePool | None = None) -> dict[str, Any]:
     """Every planned system on one task's problems: results, comparisons, the team's gain, early stopping."""
     from pluribus.data.tasks import load_problems
 
@@ -174,7 +228,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
                 recipe, eval_dir / "single-greedy", task, _single(recipe.require("team"), adapter=None, model=None,
                                                                    mode="greedy", cfg=cfg, name="single",
                                                                    prompt=plan.team.prompts["question"]),
-                problems, progress, None, new_run, label="single-greedy")
+                problems, progress, None, new_run, label="single-greedy", pool=pool)
             # enough draws to reach the team's budget on 9 problems of 10 (the report says on how many it did)
             per_sample = sum(_tokens(r) for r in greedy) / max(1, len(greedy))
             spent = sorted(team_tokens.values())
@@ -182,7 +236,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             k = max(1, min(cfg.sc_max_samples, math.ceil(1.1 * q90 / max(1.0, per_sample))))
             draws = _system_records(recipe, eval_dir / "sc" / f"k{k}", task,
                                     _sc_team(plan.team, k, cfg.temperature, recipe.seed), mine, progress, None, new_run,
-                                    label=f"sc (k={k})")
+                                    label=f"sc (k={k})", pool=pool)
             voted, used = [], []
             for r in draws:
                 v, u = budget_vote(r, team_tokens[r["problem_id"]])
@@ -195,7 +249,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
         else:
             folder = eval_dir / plan.label / fingerprint if fingerprint else eval_dir / plan.label
             recs = _system_records(recipe, folder, task, plan.team, mine, progress, fingerprint, new_run,
-                                   label=plan.label)
+                                   label=plan.label, pool=pool)
         records[plan.label] = recs
         results[plan.label] = asdict(score(recs, plan.system, plan.mode))
         if fingerprint:
@@ -206,7 +260,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             varied = [perturb(p, kind) for p in mine]
             folder = eval_dir / f"{plan.label}-{kind}" / fingerprint if fingerprint else eval_dir / f"{plan.label}-{kind}"
             perturbed = _system_records(recipe, folder, task, plan.team, varied, progress, fingerprint, new_run,
-                                        label=f"{plan.label}-{kind}")
+                                        label=f"{plan.label}-{kind}", pool=pool)
             result = score(perturbed, plan.system, plan.mode)
             lost, gained, _ = paired(outcomes(recs), outcomes(perturbed))
             robust.setdefault(plan.label, {})[kind] = {
@@ -244,12 +298,16 @@ def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) ->
         check_team_models(p.team)
     tasks = []
     with_team = {t.name for t in cfg.tasks if t.team}
-    for i, (name, task, folder) in enumerate(_eval_tasks(recipe, cfg)):
-        # the team and sc run on the recipe's own task; a transfer task measures the single-agent systems, and
-        # the team and sc too where it says team: true
-        mine = plans if i == 0 or name in with_team else [p for p in plans if p.system not in ("team", "sc")]
-        tasks.append(evaluate_task(recipe, mine, name, task, folder, progress=progress, new_run=new_run,
-                                   robustness=i == 0))
+    pool = EnginePool(plans, trust_remote_code=recipe.trust_remote_code)
+    try:
+        for i, (name, task, folder) in enumerate(_eval_tasks(recipe, cfg)):
+            # the team and sc run on the recipe's own task; a transfer task measures the single-agent systems,
+            # and the team and sc too where it says team: true
+            mine = plans if i == 0 or name in with_team else [p for p in plans if p.system not in ("team", "sc")]
+            tasks.append(evaluate_task(recipe, mine, name, task, folder, progress=progress, new_run=new_run,
+                                       robustness=i == 0, pool=pool))
+    finally:
+        pool.close()
     main = tasks[0]
     payload: dict[str, Any] = {
         "run": recipe.name, "task": main["task"], "split": "heldout", "problems": main["problems"],
