@@ -115,20 +115,14 @@ def build_cmd(
 ) -> None:
     """Build rsft / augmented / process datasets from a run's trajectories into <run>/datasets/<kind>/."""
     from pluribus.config import load_recipe
-    from pluribus.hub import check_push
-    from pluribus.stages.build import build_recipe, push_to_hub, summary_of
+    from pluribus.stages import build
 
-    if push:
-        check_push(push)  # a bad repo id or a missing token fails before any work
     recipe, overrides = _no_recipe(recipe, overrides)  # `build --store RUN build.k=2`
     overrides = _with_threads(overrides, threads)
     loaded = load_recipe(recipe, overrides) if recipe is not None else None
-    built = build_recipe(loaded, None if loaded else overrides, stores=store, kinds=kind, out_root=out,
-                         overwrite=overwrite, new_run=new_run, skip_corrupt=skip_corrupt, progress=not no_progress,
-                         prompt_completion=prompt_completion)
-    _show(summary_of(built))
-    if push:
-        console.print(f"pushed to {push_to_hub(built, push)}", markup=False, soft_wrap=True)
+    _show(build.run(loaded, None if loaded else overrides, stores=store, kinds=kind, out_root=out, overwrite=overwrite,
+                    new_run=new_run, skip_corrupt=skip_corrupt, progress=not no_progress,
+                    prompt_completion=prompt_completion, push=push))
 
 
 @app.command("repair")

@@ -154,7 +154,8 @@ def build_self(recipe: Recipe, built: list[Built], kinds: list[str], *, progress
                  progress=progress, match_rows=match, problem_ids=[p.id for p in load_problems(recipe.require("task"))])
 
 
-def summary_of(built: list[Built], mine: list[Built] | None = None, output: Path | None = None) -> StageSummary:
+def summary_of(built: list[Built], mine: list[Built] | None = None, output: Path | None = None,
+               notes: tuple[str, ...] = ()) -> StageSummary:
     """The datasets a build wrote (the team's, then the single agent's own when there are any)."""
     both = [(b, "") for b in built] + [(b, "self/") for b in mine or []]
     rows = [(f"{prefix}{b.kind}", str(b.rows), str(b.stats["counts"]["problems with rows"]), str(b.path))
@@ -164,7 +165,24 @@ def summary_of(built: list[Built], mine: list[Built] | None = None, output: Path
         line += "; self: " + ", ".join(f"{b.kind}: {b.rows} rows" for b in mine)
     output = output or (built[0].path.parent if built else None)
     return StageSummary("build", output, line, ("dataset", "rows", "problems", "path"), tuple(rows),
-                        tuple(w for b, _ in both for w in _warnings(b)))
+                        tuple(w for b, _ in both for w in _warnings(b)), notes)
+
+
+def run(recipe: Recipe | None, overrides: list[str] | None = None, *, stores: list[Path] | None = None,
+        kinds: list[str] | None = None, out_root: Path | None = None, overwrite: bool = False, new_run: bool = False,
+        skip_corrupt: bool = False, progress: bool = True, prompt_completion: bool = False,
+        push: str | None = None) -> StageSummary:
+    """``pluribus build`` (``build_recipe``), summarized; with ``push``, the datasets pushed to that Hub repo.
+
+    A bad repo id or a missing token fails before any work."""
+    from pluribus.hub import check_push
+
+    if push:
+        check_push(push)
+    built = build_recipe(recipe, overrides, stores=stores, kinds=kinds, out_root=out_root, overwrite=overwrite,
+                         new_run=new_run, skip_corrupt=skip_corrupt, progress=progress,
+                         prompt_completion=prompt_completion)
+    return summary_of(built, notes=(f"pushed to {push_to_hub(built, push)}",) if push else ())
 
 
 def plan(recipe: Recipe) -> list[Stage]:
