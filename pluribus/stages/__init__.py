@@ -11,7 +11,7 @@ beyond what a stage passes them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ def json_of(section: Any) -> Any:
     return without_engine_settings(section.model_dump(mode="json")) if section is not None else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stage:
     """One step of `pluribus run`: a stage, or one expert / one merge of a stage."""
 
@@ -62,9 +62,3 @@ class Stage:
     settings: Callable[[], Any] = lambda: None  # JSON of every setting that changes the output
     inputs: Callable[[], dict[str, Path]] = dict  # files it reads, by role
     keeps_store: bool = False  # resumes on its own: always runs, generates only what is missing
-
-
-def pairs(stage: str, output: Path | None, rows: Sequence[tuple[str, str]], *, header: tuple[str, str],
-          line: str, warnings: Sequence[str] = (), notes: Sequence[str] = ()) -> StageSummary:
-    """A summary whose table is (name, value) pairs."""
-    return StageSummary(stage, output, line, header, tuple(rows), tuple(warnings), tuple(notes))

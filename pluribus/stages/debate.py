@@ -28,7 +28,7 @@ from pluribus.data.debate import (
 )
 from pluribus.data.records import Problem, Trajectory
 from pluribus.errors import PluribusError
-from pluribus.stages import Stage, StageSummary, pairs
+from pluribus.stages import Stage, StageSummary
 
 
 @dataclass(frozen=True)
@@ -332,7 +332,7 @@ def summary_of(s: DebateSummary, stage: str, output: Path, line: str | None = No
     """A debate store's summary as a stage prints it (the debate and the single agent's own samples)."""
     line = line or (f"{s.problems} problems; round-0 accuracy {s.round0_accuracy:.1%}, team {s.team_accuracy:.1%}; "
                     f"{s.corrected} corrected, {s.lost} lost")
-    return pairs(stage, output, s.rows(), header=("debate", "value"), line=line)
+    return StageSummary(stage, output, line, ("debate", "value"), tuple(s.rows()))
 
 
 def run(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> StageSummary:
