@@ -19,17 +19,9 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from pluribus.config import Recipe, TrainConfig
-from pluribus.distill import distributed
+from pluribus.distill import distributed, output
 from pluribus.distill.data import load_rows, split_eval
 from pluribus.distill.loop import callbacks, quiet_printer, train_and_report, training_arguments
-from pluribus.distill.output import (
-    check_output,
-    checkpoints_dir,
-    default_paths,
-    resume_checkpoint,
-    save_output,
-    training_record,
-)
 from pluribus.distill.student import attach_lora, load_student, patch_kernels, score_head_model
 from pluribus.errors import PluribusError
 
@@ -231,8 +223,8 @@ def train_prm(
     from datasets import Dataset
 
     cfg: TrainConfig = recipe.require("train")
-    ds_path, out = default_paths(recipe, "prm", dataset, out)
-    check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
+    ds_path, out = output.default_paths(recipe, "prm", dataset, out)
+    output.check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
 
     # 1. process rows and a held-out split grouped by problem
     rows = load_rows(ds_path, "process")
@@ -248,7 +240,7 @@ def train_prm(
     eval_ex = prepare_examples(eval_rows, tokenizer, cfg)[0] if eval_rows is not None else None
 
     # 4. Trainer with the step BCE loss
-    args = training_arguments(cfg, checkpoints_dir(out), seed=recipe.seed, has_eval=bool(eval_ex),
+    args = training_arguments(cfg, output.checkpoints_dir(out), seed=recipe.seed, has_eval=bool(eval_ex),
                                      prediction_loss_only=True)
     trainer = PRMTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_ex),
@@ -256,7 +248,7 @@ def train_prm(
         data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks(),
     )
     quiet_printer(trainer)
-    metrics = train_and_report(trainer, resume_checkpoint(out, resume, model))
+    metrics = train_and_report(trainer, output.resume_checkpoint(out, resume, model))
     if kernels is not None:
         kernels.unpatch()
 
@@ -267,5 +259,5 @@ def train_prm(
             metrics.update({f"eval_{k}": v for k, v in evaluate_prm(model, tokenizer, eval_rows,
                                                                     cfg.prm.threshold).items() if v is not None})
     counts["eval_rows"] = 0 if eval_rows is None else len(eval_rows)
-    record = training_record(recipe, cfg, model, ds_path, metrics, counts)
-    return save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above
+    record = output.training_record(recipe, cfg, model, ds_path, metrics, counts)
+    return output.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

@@ -46,17 +46,9 @@ from transformers import Trainer
 from pluribus.config import Recipe, RLSettings, TrainConfig
 from pluribus.data.answers import grade
 from pluribus.data.records import Problem
-from pluribus.distill import distributed
+from pluribus.distill import distributed, output
 from pluribus.distill.data import load_rows
 from pluribus.distill.loop import callbacks, quiet_printer, train_and_report, training_arguments
-from pluribus.distill.output import (
-    check_output,
-    checkpoints_dir,
-    default_paths,
-    resume_checkpoint,
-    save_output,
-    training_record,
-)
 from pluribus.distill.prm import load_prm, score_steps, step_texts
 from pluribus.distill.student import attach_lora, base_identity, load_student, patch_kernels
 from pluribus.errors import PluribusError
@@ -408,8 +400,8 @@ def train_rl(
 
     cfg: TrainConfig = recipe.require("train")
     s = cfg.rl
-    ds_path, out = default_paths(recipe, "rl", dataset, out)
-    check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
+    ds_path, out = output.default_paths(recipe, "rl", dataset, out)
+    output.check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
     prm_path = Path(s.prm) if s.prm else recipe.layout.adapter("prm")
 
     # 1. prompts with gold answers
@@ -430,7 +422,7 @@ def train_rl(
         sampler = LocalSampler(tokenizer, s)
 
     # 4. Trainer over prompts: one batch = prompts_per_step prompts, G samples each
-    args = training_arguments(cfg, checkpoints_dir(out), seed=recipe.seed, has_eval=False,
+    args = training_arguments(cfg, output.checkpoints_dir(out), seed=recipe.seed, has_eval=False,
                                      per_device_train_batch_size=s.prompts_per_step)
     trainer = GroupRLTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(prompts), data_collator=collate_prompts,
@@ -441,7 +433,7 @@ def train_rl(
     quiet_printer(trainer)
     history_start = len(trainer.state.log_history)
     try:
-        metrics = train_and_report(trainer, resume_checkpoint(out, resume, model))
+        metrics = train_and_report(trainer, output.resume_checkpoint(out, resume, model))
     finally:
         if hasattr(sampler, "close"):
             sampler.close()
@@ -453,6 +445,6 @@ def train_rl(
     if logged:
         metrics.update({f"final_{k}": logged[-1][k] for k in ("reward", "accuracy", "kl", "prm_score")
                         if k in logged[-1]})  # kl only where it was computed (train.rl.kl > 0)
-    record = training_record(recipe, cfg, model, ds_path, metrics,
+    record = output.training_record(recipe, cfg, model, ds_path, metrics,
                                     {"prompts": len(prompts), "prm": str(prm_path)})
-    return save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above
+    return output.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

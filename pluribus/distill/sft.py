@@ -26,16 +26,9 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from pluribus.config import DATASET_OF_OBJECTIVE, Recipe, TrainConfig
+from pluribus.distill import output
 from pluribus.distill.data import load_rows, split_eval
 from pluribus.distill.loop import callbacks, quiet_printer, train_and_report, training_arguments
-from pluribus.distill.output import (
-    check_output,
-    checkpoints_dir,
-    default_paths,
-    resume_checkpoint,
-    save_output,
-    training_record,
-)
 from pluribus.distill.packing import PackingCollator, use_varlen_attention
 from pluribus.distill.student import attach_lora, load_student, patch_kernels
 from pluribus.errors import PluribusError
@@ -225,8 +218,8 @@ def train_sft(
     cfg: TrainConfig = recipe.require("train")
     if cfg.objective not in {"rsft", "augmented"}:
         raise PluribusError(f"train_sft trains the objectives rsft and augmented, not '{cfg.objective}'")
-    ds_path, out = default_paths(recipe, cfg.objective, dataset, out)
-    check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
+    ds_path, out = output.default_paths(recipe, cfg.objective, dataset, out)
+    output.check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
 
     # 1. rows, checked against the dataset kind, and an eval split grouped by problem
     rows = load_rows(ds_path, DATASET_OF_OBJECTIVE[cfg.objective])
@@ -243,7 +236,7 @@ def train_sft(
     eval_ex = prepare_examples(eval_rows, tokenizer, cfg)[0] if eval_rows is not None else None
 
     # 4. the Trainer: packed collator, checkpoints beside the output, rich progress
-    args = training_arguments(cfg, checkpoints_dir(out), seed=recipe.seed, has_eval=bool(eval_ex),
+    args = training_arguments(cfg, output.checkpoints_dir(out), seed=recipe.seed, has_eval=bool(eval_ex),
                                      prediction_loss_only=True)
     trainer = PackedSFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_ex),
@@ -254,7 +247,7 @@ def train_sft(
 
     # 5. train (resuming from a checkpoint of the same base), then evaluate once more
     quiet_printer(trainer)
-    metrics = train_and_report(trainer, resume_checkpoint(out, resume, model))
+    metrics = train_and_report(trainer, output.resume_checkpoint(out, resume, model))
     if eval_ex:
         metrics.update(trainer.evaluate())
     if kernels is not None:
@@ -262,5 +255,5 @@ def train_sft(
 
     # 6. the adapter folder + training record
     counts.update(attention=attention, eval_rows=0 if eval_rows is None else len(eval_rows))
-    record = training_record(recipe, cfg, model, ds_path, metrics, counts)
-    return save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above
+    record = output.training_record(recipe, cfg, model, ds_path, metrics, counts)
+    return output.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above
