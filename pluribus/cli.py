@@ -312,6 +312,20 @@ def export_cmd(
                   eval_results=eval_results, overwrite=overwrite))
 
 
+# --------------------------------------------------------------------------------------------- view
+
+
+@app.command("view")
+def view_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder (runs/<name>).")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="HTML file to write (default <run>/view.html).")] = None,
+) -> None:
+    """Write one self-contained HTML page of RUN: eval, debates round by round, process rows, experts, merges."""
+    from pluribus.view import write_view
+
+    Console().print(f"wrote {write_view(run, out)}", markup=False, highlight=False, soft_wrap=True)
+
+
 # ---------------------------------------------------------------------------------------------- run
 
 

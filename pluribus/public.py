@@ -30,6 +30,11 @@ def redact(text: str) -> str:
     return _USERINFO_RE.sub("***@", _TOKEN_RE.sub(lambda m: f"{m.group(1)}_***", text))
 
 
+def is_secret_key(key: str) -> bool:
+    """Whether a record's key names a secret (an api_key, a token, a password): its value is never shown."""
+    return bool(_SECRET_KEY_RE.search(key))
+
+
 def _is_local_path(ref: str) -> bool:
     return ref.startswith(("/", "~", "./", "../", "\\")) or bool(re.match(r"[A-Za-z]:[\\/]", ref))
 
@@ -116,5 +121,5 @@ def scrub(data: Any, key: str = "") -> Any:
     if isinstance(data, list):
         return [scrub(v, key) for v in data]
     if isinstance(data, str):
-        return "***" if data and _SECRET_KEY_RE.search(key) else _public_path(data)
+        return "***" if data and is_secret_key(key) else _public_path(data)
     return data
