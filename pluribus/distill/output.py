@@ -143,9 +143,11 @@ def save_output(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], o
 
 def training_record(
     recipe: Recipe, cfg: TrainConfig, model: Any, dataset: str | Path | None, metrics: dict[str, Any],
-    counts: dict[str, Any] | None = None,
+    counts: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The small record export puts in the model card: recipe, base, dataset fingerprints, final metrics."""
+    """The small record export puts in the model card: recipe, base, dataset fingerprints, final metrics; and
+    ``history``, the Trainer's log_history (the logged steps: loss, learning rate, rewards), the curves that
+    `pluribus view` draws."""
     import pluribus
     from pluribus.distill import distributed
 
@@ -163,6 +165,7 @@ def training_record(
         "data": counts or {},
         "processes": distributed.world_size(),  # data-parallel: a step saw batch_size x grad_accum x processes
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
+        "log_history": [{k: v for k, v in h.items() if isinstance(v, int | float | str)} for h in history or []],
         "pluribus_version": getattr(pluribus, "__version__", "0"),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

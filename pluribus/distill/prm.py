@@ -259,5 +259,6 @@ def train_prm(
             metrics.update({f"eval_{k}": v for k, v in evaluate_prm(model, tokenizer, eval_rows,
                                                                     cfg.prm.threshold).items() if v is not None})
     counts["eval_rows"] = 0 if eval_rows is None else len(eval_rows)
-    record = output.training_record(recipe, cfg, model, ds_path, metrics, counts)
+    record = output.training_record(recipe, cfg, model, ds_path, metrics, counts,
+                                    history=trainer.state.log_history)
     return output.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

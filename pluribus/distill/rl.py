@@ -446,5 +446,5 @@ def train_rl(
         metrics.update({f"final_{k}": logged[-1][k] for k in ("reward", "accuracy", "kl", "prm_score")
                         if k in logged[-1]})  # kl only where it was computed (train.rl.kl > 0)
     record = output.training_record(recipe, cfg, model, ds_path, metrics,
-                                    {"prompts": len(prompts), "prm": str(prm_path)})
+                                    {"prompts": len(prompts), "prm": str(prm_path)}, history=trainer.state.log_history)
     return output.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

@@ -255,5 +255,6 @@ def train_sft(
 
     # 6. the adapter folder + training record
     counts.update(attention=attention, eval_rows=0 if eval_rows is None else len(eval_rows))
-    record = output.training_record(recipe, cfg, model, ds_path, metrics, counts)
+    record = output.training_record(recipe, cfg, model, ds_path, metrics, counts,
+                                    history=trainer.state.log_history)
     return output.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

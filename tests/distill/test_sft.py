@@ -121,6 +121,10 @@ def test_train_rsft_writes_adapter_and_record(tmp_path, student_dir, rsft_dir):
     assert record["objective"] == "rsft" and record["recipe"]["train"]["model"] == str(student_dir)
     assert list(record["dataset"]["files"].values())[0] and record["data"]["kept"] > 0
     assert "eval_loss" in record["metrics"] and "train_loss" in record["metrics"]
+    # the logged steps, for `pluribus view`'s curves: a loss at each logged step, the last one at the final step
+    losses = [h for h in record["log_history"] if "loss" in h]
+    assert losses and all(isinstance(h["step"], int) for h in losses)
+    assert record["log_history"][-1]["step"] == max(h["step"] for h in record["log_history"])
     assert record["data"]["attention"] == VARLEN_SDPA
     assert list((checkpoints_dir(out)).rglob("events.out.tfevents*")), "tensorboard logs are written"
 

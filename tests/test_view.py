@@ -1,0 +1,123 @@
+"""`pluribus view`: the page's data from a run folder in the stages' formats, and the command's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pluribus.view import collect, markdown_html, page, write_view
+from tests.view_run import KNOWN, SECRET, make_view_run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pluribus.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def _embedded(html: str) -> dict:
+    start = html.index('<script type="application/json" id="data">') + len('<script type="application/json" id="data">')
+    return json.loads(html[start: html.index("</script>", start)])
+
+
+def test_the_page_holds_every_part_of_the_run_and_no_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    run = make_view_run(tmp_path / "run")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    proc = _cli("view", str(run), "-o", str(tmp_path / "page.html"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"wrote {tmp_path / 'page.html'}"
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # -o: nothing written in the run
+    html = (tmp_path / "page.html").read_text()
+    assert SECRET not in html and "S3cretToken" not in html  # api_key, the URL's credentials, $HF_TOKEN
+    assert "src=\"http" not in html and "<link" not in html  # nothing fetched: it opens from disk
+    data = _embedded(html)
+    assert data == json.loads(json.dumps(collect(run)))
+    assert "api_key: '***'" in data["recipe"] and "https://***@example.com/v1" in data["recipe"]
+    # eval: the report's tables, the plot inlined
+    assert "<table>" in data["eval"]["html"] and 'src="data:image/png;base64,' in data["eval"]["html"]
+    assert "rl-greedy" in data["eval"]["html"]
+    # every trajectory store, the debate first, each problem with every round of every agent
+    names = [s["name"] for s in data["stores"]]
+    assert names[0] == "debate" and "eval/single-greedy" in names and len(names) == 5
+    debate = data["stores"][0]
+    assert len(debate["problems"]) == 120 and KNOWN in {p["id"] for p in debate["problems"]}
+    p = debate["problems"][0]
+    assert len(p["rounds"]) == 2 and all(len(r) == 3 for r in p["rounds"]) and p["rounds"][0][0]["r"]
+    assert sum(n for _, n in p["votes"]) == 3
+    # process rows with their Monte-Carlo scores, labels and the PRM's per-step score
+    rows = data["process"][0]["rows"]
+    assert len(rows) == 30 and set(rows[0]["extra"]) == {"prm_scores"}
+    assert len(rows[0]["scores"]) == len(rows[0]["steps"]) == len(rows[0]["labels"])
+    assert {d["name"]: d["rows"] for d in data["datasets"]}["process"] == 30
+    # curves: from the record's log_history, and from the checkpoint when the record has none
+    experts = {e["name"]: e for e in data["experts"]}
+    assert set(experts) == {"prm", "rl", "rsft"}
+    assert len(experts["rsft"]["curves"]["loss"]) == 10 and len(experts["rl"]["curves"]["reward"]) == 10
+    assert len(experts["prm"]["curves"]["loss"]) == 5
+    merge = data["merges"][0]
+    assert merge["name"] == "merged" and merge["lines"][0].startswith("method task_arithmetic (adapters -> adapter)")
+    assert merge["spec"].startswith("merge_method: task_arithmetic")
+
+
+def test_changes_of_mind_and_the_vote_are_classified() -> None:
+    from pluribus.view import _problem
+    from tests.data.test_builders import sample_trajs, traj, turn
+
+    p1 = _problem(sample_trajs()[0].to_dict())  # agent a: 11 (wrong) then 12 (right)
+    assert [t["ch"] for t in p1["rounds"][1]] == ["fixed", ""] and p1["fixed"] == 1 and p1["broke"] == 0
+    t = traj("p9", [[turn("a", 0, "x", "12", True), turn("b", 0, "x", "11", False)],
+                    [turn("a", 1, "x", "13", False), turn("b", 1, "x", None, None)]])
+    p9 = _problem(t.to_dict())
+    assert [x["ch"] for x in p9["rounds"][1]] == ["broke", "switched"]
+    assert [list(v) for v in p9["votes"]] == [["13", 1], ["(unparsable)", 1]]
+
+
+def test_a_run_with_only_its_debate_shows_the_rest_as_absent(tmp_path: Path) -> None:
+    from tests.data.test_builders import make_run, sample_trajs
+
+    run = make_run(tmp_path / "early", sample_trajs())
+    # a writer killed mid-line (or still writing): the torn line is counted, not shown, and the store not touched
+    shard = run / "trajectories" / "shard-00000.jsonl"
+    with shard.open("ab") as f:
+        f.write(b'{"problem_id": "p4", "quest')
+    torn = shard.read_bytes()
+    out = write_view(run)
+    assert out == run / "view.html" and shard.read_bytes() == torn
+    data = _embedded(out.read_text())
+    assert data["eval"] is None and data["process"] == [] and data["experts"] == [] and data["merges"] == []
+    assert data["recipe"] is None and data["stages"] == []
+    assert [len(s["problems"]) for s in data["stores"]] == [3] and data["stores"][0]["unreadable"] == 1
+    assert "No eval yet" in out.read_text()
+
+
+def test_a_folder_that_is_not_a_run_is_one_line_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "notes").mkdir()
+    for target in (tmp_path / "notes", tmp_path / "missing"):
+        proc = _cli("view", str(target))
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and str(target) in lines[0], proc.stderr
+        assert "runs/quickstart" in lines[0]
+    assert not (tmp_path / "notes" / "view.html").exists()
+
+
+def test_report_markdown_becomes_tables_and_inlined_images() -> None:
+    body, used = markdown_html("# Eval of run `q`\n\n![acc](accuracy.png)\n\n| a | b |\n|---|---:|\n| x<y | 1 |\n\n"
+                               "two\nlines\n", {"accuracy.png": "data:image/png;base64,AAAA"})
+    assert "<h2>Eval of run <code>q</code></h2>" in body and used == {"accuracy.png"}
+    assert '<img alt="acc" src="data:image/png;base64,AAAA">' in body
+    assert "<tr><td>x&lt;y</td><td>1</td></tr>" in body and "---" not in body and "<p>two lines</p>" in body
+
+
+def test_script_end_tags_in_the_data_cannot_break_the_page() -> None:
+    html = page({"run": {"name": "r", "path": "/r"}, "q": "</script><script>alert(1)</script>\u2028"})
+    assert html.count("</script>") == 2  # the data's own script element and the renderer's
+    assert _embedded(html)["q"] == "</script><script>alert(1)</script>\u2028"
