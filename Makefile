@@ -1,6 +1,7 @@
 # Entry points for a fresh machine: `make demo` (set up, then run the quickstart on the embedded model),
-# `make test` (set up, then lint and run the tests) and `make test-vllm` (the vLLM integration tests, in an
-# environment of their own). The first two create .venv if it is missing, the third .venv-vllm.
+# `make test` (set up, then lint and run the tests), `make test-vllm` (the vLLM integration tests, in an
+# environment of their own) and `make test-view` (`pluribus view`'s page in headless Chromium). All but
+# test-vllm create .venv if it is missing; test-vllm creates .venv-vllm.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pluribus-installed
@@ -9,7 +10,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.pluribus-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-vllm demo test test-vllm test-vllm-twin test-fast lint bench clean
+.PHONY: setup setup-vllm demo test test-vllm test-vllm-twin test-view test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -69,6 +70,15 @@ test-vllm: $(VLLM_STAMP)
 
 test-vllm-twin: $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest tests/vllm -m twin $(PYTEST_ARGS)
+
+# `pluribus view`'s page in a real browser: Debian's Chromium (apt-get, only where no Chromium is on PATH; as root or
+# through sudo) driven headless over the DevTools protocol by websocket-client (dev extra; installed if missing).
+test-view: $(STAMP)
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+	$(PY) -c "import websocket" 2>/dev/null || $(PY) -m pip install -q "websocket-client>=1.6"
+	HF_HUB_OFFLINE=1 PLURIBUS_REQUIRE_BROWSER=1 $(PY) -m pytest tests/test_view_browser.py $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --ignore=tests/kernels -m "not slow and not integration" $(PYTEST_ARGS)

@@ -1,0 +1,83 @@
+"""`pluribus view`'s page in a real browser (headless Chromium over the DevTools protocol): it renders, the problem
+search finds a problem, a debate opens round by round, process steps and curves are drawn, no script error.
+
+`make test-view` installs Chromium where it is missing and runs this file with PLURIBUS_REQUIRE_BROWSER=1 (a
+missing browser then fails instead of skipping). Set PLURIBUS_VIEW_SCREENSHOT=FILE to keep the debate screenshot.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.cdp import Browser, browser_available
+from tests.view_run import KNOWN, make_view_run
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.browser
+
+missing = browser_available()
+if missing and not os.environ.get("PLURIBUS_REQUIRE_BROWSER"):
+    pytest.skip(missing, allow_module_level=True)
+
+
+def _non_blank(png: bytes) -> int:
+    """How many distinct colours the screenshot has (a blank or failed page has one or two)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    assert image.size == (1280, 860)
+    return len(image.getcolors(maxcolors=1 << 20) or [])
+
+
+def test_the_page_renders_searches_and_opens_a_debate(tmp_path: Path) -> None:
+    run = make_view_run(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "pluribus.cli", "view", str(run)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with Browser() as b:
+        b.open(run / "view.html")
+        # the eval tab opens first, with its plot decoded from the inlined PNG
+        assert b.wait("document.querySelector('section.on') && document.querySelector('section.on').id") == "eval"
+        assert b.wait("document.querySelector('#eval img') && document.querySelector('#eval img').naturalWidth") > 500
+        assert b.eval("document.querySelectorAll('#eval table').length") >= 2
+        assert _non_blank(b.screenshot()) > 50
+
+        b.click("nav button[data-tab=debates]")
+        assert b.wait("document.querySelectorAll('#debatelist details.item').length") == 50  # one page of 120
+        assert b.eval("document.querySelector('#debatelist .count').textContent") == "1\u201350 of 120"
+        b.type("#debatelist input.search", KNOWN)
+        b.wait(f"document.querySelector('#debatelist details.item').dataset.id === '{KNOWN}'")
+        assert b.eval("[...document.querySelectorAll('#debatelist details.item')].map(d => d.dataset.id)") == [KNOWN]
+        b.click("#debatelist details.item > summary")
+        b.wait("!!document.querySelector('#debatelist details.item[open] table.debate')")
+        rounds = b.eval("document.querySelectorAll('#debatelist table.debate tbody tr').length")
+        agents = b.eval("[...document.querySelectorAll('#debatelist table.debate thead th')].map(t => t.textContent)")
+        assert rounds == 2 and agents == ["", "solver", "checker", "skeptic"]
+        assert "Final answer" in b.eval("document.querySelector('#debatelist .final').textContent")
+        shot = b.screenshot()
+        assert _non_blank(shot) > 50
+        (tmp_path / "debate.png").write_bytes(shot)
+        if os.environ.get("PLURIBUS_VIEW_SCREENSHOT"):
+            Path(os.environ["PLURIBUS_VIEW_SCREENSHOT"]).write_bytes(shot)
+        # a search that matches nothing says so
+        b.eval("document.querySelector('#debatelist input.search').select()")
+        b.send("Input.insertText", text="no such problem")
+        assert b.wait("document.querySelector('#debatelist .count').textContent") == "none of 120 match"
+
+        b.click("nav button[data-tab=process]")
+        b.click("#plist details.item > summary")
+        steps = b.wait("document.querySelectorAll('#plist details.item[open] .step').length")
+        colours = b.eval("new Set([...document.querySelectorAll('#plist .step')].map(s => s.style.backgroundColor)).size")
+        assert steps >= 2 and colours >= 1 and "prm_scores" in b.eval("document.querySelector('#plist .step').textContent")
+
+        b.click("nav button[data-tab=experts]")
+        assert b.wait("document.querySelectorAll('#experts svg.chart polyline').length") >= 3
+        b.click("nav button[data-tab=merges]")
+        assert "task_arithmetic" in b.wait("document.querySelector('#merges pre') && document.querySelector('#merges pre').textContent")
+        assert b.errors == []
