@@ -196,6 +196,7 @@ def score_cmd(
     from rich.table import Table
 
     from pluribus.io import read_text_file
+    from pluribus.stages import print_table
 
     text = (sys.stdin.read() if solution == "-" else read_text_file(solution[1:], "solution file")
             if solution.startswith("@") else solution)
@@ -212,7 +213,7 @@ def score_cmd(
     table = Table("#", "score", "step")
     for i, (s, v) in enumerate(zip(steps, scores, strict=True)):
         table.add_row(str(i), f"{v:.3f}", escape(s))
-    Console().print(table)
+    print_table(Console(), table)
 
 
 # -------------------------------------------------------------------------------------------- merge
@@ -344,12 +345,13 @@ def run_cmd(
 
     from pluribus.config import load_recipe
     from pluribus.run import run_recipe
+    from pluribus.stages import print_table
 
     results = run_recipe(load_recipe(recipe, _with_threads(overrides, threads)), force=force, progress=not no_progress, new_run=new_run)
     table = Table("step", "status", "seconds", "summary")
     for r in results:
         table.add_row(escape(r.stage), r.status, f"{r.seconds:.1f}", escape(r.summary))
-    Console().print(table)
+    print_table(Console(), table)
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -361,11 +363,12 @@ def models_list() -> None:
     from rich.table import Table
 
     from pluribus.models import list_models
+    from pluribus.stages import print_table
 
     table = Table("alias", "source", "status")
     for row in list_models():
         table.add_row(*(escape(str(row[k])) for k in ("alias", "source", "status")))
-    Console().print(table)
+    print_table(Console(), table)
 
 
 @models_app.command("resolve")
@@ -438,6 +441,13 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # peft asks every model for is_gradient_checkpointing, which transformers 5 deprecates
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # bitsandbytes warns on every import on AVX512-BF16 CPUs that the `kernels` package is missing; installing
+    # it would make bitsandbytes fetch code from the Hub at import time, which pluribus never wants
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # where `kernels` is installed, bitsandbytes asks it for a CPU kernel at import, and offline it logs that it
+    # skips that repository's publisher check (then fails to find it, which the line above keeps quiet)
+    logging.getLogger("kernels._internals.hf_hub").addFilter(
+        lambda record: not record.getMessage().startswith("Skipping publisher trust check"))
 
 
 def _one_process_unless_training(argv: list[str]) -> None:
@@ -454,9 +464,6 @@ def main() -> None:
     """Run the CLI; user errors print one line and exit with code 2; SIGTERM cleans up like Ctrl-C."""
     signal.signal(signal.SIGTERM, _terminated)
     quiet_libraries()
-    # bitsandbytes warns on every import on AVX512-BF16 CPUs that the `kernels` package is missing; installing
-    # it would make bitsandbytes fetch code from the Hub at import time, which pluribus never wants
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         _one_process_unless_training(sys.argv[1:])
         # without standalone mode typer *returns* the exit code of a ctx.exit / typer.Exit, and turns Ctrl-C

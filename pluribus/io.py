@@ -49,6 +49,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as a summary prints it, in one form whichever way a stage was given it: relative to the working
+    directory where it lies under it, else absolute."""
+    here = Path.cwd()
+    for p, cwd in ((Path(os.path.abspath(path)), here), (Path(path).resolve(), here.resolve())):
+        with contextlib.suppress(ValueError):
+            return str(p.relative_to(cwd))
+    return os.path.abspath(path)
+
+
 def ensure_dir(path: str | Path, what: str = "") -> Path:
     """``mkdir -p path``, or one PluribusError naming the part of ``path`` that exists but is not a folder."""
     path = Path(path)

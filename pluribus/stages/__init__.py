@@ -40,9 +40,26 @@ class StageSummary:
             table = Table(*self.columns)
             for row in self.rows:
                 table.add_row(*(escape(v) for v in row))
-            out.print(table)
+            print_table(out, table)
         for n in self.notes if notes else ():
             out.print(n, markup=False, highlight=False, soft_wrap=True)  # soft_wrap: a path cut over lines cannot be copied
+
+
+def print_table(console: Any, table: Any) -> None:
+    """Print a rich table whole. In a terminal it fits the terminal; written to a log or a pipe, rich would squeeze
+    it into 80 columns and cut names and figures ("single…", "(0.000…"), so there it gets the width it needs."""
+    from rich.measure import Measurement
+
+    if console.is_terminal:
+        console.print(table)
+        return
+    need = Measurement.get(console, console.options.update_width(1 << 16), table).maximum
+    width = console.width
+    console.width = max(width, need)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def json_of(section: Any) -> Any:

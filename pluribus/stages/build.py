@@ -16,6 +16,7 @@ from pluribus.data.builders.datasets import (
     store_dir,
 )
 from pluribus.errors import PluribusError
+from pluribus.io import shown_path
 from pluribus.stages import Stage, StageSummary, json_of
 
 
@@ -158,7 +159,7 @@ def summary_of(built: list[Built], mine: list[Built] | None = None, output: Path
                notes: tuple[str, ...] = ()) -> StageSummary:
     """The datasets a build wrote (the team's, then the single agent's own when there are any)."""
     both = [(b, "") for b in built] + [(b, "self/") for b in mine or []]
-    rows = [(f"{prefix}{b.kind}", str(b.rows), str(b.stats["counts"]["problems with rows"]), str(b.path))
+    rows = [(f"{prefix}{b.kind}", str(b.rows), str(b.stats["counts"]["problems with rows"]), shown_path(b.path))
             for b, prefix in both]
     line = ", ".join(f"{b.kind}: {b.rows} rows" for b in built)
     if mine:

@@ -251,7 +251,8 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
         steps = [debated[s : s + step] for s in range(0, len(debated), step)]
         tokens, new, t0 = 0, 0, time.perf_counter()
         with _Progress(progress, total=len(problems) - len(skipped), done=stored_before, label=label,
-                       per_problem=generations_per_problem(team_cfg)) as bar:
+                       per_problem=generations_per_problem(team_cfg), agents=len(team_cfg.agents),
+                       rounds=team_cfg.rounds) as bar:
             for chunk in steps:
                 if not todo & {p.id for p in chunk}:
                     continue
@@ -273,10 +274,14 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
 
 class _Progress:
     """A rich progress bar over generations (so it moves with every finished batch, also inside a long step),
-    showing the problems stored, generated tokens/s, and the running team and round-0 accuracy."""
+    showing the problems stored, generated tokens/s, and the running accuracy of what the bar runs, named by it:
+    a debate's final and round-0 answers ("team" for the debate stage, else the eval system's label), one agent's
+    answers, or independent samples' (sc's draws, the single agent's own samples) accuracy per sample."""
 
-    def __init__(self, enabled: bool, total: int, done: int, label: str = "debate", per_problem: int = 1) -> None:
+    def __init__(self, enabled: bool, total: int, done: int, label: str = "debate", per_problem: int = 1,
+                 agents: int = 1, rounds: int = 1) -> None:
         self.enabled, self.total, self.done, self.label = enabled, total, done, label
+        self.agents, self.rounds = agents, rounds
         self.per_problem = max(1, per_problem)
         self.n = self.team_ok = self.r0_ok = self.r0_n = 0
         self.tokens, self.t0 = 0, time.perf_counter()
@@ -300,7 +305,13 @@ class _Progress:
         tps = self.tokens / max(1e-9, time.perf_counter() - self.t0)
         if not self.n:
             return f"{tps:.1f} tok/s"
-        return f"{tps:.1f} tok/s  team {self.team_ok / self.n:.1%}  round-0 {self.r0_ok / max(1, self.r0_n):.1%}"
+        name = "team" if self.label == "debate" else self.label
+        final, first = self.team_ok / self.n, self.r0_ok / max(1, self.r0_n)
+        if self.rounds > 1:
+            return f"{tps:.1f} tok/s  {name} {final:.1%}  round-0 {first:.1%}"
+        if self.agents > 1:  # no debate: independent samples, whose vote (sc's budget vote) is not this store's
+            return f"{tps:.1f} tok/s  {name} per sample {first:.1%}"
+        return f"{tps:.1f} tok/s  {name} {final:.1%}"
 
     def batch(self, gens: list[Generation]) -> None:
         """A batch of generations finished (called from inside a step)."""

@@ -39,7 +39,7 @@ def self_recipe(recipe: Recipe) -> Recipe:
 
 def run_self_samples(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> DebateSummary:
     """Sample (or resume sampling) the training problems with the single agent into ``<run>/self/trajectories``."""
-    return run_debate(self_recipe(recipe), progress=progress, new_run=new_run)
+    return run_debate(self_recipe(recipe), progress=progress, new_run=new_run, label="self samples")
 
 
 def self_kinds(recipe: Recipe) -> list[str]:

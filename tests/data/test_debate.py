@@ -585,3 +585,21 @@ def test_a_bf16_store_is_not_continued_with_other_batches_but_older_stores_are_t
     manifest.write_text(json.dumps({**data, "config_hash": _hash(other, _CURRENT_EXCLUDE)}))
     assert run_debate(other, problems=problems(4), backends=backends, progress=False).new == 2
     assert json.loads(manifest.read_text())["config_hash"] == config_hash(other)
+
+
+@pytest.mark.parametrize(("label", "agents", "rounds", "shown", "not_shown"), [
+    ("debate", 2, 2, "team 50.0%  round-0 50.0%", "per sample"),
+    ("team", 2, 2, "team 50.0%  round-0 50.0%", "per sample"),
+    ("single-greedy", 1, 1, "single-greedy 50.0%", "team"),
+    ("merged-greedy", 1, 1, "merged-greedy 50.0%", "round-0"),
+    ("sc (k=3)", 3, 1, "sc (k=3) per sample 50.0%", "team"),
+])
+def test_the_progress_bar_names_the_accuracy_by_its_system(tmp_path, capsys, label, agents, rounds, shown, not_shown):
+    """eval runs every system through the debate's bar: a single agent's running accuracy is not the "team"'s."""
+    be = ScriptedBackend(lambda conv, k: "\\boxed{1}")  # right on p0 only (p1's answer is 2)
+    recipe = Recipe(name="r", root=str(tmp_path), task=TaskConfig(n=2),
+                    team=TeamConfig(agents=[AgentConfig(name=f"a{i}") for i in range(agents)], rounds=rounds))
+    run_debate(recipe, problems=problems(2), backends={backend_key(recipe.team.agents[0]): be}, progress=True,
+               label=label)
+    err = capsys.readouterr().err
+    assert shown in err and not_shown not in err.replace(label, ""), err

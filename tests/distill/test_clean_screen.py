@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-NOISE = re.compile(r"Warning|warn\(|site-packages|Loading weights|Creating parquet|Generating train split|"
+NOISE = re.compile(r"Warning|warn\(|site-packages|Loading weights|Creating parquet|Generating train split|publisher trust|"
                    r"it/s\]|examples/s\]|\d+%\|")
 
 
@@ -52,3 +53,18 @@ def test_flags_are_shown_as_flags_in_help() -> None:
     proc = _cli("build", "--help", cwd=REPO)
     assert proc.returncode == 0 and "<bool>" not in proc.stdout
     assert re.search(r"^  --overwrite +Replace existing datasets\.$", proc.stdout, re.M), proc.stdout
+
+
+def test_importing_bitsandbytes_offline_prints_no_kernel_hub_notes(tmp_path: Path) -> None:
+    """bitsandbytes asks the `kernels` package for a CPU kernel from the Hub at import; offline, `kernels` logs that
+    it skips the publisher trust check, before every training and eval. quiet_libraries keeps it off the screen."""
+    code = "import bitsandbytes"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=300)
+    if "publisher trust" not in plain.stderr:
+        pytest.skip("this bitsandbytes / kernels pair prints no publisher-trust note offline")
+    quiet = subprocess.run([sys.executable, "-c", f"from pluribus.cli import quiet_libraries; quiet_libraries(); {code}"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "publisher trust" not in quiet.stderr and "kernels-community" not in quiet.stderr, quiet.stderr
