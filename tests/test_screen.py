@@ -55,3 +55,13 @@ def test_build_table_prints_every_path_relative_to_the_working_directory(tmp_pat
     assert shown_path(tmp_path.parent / "other") == os.path.abspath(tmp_path.parent / "other")
     text = _log(summary)
     assert "runs/q/datasets/rsft" in text and "runs/q/self/datasets/rsft" in text
+
+
+def test_pip_install_sees_an_spdx_license() -> None:
+    """`pip install -e .` warned that `project.license` as a TOML table is deprecated (builds fail from 2027-02-18);
+    the SPDX string needs setuptools>=77, which the build system then asks for."""
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert project["build-system"]["requires"] == ["setuptools>=77"]
