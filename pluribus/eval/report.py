@@ -93,33 +93,102 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(payload: dict[str, Any]) -> bytes:
-    """A PNG with one panel per task: accuracy (95% interval) against tokens per problem, one point per system."""
-    import io
+BASE = "single-greedy"  # the base agent: every comparison's baseline
+COLORS = {"single": "#4C72B0", "sc": "#8172B2", "team": "#C44E52", "expert": "#55A868", "merged": "#DD8452",
+          "distilled": "#55A868"}
 
+
+def _overlaps(box: Any, others: list[Any]) -> bool:
+    return any(box.overlaps(o) for o in others)
+
+
+def _place_labels(ax: Any, points: list[tuple[float, float, str]]) -> None:
+    """Name each point with a label that overlaps no other label, point or the panel's edge: beside its point when
+    there is room, else the nearest free place above or below (or on the left), joined to its point by a thin line.
+    Points that coincide (two systems with the same accuracy and tokens) get a label each."""
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    to_px = fig.dpi / 72
+    marks = [Bbox.from_bounds(*(ax.transData.transform((x, y)) - 5), 10, 10) for x, y, _ in points]
+    placed: list[Any] = []
+    for x, y, name in sorted(points, key=lambda p: -p[1]):
+        px, py = ax.transData.transform((x, y))
+        probe = ax.annotate(name, (x, y), textcoords="offset points", xytext=(7, 0), va="center", fontsize=8)
+        extent = probe.get_window_extent(renderer)
+        w, h = extent.width, extent.height
+        probe.remove()
+        step = h + 2
+        spots = [(side, k * step * sign) for k in range(0, 40) for sign in ((1, -1) if k else (1,))
+                 for side in ("right", "left")]
+        for side, dy in spots:
+            left = px + 7 * to_px if side == "right" else px - 7 * to_px - w
+            box = Bbox.from_bounds(left, py + dy - h / 2, w, h)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not _overlaps(box, placed) and not _overlaps(box, marks):
+                break
+        else:  # nowhere free (a crowded panel): beside the point, as before
+            side, dy = "right", 0.0
+            box = Bbox.from_bounds(px + 7 * to_px, py - h / 2, w, h)
+        line = {"arrowstyle": "-", "color": "#888888", "lw": 0.6, "shrinkA": 0, "shrinkB": 4} if dy else None
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(7 if side == "right" else -7, dy / to_px),
+                    va="center", ha="left" if side == "right" else "right", fontsize=8, arrowprops=line)
+        placed.append(box)
+
+
+def figure(payload: dict[str, Any]) -> Any:
+    """The accuracy figure: one panel per task, accuracy (95% interval) against tokens per problem (log axis with
+    plain numbers), one point per system, each named apart from the others; the base agent is a star with a
+    dashed line at its accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     tasks = payload.get("tasks") or [{**payload, "name": "heldout"}]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.4), squeeze=False)
-    colors = {"single": "#4C72B0", "sc": "#8172B2", "team": "#C44E52", "expert": "#55A868", "merged": "#DD8452",
-              "distilled": "#55A868"}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7.2 * len(tasks), 4.8), squeeze=False)
+    panels = []
     for ax, task in zip(axes[0], tasks, strict=True):
+        points = []
         for name, r in task["systems"].items():
             x, y = r["tokens_per_problem"], r["accuracy"] * 100
             err = [[y - r["accuracy_low"] * 100], [r["accuracy_high"] * 100 - y]]
-            ax.errorbar([x], [y], yerr=err, fmt="o", capsize=4, color=colors.get(r["system"], "#333333"),
+            base = name == BASE
+            ax.errorbar([x], [y], yerr=err, fmt="*" if base else "o", markersize=13 if base else 6, capsize=4,
+                        color=COLORS.get(r["system"], "#333333"), zorder=3 if base else 2,
                         markerfacecolor="white" if r["mode"] == "sampled" else None)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            if base:
+                ax.axhline(y, color=COLORS["single"], lw=0.8, ls="--", alpha=0.6, zorder=1)
+            points.append((x, y, f"{name} (base agent)" if base else name))
+        xs = [p[0] for p in points if p[0] > 0] or [1.0]
         ax.set_xscale("log")
-        ax.set_xlabel("tokens per problem (log)")
+        ax.set_xlim(min(xs) / 1.5, max(xs) * 2.2)  # room on the right for the labels of the costliest systems
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("tokens per problem (log scale)")
         ax.set_ylabel("accuracy (%), 95% interval")
         ax.set_ylim(0, 105)
         ax.grid(alpha=0.3)
         ax.set_title(f"{task['name']}: {task['problems']} problems of {task['task']}", fontsize=10)
+        panels.append((ax, points))
     fig.tight_layout()
+    fig.canvas.draw()  # the layout in pixels, so the labels can be placed apart
+    for ax, points in panels:
+        _place_labels(ax, points)
+    return fig
+
+
+def plot(payload: dict[str, Any]) -> bytes:
+    """``figure`` as PNG bytes."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig = figure(payload)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
