@@ -80,6 +80,11 @@ def _problem(rec: dict[str, Any]) -> dict[str, Any]:
             "tokens": (rec.get("cost") or {}).get("tokens_out", 0)}
 
 
+def _lines(data: bytes) -> int:
+    """Lines in a shard, a torn last one (no newline) included."""
+    return data.count(b"\n") + (bool(data) and not data.endswith(b"\n"))
+
+
 def _stores(run: Path) -> list[dict[str, Any]]:
     """Every trajectory store of the run (the debate, the single agent's own samples, each eval system), the
     debate first; lines that are not whole records (a writer still running, a torn line) are counted, not shown."""
@@ -97,7 +102,7 @@ def _stores(run: Path) -> list[dict[str, Any]]:
             out.append({"name": _rel(folder.parent, run) or "debate", "path": str(folder), "error": str(e),
                         "problems": []})
             continue
-        lines = sum(1 for shard in store.shards() for _ in shard.open("rb"))
+        lines = sum(_lines(shard.read_bytes()) for shard in store.shards())
         name = "debate" if folder == run / "trajectories" else _rel(folder.parent, run)
         out.append({"name": name, "path": str(folder), "problems": [_problem(r) for r in records],
                     "unreadable": lines - len(records) - len(store.duplicates),
@@ -156,9 +161,10 @@ def _history(adapter: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
     """The logged steps of a training: its record's log_history, else the latest checkpoint's trainer_state."""
     if isinstance(record.get("log_history"), list):
         return record["log_history"]
-    checkpoints = adapter.with_name(adapter.name + ".checkpoints")
-    states = sorted(checkpoints.glob("checkpoint-*/trainer_state.json"),
-                    key=lambda p: int(p.parent.name.split("-")[-1]) if p.parent.name.split("-")[-1].isdigit() else -1)
+    from pluribus.distill.output import checkpoints_dir
+
+    states = sorted((p for p in checkpoints_dir(adapter).glob("checkpoint-*/trainer_state.json")
+                     if re.fullmatch(r"checkpoint-\d+", p.parent.name)), key=lambda p: int(p.parent.name[11:]))
     state = _read_json(states[-1]) if states else None
     return state.get("log_history", []) if isinstance(state, dict) else []
 
