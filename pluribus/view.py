@@ -104,7 +104,15 @@ def _stores(run: Path) -> list[dict[str, Any]]:
             continue
         lines = sum(_lines(shard.read_bytes()) for shard in store.shards())
         name = "debate" if folder == run / "trajectories" else _rel(folder.parent, run)
-        out.append({"name": name, "path": str(folder), "problems": [_problem(r) for r in records],
+        problems = [_problem(r) for r in records]
+        shapes = {(len(p["agents"]), len(p["rounds"])) for p in problems}
+        note = ""
+        if len(shapes) == 1 and (shape := shapes.pop())[0] > 1 and shape[1] == 1:
+            # sc's draws, the single agent's own samples: no debate, and eval's sc does not vote over all of them
+            note = (f"{shape[0]} independent samples per problem, no debate: the final answer here is the majority "
+                    "of all of them" + ("; eval's sc votes over as many as fit the team's token budget (the eval "
+                                        "report has its accuracy)" if name.startswith("eval") else ""))
+        out.append({"name": name, "path": str(folder), "problems": problems, "note": note,
                     "unreadable": lines - len(records) - len(store.duplicates),
                     "duplicates": len(store.duplicates)})
     return out

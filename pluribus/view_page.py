@@ -179,7 +179,7 @@ function debates(el) {
   const pick = el.querySelector("#store");
   function show() {
     const s = D.stores[+pick.value];
-    const notes = [s.path, s.unreadable ? `${s.unreadable} line(s) not whole records (a writer still running, or corrupt): not shown` : "",
+    const notes = [s.path, s.note, s.unreadable ? `${s.unreadable} line(s) not whole records (a writer still running, or corrupt): not shown` : "",
                    s.duplicates ? `${s.duplicates} duplicated line(s): the first of each is shown` : "", s.error || ""];
     el.querySelector("#storenote").textContent = notes.filter(Boolean).join(" \u00b7 ");
     const ps = s.problems, n = ps.length || 1;
@@ -300,9 +300,9 @@ function overview(el) {
   const data = D.datasets.length ? `<table><tr><th>dataset</th><th>rows</th><th>path</th></tr>${D.datasets.map(d =>
     `<tr><td>${esc(d.name)}</td><td class="num">${d.rows}</td><td><code>${esc(d.path)}</code></td></tr>`).join("")}</table>`
     : absent("No dataset yet: `pluribus build` writes datasets/<kind>/.");
-  const stores = D.stores.length ? `<table><tr><th>trajectory store</th><th>problems</th><th>final right</th></tr>${D.stores.map(s =>
+  const stores = D.stores.length ? `<table><tr><th>trajectory store</th><th>problems</th><th>final answer right</th><th></th></tr>${D.stores.map(s =>
     `<tr><td>${esc(s.name)}</td><td class="num">${s.problems.length}</td><td class="num">${s.problems.length ?
-      pct(s.problems.filter(p => p.ok).length / s.problems.length) : ""}</td></tr>`).join("")}</table>` : absent("No trajectory store yet.");
+      pct(s.problems.filter(p => p.ok).length / s.problems.length) : ""}</td><td class="muted">${esc(s.note)}</td></tr>`).join("")}</table>` : absent("No trajectory store yet.");
   el.innerHTML = `<h2>Steps run</h2>${stages}<h2>Trajectory stores</h2>${stores}<h2>Datasets</h2>${data}`;
 }
 function recipe(el) {
