@@ -248,8 +248,11 @@ function processRows(el) {
 }
 
 // -------------------------------------------------------------------------------------------- the experts
+function short(v) {  // an axis number in a few characters: 1.80e-4, 0.4333, 1.2e+5
+  return v !== 0 && (Math.abs(v) < 1e-2 || Math.abs(v) >= 1e5) ? v.toExponential(2) : String(+v.toPrecision(4));
+}
 function chart(name, pts) {
-  const W = 240, H = 130, L = 44, R = 8, T = 16, B = 22;
+  const W = 240, H = 130, L = 48, R = 8, T = 16, B = 22;
   const xs = pts.map(p => p[0]), ys = pts.map(p => p[1]);
   let x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
   if (x1 === x0) { x0 -= 1; x1 += 1; }
@@ -260,7 +263,7 @@ function chart(name, pts) {
   return `<svg class="chart" width="${W}" height="${H}" role="img" aria-label="${esc(name)}">
     <text x="${L}" y="11" style="font-weight:600;fill:#1f2328">${esc(name)}</text>
     <line x1="${L}" y1="${H - B}" x2="${W - R}" y2="${H - B}" stroke="#d0d7de"/><line x1="${L}" y1="${T}" x2="${L}" y2="${H - B}" stroke="#d0d7de"/>
-    <text x="${L - 4}" y="${T + 4}" text-anchor="end">${num(y1)}</text><text x="${L - 4}" y="${H - B}" text-anchor="end">${num(y0)}</text>
+    <text x="${L - 4}" y="${T + 4}" text-anchor="end">${short(y1)}</text><text x="${L - 4}" y="${H - B}" text-anchor="end">${short(y0)}</text>
     <text x="${L}" y="${H - 6}">step ${num(x0)}</text><text x="${W - R}" y="${H - 6}" text-anchor="end">${num(x1)}</text>
     <polyline fill="none" stroke="#0969da" stroke-width="1.5" points="${line}"/>${dots}</svg>`;
 }
@@ -274,7 +277,8 @@ function experts(el) {
     if (e.absent) return `<div class="card"><h3>${esc(e.name)}</h3>${absent(e.absent)}<div class="muted">${esc(e.path)}</div></div>`;
     const names = Object.keys(e.curves);
     return `<div class="card expert" data-name="${esc(e.name)}"><h3>${esc(e.name)} <span class="muted">(${esc(e.objective)})</span></h3>
-      <div class="muted">base ${esc(e.base)} \u00b7 data ${esc(e.dataset)} \u00b7 finished ${esc(e.finished)}</div>
+      <div class="muted">${[["base", e.base], ["data", e.dataset], ["finished", e.finished]].filter(kv => kv[1])
+        .map(kv => `${kv[0]} ${esc(kv[1])}`).join(" \u00b7 ")}</div>
       <div class="charts">${names.length ? names.map(k => chart(k, e.curves[k])).join("") :
         absent("no logged steps (the record has no log_history and no checkpoint kept one)")}</div>
       <details><summary>final metrics and data</summary>${kv(e.metrics)}${kv(e.data)}</details>
