@@ -23,7 +23,7 @@ def test_run_recipe_end_to_end_then_resume(tmp_path: Path, smollm2_dir: Path) ->
         "task": {"source": "synthetic", "n": 4, "heldout_fraction": 0.5, "synthetic": {"level": "quickstart"}},
         "team": {"agents": [agent, {**agent, "name": "second"}], "rounds": 1},
         "build": {"kinds": ["rsft"], "target": "consensus"},
-        "train": {"model": "smollm2-135m", "max_steps": 1, "batch_size": 2, "eval_fraction": 0.0,
+        "train": {"model": "smollm2-135m", "max_steps": 2, "logging_steps": 1, "batch_size": 2, "eval_fraction": 0.0,
                   "report_to": ["none"], "kernels": "off", "lora": {"r": 2}},
         "eval": {"n": 2, "systems": ["single", "distilled"], "max_new_tokens": 32},
         "export": {},
@@ -40,6 +40,14 @@ def test_run_recipe_end_to_end_then_resume(tmp_path: Path, smollm2_dir: Path) ->
     card = (run / "export" / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "| single-greedy |" in card
     assert "accuracy (greedy decoding)" in card  # the distilled adapter's own result, in model-index
+    # `pluribus view` reads what the stages wrote: the debate and each eval system's store, the expert's curve
+    from pluribus.view import collect
+
+    page = collect(run)
+    assert [s["name"] for s in page["stores"]][0] == "debate" and len(page["stores"][0]["problems"]) == 4
+    assert {s["name"].split("/")[1] for s in page["stores"][1:]} == {"single-greedy", "distilled-greedy"}
+    assert [e["name"] for e in page["experts"]] == ["rsft"] and len(page["experts"][0]["curves"]["loss"]) == 2
+    assert "single-greedy" in page["eval"]["html"] and "data:image/png;base64," in page["eval"]["html"]
 
     again = run_recipe(recipe, progress=False)
     assert {r.stage: r.status for r in again} == {
