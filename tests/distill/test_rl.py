@@ -146,6 +146,9 @@ def test_rl_trains_a_few_steps_with_prm_and_kl(tmp_path, student_dir, process_di
     # reward = PRM part + answer weight * accuracy, all logged
     m = record["metrics"]
     assert m["final_reward"] == pytest.approx(m["final_prm_score"] + m["final_accuracy"], abs=1e-5)
+    # every logged step is kept for `pluribus view`'s curves, the last one the final figures above
+    logged = [h for h in record["log_history"] if "reward" in h]
+    assert [h["step"] for h in logged] == [1, 2] and logged[-1]["reward"] == pytest.approx(m["final_reward"])
 
 
 def test_rl_needs_gold_answers(tmp_path, student_dir):
