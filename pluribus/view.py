@@ -127,6 +127,13 @@ def _parquet_rows(folder: Path) -> list[dict[str, Any]] | None:
     return [row for f in files for row in pq.read_table(f).to_pylist()]
 
 
+def _text(prompt: Any) -> str:
+    """A row's prompt as text: a string as is, a conversation (TRL's conversational form) as its turns' contents."""
+    if isinstance(prompt, list):
+        return "\n\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in prompt)
+    return "" if prompt is None else str(prompt)
+
+
 def _process(layout: RunLayout) -> list[dict[str, Any]]:
     """The process datasets' rows (the team's, then the single agent's own): steps with their labels, Monte-Carlo
     scores, debate signals, and any other per-step score a row carries (a PRM's, named by its column)."""
@@ -141,7 +148,7 @@ def _process(layout: RunLayout) -> list[dict[str, Any]]:
             steps = r.get("completions") or []
             extra = {k: v for k, v in r.items() if k not in ("completions", "labels", "scores", "debate")
                      and isinstance(v, list) and len(v) == len(steps) and all(isinstance(x, int | float) for x in v)}
-            shown.append({"id": r.get("problem_id", ""), "prompt": r.get("prompt", ""), "steps": steps,
+            shown.append({"id": str(r.get("problem_id") or ""), "prompt": _text(r.get("prompt")), "steps": steps,
                           "labels": r.get("labels") or [], "scores": r.get("scores") or [],
                           "debate": r.get("debate") or [], "extra": extra, "agent": r.get("agent", ""),
                           "round": r.get("round")})

@@ -121,3 +121,16 @@ def test_script_end_tags_in_the_data_cannot_break_the_page() -> None:
     html = page({"run": {"name": "r", "path": "/r"}, "q": "</script><script>alert(1)</script>\u2028"})
     assert html.count("</script>") == 2  # the data's own script element and the renderer's
     assert _embedded(html)["q"] == "</script><script>alert(1)</script>\u2028"
+
+
+def test_process_rows_in_trl_conversational_form_are_shown(tmp_path: Path) -> None:
+    """A process dataset from elsewhere (TRL's stepwise format, conversational prompt, no problem_id) still reads."""
+    from pluribus.layout import RunLayout
+    from pluribus.view import _process
+    from tests.view_run import _parquet
+
+    _parquet(tmp_path / "datasets" / "process", [{
+        "prompt": [{"role": "user", "content": "What is 2 + 2?"}], "completions": ["2 + 2 = 4", "4"],
+        "labels": [True, True]}])
+    (row,) = _process(RunLayout(tmp_path))[0]["rows"]
+    assert row["prompt"] == "What is 2 + 2?" and row["id"] == "" and row["scores"] == [] and row["extra"] == {}
