@@ -4,7 +4,8 @@ Generation 1 is the recipe's own run, in its own folders. Generation g >= 2 (``g
 recipe with three changes: its team seats ``generations.seats`` of generation g-1 (agent i keeps its name,
 persona and sampling; ``base`` keeps the agent as written); its self baseline samples with generation g-1's self
 student (the single-agent distillation iterated, same rows, same training); with ``generations.init: previous``
-its policy experts continue generation g-1's adapters. It debates the same training problems, builds, trains and
+its policy experts continue generation g-1's adapters. Its process rollouts use generation 1's completer (the base
+agent, unless build.completer names one), so every generation's step labels come from the same model. It debates the same training problems, builds, trains and
 merges in ``<run>/gen<g>/`` (RunLayout.generation), and its stages are the same stages, run on this recipe.
 
 The stop rule (``generations.stop_if_no_gain``): after generation g, its best student (experts but PRMs, and
@@ -53,8 +54,16 @@ def generation_recipe(recipe: Recipe, g: int) -> Recipe:
     agents = [a if seat == "base" else a.model_copy(update={"expert": seat, "adapter": None})
               for a, seat in zip(team.agents, gens.seats, strict=True)]
     root = recipe.layout.generation(g).root
+    build = recipe.require("build")
+    if build.completer is None and "process" in build.kinds:
+        from pluribus.data.builders.datasets import default_completer
+
+        # the rollouts that label steps use generation 1's completer (the base agent) in every generation, so
+        # the process data of the generations are labelled alike (the default would be the first seat)
+        build = build.model_copy(update={"completer": default_completer(build, team)})
     out = recipe.model_copy(update={
         "root": str(root.parent), "name": root.name, "team": team.model_copy(update={"agents": agents}),
+        "build": build,
         "train": _continued(recipe.require("train"), previous) if gens.init == "previous" else recipe.train,
         "eval": None, "export": None, "generations": None})
     out._previous = previous

@@ -130,3 +130,25 @@ def test_two_generations_the_second_team_seating_the_first_ones_experts(tmp_path
         assert "gen2/team" not in json.loads((run / "eval" / "results.json").read_text())["systems"]
     else:
         assert status["gen2/build"] == "skipped" and status["gen2/debate"] == "ran"
+
+
+def test_the_study_recipe_runs_two_generations_in_order() -> None:
+    """configs/study.yaml loads, and its plan runs generation 1 as the quickstart does, then the check, then
+    generation 2 (whose team seats generation 1's self-rsft, rl and ties), then one eval of both."""
+    from pluribus.generations import generation_recipe
+    from pluribus.run import plan
+    from pluribus.seats import seated_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    study = load_recipe(root / "configs" / "study.yaml")
+    quickstart = load_recipe(root / "configs" / "quickstart.yaml")
+    keys = [s.key for s in plan(study)]
+    first = [s.key for s in plan(quickstart)][:-2]  # the quickstart's steps before eval and export
+    assert keys[: len(first)] == first and keys[-2:] == ["eval", "export"]
+    gen1 = keys[: keys.index("gain:gen1")]
+    assert gen1 == [*first, "merge:ties", "merge:pcb"]
+    assert keys[len(gen1) + 1: -2] == [f"gen2/{k}" for k in gen1]
+    _, seats = seated_recipe(generation_recipe(study, 2), check=False)
+    run = study.layout
+    assert seats == {"agents.0": run.adapter("self-rsft"), "agents.1": run.adapter("rl"), "agents.2": run.merged("ties")}
+    assert study.eval.n >= 300

@@ -154,6 +154,7 @@ def generations_plot(payload: dict[str, Any]) -> bytes:
     numbers = [g["generation"] for g in gens["generations"]]
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     styles = {"team": dict(color="#C44E52", linewidth=2.4, marker="s"), "sc": dict(color="#8172B2", marker="^")}
+    ax.set_prop_cycle(color=["#1f77b4", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"])
     for name, points in series.items():
         xs = sorted(points)
         ax.plot(xs, [points[x] for x in xs], label=name, **styles.get(name, {"marker": "o"}))
