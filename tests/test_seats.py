@@ -120,6 +120,8 @@ def test_each_generation_has_its_own_folders_and_seats_the_previous_ones_experts
     assert source_of(g3) is not None and source_of(g3).layout == gen2
     assert [a.expert for a in g2.team.agents] == [None, "ta"]
     assert g2.build.target == "consensus" and g2.task == recipe.task
+    # every generation's process rollouts come from generation 1's first agent (the base), not from a seat
+    assert g2.build.completer.name == "a" and g2.build.completer.expert is None and recipe.build.completer is None
     _, folders = seated_recipe(g3, check=False)
     assert folders == {"agents.1": gen2.merged("ta")}  # generation 3 seats generation 2's merge
     # the self baseline iterated: generation g's self samples come from generation g-1's self student
