@@ -361,8 +361,14 @@ def run(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> Stag
     from pluribus.seats import seated_recipe
 
     seated, folders = seated_recipe(recipe)
-    return summary_of(run_debate(seated, progress=progress, new_run=new_run, seats=folders), "debate",
-                      recipe.layout.trajectories())
+    summary = run_debate(seated, progress=progress, new_run=new_run, seats=folders)
+    if folders and recipe._previous is None:
+        from pluribus.config import write_recipe
+
+        # the run's recipe names its seats, not the folders they resolved to (a later generation's recipe keeps
+        # the folders: its seat names mean the previous generation's experts, which it cannot name itself)
+        write_recipe(recipe)
+    return summary_of(summary, "debate", recipe.layout.trajectories())
 
 
 def plan(recipe: Recipe) -> list[Stage]:
