@@ -180,6 +180,27 @@ def test_the_stop_rule_skips_the_generations_after_one_without_gain(tmp_path: Pa
     assert stopped_after(off) is None and last_generation(off) == 3
 
 
+def test_a_store_debated_by_earlier_weights_of_its_seats_is_moved_aside(tmp_path: Path) -> None:
+    """Same family (the team with its seats by role), another hash (their contents changed): stale, archived;
+    another family (the team itself changed) is refused as before, unless --new-run."""
+    from pluribus.data.store import TrajectoryStore
+    from pluribus.errors import PluribusError
+
+    folder = tmp_path / "trajectories"
+    with TrajectoryStore(folder, "hash-a", family="team-1") as store:
+        store.append([{"problem_id": "p0"}])
+        first = store.run_id
+    with TrajectoryStore(folder, "hash-b", family="team-1") as store:
+        assert store.done_ids() == set() and store.manifest["family"] == "team-1"
+        assert store.manifest["previous_runs"][-1]["run_id"] == first
+        store.append([{"problem_id": "p0"}])
+    assert (tmp_path / f"trajectories.prev-{first}" / "shard-00000.jsonl").is_file()
+    with pytest.raises(PluribusError, match="--new-run"):
+        TrajectoryStore(folder, "hash-c", family="team-2")
+    with TrajectoryStore(folder, "hash-b", family="team-1") as store:
+        assert store.done_ids() == {"p0"}  # unchanged weights: it resumes
+
+
 # ------------------------------------------------------------------------------------------ real runs
 
 
