@@ -416,8 +416,7 @@ def per_generation(recipe: Recipe, plans: list[Plan], main: dict[str, Any]) -> d
             self_baseline=f"{prefix}{student}-greedy" if student else None))
     out = answer(roles, main)
     record = recipe.layout.generations_record
-    if record.is_file():
-        out["stop_checks"] = json.loads(record.read_text())
-    elif recipe.generations is not None and recipe.generations.stop_if_no_gain:
-        out["stop_checks"] = {"criterion": CRITERION, "checks": {}}
+    if recipe.generations is not None and recipe.generations.stop_if_no_gain:  # a record of an earlier run without it stops nothing
+        out["stop_checks"] = json.loads(record.read_text()) if record.is_file() else {"criterion": CRITERION,
+                                                                                      "checks": {}}
     return out
