@@ -125,6 +125,7 @@ def test_two_generations_the_second_team_seating_the_first_ones_experts(tmp_path
     systems = main["systems"]
     best = max(systems[k]["accuracy"] for k in ("rsft-greedy", "self-rsft-greedy", "ta-greedy"))
     assert check["accuracy"] == best and check["stop"] == (best <= systems["single-greedy"]["accuracy"])
+    assert "Stop rule (generations.stop_if_no_gain)" in (run / "eval" / "report.md").read_text()
     if check["stop"]:
         assert all(status[f"gen2/{k}"] == "skipped" for k in first)
         assert "gen2/team" not in json.loads((run / "eval" / "results.json").read_text())["systems"]
