@@ -195,8 +195,8 @@ class AgentConfig(Section):
         None, exclude_if=lambda v: v is None,
         description="Seat an expert (train section) or a merge (merge section, of named experts) of this run by "
         "name: the agent runs <run>/adapters/<name> on the expert's base model, or <run>/merged/<name>. Leave "
-        "adapter unset (and model, or name the expert's base model). An expert trained on this team's own debate cannot sit in it (a cycle): seat it "
-        "in the next generation (generations.seats).")
+        "adapter unset (and model, or name the expert's base model). An expert trained on this team's own "
+        "debate cannot sit in it (a cycle): seat it in the next generation (generations.seats).")
     persona: str | None = Field(None, description="System prompt of this agent.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     base_url: str | list[str] | None = Field(
@@ -920,8 +920,9 @@ def seatable(recipe: Recipe) -> dict[str, str]:
     return out
 
 
-def _seat_base(recipe: Recipe, name: str) -> str:
-    """The base model of seat ``name`` (an expert's ``model``, or the first merged expert's)."""
+def seat_base_model(recipe: Recipe, name: str) -> str:
+    """The base model of seat ``name`` (a name ``seatable`` gives): the expert's ``model``, or for a merge its first
+    expert's (a merge of adapters checks that they share one)."""
     train = recipe.train
     merges = {m.name: m for m in recipe.merge.all()} if recipe.merge else {}
     expert = merges[name].experts[0] if name in merges else name  # type: ignore[index]
@@ -960,7 +961,7 @@ def seat_problem(recipe: Recipe) -> str | None:
     for (where, name), agent in zip(seated, [a for a in agents if a.expert is not None], strict=True):
         if (problem := wrong(where, name)) is not None:
             return problem
-        base = _seat_base(recipe, name)
+        base = seat_base_model(recipe, name)
         if "model" in agent.model_fields_set and agent.model != base:
             return (f"{where} '{name}' runs on its base model {base}, not {where[:-len('.expert')]}.model "
                     f"'{agent.model}'; remove model (a seat's model is its expert's)")

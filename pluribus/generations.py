@@ -125,8 +125,9 @@ def stop_reason(recipe: Recipe, g: int) -> str | None:
     if h is None or g <= h:
         return None
     c = json.loads(recipe.layout.generations_record.read_text())["checks"][str(h)]
+    before = "the base agent" if h == 1 else f"generation {h - 1}'s"
     return (f"generations.stop_if_no_gain: generation {h}'s best student {c['best']} ({c['accuracy']:.1%}) did not "
-            f"beat generation {h - 1}'s {c['previous_best']} ({c['previous_accuracy']:.1%}) on {c['problems']} "
+            f"beat {before} {c['previous_best']} ({c['previous_accuracy']:.1%}) on {c['problems']} "
             "held-out problems")
 
 

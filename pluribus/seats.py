@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pluribus.config import AgentConfig, Recipe, TeamConfig, seatable
+from pluribus.config import AgentConfig, Recipe, TeamConfig, seat_base_model, seatable
 from pluribus.errors import PluribusError
 from pluribus.io import content_fingerprint
 
@@ -30,15 +30,6 @@ def seat_folder(source: Recipe, name: str) -> Path:
     return source.layout.adapter(name) if kind == "expert" else source.layout.merged(name)
 
 
-def base_model(source: Recipe, name: str) -> str:
-    """The model an expert (or the experts a merge merges) trained on."""
-    train = source.require("train")
-    if name in {t.expert_name for t in train.trainings()}:
-        return train.expert(name).model
-    merge = next(m for m in source.require("merge").all() if m.name == name)
-    return train.expert(merge.experts[0]).model  # type: ignore[index]  # merges seatable name experts
-
-
 def resolve_agent(agent: AgentConfig, source: Recipe, *, check: bool = True) -> AgentConfig:
     """``agent`` with its seat turned into ``model`` and ``adapter`` (no seat: unchanged).
 
@@ -52,7 +43,7 @@ def resolve_agent(agent: AgentConfig, source: Recipe, *, check: bool = True) -> 
     if (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         weights = {"model": str(folder), "adapter": None}  # a full merged model
     else:
-        weights = {"model": base_model(source, agent.expert), "adapter": str(folder)}
+        weights = {"model": seat_base_model(source, agent.expert), "adapter": str(folder)}
     return agent.model_copy(update={**weights, "expert": None})
 
 
@@ -60,7 +51,7 @@ def base_agent(agent: AgentConfig, source: Recipe) -> AgentConfig:
     """``agent`` on its seat's base model, without adapter or seat: the base single agent of a seated team."""
     if agent.expert is None:
         return agent
-    return agent.model_copy(update={"model": base_model(source, agent.expert), "adapter": None, "expert": None})
+    return agent.model_copy(update={"model": seat_base_model(source, agent.expert), "adapter": None, "expert": None})
 
 
 def seated(team: TeamConfig, source: Recipe, *, check: bool = True) -> tuple[TeamConfig, dict[str, Path]]:

@@ -63,7 +63,8 @@ def gain_step(recipe: Recipe, g: int) -> Stage:
         previous, _ = students_accuracy(recipe, g - 1, progress=progress, new_run=new_run)
         c = record_check(recipe, g, best, previous, problems)
         verdict = "no gain: the later generations are skipped" if c["stop"] else "a gain: the next generation runs"
-        line = (f"generation {g}'s best student {c['best']} {c['accuracy']:.1%} vs generation {g - 1}'s "
+        before = "the base agent" if g == 1 else f"generation {g - 1}'s best student"
+        line = (f"generation {g}'s best student {c['best']} {c['accuracy']:.1%} vs {before} "
                 f"{c['previous_best']} {c['previous_accuracy']:.1%} on {problems} held-out problems: {verdict}")
         return StageSummary(f"gain:gen{g}", recipe.layout.generations_record, line)
 
