@@ -10,7 +10,6 @@ the generations after a check that found no gain are skipped, saying why.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 from pluribus.config import Recipe
 from pluribus.generations import count, generation_recipe, record_check, stop_reason
@@ -69,13 +68,3 @@ def gain_step(recipe: Recipe, g: int) -> Stage:
         return StageSummary(f"gain:gen{g}", recipe.layout.generations_record, line)
 
     return Stage(f"gain:gen{g}", run, keeps_store=True)
-
-
-def describe(recipe: Recipe) -> list[dict[str, Any]]:
-    """Per generation: its folder and team seats (for `pluribus config` and the report)."""
-    out = []
-    for g in range(1, count(recipe) + 1):
-        gen = generation_recipe(recipe, g)
-        out.append({"generation": g, "folder": str(gen.run_dir),
-                    "seats": [a.expert or "base" for a in gen.require("team").agents]})
-    return out
