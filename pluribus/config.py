@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pluribus.errors import PluribusError, RecipeError, validation_message
 from pluribus.io import atomic_write_text, read_yaml
@@ -182,6 +190,13 @@ class AgentConfig(Section):
     model: str = Field("smollm2-135m", description="Hub id, local folder, .gguf file or alias.")
     backend: Literal["transformers", "openai", "vllm"] = Field("transformers")
     adapter: str | None = Field(None, description="PEFT LoRA adapter folder applied on top of the model.")
+    # exclude_if: a recipe without seats dumps (and so hashes: stores, stage fingerprints) as before this field
+    expert: str | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="Seat an expert (train section) or a merge (merge section, of named experts) of this run by "
+        "name: the agent runs <run>/adapters/<name> on the expert's base model, or <run>/merged/<name>. Leave "
+        "adapter unset (and model, or name the expert's base model). An expert trained on this team's own "
+        "debate cannot sit in it (a cycle): seat it in the next generation (generations.seats).")
     persona: str | None = Field(None, description="System prompt of this agent.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     base_url: str | list[str] | None = Field(
@@ -235,6 +250,17 @@ class AgentConfig(Section):
         if self.base_url is None:
             return []
         return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
+
+    @model_validator(mode="after")
+    def _a_seat_names_its_weights(self) -> AgentConfig:
+        if self.expert is not None:
+            if self.adapter is not None:
+                raise ValueError(f"expert '{self.expert}' and adapter '{self.adapter}' both name the agent's "
+                                 "weights; a seat runs the expert's own adapter, so remove adapter")
+            if self.backend == "openai":
+                raise ValueError(f"expert '{self.expert}' is a folder of this run; the openai backend serves a "
+                                 "model of its own; use backend transformers or vllm")
+        return self
 
     @model_validator(mode="after")
     def _engine_settings_need_vllm(self) -> AgentConfig:
@@ -752,6 +778,40 @@ class ExportConfig(Section):
     overwrite: bool = Field(True, description="Replace <run>/export if it exists.")
 
 
+# ----------------------------------------------------------------------------------------- generations
+
+
+class GenerationsConfig(Section):
+    """Debate, train, evolve (as DTE): generation 1 is the recipe's run; generation g >= 2 seats chosen experts
+    and merges of generation g-1 in its team, debates the same training problems, builds, trains the same
+    experts and merges them, all in <run>/gen<g>/ (pluribus.generations)."""
+
+    count: int = Field(1, ge=1, le=20, description="Generations K; 1 is the recipe's run alone.")
+    seats: list[str] = Field(
+        default_factory=list, description="Generation g's team, one seat per team agent (same order: each keeps "
+        "that agent's name, persona and sampling): the name of an expert (not a PRM) or a merge of generation "
+        "g-1, or base (the agent as the recipe writes it).")
+    init: Literal["base", "previous"] = Field(
+        "base", description="Where generation g's experts start: base (the base model, so every generation is "
+        "one step from it and comparable), or previous (each rsft, augmented and rl expert without an "
+        "init_adapter of its own continues generation g-1's adapter of the same name).")
+    self_student: str | None = Field(
+        None, description="The data: self expert whose samples are generation g's self-distillation data (the "
+        "single-agent baseline iterated). None: the first expert with data: self.")
+    stop_if_no_gain: bool = Field(
+        False, description="After generation g (< count), compare its best student (experts but PRMs, and "
+        "merges, greedy, on eval's held-out problems) with generation g-1's (the base agent for g = 1); when it "
+        "is not more accurate, stop: the later generations are skipped. Recorded in <run>/generations.json; "
+        "the eval stores it fills are eval's own, so eval reuses them.")
+
+    @model_validator(mode="after")
+    def _seats_given(self) -> GenerationsConfig:
+        if self.count > 1 and not self.seats:
+            raise ValueError("count > 1 needs seats: the experts or merges of generation g-1 (or base) that "
+                             "generation g's team seats, one per team agent")
+        return self
+
+
 # --------------------------------------------------------------------------------------------- recipe
 
 
@@ -774,6 +834,12 @@ class Recipe(Section):
     merge: MergeConfig | None = None
     eval: EvalConfig | None = None
     export: ExportConfig | None = None
+    generations: GenerationsConfig | None = Field(
+        None, description="Debate, train, evolve for several generations (see GenerationsConfig); None: one.")
+    # Set only on generation g >= 2's own recipe (pluribus.generations.generation_recipe): the recipe of generation
+    # g-1, whose experts and merges this team's seats name, and the agent whose samples make its self baseline.
+    _previous: Recipe | None = PrivateAttr(None)
+    _self_agent: AgentConfig | None = PrivateAttr(None)
 
     _name_is_a_folder = field_validator("name")(_folder_name)
 
@@ -809,6 +875,13 @@ class Recipe(Section):
                                  f"({', '.join(experts) or 'none'}) or a merge ({', '.join(merges) or 'none'})")
         return self
 
+    @model_validator(mode="after")
+    def _seats_resolve(self) -> Recipe:
+        problem = seat_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.root) / self.name
@@ -834,6 +907,87 @@ class Recipe(Section):
         """A stable hash of the named sections, for manifests that must refuse a changed config."""
         payload = {s: getattr(self, s).model_dump(mode="json") if getattr(self, s) else None for s in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ seats
+
+
+def seatable(recipe: Recipe) -> dict[str, str]:
+    """The names a team seat may take in ``recipe``: each expert but PRMs (-> "expert") and each merge of named
+    experts (-> "merge")."""
+    out = {t.expert_name: "expert" for t in recipe.train.trainings() if t.objective != "prm"} if recipe.train else {}
+    out.update({m.name: "merge" for m in recipe.merge.all() if m.experts is not None} if recipe.merge else {})
+    return out
+
+
+def seat_base_model(recipe: Recipe, name: str) -> str:
+    """The base model of seat ``name`` (a name ``seatable`` gives): the expert's ``model``, or for a merge its first
+    expert's (a merge of adapters checks that they share one)."""
+    train = recipe.train
+    merges = {m.name: m for m in recipe.merge.all()} if recipe.merge else {}
+    expert = merges[name].experts[0] if name in merges else name  # type: ignore[index]
+    return train.expert(expert).model  # type: ignore[union-attr]
+
+
+def seat_problem(recipe: Recipe) -> str | None:
+    """What is wrong with the seats of ``recipe``'s team (and its judge) and of ``generations.seats``, or None.
+
+    A seat names an expert (not a PRM: its score head answers nothing) or a merge of named experts. Within one
+    generation a seat may not depend on this team's debate: with a build section every expert trains on data
+    built from it (the self baseline's rows are matched to the team's), so a seat there is a cycle."""
+    names = seatable(recipe)
+    prms = {t.expert_name for t in recipe.train.trainings() if t.objective == "prm"} if recipe.train else set()
+    other_merges = {m.name for m in recipe.merge.all() if m.experts is None} if recipe.merge else set()
+    valid = ", ".join(names) or "none: the recipe trains no expert and merges none"
+
+    def wrong(where: str, name: str, base_ok: bool = False) -> str | None:
+        if name in prms:
+            return (f"{where} '{name}' is a process reward model, whose score head answers nothing; seat an "
+                    f"expert that answers ({valid})")
+        if name in other_merges:
+            return (f"{where} '{name}' is a merge of a config file or inline spec, whose base is not known "
+                    "before it runs; seat its folder instead (model: or adapter: <run>/merged/" + name + ")")
+        if name not in names and not (base_ok and name == "base"):
+            return f"{where} '{name}' is not an expert or merge of this run; use one of: {valid}" + (
+                ", or base" if base_ok else "")
+        return None
+
+    team = recipe.team
+    seated = [(f"team.agents.{i}.expert", a.expert) for i, a in enumerate(team.agents if team else [])
+              if a.expert is not None]
+    if team is not None and team.judge is not None and team.judge.expert is not None:
+        seated.append(("team.judge.expert", team.judge.expert))
+    agents = [*(team.agents if team else []), *([team.judge] if team and team.judge else [])]
+    for (where, name), agent in zip(seated, [a for a in agents if a.expert is not None], strict=True):
+        if (problem := wrong(where, name)) is not None:
+            return problem
+        base = seat_base_model(recipe, name)
+        if "model" in agent.model_fields_set and agent.model != base:
+            return (f"{where} '{name}' runs on its base model {base}, not {where[:-len('.expert')]}.model "
+                    f"'{agent.model}'; remove model (a seat's model is its expert's)")
+        if recipe.build is not None:
+            return (f"{where} '{name}' trains on data built from this team's own debate: a cycle within one "
+                    f"generation; use generations (generations: {{count: 2, seats: [{name}, ...]}}) so that "
+                    "generation 2's team seats generation 1's experts")
+    gens = recipe.generations
+    if gens is not None and gens.count > 1:
+        missing = [s for s in ("task", "team", "build", "train") if getattr(recipe, s) is None]
+        if missing:
+            return f"generations.count {gens.count} needs the sections {missing}: each generation debates, builds " \
+                   "and trains"
+        if len(gens.seats) != len(team.agents):  # type: ignore[union-attr]
+            return (f"generations.seats has {len(gens.seats)} seats for a team of {len(team.agents)} agents "  # type: ignore[union-attr]
+                    "(team.agents); give one seat per agent, in the agents' order")
+        for i, name in enumerate(gens.seats):
+            if (problem := wrong(f"generations.seats.{i}", name, base_ok=True)) is not None:
+                return problem
+        selfs = [t.expert_name for t in recipe.train.trainings() if t.data == "self"]  # type: ignore[union-attr]
+        if gens.self_student is not None and gens.self_student not in selfs:
+            return (f"generations.self_student '{gens.self_student}' is not an expert with data: self; use one of: "
+                    f"{', '.join(selfs) or 'none (the recipe has no self baseline)'}")
+        if gens.stop_if_no_gain and recipe.eval is None:
+            return "generations.stop_if_no_gain compares generations on eval's held-out problems; add an eval section"
+    return None
 
 
 # ------------------------------------------------------------------------------------- load / override

@@ -38,6 +38,19 @@ class RunLayout:
     def merged(self, name: str) -> Path:
         return self.root / "merged" / name
 
+    def generation(self, g: int) -> RunLayout:
+        """The folders of generation ``g`` (pluribus.generations): generation 1 is the run itself, so a run without
+        generations and the first generation of one are laid out alike; generation g >= 2 is ``gen<g>/``, with
+        the same inner layout (trajectories, self, datasets, adapters, merged)."""
+        if g < 1:
+            raise ValueError(f"generations count from 1, not {g}")
+        return self if g == 1 else RunLayout(self.root / f"gen{g}")
+
+    @property
+    def generations_record(self) -> Path:
+        """What each generation's stop check measured and decided (generations.stop_if_no_gain)."""
+        return self.root / "generations.json"
+
     @property
     def eval(self) -> Path:
         return self.root / "eval"

@@ -37,10 +37,37 @@ class StageResult:
 
 
 def plan(recipe: Recipe) -> list[Stage]:
-    """The steps ``recipe`` asks for, in pipeline order."""
-    from pluribus.stages import build, debate, eval, export, merge, selfsamples, train
+    """The steps ``recipe`` asks for, in pipeline order (each after the steps it names in ``after``); with
+    generations, generation g's steps (``gen<g>/...``) after generation g-1's and before eval."""
+    from pluribus.stages import build, debate, eval, export, generations, merge, selfsamples, train
 
-    return [step for stage in (debate, selfsamples, build, train, merge, eval, export) for step in stage.plan(recipe)]
+    first = [step for stage in (debate, selfsamples, build, train, merge) for step in stage.plan(recipe)]
+    return ordered([*first, *generations.plan(recipe), *eval.plan(recipe), *export.plan(recipe)])
+
+
+def ordered(steps: list[Stage]) -> list[Stage]:
+    """``steps`` in the given order, except that a step's ``after`` (the steps making what it reads, e.g. the
+    experts a team seats) are pulled forward to run before it. Raises PluribusError on a cycle (the recipe's
+    seat check refuses those first)."""
+    by_key = {s.key: s for s in steps}
+    out: list[Stage] = []
+    placed: set[str] = set()
+
+    def place(step: Stage, waiting: tuple[str, ...]) -> None:
+        if step.key in placed:
+            return
+        if step.key in waiting:
+            raise PluribusError(f"the steps {' -> '.join([*waiting, step.key])} wait on each other; a team may "
+                                "not seat an expert trained on its own debate (use generations)")
+        for key in step.after:
+            if key in by_key:
+                place(by_key[key], (*waiting, step.key))
+        out.append(step)
+        placed.add(step.key)
+
+    for step in steps:
+        place(step, ())
+    return out
 
 
 # ------------------------------------------------------------------------------------------ freshness
@@ -108,6 +135,10 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True, ne
     apply_threads(recipe.threads)  # before the first stage loads a model
     results = []
     for step in steps:
+        if (why := step.skip()) is not None:
+            results.append(StageResult(step.key, "skipped", 0.0, why))
+            console.print(f"[bold]{escape(step.key)}[/]: skipped ({escape(why)})")
+            continue
         if not step.keeps_store:
             # now: the inputs are what the steps before it just wrote
             reason = "--force" if force else stale_reason(recipe, step, fingerprint(step, recipe.seed))

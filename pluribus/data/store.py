@@ -30,6 +30,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import time
 import uuid
@@ -40,6 +41,7 @@ from typing import Any
 from pluribus.errors import PluribusError
 from pluribus.io import atomic_write_bytes, atomic_write_text, ensure_dir
 
+logger = logging.getLogger("pluribus.store")
 FORMAT = "pluribus-trajectories/1"
 SHARD_GLOB = "shard-*.jsonl"
 # the manifest fields a store reads back, with the JSON type each must have
@@ -64,6 +66,8 @@ class TrajectoryStore:
 
     ``config_hash=None`` opens an existing store read-only (for the builders); a hash opens it for writing,
     creating it if needed; ``same_config`` are older hashes of the same config, accepted and replaced.
+    ``family`` (a debate of seated experts, stages.debate.seats_family): a store of the same family written with
+    another config hash was debated by earlier weights of the same seats; it is moved aside as with ``new_run``.
     ``check(record)`` raises ValueError for a line that parses but is not a record of this store (the debate
     passes ``Trajectory.from_dict``). Raises PluribusError on a config mismatch, a second writer, a missing
     store, or a corrupt line.
@@ -71,7 +75,7 @@ class TrajectoryStore:
 
     def __init__(self, directory: str | Path, config_hash: str | None = None, new_run: bool = False, *,
                  key: str = "problem_id", shard_records: int = 10_000, same_config: Collection[str] = (),
-                 check: Check | None = None) -> None:
+                 check: Check | None = None, family: str | None = None) -> None:
         self.directory = Path(directory)
         self.key = key
         self.check = check
@@ -104,7 +108,14 @@ class TrajectoryStore:
                 # nothing stored yet (e.g. the first run failed to reach its server): nothing to be
                 # inconsistent with, so the store takes this run's config in place, without an archive
                 old["config_hash"] = config_hash
+                if family is not None:
+                    old["family"] = family
                 atomic_write_text(manifest_path, json.dumps(old, indent=2) + "\n")
+            if old.get("config_hash") != config_hash and family is not None and old.get("family") == family:
+                # the same team whose seated experts were retrained since: its answers are stale by construction
+                logger.warning("store '%s' was debated by earlier weights of its seated experts; moving it aside "
+                               "and debating afresh", self.directory)
+                new_run = True
             if old.get("config_hash") != config_hash:
                 if not new_run:
                     self._unlock()
@@ -117,7 +128,8 @@ class TrajectoryStore:
         if not manifest_path.is_file():
             self.manifest = {"format": FORMAT, "config_hash": config_hash, "run_id": uuid.uuid4().hex[:12],
                              "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                             "previous_runs": getattr(self, "_previous", [])}
+                             "previous_runs": getattr(self, "_previous", []),
+                             **({"family": family} if family is not None else {})}
             atomic_write_text(manifest_path, json.dumps(self.manifest, indent=2) + "\n")
         else:
             self.manifest = self._read_manifest()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,13 @@ class Plan:
     mode: str
     team: TeamConfig
     adapter: str | None = None
+    seats: dict[str, Path] = field(default_factory=dict)  # a team of experts: its seats' folders (pluribus.seats)
+    generation: int = 1  # pluribus.generations; generation g >= 2's labels start with gen<g>/
+
+    @property
+    def prefix(self) -> str:
+        """What its generation's labels start with: '' for generation 1, 'gen<g>/' after."""
+        return "" if self.generation == 1 else f"gen{self.generation}/"
 
 
 def _single(team: TeamConfig, *, adapter: str | None, model: str | None, mode: str, cfg: EvalConfig,
@@ -126,9 +133,14 @@ def _check_adapter(path: Path, what: str, fix: str) -> None:
 def plan_systems(recipe: Recipe, *, check: bool = True) -> list[Plan]:
     """Every requested system and decoding mode, validated before anything runs (adapters must exist)."""
     cfg = recipe.eval or EvalConfig()
-    team = recipe.require("team")
     from pluribus.data.prompts import question_prompt
+    from pluribus.seats import base_agent, seated, source_of
 
+    written = recipe.require("team")
+    # a team of experts debates with its seats' weights; the single agent and sc are its first agent's base model
+    seated_team, seat_folders = seated(written, source_of(recipe), check=check)
+    team = written.model_copy(update={"agents": [base_agent(written.agents[0], source_of(recipe)),
+                                                 *written.agents[1:]]})
     prompt = question_prompt(recipe.build, team)
     experts = {t.expert_name: t for t in recipe.train.trainings()} if recipe.train else {}
     merges = {m.name: m for m in recipe.merge.all()} if recipe.merge else {}
@@ -143,7 +155,7 @@ def plan_systems(recipe: Recipe, *, check: bool = True) -> list[Plan]:
         if system == "single":
             single_agent("single", "single", None, None)
         elif system == "team":
-            plans.append(Plan("team", "team", "as-configured", _team(team, cfg)))
+            plans.append(Plan("team", "team", "as-configured", _team(seated_team, cfg), seats=seat_folders))
         elif system == "sc":
             single = _single(team, adapter=None, model=None, mode="sampled", cfg=cfg, name="sc", prompt=prompt)
             plans.append(Plan("sc", "sc", "sampled", single))

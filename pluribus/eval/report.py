@@ -90,7 +90,99 @@ def markdown(payload: dict[str, Any]) -> str:
                              f"{r['accuracy_high']:.1%} | {r['change']:+.1%} | {r['lost']} | {r['gained']} "
                              f"| {r['p_value']:.3g} |")
         lines.append("")
+    if payload.get("generations"):
+        lines += [*generations_section(payload["generations"]), ""]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ generations
+
+
+def _versus_row(c: dict[str, Any]) -> str:
+    return (f"| {c['system']} | {c['against']}: {c['versus']} | {c['problems']} | {c['accuracy']:.1%} "
+            f"| {c['versus_accuracy']:.1%} | {c['difference']:+.1%} | {c['wins']} | {c['losses']} | {c['p_value']:.3g} |")
+
+
+def generations_section(gens: dict[str, Any]) -> list[str]:
+    """Per generation (pluribus.eval.generations): the team against its best member, sc at its budget (and PRM
+    best-of-N where eval has it); each student against the base agent and the same generation's self baseline."""
+    head = ["| system | against | problems | accuracy | theirs | difference | solved only by the system "
+            "| solved only by the other | p |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    base = gens.get("base_accuracy")
+    lines = ["## Generations (debate, train, evolve)", "", "![accuracy per generation](generations.png)", "",
+             "Every generation's systems on the same held-out problems; each comparison is paired on the problems "
+             "both answered (two-sided exact McNemar test)" + (f"; the base single agent scores {base:.1%}." if
+                                                                 base is not None else ".")]
+    for g in gens["generations"]:
+        lines += ["", f"### Generation {g['generation']}", "",
+                  f"Team seats: {', '.join(g['members']) or 'none'}."
+                  + (f" Self-distillation baseline: {g['self_baseline']}." if g.get("self_baseline") else "")]
+        if g["team_comparisons"]:
+            lines += ["", "The team against its best member and the same budget spent otherwise:", "", *head,
+                      *(_versus_row(c) for c in g["team_comparisons"])]
+        if g["student_comparisons"]:
+            lines += ["", "Each student against the base agent and the self-distillation baseline of this "
+                      "generation:", "", *head, *(_versus_row(c) for c in g["student_comparisons"])]
+    checks = gens.get("stop_checks")
+    if checks:
+        lines += ["", f"Stop rule (generations.stop_if_no_gain): {checks['criterion']}.", ""]
+        for c in checks["checks"].values():
+            lines.append(f"- after generation {c['generation']}: best student {c['best']} {c['accuracy']:.1%} vs "
+                         f"{c['previous_best']} {c['previous_accuracy']:.1%} on {c['problems']} problems: "
+                         + ("no gain, stopped" if c["stop"] else "a gain, went on"))
+    return lines
+
+
+def generations_plot(payload: dict[str, Any]) -> bytes:
+    """A PNG of accuracy per generation: one line per system name across generations (team, sc, each expert and
+    merge), the base single agent as a dashed horizontal line; the legend beside the axes so no label overlaps."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from pluribus.eval.generations import family
+
+    gens = payload["generations"]
+    series: dict[str, dict[int, float]] = {}
+    for g in gens["generations"]:
+        for label, acc in g["accuracy"].items():
+            series.setdefault(family(label), {})[g["generation"]] = acc * 100
+    numbers = [g["generation"] for g in gens["generations"]]
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    styles = {"team": dict(color="#C44E52", linewidth=2.4, marker="s"), "sc": dict(color="#8172B2", marker="^")}
+    ax.set_prop_cycle(color=["#1f77b4", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"])
+    for name, points in series.items():
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], label=name, **styles.get(name, {"marker": "o"}))
+    if gens.get("base_accuracy") is not None:
+        ax.axhline(gens["base_accuracy"] * 100, color="#333333", linestyle="--", linewidth=1.2,
+                   label=f"base single agent ({gens['base_accuracy']:.1%})")
+    ax.set_xticks(numbers)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+    ax.set_xlim(min(numbers) - 0.3, max(numbers) + 0.3)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("accuracy (%), held-out problems")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    main = (payload.get("tasks") or [{}])[0]
+    n, k = main.get("problems"), main.get("team_problems")
+    ax.set_title(f"accuracy per generation: {n} problems" + (f" (team and sc: the first {k})" if k and n and k < n
+                                                              else ""), fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_generations_plot(payload: dict[str, Any], out_dir: Path) -> Path:
+    """Write generations.png (``generations_plot``) into ``out_dir``; returns its path."""
+    return atomic_write_bytes(out_dir / "generations.png", generations_plot(payload))
 
 
 BASE = "single-greedy"  # the base agent: every comparison's baseline

@@ -79,3 +79,5 @@ class Stage:
     settings: Callable[[], Any] = lambda: None  # JSON of every setting that changes the output
     inputs: Callable[[], dict[str, Path]] = dict  # files it reads, by role
     keeps_store: bool = False  # resumes on its own: always runs, generates only what is missing
+    after: tuple[str, ...] = ()  # keys of steps that make what it reads (run.plan orders it after them)
+    skip: Callable[[], str | None] = lambda: None  # why it does not run now (a stopped generation), else None

@@ -51,13 +51,18 @@ def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, s
     if skip_corrupt:
         cfg = cfg.model_copy(update={"skip_corrupt": True})
     hashes = ids = None
+    team = recipe.team
     if known and recipe.task is not None and recipe.team is not None:
         from pluribus.data.tasks import load_problems
+        from pluribus.seats import fingerprints, seated_recipe
         from pluribus.stages.debate import config_hash, older_config_hashes
 
-        hashes = [config_hash(recipe), *older_config_hashes(recipe)]
+        seated, folders = seated_recipe(recipe, check=False)  # a team of experts: its store follows their weights
+        team = seated.team
+        hashes = [config_hash(seated, seats=fingerprints(folders) if folders else None),
+                  *older_config_hashes(seated)]
         ids = [p.id for p in load_problems(recipe.task)]
-    return build(cfg, list(stores or [recipe.run_dir]), kinds=kinds, out_root=out_root, team=recipe.team,
+    return build(cfg, list(stores or [recipe.run_dir]), kinds=kinds, out_root=out_root, team=team,
                  seed=recipe.seed, overwrite=overwrite, new_run=new_run,
                  trust_remote_code=recipe.trust_remote_code, progress=progress, prompt_completion=prompt_completion,
                  task_source=recipe.task.source if recipe.task else None, config_hashes=hashes, problem_ids=ids)

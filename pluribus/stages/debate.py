@@ -92,7 +92,7 @@ def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_
 _TRANSPORT_FIELDS = {"base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries"}
 
 
-def config_hash(recipe: Recipe, weights: str | None = None) -> str:
+def config_hash(recipe: Recipe, weights: str | None = None, seats: Mapping[str, str] | None = None) -> str:
     """What makes stored trajectories comparable: the task and team, minus settings that only change speed
     or how many problems run (``task.n``, ``team.batch_size``, ``team.problems_per_step``, ``team.too_long``,
     the agents' server connection settings), plus the seed.
@@ -104,12 +104,20 @@ def config_hash(recipe: Recipe, weights: str | None = None) -> str:
     agents are batch invariant in practice and keep them out.
 
     ``weights``: a content fingerprint of the weights every agent runs (eval's systems), hashed in place of
-    where they lie (the agents' adapter, else their model): a store follows what answered, not its path."""
+    where they lie (the agents' adapter, else their model): a store follows what answered, not its path.
+    ``seats``: the same for the seated agents of a team of experts (pluribus.seats), by role (``agents.<i>``,
+    ``judge``): each one's content fingerprint."""
     team = recipe.require("team")
     batch = None
     if batch_sensitive(team):
         batch = [team.batch_size, team.problems_per_step or max(1, team.batch_size // len(team.agents))]
-    return _hash(recipe, _CURRENT_EXCLUDE, batch=batch, weights=weights)
+    return _hash(recipe, _CURRENT_EXCLUDE, batch=batch, weights=weights, seats=seats)
+
+
+def seats_family(recipe: Recipe, seats: Mapping[str, str]) -> str:
+    """``config_hash`` with each seat named by its role, not its contents: a store of the same family but another
+    hash was debated by earlier weights of the same seats (a retrained expert), so it is stale by construction."""
+    return config_hash(recipe, seats={role: f"seat:{role}" for role in seats})
 
 
 _CURRENT_EXCLUDE = {"batch_size": True, "problems_per_step": True, "too_long": True,
@@ -133,11 +141,15 @@ def legacy_config_hash(recipe: Recipe, weights: str | None = None) -> str:
     return _hash(recipe, {"batch_size", "problems_per_step", "too_long"}, weights=weights)
 
 
-def _hash(recipe: Recipe, team_exclude: Any, batch: list[int] | None = None, weights: str | None = None) -> str:
+def _hash(recipe: Recipe, team_exclude: Any, batch: list[int] | None = None, weights: str | None = None,
+          seats: Mapping[str, str] | None = None) -> str:
     task = recipe.require("task").model_dump(mode="json", exclude={"n"})
     team = without_engine_settings(recipe.require("team").model_dump(mode="json", exclude=team_exclude))
     for agent in team["agents"] if weights else []:
         agent["adapter" if agent.get("adapter") else "model"] = f"sha256:{weights}"
+    for role, fp in (seats or {}).items():
+        agent = team["judge"] if role == "judge" else team["agents"][int(role.split(".")[1])]
+        agent["adapter" if agent.get("adapter") else "model"] = fp if fp.startswith("seat:") else f"sha256:{fp}"
     extra = {} if batch is None else {"batch": batch}
     payload = json.dumps({"task": task, "team": team, "seed": recipe.seed, **extra}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -176,14 +188,17 @@ def run_debate(
     on_step: Callable[[int, int], None] | None = None,
     label: str = "debate",
     weights: str | None = None,
+    seats: Mapping[str, Path] | None = None,
 ) -> DebateSummary:
     """Run the recipe's team over its task's problems into ``<run>/trajectories``, resuming a stopped run.
 
     Everything is validated (team, problems, models) before the first file is written. ``backends`` (keyed
     by ``backend_key``) replaces building them, for tests and benchmarks. ``on_step(done, total)`` is called
     after each stored step. ``label`` names the progress bar (eval names its systems). ``weights`` keys the
-    store by the contents of the agents' weights (``config_hash``). Returns the summary over every stored
-    trajectory.
+    store by the contents of the agents' weights (``config_hash``). ``seats``: the folders of the seated agents of
+    a team of experts, by role (pluribus.seats.seated; the team already resolved): the store is keyed by their
+    contents, and a store debated by earlier weights of the same seats is moved aside and debated afresh.
+    Returns the summary over every stored trajectory.
     """
     from pluribus.threads import apply_threads
 
@@ -205,7 +220,7 @@ def run_debate(
     owned: dict[str, Any] = {}  # backends built here are closed here: a vLLM engine holds its memory until then
     try:
         return _debate_into_store(recipe, problems, backends, fresh=fresh, new_run=new_run, progress=progress,
-                                  on_step=on_step, label=label, holder=owned, weights=weights)
+                                  on_step=on_step, label=label, holder=owned, weights=weights, seats=seats)
     finally:
         for backend in owned.get("backends", {}).values():
             backend.close()
@@ -213,10 +228,14 @@ def run_debate(
 
 def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Mapping[tuple, Backend] | None, *,
                        fresh: bool, new_run: bool, progress: bool, on_step: Callable[[int, int], None] | None,
-                       label: str, holder: dict[str, Any], weights: str | None = None) -> DebateSummary:
+                       label: str, holder: dict[str, Any], weights: str | None = None,
+                       seats: Mapping[str, Path] | None = None) -> DebateSummary:
     """``run_debate`` from its checks on; the backends it builds are left in ``holder`` for the caller to close."""
     from pluribus.config import write_recipe
     from pluribus.data.store import TrajectoryStore
+    from pluribus.seats import fingerprints
+
+    seat_prints = fingerprints(dict(seats)) if seats else None
 
     team_cfg = recipe.require("team")
     if backends is None:
@@ -229,8 +248,9 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
         # round 0 of every problem against the contexts: a refusal comes before any file, not hours in
         too_long = check_prompts(problems, build_team(team_cfg, backends))
 
-    with TrajectoryStore(recipe.layout.trajectories(), config_hash(recipe, weights), new_run=new_run,
-                         same_config=older_config_hashes(recipe, weights), check=Trajectory.from_dict) as store:
+    with TrajectoryStore(recipe.layout.trajectories(), config_hash(recipe, weights, seat_prints), new_run=new_run,
+                         same_config=older_config_hashes(recipe, weights), check=Trajectory.from_dict,
+                         family=seats_family(recipe, seat_prints) if seat_prints else None) as store:
         write_recipe(recipe)  # only now: a config the store refused must not replace the run's recipe
         done = store.done_ids()
         pending = [p for p in problems if p.id not in done]
@@ -347,13 +367,27 @@ def summary_of(s: DebateSummary, stage: str, output: Path, line: str | None = No
 
 
 def run(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> StageSummary:
-    """The debate stage of ``recipe`` (``pluribus debate``), summarized."""
-    return summary_of(run_debate(recipe, progress=progress, new_run=new_run), "debate", recipe.layout.trajectories())
+    """The debate stage of ``recipe`` (``pluribus debate``), summarized; a team of experts debates with its seats'
+    weights (pluribus.seats)."""
+    from pluribus.seats import seated_recipe
+
+    seated, folders = seated_recipe(recipe)
+    summary = run_debate(seated, progress=progress, new_run=new_run, seats=folders)
+    if folders and recipe._previous is None:
+        from pluribus.config import write_recipe
+
+        # the run's recipe names its seats, not the folders they resolved to (a later generation's recipe keeps
+        # the folders: its seat names mean the previous generation's experts, which it cannot name itself)
+        write_recipe(recipe)
+    return summary_of(summary, "debate", recipe.layout.trajectories())
 
 
 def plan(recipe: Recipe) -> list[Stage]:
-    """A debate step when the recipe has a task and a team; it keeps a store, so it always runs (and resumes)."""
+    """A debate step when the recipe has a task and a team; it keeps a store, so it always runs (and resumes).
+    It runs after the trainings and merges its team seats (``after``)."""
+    from pluribus.seats import seat_steps
+
     if recipe.task is None or recipe.team is None:
         return []
     return [Stage("debate", lambda progress, new_run: run(recipe, progress=progress, new_run=new_run),
-                  keeps_store=True)]
+                  keeps_store=True, after=tuple(seat_steps(recipe)))]

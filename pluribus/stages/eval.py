@@ -138,12 +138,14 @@ def _pending(store: Path, problems: list[Any]) -> bool:
 
 def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, problems: list[Any],
                     progress: bool, fingerprint: str | None = None, new_run: bool = False,
-                    label: str = "eval", pool: EnginePool | None = None) -> list[dict[str, Any]]:
+                    label: str = "eval", pool: EnginePool | None = None,
+                    seats: dict[str, Path] | None = None) -> list[dict[str, Any]]:
     """Run (or resume) one system over ``problems`` in the store under ``folder``; its records for them.
 
     With ``fingerprint`` (of the weights every agent runs), the store's config hash follows the weights'
     contents, not where they lie, and the backend is built only when something is left to answer (a finished
-    store resumes without loading the model). A team on vLLM answers from ``pool``'s engines.
+    store resumes without loading the model). A team on vLLM answers from ``pool``'s engines. ``seats``: a team of
+    experts' seat folders (its store follows their contents, as the debate's does).
     """
     from pluribus.data.backends import backend_key, make_backend
     from pluribus.data.store import TrajectoryStore
@@ -162,7 +164,7 @@ def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, p
             for a in team.agents:
                 backends[backend_key(a)] = backend
     run_debate(sub, problems=problems, progress=progress, backends=backends, new_run=new_run, label=label,
-               weights=fingerprint)
+               weights=fingerprint, seats=seats)
     wanted = {p.id for p in problems}
     with TrajectoryStore(sub.layout.trajectories()) as store:
         return [r for r in store.iter_records() if r["problem_id"] in wanted]
@@ -194,6 +196,15 @@ def _task_label(task: TaskConfig) -> str:
                                else f":{Path(task.path).name}" if task.path else "")
 
 
+def store_of(plan: Plan, eval_dir: Path) -> tuple[Path, str | None]:
+    """Where ``plan``'s answers are stored under ``eval_dir``, and the fingerprint of its weights: a system with
+    an adapter (or a full merged model) keeps them in a folder named by its contents."""
+    fingerprint = adapter_fingerprint(plan.adapter) if plan.adapter else None
+    if plan.system == "merged" and not plan.adapter:
+        fingerprint = adapter_fingerprint(plan.team.agents[0].model)
+    return (eval_dir / plan.label / fingerprint if fingerprint else eval_dir / plan.label), fingerprint
+
+
 def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig, eval_dir: Path, *,
                   progress: bool, new_run: bool, robustness: bool, pool: EnginePool | None = None) -> dict[str, Any]:
     """Every planned system on one task's problems: results, comparisons, the team's gain, early stopping."""
@@ -214,13 +225,11 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
     order = sorted(plans, key=lambda p: {"single": 0, "team": 1, "sc": 2}.get(p.system, 3))
     for plan in order:
         mine = team_problems if plan.system in ("team", "sc") else problems
-        fingerprint = adapter_fingerprint(plan.adapter) if plan.adapter else None
-        if plan.system == "merged" and not plan.adapter:
-            fingerprint = adapter_fingerprint(plan.team.agents[0].model)
+        folder, fingerprint = store_of(plan, eval_dir)
         if plan.system == "sc":
-            if "team" not in records:
+            if f"{plan.prefix}team" not in records:
                 raise PluribusError("eval system 'sc' spends the team's tokens: add 'team' to eval.systems")
-            team_tokens = {r["problem_id"]: _tokens(r) for r in records["team"]}
+            team_tokens = {r["problem_id"]: _tokens(r) for r in records[f"{plan.prefix}team"]}
             mine = [p for p in mine if p.id in team_tokens][: cfg.sc_n]  # a problem the team skipped has no budget
             if not mine:
                 raise PluribusError("eval system 'sc' has no problem to run: the team answered none of them")
@@ -247,9 +256,8 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
                        "budget_reached": reached / max(1, len(voted))}
             recs = voted
         else:
-            folder = eval_dir / plan.label / fingerprint if fingerprint else eval_dir / plan.label
             recs = _system_records(recipe, folder, task, plan.team, mine, progress, fingerprint, new_run,
-                                   label=plan.label, pool=pool)
+                                   label=plan.label, pool=pool, seats=plan.seats)
         records[plan.label] = recs
         results[plan.label] = asdict(score(recs, plan.system, plan.mode))
         if fingerprint:
@@ -260,7 +268,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             varied = [perturb(p, kind) for p in mine]
             folder = eval_dir / f"{plan.label}-{kind}" / fingerprint if fingerprint else eval_dir / f"{plan.label}-{kind}"
             perturbed = _system_records(recipe, folder, task, plan.team, varied, progress, fingerprint, new_run,
-                                        label=f"{plan.label}-{kind}", pool=pool)
+                                        label=f"{plan.label}-{kind}", pool=pool, seats=plan.seats)
             result = score(perturbed, plan.system, plan.mode)
             lost, gained, _ = paired(outcomes(recs), outcomes(perturbed))
             robust.setdefault(plan.label, {})[kind] = {
@@ -273,6 +281,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
         "name": name, "task": _task_label(task), "split": task.split, "problems": len(problems),
         "team_problems": len(team_problems) if any(p.system in ("team", "sc") for p in plans) else 0,
         "systems": ordered, "comparisons": compare({k: outcomes(v) for k, v in records.items()}),
+        "outcomes": {k: outcomes(v) for k, v in records.items()},  # per problem; run_eval drops it from results.json
     }
     if adapters:
         out["adapters"] = adapters
@@ -293,7 +302,7 @@ def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) ->
     from pluribus.stages.debate import check_team_models
 
     cfg = recipe.eval or EvalConfig()
-    plans = plan_systems(recipe)
+    plans = [*plan_systems(recipe), *generation_plans(recipe)]
     for p in plans:  # every system's models and adapter, before the first system writes anything
         check_team_models(p.team)
     tasks = []
@@ -309,6 +318,10 @@ def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) ->
     finally:
         pool.close()
     main = tasks[0]
+    generations = per_generation(recipe, plans, main) if recipe.generations and recipe.generations.count > 1 \
+        else None
+    for t in tasks:
+        t.pop("outcomes")
     payload: dict[str, Any] = {
         "run": recipe.name, "task": main["task"], "split": "heldout", "problems": main["problems"],
         "systems": main["systems"], "comparisons": main["comparisons"], "tasks": tasks,
@@ -319,6 +332,91 @@ def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) ->
     if main.get("robustness"):
         payload["robustness"] = main["robustness"]
     eval_dir = recipe.layout.eval
+    if generations is not None:
+        payload["generations"] = generations
     atomic_write_text(eval_dir / "results.json", json.dumps(payload, indent=2))
     write_report(payload, eval_dir)
+    if "generations" in payload:
+        from pluribus.eval.report import write_generations_plot
+
+        write_generations_plot(payload, eval_dir)
     return payload
+
+
+# ------------------------------------------------------------------------------------------ generations
+
+
+def generation_plans(recipe: Recipe, *, check: bool = True) -> list[Plan]:
+    """The systems of generations 2.. that run (pluribus.generations.last_generation), labelled ``gen<g>/<name>``:
+    each generation's team, sc at its team's budget, experts and merges. The single base agent and ``distilled``
+    (one adapter) are generation 1's alone."""
+    from dataclasses import replace
+
+    from pluribus.generations import generation_recipe, last_generation
+
+    out = []
+    for g in range(2, last_generation(recipe) + 1):
+        gen = generation_recipe(recipe, g).model_copy(update={"eval": recipe.eval})
+        out += [replace(p, label=f"gen{g}/{p.label}", generation=g) for p in plan_systems(gen, check=check)
+                if p.system not in ("single", "distilled")]
+    return out
+
+
+def students_accuracy(recipe: Recipe, g: int, *, progress: bool = True, new_run: bool = False
+                      ) -> tuple[tuple[str, float], int]:
+    """Generation ``g``'s best student (label, accuracy) on eval's held-out problems, and how many problems:
+    every expert but PRMs and every merge, greedy (generation 0: the base single agent). The answers go to the
+    stores eval keeps for the same systems, so eval reuses them."""
+    from dataclasses import replace
+
+    from pluribus.data.tasks import load_problems
+    from pluribus.generations import generation_recipe
+
+    cfg = (recipe.eval or EvalConfig()).model_copy(update={"modes": ["greedy"], "systems": None})
+    if g == 0:
+        gen, wanted = recipe, ("single",)
+    else:
+        gen, wanted = generation_recipe(recipe, g), ("expert", "merged")
+    gen = gen.model_copy(update={"eval": cfg})
+    plans = [p for p in plan_systems(gen) if p.system in wanted]
+    if g > 1:
+        plans = [replace(p, label=f"gen{g}/{p.label}", generation=g) for p in plans]
+    if not plans:
+        raise PluribusError(f"generation {g} has no student to compare (no expert but PRMs, no merge); "
+                            "generations.stop_if_no_gain needs one")
+    _, task, eval_dir = _eval_tasks(recipe, recipe.eval or EvalConfig())[0]
+    problems = load_problems(task)
+    scored = []
+    for plan in plans:
+        folder, fingerprint = store_of(plan, eval_dir)
+        recs = _system_records(recipe, folder, task, plan.team, problems, progress, fingerprint, new_run,
+                               label=plan.label)
+        scored.append((plan.label, score(recs, plan.system, plan.mode).accuracy))
+    return max(scored, key=lambda s: s[1]), len(problems)
+
+
+def per_generation(recipe: Recipe, plans: list[Plan], main: dict[str, Any]) -> dict[str, Any]:
+    """The report's question per generation (pluribus.eval.generations), from the main task's scored systems."""
+    from pluribus.eval.generations import GenerationSystems, answer
+    from pluribus.generations import CRITERION, generation_recipe, self_student
+
+    student = self_student(recipe)
+    roles = []
+    for g in sorted({p.generation for p in plans}):
+        mine = [p for p in plans if p.generation == g]
+        prefix = mine[0].prefix
+        previous = "" if g <= 2 else f"gen{g - 1}/"
+        members = [("single-greedy" if a.expert is None else f"{previous}{a.expert}-greedy")
+                   for a in generation_recipe(recipe, g).require("team").agents]
+        roles.append(GenerationSystems(
+            generation=g, team=f"{prefix}team" if any(p.system == "team" for p in mine) else None,
+            members=tuple(dict.fromkeys(members)),
+            sc=f"{prefix}sc" if any(p.system == "sc" for p in mine) else None,
+            students=tuple(p.label for p in mine if p.system in ("expert", "merged") and p.mode == "greedy"),
+            self_baseline=f"{prefix}{student}-greedy" if student else None))
+    out = answer(roles, main)
+    record = recipe.layout.generations_record
+    if recipe.generations is not None and recipe.generations.stop_if_no_gain:  # a record of an earlier run without it stops nothing
+        out["stop_checks"] = json.loads(record.read_text()) if record.is_file() else {"criterion": CRITERION,
+                                                                                      "checks": {}}
+    return out

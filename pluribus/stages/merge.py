@@ -40,6 +40,7 @@ def plan(recipe: Recipe) -> list[Stage]:
         return Stage(f"merge:{m.name}",
                      lambda progress, new_run: run(m.load(recipe.layout), recipe.layout.merged(m.name),
                                                    overwrite=True, name=f"merge:{m.name}"),
-                     settings=lambda: json_of(m), inputs=lambda: merge_inputs(recipe, m))
+                     settings=lambda: json_of(m), inputs=lambda: merge_inputs(recipe, m),
+                     after=tuple(f"train:{e}" for e in m.experts or []))
 
     return [step(m) for m in (recipe.merge.all() if recipe.merge else [])]

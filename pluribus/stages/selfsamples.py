@@ -20,7 +20,8 @@ def self_team(recipe: Recipe) -> TeamConfig:
     team = recipe.require("team")
     build = recipe.build or BuildConfig()
     k = build.self_samples or len(team.agents) * team.rounds
-    agent = team.agents[0]
+    # generation g >= 2 samples with generation g-1's self student (the baseline iterated; pluribus.generations)
+    agent = recipe._self_agent or team.agents[0]
     members = [agent.model_copy(update={
         "name": f"self{i}", "persona": None,
         "sampling": agent.sampling.model_copy(update={"temperature": build.self_temperature,
@@ -38,8 +39,12 @@ def self_recipe(recipe: Recipe) -> Recipe:
 
 
 def run_self_samples(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> DebateSummary:
-    """Sample (or resume sampling) the training problems with the single agent into ``<run>/self/trajectories``."""
-    return run_debate(self_recipe(recipe), progress=progress, new_run=new_run, label="self samples")
+    """Sample (or resume sampling) the training problems with the single agent into ``<run>/self/trajectories``
+    (a seated agent, as generation g-1's self student, samples with its weights; its store follows them)."""
+    from pluribus.seats import seated_recipe
+
+    seated, folders = seated_recipe(self_recipe(recipe))
+    return run_debate(seated, progress=progress, new_run=new_run, seats=folders, label="self samples")
 
 
 def self_kinds(recipe: Recipe) -> list[str]:
