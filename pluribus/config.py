@@ -407,8 +407,22 @@ class RLSettings(Section):
                             "the recipe's prm expert).")
     aggregate: Literal["min", "mean", "last"] = Field("min", description="How step scores become one reward.")
     answer_weight: float = Field(1.0, ge=0.0, description="Reward weight of the verified final answer.")
-    clip: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range epsilon of the ratio.")
-    kl: float = Field(0.0, ge=0.0, description="Weight beta of the KL to the reference (adapter disabled).")
+    num_iterations: int = Field(
+        1, ge=1, description="Optimizer steps per sampled batch (GRPO's num_iterations): the first step's policy "
+        "is the sampler's, so the ratio is 1 there; from the second on the clip bounds how far it moves.")
+    clip: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range epsilon of the ratio; it acts only with "
+                        "num_iterations > 1 (with one step per batch the ratio is always 1, so another value is "
+                        "refused).")
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "grpo", description="How token losses become the batch's loss: grpo: mean over each completion's tokens, "
+        "then over completions; dapo: sum over every completion token / their count (TRL's default); dr_grpo: "
+        "sum over every completion token / (completions x sampling.max_new_tokens), no length bias.")
+    kl: float = Field(0.0, ge=0.0, description="Weight beta of the k3 KL to the reference policy (0: no reference "
+                      "pass).")
+    reference: Literal["start", "base"] = Field(
+        "start", description="The KL's reference: start, the policy RL starts from (the init_adapter's weights as "
+        "loaded when RL continues one, else the base model); base, the base model with the adapter switched off. "
+        "The training record says which. Needs kl > 0.")
     vllm: VLLMSettings | None = Field(
         None, description="backend vllm: the sampler's engine settings; None: defaults that work on CPU and GPU.")
 
@@ -540,6 +554,20 @@ class TrainConfig(Section):
         if self.data == "self" and self.objective not in ("rsft", "augmented"):
             raise ValueError(f"data: self (the single-agent baseline) trains rsft or augmented experts, not "
                              f"{self.objective}: the single agent's samples have one round and no step labels")
+        return self
+
+    @model_validator(mode="after")
+    def _rl_settings_act(self) -> TrainConfig:
+        # checked on a training, not on RLSettings alone: a shared section's rl may be completed by an expert's
+        rl, defaults = self.rl, RLSettings.model_fields
+        if self.objective != "rl" or self.experts:
+            return self
+        if rl.num_iterations == 1 and rl.clip != defaults["clip"].default:
+            raise ValueError(f"rl.clip {rl.clip:g} has no effect with rl.num_iterations 1 (each batch is used for "
+                             "one step, where the ratio is 1); set rl.num_iterations >= 2 or remove rl.clip")
+        if rl.kl == 0 and rl.reference != defaults["reference"].default:
+            raise ValueError(f"rl.reference {rl.reference} has no effect with rl.kl 0 (no KL term); set rl.kl > 0 "
+                             "or remove rl.reference")
         return self
 
     @model_validator(mode="after")
