@@ -39,6 +39,12 @@ def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, s
         saved = store_dir(stores[0]).parent / "recipe.yaml"
         known = saved.is_file()
         recipe = load_recipe(saved if known else None, overrides)
+        if not known and (recipe.build is None or recipe.build.prompt_template is None):
+            # a default recipe's prompt is not what the agents were asked: rows would teach another question
+            raise PluribusError(
+                f"no recipe.yaml beside the store '{store_dir(stores[0])}', so the prompt its agents were asked is "
+                "unknown; give the recipe that made it (pluribus build RECIPE --store ...) or the prompt "
+                "(build.prompt_template='...{question}...')")
     elif overrides:
         from pluribus.config import validate_recipe
         from pluribus.overrides import apply_overrides
@@ -57,7 +63,9 @@ def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, s
 
         hashes = [config_hash(recipe), *older_config_hashes(recipe)]
         ids = [p.id for p in load_problems(recipe.task)]
-    return build(cfg, list(stores or [recipe.run_dir]), kinds=kinds, out_root=out_root, team=recipe.team,
+    # the team only where it is the store's (a default recipe's team did not answer: no completer is taken from it)
+    return build(cfg, list(stores or [recipe.run_dir]), kinds=kinds, out_root=out_root,
+                 team=recipe.team if known else None,
                  seed=recipe.seed, overwrite=overwrite, new_run=new_run,
                  trust_remote_code=recipe.trust_remote_code, progress=progress, prompt_completion=prompt_completion,
                  task_source=recipe.task.source if recipe.task else None, config_hashes=hashes, problem_ids=ids)
