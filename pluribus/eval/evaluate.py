@@ -299,6 +299,33 @@ def outcomes(records: list[dict[str, Any]]) -> dict[str, bool]:
     return {original_id(r["problem_id"]): bool(r["final_correct"]) for r in records}
 
 
+def coverage(records: dict[str, list[dict[str, Any]]], asked: dict[str, set[str]]) -> dict[str, dict[str, int]]:
+    """The systems that left some of the problems they were asked unanswered (a conversation too long for the
+    model, skipped with ``team.too_long: skip``): ``{label: {asked, answered}}``; empty when every one answered
+    all. Each accuracy is over what its system answered, each comparison over the problems both answered."""
+    out = {}
+    for label, ids in asked.items():
+        answered = len(ids & set(outcomes(records.get(label, []))))
+        if answered < len(ids):
+            out[label] = {"asked": len(ids), "answered": answered}
+    return out
+
+
+def robustness_row(clean: list[dict[str, Any]], perturbed: list[dict[str, Any]], system: str,
+                   mode: str) -> dict[str, Any]:
+    """A system's answers to perturbed problems against its clean ones: the perturbed accuracy (its own
+    records), and on the problems answered both ways (``problems``; a lengthened prompt may be skipped) the
+    change of accuracy and the lost / gained problems with their exact McNemar p."""
+    result = score(perturbed, system, mode)
+    before, after = outcomes(clean), outcomes(perturbed)
+    lost, gained, shared = paired(before, after)
+    both = before.keys() & after.keys()
+    change = (sum(after[i] for i in both) - sum(before[i] for i in both)) / shared if shared else 0.0
+    return {"accuracy": result.accuracy, "accuracy_low": result.accuracy_low, "accuracy_high": result.accuracy_high,
+            "problems": shared, "change": change, "lost": lost, "gained": gained,
+            "p_value": mcnemar_exact(lost, gained)}
+
+
 def compare(results: dict[str, dict[str, bool]]) -> list[dict[str, Any]]:
     """Every system against the single base agent of the same decoding (greedy if it has none), paired by problem."""
     singles = [k for k in results if k.startswith("single-")]
