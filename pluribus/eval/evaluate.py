@@ -41,6 +41,7 @@ class SystemResult:
     seconds_per_problem: float
     wrong_first_corrected: float  # of round-0 wrong agent answers, the fraction right in the last round
     unparsable: float  # fraction of final-round turns with no parsable answer
+    tokens_estimated: int = 0  # problems whose token counts are estimates (a server without usage, no tokenizer)
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ def score(records: list[dict[str, Any]], system: str, mode: str) -> SystemResult
         seconds_per_problem=sum(r["cost"]["seconds"] for r in records) / n if n else 0.0,
         wrong_first_corrected=corrected / wrong_first if wrong_first and debated else 0.0,
         unparsable=sum(t["answer"] is None for t in last) / len(last) if last else 0.0,
+        tokens_estimated=sum(bool((r.get("meta") or {}).get("tokens_estimated")) for r in records),
     )
 
 

@@ -39,6 +39,13 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
             " (sc: those the team answered, at most eval.sc_n; its problems column)." if "sc" in task["systems"]
             else ".")
     lines = [f"## {heading}", "", asked, "", *_system_table(task)]
+    guessed = {name: r["tokens_estimated"] for name, r in task["systems"].items() if r.get("tokens_estimated")}
+    if guessed:
+        lines += ["", "Estimated token counts (a server that sent no usage, a model whose tokenizer is not available "
+                  "offline: 4 characters a token): " + ", ".join(f"{n} on {k} problems" for n, k in guessed.items())
+                  + "; their tokens per problem" + (" and sc's budget (the team's tokens)"
+                                                     if "team" in guessed and "sc" in task["systems"] else "")
+                  + " are approximate."]
     for name, a in (task.get("adapters") or {}).items():
         lines += ["", f"{name} uses adapter `{a['path']}` (sha256 {a['fingerprint']})."]
     sc = task["systems"].get("sc")

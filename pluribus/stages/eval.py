@@ -61,6 +61,13 @@ def summary_of(recipe: Recipe, payload: dict[str, Any]) -> StageSummary:
                 "skipped: too long for its model); its accuracy is over those it answered, each comparison over "
                 "the problems both answered" for task in payload["tasks"]
                 for name, g in (task.get("unanswered") or {}).items()]
+    team_guessed = bool(payload["systems"].get("team", {}).get("tokens_estimated"))
+    warnings += [f"{name}: the token counts of {r['tokens_estimated']} of its {r['problems']} problems are estimates "
+                 "(4 characters a token: its server sent no usage and the model's tokenizer is not available "
+                 "offline), so its tokens per problem is approximate" for name, r in payload["systems"].items()
+                 if r.get("tokens_estimated")]
+    if team_guessed and "sc" in payload["systems"]:
+        warnings.append("sc: its token budget is the team's, whose counts are estimates: sc's budget is approximate")
     return StageSummary("eval", eval_dir / "results.json", line, COLUMNS, tuple(rows), tuple(warnings),
                         notes=(*notes, f"report: {eval_dir / 'report.md'}"))
 
