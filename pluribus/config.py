@@ -749,7 +749,9 @@ class EvalConfig(Section):
         default_factory=lambda: ["greedy"], min_length=1, description="Decoding of the single agent and the "
         "distilled systems (experts, merges).")
     temperature: float = Field(0.7, gt=0.0, description="Temperature of the sampled mode and of sc.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Override every agent's max_new_tokens.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Override max_new_tokens of every agent eval runs: "
+                                       "the team's agents and its judge, the single agent, sc's samples, every "
+                                       "expert and merge.")
     tasks: list[EvalTask] = Field(default_factory=list, description="More tasks to evaluate every single-agent "
                                   "system on (transfer), each with a name; with team: true the team and sc too.")
     robustness: list[Literal["distractor", "typos"]] = Field(

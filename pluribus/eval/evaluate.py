@@ -71,11 +71,15 @@ def _single(team: TeamConfig, *, adapter: str | None, model: str | None, mode: s
 
 
 def _team(team: TeamConfig, cfg: EvalConfig) -> TeamConfig:
+    """The team as eval runs it: ``eval.max_new_tokens`` (when set) for every agent and the judge."""
     if not cfg.max_new_tokens:
         return team
-    agents = [a.model_copy(update={"sampling": a.sampling.model_copy(update={"max_new_tokens": cfg.max_new_tokens})})
-              for a in team.agents]
-    return team.model_copy(update={"agents": agents})
+
+    def capped(a: Any) -> Any:
+        return a.model_copy(update={"sampling": a.sampling.model_copy(update={"max_new_tokens": cfg.max_new_tokens})})
+
+    return team.model_copy(update={"agents": [capped(a) for a in team.agents],
+                                   "judge": capped(team.judge) if team.judge else None})
 
 
 def _sc_team(single: TeamConfig, k: int, temperature: float, seed: int) -> TeamConfig:

@@ -273,3 +273,15 @@ def test_robustness_change_is_measured_on_the_problems_both_runs_answered() -> N
     row = robustness_row(clean, perturbed, "single", "greedy")
     assert row["problems"] == 2 and row["change"] == 0.0  # not 0% - 50%: the lost problems were never asked
     assert (row["lost"], row["gained"]) == (0, 0)
+
+
+def test_eval_max_new_tokens_reaches_every_agent_the_judge_included(tmp_path: Path) -> None:
+    recipe = load_recipe(None, ["name=j", f"root={tmp_path}", "task.n=4", "task.split=train",
+                                "team.aggregation=judge", "team.judge.name=judge",
+                                "team.judge.sampling.max_new_tokens=300", "eval.max_new_tokens=17",
+                                "eval.systems=[single, team, sc]"])
+    capped = {p.label: p.team for p in plan_systems(recipe, check=False)}
+    team = capped["team"]
+    assert [a.sampling.max_new_tokens for a in team.agents] == [17] * len(team.agents)
+    assert team.judge is not None and team.judge.sampling.max_new_tokens == 17
+    assert all(a.sampling.max_new_tokens == 17 for t in capped.values() for a in t.agents)
