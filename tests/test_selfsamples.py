@@ -23,11 +23,12 @@ def baseline_recipe(tmp_path: Path) -> Recipe:
                   train={"experts": [{"name": "rsft"}, {"name": "self-rsft", "data": "self"}]})
 
 
-def stored(tmp_path: Path, recipe: Recipe) -> Path:
-    """The team's store and the single agent's (two samples a problem), every answer right."""
+def stored(tmp_path: Path, recipe: Recipe, team: bool = True) -> Path:
+    """The team's store (unless ``team`` is False) and the single agent's (two samples a problem), all right."""
     ids = [p.id for p in load_problems(recipe.task)]
-    make_run(tmp_path / "run", [traj(pid, [[turn("a", 0, RIGHT, "12", True), turn("b", 0, RIGHT, "12", True)]])
-                                for pid in ids], config_hash=config_hash(recipe))
+    if team:
+        make_run(tmp_path / "run", [traj(pid, [[turn("a", 0, RIGHT, "12", True), turn("b", 0, RIGHT, "12", True)]])
+                                    for pid in ids], config_hash=config_hash(recipe))
     make_run(tmp_path / "run" / "self", [traj(pid, [[turn("self0", 0, RIGHT, "12", True),
                                                      turn("self1", 0, RIGHT, "12", True)]]) for pid in ids],
              config_hash=config_hash(self_recipe(recipe)))
@@ -70,6 +71,14 @@ def test_cli_build_makes_and_refreshes_the_single_agents_datasets(tmp_path):
                                             r"`pluribus build RECIPE --overwrite`"):
         _self_data_current(changed, "self-rsft")
     path.write_text(changed.to_yaml())
+    # the single agent was asked the old prompt: its samples are refused until drawn again
+    res = cli.invoke(app, ["build", str(path), "--overwrite", "--no-progress"])
+    assert isinstance(res.exception, PluribusError), res.output
+    assert "run `pluribus selfsamples RECIPE --new-run`" in str(res.exception)
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "self" / "trajectories")
+    stored(tmp_path, changed, team=False)  # sampled again with the new prompt (the team's store is the same)
     res = cli.invoke(app, ["build", str(path), "--overwrite", "--no-progress"])
     assert res.exit_code == 0, res.output
     for folder in (run / "datasets" / "rsft", run / "self" / "datasets" / "rsft"):

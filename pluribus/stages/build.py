@@ -161,10 +161,24 @@ def build_self(recipe: Recipe, built: list[Built], kinds: list[str], *, progress
     if missing:
         raise PluribusError(f"experts with data: self train on {missing}, which build.kinds does not make for "
                             "the team; add them to build.kinds so both sides have the same kind of data")
+    # the samples must be the ones this recipe asks for (its agent, prompt, seed and sample count), as the team's
+    # store must be the team's: a store sampled before a change of build.prompt_template is refused, not built
+    from pluribus.data.store import TrajectoryStore
+    from pluribus.stages.debate import config_hash, older_config_hashes
+    from pluribus.stages.selfsamples import self_recipe
+
+    mine = self_recipe(recipe)
+    hashes = [config_hash(mine), *older_config_hashes(mine)]
+    with TrajectoryStore(store) as existing:
+        if existing.manifest["config_hash"] not in hashes:
+            raise PluribusError(f"the single agent's samples in {store} were drawn with other settings (its model, "
+                                "prompt, sample count or seed) than this recipe's; run `pluribus selfsamples RECIPE "
+                                "--new-run` to sample them again")
     layout = recipe.layout
-    return build(cfg, [layout.trajectories("self")], kinds=kinds, out_root=layout.datasets("self"),
+    return build(cfg, [store], kinds=kinds, out_root=layout.datasets("self"),
                  team=self_team(recipe), seed=recipe.seed, overwrite=True, trust_remote_code=recipe.trust_remote_code,
-                 progress=progress, match_rows=match, problem_ids=[p.id for p in load_problems(recipe.require("task"))])
+                 progress=progress, match_rows=match, problem_ids=[p.id for p in load_problems(recipe.require("task"))],
+                 config_hashes=hashes)
 
 
 def summary_of(built: list[Built], mine: list[Built] | None = None, output: Path | None = None,
