@@ -84,6 +84,19 @@ def test_policy_loss_variants_by_hand():
         policy_loss(logp, old, adv, mask, loss_type="dr_grpo")
 
 
+def test_repeated_batches_give_each_steps_prompts_num_iterations_times():
+    from pluribus.distill.rl import RepeatedBatches
+
+    sampler = RepeatedBatches(5, chunk=2, repeats=3, seed=0)
+    order = list(sampler)
+    assert len(order) == len(sampler) == 3 * 2 * 3  # 5 prompts padded to 3 chunks of 2, each given 3 times
+    chunks = [order[i:i + 6] for i in range(0, len(order), 6)]
+    assert all(c[:2] == c[2:4] == c[4:] for c in chunks)  # one step's prompts, three steps in a row
+    assert set(order) == set(range(5))  # every prompt, the last chunk filled from the start of the order
+    sampler.set_epoch(1)
+    assert list(sampler) != order and len(list(sampler)) == len(order)  # another order each epoch, seeded
+
+
 def test_rl_refuses_settings_without_effect():
     from pydantic import ValidationError
 
@@ -275,3 +288,22 @@ def test_rl_kl_reference_is_the_starting_policy(tmp_path, student_dir, process_d
     # step 0's policy is the starting one: no divergence from itself, a real one from the base
     assert kl["start"] == pytest.approx(0.0, abs=1e-6)
     assert kl["base"] > 1e-4
+
+
+def test_rl_samples_once_per_num_iterations_steps_with_gradient_accumulation(tmp_path, student_dir, process_dir,
+                                                                             prm_adapter, monkeypatch):
+    import pluribus.distill.rl as rl
+
+    drawn: list[tuple[str, ...]] = []
+    sample = rl.LocalSampler.__call__
+
+    def counted(self, model, prompts, seeds=None):
+        drawn.append(tuple(prompts))
+        return sample(self, model, prompts, seeds)
+
+    monkeypatch.setattr(rl.LocalSampler, "__call__", counted)
+    r = _rl_recipe(tmp_path, student_dir, prm_adapter, "gas", num_iterations=2, clip=0.1)
+    r = r.model_copy(update={"train": r.train.model_copy(update={"grad_accum": 2, "max_steps": 4})})
+    train_rl(r, dataset=process_dir)
+    # 4 optimizer steps x 2 micro-batches, sampled at steps 0 and 2 only: 2 x 2 draws of 4 distinct prompt pairs
+    assert len(drawn) == 4 and len(set(drawn)) == 4
