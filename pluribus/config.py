@@ -398,7 +398,10 @@ class RLSettings(Section):
     """Process-aware RL: G samples per prompt, PRM + verified-answer reward, group-relative advantages."""
 
     group_size: int = Field(4, ge=2, description="Solutions G sampled per prompt.")
-    prompts_per_step: int = Field(2, ge=1, description="Prompts per optimizer step (each sampled G times).")
+    prompts_per_step: int = Field(2, ge=1, description="Prompts per device per micro-step (each sampled G times): "
+                                  "an rl training's batch, in place of train.batch_size, which rl does not read (nor "
+                                  "eval_fraction, max_length, too_long, packing: rl holds out no rows, and a "
+                                  "sequence is a prompt plus at most sampling.max_new_tokens).")
     backend: Literal["transformers", "vllm"] = Field("transformers", description="Sampler of the current policy.")
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=1.0), description="How the policy samples: temperature "
