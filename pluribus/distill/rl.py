@@ -33,9 +33,9 @@ and the clip bounds it. (With ``num_iterations`` 1 the clip can never act, and t
 than the default.) The data loader repeats each optimizer step's prompts ``num_iterations`` times in a row
 (``RepeatedBatches``), so an epoch is ``num_iterations`` passes of optimizer steps over the prompts, as in TRL.
 A run resumed between a batch's steps samples that batch's prompts again (the samples are not checkpointed),
-so its first step there is on-policy again.
-``logp_old`` stays exact only while sampler and trainer share the distribution above; two limits of that: LoRA dropout > 0 makes the training forward a perturbed policy, and the vLLM backend
-samples with its own (bf16) kernels, whose small numerical gap is not corrected.
+so its first step there is on-policy again. ``logp_old`` stays exact only while sampler and trainer share the
+distribution above; two limits of that: LoRA dropout > 0 makes the training forward a perturbed policy, and the
+vLLM backend samples with its own (bf16) kernels, whose small numerical gap is not corrected.
 Reward, accuracy, PRM score, KL and the clipped fraction are logged per step (tensorboard + progress bar).
 """
 
