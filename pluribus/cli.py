@@ -120,9 +120,31 @@ def build_cmd(
     recipe, overrides = _no_recipe(recipe, overrides)  # `build --store RUN build.k=2`
     overrides = _with_threads(overrides, threads)
     loaded = load_recipe(recipe, overrides) if recipe is not None else None
-    _show(build.run(loaded, None if loaded else overrides, stores=store, kinds=kind, out_root=out, overwrite=overwrite,
-                    new_run=new_run, skip_corrupt=skip_corrupt, progress=not no_progress,
-                    prompt_completion=prompt_completion, push=push))
+    summary = build.run(loaded, None if loaded else overrides, stores=store, kinds=kind, out_root=out,
+                        overwrite=overwrite, new_run=new_run, skip_corrupt=skip_corrupt, progress=not no_progress,
+                        prompt_completion=prompt_completion, push=push)
+    if loaded is not None and not (store or out or kind or skip_corrupt):
+        from pluribus.run import record_step
+
+        record_step(loaded, "build", summary.output)  # what `pluribus run`'s build step makes, made now
+    _show(summary)
+
+
+@app.command("selfsamples")
+def selfsamples_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML with task, team, and an expert with data: self.")],
+    overrides: OverridesArg = None,
+    new_run: Annotated[bool, typer.Option("--new-run", help="Config changed: move the old store aside.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Sample the training problems with the single agent alone into runs/<name>/self/trajectories (resumable):
+    the data of the single-agent baseline (experts with data: self), which `pluribus build` then builds."""
+    from pluribus.config import load_recipe
+    from pluribus.stages import selfsamples
+
+    loaded = load_recipe(recipe, _with_threads(overrides, threads))
+    _show(selfsamples.run(loaded, new_run=new_run, progress=not no_progress))
 
 
 @app.command("repair")
@@ -177,9 +199,33 @@ def train_cmd(
             raise PluribusError("--all trains every expert into its own folder; leave out --expert, --dataset and --out")
         names = [t.expert_name for t in loaded.require("train").trainings()]
     for name in names or [None]:
+        if dataset is None:
+            _self_data_current(loaded, name)
         # several processes: rank 0 wrote the adapter, and only its summary has lines
         _show(train.run(loaded, expert=name, dataset=dataset, out=out,
                         resume=str(resume_from) if resume_from else resume, overwrite=overwrite))
+
+
+def _self_data_current(recipe: Any, name: str | None) -> None:
+    """An expert with ``data: self`` trains on ``<run>/self/datasets``, which only the build step makes: refuse
+    them missing or stale (the build step's freshness, as `pluribus run` judges it), naming the command to run."""
+    from pluribus.run import staleness
+
+    train = recipe.require("train")
+    cfg = train.expert(name) if name else train.trainings()[0]
+    if cfg.data != "self":
+        return
+    reason = staleness(recipe, "build")
+    if reason is None:
+        return
+    layout = recipe.layout
+    fix = ("run `pluribus selfsamples RECIPE`, then `pluribus build RECIPE`"
+           if not layout.trajectories("self").is_dir() else
+           "run `pluribus build RECIPE`" if not layout.datasets("self").is_dir() else
+           "run `pluribus selfsamples RECIPE`, then `pluribus build RECIPE --overwrite`")
+    raise PluribusError(f"expert '{cfg.expert_name}' trains on the single agent's datasets "
+                        f"({layout.datasets('self')}), which are not current with this recipe (the build step: "
+                        f"{reason}); {fix} (or `pluribus run RECIPE`)")
 
 
 @app.command("score")

@@ -424,7 +424,10 @@ class RLSettings(Section):
     """Process-aware RL: G samples per prompt, PRM + verified-answer reward, group-relative advantages."""
 
     group_size: int = Field(4, ge=2, description="Solutions G sampled per prompt.")
-    prompts_per_step: int = Field(2, ge=1, description="Prompts per optimizer step (each sampled G times).")
+    prompts_per_step: int = Field(2, ge=1, description="Prompts per device per micro-step (each sampled G times): "
+                                  "an rl training's batch, in place of train.batch_size, which rl does not read (nor "
+                                  "eval_fraction, max_length, too_long, packing: rl holds out no rows, and a "
+                                  "sequence is a prompt plus at most sampling.max_new_tokens).")
     backend: Literal["transformers", "vllm"] = Field("transformers", description="Sampler of the current policy.")
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=1.0), description="How the policy samples: temperature "
@@ -433,8 +436,22 @@ class RLSettings(Section):
                             "the recipe's prm expert).")
     aggregate: Literal["min", "mean", "last"] = Field("min", description="How step scores become one reward.")
     answer_weight: float = Field(1.0, ge=0.0, description="Reward weight of the verified final answer.")
-    clip: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range epsilon of the ratio.")
-    kl: float = Field(0.0, ge=0.0, description="Weight beta of the KL to the reference (adapter disabled).")
+    num_iterations: int = Field(
+        1, ge=1, description="Optimizer steps per sampled batch (GRPO's num_iterations): the first step's policy "
+        "is the sampler's, so the ratio is 1 there; from the second on the clip bounds how far it moves.")
+    clip: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip range epsilon of the ratio; it acts only with "
+                        "num_iterations > 1 (with one step per batch the ratio is always 1, so another value is "
+                        "refused).")
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "grpo", description="How token losses become the batch's loss: grpo: mean over each completion's tokens, "
+        "then over completions; dapo: sum over every completion token / their count (TRL's default); dr_grpo: "
+        "sum over every completion token / (completions x sampling.max_new_tokens), no length bias.")
+    kl: float = Field(0.0, ge=0.0, description="Weight beta of the k3 KL to the reference policy (0: no reference "
+                      "pass).")
+    reference: Literal["start", "base"] = Field(
+        "start", description="The KL's reference: start, the policy RL starts from (the init_adapter's weights as "
+        "loaded when RL continues one, else the base model); base, the base model with the adapter switched off. "
+        "The training record says which. Needs kl > 0.")
     vllm: VLLMSettings | None = Field(
         None, description="backend vllm: the sampler's engine settings; None: defaults that work on CPU and GPU.")
 
@@ -566,6 +583,20 @@ class TrainConfig(Section):
         if self.data == "self" and self.objective not in ("rsft", "augmented"):
             raise ValueError(f"data: self (the single-agent baseline) trains rsft or augmented experts, not "
                              f"{self.objective}: the single agent's samples have one round and no step labels")
+        return self
+
+    @model_validator(mode="after")
+    def _rl_settings_act(self) -> TrainConfig:
+        # checked on a training, not on RLSettings alone: a shared section's rl may be completed by an expert's
+        rl, defaults = self.rl, RLSettings.model_fields
+        if self.objective != "rl" or self.experts:
+            return self
+        if rl.num_iterations == 1 and rl.clip != defaults["clip"].default:
+            raise ValueError(f"rl.clip {rl.clip:g} has no effect with rl.num_iterations 1 (each batch is used for "
+                             "one step, where the ratio is 1); set rl.num_iterations >= 2 or remove rl.clip")
+        if rl.kl == 0 and rl.reference != defaults["reference"].default:
+            raise ValueError(f"rl.reference {rl.reference} has no effect with rl.kl 0 (no KL term); set rl.kl > 0 "
+                             "or remove rl.reference")
         return self
 
     @model_validator(mode="after")
@@ -747,7 +778,9 @@ class EvalConfig(Section):
         default_factory=lambda: ["greedy"], min_length=1, description="Decoding of the single agent and the "
         "distilled systems (experts, merges).")
     temperature: float = Field(0.7, gt=0.0, description="Temperature of the sampled mode and of sc.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Override every agent's max_new_tokens.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Override max_new_tokens of every agent eval runs: "
+                                       "the team's agents and its judge, the single agent, sc's samples, every "
+                                       "expert and merge.")
     tasks: list[EvalTask] = Field(default_factory=list, description="More tasks to evaluate every single-agent "
                                   "system on (transfer), each with a name; with team: true the team and sc too.")
     robustness: list[Literal["distractor", "typos"]] = Field(

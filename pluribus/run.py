@@ -115,6 +115,27 @@ def stale_reason(recipe: Recipe, step: Stage, prints: dict[str, Any]) -> str | N
     return None
 
 
+def step_of(recipe: Recipe, key: str) -> Stage | None:
+    """The step ``key`` of ``recipe``'s plan (``build``, ``train:rsft``...), or None when the recipe has none."""
+    return next((step for step in plan(recipe) if step.key == key), None)
+
+
+def record_step(recipe: Recipe, key: str, output: Path | None) -> None:
+    """Record step ``key`` as run now, as `pluribus run` does: a stage's CLI command that made exactly what the
+    step makes calls this, so `run` and the commands after it see the same freshness."""
+    step = step_of(recipe, key)
+    if step is not None and not step.keeps_store:
+        _mark(recipe, step, fingerprint(step, recipe.seed), output)
+
+
+def staleness(recipe: Recipe, key: str) -> str | None:
+    """Why step ``key``'s output is not current for ``recipe`` (``stale_reason``), or None when it is."""
+    step = step_of(recipe, key)
+    if step is None:
+        return f"the recipe has no {key} step"
+    return stale_reason(recipe, step, fingerprint(step, recipe.seed))
+
+
 def run_recipe(recipe: Recipe, *, force: bool = False, progress: bool = True, new_run: bool = False,
                console: Console | None = None) -> list[StageResult]:
     """Run every step the recipe has a section for, in order; returns what each step did.

@@ -64,6 +64,7 @@ class Generation:
     truncated: bool  # always False now: a prompt that does not fit is refused (kept for old readers)
     dropped_tokens: int = 0  # always 0, as above
     finish_reason: str = "stop"  # "stop" (end of turn) or "length" (hit max_new_tokens)
+    tokens_estimated: bool = False  # counts guessed from characters: no server usage and no tokenizer offline
 
 
 class Backend(Protocol):
@@ -306,16 +307,17 @@ class TransformersBackend:
 # --------------------------------------------------------------------------------------------- openai
 
 
-def _local_tokenizer(model: str, trust_remote_code: bool) -> Any | None:
-    """The model's tokenizer when it is available offline (alias, local folder, cached hub id), else None."""
+def _local_tokenizer(model: str, trust_remote_code: bool) -> tuple[Any | None, str]:
+    """(the model's tokenizer when it is available offline (alias, local folder, cached hub id), else None;
+    why it is not, in a few words)."""
     try:
         from transformers import AutoTokenizer
 
         from pluribus.models import resolve_model
 
-        return AutoTokenizer.from_pretrained(str(resolve_model(model)), trust_remote_code=trust_remote_code)
-    except Exception:  # a served model name need not exist locally; token counts then come from the server
-        return None
+        return AutoTokenizer.from_pretrained(str(resolve_model(model)), trust_remote_code=trust_remote_code), ""
+    except Exception as e:  # a served model name need not exist locally; token counts then come from the server
+        return None, _one_line(str(e)) or type(e).__name__
 
 
 @dataclass
@@ -389,11 +391,18 @@ class OpenAIBackend:
         self.timeout_s = agent.timeout_s
         self.max_retries = agent.max_retries
         self.backoff_s = backoff_s
-        self.tokenizer = _local_tokenizer(agent.model, trust_remote_code)
+        self.tokenizer, why = _local_tokenizer(agent.model, trust_remote_code)
         self.builder = (PromptBuilder(self.tokenizer, _context_length(None, self.tokenizer, agent.context_length),
                                       agent.model)
                         if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None) else None)
+        if self.builder is None:
+            what = "has no chat template" if self.tokenizer is not None else f"does not load offline ({why})"
+            logger.warning("openai backend: the tokenizer of model '%s' %s, so pluribus cannot check a prompt "
+                           "against the context before sending it, trims peers' answers at about 4 characters a "
+                           "token, and takes token counts from the server's usage (estimated from characters, "
+                           "and marked so, where a server sends none)", self.name, what)
         self.requests = 0  # HTTP requests sent, retries included
+        self.estimated = 0  # generations whose token counts are estimates (no usage, no tokenizer)
 
     def count_tokens(self, text: str) -> int:
         if self.tokenizer is not None:
@@ -534,15 +543,30 @@ class OpenAIBackend:
                 raise _Retryable(e, counts=False) from None
             raise PluribusError(f"server {server.url} rejected a request for model '{self.name}' "
                                 f"(HTTP {e.status_code}): {_one_line(e.message)}") from None
-        usage = resp.usage
-        source = job.payload.get("prompt") or str(job.payload.get("messages"))
-        tokens_in = usage.prompt_tokens if usage else self.count_tokens(source)
-        tokens_out = usage.completion_tokens if usage else self.count_tokens(text)
+        tokens_in, tokens_out, estimated = self._counts(job, text, resp.usage)
         return Generation(
             text=text, tokens_in=tokens_in, tokens_out=tokens_out, seconds=time.perf_counter() - t0,
             truncated=job.dropped > 0, dropped_tokens=job.dropped,
-            finish_reason="length" if choice.finish_reason == "length" else "stop",
+            finish_reason="length" if choice.finish_reason == "length" else "stop", tokens_estimated=estimated,
         )
+
+    def _counts(self, job: _Job, text: str, usage: Any) -> tuple[int, int, bool]:
+        """(prompt tokens, completion tokens, estimated): the server's usage; else the model's tokenizer over the
+        prompt as its chat template renders it; else an estimate of 4 characters a token over the messages'
+        contents, said once in a warning and marked on the generation (self-consistency's budget reads them)."""
+        if usage is not None and usage.prompt_tokens is not None and usage.completion_tokens is not None:
+            return usage.prompt_tokens, usage.completion_tokens, False
+        if self.builder is not None:
+            prompt = job.payload.get("prompt") or self.builder.render(job.payload["messages"])
+            return self.builder.count_tokens(prompt), self.builder.count_tokens(text), False
+        chars = len(job.payload.get("prompt") or "".join(str(m.get("content") or "")
+                                                           for m in job.payload["messages"]))
+        if not self.estimated:
+            logger.warning("openai backend: the server of model '%s' sent no token usage and its tokenizer is not "
+                           "available offline; token counts are estimated at 4 characters a token and marked as "
+                           "estimates (tokens per problem and self-consistency's budget are approximate)", self.name)
+        self.estimated += 1
+        return max(1, chars // 4), max(1, len(text) // 4), True
 
     async def _failed(self, server: Server, job: _Job, e: _Retryable) -> None:
         """Count a failed attempt against the request and its server, and wait the backoff unless another live

@@ -295,7 +295,8 @@ def _turn(member: Member, rnd: int, gen: Generation, problem: Problem, peers: li
         agent=member.name, round=rnd, model=member.backend.name, response=gen.text, answer=g.answer,
         correct=g.correct, tokens_in=gen.tokens_in, tokens_out=gen.tokens_out, seconds=round(gen.seconds, 6),
         meta={"peers": peers, "peer_tokens_dropped": dropped, "prompt_tokens_dropped": gen.dropped_tokens,
-              "finish_reason": gen.finish_reason, "parse_method": g.method},
+              "finish_reason": gen.finish_reason, "parse_method": g.method,
+              **({"tokens_estimated": True} if gen.tokens_estimated else {})},
     )
 
 
@@ -436,11 +437,14 @@ def _finish(st: _State, team: Team, run_id: str) -> Trajectory:
     turns = [t for rnd in st.rounds for t in rnd] + st.judge_turns
     cost = {"tokens_in": sum(t.tokens_in for t in turns), "tokens_out": sum(t.tokens_out for t in turns),
             "seconds": round(sum(t.seconds for t in turns), 6)}
+    # a server without usage and no tokenizer offline: the counts are guesses (OpenAIBackend._counts)
+    guessed = {"tokens_estimated": True} if any(t.meta.get("tokens_estimated") for t in turns) else {}
     return Trajectory(
         problem_id=st.problem.id, question=st.problem.question, gold=st.problem.answer, team=team.names,
         rounds=st.rounds, final_answer=final, final_correct=correct, aggregation=team.config.aggregation,
         cost=cost, run_id=run_id,
         meta={"source": st.problem.source, "topology": team.config.topology, "tie_broken": tie,
               "judge": [t.to_dict() for t in st.judge_turns],
-              **({"stopped_after_round": len(st.rounds) - 1} if len(st.rounds) < team.config.rounds else {})},
+              **({"stopped_after_round": len(st.rounds) - 1} if len(st.rounds) < team.config.rounds else {}),
+              **guessed},
     )

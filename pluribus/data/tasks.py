@@ -333,13 +333,30 @@ def _choices_of(value: Any, where: str) -> tuple[list[str], list[str] | None]:
     raise PluribusError(f"{where}: choices must be a non-empty list (or {{text, label}}), got {type(value).__name__}")
 
 
+# what prints as nothing: whitespace, format characters (zero-width space / joiners, word joiner, BOM: Cf) and
+# control characters; a text made only of these is empty to the reader and to the model asked it
+_INVISIBLE = {"Cf", "Cc", "Zs", "Zl", "Zp"}
+
+
+def blank(text: str) -> bool:
+    """Whether ``text`` shows nothing: every character whitespace or invisible (Unicode Cf, Cc, Z*)."""
+    import unicodedata
+
+    return all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE for ch in text)
+
+
 def _text(value: Any, name: str, where: str) -> str:
-    """A question or gold answer as stripped text; null or empty is refused, naming the record."""
+    """A question or gold answer as stripped text; null, empty or invisible-only (``blank``) is refused, naming
+    the record."""
     if value is None:
         raise PluribusError(f"{where}: {name} is null; give every record a {name} (or drop the record)")
     text = str(value).strip()
     if not text:
         raise PluribusError(f"{where}: {name} is empty; give every record a {name} (or drop the record)")
+    if blank(text):
+        codes = " ".join(f"U+{ord(ch):04X}" for ch in dict.fromkeys(text))
+        raise PluribusError(f"{where}: {name} has only invisible characters ({codes}); give every record a "
+                            f"{name} (or drop the record)")
     return text
 
 

@@ -9,8 +9,12 @@ One optimizer step (``train.rl.*`` settings):
 3. group-relative advantage ``A_i = (r_i - mean_g r) / (std_g r + 1e-4)`` (population std of the group);
 4. loss per completion token t: ``-min(rho_t A, clip(rho_t, 1-eps, 1+eps) A) + beta * KL_t`` with
    ``rho_t = exp(logp_t - logp_old_t)`` and the k3 estimator ``KL_t = exp(q_t) - q_t - 1``,
-   ``q_t = logp_ref_t - logp_t``; averaged over each completion's tokens, then over completions.
-   The reference is the same model with its adapter disabled (no second model).
+   ``q_t = logp_ref_t - logp_t``; made one number as ``loss_type`` says (``policy_loss``): grpo, the mean over
+   each completion's tokens then over completions; dapo, the mean over every completion token; dr_grpo, the sum
+   over completion tokens / (completions x ``max_new_tokens``).
+   The reference (``reference``) is the policy RL started from: the ``init_adapter``'s weights as loaded (kept
+   aside and swapped in for the reference pass: no second model), or the base model with the adapter switched
+   off, which is also where a fresh LoRA (B = 0) starts.
 
 Which distribution ``logp`` is. The policy is the distribution the sampler draws from: ``softmax(logits / T)``,
 restricted to the top-p nucleus when ``top_p < 1`` (renormalized; the sampled token is always kept), and nothing
@@ -20,13 +24,18 @@ neither transformers' default top_k=50 nor a model's configured warpers or penal
 scales by 1/T). Without this the loss would train a distribution the samples did not come
 from, with no importance correction.
 
-Which importance ratio. Each batch of samples is used for exactly one optimizer step, and it is drawn by the
-very parameters that then compute ``logp`` (micro-batches of one step share them), so the sampling policy *is*
-the current one: ``logp_old = logp.detach()`` is exact, ``rho_t = 1`` in value, the clip is never active and
-the gradient, ``-A * grad logp_t`` per token, is the on-policy policy gradient (GRPO with one iteration per
-batch, as TRL's ``num_iterations=1``). It stays exact only while sampler and trainer share the distribution
-above; two limits of that: LoRA dropout > 0 makes the training forward a perturbed policy, and the vLLM backend
-samples with its own (bf16) kernels, whose small numerical gap is not corrected.
+Which importance ratio. Each batch of samples is used for ``num_iterations`` optimizer steps (GRPO's, TRL's
+``num_iterations``). It is drawn by the very parameters that then compute ``logp`` in its first step
+(micro-batches of one step share them), so there ``logp_old = logp.detach()`` is exact, ``rho_t = 1`` in value, the
+clip is never active and the gradient, ``-A * grad logp_t`` per token, is the on-policy policy gradient; those
+``logp_old`` are kept with the batch, and in its later steps ``rho_t`` measures how far the updates moved the policy
+and the clip bounds it. (With ``num_iterations`` 1 the clip can never act, and the recipe refuses a ``clip`` other
+than the default.) The data loader repeats each optimizer step's prompts ``num_iterations`` times in a row
+(``RepeatedBatches``), so an epoch is ``num_iterations`` passes of optimizer steps over the prompts, as in TRL.
+A run resumed between a batch's steps samples that batch's prompts again (the samples are not checkpointed),
+so its first step there is on-policy again. ``logp_old`` stays exact only while sampler and trainer share the
+distribution above; two limits of that: LoRA dropout > 0 makes the training forward a perturbed policy, and the
+vLLM backend samples with its own (bf16) kernels, whose small numerical gap is not corrected.
 Reward, accuracy, PRM score, KL and the clipped fraction are logged per step (tensorboard + progress bar).
 """
 
@@ -76,13 +85,21 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return (rewards - mean) / (std + eps)
 
 
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
 def policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    clip: float = 0.2, ref_logp: torch.Tensor | None = None, beta: float = 0.0,
+    clip: float = 0.2, ref_logp: torch.Tensor | None = None, beta: float = 0.0, loss_type: str = "grpo",
+    max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy-gradient loss with an optional k3 KL to the reference (see the module docstring).
 
     logp, old_logp, ref_logp, mask: ``[N, T]`` (mask 1 on completion tokens); advantages ``[N]``.
+    With ``l_it`` the token loss and ``m_it`` the mask, the batch's loss is, by ``loss_type``:
+    grpo ``mean_i (sum_t m_it l_it / sum_t m_it)`` (sequence mean: a long completion's tokens weigh less);
+    dapo ``sum_it m_it l_it / sum_it m_it`` (token level, TRL's default); dr_grpo ``sum_it m_it l_it / (N *
+    max_tokens)`` (Dr. GRPO: a constant denominator, ``max_tokens`` the sampling budget, no length bias).
     Returns (loss, stats: the fraction of clipped tokens, and the mean KL where it was computed: with
     ``beta = 0`` there is no reference pass, and a KL of 0 would claim the policy never moved).
     """
@@ -96,9 +113,18 @@ def policy_loss(
         kl = torch.exp(q) - q - 1
         per_token = per_token + beta * kl
     mask = mask.to(per_token.dtype)
-    lengths = mask.sum(dim=1).clamp(min=1)
-    loss = ((per_token * mask).sum(dim=1) / lengths).mean()
     n = mask.sum().clamp(min=1)
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    elif loss_type == "dapo":
+        loss = (per_token * mask).sum() / n
+    elif loss_type == "dr_grpo":
+        if not max_tokens:
+            raise PluribusError("loss_type dr_grpo divides by completions x max_tokens; pass max_tokens (the "
+                                "sampling's max_new_tokens)")
+        loss = (per_token * mask).sum() / (mask.shape[0] * max_tokens)
+    else:
+        raise PluribusError(f"unknown loss_type '{loss_type}'; use {', '.join(LOSS_TYPES)}")
     stats = {
         "clip_fraction": float((((unclipped != clipped).to(mask.dtype)) * mask).sum() / n),
     }
@@ -249,6 +275,30 @@ class VLLMSampler:
 # ------------------------------------------------------------------------------------------- trainer
 
 
+class RepeatedBatches(torch.utils.data.Sampler):
+    """Prompt indices in a seeded random order per epoch, each chunk of ``chunk`` indices (one optimizer step's
+    prompts over every process and micro-batch) given ``repeats`` times in a row: the ``num_iterations`` steps
+    on one sampled batch. The order is padded by wrapping around to whole chunks (as torch's DistributedSampler
+    pads), so every step has a full batch and every repetition is the same prompts."""
+
+    def __init__(self, n: int, chunk: int, repeats: int, seed: int) -> None:
+        self.n, self.chunk, self.repeats, self.seed, self.epoch = n, chunk, repeats, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.n // self.chunk) * self.chunk * self.repeats
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        whole = -(-self.n // self.chunk) * self.chunk
+        order = (order * (whole // self.n + 1))[:whole]
+        for i in range(0, whole, self.chunk):
+            for _ in range(self.repeats):
+                yield from order[i:i + self.chunk]
+
+
 class GroupRLTrainer(Trainer):
     """``transformers.Trainer`` whose step samples groups, scores them and applies ``policy_loss``.
 
@@ -259,19 +309,79 @@ class GroupRLTrainer(Trainer):
 
     def __init__(self, *args: Any, sampler: Callable, prm: tuple[Any, Any],
                  verify: Callable[[str, str], bool] | None,
-                 settings: RLSettings, step_rule: tuple[str, str | None] = ("lines", None), **kwargs: Any) -> None:
+                 settings: RLSettings, step_rule: tuple[str, str | None] = ("lines", None),
+                 reference_weights: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sampler, self.prm, self.verify, self.settings = sampler, prm, verify, settings
         self.step_rule = step_rule  # how solutions split into steps: as the process builder split them
+        # the KL reference's adapter weights (the starting policy's), swapped in for its pass; None: adapter off
+        self.reference_weights = reference_weights
         self.model_accepts_loss_kwargs = False
         self._stats: dict[str, list[float]] = defaultdict(list)
+        self._batches: dict[tuple, dict[str, Any]] = {}  # num_iterations > 1: the sampled batches being reused
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if self.settings.num_iterations == 1:
+            return super()._get_train_sampler(train_dataset)
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        chunk = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return RepeatedBatches(len(ds), chunk, self.settings.num_iterations, self.args.seed)
+
+    def reference_logprobs(self, policy: Any, ids: torch.Tensor, attention: torch.Tensor,
+                           n_completion: int) -> torch.Tensor:
+        """``token_logprobs`` under the KL's reference: the base (adapter off), or the starting adapter's weights
+        swapped in place of the trained ones for this pass (the storage is swapped, nothing is copied)."""
+        s = self.settings
+        with torch.no_grad():
+            if self.reference_weights is None:
+                with policy.disable_adapter():
+                    return token_logprobs(policy, ids, attention, n_completion, s.sampling.temperature,
+                                          s.sampling.top_p)
+            params = dict(policy.named_parameters())
+            live: dict[str, torch.Tensor] = {}
+            was_training = policy.training
+            policy.eval()  # the starting policy itself, without LoRA dropout (as the adapter-off pass)
+            try:
+                for name, weight in self.reference_weights.items():
+                    live[name], params[name].data = params[name].data, weight
+                return token_logprobs(policy, ids, attention, n_completion, s.sampling.temperature, s.sampling.top_p)
+            finally:
+                for name, data in live.items():
+                    params[name].data = data
+                policy.train(was_training)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        tok, s = self.processing_class, self.settings
-        prompts, answers = inputs["prompts"], inputs["answers"]
+        s = self.settings
         device = next(model.parameters()).device
         # under DDP ``model`` is the wrapper: its forward syncs gradients; sampling and the reference need the policy
         policy = distributed.unwrap(model)
+        # a batch is sampled at the first of its num_iterations steps and reused, with its logp_old, in the others
+        key = (self.state.global_step // s.num_iterations, tuple(inputs["problem_ids"]))
+        batch = self._batches.get(key)
+        fresh = batch is None
+        if fresh:
+            batch = self._sample(policy, inputs, device)
+        logp = token_logprobs(model, batch["ids"], batch["attention"], batch["width"], s.sampling.temperature,
+                              s.sampling.top_p)
+        if fresh:
+            # the samples came from these very parameters: see "Which importance ratio" in the module docstring
+            batch["old_logp"] = logp.detach()
+            if s.num_iterations > 1:
+                self._batches = {k: v for k, v in self._batches.items() if k[0] == key[0]}  # older rounds are done
+                self._batches[key] = batch
+        loss, stats = policy_loss(logp, batch["old_logp"], batch["advantages"], batch["mask"], s.clip,
+                                  batch["ref_logp"], s.kl, s.loss_type, s.sampling.max_new_tokens)
+
+        # 5. per-step statistics for the logs
+        for k, v in {**batch["stats"], **stats}.items():
+            self._stats[k].append(v)
+        return (loss, None) if return_outputs else loss
+
+    def _sample(self, policy: Any, inputs: dict[str, Any], device: Any) -> dict[str, Any]:
+        """Steps 1-4 of the module docstring for one batch of prompts: the sequences, their completion mask,
+        advantages, reference log-probs (where the KL needs them) and the batch's reward statistics."""
+        tok, s = self.processing_class, self.settings
+        prompts, answers = inputs["prompts"], inputs["answers"]
 
         # 1. G samples per prompt from the current policy, seeded per (step, problem)
         seeds = sample_seeds(self.args.seed, self.state.global_step, inputs["problem_ids"])
@@ -309,23 +419,11 @@ class GroupRLTrainer(Trainer):
             attention[r, width_p - len(h): width_p + len(c)] = 1
         ids, attention = ids.to(device), attention.to(device)
         mask = attention[:, width_p:]
-        logp = token_logprobs(model, ids, attention, width_c, s.sampling.temperature, s.sampling.top_p)
-        ref_logp = None
-        if s.kl > 0:
-            with torch.no_grad(), policy.disable_adapter():
-                ref_logp = token_logprobs(policy, ids, attention, width_c, s.sampling.temperature,
-                                          s.sampling.top_p)
-        # the samples came from these very parameters: see "Which importance ratio" in the module docstring
-        loss, stats = policy_loss(logp, logp.detach(), advantages, mask, s.clip, ref_logp, s.kl)
-
-        # 5. per-step statistics for the logs
-        self._stats["reward"].append(float(rewards.mean()))
-        self._stats["accuracy"].append(float(correct.mean()))
-        self._stats["prm_score"].append(float(prm_part.mean()))
-        self._stats["completion_tokens"].append(float(mask.sum(dim=1).float().mean()))
-        for k, v in stats.items():
-            self._stats[k].append(v)
-        return (loss, None) if return_outputs else loss
+        ref_logp = self.reference_logprobs(policy, ids, attention, width_c) if s.kl > 0 else None
+        stats = {"reward": float(rewards.mean()), "accuracy": float(correct.mean()),
+                 "prm_score": float(prm_part.mean()), "completion_tokens": float(mask.sum(dim=1).float().mean())}
+        return {"ids": ids, "attention": attention, "width": width_c, "mask": mask, "advantages": advantages,
+                "ref_logp": ref_logp, "stats": stats}
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._stats and "loss" in logs:
@@ -412,6 +510,11 @@ def train_rl(
     model = attach_lora(model, cfg, "CAUSAL_LM")
     kernels = patch_kernels(model, cfg.kernels)
     prm = load_prm(prm_path, trust_remote_code=recipe.trust_remote_code)
+    # the KL's reference: the starting policy is the init_adapter's weights as loaded (a fresh LoRA starts as the base)
+    reference_weights, kl_reference = None, "none (kl 0)" if s.kl == 0 else "base"
+    if s.kl > 0 and s.reference == "start" and cfg.init_adapter:
+        reference_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        kl_reference = f"init_adapter {cfg.init_adapter}"
 
     # 3. the sampler of the current policy
     if s.backend == "vllm":
@@ -427,7 +530,7 @@ def train_rl(
     trainer = GroupRLTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(prompts), data_collator=collate_prompts,
         processing_class=tokenizer, callbacks=callbacks(),
-        sampler=sampler, prm=prm, verify=verify, settings=s,
+        sampler=sampler, prm=prm, verify=verify, settings=s, reference_weights=reference_weights,
         step_rule=(recipe.build.step_rule, recipe.build.step_regex) if recipe.build else ("lines", None),
     )
     quiet_printer(trainer)
@@ -443,8 +546,11 @@ def train_rl(
     # 5. the adapter folder + record (final metrics: the last logged reward/accuracy/KL)
     logged = [h for h in trainer.state.log_history[history_start:] if "reward" in h]
     if logged:
-        metrics.update({f"final_{k}": logged[-1][k] for k in ("reward", "accuracy", "kl", "prm_score")
+        metrics.update({f"final_{k}": logged[-1][k] for k in ("reward", "accuracy", "kl", "prm_score",
+                                                               "clip_fraction")
                         if k in logged[-1]})  # kl only where it was computed (train.rl.kl > 0)
     record = output.training_record(recipe, cfg, model, ds_path, metrics,
-                                    {"prompts": len(prompts), "prm": str(prm_path)}, history=trainer.state.log_history)
+                                    {"prompts": len(prompts), "prm": str(prm_path), "kl_reference": kl_reference,
+                                     "num_iterations": s.num_iterations, "loss_type": s.loss_type},
+                                    history=trainer.state.log_history)
     return output.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

@@ -41,6 +41,7 @@ class SystemResult:
     seconds_per_problem: float
     wrong_first_corrected: float  # of round-0 wrong agent answers, the fraction right in the last round
     unparsable: float  # fraction of final-round turns with no parsable answer
+    tokens_estimated: int = 0  # problems whose token counts are estimates (a server without usage, no tokenizer)
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,15 @@ def _single(team: TeamConfig, *, adapter: str | None, model: str | None, mode: s
 
 
 def _team(team: TeamConfig, cfg: EvalConfig) -> TeamConfig:
+    """The team as eval runs it: ``eval.max_new_tokens`` (when set) for every agent and the judge."""
     if not cfg.max_new_tokens:
         return team
-    agents = [a.model_copy(update={"sampling": a.sampling.model_copy(update={"max_new_tokens": cfg.max_new_tokens})})
-              for a in team.agents]
-    return team.model_copy(update={"agents": agents})
+
+    def capped(a: Any) -> Any:
+        return a.model_copy(update={"sampling": a.sampling.model_copy(update={"max_new_tokens": cfg.max_new_tokens})})
+
+    return team.model_copy(update={"agents": [capped(a) for a in team.agents],
+                                   "judge": capped(team.judge) if team.judge else None})
 
 
 def _sc_team(single: TeamConfig, k: int, temperature: float, seed: int) -> TeamConfig:
@@ -227,6 +232,7 @@ def score(records: list[dict[str, Any]], system: str, mode: str) -> SystemResult
         seconds_per_problem=sum(r["cost"]["seconds"] for r in records) / n if n else 0.0,
         wrong_first_corrected=corrected / wrong_first if wrong_first and debated else 0.0,
         unparsable=sum(t["answer"] is None for t in last) / len(last) if last else 0.0,
+        tokens_estimated=sum(bool((r.get("meta") or {}).get("tokens_estimated")) for r in records),
     )
 
 
@@ -309,6 +315,33 @@ def early_stop_effect(records: list[dict[str, Any]]) -> dict[str, Any] | None:
 def outcomes(records: list[dict[str, Any]]) -> dict[str, bool]:
     """Whether each problem (by its original id, perturbation suffix stripped) was answered correctly."""
     return {original_id(r["problem_id"]): bool(r["final_correct"]) for r in records}
+
+
+def coverage(records: dict[str, list[dict[str, Any]]], asked: dict[str, set[str]]) -> dict[str, dict[str, int]]:
+    """The systems that left some of the problems they were asked unanswered (a conversation too long for the
+    model, skipped with ``team.too_long: skip``): ``{label: {asked, answered}}``; empty when every one answered
+    all. Each accuracy is over what its system answered, each comparison over the problems both answered."""
+    out = {}
+    for label, ids in asked.items():
+        answered = len(ids & set(outcomes(records.get(label, []))))
+        if answered < len(ids):
+            out[label] = {"asked": len(ids), "answered": answered}
+    return out
+
+
+def robustness_row(clean: list[dict[str, Any]], perturbed: list[dict[str, Any]], system: str,
+                   mode: str) -> dict[str, Any]:
+    """A system's answers to perturbed problems against its clean ones: the perturbed accuracy (its own
+    records), and on the problems answered both ways (``problems``; a lengthened prompt may be skipped) the
+    change of accuracy and the lost / gained problems with their exact McNemar p."""
+    result = score(perturbed, system, mode)
+    before, after = outcomes(clean), outcomes(perturbed)
+    lost, gained, shared = paired(before, after)
+    both = before.keys() & after.keys()
+    change = (sum(after[i] for i in both) - sum(before[i] for i in both)) / shared if shared else 0.0
+    return {"accuracy": result.accuracy, "accuracy_low": result.accuracy_low, "accuracy_high": result.accuracy_high,
+            "problems": shared, "change": change, "lost": lost, "gained": gained,
+            "p_value": mcnemar_exact(lost, gained)}
 
 
 def compare(results: dict[str, dict[str, bool]]) -> list[dict[str, Any]]:

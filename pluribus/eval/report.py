@@ -24,11 +24,28 @@ def _system_table(task: dict[str, Any]) -> list[str]:
 
 
 def _task_section(task: dict[str, Any], heading: str) -> list[str]:
-    lines = [f"## {heading}", "",
-             f"{task['problems']} problems of `{task['task']}` (split: {task['split']}); every single-agent system saw "
-             "the same ones" + (f"; the team and sc ran on the first {task['team_problems']} of them."
-                                if task.get("team_problems") and task["team_problems"] < task["problems"] else "."),
-             "", *_system_table(task)]
+    gaps = task.get("unanswered") or {}
+    asked = f"{task['problems']} problems of `{task['task']}` (split: {task['split']})" + (
+        f"; the team and sc were asked the first {task['team_problems']} of them"
+        if task.get("team_problems") and task["team_problems"] < task["problems"] else "")
+    if gaps:
+        # a skipped conversation (team.too_long: skip) leaves a system with fewer problems than it was asked
+        said = "; ".join(f"{name} answered {g['answered']} of {g['asked']}" for name, g in gaps.items())
+        asked += (f". Not every system answered all it was asked (the others were too long for its model and "
+                  f"skipped): {said}. Each accuracy is over the problems its system answered (the problems column), "
+                  "each comparison over the problems both answered.")
+    else:
+        asked += "; every system answered all of them" + (
+            " (sc: those the team answered, at most eval.sc_n; its problems column)." if "sc" in task["systems"]
+            else ".")
+    lines = [f"## {heading}", "", asked, "", *_system_table(task)]
+    guessed = {name: r["tokens_estimated"] for name, r in task["systems"].items() if r.get("tokens_estimated")}
+    if guessed:
+        lines += ["", "Estimated token counts (a server that sent no usage, a model whose tokenizer is not available "
+                  "offline: 4 characters a token): " + ", ".join(f"{n} on {k} problems" for n, k in guessed.items())
+                  + "; their tokens per problem" + (" and sc's budget (the team's tokens)"
+                                                     if "team" in guessed and "sc" in task["systems"] else "")
+                  + " are approximate."]
     for name, a in (task.get("adapters") or {}).items():
         lines += ["", f"{name} uses adapter `{a['path']}` (sha256 {a['fingerprint']})."]
     sc = task["systems"].get("sc")
@@ -80,15 +97,16 @@ def markdown(payload: dict[str, Any]) -> str:
             f"Transfer: `{task['name']}` ({task['task']})"
         lines += [*_task_section(task, heading), ""]
     if payload.get("robustness"):
-        lines += ["## Robustness", "", "The same problems perturbed, gold answers unchanged (lost: right before, wrong "
-                  "after; p: exact McNemar of lost vs gained):", "",
-                  "| system | perturbation | accuracy | 95% interval | change vs clean | lost | gained | p |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["## Robustness", "", "The same problems perturbed, gold answers unchanged (problems: answered both "
+                  "clean and perturbed, where the change, lost (right before, wrong after) and gained are counted; "
+                  "p: exact McNemar of lost vs gained):", "",
+                  "| system | perturbation | accuracy | 95% interval | problems | change vs clean | lost | gained | p |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, kinds in payload["robustness"].items():
             for kind, r in kinds.items():
                 lines.append(f"| {name} | {kind} | {r['accuracy']:.1%} | {r['accuracy_low']:.1%} - "
-                             f"{r['accuracy_high']:.1%} | {r['change']:+.1%} | {r['lost']} | {r['gained']} "
-                             f"| {r['p_value']:.3g} |")
+                             f"{r['accuracy_high']:.1%} | {r.get('problems', '')} | {r['change']:+.1%} | {r['lost']} "
+                             f"| {r['gained']} | {r['p_value']:.3g} |")
         lines.append("")
     if payload.get("generations"):
         lines += [*generations_section(payload["generations"]), ""]

@@ -18,6 +18,7 @@ from pluribus.data.builders.datasets import (
 from pluribus.errors import PluribusError
 from pluribus.io import shown_path
 from pluribus.stages import Stage, StageSummary, json_of
+from pluribus.stages.selfsamples import self_kinds
 
 
 def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, stores: list[Path] | None = None,
@@ -39,6 +40,12 @@ def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, s
         saved = store_dir(stores[0]).parent / "recipe.yaml"
         known = saved.is_file()
         recipe = load_recipe(saved if known else None, overrides)
+        if not known and (recipe.build is None or recipe.build.prompt_template is None):
+            # a default recipe's prompt is not what the agents were asked: rows would teach another question
+            raise PluribusError(
+                f"no recipe.yaml beside the store '{store_dir(stores[0])}', so the prompt its agents were asked is "
+                "unknown; give the recipe that made it (pluribus build RECIPE --store ...) or the prompt "
+                "(build.prompt_template='...{question}...')")
     elif overrides:
         from pluribus.config import validate_recipe
         from pluribus.overrides import apply_overrides
@@ -62,7 +69,9 @@ def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, s
         hashes = [config_hash(seated, seats=fingerprints(folders) if folders else None),
                   *older_config_hashes(seated)]
         ids = [p.id for p in load_problems(recipe.task)]
-    return build(cfg, list(stores or [recipe.run_dir]), kinds=kinds, out_root=out_root, team=team,
+    # the team only where it is the store's (a default recipe's team did not answer: no completer is taken from it)
+    return build(cfg, list(stores or [recipe.run_dir]), kinds=kinds, out_root=out_root,
+                 team=team if known else None,
                  seed=recipe.seed, overwrite=overwrite, new_run=new_run,
                  trust_remote_code=recipe.trust_remote_code, progress=progress, prompt_completion=prompt_completion,
                  task_source=recipe.task.source if recipe.task else None, config_hashes=hashes, problem_ids=ids)
@@ -149,15 +158,33 @@ def build_self(recipe: Recipe, built: list[Built], kinds: list[str], *, progress
     from pluribus.stages.selfsamples import self_team
 
     cfg = recipe.require("build")
+    store = recipe.layout.trajectories("self")
+    if not store.is_dir():
+        raise PluribusError(f"experts with data: self train on the single agent's own samples, and {store} does not "
+                            "exist; run `pluribus selfsamples RECIPE` first (or `pluribus run RECIPE`)")
     match = {b.kind: b.rows for b in built}
     missing = [k for k in kinds if k not in match]
     if missing:
         raise PluribusError(f"experts with data: self train on {missing}, which build.kinds does not make for "
                             "the team; add them to build.kinds so both sides have the same kind of data")
+    # the samples must be the ones this recipe asks for (its agent, prompt, seed and sample count), as the team's
+    # store must be the team's: a store sampled before a change of build.prompt_template is refused, not built
+    from pluribus.data.store import TrajectoryStore
+    from pluribus.stages.debate import config_hash, older_config_hashes
+    from pluribus.stages.selfsamples import self_recipe
+
+    mine = self_recipe(recipe)
+    hashes = [config_hash(mine), *older_config_hashes(mine)]
+    with TrajectoryStore(store) as existing:
+        if existing.manifest["config_hash"] not in hashes:
+            raise PluribusError(f"the single agent's samples in {store} were drawn with other settings (its model, "
+                                "prompt, sample count or seed) than this recipe's; run `pluribus selfsamples RECIPE "
+                                "--new-run` to sample them again")
     layout = recipe.layout
-    return build(cfg, [layout.trajectories("self")], kinds=kinds, out_root=layout.datasets("self"),
+    return build(cfg, [store], kinds=kinds, out_root=layout.datasets("self"),
                  team=self_team(recipe), seed=recipe.seed, overwrite=True, trust_remote_code=recipe.trust_remote_code,
-                 progress=progress, match_rows=match, problem_ids=[p.id for p in load_problems(recipe.require("task"))])
+                 progress=progress, match_rows=match, problem_ids=[p.id for p in load_problems(recipe.require("task"))],
+                 config_hashes=hashes)
 
 
 def summary_of(built: list[Built], mine: list[Built] | None = None, output: Path | None = None,
@@ -174,36 +201,50 @@ def summary_of(built: list[Built], mine: list[Built] | None = None, output: Path
                         tuple(w for b, _ in both for w in _warnings(b)), notes)
 
 
+def build_run(recipe: Recipe, *, kinds: list[str] | None = None, overwrite: bool = False, new_run: bool = False,
+              skip_corrupt: bool = False, progress: bool = True,
+              prompt_completion: bool = False) -> tuple[list[Built], list[Built] | None]:
+    """The datasets of ``recipe``'s run folder: the team's, then the single agent's own (``<run>/self/datasets``)
+    of the kinds that experts with ``data: self`` train on: what `pluribus build RECIPE` and `pluribus run`'s
+    build step both make. ``kinds`` restricts both sides to those kinds. Returns (the team's, the single agent's)."""
+    wanted = [k for k in self_kinds(recipe) if kinds is None or k in kinds]
+    built = build_recipe(recipe, None, kinds=kinds, overwrite=overwrite, new_run=new_run, skip_corrupt=skip_corrupt,
+                         progress=progress, prompt_completion=prompt_completion)
+    return built, build_self(recipe, built, wanted, progress=progress) if wanted else None
+
+
 def run(recipe: Recipe | None, overrides: list[str] | None = None, *, stores: list[Path] | None = None,
         kinds: list[str] | None = None, out_root: Path | None = None, overwrite: bool = False, new_run: bool = False,
         skip_corrupt: bool = False, progress: bool = True, prompt_completion: bool = False,
         push: str | None = None) -> StageSummary:
-    """``pluribus build`` (``build_recipe``), summarized; with ``push``, the datasets pushed to that Hub repo.
-
-    A bad repo id or a missing token fails before any work."""
+    """``pluribus build``, summarized: a recipe's run folder as `pluribus run` builds it (``build_run``: the
+    single agent's datasets included), or ``stores`` / ``out_root`` (``build_recipe``); with ``push``, the
+    datasets pushed to that Hub repo. A bad repo id or a missing token fails before any work."""
     from pluribus.hub import check_push
 
     if push:
         check_push(push)
-    built = build_recipe(recipe, overrides, stores=stores, kinds=kinds, out_root=out_root, overwrite=overwrite,
-                         new_run=new_run, skip_corrupt=skip_corrupt, progress=progress,
-                         prompt_completion=prompt_completion)
-    return summary_of(built, notes=(f"pushed to {push_to_hub(built, push)}",) if push else ())
+    mine, output = None, None
+    if recipe is not None and not stores and out_root is None:
+        built, mine = build_run(recipe, kinds=kinds, overwrite=overwrite, new_run=new_run, skip_corrupt=skip_corrupt,
+                                progress=progress, prompt_completion=prompt_completion)
+        output = recipe.layout.datasets()
+    else:
+        built = build_recipe(recipe, overrides, stores=stores, kinds=kinds, out_root=out_root, overwrite=overwrite,
+                             new_run=new_run, skip_corrupt=skip_corrupt, progress=progress,
+                             prompt_completion=prompt_completion)
+    return summary_of(built, mine, output, notes=(f"pushed to {push_to_hub(built, push)}",) if push else ())
 
 
 def plan(recipe: Recipe) -> list[Stage]:
     """The build step: its output follows the build, team and task sections and the stores it reads."""
-    from pluribus.stages.selfsamples import self_kinds
-
     if recipe.build is None:
         return []
     layout, kinds = recipe.layout, self_kinds(recipe)
 
     def run(progress: bool, new_run: bool) -> StageSummary:
         # overwrite: a rerun reaches this step only when its inputs changed, so the old datasets are stale
-        built = build_recipe(recipe, None, overwrite=True, progress=progress)
-        return summary_of(built, build_self(recipe, built, kinds, progress=progress) if kinds else None,
-                          layout.datasets())
+        return summary_of(*build_run(recipe, overwrite=True, progress=progress), layout.datasets())
 
     return [Stage("build", run,
                   settings=lambda: {"build": json_of(recipe.build), "team": json_of(recipe.team),

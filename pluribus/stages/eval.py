@@ -25,14 +25,15 @@ from pluribus.eval.evaluate import (
     adapter_fingerprint,
     budget_vote,
     compare,
+    coverage,
     early_stop_effect,
     outcomes,
     plan_systems,
+    robustness_row,
     score,
     team_gain,
 )
 from pluribus.eval.robustness import perturb
-from pluribus.eval.stats import mcnemar_exact, paired
 from pluribus.io import atomic_write_text
 from pluribus.stages import Stage, StageSummary
 
@@ -56,7 +57,18 @@ def summary_of(recipe: Recipe, payload: dict[str, Any]) -> StageSummary:
     main = payload["tasks"][0]
     line = ", ".join(f"{name} {r['accuracy']:.1%}" for name, r in main["systems"].items())
     eval_dir = recipe.layout.eval
-    return StageSummary("eval", eval_dir / "results.json", line, COLUMNS, tuple(rows),
+    warnings = [f"{task['name']}: {name} answered {g['answered']} of its {g['asked']} problems (the others were "
+                "skipped: too long for its model); its accuracy is over those it answered, each comparison over "
+                "the problems both answered" for task in payload["tasks"]
+                for name, g in (task.get("unanswered") or {}).items()]
+    team_guessed = bool(payload["systems"].get("team", {}).get("tokens_estimated"))
+    warnings += [f"{name}: the token counts of {r['tokens_estimated']} of its {r['problems']} problems are estimates "
+                 "(4 characters a token: its server sent no usage and the model's tokenizer is not available "
+                 "offline), so its tokens per problem is approximate" for name, r in payload["systems"].items()
+                 if r.get("tokens_estimated")]
+    if team_guessed and "sc" in payload["systems"]:
+        warnings.append("sc: its token budget is the team's, whose counts are estimates: sc's budget is approximate")
+    return StageSummary("eval", eval_dir / "results.json", line, COLUMNS, tuple(rows), tuple(warnings),
                         notes=(*notes, f"report: {eval_dir / 'report.md'}"))
 
 
@@ -269,13 +281,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             folder = eval_dir / f"{plan.label}-{kind}" / fingerprint if fingerprint else eval_dir / f"{plan.label}-{kind}"
             perturbed = _system_records(recipe, folder, task, plan.team, varied, progress, fingerprint, new_run,
                                         label=f"{plan.label}-{kind}", pool=pool, seats=plan.seats)
-            result = score(perturbed, plan.system, plan.mode)
-            lost, gained, _ = paired(outcomes(recs), outcomes(perturbed))
-            robust.setdefault(plan.label, {})[kind] = {
-                "accuracy": result.accuracy, "accuracy_low": result.accuracy_low,
-                "accuracy_high": result.accuracy_high, "change": result.accuracy - results[plan.label]["accuracy"],
-                "lost": lost, "gained": gained, "p_value": mcnemar_exact(lost, gained),
-            }
+            robust.setdefault(plan.label, {})[kind] = robustness_row(recs, perturbed, plan.system, plan.mode)
     ordered = {p.label: results[p.label] for p in plans}  # report in the order the recipe asks
     out: dict[str, Any] = {
         "name": name, "task": _task_label(task), "split": task.split, "problems": len(problems),
@@ -285,6 +291,10 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
     }
     if adapters:
         out["adapters"] = adapters
+    # sc runs on the team's answered problems by design (the report says so); every other system on all it was asked
+    asked = {p.label: team_ids if p.system == "team" else {q.id for q in problems} for p in plans if p.system != "sc"}
+    if gaps := coverage(records, asked):
+        out["unanswered"] = gaps
     gain = team_gain(records, team_ids)
     if gain:
         out["team_gain"] = gain

@@ -55,6 +55,11 @@ def self_kinds(recipe: Recipe) -> list[str]:
 
 def run(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> StageSummary:
     """The single agent's own samples of ``recipe``'s training problems, summarized."""
+    from pluribus.errors import PluribusError
+
+    if not self_kinds(recipe):
+        raise PluribusError("no expert of the recipe has data: self, so nothing learns from the single agent's own "
+                            "samples; add one (train.experts: [{name: self-rsft, objective: rsft, data: self}])")
     s = run_self_samples(recipe, progress=progress, new_run=new_run)
     k = len(self_team(recipe).agents)
     return summary_of(s, "self", recipe.layout.trajectories("self"),

@@ -431,3 +431,75 @@ def test_row_sampler_draws_each_row_from_its_softmax_and_top_p():
     c(logits, [0, 1])
     d(logits[:1], [0])
     assert all(c(logits[:1], [1])[0] == d(logits[:1], [0])[0] for _ in range(50))
+
+
+class NoUsageServer(ChatServer):
+    """Answers \\boxed{4} and sends no usage, as some OpenAI-compatible servers do."""
+
+    usage = None
+
+    def reply(self, body: dict, headers) -> tuple[int, str]:
+        return 200, "The sum is \\boxed{4}."
+
+
+def test_openai_without_usage_counts_with_the_tokenizer_or_says_it_estimates(tiny_llama_dir, caplog):
+    import logging
+
+    from transformers import AutoTokenizer
+
+    server = NoUsageServer()
+    conv = [{"role": "user", "content": "What is 2 plus 2?"}]
+    try:
+        # the model's tokenizer offline: the prompt as its chat template renders it, the reply as its tokens
+        with caplog.at_level(logging.WARNING, logger="pluribus.data.backends"):
+            local = OpenAIBackend(AgentConfig(backend="openai", model=str(tiny_llama_dir), base_url=server.url))
+        assert "tokenizer" not in caplog.text
+        g = local.generate([conv], GREEDY8)[0]
+        tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+        prompt = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        assert g.tokens_in == len(tok(prompt, add_special_tokens=False)["input_ids"])
+        assert g.tokens_out == len(tok(g.text, add_special_tokens=False)["input_ids"]) and not g.tokens_estimated
+
+        # a served name with no tokenizer here: said once when the backend starts, once when it first estimates
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pluribus.data.backends"):
+            remote = OpenAIBackend(openai_agent(server.url))
+            out = remote.generate([conv, conv], GREEDY8) + remote.generate([conv], GREEDY8)
+        assert caplog.text.count("tokenizer of model 'served-model' does not load offline") == 1
+        assert caplog.text.count("sent no token usage") == 1
+        # the characters of what was asked, not of str(messages) with its braces and keys
+        assert all(g.tokens_estimated and g.tokens_in == len(conv[0]["content"]) // 4 for g in out)
+        assert out[0].tokens_out == len("The sum is \\boxed{4}.") // 4 and remote.estimated == 3
+    finally:
+        server.close()
+
+
+def test_estimated_token_counts_reach_the_trajectory_and_the_eval_summary(tmp_path):
+    from dataclasses import asdict
+
+    from pluribus.eval.evaluate import score
+    from pluribus.eval.report import markdown
+    from pluribus.stages.eval import summary_of
+
+    server = NoUsageServer()
+    try:
+        recipe = Recipe(name="est", root=str(tmp_path), task=TaskConfig(n=2),
+                        team=TeamConfig(agents=[openai_agent(server.url)], rounds=1))
+        run_debate(recipe, progress=False)
+    finally:
+        server.close()
+    with TrajectoryStore(tmp_path / "est" / "trajectories") as store:
+        records = list(store.iter_records())
+    assert len(records) == 2 and all(r["meta"]["tokens_estimated"] for r in records)
+    assert all(r["rounds"][0][0]["meta"]["tokens_estimated"] for r in records)
+    systems = {"team": asdict(score(records, "team", "as-configured")),
+               "sc": {**asdict(score(records, "sc", "sampled")), "samples_drawn": 2, "mean_samples_used": 1.5,
+                      "budget_reached": 0.5}}
+    assert systems["team"]["tokens_estimated"] == 2
+    payload = {"run": "est", "tasks": [{"name": "heldout", "task": "synthetic", "split": "heldout", "problems": 2,
+                                        "team_problems": 2, "systems": systems, "comparisons": []}],
+               "systems": systems, "comparisons": []}
+    shown = summary_of(recipe, payload).warnings
+    assert any("team: the token counts of 2 of its 2 problems are estimates" in w for w in shown)
+    assert any("sc's budget is approximate" in w for w in shown)
+    assert "Estimated token counts" in markdown(payload) and "sc's budget (the team's tokens)" in markdown(payload)

@@ -210,12 +210,17 @@ def test_cli_build_from_a_store_with_overrides(tmp_path: Path, monkeypatch: pyte
     from pluribus.cli import app
 
     run = make_run(tmp_path / "run", sample_trajs())
-    res = CliRunner().invoke(app, ["build", "build.k=1", "--store", str(run), "--kind", "rsft", "--kind", "augmented",
-                                   "--no-progress"])
+    # no recipe.yaml beside the store: the prompt the agents were asked is unknown, and a default one is refused
+    res = CliRunner().invoke(app, ["build", "--store", str(run), "--kind", "rsft", "--no-progress"])
+    assert isinstance(res.exception, PluribusError) and "\n" not in str(res.exception)
+    assert "no recipe.yaml beside the store" in str(res.exception) and not (run / "datasets").exists()
+    res = CliRunner().invoke(app, ["build", "build.k=1", "build.prompt_template=Solve {question}", "--store", str(run),
+                                   "--kind", "rsft", "--kind", "augmented", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "augmented" in res.output and (run / "datasets" / "rsft" / "README.md").is_file()
     aug = load_dataset(str(run / "datasets" / "augmented"), split="train")
     assert max(sum(r["kind"] == "diverse" and r["problem_id"] == p for r in aug) for p in ("p1", "p2")) == 1
+    assert {r["messages"][0]["content"] for r in aug} == {f"Solve Question {p}: what is 5+7?" for p in ("p1", "p2")}
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -315,6 +315,10 @@ def test_hf_dataset_saved_to_disk(tmp_path: Path) -> None:
         ({"question": None, "answer": "3"}, "line 3: question is null"),
         ({"question": "What is 1 + 2?", "answer": " "}, "line 3: answer is empty"),
         ({"question": "What is 1 + 2?", "answer": None}, "line 3: answer is null"),
+        ({"question": "\u200b\u200c\u200d", "answer": "3"}, "line 3: question has only invisible characters "
+                                                            "(U+200B U+200C U+200D)"),
+        ({"question": " \u2060\ufeff\u00a0\u3000", "answer": "3"}, "line 3: question has only invisible"),
+        ({"question": "What is 1 + 2?", "answer": "\u200b"}, "line 3: answer has only invisible characters"),
     ],
 )
 def test_empty_or_null_questions_and_answers_name_the_line(tmp_path: Path, record: dict, needle: str) -> None:

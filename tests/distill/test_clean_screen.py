@@ -44,7 +44,8 @@ def test_build_prints_no_dataset_bars(tmp_path: Path) -> None:
     from tests.data.test_builders import make_run, sample_trajs
 
     run = make_run(tmp_path / "run", sample_trajs())
-    proc = _cli("build", "--store", str(run), "--kind", "rsft", "--no-progress", cwd=tmp_path)
+    proc = _cli("build", "build.prompt_template=Solve {question}", "--store", str(run), "--kind", "rsft", "--no-progress",
+                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert not NOISE.search(proc.stdout + proc.stderr), proc.stdout + proc.stderr
 

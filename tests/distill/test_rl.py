@@ -62,6 +62,55 @@ def test_policy_loss_by_hand():
     assert lp.grad[0, 0] == 0  # clipped with A > 0: no gradient from the PG term, KL term is 0 at q = 0
 
 
+def test_policy_loss_variants_by_hand():
+    # the batch of test_policy_loss_by_hand: token losses (PG + beta KL) row 0: [-1.2, padded], row 1: [2 + b kl, 1.6]
+    logp = torch.tensor([[math.log(0.5), math.log(0.9)], [math.log(0.3), math.log(0.2)]])
+    old = torch.tensor([[math.log(0.25), math.log(0.9)], [math.log(0.3), math.log(0.4)]])
+    ref = torch.tensor([[math.log(0.5), math.log(0.5)], [math.log(0.6), math.log(0.2)]])
+    adv, mask = torch.tensor([1.0, -2.0]), torch.tensor([[1, 0], [1, 1]])
+    beta = 0.1
+    t00, t10, t11 = -1.2, 2 + beta * (2 - math.log(2) - 1), 1.6
+    expected = {
+        "grpo": (t00 / 1 + (t10 + t11) / 2) / 2,  # each completion's token mean, then the mean of completions
+        "dapo": (t00 + t10 + t11) / 3,  # every completion token weighs the same: / 3 tokens
+        "dr_grpo": (t00 + t10 + t11) / (2 * 5),  # / (2 completions x max_new_tokens 5): no length normalisation
+    }
+    for loss_type, value in expected.items():
+        loss, _ = policy_loss(logp, old, adv, mask, clip=0.2, ref_logp=ref, beta=beta, loss_type=loss_type,
+                              max_tokens=5)
+        assert float(loss) == pytest.approx(value, rel=1e-6), loss_type
+    assert len({round(v, 6) for v in expected.values()}) == 3  # the batch tells the three apart
+    with pytest.raises(PluribusError, match="max_tokens"):
+        policy_loss(logp, old, adv, mask, loss_type="dr_grpo")
+
+
+def test_repeated_batches_give_each_steps_prompts_num_iterations_times():
+    from pluribus.distill.rl import RepeatedBatches
+
+    sampler = RepeatedBatches(5, chunk=2, repeats=3, seed=0)
+    order = list(sampler)
+    assert len(order) == len(sampler) == 3 * 2 * 3  # 5 prompts padded to 3 chunks of 2, each given 3 times
+    chunks = [order[i:i + 6] for i in range(0, len(order), 6)]
+    assert all(c[:2] == c[2:4] == c[4:] for c in chunks)  # one step's prompts, three steps in a row
+    assert set(order) == set(range(5))  # every prompt, the last chunk filled from the start of the order
+    sampler.set_epoch(1)
+    assert list(sampler) != order and len(list(sampler)) == len(order)  # another order each epoch, seeded
+
+
+def test_rl_refuses_settings_without_effect():
+    from pydantic import ValidationError
+
+    from pluribus.config import TrainConfig
+
+    with pytest.raises(ValidationError, match="rl.clip 0.05 has no effect with rl.num_iterations 1"):
+        TrainConfig(objective="rl", rl={"clip": 0.05})
+    with pytest.raises(ValidationError, match="rl.reference base has no effect with rl.kl 0"):
+        TrainConfig(objective="rl", rl={"reference": "base"})
+    TrainConfig(objective="rl", rl={"clip": 0.05, "num_iterations": 2, "reference": "base", "kl": 0.1})
+    # a shared section's rl completed by an expert's entry is judged on the expert
+    TrainConfig(rl={"clip": 0.05}, experts=[{"objective": "rl", "rl": {"num_iterations": 2}}])
+
+
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_trainer_logprobs_are_the_samplers_distribution(top_p):
     # The distribution the sampler draws from must be the one the loss differentiates, even for a model whose
@@ -189,3 +238,75 @@ def test_rl_grades_a_multiple_choice_task_by_its_choices(tmp_path):
     for prompt, gold, meta in zip(batch["prompts"], batch["answers"], metas, strict=True):
         assert grade(f"The answer is ({gold}).", Problem("rl", prompt, gold, meta=meta)).correct
         assert not default_verify(f"The answer is ({gold}).", gold)  # what the reward saw before: never right
+
+
+def _rl_recipe(tmp_path, student_dir, prm, name: str, **rl) -> Recipe:
+    return Recipe(name=name, root=str(tmp_path / "runs"), train={
+        "model": str(student_dir), "kernels": "off", "max_steps": 2, "logging_steps": 1, "save_steps": 10,
+        "eval_fraction": 0.0, "report_to": ["none"], "lora": {"r": 4}, "lr": 0.05, "warmup_ratio": 0.0,
+        "scheduler": "constant", "objective": "rl",
+        "rl": {"group_size": 3, "prompts_per_step": 2, "max_new_tokens": 8, "prm": str(prm), **rl}})
+
+
+@pytest.fixture()
+def prm_adapter(tmp_path, student_dir, process_dir):
+    return train_prm(Recipe(name="prm", root=str(tmp_path / "runs"), train={
+        "model": str(student_dir), "kernels": "off", "objective": "prm", "max_steps": 1, "batch_size": 4,
+        "eval_fraction": 0.0, "report_to": ["none"], "lora": {"r": 4}}), dataset=process_dir)
+
+
+def _lora(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_rl_clip_bites_with_several_iterations(tmp_path, student_dir, process_dir, prm_adapter):
+    # two optimizer steps on one sampled batch: the second step's ratio is no longer 1, and the clip decides
+    outs = {clip: train_rl(_rl_recipe(tmp_path, student_dir, prm_adapter, f"c{clip}", num_iterations=2, clip=clip),
+                           dataset=process_dir) for clip in (0.05, 0.95)}
+    a, b = _lora(outs[0.05]), _lora(outs[0.95])
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4
+    m = read_record(outs[0.05])["metrics"]
+    assert m["final_clip_fraction"] > 0  # the second step's ratios left [0.95, 1.05]
+    assert read_record(outs[0.05])["data"]["num_iterations"] == 2
+
+
+def test_rl_kl_reference_is_the_starting_policy(tmp_path, student_dir, process_dir, prm_adapter):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    # a starting adapter far from the base (random B), as an rsft expert would be
+    start = tmp_path / "start"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(student_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(start)
+    kl = {}
+    for reference in ("start", "base"):
+        r = _rl_recipe(tmp_path, student_dir, prm_adapter, f"r{reference}", kl=0.1, reference=reference)
+        r = r.model_copy(update={"train": r.train.model_copy(update={"init_adapter": str(start), "max_steps": 1})})
+        record = read_record(train_rl(r, dataset=process_dir))
+        kl[reference] = record["metrics"]["final_kl"]
+        assert record["data"]["kl_reference"] == (f"init_adapter {start}" if reference == "start" else "base")
+    # step 0's policy is the starting one: no divergence from itself, a real one from the base
+    assert kl["start"] == pytest.approx(0.0, abs=1e-6)
+    assert kl["base"] > 1e-4
+
+
+def test_rl_samples_once_per_num_iterations_steps_with_gradient_accumulation(tmp_path, student_dir, process_dir,
+                                                                             prm_adapter, monkeypatch):
+    import pluribus.distill.rl as rl
+
+    drawn: list[tuple[str, ...]] = []
+    sample = rl.LocalSampler.__call__
+
+    def counted(self, model, prompts, seeds=None):
+        drawn.append(tuple(prompts))
+        return sample(self, model, prompts, seeds)
+
+    monkeypatch.setattr(rl.LocalSampler, "__call__", counted)
+    r = _rl_recipe(tmp_path, student_dir, prm_adapter, "gas", num_iterations=2, clip=0.1)
+    r = r.model_copy(update={"train": r.train.model_copy(update={"grad_accum": 2, "max_steps": 4})})
+    train_rl(r, dataset=process_dir)
+    # 4 optimizer steps x 2 micro-batches, sampled at steps 0 and 2 only: 2 x 2 draws of 4 distinct prompt pairs
+    assert len(drawn) == 4 and len(set(drawn)) == 4

@@ -233,3 +233,55 @@ def test_a_transfer_task_with_team_true_runs_the_team_and_sc_there_too(tiny_llam
     stored = (tmp_path / "transfer" / "eval" / "tasks" / "two" / "team" / "trajectories").glob("*.jsonl")
     assert sum(len(f.read_text().splitlines()) for f in stored) == 2
     assert "Transfer: `two`" in (tmp_path / "transfer" / "eval" / "report.md").read_text()
+
+
+def _scored(correct: list[int], ids: list[int]) -> list[dict]:
+    return [{"problem_id": f"p{i}", "final_correct": bool(c), "rounds": [[{"correct": bool(c), "answer": "1"}]],
+             "cost": {"tokens_in": 10, "tokens_out": 5, "seconds": 1.0}} for i, c in zip(ids, correct, strict=True)]
+
+
+def test_systems_that_answered_other_problems_are_counted_and_paired_on_shared_ones() -> None:
+    from dataclasses import asdict
+
+    from pluribus.eval.evaluate import compare, coverage, outcomes
+    from pluribus.eval.report import markdown
+
+    # 6 problems; the rsft expert's longer prompt was skipped on p4 and p5 (team.too_long: skip)
+    records = {"single-greedy": _scored([1, 0, 0, 1, 1, 1], [0, 1, 2, 3, 4, 5]),
+               "rsft-greedy": _scored([1, 1, 1, 0], [0, 1, 2, 3])}
+    everything = {f"p{i}" for i in range(6)}
+    gaps = coverage(records, {"single-greedy": everything, "rsft-greedy": everything})
+    assert gaps == {"rsft-greedy": {"asked": 6, "answered": 4}}
+    (c,) = compare({k: outcomes(v) for k, v in records.items()})
+    assert (c["problems"], c["wins"], c["losses"]) == (4, 2, 1)  # p4, p5 left out of the pairs
+    task = {"task": "synthetic", "split": "heldout", "problems": 6, "team_problems": 0, "comparisons": [c],
+            "systems": {k: asdict(score(v, k.split("-")[0], "greedy")) for k, v in records.items()},
+            "unanswered": gaps}
+    text = markdown({"run": "r", "tasks": [{**task, "name": "heldout"}]})
+    assert "every single-agent system saw the same ones" not in text
+    assert "rsft-greedy answered 4 of 6" in text and "over the problems both answered" in text
+    full = {k: v for k, v in task.items() if k != "unanswered"}
+    assert "every system answered all of them." in markdown({"run": "r", "tasks": [{**full, "name": "heldout"}]})
+
+
+def test_robustness_change_is_measured_on_the_problems_both_runs_answered() -> None:
+    from pluribus.eval.evaluate import robustness_row
+
+    clean = _scored([1, 1, 0, 0], [0, 1, 2, 3])
+    # the distractor made p0's and p1's prompts too long: skipped; on p2 and p3 it changed nothing
+    perturbed = [{**r, "problem_id": f"{r['problem_id']}~distractor"} for r in _scored([0, 0], [2, 3])]
+    row = robustness_row(clean, perturbed, "single", "greedy")
+    assert row["problems"] == 2 and row["change"] == 0.0  # not 0% - 50%: the lost problems were never asked
+    assert (row["lost"], row["gained"]) == (0, 0)
+
+
+def test_eval_max_new_tokens_reaches_every_agent_the_judge_included(tmp_path: Path) -> None:
+    recipe = load_recipe(None, ["name=j", f"root={tmp_path}", "task.n=4", "task.split=train",
+                                "team.aggregation=judge", "team.judge.name=judge",
+                                "team.judge.sampling.max_new_tokens=300", "eval.max_new_tokens=17",
+                                "eval.systems=[single, team, sc]"])
+    capped = {p.label: p.team for p in plan_systems(recipe, check=False)}
+    team = capped["team"]
+    assert [a.sampling.max_new_tokens for a in team.agents] == [17] * len(team.agents)
+    assert team.judge is not None and team.judge.sampling.max_new_tokens == 17
+    assert all(a.sampling.max_new_tokens == 17 for t in capped.values() for a in t.agents)
