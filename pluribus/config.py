@@ -50,6 +50,13 @@ def _renamed(data: Any, section: str, renames: dict[str, str]) -> Any:
     return data
 
 
+def _device(v: str | None) -> str | None:
+    """A device setting (``pluribus.device``): auto, cpu, cuda or cuda:N; None where a part takes the recipe's."""
+    from pluribus.device import check_setting
+
+    return v if v is None else check_setting(v)
+
+
 def _folder_name(v: str) -> str:
     """A name that is exactly one folder under its parent: ``.`` and ``..`` would write outside it."""
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", v) or not v.strip("."):
@@ -164,14 +171,19 @@ class VLLMSettings(Section):
         return self
 
 
+DEVICE_KEYS = frozenset({"device", "prm_device"})  # where a part runs (pluribus.device), never what it computes
+
+
 def without_engine_settings(data: Any) -> Any:
-    """A recipe dump without its ``vllm`` engine settings, for the hashes that decide whether stored output is
-    current: how an engine is sized and scheduled (a larger KV cache after running out of memory) must not
-    orphan a store, as a server's address does not. Dumps of older recipes, which had no such key, hash alike.
+    """A recipe dump without its ``vllm`` engine settings and its devices, for the hashes that decide whether
+    stored output is current: how an engine is sized and scheduled (a larger KV cache after running out of
+    memory) or which device runs it must not orphan a store, as a server's address does not (the records say
+    where each stage ran). Dumps of older recipes, which had no such keys, hash alike.
     """
     if isinstance(data, dict):
         return {k: without_engine_settings(v) for k, v in data.items()
-                if not (k == "vllm" and (v is None or isinstance(v, dict)))}
+                if not (k == "vllm" and (v is None or isinstance(v, dict)))
+                and not (k in DEVICE_KEYS and (v is None or isinstance(v, str)))}
     if isinstance(data, list):
         return [without_engine_settings(v) for v in data]
     return data
@@ -200,6 +212,11 @@ class AgentConfig(Section):
     vllm: VLLMSettings | None = Field(
         None, description="vllm backend: engine settings (chunked prefill, KV cache, tensor parallelism, ...); "
         "None: defaults that work on CPU and GPU.")
+    device: str | None = Field(
+        None, description="transformers backend: where this agent's model runs (auto, cpu, cuda, cuda:N; "
+        "pluribus.device); None: the recipe's device. vLLM places its engines itself (vllm.tensor_parallel_size).")
+
+    _device_valid = field_validator("device")(_device)
 
     @field_validator("base_url")
     @classmethod
@@ -411,6 +428,11 @@ class RLSettings(Section):
     kl: float = Field(0.0, ge=0.0, description="Weight beta of the KL to the reference (adapter disabled).")
     vllm: VLLMSettings | None = Field(
         None, description="backend vllm: the sampler's engine settings; None: defaults that work on CPU and GPU.")
+    prm_device: str | None = Field(
+        None, description="Where the PRM that scores the samples runs (auto, cpu, cuda, cuda:N); None: on the "
+        "policy's device.")
+
+    _prm_device_valid = field_validator("prm_device")(_device)
 
     @model_validator(mode="after")
     def _engine_settings_need_vllm(self) -> RLSettings:
@@ -724,6 +746,9 @@ class EvalConfig(Section):
     max_new_tokens: int | None = Field(None, ge=1, description="Override every agent's max_new_tokens.")
     tasks: list[EvalTask] = Field(default_factory=list, description="More tasks to evaluate every single-agent "
                                   "system on (transfer), each with a name; with team: true the team and sc too.")
+    device: str | None = Field(
+        None, description="Where eval's single-agent systems (single, sc, experts, merges, distilled) run (auto, "
+        "cpu, cuda, cuda:N); None: the first agent's device, else the recipe's. The team runs as its agents say.")
     robustness: list[Literal["distractor", "typos"]] = Field(
         default_factory=list,
         description="Also run every system on perturbed copies of the held-out problems (same gold answers): "
@@ -767,6 +792,11 @@ class Recipe(Section):
         "set, else 1 without a GPU (torch's default on a GPU machine): torch's one spinning thread per core "
         "collapses when other jobs share the cores (2 tok/s against 42-58 with one thread on a busy 2-core "
         "box). On a dedicated CPU machine set the cores you can spare. Speed only: no result depends on it.")
+    device: str = Field(
+        "auto", description="Where every model runs unless a part names its own (agents, judge, build.completer, "
+        "train.rl.prm_device, eval.device): auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, "
+        "cuda:N; CLI --device. A device this machine lacks is refused. bf16 where the device computes it natively, "
+        "else float32; each stage's record says where it ran.")
     task: TaskConfig | None = None
     team: TeamConfig | None = None
     build: BuildConfig | None = None
@@ -776,6 +806,7 @@ class Recipe(Section):
     export: ExportConfig | None = None
 
     _name_is_a_folder = field_validator("name")(_folder_name)
+    _device_valid = field_validator("device")(_device)
 
     @field_validator("root")
     @classmethod

@@ -147,6 +147,7 @@ def training_record(
 ) -> dict[str, Any]:
     """The small record export puts in the model card: recipe, base, dataset fingerprints, final metrics."""
     import pluribus
+    from pluribus.device import where
     from pluribus.distill import distributed
 
     for key, value in metrics.items():
@@ -162,6 +163,7 @@ def training_record(
         "dataset": {"path": str(dataset), "files": fingerprint(dataset)} if dataset else None,
         "data": counts or {},
         "processes": distributed.world_size(),  # data-parallel: a step saw batch_size x grad_accum x processes
+        "ran_on": where(model),  # the device and dtype the Trainer trained on (pluribus.device)
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
         "pluribus_version": getattr(pluribus, "__version__", "0"),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from pluribus import device as devices
 from pluribus.config import Recipe, RLSettings, TrainConfig
 from pluribus.data.answers import grade
 from pluribus.data.records import Problem
@@ -407,11 +408,17 @@ def train_rl(
     # 1. prompts with gold answers
     prompts = rl_prompts(load_rows(ds_path, "process"), recipe)
 
-    # 2. the policy (LoRA, optionally continuing an SFT adapter) and the PRM (its own base + adapter)
-    model, tokenizer = load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed)
+    # 2. the policy (LoRA, optionally continuing an SFT adapter), for the device the Trainer places it on
+    device = devices.training_device(recipe.device, processes=distributed.world_size())
+    model, tokenizer = load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed, device=device)
     model = attach_lora(model, cfg, "CAUSAL_LM")
     kernels = patch_kernels(model, cfg.kernels)
-    prm = load_prm(prm_path, trust_remote_code=recipe.trust_remote_code)
+    args = training_arguments(cfg, output.checkpoints_dir(out), seed=recipe.seed, has_eval=False, device=device,
+                              per_device_train_batch_size=s.prompts_per_step)
+    # the PRM (its own base + adapter) scores every sample beside the policy: on the Trainer's device (this
+    # process's GPU under several) unless train.rl.prm_device names another
+    prm = load_prm(prm_path, trust_remote_code=recipe.trust_remote_code,
+                   device=devices.resolve(s.prm_device) if s.prm_device else args.device)
 
     # 3. the sampler of the current policy
     if s.backend == "vllm":
@@ -422,8 +429,6 @@ def train_rl(
         sampler = LocalSampler(tokenizer, s)
 
     # 4. Trainer over prompts: one batch = prompts_per_step prompts, G samples each
-    args = training_arguments(cfg, output.checkpoints_dir(out), seed=recipe.seed, has_eval=False,
-                                     per_device_train_batch_size=s.prompts_per_step)
     trainer = GroupRLTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(prompts), data_collator=collate_prompts,
         processing_class=tokenizer, callbacks=callbacks(),
@@ -446,5 +451,6 @@ def train_rl(
         metrics.update({f"final_{k}": logged[-1][k] for k in ("reward", "accuracy", "kl", "prm_score")
                         if k in logged[-1]})  # kl only where it was computed (train.rl.kl > 0)
     record = output.training_record(recipe, cfg, model, ds_path, metrics,
-                                    {"prompts": len(prompts), "prm": str(prm_path)})
+                                    {"prompts": len(prompts), "prm": str(prm_path),
+                                     "prm_ran_on": devices.where(prm[0])})
     return output.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above
