@@ -12,15 +12,18 @@ from pluribus.config import TrainConfig
 from pluribus.errors import PluribusError
 
 
-def training_arguments(cfg: TrainConfig, output_dir: Path, *, seed: int, has_eval: bool, device: Any,
+def training_arguments(cfg: TrainConfig, output_dir: Path, *, seed: int, has_eval: bool, device: Any = None,
                        **overrides: Any) -> Any:
     """``transformers.TrainingArguments`` for a stage; ``overrides`` win (a stage sets what it must).
 
-    ``device`` (``pluribus.device.training_device``) is where the Trainer places the model: ``use_cpu`` on the
-    CPU (also on a machine with a GPU), its accelerator otherwise; bf16 where that device computes it."""
+    ``device`` (``pluribus.device.training_device``; None: auto) is where the Trainer places the model:
+    ``use_cpu`` on the CPU (also on a machine with a GPU), its accelerator otherwise; bf16 where that device
+    computes it."""
     from transformers import TrainingArguments
 
     from pluribus import device as devices
+
+    device = devices.training_device(None) if device is None else device
 
     report = [r for r in cfg.report_to if r != "none"] or "none"
     kwargs: dict[str, Any] = {
