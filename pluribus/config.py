@@ -254,6 +254,14 @@ class AgentConfig(Section):
         return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
     @model_validator(mode="after")
+    def _device_needs_transformers(self) -> AgentConfig:
+        if self.device is not None and self.backend != "transformers":
+            raise ValueError(f"device '{self.device}' places a transformers backend's model, but the backend is "
+                             f"{self.backend}, which places its own (vLLM: its engine settings; openai: the "
+                             "server); remove device")
+        return self
+
+    @model_validator(mode="after")
     def _engine_settings_need_vllm(self) -> AgentConfig:
         if self.vllm is not None and self.backend != "vllm":
             raise ValueError(f"vllm engine settings are set but the backend is {self.backend}; remove them, or "

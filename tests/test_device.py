@@ -75,6 +75,8 @@ def test_settings_are_checked_where_the_recipe_is_read() -> None:
     assert (recipe.device, recipe.team.agents[0].device, recipe.eval.device, recipe.train.rl.prm_device) == \
         ("cpu", "cuda:1", "cuda", "cpu")
     assert devices.pick("cuda:1", "cpu") == "cuda:1" and devices.pick(None, "cpu") == "cpu"
+    with pytest.raises(PluribusError, match="the backend is vllm, which places its own"):
+        validate_recipe({"team": {"agents": [{"backend": "vllm", "device": "cuda:1"}]}})
 
 
 def test_device_settings_orphan_no_store() -> None:
