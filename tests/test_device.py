@@ -274,3 +274,17 @@ def test_no_loader_bypasses_the_device_policy() -> None:
     assert not problems, "\n".join(problems)
     for (rel, name), _why in UNPLACED.items():  # the exceptions still exist (a rename must update them)
         assert f"def {name}(" in (PACKAGE / rel).read_text()
+
+
+def test_the_debate_records_where_it_ran(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from pluribus.stages.debate import run_debate
+
+    recipe = validate_recipe({"name": "r", "root": str(tmp_path), "device": "cpu", "task": {"n": 2},
+                              "team": {"rounds": 1, "agents": [{"name": "x", "model": str(tiny_llama_dir),
+                                                                "dtype": "float32",
+                                                                "sampling": {"max_new_tokens": 4}}]}})
+    summary = run_debate(recipe, progress=False)
+    assert summary.ran_on == "x: cpu float32" and ("ran on (this run)", "x: cpu float32") in summary.rows()
+    record = json.loads((recipe.layout.trajectories() / "devices.json").read_text())
+    assert record["stage"] == "debate" and record["parts"] == {"x": {"device": "cpu", "dtype": "float32"}}
+    assert run_debate(recipe, progress=False).ran_on == ""  # a resume that generated nothing ran nowhere
