@@ -848,6 +848,14 @@ class Recipe(Section):
                                  f"({', '.join(experts) or 'none'}) or a merge ({', '.join(merges) or 'none'})")
         return self
 
+    @model_validator(mode="after")
+    def _eval_device_has_effect(self) -> Recipe:
+        first = self.team.agents[0] if self.team else AgentConfig()
+        if self.eval is not None and self.eval.device is not None and first.backend != "transformers":
+            raise ValueError(f"eval.device places the single-agent systems, which run on the first agent's backend, "
+                             f"{first.backend}, which places its own models; remove eval.device")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.root) / self.name

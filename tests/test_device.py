@@ -77,6 +77,8 @@ def test_settings_are_checked_where_the_recipe_is_read() -> None:
     assert devices.pick("cuda:1", "cpu") == "cuda:1" and devices.pick(None, "cpu") == "cpu"
     with pytest.raises(PluribusError, match="the backend is vllm, which places its own"):
         validate_recipe({"team": {"agents": [{"backend": "vllm", "device": "cuda:1"}]}})
+    with pytest.raises(PluribusError, match="remove eval.device"):
+        validate_recipe({"team": {"agents": [{"backend": "vllm"}]}, "eval": {"device": "cpu"}})
 
 
 def test_device_settings_orphan_no_store() -> None:
