@@ -22,6 +22,10 @@ with a small model of the same shape family (``--size tiny``), so the script its
 
 The tokenizer comes from ``gpu-wheels/tokenizer`` (``make gpu-wheels`` copies the embedded model's there), else
 from the embedded model itself. Exit status 1 when a check failed.
+
+On a lent GPU machine (no network; its python3 holds torch, transformers, peft, accelerate, triton): run
+``make gpu-wheels`` here first, then ``make gpu-check`` there with ``gpu-wheels`` carried beside the working tree
+(it is git-ignored), e.g. ``set -o pipefail; make gpu-check GPU_OUT=$OUT/gpu-check 2>&1 | tee $OUT/log``.
 """
 
 from __future__ import annotations
