@@ -1,8 +1,9 @@
 """GPU check: the kernel tests on CUDA, the fused-LoRA rows against PEFT, and a tiny recipe end to end on the GPU.
 
 One prepared script for the day a GPU is at hand (``make gpu-check``; sized for one H100 in at most 8 minutes,
-offline). It leaves everything in one folder (``--out``, default runs/gpu-check): a log per step,
-``results.json`` and ``summary.md``. Steps:
+offline). It leaves its results in one folder (``--out``, default runs/gpu-check; 8 files at most: a log per
+step, ``results.json`` with the recipe it ran, ``summary.md``, the GPU rows and eval's results); the model and
+the run it trains go to ``--work`` (default runs/gpu-check-work). Steps:
 
 1. ``kernels``: tests/kernels on the GPU, compiled (``PLURIBUS_KERNEL_DEVICE=cuda``, no TRITON_INTERPRET).
 2. ``fused_kernels``: bench/fused_kernels.py's GPU rows at d=4096, r=16, bf16 (``--quick``); the target is
@@ -80,8 +81,8 @@ def tail(log: Path, n: int = 8) -> str:
 
 def kernels(out: Path) -> dict[str, Any]:
     log = out / "kernels.log"
-    rc = run_logged([sys.executable, "-m", "pytest", "tests/kernels", "-q", "-p", "no:cacheprovider",
-                     f"--junitxml={out / 'kernels.xml'}"], log, TIMEOUTS["kernels"],
+    rc = run_logged([sys.executable, "-m", "pytest", "tests/kernels", "-q", "-p", "no:cacheprovider", "-rfE"],
+                    log, TIMEOUTS["kernels"],
                     env=env(PLURIBUS_KERNEL_DEVICE="cuda", TRITON_INTERPRET="0"))
     return {"ok": rc == 0, "exit": rc, "last_lines": tail(log, 3)}
 
@@ -215,10 +216,9 @@ def greedy_answers(run: Path) -> dict[str, tuple[str, str | None]]:
     return {f"{k[0]}/{k[1]}": v for k, v in out.items()}
 
 
-def recipe(out: Path, device: str, size: str, tok: str | None, timeout: int) -> dict[str, Any]:
+def recipe(out: Path, work: Path, device: str, size: str, tok: str | None, timeout: int) -> dict[str, Any]:
     import yaml
 
-    work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -228,24 +228,22 @@ def recipe(out: Path, device: str, size: str, tok: str | None, timeout: int) -> 
     (work / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     rc = run_logged([sys.executable, "-m", "pluribus.cli", "run", str(work / "recipe.yaml"), "--no-progress"],
                     out / "recipe.log", timeout, env=env())
-    shutil.copy(work / "recipe.yaml", out / "recipe.yaml")
     run = work / "runs" / "gpu-check"
     where = records_say(run, device)
     results = run / "eval" / "results.json"
     if results.is_file():
         shutil.copy(results, out / "eval_results.json")
-    return {"ok": rc == 0 and where["ok"], "exit": rc, "model": model, "where": where,
+    return {"ok": rc == 0 and where["ok"], "exit": rc, "model": model, "recipe": cfg, "where": where,
             "answers": greedy_answers(run), "last_lines": "" if rc == 0 else tail(out / "recipe.log")}
 
 
 # ------------------------------------------------------------------------------------------------ 4
 
 
-def cpu_agreement(out: Path, gpu_answers: dict[str, Any]) -> dict[str, Any]:
+def cpu_agreement(out: Path, work: Path, gpu_answers: dict[str, Any]) -> dict[str, Any]:
     """Eval on the CPU over a copy of the GPU run (its adapters and merge), against the GPU's greedy answers."""
     import torch
 
-    work = out / "work"
     gpu_run, cpu_run = work / "runs" / "gpu-check", work / "runs" / "gpu-check-cpu"
     shutil.rmtree(cpu_run, ignore_errors=True)
     shutil.copytree(gpu_run, cpu_run, ignore=lambda d, names: ["eval"] if Path(d) == gpu_run else [])
@@ -284,7 +282,7 @@ def summary_md(results: dict[str, Any]) -> str:
     lines = [f"# gpu-check: {results['device']}", "", f"{results['seconds']:.0f} s in all; mode: {results['mode']}",
              "", "| step | ok | seconds | detail |", "|---|---|---:|---|"]
     for name, s in results["steps"].items():
-        detail = {k: v for k, v in s.items() if k not in ("ok", "seconds", "answers", "where", "model")}
+        detail = {k: v for k, v in s.items() if k not in ("ok", "seconds", "answers", "where", "model", "recipe")}
         if "where" in s:
             detail["records"] = f"{len(s['where']['records'])} say {s['where']['expected']}" if s["where"]["ok"] \
                 else f"not on {s['where']['expected']}: {s['where']['not_on_expected']}"
@@ -299,6 +297,8 @@ def main() -> None:
                         help="the CPU parts only: the recipe on the CPU with a small model (no GPU here)")
     parser.add_argument("--size", choices=sorted(SIZES), help="model size (default 0.5b on the GPU, tiny with --cpu)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default gpu-wheels/tokenizer, else the embedded one)")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "gpu-check-work",
+                        help="where the model and its run go (replaced)")
     args = parser.parse_args()
     import torch
 
@@ -332,10 +332,10 @@ def main() -> None:
         results["steps"]["kernels"] = {"ok": None, "skipped": "no GPU: make test runs them under TRITON_INTERPRET"}
         results["steps"]["fused_kernels"] = {"ok": None, "skipped": "no GPU: the CPU rows are bench/fused_kernels.py's"}
     # the CPU run (a shared 2-core machine, say) gets 6x the GPU's time: it is there to exercise the script
-    rec = step("recipe", recipe, out, device, args.size or ("0.5b" if gpu else "tiny"), args.tokenizer,
+    rec = step("recipe", recipe, out, args.work, device, args.size or ("0.5b" if gpu else "tiny"), args.tokenizer,
                TIMEOUTS["recipe"] * (1 if gpu else 6))
     if gpu and rec.get("exit") == 0:
-        step("cpu_agreement", cpu_agreement, out, rec.get("answers", {}))
+        step("cpu_agreement", cpu_agreement, out, args.work, rec.get("answers", {}))
     else:
         results["steps"]["cpu_agreement"] = {"ok": None, "skipped": "needs a GPU run to compare with"}
     results["seconds"] = round(time.perf_counter() - start, 1)
