@@ -114,7 +114,8 @@ def run(recipe: Recipe, *, expert: str | None = None, dataset: str | Path | None
     where = {k: w for k, w in (("policy", record.get("ran_on")), ("PRM", record.get("data", {}).get("prm_ran_on")))
              if w}  # where the Trainer trained, and (rl) where its PRM scored
     ran = f"ran on {ran_on(where)}" if where else ""
-    return StageSummary(f"train:{name}", folder, shown, notes=(f"adapter: {folder}", shown, *([ran] if ran else [])))
+    line = "  ".join(x for x in (shown, ran) if x)  # `pluribus run` prints a training's line alone
+    return StageSummary(f"train:{name}", folder, line, notes=(f"adapter: {folder}", line))
 
 
 def plan(recipe: Recipe) -> list[Stage]:
