@@ -15,6 +15,9 @@ What a stage ran on (``where``) goes into its record and summary.
 
 Training is placed by transformers' Trainer (accelerate), not here: ``training_device`` checks the setting
 and ``pluribus.distill.loop.training_arguments`` tells the Trainer (``use_cpu``), so nothing forces the CPU.
+Folding adapters into a model and LoRA extraction compute on the resolved device; merges by a method stream
+on the CPU (their seeded draws the same on every machine). Where a part runs is left out of every hash that
+keys a store or a stage's freshness (``config.without_engine_settings``): the records say it instead.
 """
 
 from __future__ import annotations
