@@ -13,11 +13,12 @@ the run it trains go to ``--work`` (default runs/gpu-check-work). Steps:
    rsft, prm, rl, a merge folded into a model, eval); every stage's record must name the device it ran on. The
    model answers by construction (each token's embedding points its output head at the next token of one fixed
    reply, with large margins), so a random model still gives parseable answers, consensus data and rollouts.
-4. ``cpu_agreement`` (GPU only): eval again with ``device=cpu`` on a copy of the run, the same adapters and
-   merge; how many greedy answers equal the GPU's, and the base model's logits on both devices (bf16).
+4. ``cpu_agreement``: eval again with ``device=cpu`` on a copy of the run, the same adapters and merge; how
+   many greedy answers equal the GPU's, and the base model's logits on both devices (bf16).
 
-``--cpu`` (what runs where there is no GPU, as here): steps 1, 2 and 4 are skipped and step 3 runs on the CPU
-with a small model of the same shape family (``--size tiny``), so the script itself is exercised end to end.
+``--cpu`` (what runs where there is no GPU, as here): steps 1 and 2 are skipped, step 3 runs on the CPU with a
+small model of the same shape family (``--size tiny``) and step 4 compares the CPU with itself, so the script
+itself is exercised end to end.
 
     python bench/gpu_check.py [--out runs/gpu-check] [--cpu] [--size 0.5b|tiny] [--tokenizer DIR]
 
@@ -240,8 +241,9 @@ def recipe(out: Path, work: Path, device: str, size: str, tok: str | None, timeo
 # ------------------------------------------------------------------------------------------------ 4
 
 
-def cpu_agreement(out: Path, work: Path, gpu_answers: dict[str, Any]) -> dict[str, Any]:
-    """Eval on the CPU over a copy of the GPU run (its adapters and merge), against the GPU's greedy answers."""
+def cpu_agreement(out: Path, work: Path, gpu_answers: dict[str, Any], device: str) -> dict[str, Any]:
+    """Eval on the CPU over a copy of the ``device`` run (its adapters and merge), against its greedy answers
+    (``device`` cpu: the step's own dry run, the CPU against itself)."""
     import torch
 
     gpu_run, cpu_run = work / "runs" / "gpu-check", work / "runs" / "gpu-check-cpu"
@@ -261,18 +263,20 @@ def cpu_agreement(out: Path, work: Path, gpu_answers: dict[str, Any]) -> dict[st
                                    add_generation_prompt=True, tokenize=False)
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     logits = {}
-    for dev in ("cuda", "cpu"):
+    for dev in (device, "cpu"):
         model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.bfloat16).to(dev).eval()
         with torch.no_grad():
             logits[dev] = model(ids.to(dev)).logits.float().cpu()
         del model
-    diff = (logits["cuda"] - logits["cpu"]).abs()
-    top1 = (logits["cuda"].argmax(-1) == logits["cpu"].argmax(-1)).float().mean().item()
-    scale = logits["cpu"].abs().max().item()
+    gpu, cpu = logits[device], logits["cpu"]
+    diff = (gpu - cpu).abs()
+    top1 = (gpu.argmax(-1) == cpu.argmax(-1)).float().mean().item()
+    scale = cpu.abs().max().item()
     return {"ok": rc == 0 and bool(both) and same_answer == len(both) and top1 >= 0.95, "exit": rc,
             "compared": len(both), "same_text": same_text, "same_answer": same_answer,
             "logits_max_abs_diff": round(diff.max().item(), 4), "logits_scale": round(scale, 2),
-            "logits_top1_agreement": round(top1, 4), "positions": int(diff.shape[1])}
+            "logits_top1_agreement": round(top1, 4), "positions": int(diff.shape[1]),
+            **({} if device != "cpu" else {"note": "no GPU: the CPU against itself, exercising the step only"})}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -334,10 +338,10 @@ def main() -> None:
     # the CPU run (a shared 2-core machine, say) gets 6x the GPU's time: it is there to exercise the script
     rec = step("recipe", recipe, out, args.work, device, args.size or ("0.5b" if gpu else "tiny"), args.tokenizer,
                TIMEOUTS["recipe"] * (1 if gpu else 6))
-    if gpu and rec.get("exit") == 0:
-        step("cpu_agreement", cpu_agreement, out, args.work, rec.get("answers", {}))
+    if rec.get("exit") == 0:
+        step("cpu_agreement", cpu_agreement, out, args.work, rec.get("answers", {}), device)
     else:
-        results["steps"]["cpu_agreement"] = {"ok": None, "skipped": "needs a GPU run to compare with"}
+        results["steps"]["cpu_agreement"] = {"ok": None, "skipped": "the recipe did not finish"}
     results["seconds"] = round(time.perf_counter() - start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "summary.md").write_text(summary_md(results))
