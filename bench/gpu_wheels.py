@@ -69,11 +69,16 @@ def closure(roots: list[str]) -> set[str]:
 
 
 def requirements() -> list[str]:
-    """pluribus's dependencies (pyproject.toml) other than the five, plus EXTRA."""
-    import tomllib
+    """pluribus's dependencies (pyproject.toml; the installed package's on Python 3.10) other than the five, plus
+    EXTRA."""
     from packaging.requirements import Requirement
 
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    try:
+        import tomllib
+
+        deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    except ImportError:  # Python 3.10: the metadata of `pip install -e .` (make setup) lists the same
+        deps = [r for r in md.requires("pluribus") or [] if "extra ==" not in r]
     return [d for d in deps if norm(Requirement(d).name) not in FIVE] + list(EXTRA)
 
 
