@@ -10,7 +10,12 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.pluribus-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-vllm demo test test-vllm test-vllm-twin test-view test-fast lint bench clean
+GPU_PY ?= python3
+GPU_WHEELS ?= gpu-wheels
+GPU_OUT ?= runs/gpu-check
+GPU_CHECK_ARGS ?=
+
+.PHONY: setup setup-vllm demo test test-vllm test-vllm-twin test-view test-fast lint bench clean gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -79,6 +84,19 @@ test-view: $(STAMP)
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
 	$(PY) -c "import websocket" 2>/dev/null || $(PY) -m pip install -q "websocket-client>=1.6"
 	HF_HUB_OFFLINE=1 PLURIBUS_REQUIRE_BROWSER=1 $(PY) -m pytest tests/test_view_browser.py $(PYTEST_ARGS)
+
+# The GPU check (bench/gpu_check.py): on one CUDA GPU, offline, at most 8 minutes on an H100: the kernel tests
+# compiled on CUDA, the fused-LoRA rows against PEFT, a tiny recipe end to end on the GPU (every stage's record
+# must say cuda) and its greedy eval answers against the CPU's; results in $(GPU_OUT)/. GPU_PY is the machine's
+# Python with torch, transformers, peft, accelerate and triton; the rest of pluribus's dependencies come from
+# $(GPU_WHEELS)/, which `make gpu-wheels` fills on a machine with network (pip takes only what is missing).
+# Without a GPU: `make gpu-check GPU_PY=.venv/bin/python GPU_CHECK_ARGS=--cpu` runs its CPU parts.
+gpu-check:
+	$(GPU_PY) -m pip install -q --no-index --find-links $(GPU_WHEELS) -r $(GPU_WHEELS)/requirements.txt
+	HF_HUB_OFFLINE=1 PYTHONPATH=$(CURDIR) $(GPU_PY) bench/gpu_check.py --out $(GPU_OUT) $(GPU_CHECK_ARGS)
+
+gpu-wheels: $(STAMP)
+	$(PY) bench/gpu_wheels.py --out $(GPU_WHEELS)
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --ignore=tests/kernels -m "not slow and not integration" $(PYTEST_ARGS)

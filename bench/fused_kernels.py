@@ -6,6 +6,7 @@ memory-saving backward) vs PEFT eager, forward+backward, time and saved-activati
 model's shapes (SmolLM2-135M: d=576, d_ff=1536) and at d=4096, in float32 and under bfloat16 autocast.
 
     .venv/bin/python bench/fused_kernels.py [--tokens 2048] [--big-tokens 512] [--reps 10] [--threads 1]
+    python bench/fused_kernels.py --quick --json rows.json   # GPU: d=4096, r=16 only, no torch.compile (gpu-check)
 """
 
 from __future__ import annotations
@@ -142,20 +143,23 @@ def cpu_rows(tokens: int, big_tokens: int, reps: int, threads: int) -> None:
 # ------------------------------------------------------------------------------------------------- GPU
 
 
-def gpu_rows(reps: int) -> None:
+def gpu_rows(reps: int, quick: bool = False) -> list[dict]:
+    """Print the GPU rows and return them; ``quick``: q/o 4096->4096 at r=16 only, without torch.compile."""
     from triton.testing import do_bench
 
-    print(f"GPU rows on {torch.cuda.get_device_name()}: Triton vs PEFT eager vs torch.compile'd PEFT (bf16)\n")
+    compiled = "" if quick else " vs torch.compile'd PEFT"
+    print(f"GPU rows on {torch.cuda.get_device_name()}: Triton vs PEFT eager{compiled} (bf16)\n")
+    rows: list[dict] = []
     header = f"{'shape':<22}{'M':>6}{'r':>4}{'pass':>9}{'impl':>14}{'ms':>9}{'TFLOP/s':>9}{'GB/s':>8}" \
              f"{'peak GB':>9}{'vs eager':>9}"
     print(header)
     print("-" * len(header))
-    for label, k, n in [("q/o 4096->4096", 4096, 4096), ("gate 4096->14336", 4096, 14336),
-                        ("down 14336->4096", 14336, 4096)]:
+    shapes = [("q/o 4096->4096", 4096, 4096), ("gate 4096->14336", 4096, 14336), ("down 14336->4096", 14336, 4096)]
+    for label, k, n in shapes[:1] if quick else shapes:
         for m in (2048, 8192):
-            for r in (16, 64):
+            for r in (16,) if quick else (16, 64):
                 layer = peft_layer(k, n, r, torch.bfloat16, "cuda")
-                impls = {"peft eager": layer, "peft compiled": torch.compile(layer),
+                impls = {"peft eager": layer, **({} if quick else {"peft compiled": torch.compile(layer)}),
                          "triton": fused_call(layer, "triton")}
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                 dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
@@ -184,6 +188,10 @@ def gpu_rows(reps: int) -> None:
                         print(f"{label:<22}{m:>6}{r:>4}{pass_:>9}{name:>14}{ms:>9.3f}"
                               f"{flops[pass_] / ms / 1e9:>9.1f}{nbytes / ms / 1e6:>8.0f}{peak:>9.2f}"
                               f"{eager_ms / ms:>8.2f}x")
+                        rows.append({"shape": label, "k": k, "n": n, "m": m, "r": r, "pass": pass_, "impl": name,
+                                     "ms": ms, "tflops": flops[pass_] / ms / 1e9, "peak_gb": peak,
+                                     "vs_eager": eager_ms / ms})
+    return rows
 
 
 def main() -> None:
@@ -192,9 +200,15 @@ def main() -> None:
     parser.add_argument("--big-tokens", type=int, default=512, help="M at d=4096 (CPU rows)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="CPU rows: torch threads (1: time thread CPU time)")
+    parser.add_argument("--quick", action="store_true", help="GPU rows: d=4096, r=16 only, no torch.compile")
+    parser.add_argument("--json", type=Path, help="GPU rows: also write them to this JSON file")
     args = parser.parse_args()
     if torch.cuda.is_available():
-        gpu_rows(args.reps)
+        rows = gpu_rows(args.reps, quick=args.quick)
+        if args.json:
+            import json
+
+            args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2))
     else:
         cpu_rows(args.tokens, args.big_tokens, args.reps, args.threads)
 

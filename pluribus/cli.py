@@ -35,11 +35,24 @@ OverridesArg = Annotated[list[str] | None, typer.Argument(help="Dotted overrides
 ThreadsOpt = Annotated[int | None, typer.Option(
     "--threads", min=1, help="CPU threads of torch (the recipe's `threads`); default 1 without a GPU, "
     "which does not collapse when other jobs share the cores ($OMP_NUM_THREADS is respected).")]
+DeviceOpt = Annotated[str | None, typer.Option(
+    "--device", help="Where models run (the recipe's `device`): auto (a CUDA GPU where there is one, else the "
+    "CPU), cpu, cuda or cuda:N; a part's own device (an agent's, eval.device, ...) still wins.")]
 
 
-def _with_threads(overrides: list[str] | None, threads: int | None) -> list[str]:
-    """``--threads N`` as the override ``threads=N``: the recipe as run records it, and every stage reads it."""
-    return [*(overrides or []), *([f"threads={threads}"] if threads is not None else [])]
+def _with_threads(overrides: list[str] | None, threads: int | None, device: str | None = None) -> list[str]:
+    """``--threads N`` / ``--device D`` as the overrides ``threads=N`` / ``device=D``: the recipe as run records
+    them, and every stage reads them."""
+    return [*(overrides or []), *([f"threads={threads}"] if threads is not None else []),
+            *([f"device={device}"] if device is not None else [])]
+
+
+def _checked(recipe: Any, *sections: str) -> Any:
+    """``recipe`` once every device it names for ``sections`` exists here (pluribus.device; else exit 2)."""
+    from pluribus.device import check_recipe
+
+    check_recipe(recipe, sections)
+    return recipe
 
 
 def _threads(threads: int | None) -> None:
@@ -86,12 +99,14 @@ def debate_cmd(
     new_run: Annotated[bool, typer.Option("--new-run", help="Config changed: move the old store aside.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Run the recipe's debate team over its problems into runs/<name>/trajectories (resumable)."""
     from pluribus.config import load_recipe
     from pluribus.stages import debate
 
-    _show(debate.run(load_recipe(recipe, _with_threads(overrides, threads)), new_run=new_run, progress=not no_progress))
+    loaded = _checked(load_recipe(recipe, _with_threads(overrides, threads, device)), "team")
+    _show(debate.run(loaded, new_run=new_run, progress=not no_progress))
 
 
 # -------------------------------------------------------------------------------------------- build
@@ -112,14 +127,15 @@ def build_cmd(
     threads: ThreadsOpt = None,
     prompt_completion: Annotated[bool, typer.Option(
         "--prompt-completion", help="Also write rsft as TRL prompt/completion (rsft/prompt_completion/).")] = False,
+    device: DeviceOpt = None,
 ) -> None:
     """Build rsft / augmented / process datasets from a run's trajectories into <run>/datasets/<kind>/."""
     from pluribus.config import load_recipe
     from pluribus.stages import build
 
     recipe, overrides = _no_recipe(recipe, overrides)  # `build --store RUN build.k=2`
-    overrides = _with_threads(overrides, threads)
-    loaded = load_recipe(recipe, overrides) if recipe is not None else None
+    overrides = _with_threads(overrides, threads, device)
+    loaded = _checked(load_recipe(recipe, overrides), "build") if recipe is not None else None
     summary = build.run(loaded, None if loaded else overrides, stores=store, kinds=kind, out_root=out,
                         overwrite=overwrite, new_run=new_run, skip_corrupt=skip_corrupt, progress=not no_progress,
                         prompt_completion=prompt_completion, push=push)
@@ -137,13 +153,14 @@ def selfsamples_cmd(
     new_run: Annotated[bool, typer.Option("--new-run", help="Config changed: move the old store aside.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Sample the training problems with the single agent alone into runs/<name>/self/trajectories (resumable):
     the data of the single-agent baseline (experts with data: self), which `pluribus build` then builds."""
     from pluribus.config import load_recipe
     from pluribus.stages import selfsamples
 
-    loaded = load_recipe(recipe, _with_threads(overrides, threads))
+    loaded = _checked(load_recipe(recipe, _with_threads(overrides, threads, device)), "team")
     _show(selfsamples.run(loaded, new_run=new_run, progress=not no_progress))
 
 
@@ -186,12 +203,14 @@ def train_cmd(
     resume_from: Annotated[Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter folder.")] = False,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Train a LoRA/QLoRA expert of RECIPE; writes a PEFT adapter + training_record.json."""
     from pluribus.config import load_recipe
     from pluribus.stages import train
 
-    loaded = load_recipe(recipe, [*_with_threads(overrides, threads), *([f"train.objective={objective}"] if objective else [])])
+    loaded = _checked(load_recipe(recipe, [*_with_threads(overrides, threads, device),
+                                           *([f"train.objective={objective}"] if objective else [])]), "train")
     _threads(loaded.threads)
     names = [expert] if expert else None
     if all_experts:
@@ -235,6 +254,7 @@ def score_cmd(
     solution: Annotated[str, typer.Option("--solution", help="Solution text, one step per line; @FILE or - (stdin).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Score each step of SOLUTION with a process reward model (probability that the step is correct)."""
     import json
@@ -252,7 +272,7 @@ def score_cmd(
     if not steps:
         raise PluribusError("--solution has no steps (non-empty lines) to score")
     _threads(threads)
-    scores = score_steps(*load_prm(adapter), [(question, steps)])[0]
+    scores = score_steps(*load_prm(adapter, device=device), [(question, steps)])[0]
     if as_json:
         print(json.dumps([{"step": s, "score": round(v, 6)} for s, v in zip(steps, scores, strict=True)]))
         return
@@ -291,8 +311,12 @@ def merge_cmd(
     extract: Annotated[str | None, _opt("Extract a LoRA from this fine-tuned model (with --base, --rank/--energy).", "--extract")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
     threads: ThreadsOpt = None,
+    device: Annotated[str | None, typer.Option(
+        "--device", help="Where folding adapters into a model (--output model) and --extract's SVDs compute: auto, "
+        "cpu, cuda or cuda:N (default auto); other merges stream on the CPU.")] = None,
 ) -> None:
     """Merge adapters (low-rank, any ranks) or models (streaming) into OUT; mergekit YAML is accepted."""
+    from pluribus.device import resolve
     from pluribus.merge.resolve import resolve_cli
     from pluribus.stages import merge
 
@@ -302,7 +326,7 @@ def merge_cmd(
 
         if not (base and out):
             raise PluribusError("--extract needs --base (the model it was tuned from) and -o OUT")
-        r = extract_lora(base, extract, out, rank=rank, energy=energy, overwrite=overwrite)
+        r = extract_lora(base, extract, out, rank=rank, energy=energy, overwrite=overwrite, device=resolve(device))
         Console().print(f"{r['modules']} modules, ranks {r['rank_min']}..{r['rank_max']}, relative error {r['error']:.3e}, "
                         f"uncaptured (non-linear weights) {r['uncaptured']:.3e} -> {out}", highlight=False,
                         markup=False, soft_wrap=True)
@@ -311,7 +335,14 @@ def merge_cmd(
                                density=density, drop=drop, seed=seed, rank=rank, energy=energy, output=output,
                                mergekit=mergekit or None, check_base=False if no_check_base else None,
                                **({"lambda": lam} if lam is not None else {}))
-    _show(merge.run(spec, target, overwrite=overwrite))
+    if device is not None and resolve(device).type != "cpu":
+        from pluribus.merge import folds
+
+        if not folds(spec):
+            raise PluribusError(f"--device {device}: only folding adapters into a model (--output model) computes on "
+                                "a device; this merge streams on the CPU (its seeded draws are the same on every "
+                                "machine). Leave out --device")
+    _show(merge.run(spec, target, overwrite=overwrite, device=device))
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -324,12 +355,13 @@ def eval_cmd(
     new_run: Annotated[bool, typer.Option("--new-run", help="Move aside answers stored with other settings.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Compare the single base agent, the team and the distilled model on the same held-out problems."""
     from pluribus.config import load_recipe
     from pluribus.stages import eval
 
-    loaded = load_recipe(recipe, _with_threads(overrides, threads))
+    loaded = _checked(load_recipe(recipe, _with_threads(overrides, threads, device)), "team", "eval")
     _threads(loaded.threads)
     _show(eval.run(loaded, progress=not no_progress, new_run=new_run))
 
@@ -384,6 +416,7 @@ def run_cmd(
     new_run: Annotated[bool, typer.Option("--new-run", help="Move aside debate/eval stores written with other settings.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Run the whole pipeline of RECIPE: debate, build, train, merge, eval, export (resumable)."""
     from rich.markup import escape
@@ -393,7 +426,8 @@ def run_cmd(
     from pluribus.run import run_recipe
     from pluribus.stages import print_table
 
-    results = run_recipe(load_recipe(recipe, _with_threads(overrides, threads)), force=force, progress=not no_progress, new_run=new_run)
+    loaded = _checked(load_recipe(recipe, _with_threads(overrides, threads, device)), "team", "build", "train", "eval")
+    results = run_recipe(loaded, force=force, progress=not no_progress, new_run=new_run)
     table = Table("step", "status", "seconds", "summary")
     for r in results:
         table.add_row(escape(r.stage), r.status, f"{r.seconds:.1f}", escape(r.summary))

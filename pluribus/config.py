@@ -58,6 +58,13 @@ def _renamed(data: Any, section: str, renames: dict[str, str]) -> Any:
     return data
 
 
+def _device(v: str | None) -> str | None:
+    """A device setting (``pluribus.device``): auto, cpu, cuda or cuda:N; None where a part takes the recipe's."""
+    from pluribus.device import check_setting
+
+    return v if v is None else check_setting(v)
+
+
 def _folder_name(v: str) -> str:
     """A name that is exactly one folder under its parent: ``.`` and ``..`` would write outside it."""
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", v) or not v.strip("."):
@@ -172,14 +179,19 @@ class VLLMSettings(Section):
         return self
 
 
+DEVICE_KEYS = frozenset({"device", "prm_device"})  # where a part runs (pluribus.device), never what it computes
+
+
 def without_engine_settings(data: Any) -> Any:
-    """A recipe dump without its ``vllm`` engine settings, for the hashes that decide whether stored output is
-    current: how an engine is sized and scheduled (a larger KV cache after running out of memory) must not
-    orphan a store, as a server's address does not. Dumps of older recipes, which had no such key, hash alike.
+    """A recipe dump without its ``vllm`` engine settings and its devices, for the hashes that decide whether
+    stored output is current: how an engine is sized and scheduled (a larger KV cache after running out of
+    memory) or which device runs it must not orphan a store, as a server's address does not (the records say
+    where each stage ran). Dumps of older recipes, which had no such keys, hash alike.
     """
     if isinstance(data, dict):
         return {k: without_engine_settings(v) for k, v in data.items()
-                if not (k == "vllm" and (v is None or isinstance(v, dict)))}
+                if not (k == "vllm" and (v is None or isinstance(v, dict)))
+                and not (k in DEVICE_KEYS and (v is None or isinstance(v, str)))}
     if isinstance(data, list):
         return [without_engine_settings(v) for v in data]
     return data
@@ -215,6 +227,11 @@ class AgentConfig(Section):
     vllm: VLLMSettings | None = Field(
         None, description="vllm backend: engine settings (chunked prefill, KV cache, tensor parallelism, ...); "
         "None: defaults that work on CPU and GPU.")
+    device: str | None = Field(
+        None, description="transformers backend: where this agent's model runs (auto, cpu, cuda, cuda:N; "
+        "pluribus.device); None: the recipe's device. vLLM places its engines itself (vllm.tensor_parallel_size).")
+
+    _device_valid = field_validator("device")(_device)
 
     @field_validator("base_url")
     @classmethod
@@ -260,6 +277,14 @@ class AgentConfig(Section):
             if self.backend == "openai":
                 raise ValueError(f"expert '{self.expert}' is a folder of this run; the openai backend serves a "
                                  "model of its own; use backend transformers or vllm")
+        return self
+
+    @model_validator(mode="after")
+    def _device_needs_transformers(self) -> AgentConfig:
+        if self.device is not None and self.backend != "transformers":
+            raise ValueError(f"device '{self.device}' places a transformers backend's model, but the backend is "
+                             f"{self.backend}, which places its own (vLLM: its engine settings; openai: the "
+                             "server); remove device")
         return self
 
     @model_validator(mode="after")
@@ -454,6 +479,11 @@ class RLSettings(Section):
         "The training record says which. Needs kl > 0.")
     vllm: VLLMSettings | None = Field(
         None, description="backend vllm: the sampler's engine settings; None: defaults that work on CPU and GPU.")
+    prm_device: str | None = Field(
+        None, description="Where the PRM that scores the samples runs (auto, cpu, cuda, cuda:N); None: on the "
+        "policy's device.")
+
+    _prm_device_valid = field_validator("prm_device")(_device)
 
     @model_validator(mode="after")
     def _engine_settings_need_vllm(self) -> RLSettings:
@@ -783,6 +813,9 @@ class EvalConfig(Section):
                                        "expert and merge.")
     tasks: list[EvalTask] = Field(default_factory=list, description="More tasks to evaluate every single-agent "
                                   "system on (transfer), each with a name; with team: true the team and sc too.")
+    device: str | None = Field(
+        None, description="Where eval's single-agent systems (single, sc, experts, merges, distilled) run (auto, "
+        "cpu, cuda, cuda:N); None: the first agent's device, else the recipe's. The team runs as its agents say.")
     robustness: list[Literal["distractor", "typos"]] = Field(
         default_factory=list,
         description="Also run every system on perturbed copies of the held-out problems (same gold answers): "
@@ -860,6 +893,11 @@ class Recipe(Section):
         "set, else 1 without a GPU (torch's default on a GPU machine): torch's one spinning thread per core "
         "collapses when other jobs share the cores (2 tok/s against 42-58 with one thread on a busy 2-core "
         "box). On a dedicated CPU machine set the cores you can spare. Speed only: no result depends on it.")
+    device: str = Field(
+        "auto", description="Where every model runs unless a part names its own (agents, judge, build.completer, "
+        "train.rl.prm_device, eval.device): auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, "
+        "cuda:N; CLI --device. A device this machine lacks is refused. bf16 where the device computes it natively, "
+        "else float32; each stage's record says where it ran.")
     task: TaskConfig | None = None
     team: TeamConfig | None = None
     build: BuildConfig | None = None
@@ -875,6 +913,7 @@ class Recipe(Section):
     _self_agent: AgentConfig | None = PrivateAttr(None)
 
     _name_is_a_folder = field_validator("name")(_folder_name)
+    _device_valid = field_validator("device")(_device)
 
     @field_validator("root")
     @classmethod
@@ -913,6 +952,14 @@ class Recipe(Section):
         problem = seat_problem(self)
         if problem:
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _eval_device_has_effect(self) -> Recipe:
+        first = self.team.agents[0] if self.team else AgentConfig()
+        if self.eval is not None and self.eval.device is not None and first.backend != "transformers":
+            raise ValueError(f"eval.device places the single-agent systems, which run on the first agent's backend, "
+                             f"{first.backend}, which places its own models; remove eval.device")
         return self
 
     @property

@@ -160,7 +160,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
 # Files that describe a folder rather than hold its data: left out of its fingerprint, so a rebuilt card or
 # manifest over the same data does not make the stages after it stale. (A training record is content: export
 # publishes it.)
-_NOT_CONTENT = {"README.md", "stats.json", "manifest.json", "recipe.yaml"}
+_NOT_CONTENT = {"README.md", "stats.json", "manifest.json", "recipe.yaml", "devices.json"}  # devices.json: pluribus.device
 
 
 def content_fingerprint(path: str | Path) -> str | None:

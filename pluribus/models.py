@@ -118,7 +118,7 @@ def load_model(
     name: str | os.PathLike[str],
     *,
     dtype: Any = None,
-    device: str = "cpu",
+    device: Any = None,
     adapter: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
     quantize: str | None = None,
@@ -126,15 +126,19 @@ def load_model(
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer) for ``name`` (see ``resolve_model``), optionally with a PEFT adapter on top.
 
-    ``dtype`` defaults to bf16; ``quantize='nf4'`` loads 4-bit NF4 weights with bitsandbytes (QLoRA).
+    ``device``: a device setting (auto, cpu, cuda, cuda:N; None: auto) or a torch.device, through the device policy
+    (``pluribus.device``), which also picks the default ``dtype``: bf16 where the device computes it, else float32.
+    ``quantize='nf4'`` loads 4-bit NF4 weights with bitsandbytes (QLoRA).
     The tokenizer gets a pad token (eos) if it has none, and ``padding_side`` (left, for batched generation).
     Weights holding NaN/Inf, a corrupt file or a missing tokenizer raise a PluribusError.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
+    from pluribus import device as devices
+
+    target = device if device is not None and not isinstance(device, str) else devices.resolve(device)
     folder = resolve_model(name)
-    kwargs: dict[str, Any] = {"dtype": dtype or torch.bfloat16, "use_safetensors": True,
+    kwargs: dict[str, Any] = {"dtype": dtype or devices.dtype_for(target, "auto"), "use_safetensors": True,
                               "trust_remote_code": trust_remote_code}
     if quantize is not None:
         kwargs["quantization_config"] = nf4_config(quantize)
@@ -152,9 +156,9 @@ def load_model(
             ) from None
         raise
     check_finite_model(model, folder)
-    model.to(device)
     if adapter is not None:
         model = apply_adapter(model, adapter)
+    model = devices.place(model, target)  # after the adapter: its weights go where the base goes
     model.eval()
     return model, tokenizer
 

@@ -5,7 +5,7 @@ take ``on_batch``, called with each batch of generations as it finishes, which t
 follows, and ``seeds``, one sampling seed per conversation). Three backends:
 
 - ``transformers``: local model, batched with left padding (rows sorted by length to waste little padding),
-  bf16 by default also on CPU, greedy or seeded sampling, ``batch_size`` conversations per batch, each row leaving the batch as soon as
+  bf16 where the device computes it natively, else float32 (pluribus.device), greedy or seeded sampling, ``batch_size`` conversations per batch, each row leaving the batch as soon as
   it finishes (``decoding.decode``).
   Sampling draws each row's tokens from a ``torch.Generator`` of its own, seeded by its entry of ``seeds``
   (default ``sampling.seed + i``), so a row's draws never depend on which rows share its batch or on their
@@ -91,16 +91,20 @@ def backend_key(agent: AgentConfig) -> tuple:
     if agent.backend == "vllm":  # one engine per distinct engine settings too
         engine = None if agent.vllm is None else json.dumps(agent.vllm.model_dump(mode="json"), sort_keys=True)
         return ("vllm", agent.model, agent.adapter, agent.dtype, agent.context_length, engine)
-    return (agent.backend, agent.model, agent.adapter, agent.dtype, agent.context_length)
+    return (agent.backend, agent.model, agent.adapter, agent.dtype, agent.context_length, agent.device)
 
 
 def make_backend(agent: AgentConfig, *, trust_remote_code: bool = False, batch_size: int = 32,
-                 engines: int = 1) -> Backend:
+                 engines: int = 1, device: str | None = None) -> Backend:
     """Build the backend an agent asks for; a PluribusError names a missing model, server setting or extra.
 
-    ``engines``: how many vLLM engines the caller holds at once (they share the GPU's memory evenly)."""
+    ``engines``: how many vLLM engines the caller holds at once (they share the GPU's memory evenly).
+    ``device``: the caller's device setting (the recipe's), for an agent that names none (``pluribus.device``)."""
     if agent.backend == "transformers":
-        return TransformersBackend(agent, trust_remote_code=trust_remote_code, batch_size=batch_size)
+        from pluribus.device import pick
+
+        return TransformersBackend(agent, trust_remote_code=trust_remote_code, batch_size=batch_size,
+                                   device=pick(agent.device, device))
     if agent.backend == "openai":
         return OpenAIBackend(agent, trust_remote_code=trust_remote_code)
     if agent.backend == "vllm":
@@ -219,16 +223,18 @@ class TransformersBackend:
     ``decoding.decode``."""
 
     def __init__(self, agent: AgentConfig, *, trust_remote_code: bool = False, batch_size: int = 32,
-                 device: str = "cpu") -> None:
-        import torch
-
+                 device: str | None = None) -> None:
+        from pluribus import device as devices
         from pluribus.models import load_model
 
-        dtype = None if agent.dtype == "auto" else getattr(torch, agent.dtype)
+        # the device policy: ``device`` (a setting, the caller's), else the agent's own, else auto
+        target = devices.resolve(devices.pick(device, agent.device))
         self.model, self.tokenizer = load_model(
-            agent.model, dtype=dtype, device=device, adapter=agent.adapter, trust_remote_code=trust_remote_code
+            agent.model, dtype=devices.dtype_for(target, agent.dtype), device=target, adapter=agent.adapter,
+            trust_remote_code=trust_remote_code
         )
         self.model.eval()
+        self.where = devices.where(self.model)  # {"device", "dtype"}: what the stage records
         self.name = agent.model if agent.adapter is None else f"{agent.model}+{agent.adapter}"
         self.batch_size = batch_size
         ctx = _context_length(self.model.config, self.tokenizer, agent.context_length)

@@ -106,8 +106,10 @@ def build_team(team: TeamConfig, backends: Mapping[tuple, Backend]) -> Team:
     return Team(members, judge, team, resolve_prompts(team.prompts))
 
 
-def make_backends(team: TeamConfig, *, trust_remote_code: bool = False) -> dict[tuple, Backend]:
-    """One backend per distinct (backend, model, adapter, ...) among the agents and the judge."""
+def make_backends(team: TeamConfig, *, trust_remote_code: bool = False, device: str | None = None
+                  ) -> dict[tuple, Backend]:
+    """One backend per distinct (backend, model, adapter, ..., device) among the agents and the judge; ``device``:
+    the recipe's setting, for agents that name none (``pluribus.device``)."""
     agents = [*team.agents, *([team.judge] if team.judge else [])]
     engines = len({backend_key(a) for a in agents if a.backend == "vllm"})  # they share one GPU
     out: dict[tuple, Backend] = {}
@@ -115,7 +117,7 @@ def make_backends(team: TeamConfig, *, trust_remote_code: bool = False) -> dict[
         key = backend_key(agent)
         if key not in out:
             out[key] = make_backend(agent, trust_remote_code=trust_remote_code, batch_size=team.batch_size,
-                                    engines=engines)
+                                    engines=engines, device=device)
     return out
 
 

@@ -12,10 +12,18 @@ from pluribus.config import TrainConfig
 from pluribus.errors import PluribusError
 
 
-def training_arguments(cfg: TrainConfig, output_dir: Path, *, seed: int, has_eval: bool, **overrides: Any) -> Any:
-    """``transformers.TrainingArguments`` for a stage; ``overrides`` win (a stage sets what it must)."""
-    import torch
+def training_arguments(cfg: TrainConfig, output_dir: Path, *, seed: int, has_eval: bool, device: Any = None,
+                       **overrides: Any) -> Any:
+    """``transformers.TrainingArguments`` for a stage; ``overrides`` win (a stage sets what it must).
+
+    ``device`` (``pluribus.device.training_device``; None: auto) is where the Trainer places the model:
+    ``use_cpu`` on the CPU (also on a machine with a GPU), its accelerator otherwise; bf16 where that device
+    computes it."""
     from transformers import TrainingArguments
+
+    from pluribus import device as devices
+
+    device = devices.training_device(None) if device is None else device
 
     report = [r for r in cfg.report_to if r != "none"] or "none"
     kwargs: dict[str, Any] = {
@@ -36,21 +44,26 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, *, seed: int, has_eva
         "eval_strategy": "steps" if has_eval else "no",
         "eval_steps": cfg.eval_steps,
         "report_to": report,
-        "bf16": cfg.bf16 and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()),
+        "bf16": cfg.bf16 and devices.supports_bf16(device),
         "remove_unused_columns": False,
         "logging_nan_inf_filter": False,  # a NaN loss must show as NaN (FiniteGuard stops on it), not as 0.0
         "disable_tqdm": True,  # the rich bar below replaces it
         "seed": seed,
         "data_seed": seed,
         "dataloader_num_workers": 0,
-        "use_cpu": not torch.cuda.is_available(),
+        "use_cpu": device.type == "cpu",
     }
     # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns)
     ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
         else "gradient_checkpointing"
     kwargs.update({ckpt: cfg.gradient_checkpointing, f"{ckpt}_kwargs": {"use_reentrant": False}})
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    args = TrainingArguments(**kwargs)
+    if args.device.type == "cuda" and args.parallel_mode.name == "NOT_DISTRIBUTED":
+        # one process trains on the policy's one GPU: Trainer would replicate the model over every visible GPU
+        # (nn.DataParallel), which the RL sampler and the packed loss do not run under
+        args._n_gpu = 1
+    return args
 
 
 def rich_progress_callback() -> Any:

@@ -149,6 +149,7 @@ def training_record(
     ``history``, the Trainer's log_history (the logged steps: loss, learning rate, rewards), the curves that
     `pluribus view` draws."""
     import pluribus
+    from pluribus.device import where
     from pluribus.distill import distributed
 
     for key, value in metrics.items():
@@ -164,6 +165,7 @@ def training_record(
         "dataset": {"path": str(dataset), "files": fingerprint(dataset)} if dataset else None,
         "data": counts or {},
         "processes": distributed.world_size(),  # data-parallel: a step saw batch_size x grad_accum x processes
+        "ran_on": where(model),  # the device and dtype the Trainer trained on (pluribus.device)
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
         "log_history": [{k: v for k, v in h.items() if isinstance(v, int | float | str)} for h in history or []],
         "pluribus_version": getattr(pluribus, "__version__", "0"),

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from pluribus import device as devices
 from pluribus.config import Recipe, TrainConfig
 from pluribus.distill import distributed, output
 from pluribus.distill.data import load_rows, split_eval
@@ -152,9 +153,9 @@ def score_steps(
     return out
 
 
-def load_prm(adapter: str | Path, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Load a trained PRM (base from the adapter's config + the LoRA and score head) for ``score_steps``."""
-    import torch
+def load_prm(adapter: str | Path, *, trust_remote_code: bool = False, device: Any = None) -> tuple[Any, Any]:
+    """Load a trained PRM (base from the adapter's config + the LoRA and score head) for ``score_steps``, on
+    ``device`` (a setting or a torch.device, through ``pluribus.device``; None: auto), in bf16 where it computes it."""
     from peft import PeftModel
 
     from pluribus.adapter import check_adapter
@@ -173,11 +174,13 @@ def load_prm(adapter: str | Path, *, trust_remote_code: bool = False) -> tuple[A
     tokenizer = load_tokenizer(Path(adapter) if has_tokenizer else base_folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = score_head_model(base_folder, dtype=torch.bfloat16, use_safetensors=True,
-                                    trust_remote_code=trust_remote_code)
+    target = devices.resolve(device) if device is None or isinstance(device, str) else device
+    model = score_head_model(base_folder, dtype=devices.dtype_for(target, "bfloat16"), use_safetensors=True,
+                             trust_remote_code=trust_remote_code)
     check_finite_model(model, base_folder)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    model = devices.place(model, target)  # after the adapter: its LoRA and score head go where the base goes
     model.eval()
     return model, tokenizer
 
@@ -231,7 +234,9 @@ def train_prm(
     train_rows, eval_rows = split_eval(rows, cfg.eval_fraction, recipe.seed)
 
     # 2. the student as a one-logit token classifier, LoRA + a trainable head (PEFT TOKEN_CLS saves `score`)
-    model, tokenizer = load_student(cfg, head="token-cls", trust_remote_code=recipe.trust_remote_code, seed=recipe.seed)
+    device = devices.training_device(recipe.device, processes=distributed.world_size())
+    model, tokenizer = load_student(cfg, head="token-cls", trust_remote_code=recipe.trust_remote_code, seed=recipe.seed,
+                                    device=device)
     model = attach_lora(model, cfg, "TOKEN_CLS")
     kernels = patch_kernels(model, cfg.kernels)
 
@@ -241,7 +246,7 @@ def train_prm(
 
     # 4. Trainer with the step BCE loss
     args = training_arguments(cfg, output.checkpoints_dir(out), seed=recipe.seed, has_eval=bool(eval_ex),
-                                     prediction_loss_only=True)
+                              device=device, prediction_loss_only=True)
     trainer = PRMTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_ex),
         eval_dataset=Dataset.from_list(eval_ex) if eval_ex else None,

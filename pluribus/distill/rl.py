@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from pluribus import device as devices
 from pluribus.config import Recipe, RLSettings, TrainConfig
 from pluribus.data.answers import grade
 from pluribus.data.records import Problem
@@ -505,11 +506,17 @@ def train_rl(
     # 1. prompts with gold answers
     prompts = rl_prompts(load_rows(ds_path, "process"), recipe)
 
-    # 2. the policy (LoRA, optionally continuing an SFT adapter) and the PRM (its own base + adapter)
-    model, tokenizer = load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed)
+    # 2. the policy (LoRA, optionally continuing an SFT adapter), for the device the Trainer places it on
+    device = devices.training_device(recipe.device, processes=distributed.world_size())
+    model, tokenizer = load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed, device=device)
     model = attach_lora(model, cfg, "CAUSAL_LM")
     kernels = patch_kernels(model, cfg.kernels)
-    prm = load_prm(prm_path, trust_remote_code=recipe.trust_remote_code)
+    args = training_arguments(cfg, output.checkpoints_dir(out), seed=recipe.seed, has_eval=False, device=device,
+                              per_device_train_batch_size=s.prompts_per_step)
+    # the PRM (its own base + adapter) scores every sample beside the policy: on the Trainer's device (this
+    # process's GPU under several) unless train.rl.prm_device names another
+    prm = load_prm(prm_path, trust_remote_code=recipe.trust_remote_code,
+                   device=devices.resolve(s.prm_device) if s.prm_device else args.device)
     # the KL's reference: the starting policy is the init_adapter's weights as loaded (a fresh LoRA starts as the base)
     reference_weights, kl_reference = None, "none (kl 0)" if s.kl == 0 else "base"
     if s.kl > 0 and s.reference == "start" and cfg.init_adapter:
@@ -525,8 +532,6 @@ def train_rl(
         sampler = LocalSampler(tokenizer, s)
 
     # 4. Trainer over prompts: one batch = prompts_per_step prompts, G samples each
-    args = training_arguments(cfg, output.checkpoints_dir(out), seed=recipe.seed, has_eval=False,
-                                     per_device_train_batch_size=s.prompts_per_step)
     trainer = GroupRLTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(prompts), data_collator=collate_prompts,
         processing_class=tokenizer, callbacks=callbacks(),
@@ -551,6 +556,7 @@ def train_rl(
                         if k in logged[-1]})  # kl only where it was computed (train.rl.kl > 0)
     record = output.training_record(recipe, cfg, model, ds_path, metrics,
                                     {"prompts": len(prompts), "prm": str(prm_path), "kl_reference": kl_reference,
-                                     "num_iterations": s.num_iterations, "loss_type": s.loss_type},
+                                     "num_iterations": s.num_iterations, "loss_type": s.loss_type,
+                                     "prm_ran_on": devices.where(prm[0])},
                                     history=trainer.state.log_history)
     return output.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from pluribus.config import DATASET_OF_OBJECTIVE, Recipe, TrainConfig
-from pluribus.distill import output
+from pluribus.device import training_device
+from pluribus.distill import distributed, output
 from pluribus.distill.data import load_rows, split_eval
 from pluribus.distill.loop import callbacks, quiet_printer, train_and_report, training_arguments
 from pluribus.distill.packing import PackingCollator, use_varlen_attention
@@ -225,8 +226,10 @@ def train_sft(
     rows = load_rows(ds_path, DATASET_OF_OBJECTIVE[cfg.objective])
     train_rows, eval_rows = split_eval(rows, cfg.eval_fraction, recipe.seed)
 
-    # 2. the student with LoRA (QLoRA when quantized), fused kernels, varlen attention for packed rows
-    model, tokenizer = load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed)
+    # 2. the student with LoRA (QLoRA when quantized), fused kernels, varlen attention for packed rows, for the
+    # device the Trainer places it on (the recipe's device: pluribus.device)
+    device = training_device(recipe.device, processes=distributed.world_size())
+    model, tokenizer = load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed, device=device)
     model = attach_lora(model, cfg, "CAUSAL_LM")
     kernels = patch_kernels(model, cfg.kernels)
     attention = use_varlen_attention(model) if cfg.packing else "sdpa"
@@ -237,7 +240,7 @@ def train_sft(
 
     # 4. the Trainer: packed collator, checkpoints beside the output, rich progress
     args = training_arguments(cfg, output.checkpoints_dir(out), seed=recipe.seed, has_eval=bool(eval_ex),
-                                     prediction_loss_only=True)
+                              device=device, prediction_loss_only=True)
     trainer = PackedSFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_ex),
         eval_dataset=Dataset.from_list(eval_ex) if eval_ex else None,

@@ -12,24 +12,32 @@ from pluribus.errors import PluribusError
 
 
 def load_student(
-    cfg: TrainConfig, *, head: str = "causal", trust_remote_code: bool = False, seed: int = 0
+    cfg: TrainConfig, *, head: str = "causal", trust_remote_code: bool = False, seed: int = 0, device: Any = None,
 ) -> tuple[Any, Any]:
     """Load the student (``head`` causal or token-cls with one logit) in bf16, or 4-bit NF4 for QLoRA.
+
+    ``device`` (``pluribus.device.training_device``; None: auto) picks the dtype (bf16 where it computes it,
+    else float32) and, for QLoRA, where the 4-bit weights load; otherwise the Trainer moves the model there
+    (``loop.training_arguments`` with the same device).
 
     The tokenizer gets a pad token (eos) when it has none and pads on the right (training). The global RNG is
     seeded with ``seed`` first: the new score head and the LoRA A matrices are drawn from it, so one recipe
     gives one initial adapter whatever ran before in the process (the Trainer seeds only later).
     """
+    import os
+
     import torch
     from transformers import AutoModelForCausalLM, set_seed
 
+    from pluribus import device as devices
     from pluribus.models import load_tokenizer, resolve_model
     from pluribus.weights import check_finite_model
 
     set_seed(seed)
+    device = devices.resolve(device) if device is None or isinstance(device, str) else device
     folder = resolve_model(cfg.model)
     kwargs: dict[str, Any] = {
-        "dtype": torch.bfloat16 if cfg.bf16 else torch.float32,
+        "dtype": devices.dtype_for(device, "bfloat16" if cfg.bf16 else "float32"),
         "use_safetensors": True,
         "trust_remote_code": trust_remote_code,
         "attn_implementation": "sdpa",
@@ -44,7 +52,10 @@ def load_student(
         from pluribus.models import nf4_config
 
         kwargs["quantization_config"] = nf4_config("nf4")
-        kwargs["device_map"] = {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+        # 4-bit weights load where they train: the policy's device (a bare cuda: this process's GPU)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        kwargs["device_map"] = {"": str(device)}
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

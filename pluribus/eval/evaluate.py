@@ -71,7 +71,8 @@ def _single(team: TeamConfig, *, adapter: str | None, model: str | None, mode: s
         **({"max_new_tokens": cfg.max_new_tokens} if cfg.max_new_tokens else {}),
     })
     member = agent.model_copy(update={"name": name, "persona": None, "adapter": adapter, "sampling": sampling,
-                                      **({"model": model} if model else {})})
+                                      **({"model": model} if model else {}),
+                                      **({"device": cfg.device} if cfg.device else {})})  # eval.device
     return team.model_copy(update={"agents": [member], "rounds": 1, "topology": "all", "aggregation": "majority",
                                    "judge": None, "problems_per_step": None, "early_stop": False,
                                    "prompts": {**team.prompts, "question": prompt}})

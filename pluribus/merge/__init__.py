@@ -50,6 +50,7 @@ class MergeSummary:
     details: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None  # what the output's floating tensors are stored in, when pluribus wrote them
     others: int = 0  # tensors merged besides the LoRA factors (biases, modules_to_save)
+    ran_on: str = "cpu"  # where the merge computed (pluribus.device): folding on the asked device, the rest on the CPU
 
     def lines(self) -> list[str]:
         out = [f"method {self.method} ({self.kind}), {len(self.inputs)} inputs -> {self.out}"]
@@ -66,6 +67,8 @@ class MergeSummary:
                 if self.error > 0.01 and self.kind.endswith("-> model") else ""))
         if self.dtype:
             out.append(f"stored as {self.dtype}")
+        if self.kind != "mergekit":
+            out.append(f"ran on {self.ran_on}")
         out.append(f"time: {self.seconds:.1f} s")
         return out
 
@@ -116,11 +119,19 @@ def _kind(spec: MergeSpec) -> str:
     return "models"
 
 
+def folds(spec: MergeSpec) -> bool:
+    """Whether ``spec`` folds adapters into a model: the one merge that computes on the policy's device."""
+    return spec.method != "mergekit" and spec.output == "model" and _kind(spec) == "adapters"
+
+
 def run_merge(
-    spec: MergeSpec, out: str | Path, *, overwrite: bool = False, progress: Callable[..., Any] | None = None
+    spec: MergeSpec, out: str | Path, *, overwrite: bool = False, progress: Callable[..., Any] | None = None,
+    device: str | None = None,
 ) -> MergeSummary:
     """Run one merge into ``out`` (refused if it exists unless ``overwrite``); returns the summary.
 
+    ``device`` (a setting, ``pluribus.device``; None: auto): where folding adapters into a model adds each
+    delta; every other merge streams on the CPU (its seeded draws the same on every machine) and says so.
     Raises PluribusError for bad inputs before anything is written; ``out`` appears only when complete.
     """
     from pluribus.io import atomic_dir
@@ -149,9 +160,15 @@ def run_merge(
         raise PluribusError("rank and energy shape an adapter output, but this merge writes a model; remove them "
                             "(or write an adapter with output: adapter)")
     summary = MergeSummary(spec.method, "", str(out), [i.label for i in spec.inputs])
+    fold_device = None
+    if kind == "adapters" and spec.output == "model":
+        from pluribus.device import resolve
+
+        fold_device = resolve(device)
+        summary.ran_on = f"{fold_device} (folding)"
     with atomic_dir(out, overwrite=overwrite) as tmp, _progress() as bar:
         if kind == "adapters":
-            _merge_adapters(spec, tmp, summary, bar)
+            _merge_adapters(spec, tmp, summary, bar, fold_device)
         else:
             summary.kind = "models -> model"
             summary.dtype = spec.out_dtype or "the base's dtype"
@@ -194,7 +211,7 @@ def _refuse_replacing_an_input(spec: MergeSpec, out: Path) -> None:
                                 "write the merge to another folder")
 
 
-def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any) -> None:
+def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any, device: Any = None) -> None:
     from pluribus.merge.adapters import AdapterPlan, load_adapter, merge_adapters, save_adapter
 
     adapters = [load_adapter(i.path) for i in spec.inputs]
@@ -220,7 +237,7 @@ def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any)
             return plan.dense(module) if name.endswith(".weight") and module in plan.shapes else None
 
         summary.details = merge_models(spec, tmp, lambda k, n, _: bar.update(task, completed=k, total=n), delta,
-                                       folded=adapters)
+                                       folded=adapters, device=device)
         summary.error = summary.details["storage_error"]  # folding is exact up to the stored dtype's rounding
         copy_companions(local_model(spec.base), local_model(spec.tokenizer_source) if spec.tokenizer_source else None,
                         tmp, spec.out_dtype)

@@ -37,8 +37,11 @@ def extract_lora(
     skip: str = SKIP,
     overwrite: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Write the LoRA adapter approximating ``tuned - base`` into ``folder`` (atomically); returns the report.
+
+    ``device`` (``pluribus.device``; None: the CPU): where each delta and its SVD are computed.
 
     Exactly one of ``rank`` / ``energy``. Raises PluribusError for mismatched models, NaN/Inf or an existing
     ``folder`` (unless ``overwrite``).
@@ -67,12 +70,12 @@ def extract_lora(
             b, t = b_ck.get(name), t_ck.get(name)
             M.check_finite(b, f"{base}:{name}")
             M.check_finite(t, f"{tuned}:{name}")
-            delta = t.float() - b.float()
+            delta = t.to(device=device, dtype=torch.float32) - b.to(device=device, dtype=torch.float32)
             adaptable = len(bi.shape) == 2 and name.endswith(".weight") and not re.search(skip, name)
             if adaptable and bool(delta.any()):
                 low = M.truncate_dense(delta, rank=rank, energy=energy)
                 module = name.removesuffix(".weight")
-                merged.modules[module] = (low.A.float().contiguous(), low.B.float().contiguous())
+                merged.modules[module] = (low.A.float().cpu().contiguous(), low.B.float().cpu().contiguous())
                 merged.errors[module], merged.norms[module] = low.error, low.exact_norm
             else:
                 uncaptured += float(delta.double().pow(2).sum())
@@ -92,6 +95,7 @@ def extract_lora(
         "uncaptured": math.sqrt(uncaptured / (captured + uncaptured)) if captured + uncaptured else 0.0,
         "errors": merged.errors,
         "ranks": ranks,
+        "ran_on": {"device": str(device or "cpu"), "dtype": "float32 (SVD in float64)"},
     }
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         # an absolute path (or the hub id / alias as given): a relative name means nothing from another folder

@@ -217,11 +217,14 @@ def merge_models(
     progress: Callable[[int, int, str], None] | None = None,
     tensor_delta: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
     folded: Sequence[Any] = (),
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Stream the merge of ``spec`` into ``folder`` (an empty temporary folder); returns summary figures.
 
     ``tensor_delta(name, base)`` replaces the method for tensors it returns a delta for (adapter folding);
     ``folded`` are the adapters it folds, checked against the base's shapes before anything is written.
+    ``device`` (``pluribus.device``; None: the CPU): where folding adds each delta to its base tensor. Merges by a
+    method stay on the CPU, where their seeded draws (DARE) are the same on every machine.
     Raises PluribusError for missing/corrupt files, mismatched tensors (naming both models) and NaN/Inf.
     """
     from pluribus.adapter import check_adapter
@@ -273,11 +276,11 @@ def merge_models(
             stored = b
         else:
             work = fixed or (b.dtype if spec.mergekit else M.work_dtype(b))  # mergekit: the input dtype
-            bw = b.to(work)
+            bw = b.to(device=device if tensor_delta is not None else None, dtype=work)
             M.check_finite(bw, f"{base.folder}:{name}")
             if tensor_delta is not None:
                 d = tensor_delta(name, bw)
-                merged = bw if d is None else bw + d.to(work)
+                merged = bw if d is None else bw + d.to(device=bw.device, dtype=work)
             elif spec.method == "linear":
                 merged = M.linear([e.full(name, bw, work) for e in experts], params.weights,
                                   True if spec.normalize is None else spec.normalize)
@@ -290,7 +293,7 @@ def merge_models(
                 # one temporary of the tensor's size each (a float64 copy would triple a large merge's peak memory)
                 changed += float((merged - bw).pow_(2).sum(dtype=torch.float64))
                 lost += float((stored.to(merged.dtype) - merged).pow_(2).sum(dtype=torch.float64))
-        writer.write(name, stored)
+        writer.write(name, stored.cpu())
         if progress:
             progress(k + 1, len(plan), name)
     writer.finish()

@@ -15,6 +15,7 @@ from pluribus.data.builders.datasets import (
     build,
     store_dir,
 )
+from pluribus.device import describe
 from pluribus.errors import PluribusError
 from pluribus.io import shown_path
 from pluribus.stages import Stage, StageSummary, json_of
@@ -74,7 +75,8 @@ def build_recipe(recipe: Recipe | None, overrides: list[str] | None = None, *, s
                  team=team if known else None,
                  seed=recipe.seed, overwrite=overwrite, new_run=new_run,
                  trust_remote_code=recipe.trust_remote_code, progress=progress, prompt_completion=prompt_completion,
-                 task_source=recipe.task.source if recipe.task else None, config_hashes=hashes, problem_ids=ids)
+                 task_source=recipe.task.source if recipe.task else None, config_hashes=hashes, problem_ids=ids,
+                 device=recipe.device)
 
 
 def push_to_hub(built: list[Built], repo_id: str, *, private: bool = True, token_env: str | None = None) -> str:
@@ -184,7 +186,7 @@ def build_self(recipe: Recipe, built: list[Built], kinds: list[str], *, progress
     return build(cfg, [store], kinds=kinds, out_root=layout.datasets("self"),
                  team=self_team(recipe), seed=recipe.seed, overwrite=True, trust_remote_code=recipe.trust_remote_code,
                  progress=progress, match_rows=match, problem_ids=[p.id for p in load_problems(recipe.require("task"))],
-                 config_hashes=hashes)
+                 config_hashes=hashes, device=recipe.device)
 
 
 def summary_of(built: list[Built], mine: list[Built] | None = None, output: Path | None = None,
@@ -197,8 +199,10 @@ def summary_of(built: list[Built], mine: list[Built] | None = None, output: Path
     if mine:
         line += "; self: " + ", ".join(f"{b.kind}: {b.rows} rows" for b in mine)
     output = output or (built[0].path.parent if built else None)
+    ran = [f"{prefix}{b.kind}: the completer's rollouts ran on {describe(**b.stats['completer ran on'])}"
+           for b, prefix in both if b.stats.get("completer ran on")]
     return StageSummary("build", output, line, ("dataset", "rows", "problems", "path"), tuple(rows),
-                        tuple(w for b, _ in both for w in _warnings(b)), notes)
+                        tuple(w for b, _ in both for w in _warnings(b)), (*ran, *notes))
 
 
 def build_run(recipe: Recipe, *, kinds: list[str] | None = None, overwrite: bool = False, new_run: bool = False,

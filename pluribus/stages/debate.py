@@ -8,6 +8,7 @@ is keyed by ``config_hash``. The progress bar counts generations, so it moves wi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pluribus.config import Recipe, TeamConfig, without_engine_settings
-from pluribus.data.backends import Backend, Generation
+from pluribus.data.backends import Backend, Generation, backend_key
 from pluribus.data.debate import (
     build_team,
     check_prompts,
@@ -27,6 +28,7 @@ from pluribus.data.debate import (
     validate_team,
 )
 from pluribus.data.records import Problem, Trajectory
+from pluribus.device import ran_on, record_where, where_backend
 from pluribus.errors import PluribusError
 from pluribus.stages import Stage, StageSummary
 
@@ -46,6 +48,7 @@ class DebateSummary:
     tokens_per_second: float  # generated tokens / wall seconds of this invocation
     duplicates: tuple[str, ...] = ()  # "shard:line" of store lines repeating a stored problem (counted once)
     skipped: tuple[str, ...] = ()  # why each problem left out this run (team.too_long=skip) was
+    ran_on: str = ""  # where this invocation's agents ran (pluribus.device.ran_on); "" when nothing was generated
 
     def rows(self) -> list[tuple[str, str]]:
         repeated = [("duplicated store lines (counted once)",
@@ -62,6 +65,7 @@ class DebateSummary:
             ("wrong -> right (corrected)", str(self.corrected)),
             ("right -> wrong (lost)", str(self.lost)),
             ("generated tokens / s (this run)", f"{self.tokens_per_second:.1f}"),
+            *([("ran on (this run)", self.ran_on)] if self.ran_on else []),
         ]
 
 
@@ -242,7 +246,8 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
         check_team_models(team_cfg)
         if fresh:
             # a new run loads its models before its first file, so a broken checkpoint leaves no run folder
-            backends = holder["backends"] = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
+            backends = holder["backends"] = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code,
+                                                          device=recipe.device)
     too_long: dict[str, str] | None = None
     if fresh and backends is not None:
         # round 0 of every problem against the contexts: a refusal comes before any file, not hours in
@@ -255,7 +260,8 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
         done = store.done_ids()
         pending = [p for p in problems if p.id not in done]
         if pending and backends is None:
-            backends = holder["backends"] = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
+            backends = holder["backends"] = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code,
+                                                          device=recipe.device)
         stored_before = len(problems) - len(pending)
         if pending:
             team = build_team(team_cfg, backends)  # type: ignore[arg-type]
@@ -287,9 +293,22 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
                     on_step(stored_before + new, len(problems))
         wanted = {p.id for p in problems}
         records = [r for r in store.iter_records() if r["problem_id"] in wanted]
+        where = _where(team_cfg, backends) if pending else {}
+        if where:
+            record_where(recipe.layout.trajectories(), label, where)
     elapsed = time.perf_counter() - t0
-    return summarize(records, new=new, tokens_per_second=tokens / elapsed if pending else 0.0,
-                     duplicates=store.duplicates, skipped=skipped)
+    return dataclasses.replace(
+        summarize(records, new=new, tokens_per_second=tokens / elapsed if pending else 0.0,
+                  duplicates=store.duplicates, skipped=skipped), ran_on=ran_on(where))
+
+
+def _where(team: TeamConfig, backends: Mapping[tuple, Backend] | None) -> dict[str, dict[str, str]]:
+    """Where each agent (and the judge) of ``team`` generated: its backend's device and dtype."""
+    if not backends:
+        return {}
+    agents = [(a.name or f"agent{i}", a) for i, a in enumerate(team.agents)]
+    agents += [(team.judge.name or "judge", team.judge)] if team.judge else []
+    return {name: where_backend(backends[backend_key(a)]) for name, a in agents if backend_key(a) in backends}
 
 
 class _Progress:

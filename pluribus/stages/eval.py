@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pluribus.config import EvalConfig, Recipe, TaskConfig, TeamConfig
+from pluribus.device import ran_on, read_where
 from pluribus.errors import PluribusError
 from pluribus.eval.evaluate import (
     Plan,
@@ -35,6 +36,7 @@ from pluribus.eval.evaluate import (
 )
 from pluribus.eval.robustness import perturb
 from pluribus.io import atomic_write_text
+from pluribus.layout import RunLayout
 from pluribus.stages import Stage, StageSummary
 
 COLUMNS = ("system", "accuracy", "95% interval", "vs single (p)", "first answer", "wrong first corrected",
@@ -68,8 +70,10 @@ def summary_of(recipe: Recipe, payload: dict[str, Any]) -> StageSummary:
                  if r.get("tokens_estimated")]
     if team_guessed and "sc" in payload["systems"]:
         warnings.append("sc: its token budget is the team's, whose counts are estimates: sc's budget is approximate")
+    where = ran_on({f"{system} {agent}" if len(parts) > 1 else system: w
+                    for system, parts in (payload.get("ran_on") or {}).items() for agent, w in parts.items()})
     return StageSummary("eval", eval_dir / "results.json", line, COLUMNS, tuple(rows), tuple(warnings),
-                        notes=(*notes, f"report: {eval_dir / 'report.md'}"))
+                        notes=(*notes, *([f"ran on: {where}"] if where else []), f"report: {eval_dir / 'report.md'}"))
 
 
 def run(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> StageSummary:
@@ -172,7 +176,7 @@ def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, p
         backends = {}
         if _pending(sub.layout.trajectories(), problems):
             backend = make_backend(team.agents[0], trust_remote_code=recipe.trust_remote_code,
-                                   batch_size=team.batch_size)
+                                   batch_size=team.batch_size, device=recipe.device)
             for a in team.agents:
                 backends[backend_key(a)] = backend
     run_debate(sub, problems=problems, progress=progress, backends=backends, new_run=new_run, label=label,
@@ -233,6 +237,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
     robust: dict[str, dict[str, Any]] = {}
     sc_info: dict[str, Any] = {}
     adapters: dict[str, dict[str, str | None]] = {}  # which weights each single-agent system's numbers belong to
+    where_of: dict[str, dict[str, dict[str, str]]] = {}  # system -> its agents' device and dtype (pluribus.device)
     # single-greedy first (sc sizes its draws from it), the team before sc (sc spends the team's tokens)
     order = sorted(plans, key=lambda p: {"single": 0, "team": 1, "sc": 2}.get(p.system, 3))
     for plan in order:
@@ -267,9 +272,11 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             sc_info = {"samples_drawn": k, "mean_samples_used": sum(used) / max(1, len(used)),
                        "budget_reached": reached / max(1, len(voted))}
             recs = voted
+            folder = eval_dir / "sc" / f"k{k}"
         else:
             recs = _system_records(recipe, folder, task, plan.team, mine, progress, fingerprint, new_run,
                                    label=plan.label, pool=pool, seats=plan.seats)
+        where_of[plan.label] = read_where(RunLayout(folder).trajectories()) or {}  # where its answers were generated
         records[plan.label] = recs
         results[plan.label] = asdict(score(recs, plan.system, plan.mode))
         if fingerprint:
@@ -288,6 +295,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
         "team_problems": len(team_problems) if any(p.system in ("team", "sc") for p in plans) else 0,
         "systems": ordered, "comparisons": compare({k: outcomes(v) for k, v in records.items()}),
         "outcomes": {k: outcomes(v) for k, v in records.items()},  # per problem; run_eval drops it from results.json
+        "ran_on": {p.label: where_of[p.label] for p in plans},
     }
     if adapters:
         out["adapters"] = adapters
@@ -335,6 +343,7 @@ def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) ->
     payload: dict[str, Any] = {
         "run": recipe.name, "task": main["task"], "split": "heldout", "problems": main["problems"],
         "systems": main["systems"], "comparisons": main["comparisons"], "tasks": tasks,
+        "ran_on": main["ran_on"],
     }
     distilled = next((a for k, a in main.get("adapters", {}).items() if k.startswith("distilled")), None)
     if distilled:

@@ -10,11 +10,13 @@ from pluribus.merge.spec import MergeSpec
 from pluribus.stages import Stage, StageSummary, json_of
 
 
-def run(spec: MergeSpec, target: Path, *, overwrite: bool = False, name: str = "merge") -> StageSummary:
-    """Merge ``spec`` into ``target`` (``pluribus merge``), summarized by what went in and what came out."""
+def run(spec: MergeSpec, target: Path, *, overwrite: bool = False, name: str = "merge",
+        device: str | None = None) -> StageSummary:
+    """Merge ``spec`` into ``target`` (``pluribus merge``), summarized by what went in and what came out;
+    ``device``: where folding adapters into a model computes (``pluribus.merge.run_merge``)."""
     from pluribus.merge import run_merge
 
-    lines = run_merge(spec, target, overwrite=overwrite).lines()
+    lines = run_merge(spec, target, overwrite=overwrite, device=device).lines()
     return StageSummary(name, target, " | ".join(lines), notes=tuple(lines))
 
 
@@ -39,7 +41,7 @@ def plan(recipe: Recipe) -> list[Stage]:
         # overwrite: a rerun reaches this step only when its inputs changed, so the old merge is stale
         return Stage(f"merge:{m.name}",
                      lambda progress, new_run: run(m.load(recipe.layout), recipe.layout.merged(m.name),
-                                                   overwrite=True, name=f"merge:{m.name}"),
+                                                   overwrite=True, name=f"merge:{m.name}", device=recipe.device),
                      settings=lambda: json_of(m), inputs=lambda: merge_inputs(recipe, m),
                      after=tuple(f"train:{e}" for e in m.experts or []))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pluribus.config import DATASET_OF_OBJECTIVE, Recipe, TrainConfig
+from pluribus.device import ran_on
 from pluribus.errors import PluribusError
 from pluribus.stages import Stage, StageSummary, json_of
 
@@ -106,10 +107,15 @@ def run(recipe: Recipe, *, expert: str | None = None, dataset: str | Path | None
     name = expert or recipe.require("train").trainings()[0].expert_name
     if not is_main():
         return StageSummary(f"train:{name}", folder, "")
-    metrics = json.loads((folder / "training_record.json").read_text()).get("metrics", {})
+    record = json.loads((folder / "training_record.json").read_text())
+    metrics = record.get("metrics", {})
     shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                       if ("loss" in k or k.startswith(("eval_step", "final_"))) and isinstance(v, int | float))
-    return StageSummary(f"train:{name}", folder, shown, notes=(f"adapter: {folder}", shown))
+    where = {k: w for k, w in (("policy", record.get("ran_on")), ("PRM", record.get("data", {}).get("prm_ran_on")))
+             if w}  # where the Trainer trained, and (rl) where its PRM scored
+    ran = f"ran on {ran_on(where)}" if where else ""
+    line = "  ".join(x for x in (shown, ran) if x)  # `pluribus run` prints a training's line alone
+    return StageSummary(f"train:{name}", folder, line, notes=(f"adapter: {folder}", line))
 
 
 def plan(recipe: Recipe) -> list[Stage]:

@@ -310,3 +310,25 @@ def test_rl_samples_once_per_num_iterations_steps_with_gradient_accumulation(tmp
     train_rl(r, dataset=process_dir)
     # 4 optimizer steps x 2 micro-batches, sampled at steps 0 and 2 only: 2 x 2 draws of 4 distinct prompt pairs
     assert len(drawn) == 4 and len(set(drawn)) == 4
+
+
+def test_the_prm_scores_where_train_rl_prm_device_says(tmp_path, student_dir, process_dir, monkeypatch):
+    """The PRM is placed through the device policy with train.rl.prm_device when it is set (else on the Trainer's
+    device), and the record says where the policy and the PRM ran. The policy stub answers cpu for every
+    setting and keeps what it was asked, which is how a setting that never reached it would show on a CPU."""
+    from pluribus import device as devices
+
+    asked: list[str | None] = []
+    real = devices.resolve
+    monkeypatch.setattr(devices, "resolve", lambda setting=None: asked.append(setting) or real("cpu"))
+    base = {"model": str(student_dir), "kernels": "off", "max_steps": 1, "batch_size": 4, "save_steps": 10,
+            "eval_fraction": 0.0, "report_to": ["none"], "lora": {"r": 4}}
+    prm = train_prm(Recipe(name="t", root=str(tmp_path / "runs"), train={**base, "objective": "prm"}),
+                    dataset=process_dir)
+    r = Recipe(name="t", root=str(tmp_path / "runs"), device="cpu", train={
+        **base, "objective": "rl", "rl": {"group_size": 2, "prompts_per_step": 2, "prm": str(prm),
+                                          "prm_device": "cuda:1", "sampling": {"max_new_tokens": 4}}})
+    asked.clear()
+    record = read_record(train_rl(r, dataset=process_dir))
+    assert asked == ["cpu", "cuda:1"]  # the policy's (the recipe's device), then the PRM's own
+    assert record["ran_on"]["device"] == "cpu" and record["data"]["prm_ran_on"]["device"] == "cpu"

@@ -34,6 +34,7 @@ from pluribus.data.builders.select import augmented_rows, rsft_rows
 from pluribus.data.debate import conversation_seed
 from pluribus.data.prompts import question_prompt
 from pluribus.data.records import Trajectory
+from pluribus.device import record_where, where_backend
 from pluribus.errors import OutputExistsError, PluribusError, cannot_create, unknown_name
 from pluribus.io import atomic_dir, atomic_write_text
 from pluribus.layout import RunLayout
@@ -230,7 +231,7 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
           overwrite: bool = False, new_run: bool = False, trust_remote_code: bool = False,
           progress: bool = True, match_rows: dict[str, int] | None = None, prompt_completion: bool = False,
           task_source: str | None = None, config_hashes: Collection[str] | None = None,
-          problem_ids: Collection[str] | None = None) -> list[Built]:
+          problem_ids: Collection[str] | None = None, device: str | None = None) -> list[Built]:
     """Build the datasets ``kinds`` (default ``cfg.kinds``) from the trajectory stores; returns what was written.
 
     Output goes to ``out_root/<kind>/`` (default ``<run>/datasets``, the run being the store's parent) and
@@ -242,7 +243,8 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
     ``config_hashes``: the store configs the caller's recipe accepts (``debate.config_hash`` and its older
     forms); a store written by another is refused. ``problem_ids``: build from these problems only (the
     recipe's task), saying how many stored ones are left out. Raises PluribusError on bad input before writing
-    anything; OutputExistsError if a dataset exists and ``overwrite`` is False.
+    anything; OutputExistsError if a dataset exists and ``overwrite`` is False. ``device``: the recipe's device
+    setting, where the completer runs unless it names its own (``pluribus.device``).
     """
     kinds = list(dict.fromkeys(kinds or cfg.kinds))
     unknown = [k for k in kinds if k not in KINDS]
@@ -314,9 +316,10 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
     if traces:
         if completer is None:
             completer_cfg = default_completer(cfg, team)
-        records = _rollouts(traces, cfg, completer, completer_cfg, sources[0].config_hash, prompt,
-                            Path(rollouts_dir) if rollouts_dir else RunLayout(run_dir).rollouts(), seed=seed,
-                            new_run=new_run, trust_remote_code=trust_remote_code, progress=progress)
+        records, where = _rollouts(traces, cfg, completer, completer_cfg, sources[0].config_hash, prompt,
+                                   Path(rollouts_dir) if rollouts_dir else RunLayout(run_dir).rollouts(), seed=seed,
+                                   new_run=new_run, trust_remote_code=trust_remote_code, progress=progress,
+                                   device=device)
         rows["process"] = process_rows(traces, records, cfg.label_threshold, prompt,
                                        cfg.monotone_labels)
 
@@ -331,6 +334,8 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
         stats["duplicate_lines"] = [f"{s.path.name}/{line}" for s in sources for line in s.duplicates]
         if problem_ids is not None:
             stats["counts"]["stored trajectories outside the recipe's task (left out)"] = outside
+        if kind == "process" and where:
+            stats["completer ran on"] = where
         if match_rows and kind in match_rows:
             stats["counts"]["rows to match"] = match_rows[kind]
             stats["counts"]["rows before matching"] = matched.get(kind, len(rows[kind]))
@@ -342,7 +347,9 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
 
 def _rollouts(traces: list[Trace], cfg: BuildConfig, completer: Completer | None, agent: AgentConfig | None,
               source_hash: str, prompt: str, directory: Path, *, seed: int, new_run: bool, trust_remote_code: bool,
-              progress: bool) -> dict[str, dict[str, Any]]:
+              progress: bool, device: str | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Every trace's rollout record (stored ones, and the rest rolled out now), and where the completer ran this
+    time (``{}`` when everything was stored or a completer object was passed in)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pluribus.data.store import TrajectoryStore
@@ -350,21 +357,24 @@ def _rollouts(traces: list[Trace], cfg: BuildConfig, completer: Completer | None
     # A completer passed in (not built from a config) is identified by its ``name``, else its class name.
     what = agent or AgentConfig(model=f"completer:{getattr(completer, 'name', type(completer).__name__)}")
     store = TrajectoryStore(directory, rollout_hash(cfg, what, source_hash, prompt), new_run=new_run)
-    backend = None
+    backend, where = None, {}
     try:
         wanted = {t.key for t in traces}
         done = {r["problem_id"]: r for r in store.iter_records() if r["problem_id"] in wanted}
         if completer is None and len(done) < len(traces):
             from pluribus.data.backends import make_backend
 
-            backend = make_backend(agent, trust_remote_code=trust_remote_code, batch_size=cfg.rollout_batch_size)
+            backend = make_backend(agent, trust_remote_code=trust_remote_code, batch_size=cfg.rollout_batch_size,
+                                   device=device)
             completer = BackendCompleter(backend, agent, prompt, seed)
+            where = where_backend(backend)
+            record_where(directory, "build", {"completer": where})
         with Progress(TextColumn("rollouts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       disable=not progress, transient=True) as bar:
             task = bar.add_task("rollouts", total=len(traces))
             return label_traces(traces, completer, n=cfg.rollouts_per_step, batch_size=cfg.rollout_batch_size,
                                 done=done, on_record=lambda rec: store.append([rec]),
-                                on_progress=lambda k: bar.advance(task, k))
+                                on_progress=lambda k: bar.advance(task, k)), where
     finally:
         if backend is not None:
             backend.close()
