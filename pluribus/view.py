@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -55,29 +56,62 @@ def _rel(path: Path, run: Path) -> str:
         return str(path)
 
 
+def _num(value: Any) -> float:
+    """A count from a record as a number (the page prints it as is)."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+def _same(a: str | None, b: str | None) -> bool:
+    """Whether two answers are one vote (the debate's own rule: "0.5" and "1/2" are one answer)."""
+    from pluribus.data.answers import vote_key
+
+    return a == b or (a is not None and b is not None and vote_key(a) == vote_key(b))
+
+
 def _turn(t: dict[str, Any], before: dict[str, Any] | None) -> dict[str, Any]:
-    """One turn as the page draws it; ``ch`` is how the agent moved since its previous round."""
+    """One turn as the page draws it; ``ch`` is how the agent moved since its previous round: "fixed" (wrong or
+    unparsable, then right), "broke" (right, then wrong or unparsable), "switched" (another answer, neither right),
+    "" (the same answer, however written, or right both times)."""
     change = ""
-    if before is not None and t.get("answer") != before.get("answer"):
-        change = ("fixed" if t.get("correct") and not before.get("correct") else
-                  "broke" if before.get("correct") and not t.get("correct") else "switched")
-    return {"a": t.get("answer"), "c": t.get("correct"), "r": t.get("response", ""), "t": t.get("tokens_out", 0),
+    if before is not None and not _same(t.get("answer"), before.get("answer")):
+        right, was_right = bool(t.get("correct")), bool(before.get("correct"))
+        change = "fixed" if right and not was_right else "broke" if was_right and not right else \
+            "" if right else "switched"
+    return {"a": t.get("answer"), "c": t.get("correct"), "r": t.get("response", ""), "t": _num(t.get("tokens_out")),
             "ch": change, "cut": (t.get("meta") or {}).get("finish_reason") == "length"}
 
 
+def _votes(turns: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """The last round's answers counted as the debate's majority counts them (by answers.vote_key), each written as
+    its first voter wrote it, most votes first; unparsable answers counted apart."""
+    from pluribus.data.answers import vote_key
+
+    shown: dict[str, str] = {}
+    counts: Counter[str] = Counter()
+    for t in turns:
+        key = "\0none" if t["a"] is None else vote_key(t["a"])
+        shown.setdefault(key, "(unparsable)" if t["a"] is None else str(t["a"]))
+        counts[key] += 1
+    return [(shown[k], n) for k, n in counts.most_common()]
+
+
 def _problem(rec: dict[str, Any]) -> dict[str, Any]:
-    """A trajectory as the page's debate view: rounds of turns with their changes, the last round's vote."""
+    """A trajectory as the page's debate view: rounds of turns with their changes, the judge's turns (star topology,
+    judge aggregation), the last round's vote."""
     rounds, last = [], None
     for rnd in rec["rounds"]:
-        rounds.append([_turn(t, last[i] if last else None) for i, t in enumerate(rnd)])
+        before = {t.get("agent"): t for t in last or []}
+        rounds.append([_turn(t, before.get(t.get("agent"))) for t in rnd])
         last = rnd
+    meta = rec.get("meta") or {}
+    judge = [{**_turn(t, None), "round": t.get("round")} for t in meta.get("judge") or [] if isinstance(t, dict)]
     changes = Counter(t["ch"] for rnd in rounds for t in rnd if t["ch"])
-    votes = Counter("(unparsable)" if t["a"] is None else str(t["a"]) for t in rounds[-1])
     return {"id": rec["problem_id"], "q": rec["question"], "gold": rec["gold"], "agents": rec["team"],
-            "rounds": rounds, "final": rec.get("final_answer"), "ok": rec.get("final_correct"),
-            "agg": rec.get("aggregation", ""), "votes": votes.most_common(), "fixed": changes["fixed"],
-            "broke": changes["broke"], "switched": changes["switched"],
-            "tokens": (rec.get("cost") or {}).get("tokens_out", 0)}
+            "rounds": rounds, "judge": judge, "final": rec.get("final_answer"), "ok": rec.get("final_correct"),
+            "agg": rec.get("aggregation", ""), "votes": _votes(rounds[-1]) if rounds else [],
+            "tie": bool(meta.get("tie_broken")), "stopped": meta.get("stopped_after_round"),
+            "fixed": changes["fixed"], "broke": changes["broke"], "switched": changes["switched"],
+            "tokens": _num((rec.get("cost") or {}).get("tokens_out"))}
 
 
 def _lines(data: bytes) -> int:
@@ -95,19 +129,19 @@ def _stores(run: Path) -> list[dict[str, Any]]:
                      key=lambda p: (p != run / "trajectories", p != run / "self" / "trajectories", str(p)))
     out = []
     for folder in folders:
+        name = "debate" if folder == run / "trajectories" else _rel(folder.parent, run)
         try:
             store = TrajectoryStore(folder, check=Trajectory.from_dict)  # read-only: no lock, no repair
             records = list(store.iter_records(skip_corrupt=True))
         except PluribusError as e:
-            out.append({"name": _rel(folder.parent, run) or "debate", "path": str(folder), "error": str(e),
-                        "problems": []})
+            out.append({"name": name, "path": str(folder), "error": str(e), "problems": []})
             continue
         lines = sum(_lines(shard.read_bytes()) for shard in store.shards())
-        name = "debate" if folder == run / "trajectories" else _rel(folder.parent, run)
         problems = [_problem(r) for r in records]
         shapes = {(len(p["agents"]), len(p["rounds"])) for p in problems}
         note = ""
-        if len(shapes) == 1 and (shape := shapes.pop())[0] > 1 and shape[1] == 1:
+        if len(shapes) == 1 and (shape := shapes.pop())[0] > 1 and shape[1] == 1 and \
+                {p["agg"] for p in problems} == {"majority"}:
             # sc's draws, the single agent's own samples: no debate, and eval's sc does not vote over all of them
             note = (f"{shape[0]} independent samples per problem, no debate: the final answer here is the majority "
                     "of all of them" + ("; eval's sc votes over as many as fit the team's token budget (the eval "
@@ -134,6 +168,15 @@ def _text(prompt: Any) -> str:
     return "" if prompt is None else str(prompt)
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _score(x: Any) -> float | None:
+    """A per-step score for the page: a finite number, else None (the page says n/a)."""
+    return float(x) if _is_number(x) and math.isfinite(x) else None
+
+
 def _process(layout: RunLayout) -> list[dict[str, Any]]:
     """The process datasets' rows (the team's, then the single agent's own): steps with their labels, Monte-Carlo
     scores, debate signals, and any other per-step score a row carries (a PRM's, named by its column)."""
@@ -145,13 +188,19 @@ def _process(layout: RunLayout) -> list[dict[str, Any]]:
             continue
         shown = []
         for r in rows:
-            steps = r.get("completions") or []
-            extra = {k: v for k, v in r.items() if k not in ("completions", "labels", "scores", "debate")
-                     and isinstance(v, list) and len(v) == len(steps) and all(isinstance(x, int | float) for x in v)}
+            steps = [str(x) for x in r.get("completions") or []]
+            extra = {k: [_score(x) for x in v] for k, v in r.items()
+                     if k not in ("completions", "labels", "scores", "debate") and isinstance(v, list)
+                     and len(v) == len(steps) and all(x is None or _is_number(x) for x in v)
+                     and any(_is_number(x) for x in v)}
+            # a label as good / bad (TRL's booleans, or 1 / 0), None where a row has none for a step
+            labels = [None if x is None else bool(x) for x in r.get("labels") or []]
             shown.append({"id": str(r.get("problem_id") or ""), "prompt": _text(r.get("prompt")), "steps": steps,
-                          "labels": r.get("labels") or [], "scores": r.get("scores") or [],
-                          "debate": r.get("debate") or [], "extra": extra, "agent": r.get("agent", ""),
-                          "round": r.get("round")})
+                          "labels": labels + [None] * (len(steps) - len(labels)),
+                          "scores": [_score(x) for x in r.get("scores") or []],
+                          "debate": [str(x or "") for x in r.get("debate") or []], "extra": extra,
+                          "agent": str(r.get("agent") or ""), "round": r.get("round")
+                          if isinstance(r.get("round"), int) and not isinstance(r.get("round"), bool) else None})
         out.append({"name": "process" if data == "team" else "self/process", "path": str(folder), "rows": shown})
     return out
 
@@ -195,16 +244,21 @@ def _experts(run: Path) -> list[dict[str, Any]]:
             out.append({"name": folder.name, "path": str(folder), "absent": "no readable training_record.json"})
             continue
         curves: dict[str, list[list[float]]] = {}
+        undrawn: Counter[str] = Counter()  # logged values that are nan or inf (a diverged step): counted, not drawn
         for entry in _history(folder, record):
             step = entry.get("step")
             for key in CURVE_KEYS:
                 value = entry.get(key)
-                if isinstance(step, int | float) and isinstance(value, int | float):
+                if not (_is_number(step) and _is_number(value)):
+                    continue
+                if math.isfinite(value):
                     curves.setdefault(key, []).append([step, value])
+                else:
+                    undrawn[key] += 1
         out.append({"name": folder.name, "path": str(folder), "objective": record.get("objective"),
                     "base": record.get("base_model"), "data": record.get("data") or {},
                     "dataset": (record.get("dataset") or {}).get("path"), "metrics": record.get("metrics") or {},
-                    "finished": record.get("finished_at"), "curves": curves})
+                    "finished": record.get("finished_at"), "curves": curves, "undrawn": dict(undrawn)})
     return out
 
 
@@ -275,13 +329,17 @@ def _hide_secrets(data: Any, key: str = "") -> Any:
 
 
 def _redacted(data: Any) -> Any:
-    """Every string of ``data`` with tokens and URL credentials removed (pluribus.public.redact)."""
+    """Every string of ``data`` with tokens and URL credentials removed (pluribus.public.redact); a nan or inf
+    (a diverged loss, an undefined metric) as its name, "nan", "inf", "-inf": JSON has no such number, and one
+    would make the whole page's data unreadable to the browser."""
     from pluribus.public import redact
 
     if isinstance(data, dict):
         return {k: _redacted(v) for k, v in data.items()}
-    if isinstance(data, list):
+    if isinstance(data, list | tuple):
         return [_redacted(v) for v in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
     return redact(data) if isinstance(data, str) else data
 
 
@@ -355,11 +413,11 @@ def page(data: dict[str, Any]) -> str:
     """The HTML page of ``collect``'s data: the template with the data as an inline JSON script."""
     from pluribus.view_page import TEMPLATE
 
-    # "</" cannot end the script element early once escaped; U+2028/9 are valid JSON but not valid JS source
-    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/").replace("\u2028", "\\u2028") \
-        .replace("\u2029", "\\u2029")
-    title = html.escape(f"pluribus run {data['run']['name']}")
-    return TEMPLATE.replace("{{TITLE}}", title).replace("{{DATA}}", payload)
+    # no "<" at all in the script element's text (JSON's \u003c instead): neither "</script>" nor "<!--" (which
+    # would let a later "</script>" stay inside it) can end or change it; ASCII only: no lone surrogate to encode
+    payload = json.dumps(_redacted(data), ensure_ascii=True, allow_nan=False).replace("<", "\\u003c")
+    parts = {"TITLE": html.escape(f"pluribus run {data['run']['name']}"), "DATA": payload}
+    return re.sub(r"\{\{(TITLE|DATA)\}\}", lambda m: parts[m.group(1)], TEMPLATE)  # one pass: no part fills another
 
 
 def write_view(run: Path, out: Path | None = None) -> Path:
