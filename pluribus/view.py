@@ -313,8 +313,9 @@ def _recipe(layout: RunLayout) -> str | None:
         return None
     try:
         data = yaml.safe_load(layout.recipe.read_text())
-    except yaml.YAMLError:
-        return layout.recipe.read_text()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        # not its text: a key under a secret-looking name could only be hidden in a recipe that parses
+        return f"({layout.recipe} is not readable YAML ({type(e).__name__}); not shown)"
     return yaml.safe_dump(_hide_secrets(data), sort_keys=False)
 
 

@@ -201,3 +201,12 @@ def test_process_labels_and_scores_of_other_writers_are_read_as_they_mean(tmp_pa
     assert first["labels"] == [True, False, True] and first["scores"] == [0.9, None, 0.5]
     assert first["extra"] == {"prm": [0.8, None, 0.1]}  # flags: booleans, no score
     assert second["labels"] == [True, None] and second["extra"] == {} and second["round"] is None
+
+
+def test_a_recipe_that_does_not_parse_is_not_shown(tmp_path: Path) -> None:
+    """Secrets are hidden by their key; a recipe.yaml that does not parse has no keys to go by, so its text stays out."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("team: {agents: [{api_key: plainsecret123, name: a}\n")  # unclosed
+    data = collect(run)
+    assert "plainsecret123" not in json.dumps(data) and "not readable YAML" in data["recipe"]
