@@ -212,13 +212,20 @@ function debates(el) {
 function labelled(r) { return r.labels.some(l => l !== null); }
 function processHead(r) {
   const bad = r.labels.indexOf(false);
-  const known = r.scores.filter(x => x !== null), low = known.length ? Math.min(...known) : null;
+  // the last step's score is its trace's own grade (no rollout), not a Monte-Carlo estimate
+  const known = r.scores.slice(0, r.steps.length - 1).filter(x => x !== null);
+  const low = known.length ? Math.min(...known) : null;
   const verdict = !labelled(r) ? '<span class="chip none">no labels</span>' : bad >= 0 ?
     `<span class="chip bad">first bad step ${bad}</span>` : r.labels.includes(null) ?
     '<span class="chip none">no bad step labelled</span>' : '<span class="chip ok">all steps good</span>';
   return `<span class="pid">${esc(r.id)}</span><span class="muted">${esc(r.agent)}${r.round === null ? "" : " r" + esc(r.round)}</span>
     <span>${r.steps.length} steps</span>${verdict}<span class="muted">lowest MC ${low === null ? "n/a" : low.toFixed(2)}</span>
     <span class="q">${esc(r.prompt)}</span>`;
+}
+function scoreText(r, i, sc) {
+  if (sc === null) return "MC n/a";
+  if (i === r.steps.length - 1 && (sc === 0 || sc === 1)) return sc ? "answer right" : "answer wrong";
+  return `MC ${sc.toFixed(2)}`;
 }
 function processBody(r) {
   const extra = Object.keys(r.extra);
@@ -231,15 +238,17 @@ function processBody(r) {
       r.labels[i] === false ? '<span class="chip bad">\u2717 bad</span>' : '<span class="chip none">no label</span>';
     return `<div class="step" style="${h === null ? "border-color:#8c959f;background:#f6f8fa" : `border-color:hsl(${h},60%,42%);background:hsl(${h},65%,94%)`}">
       <div class="meta">#${i} ${label}
-      MC ${sc === null ? "n/a" : sc.toFixed(2)}${others}${r.debate[i] ? ` <span class="muted">${esc(r.debate[i])}</span>` : ""}</div>
+      ${scoreText(r, i, sc)}${others}${r.debate[i] ? ` <span class="muted">${esc(r.debate[i])}</span>` : ""}</div>
       <div class="text">${esc(s)}</div></div>`;
   }).join("");
   return `<pre>${esc(r.prompt)}</pre>${steps}`;
 }
 function processRows(el) {
   if (!D.process.length) { el.innerHTML = absent("No process dataset yet: `pluribus build --kind process` writes datasets/process/."); return; }
-  el.innerHTML = `<p>Each step is coloured by its Monte-Carlo score (the fraction of rollouts from that step that reach the
-    gold answer) <span class="scale"></span> 0 \u2192 1, and marked by its label; a PRM's per-step score, where a row carries
+  el.innerHTML = `<p>Each step is coloured by its Monte-Carlo score (MC: the fraction of rollouts from that step that reach the
+    gold answer; the last step, which has nothing left to roll out, by whether the trace's own answer is right)
+    <span class="scale"></span> 0 \u2192 1, and marked by its label (good where the score is above the build's
+    threshold; with build.monotone_labels every step after the first bad one is bad); a PRM's per-step score, where a row carries
     one, is shown beside it.</p><div class="bar"><label>dataset <select id="pset">${D.process.map((s, i) =>
     `<option value="${i}">${esc(s.name)} (${s.rows.length} rows)</option>`).join("")}</select></label>
     <span class="muted" id="ppath"></span></div><div id="plist"></div>`;

@@ -76,6 +76,9 @@ def test_the_page_renders_searches_and_opens_a_debate(tmp_path: Path) -> None:
         steps = b.wait("document.querySelectorAll('#plist details.item[open] .step').length")
         colours = b.eval("new Set([...document.querySelectorAll('#plist .step')].map(s => s.style.backgroundColor)).size")
         assert steps >= 2 and colours >= 1 and "prm_scores" in b.eval("document.querySelector('#plist .step').textContent")
+        metas = b.eval("[...document.querySelectorAll('#plist details.item[open] .step .meta')].map(m => m.textContent)")
+        assert all("MC " in m for m in metas[:-1]), metas
+        assert "answer right" in metas[-1] or "answer wrong" in metas[-1], metas  # graded, not rolled out
 
         b.click("nav button[data-tab=experts]")
         assert b.wait("document.querySelectorAll('#experts svg.chart polyline').length") >= 3

@@ -86,7 +86,9 @@ def make_view_run(root: Path, problems: int = 120, *, eval_: bool = True) -> Pat
     rows = []
     for t in team[:30]:
         steps = t.rounds[-1][0].response.splitlines()
-        scores = [round(random.Random(t.problem_id).random(), 2) for _ in steps]
+        # as the builder scores: Monte-Carlo fractions, the last step its trace's own grade
+        scores = [round(random.Random(t.problem_id).random(), 2) for _ in steps[:-1]] + [float(bool(
+            t.rounds[-1][0].correct))]
         rows.append({"prompt": t.question, "completions": steps, "labels": [s >= 0.5 for s in scores],
                      "scores": scores, "problem_id": t.problem_id, "agent": "solver", "round": 1,
                      "debate": ["kept" for _ in steps], "prm_scores": [round(1 - s / 2, 3) for s in scores]})
