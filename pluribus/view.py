@@ -73,10 +73,10 @@ def _turn(t: dict[str, Any], before: dict[str, Any] | None) -> dict[str, Any]:
     unparsable, then right), "broke" (right, then wrong or unparsable), "switched" (another answer, neither right),
     "" (the same answer, however written, or right both times)."""
     change = ""
-    if before is not None and not _same(t.get("answer"), before.get("answer")):
+    if before is not None:  # fixed and broke as the debate's summary counts them (corrected, lost)
         right, was_right = bool(t.get("correct")), bool(before.get("correct"))
         change = "fixed" if right and not was_right else "broke" if was_right and not right else \
-            "" if right else "switched"
+            "switched" if not right and not _same(t.get("answer"), before.get("answer")) else ""
     return {"a": t.get("answer"), "c": t.get("correct"), "r": t.get("response", ""), "t": _num(t.get("tokens_out")),
             "ch": change, "cut": (t.get("meta") or {}).get("finish_reason") == "length"}
 

@@ -63,6 +63,14 @@ def test_the_page_holds_every_part_of_the_run_and_no_secret(tmp_path: Path, monk
     assert set(experts) == {"prm", "rl", "rsft"}
     assert len(experts["rsft"]["curves"]["loss"]) == 10 and len(experts["rl"]["curves"]["reward"]) == 10
     assert len(experts["prm"]["curves"]["loss"]) == 5
+    # the page's changes of mind are the debate summary's corrected and lost answers
+    from pluribus.data.store import TrajectoryStore
+    from pluribus.stages.debate import summarize
+
+    shown = summarize(list(TrajectoryStore(run / "trajectories").iter_records()))
+    assert sum(p["fixed"] for p in debate["problems"]) == shown.corrected > 0
+    assert sum(p["broke"] for p in debate["problems"]) == shown.lost > 0
+    assert sum(p["switched"] for p in debate["problems"]) > 0
     merge = data["merges"][0]
     assert merge["name"] == "merged" and merge["lines"][0].startswith("method task_arithmetic (adapters -> adapter)")
     assert merge["spec"].startswith("merge_method: task_arithmetic")
