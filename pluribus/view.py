@@ -234,13 +234,20 @@ def _history(adapter: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _experts(run: Path) -> list[dict[str, Any]]:
-    """Each adapter folder with a training record: objective, base, data, final metrics, and its curves."""
+    """Each adapter folder with a training record: objective, base, data, final metrics, and its curves; a training
+    still running (its checkpoints, no adapter folder yet) with the curve of its latest checkpoint."""
     out = []
     root = run / "adapters"
-    for folder in sorted(p for p in root.glob("*") if p.is_dir() and not p.name.endswith(".checkpoints")) \
-            if root.is_dir() else []:
+    folders = {p.name[: -len(".checkpoints")] if p.name.endswith(".checkpoints") else p.name
+               for p in root.glob("*") if p.is_dir()} if root.is_dir() else set()
+    for folder in (root / name for name in sorted(folders)):
         record = _read_json(folder / "training_record.json")
-        if not isinstance(record, dict):
+        running = not folder.is_dir()  # checkpoints only: a training still running (or stopped before its end)
+        if running:
+            record = {}
+            if not _history(folder, record):
+                continue
+        elif not isinstance(record, dict):
             out.append({"name": folder.name, "path": str(folder), "absent": "no readable training_record.json"})
             continue
         curves: dict[str, list[list[float]]] = {}
@@ -255,10 +262,12 @@ def _experts(run: Path) -> list[dict[str, Any]]:
                     curves.setdefault(key, []).append([step, value])
                 else:
                     undrawn[key] += 1
-        out.append({"name": folder.name, "path": str(folder), "objective": record.get("objective"),
+        out.append({"name": folder.name, "path": str(folder.with_name(folder.name + ".checkpoints") if running else folder),
+                    "objective": record.get("objective"),
                     "base": record.get("base_model"), "data": record.get("data") or {},
                     "dataset": (record.get("dataset") or {}).get("path"), "metrics": record.get("metrics") or {},
-                    "finished": record.get("finished_at"), "curves": curves, "undrawn": dict(undrawn)})
+                    "finished": record.get("finished_at"), "curves": curves, "undrawn": dict(undrawn),
+                    "running": running})
     return out
 
 

@@ -174,8 +174,7 @@ function debateBody(p) {
     <table class="debate"><thead><tr><th></th>${p.agents.map(a => `<th>${esc(a)}</th>`).join("")}${judged ? "<th>judge</th>" : ""}</tr></thead>
     <tbody>${rows}</tbody></table>
     <div class="final"><b>Final answer</b> (${esc(p.agg)}): ${chip(p.final, p.ok)} &nbsp; gold <b>${esc(p.gold)}</b>
-    &nbsp; last round's answers: ${votes} &nbsp; <span class="muted">${notes.filter(Boolean).map(esc).join("; ")}
-    ${esc(p.tokens)} tokens generated</span></div>`;
+    &nbsp; last round's answers: ${votes} &nbsp; <span class="muted">${[...notes, `${p.tokens} tokens generated`].filter(Boolean).map(esc).join(" \u00b7 ")}</span></div>`;
 }
 function debates(el) {
   if (!D.stores.length) { el.innerHTML = absent("No trajectory store yet: `pluribus debate` writes trajectories/."); return; }
@@ -302,9 +301,10 @@ function experts(el) {
   el.innerHTML = `<div class="cards">${D.experts.map(e => {
     if (e.absent) return `<div class="card"><h3>${esc(e.name)}</h3>${absent(e.absent)}<div class="muted">${esc(e.path)}</div></div>`;
     const names = [...new Set([...Object.keys(e.curves), ...Object.keys(e.undrawn || {})])];
-    return `<div class="card expert" data-name="${esc(e.name)}"><h3>${esc(e.name)} <span class="muted">(${esc(e.objective)})</span></h3>
+    return `<div class="card expert" data-name="${esc(e.name)}"><h3>${esc(e.name)}${e.objective ? ` <span class="muted">(${esc(e.objective)})</span>` : ""}</h3>
       <div class="muted">${[["base", e.base], ["data", e.dataset], ["finished", e.finished]].filter(kv => kv[1])
-        .map(kv => `${kv[0]} ${esc(kv[1])}`).join(" \u00b7 ")}</div>
+        .map(kv => `${kv[0]} ${esc(kv[1])}`).join(" \u00b7 ")}${e.running ? "not finished: no adapter yet (a training " +
+        "still running, or stopped before its end); the curves are its latest checkpoint's" : ""}</div>
       <div class="charts">${names.length ? names.map(k => chart(k, e.curves[k] || [], (e.undrawn || {})[k])).join("") :
         absent("no logged steps (the record has no log_history and no checkpoint kept one)")}</div>
       <details><summary>final metrics and data</summary>${kv(e.metrics)}${kv(e.data)}</details>

@@ -218,3 +218,16 @@ def test_a_recipe_that_does_not_parse_is_not_shown(tmp_path: Path) -> None:
     (run / "recipe.yaml").write_text("team: {agents: [{api_key: plainsecret123, name: a}\n")  # unclosed
     data = collect(run)
     assert "plainsecret123" not in json.dumps(data) and "not readable YAML" in data["recipe"]
+
+
+def test_a_training_still_running_shows_its_latest_checkpoints_curve(tmp_path: Path) -> None:
+    """adapters/<name>.checkpoints without adapters/<name> (the trainer is still at it): its curve so far, marked
+    as not finished; checkpoints with no logged step are no expert."""
+    run = tmp_path / "run"
+    for name, history in (("rsft", [{"loss": 2.0, "step": 5}, {"loss": 1.5, "step": 10}]), ("empty", [])):
+        ckpt = run / "adapters" / f"{name}.checkpoints" / "checkpoint-10"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    (expert,) = collect(run)["experts"]
+    assert expert["name"] == "rsft" and expert["running"] and expert["curves"]["loss"] == [[5, 2.0], [10, 1.5]]
+    assert expert["path"].endswith("rsft.checkpoints")
