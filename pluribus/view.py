@@ -288,6 +288,7 @@ def _merges(run: Path) -> list[dict[str, Any]]:
         spec = folder / "merge.yaml"
         out.append({"name": folder.name, "path": str(folder), "lines": lines,
                     "report": report if isinstance(report, dict) else None,
+                    "report_file": (folder / "merge_report.json").is_file(),
                     "spec": spec.read_text() if spec.is_file() else None})
     return out
 
@@ -357,7 +358,8 @@ def collect(run: Path) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data (absent parts are None or empty)."""
     layout = check_run(run)
     return _redacted({
-        "run": {"name": run.resolve().name, "path": str(run.resolve())},
+        "run": {"name": run.resolve().name, "path": str(run.resolve()),
+                "stages_unreadable": layout.stages.is_file() and not isinstance(_read_json(layout.stages), dict)},
         "recipe": _recipe(layout), "stages": _stages(layout), "eval": _eval(layout), "stores": _stores(run),
         "datasets": _datasets(layout), "process": _process(layout), "experts": _experts(run),
         "merges": _merges(run),

@@ -316,7 +316,7 @@ function experts(el) {
 function merges(el) {
   if (!D.merges.length) { el.innerHTML = absent("No merge yet: `pluribus merge` writes merged/<name>/."); return; }
   el.innerHTML = D.merges.map(m => `<div class="card merge"><h3>${esc(m.name)}</h3><div class="muted">${esc(m.path)}</div>
-    ${m.report ? `<pre>${esc(m.lines.join("\n"))}</pre>` : absent("no merge_report.json")}
+    ${m.report ? `<pre>${esc(m.lines.join("\n"))}</pre>` : absent(m.report_file ? "merge_report.json is not readable JSON" : "no merge_report.json")}
     ${m.spec ? `<details><summary>merge.yaml</summary><pre>${esc(m.spec)}</pre></details>` : ""}</div>`).join("");
 }
 function evalPart(el) {
@@ -326,7 +326,8 @@ function evalPart(el) {
 function overview(el) {
   const stages = D.stages.length ? `<table><tr><th>step</th><th>finished</th><th>output</th></tr>${D.stages.map(s =>
     `<tr><td>${esc(s.step)}</td><td>${esc(s.finished)}</td><td><code>${esc(s.output)}</code></td></tr>`).join("")}</table>`
-    : absent("No step recorded yet (stages.json is written by `pluribus run` after each step).");
+    : absent(D.run.stages_unreadable ? "stages.json is there but not a readable record of steps; not shown."
+             : "No step recorded yet (stages.json is written by `pluribus run` after each step).");
   const data = D.datasets.length ? `<table><tr><th>dataset</th><th>rows</th><th>path</th></tr>${D.datasets.map(d =>
     `<tr><td>${esc(d.name)}</td><td class="num">${d.rows}</td><td><code>${esc(d.path)}</code></td></tr>`).join("")}</table>`
     : absent("No dataset yet: `pluribus build` writes datasets/<kind>/.");

@@ -231,3 +231,14 @@ def test_a_training_still_running_shows_its_latest_checkpoints_curve(tmp_path: P
     (expert,) = collect(run)["experts"]
     assert expert["name"] == "rsft" and expert["running"] and expert["curves"]["loss"] == [[5, 2.0], [10, 1.5]]
     assert expert["path"].endswith("rsft.checkpoints")
+
+
+def test_an_unreadable_record_is_not_called_missing(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "merged" / "m").mkdir(parents=True)
+    (run / "merged" / "m" / "merge_report.json").write_text("{torn")
+    (run / "stages.json").write_text("{torn")
+    html = write_view(run).read_text()
+    data = _embedded(html)
+    assert data["run"]["stages_unreadable"] and data["stages"] == []
+    assert data["merges"][0]["report"] is None and data["merges"][0]["report_file"]
