@@ -61,6 +61,11 @@ def test_the_page_renders_searches_and_opens_a_debate(tmp_path: Path) -> None:
         agents = b.eval("[...document.querySelectorAll('#debatelist table.debate thead th')].map(t => t.textContent)")
         assert rounds == 2 and agents == ["", "solver", "checker", "skeptic"]
         assert "Final answer" in b.eval("document.querySelector('#debatelist .final').textContent")
+        known = b.eval(f"D.stores[0].problems.find(p => p.id === '{KNOWN}')")
+        moves = b.eval("[...document.querySelectorAll('#debatelist details.item[open] .move')].map(m => m.className)")
+        assert sorted(m.split()[1] for m in moves) == ["broke", "fixed", "switched"]  # KNOWN's three moves
+        final = b.eval("document.querySelector('#debatelist .final .chip').textContent")
+        assert final.split(" ", 1)[1] == (known["final"] if known["final"] is not None else "unparsable")
         shot = b.screenshot()
         assert _non_blank(shot) > 50
         (tmp_path / "debate.png").write_bytes(shot)
@@ -74,8 +79,13 @@ def test_the_page_renders_searches_and_opens_a_debate(tmp_path: Path) -> None:
         b.click("nav button[data-tab=process]")
         b.click("#plist details.item > summary")
         steps = b.wait("document.querySelectorAll('#plist details.item[open] .step').length")
-        colours = b.eval("new Set([...document.querySelectorAll('#plist .step')].map(s => s.style.backgroundColor)).size")
-        assert steps >= 2 and colours >= 1 and "prm_scores" in b.eval("document.querySelector('#plist .step').textContent")
+        # each step's colour is its own Monte-Carlo score's (hue 0 red .. 120 green)
+        hues = b.eval("[...document.querySelectorAll('#plist details.item[open] .step')].map(s => "
+                      "+/hsl\\(([\\d.]+),/.exec(s.getAttribute('style'))[1])")
+        first = b.eval("D.process[0].rows[0]")
+        assert hues == pytest.approx([120 * x for x in first["scores"]]) and len(set(hues)) > 1
+        assert steps == len(first["steps"]) >= 2
+        assert "prm_scores" in b.eval("document.querySelector('#plist .step').textContent")
         metas = b.eval("[...document.querySelectorAll('#plist details.item[open] .step .meta')].map(m => m.textContent)")
         assert all("MC " in m for m in metas[:-1]), metas
         assert "answer right" in metas[-1] or "answer wrong" in metas[-1], metas  # graded, not rolled out

@@ -19,7 +19,7 @@ from pluribus.data.records import Trajectory, Turn
 from pluribus.data.store import TrajectoryStore
 
 SECRET = "hf_" + "S3cretTokenValue" * 2  # must never reach the page
-KNOWN = "synth-word1-0-37"  # a problem the browser test searches for
+KNOWN = "synth-word1-0-81"  # a problem the browser test searches for: one agent fixed, one broke, one switched
 
 
 def _turn(agent: str, rnd: int, answer: str | None, gold: str, cut: bool = False) -> Turn:
