@@ -168,7 +168,7 @@ function debateBody(p) {
   const rows = p.rounds.map((rnd, r) => `<tr><th>round ${r}</th>` + rnd.map(turnCell).join("") + (judged ?
     (p.judge.filter(j => j.round === r).map(turnCell).join("") || "<td></td>") : "") + "</tr>").join("");
   const votes = p.votes.map(([a, n]) => `${esc(a)} \u00d7${esc(n)}`).join(", ");
-  const notes = [p.tie ? "a tie, broken by the votes of earlier rounds" : "",
+  const notes = [p.tie ? "a tie, broken by the votes over all rounds, then by agent order" : "",
                  p.stopped === null || p.stopped === undefined ? "" : `stopped after round ${esc(p.stopped)}: every agent agreed`];
   return `<p>${esc(p.q)}</p>
     <table class="debate"><thead><tr><th></th>${p.agents.map(a => `<th>${esc(a)}</th>`).join("")}${judged ? "<th>judge</th>" : ""}</tr></thead>
