@@ -195,12 +195,12 @@ def _process(layout: RunLayout) -> list[dict[str, Any]]:
                      and any(_is_number(x) for x in v)}
             # a label as good / bad (TRL's booleans, or 1 / 0), None where a row has none for a step
             labels = [None if x is None else bool(x) for x in r.get("labels") or []]
+            rnd = r.get("round")
             shown.append({"id": str(r.get("problem_id") or ""), "prompt": _text(r.get("prompt")), "steps": steps,
                           "labels": labels + [None] * (len(steps) - len(labels)),
                           "scores": [_score(x) for x in r.get("scores") or []],
                           "debate": [str(x or "") for x in r.get("debate") or []], "extra": extra,
-                          "agent": str(r.get("agent") or ""), "round": r.get("round")
-                          if isinstance(r.get("round"), int) and not isinstance(r.get("round"), bool) else None})
+                          "agent": str(r.get("agent") or ""), "round": rnd if _is_number(rnd) else None})
         out.append({"name": "process" if data == "team" else "self/process", "path": str(folder), "rows": shown})
     return out
 
