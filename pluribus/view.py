@@ -285,11 +285,10 @@ def _merges(run: Path) -> list[dict[str, Any]]:
                 lines = MergeSummary(**report).lines()
             except TypeError:  # a report of another version: its fields as they are
                 lines = [f"{k}: {v}" for k, v in report.items()]
-        spec = folder / "merge.yaml"
         out.append({"name": folder.name, "path": str(folder), "lines": lines,
                     "report": report if isinstance(report, dict) else None,
                     "report_file": (folder / "merge_report.json").is_file(),
-                    "spec": spec.read_text() if spec.is_file() else None})
+                    "spec": _yaml_shown(folder / "merge.yaml")})
     return out
 
 
@@ -315,17 +314,18 @@ def _stages(layout: RunLayout) -> list[dict[str, Any]]:
             if isinstance(v, dict)]
 
 
-def _recipe(layout: RunLayout) -> str | None:
-    """The recipe as run; values under secret-looking keys (an api_key, a token) are replaced by ***."""
+def _yaml_shown(path: Path) -> str | None:
+    """A YAML file as the page shows it (the recipe, a merge.yaml): values under secret-looking keys (an api_key, a
+    token) replaced by ***; None if it is missing."""
     import yaml
 
-    if not layout.recipe.is_file():
+    if not path.is_file():
         return None
     try:
-        data = yaml.safe_load(layout.recipe.read_text())
+        data = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        # not its text: a key under a secret-looking name could only be hidden in a recipe that parses
-        return f"({layout.recipe} is not readable YAML ({type(e).__name__}); not shown)"
+        # not its text: a key under a secret-looking name could only be hidden in a file that parses
+        return f"({path} is not readable YAML ({type(e).__name__}); not shown)"
     return yaml.safe_dump(_hide_secrets(data), sort_keys=False)
 
 
@@ -360,7 +360,7 @@ def collect(run: Path) -> dict[str, Any]:
     return _redacted({
         "run": {"name": run.resolve().name, "path": str(run.resolve()),
                 "stages_unreadable": layout.stages.is_file() and not isinstance(_read_json(layout.stages), dict)},
-        "recipe": _recipe(layout), "stages": _stages(layout), "eval": _eval(layout), "stores": _stores(run),
+        "recipe": _yaml_shown(layout.recipe), "stages": _stages(layout), "eval": _eval(layout), "stores": _stores(run),
         "datasets": _datasets(layout), "process": _process(layout), "experts": _experts(run),
         "merges": _merges(run),
     })

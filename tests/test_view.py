@@ -216,8 +216,11 @@ def test_a_recipe_that_does_not_parse_is_not_shown(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.yaml").write_text("team: {agents: [{api_key: plainsecret123, name: a}\n")  # unclosed
+    (run / "merged" / "m").mkdir(parents=True)  # a merge spec: secrets hidden by key as in the recipe
+    (run / "merged" / "m" / "merge.yaml").write_text("merge_method: ties\nhub_token: plainsecret456\n")
     data = collect(run)
-    assert "plainsecret123" not in json.dumps(data) and "not readable YAML" in data["recipe"]
+    assert "plainsecret" not in json.dumps(data) and "not readable YAML" in data["recipe"]
+    assert data["merges"][0]["spec"] == "merge_method: ties\nhub_token: '***'\n"
 
 
 def test_a_training_still_running_shows_its_latest_checkpoints_curve(tmp_path: Path) -> None:
