@@ -2,8 +2,9 @@
 
 The page (pluribus.view_page's template) holds everything inline: the eval report with its plots as data URIs,
 every trajectory store's problems round by round (each agent's answer, right or wrong, who changed their mind and
-which way, counted as the debate's summary counts them; the judge's turns; the final vote by answers.vote_key), the process rows with each step's Monte-Carlo score and label (and PRM score where a row
-has one), each expert's training curve, each merge's report, the stages run and the recipe. The data is embedded as
+which way, counted as the debate's summary counts them; the judge's turns; the final vote by answers.vote_key),
+the process rows with each step's Monte-Carlo score and label (and PRM score where a row has one), each expert's
+training curve, each merge's report, the stages run and the recipe. The data is embedded as
 JSON and rendered by a small inline script page by page, so a run of thousands of problems stays usable; nothing is
 fetched, so it opens from disk with no server and no network. A part the run does not have yet is shown as absent.
 Every string passes through pluribus.public.redact (tokens, URL credentials): the page may be shared as a file.
