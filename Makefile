@@ -77,11 +77,11 @@ test-vllm-twin: $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest tests/vllm -m twin $(PYTEST_ARGS)
 
 # `pluribus view`'s page in a real browser: Debian's Chromium (apt-get, only where no Chromium is on PATH; as root or
-# through sudo) driven headless over the DevTools protocol by websocket-client (dev extra; installed if missing).
+# through sudo; sudo would drop DEBIAN_FRONTEND, hence env) driven headless over the DevTools protocol by websocket-client (dev extra; installed if missing).
 test-view: $(STAMP)
 	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 	$(PY) -c "import websocket" 2>/dev/null || $(PY) -m pip install -q "websocket-client>=1.6"
 	HF_HUB_OFFLINE=1 PLURIBUS_REQUIRE_BROWSER=1 $(PY) -m pytest tests/test_view_browser.py $(PYTEST_ARGS)
 

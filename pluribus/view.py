@@ -2,8 +2,9 @@
 
 The page (pluribus.view_page's template) holds everything inline: the eval report with its plots as data URIs,
 every trajectory store's problems round by round (each agent's answer, right or wrong, who changed their mind and
-which way, the final vote), the process rows with each step's Monte-Carlo score and label (and PRM score where a row
-has one), each expert's training curve, each merge's report, the stages run and the recipe. The data is embedded as
+which way, counted as the debate's summary counts them; the judge's turns; the final vote by answers.vote_key),
+the process rows with each step's Monte-Carlo score and label (and PRM score where a row has one), each expert's
+training curve, each merge's report, the stages run and the recipe. The data is embedded as
 JSON and rendered by a small inline script page by page, so a run of thousands of problems stays usable; nothing is
 fetched, so it opens from disk with no server and no network. A part the run does not have yet is shown as absent.
 Every string passes through pluribus.public.redact (tokens, URL credentials): the page may be shared as a file.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -55,29 +57,62 @@ def _rel(path: Path, run: Path) -> str:
         return str(path)
 
 
+def _num(value: Any) -> float:
+    """A count from a record as a number (the page prints it as is)."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+def _same(a: str | None, b: str | None) -> bool:
+    """Whether two answers are one vote (the debate's own rule: "0.5" and "1/2" are one answer)."""
+    from pluribus.data.answers import vote_key
+
+    return a == b or (a is not None and b is not None and vote_key(a) == vote_key(b))
+
+
 def _turn(t: dict[str, Any], before: dict[str, Any] | None) -> dict[str, Any]:
-    """One turn as the page draws it; ``ch`` is how the agent moved since its previous round."""
+    """One turn as the page draws it; ``ch`` is how the agent moved since its previous round: "fixed" (wrong or
+    unparsable, then right), "broke" (right, then wrong or unparsable), "switched" (another answer, neither right),
+    "" (the same answer, however written, or right both times)."""
     change = ""
-    if before is not None and t.get("answer") != before.get("answer"):
-        change = ("fixed" if t.get("correct") and not before.get("correct") else
-                  "broke" if before.get("correct") and not t.get("correct") else "switched")
-    return {"a": t.get("answer"), "c": t.get("correct"), "r": t.get("response", ""), "t": t.get("tokens_out", 0),
+    if before is not None:  # fixed and broke as the debate's summary counts them (corrected, lost)
+        right, was_right = bool(t.get("correct")), bool(before.get("correct"))
+        change = "fixed" if right and not was_right else "broke" if was_right and not right else \
+            "switched" if not right and not _same(t.get("answer"), before.get("answer")) else ""
+    return {"a": t.get("answer"), "c": t.get("correct"), "r": t.get("response", ""), "t": _num(t.get("tokens_out")),
             "ch": change, "cut": (t.get("meta") or {}).get("finish_reason") == "length"}
 
 
+def _votes(turns: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """The last round's answers counted as the debate's majority counts them (by answers.vote_key), each written as
+    its first voter wrote it, most votes first; unparsable answers counted apart."""
+    from pluribus.data.answers import vote_key
+
+    shown: dict[str, str] = {}
+    counts: Counter[str] = Counter()
+    for t in turns:
+        key = "\0none" if t["a"] is None else vote_key(t["a"])
+        shown.setdefault(key, "(unparsable)" if t["a"] is None else str(t["a"]))
+        counts[key] += 1
+    return [(shown[k], n) for k, n in counts.most_common()]
+
+
 def _problem(rec: dict[str, Any]) -> dict[str, Any]:
-    """A trajectory as the page's debate view: rounds of turns with their changes, the last round's vote."""
+    """A trajectory as the page's debate view: rounds of turns with their changes, the judge's turns (star topology,
+    judge aggregation), the last round's vote."""
     rounds, last = [], None
     for rnd in rec["rounds"]:
-        rounds.append([_turn(t, last[i] if last else None) for i, t in enumerate(rnd)])
+        before = {t.get("agent"): t for t in last or []}
+        rounds.append([_turn(t, before.get(t.get("agent"))) for t in rnd])
         last = rnd
+    meta = rec.get("meta") or {}
+    judge = [{**_turn(t, None), "round": t.get("round")} for t in meta.get("judge") or [] if isinstance(t, dict)]
     changes = Counter(t["ch"] for rnd in rounds for t in rnd if t["ch"])
-    votes = Counter("(unparsable)" if t["a"] is None else str(t["a"]) for t in rounds[-1])
     return {"id": rec["problem_id"], "q": rec["question"], "gold": rec["gold"], "agents": rec["team"],
-            "rounds": rounds, "final": rec.get("final_answer"), "ok": rec.get("final_correct"),
-            "agg": rec.get("aggregation", ""), "votes": votes.most_common(), "fixed": changes["fixed"],
-            "broke": changes["broke"], "switched": changes["switched"],
-            "tokens": (rec.get("cost") or {}).get("tokens_out", 0)}
+            "rounds": rounds, "judge": judge, "final": rec.get("final_answer"), "ok": rec.get("final_correct"),
+            "agg": rec.get("aggregation", ""), "votes": _votes(rounds[-1]) if rounds else [],
+            "tie": bool(meta.get("tie_broken")), "stopped": meta.get("stopped_after_round"),
+            "fixed": changes["fixed"], "broke": changes["broke"], "switched": changes["switched"],
+            "tokens": _num((rec.get("cost") or {}).get("tokens_out"))}
 
 
 def _lines(data: bytes) -> int:
@@ -95,19 +130,19 @@ def _stores(run: Path) -> list[dict[str, Any]]:
                      key=lambda p: (p != run / "trajectories", p != run / "self" / "trajectories", str(p)))
     out = []
     for folder in folders:
+        name = "debate" if folder == run / "trajectories" else _rel(folder.parent, run)
         try:
             store = TrajectoryStore(folder, check=Trajectory.from_dict)  # read-only: no lock, no repair
             records = list(store.iter_records(skip_corrupt=True))
         except PluribusError as e:
-            out.append({"name": _rel(folder.parent, run) or "debate", "path": str(folder), "error": str(e),
-                        "problems": []})
+            out.append({"name": name, "path": str(folder), "error": str(e), "problems": []})
             continue
         lines = sum(_lines(shard.read_bytes()) for shard in store.shards())
-        name = "debate" if folder == run / "trajectories" else _rel(folder.parent, run)
         problems = [_problem(r) for r in records]
         shapes = {(len(p["agents"]), len(p["rounds"])) for p in problems}
         note = ""
-        if len(shapes) == 1 and (shape := shapes.pop())[0] > 1 and shape[1] == 1:
+        if len(shapes) == 1 and (shape := shapes.pop())[0] > 1 and shape[1] == 1 and \
+                {p["agg"] for p in problems} == {"majority"}:
             # sc's draws, the single agent's own samples: no debate, and eval's sc does not vote over all of them
             note = (f"{shape[0]} independent samples per problem, no debate: the final answer here is the majority "
                     "of all of them" + ("; eval's sc votes over as many as fit the team's token budget (the eval "
@@ -134,6 +169,15 @@ def _text(prompt: Any) -> str:
     return "" if prompt is None else str(prompt)
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _score(x: Any) -> float | None:
+    """A per-step score for the page: a finite number, else None (the page says n/a)."""
+    return float(x) if _is_number(x) and math.isfinite(x) else None
+
+
 def _process(layout: RunLayout) -> list[dict[str, Any]]:
     """The process datasets' rows (the team's, then the single agent's own): steps with their labels, Monte-Carlo
     scores, debate signals, and any other per-step score a row carries (a PRM's, named by its column)."""
@@ -145,13 +189,19 @@ def _process(layout: RunLayout) -> list[dict[str, Any]]:
             continue
         shown = []
         for r in rows:
-            steps = r.get("completions") or []
-            extra = {k: v for k, v in r.items() if k not in ("completions", "labels", "scores", "debate")
-                     and isinstance(v, list) and len(v) == len(steps) and all(isinstance(x, int | float) for x in v)}
+            steps = [str(x) for x in r.get("completions") or []]
+            extra = {k: [_score(x) for x in v] for k, v in r.items()
+                     if k not in ("completions", "labels", "scores", "debate") and isinstance(v, list)
+                     and len(v) == len(steps) and all(x is None or _is_number(x) for x in v)
+                     and any(_is_number(x) for x in v)}
+            # a label as good / bad (TRL's booleans, or 1 / 0), None where a row has none for a step
+            labels = [None if x is None else bool(x) for x in r.get("labels") or []]
+            rnd = r.get("round")
             shown.append({"id": str(r.get("problem_id") or ""), "prompt": _text(r.get("prompt")), "steps": steps,
-                          "labels": r.get("labels") or [], "scores": r.get("scores") or [],
-                          "debate": r.get("debate") or [], "extra": extra, "agent": r.get("agent", ""),
-                          "round": r.get("round")})
+                          "labels": labels + [None] * (len(steps) - len(labels)),
+                          "scores": [_score(x) for x in r.get("scores") or []],
+                          "debate": [str(x or "") for x in r.get("debate") or []], "extra": extra,
+                          "agent": str(r.get("agent") or ""), "round": rnd if _is_number(rnd) else None})
         out.append({"name": "process" if data == "team" else "self/process", "path": str(folder), "rows": shown})
     return out
 
@@ -185,26 +235,40 @@ def _history(adapter: Path, record: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _experts(run: Path) -> list[dict[str, Any]]:
-    """Each adapter folder with a training record: objective, base, data, final metrics, and its curves."""
+    """Each adapter folder with a training record: objective, base, data, final metrics, and its curves; a training
+    still running (its checkpoints, no adapter folder yet) with the curve of its latest checkpoint."""
     out = []
     root = run / "adapters"
-    for folder in sorted(p for p in root.glob("*") if p.is_dir() and not p.name.endswith(".checkpoints")) \
-            if root.is_dir() else []:
+    folders = {p.name[: -len(".checkpoints")] if p.name.endswith(".checkpoints") else p.name
+               for p in root.glob("*") if p.is_dir()} if root.is_dir() else set()
+    for folder in (root / name for name in sorted(folders)):
         record = _read_json(folder / "training_record.json")
-        if not isinstance(record, dict):
+        running = not folder.is_dir()  # checkpoints only: a training still running (or stopped before its end)
+        if running:
+            record = {}
+            if not _history(folder, record):
+                continue
+        elif not isinstance(record, dict):
             out.append({"name": folder.name, "path": str(folder), "absent": "no readable training_record.json"})
             continue
         curves: dict[str, list[list[float]]] = {}
+        undrawn: Counter[str] = Counter()  # logged values that are nan or inf (a diverged step): counted, not drawn
         for entry in _history(folder, record):
             step = entry.get("step")
             for key in CURVE_KEYS:
                 value = entry.get(key)
-                if isinstance(step, int | float) and isinstance(value, int | float):
+                if not (_is_number(step) and _is_number(value)):
+                    continue
+                if math.isfinite(value):
                     curves.setdefault(key, []).append([step, value])
-        out.append({"name": folder.name, "path": str(folder), "objective": record.get("objective"),
+                else:
+                    undrawn[key] += 1
+        out.append({"name": folder.name, "path": str(folder.with_name(folder.name + ".checkpoints") if running else folder),
+                    "objective": record.get("objective"),
                     "base": record.get("base_model"), "data": record.get("data") or {},
                     "dataset": (record.get("dataset") or {}).get("path"), "metrics": record.get("metrics") or {},
-                    "finished": record.get("finished_at"), "curves": curves})
+                    "finished": record.get("finished_at"), "curves": curves, "undrawn": dict(undrawn),
+                    "running": running})
     return out
 
 
@@ -222,10 +286,10 @@ def _merges(run: Path) -> list[dict[str, Any]]:
                 lines = MergeSummary(**report).lines()
             except TypeError:  # a report of another version: its fields as they are
                 lines = [f"{k}: {v}" for k, v in report.items()]
-        spec = folder / "merge.yaml"
         out.append({"name": folder.name, "path": str(folder), "lines": lines,
                     "report": report if isinstance(report, dict) else None,
-                    "spec": spec.read_text() if spec.is_file() else None})
+                    "report_file": (folder / "merge_report.json").is_file(),
+                    "spec": _yaml_shown(folder / "merge.yaml")})
     return out
 
 
@@ -251,16 +315,18 @@ def _stages(layout: RunLayout) -> list[dict[str, Any]]:
             if isinstance(v, dict)]
 
 
-def _recipe(layout: RunLayout) -> str | None:
-    """The recipe as run; values under secret-looking keys (an api_key, a token) are replaced by ***."""
+def _yaml_shown(path: Path) -> str | None:
+    """A YAML file as the page shows it (the recipe, a merge.yaml): values under secret-looking keys (an api_key, a
+    token) replaced by ***; None if it is missing."""
     import yaml
 
-    if not layout.recipe.is_file():
+    if not path.is_file():
         return None
     try:
-        data = yaml.safe_load(layout.recipe.read_text())
-    except yaml.YAMLError:
-        return layout.recipe.read_text()
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        # not its text: a key under a secret-looking name could only be hidden in a file that parses
+        return f"({path} is not readable YAML ({type(e).__name__}); not shown)"
     return yaml.safe_dump(_hide_secrets(data), sort_keys=False)
 
 
@@ -275,13 +341,17 @@ def _hide_secrets(data: Any, key: str = "") -> Any:
 
 
 def _redacted(data: Any) -> Any:
-    """Every string of ``data`` with tokens and URL credentials removed (pluribus.public.redact)."""
+    """Every string of ``data`` with tokens and URL credentials removed (pluribus.public.redact); a nan or inf
+    (a diverged loss, an undefined metric) as its name, "nan", "inf", "-inf": JSON has no such number, and one
+    would make the whole page's data unreadable to the browser."""
     from pluribus.public import redact
 
     if isinstance(data, dict):
         return {k: _redacted(v) for k, v in data.items()}
-    if isinstance(data, list):
+    if isinstance(data, list | tuple):
         return [_redacted(v) for v in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
     return redact(data) if isinstance(data, str) else data
 
 
@@ -289,8 +359,9 @@ def collect(run: Path) -> dict[str, Any]:
     """Everything the page shows, as JSON-ready data (absent parts are None or empty)."""
     layout = check_run(run)
     return _redacted({
-        "run": {"name": run.resolve().name, "path": str(run.resolve())},
-        "recipe": _recipe(layout), "stages": _stages(layout), "eval": _eval(layout), "stores": _stores(run),
+        "run": {"name": run.resolve().name, "path": str(run.resolve()),
+                "stages_unreadable": layout.stages.is_file() and not isinstance(_read_json(layout.stages), dict)},
+        "recipe": _yaml_shown(layout.recipe), "stages": _stages(layout), "eval": _eval(layout), "stores": _stores(run),
         "datasets": _datasets(layout), "process": _process(layout), "experts": _experts(run),
         "merges": _merges(run),
     })
@@ -355,11 +426,11 @@ def page(data: dict[str, Any]) -> str:
     """The HTML page of ``collect``'s data: the template with the data as an inline JSON script."""
     from pluribus.view_page import TEMPLATE
 
-    # "</" cannot end the script element early once escaped; U+2028/9 are valid JSON but not valid JS source
-    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/").replace("\u2028", "\\u2028") \
-        .replace("\u2029", "\\u2029")
-    title = html.escape(f"pluribus run {data['run']['name']}")
-    return TEMPLATE.replace("{{TITLE}}", title).replace("{{DATA}}", payload)
+    # no "<" at all in the script element's text (JSON's \u003c instead): neither "</script>" nor "<!--" (which
+    # would let a later "</script>" stay inside it) can end or change it; ASCII only: no lone surrogate to encode
+    payload = json.dumps(_redacted(data), ensure_ascii=True, allow_nan=False).replace("<", "\\u003c")
+    parts = {"TITLE": html.escape(f"pluribus run {data['run']['name']}"), "DATA": payload}
+    return re.sub(r"\{\{(TITLE|DATA)\}\}", lambda m: parts[m.group(1)], TEMPLATE)  # one pass: no part fills another
 
 
 def write_view(run: Path, out: Path | None = None) -> Path:

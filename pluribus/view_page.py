@@ -156,20 +156,25 @@ function debateHead(p) {
 }
 const MOVES = {fixed: ["\u2197", "changed from a wrong answer to the right one"],
                broke: ["\u2198", "changed from the right answer to a wrong one"],
-               switched: ["\u2194", "changed from one wrong answer to another"]};
+               switched: ["\u2194", "changed its answer, wrong (or unparsable) before and after"]};
+function turnCell(t) {
+  const move = t.ch ? `<span class="move ${esc(t.ch)}" title="${esc(MOVES[t.ch][1])}">${MOVES[t.ch][0]} ${esc(t.ch)}</span>` : "";
+  const cut = t.cut ? ` <span class="muted" title="stopped at max_new_tokens">\u2702 cut</span>` : "";
+  return `<td class="turn">${chip(t.a, t.c)}${move}<div class="muted">${esc(t.t)} tokens${cut}</div>
+    <details><summary>response</summary><pre>${esc(t.r)}</pre></details></td>`;
+}
 function debateBody(p) {
-  const rows = p.rounds.map((rnd, r) => `<tr><th>round ${r}</th>` + rnd.map(t => {
-    const move = t.ch ? `<span class="move ${t.ch}" title="${MOVES[t.ch][1]}">${MOVES[t.ch][0]} ${t.ch}</span>` : "";
-    const cut = t.cut ? ` <span class="muted" title="stopped at max_new_tokens">\u2702 cut</span>` : "";
-    return `<td class="turn">${chip(t.a, t.c)}${move}<div class="muted">${t.t} tokens${cut}</div>
-      <details><summary>response</summary><pre>${esc(t.r)}</pre></details></td>`;
-  }).join("") + "</tr>").join("");
-  const votes = p.votes.map(([a, n]) => `${esc(a)} \u00d7${n}`).join(", ");
+  const judged = p.judge && p.judge.length;
+  const rows = p.rounds.map((rnd, r) => `<tr><th>round ${r}</th>` + rnd.map(turnCell).join("") + (judged ?
+    (p.judge.filter(j => j.round === r).map(turnCell).join("") || "<td></td>") : "") + "</tr>").join("");
+  const votes = p.votes.map(([a, n]) => `${esc(a)} \u00d7${esc(n)}`).join(", ");
+  const notes = [p.tie ? "a tie, broken by the votes over all rounds, then by agent order" : "",
+                 p.stopped === null || p.stopped === undefined ? "" : `stopped after round ${esc(p.stopped)}: every agent agreed`];
   return `<p>${esc(p.q)}</p>
-    <table class="debate"><thead><tr><th></th>${p.agents.map(a => `<th>${esc(a)}</th>`).join("")}</tr></thead>
+    <table class="debate"><thead><tr><th></th>${p.agents.map(a => `<th>${esc(a)}</th>`).join("")}${judged ? "<th>judge</th>" : ""}</tr></thead>
     <tbody>${rows}</tbody></table>
     <div class="final"><b>Final answer</b> (${esc(p.agg)}): ${chip(p.final, p.ok)} &nbsp; gold <b>${esc(p.gold)}</b>
-    &nbsp; last round's answers: ${votes} &nbsp; <span class="muted">${p.tokens} tokens generated</span></div>`;
+    &nbsp; last round's answers: ${votes} &nbsp; <span class="muted">${[...notes, `${p.tokens} tokens generated`].filter(Boolean).map(esc).join(" \u00b7 ")}</span></div>`;
 }
 function debates(el) {
   if (!D.stores.length) { el.innerHTML = absent("No trajectory store yet: `pluribus debate` writes trajectories/."); return; }
@@ -203,31 +208,46 @@ function debates(el) {
 }
 
 // ------------------------------------------------------------------------------------------ the process rows
+function labelled(r) { return r.labels.some(l => l !== null); }
 function processHead(r) {
   const bad = r.labels.indexOf(false);
-  const low = r.scores.length ? Math.min(...r.scores) : null;
-  return `<span class="pid">${esc(r.id)}</span><span class="muted">${esc(r.agent)}${r.round === null || r.round === undefined ? "" : " r" + r.round}</span>
-    <span>${r.steps.length} steps</span>${bad < 0 ? '<span class="chip ok">all steps good</span>' :
-    `<span class="chip bad">first bad step ${bad}</span>`}<span class="muted">lowest MC ${low === null ? "n/a" : low.toFixed(2)}</span>
+  // the last step's score is its trace's own grade (no rollout), not a Monte-Carlo estimate
+  const known = r.scores.slice(0, r.steps.length - 1).filter(x => x !== null);
+  const low = known.length ? Math.min(...known) : null;
+  const verdict = !labelled(r) ? '<span class="chip none">no labels</span>' : bad >= 0 ?
+    `<span class="chip bad">first bad step ${bad}</span>` : r.labels.includes(null) ?
+    '<span class="chip none">no bad step labelled</span>' : '<span class="chip ok">all steps good</span>';
+  return `<span class="pid">${esc(r.id)}</span><span class="muted">${esc(r.agent)}${r.round === null ? "" : " r" + esc(r.round)}</span>
+    <span>${r.steps.length} steps</span>${verdict}<span class="muted">lowest MC ${low === null ? "n/a" : low.toFixed(2)}</span>
     <span class="q">${esc(r.prompt)}</span>`;
+}
+function scoreText(r, i, sc) {
+  if (sc === null) return "MC n/a";
+  if (i === r.steps.length - 1 && (sc === 0 || sc === 1)) return sc ? "answer right" : "answer wrong";
+  return `MC ${sc.toFixed(2)}`;
 }
 function processBody(r) {
   const extra = Object.keys(r.extra);
   const steps = r.steps.map((s, i) => {
-    const sc = r.scores[i], h = hue(sc === undefined ? 0.5 : sc);
+    const sc = r.scores[i] === undefined ? null : r.scores[i], h = sc === null ? null : hue(sc);
     const others = extra.map(k => { const v = r.extra[k][i];
-      return ` <span class="chip" style="background:hsl(${hue(v)},65%,85%)">${esc(k)} ${v.toFixed(2)}</span>`; }).join("");
-    return `<div class="step" style="border-color:hsl(${h},60%,42%);background:hsl(${h},65%,94%)">
-      <div class="meta">#${i} ${r.labels[i] ? '<span class="chip ok">\u2713 good</span>' : '<span class="chip bad">\u2717 bad</span>'}
-      MC ${sc === undefined ? "n/a" : sc.toFixed(2)}${others}${r.debate[i] ? ` <span class="muted">${esc(r.debate[i])}</span>` : ""}</div>
+      return v === null ? ` <span class="chip none">${esc(k)} n/a</span>` :
+        ` <span class="chip" style="background:hsl(${hue(v)},65%,85%)">${esc(k)} ${v.toFixed(2)}</span>`; }).join("");
+    const label = r.labels[i] === true ? '<span class="chip ok">\u2713 good</span>' :
+      r.labels[i] === false ? '<span class="chip bad">\u2717 bad</span>' : '<span class="chip none">no label</span>';
+    return `<div class="step" style="${h === null ? "border-color:#8c959f;background:#f6f8fa" : `border-color:hsl(${h},60%,42%);background:hsl(${h},65%,94%)`}">
+      <div class="meta">#${i} ${label}
+      ${scoreText(r, i, sc)}${others}${r.debate[i] ? ` <span class="muted">${esc(r.debate[i])}</span>` : ""}</div>
       <div class="text">${esc(s)}</div></div>`;
   }).join("");
   return `<pre>${esc(r.prompt)}</pre>${steps}`;
 }
 function processRows(el) {
   if (!D.process.length) { el.innerHTML = absent("No process dataset yet: `pluribus build --kind process` writes datasets/process/."); return; }
-  el.innerHTML = `<p>Each step is coloured by its Monte-Carlo score (the fraction of rollouts from that step that reach the
-    gold answer) <span class="scale"></span> 0 \u2192 1, and marked by its label; a PRM's per-step score, where a row carries
+  el.innerHTML = `<p>Each step is coloured by its Monte-Carlo score (MC: the fraction of rollouts from that step that reach the
+    gold answer; the last step, which has nothing left to roll out, by whether the trace's own answer is right)
+    <span class="scale"></span> 0 \u2192 1, and marked by its label (good where the score is above the build's
+    threshold; with build.monotone_labels every step after the first bad one is bad); a PRM's per-step score, where a row carries
     one, is shown beside it.</p><div class="bar"><label>dataset <select id="pset">${D.process.map((s, i) =>
     `<option value="${i}">${esc(s.name)} (${s.rows.length} rows)</option>`).join("")}</select></label>
     <span class="muted" id="ppath"></span></div><div id="plist"></div>`;
@@ -240,7 +260,8 @@ function processRows(el) {
       placeholder: "search rows: problem id, prompt or step text",
       match: (r, q) => r.id.toLowerCase().includes(q) || r.prompt.toLowerCase().includes(q) ||
                        r.steps.some(x => x.toLowerCase().includes(q)),
-      filters: {"all": () => true, "a bad step": r => r.labels.includes(false), "all steps good": r => !r.labels.includes(false)},
+      filters: {"all": () => true, "a bad step": r => r.labels.includes(false),
+                "all steps good": r => labelled(r) && r.labels.every(l => l === true)},
     });
   }
   pick.addEventListener("change", show);
@@ -251,17 +272,21 @@ function processRows(el) {
 function short(v) {  // an axis number in a few characters: 1.80e-4, 0.4333, 1.2e+5
   return v !== 0 && (Math.abs(v) < 1e-2 || Math.abs(v) >= 1e5) ? v.toExponential(2) : String(+v.toPrecision(4));
 }
-function chart(name, pts) {
+function chart(name, pts, undrawn) {
+  const note = undrawn ? ` (${undrawn} nan/inf not drawn)` : "";
+  if (!pts.length) return `<div class="absent">${esc(name)}: every logged value is nan or inf</div>`;
   const W = 240, H = 130, L = 48, R = 8, T = 16, B = 22;
   const xs = pts.map(p => p[0]), ys = pts.map(p => p[1]);
-  let x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+  // reduce, not Math.min(...xs): a long training logs more steps than a call may take arguments
+  const lo = a => a.reduce((m, v) => v < m ? v : m), hi = a => a.reduce((m, v) => v > m ? v : m);
+  let x0 = lo(xs), x1 = hi(xs), y0 = lo(ys), y1 = hi(ys);
   if (x1 === x0) { x0 -= 1; x1 += 1; }
   if (y1 === y0) { const d = Math.abs(y0) * 0.05 || 1; y0 -= d; y1 += d; }
   const X = x => L + (x - x0) / (x1 - x0) * (W - L - R), Y = y => T + (y1 - y) / (y1 - y0) * (H - T - B);
   const line = pts.map(p => `${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join(" ");
   const dots = pts.length <= 60 ? pts.map(p => `<circle cx="${X(p[0]).toFixed(1)}" cy="${Y(p[1]).toFixed(1)}" r="2" fill="#0969da"><title>step ${p[0]}: ${num(p[1])}</title></circle>`).join("") : "";
   return `<svg class="chart" width="${W}" height="${H}" role="img" aria-label="${esc(name)}">
-    <text x="${L}" y="11" style="font-weight:600;fill:#1f2328">${esc(name)}</text>
+    <text x="${L}" y="11" style="font-weight:600;fill:#1f2328">${esc(name + note)}</text>
     <line x1="${L}" y1="${H - B}" x2="${W - R}" y2="${H - B}" stroke="#d0d7de"/><line x1="${L}" y1="${T}" x2="${L}" y2="${H - B}" stroke="#d0d7de"/>
     <text x="${L - 4}" y="${T + 4}" text-anchor="end">${short(y1)}</text><text x="${L - 4}" y="${H - B}" text-anchor="end">${short(y0)}</text>
     <text x="${L}" y="${H - 6}">step ${num(x0)}</text><text x="${W - R}" y="${H - 6}" text-anchor="end">${num(x1)}</text>
@@ -275,11 +300,12 @@ function experts(el) {
   if (!D.experts.length) { el.innerHTML = absent("No expert yet: `pluribus train` writes adapters/<name>/."); return; }
   el.innerHTML = `<div class="cards">${D.experts.map(e => {
     if (e.absent) return `<div class="card"><h3>${esc(e.name)}</h3>${absent(e.absent)}<div class="muted">${esc(e.path)}</div></div>`;
-    const names = Object.keys(e.curves);
-    return `<div class="card expert" data-name="${esc(e.name)}"><h3>${esc(e.name)} <span class="muted">(${esc(e.objective)})</span></h3>
+    const names = [...new Set([...Object.keys(e.curves), ...Object.keys(e.undrawn || {})])];
+    return `<div class="card expert" data-name="${esc(e.name)}"><h3>${esc(e.name)}${e.objective ? ` <span class="muted">(${esc(e.objective)})</span>` : ""}</h3>
       <div class="muted">${[["base", e.base], ["data", e.dataset], ["finished", e.finished]].filter(kv => kv[1])
-        .map(kv => `${kv[0]} ${esc(kv[1])}`).join(" \u00b7 ")}</div>
-      <div class="charts">${names.length ? names.map(k => chart(k, e.curves[k])).join("") :
+        .map(kv => `${kv[0]} ${esc(kv[1])}`).join(" \u00b7 ")}${e.running ? "not finished: no adapter yet (a training " +
+        "still running, or stopped before its end); the curves are its latest checkpoint's" : ""}</div>
+      <div class="charts">${names.length ? names.map(k => chart(k, e.curves[k] || [], (e.undrawn || {})[k])).join("") :
         absent("no logged steps (the record has no log_history and no checkpoint kept one)")}</div>
       <details><summary>final metrics and data</summary>${kv(e.metrics)}${kv(e.data)}</details>
       <div class="muted">${esc(e.path)}</div></div>`;
@@ -290,7 +316,7 @@ function experts(el) {
 function merges(el) {
   if (!D.merges.length) { el.innerHTML = absent("No merge yet: `pluribus merge` writes merged/<name>/."); return; }
   el.innerHTML = D.merges.map(m => `<div class="card merge"><h3>${esc(m.name)}</h3><div class="muted">${esc(m.path)}</div>
-    ${m.report ? `<pre>${esc(m.lines.join("\n"))}</pre>` : absent("no merge_report.json")}
+    ${m.report ? `<pre>${esc(m.lines.join("\n"))}</pre>` : absent(m.report_file ? "merge_report.json is not readable JSON" : "no merge_report.json")}
     ${m.spec ? `<details><summary>merge.yaml</summary><pre>${esc(m.spec)}</pre></details>` : ""}</div>`).join("");
 }
 function evalPart(el) {
@@ -300,7 +326,8 @@ function evalPart(el) {
 function overview(el) {
   const stages = D.stages.length ? `<table><tr><th>step</th><th>finished</th><th>output</th></tr>${D.stages.map(s =>
     `<tr><td>${esc(s.step)}</td><td>${esc(s.finished)}</td><td><code>${esc(s.output)}</code></td></tr>`).join("")}</table>`
-    : absent("No step recorded yet (stages.json is written by `pluribus run` after each step).");
+    : absent(D.run.stages_unreadable ? "stages.json is there but not a readable record of steps; not shown."
+             : "No step recorded yet (stages.json is written by `pluribus run` after each step).");
   const data = D.datasets.length ? `<table><tr><th>dataset</th><th>rows</th><th>path</th></tr>${D.datasets.map(d =>
     `<tr><td>${esc(d.name)}</td><td class="num">${d.rows}</td><td><code>${esc(d.path)}</code></td></tr>`).join("")}</table>`
     : absent("No dataset yet: `pluribus build` writes datasets/<kind>/.");

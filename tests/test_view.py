@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,14 @@ def test_the_page_holds_every_part_of_the_run_and_no_secret(tmp_path: Path, monk
     assert set(experts) == {"prm", "rl", "rsft"}
     assert len(experts["rsft"]["curves"]["loss"]) == 10 and len(experts["rl"]["curves"]["reward"]) == 10
     assert len(experts["prm"]["curves"]["loss"]) == 5
+    # the page's changes of mind are the debate summary's corrected and lost answers
+    from pluribus.data.store import TrajectoryStore
+    from pluribus.stages.debate import summarize
+
+    shown = summarize(list(TrajectoryStore(run / "trajectories").iter_records()))
+    assert sum(p["fixed"] for p in debate["problems"]) == shown.corrected > 0
+    assert sum(p["broke"] for p in debate["problems"]) == shown.lost > 0
+    assert sum(p["switched"] for p in debate["problems"]) > 0
     merge = data["merges"][0]
     assert merge["name"] == "merged" and merge["lines"][0].startswith("method task_arithmetic (adapters -> adapter)")
     assert merge["spec"].startswith("merge_method: task_arithmetic")
@@ -134,3 +143,105 @@ def test_process_rows_in_trl_conversational_form_are_shown(tmp_path: Path) -> No
         "labels": [True, True]}])
     (row,) = _process(RunLayout(tmp_path))[0]["rows"]
     assert row["prompt"] == "What is 2 + 2?" and row["id"] == "" and row["scores"] == [] and row["extra"] == {}
+
+
+def test_votes_and_changes_of_mind_follow_the_debates_rule_and_the_judge_is_shown() -> None:
+    """"0.5" and "1/2" are one answer (answers.vote_key, as the debate's majority counts): rewriting an answer is no
+    change of mind, and the vote counts them together; the judge's turns are shown, not dropped."""
+    from pluribus.data.records import Trajectory, Turn
+    from pluribus.view import _problem
+
+    def turn(agent: str, rnd: int, answer: str | None, correct: bool | None) -> Turn:
+        return Turn(agent, rnd, "m", f"so {answer}", answer, correct, 10, 20, 0.1)
+
+    rounds = [[turn("a", 0, "0.5", True), turn("b", 0, "3", False), turn("c", 0, "2", False)],
+              [turn("a", 1, "1/2", True), turn("b", 1, "3.0", False), turn("c", 1, "0.5", True)]]
+    judge = turn("judge", 1, "1/2", True)
+    t = Trajectory("p1", "Half of 1?", "1/2", ["a", "b", "c"], rounds, "1/2", True, "judge",
+                   {"tokens_in": 1, "tokens_out": 60}, "run0", {"judge": [judge.to_dict()], "tie_broken": False})
+    p = _problem(t.to_dict())
+    assert [x["ch"] for x in p["rounds"][1]] == ["", "", "fixed"]  # a and b wrote the same answer again
+    assert (p["fixed"], p["broke"], p["switched"]) == (1, 0, 0)
+    assert [list(v) for v in p["votes"]] == [["1/2", 2], ["3.0", 1]]
+    assert [(j["a"], j["c"], j["round"]) for j in p["judge"]] == [("1/2", True, 1)] and p["agg"] == "judge"
+    # another wrong answer is a switch; right to unparsable is broken, unparsable to right fixed
+    t = replace(t, rounds=[[turn("a", 0, "3", False), turn("b", 0, "1/2", True), turn("c", 0, None, None)],
+                           [turn("a", 1, "4", False), turn("b", 1, None, None), turn("c", 1, "0.5", True)]])
+    assert [x["ch"] for x in _problem(t.to_dict())["rounds"][1]] == ["switched", "broke", "fixed"]
+
+
+def test_the_page_data_is_strict_json_without_markup(tmp_path: Path) -> None:
+    """nan / inf (a diverged loss) are no JSON numbers: the browser's JSON.parse would refuse the whole page; and no
+    "<" may stand in the script element (a "<!--<script>" in a response would keep it open past its end tag)."""
+    from tests.view_run import HOSTILE, add_hostile
+
+    run = make_view_run(tmp_path / "run", problems=3, eval_=False)
+    add_hostile(run)
+    html = write_view(run).read_text()
+    start = html.index('<script type="application/json" id="data">') + len('<script type="application/json" id="data">')
+    text = html[start: html.index("</script>", start)]
+    assert "<" not in text and "{{" not in html.split("<script", 1)[0]
+
+    def no_constant(name: str) -> None:
+        raise AssertionError(f"{name} in the page's JSON")
+
+    data = json.loads(text, parse_constant=no_constant)
+    problem = next(p for p in data["stores"][0]["problems"] if p["id"] == "hostile-1")
+    assert problem["q"].endswith(HOSTILE) and problem["rounds"][0][0]["r"].endswith(HOSTILE)
+    diverged = next(e for e in data["experts"] if e["name"] == "diverged")
+    assert diverged["curves"]["loss"] == [[1, 2.0]] and diverged["undrawn"] == {"loss": 2, "grad_norm": 2}
+    assert diverged["metrics"] == {"train_loss": "nan"}  # shown as what it is, not dropped
+
+
+def test_process_labels_and_scores_of_other_writers_are_read_as_they_mean(tmp_path: Path) -> None:
+    """Labels as 1 / 0 are good / bad, a step without a label is no label (not "bad"), a missing PRM score is n/a,
+    and a column of booleans is not taken for a score."""
+    from pluribus.layout import RunLayout
+    from pluribus.view import _process
+    from tests.view_run import _parquet
+
+    _parquet(tmp_path / "datasets" / "process", [
+        {"prompt": "q1", "completions": ["a", "b", "c"], "labels": [1, 0, 1], "scores": [0.9, float("nan"), 0.5],
+         "prm": [0.8, None, 0.1], "flags": [True, False, True]},
+        {"prompt": "q2", "completions": ["a", "b"], "labels": [1], "scores": [], "prm": [None, None],
+         "flags": [False, False]}])
+    first, second = _process(RunLayout(tmp_path))[0]["rows"]
+    assert first["labels"] == [True, False, True] and first["scores"] == [0.9, None, 0.5]
+    assert first["extra"] == {"prm": [0.8, None, 0.1]}  # flags: booleans, no score
+    assert second["labels"] == [True, None] and second["extra"] == {} and second["round"] is None
+
+
+def test_a_recipe_that_does_not_parse_is_not_shown(tmp_path: Path) -> None:
+    """Secrets are hidden by their key; a recipe.yaml that does not parse has no keys to go by, so its text stays out."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("team: {agents: [{api_key: plainsecret123, name: a}\n")  # unclosed
+    (run / "merged" / "m").mkdir(parents=True)  # a merge spec: secrets hidden by key as in the recipe
+    (run / "merged" / "m" / "merge.yaml").write_text("merge_method: ties\nhub_token: plainsecret456\n")
+    data = collect(run)
+    assert "plainsecret" not in json.dumps(data) and "not readable YAML" in data["recipe"]
+    assert data["merges"][0]["spec"] == "merge_method: ties\nhub_token: '***'\n"
+
+
+def test_a_training_still_running_shows_its_latest_checkpoints_curve(tmp_path: Path) -> None:
+    """adapters/<name>.checkpoints without adapters/<name> (the trainer is still at it): its curve so far, marked
+    as not finished; checkpoints with no logged step are no expert."""
+    run = tmp_path / "run"
+    for name, history in (("rsft", [{"loss": 2.0, "step": 5}, {"loss": 1.5, "step": 10}]), ("empty", [])):
+        ckpt = run / "adapters" / f"{name}.checkpoints" / "checkpoint-10"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    (expert,) = collect(run)["experts"]
+    assert expert["name"] == "rsft" and expert["running"] and expert["curves"]["loss"] == [[5, 2.0], [10, 1.5]]
+    assert expert["path"].endswith("rsft.checkpoints")
+
+
+def test_an_unreadable_record_is_not_called_missing(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "merged" / "m").mkdir(parents=True)
+    (run / "merged" / "m" / "merge_report.json").write_text("{torn")
+    (run / "stages.json").write_text("{torn")
+    html = write_view(run).read_text()
+    data = _embedded(html)
+    assert data["run"]["stages_unreadable"] and data["stages"] == []
+    assert data["merges"][0]["report"] is None and data["merges"][0]["report_file"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pluribus.view import write_view
 from tests.cdp import Browser, browser_available
 from tests.view_run import KNOWN, make_view_run
 
@@ -60,6 +61,11 @@ def test_the_page_renders_searches_and_opens_a_debate(tmp_path: Path) -> None:
         agents = b.eval("[...document.querySelectorAll('#debatelist table.debate thead th')].map(t => t.textContent)")
         assert rounds == 2 and agents == ["", "solver", "checker", "skeptic"]
         assert "Final answer" in b.eval("document.querySelector('#debatelist .final').textContent")
+        known = b.eval(f"D.stores[0].problems.find(p => p.id === '{KNOWN}')")
+        moves = b.eval("[...document.querySelectorAll('#debatelist details.item[open] .move')].map(m => m.className)")
+        assert sorted(m.split()[1] for m in moves) == ["broke", "fixed", "switched"]  # KNOWN's three moves
+        final = b.eval("document.querySelector('#debatelist .final .chip').textContent")
+        assert final.split(" ", 1)[1] == (known["final"] if known["final"] is not None else "unparsable")
         shot = b.screenshot()
         assert _non_blank(shot) > 50
         (tmp_path / "debate.png").write_bytes(shot)
@@ -73,11 +79,51 @@ def test_the_page_renders_searches_and_opens_a_debate(tmp_path: Path) -> None:
         b.click("nav button[data-tab=process]")
         b.click("#plist details.item > summary")
         steps = b.wait("document.querySelectorAll('#plist details.item[open] .step').length")
-        colours = b.eval("new Set([...document.querySelectorAll('#plist .step')].map(s => s.style.backgroundColor)).size")
-        assert steps >= 2 and colours >= 1 and "prm_scores" in b.eval("document.querySelector('#plist .step').textContent")
+        # each step's colour is its own Monte-Carlo score's (hue 0 red .. 120 green)
+        hues = b.eval("[...document.querySelectorAll('#plist details.item[open] .step')].map(s => "
+                      "+/hsl\\(([\\d.]+),/.exec(s.getAttribute('style'))[1])")
+        first = b.eval("D.process[0].rows[0]")
+        assert hues == pytest.approx([120 * x for x in first["scores"]]) and len(set(hues)) > 1
+        assert steps == len(first["steps"]) >= 2
+        assert "prm_scores" in b.eval("document.querySelector('#plist .step').textContent")
+        metas = b.eval("[...document.querySelectorAll('#plist details.item[open] .step .meta')].map(m => m.textContent)")
+        assert all("MC " in m for m in metas[:-1]), metas
+        assert "answer right" in metas[-1] or "answer wrong" in metas[-1], metas  # graded, not rolled out
 
         b.click("nav button[data-tab=experts]")
         assert b.wait("document.querySelectorAll('#experts svg.chart polyline').length") >= 3
         b.click("nav button[data-tab=merges]")
         assert "task_arithmetic" in b.wait("document.querySelector('#merges pre') && document.querySelector('#merges pre').textContent")
+        assert b.errors == []
+
+
+def test_markup_in_questions_and_responses_is_shown_as_text_and_nan_curves_render(tmp_path: Path) -> None:
+    """A question, an answer, an agent's name and a response that are HTML (an <img onerror>, "<!--<script>",
+    "</script>") stay text: nothing of them runs or becomes an element; a loss that went nan still draws its curve."""
+    from tests.view_run import HOSTILE, add_hostile
+
+    run = make_view_run(tmp_path / "run", problems=3, eval_=False)
+    add_hostile(run)
+    page = write_view(run)
+    with Browser() as b:
+        b.open(page)
+        b.click("nav button[data-tab=debates]")
+        b.type("#debatelist input.search", "hostile-1")
+        b.wait("document.querySelectorAll('#debatelist details.item').length === 1")
+        b.click("#debatelist details.item > summary")
+        b.wait("!!document.querySelector('#debatelist details.item[open] table.debate')")
+        b.eval("document.querySelectorAll('#debatelist details.item[open] table.debate details').forEach(d => d.open = true)")
+        assert b.eval("window.pwned === undefined") is True
+        assert b.eval("document.querySelectorAll('main img, main b b, #debatelist script').length") == 0
+        assert b.eval("document.querySelector('#debatelist details.item[open] .body > p').textContent") == \
+            f"What is 3 + 4? {HOSTILE}"
+        heads = b.eval("[...document.querySelectorAll('#debatelist table.debate thead th')].map(t => t.textContent)")
+        assert heads == ["", "solver", "<b>checker</b>"]
+        assert b.eval("document.querySelector('#debatelist table.debate pre').textContent").endswith(HOSTILE)
+        assert '7"><b>x</b>' in b.eval("document.querySelector('#debatelist table.debate tbody tr:last-child').textContent")
+
+        b.click("nav button[data-tab=experts]")
+        card = "document.querySelector('#experts .expert[data-name=diverged]')"
+        assert "2 nan/inf not drawn" in b.wait(f"{card} && {card}.textContent")
+        assert b.eval(f"{card}.querySelectorAll('svg.chart').length") == 2
         assert b.errors == []

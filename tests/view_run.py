@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from pluribus.data.records import Trajectory, Turn
 from pluribus.data.store import TrajectoryStore
 
 SECRET = "hf_" + "S3cretTokenValue" * 2  # must never reach the page
-KNOWN = "synth-word1-0-37"  # a problem the browser test searches for
+KNOWN = "synth-word1-0-81"  # a problem the browser test searches for: one agent fixed, one broke, one switched
 
 
 def _turn(agent: str, rnd: int, answer: str | None, gold: str, cut: bool = False) -> Turn:
@@ -86,7 +86,9 @@ def make_view_run(root: Path, problems: int = 120, *, eval_: bool = True) -> Pat
     rows = []
     for t in team[:30]:
         steps = t.rounds[-1][0].response.splitlines()
-        scores = [round(random.Random(t.problem_id).random(), 2) for _ in steps]
+        # as the builder scores: Monte-Carlo fractions, the last step its trace's own grade
+        scores = [round(random.Random(t.problem_id).random(), 2) for _ in steps[:-1]] + [float(bool(
+            t.rounds[-1][0].correct))]
         rows.append({"prompt": t.question, "completions": steps, "labels": [s >= 0.5 for s in scores],
                      "scores": scores, "problem_id": t.problem_id, "agent": "solver", "round": 1,
                      "debate": ["kept" for _ in steps], "prm_scores": [round(1 - s / 2, 3) for s in scores]})
@@ -140,3 +142,23 @@ def make_view_run(root: Path, problems: int = 120, *, eval_: bool = True) -> Pat
         (root / "eval" / "results.json").write_text(json.dumps(payload, indent=2))
         write_report(payload, root / "eval")
     return root
+
+
+HOSTILE = ('<img src=x onerror="window.pwned=1"><!--<script>window.pwned=2</script> '
+           '</script><script>window.pwned=3</script>{{DATA}} \u2028')  # markup a question or a response may hold
+
+
+def add_hostile(run: Path) -> None:
+    """A problem whose question, answers, agent names and responses are markup, and an expert whose loss diverged
+    (nan, inf in its log_history): the page must show them as text and still render."""
+    t = trajectories(1, ["solver", "<b>checker</b>"], 2, seed=5)[0]
+    rounds = [[replace(turn, response=f"{turn.response}\n{HOSTILE}") for turn in rnd] for rnd in t.rounds]
+    rounds[-1][0] = replace(rounds[-1][0], answer='7"><b>x</b>')
+    t = replace(t, problem_id="hostile-1", question=f"What is 3 + 4? {HOSTILE}", rounds=rounds)
+    with TrajectoryStore(run / "trajectories", "cfg") as store:
+        store.append([t.to_dict()])
+    folder = run / "adapters" / "diverged"
+    folder.mkdir(parents=True)
+    history = [{"loss": v, "grad_norm": v, "step": s} for s, v in ((1, 2.0), (2, float("nan")), (3, float("inf")))]
+    (folder / "training_record.json").write_text(json.dumps({  # json writes NaN / Infinity, as Python's does
+        "objective": "rsft", "metrics": {"train_loss": float("nan")}, "log_history": history}))
