@@ -25,15 +25,13 @@ import yaml
 from pluribus.errors import OutputExistsError, PluribusError
 from pluribus.merge.config import load_merge_config, parse_merge_config
 from pluribus.merge.mergekit import mergekit_local_paths
+from pluribus.merge.registry import get_method
 from pluribus.merge.spec import MergeInput, MergeSpec
 from pluribus.modelref import ModelRef
 
 __all__ = [
     "MergeInput", "MergeSpec", "MergeSummary", "load_merge_config", "parse_merge_config", "run_merge",
 ]
-
-ADAPTER_METHODS = ("cat", "svd")
-
 
 @dataclass
 class MergeSummary:
@@ -134,7 +132,7 @@ def run_merge(
     if spec.method == "mergekit":
         return _run_mergekit(spec, out, overwrite, start)
     kind = _kind(spec)
-    if kind == "models" and spec.method in ADAPTER_METHODS:
+    if kind == "models" and get_method(spec.method).adapters_only:
         raise PluribusError(f"method '{spec.method}' merges adapters; for models use task_arithmetic, ties, dare_ties ...")
     if kind == "models" and spec.output == "adapter":
         raise PluribusError("output 'adapter' needs adapter inputs; to turn a model into a LoRA use extraction")

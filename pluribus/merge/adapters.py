@@ -4,11 +4,13 @@ Each adapter t contributes ``delta_t(m) = s_t(m) B_t(m) A_t(m)`` to module m, wi
 ``alpha / sqrt(r)`` under rsLoRA; ``rank_pattern`` / ``alpha_pattern`` per module). A module an adapter lacks
 counts as zero. The weighted sum ``lambda sum_t w_t delta_t(m) = B_cat A_cat`` is exact with
 ``B_cat = [c_1 B_1 | ... | c_T B_T]`` and ``A_cat = [A_1; ...; A_T]`` (``c_t = lambda w_t s_t``):
-  * ``cat`` writes exactly that (rank sum r_t);
-  * ``svd`` its best rank-k approximation from the factors (methods.truncate_factors), or per module the
-    smallest rank keeping an energy fraction (written as ``rank_pattern``);
-  * ``ties`` / ``dare_*`` / ``magnitude`` / ``pcb`` act on each module's dense delta (the only basis-independent
-    choice: low-rank factors are defined up to an invertible r x r map), then compress back to rank k.
+  * the linear methods (the registry's ``linear``: ``cat``, ``linear``, ``task_arithmetic``) write exactly that
+    (rank sum r_t) unless a rank or an energy is asked for;
+  * ``svd``, or a linear method given ``rank`` / ``energy``, writes its best rank-k approximation from the factors
+    (methods.truncate_factors), or per module the smallest rank keeping an energy fraction (``rank_pattern``);
+  * the other methods (``ties`` / ``dare_*`` / ``magnitude`` / ``pcb``) act on each module's dense delta (the only
+    basis-independent choice: low-rank factors are defined up to an invertible r x r map), then compress back to
+    rank k (default: the largest input rank; the summary reports the error against the dense result).
 Output adapters have scaling 1 (``lora_alpha = r`` per module) so the stored factors are the delta itself.
 
 Besides the factors an adapter may change other tensors of its base, and each is merged as its own task vector
@@ -42,6 +44,7 @@ from pluribus.adapter import read_adapter_config
 from pluribus.errors import PluribusError
 from pluribus.merge import methods as M
 from pluribus.merge.blas import capped_gram
+from pluribus.merge.registry import get_method
 from pluribus.merge.spec import MergeSpec
 
 PREFIX = "base_model.model."
@@ -400,16 +403,18 @@ class AdapterPlan:
         self.spec, self.adapters = spec, adapters
         self.shapes = check_compatible(adapters, spec.check_base)
         self.params = method_params(spec)
+        self.method = get_method(spec.method)
         weights = self.params.weights
         scale = spec.lam
-        # the factors carry the whole weighting of the low-rank methods, so `normalize` is applied here
-        normalize = M.default_normalize(spec.method, spec.mergekit) if spec.normalize is None else spec.normalize
-        if spec.method in ("linear", "task_arithmetic") and normalize:
+        # the factors carry the whole weighting of the linear methods, so `normalize` is applied here
+        normalize = self.method.normalize_default(spec.mergekit) if spec.normalize is None else spec.normalize
+        if self.method.linear and normalize:
             if abs(sum(weights)) < 1e-8:
                 raise PluribusError(f"{spec.method} merge weights sum to 0; give weights with a non-zero sum")
             scale = spec.lam / sum(weights)
         self.coefs = [w * scale for w in weights]
-        self.default_rank = max(max(a.ranks) for a in adapters)
+        #: the output rank of a truncating merge given neither rank nor energy (the registry's default_rank)
+        self.default_rank = (sum if self.method.default_rank == "sum" else max)(max(a.ranks) for a in adapters)
         #: the dtype an adapter output is stored in (out_dtype; float32 by default)
         self.store_dtype = getattr(torch, spec.out_dtype) if spec.out_dtype else torch.float32
         self.generator = torch.Generator().manual_seed(spec.seed)
@@ -417,7 +422,7 @@ class AdapterPlan:
         #: an adapter stores as full values
         self.others = sorted(set().union(*(a.other_names for a in adapters)))
         self.base_values = _base_values(spec, adapters, self.shapes)
-        if spec.method in ("ties", "magnitude") and spec.trim == "global":
+        if "trim" in self.method.options and spec.trim == "global":
             # an expert's task vector is its own modules and tensors: those it lacks are not part of its density
             def chunks(t: int) -> Iterable[Tensor]:
                 yield from (m.delta() for _, m in sorted(adapters[t].modules.items()))
@@ -429,8 +434,14 @@ class AdapterPlan:
 
     @property
     def low_rank(self) -> bool:
-        """Whether the merged delta is exactly the product of stacked factors (no dense step)."""
-        return self.spec.method in ("cat", "svd", "linear", "task_arithmetic")
+        """Whether the merged delta is exactly the product of stacked factors (no dense step): a linear method."""
+        return self.method.linear
+
+    @property
+    def exact(self) -> bool:
+        """Whether the output is the stacked factors themselves (rank: the inputs' ranks summed): a linear method
+        whose default rank is the exact one, given neither rank nor energy."""
+        return self.low_rank and self.method.default_rank == "sum" and self.spec.rank is None and self.spec.energy is None
 
     def _deltas(self, name: str, shape: tuple[int, int]) -> list[Tensor]:
         return [a.modules[name].delta() if name in a.modules else torch.zeros(shape) for a in self.adapters]
@@ -486,7 +497,7 @@ class AdapterPlan:
         product of methods.truncate_factors)."""
         rank = self.spec.rank or (None if self.spec.energy else self.default_rank)
         store = self.store_dtype
-        if self.spec.method == "cat":
+        if self.exact:
             b, a = self.factors(name)
             bs, as_ = b.to(store), a.to(store)
             # exact up to storing the factors, which is what the error reports
@@ -526,7 +537,7 @@ def merge_adapters(
     out = AdapterMerge(modules={})
     names = list(plan.shapes)
     workers = max(1, workers or torch.get_num_threads())
-    if workers == 1 or spec.method.startswith("dare") or len(names) < 2:
+    if workers == 1 or plan.method.random or len(names) < 2:
         with capped_gram() as gram:
             _collect(out, names, map(functools.partial(plan.compressed, gram=gram), names), advance)
     else:

@@ -169,8 +169,10 @@ def test_linear_is_the_weighted_average():
 
 
 def test_bad_inputs_are_named():
-    with pytest.raises(PluribusError, match=r"Unknown delta merge method 'tie'\. Available: task_arithmetic"):
+    with pytest.raises(PluribusError, match=r"^Unknown merge method 'tie'\. Available: cat, svd, linear, task_arithmetic"):
         M.merge_deltas("tie", [torch.ones(2)], M.MethodParams(weights=(1.0,)))
+    with pytest.raises(PluribusError, match=r"method 'cat' merges LoRA factors"):
+        M.merge_deltas("cat", [torch.ones(2)], M.MethodParams(weights=(1.0,)))
     with pytest.raises(PluribusError, match="pass a seeded torch.Generator"):
         M.merge_deltas("dare_ties", [torch.ones(2)], M.MethodParams(weights=(1.0,), drop=(0.5,)))
     with pytest.raises(PluribusError, match=r"tensor 'expert1:layer\.w' holds 1 NaN/Inf"):
