@@ -39,14 +39,22 @@ if TYPE_CHECKING:
 
     from pluribus.merge.methods import MethodParams
 
-#: Every option a method may read, with what leaving it out means.
-OPTIONS: dict[str, str] = {
-    "rank": "output adapter rank (adapter outputs; leaving it out: the method's default rank)",
-    "energy": "per-module output rank keeping this fraction of the energy (adapter outputs)",
-    "density": "fraction of each task vector's entries kept, in (0, 1] (default 1: all)",
-    "drop": "DARE drop rate p, in [0, 1) (default 0); mergekit's density is 1 - drop",
-    "normalize": "divide by the summed weights (of the agreeing experts for TIES); default: the method's",
-    "trim": "TIES / magnitude trimming per tensor (default) or over the whole model (global)",
+@dataclass(frozen=True)
+class Option:
+    """An option a method may read: its default (None: see the help) and what it does."""
+
+    default: Any
+    help: str
+
+
+#: Every option a method may read. normalize's default is each method's own (its registration says it).
+OPTIONS: dict[str, Option] = {
+    "rank": Option(None, "output adapter rank (adapter outputs; left out: the method's default rank)"),
+    "energy": Option(None, "per-module output rank keeping this fraction of the energy (adapter outputs)"),
+    "density": Option(1.0, "fraction of each task vector's entries kept, in (0, 1]"),
+    "drop": Option(0.0, "DARE drop rate p, in [0, 1); mergekit's density is 1 - drop"),
+    "normalize": Option(None, "divide by the summed weights (of the agreeing experts for TIES)"),
+    "trim": Option("tensor", "TIES / magnitude trimming per tensor or over the whole model (global)"),
 }
 
 #: Every method also reads ``weight`` per input (default 1: the sum), ``lambda`` (default 1) and ``seed`` (DARE).
@@ -75,6 +83,19 @@ class MergeMethod:
     adapters_only: bool = False  # merges LoRA factors only (no model form)
     random: bool = False  # draws from the seeded generator (the merge then runs serially)
     of_weights: bool = False  # over models: merges the weights themselves (a soup), not task vectors
+
+    def option_text(self) -> str:
+        """Its options with their defaults, as the README's table shows them."""
+        out = []
+        for name in self.options:
+            if name == "normalize":
+                out.append(f"normalize={str(self.normalize).lower()}" + (
+                    f" (mergekit: {str(self.normalize_mergekit).lower()})" if self.normalize_mergekit is not None else ""))
+            else:
+                default = OPTIONS[name].default
+                out.append(name if default is None else f"{name}={default:g}" if isinstance(default, float)
+                           else f"{name}={default}")
+        return ", ".join(out) or "(none)"
 
     def normalize_default(self, mergekit: bool) -> bool:
         if mergekit and self.normalize_mergekit is not None:
@@ -153,11 +174,11 @@ def users_of(option: str) -> list[str]:
 
 def markdown_table() -> str:
     """The README's table of methods, from the registrations."""
-    rows = ["| method | what it computes | follows | options | adapter output without rank / energy |",
+    rows = ["| method | what it computes | follows | options (defaults) | adapter output without rank / energy |",
             "|---|---|---|---|---|"]
     for m in METHODS.values():
-        opts = ", ".join(m.options) or "(none)"
-        rows.append(f"| `{m.name}` | {m.math} | {m.cite} | {opts} | {m.rank_rule} |")
+        math = m.math.replace("|", "\\|")  # a pipe inside a table cell, code spans included, is escaped (GFM)
+        rows.append(f"| `{m.name}` | {math} | {m.cite} | {m.option_text()} | {m.rank_rule} |")
     return "\n".join(rows)
 
 

@@ -1,0 +1,57 @@
+"""The merge-method registry: one registration per method, read by the spec, the CLI, mergekit and the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pluribus.errors import PluribusError
+from pluribus.merge.config import parse_merge_config
+from pluribus.merge.registry import METHODS, get_method, markdown_table, merge_method
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_the_readme_table_is_the_registry():
+    text = README.read_text()
+    assert markdown_table() in text, "README's method table differs from the registry: paste registry.markdown_table()"
+
+
+def test_an_unknown_method_names_the_available_ones():
+    with pytest.raises(PluribusError, match=r"^Unknown merge method 'tie'\. Available: cat, svd, linear, task_arithmetic"):
+        get_method("tie")
+
+
+def test_every_method_states_its_options_defaults_and_math():
+    for m in METHODS.values():
+        assert m.math and m.cite and m.default_rank in ("sum", "largest")
+        assert ("normalize" in m.options) == (m.normalize is not None), m.name
+        # the spec accepts exactly the options the registration lists
+        for option, value in {"rank": 4, "density": 0.5, "drop": 0.3, "normalize": True, "trim": "global"}.items():
+            data = {"method": m.name, "inputs": [{"path": "a"}], option: value}
+            if option in m.options:
+                parse_merge_config(data)
+            else:
+                with pytest.raises(PluribusError, match=f"{option} has no effect in method '{m.name}'"):
+                    parse_merge_config(data)
+    # exact by default exactly where the method is linear and not svd (truncation is what svd is for)
+    assert [m.name for m in METHODS.values() if m.default_rank == "sum"] == ["cat", "linear", "task_arithmetic"]
+
+
+def test_the_cli_help_lists_the_registry():
+    from typer.testing import CliRunner
+
+    from pluribus.cli import app
+
+    out = CliRunner().invoke(app, ["merge", "--help"], terminal_width=400).output
+    assert " | ".join(METHODS) in " ".join(out.split())
+
+
+def test_a_registration_is_checked():
+    with pytest.raises(ValueError, match="unknown option"):
+        merge_method("x", cite="-", options=("densty",), linear=True)
+    with pytest.raises(ValueError, match="normalize's default"):
+        merge_method("x", cite="-", options=("normalize",), linear=True)
+    with pytest.raises(ValueError, match="registered twice"):
+        merge_method("ties", cite="-", options=(), linear=False)(lambda ds, p, g, s: ds[0])
