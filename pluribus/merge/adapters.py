@@ -396,6 +396,18 @@ def method_params(spec: MergeSpec) -> M.MethodParams:
     )
 
 
+def linear_coefficients(method: Any, params: M.MethodParams) -> list[float]:
+    """``c_t`` with ``method(delta_1..T) = sum_t c_t delta_t`` for a linear method (the registry's ``linear``): the
+    method itself applied to the unit task vectors ``e_t`` of R^T, in float64, so whatever its registered function
+    does with the weights, lambda and normalize is what the factors carry."""
+    normalize = method.normalize_default(params.mergekit) if params.normalize is None else params.normalize
+    if normalize and abs(sum(params.weights)) < 1e-8:
+        raise PluribusError(f"{method.name} merge weights sum to 0; give weights with a non-zero sum")
+    n = len(params.weights)
+    units = list(torch.eye(n, dtype=torch.float64))
+    return [float(c) for c in method.fn(units, dataclasses.replace(params, normalize=normalize), None, False)]
+
+
 class AdapterPlan:
     """The merge of ``adapters`` (in ``spec.inputs`` order) module by module: exact factors or dense deltas."""
 
@@ -404,15 +416,8 @@ class AdapterPlan:
         self.shapes = check_compatible(adapters, spec.check_base)
         self.params = method_params(spec)
         self.method = get_method(spec.method)
-        weights = self.params.weights
-        scale = spec.lam
-        # the factors carry the whole weighting of the linear methods, so `normalize` is applied here
-        normalize = self.method.normalize_default(spec.mergekit) if spec.normalize is None else spec.normalize
-        if self.method.linear and normalize:
-            if abs(sum(weights)) < 1e-8:
-                raise PluribusError(f"{spec.method} merge weights sum to 0; give weights with a non-zero sum")
-            scale = spec.lam / sum(weights)
-        self.coefs = [w * scale for w in weights]
+        #: c_t of a linear method's ``sum_t c_t delta_t``, which the stacked factors carry
+        self.coefs = linear_coefficients(self.method, self.params) if self.method.linear else []
         #: the output rank of a truncating merge given neither rank nor energy (the registry's default_rank)
         self.default_rank = (sum if self.method.default_rank == "sum" else max)(max(a.ranks) for a in adapters)
         #: the dtype an adapter output is stored in (out_dtype; float32 by default)

@@ -55,3 +55,25 @@ def test_a_registration_is_checked():
         merge_method("x", cite="-", options=("normalize",), linear=True)
     with pytest.raises(ValueError, match="registered twice"):
         merge_method("ties", cite="-", options=(), linear=False)(lambda ds, p, g, s: ds[0])
+
+
+@pytest.mark.parametrize("normalize", [None, True, False])
+def test_a_linear_registration_is_linear(normalize):
+    """``linear=True`` is what lets adapters keep the exact merge as stacked factors with coefficients c_t read off
+    the method on unit vectors: check that its function is that weighted sum on random task vectors."""
+    import dataclasses
+
+    import torch
+
+    from pluribus.merge import methods as M
+    from pluribus.merge.adapters import linear_coefficients
+
+    g = torch.Generator().manual_seed(0)
+    ds = [torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(3)]
+    for m in (m for m in METHODS.values() if m.linear):
+        p = M.MethodParams(weights=(1.0, -0.5, 2.0), lam=0.7,
+                           normalize=normalize if "normalize" in m.options else None)
+        coefs = linear_coefficients(m, p)
+        resolved = dataclasses.replace(p, normalize=m.normalize_default(False) if p.normalize is None else p.normalize)
+        got = m.fn([d.clone() for d in ds], resolved, None, False)
+        torch.testing.assert_close(got, sum(c * d for c, d in zip(coefs, ds, strict=True)))
