@@ -44,7 +44,7 @@ from pluribus.adapter import read_adapter_config
 from pluribus.errors import PluribusError
 from pluribus.merge import methods as M
 from pluribus.merge.blas import capped_gram
-from pluribus.merge.registry import get_method
+from pluribus.merge.registry import get_method, merge_deltas
 from pluribus.merge.spec import MergeSpec
 
 PREFIX = "base_model.model."
@@ -460,7 +460,7 @@ class AdapterPlan:
         if self.low_rank:
             b, a = self.factors(name)
             return (b @ a).float()
-        return M.merge_deltas(self.spec.method, self._deltas(name, self.shapes[name]), self.params, self.generator)
+        return merge_deltas(self.spec.method, self._deltas(name, self.shapes[name]), self.params, self.generator)
 
     def other(self, name: str) -> Tensor:
         """The merged delta of a base tensor changed besides the LoRA weights (``self.others``), by the spec's method:
@@ -474,7 +474,7 @@ class AdapterPlan:
             for c, d in zip(self.coefs, deltas, strict=True):
                 out.add_(d, alpha=c)
             return out
-        return M.merge_deltas(self.spec.method, deltas, self.params, self.generator)
+        return merge_deltas(self.spec.method, deltas, self.params, self.generator)
 
     @property
     def lora_bias(self) -> bool:

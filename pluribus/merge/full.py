@@ -24,7 +24,7 @@ import torch
 from pluribus.errors import PluribusError
 from pluribus.merge import methods as M
 from pluribus.merge.checkpoint import CODES, Checkpoint, check_same_weights, local_model, read_config
-from pluribus.merge.registry import get_method
+from pluribus.merge.registry import get_method, merge_deltas
 from pluribus.merge.spec import MergeSpec
 
 # what a merged model keeps from its base beside the weights: the tokenizer and the generation config
@@ -283,7 +283,7 @@ def merge_models(
                 merged = M.linear([e.full(name, bw, work) for e in experts], params.weights,
                                   True if spec.normalize is None else spec.normalize)
             else:
-                delta = M.merge_deltas(spec.method, [e.delta(name, bw, work) for e in experts],
+                delta = merge_deltas(spec.method, [e.delta(name, bw, work) for e in experts],
                                        dataclasses.replace(params, dtype=work), gen, inplace=True)
                 merged = delta.add_(bw)
             stored = merged.to(dtype)

@@ -2,7 +2,7 @@
 
 A *task vector* is ``delta_t = theta_t - theta_base`` (Ilharco et al., 2023). Every method takes the deltas of
 one tensor from T experts and returns the merged delta; the caller adds it to the base. The methods are registered
-in merge/registry.py (their options, defaults and math), each composed of the steps here; :func:`merge_deltas`
+in merge/registry.py (their options, defaults and math), each composed of the steps here; registry.merge_deltas
 dispatches to them. Randomness comes only from an explicit ``torch.Generator``. Arithmetic runs in float32
 (float64 stays float64).
 
@@ -17,11 +17,9 @@ dispatches to them. Randomness comes only from an explicit ``torch.Generator``. 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -321,58 +319,6 @@ def pcb(
 
 
 # ------------------------------------------------------------------------------------------ dispatch
-
-
-def merge_deltas(
-    method: str,
-    deltas: Sequence[Tensor],
-    params: MethodParams,
-    generator: torch.Generator | None = None,
-    *,
-    inplace: bool = False,
-) -> Tensor:
-    """Merge the task vectors of one tensor with the registered ``method`` (merge/registry.py); returns the merged
-    delta (work dtype).
-
-    The fast path of :func:`composed_merge` (same steps, same result up to float rounding of the sums): TIES elects
-    and merges expert by expert without stacking, so memory is the T deltas plus a few tensors of one expert's size.
-    In mergekit's mode in half precision the order of roundings matters, so it runs the steps over the stack, op for
-    op as mergekit does. ``deltas``: T tensors of one shape; with ``inplace=True`` (work-dtype inputs) they are
-    overwritten to save memory. Raises PluribusError for an unknown or adapter-only method, an option the method
-    cannot take, or a missing generator for a random method.
-    """
-    m, params = _resolve(method, params)
-    dtype = params.dtype or work_dtype(deltas[0])
-    ds = [d if inplace and d.dtype == dtype else d.to(dtype, copy=True) for d in deltas]
-    return m.fn(ds, params, generator, params.mergekit and dtype in (torch.bfloat16, torch.float16))
-
-
-def composed_merge(
-    method: str, deltas: Sequence[Tensor], params: MethodParams, generator: torch.Generator | None = None
-) -> Tensor:
-    """The registered method composed from its steps as the papers state them, over the stacked deltas ``[T, ...]``
-    (trim to the density or DARE's drop and rescale, then for TIES :func:`elect_sign` and :func:`disjoint_merge`,
-    else the weighted sum; times lambda): the reference that :func:`merge_deltas` is tested against (and, in
-    mergekit's mode in half precision, the path it takes)."""
-    m, params = _resolve(method, params)
-    dtype = params.dtype or work_dtype(deltas[0])
-    return m.fn([d.to(dtype, copy=True) for d in deltas], params, generator, True)
-
-
-def _resolve(method: str, params: MethodParams) -> tuple[Any, MethodParams]:
-    """The registered method and ``params`` with normalize resolved to the method's default; refuses what the
-    method cannot take."""
-    from pluribus.merge.registry import get_method
-
-    m = get_method(method)
-    if m.adapters_only:
-        raise PluribusError(f"method '{method}' merges LoRA factors; over tensors use task_arithmetic, ties, ...")
-    if params.mergekit and not m.mergekit_mode:
-        raise PluribusError(f"method '{method}' has no mergekit counterpart; drop mergekit: true")
-    if params.thresholds is not None and "trim" not in m.options:
-        raise PluribusError(f"method '{method}' does not trim over the model (trim: global); use trim: tensor")
-    normalize = m.normalize_default(params.mergekit) if params.normalize is None else params.normalize
-    return m, dataclasses.replace(params, normalize=normalize)
 
 
 def trim_all(ds: list[Tensor], params: MethodParams) -> None:

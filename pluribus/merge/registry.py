@@ -1,4 +1,5 @@
-"""The merge methods: one registration each (its options and their defaults, low-rank exactness, the math).
+"""The merge methods: one registration each (its options and their defaults, low-rank exactness, the math),
+their lookup, and the dispatch of a merge over tensors (:func:`merge_deltas`) to them.
 
 A method is a plain function over the task vectors of one tensor, registered with :func:`merge_method` (as
 mergekit's ``@merge_method``)::
@@ -16,19 +17,21 @@ tensor op for op (mergekit's order of roundings in half precision, and the refer
 
 Everything else reads this registry: the spec's validation and its refusal of options a method does not read
 (spec.py), the CLI's ``--method`` help, the mergekit translation (mergekit.py), the adapter merge's low-rank
-decision and default rank (adapters.py), the dispatch over tensors (methods.merge_deltas) and the README's table.
+decision, coefficients and default rank (adapters.py), the dispatch over tensors (:func:`merge_deltas`, used by
+adapters.py and full.py) and the README's table.
 
 One weighting convention holds for every method and every entry point (CLI, recipe ``merge.experts``, ``spec:``,
 merge YAML, mergekit YAML): each input's weight defaults to 1 (mergekit's convention), so ``task_arithmetic`` is
 the sum of the task vectors; a mean is spelled: explicit weights, ``normalize: true``, or method ``linear``.
 
-This module imports no torch (the CLI's help and recipe validation read it); the functions import the math
-(merge/methods.py) when called.
+This module imports no torch (the CLI's help and recipe validation read it); the functions import the math steps
+(merge/methods.py, which never imports this module) when called.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -180,6 +183,57 @@ def markdown_table() -> str:
         math = m.math.replace("|", "\\|")  # a pipe inside a table cell, code spans included, is escaped (GFM)
         rows.append(f"| `{m.name}` | {math} | {m.cite} | {m.option_text()} | {m.rank_rule} |")
     return "\n".join(rows)
+
+
+def merge_deltas(
+    method: str,
+    deltas: Sequence[torch.Tensor],
+    params: MethodParams,
+    generator: torch.Generator | None = None,
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Merge the task vectors of one tensor with the registered ``method``; returns the merged delta (work dtype).
+
+    The fast path of :func:`composed_merge` (same steps, same result up to float rounding of the sums): TIES elects
+    and merges expert by expert without stacking, so memory is the T deltas plus a few tensors of one expert's size.
+    In mergekit's mode in half precision the order of roundings matters, so it runs the steps over the stack, op for
+    op as mergekit does. ``deltas``: T tensors of one shape; with ``inplace=True`` (work-dtype inputs) they are
+    overwritten to save memory. Raises PluribusError for an unknown or adapter-only method, an option the method
+    cannot take, or a missing generator for a random method.
+    """
+    import torch
+
+    m, params = _resolve(method, params)
+    dtype = params.dtype or _math().work_dtype(deltas[0])
+    ds = [d if inplace and d.dtype == dtype else d.to(dtype, copy=True) for d in deltas]
+    return m.fn(ds, params, generator, params.mergekit and dtype in (torch.bfloat16, torch.float16))
+
+
+def composed_merge(
+    method: str, deltas: Sequence[torch.Tensor], params: MethodParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The registered method composed from its steps as the papers state them, over the stacked deltas ``[T, ...]``
+    (trim to the density or DARE's drop and rescale, then for TIES the sign election and disjoint merge, else the
+    weighted sum; times lambda): the reference that :func:`merge_deltas` is tested against (and, in mergekit's mode
+    in half precision, the path it takes)."""
+    m, params = _resolve(method, params)
+    dtype = params.dtype or _math().work_dtype(deltas[0])
+    return m.fn([d.to(dtype, copy=True) for d in deltas], params, generator, True)
+
+
+def _resolve(method: str, params: MethodParams) -> tuple[MergeMethod, MethodParams]:
+    """The registered method and ``params`` with normalize resolved to the method's default; refuses what the
+    method cannot take over tensors."""
+    m = get_method(method)
+    if m.adapters_only:
+        raise PluribusError(f"method '{method}' merges LoRA factors; over tensors use task_arithmetic, ties, ...")
+    if params.mergekit and not m.mergekit_mode:
+        raise PluribusError(f"method '{method}' has no mergekit counterpart; drop mergekit: true")
+    if params.thresholds is not None and "trim" not in m.options:
+        raise PluribusError(f"method '{method}' does not trim over the model (trim: global); use trim: tensor")
+    normalize = m.normalize_default(params.mergekit) if params.normalize is None else params.normalize
+    return m, dataclasses.replace(params, normalize=normalize)
 
 
 def _math() -> Any:

@@ -574,8 +574,8 @@ def tiny_model_from(state: dict[str, torch.Tensor], out: Path) -> Path:
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "pcb"])
 def test_dense_methods_merge_bias_and_module_task_vectors_like_the_factors(make_qwen2_adapter, tiny_qwen2_base, tmp_path,
                                                                            method):
-    from pluribus.merge import methods as M
     from pluribus.merge.adapters import method_params
+    from pluribus.merge.registry import merge_deltas
 
     a = make_qwen2_adapter(["q_proj", "v_proj"], seed=43, bias="all")
     b = make_qwen2_adapter(["q_proj", "o_proj"], seed=44, bias="lora_only", modules_to_save=["lm_head"])
@@ -591,7 +591,7 @@ def test_dense_methods_merge_bias_and_module_task_vectors_like_the_factors(make_
             assert torch.equal(folded[name], base[name])
             continue
         deltas = [h.get(name, torch.zeros_like(base[name], dtype=torch.float64)).float() for h in hand]
-        want = base[name] + M.merge_deltas(method, deltas, method_params(s), gen)
+        want = base[name] + merge_deltas(method, deltas, method_params(s), gen)
         torch.testing.assert_close(folded[name], want, atol=1e-6, rtol=1e-5)
 
 
