@@ -254,11 +254,11 @@ def _exactness(spec: MergeSpec, largest: int) -> str:
     if method.linear and method.default_rank == "sum" and asked is None:
         return f"exact: the inputs' ranks summed; what remains is {spec.out_dtype or 'float32'} storage"
     if method.linear:
-        return (f"the exact merge truncated to {asked}, as asked" if asked else
-                f"the exact merge truncated to the largest input rank, {largest}: {method.name}'s default")
+        return (f"the exact merge's best approximation at {asked}, as asked" if asked else
+                f"the exact merge's best approximation at the largest input rank, {largest}: {method.name}'s default")
     return (f"{method.name} merges each module's dense delta; truncated to "
-            + (f"{asked}, as asked" if asked else f"the largest input rank, {largest}, by default (set rank or energy, "
-               "or fold it into the base exactly with output: model)"))
+            + (f"{asked}, as asked" if asked else f"the largest input rank, {largest}, by default: set rank or energy, "
+               "or fold it exactly into the base with output: model"))
 
 
 @contextlib.contextmanager

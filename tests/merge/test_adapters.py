@@ -703,8 +703,8 @@ def test_a_truncated_sum_is_only_what_was_asked_and_says_its_error(three_rank16,
     exact = exact_sum(three_rank16, [1.0] * 3)
     assert summary.ranks_out == [16] and summary.error > 0.1
     assert _relative(merged_deltas(tmp_path / "m"), exact) == pytest.approx(summary.error, rel=1e-3)
-    assert summary.note == "the exact merge truncated to rank 16, as asked"
-    line = f"relative error vs the exact merge: {summary.error:.3e} (the exact merge truncated to rank 16, as asked)"
+    assert summary.note == "the exact merge's best approximation at rank 16, as asked"
+    line = f"relative error vs the exact merge: {summary.error:.3e} (the exact merge's best approximation at rank 16, as asked)"
     assert line in summary.lines() and line in (tmp_path / "m" / "README.md").read_text()
     record = json.loads((tmp_path / "m" / "merge_report.json").read_text())
     assert record["error"] == summary.error and record["note"] == summary.note
