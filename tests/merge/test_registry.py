@@ -35,8 +35,10 @@ def test_every_method_states_its_options_defaults_and_math():
             else:
                 with pytest.raises(PluribusError, match=f"{option} has no effect in method '{m.name}'"):
                     parse_merge_config(data)
-    # exact by default exactly where the method is linear and not svd (truncation is what svd is for)
-    assert [m.name for m in METHODS.values() if m.default_rank == "sum"] == ["cat", "linear", "task_arithmetic"]
+    # exact by default only where exact in low rank; the methods named for a sum are (svd is named for truncating)
+    assert all(m.linear for m in METHODS.values() if m.default_rank == "sum")
+    assert {"cat", "linear", "task_arithmetic"} <= {m.name for m in METHODS.values() if m.default_rank == "sum"}
+    assert METHODS["svd"].default_rank == "largest"
 
 
 def test_the_cli_help_lists_the_registry():
