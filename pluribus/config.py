@@ -669,8 +669,9 @@ class MergeConfig(Section):
         if self.experts is not None:
             if layout is None:
                 raise RecipeError(f"merge '{self.name}' names experts; it runs inside a recipe's run folder")
-            weights = self.weights or [1.0] * len(self.experts)  # one default whatever the entry point
-            inputs = [{"path": str(layout.adapter(e)), "weight": w} for e, w in zip(self.experts, weights, strict=True)]
+            # without weights, each input takes the merge spec's default weight: one default for every entry point
+            inputs = [{"path": str(layout.adapter(e)), **({"weight": w} if w is not None else {})}
+                      for e, w in zip(self.experts, self.weights or [None] * len(self.experts), strict=True)]
             return parse_merge_config({"method": self.method, "inputs": inputs, **self.params},
                                       f"merge '{self.name}'")
         return load_merge_config(self.config) if self.config else parse_merge_config(self.spec)

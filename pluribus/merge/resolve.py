@@ -9,6 +9,7 @@ from pluribus.config import load_recipe
 from pluribus.errors import PluribusError
 from pluribus.io import read_yaml
 from pluribus.merge.config import parse_merge_config
+from pluribus.merge.registry import WEIGHT_DEFAULT
 from pluribus.merge.spec import MergeSpec
 from pluribus.modelref import ModelRef
 
@@ -38,7 +39,7 @@ def spec_from_flags(
     paths = _split(adapters) + _split(models)
     if not paths:
         raise PluribusError("give the experts to merge: --adapters a,b,c or --models x,y (or a config file)")
-    ws = _split(weights) or ["1"] * len(paths)
+    ws = _split(weights) or [str(WEIGHT_DEFAULT)] * len(paths)  # the one default of every entry point
     if len(ws) != len(paths):
         raise PluribusError(f"{len(ws)} weights for {len(paths)} inputs; give one weight per input")
     try:

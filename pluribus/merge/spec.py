@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pluribus.errors import not_finite
-from pluribus.merge.registry import METHODS, get_method, users_of
+from pluribus.merge.registry import METHODS, WEIGHT_DEFAULT, get_method, users_of
 
 _OPTION_HINTS = {
     ("cat", "rank"): "cat writes the exact sum at the summed rank; use method svd for a rank-k result",
@@ -59,7 +59,8 @@ class MergeInput(BaseModel):
 
     path: str = Field(description="Adapter folder or model folder (safetensors).")
     adapter: str | None = Field(None, description="Adapter applied on top of `path` (a `base + adapter` input).")
-    weight: float = Field(1.0, description="w_t of this expert (default 1, every method: a sum, as in mergekit).")
+    weight: float = Field(WEIGHT_DEFAULT, description="w_t of this expert (default 1 for every method and entry "
+                          "point: task_arithmetic sums, as in mergekit).")
     density: float | None = Field(None, description="Fraction kept by trimming for this expert (overrides).")
     drop: float | None = Field(None, description="DARE drop rate p for this expert (overrides).")
 
