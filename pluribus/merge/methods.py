@@ -343,8 +343,12 @@ def weighted_sum(ds: list[Tensor], params: MethodParams, *, stacked: bool = Fals
     """``lambda sum_t w_t d_t``, divided by ``sum_t w_t`` when ``params.normalize``; overwrites ``ds``.
 
     ``stacked``: over the stack ``[T, ...]`` (mergekit 0.1.5's ``GeneralizedTaskArithmeticMerge`` op for op), else
-    expert by expert."""
+    expert by expert. Weights summing to 0 under normalize are refused (mergekit's mode divides by 1 there, as
+    mergekit does)."""
     w = params.weights
+    if params.normalize and not params.mergekit and abs(sum(w)) < 1e-8:
+        raise PluribusError("merge weights sum to 0 and normalize divides by their sum; give weights with a non-zero "
+                            "sum, or normalize: false")
     if stacked:
         stack = torch.stack(ds)
         wt = torch.tensor(w, dtype=stack.dtype).reshape(-1, *([1] * (stack.dim() - 1)))

@@ -174,6 +174,8 @@ def test_bad_inputs_are_named():
         merge_deltas("tie", [torch.ones(2)], M.MethodParams(weights=(1.0,)))
     with pytest.raises(PluribusError, match=r"method 'cat' merges LoRA factors"):
         merge_deltas("cat", [torch.ones(2)], M.MethodParams(weights=(1.0,)))
+    with pytest.raises(PluribusError, match="merge weights sum to 0 and normalize divides by their sum"):
+        merge_deltas("task_arithmetic", [torch.ones(2)] * 2, M.MethodParams(weights=(1.0, -1.0), normalize=True))
     with pytest.raises(PluribusError, match="pass a seeded torch.Generator"):
         merge_deltas("dare_ties", [torch.ones(2)], M.MethodParams(weights=(1.0,), drop=(0.5,)))
     with pytest.raises(PluribusError, match=r"tensor 'expert1:layer\.w' holds 1 NaN/Inf"):
