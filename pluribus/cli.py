@@ -289,21 +289,33 @@ def _opt(help: str, *names: str) -> Any:
     return typer.Option(*names, help=help)
 
 
+def _method_help() -> str:
+    from pluribus.merge.registry import METHODS
+
+    return " | ".join(METHODS) + " (the README's table says what each computes)"
+
+
 @app.command("merge")
 def merge_cmd(
-    config: Annotated[Path | None, typer.Argument(help="Merge YAML (pluribus or mergekit) or a recipe with merge:.")] = None,
-    out: Annotated[Path | None, _opt("Output folder.", "-o", "--out")] = None,
-    method: Annotated[str | None, _opt("cat | svd | linear | task_arithmetic | magnitude | ties | dare_linear | dare_ties | pcb", "--method")] = None,
+    config: Annotated[Path | None, typer.Argument(help="Merge YAML (pluribus or mergekit) or a recipe with merge: "
+                                                  "(every merge of it, or the one --name picks).")] = None,
+    out: Annotated[Path | None, _opt("Output folder (a recipe's merge: <run>/merged/<name> by default).", "-o", "--out")] = None,
+    name: Annotated[str | None, _opt("The one merge of a recipe's merge.merges to run (default: every one).", "--name")] = None,
+    method: Annotated[str | None, _opt(_method_help(), "--method")] = None,
     adapters: Annotated[list[str] | None, _opt("Adapter folders (space- or comma-separated).", "--adapters")] = None,
     models: Annotated[list[str] | None, _opt("Model folders, or model+adapter (space- or comma-separated).", "--models")] = None,
     base: Annotated[str | None, _opt("Base model folder (full merges, folding).", "--base")] = None,
-    weights: Annotated[list[str] | None, _opt("One weight per input (space- or comma-separated).", "--weights")] = None,
+    weights: Annotated[list[str] | None, _opt("One weight per input (space- or comma-separated; default 1 each: "
+                                              "task_arithmetic sums, --normalize averages).", "--weights")] = None,
     density: Annotated[float | None, _opt("TIES / magnitude / PCB: fraction kept (DARE: use --drop).", "--density")] = None,
     drop: Annotated[float | None, _opt("DARE drop rate p.", "--drop")] = None,
     seed: Annotated[int | None, _opt("Seed of the DARE masks (mergekit's --random-seed; default 0).", "--seed")] = None,
-    rank: Annotated[int | None, _opt("Output adapter rank.", "--rank")] = None,
+    rank: Annotated[int | None, _opt("Output adapter rank (default: exact for cat, linear, task_arithmetic; the "
+                                     "largest input rank for svd and the dense methods).", "--rank")] = None,
     energy: Annotated[float | None, _opt("Per-module rank keeping this energy fraction.", "--energy")] = None,
     lam: Annotated[float | None, _opt("Scale lambda of the merged task vector.", "--lambda")] = None,
+    normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Divide by the summed weights "
+                                                   "(default: the method's; task_arithmetic's is no).")] = None,
     output: Annotated[str | None, _opt("auto | adapter | model (fold adapters into base).", "--output")] = None,
     mergekit: Annotated[bool, typer.Option("--mergekit", help="Reproduce mergekit's semantics.")] = False,
     no_check_base: Annotated[bool, typer.Option("--no-check-base",
@@ -317,7 +329,7 @@ def merge_cmd(
 ) -> None:
     """Merge adapters (low-rank, any ranks) or models (streaming) into OUT; mergekit YAML is accepted."""
     from pluribus.device import resolve
-    from pluribus.merge.resolve import resolve_cli
+    from pluribus.merge.resolve import resolve_merges
     from pluribus.stages import merge
 
     _threads(threads)
@@ -331,18 +343,26 @@ def merge_cmd(
                         f"uncaptured (non-linear weights) {r['uncaptured']:.3e} -> {out}", highlight=False,
                         markup=False, soft_wrap=True)
         return
-    spec, target = resolve_cli(config, out, method=method, adapters=adapters, models=models, base=base, weights=weights,
-                               density=density, drop=drop, seed=seed, rank=rank, energy=energy, output=output,
-                               mergekit=mergekit or None, check_base=False if no_check_base else None,
-                               **({"lambda": lam} if lam is not None else {}))
+    merges = resolve_merges(config, out, name, method=method, adapters=adapters, models=models, base=base,
+                            weights=weights, density=density, drop=drop, seed=seed, rank=rank, energy=energy,
+                            output=output, mergekit=mergekit or None, check_base=False if no_check_base else None,
+                            normalize=normalize, **({"lambda": lam} if lam is not None else {}))
+    if not overwrite:  # every output checked before the first merge writes
+        from pluribus.errors import OutputExistsError
+
+        for _, _, target in merges:
+            if target.exists():
+                raise OutputExistsError(target)
     if device is not None and resolve(device).type != "cpu":
         from pluribus.merge import folds
 
-        if not folds(spec):
+        if not all(folds(spec) for _, spec, _ in merges):
             raise PluribusError(f"--device {device}: only folding adapters into a model (--output model) computes on "
                                 "a device; this merge streams on the CPU (its seeded draws are the same on every "
                                 "machine). Leave out --device")
-    _show(merge.run(spec, target, overwrite=overwrite, device=device))
+    for merge_name, spec, target in merges:
+        _show(merge.run(spec, target, overwrite=overwrite, device=device,
+                        name=f"merge:{merge_name}" if len(merges) > 1 else "merge"))
 
 
 # --------------------------------------------------------------------------------------------- eval

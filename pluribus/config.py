@@ -685,7 +685,8 @@ class MergeConfig(Section):
         None, description="Names of the run's trained experts to merge (their adapters in <run>/adapters/).")
     method: str = Field("task_arithmetic", description="Merge method for `experts` (task_arithmetic, ties, pcb, ...).")
     weights: list[float] | None = Field(
-        None, description="One weight per expert (default 1/n each: the task vectors' mean).")
+        None, description="One weight per expert (default 1 each, as from the CLI and in mergekit: task_arithmetic "
+        "is the sum of the task vectors; for their mean give 1/n each, or params: {normalize: true}).")
     params: dict[str, Any] = Field(
         default_factory=dict, description="Other merge-spec settings for `experts` (density, rank, lambda, ...).")
     config: str | None = Field(None, description="Path to a merge config (pluribus or mergekit YAML).")
@@ -755,8 +756,9 @@ class MergeConfig(Section):
         if self.experts is not None:
             if layout is None:
                 raise RecipeError(f"merge '{self.name}' names experts; it runs inside a recipe's run folder")
-            weights = self.weights or [1.0 / len(self.experts)] * len(self.experts)
-            inputs = [{"path": str(layout.adapter(e)), "weight": w} for e, w in zip(self.experts, weights, strict=True)]
+            # without weights, each input takes the merge spec's default weight: one default for every entry point
+            inputs = [{"path": str(layout.adapter(e)), **({"weight": w} if w is not None else {})}
+                      for e, w in zip(self.experts, self.weights or [None] * len(self.experts), strict=True)]
             return parse_merge_config({"method": self.method, "inputs": inputs, **self.params},
                                       f"merge '{self.name}'")
         return load_merge_config(self.config) if self.config else parse_merge_config(self.spec)

@@ -240,7 +240,7 @@ def test_merges_of_the_run_experts_by_name(tmp_path: Path) -> None:
                            "params: {density: 0.5}}]", "eval.systems=[single, experts, ta, ties]"])
     ta, ties = r.merge.all()
     spec = ta.load(r.layout)
-    assert spec.method == "task_arithmetic" and [i.weight for i in spec.inputs] == [0.5, 0.5]
+    assert spec.method == "task_arithmetic" and [i.weight for i in spec.inputs] == [1.0, 1.0]  # as from the CLI
     assert [i.path for i in spec.inputs] == [str(tmp_path / "x" / "adapters" / n) for n in ("rsft", "augmented")]
     assert ties.load(r.layout).method == "ties" and ties.load(r.layout).density == 0.5
 

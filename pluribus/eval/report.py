@@ -48,6 +48,11 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
                   + " are approximate."]
     for name, a in (task.get("adapters") or {}).items():
         lines += ["", f"{name} uses adapter `{a['path']}` (sha256 {a['fingerprint']})."]
+    for name, r in task["systems"].items():  # a merge's error vs the exact merge, from its record
+        m = r.get("merge")
+        if m and m.get("error") is not None:
+            lines += ["", f"{name} is the {m['method']} merge ({m['kind']}), relative error vs the exact merge "
+                      f"{m['error']:.3e}" + (f": {m['note']}." if m.get("note") else ".")]
     sc = task["systems"].get("sc")
     if sc:
         lines += ["", f"sc: {sc['samples_drawn']} samples drawn per problem, {sc['mean_samples_used']:.1f} used on "

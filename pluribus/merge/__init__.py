@@ -25,15 +25,13 @@ import yaml
 from pluribus.errors import OutputExistsError, PluribusError
 from pluribus.merge.config import load_merge_config, parse_merge_config
 from pluribus.merge.mergekit import mergekit_local_paths
+from pluribus.merge.registry import get_method
 from pluribus.merge.spec import MergeInput, MergeSpec
 from pluribus.modelref import ModelRef
 
 __all__ = [
-    "MergeInput", "MergeSpec", "MergeSummary", "load_merge_config", "parse_merge_config", "run_merge",
+    "MergeInput", "MergeSpec", "MergeSummary", "load_merge_config", "merge_record", "parse_merge_config", "run_merge",
 ]
-
-ADAPTER_METHODS = ("cat", "svd")
-
 
 @dataclass
 class MergeSummary:
@@ -51,6 +49,7 @@ class MergeSummary:
     dtype: str | None = None  # what the output's floating tensors are stored in, when pluribus wrote them
     others: int = 0  # tensors merged besides the LoRA factors (biases, modules_to_save)
     ran_on: str = "cpu"  # where the merge computed (pluribus.device): folding on the asked device, the rest on the CPU
+    note: str | None = None  # what the error measures for an adapter output: exact, or truncated to what and why
 
     def lines(self) -> list[str]:
         out = [f"method {self.method} ({self.kind}), {len(self.inputs)} inputs -> {self.out}"]
@@ -64,13 +63,23 @@ class MergeSummary:
         if self.error is not None:
             out.append(f"relative error vs the exact merge: {self.error:.3e}" + (
                 f" (rounding to the stored dtype loses {self.error:.0%} of the change; out_dtype: float32 keeps it)"
-                if self.error > 0.01 and self.kind.endswith("-> model") else ""))
+                if self.error > 0.01 and self.kind.endswith("-> model") else f" ({self.note})" if self.note else ""))
         if self.dtype:
             out.append(f"stored as {self.dtype}")
         if self.kind != "mergekit":
             out.append(f"ran on {self.ran_on}")
         out.append(f"time: {self.seconds:.1f} s")
         return out
+
+
+def merge_record(folder: Path) -> dict[str, Any] | None:
+    """What a merge output says of itself (its merge_report.json): method, relative error vs the exact merge and
+    what that error measures (``note``), output ranks; None for a folder no pluribus merge wrote."""
+    path = Path(folder) / "merge_report.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return {k: data.get(k) for k in ("method", "kind", "error", "note", "ranks_out")}
 
 
 def _progress() -> Any:
@@ -145,7 +154,7 @@ def run_merge(
     if spec.method == "mergekit":
         return _run_mergekit(spec, out, overwrite, start)
     kind = _kind(spec)
-    if kind == "models" and spec.method in ADAPTER_METHODS:
+    if kind == "models" and get_method(spec.method).adapters_only:
         raise PluribusError(f"method '{spec.method}' merges adapters; for models use task_arithmetic, ties, dare_ties ...")
     if kind == "models" and spec.output == "adapter":
         raise PluribusError("output 'adapter' needs adapter inputs; to turn a model into a LoRA use extraction")
@@ -248,10 +257,25 @@ def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any,
     merged = merge_adapters(spec, adapters, lambda _: bar.advance(task))
     save_adapter(tmp, merged, adapters[0].config)
     summary.dtype = spec.out_dtype or "float32"
+    summary.note = _exactness(spec, max(max(a.ranks) for a in adapters))
     summary.ranks_out = sorted(set(merged.ranks.values()))
     summary.error = merged.total_error
     summary.others = len(merged.others)
     summary.details = {"module_errors": merged.errors, "module_ranks": merged.ranks}
+
+
+def _exactness(spec: MergeSpec, largest: int) -> str:
+    """What an adapter output's relative error is measured against, and why it is not exact where it is not."""
+    method = get_method(spec.method)
+    asked = f"rank {spec.rank}" if spec.rank else f"energy {spec.energy}" if spec.energy else None
+    if method.linear and method.default_rank == "sum" and asked is None:
+        return f"exact: the inputs' ranks summed; what remains is {spec.out_dtype or 'float32'} storage"
+    if method.linear:
+        return (f"the exact merge's best approximation at {asked}, as asked" if asked else
+                f"the exact merge's best approximation at the largest input rank, {largest}: {method.name}'s default")
+    return (f"{method.name} merges each module's dense delta; truncated to "
+            + (f"{asked}, as asked" if asked else f"the largest input rank, {largest}, by default: set rank or energy, "
+               "or fold it exactly into the base with output: model"))
 
 
 @contextlib.contextmanager

@@ -4,11 +4,13 @@ Each adapter t contributes ``delta_t(m) = s_t(m) B_t(m) A_t(m)`` to module m, wi
 ``alpha / sqrt(r)`` under rsLoRA; ``rank_pattern`` / ``alpha_pattern`` per module). A module an adapter lacks
 counts as zero. The weighted sum ``lambda sum_t w_t delta_t(m) = B_cat A_cat`` is exact with
 ``B_cat = [c_1 B_1 | ... | c_T B_T]`` and ``A_cat = [A_1; ...; A_T]`` (``c_t = lambda w_t s_t``):
-  * ``cat`` writes exactly that (rank sum r_t);
-  * ``svd`` its best rank-k approximation from the factors (methods.truncate_factors), or per module the
-    smallest rank keeping an energy fraction (written as ``rank_pattern``);
-  * ``ties`` / ``dare_*`` / ``magnitude`` / ``pcb`` act on each module's dense delta (the only basis-independent
-    choice: low-rank factors are defined up to an invertible r x r map), then compress back to rank k.
+  * the linear methods (the registry's ``linear``: ``cat``, ``linear``, ``task_arithmetic``) write exactly that
+    (rank sum r_t) unless a rank or an energy is asked for;
+  * ``svd``, or a linear method given ``rank`` / ``energy``, writes its best rank-k approximation from the factors
+    (methods.truncate_factors), or per module the smallest rank keeping an energy fraction (``rank_pattern``);
+  * the other methods (``ties`` / ``dare_*`` / ``magnitude`` / ``pcb``) act on each module's dense delta (the only
+    basis-independent choice: low-rank factors are defined up to an invertible r x r map), then compress back to
+    rank k (default: the largest input rank; the summary reports the error against the dense result).
 Output adapters have scaling 1 (``lora_alpha = r`` per module) so the stored factors are the delta itself.
 
 Besides the factors an adapter may change other tensors of its base, and each is merged as its own task vector
@@ -42,6 +44,7 @@ from pluribus.adapter import read_adapter_config
 from pluribus.errors import PluribusError
 from pluribus.merge import methods as M
 from pluribus.merge.blas import capped_gram
+from pluribus.merge.registry import get_method, merge_deltas
 from pluribus.merge.spec import MergeSpec
 
 PREFIX = "base_model.model."
@@ -393,6 +396,18 @@ def method_params(spec: MergeSpec) -> M.MethodParams:
     )
 
 
+def linear_coefficients(method: Any, params: M.MethodParams) -> list[float]:
+    """``c_t`` with ``method(delta_1..T) = sum_t c_t delta_t`` for a linear method (the registry's ``linear``): the
+    method itself applied to the unit task vectors ``e_t`` of R^T, in float64, so whatever its registered function
+    does with the weights, lambda and normalize is what the factors carry."""
+    normalize = method.normalize_default(params.mergekit) if params.normalize is None else params.normalize
+    if normalize and abs(sum(params.weights)) < 1e-8:
+        raise PluribusError(f"{method.name} merge weights sum to 0; give weights with a non-zero sum")
+    n = len(params.weights)
+    units = list(torch.eye(n, dtype=torch.float64))
+    return [float(c) for c in method.fn(units, dataclasses.replace(params, normalize=normalize), None, False)]
+
+
 class AdapterPlan:
     """The merge of ``adapters`` (in ``spec.inputs`` order) module by module: exact factors or dense deltas."""
 
@@ -400,16 +415,11 @@ class AdapterPlan:
         self.spec, self.adapters = spec, adapters
         self.shapes = check_compatible(adapters, spec.check_base)
         self.params = method_params(spec)
-        weights = self.params.weights
-        scale = spec.lam
-        # the factors carry the whole weighting of the low-rank methods, so `normalize` is applied here
-        normalize = M.default_normalize(spec.method, spec.mergekit) if spec.normalize is None else spec.normalize
-        if spec.method in ("linear", "task_arithmetic") and normalize:
-            if abs(sum(weights)) < 1e-8:
-                raise PluribusError(f"{spec.method} merge weights sum to 0; give weights with a non-zero sum")
-            scale = spec.lam / sum(weights)
-        self.coefs = [w * scale for w in weights]
-        self.default_rank = max(max(a.ranks) for a in adapters)
+        self.method = get_method(spec.method)
+        #: c_t of a linear method's ``sum_t c_t delta_t``, which the stacked factors carry
+        self.coefs = linear_coefficients(self.method, self.params) if self.method.linear else []
+        #: the output rank of a truncating merge given neither rank nor energy (the registry's default_rank)
+        self.default_rank = (sum if self.method.default_rank == "sum" else max)(max(a.ranks) for a in adapters)
         #: the dtype an adapter output is stored in (out_dtype; float32 by default)
         self.store_dtype = getattr(torch, spec.out_dtype) if spec.out_dtype else torch.float32
         self.generator = torch.Generator().manual_seed(spec.seed)
@@ -417,7 +427,7 @@ class AdapterPlan:
         #: an adapter stores as full values
         self.others = sorted(set().union(*(a.other_names for a in adapters)))
         self.base_values = _base_values(spec, adapters, self.shapes)
-        if spec.method in ("ties", "magnitude") and spec.trim == "global":
+        if "trim" in self.method.options and spec.trim == "global":
             # an expert's task vector is its own modules and tensors: those it lacks are not part of its density
             def chunks(t: int) -> Iterable[Tensor]:
                 yield from (m.delta() for _, m in sorted(adapters[t].modules.items()))
@@ -429,8 +439,14 @@ class AdapterPlan:
 
     @property
     def low_rank(self) -> bool:
-        """Whether the merged delta is exactly the product of stacked factors (no dense step)."""
-        return self.spec.method in ("cat", "svd", "linear", "task_arithmetic")
+        """Whether the merged delta is exactly the product of stacked factors (no dense step): a linear method."""
+        return self.method.linear
+
+    @property
+    def exact(self) -> bool:
+        """Whether the output is the stacked factors themselves (rank: the inputs' ranks summed): a linear method
+        whose default rank is the exact one, given neither rank nor energy."""
+        return self.low_rank and self.method.default_rank == "sum" and self.spec.rank is None and self.spec.energy is None
 
     def _deltas(self, name: str, shape: tuple[int, int]) -> list[Tensor]:
         return [a.modules[name].delta() if name in a.modules else torch.zeros(shape) for a in self.adapters]
@@ -444,7 +460,7 @@ class AdapterPlan:
         if self.low_rank:
             b, a = self.factors(name)
             return (b @ a).float()
-        return M.merge_deltas(self.spec.method, self._deltas(name, self.shapes[name]), self.params, self.generator)
+        return merge_deltas(self.spec.method, self._deltas(name, self.shapes[name]), self.params, self.generator)
 
     def other(self, name: str) -> Tensor:
         """The merged delta of a base tensor changed besides the LoRA weights (``self.others``), by the spec's method:
@@ -458,7 +474,7 @@ class AdapterPlan:
             for c, d in zip(self.coefs, deltas, strict=True):
                 out.add_(d, alpha=c)
             return out
-        return M.merge_deltas(self.spec.method, deltas, self.params, self.generator)
+        return merge_deltas(self.spec.method, deltas, self.params, self.generator)
 
     @property
     def lora_bias(self) -> bool:
@@ -486,7 +502,7 @@ class AdapterPlan:
         product of methods.truncate_factors)."""
         rank = self.spec.rank or (None if self.spec.energy else self.default_rank)
         store = self.store_dtype
-        if self.spec.method == "cat":
+        if self.exact:
             b, a = self.factors(name)
             bs, as_ = b.to(store), a.to(store)
             # exact up to storing the factors, which is what the error reports
@@ -526,7 +542,7 @@ def merge_adapters(
     out = AdapterMerge(modules={})
     names = list(plan.shapes)
     workers = max(1, workers or torch.get_num_threads())
-    if workers == 1 or spec.method.startswith("dare") or len(names) < 2:
+    if workers == 1 or plan.method.random or len(names) < 2:
         with capped_gram() as gram:
             _collect(out, names, map(functools.partial(plan.compressed, gram=gram), names), advance)
     else:

@@ -24,6 +24,7 @@ import torch
 from pluribus.errors import PluribusError
 from pluribus.merge import methods as M
 from pluribus.merge.checkpoint import CODES, Checkpoint, check_same_weights, local_model, read_config
+from pluribus.merge.registry import get_method, merge_deltas
 from pluribus.merge.spec import MergeSpec
 
 # what a merged model keeps from its base beside the weights: the tokenizer and the generation config
@@ -281,11 +282,11 @@ def merge_models(
             if tensor_delta is not None:
                 d = tensor_delta(name, bw)
                 merged = bw if d is None else bw + d.to(device=bw.device, dtype=work)
-            elif spec.method == "linear":
+            elif get_method(spec.method).of_weights:  # a soup of the weights themselves (linear)
                 merged = M.linear([e.full(name, bw, work) for e in experts], params.weights,
                                   True if spec.normalize is None else spec.normalize)
             else:
-                delta = M.merge_deltas(spec.method, [e.delta(name, bw, work) for e in experts],
+                delta = merge_deltas(spec.method, [e.delta(name, bw, work) for e in experts],
                                        dataclasses.replace(params, dtype=work), gen, inplace=True)
                 merged = delta.add_(bw)
             stored = merged.to(dtype)
@@ -309,7 +310,7 @@ def _params(spec: MergeSpec, base: Checkpoint, experts: list[Expert], work: torc
     from pluribus.merge.adapters import method_params
 
     params = method_params(spec)
-    if spec.method in ("ties", "magnitude") and spec.trim == "global":
+    if "trim" in get_method(spec.method).options and spec.trim == "global":
         floats = [n for n, i in base.tensors.items() if i.dtype.is_floating_point]
 
         def chunks(e: Expert) -> Iterator[torch.Tensor]:

@@ -14,11 +14,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from pluribus.errors import PluribusError, not_finite, validation_message
+from pluribus.merge.registry import METHODS, WEIGHT_DEFAULT
 from pluribus.merge.spec import MergeInput, MergeSpec
 from pluribus.modelref import ModelRef
 
-#: mergekit methods translated to pluribus (same math under ``mergekit: true``); others run in mergekit.
-MERGEKIT_NATIVE = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"}
+#: mergekit methods translated to pluribus (same math under ``mergekit: true``), by the registry's ``mergekit``
+#: names; others run in mergekit.
+MERGEKIT_NATIVE = {m.mergekit: m.name for m in METHODS.values() if m.mergekit}
 
 
 def _scalar(value: Any, where: str) -> float | bool | None:
@@ -116,13 +118,14 @@ def _translate_mergekit(data: dict[str, Any]) -> MergeSpec:
         if v is None or key not in {"lambda", "normalize", "density", "weight", "int8_mask", "rescale"}:
             return fallback
         glob[key] = v
-    # rescale other than mergekit's default for the method changes the math beyond what pluribus mirrors
-    default_rescale = method in ("dare_linear", "dare_ties")
+    ours = METHODS[MERGEKIT_NATIVE[method]]
+    # rescale other than mergekit's default for the method (DARE's, on) changes the math beyond what pluribus mirrors
+    default_rescale = "drop" in ours.options
     if "rescale" in glob and bool(glob["rescale"]) != default_rescale:
         return fallback
     base = data.get("base_model")
     refs = [str(e.get("model")) for e in data["models"] if isinstance(e, dict)]
-    if method == "linear" and base is not None and str(base) not in refs:
+    if ours.of_weights and base is not None and str(base) not in refs:
         # mergekit refuses it; merged here it would silently average the models without the base
         raise PluribusError(f"mergekit config: linear averages the models listed; base_model '{base}' is not among "
                             "models: add it to models (with a weight) or remove base_model")
@@ -131,7 +134,7 @@ def _translate_mergekit(data: dict[str, Any]) -> MergeSpec:
         if not isinstance(entry, dict) or "model" not in entry:
             return fallback
         ref = str(entry["model"])
-        if base is not None and ref == str(base) and method != "linear":
+        if base is not None and ref == str(base) and not ours.of_weights:
             continue  # mergekit lists the base among models; task-vector methods skip it
         p = entry.get("parameters") or {}
         if not isinstance(p, dict):
@@ -139,24 +142,25 @@ def _translate_mergekit(data: dict[str, Any]) -> MergeSpec:
         vals = {k: _scalar(v, k) for k, v in p.items()}
         if any(v is None for v in vals.values()) or set(vals) - {"weight", "density"}:
             return fallback
-        weight = float(vals.get("weight", glob.get("weight", 1.0)))
+        weight = float(vals.get("weight", glob.get("weight", WEIGHT_DEFAULT)))
         density = vals.get("density", glob.get("density"))
-        if method in ("linear", "task_arithmetic"):
-            density = None  # mergekit declares it for every task-arithmetic method but reads it in none of these
+        # mergekit declares density for every task-arithmetic method but reads it in linear / task_arithmetic
+        # in none; DARE's keep rate is 1 - drop
+        reads = ours.options
         model = ModelRef.parse(ref, adapter=True)
         inputs.append(
             MergeInput(
                 path=model.text,
                 adapter=model.adapter,
                 weight=weight,
-                density=float(density) if density is not None and not method.startswith("dare") else None,
-                drop=1.0 - float(density) if density is not None and method.startswith("dare") else None,
+                density=float(density) if density is not None and "density" in reads else None,
+                drop=1.0 - float(density) if density is not None and "drop" in reads else None,
             )
         )
     dtype = data.get("dtype")
     out_dtype = data.get("out_dtype") or (dtype if dtype in ("float32", "float16", "bfloat16") else None)
     return MergeSpec(
-        method=method,
+        method=ours.name,
         inputs=inputs,
         base=str(base) if base is not None else None,
         output="model",

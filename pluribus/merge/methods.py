@@ -1,8 +1,10 @@
 """Merge math: pure functions over tensors (task vectors in, merged tensor out); no files, no global RNG.
 
-A *task vector* is ``delta_t = theta_t - theta_base`` (Ilharco et al., 2023). Every method here takes the
-deltas of one tensor from T experts and returns the merged delta; the caller adds it to the base. Randomness
-comes only from an explicit ``torch.Generator``. Arithmetic runs in float32 (float64 stays float64).
+A *task vector* is ``delta_t = theta_t - theta_base`` (Ilharco et al., 2023). Every method takes the deltas of
+one tensor from T experts and returns the merged delta; the caller adds it to the base. The methods are registered
+in merge/registry.py (their options, defaults and math), each composed of the steps here; registry.merge_deltas
+dispatches to them. Randomness comes only from an explicit ``torch.Generator``. Arithmetic runs in float32
+(float64 stays float64).
 
 ``mergekit=True`` reproduces mergekit 0.1.5 where its semantics differ from the papers:
   * TIES sign election by the *weighted* sum of trimmed deltas (the paper votes with unweighted mass);
@@ -24,17 +26,6 @@ import torch
 from pluribus.errors import PluribusError
 
 Tensor = torch.Tensor
-
-#: Methods over full tensors and what each follows.
-METHODS: dict[str, str] = {
-    "linear": "Model soups, Wortsman et al. 2022 (arXiv:2203.05482): sum_t w_t theta_t / sum_t w_t",
-    "task_arithmetic": "Task Arithmetic, Ilharco et al. 2023 (arXiv:2212.04089): base + lambda sum_t w_t delta_t",
-    "magnitude": "magnitude pruning of each delta (Han et al. 2015), then task arithmetic",
-    "ties": "TIES-Merging, Yadav et al. 2023 (arXiv:2306.01708): trim, elect sign, disjoint mean",
-    "dare_linear": "DARE, Yu et al. 2024 (arXiv:2311.03099): drop p, rescale 1/(1-p), then task arithmetic",
-    "dare_ties": "DARE (arXiv:2311.03099) then TIES sign election and disjoint merge",
-    "pcb": "PCB-Merging, Du et al. 2024 (arXiv:2410.02396): intra/inter balancing, drop, rescale",
-}
 
 
 @dataclass(frozen=True)
@@ -330,129 +321,72 @@ def pcb(
 # ------------------------------------------------------------------------------------------ dispatch
 
 
-def default_normalize(method: str, mergekit: bool) -> bool:
-    """Whether the agreeing/total weights divide the sum, per method (mergekit's defaults in its mode)."""
-    if method == "linear":
-        return True
-    if method == "ties":
-        return True
-    if method == "dare_ties":
-        return not mergekit
-    return False
-
-
-def merge_deltas(
-    method: str,
-    deltas: Sequence[Tensor],
-    params: MethodParams,
-    generator: torch.Generator | None = None,
-    *,
-    inplace: bool = False,
-) -> Tensor:
-    """Merge the task vectors of one tensor with ``method``; returns the merged delta (work dtype).
-
-    The fast path of :func:`composed_merge` (same steps, same result up to float rounding of the sums): after
-    :func:`prune`, TIES elects and merges expert by expert without stacking, so memory is the T deltas plus a few
-    tensors of one expert's size. In mergekit's mode in half precision the order of roundings matters, so it runs
-    the composed steps over the stack, op for op as mergekit does. ``deltas``: T tensors of one shape; with
-    ``inplace=True`` (work-dtype inputs) they are overwritten to save memory. ``linear`` is not a delta method: use
-    :func:`linear`. Raises PluribusError for an unknown method or a missing generator for DARE.
-    """
-    _check_delta_method(method, params)
-    if method == "pcb":
-        return pcb([d.to(params.dtype) if params.dtype else d for d in deltas], params.density or 1.0,
-                   params.weights, params.lam)
-    dtype = params.dtype or work_dtype(deltas[0])
-    ds = prune(method, [d if inplace and d.dtype == dtype else d.to(dtype, copy=True) for d in deltas], params,
-               generator)
-    if params.mergekit and dtype in (torch.bfloat16, torch.float16):
-        return _combine_stacked(method, ds, params)
-    return _combine_lean(method, ds, params)
-
-
-def composed_merge(
-    method: str, deltas: Sequence[Tensor], params: MethodParams, generator: torch.Generator | None = None
-) -> Tensor:
-    """TIES, DARE, magnitude and task arithmetic composed from their steps as the papers state them, over the
-    stacked deltas ``[T, ...]``: :func:`prune` (trim to the density, or DARE's drop and rescale), then for TIES
-    :func:`elect_sign` and :func:`disjoint_merge`, else the weighted sum; times lambda. The reference that
-    :func:`merge_deltas` is tested against (and, in mergekit's mode in half precision, the path it takes)."""
-    _check_delta_method(method, params)
-    if method == "pcb":
-        return merge_deltas(method, deltas, params, generator)
-    dtype = params.dtype or work_dtype(deltas[0])
-    return _combine_stacked(method, prune(method, [d.to(dtype, copy=True) for d in deltas], params, generator), params)
-
-
-def _check_delta_method(method: str, params: MethodParams) -> None:
-    if method not in METHODS or method == "linear":
-        avail = ", ".join(m for m in METHODS if m != "linear")
-        raise PluribusError(f"Unknown delta merge method '{method}'. Available: {avail}")
-    if method == "pcb" and params.mergekit:
-        raise PluribusError("method 'pcb' has no mergekit counterpart; drop mergekit: true")
-    if method == "pcb" and params.thresholds is not None:
-        raise PluribusError("method 'pcb' balances each tensor on its own; use trim: tensor")
-
-
-def prune(method: str, ds: list[Tensor], params: MethodParams, generator: torch.Generator | None) -> list[Tensor]:
-    """Step one, expert by expert: trim to the density (``magnitude``, ``ties``: per-tensor top-k, or the global
-    ``thresholds``) or drop and rescale (``dare_*``); other methods pass through. Trims ``ds`` in place."""
+def trim_all(ds: list[Tensor], params: MethodParams) -> None:
+    """TIES / magnitude step one, in place: trim each expert's delta to its density (a per-tensor top-k, or the
+    global ``thresholds``)."""
     n = len(ds)
-    if method in ("magnitude", "ties"):
-        density = params.density or (1.0,) * n
-        thr = params.thresholds or (None,) * n
-        for i, d in enumerate(ds):
-            _trim_(d, density[i], thr[i], params.mergekit)
-    if method in ("dare_linear", "dare_ties"):
-        if generator is None:
-            raise PluribusError(f"method '{method}' is random: pass a seeded torch.Generator")
-        drop = params.drop or (0.0,) * n
-        ds = [dare(d, drop[i], generator, mergekit=params.mergekit) for i, d in enumerate(ds)]
-    return ds
+    density = params.density or (1.0,) * n
+    thr = params.thresholds or (None,) * n
+    for i, d in enumerate(ds):
+        _trim_(d, density[i], thr[i], params.mergekit)
 
 
-def _normalize(method: str, params: MethodParams) -> bool:
-    return default_normalize(method, params.mergekit) if params.normalize is None else params.normalize
+def dare_all(ds: list[Tensor], params: MethodParams, generator: torch.Generator | None, method: str) -> list[Tensor]:
+    """DARE's step one: each expert's delta dropped at its rate and rescaled (:func:`dare`), from ``generator``."""
+    if generator is None:
+        raise PluribusError(f"method '{method}' is random: pass a seeded torch.Generator")
+    drop = params.drop or (0.0,) * len(ds)
+    return [dare(d, drop[i], generator, mergekit=params.mergekit) for i, d in enumerate(ds)]
 
 
-def _combine_stacked(method: str, ds: list[Tensor], params: MethodParams) -> Tensor:
-    """Steps two and three over the stack (mergekit 0.1.5's ``GeneralizedTaskArithmeticMerge.merge_group`` op for op
-    in its mode): elect and disjoint-merge for TIES, else the weighted sum (divided by the summed weights when
-    normalizing); times lambda."""
-    normalize = _normalize(method, params)
-    stacked = torch.stack(ds)
-    w = torch.tensor(params.weights, dtype=stacked.dtype)
-    if method in ("ties", "dare_ties"):
-        sign = elect_sign(stacked, w if params.mergekit else None, mergekit=params.mergekit)
-        merged = disjoint_merge(stacked, w, sign, normalize, mergekit=params.mergekit)
-    else:
-        w = w.reshape(-1, *([1] * (stacked.dim() - 1)))
-        merged = (stacked * w).sum(dim=0)
-        if normalize:
-            divisor = w.sum(dim=0)
+def weighted_sum(ds: list[Tensor], params: MethodParams, *, stacked: bool = False) -> Tensor:
+    """``lambda sum_t w_t d_t``, divided by ``sum_t w_t`` when ``params.normalize``; overwrites ``ds``.
+
+    ``stacked``: over the stack ``[T, ...]`` (mergekit 0.1.5's ``GeneralizedTaskArithmeticMerge`` op for op), else
+    expert by expert. Weights summing to 0 under normalize are refused (mergekit's mode divides by 1 there, as
+    mergekit does)."""
+    w = params.weights
+    if params.normalize and not params.mergekit and abs(sum(w)) < 1e-8:
+        raise PluribusError("merge weights sum to 0 and normalize divides by their sum; give weights with a non-zero "
+                            "sum, or normalize: false")
+    if stacked:
+        stack = torch.stack(ds)
+        wt = torch.tensor(w, dtype=stack.dtype).reshape(-1, *([1] * (stack.dim() - 1)))
+        merged = (stack * wt).sum(dim=0)
+        if params.normalize:
+            divisor = wt.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
             merged /= divisor
-    if params.lam != 1:
-        merged *= params.lam
-    return merged
+        if params.lam != 1:
+            merged *= params.lam
+        return merged
+    out = ds[0].mul_(w[0])  # ds are ours: the caller's (inplace) or fresh copies
+    for d, wt_ in zip(ds[1:], w[1:], strict=True):
+        out.add_(d, alpha=wt_)
+    if params.normalize:
+        out /= _nonzero(sum(w))
+    return out.mul_(params.lam)
 
 
-def _combine_lean(method: str, ds: list[Tensor], params: MethodParams) -> Tensor:
-    """:func:`_combine_stacked` without the stack, overwriting ``ds``: TIES's election and disjoint merge in one
-    loop over the experts, whose memory is a few tensors of one expert's size."""
-    w = params.weights
-    normalize = _normalize(method, params)
-    if method in ("task_arithmetic", "magnitude", "dare_linear"):
-        out = ds[0].mul_(w[0])  # ds are ours: the caller's (inplace) or fresh copies
-        for d, wt in zip(ds[1:], w[1:], strict=True):
-            out.add_(d, alpha=wt)
-        if normalize:
-            out /= _nonzero(sum(w))
-        return out.mul_(params.lam)
+def ties_merge(ds: list[Tensor], params: MethodParams, *, stacked: bool = False) -> Tensor:
+    """TIES steps two and three: :func:`elect_sign`, then :func:`disjoint_merge` (the weighted mean of the agreeing
+    entries under ``params.normalize``, else their sum), times lambda; overwrites ``ds``.
+
+    ``stacked``: over the stack ``[T, ...]``; else in one loop over the experts, whose memory is a few tensors of
+    one expert's size."""
+    normalize, w = bool(params.normalize), params.weights
+    if stacked:
+        stack = torch.stack(ds)
+        wt = torch.tensor(w, dtype=stack.dtype)
+        sign = elect_sign(stack, wt if params.mergekit else None, mergekit=params.mergekit)
+        merged = disjoint_merge(stack, wt, sign, normalize, mergekit=params.mergekit)
+        if params.lam != 1:
+            merged *= params.lam
+        return merged
     # elect_sign: mergekit weights first, then votes with the weighted deltas
     if params.mergekit:
-        for d, wt in zip(ds, w, strict=True):
-            d.mul_(wt)
+        for d, wt_ in zip(ds, w, strict=True):
+            d.mul_(wt_)
     total = ds[0].clone()
     for d in ds[1:]:
         total.add_(d)
@@ -461,11 +395,11 @@ def _combine_lean(method: str, ds: list[Tensor], params: MethodParams) -> Tensor
     # disjoint_merge: the entries that agree with the elected sign (a zero never agrees: d * sign > 0)
     merged = torch.zeros_like(ds[0])
     divisor = torch.zeros_like(ds[0])
-    for i, (d, wt) in enumerate(zip(ds, w, strict=True)):
+    for i, (d, wt_) in enumerate(zip(ds, w, strict=True)):
         a = d
         a.mul_(sign).clamp_(min=0)  # |d| where d agrees with the elected sign (d * sign > 0), else 0
-        divisor.add_(a > 0, alpha=wt)
-        merged.add_(a, alpha=1.0 if params.mergekit else wt)
+        divisor.add_(a > 0, alpha=wt_)
+        merged.add_(a, alpha=1.0 if params.mergekit else wt_)
         ds[i] = a = None  # type: ignore[call-overload]
     merged.mul_(sign)
     if normalize:

@@ -9,6 +9,7 @@ from pluribus.config import load_recipe
 from pluribus.errors import PluribusError
 from pluribus.io import read_yaml
 from pluribus.merge.config import parse_merge_config
+from pluribus.merge.registry import WEIGHT_DEFAULT
 from pluribus.merge.spec import MergeSpec
 from pluribus.modelref import ModelRef
 
@@ -38,7 +39,7 @@ def spec_from_flags(
     paths = _split(adapters) + _split(models)
     if not paths:
         raise PluribusError("give the experts to merge: --adapters a,b,c or --models x,y (or a config file)")
-    ws = _split(weights) or ["1"] * len(paths)
+    ws = _split(weights) or [str(WEIGHT_DEFAULT)] * len(paths)  # the one default of every entry point
     if len(ws) != len(paths):
         raise PluribusError(f"{len(ws)} weights for {len(paths)} inputs; give one weight per input")
     try:
@@ -54,17 +55,31 @@ def spec_from_flags(
 
 
 def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any) -> tuple[MergeSpec, Path]:
-    """What ``pluribus merge`` runs: a merge YAML, a recipe with a ``merge`` section, or the short-form flags.
+    """The one merge ``pluribus merge`` runs (see :func:`resolve_merges`); a recipe of several merges is refused."""
+    merges = resolve_merges(config, out, **flags)
+    if len(merges) > 1:
+        names = ", ".join(n for n, _, _ in merges)
+        raise PluribusError(f"recipe '{config}' has {len(merges)} merges ({names}); pick one by its name")
+    return merges[0][1], merges[0][2]
 
-    Returns the spec and the output folder (a recipe's default is ``<run>/merged/<name>``). ``seed`` (the DARE
-    masks; mergekit's ``--random-seed``) and ``--no-check-base`` also apply to a config file; other flags beside a
-    config file are refused.
+
+def resolve_merges(
+    config: str | Path | None, out: str | Path | None, name: str | None = None, **flags: Any
+) -> list[tuple[str, MergeSpec, Path]]:
+    """What ``pluribus merge`` runs, as ``(name, spec, output folder)``: a merge YAML, every merge of a recipe's
+    ``merge`` section (or the one called ``name``), or the short-form flags.
+
+    A recipe's merge goes to ``<run>/merged/<name>`` unless ``out`` is given, which names one folder and so needs
+    one merge. ``seed`` (the DARE masks; mergekit's ``--random-seed``) and ``--no-check-base`` also apply to a
+    config file; other flags beside a config file are refused, as is ``name`` for anything but a recipe.
     """
     seed = flags.get("seed")
     if config is None:
         if not flags.get("method"):
             raise PluribusError("give a merge config file, or --method with --adapters/--models (see --help)")
-        spec = spec_from_flags(**flags)  # the flags carry the seed
+        if name is not None:
+            raise PluribusError("--name picks one merge of a recipe's merge section; give the recipe, or drop --name")
+        merges = [("merge", spec_from_flags(**flags), out)]  # the flags carry the seed
     else:
         ignored = sorted(k for k, v in flags.items() if v not in (None, False, []) and k not in ("seed", "check_base"))
         if ignored:
@@ -74,18 +89,33 @@ def resolve_cli(config: str | Path | None, out: str | Path | None, **flags: Any)
         p = Path(config)
         data = read_yaml(p, "merge config")
         if _is_recipe(data):
-            recipe = load_recipe(p)
-            if recipe.merge is None:
-                raise PluribusError(f"recipe '{p}' has no merge: section; add one or pass a merge config")
-            first = recipe.merge.all()[0]  # a recipe with several merges: the first (pluribus run makes them all)
-            spec = first.load(recipe.layout)
-            out = out or recipe.layout.merged(first.name)
+            merges = _recipe_merges(p, out, name)
+        elif name is not None:
+            raise PluribusError(f"--name picks one merge of a recipe's merge section; '{p}' is a merge config with "
+                                "one merge: drop --name")
         else:
-            spec = parse_merge_config(data, f"'{p}'")
+            merges = [("merge", parse_merge_config(data, f"'{p}'"), out)]
         if seed is not None:
-            spec = spec.model_copy(update={"seed": seed})
+            merges = [(n, s.model_copy(update={"seed": seed}), o) for n, s, o in merges]
         if flags.get("check_base") is False:
-            spec = spec.model_copy(update={"check_base": False})
-    if out is None:
+            merges = [(n, s.model_copy(update={"check_base": False}), o) for n, s, o in merges]
+    if any(o is None for _, _, o in merges):
         raise PluribusError("give the output folder with -o OUT")
-    return spec, Path(out)
+    return [(n, s, Path(o)) for n, s, o in merges]  # type: ignore[arg-type]
+
+
+def _recipe_merges(path: Path, out: str | Path | None, name: str | None) -> list[tuple[str, MergeSpec, Any]]:
+    """Every merge of the recipe at ``path`` (``pluribus run`` makes the same ones), or the one called ``name``."""
+    recipe = load_recipe(path)
+    if recipe.merge is None:
+        raise PluribusError(f"recipe '{path}' has no merge: section; add one or pass a merge config")
+    merges = recipe.merge.all()
+    names = [m.name for m in merges]
+    if name is not None:
+        merges = [m for m in merges if m.name == name]
+        if not merges:
+            raise PluribusError(f"recipe '{path}' has no merge named '{name}'; its merges: {', '.join(names)}")
+    if out is not None and len(merges) > 1:
+        raise PluribusError(f"-o names one folder, but recipe '{path}' has {len(merges)} merges ({', '.join(names)}); "
+                            "pick one with --name NAME, or leave -o out: each goes to <run>/merged/<name>")
+    return [(m.name, m.load(recipe.layout), out or recipe.layout.merged(m.name)) for m in merges]

@@ -2,15 +2,18 @@
 
 A pluribus merge YAML::
 
-    method: ties                 # cat | svd | linear | task_arithmetic | magnitude | ties | dare_linear | dare_ties | pcb
+    method: ties                 # a registered method (merge/registry.py): ties, task_arithmetic, pcb, cat, ...
     base: path/to/base           # full-model merges, and folding adapters into a model
     inputs:
       - {path: runs/a/adapters/rsft, weight: 1.0}
       - {path: path/to/base, adapter: runs/b/adapters/rl, weight: 0.5}   # a `base + adapter` input
     density: 0.5                 # TIES / magnitude / PCB: fraction kept (DARE takes drop instead)
-    rank: 64                     # adapter output rank (or energy: 0.99 for a per-module rank)
+    rank: 64                     # adapter output rank (or energy: 0.99 for a per-module rank); left out: the
+                                 # method's default (exact for cat, linear, task_arithmetic)
 
-An option a method does not read is refused by name (see ``METHOD_OPTIONS``): it would change nothing.
+An option a method does not read is refused by name (each method's registration in merge/registry.py lists the
+options it reads): it would change nothing. Each input's weight defaults to 1 for every method (mergekit's
+convention): ``task_arithmetic`` of three adapters is their sum; a mean is spelled (weights, ``normalize: true``).
 
 A mergekit YAML (``merge_method``, ``models``, ``base_model``, ``parameters``, ``dtype``) is translated into it
 by merge/mergekit.py; merge/config.py reads either form.
@@ -22,28 +25,11 @@ import math
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pluribus.errors import not_finite
+from pluribus.merge.registry import METHODS, WEIGHT_DEFAULT, get_method, users_of
 
-MethodName = Literal[
-    "cat", "svd", "linear", "task_arithmetic", "magnitude", "ties", "dare_linear", "dare_ties", "pcb", "mergekit"
-]
-
-
-#: The options each method reads; any other one given is refused (an option without effect is a silent wrong
-#: result). rank/energy shape an adapter output; run_merge refuses them for model outputs.
-METHOD_OPTIONS: dict[str, frozenset[str]] = {
-    "cat": frozenset(),
-    "svd": frozenset({"rank", "energy"}),
-    "linear": frozenset({"rank", "energy", "normalize"}),
-    "task_arithmetic": frozenset({"rank", "energy", "normalize"}),
-    "magnitude": frozenset({"rank", "energy", "density", "trim", "normalize"}),
-    "ties": frozenset({"rank", "energy", "density", "trim", "normalize"}),
-    "dare_linear": frozenset({"rank", "energy", "drop", "normalize"}),
-    "dare_ties": frozenset({"rank", "energy", "drop", "normalize"}),
-    "pcb": frozenset({"rank", "energy", "density"}),
-}
 _OPTION_HINTS = {
     ("cat", "rank"): "cat writes the exact sum at the summed rank; use method svd for a rank-k result",
     ("cat", "energy"): "cat writes the exact sum at the summed rank; use method svd for a per-module rank",
@@ -56,7 +42,7 @@ def _refusal(method: str, option: str, value: Any) -> str:
         return (f"density has no effect in method '{method}': DARE drops each entry with probability drop "
                 f"(mergekit's density is 1 - drop); give drop instead{keep}")
     hint = _OPTION_HINTS.get((method, option))
-    users = ", ".join(m for m, opts in METHOD_OPTIONS.items() if option in opts) or "no method"
+    users = ", ".join(users_of(option)) or "no method"
     return f"{option} has no effect in method '{method}' ({hint or f'it applies to {users}'}); remove it"
 
 
@@ -73,7 +59,8 @@ class MergeInput(BaseModel):
 
     path: str = Field(description="Adapter folder or model folder (safetensors).")
     adapter: str | None = Field(None, description="Adapter applied on top of `path` (a `base + adapter` input).")
-    weight: float = Field(1.0, description="w_t of this expert.")
+    weight: float = Field(WEIGHT_DEFAULT, description="w_t of this expert (default 1 for every method and entry "
+                          "point: task_arithmetic sums, as in mergekit).")
     density: float | None = Field(None, description="Fraction kept by trimming for this expert (overrides).")
     drop: float | None = Field(None, description="DARE drop rate p for this expert (overrides).")
 
@@ -93,11 +80,13 @@ class MergeSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    method: MethodName = Field(description="Merge method; `mergekit` runs `mergekit_yaml` with mergekit itself.")
+    method: str = Field(description="Merge method (merge/registry.py lists them); `mergekit` runs `mergekit_yaml` "
+                        "with mergekit itself.")
     inputs: list[MergeInput] = Field(default_factory=list, description="The experts to merge.")
     base: str | None = Field(None, description="Base model folder (full merges; folding adapters).")
     output: Literal["auto", "adapter", "model"] = Field("auto", description="auto: adapter for adapters, else model.")
-    rank: int | None = Field(None, ge=1, description="Output adapter rank (svd, ties, dare on adapters).")
+    rank: int | None = Field(None, ge=1, description="Output adapter rank; None: the method's default (the exact "
+                             "rank for the linear methods, the largest input rank for svd and the dense ones).")
     energy: float | None = Field(None, description="Keep this energy fraction, in (0, 1]: per-module ranks.")
     density: float | None = Field(None, description="TIES / magnitude: fraction of entries kept, in (0, 1].")
     drop: float | None = Field(None, description="DARE: drop rate p, in [0, 1).")
@@ -115,6 +104,13 @@ class MergeSpec(BaseModel):
     check_base: bool = Field(True, description="Refuse adapters of different bases (compared by contents where "
                                                "they are on this machine; CLI --no-check-base).")
     mergekit_yaml: dict[str, Any] | None = Field(None, description="Raw mergekit config (method: mergekit).")
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v != "mergekit" and v not in METHODS:
+            raise ValueError(f"Unknown merge method '{v}'. Available: {', '.join([*METHODS, 'mergekit'])}")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> MergeSpec:
@@ -153,12 +149,13 @@ class MergeSpec(BaseModel):
             for k in ("density", "drop"):
                 if getattr(inp, k) is not None:
                     given.setdefault(k, getattr(inp, k))
-        allowed = METHOD_OPTIONS[self.method]
+        method = get_method(self.method)
         for option, value in given.items():
-            if option not in allowed:
+            if option not in method.options:
                 raise ValueError(_refusal(self.method, option, value))
-        if self.method == "pcb" and self.mergekit:
-            raise ValueError("method 'pcb' has no mergekit counterpart (mergekit 0.1.5 lacks it); drop mergekit: true")
+        if self.mergekit and not method.mergekit_mode:
+            raise ValueError(f"method '{self.method}' has no mergekit counterpart (mergekit 0.1.5 lacks it); "
+                             "drop mergekit: true")
         return self
 
     def to_yaml(self) -> str:

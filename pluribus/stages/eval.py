@@ -37,6 +37,7 @@ from pluribus.eval.evaluate import (
 from pluribus.eval.robustness import perturb
 from pluribus.io import atomic_write_text
 from pluribus.layout import RunLayout
+from pluribus.merge import merge_record
 from pluribus.stages import Stage, StageSummary
 
 COLUMNS = ("system", "accuracy", "95% interval", "vs single (p)", "first answer", "wrong first corrected",
@@ -283,6 +284,8 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             adapters[plan.label] = {"path": plan.adapter or plan.team.agents[0].model, "fingerprint": fingerprint}
         if plan.system == "sc":
             results[plan.label].update(sc_info)
+        if plan.system == "merged":  # what the merge is: exact, or truncated and by how much (its own record)
+            results[plan.label]["merge"] = merge_record(Path(plan.adapter or plan.team.agents[0].model))
         for kind in cfg.robustness if robustness and plan.system != "sc" else []:
             varied = [perturb(p, kind) for p in mine]
             folder = eval_dir / f"{plan.label}-{kind}" / fingerprint if fingerprint else eval_dir / f"{plan.label}-{kind}"

@@ -35,6 +35,15 @@ def merge_inputs(recipe: Recipe, m: Any) -> dict[str, Path]:
     return {k: v for k, v in out.items() if v.exists()}  # hub ids are named by the settings
 
 
+def merge_settings(recipe: Recipe, m: Any) -> dict[str, Any]:
+    """The settings a merge's freshness hashes: the recipe's section and its method's defaults (the registry's
+    weight, rank and normalize defaults), so that a changed default reruns a merge that relied on it."""
+    from pluribus.merge.registry import METHODS
+
+    method = m.load(recipe.layout).method
+    return {"merge": json_of(m), "defaults": METHODS[method].semantics() if method in METHODS else None}
+
+
 def plan(recipe: Recipe) -> list[Stage]:
     """One step per merge of the recipe, in order."""
     def step(m: Any) -> Stage:
@@ -42,7 +51,7 @@ def plan(recipe: Recipe) -> list[Stage]:
         return Stage(f"merge:{m.name}",
                      lambda progress, new_run: run(m.load(recipe.layout), recipe.layout.merged(m.name),
                                                    overwrite=True, name=f"merge:{m.name}", device=recipe.device),
-                     settings=lambda: json_of(m), inputs=lambda: merge_inputs(recipe, m),
+                     settings=lambda: merge_settings(recipe, m), inputs=lambda: merge_inputs(recipe, m),
                      after=tuple(f"train:{e}" for e in m.experts or []))
 
     return [step(m) for m in (recipe.merge.all() if recipe.merge else [])]

@@ -285,3 +285,34 @@ def test_eval_max_new_tokens_reaches_every_agent_the_judge_included(tmp_path: Pa
     assert [a.sampling.max_new_tokens for a in team.agents] == [17] * len(team.agents)
     assert team.judge is not None and team.judge.sampling.max_new_tokens == 17
     assert all(a.sampling.max_new_tokens == 17 for t in capped.values() for a in t.agents)
+
+
+def test_a_merged_system_shows_its_merge_error_beside_it(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Issue 26: a truncated merge was reported as if it were the merge its method names."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pluribus.merge import run_merge
+
+    adapters = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model.save_pretrained(tmp_path / f"a{seed}")
+        adapters.append(str(tmp_path / f"a{seed}"))
+    agent = f"{{model: '{tiny_llama_dir}', sampling: {{max_new_tokens: 4}}}}"
+    inputs = ", ".join(f"{{path: '{a}'}}" for a in adapters)
+    recipe = load_recipe(None, [
+        f"root={tmp_path}", "name=m", "task.source=synthetic", "task.n=2", "task.heldout_fraction=0.5",
+        f"team.agents=[{agent}]", "team.rounds=1", "eval.systems=[merged]",
+        f"merge.spec={{method: task_arithmetic, rank: 2, inputs: [{inputs}]}}",
+    ])
+    summary = run_merge(recipe.merge.load(), recipe.layout.merged("merged"))
+    payload = run_eval(recipe, progress=False)
+    merge = payload["systems"]["merged-greedy"]["merge"]
+    assert merge["error"] == summary.error > 0.01 and merge["note"] == "the exact merge's best approximation at rank 2, as asked"
+    report = (tmp_path / "m" / "eval" / "report.md").read_text()
+    assert (f"merged-greedy is the task_arithmetic merge (adapters -> adapter), relative error vs the exact merge "
+            f"{summary.error:.3e}: the exact merge's best approximation at rank 2, as asked.") in report

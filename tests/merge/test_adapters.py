@@ -574,8 +574,8 @@ def tiny_model_from(state: dict[str, torch.Tensor], out: Path) -> Path:
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "pcb"])
 def test_dense_methods_merge_bias_and_module_task_vectors_like_the_factors(make_qwen2_adapter, tiny_qwen2_base, tmp_path,
                                                                            method):
-    from pluribus.merge import methods as M
     from pluribus.merge.adapters import method_params
+    from pluribus.merge.registry import merge_deltas
 
     a = make_qwen2_adapter(["q_proj", "v_proj"], seed=43, bias="all")
     b = make_qwen2_adapter(["q_proj", "o_proj"], seed=44, bias="lora_only", modules_to_save=["lm_head"])
@@ -591,7 +591,7 @@ def test_dense_methods_merge_bias_and_module_task_vectors_like_the_factors(make_
             assert torch.equal(folded[name], base[name])
             continue
         deltas = [h.get(name, torch.zeros_like(base[name], dtype=torch.float64)).float() for h in hand]
-        want = base[name] + M.merge_deltas(method, deltas, method_params(s), gen)
+        want = base[name] + merge_deltas(method, deltas, method_params(s), gen)
         torch.testing.assert_close(folded[name], want, atol=1e-6, rtol=1e-5)
 
 
@@ -672,3 +672,47 @@ def test_folding_reports_what_the_stored_dtype_rounds_away_from_the_change(heter
     # a change bfloat16 rounds visibly away is said, with the way to keep it
     summary.error = 0.3
     assert "(rounding to the stored dtype loses 30% of the change; out_dtype: float32 keeps it)" in "".join(summary.lines())
+
+
+@pytest.fixture(scope="module")
+def three_rank16(make_adapter):
+    """Three random rank-16 adapters on the same modules (issue 26: truncated to rank 16, 0.46 of the sum was lost)."""
+    return [make_adapter(16, 32, ["q_proj", "v_proj"], seed=s) for s in (61, 62, 63)]
+
+
+def _relative(got: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> float:
+    num = sum(float((exact[k] - got[k]).pow(2).sum()) for k in exact)
+    return math.sqrt(num / sum(float(v.pow(2).sum()) for v in exact.values()))
+
+
+@pytest.mark.parametrize(("method", "weights", "scale"), [("task_arithmetic", [1.0, 1.0, 1.0], 1.0),
+                                                          ("task_arithmetic", [1.0, -0.5, 2.0], 1.0),
+                                                          ("linear", [1.0, 1.0, 1.0], 1 / 3)])
+def test_a_method_named_for_a_sum_gives_the_sum_on_adapters(three_rank16, tmp_path, method, weights, scale):
+    summary = run_merge(spec(method, three_rank16, weights), tmp_path / "m")
+    exact = {k: v * scale for k, v in exact_sum(three_rank16, weights).items()}
+    assert _relative(merged_deltas(tmp_path / "m"), exact) < 1e-5
+    assert summary.ranks_out == [48] and summary.error < 1e-5  # the inputs' ranks summed: nothing truncated
+    assert summary.note.startswith("exact: the inputs' ranks summed")
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert f"relative error vs the exact merge: {summary.error:.3e} (exact" in card
+
+
+def test_a_truncated_sum_is_only_what_was_asked_and_says_its_error(three_rank16, tmp_path):
+    summary = run_merge(spec("task_arithmetic", three_rank16, rank=16), tmp_path / "m")
+    exact = exact_sum(three_rank16, [1.0] * 3)
+    assert summary.ranks_out == [16] and summary.error > 0.1
+    assert _relative(merged_deltas(tmp_path / "m"), exact) == pytest.approx(summary.error, rel=1e-3)
+    assert summary.note == "the exact merge's best approximation at rank 16, as asked"
+    line = f"relative error vs the exact merge: {summary.error:.3e} (the exact merge's best approximation at rank 16, as asked)"
+    assert line in summary.lines() and line in (tmp_path / "m" / "README.md").read_text()
+    record = json.loads((tmp_path / "m" / "merge_report.json").read_text())
+    assert record["error"] == summary.error and record["note"] == summary.note
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "pcb"])
+def test_dense_methods_say_they_are_truncated_by_default(three_rank16, tmp_path, method):
+    summary = run_merge(spec(method, three_rank16, seed=1, **options(method)), tmp_path / "m")
+    assert summary.ranks_out == [16] and summary.error > 0.01  # the largest input rank, as PEFT's *_svd methods
+    assert summary.note.startswith(f"{method} merges each module's dense delta; truncated to the largest input rank, "
+                                   "16, by default")

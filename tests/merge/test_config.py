@@ -54,7 +54,8 @@ def test_what_pluribus_does_not_implement_goes_to_mergekit(data):
 def test_pluribus_yaml_and_errors(tmp_path):
     (tmp_path / "m.yaml").write_text(yaml.safe_dump({"method": "ties", "lambda": 0.5, "inputs": [{"path": "a"}]}))
     assert load_merge_config(tmp_path / "m.yaml").lam == 0.5
-    with pytest.raises(PluribusError, match=r"method: 'tie' is not allowed; expected one of 'cat'"):
+    with pytest.raises(PluribusError, match=r"method: Unknown merge method 'tie'\. Available: cat, svd, linear, "
+                                            r"task_arithmetic, .*, pcb, mergekit$"):
         parse_merge_config({"method": "tie", "inputs": [{"path": "a"}]})
     with pytest.raises(PluribusError, match="inputs is empty"):
         parse_merge_config({"method": "ties"})
@@ -298,3 +299,92 @@ def test_no_check_base_flag_reaches_the_spec_from_flags_and_config_files(tmp_pat
 def test_pluribus_options_beside_a_raw_mergekit_config_are_refused():
     with pytest.raises(PluribusError, match=r"density has no effect in method 'mergekit'.*put it in mergekit_yaml"):
         parse_merge_config({"method": "mergekit", "density": 0.5, "mergekit_yaml": {"merge_method": "della"}})
+
+
+def test_one_default_weighting_whatever_the_entry_point(make_adapter, tmp_path):
+    """Issue 26: a recipe's merge.experts weighed each expert 1/n while --adapters and spec: weighed each 1."""
+    import shutil
+
+    import torch
+
+    from pluribus.config import load_recipe
+    from pluribus.merge import run_merge
+    from pluribus.merge.adapters import load_adapter
+
+    names = ["a", "b", "c"]
+    r = load_recipe(None, [f"root={tmp_path}", "name=x", "train.experts=[{objective: rsft, name: a}, "
+                           "{objective: rsft, name: b}, {objective: rsft, name: c}]", "merge.experts=[a, b, c]"])
+    for i, n in enumerate(names):
+        shutil.copytree(make_adapter(4, 8, ["q_proj"], seed=70 + i), r.layout.adapter(n))
+    paths = [str(r.layout.adapter(n)) for n in names]
+    entries = {
+        "recipe experts": r.merge.load(r.layout),
+        "CLI --adapters": spec_from_flags("task_arithmetic", adapters=[",".join(paths)]),
+        "recipe spec": validate_recipe({"merge": {"spec": {"method": "task_arithmetic",
+                                                           "inputs": [{"path": p} for p in paths]}}}).merge.load(),
+    }
+    deltas = {}
+    for label, spec in entries.items():
+        assert [i.weight for i in spec.inputs] == [1.0] * 3, label
+        run_merge(spec, tmp_path / label)
+        deltas[label] = {k: m.delta(torch.float64) for k, m in load_adapter(tmp_path / label).modules.items()}
+    def close(got: torch.Tensor, want: torch.Tensor) -> bool:  # Frobenius, relative: float32 storage is ~1e-7
+        return float((got - want).norm() / want.norm()) < 1e-6
+
+    for label in entries:
+        assert all(close(deltas[label][k], d) for k, d in deltas["CLI --adapters"].items()), label
+    # a mean is spelled: weights 1/3, or normalize
+    mean = load_recipe(None, [f"root={tmp_path}", "name=x", "train.experts=[{objective: rsft, name: a}, "
+                              "{objective: rsft, name: b}, {objective: rsft, name: c}]", "merge.experts=[a, b, c]",
+                              "merge.params={normalize: true}"]).merge.load(r.layout)
+    run_merge(mean, tmp_path / "mean")
+    got = {k: m.delta(torch.float64) for k, m in load_adapter(tmp_path / "mean").modules.items()}
+    assert all(close(got[k], d / 3) for k, d in deltas["CLI --adapters"].items())
+
+
+def _two_merges_recipe(make_adapter, tmp_path) -> Path:
+    import shutil
+
+    recipe = {"name": "x", "root": str(tmp_path / "runs"),
+              "train": {"experts": [{"objective": "rsft", "name": "a"}, {"objective": "rsft", "name": "b"}]},
+              "merge": {"experts": ["a", "b"], "merges": [{"name": "ta"}, {"name": "ties", "method": "ties",
+                                                                              "params": {"density": 0.5}}]}}
+    for i, n in enumerate("ab"):
+        shutil.copytree(make_adapter(2, 4, ["q_proj"], seed=80 + i), tmp_path / "runs" / "x" / "adapters" / n)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_merge_of_a_recipe_runs_every_merge_or_the_one_named(make_adapter, tmp_path):
+    """Issue 26: `pluribus merge RECIPE` ran the first of several merges and said nothing of the others."""
+    from typer.testing import CliRunner
+
+    from pluribus.cli import app
+
+    path = _two_merges_recipe(make_adapter, tmp_path)
+    merged = tmp_path / "runs" / "x" / "merged"
+    res = CliRunner().invoke(app, ["merge", str(path)])
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in merged.iterdir()} == {"ta", "ties"}
+    for name, method in (("ta", "task_arithmetic"), ("ties", "ties")):
+        assert yaml.safe_load((merged / name / "merge.yaml").read_text())["method"] == method
+        assert f"method {method} (adapters -> adapter)" in res.output
+    # one by name, to its default folder or to -o; -o for several, an unknown name: refused naming the merges
+    from pluribus.merge.resolve import resolve_merges
+
+    assert [(n, s.method) for n, s, _ in resolve_merges(path, None, "ties")] == [("ties", "ties")]
+    assert resolve_merges(path, tmp_path / "o", "ta")[0][2] == tmp_path / "o"
+    with pytest.raises(PluribusError, match=r"-o names one folder, but recipe .* has 2 merges \(ta, ties\); pick one"):
+        resolve_merges(path, tmp_path / "o")
+    with pytest.raises(PluribusError, match=r"has no merge named 'tie'; its merges: ta, ties"):
+        resolve_merges(path, None, "tie")
+    with pytest.raises(PluribusError, match=r"has 2 merges \(ta, ties\)"):
+        resolve_cli(path, None)
+    # every output is checked before the first merge writes: an existing second one refuses the whole command
+    import shutil
+
+    shutil.rmtree(merged / "ta")
+    res = CliRunner().invoke(app, ["merge", str(path)])
+    assert isinstance(res.exception, PluribusError) and "ties' already exists" in str(res.exception)
+    assert not (merged / "ta").exists()

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from pluribus.errors import PluribusError
 from pluribus.merge import methods as M
+from pluribus.merge.registry import composed_merge, merge_deltas
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -27,7 +28,7 @@ seeds = st.integers(0, 10_000)
 @given(shapes, seeds, st.sampled_from(["task_arithmetic", "ties", "magnitude", "dare_linear", "dare_ties", "pcb"]))
 def test_one_expert_weight_one_gives_it_back(shape, seed, method):
     d = rand(shape, seed)
-    out = M.merge_deltas(method, [d], M.MethodParams(weights=(1.0,)), torch.Generator().manual_seed(0))
+    out = merge_deltas(method, [d], M.MethodParams(weights=(1.0,)), torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, d, rtol=0, atol=1e-7)
 
 
@@ -35,7 +36,7 @@ def test_one_expert_weight_one_gives_it_back(shape, seed, method):
 @given(shapes, seeds, st.lists(st.floats(0.1, 2.0), min_size=2, max_size=4), st.floats(0.1, 2.0))
 def test_task_arithmetic_closed_form(shape, seed, weights, lam):
     ds = [rand(shape, seed + i) for i in range(len(weights))]
-    out = M.merge_deltas("task_arithmetic", ds, M.MethodParams(weights=tuple(weights), lam=lam))
+    out = merge_deltas("task_arithmetic", ds, M.MethodParams(weights=tuple(weights), lam=lam))
     expected = lam * sum(w * d for w, d in zip(weights, ds, strict=True))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
@@ -45,14 +46,14 @@ def test_task_arithmetic_closed_form(shape, seed, weights, lam):
 def test_ties_density_one_agreeing_signs_is_the_mean(shape, seed, n, mergekit):
     sign = torch.sign(rand(shape, seed)) + (rand(shape, seed) == 0).float()  # +-1 everywhere
     ds = [rand(shape, seed + 1 + i).abs().clamp_min(1e-3) * sign for i in range(n)]
-    out = M.merge_deltas("ties", ds, M.MethodParams(weights=(1.0,) * n, density=(1.0,) * n, mergekit=mergekit))
+    out = merge_deltas("ties", ds, M.MethodParams(weights=(1.0,) * n, density=(1.0,) * n, mergekit=mergekit))
     torch.testing.assert_close(out, torch.stack(ds).mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_ties_follows_the_paper_on_a_worked_example():
     # column 0: mass +3 vs -1 -> keep the two positives, mean 1.5; column 1: trimmed to zero everywhere -> 0
     d1, d2, d3 = torch.tensor([[2.0, 0.01]]), torch.tensor([[1.0, -0.01]]), torch.tensor([[-1.0, 0.0]])
-    out = M.merge_deltas("ties", [d1, d2, d3], M.MethodParams(weights=(1.0, 1.0, 1.0), density=(0.5, 0.5, 0.5)))
+    out = merge_deltas("ties", [d1, d2, d3], M.MethodParams(weights=(1.0, 1.0, 1.0), density=(0.5, 0.5, 0.5)))
     torch.testing.assert_close(out, torch.tensor([[1.5, 0.0]]))
 
 
@@ -60,8 +61,8 @@ def test_ties_sign_vote_weighted_only_in_mergekit_mode():
     # unweighted mass: +1 - 2 = -1 -> negative wins; weighted (w=3, 1): +3 - 2 = +1 -> positive wins
     d = [torch.tensor([1.0]), torch.tensor([-2.0])]
     p = dict(weights=(3.0, 1.0), density=(1.0, 1.0))
-    assert M.merge_deltas("ties", d, M.MethodParams(**p)).item() == pytest.approx(-2.0)
-    assert M.merge_deltas("ties", d, M.MethodParams(**p, mergekit=True)).item() == pytest.approx(1.0)
+    assert merge_deltas("ties", d, M.MethodParams(**p)).item() == pytest.approx(-2.0)
+    assert merge_deltas("ties", d, M.MethodParams(**p, mergekit=True)).item() == pytest.approx(1.0)
 
 
 @SETTINGS
@@ -69,8 +70,8 @@ def test_ties_sign_vote_weighted_only_in_mergekit_mode():
 def test_dare_p_zero_is_task_arithmetic(shape, seed):
     ds = [rand(shape, seed), rand(shape, seed + 1)]
     p = M.MethodParams(weights=(0.7, 0.3), drop=(0.0, 0.0))
-    out = M.merge_deltas("dare_linear", ds, p, torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(out, M.merge_deltas("task_arithmetic", ds, p))
+    out = merge_deltas("dare_linear", ds, p, torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(out, merge_deltas("task_arithmetic", ds, p))
 
 
 def test_dare_rescale_is_exact_and_its_mean_over_seeds_converges():
@@ -169,10 +170,14 @@ def test_linear_is_the_weighted_average():
 
 
 def test_bad_inputs_are_named():
-    with pytest.raises(PluribusError, match=r"Unknown delta merge method 'tie'\. Available: task_arithmetic"):
-        M.merge_deltas("tie", [torch.ones(2)], M.MethodParams(weights=(1.0,)))
+    with pytest.raises(PluribusError, match=r"^Unknown merge method 'tie'\. Available: cat, svd, linear, task_arithmetic"):
+        merge_deltas("tie", [torch.ones(2)], M.MethodParams(weights=(1.0,)))
+    with pytest.raises(PluribusError, match=r"method 'cat' merges LoRA factors"):
+        merge_deltas("cat", [torch.ones(2)], M.MethodParams(weights=(1.0,)))
+    with pytest.raises(PluribusError, match="merge weights sum to 0 and normalize divides by their sum"):
+        merge_deltas("task_arithmetic", [torch.ones(2)] * 2, M.MethodParams(weights=(1.0, -1.0), normalize=True))
     with pytest.raises(PluribusError, match="pass a seeded torch.Generator"):
-        M.merge_deltas("dare_ties", [torch.ones(2)], M.MethodParams(weights=(1.0,), drop=(0.5,)))
+        merge_deltas("dare_ties", [torch.ones(2)], M.MethodParams(weights=(1.0,), drop=(0.5,)))
     with pytest.raises(PluribusError, match=r"tensor 'expert1:layer\.w' holds 1 NaN/Inf"):
         M.check_finite(torch.tensor([1.0, float("nan")]), "expert1:layer.w")
     with pytest.raises(PluribusError, match="holds 1 NaN/Inf"):
@@ -254,7 +259,7 @@ def pcb_paper(taus: list[torch.Tensor], r: float, lam: float = 1.0, weights: lis
 @given(shapes, seeds, st.integers(2, 5), st.sampled_from([1.0, 0.7, 0.3, 0.1]), st.floats(0.5, 2.0))
 def test_pcb_follows_the_paper_step_by_step(shape, seed, n, density, lam):
     taus = [rand(shape, seed + i).double() for i in range(n)]
-    got = M.merge_deltas("pcb", taus, M.MethodParams(weights=(1.0,) * n, density=(density,) * n, lam=lam))
+    got = merge_deltas("pcb", taus, M.MethodParams(weights=(1.0,) * n, density=(density,) * n, lam=lam))
     torch.testing.assert_close(got, pcb_paper(taus, density, lam), rtol=1e-12, atol=1e-12)
     # float32 inputs compute in float32: within its rounding of the same formula
     got32 = M.pcb([t.float() for t in taus], density, lam=lam)
@@ -315,7 +320,7 @@ def test_pcb_bad_parameters_are_named():
     with pytest.raises(PluribusError, match="pcb got 2 task vectors but 3 densities"):
         M.pcb(d, [0.5, 0.5, 0.5])
     with pytest.raises(PluribusError, match="'pcb' has no mergekit counterpart"):
-        M.merge_deltas("pcb", d, M.MethodParams(weights=(1.0, 1.0), mergekit=True))
+        merge_deltas("pcb", d, M.MethodParams(weights=(1.0, 1.0), mergekit=True))
 
 
 # ------------------------------------------------------- the lean loop against the steps composed
@@ -329,15 +334,15 @@ def test_the_lean_loop_is_the_composed_merge(method, mergekit, normalize, weight
     ds = [rand((37, 53), s) for s in range(3)]
     p = M.MethodParams(weights=weights, density=(0.3, 0.5, 0.8), drop=(0.2, 0.5, 0.1), lam=0.7, normalize=normalize,
                        mergekit=mergekit)
-    fast = M.merge_deltas(method, ds, p, torch.Generator().manual_seed(1))
-    ref = M.composed_merge(method, ds, p, torch.Generator().manual_seed(1))
+    fast = merge_deltas(method, ds, p, torch.Generator().manual_seed(1))
+    ref = composed_merge(method, ds, p, torch.Generator().manual_seed(1))
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-7)
     # in float64 too, and with global trimming thresholds
     ds64 = [d.double() for d in ds]
     p = M.MethodParams(weights=weights, density=(0.3, 0.5, 0.8), drop=(0.2, 0.5, 0.1), normalize=normalize,
                        mergekit=mergekit, thresholds=(0.5, 1.0, 0.2) if method in ("ties", "magnitude") else None)
-    torch.testing.assert_close(M.merge_deltas(method, ds64, p, torch.Generator().manual_seed(2)),
-                               M.composed_merge(method, ds64, p, torch.Generator().manual_seed(2)),
+    torch.testing.assert_close(merge_deltas(method, ds64, p, torch.Generator().manual_seed(2)),
+                               composed_merge(method, ds64, p, torch.Generator().manual_seed(2)),
                                rtol=1e-12, atol=1e-14)
 
 
@@ -346,16 +351,16 @@ def test_composed_ties_is_peft_ties_on_unit_weights():
 
     ds = [rand((37, 50), s) for s in range(3)]  # 1850 entries: density 0.4 keeps 740 exactly in both
     p = M.MethodParams(weights=(1.0,) * 3, density=(0.4,) * 3)
-    torch.testing.assert_close(M.composed_merge("ties", ds, p), ties(ds, torch.ones(3), 0.4), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(composed_merge("ties", ds, p), ties(ds, torch.ones(3), 0.4), rtol=1e-6, atol=1e-7)
 
 
 def test_global_thresholds_apply_in_mergekit_half_precision_too():
     # the half-precision path of mergekit's mode used to trim each tensor on its own, ignoring the thresholds
     ds = [rand((40, 30), s).bfloat16() for s in range(2)]
     glob = M.MethodParams(weights=(1.0, 1.0), density=(0.5, 0.5), thresholds=(1.5, 1.5), mergekit=True)
-    out = M.merge_deltas("ties", ds, glob)
+    out = merge_deltas("ties", ds, glob)
     kept = [d.float().abs() >= 1.5 for d in ds]
     assert torch.equal(out != 0, (kept[0] | kept[1]) & (out != 0))  # nothing below the threshold survives
-    assert torch.equal(out, M.composed_merge("ties", ds, glob))
-    assert not torch.equal(out, M.merge_deltas("ties", ds, M.MethodParams(weights=(1.0, 1.0), density=(0.5, 0.5),
+    assert torch.equal(out, composed_merge("ties", ds, glob))
+    assert not torch.equal(out, merge_deltas("ties", ds, M.MethodParams(weights=(1.0, 1.0), density=(0.5, 0.5),
                                                                           mergekit=True)))
