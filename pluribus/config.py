@@ -978,15 +978,22 @@ def seat_problem(recipe: Recipe) -> str | None:
         if len(gens.seats) != len(team.agents):  # type: ignore[union-attr]
             return (f"generations.seats has {len(gens.seats)} seats for a team of {len(team.agents)} agents "  # type: ignore[union-attr]
                     "(team.agents); give one seat per agent, in the agents' order")
-        for i, name in enumerate(gens.seats):
+        for i, (name, agent) in enumerate(zip(gens.seats, team.agents, strict=True)):  # type: ignore[union-attr]
             if (problem := wrong(f"generations.seats.{i}", name, base_ok=True)) is not None:
                 return problem
+            if name != "base" and agent.backend == "openai":
+                return (f"generations.seats.{i} '{name}' would sit on team.agents.{i}, an openai agent, whose server "
+                        "answers with its own model, not the expert's weights; seat base there, or give that agent "
+                        "backend transformers or vllm")
         selfs = [t.expert_name for t in recipe.train.trainings() if t.data == "self"]  # type: ignore[union-attr]
         if gens.self_student is not None and gens.self_student not in selfs:
             return (f"generations.self_student '{gens.self_student}' is not an expert with data: self; use one of: "
                     f"{', '.join(selfs) or 'none (the recipe has no self baseline)'}")
         if gens.stop_if_no_gain and recipe.eval is None:
             return "generations.stop_if_no_gain compares generations on eval's held-out problems; add an eval section"
+        if recipe.eval is not None and "greedy" not in recipe.eval.modes:
+            return ("generations compares each generation's students greedy (the report per generation, the stop "
+                    "rule); add greedy to eval.modes")
     return None
 
 

@@ -67,6 +67,16 @@ def test_a_seat_trained_on_its_own_teams_debate_is_a_cycle_that_generations_brea
     with pytest.raises(RecipeError, match=r"stop_if_no_gain compares generations on eval's held-out problems; add "
                        r"an eval section"):
         _recipe(build={"kinds": ["rsft"]}, generations={**gens, "stop_if_no_gain": True})
+    # an openai agent answers with its server's model: a seat there would silently not be the expert
+    served = {"name": "b", "backend": "openai", "base_url": "http://127.0.0.1:8000/v1"}
+    with pytest.raises(RecipeError, match=r"generations.seats.1 'ta' would sit on team.agents.1, an openai agent"):
+        _recipe(team={"agents": [{"name": "a"}, served]}, build={"kinds": ["rsft"]}, generations=gens)
+    assert _recipe(team={"agents": [{"name": "a"}, served]}, build={"kinds": ["rsft"]},
+                   generations={"count": 2, "seats": ["ta", "base"]}).generations.seats == ["ta", "base"]
+    # the comparisons per generation (and the stop rule) are of greedy students
+    with pytest.raises(RecipeError, match=r"generations compares each generation.s students greedy .*; add greedy "
+                       r"to eval.modes"):
+        _recipe(build={"kinds": ["rsft"]}, generations=gens, eval={"modes": ["sampled"]})
 
 
 def test_the_debate_runs_after_the_experts_and_merges_its_team_seats() -> None:
