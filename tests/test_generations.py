@@ -55,6 +55,31 @@ def test_the_report_answers_the_question_per_generation(tmp_path: Path) -> None:
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_seat_eval_did_not_run_alone_is_named_not_taken_for_another(tmp_path: Path) -> None:
+    """A base seat on another model than the first agent is not the single agent; a seat eval.systems leaves out
+    is in no comparison: the report names both instead of comparing the team with a member it does not have."""
+    from pluribus.eval.evaluate import plan_systems
+    from pluribus.eval.report import generations_section
+    from pluribus.stages.eval import generation_plans, per_generation
+
+    other = "{name: other, model: tiny-other, sampling: {temperature: 0.7}}"
+    recipe = _recipe(tmp_path, f"team.agents=[{{name: first, model: smollm2-135m}}, {other}]",
+                     "generations.seats=[rsft, base]", "eval.systems=[single, team, sc, self-rsft]")
+    plans = [*plan_systems(recipe, check=False), *generation_plans(recipe, check=False)]
+    main = _payload()
+    gens = per_generation(recipe, plans, main)
+    g1, g2 = gens["generations"]
+    assert list(g1["members"]) == ["single-greedy", "other (tiny-other)"] and g1["not_evaluated"] == ["other (tiny-other)"]
+    assert list(g2["members"]) == ["rsft-greedy", "other (tiny-other)"]
+    # generation 1's rsft is evaluated in this payload, the other model alone is not
+    assert g2["not_evaluated"] == ["other (tiny-other)"]
+    best = {c["against"]: c for c in g2["team_comparisons"]}["best member"]
+    assert best["versus"] == "rsft-greedy"
+    text = "\n".join(generations_section(gens))
+    assert "Not evaluated alone, so in no comparison (the best member is the best of the others): other " \
+        "(tiny-other)." in text
+
+
 def _recipe(tmp_path: Path, *overrides: str):
     agent = "{model: smollm2-135m, sampling: {temperature: 0.7, max_new_tokens: 24}}"
     return load_recipe(None, [

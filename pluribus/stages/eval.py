@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pluribus.config import EvalConfig, Recipe, TaskConfig, TeamConfig
+from pluribus.config import AgentConfig, EvalConfig, Recipe, TaskConfig, TeamConfig
 from pluribus.errors import PluribusError
 from pluribus.eval.evaluate import (
     Plan,
@@ -395,19 +395,30 @@ def students_accuracy(recipe: Recipe, g: int, *, progress: bool = True, new_run:
     return max(scored, key=lambda s: s[1]), len(problems)
 
 
+def _member(agent: AgentConfig, i: int, first: AgentConfig, previous: str) -> str:
+    """The eval label of a team seat alone: its expert or merge of the generation before (greedy), or for an
+    unseated agent single-greedy when it runs the first agent's weights (what the single agent runs); another
+    unseated agent was not evaluated alone, and its label says so (the report lists it)."""
+    if agent.expert is not None:
+        return f"{previous}{agent.expert}-greedy"
+    if (agent.backend, agent.model, agent.adapter) == (first.backend, first.model, first.adapter):
+        return "single-greedy"
+    return f"{agent.name or f'agent {i}'} ({agent.model}{'+' + agent.adapter if agent.adapter else ''})"
+
+
 def per_generation(recipe: Recipe, plans: list[Plan], main: dict[str, Any]) -> dict[str, Any]:
     """The report's question per generation (pluribus.eval.generations), from the main task's scored systems."""
     from pluribus.eval.generations import GenerationSystems, answer
     from pluribus.generations import CRITERION, generation_recipe, self_student
 
     student = self_student(recipe)
+    first = recipe.require("team").agents[0]
     roles = []
     for g in sorted({p.generation for p in plans}):
         mine = [p for p in plans if p.generation == g]
         prefix = mine[0].prefix
         previous = "" if g <= 2 else f"gen{g - 1}/"
-        members = [("single-greedy" if a.expert is None else f"{previous}{a.expert}-greedy")
-                   for a in generation_recipe(recipe, g).require("team").agents]
+        members = [_member(a, i, first, previous) for i, a in enumerate(generation_recipe(recipe, g).require("team").agents)]
         roles.append(GenerationSystems(
             generation=g, team=f"{prefix}team" if any(p.system == "team" for p in mine) else None,
             members=tuple(dict.fromkeys(members)),
