@@ -105,6 +105,11 @@ def test_a_seat_resolves_to_the_run_folder_through_the_layout(tmp_path: Path) ->
     team, _ = seated(recipe.team, recipe, check=False)
     assert (team.agents[2].model, team.agents[2].adapter) == (str(merged), None)
     assert base_agent(recipe.team.agents[2], recipe).model == "smollm2-135m"
+    # the self baseline samples the first agent's base model, also when that agent seats an expert
+    from pluribus.stages.selfsamples import self_team
+
+    first = _seated({"name": "a", "expert": "rl"}, {"name": "b"}, root=str(tmp_path))
+    assert {(a.model, a.adapter, a.expert) for a in self_team(first).agents} == {("smollm2-135m", None, None)}
 
 
 def test_each_generation_has_its_own_folders_and_seats_the_previous_ones_experts(tmp_path: Path) -> None:
