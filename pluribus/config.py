@@ -989,6 +989,10 @@ def seat_problem(recipe: Recipe) -> str | None:
         if gens.self_student is not None and gens.self_student not in selfs:
             return (f"generations.self_student '{gens.self_student}' is not an expert with data: self; use one of: "
                     f"{', '.join(selfs) or 'none (the recipe has no self baseline)'}")
+        if selfs and team.agents[0].backend == "openai":  # type: ignore[union-attr]
+            return (f"generation g's self baseline samples generation g-1's self student "
+                    f"({gens.self_student or selfs[0]}) on team.agents.0, an openai agent, whose server answers "
+                    "with its own model, not the student's weights; give that agent backend transformers or vllm")
         if gens.stop_if_no_gain and recipe.eval is None:
             return "generations.stop_if_no_gain compares generations on eval's held-out problems; add an eval section"
         if recipe.eval is not None and "greedy" not in recipe.eval.modes:

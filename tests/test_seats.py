@@ -73,6 +73,11 @@ def test_a_seat_trained_on_its_own_teams_debate_is_a_cycle_that_generations_brea
         _recipe(team={"agents": [{"name": "a"}, served]}, build={"kinds": ["rsft"]}, generations=gens)
     assert _recipe(team={"agents": [{"name": "a"}, served]}, build={"kinds": ["rsft"]},
                    generations={"count": 2, "seats": ["ta", "base"]}).generations.seats == ["ta", "base"]
+    # generation 2's self baseline samples generation 1's self student on the first agent's settings
+    with pytest.raises(RecipeError, match=r"generation g's self baseline samples generation g-1's self student "
+                       r"\(self-rsft\) on team.agents.0, an openai agent"):
+        _recipe(team={"agents": [served, {"name": "a"}]}, build={"kinds": ["rsft"]},
+                generations={"count": 2, "seats": ["base", "ta"]})
     # the comparisons per generation (and the stop rule) are of greedy students
     with pytest.raises(RecipeError, match=r"generations compares each generation.s students greedy .*; add greedy "
                        r"to eval.modes"):
