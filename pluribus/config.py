@@ -952,6 +952,10 @@ def seat_problem(recipe: Recipe) -> str | None:
                 ", or base" if base_ok else "")
         return None
 
+    completer = recipe.build.completer if recipe.build else None
+    if completer is not None and completer.expert is not None:
+        return (f"build.completer.expert '{completer.expert}': only team agents and the judge seat an expert; give "
+                "the completer model (and adapter) instead")
     team = recipe.team
     seated = [(f"team.agents.{i}.expert", a.expert) for i, a in enumerate(team.agents if team else [])
               if a.expert is not None]

@@ -60,6 +60,9 @@ def test_a_seat_trained_on_its_own_teams_debate_is_a_cycle_that_generations_brea
                            (["prm", "base"], r"generations.seats.0 'prm' is a process reward model")):
         with pytest.raises(RecipeError, match=message):
             _recipe(build={"kinds": ["rsft"]}, generations={"count": 2, "seats": seats})
+    # only a team's agents and judge take seats; elsewhere the name would be ignored
+    with pytest.raises(RecipeError, match=r"build.completer.expert 'rsft': only team agents and the judge seat"):
+        _recipe(build={"kinds": ["process"], "completer": {"expert": "rsft", "sampling": {"temperature": 0.7}}})
     with pytest.raises(RecipeError, match=r"count > 1 needs seats"):
         _recipe(build={"kinds": ["rsft"]}, generations={"count": 2})
     with pytest.raises(RecipeError, match=r"generations.count 2 needs the sections \['build'\]"):
