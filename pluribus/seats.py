@@ -54,6 +54,11 @@ def base_agent(agent: AgentConfig, source: Recipe) -> AgentConfig:
     return agent.model_copy(update={"model": seat_base_model(source, agent.expert), "adapter": None, "expert": None})
 
 
+def base_team(team: TeamConfig, source: Recipe) -> TeamConfig:
+    """``team`` with its first agent on its seat's base model (``base_agent``): what eval's single agent and sc run."""
+    return team.model_copy(update={"agents": [base_agent(team.agents[0], source), *team.agents[1:]]})
+
+
 def seated(team: TeamConfig, source: Recipe, *, check: bool = True) -> tuple[TeamConfig, dict[str, Path]]:
     """``team`` with every seat resolved, and the folders of its seats by role (``agents.<i>``, ``judge``)."""
     folders: dict[str, Path] = {}

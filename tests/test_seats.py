@@ -113,6 +113,11 @@ def test_a_seat_resolves_to_the_run_folder_through_the_layout(tmp_path: Path) ->
     team, _ = seated(recipe.team, recipe, check=False)
     assert (team.agents[2].model, team.agents[2].adapter) == (str(merged), None)
     assert base_agent(recipe.team.agents[2], recipe).model == "smollm2-135m"
+    from pluribus.seats import base_team
+
+    assert base_team(recipe.team, recipe).agents[0] == recipe.team.agents[0]  # an unseated first agent is kept
+    alone = base_team(_seated({"name": "a", "expert": "ta"}, root=str(tmp_path)).team, recipe).agents[0]
+    assert (alone.name, alone.model, alone.adapter, alone.expert) == ("a", "smollm2-135m", None, None)
     # the self baseline samples the first agent's base model, also when that agent seats an expert
     from pluribus.stages.selfsamples import self_team
 
