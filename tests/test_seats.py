@@ -229,6 +229,23 @@ def test_a_store_debated_by_earlier_weights_of_its_seats_is_moved_aside(tmp_path
         assert store.done_ids() == {"p0"}  # unchanged weights: it resumes
 
 
+def test_a_seat_is_keyed_by_its_weights_not_its_bookkeeping(tmp_path: Path) -> None:
+    """The store of a seated debate follows what answers (as eval's stores do): a retraining that leaves the weights
+    as they were (a new training_record.json) keeps its answers; other weights do not."""
+    from pluribus.seats import fingerprints
+
+    folder = tmp_path / "adapters" / "rsft"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes(b"w1")
+    (folder / "training_record.json").write_text('{"finished_at": "1"}')
+    before = fingerprints({"agents.0": folder})
+    (folder / "training_record.json").write_text('{"finished_at": "2"}')
+    assert fingerprints({"agents.0": folder}) == before
+    (folder / "adapter_model.safetensors").write_bytes(b"w2")
+    assert fingerprints({"agents.0": folder}) != before
+
+
 # ------------------------------------------------------------------------------------------ real runs
 
 
