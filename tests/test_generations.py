@@ -118,7 +118,8 @@ def test_two_generations_the_second_team_seating_the_first_ones_experts(tmp_path
             for line in f.read_text().splitlines()]
     assert {t["model"] for t in mine[0]["rounds"][0]} == {f"smollm2-135m+{run / 'adapters' / 'self-rsft'}"}
     rows = json.loads((gen2 / "datasets" / "rsft" / "stats.json").read_text())["counts"]["rows"]
-    assert json.loads((gen2 / "self" / "datasets" / "rsft" / "stats.json").read_text())["counts"]["rows to match"] == rows
+    mine = json.loads((gen2 / "self" / "datasets" / "rsft" / "stats.json").read_text())["counts"]
+    assert mine["rows to match"] == rows and mine["rows"] == min(rows, mine["rows before matching"])
     record = json.loads((gen2 / "adapters" / "rsft" / "training_record.json").read_text())
     assert record["recipe"]["train"].get("init_adapter") is None  # generations.init: base (one step from the base)
 
@@ -131,6 +132,7 @@ def test_two_generations_the_second_team_seating_the_first_ones_experts(tmp_path
     assert "outcomes" not in main
     g1, g2 = payload["generations"]["generations"]
     assert g2["members"] == ["rsft-greedy", "ta-greedy"] and g2["self_baseline"] == "gen2/self-rsft-greedy"
+    assert g1["not_evaluated"] == g2["not_evaluated"] == []  # every seat and baseline was evaluated alone
     assert {c["against"] for c in g2["team_comparisons"]} == {"best member", "sc"}
     for c in g1["student_comparisons"] + g2["student_comparisons"]:
         assert c["p_value"] == mcnemar_exact(c["wins"], c["losses"])
