@@ -63,6 +63,10 @@ def test_a_seat_trained_on_its_own_teams_debate_is_a_cycle_that_generations_brea
     # only a team's agents and judge take seats; elsewhere the name would be ignored
     with pytest.raises(RecipeError, match=r"build.completer.expert 'rsft': only team agents and the judge seat"):
         _recipe(build={"kinds": ["process"], "completer": {"expert": "rsft", "sampling": {"temperature": 0.7}}})
+    with pytest.raises(RecipeError, match=r"seats, stop_if_no_gain act on generations 2 and later, and count is 1"):
+        _recipe(build={"kinds": ["rsft"]}, eval={"n": 3},
+                generations={"count": 1, "seats": ["rsft", "ta"], "stop_if_no_gain": True})
+    assert _recipe(build={"kinds": ["rsft"]}, generations={"count": 1}).generations.count == 1
     with pytest.raises(RecipeError, match=r"count > 1 needs seats"):
         _recipe(build={"kinds": ["rsft"]}, generations={"count": 2})
     with pytest.raises(RecipeError, match=r"generations.count 2 needs the sections \['build'\]"):
