@@ -809,7 +809,9 @@ class GenerationsConfig(Section):
         if self.count > 1 and not self.seats:
             raise ValueError("count > 1 needs seats: the experts or merges of generation g-1 (or base) that "
                              "generation g's team seats, one per team agent")
-        idle = sorted(self.model_fields_set - {"count"})
+        # not model_fields_set: a written recipe.yaml spells out every default
+        idle = [k for k, f in type(self).model_fields.items() if k != "count" and getattr(self, k) != f.get_default(
+            call_default_factory=True)]
         if self.count == 1 and idle:
             raise ValueError(f"{', '.join(idle)} act on generations 2 and later, and count is 1 (the recipe's run "
                              "alone); set count >= 2, or remove them")

@@ -66,7 +66,8 @@ def test_a_seat_trained_on_its_own_teams_debate_is_a_cycle_that_generations_brea
     with pytest.raises(RecipeError, match=r"seats, stop_if_no_gain act on generations 2 and later, and count is 1"):
         _recipe(build={"kinds": ["rsft"]}, eval={"n": 3},
                 generations={"count": 1, "seats": ["rsft", "ta"], "stop_if_no_gain": True})
-    assert _recipe(build={"kinds": ["rsft"]}, generations={"count": 1}).generations.count == 1
+    one = _recipe(build={"kinds": ["rsft"]}, generations={"count": 1})
+    assert validate_recipe(one.to_dict()).generations == one.generations  # as written in the run's recipe.yaml
     with pytest.raises(RecipeError, match=r"count > 1 needs seats"):
         _recipe(build={"kinds": ["rsft"]}, generations={"count": 2})
     with pytest.raises(RecipeError, match=r"generations.count 2 needs the sections \['build'\]"):
