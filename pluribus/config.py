@@ -972,7 +972,8 @@ def seat_problem(recipe: Recipe) -> str | None:
         if (problem := wrong(where, name)) is not None:
             return problem
         base = seat_base_model(recipe, name)
-        if "model" in agent.model_fields_set and agent.model != base:
+        # the default is what a written recipe.yaml spells out for a seat that named no model
+        if "model" in agent.model_fields_set and agent.model not in (base, AgentConfig.model_fields["model"].default):
             return (f"{where} '{name}' runs on its base model {base}, not {where[:-len('.expert')]}.model "
                     f"'{agent.model}'; remove model (a seat's model is its expert's)")
         if recipe.build is not None:

@@ -42,6 +42,9 @@ def test_a_seat_names_an_expert_or_a_merge_of_the_run() -> None:
         _seated({"name": "b", "expert": "rl", "adapter": "/x"})
     with pytest.raises(RecipeError, match=r"runs on its base model smollm2-135m, not team.agents.0.model 'other'"):
         _seated({"name": "b", "expert": "rl", "model": "other"})
+    # the run's recipe.yaml spells out the default model of a seat whose expert has another base: it loads again
+    other_base = _seated({"name": "b", "expert": "rl"}, train={**TRAIN, "model": "tiny"})
+    assert validate_recipe(other_base.to_dict()).team.agents[0].expert == "rl"
     with pytest.raises(RecipeError, match=r"merge of a config file or inline spec.*seat its folder instead"):
         _seated({"expert": "cfg"}, merge={"name": "cfg", "spec": {"method": "linear", "inputs": [
             {"path": "/a", "weight": 0.5}, {"path": "/b", "weight": 0.5}]}})
