@@ -877,6 +877,12 @@ class GenerationsConfig(Section):
         if self.count > 1 and not self.seats:
             raise ValueError("count > 1 needs seats: the experts or merges of generation g-1 (or base) that "
                              "generation g's team seats, one per team agent")
+        # not model_fields_set: a written recipe.yaml spells out every default
+        idle = [k for k, f in type(self).model_fields.items() if k != "count" and getattr(self, k) != f.get_default(
+            call_default_factory=True)]
+        if self.count == 1 and idle:
+            raise ValueError(f"{', '.join(idle)} act on generations 2 and later, and count is 1 (the recipe's run "
+                             "alone); set count >= 2, or remove them")
         return self
 
 
@@ -1034,6 +1040,10 @@ def seat_problem(recipe: Recipe) -> str | None:
                 ", or base" if base_ok else "")
         return None
 
+    completer = recipe.build.completer if recipe.build else None
+    if completer is not None and completer.expert is not None:
+        return (f"build.completer.expert '{completer.expert}': only team agents and the judge seat an expert; give "
+                "the completer model (and adapter) instead")
     team = recipe.team
     seated = [(f"team.agents.{i}.expert", a.expert) for i, a in enumerate(team.agents if team else [])
               if a.expert is not None]
@@ -1044,7 +1054,8 @@ def seat_problem(recipe: Recipe) -> str | None:
         if (problem := wrong(where, name)) is not None:
             return problem
         base = seat_base_model(recipe, name)
-        if "model" in agent.model_fields_set and agent.model != base:
+        # the default is what a written recipe.yaml spells out for a seat that named no model
+        if "model" in agent.model_fields_set and agent.model not in (base, AgentConfig.model_fields["model"].default):
             return (f"{where} '{name}' runs on its base model {base}, not {where[:-len('.expert')]}.model "
                     f"'{agent.model}'; remove model (a seat's model is its expert's)")
         if recipe.build is not None:
@@ -1060,15 +1071,26 @@ def seat_problem(recipe: Recipe) -> str | None:
         if len(gens.seats) != len(team.agents):  # type: ignore[union-attr]
             return (f"generations.seats has {len(gens.seats)} seats for a team of {len(team.agents)} agents "  # type: ignore[union-attr]
                     "(team.agents); give one seat per agent, in the agents' order")
-        for i, name in enumerate(gens.seats):
+        for i, (name, agent) in enumerate(zip(gens.seats, team.agents, strict=True)):  # type: ignore[union-attr]
             if (problem := wrong(f"generations.seats.{i}", name, base_ok=True)) is not None:
                 return problem
+            if name != "base" and agent.backend == "openai":
+                return (f"generations.seats.{i} '{name}' would sit on team.agents.{i}, an openai agent, whose server "
+                        "answers with its own model, not the expert's weights; seat base there, or give that agent "
+                        "backend transformers or vllm")
         selfs = [t.expert_name for t in recipe.train.trainings() if t.data == "self"]  # type: ignore[union-attr]
         if gens.self_student is not None and gens.self_student not in selfs:
             return (f"generations.self_student '{gens.self_student}' is not an expert with data: self; use one of: "
                     f"{', '.join(selfs) or 'none (the recipe has no self baseline)'}")
+        if selfs and team.agents[0].backend == "openai":  # type: ignore[union-attr]
+            return (f"generation g's self baseline samples generation g-1's self student "
+                    f"({gens.self_student or selfs[0]}) on team.agents.0, an openai agent, whose server answers "
+                    "with its own model, not the student's weights; give that agent backend transformers or vllm")
         if gens.stop_if_no_gain and recipe.eval is None:
             return "generations.stop_if_no_gain compares generations on eval's held-out problems; add an eval section"
+        if recipe.eval is not None and "greedy" not in recipe.eval.modes:
+            return ("generations compares each generation's students greedy (the report per generation, the stop "
+                    "rule); add greedy to eval.modes")
     return None
 
 

@@ -28,6 +28,12 @@ CRITERION = ("generation g's best student (every expert but PRMs, and every merg
              "stops the later generations")
 
 
+def prefix(g: int) -> str:
+    """What the names of generation ``g``'s steps and eval systems start with: '' for generation 1 (the run as it
+    was), ``gen<g>/`` after (its folder, RunLayout.generation)."""
+    return "" if g == 1 else f"gen{g}/"
+
+
 def count(recipe: Recipe) -> int:
     """How many generations ``recipe`` asks for (1 without a generations section)."""
     return recipe.generations.count if recipe.generations is not None else 1

@@ -4,7 +4,7 @@ A seat ``expert: <name>`` means ``<run>/adapters/<name>`` on that expert's base 
 expert's own), or ``<run>/merged/<name>``: an adapter on the base of the experts it merges, or a full model. The
 run is the recipe's own, or for generation g >= 2 the recipe of generation g-1 (``Recipe._previous``). Names are
 checked when the recipe loads (config.seat_problem); folders when a stage runs. The folders a team seats are
-what its debate's answers depend on: the debate store is keyed by their contents (stages.debate.config_hash).
+what its debate's answers depend on: the debate store is keyed by their weights (stages.debate.config_hash).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 
 from pluribus.config import AgentConfig, Recipe, TeamConfig, seat_base_model, seatable
 from pluribus.errors import PluribusError
-from pluribus.io import content_fingerprint
 
 
 def source_of(recipe: Recipe) -> Recipe:
@@ -54,6 +53,11 @@ def base_agent(agent: AgentConfig, source: Recipe) -> AgentConfig:
     return agent.model_copy(update={"model": seat_base_model(source, agent.expert), "adapter": None, "expert": None})
 
 
+def base_team(team: TeamConfig, source: Recipe) -> TeamConfig:
+    """``team`` with its first agent on its seat's base model (``base_agent``): what eval's single agent and sc run."""
+    return team.model_copy(update={"agents": [base_agent(team.agents[0], source), *team.agents[1:]]})
+
+
 def seated(team: TeamConfig, source: Recipe, *, check: bool = True) -> tuple[TeamConfig, dict[str, Path]]:
     """``team`` with every seat resolved, and the folders of its seats by role (``agents.<i>``, ``judge``)."""
     folders: dict[str, Path] = {}
@@ -80,14 +84,14 @@ def seated_recipe(recipe: Recipe, *, check: bool = True) -> tuple[Recipe, dict[s
 
 
 def fingerprints(folders: dict[str, Path]) -> dict[str, str]:
-    """The content fingerprint of each seat's folder (what the store of a seated debate is keyed by)."""
-    out = {}
-    for role, folder in folders.items():
-        fp = content_fingerprint(folder)
-        if fp is None:
-            raise PluribusError(f"the seat {role} names '{folder}', which does not exist; train or merge it first")
-        out[role] = fp
-    return out
+    """The fingerprint of each seat's weights (what the store of a seated debate is keyed by): eval's
+    ``adapter_fingerprint``, so a retraining that leaves the weights as they were keeps the debate's answers."""
+    from pluribus.eval.evaluate import adapter_fingerprint
+
+    missing = [f"{role} ('{folder}')" for role, folder in folders.items() if not folder.is_dir()]
+    if missing:
+        raise PluribusError(f"the seat {missing[0]} does not exist; train or merge it first")
+    return {role: adapter_fingerprint(folder) for role, folder in folders.items()}
 
 
 def seat_steps(recipe: Recipe) -> list[str]:

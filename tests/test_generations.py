@@ -55,6 +55,31 @@ def test_the_report_answers_the_question_per_generation(tmp_path: Path) -> None:
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_seat_eval_did_not_run_alone_is_named_not_taken_for_another(tmp_path: Path) -> None:
+    """A base seat on another model than the first agent is not the single agent; a seat eval.systems leaves out
+    is in no comparison: the report names both instead of comparing the team with a member it does not have."""
+    from pluribus.eval.evaluate import plan_systems
+    from pluribus.eval.report import generations_section
+    from pluribus.stages.eval import generation_plans, per_generation
+
+    other = "{name: other, model: tiny-other, sampling: {temperature: 0.7}}"
+    recipe = _recipe(tmp_path, f"team.agents=[{{name: first, model: smollm2-135m}}, {other}]",
+                     "generations.seats=[rsft, base]", "eval.systems=[single, team, sc, self-rsft]")
+    plans = [*plan_systems(recipe, check=False), *generation_plans(recipe, check=False)]
+    main = _payload()
+    gens = per_generation(recipe, plans, main)
+    g1, g2 = gens["generations"]
+    assert list(g1["members"]) == ["single-greedy", "other (tiny-other)"] and g1["not_evaluated"] == ["other (tiny-other)"]
+    assert list(g2["members"]) == ["rsft-greedy", "other (tiny-other)"]
+    # generation 1's rsft is evaluated in this payload, the other model alone is not
+    assert g2["not_evaluated"] == ["other (tiny-other)"]
+    best = {c["against"]: c for c in g2["team_comparisons"]}["best member"]
+    assert best["versus"] == "rsft-greedy"
+    text = "\n".join(generations_section(gens))
+    assert "Not evaluated alone, so in no comparison (the best member is the best of the others): other " \
+        "(tiny-other)." in text
+
+
 def _recipe(tmp_path: Path, *overrides: str):
     agent = "{model: smollm2-135m, sampling: {temperature: 0.7, max_new_tokens: 24}}"
     return load_recipe(None, [
@@ -93,7 +118,8 @@ def test_two_generations_the_second_team_seating_the_first_ones_experts(tmp_path
             for line in f.read_text().splitlines()]
     assert {t["model"] for t in mine[0]["rounds"][0]} == {f"smollm2-135m+{run / 'adapters' / 'self-rsft'}"}
     rows = json.loads((gen2 / "datasets" / "rsft" / "stats.json").read_text())["counts"]["rows"]
-    assert json.loads((gen2 / "self" / "datasets" / "rsft" / "stats.json").read_text())["counts"]["rows to match"] == rows
+    mine = json.loads((gen2 / "self" / "datasets" / "rsft" / "stats.json").read_text())["counts"]
+    assert mine["rows to match"] == rows and mine["rows"] == min(rows, mine["rows before matching"])
     record = json.loads((gen2 / "adapters" / "rsft" / "training_record.json").read_text())
     assert record["recipe"]["train"].get("init_adapter") is None  # generations.init: base (one step from the base)
 
@@ -106,6 +132,7 @@ def test_two_generations_the_second_team_seating_the_first_ones_experts(tmp_path
     assert "outcomes" not in main
     g1, g2 = payload["generations"]["generations"]
     assert g2["members"] == ["rsft-greedy", "ta-greedy"] and g2["self_baseline"] == "gen2/self-rsft-greedy"
+    assert g1["not_evaluated"] == g2["not_evaluated"] == []  # every seat and baseline was evaluated alone
     assert {c["against"] for c in g2["team_comparisons"]} == {"best member", "sc"}
     for c in g1["student_comparisons"] + g2["student_comparisons"]:
         assert c["p_value"] == mcnemar_exact(c["wins"], c["losses"])

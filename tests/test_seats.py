@@ -42,6 +42,9 @@ def test_a_seat_names_an_expert_or_a_merge_of_the_run() -> None:
         _seated({"name": "b", "expert": "rl", "adapter": "/x"})
     with pytest.raises(RecipeError, match=r"runs on its base model smollm2-135m, not team.agents.0.model 'other'"):
         _seated({"name": "b", "expert": "rl", "model": "other"})
+    # the run's recipe.yaml spells out the default model of a seat whose expert has another base: it loads again
+    other_base = _seated({"name": "b", "expert": "rl"}, train={**TRAIN, "model": "tiny"})
+    assert validate_recipe(other_base.to_dict()).team.agents[0].expert == "rl"
     with pytest.raises(RecipeError, match=r"merge of a config file or inline spec.*seat its folder instead"):
         _seated({"expert": "cfg"}, merge={"name": "cfg", "spec": {"method": "linear", "inputs": [
             {"path": "/a", "weight": 0.5}, {"path": "/b", "weight": 0.5}]}})
@@ -60,6 +63,14 @@ def test_a_seat_trained_on_its_own_teams_debate_is_a_cycle_that_generations_brea
                            (["prm", "base"], r"generations.seats.0 'prm' is a process reward model")):
         with pytest.raises(RecipeError, match=message):
             _recipe(build={"kinds": ["rsft"]}, generations={"count": 2, "seats": seats})
+    # only a team's agents and judge take seats; elsewhere the name would be ignored
+    with pytest.raises(RecipeError, match=r"build.completer.expert 'rsft': only team agents and the judge seat"):
+        _recipe(build={"kinds": ["process"], "completer": {"expert": "rsft", "sampling": {"temperature": 0.7}}})
+    with pytest.raises(RecipeError, match=r"seats, stop_if_no_gain act on generations 2 and later, and count is 1"):
+        _recipe(build={"kinds": ["rsft"]}, eval={"n": 3},
+                generations={"count": 1, "seats": ["rsft", "ta"], "stop_if_no_gain": True})
+    one = _recipe(build={"kinds": ["rsft"]}, generations={"count": 1})
+    assert validate_recipe(one.to_dict()).generations == one.generations  # as written in the run's recipe.yaml
     with pytest.raises(RecipeError, match=r"count > 1 needs seats"):
         _recipe(build={"kinds": ["rsft"]}, generations={"count": 2})
     with pytest.raises(RecipeError, match=r"generations.count 2 needs the sections \['build'\]"):
@@ -67,6 +78,21 @@ def test_a_seat_trained_on_its_own_teams_debate_is_a_cycle_that_generations_brea
     with pytest.raises(RecipeError, match=r"stop_if_no_gain compares generations on eval's held-out problems; add "
                        r"an eval section"):
         _recipe(build={"kinds": ["rsft"]}, generations={**gens, "stop_if_no_gain": True})
+    # an openai agent answers with its server's model: a seat there would silently not be the expert
+    served = {"name": "b", "backend": "openai", "base_url": "http://127.0.0.1:8000/v1"}
+    with pytest.raises(RecipeError, match=r"generations.seats.1 'ta' would sit on team.agents.1, an openai agent"):
+        _recipe(team={"agents": [{"name": "a"}, served]}, build={"kinds": ["rsft"]}, generations=gens)
+    assert _recipe(team={"agents": [{"name": "a"}, served]}, build={"kinds": ["rsft"]},
+                   generations={"count": 2, "seats": ["ta", "base"]}).generations.seats == ["ta", "base"]
+    # generation 2's self baseline samples generation 1's self student on the first agent's settings
+    with pytest.raises(RecipeError, match=r"generation g's self baseline samples generation g-1's self student "
+                       r"\(self-rsft\) on team.agents.0, an openai agent"):
+        _recipe(team={"agents": [served, {"name": "a"}]}, build={"kinds": ["rsft"]},
+                generations={"count": 2, "seats": ["base", "ta"]})
+    # the comparisons per generation (and the stop rule) are of greedy students
+    with pytest.raises(RecipeError, match=r"generations compares each generation.s students greedy .*; add greedy "
+                       r"to eval.modes"):
+        _recipe(build={"kinds": ["rsft"]}, generations=gens, eval={"modes": ["sampled"]})
 
 
 def test_the_debate_runs_after_the_experts_and_merges_its_team_seats() -> None:
@@ -95,6 +121,16 @@ def test_a_seat_resolves_to_the_run_folder_through_the_layout(tmp_path: Path) ->
     team, _ = seated(recipe.team, recipe, check=False)
     assert (team.agents[2].model, team.agents[2].adapter) == (str(merged), None)
     assert base_agent(recipe.team.agents[2], recipe).model == "smollm2-135m"
+    from pluribus.seats import base_team
+
+    assert base_team(recipe.team, recipe).agents[0] == recipe.team.agents[0]  # an unseated first agent is kept
+    alone = base_team(_seated({"name": "a", "expert": "ta"}, root=str(tmp_path)).team, recipe).agents[0]
+    assert (alone.name, alone.model, alone.adapter, alone.expert) == ("a", "smollm2-135m", None, None)
+    # the self baseline samples the first agent's base model, also when that agent seats an expert
+    from pluribus.stages.selfsamples import self_team
+
+    first = _seated({"name": "a", "expert": "rl"}, {"name": "b"}, root=str(tmp_path))
+    assert {(a.model, a.adapter, a.expert) for a in self_team(first).agents} == {("smollm2-135m", None, None)}
 
 
 def test_each_generation_has_its_own_folders_and_seats_the_previous_ones_experts(tmp_path: Path) -> None:
@@ -201,6 +237,23 @@ def test_a_store_debated_by_earlier_weights_of_its_seats_is_moved_aside(tmp_path
         assert store.done_ids() == {"p0"}  # unchanged weights: it resumes
 
 
+def test_a_seat_is_keyed_by_its_weights_not_its_bookkeeping(tmp_path: Path) -> None:
+    """The store of a seated debate follows what answers (as eval's stores do): a retraining that leaves the weights
+    as they were (a new training_record.json) keeps its answers; other weights do not."""
+    from pluribus.seats import fingerprints
+
+    folder = tmp_path / "adapters" / "rsft"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes(b"w1")
+    (folder / "training_record.json").write_text('{"finished_at": "1"}')
+    before = fingerprints({"agents.0": folder})
+    (folder / "training_record.json").write_text('{"finished_at": "2"}')
+    assert fingerprints({"agents.0": folder}) == before
+    (folder / "adapter_model.safetensors").write_bytes(b"w2")
+    assert fingerprints({"agents.0": folder}) != before
+
+
 # ------------------------------------------------------------------------------------------ real runs
 
 
@@ -228,7 +281,8 @@ def test_a_retrained_expert_reruns_the_debate_that_seats_it_and_nothing_else(tmp
             f"{{name: seated, expert: a, sampling: {sampling}}}]", "team.rounds=1",
             f"train.model={model}", "train.experts=[{name: a}, {name: b}]", "train.max_steps=1",
             "train.batch_size=2", "train.eval_fraction=0.0", "train.report_to=[none]", "train.kernels=off",
-            "train.lora.r=2", "train.save_steps=1000", "train.bf16=false", *overrides])
+            "train.lora.r=2", "train.save_steps=1000", "train.bf16=false",
+            "train.warmup_ratio=0.0", *overrides])  # no warmup: its one step changes the weights
 
     first = recipe()
     _write_rsft(first.layout.dataset("rsft"))

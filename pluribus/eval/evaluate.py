@@ -59,7 +59,9 @@ class Plan:
     @property
     def prefix(self) -> str:
         """What its generation's labels start with: '' for generation 1, 'gen<g>/' after."""
-        return "" if self.generation == 1 else f"gen{self.generation}/"
+        from pluribus.generations import prefix
+
+        return prefix(self.generation)
 
 
 def _single(team: TeamConfig, *, adapter: str | None, model: str | None, mode: str, cfg: EvalConfig,
@@ -140,13 +142,12 @@ def plan_systems(recipe: Recipe, *, check: bool = True) -> list[Plan]:
     """Every requested system and decoding mode, validated before anything runs (adapters must exist)."""
     cfg = recipe.eval or EvalConfig()
     from pluribus.data.prompts import question_prompt
-    from pluribus.seats import base_agent, seated, source_of
+    from pluribus.seats import base_team, seated, source_of
 
     written = recipe.require("team")
     # a team of experts debates with its seats' weights; the single agent and sc are its first agent's base model
     seated_team, seat_folders = seated(written, source_of(recipe), check=check)
-    team = written.model_copy(update={"agents": [base_agent(written.agents[0], source_of(recipe)),
-                                                 *written.agents[1:]]})
+    team = base_team(written, source_of(recipe))
     prompt = question_prompt(recipe.build, team)
     experts = {t.expert_name: t for t in recipe.train.trainings()} if recipe.train else {}
     merges = {m.name: m for m in recipe.merge.all()} if recipe.merge else {}

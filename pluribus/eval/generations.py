@@ -73,7 +73,9 @@ def answer(roles: list[GenerationSystems], main: dict[str, Any]) -> dict[str, An
                 if row is not None:
                     students.append({"against": role, **row})
         labels = [x for x in (r.team, r.sc, r.verifier, *r.students) if x and x in systems]
-        out.append({**asdict(r), "accuracy": {x: systems[x]["accuracy"] for x in labels},
+        # a seat or baseline eval did not run (eval.systems): no comparison with it, and the report says so
+        missing = [x for x in (*r.members, r.self_baseline) if x and x not in outcomes]
+        out.append({**asdict(r), "accuracy": {x: systems[x]["accuracy"] for x in labels}, "not_evaluated": missing,
                     "team_comparisons": team, "student_comparisons": students})
     return {"base": BASE, "base_accuracy": systems[BASE]["accuracy"] if BASE in systems else None,
             "generations": out}

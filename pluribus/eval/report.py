@@ -139,7 +139,9 @@ def generations_section(gens: dict[str, Any]) -> list[str]:
     for g in gens["generations"]:
         lines += ["", f"### Generation {g['generation']}", "",
                   f"Team seats: {', '.join(g['members']) or 'none'}."
-                  + (f" Self-distillation baseline: {g['self_baseline']}." if g.get("self_baseline") else "")]
+                  + (f" Self-distillation baseline: {g['self_baseline']}." if g.get("self_baseline") else "")
+                  + (f" Not evaluated alone, so in no comparison (the best member is the best of the others): "
+                     f"{', '.join(g['not_evaluated'])}." if g.get("not_evaluated") else "")]
         if g["team_comparisons"]:
             lines += ["", "The team against its best member and the same budget spent otherwise:", "", *head,
                       *(_versus_row(c) for c in g["team_comparisons"])]

@@ -110,7 +110,7 @@ def config_hash(recipe: Recipe, weights: str | None = None, seats: Mapping[str, 
     ``weights``: a content fingerprint of the weights every agent runs (eval's systems), hashed in place of
     where they lie (the agents' adapter, else their model): a store follows what answered, not its path.
     ``seats``: the same for the seated agents of a team of experts (pluribus.seats), by role (``agents.<i>``,
-    ``judge``): each one's content fingerprint."""
+    ``judge``): the fingerprint of its weights (pluribus.seats.fingerprints)."""
     team = recipe.require("team")
     batch = None
     if batch_sensitive(team):

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pluribus.config import EvalConfig, Recipe, TaskConfig, TeamConfig
+from pluribus.config import AgentConfig, EvalConfig, Recipe, TaskConfig, TeamConfig
 from pluribus.device import ran_on, read_where
 from pluribus.errors import PluribusError
 from pluribus.eval.evaluate import (
@@ -38,6 +38,7 @@ from pluribus.eval.robustness import perturb
 from pluribus.io import atomic_write_text
 from pluribus.layout import RunLayout
 from pluribus.merge import merge_record
+from pluribus.seats import base_team, source_of
 from pluribus.stages import Stage, StageSummary
 
 COLUMNS = ("system", "accuracy", "95% interval", "vs single (p)", "first answer", "wrong first corrected",
@@ -251,11 +252,11 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             mine = [p for p in mine if p.id in team_tokens][: cfg.sc_n]  # a problem the team skipped has no budget
             if not mine:
                 raise PluribusError("eval system 'sc' has no problem to run: the team answered none of them")
+            single = _single(base_team(recipe.require("team"), source_of(recipe)), adapter=None, model=None,
+                             mode="greedy", cfg=cfg, name="single", prompt=plan.team.prompts["question"])
             greedy = records.get("single-greedy") or _system_records(
-                recipe, eval_dir / "single-greedy", task, _single(recipe.require("team"), adapter=None, model=None,
-                                                                   mode="greedy", cfg=cfg, name="single",
-                                                                   prompt=plan.team.prompts["question"]),
-                problems, progress, None, new_run, label="single-greedy", pool=pool)
+                recipe, eval_dir / "single-greedy", task, single, problems, progress, None, new_run,
+                label="single-greedy", pool=pool)
             # enough draws to reach the team's budget on 9 problems of 10 (the report says on how many it did)
             per_sample = sum(_tokens(r) for r in greedy) / max(1, len(greedy))
             spent = sorted(team_tokens.values())
@@ -372,16 +373,22 @@ def generation_plans(recipe: Recipe, *, check: bool = True) -> list[Plan]:
     """The systems of generations 2.. that run (pluribus.generations.last_generation), labelled ``gen<g>/<name>``:
     each generation's team, sc at its team's budget, experts and merges. The single base agent and ``distilled``
     (one adapter) are generation 1's alone."""
-    from dataclasses import replace
-
     from pluribus.generations import generation_recipe, last_generation
 
     out = []
     for g in range(2, last_generation(recipe) + 1):
         gen = generation_recipe(recipe, g).model_copy(update={"eval": recipe.eval})
-        out += [replace(p, label=f"gen{g}/{p.label}", generation=g) for p in plan_systems(gen, check=check)
-                if p.system not in ("single", "distilled")]
+        out += _of_generation([p for p in plan_systems(gen, check=check) if p.system not in ("single", "distilled")], g)
     return out
+
+
+def _of_generation(plans: list[Plan], g: int) -> list[Plan]:
+    """``plans`` as systems of generation ``g``: labelled with its prefix (pluribus.generations.prefix)."""
+    from dataclasses import replace
+
+    from pluribus.generations import prefix
+
+    return [replace(p, label=f"{prefix(g)}{p.label}", generation=g) for p in plans]
 
 
 def students_accuracy(recipe: Recipe, g: int, *, progress: bool = True, new_run: bool = False
@@ -389,8 +396,6 @@ def students_accuracy(recipe: Recipe, g: int, *, progress: bool = True, new_run:
     """Generation ``g``'s best student (label, accuracy) on eval's held-out problems, and how many problems:
     every expert but PRMs and every merge, greedy (generation 0: the base single agent). The answers go to the
     stores eval keeps for the same systems, so eval reuses them."""
-    from dataclasses import replace
-
     from pluribus.data.tasks import load_problems
     from pluribus.generations import generation_recipe
 
@@ -400,9 +405,7 @@ def students_accuracy(recipe: Recipe, g: int, *, progress: bool = True, new_run:
     else:
         gen, wanted = generation_recipe(recipe, g), ("expert", "merged")
     gen = gen.model_copy(update={"eval": cfg})
-    plans = [p for p in plan_systems(gen) if p.system in wanted]
-    if g > 1:
-        plans = [replace(p, label=f"gen{g}/{p.label}", generation=g) for p in plans]
+    plans = _of_generation([p for p in plan_systems(gen) if p.system in wanted], max(1, g))
     if not plans:
         raise PluribusError(f"generation {g} has no student to compare (no expert but PRMs, no merge); "
                             "generations.stop_if_no_gain needs one")
@@ -417,25 +420,36 @@ def students_accuracy(recipe: Recipe, g: int, *, progress: bool = True, new_run:
     return max(scored, key=lambda s: s[1]), len(problems)
 
 
+def _member(agent: AgentConfig, i: int, first: AgentConfig, previous: str) -> str:
+    """The eval label of a team seat alone: its expert or merge of the generation before (greedy), or for an
+    unseated agent single-greedy when it runs the first agent's weights (what the single agent runs); another
+    unseated agent was not evaluated alone, and its label says so (the report lists it)."""
+    if agent.expert is not None:
+        return f"{previous}{agent.expert}-greedy"
+    if (agent.backend, agent.model, agent.adapter) == (first.backend, first.model, first.adapter):
+        return "single-greedy"
+    return f"{agent.name or f'agent {i}'} ({agent.model}{'+' + agent.adapter if agent.adapter else ''})"
+
+
 def per_generation(recipe: Recipe, plans: list[Plan], main: dict[str, Any]) -> dict[str, Any]:
     """The report's question per generation (pluribus.eval.generations), from the main task's scored systems."""
     from pluribus.eval.generations import GenerationSystems, answer
-    from pluribus.generations import CRITERION, generation_recipe, self_student
+    from pluribus.generations import CRITERION, generation_recipe, prefix, self_student
 
     student = self_student(recipe)
+    first = recipe.require("team").agents[0]
     roles = []
     for g in sorted({p.generation for p in plans}):
         mine = [p for p in plans if p.generation == g]
-        prefix = mine[0].prefix
-        previous = "" if g <= 2 else f"gen{g - 1}/"
-        members = [("single-greedy" if a.expert is None else f"{previous}{a.expert}-greedy")
-                   for a in generation_recipe(recipe, g).require("team").agents]
+        own, previous = prefix(g), prefix(max(1, g - 1))  # previous: where its seats were evaluated
+        agents = generation_recipe(recipe, g).require("team").agents
+        members = [_member(a, i, first, previous) for i, a in enumerate(agents)]
         roles.append(GenerationSystems(
-            generation=g, team=f"{prefix}team" if any(p.system == "team" for p in mine) else None,
+            generation=g, team=f"{own}team" if any(p.system == "team" for p in mine) else None,
             members=tuple(dict.fromkeys(members)),
-            sc=f"{prefix}sc" if any(p.system == "sc" for p in mine) else None,
+            sc=f"{own}sc" if any(p.system == "sc" for p in mine) else None,
             students=tuple(p.label for p in mine if p.system in ("expert", "merged") and p.mode == "greedy"),
-            self_baseline=f"{prefix}{student}-greedy" if student else None))
+            self_baseline=f"{own}{student}-greedy" if student else None))
     out = answer(roles, main)
     record = recipe.layout.generations_record
     if recipe.generations is not None and recipe.generations.stop_if_no_gain:  # a record of an earlier run without it stops nothing

@@ -12,20 +12,20 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pluribus.config import Recipe
-from pluribus.generations import count, generation_recipe, record_check, stop_reason
+from pluribus.generations import count, generation_recipe, prefix, record_check, stop_reason
 from pluribus.stages import Stage, StageSummary
 
 
 def _prefixed(step: Stage, g: int, keys: set[str]) -> Stage:
     """``step`` of generation ``g``: its key and the keys it waits on (those of its own generation) prefixed."""
-    def prefix(k: str) -> str:
-        return f"gen{g}/{k}"
+    def prefixed(k: str) -> str:
+        return f"{prefix(g)}{k}"
 
     def run(progress: bool, new_run: bool) -> StageSummary:
         summary = step.run(progress, new_run)
-        return replace(summary, stage=prefix(summary.stage))
+        return replace(summary, stage=prefixed(summary.stage))
 
-    return replace(step, key=prefix(step.key), run=run, after=tuple(prefix(a) for a in step.after if a in keys))
+    return replace(step, key=prefixed(step.key), run=run, after=tuple(prefixed(a) for a in step.after if a in keys))
 
 
 def plan(recipe: Recipe) -> list[Stage]:

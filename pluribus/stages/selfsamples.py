@@ -17,11 +17,14 @@ from pluribus.stages.debate import DebateSummary, run_debate, summary_of
 
 def self_team(recipe: Recipe) -> TeamConfig:
     """The single agent sampled ``self_samples`` times as a team of independent agents (R=1, each its own seed)."""
+    from pluribus.seats import base_agent, source_of
+
     team = recipe.require("team")
     build = recipe.build or BuildConfig()
     k = build.self_samples or len(team.agents) * team.rounds
     # generation g >= 2 samples with generation g-1's self student (the baseline iterated; pluribus.generations)
-    agent = recipe._self_agent or team.agents[0]
+    # (generation 1: the first agent's base model, also when it seats an expert, as eval's single agent)
+    agent = recipe._self_agent or base_agent(team.agents[0], source_of(recipe))
     members = [agent.model_copy(update={
         "name": f"self{i}", "persona": None,
         "sampling": agent.sampling.model_copy(update={"temperature": build.self_temperature,

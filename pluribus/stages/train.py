@@ -119,19 +119,23 @@ def run(recipe: Recipe, *, expert: str | None = None, dataset: str | Path | None
 
 
 def plan(recipe: Recipe) -> list[Stage]:
-    """One step per expert, in the recipe's order; each follows its own settings and the files it reads."""
+    """One step per expert, in the recipe's order; each follows its own settings and the files it reads, and runs
+    after the trainings whose adapters it reads (``after``: run.plan keeps them before it when a debate that seats
+    it pulls it forward)."""
+    trainings = recipe.train.trainings() if recipe.train else []
+
+    def earlier(cfg: TrainConfig) -> tuple[str, ...]:
+        try:
+            resolved = resolve_expert(recipe, cfg)  # the one rule for what it reads (init_adapter, rl's PRM)
+        except PluribusError:
+            return ()  # the step says why when it runs
+        read = {resolved.init_adapter, resolved.rl.prm if cfg.objective == "rl" else None}
+        return tuple(f"train:{t.expert_name}" for t in trainings if str(recipe.layout.adapter(t.expert_name)) in read)
+
     def step(cfg: TrainConfig) -> Stage:
         # overwrite: a rerun reaches this step only when its inputs changed, so the old adapter is stale
-        before = names[: names.index(cfg.expert_name)]
-        prm = cfg.rl.prm or next((t.expert_name for t in reversed(trainings[: len(before)]) if t.objective == "prm"),
-                                 None)  # rl's default PRM: the last prm expert before it (resolve_expert)
-        earlier = [n for n in (cfg.init_adapter, prm if cfg.objective == "rl" else None) if n in before]
         return Stage(f"train:{cfg.expert_name}",
                      lambda progress, new_run: run(recipe, expert=cfg.expert_name, overwrite=True),
-                     settings=lambda: json_of(cfg), inputs=lambda: expert_inputs(recipe, cfg),
-                     after=tuple(f"train:{n}" for n in earlier))
+                     settings=lambda: json_of(cfg), inputs=lambda: expert_inputs(recipe, cfg), after=earlier(cfg))
 
-    trainings = recipe.train.trainings() if recipe.train else []
-    names = [t.expert_name for t in trainings]
-
-    return [step(cfg) for cfg in (recipe.train.trainings() if recipe.train else [])]
+    return [step(cfg) for cfg in trainings]
