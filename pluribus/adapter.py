@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -173,3 +174,17 @@ def apply_adapter(model: Any, adapter: str | os.PathLike[str], adapter_name: str
 
 
 _unchecked_bases: set[str] = set()  # adapters already warned about, so a debate warns once per adapter
+
+
+def adapter_fingerprint(adapter: str | Path) -> str:
+    """A short sha256 of the adapter's config and weights files: what the distilled system's answers depend on."""
+    folder = Path(adapter)
+    digest = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.name == "adapter_config.json" or f.name.startswith("adapter_model.") or (
+                f.name.endswith(".safetensors") or f.name == "config.json"):
+            digest.update(f.name.encode() + b"\0")
+            with f.open("rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]

@@ -301,7 +301,7 @@ def local_card(kind: str, base: str | None, title: str, relation: str, tags: lis
 def measured_systems(results: dict[str, Any], source: Path, where: str) -> dict[str, list[str]]:
     """Per eval task, the systems of ``results`` whose adapter (or merged model) has the contents of ``source``
     (``adapters``: label -> {path, fingerprint}); a PluribusError naming what it measured when none has."""
-    from pluribus.eval.evaluate import adapter_fingerprint
+    from pluribus.adapter import adapter_fingerprint
 
     mine = adapter_fingerprint(source)
     found: dict[str, list[str]] = {}

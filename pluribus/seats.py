@@ -86,7 +86,7 @@ def seated_recipe(recipe: Recipe, *, check: bool = True) -> tuple[Recipe, dict[s
 def fingerprints(folders: dict[str, Path]) -> dict[str, str]:
     """The fingerprint of each seat's weights (what the store of a seated debate is keyed by): eval's
     ``adapter_fingerprint``, so a retraining that leaves the weights as they were keeps the debate's answers."""
-    from pluribus.eval.evaluate import adapter_fingerprint
+    from pluribus.adapter import adapter_fingerprint
 
     missing = [f"{role} ('{folder}')" for role, folder in folders.items() if not folder.is_dir()]
     if missing:

@@ -40,7 +40,7 @@ def _front_matter(card: str) -> dict:
 
 def measured(adapter: Path, systems: dict, **extra) -> dict:
     """A results.json as `pluribus eval` writes it, whose `distilled-*` systems measured ``adapter``."""
-    from pluribus.eval.evaluate import adapter_fingerprint
+    from pluribus.adapter import adapter_fingerprint
 
     adapters = {k: {"path": str(adapter), "fingerprint": adapter_fingerprint(adapter)} for k in systems
                 if k.startswith("distilled")}

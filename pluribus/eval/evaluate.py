@@ -12,7 +12,6 @@ tokens. The eval stage (pluribus.stages.eval) runs the systems into their stores
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,20 +102,6 @@ def _sc_team(single: TeamConfig, k: int, temperature: float, seed: int) -> TeamC
 def default_adapter(recipe: Recipe) -> Path:
     experts = [t for t in recipe.train.trainings() if t.objective != "prm"] if recipe.train else []
     return recipe.layout.adapter(experts[0].expert_name if experts else "rsft")
-
-
-def adapter_fingerprint(adapter: str | Path) -> str:
-    """A short sha256 of the adapter's config and weights files: what the distilled system's answers depend on."""
-    folder = Path(adapter)
-    digest = hashlib.sha256()
-    for f in sorted(folder.iterdir()):
-        if f.name == "adapter_config.json" or f.name.startswith("adapter_model.") or (
-                f.name.endswith(".safetensors") or f.name == "config.json"):
-            digest.update(f.name.encode() + b"\0")
-            with f.open("rb") as fh:
-                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def _requested(recipe: Recipe, cfg: EvalConfig) -> list[str]:

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pluribus.adapter import adapter_fingerprint
 from pluribus.config import AgentConfig, EvalConfig, Recipe, TaskConfig, TeamConfig
 from pluribus.device import ran_on, read_where
 from pluribus.errors import PluribusError
@@ -23,7 +24,6 @@ from pluribus.eval.evaluate import (
     _sc_team,
     _single,
     _tokens,
-    adapter_fingerprint,
     budget_vote,
     compare,
     coverage,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pluribus.adapter import adapter_fingerprint
 from pluribus.config import load_recipe
-from pluribus.eval.evaluate import adapter_fingerprint
 from pluribus.stages.eval import run_eval
 from tests.broken import lora_adapter
 
