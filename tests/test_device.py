@@ -231,6 +231,11 @@ UNPLACED = {
     ("gguf.py", "dequantize_gguf"): "converts a GGUF file into a safetensors folder; the model never runs",
 }
 LOADS = ("from_pretrained", "from_config", "score_head_model")
+# Files that may ask torch about CUDA or name a CUDA device themselves, and why.
+CUDA_ASKED = {
+    "threads.py": "the CPU thread default, not where a model runs",
+    "distill/student.py": "QLoRA's 4-bit weights load on this process's GPU (LOCAL_RANK) of the policy's cuda",
+}
 
 
 def _calls(func: ast.AST) -> list[tuple[str, str]]:
@@ -249,8 +254,9 @@ def _calls(func: ast.AST) -> list[tuple[str, str]]:
 def test_no_loader_bypasses_the_device_policy() -> None:
     """Every function in pluribus/ that loads a model (``AutoModel*.from_pretrained`` / ``from_config``,
     ``score_head_model``) places it with ``pluribus.device.place`` or is listed in UNPLACED with its reason;
-    nothing outside pluribus/device.py moves a model (``<model>.to(...)``, ``.cuda()``), and only the QLoRA
-    loader sets a ``device_map`` (from the policy)."""
+    nothing outside pluribus/device.py moves a model (``<model>.to(...)``, ``.cuda()``) or picks a CUDA device
+    itself (``torch.cuda.is_available()``, a ``"cuda"`` argument) but CUDA_ASKED, and only the QLoRA loader sets
+    a ``device_map`` (from the policy)."""
     problems = []
     for file in sorted(PACKAGE.rglob("*.py")):
         rel = file.relative_to(PACKAGE).as_posix()
@@ -269,6 +275,13 @@ def test_no_loader_bypasses_the_device_policy() -> None:
                 receiver = ast.unparse(node.func.value)
                 if node.func.attr == "cuda" or (node.func.attr == "to" and "model" in receiver.lower()):
                     problems.append(f"{rel}:{node.lineno} moves a model itself ({receiver}.{node.func.attr})")
+            asks = (isinstance(node, ast.Attribute) and node.attr in ("is_available", "device_count")
+                    and ast.unparse(node.value).endswith("cuda"))
+            if isinstance(node, ast.Call) and rel not in CUDA_ASKED:
+                asks = asks or any(isinstance(a, ast.Constant) and isinstance(a.value, str)
+                                   and a.value.startswith("cuda") for a in [*node.args, *(k.value for k in node.keywords)])
+            if asks and rel not in CUDA_ASKED:
+                problems.append(f"{rel}:{node.lineno} picks a CUDA device itself, not through pluribus.device")
             named = (node.arg if isinstance(node, ast.keyword) else node.value if isinstance(node, ast.Constant)
                      else None)
             if named == "device_map" and rel != "distill/student.py":
@@ -276,6 +289,8 @@ def test_no_loader_bypasses_the_device_policy() -> None:
     assert not problems, "\n".join(problems)
     for (rel, name), _why in UNPLACED.items():  # the exceptions still exist (a rename must update them)
         assert f"def {name}(" in (PACKAGE / rel).read_text()
+    for rel in CUDA_ASKED:
+        assert "cuda" in (PACKAGE / rel).read_text()
 
 
 def test_the_debate_records_where_it_ran(tiny_llama_dir: Path, tmp_path: Path) -> None:
