@@ -168,6 +168,16 @@ def test_the_prm_lands_where_the_policy_says(meta_policy: list[str], tiny_llama_
     assert meta_policy == ["cuda:2"] and _on(prm) == {"meta"}  # the score head and the LoRA with the base
 
 
+@pytest.mark.parametrize("head", ["causal", "token-cls"])
+def test_the_student_lands_where_the_policy_says(meta_policy: list[str], tiny_llama_dir: Path, head: str) -> None:
+    """Before its kernels are patched and its attention chosen (both look at where it is), not at the Trainer."""
+    from pluribus.config import TrainConfig
+    from pluribus.distill.student import load_student
+
+    model, _ = load_student(TrainConfig(model=str(tiny_llama_dir)), head=head, device="cuda")
+    assert meta_policy == ["cuda"] and _on(model) == {"meta"}
+
+
 def test_training_is_told_the_policys_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """On a machine with a GPU, a recipe that says cpu trains on the CPU: the Trainer is told so (use_cpu), and
     the policy's answer decides bf16. Before the policy, training took the GPU whenever there was one."""
@@ -226,7 +236,6 @@ def test_a_fold_computes_on_the_policys_device(monkeypatch: pytest.MonkeyPatch, 
 
 # Functions that load a model without placing it, and why that is right.
 UNPLACED = {
-    ("distill/student.py", "load_student"): "the Trainer places it, told the policy's device (training_arguments)",
     ("distill/student.py", "score_head_model"): "a loader's helper: load_student and load_prm place its model",
     ("gguf.py", "dequantize_gguf"): "converts a GGUF file into a safetensors folder; the model never runs",
 }
@@ -234,7 +243,7 @@ LOADS = ("from_pretrained", "from_config", "score_head_model")
 # Files that may ask torch about CUDA or name a CUDA device themselves, and why.
 CUDA_ASKED = {
     "threads.py": "the CPU thread default, not where a model runs",
-    "distill/student.py": "QLoRA's 4-bit weights load on this process's GPU (LOCAL_RANK) of the policy's cuda",
+    "distill/student.py": "the policy's bare cuda is this process's GPU (LOCAL_RANK), where its Trainer trains",
 }
 
 
