@@ -19,7 +19,7 @@ def load_student(
     ``device`` (``pluribus.device.training_device``; None: auto) picks the dtype (bf16 where it computes it,
     else float32) and where the model is placed (a bare ``cuda``: this process's GPU, LOCAL_RANK), before the
     kernels are patched and the attention chosen, which look at where it is; the Trainer, told the same device
-    (``loop.training_arguments``), keeps it there.
+    (``loop.training_arguments``), keeps it there. Under FSDP or DeepSpeed the engine places it.
 
     The tokenizer gets a pad token (eos) when it has none and pads on the right (training). The global RNG is
     seeded with ``seed`` first: the new score head and the LoRA A matrices are drawn from it, so one recipe
@@ -66,7 +66,9 @@ def load_student(
         model = score_head_model(folder, **kwargs)
         model.config.pad_token_id = tokenizer.pad_token_id
     check_finite_model(model, folder)
-    if cfg.lora.quantize != "nf4":
+    # FSDP / DeepSpeed shard the model from the CPU themselves: a whole copy on each GPU first could not fit
+    sharded = any(os.environ.get(v, "false").lower() == "true" for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    if cfg.lora.quantize != "nf4" and not sharded:
         model = devices.place(model, device)
     if cfg.lora.quantize == "nf4":
         from peft import prepare_model_for_kbit_training
