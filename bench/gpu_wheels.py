@@ -32,8 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 FIVE = ("torch", "transformers", "peft", "accelerate", "triton")
 # required by every transformers 5.x: wherever transformers is installed, so are they
 WITH_TRANSFORMERS = ("numpy", "huggingface-hub", "safetensors", "pyyaml", "tokenizers", "regex", "tqdm", "packaging")
-# small direct dependencies of pluribus that some huggingface_hub versions require and others do not: always carried
-ALWAYS = ("typer", "rich", "pydantic")
+# small direct dependencies of pluribus that some huggingface_hub versions require and others do not: always carried;
+# and fsspec, which datasets caps at the newest it was tested with: a machine's newer fsspec is downgraded from here
+ALWAYS = ("typer", "rich", "pydantic", "fsspec")
 TOO_BIG = ("pyarrow", "pandas", "tzdata")
 EXTRA = ("pytest>=8", "math-verify>=0.7")  # the kernel tests; the eval extra (symbolic answer checks)
 PLATFORMS = ("manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64", "manylinux_2_28_x86_64",

@@ -216,7 +216,8 @@ class AgentConfig(Section):
         "same model: requests spread over them, and a server that dies is taken out and its requests sent to the others.")
     api_key_env: str | None = Field(None, description="openai backend: name of the env var holding the API key.")
     dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field(
-        "bfloat16", description="transformers/vllm backends: weight and compute dtype (bf16 also on CPU)."
+        "bfloat16", description="transformers/vllm backends: weight and compute dtype; on the transformers backend bf16 (or auto) runs "
+        "in float32 on a device that lacks native bf16 (pluribus.device; the record says so)."
     )
     context_length: int | None = Field(
         None, ge=32, description="Max prompt + new tokens; None: the model's own limit. Longer prompts are refused, never cut (team.too_long)."
@@ -558,7 +559,8 @@ class TrainConfig(Section):
         0.5, ge=0.0, le=1.0, description="too_long=truncate: refuse the training when truncation leaves less than "
         "this share of the labelled (assistant) tokens of the rows it keeps.")
     packing: bool = Field(True, description="SFT: padding-free packing of a micro-batch into one row.")
-    bf16: bool = Field(True, description="bf16 weights/autocast (CPU and GPU).")
+    bf16: bool = Field(True, description="bf16 weights/autocast where the device computes bf16 natively, else float32 "
+                      "(pluribus.device; the training record says so).")
     gradient_checkpointing: bool = Field(False)
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +169,16 @@ def test_the_prm_lands_where_the_policy_says(meta_policy: list[str], tiny_llama_
     assert meta_policy == ["cuda:2"] and _on(prm) == {"meta"}  # the score head and the LoRA with the base
 
 
+@pytest.mark.parametrize("head", ["causal", "token-cls"])
+def test_the_student_lands_where_the_policy_says(meta_policy: list[str], tiny_llama_dir: Path, head: str) -> None:
+    """Before its kernels are patched and its attention chosen (both look at where it is), not at the Trainer."""
+    from pluribus.config import TrainConfig
+    from pluribus.distill.student import load_student
+
+    model, _ = load_student(TrainConfig(model=str(tiny_llama_dir)), head=head, device="cuda")
+    assert meta_policy == ["cuda"] and _on(model) == {"meta"}
+
+
 def test_training_is_told_the_policys_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """On a machine with a GPU, a recipe that says cpu trains on the CPU: the Trainer is told so (use_cpu), and
     the policy's answer decides bf16. Before the policy, training took the GPU whenever there was one."""
@@ -226,11 +237,15 @@ def test_a_fold_computes_on_the_policys_device(monkeypatch: pytest.MonkeyPatch, 
 
 # Functions that load a model without placing it, and why that is right.
 UNPLACED = {
-    ("distill/student.py", "load_student"): "the Trainer places it, told the policy's device (training_arguments)",
     ("distill/student.py", "score_head_model"): "a loader's helper: load_student and load_prm place its model",
     ("gguf.py", "dequantize_gguf"): "converts a GGUF file into a safetensors folder; the model never runs",
 }
 LOADS = ("from_pretrained", "from_config", "score_head_model")
+# Files that may ask torch about CUDA or name a CUDA device themselves, and why.
+CUDA_ASKED = {
+    "threads.py": "the CPU thread default, not where a model runs",
+    "distill/student.py": "the policy's bare cuda is this process's GPU (LOCAL_RANK), where its Trainer trains",
+}
 
 
 def _calls(func: ast.AST) -> list[tuple[str, str]]:
@@ -247,10 +262,11 @@ def _calls(func: ast.AST) -> list[tuple[str, str]]:
 
 
 def test_no_loader_bypasses_the_device_policy() -> None:
-    """Every function in pluribus/ that loads a model (``AutoModel*.from_pretrained`` / ``from_config``,
+    """Every function in pluribus/ that loads a model (``<any model class>.from_pretrained`` / ``from_config``,
     ``score_head_model``) places it with ``pluribus.device.place`` or is listed in UNPLACED with its reason;
-    nothing outside pluribus/device.py moves a model (``<model>.to(...)``, ``.cuda()``), and only the QLoRA
-    loader sets a ``device_map`` (from the policy)."""
+    nothing outside pluribus/device.py moves a model (``<model>.to(...)``, ``.cuda()``) or picks a CUDA device
+    itself (``torch.cuda.is_available()``, a ``"cuda"`` argument) but CUDA_ASKED, and only the QLoRA loader sets
+    a ``device_map`` (from the policy)."""
     problems = []
     for file in sorted(PACKAGE.rglob("*.py")):
         rel = file.relative_to(PACKAGE).as_posix()
@@ -259,7 +275,8 @@ def test_no_loader_bypasses_the_device_policy() -> None:
         tree = ast.parse(file.read_text())
         for func in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
             calls = _calls(func)
-            loads = [c for c in calls if c[1] in LOADS and (c[1] == "score_head_model" or "AutoModel" in c[0])]
+            # any receiver but a tokenizer, a config or PEFT (which puts an adapter on a model already placed)
+            loads = [c for c in calls if c[1] in LOADS and not re.search(r"Tokenizer|Config|Peft|Processor", c[0])]
             placed = any(name == "place" for _, name in calls)
             if loads and not placed and (rel, func.name) not in UNPLACED:
                 problems.append(f"{rel}:{func.name} loads a model ({loads[0][0]}.{loads[0][1]}) without "
@@ -269,6 +286,13 @@ def test_no_loader_bypasses_the_device_policy() -> None:
                 receiver = ast.unparse(node.func.value)
                 if node.func.attr == "cuda" or (node.func.attr == "to" and "model" in receiver.lower()):
                     problems.append(f"{rel}:{node.lineno} moves a model itself ({receiver}.{node.func.attr})")
+            asks = (isinstance(node, ast.Attribute) and node.attr in ("is_available", "device_count")
+                    and ast.unparse(node.value).endswith("cuda"))
+            if isinstance(node, ast.Call) and rel not in CUDA_ASKED:
+                asks = asks or any(isinstance(a, ast.Constant) and isinstance(a.value, str)
+                                   and a.value.startswith("cuda") for a in [*node.args, *(k.value for k in node.keywords)])
+            if asks and rel not in CUDA_ASKED:
+                problems.append(f"{rel}:{node.lineno} picks a CUDA device itself, not through pluribus.device")
             named = (node.arg if isinstance(node, ast.keyword) else node.value if isinstance(node, ast.Constant)
                      else None)
             if named == "device_map" and rel != "distill/student.py":
@@ -276,6 +300,8 @@ def test_no_loader_bypasses_the_device_policy() -> None:
     assert not problems, "\n".join(problems)
     for (rel, name), _why in UNPLACED.items():  # the exceptions still exist (a rename must update them)
         assert f"def {name}(" in (PACKAGE / rel).read_text()
+    for rel in CUDA_ASKED:
+        assert "cuda" in (PACKAGE / rel).read_text()
 
 
 def test_the_debate_records_where_it_ran(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -17,8 +17,9 @@ def load_student(
     """Load the student (``head`` causal or token-cls with one logit) in bf16, or 4-bit NF4 for QLoRA.
 
     ``device`` (``pluribus.device.training_device``; None: auto) picks the dtype (bf16 where it computes it,
-    else float32) and, for QLoRA, where the 4-bit weights load; otherwise the Trainer moves the model there
-    (``loop.training_arguments`` with the same device).
+    else float32) and where the model is placed (a bare ``cuda``: this process's GPU, LOCAL_RANK), before the
+    kernels are patched and the attention chosen, which look at where it is; the Trainer, told the same device
+    (``loop.training_arguments``), keeps it there. Under FSDP or DeepSpeed the engine places it.
 
     The tokenizer gets a pad token (eos) when it has none and pads on the right (training). The global RNG is
     seeded with ``seed`` first: the new score head and the LoRA A matrices are drawn from it, so one recipe
@@ -35,6 +36,8 @@ def load_student(
 
     set_seed(seed)
     device = devices.resolve(device) if device is None or isinstance(device, str) else device
+    if device.type == "cuda" and device.index is None:  # where the Trainer trains this process: its rank's GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     folder = resolve_model(cfg.model)
     kwargs: dict[str, Any] = {
         "dtype": devices.dtype_for(device, "bfloat16" if cfg.bf16 else "float32"),
@@ -52,10 +55,7 @@ def load_student(
         from pluribus.models import nf4_config
 
         kwargs["quantization_config"] = nf4_config("nf4")
-        # 4-bit weights load where they train: the policy's device (a bare cuda: this process's GPU)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        kwargs["device_map"] = {"": str(device)}
+        kwargs["device_map"] = {"": str(device)}  # 4-bit weights load where they train (they cannot be moved)
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -66,6 +66,10 @@ def load_student(
         model = score_head_model(folder, **kwargs)
         model.config.pad_token_id = tokenizer.pad_token_id
     check_finite_model(model, folder)
+    # FSDP / DeepSpeed shard the model from the CPU themselves: a whole copy on each GPU first could not fit
+    sharded = any(os.environ.get(v, "false").lower() == "true" for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    if cfg.lora.quantize != "nf4" and not sharded:
+        model = devices.place(model, device)
     if cfg.lora.quantize == "nf4":
         from peft import prepare_model_for_kbit_training
 

@@ -243,7 +243,10 @@ def _merge_adapters(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any,
             module = name.removesuffix(".weight")
             if name in others:
                 return plan.other(name)
-            return plan.dense(module) if name.endswith(".weight") and module in plan.shapes else None
+            return plan.dense(module, base.device) if name.endswith(".weight") and module in plan.shapes else None
+
+        if not plan.low_rank and device is not None and device.type != "cpu":
+            summary.ran_on += f"; {spec.method}'s deltas on the cpu"  # its seeded draws, as on every machine
 
         summary.details = merge_models(spec, tmp, lambda k, n, _: bar.update(task, completed=k, total=n), delta,
                                        folded=adapters, device=device)

@@ -455,11 +455,12 @@ class AdapterPlan:
         """Exact ``(B_cat, A_cat)`` of a low-rank method."""
         return stacked_factors(self.adapters, self.coefs, name)
 
-    def dense(self, name: str) -> Tensor:
-        """The merged dense delta of one module [d_out, d_in] (float32)."""
+    def dense(self, name: str, device: Any = None) -> Tensor:
+        """The merged dense delta of one module [d_out, d_in] (float32); a low-rank method's product ``B A`` on
+        ``device`` (None: the CPU), the other methods' seeded draws on the CPU."""
         if self.low_rank:
             b, a = self.factors(name)
-            return (b @ a).float()
+            return (b.to(device) @ a.to(device)).float() if device is not None else (b @ a).float()
         return merge_deltas(self.spec.method, self._deltas(name, self.shapes[name]), self.params, self.generator)
 
     def other(self, name: str) -> Tensor:

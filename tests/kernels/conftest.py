@@ -25,8 +25,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _tensors_on_cuda():
-    """Under ON_CUDA, tensor factories called without a device return their tensor on the GPU."""
+def _tensors_on_cuda(request, monkeypatch):
+    """Under ON_CUDA, tensor factories called without a device return their tensor on the GPU, and a test module's
+    own tensors (made at import, before this fixture: ids, positions) are swapped for GPU copies."""
     if not ON_CUDA:
         yield
         return
@@ -49,5 +50,8 @@ def _tensors_on_cuda():
             return out.requires_grad_() if grad else out
 
     assert torch.cuda.is_available(), "PLURIBUS_KERNEL_DEVICE=cuda needs a CUDA GPU"
+    for name, value in list(vars(request.module).items()):
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+            monkeypatch.setattr(request.module, name, value.to("cuda"))
     with OnCuda():
         yield

@@ -29,7 +29,7 @@ def test_choose_backend(caplog):
 
 
 def test_tensor_reason(monkeypatch):
-    x = torch.zeros(4, 4)
+    x = torch.zeros(4, 4, device="cpu")  # on the CPU also where the tests run on CUDA
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "CPU" in tensor_reason([x], torch.float32)
     monkeypatch.setenv("TRITON_INTERPRET", "1")

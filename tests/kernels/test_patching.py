@@ -121,7 +121,7 @@ def test_modes():
 def test_triton_mode_needs_a_gpu_or_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(PluribusError, match="kernels: triton cannot run here"):
-        patch_model(tiny_peft("llama"), "triton")
+        patch_model(tiny_peft("llama").cpu(), "triton")  # on the CPU also where the tests run on CUDA
 
 
 def test_lora_bias_is_not_taken_by_the_fused_path():
