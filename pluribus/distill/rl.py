@@ -6,7 +6,8 @@ One optimizer step (``train.rl.*`` settings):
    (seed, step, problem) (``sample_seeds``);
 2. reward ``r_i = agg(PRM step scores of solution i) + answer_weight * [final answer verified]``,
    ``agg`` in min | mean | last (``aggregate``);
-3. group-relative advantage ``A_i = (r_i - mean_g r) / (std_g r + 1e-4)`` (population std of the group);
+3. group-relative advantage ``A_i = (r_i - mean_g r) / (std_g r + 1e-4)`` (population std of the group;
+   ``loss_type`` dr_grpo: ``A_i = r_i - mean_g r``, Dr. GRPO's, without the std);
 4. loss per completion token t: ``-min(rho_t A, clip(rho_t, 1-eps, 1+eps) A) + beta * KL_t`` with
    ``rho_t = exp(logp_t - logp_old_t)`` and the k3 estimator ``KL_t = exp(q_t) - q_t - 1``,
    ``q_t = logp_ref_t - logp_t``; made one number as ``loss_type`` says (``policy_loss``): grpo, the mean over
@@ -78,9 +79,14 @@ def aggregate_steps(scores: list[float], how: str) -> float:
     raise PluribusError(f"unknown step aggregation '{how}'; use min, mean or last")
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """``(r - mean) / (std + eps)`` within each group; rewards ``[prompts, G]`` -> advantages ``[prompts, G]``."""
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, loss_type: str = "grpo") -> torch.Tensor:
+    """``(r - mean) / (std + eps)`` within each group; rewards ``[prompts, G]`` -> advantages ``[prompts, G]``.
+
+    ``loss_type`` dr_grpo: ``r - mean``, Dr. GRPO's advantage (the std division weighs a group by how much its
+    rewards agree, a question-level bias the paper removes)."""
     mean = rewards.mean(dim=1, keepdim=True)
+    if loss_type == "dr_grpo":
+        return rewards - mean
     std = rewards.std(dim=1, keepdim=True, unbiased=False)
     return (rewards - mean) / (std + eps)
 
@@ -404,7 +410,7 @@ class GroupRLTrainer(Trainer):
         rewards = (prm_part + s.answer_weight * correct).view(len(prompts), s.group_size)
 
         # 3. group-relative advantages
-        advantages = group_advantages(rewards).flatten().to(device)
+        advantages = group_advantages(rewards, loss_type=s.loss_type).flatten().to(device)
 
         # 4. sequences = left-padded prompt + right-padded completion; log-probs of the completion tokens
         heads = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,

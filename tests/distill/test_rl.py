@@ -36,6 +36,15 @@ def test_group_advantages_by_hand():
     torch.testing.assert_close(adv[1], torch.zeros(4))  # a group that all agrees teaches nothing
 
 
+def test_dr_grpo_advantages_are_not_divided_by_the_group_std():
+    # Dr. GRPO (Liu et al. 2025, arXiv:2503.20783) drops the std normalisation (a question bias): A = r - mean_g r
+    rewards = torch.tensor([[1.0, 0.0, 0.5, 0.5], [2.0, 2.0, 2.0, 4.0]])
+    torch.testing.assert_close(group_advantages(rewards, loss_type="dr_grpo"),
+                               torch.tensor([[0.5, -0.5, 0.0, 0.0], [-0.5, -0.5, -0.5, 1.5]]))
+    for loss_type in ("grpo", "dapo"):  # these keep GRPO's scaled advantages
+        torch.testing.assert_close(group_advantages(rewards, loss_type=loss_type), group_advantages(rewards))
+
+
 def test_policy_loss_by_hand():
     # two completions: A = +1 (2 tokens, second padded away), A = -2 (2 tokens)
     logp = torch.tensor([[math.log(0.5), math.log(0.9)], [math.log(0.3), math.log(0.2)]])
