@@ -316,3 +316,29 @@ def test_rl_samples_once_per_num_iterations_steps_with_gradient_accumulation(tmp
     train_rl(r, dataset=process_dir)
     # 4 optimizer steps x 2 micro-batches, sampled at steps 0 and 2 only: 2 x 2 draws of 4 distinct prompt pairs
     assert len(drawn) == 4 and len(set(drawn)) == 4
+
+
+def test_rl_dapo_averages_over_every_token_of_the_optimizer_step(tmp_path, student_dir, process_dir, prm_adapter,
+                                                                  monkeypatch):
+    # DAPO's token-level mean is over the whole batch of a step: with 2 micro-batches, each divides its token sum by
+    # the step's token count / 2 (the Trainer then halves each), not by its own count (a mean of two means)
+    import inspect
+
+    import pluribus.distill.rl as rl
+
+    calls: list[tuple[float, float | None]] = []
+    loss = rl.policy_loss
+
+    def recorded(*args, **kwargs):
+        bound = inspect.signature(loss).bind(*args, **kwargs).arguments
+        calls.append((float(bound["mask"].sum()), bound.get("tokens")))
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(rl, "policy_loss", recorded)
+    r = _rl_recipe(tmp_path, student_dir, prm_adapter, "dapo", loss_type="dapo", max_new_tokens=12)
+    r = r.model_copy(update={"train": r.train.model_copy(update={"grad_accum": 2, "max_steps": 2})})
+    train_rl(r, dataset=process_dir)
+    assert len(calls) == 4
+    for step in (calls[:2], calls[2:]):
+        total = sum(n for n, _ in step)
+        assert [t for _, t in step] == [pytest.approx(total / 2)] * 2
