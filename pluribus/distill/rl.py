@@ -389,8 +389,9 @@ class GroupRLTrainer(Trainer):
         if self.settings.loss_type == "dapo" and batch_samples:
             policy = distributed.unwrap(self.model)
             at = next(policy.parameters()).device
-            count = torch.tensor(sum(float(self._batch(policy, inputs, at)["mask"].sum()) for inputs in batch_samples),
-                                 device=at)
+            with self.compute_loss_context_manager():  # as compute_loss samples (its autocast): the same numerics
+                count = torch.tensor(sum(float(self._batch(policy, inputs, at)["mask"].sum())
+                                         for inputs in batch_samples), device=at)
             if self.args.world_size > 1:
                 count = self.accelerator.gather(count.reshape(1)).sum()
             # the Trainer divides each micro-batch's loss by their number and DDP averages the processes' gradients
