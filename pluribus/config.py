@@ -470,8 +470,9 @@ class RLSettings(Section):
                         "refused).")
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
         "grpo", description="How token losses become the batch's loss: grpo: mean over each completion's tokens, "
-        "then over completions; dapo: sum over every completion token / their count (TRL's default); dr_grpo: "
-        "sum over every completion token / (completions x sampling.max_new_tokens), no length bias.")
+        "then over completions; dapo: sum over every completion token of the optimizer step (all micro-batches and devices) / their count (TRL's default); dr_grpo: "
+        "sum over every completion token / (completions x sampling.max_new_tokens), no length bias, and advantages "
+        "r - mean of the group, not divided by its std (Dr. GRPO's).")
     kl: float = Field(0.0, ge=0.0, description="Weight beta of the k3 KL to the reference policy (0: no reference "
                       "pass).")
     reference: Literal["start", "base"] = Field(

@@ -6,11 +6,13 @@ One optimizer step (``train.rl.*`` settings):
    (seed, step, problem) (``sample_seeds``);
 2. reward ``r_i = agg(PRM step scores of solution i) + answer_weight * [final answer verified]``,
    ``agg`` in min | mean | last (``aggregate``);
-3. group-relative advantage ``A_i = (r_i - mean_g r) / (std_g r + 1e-4)`` (population std of the group);
+3. group-relative advantage ``A_i = (r_i - mean_g r) / (std_g r + 1e-4)`` (population std of the group;
+   ``loss_type`` dr_grpo: ``A_i = r_i - mean_g r``, Dr. GRPO's, without the std);
 4. loss per completion token t: ``-min(rho_t A, clip(rho_t, 1-eps, 1+eps) A) + beta * KL_t`` with
    ``rho_t = exp(logp_t - logp_old_t)`` and the k3 estimator ``KL_t = exp(q_t) - q_t - 1``,
    ``q_t = logp_ref_t - logp_t``; made one number as ``loss_type`` says (``policy_loss``): grpo, the mean over
-   each completion's tokens then over completions; dapo, the mean over every completion token; dr_grpo, the sum
+   each completion's tokens then over completions; dapo, the mean over every completion token of the
+   optimizer step (all its micro-batches and processes: they are sampled before its first); dr_grpo, the sum
    over completion tokens / (completions x ``max_new_tokens``).
    The reference (``reference``) is the policy RL started from: the ``init_adapter``'s weights as loaded (kept
    aside and swapped in for the reference pass: no second model), or the base model with the adapter switched
@@ -79,9 +81,14 @@ def aggregate_steps(scores: list[float], how: str) -> float:
     raise PluribusError(f"unknown step aggregation '{how}'; use min, mean or last")
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """``(r - mean) / (std + eps)`` within each group; rewards ``[prompts, G]`` -> advantages ``[prompts, G]``."""
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, loss_type: str = "grpo") -> torch.Tensor:
+    """``(r - mean) / (std + eps)`` within each group; rewards ``[prompts, G]`` -> advantages ``[prompts, G]``.
+
+    ``loss_type`` dr_grpo: ``r - mean``, Dr. GRPO's advantage (the std division weighs a group by how much its
+    rewards agree, a question-level bias the paper removes)."""
     mean = rewards.mean(dim=1, keepdim=True)
+    if loss_type == "dr_grpo":
+        return rewards - mean
     std = rewards.std(dim=1, keepdim=True, unbiased=False)
     return (rewards - mean) / (std + eps)
 
@@ -92,7 +99,7 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 def policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     clip: float = 0.2, ref_logp: torch.Tensor | None = None, beta: float = 0.0, loss_type: str = "grpo",
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy-gradient loss with an optional k3 KL to the reference (see the module docstring).
 
@@ -101,6 +108,9 @@ def policy_loss(
     grpo ``mean_i (sum_t m_it l_it / sum_t m_it)`` (sequence mean: a long completion's tokens weigh less);
     dapo ``sum_it m_it l_it / sum_it m_it`` (token level, TRL's default); dr_grpo ``sum_it m_it l_it / (N *
     max_tokens)`` (Dr. GRPO: a constant denominator, ``max_tokens`` the sampling budget, no length bias).
+    ``tokens`` replaces dapo's denominator ``sum_it m_it`` (this batch's count): the trainer passes the optimizer
+    step's count over all its micro-batches and processes, per micro-batch, so that the step's loss is DAPO's
+    token mean over the whole batch rather than a mean of micro-batch means.
     Returns (loss, stats: the fraction of clipped tokens, and the mean KL where it was computed: with
     ``beta = 0`` there is no reference pass, and a KL of 0 would claim the policy never moved).
     """
@@ -118,7 +128,7 @@ def policy_loss(
     if loss_type == "grpo":
         loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
     elif loss_type == "dapo":
-        loss = (per_token * mask).sum() / n
+        loss = (per_token * mask).sum() / (n if tokens is None else tokens)
     elif loss_type == "dr_grpo":
         if not max_tokens:
             raise PluribusError("loss_type dr_grpo divides by completions x max_tokens; pass max_tokens (the "
@@ -319,7 +329,8 @@ class GroupRLTrainer(Trainer):
         self.reference_weights = reference_weights
         self.model_accepts_loss_kwargs = False
         self._stats: dict[str, list[float]] = defaultdict(list)
-        self._batches: dict[tuple, dict[str, Any]] = {}  # num_iterations > 1: the sampled batches being reused
+        self._batches: dict[tuple, dict[str, Any]] = {}  # this round's sampled batches (reused num_iterations steps)
+        self._step_tokens: float | None = None  # dapo: the optimizer step's completion tokens per micro-batch
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if self.settings.num_iterations == 1:
@@ -356,27 +367,48 @@ class GroupRLTrainer(Trainer):
         device = next(model.parameters()).device
         # under DDP ``model`` is the wrapper: its forward syncs gradients; sampling and the reference need the policy
         policy = distributed.unwrap(model)
-        # a batch is sampled at the first of its num_iterations steps and reused, with its logp_old, in the others
-        key = (self.state.global_step // s.num_iterations, tuple(inputs["problem_ids"]))
-        batch = self._batches.get(key)
-        fresh = batch is None
-        if fresh:
-            batch = self._sample(policy, inputs, device)
+        batch = self._batch(policy, inputs, device)
         logp = token_logprobs(model, batch["ids"], batch["attention"], batch["width"], s.sampling.temperature,
                               s.sampling.top_p)
-        if fresh:
-            # the samples came from these very parameters: see "Which importance ratio" in the module docstring
+        if "old_logp" not in batch:
+            # the batch's first step: the samples came from these very parameters (sampled in this optimizer step,
+            # before any update): see "Which importance ratio" in the module docstring
             batch["old_logp"] = logp.detach()
-            if s.num_iterations > 1:
-                self._batches = {k: v for k, v in self._batches.items() if k[0] == key[0]}  # older rounds are done
-                self._batches[key] = batch
         loss, stats = policy_loss(logp, batch["old_logp"], batch["advantages"], batch["mask"], s.clip,
-                                  batch["ref_logp"], s.kl, s.loss_type, s.sampling.max_new_tokens)
+                                  batch["ref_logp"], s.kl, s.loss_type, s.sampling.max_new_tokens, self._step_tokens)
 
         # 5. per-step statistics for the logs
         for k, v in {**batch["stats"], **stats}.items():
             self._stats[k].append(v)
         return (loss, None) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """The optimizer step's micro-batches; for dapo also sampled now, to count the step's completion tokens
+        over every micro-batch and process: DAPO's denominator (``policy_loss``'s ``tokens``)."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_tokens = None
+        if self.settings.loss_type == "dapo" and batch_samples:
+            policy = distributed.unwrap(self.model)
+            at = next(policy.parameters()).device
+            with self.compute_loss_context_manager():  # as compute_loss samples (its autocast): the same numerics
+                count = torch.tensor(sum(float(self._batch(policy, inputs, at)["mask"].sum())
+                                         for inputs in batch_samples), device=at)
+            if self.args.world_size > 1:
+                count = self.accelerator.gather(count.reshape(1)).sum()
+            # the Trainer divides each micro-batch's loss by their number and DDP averages the processes' gradients
+            self._step_tokens = max(float(count), 1.0) / (len(batch_samples) * self.args.world_size)
+        return batch_samples, num_items
+
+    def _batch(self, policy: Any, inputs: dict[str, Any], device: Any) -> dict[str, Any]:
+        """The sampled batch of ``inputs``' prompts: drawn at the first of its num_iterations steps (:meth:`_sample`)
+        and kept, with its logp_old, for the others."""
+        key = (self.state.global_step // self.settings.num_iterations, tuple(inputs["problem_ids"]))
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._sample(policy, inputs, device)
+            self._batches = {k: v for k, v in self._batches.items() if k[0] == key[0]}  # older rounds are done
+            self._batches[key] = batch
+        return batch
 
     def _sample(self, policy: Any, inputs: dict[str, Any], device: Any) -> dict[str, Any]:
         """Steps 1-4 of the module docstring for one batch of prompts: the sequences, their completion mask,
@@ -405,7 +437,7 @@ class GroupRLTrainer(Trainer):
         rewards = (prm_part + s.answer_weight * correct).view(len(prompts), s.group_size)
 
         # 3. group-relative advantages
-        advantages = group_advantages(rewards).flatten().to(device)
+        advantages = group_advantages(rewards, loss_type=s.loss_type).flatten().to(device)
 
         # 4. sequences = left-padded prompt + right-padded completion; log-probs of the completion tokens
         heads = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,

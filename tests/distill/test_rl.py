@@ -36,6 +36,15 @@ def test_group_advantages_by_hand():
     torch.testing.assert_close(adv[1], torch.zeros(4))  # a group that all agrees teaches nothing
 
 
+def test_dr_grpo_advantages_are_not_divided_by_the_group_std():
+    # Dr. GRPO (Liu et al. 2025, arXiv:2503.20783) drops the std normalisation (a question bias): A = r - mean_g r
+    rewards = torch.tensor([[1.0, 0.0, 0.5, 0.5], [2.0, 2.0, 2.0, 4.0]])
+    torch.testing.assert_close(group_advantages(rewards, loss_type="dr_grpo"),
+                               torch.tensor([[0.5, -0.5, 0.0, 0.0], [-0.5, -0.5, -0.5, 1.5]]))
+    for loss_type in ("grpo", "dapo"):  # these keep GRPO's scaled advantages
+        torch.testing.assert_close(group_advantages(rewards, loss_type=loss_type), group_advantages(rewards))
+
+
 def test_policy_loss_by_hand():
     # two completions: A = +1 (2 tokens, second padded away), A = -2 (2 tokens)
     logp = torch.tensor([[math.log(0.5), math.log(0.9)], [math.log(0.3), math.log(0.2)]])
@@ -332,3 +341,29 @@ def test_the_prm_scores_where_train_rl_prm_device_says(tmp_path, student_dir, pr
     record = read_record(train_rl(r, dataset=process_dir))
     assert asked == ["cpu", "cuda:1"]  # the policy's (the recipe's device), then the PRM's own
     assert record["ran_on"]["device"] == "cpu" and record["data"]["prm_ran_on"]["device"] == "cpu"
+
+
+def test_rl_dapo_averages_over_every_token_of_the_optimizer_step(tmp_path, student_dir, process_dir, prm_adapter,
+                                                                  monkeypatch):
+    # DAPO's token-level mean is over the whole batch of a step: with 2 micro-batches, each divides its token sum by
+    # the step's token count / 2 (the Trainer then halves each), not by its own count (a mean of two means)
+    import inspect
+
+    import pluribus.distill.rl as rl
+
+    calls: list[tuple[float, float | None]] = []
+    loss = rl.policy_loss
+
+    def recorded(*args, **kwargs):
+        bound = inspect.signature(loss).bind(*args, **kwargs).arguments
+        calls.append((float(bound["mask"].sum()), bound.get("tokens")))
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(rl, "policy_loss", recorded)
+    r = _rl_recipe(tmp_path, student_dir, prm_adapter, "dapo", loss_type="dapo", max_new_tokens=12)
+    r = r.model_copy(update={"train": r.train.model_copy(update={"grad_accum": 2, "max_steps": 2})})
+    train_rl(r, dataset=process_dir)
+    assert len(calls) == 4
+    for step in (calls[:2], calls[2:]):
+        total = sum(n for n, _ in step)
+        assert [t for _, t in step] == [pytest.approx(total / 2)] * 2
