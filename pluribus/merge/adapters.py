@@ -418,6 +418,13 @@ class AdapterPlan:
         self.method = get_method(spec.method)
         #: c_t of a linear method's ``sum_t c_t delta_t``, which the stacked factors carry
         self.coefs = linear_coefficients(self.method, self.params) if self.method.linear else []
+        normalize = self.method.normalize_default(spec.mergekit) if spec.normalize is None else spec.normalize
+        if self.method.of_weights and not normalize and abs(sum(self.params.weights) - 1) > 1e-6:
+            # sum_t w_t theta_t counts the base sum_t w_t times, which an adapter on one base cannot carry
+            raise PluribusError(
+                f"{spec.method} with normalize: false is the weighted sum of the models' weights, base included, and "
+                f"the weights sum to {sum(self.params.weights):g}, not 1: adapters on one base cannot be that; use "
+                "task_arithmetic for the weighted sum of the task vectors, normalize: true, or weights summing to 1")
         #: the output rank of a truncating merge given neither rank nor energy (the registry's default_rank)
         self.default_rank = (sum if self.method.default_rank == "sum" else max)(max(a.ranks) for a in adapters)
         #: the dtype an adapter output is stored in (out_dtype; float32 by default)

@@ -81,7 +81,9 @@ def resolve_merges(
             raise PluribusError("--name picks one merge of a recipe's merge section; give the recipe, or drop --name")
         merges = [("merge", spec_from_flags(**flags), out)]  # the flags carry the seed
     else:
-        ignored = sorted(k for k, v in flags.items() if v not in (None, False, []) and k not in ("seed", "check_base"))
+        # None and [] are flags not given (the CLI passes None for an unset switch); False and 0 are given values
+        ignored = sorted(k for k, v in flags.items()
+                         if v is not None and not (isinstance(v, (list, tuple)) and not v) and k not in ("seed", "check_base"))
         if ignored:
             flag = "--" + ignored[0].replace("_", "-")
             raise PluribusError(f"{flag} has no effect with a merge config file ('{config}'); set it in the config, "

@@ -176,8 +176,8 @@ def test_ties_global_trim_and_fold_into_a_model(hetero, tiny_base, tmp_path):
     assert torch.equal(folded["model.norm.weight"], base["model.norm.weight"])
 
 
-@pytest.mark.parametrize(("method", "normalize", "divisor"), [("task_arithmetic", True, 3.5), ("linear", False, 1.0),
-                                                              ("linear", None, 3.5), ("task_arithmetic", None, 1.0)])
+@pytest.mark.parametrize(("method", "normalize", "divisor"), [("task_arithmetic", True, 3.5), ("linear", None, 3.5),
+                                                              ("task_arithmetic", None, 1.0)])
 def test_normalize_has_its_effect_on_low_rank_methods(hetero, tmp_path, method, normalize, divisor):
     weights = [1.0, 0.5, 2.0]
     s = spec(method, hetero, weights, rank=14, **({} if normalize is None else {"normalize": normalize}))
@@ -185,6 +185,18 @@ def test_normalize_has_its_effect_on_low_rank_methods(hetero, tmp_path, method, 
     got, exact = merged_deltas(tmp_path / "out"), exact_sum(hetero, weights)
     for name, d in exact.items():
         torch.testing.assert_close(got[name], d / divisor, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_without_normalize_on_adapters_is_the_models_weighted_sum_or_refused(hetero, tmp_path):
+    # linear is sum_t w_t theta_t (a soup of the weights, base included, as over models): on adapters that is
+    # base + sum_t w_t delta_t only when the weights sum to 1; otherwise it was task_arithmetic under linear's name
+    weights = [0.25, 0.25, 0.5]
+    run_merge(spec("linear", hetero, weights, normalize=False), tmp_path / "one")
+    for name, d in exact_sum(hetero, weights).items():
+        torch.testing.assert_close(merged_deltas(tmp_path / "one")[name], d, rtol=1e-5, atol=1e-6)
+    with pytest.raises(PluribusError, match=r"linear with normalize: false .* weights sum to 3\.5.*task_arithmetic"):
+        run_merge(spec("linear", hetero, [1.0, 0.5, 2.0], normalize=False), tmp_path / "sum")
+    assert not (tmp_path / "sum").exists()
 
 
 @pytest.mark.parametrize("method", ["svd", "cat"])

@@ -136,6 +136,16 @@ def test_seed_flag_sets_the_dare_seed_of_flags_and_config_files(tmp_path):
     assert resolve_cli(tmp_path / "mk.yaml", tmp_path / "o", seed=5)[0].seed == 5
 
 
+@pytest.mark.parametrize("flag", [{"normalize": False}, {"normalize": True}, {"lambda": 0.0}, {"drop": 0.0}])
+def test_flags_beside_a_config_file_are_refused_even_false_or_zero(tmp_path, flag):
+    # --no-normalize, --lambda 0, --drop 0 beside a config file changed nothing, with exit 0
+    cfg = {"method": "dare_linear", "inputs": [{"path": "a"}, {"path": "b"}], "drop": 0.3}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    name = next(iter(flag))
+    with pytest.raises(PluribusError, match=f"--{name} has no effect with a merge config file"):
+        resolve_cli(tmp_path / "m.yaml", tmp_path / "o", **flag)
+
+
 def test_unreadable_merge_configs_and_recipes_without_merge_are_one_line(tmp_path):
     (tmp_path / "bad1.yaml").write_text("name: x\nteam:\n  rounds: [1\n")
     for load in (load_merge_config, lambda p: resolve_cli(p, tmp_path / "o")):
