@@ -16,7 +16,6 @@ from pluribus.distill.prm import (
     prepare_examples,
     score_steps,
     step_metrics,
-    step_texts,
     train_prm,
 )
 from pluribus.errors import PluribusError
@@ -53,12 +52,12 @@ def test_train_prm_records_heldout_step_metrics_and_reloads(tmp_path, student_di
     for key in ("eval_loss", "eval_step_accuracy", "eval_step_f1", "eval_step_auroc"):
         assert key in record["metrics"], key
     assert 0.0 <= record["metrics"]["eval_step_auroc"] <= 1.0
-    model, tok = load_prm(out)
+    prm = load_prm(out)
     items = [("What is (1 + 2) * 3?", ["1 + 2 = 3.", "3 * 3 = 9.", "The answer is 9."]), ("2+2?", ["4"])]
-    scores = score_steps(model, tok, items, batch_size=1)
+    scores = score_steps(prm, items, batch_size=1)
     assert [len(s) for s in scores] == [3, 1] and all(0.0 < x < 1.0 for s in scores for x in s)
     # batched (padded) scoring equals one-by-one scoring
-    batched = score_steps(model, tok, items, batch_size=2)
+    batched = score_steps(prm, items, batch_size=2)
     torch.testing.assert_close(torch.tensor(batched[0]), torch.tensor(scores[0]), rtol=1e-2, atol=1e-2)
 
 
@@ -96,7 +95,9 @@ def test_split_steps_and_mismatched_rows(student_dir, tmp_path):
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    assert step_texts("a = 1\n\n  b = 2 \n") == ["a = 1", "b = 2"]
+    from pluribus.data.builders.steps import StepFormat
+
+    assert StepFormat().split("a = 1\n\n  b = 2 \n") == ["a = 1", "b = 2"]
     bad = Dataset.from_list([{"prompt": "q", "completions": ["a", "b"], "labels": [True], "scores": [1.0, 0.0],
                               "problem_id": "p"}])
     with pytest.raises(PluribusError, match="2 steps, 1 labels"):
