@@ -382,7 +382,7 @@ def training_step_format(dataset: str | Path, rows: Any, recipe: Recipe) -> tupl
         differ = [k for k, v in ours.to_dict().items() if theirs[k] != v]
         if recipe.build is not None and differ:
             k = differ[0]
-            name = "the question prompt (build.prompt_template or team.prompts.question)" \
+            name = "question prompt (build.prompt_template, else team.prompts.question)" \
                 if k == "prompt_template" else f"build.{k}"
             raise PluribusError(f"dataset '{dataset}' was built with {k} {theirs[k]!r}, but the recipe's "
                                 f"{name} is {ours.to_dict()[k]!r}; rebuild it (`pluribus build RECIPE "
