@@ -158,7 +158,8 @@ def train_cmd(
     all_experts: Annotated[bool, typer.Option("--all", help="Train every expert of the recipe, in order.")] = False,
     objective: Annotated[str | None, typer.Option(
         "--objective", help="rsft | augmented | prm | rl (sets train.objective).")] = None,
-    dataset: Annotated[Path | None, typer.Option("--dataset", help="Dataset folder/file (default <run>/datasets/<kind>).")] = None,
+    dataset: Annotated[Path | None, typer.Option("--dataset", help="Dataset folder/file, or a Hub dataset id (default "
+                                               "<run>/datasets/<kind>).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Adapter folder (default <run>/adapters/<expert>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint of this expert.")] = False,
     resume_from: Annotated[Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.")] = None,

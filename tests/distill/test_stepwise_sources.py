@@ -74,6 +74,20 @@ def test_a_hub_dataset_id_loads_through_datasets_offline_from_its_cache(tmp_path
         load_rows("acme/nothing-here", "process")
 
 
+def test_a_prm_trains_from_a_hub_id_and_records_it(tmp_path, monkeypatch, student_dir) -> None:
+    from pluribus.distill.prm import train_prm
+    from tests.distill.conftest import read_record
+    from tests.distill.test_prm_format import prm_recipe
+
+    hub_cache(tmp_path, monkeypatch, "acme/stepwise-mini", ROWS * 4)
+    monkeypatch.chdir(tmp_path)
+    out = train_prm(prm_recipe(tmp_path, student_dir, max_steps=1), dataset="acme/stepwise-mini", out=tmp_path / "prm")
+    record = read_record(out)
+    assert record["dataset"]["path"] == "acme/stepwise-mini" and list(record["dataset"]["files"]) == [
+        "acme/stepwise-mini:stepwise-mini-train.arrow"]
+    assert record["step_format"]["prompt_template"] == "{question}" and record["data"]["step_format_from"] == "rows"
+
+
 def test_math_shepherd_text_reads_back_what_pluribus_writes(tmp_path) -> None:
     for row in ROWS:
         written = math_shepherd({**row, "problem_id": "p"})
