@@ -64,6 +64,7 @@ def test_build_step_separator_reaches_the_dataset_and_the_prm_input(tmp_path, st
         folder = build(cfg, [run], completer=Scripted(), progress=False)[0].path
         stats = json.loads((folder / "stats.json").read_text())
         assert stats["step_format"]["step_separator"] == sep and stats["step_format"]["step_rule"] == "lines"
+        assert f"followed by `{json.dumps(sep)}` (`build.step_separator`)" in (folder / "README.md").read_text()
         rows = load_rows(folder, "process")
         r = prm_recipe(tmp_path, student_dir, build={"kinds": ["process"], "step_separator": sep})
         fmt, source = training_step_format(folder, rows, r)
