@@ -54,8 +54,12 @@ def encode_steps(tokenizer: Any, prompt: str | list[dict[str, str]], steps: list
     head = tokenizer.apply_chat_template(_prompt_messages(prompt), tokenize=False, add_generation_prompt=True)
     ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     positions = []
-    for step in steps:
-        ids = ids + tokenizer(step.strip() + separator, add_special_tokens=False)["input_ids"]
+    for i, step in enumerate(steps):
+        piece = tokenizer(step.strip() + separator, add_special_tokens=False)["input_ids"]
+        if not piece:  # its score would be read on the token before: another step's
+            raise PluribusError(f"step {i} ({step!r}) with the separator {separator!r} is empty: no token to read its "
+                                "score at; drop empty steps or set a non-empty build.step_separator")
+        ids = ids + piece
         positions.append(len(ids) - 1)
     return ids, positions
 

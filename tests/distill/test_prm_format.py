@@ -161,3 +161,11 @@ def test_score_cli_splits_by_the_prms_step_rule(tmp_path, student_dir) -> None:
     result = CliRunner().invoke(app, ["score", str(out), "--question", "2+2?", "--solution", "4"])
     assert isinstance(result.exception, PluribusError) and "no step under the PRM's step rule 'regex'" in str(
         result.exception)  # main() prints it as one line, exit 2
+
+
+def test_a_step_without_a_token_is_refused(student_dir) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    with pytest.raises(PluribusError, match=r"step 1 \(' '\) with the separator '' is empty"):
+        encode_steps(tok, "q", ["a", " "], "")
