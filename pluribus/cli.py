@@ -197,7 +197,8 @@ def train_cmd(
     all_experts: Annotated[bool, typer.Option("--all", help="Train every expert of the recipe, in order.")] = False,
     objective: Annotated[str | None, typer.Option(
         "--objective", help="rsft | augmented | prm | rl (sets train.objective).")] = None,
-    dataset: Annotated[Path | None, typer.Option("--dataset", help="Dataset folder/file (default <run>/datasets/<kind>).")] = None,
+    dataset: Annotated[Path | None, typer.Option("--dataset", help="Dataset folder/file, or a Hub dataset id (default "
+                                               "<run>/datasets/<kind>).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Adapter folder (default <run>/adapters/<expert>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint of this expert.")] = False,
     resume_from: Annotated[Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.")] = None,
@@ -250,13 +251,16 @@ def _self_data_current(recipe: Any, name: str | None) -> None:
 @app.command("score")
 def score_cmd(
     adapter: Annotated[Path, typer.Argument(help="PRM adapter folder (from a prm expert: `pluribus train --objective prm`).")],
-    question: Annotated[str, typer.Option("--question", help="The problem statement (the prompt).")],
-    solution: Annotated[str, typer.Option("--solution", help="Solution text, one step per line; @FILE or - (stdin).")],
+    question: Annotated[str, typer.Option("--question", help="The problem statement (filled into the prompt the PRM "
+                                          "was trained with).")],
+    solution: Annotated[str, typer.Option("--solution", help="Solution text, split into steps by the PRM's step rule "
+                                          "(one step a line by default); @FILE or - (stdin).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
 ) -> None:
-    """Score each step of SOLUTION with a process reward model (probability that the step is correct)."""
+    """Score each step of SOLUTION with a process reward model (probability that the step is correct), on the
+    input it was trained on: its prompt template, step rule and separator (from its training record)."""
     import json
 
     from rich.table import Table
@@ -266,13 +270,18 @@ def score_cmd(
 
     text = (sys.stdin.read() if solution == "-" else read_text_file(solution[1:], "solution file")
             if solution.startswith("@") else solution)
-    from pluribus.distill.prm import load_prm, score_steps, step_texts  # heavy: after the cheap checks
+    if not text.strip():
+        raise PluribusError("--solution is empty: there is no step to score")
+    from pluribus.distill.prm import load_prm, score_solutions  # heavy: after the cheap checks
 
-    steps = step_texts(text)
-    if not steps:
-        raise PluribusError("--solution has no steps (non-empty lines) to score")
     _threads(threads)
-    scores = score_steps(*load_prm(adapter, device=device), [(question, steps)])[0]
+    prm = load_prm(adapter, device=device)
+    steps = prm.step_format.split(text)  # what score_solutions scores, for the table
+    if not steps:
+        raise PluribusError(f"--solution has no step under the PRM's step rule '{prm.step_format.step_rule}' "
+                            f"(regex {prm.step_format.step_regex!r})" if prm.step_format.step_regex else
+                            f"--solution has no step under the PRM's step rule '{prm.step_format.step_rule}'")
+    scores = score_solutions(prm, [question], [text])[0]
     if as_json:
         print(json.dumps([{"step": s, "score": round(v, 6)} for s, v in zip(steps, scores, strict=True)]))
         return

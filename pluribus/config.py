@@ -382,7 +382,9 @@ class BuildConfig(Section):
         None, description="process: the model that rolls out (default: the team's first agent, temperature 0.7)."
     )
     rollout_batch_size: int = Field(64, ge=1, description="process: rollouts per generation call.")
-    step_separator: str = Field("\n", description="process: separator after each step when tokenized (card).")
+    step_separator: str = Field(
+        "\n", description="process: the text after each step in a PRM's input (recorded in the dataset's stats.json "
+        "as step_format; the PRM trains on it and every scorer of that PRM uses it).")
     shepherd_tag: str = Field("ки", description="process: Math-Shepherd step tag in the exported text format.")
 
     @model_validator(mode="before")
@@ -460,7 +462,8 @@ class RLSettings(Section):
         "(> 0; default 1.0), top_p, max_new_tokens. Its draws follow the training seed (the recipe's seed).")
     prm: str | None = Field(None, description="The PRM: an earlier expert's name or an adapter folder (default: "
                             "the recipe's prm expert).")
-    aggregate: Literal["min", "mean", "last"] = Field("min", description="How step scores become one reward.")
+    aggregate: Literal["min", "mean", "product", "last"] = Field(
+        "min", description="How step scores become one reward.")
     answer_weight: float = Field(1.0, ge=0.0, description="Reward weight of the verified final answer.")
     num_iterations: int = Field(
         1, ge=1, description="Optimizer steps per sampled batch (GRPO's num_iterations): the first step's policy "

@@ -202,6 +202,46 @@ def model_index(title: str, results: dict[str, Any], measured: dict[str, list[st
     return [{"name": title, "results": rows}] if rows else []
 
 
+def is_prm(record: dict[str, Any] | None) -> bool:
+    """Whether a training record is a process reward model's (a token classifier, scored per step)."""
+    return bool(record) and record.get("objective") == "prm"
+
+
+def prm_section(record: dict[str, Any]) -> list[str]:
+    """A PRM card's "Scoring steps": the input it learned, how to score with it, its held-out quality."""
+    fmt = record.get("step_format") or {}
+    rule = fmt.get("step_rule", "lines") + (f" (regex `{fmt['step_regex']}`)" if fmt.get("step_regex") else "")
+    lines = ["", "## Scoring steps", "",
+             "A process reward model: a LoRA adapter with a one-logit token-classification head. A step's score "
+             "(the probability that it is correct) is `sigmoid` of the head's logit at the step's last token, on "
+             f"this input: the chat-templated user turn `{json.dumps(fmt.get('prompt_template', '{question}'))}` "
+             f"(the question in place of `{{question}}`), then each step (split by the rule {rule}) followed by "
+             f"`{json.dumps(fmt.get('step_separator', chr(10)))}`. pluribus builds exactly that input from its "
+             "training record:", "",
+             "```python", "from pluribus.distill.prm import load_prm, score_solutions", "",
+             "prm = load_prm(\"<this folder>\")  # base + adapter + score head, and the step format it learned",
+             "scores = score_solutions(prm, [\"What is 2 + 3 * 4?\"], [\"3 * 4 = 12\\n2 + 12 = 14\"])[0]  # one per step",
+             "```", "",
+             "or `pluribus score <this folder> --question \"...\" --solution @solution.txt`; as a reward for TRL's "
+             "`GRPOTrainer`: `reward_funcs=[pluribus.distill.reward.PRMReward(\"<this folder>\", aggregate=\"min\")]`."]
+    m = record.get("prm_metrics")
+    if not m:
+        return lines + ["", "Its quality was not measured (no held-out rows: `train.eval_fraction` was 0)."]
+
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return lines + ["", f"Held out: {m['n_rows']} rows, {m['n_steps']} steps (hard labels).", "",
+                    "| metric | value |", "|---|---|",
+                    f"| step AUROC | {f(m.get('auroc'))} |",
+                    f"| step F1 (a step is predicted correct when its score > {m['threshold']:g}) | {f(m.get('f1'))} |",
+                    f"| first-error accuracy (the first step scored <= {m['threshold']:g} is the first wrong one, or "
+                    f"none on an all-correct row) | {f(m.get('first_error_accuracy'))} |",
+                    f"| ... on the {m.get('n_erroneous_rows', '?')} rows with a wrong step | "
+                    f"{f(m.get('first_error_accuracy_erroneous'))} |",
+                    f"| ... on the all-correct rows | {f(m.get('first_error_accuracy_correct'))} |"]
+
+
 def model_card(
     *,
     kind: str,
@@ -221,7 +261,8 @@ def model_card(
     model-index; every other system is a comparison, in the card's text.
     """
     meta: dict[str, Any] = {"library_name": "peft" if kind == "adapter" else "transformers",
-                            "pipeline_tag": "text-generation", "tags": ["pluribus"]}
+                            "pipeline_tag": "token-classification" if is_prm(training_record) else "text-generation",
+                            "tags": ["pluribus", *(["prm", "process-reward-model"] if is_prm(training_record) else [])]}
     meta.update(base_metadata(base_model))
     if merge is not None:
         meta["tags"] += ["merge", str(merge.get("method", "?"))]
@@ -245,6 +286,8 @@ def model_card(
         inputs = [public_model_name(i.get("path") or i.get("adapter")) for i in merge.get("inputs") or []
                   if isinstance(i, dict)]
         lines += ["", f"Merged with `{merge.get('method', '?')}` from: " + ", ".join(f"`{i}`" for i in inputs if i)]
+    if training_record and is_prm(training_record):
+        lines += prm_section(training_record)
     if training_record:
         lines += _record_block(training_record)
     if eval_results:
@@ -280,11 +323,12 @@ EXPORT_NOTE = ("This is a local working folder: its `adapter_config.json` / `mer
 
 
 def local_card(kind: str, base: str | None, title: str, relation: str, tags: list[str] | None = None,
-               body: list[str] | None = None, folder: str = "<this folder>") -> str:
+               body: list[str] | None = None, folder: str = "<this folder>",
+               pipeline_tag: str = "text-generation") -> str:
     """The README of a folder pluribus writes for local use (a trained adapter, a merge): Hub-valid metadata
     (``base_model`` a Hub id, never a local path) and the note that ``pluribus export`` is the way to publish."""
     meta: dict[str, Any] = {"library_name": "peft" if kind == "adapter" else "transformers",
-                            "pipeline_tag": "text-generation", "tags": ["pluribus", *(tags or [])]}
+                            "pipeline_tag": pipeline_tag, "tags": ["pluribus", *(tags or [])]}
     meta.update(base_metadata(base))
     hub_base = _hub_name(base)
     if hub_base:

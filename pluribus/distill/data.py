@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+from pluribus.data.builders.process import SHEPHERD_TAG
 from pluribus.errors import PluribusError
 
 # The fields a row of each dataset kind must have: TRL's own formats (conversational ``messages``, stepwise
@@ -17,6 +19,7 @@ DATASET_COLUMNS = {
     "augmented": ("messages",),
     "process": ("prompt", "completions", "labels"),
 }
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 
@@ -84,14 +87,13 @@ def _find_corrupt(files: list[Path]) -> PluribusError | None:
     return None
 
 
-def load_rows(path: str | Path, kind: str) -> Any:
-    """Load a dataset of ``kind`` (rsft | augmented | process) as a ``datasets.Dataset`` and check its fields.
+def is_hub_id(ref: str | Path) -> bool:
+    """Whether ``ref`` names a Hub dataset (``owner/name``) rather than a path here: it does not exist locally and
+    has the shape of a repo id."""
+    return not Path(ref).exists() and bool(_HUB_ID.fullmatch(str(ref)))
 
-    TRL's formats are read as they are: a conversational ``messages`` dataset, a prompt-completion one (made
-    into ``messages``), a stepwise-supervision one (``prompt``, ``completions``, ``labels``). What pluribus's
-    builders add is filled in where absent: ``problem_id`` from a hash of the question, ``scores`` from the labels.
-    Raises PluribusError when the dataset is missing, empty, or lacks a required field.
-    """
+
+def _load_local(path: str | Path) -> Any:
     from datasets import load_dataset
 
     files = dataset_files(path)
@@ -101,30 +103,94 @@ def load_rows(path: str | Path, kind: str) -> Any:
     if _count_rows(files) == 0:
         raise PluribusError(f"dataset '{path}' is empty; the builder kept no rows (check its filters)")
     try:
-        ds = load_dataset(fmt, data_files=[str(f) for f in files], split="train")
+        return load_dataset(fmt, data_files=[str(f) for f in files], split="train")
     except Exception as e:  # datasets wraps a parse failure in its own error types; name the bad file instead
         bad = _find_corrupt(files)
         if bad is not None:
             raise bad from None
         raise PluribusError(f"dataset '{path}' cannot be loaded ({type(e).__name__}: {e}); its files may "
                             "disagree on columns or types, rebuild it with `pluribus build --overwrite`") from None
+
+
+def _load_hub(repo_id: str) -> Any:
+    """The ``train`` split of a Hub dataset through ``datasets.load_dataset`` (its cache when offline)."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(repo_id, split="train")
+    except Exception as e:  # offline and not cached, no such repo, no train split: one line that says which
+        raise PluribusError(f"dataset '{repo_id}' is not a file or folder here, and loading it as a Hub dataset "
+                            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass an "
+                            "existing path, or a Hub id that is reachable or in the datasets cache") from None
+
+
+def load_rows(path: str | Path, kind: str, *, shepherd_tag: str = SHEPHERD_TAG) -> Any:
+    """Load a dataset of ``kind`` (rsft | augmented | process) as a ``datasets.Dataset`` and check its fields.
+
+    ``path`` is a local folder or file (parquet or jsonl), or a Hub dataset id (``owner/name``, its ``train``
+    split, through ``datasets.load_dataset``). TRL's formats are read as they are: a conversational ``messages``
+    dataset, a prompt-completion one (made into ``messages``), a stepwise-supervision one (``prompt``,
+    ``completions``, ``labels``); for ``process``, Math-Shepherd's text format too (``input`` with
+    ``shepherd_tag`` after each step, ``label`` with ``+`` / ``-`` there; ``read_math_shepherd``). What
+    pluribus's builders add is filled in where absent: ``problem_id`` from a hash of the question, ``scores``
+    from the labels. Raises PluribusError when the dataset is missing, empty, lacks a required field, or (process)
+    has a row whose labels do not match its steps.
+    """
+    ds = _load_hub(str(path)) if is_hub_id(path) else _load_local(path)
     if len(ds) == 0:
         raise PluribusError(f"dataset '{path}' is empty; the builder kept no rows (check its filters)")
     if kind != "process" and "messages" not in ds.column_names and {"prompt", "completion"} <= set(ds.column_names):
         chats = [_prompt_completion_as_messages(r) for r in ds]  # no ds.map: its progress bar ignores --no-progress
         ds = ds.add_column("messages", chats).remove_columns(["prompt", "completion"])
+    if kind == "process" and "prompt" not in ds.column_names and {"input", "label"} <= set(ds.column_names):
+        ds = _from_math_shepherd(ds, path, shepherd_tag)
     missing = [f for f in DATASET_COLUMNS[kind] if f not in ds.column_names]
     if missing:
         raise PluribusError(
             f"dataset '{path}' is not a '{kind}' dataset: missing field(s) {missing}; "
             f"it has {ds.column_names}, a '{kind}' row needs {list(DATASET_COLUMNS[kind])}"
-            + (" (or TRL's prompt + completion)" if kind != "process" else "")
+            + (" (or TRL's prompt + completion)" if kind != "process" else " (or Math-Shepherd's input + label)")
         )
+    if kind == "process":
+        for i, row in enumerate(ds):
+            check_process_row(row, f"dataset '{path}' row {i}")
     if "problem_id" not in ds.column_names:
         ds = ds.add_column("problem_id", [_question_id(r, kind) for r in ds])
     if kind == "process" and "scores" not in ds.column_names:  # hard labels only: the soft target is the label
         ds = ds.add_column("scores", [[float(x) for x in r["labels"]] for r in ds])
     return ds
+
+
+def check_process_row(row: dict[str, Any], where: str) -> None:
+    """A stepwise row: a prompt, at least one step (text), one true/false label per step (and one score, if any)."""
+    steps, labels, scores = row.get("completions"), row.get("labels"), row.get("scores")
+    prompt = row.get("prompt")
+    if not (isinstance(prompt, str) or isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt)):
+        raise PluribusError(f"{where}: prompt is a {type(prompt).__name__}, not text or a list of chat messages")
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+        raise PluribusError(f"{where}: completions must be a non-empty list of step texts, got {steps!r:.80}")
+    if not isinstance(labels, list) or len(labels) != len(steps):
+        n = len(labels) if isinstance(labels, list) else type(labels).__name__
+        raise PluribusError(f"{where}: {len(steps)} steps but {n} labels; each step needs one label (true/false)")
+    bad = next((k for k, v in enumerate(labels) if not isinstance(v, bool)), None)
+    if bad is not None:
+        raise PluribusError(f"{where}: label {bad} is {labels[bad]!r}, not true/false; stepwise labels are booleans")
+    if scores is not None and (not isinstance(scores, list) or len(scores) != len(steps)
+                               or not all(isinstance(x, int | float) and 0.0 <= x <= 1.0 for x in scores)):
+        raise PluribusError(f"{where}: scores must be one number in [0, 1] per step ({len(steps)}), got {scores!r:.80}")
+
+
+def _from_math_shepherd(ds: Any, path: str | Path, tag: str) -> Any:
+    """Math-Shepherd rows (``input``, ``label``) as stepwise ones; their other columns are kept."""
+    from datasets import Dataset
+
+    from pluribus.data.builders.process import read_math_shepherd
+
+    rows = []
+    for i, row in enumerate(ds):
+        stepwise = read_math_shepherd(row, tag, where=f"dataset '{path}' row {i}")
+        rows.append({**{k: v for k, v in row.items() if k not in ("input", "label")}, **stepwise})
+    return Dataset.from_list(rows)
 
 
 def _prompt_completion_as_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -150,8 +216,12 @@ def _question_id(row: dict[str, Any], kind: str) -> str:
 
 
 def fingerprint(path: str | Path) -> dict[str, Any]:
-    """sha256 of each file of a dataset, so a training record names exactly the data it saw."""
+    """sha256 of each file of a dataset, so a training record names exactly the data it saw (a Hub dataset's:
+    the files of its local cache, keyed by the Hub id)."""
     out = {}
+    if is_hub_id(path):
+        files = [Path(f["filename"]) for f in _load_hub(str(path)).cache_files]
+        return {f"{path}:{f.name}": hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
     for f in dataset_files(path):
         h = hashlib.sha256()
         with open(f, "rb") as fh:

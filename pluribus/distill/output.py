@@ -123,7 +123,7 @@ def save_output(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], o
     In several processes rank 0 writes and every rank returns once the folder is in place.
     """
     from pluribus.distill import distributed
-    from pluribus.hub import local_card
+    from pluribus.hub import is_prm, local_card, prm_section
     from pluribus.io import atomic_dir
 
     if not distributed.is_main():  # several processes: rank 0 writes, the others wait until the folder is whole
@@ -135,8 +135,11 @@ def save_output(model: Any, tokenizer: Any, out: Path, record: dict[str, Any], o
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str))
         # PEFT's own card names the base by its local path (invalid on the Hub): ours by Hub id, and says how to publish
         base = record.get("base_model_path") or record.get("base_model")
+        prm = is_prm(record)  # a token classifier: its card says so, and how to score with it
         (tmp / "README.md").write_text(local_card("adapter", base, f"pluribus {record.get('expert', 'adapter')} adapter",
-                                                  "adapter", tags=[str(record.get("objective", ""))], folder=out.name))
+                                                  "adapter", tags=[str(record.get("objective", ""))], folder=out.name,
+                                                  body=prm_section(record) if prm else None,
+                                                  pipeline_tag="token-classification" if prm else "text-generation"))
     distributed.barrier()
     return out
 

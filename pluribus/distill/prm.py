@@ -1,16 +1,25 @@
 """Process reward model: LoRA + a one-logit token-classification head read at the last token of each step.
 
 A row ``{prompt, completions: [step, ...], labels: [bool, ...], scores: [float, ...]}`` is rendered as the chat
-prompt followed by the steps, one per line; the head's logit at each step's last token (its newline) is trained
-with binary cross-entropy against the step's label (``train.prm.labels``: hard = the bool, soft = the
-Monte-Carlo score in [0, 1]); every other position is ignored. ``sigmoid(logit)`` is the step's score.
+prompt followed by the steps, each followed by the step separator; the head's logit at each step's last token
+(the separator's last) is trained with binary cross-entropy against the step's label (``train.prm.labels``: hard =
+the bool, soft = the Monte-Carlo score in [0, 1]); every other position is ignored. ``sigmoid(logit)`` is the
+step's score.
 
-``score_steps`` scores the steps of solutions with a trained PRM (used by ``pluribus score``, the RL stage and
-eval); ``evaluate_prm`` gives held-out step accuracy, F1 and AUROC against the hard labels.
+What the PRM learned to read is one record, ``StepFormat`` (prompt template, step rule, separator): it comes with
+the process dataset (``stats.json``), goes into the PRM's ``training_record.json`` as ``step_format``, and
+``load_prm`` gives it back. ``score_solutions`` is the one way to score a solution with a trained PRM (``pluribus
+score``, RL's reward, TRL's reward, eval): it builds exactly training's input. ``prm_metrics`` gives held-out
+step AUROC, F1 and first-error accuracy (``prm_metrics`` in the record).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +28,8 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from pluribus import device as devices
-from pluribus.config import Recipe, TrainConfig
+from pluribus.config import BuildConfig, Recipe, TrainConfig
+from pluribus.data.builders.steps import StepFormat
 from pluribus.distill import distributed, output
 from pluribus.distill.data import load_rows, split_eval
 from pluribus.distill.loop import callbacks, quiet_printer, train_and_report, training_arguments
@@ -27,35 +37,38 @@ from pluribus.distill.student import attach_lora, load_student, patch_kernels, s
 from pluribus.errors import PluribusError
 
 IGNORE = -100.0
-
-
-def step_texts(solution: str, rule: str = "lines", pattern: str | None = None) -> list[str]:
-    """The steps of a free-text solution, split as the process builder splits them (``build.step_rule``)."""
-    from pluribus.data.builders.steps import split_steps
-
-    return [step.text for step in split_steps(solution, rule, pattern)]
+logger = logging.getLogger("pluribus.distill")
+AGGREGATES = ("min", "mean", "product", "last")
 
 
 def _prompt_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def encode_steps(tokenizer: Any, prompt: str | list[dict[str, str]], steps: list[str]) -> tuple[list[int], list[int]]:
-    """(input_ids, positions): the templated prompt, then each step + newline; positions = each step's last token.
+def encode_steps(tokenizer: Any, prompt: str | list[dict[str, str]], steps: list[str],
+                 separator: str = "\n") -> tuple[list[int], list[int]]:
+    """(input_ids, positions): the templated prompt, then each trimmed step + ``separator``; positions = each
+    step's last token (the separator's last).
 
     Steps are tokenized one by one so every step ends on its own token, whatever the tokenizer merges.
     """
     head = tokenizer.apply_chat_template(_prompt_messages(prompt), tokenize=False, add_generation_prompt=True)
     ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     positions = []
-    for step in steps:
-        ids = ids + tokenizer(step.strip() + "\n", add_special_tokens=False)["input_ids"]
+    for i, step in enumerate(steps):
+        piece = tokenizer(step.strip() + separator, add_special_tokens=False)["input_ids"]
+        if not piece:  # its score would be read on the token before: another step's
+            raise PluribusError(f"step {i} ({step!r}) with the separator {separator!r} is empty: no token to read its "
+                                "score at; drop empty steps or set a non-empty build.step_separator")
+        ids = ids + piece
         positions.append(len(ids) - 1)
     return ids, positions
 
 
-def prepare_examples(ds: Any, tokenizer: Any, cfg: TrainConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Tokenize process rows into ``{input_ids, labels}`` (float targets at step ends, IGNORE elsewhere)."""
+def prepare_examples(ds: Any, tokenizer: Any, cfg: TrainConfig,
+                     separator: str = "\n") -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Tokenize process rows into ``{input_ids, labels}`` (float targets at step ends, IGNORE elsewhere); each step
+    is followed by ``separator`` (the step format's)."""
     examples, counts = [], {"rows": len(ds), "kept": 0, "too_long": 0, "dropped": 0, "truncated": 0, "steps": 0}
     for i, row in enumerate(ds):
         steps, hard, soft = row["completions"], row["labels"], row["scores"]
@@ -65,7 +78,7 @@ def prepare_examples(ds: Any, tokenizer: Any, cfg: TrainConfig) -> tuple[list[di
                 f"{len(soft)} scores; each step needs one label and one score"
             )
         targets = [float(x) for x in (soft if cfg.prm.labels == "soft" else hard)]
-        ids, positions = encode_steps(tokenizer, row["prompt"], steps)
+        ids, positions = encode_steps(tokenizer, row["prompt"], steps, separator)
         if len(ids) > cfg.max_length:
             counts["too_long"] += 1
             keep = [k for k, p in enumerate(positions) if p < cfg.max_length]
@@ -129,17 +142,30 @@ class PRMTrainer(Trainer):
 # ------------------------------------------------------------------------------------------- scoring
 
 
+@dataclass
+class PRM:
+    """A trained process reward model, loaded: the token classifier, its tokenizer, and the input format it
+    learned (``step_format``, from its training record)."""
+
+    model: Any
+    tokenizer: Any
+    step_format: StepFormat
+
+
 @torch.no_grad()
-def score_steps(
-    model: Any, tokenizer: Any, items: list[tuple[str | list[dict[str, str]], list[str]]], batch_size: int = 8,
-) -> list[list[float]]:
-    """For each ``(prompt, steps)``, the PRM's score ``sigmoid(logit)`` at each step's last token."""
+def score_steps(prm: PRM, items: Sequence[tuple[str | list[dict[str, str]], Sequence[str]]],
+                batch_size: int = 8) -> list[list[float]]:
+    """For each ``(prompt, steps)`` in training's form (a process row's ``prompt`` and ``completions``), the PRM's
+    score ``sigmoid(logit)`` at each step's last token; an item without steps gets ``[]``."""
+    model, tokenizer, sep = prm.model, prm.tokenizer, prm.step_format.step_separator
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out: list[list[float]] = []
-    for start in range(0, len(items), batch_size):
-        chunk = [encode_steps(tokenizer, p, s) for p, s in items[start : start + batch_size]]
+    out: list[list[float]] = [[] for _ in items]
+    todo = [i for i, (_, steps) in enumerate(items) if steps]
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start : start + batch_size]
+        chunk = [encode_steps(tokenizer, items[i][0], list(items[i][1]), sep) for i in rows]
         width = max(len(ids) for ids, _ in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -148,13 +174,78 @@ def score_steps(
             mask[r, : len(row)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.squeeze(-1).float()
         probs = torch.sigmoid(logits).cpu()
-        out.extend([probs[r, pos].tolist() for r, (_, pos) in enumerate(chunk)])
+        for r, (i, (_, pos)) in enumerate(zip(rows, chunk, strict=True)):
+            out[i] = probs[r, pos].tolist()
     model.train(was_training)
     return out
 
 
-def load_prm(adapter: str | Path, *, trust_remote_code: bool = False, device: Any = None) -> tuple[Any, Any]:
-    """Load a trained PRM (base from the adapter's config + the LoRA and score head) for ``score_steps``, on
+def score_solutions(prm: PRM, questions: Sequence[str | list[dict[str, str]]], solutions: Sequence[str], *,
+                    rendered: bool = False, batch_size: int = 8) -> list[list[float]]:
+    """The PRM's score of each step of each solution, on exactly the input it was trained on.
+
+    ``solutions[i]`` is split into steps by the PRM's step rule (``prm.step_format.split``); ``questions[i]`` is
+    filled into its prompt template, unless ``rendered`` (it already is the prompt training saw: a process row's
+    ``prompt``, RL's prompt, a TRL prompt) or it is a list of chat messages (used as they are). Each step is
+    followed by the PRM's separator. Returns one list of scores in (0, 1) per solution (``[]`` when the step rule
+    finds no step). Used by ``pluribus score``, RL's reward and ``pluribus.distill.reward.PRMReward``.
+    """
+    if len(questions) != len(solutions):
+        raise ValueError(f"{len(questions)} questions for {len(solutions)} solutions; give one question per solution")
+    fmt = prm.step_format
+    items = [(q if rendered or not isinstance(q, str) else fmt.prompt(q), fmt.split(sol))
+             for q, sol in zip(questions, solutions, strict=True)]
+    return score_steps(prm, items, batch_size)
+
+
+def aggregate_steps(scores: Sequence[float], how: str) -> float:
+    """One number from a solution's step scores: min, mean, product or last (0.0 for a solution without steps)."""
+    if not scores:
+        return 0.0
+    if how == "min":
+        return min(scores)
+    if how == "mean":
+        return sum(scores) / len(scores)
+    if how == "product":
+        return float(torch.tensor(scores, dtype=torch.float64).prod())
+    if how == "last":
+        return scores[-1]
+    raise PluribusError(f"unknown step aggregation '{how}'; use {', '.join(AGGREGATES)}")
+
+
+def recorded_step_format(adapter: str | Path) -> StepFormat:
+    """The step format a PRM adapter was trained with, from its ``training_record.json``.
+
+    A record from before pluribus recorded it gives its recipe's build settings and question prompt, and the
+    newline separator that training always used then (said in a warning); no record at all, the default format.
+    """
+    from pluribus.distill.output import RECORD_NAME
+    from pluribus.io import read_text_file
+
+    path = Path(adapter) / RECORD_NAME
+    if not path.is_file():
+        logger.warning("PRM '%s' has no %s: scoring with the default step format (the question as the prompt, one "
+                       "step a line, a newline after each)", adapter, RECORD_NAME)
+        return StepFormat()
+    try:
+        record = json.loads(read_text_file(path, "training record"))
+    except ValueError as e:
+        raise PluribusError(f"training record '{path}' is not valid JSON ({e}); retrain the PRM") from None
+    if isinstance(record, dict) and isinstance(record.get("step_format"), dict):
+        return StepFormat.from_dict(record["step_format"], f"training record '{path}'")
+    from pluribus.data.prompts import resolve_prompts
+
+    recipe = (record.get("recipe") or {}) if isinstance(record, dict) else {}
+    build, team = recipe.get("build") or {}, recipe.get("team") or {}
+    fmt = StepFormat(build.get("prompt_template") or resolve_prompts(team.get("prompts") or {})["question"],
+                     build.get("step_rule", "lines"), build.get("step_regex"), "\n")
+    logger.warning("PRM '%s' was trained before its record held its step format; scoring with its recipe's: %s",
+                   adapter, fmt.to_dict())
+    return fmt
+
+
+def load_prm(adapter: str | Path, *, trust_remote_code: bool = False, device: Any = None) -> PRM:
+    """Load a trained PRM (base from the adapter's config + the LoRA and score head) and its step format, on
     ``device`` (a setting or a torch.device, through ``pluribus.device``; None: auto), in bf16 where it computes it."""
     from peft import PeftModel
 
@@ -168,6 +259,7 @@ def load_prm(adapter: str | Path, *, trust_remote_code: bool = False, device: An
         raise PluribusError(f"adapter '{adapter}' is a {kind}, not a PRM (task type TOKEN_CLS, with a score head), "
                             "so it was not made by `pluribus train RECIPE --objective prm`; pass a PRM adapter, or "
                             "train one that way")
+    fmt = recorded_step_format(adapter)
     base = cfg.get("base_model_name_or_path") or ""
     base_folder = resolve_model(base)
     has_tokenizer = (Path(adapter) / "tokenizer_config.json").is_file()
@@ -182,7 +274,10 @@ def load_prm(adapter: str | Path, *, trust_remote_code: bool = False, device: An
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     model = devices.place(model, target)  # after the adapter: its LoRA and score head go where the base goes
     model.eval()
-    return model, tokenizer
+    return PRM(model, tokenizer, fmt)
+
+
+# ------------------------------------------------------------------------------------------- metrics
 
 
 def auroc(scores: list[float], labels: list[bool]) -> float | None:
@@ -206,16 +301,103 @@ def step_metrics(scores: list[float], labels: list[bool], threshold: float = 0.5
     return {"step_accuracy": acc, "step_f1": f1, "step_auroc": auroc(scores, labels), "steps": len(labels)}
 
 
-def evaluate_prm(model: Any, tokenizer: Any, rows: Any, threshold: float = 0.5) -> dict[str, float | None]:
-    """Held-out step metrics of a PRM on process rows (hard labels)."""
-    items = [(r["prompt"], list(r["completions"])) for r in rows]
-    scores = score_steps(model, tokenizer, items)
-    flat_scores = [s for row in scores for s in row]
-    flat_labels = [bool(y) for r in rows for y in r["labels"]]
-    return step_metrics(flat_scores, flat_labels, threshold)
+def first_error(labels: Sequence[bool]) -> int | None:
+    """The index of the first wrong step, None when every step is right."""
+    return next((i for i, ok in enumerate(labels) if not ok), None)
+
+
+def predicted_first_error(scores: Sequence[float], threshold: float) -> int | None:
+    """ProcessBench's reading of a PRM: the first step scored at or below ``threshold``, None when none is."""
+    return next((i for i, s in enumerate(scores) if s <= threshold), None)
+
+
+def prm_metrics(scores: Sequence[Sequence[float]], labels: Sequence[Sequence[bool]],
+                threshold: float = 0.5) -> dict[str, Any]:
+    """How good a PRM is on labelled rows (hard labels), the ``prm_metrics`` of its training record.
+
+    - ``auroc``: over all steps, P(a right step scores above a wrong one), ties half (None without both kinds);
+    - ``f1`` and ``step_accuracy``: a step is predicted right when its score > ``threshold``; F1 of the right steps;
+    - ``first_error_accuracy``: the share of rows where ``predicted_first_error`` (the first step scored
+      <= threshold, or none) equals ``first_error`` (the first step labelled wrong, or none): on a row with a wrong
+      step it must name exactly that step, on an all-correct row it must score every step above the threshold.
+      ``first_error_accuracy_erroneous`` / ``_correct`` are the two kinds of rows apart, and ``processbench_f1``
+      their harmonic mean (ProcessBench's score); None where a kind has no row.
+    """
+    flat_s = [float(x) for row in scores for x in row]
+    flat_y = [bool(y) for row in labels for y in row]
+    steps = step_metrics(flat_s, flat_y, threshold)
+    hits = [(first_error(y) is not None, predicted_first_error(s, threshold) == first_error(y))
+            for s, y in zip(scores, labels, strict=True)]
+
+    def share(kind: bool | None) -> float | None:
+        chosen = [hit for erroneous, hit in hits if kind is None or erroneous == kind]
+        return sum(chosen) / len(chosen) if chosen else None
+
+    wrong, right = share(True), share(False)
+    return {"auroc": steps["step_auroc"], "f1": steps["step_f1"], "step_accuracy": steps["step_accuracy"],
+            "first_error_accuracy": share(None), "first_error_accuracy_erroneous": wrong,
+            "first_error_accuracy_correct": right,
+            "processbench_f1": 2 * wrong * right / (wrong + right) if wrong is not None and right is not None
+            and wrong + right > 0 else None,
+            "n_steps": len(flat_y), "n_rows": len(hits), "n_erroneous_rows": sum(e for e, _ in hits),
+            "threshold": threshold}
+
+
+def evaluate_prm(prm: PRM, rows: Any, threshold: float = 0.5) -> dict[str, Any]:
+    """``prm_metrics`` of a PRM on process rows (their prompts and steps as training reads them, hard labels)."""
+    scores = score_steps(prm, [(r["prompt"], list(r["completions"])) for r in rows])
+    return prm_metrics(scores, [[bool(y) for y in r["labels"]] for r in rows], threshold)
 
 
 # ------------------------------------------------------------------------------------------ training
+
+
+def _fills(template: str, prompt: str) -> bool:
+    """Whether ``prompt`` is ``template`` with one text in place of every ``{question}``."""
+    parts = template.split("{question}")
+    if len(parts) < 2:
+        return False
+    pattern = re.escape(parts[0]) + "(?P<q>.*)" + "".join(re.escape(p) + "(?P=q)" for p in parts[1:-1]) \
+        + re.escape(parts[-1])
+    return re.fullmatch(pattern, prompt, flags=re.DOTALL) is not None
+
+
+def _dataset_step_format(dataset: str | Path) -> StepFormat | None:
+    stats = Path(dataset) / "stats.json"
+    if not stats.is_file():
+        return None
+    recorded = json.loads(stats.read_text(encoding="utf-8")).get("step_format")
+    return StepFormat.from_dict(recorded, f"dataset '{dataset}'") if isinstance(recorded, dict) else None
+
+
+def training_step_format(dataset: str | Path, rows: Any, recipe: Recipe) -> tuple[StepFormat, str]:
+    """The step format a PRM trains with, and where it came from (``dataset`` | ``recipe`` | ``rows``).
+
+    A pluribus process dataset records it (``stats.json``): that one, refused when the recipe's build section
+    says otherwise. Any other dataset (a user's, a Hub one, an older build): the recipe's step rule and separator
+    (``build``, or its defaults), and the recipe's question prompt as the template when every row's prompt is
+    that prompt filled in; else the rows' prompts are taken as the questions themselves (template ``{question}``).
+    """
+    from pluribus.data.prompts import question_prompt
+
+    build = recipe.build or BuildConfig()
+    ours = StepFormat(question_prompt(recipe.build, recipe.team), build.step_rule, build.step_regex,
+                      build.step_separator)
+    recorded = _dataset_step_format(dataset)
+    if recorded is not None:
+        theirs = recorded.to_dict()
+        differ = [k for k, v in ours.to_dict().items() if theirs[k] != v]
+        if recipe.build is not None and differ:
+            k = differ[0]
+            name = "question prompt (build.prompt_template, else team.prompts.question)" \
+                if k == "prompt_template" else f"build.{k}"
+            raise PluribusError(f"dataset '{dataset}' was built with {k} {theirs[k]!r}, but the recipe's "
+                                f"{name} is {ours.to_dict()[k]!r}; rebuild it (`pluribus build RECIPE "
+                                "--overwrite`) or train with the recipe that built it")
+        return recorded, "dataset"
+    if all(isinstance(p, str) and _fills(ours.prompt_template, p) for p in rows["prompt"]):
+        return ours, "recipe"
+    return StepFormat("{question}", ours.step_rule, ours.step_regex, ours.step_separator), "rows"
 
 
 def train_prm(
@@ -229,8 +411,9 @@ def train_prm(
     ds_path, out = output.default_paths(recipe, "prm", dataset, out)
     output.check_output(out, overwrite=overwrite, resume=resume, cfg=cfg)
 
-    # 1. process rows and a held-out split grouped by problem
-    rows = load_rows(ds_path, "process")
+    # 1. process rows (a folder, a file or a Hub id), the step format they are read with, a held-out split by problem
+    rows = load_rows(ds_path, "process", shepherd_tag=(recipe.build or BuildConfig()).shepherd_tag)
+    fmt, fmt_from = training_step_format(ds_path, rows, recipe)
     train_rows, eval_rows = split_eval(rows, cfg.eval_fraction, recipe.seed)
 
     # 2. the student as a one-logit token classifier, LoRA + a trainable head (PEFT TOKEN_CLS saves `score`)
@@ -240,9 +423,9 @@ def train_prm(
     model = attach_lora(model, cfg, "TOKEN_CLS")
     kernels = patch_kernels(model, cfg.kernels)
 
-    # 3. step-end targets
-    train_ex, counts = prepare_examples(train_rows, tokenizer, cfg)
-    eval_ex = prepare_examples(eval_rows, tokenizer, cfg)[0] if eval_rows is not None else None
+    # 3. step-end targets, each step followed by the format's separator
+    train_ex, counts = prepare_examples(train_rows, tokenizer, cfg, fmt.step_separator)
+    eval_ex = prepare_examples(eval_rows, tokenizer, cfg, fmt.step_separator)[0] if eval_rows is not None else None
 
     # 4. Trainer with the step BCE loss
     args = training_arguments(cfg, output.checkpoints_dir(out), seed=recipe.seed, has_eval=bool(eval_ex),
@@ -257,13 +440,20 @@ def train_prm(
     if kernels is not None:
         kernels.unpatch()
 
-    # 5. held-out step accuracy / F1 / AUROC, then the adapter folder + record
+    # 5. held-out AUROC / F1 / first-error accuracy, then the adapter folder + record (with the step format)
+    quality = None
     if eval_rows is not None:
         metrics.update(trainer.evaluate())  # every process: the eval loss is gathered over them
         if distributed.is_main():  # the step metrics go to the record, which rank 0 alone writes
-            metrics.update({f"eval_{k}": v for k, v in evaluate_prm(model, tokenizer, eval_rows,
-                                                                    cfg.prm.threshold).items() if v is not None})
+            quality = evaluate_prm(PRM(model, tokenizer, fmt), eval_rows, cfg.prm.threshold)
+            metrics.update({k: v for k, v in (("eval_step_accuracy", quality["step_accuracy"]),
+                                              ("eval_step_f1", quality["f1"]), ("eval_step_auroc", quality["auroc"]),
+                                              ("eval_first_error_accuracy", quality["first_error_accuracy"]))
+                            if v is not None})
     counts["eval_rows"] = 0 if eval_rows is None else len(eval_rows)
+    counts["step_format_from"] = fmt_from
     record = output.training_record(recipe, cfg, model, ds_path, metrics, counts,
                                     history=trainer.state.log_history)
+    record["step_format"] = fmt.to_dict()
+    record["prm_metrics"] = quality  # None: no held-out rows (train.eval_fraction 0)
     return output.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

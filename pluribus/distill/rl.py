@@ -61,24 +61,11 @@ from pluribus.data.records import Problem
 from pluribus.distill import distributed, output
 from pluribus.distill.data import load_rows
 from pluribus.distill.loop import callbacks, quiet_printer, train_and_report, training_arguments
-from pluribus.distill.prm import load_prm, score_steps, step_texts
+from pluribus.distill.prm import PRM, aggregate_steps, load_prm, score_solutions
 from pluribus.distill.student import attach_lora, base_identity, load_student, patch_kernels
 from pluribus.errors import PluribusError
 
 # --------------------------------------------------------------------------------------------- math
-
-
-def aggregate_steps(scores: list[float], how: str) -> float:
-    """One number from a solution's step scores: min, mean or last (0.0 for a solution without steps)."""
-    if not scores:
-        return 0.0
-    if how == "min":
-        return min(scores)
-    if how == "mean":
-        return sum(scores) / len(scores)
-    if how == "last":
-        return scores[-1]
-    raise PluribusError(f"unknown step aggregation '{how}'; use min, mean or last")
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, loss_type: str = "grpo") -> torch.Tensor:
@@ -318,13 +305,11 @@ class GroupRLTrainer(Trainer):
     choices of a multiple-choice task, its answer form).
     """
 
-    def __init__(self, *args: Any, sampler: Callable, prm: tuple[Any, Any],
-                 verify: Callable[[str, str], bool] | None,
-                 settings: RLSettings, step_rule: tuple[str, str | None] = ("lines", None),
-                 reference_weights: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sampler: Callable, prm: PRM, verify: Callable[[str, str], bool] | None,
+                 settings: RLSettings, reference_weights: dict[str, torch.Tensor] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sampler, self.prm, self.verify, self.settings = sampler, prm, verify, settings
-        self.step_rule = step_rule  # how solutions split into steps: as the process builder split them
         # the KL reference's adapter weights (the starting policy's), swapped in for its pass; None: adapter off
         self.reference_weights = reference_weights
         self.model_accepts_loss_kwargs = False
@@ -424,8 +409,8 @@ class GroupRLTrainer(Trainer):
         group_answers = [a for a in answers for _ in range(s.group_size)]
 
         # 2. rewards: aggregated PRM step scores + weighted verified answer
-        split = [step_texts(t, *self.step_rule) for t in texts]
-        step_scores = score_steps(*self.prm, list(zip(group_prompts, split, strict=True)))
+        # the prompts are the process rows' (already the PRM's prompt); steps split by the PRM's own step rule
+        step_scores = score_solutions(self.prm, group_prompts, texts, rendered=True)
         prm_part = torch.tensor([aggregate_steps(sc, s.aggregate) for sc in step_scores])
         if self.verify is None:
             metas = [json.loads(m) for m in inputs.get("metas") or ["{}"] * len(prompts)]
@@ -568,7 +553,6 @@ def train_rl(
         model=model, args=args, train_dataset=Dataset.from_list(prompts), data_collator=collate_prompts,
         processing_class=tokenizer, callbacks=callbacks(),
         sampler=sampler, prm=prm, verify=verify, settings=s, reference_weights=reference_weights,
-        step_rule=(recipe.build.step_rule, recipe.build.step_regex) if recipe.build else ("lines", None),
     )
     quiet_printer(trainer)
     history_start = len(trainer.state.log_history)
@@ -589,6 +573,6 @@ def train_rl(
     record = output.training_record(recipe, cfg, model, ds_path, metrics,
                                     {"prompts": len(prompts), "prm": str(prm_path), "kl_reference": kl_reference,
                                      "num_iterations": s.num_iterations, "loss_type": s.loss_type,
-                                     "prm_ran_on": devices.where(prm[0])},
+                                     "prm_ran_on": devices.where(prm.model)},
                                     history=trainer.state.log_history)
     return output.save_output(trainer.model, tokenizer, out, record, overwrite=True)  # checked above

@@ -111,11 +111,33 @@ def run(recipe: Recipe, *, expert: str | None = None, dataset: str | Path | None
     metrics = record.get("metrics", {})
     shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                       if ("loss" in k or k.startswith(("eval_step", "final_"))) and isinstance(v, int | float))
+    if record.get("objective") == "prm":
+        quality = record.get("prm_metrics") or {}
+        shown += "".join(f"  {k}={quality[k]:.3f}" for k in ("auroc", "f1", "first_error_accuracy")
+                         if isinstance(quality.get(k), float))
     where = {k: w for k, w in (("policy", record.get("ran_on")), ("PRM", record.get("data", {}).get("prm_ran_on")))
              if w}  # where the Trainer trained, and (rl) where its PRM scored
     ran = f"ran on {ran_on(where)}" if where else ""
     line = "  ".join(x for x in (shown, ran) if x)  # `pluribus run` prints a training's line alone
-    return StageSummary(f"train:{name}", folder, line, notes=(f"adapter: {folder}", line))
+    notes = [f"adapter: {folder}", line]
+    if record.get("objective") == "prm":
+        notes.append(prm_quality(record.get("prm_metrics")))
+    return StageSummary(f"train:{name}", folder, line, notes=tuple(notes))
+
+
+def prm_quality(m: dict[str, Any] | None) -> str:
+    """A PRM's held-out quality in one line (its record's ``prm_metrics``)."""
+    if not m:
+        return "PRM quality: not measured (no held-out rows: set train.eval_fraction > 0 for the prm expert)"
+
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return (f"PRM on {m['n_rows']} held-out rows ({m['n_steps']} steps): step AUROC {f(m['auroc'])}, "
+            f"F1 {f(m['f1'])} (a step is right when its score > {m['threshold']:g}), first-error accuracy "
+            f"{f(m['first_error_accuracy'])} ({f(m.get('first_error_accuracy_erroneous'))} on the "
+            f"{m.get('n_erroneous_rows', '?')} rows with a wrong step, {f(m.get('first_error_accuracy_correct'))} on "
+            "the all-correct ones)")
 
 
 def plan(recipe: Recipe) -> list[Stage]:

@@ -14,9 +14,9 @@ from pluribus.distill.prm import (
     encode_steps,
     load_prm,
     prepare_examples,
+    prm_metrics,
     score_steps,
     step_metrics,
-    step_texts,
     train_prm,
 )
 from pluribus.errors import PluribusError
@@ -53,12 +53,30 @@ def test_train_prm_records_heldout_step_metrics_and_reloads(tmp_path, student_di
     for key in ("eval_loss", "eval_step_accuracy", "eval_step_f1", "eval_step_auroc"):
         assert key in record["metrics"], key
     assert 0.0 <= record["metrics"]["eval_step_auroc"] <= 1.0
-    model, tok = load_prm(out)
+    quality = record["prm_metrics"]  # the key eval's report reads
+    assert {"auroc", "f1", "first_error_accuracy", "n_steps", "n_rows", "threshold"} <= set(quality)
+    assert (quality["n_rows"], quality["n_steps"], quality["threshold"]) == (record["data"]["eval_rows"], 18, 0.5)
+    assert quality["auroc"] == record["metrics"]["eval_step_auroc"]
+    from pluribus.stages.train import prm_quality
+
+    line = prm_quality(quality)
+    assert f"PRM on 6 held-out rows (18 steps): step AUROC {quality['auroc']:.3f}" in line and "> 0.5" in line
+    # the adapter's card and its export's say what it is (a token classifier), how to score with it, how good it is
+    from huggingface_hub import metadata_load
+
+    from pluribus.hub import export_folder
+
+    for folder in (out, export_folder(out, tmp_path / "export")):
+        text = (folder / "README.md").read_text()
+        assert metadata_load(folder / "README.md")["pipeline_tag"] == "token-classification"
+        assert "## Scoring steps" in text and "score_solutions(prm," in text
+        assert f"| step AUROC | {quality['auroc']:.3f} |" in text
+    prm = load_prm(out)
     items = [("What is (1 + 2) * 3?", ["1 + 2 = 3.", "3 * 3 = 9.", "The answer is 9."]), ("2+2?", ["4"])]
-    scores = score_steps(model, tok, items, batch_size=1)
+    scores = score_steps(prm, items, batch_size=1)
     assert [len(s) for s in scores] == [3, 1] and all(0.0 < x < 1.0 for s in scores for x in s)
     # batched (padded) scoring equals one-by-one scoring
-    batched = score_steps(model, tok, items, batch_size=2)
+    batched = score_steps(prm, items, batch_size=2)
     torch.testing.assert_close(torch.tensor(batched[0]), torch.tensor(scores[0]), rtol=1e-2, atol=1e-2)
 
 
@@ -92,11 +110,32 @@ def test_step_metrics_closed_form():
     assert auroc([0.5, 0.5], [True, True]) is None
 
 
+def test_prm_metrics_closed_form():
+    scores = [[0.9, 0.4, 0.2], [0.8, 0.7], [0.9, 0.3], [0.6, 0.6, 0.1]]
+    labels = [[True, False, False], [True, True], [True, True], [True, False, True]]
+    m = prm_metrics(scores, labels, threshold=0.5)
+    # first step <= 0.5 vs first wrong step: row 0 1 vs 1 (hit), row 1 none vs none (hit), row 2 1 vs none (miss),
+    # row 3 2 vs 1 (miss)
+    assert m["first_error_accuracy"] == pytest.approx(0.5)
+    assert m["first_error_accuracy_erroneous"] == pytest.approx(0.5) and m["first_error_accuracy_correct"] == 0.5
+    assert m["processbench_f1"] == pytest.approx(0.5)
+    # steps: predicted right T F F T T T F T T F vs T F F T T T T T F T: tp 5, fp 1, fn 2
+    assert m["f1"] == pytest.approx(10 / 13) and m["step_accuracy"] == pytest.approx(7 / 10)
+    # 7 right steps vs 3 wrong (.4 .2 .6): wins 3+3+3+3 (.9 .8 .7 .9) + 1 (.3) + 2.5 (.6, one tie) + 0 (.1)
+    assert m["auroc"] == pytest.approx(15.5 / 21)
+    assert (m["n_steps"], m["n_rows"], m["n_erroneous_rows"], m["threshold"]) == (10, 4, 2, 0.5)
+    only_right = prm_metrics([[0.9], [0.2]], [[True], [True]], 0.5)
+    assert only_right["auroc"] is None and only_right["first_error_accuracy_erroneous"] is None
+    assert only_right["first_error_accuracy"] == 0.5 and only_right["processbench_f1"] is None
+
+
 def test_split_steps_and_mismatched_rows(student_dir, tmp_path):
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    assert step_texts("a = 1\n\n  b = 2 \n") == ["a = 1", "b = 2"]
+    from pluribus.data.builders.steps import StepFormat
+
+    assert StepFormat().split("a = 1\n\n  b = 2 \n") == ["a = 1", "b = 2"]
     bad = Dataset.from_list([{"prompt": "q", "completions": ["a", "b"], "labels": [True], "scores": [1.0, 0.0],
                               "problem_id": "p"}])
     with pytest.raises(PluribusError, match="2 steps, 1 labels"):

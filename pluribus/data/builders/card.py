@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import yaml
@@ -96,6 +97,11 @@ def render_card(kind: str, *, run: str, sources: list[dict[str, Any]], config: d
              f"# pluribus `{kind}` dataset from run `{run}`", "", HOW[kind], ""]
     if kind == "process":
         lines += [TRL_STEPWISE, ""]
+        if fmt := stats.get("step_format"):
+            lines += [f"A PRM trained on these rows by pluribus reads each step followed by "
+                      f"`{json.dumps(fmt['step_separator'])}` (`build.step_separator`) and scores free text split by "
+                      f"the step rule `{fmt['step_rule']}`; `stats.json` records this as `step_format`, and the "
+                      "PRM's training record keeps it.", ""]
     if extra_configs and "prompt_completion" in extra_configs:
         lines += [PROMPT_COMPLETION, ""]
     problems = f"{known['name']} (license {known['license']})" if known else \

@@ -31,6 +31,7 @@ from pluribus.data.builders.process import (
     traces_from,
 )
 from pluribus.data.builders.select import augmented_rows, rsft_rows
+from pluribus.data.builders.steps import StepFormat
 from pluribus.data.debate import conversation_seed
 from pluribus.data.prompts import question_prompt
 from pluribus.data.records import Trajectory
@@ -330,6 +331,8 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
     built = []
     for kind in kinds:
         stats = _stats(kind, rows[kind], trajs, report, cfg)
+        if kind == "process":
+            stats["step_format"] = step_format(cfg, prompt).to_dict()
         stats["skipped_lines"] = [f"{s.path.name}/{line}" for s in sources for line in s.skipped]
         stats["duplicate_lines"] = [f"{s.path.name}/{line}" for s in sources for line in s.duplicates]
         if problem_ids is not None:
@@ -408,6 +411,12 @@ def _stats(kind: str, rows: list[dict[str, Any]], trajs: list[Trajectory], repor
         }
         stats.update({k: list(v) for k, v in report.items()})
     return stats
+
+
+def step_format(cfg: BuildConfig, prompt: str) -> StepFormat:
+    """What a PRM trained on this build's process rows reads: the rows' prompt, their step rule, and
+    ``build.step_separator`` after each step (written to the dataset's stats.json; the PRM trainer uses it)."""
+    return StepFormat(prompt, cfg.step_rule, cfg.step_regex, cfg.step_separator)
 
 
 def prompt_completion_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ and the step did not survive) or ``revised`` (dropped without a wrong-to-right c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 from pluribus.data.builders.select import _norm, is_correct
 from pluribus.data.builders.steps import Step, prefix_bounds, split_steps
 from pluribus.data.records import Problem, Trajectory, Turn
+from pluribus.errors import PluribusError
 
 SHEPHERD_TAG = "ки"  # Math-Shepherd's step tag (a Cyrillic token that appears nowhere else in its text)
 
@@ -225,6 +227,46 @@ def math_shepherd(row: dict[str, Any], tag: str = SHEPHERD_TAG) -> dict[str, str
 
     return {"input": body([tag] * len(row["completions"])),
             "label": body(["+" if ok else "-" for ok in row["labels"]]), "problem_id": row["problem_id"]}
+
+
+_STEP_HEAD = re.compile(r"^Step \d+:\s*")
+
+
+def read_math_shepherd(row: dict[str, Any], tag: str = SHEPHERD_TAG, where: str = "row") -> dict[str, Any]:
+    """A Math-Shepherd row (``input``: the question, then steps each ending with ``tag``; ``label``: the same text
+    with ``+`` / ``-`` in place of each tag) as a stepwise one ``{prompt, completions, labels}``.
+
+    The question is the text before the last ``Step 1:`` ahead of the first tag; each step is trimmed and loses its
+    ``Step k:`` heading (format, as ``math_shepherd`` writes it). So ``read_math_shepherd(math_shepherd(row))``
+    gives back the row's prompt, steps and labels (a step that began with its own ``Step k:`` loses it).
+    Raises PluribusError naming ``where`` when the row is not in that format.
+    """
+    text, marked = row.get("input"), row.get("label")
+    if not isinstance(text, str) or not isinstance(marked, str):
+        raise PluribusError(f"{where}: Math-Shepherd's input and label must be text")
+    pieces = text.split(tag)
+    if len(pieces) < 2:
+        raise PluribusError(f"{where}: no step tag {tag!r} in its input; set build.shepherd_tag to the tag it uses")
+    if pieces[-1].strip():
+        raise PluribusError(f"{where}: text after the last step tag {tag!r} ({pieces[-1].strip()[:40]!r}); every "
+                            "step must end with the tag")
+    labels, pos = [], 0
+    for k, piece in enumerate(pieces[:-1]):
+        mark = marked[pos + len(piece) : pos + len(piece) + 1]
+        if marked[pos : pos + len(piece)] != piece or mark not in ("+", "-") or not mark:
+            raise PluribusError(f"{where}: its label does not mark step {k + 1} with + or - where the input has "
+                                f"the tag {tag!r} (the label must be the input with each tag replaced by + or -)")
+        labels.append(mark == "+")
+        pos += len(piece) + 1
+    if marked[pos:] != pieces[-1]:
+        raise PluribusError(f"{where}: its label differs from its input after the last step")
+    head = pieces[0].rfind("Step 1:")
+    if head < 0:
+        raise PluribusError(f"{where}: no 'Step 1:' before the first step tag, so the question cannot be told from "
+                            "the first step")
+    steps = [pieces[0][head:], *pieces[1:-1]]
+    return {"prompt": pieces[0][:head].strip(), "completions": [_STEP_HEAD.sub("", s.strip(), count=1) for s in steps],
+            "labels": labels}
 
 
 def tokenize_stepwise(prompt: str, completions: list[str], labels: list[bool], tokenizer: Any,

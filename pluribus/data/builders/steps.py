@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from pluribus.errors import PluribusError, unknown_name
 
@@ -93,3 +94,41 @@ def prefix_bounds(text: str, steps: list[Step]) -> list[int]:
     text[b[i]:]`` is the whole text, which is why a completer that returns ``text[b[i]:]`` reproduces it.
     """
     return [steps[i + 1].start for i in range(len(steps) - 1)] + ([steps[-1].end] if steps else [])
+
+
+@dataclass(frozen=True)
+class StepFormat:
+    """How a question and a solution become a PRM's input; the one record of it (a process dataset's
+    ``stats.json`` and a PRM's ``training_record.json`` hold it under ``step_format``).
+
+    The input is the chat-templated user turn ``prompt_template`` with ``{question}`` filled in, then each step
+    (``split_steps(solution, step_rule, step_regex)``, trimmed) followed by ``step_separator``; a step's score is
+    read at the last token of step + separator.
+    """
+
+    prompt_template: str = "{question}"
+    step_rule: str = "lines"
+    step_regex: str | None = None
+    step_separator: str = "\n"
+
+    def prompt(self, question: str) -> str:
+        """The user turn for ``question`` (other braces of the template are literal)."""
+        return self.prompt_template.replace("{question}", question)
+
+    def split(self, solution: str) -> list[str]:
+        """The steps of a free-text solution, as the process builder split the training traces."""
+        return [s.text for s in split_steps(solution, self.step_rule, self.step_regex)]
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"prompt_template": self.prompt_template, "step_rule": self.step_rule,
+                "step_regex": self.step_regex, "step_separator": self.step_separator}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> StepFormat:
+        """The format a record holds; a PluribusError naming ``where`` when a field is missing or not text."""
+        fields = ("prompt_template", "step_rule", "step_separator")
+        bad = [f for f in fields if not isinstance(data.get(f), str)]
+        if bad or not isinstance(data.get("step_regex"), str | None) or data["step_rule"] not in STEP_RULES:
+            raise PluribusError(f"{where}: step_format {data!r} is incomplete or invalid (needs text fields "
+                                f"{', '.join(fields)}, step_rule one of {', '.join(STEP_RULES)}); rebuild or retrain")
+        return cls(data["prompt_template"], data["step_rule"], data.get("step_regex"), data["step_separator"])
