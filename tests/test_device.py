@@ -165,8 +165,8 @@ def test_the_prm_lands_where_the_policy_says(meta_policy: list[str], tiny_llama_
     model = score_head_model(tiny_llama_dir, dtype=torch.float32)
     lora = LoraConfig(r=2, target_modules=["q_proj"], task_type="TOKEN_CLS")
     get_peft_model(model, lora).save_pretrained(tmp_path / "prm")
-    prm, _ = load_prm(tmp_path / "prm", device="cuda:2")
-    assert meta_policy == ["cuda:2"] and _on(prm) == {"meta"}  # the score head and the LoRA with the base
+    prm = load_prm(tmp_path / "prm", device="cuda:2")
+    assert meta_policy == ["cuda:2"] and _on(prm.model) == {"meta"}  # the score head and the LoRA with the base
 
 
 @pytest.mark.parametrize("head", ["causal", "token-cls"])
