@@ -6,7 +6,9 @@ with binary cross-entropy against the step's label (``train.prm.labels``: hard =
 Monte-Carlo score in [0, 1]); every other position is ignored. ``sigmoid(logit)`` is the step's score.
 
 ``score_steps`` scores the steps of solutions with a trained PRM (used by ``pluribus score``, the RL stage and
-eval); ``evaluate_prm`` gives held-out step accuracy, F1 and AUROC against the hard labels.
+eval); ``PRMScorer`` asks it solutions as it was trained (its recorded prompt and step rule: ``prm_reading``), for
+the team's verifier and eval's prm-bon; ``evaluate_prm`` gives held-out step accuracy, F1 and AUROC against the
+hard labels.
 """
 
 from __future__ import annotations
@@ -180,6 +182,72 @@ def load_prm(adapter: str | Path, *, trust_remote_code: bool = False) -> tuple[A
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     model.eval()
     return model, tokenizer
+
+
+def prm_reading(adapter: str | Path) -> dict[str, Any]:
+    """How a PRM was trained to read a solution, from its ``training_record.json``: ``prompt`` (the question
+    template its rows' user turn filled: the recorded recipe's ``build.prompt_template``, else its team's
+    ``question`` prompt), ``step_rule`` and ``step_regex`` (``build.step_rule``/``step_regex``). Where the record
+    does not say (no record, or a recipe without build and team sections), as ``pluribus score`` asked before:
+    the bare question, steps by lines. ``source`` says which it was."""
+    import json
+
+    from pluribus.distill.output import RECORD_NAME
+
+    path = Path(adapter) / RECORD_NAME
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise PluribusError(f"the PRM's training record '{path}' is unreadable ({e}); retrain the PRM") from None
+    recipe = record.get("recipe") if isinstance(record, dict) else None
+    build = (recipe or {}).get("build") or {}
+    team = (recipe or {}).get("team")
+    out: dict[str, Any] = {"prompt": "{question}", "step_rule": "lines", "step_regex": None,
+                           "source": "default (the training record names no prompt or step rule)"}
+    if build or team is not None:
+        from pluribus.data.prompts import DEFAULT_PROMPTS
+
+        prompt = build.get("prompt_template") or ((team or {}).get("prompts") or {}).get("question") \
+            or DEFAULT_PROMPTS["question"]
+        out = {"prompt": prompt, "step_rule": build.get("step_rule") or "lines", "step_regex": build.get("step_regex"),
+               "source": f"training record {path}"}
+    record = record if isinstance(record, dict) else {}
+    out["metrics"] = record.get("prm_metrics") if isinstance(record.get("prm_metrics"), dict) else None
+    trained = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+    # what train_prm measured on its held-out rows before prm_metrics existed (evaluate_prm's keys)
+    out["step_metrics"] = {name: trained[key] for name, key in (("auroc", "eval_step_auroc"), ("f1", "eval_step_f1"),
+                           ("accuracy", "eval_step_accuracy"), ("n_steps", "eval_steps")) if key in trained}
+    return out
+
+
+class PRMScorer:
+    """A trained PRM that asks exactly what it learned: the question in its training prompt, the solution split
+    by its recorded step rule, each step + newline (``encode_steps``), read by ``score_steps``. The one scorer of
+    the team's verifier (pluribus.data.verify.Verifier) and of eval's prm-bon.
+
+    Each ``(question, solutions)`` group is scored in fixed chunks of its own, so a score never depends on the
+    other problems scored with it."""
+
+    def __init__(self, adapter: str | Path, *, trust_remote_code: bool = False, batch_size: int = 8) -> None:
+        self.name = str(adapter)
+        self.reading = prm_reading(adapter)
+        self.model, self.tokenizer = load_prm(adapter, trust_remote_code=trust_remote_code)
+        self.batch_size = batch_size
+
+    def steps(self, solution: str) -> list[str]:
+        return step_texts(solution, self.reading["step_rule"], self.reading["step_regex"])
+
+    def prompt(self, question: str) -> str:
+        return self.reading["prompt"].replace("{question}", question)
+
+    def score(self, groups: list[tuple[str, list[str]]]) -> list[list[list[float]]]:
+        out = []
+        for question, solutions in groups:
+            split = [self.steps(s) for s in solutions]
+            items = [(self.prompt(question), steps) for steps in split if steps]
+            scored = iter(score_steps(self.model, self.tokenizer, items, self.batch_size) if items else [])
+            out.append([next(scored) if steps else [] for steps in split])  # no steps: nothing to score
+        return out
 
 
 def auroc(scores: list[float], labels: list[bool]) -> float | None:

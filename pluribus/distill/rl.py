@@ -46,6 +46,7 @@ from transformers import Trainer
 from pluribus.config import Recipe, RLSettings, TrainConfig
 from pluribus.data.answers import grade
 from pluribus.data.records import Problem
+from pluribus.data.verify import solution_score
 from pluribus.distill import distributed, output
 from pluribus.distill.data import load_rows
 from pluribus.distill.loop import callbacks, quiet_printer, train_and_report, training_arguments
@@ -57,16 +58,9 @@ from pluribus.errors import PluribusError
 
 
 def aggregate_steps(scores: list[float], how: str) -> float:
-    """One number from a solution's step scores: min, mean or last (0.0 for a solution without steps)."""
-    if not scores:
-        return 0.0
-    if how == "min":
-        return min(scores)
-    if how == "mean":
-        return sum(scores) / len(scores)
-    if how == "last":
-        return scores[-1]
-    raise PluribusError(f"unknown step aggregation '{how}'; use min, mean or last")
+    """One number from a solution's step scores: min, mean or last (0.0 for a solution without steps); the
+    team's verifier aggregates with the same function (pluribus.data.verify.solution_score)."""
+    return solution_score(scores, how)
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

@@ -28,6 +28,7 @@ from pluribus.data.debate import (
 )
 from pluribus.data.records import Problem, Trajectory
 from pluribus.errors import PluribusError
+from pluribus.io import content_fingerprint
 from pluribus.stages import Stage, StageSummary
 
 
@@ -136,11 +137,64 @@ def legacy_config_hash(recipe: Recipe, weights: str | None = None) -> str:
 def _hash(recipe: Recipe, team_exclude: Any, batch: list[int] | None = None, weights: str | None = None) -> str:
     task = recipe.require("task").model_dump(mode="json", exclude={"n"})
     team = without_engine_settings(recipe.require("team").model_dump(mode="json", exclude=team_exclude))
+    if recipe.require("team").verifier:
+        # the verifier by what it holds, not by its name or path: a retrained PRM is a new store
+        team["verifier"] = f"sha256:{content_fingerprint(verifier_path(recipe))}"
+    else:  # not set: hashed as before the verifier settings existed, so every earlier store still resumes
+        team.pop("verifier", None)
+        team.pop("verifier_aggregate", None)
     for agent in team["agents"] if weights else []:
         agent["adapter" if agent.get("adapter") else "model"] = f"sha256:{weights}"
     extra = {} if batch is None else {"batch": batch}
     payload = json.dumps({"task": task, "team": team, "seed": recipe.seed, **extra}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def verifier_path(recipe: Recipe, name: str | None = None, *, check: bool = True) -> Path:
+    """The PRM folder ``name`` (default ``team.verifier``) names: ``<run>/adapters/<name>`` for an expert of the
+    run (pluribus.layout), else the folder itself. With ``check``, a PluribusError when it is not a PRM adapter
+    folder."""
+    from pluribus.adapter import read_adapter_config
+
+    name = name or recipe.require("team").verifier
+    if not name:
+        raise PluribusError("no verifier is set; set team.verifier to a PRM expert of the run or a PRM folder")
+    experts = [t.expert_name for t in recipe.train.trainings()] if recipe.train else []
+    path = recipe.layout.adapter(name) if name in experts else Path(name)
+    if not check:
+        return path
+    if not (path / "adapter_config.json").is_file():
+        what = (f"the run's PRM expert '{name}' is not trained yet ('{path}' holds no adapter); train it first "
+                f"(pluribus train RECIPE --expert {name})") if name in experts else \
+            f"verifier '{name}' is neither an expert of the run nor an adapter folder; give a PRM adapter folder"
+        raise PluribusError(what)
+    config = read_adapter_config(path)
+    if config.get("task_type") != "TOKEN_CLS":
+        raise PluribusError(f"verifier '{name}' ('{path}') is an adapter of task type {config.get('task_type')}, not "
+                            "a process reward model (TOKEN_CLS, from `pluribus train --objective prm`)")
+    return path
+
+
+def check_verifier_cycle(recipe: Recipe) -> None:
+    """Refuse a debate that aggregates with a PRM of the run trained on that same debate's data: the PRM needs
+    the debate's trajectories before the debate can have them."""
+    team = recipe.require("team")
+    experts = {t.expert_name: t for t in recipe.train.trainings()} if recipe.train else {}
+    prm = experts.get(team.verifier or "")
+    if prm is not None and prm.data == "team":
+        raise PluribusError(f"team.verifier '{team.verifier}' is this run's PRM, trained on the process data this "
+                            "very debate makes (a cycle); aggregate this debate with majority and use the PRM in "
+                            "eval (prm-bon), or give team.verifier a PRM folder trained on another run")
+
+
+def load_verifier(recipe: Recipe) -> Any:
+    """The team's verifier (pluribus.distill.prm.PRMScorer), or None when the team aggregates without one."""
+    team = recipe.require("team")
+    if not team.verifier:
+        return None
+    from pluribus.distill.prm import PRMScorer
+
+    return PRMScorer(verifier_path(recipe), trust_remote_code=recipe.trust_remote_code)
 
 
 def check_team_models(team: TeamConfig) -> None:
@@ -176,11 +230,13 @@ def run_debate(
     on_step: Callable[[int, int], None] | None = None,
     label: str = "debate",
     weights: str | None = None,
+    verifier: Any = None,
 ) -> DebateSummary:
     """Run the recipe's team over its task's problems into ``<run>/trajectories``, resuming a stopped run.
 
     Everything is validated (team, problems, models) before the first file is written. ``backends`` (keyed
-    by ``backend_key``) replaces building them, for tests and benchmarks. ``on_step(done, total)`` is called
+    by ``backend_key``) replaces building them, for tests and benchmarks; ``verifier`` (a
+    ``pluribus.data.verify.Verifier``) replaces loading ``team.verifier``. ``on_step(done, total)`` is called
     after each stored step. ``label`` names the progress bar (eval names its systems). ``weights`` keys the
     store by the contents of the agents' weights (``config_hash``). Returns the summary over every stored
     trajectory.
@@ -190,6 +246,9 @@ def run_debate(
     task = recipe.require("task")
     team_cfg = recipe.require("team")
     validate_team(team_cfg)
+    if team_cfg.verifier:
+        check_verifier_cycle(recipe)
+        verifier_path(recipe)  # a missing or non-PRM verifier is refused before anything is written
     if problems is None:
         from pluribus.data.tasks import load_problems
 
@@ -205,7 +264,7 @@ def run_debate(
     owned: dict[str, Any] = {}  # backends built here are closed here: a vLLM engine holds its memory until then
     try:
         return _debate_into_store(recipe, problems, backends, fresh=fresh, new_run=new_run, progress=progress,
-                                  on_step=on_step, label=label, holder=owned, weights=weights)
+                                  on_step=on_step, label=label, holder=owned, weights=weights, verifier=verifier)
     finally:
         for backend in owned.get("backends", {}).values():
             backend.close()
@@ -213,7 +272,8 @@ def run_debate(
 
 def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Mapping[tuple, Backend] | None, *,
                        fresh: bool, new_run: bool, progress: bool, on_step: Callable[[int, int], None] | None,
-                       label: str, holder: dict[str, Any], weights: str | None = None) -> DebateSummary:
+                       label: str, holder: dict[str, Any], weights: str | None = None,
+                       verifier: Any = None) -> DebateSummary:
     """``run_debate`` from its checks on; the backends it builds are left in ``holder`` for the caller to close."""
     from pluribus.config import write_recipe
     from pluribus.data.store import TrajectoryStore
@@ -227,7 +287,7 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
     too_long: dict[str, str] | None = None
     if fresh and backends is not None:
         # round 0 of every problem against the contexts: a refusal comes before any file, not hours in
-        too_long = check_prompts(problems, build_team(team_cfg, backends))
+        too_long = check_prompts(problems, build_team(team_cfg, backends, verifier or _NO_VERIFIER))
 
     with TrajectoryStore(recipe.layout.trajectories(), config_hash(recipe, weights), new_run=new_run,
                          same_config=older_config_hashes(recipe, weights), check=Trajectory.from_dict) as store:
@@ -238,7 +298,9 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
             backends = holder["backends"] = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code)
         stored_before = len(problems) - len(pending)
         if pending:
-            team = build_team(team_cfg, backends)  # type: ignore[arg-type]
+            if verifier is None and team_cfg.verifier:
+                verifier = load_verifier(recipe)  # only when something is left to debate
+            team = build_team(team_cfg, backends, verifier)  # type: ignore[arg-type]
             if too_long is None:
                 too_long = check_prompts(pending, team)  # a resumed run checks what it still has to debate
             pending = [p for p in pending if p.id not in too_long]
@@ -269,6 +331,18 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
     elapsed = time.perf_counter() - t0
     return summarize(records, new=new, tokens_per_second=tokens / elapsed if pending else 0.0,
                      duplicates=store.duplicates, skipped=skipped)
+
+
+class _Unloaded:
+    """Stands in for a verifier not loaded yet where only prompts are checked (it is never asked to score)."""
+
+    name = "unloaded"
+
+    def score(self, groups: list[tuple[str, list[str]]]) -> list[list[list[float]]]:
+        raise PluribusError("internal: the verifier was asked to score before it was loaded")
+
+
+_NO_VERIFIER = _Unloaded()
 
 
 class _Progress:
@@ -344,5 +418,9 @@ def plan(recipe: Recipe) -> list[Stage]:
     """A debate step when the recipe has a task and a team; it keeps a store, so it always runs (and resumes)."""
     if recipe.task is None or recipe.team is None:
         return []
+    if recipe.team.verifier:
+        check_verifier_cycle(recipe)  # before any step runs
+    # the PRM it aggregates with is an input (a step that trains it comes first); its contents key the store
+    inputs = (lambda: {"verifier": verifier_path(recipe, check=False)}) if recipe.team.verifier else dict
     return [Stage("debate", lambda progress, new_run: run(recipe, progress=progress, new_run=new_run),
-                  keeps_store=True)]
+                  inputs=inputs, keeps_store=True)]
