@@ -15,16 +15,22 @@ A solution without steps scores 0.0. Over the last round of a debate (one soluti
                with more voters, then to the one given first (lowest index)
 
 In both, members whose answer did not parse do not compete; with no parsed answer the final answer is None.
-Pure functions: the scorer that produces ``p_j`` is passed in (``Verifier``), never loaded here.
+Pure functions: the scorer that produces ``p_j`` is passed in (``Verifier``), never loaded here; ``prm_folder``
+says which PRM folder a recipe's verifier setting names.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pluribus.errors import PluribusError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from pluribus.config import Recipe
 
 AGGREGATES = ("min", "product", "last", "mean")
 
@@ -89,3 +95,27 @@ def verdict(agents: Sequence[str], answers: Sequence[str | None], step_scores: S
               "members": [{"agent": a, "step_scores": [float(x) for x in s], "score": sc}
                           for a, s, sc in zip(agents, step_scores, scores, strict=True)]}
     return pick, record
+
+
+def prm_folder(recipe: Recipe, name: str, *, check: bool = True) -> Path:
+    """The PRM folder a verifier setting (``team.verifier``, ``eval.verifier``) names: ``<run>/adapters/<name>``
+    for an expert of the run (pluribus.layout), else the folder itself. With ``check``, a PluribusError when it is
+    not a PRM adapter folder."""
+    from pathlib import Path
+
+    from pluribus.adapter import read_adapter_config
+
+    experts = [t.expert_name for t in recipe.train.trainings()] if recipe.train else []
+    path = recipe.layout.adapter(name) if name in experts else Path(name)
+    if not check:
+        return path
+    if not (path / "adapter_config.json").is_file():
+        what = (f"the run's PRM expert '{name}' is not trained yet ('{path}' holds no adapter); train it first "
+                f"(pluribus train RECIPE --expert {name})") if name in experts else \
+            f"verifier '{name}' is neither an expert of the run nor an adapter folder; give a PRM adapter folder"
+        raise PluribusError(what)
+    config = read_adapter_config(path)
+    if config.get("task_type") != "TOKEN_CLS":
+        raise PluribusError(f"verifier '{name}' ('{path}') is an adapter of task type {config.get('task_type')}, not "
+                            "a process reward model (TOKEN_CLS, from `pluribus train --objective prm`)")
+    return path

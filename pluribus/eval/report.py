@@ -23,6 +23,46 @@ def _system_table(task: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _share(k: int, n: int) -> str:
+    return f"{k} of {n} ({k / n:.0%})" if n else "0 of 0"
+
+
+def _verifier_lines(bon: dict[str, Any]) -> list[str]:
+    """prm-bon against sc on the same samples, and the PRM's own quality as its training record gives it."""
+    agree = bon["vs_sc"]
+    lines = [f"prm-bon: on each problem, the very samples sc voted over, and the one the PRM `{bon['verifier']}` "
+             f"scores highest (its step scores aggregated by {bon['verifier_aggregate']}) instead of the majority; "
+             f"the same tokens as sc (the PRM's reading costs no generation). Prompt and step rule: "
+             f"{bon['verifier_prompt']}. On {agree['problems']} problems: where the majority vote is wrong, the PRM's "
+             f"choice is right on {_share(agree['verifier_right_when_vote_wrong'], agree['vote_wrong'])}; where "
+             f"the PRM's choice is wrong, the majority is right on "
+             f"{_share(agree['vote_right_when_verifier_wrong'], agree['verifier_wrong'])} (exact McNemar p = "
+             f"{agree['p_value']:.3g}); some sample was right on {_share(agree['any_sample_right'], agree['problems'])}"
+             " (the best any chooser could do)."]
+    q = bon.get("verifier_quality")
+    if not q:
+        return [*lines, "", "The PRM's step-level quality: not measured (its training record holds no prm_metrics "
+                "and no held-out step metrics)."]
+    shown = ", ".join(f"{name.replace('_', ' ')} {q[key]:.3f}" if isinstance(q[key], float) else
+                      f"{name.replace('_', ' ')} {q[key]}"
+                      for key, name in (("auroc", "step AUROC"), ("f1", "step F1"), ("accuracy", "step accuracy"),
+                                        ("first_error_accuracy", "first-error accuracy"), ("n_steps", "steps"),
+                                        ("n_rows", "rows")) if q.get(key) is not None)
+    return [*lines, "", f"The PRM's step-level quality on held-out labelled steps ({q['source']}, from its training "
+            f"record): {shown or 'not measured'}."]
+
+
+def _seat_lines(seats: list[dict[str, Any]]) -> list[str]:
+    """Each seat of the team, its first round against its last: does seeing its peers help it?"""
+    lines = ["Each seat of the team, round 0 (alone) against its last round (after its peers), on the team's problems:",
+             "", "| seat | problems | round-0 accuracy | last-round accuracy | right -> wrong | wrong -> right |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for s in seats:
+        lines.append(f"| {s['seat']} | {s['problems']} | {s['round0_accuracy']:.1%} | {s['final_accuracy']:.1%} "
+                     f"| {s['right_to_wrong']} | {s['wrong_to_right']} |")
+    return lines
+
+
 def _task_section(task: dict[str, Any], heading: str) -> list[str]:
     lines = [f"## {heading}", "",
              f"{task['problems']} problems of `{task['task']}` (split: {task['split']}); every single-agent system saw "
@@ -36,6 +76,9 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
         lines += ["", f"sc: {sc['samples_drawn']} samples drawn per problem, {sc['mean_samples_used']:.1f} used on "
                   f"average to spend the team's tokens on that problem (reached on {sc['budget_reached']:.0%} of "
                   "problems), then a majority vote."]
+    bon = task["systems"].get("prm-bon")
+    if bon:
+        lines += ["", *_verifier_lines(bon)]
     if task.get("comparisons"):
         lines += ["", "Against the single base agent, problem by problem (two-sided exact McNemar test):", "",
                   "| system | baseline | problems | solved only by the system | solved only by the baseline | p |",
@@ -56,6 +99,8 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
             frac = f"{g['token_fraction_of_team']:.0%}" if g["token_fraction_of_team"] is not None else "n/a"
             lines.append(f"| {name} | {g['problems']} | {g['accuracy_on_team_problems']:.1%} | "
                          f"{g['gain_over_single']:+.1%} | {share} | {frac} |")
+    if task.get("seats"):
+        lines += ["", *_seat_lines(task["seats"])]
     stop = task.get("early_stop")
     if stop and stop["observed"]:
         lines += ["", f"Early stopping (team.early_stop: a problem stops debating once every agent gives the same "
@@ -104,7 +149,7 @@ def plot(payload: dict[str, Any]) -> bytes:
 
     tasks = payload.get("tasks") or [{**payload, "name": "heldout"}]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.4), squeeze=False)
-    colors = {"single": "#4C72B0", "sc": "#8172B2", "team": "#C44E52", "expert": "#55A868", "merged": "#DD8452",
+    colors = {"single": "#4C72B0", "sc": "#8172B2", "prm-bon": "#937860", "team": "#C44E52", "expert": "#55A868", "merged": "#DD8452",
               "distilled": "#55A868"}
     for ax, task in zip(axes[0], tasks, strict=True):
         for name, r in task["systems"].items():

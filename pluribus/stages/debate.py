@@ -28,6 +28,7 @@ from pluribus.data.debate import (
 )
 from pluribus.data.records import Problem, Trajectory
 from pluribus.errors import PluribusError
+from pluribus.eval.evaluate import seat_rounds
 from pluribus.io import content_fingerprint
 from pluribus.stages import Stage, StageSummary
 
@@ -47,6 +48,7 @@ class DebateSummary:
     tokens_per_second: float  # generated tokens / wall seconds of this invocation
     duplicates: tuple[str, ...] = ()  # "shard:line" of store lines repeating a stored problem (counted once)
     skipped: tuple[str, ...] = ()  # why each problem left out this run (team.too_long=skip) was
+    seats: tuple[dict[str, Any], ...] = ()  # per seat: round-0 vs last-round accuracy, answers it changed
 
     def rows(self) -> list[tuple[str, str]]:
         repeated = [("duplicated store lines (counted once)",
@@ -63,6 +65,9 @@ class DebateSummary:
             ("wrong -> right (corrected)", str(self.corrected)),
             ("right -> wrong (lost)", str(self.lost)),
             ("generated tokens / s (this run)", f"{self.tokens_per_second:.1f}"),
+            *((f"seat {s['seat']}: round 0 -> last round",
+               f"{s['round0_accuracy']:.1%} -> {s['final_accuracy']:.1%} ({s['right_to_wrong']} right -> wrong, "
+               f"{s['wrong_to_right']} wrong -> right)") for s in self.seats),
         ]
 
 
@@ -84,6 +89,7 @@ def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_
         seconds_per_problem=sum(r["cost"]["seconds"] for r in records) / n if n else 0.0,
         corrected=corrected, lost=lost, tokens_per_second=tokens_per_second, duplicates=tuple(duplicates),
         skipped=tuple(skipped),
+        seats=tuple(seat_rounds(list(records))) if any(len(r["rounds"]) > 1 for r in records) else (),
     )
 
 
@@ -150,31 +156,6 @@ def _hash(recipe: Recipe, team_exclude: Any, batch: list[int] | None = None, wei
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def verifier_path(recipe: Recipe, name: str | None = None, *, check: bool = True) -> Path:
-    """The PRM folder ``name`` (default ``team.verifier``) names: ``<run>/adapters/<name>`` for an expert of the
-    run (pluribus.layout), else the folder itself. With ``check``, a PluribusError when it is not a PRM adapter
-    folder."""
-    from pluribus.adapter import read_adapter_config
-
-    name = name or recipe.require("team").verifier
-    if not name:
-        raise PluribusError("no verifier is set; set team.verifier to a PRM expert of the run or a PRM folder")
-    experts = [t.expert_name for t in recipe.train.trainings()] if recipe.train else []
-    path = recipe.layout.adapter(name) if name in experts else Path(name)
-    if not check:
-        return path
-    if not (path / "adapter_config.json").is_file():
-        what = (f"the run's PRM expert '{name}' is not trained yet ('{path}' holds no adapter); train it first "
-                f"(pluribus train RECIPE --expert {name})") if name in experts else \
-            f"verifier '{name}' is neither an expert of the run nor an adapter folder; give a PRM adapter folder"
-        raise PluribusError(what)
-    config = read_adapter_config(path)
-    if config.get("task_type") != "TOKEN_CLS":
-        raise PluribusError(f"verifier '{name}' ('{path}') is an adapter of task type {config.get('task_type')}, not "
-                            "a process reward model (TOKEN_CLS, from `pluribus train --objective prm`)")
-    return path
-
-
 def check_verifier_cycle(recipe: Recipe) -> None:
     """Refuse a debate that aggregates with a PRM of the run trained on that same debate's data: the PRM needs
     the debate's trajectories before the debate can have them."""
@@ -185,6 +166,16 @@ def check_verifier_cycle(recipe: Recipe) -> None:
         raise PluribusError(f"team.verifier '{team.verifier}' is this run's PRM, trained on the process data this "
                             "very debate makes (a cycle); aggregate this debate with majority and use the PRM in "
                             "eval (prm-bon), or give team.verifier a PRM folder trained on another run")
+
+
+def verifier_path(recipe: Recipe, name: str | None = None, *, check: bool = True) -> Path:
+    """``pluribus.distill.prm.prm_folder`` of ``name`` (default ``team.verifier``)."""
+    from pluribus.data.verify import prm_folder
+
+    name = name or recipe.require("team").verifier
+    if not name:
+        raise PluribusError("no verifier is set; set team.verifier to a PRM expert of the run or a PRM folder")
+    return prm_folder(recipe, name, check=check)
 
 
 def load_verifier(recipe: Recipe) -> Any:

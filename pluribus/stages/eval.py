@@ -23,17 +23,20 @@ from pluribus.eval.evaluate import (
     _single,
     _tokens,
     adapter_fingerprint,
+    best_of_n,
     budget_vote,
+    chooser_agreement,
     compare,
     early_stop_effect,
     outcomes,
     plan_systems,
     score,
+    seat_rounds,
     team_gain,
 )
 from pluribus.eval.robustness import perturb
 from pluribus.eval.stats import mcnemar_exact, paired
-from pluribus.io import atomic_write_text
+from pluribus.io import atomic_write_text, content_fingerprint
 from pluribus.stages import Stage, StageSummary
 
 COLUMNS = ("system", "accuracy", "95% interval", "vs single (p)", "first answer", "wrong first corrected",
@@ -194,9 +197,36 @@ def _task_label(task: TaskConfig) -> str:
                                else f":{Path(task.path).name}" if task.path else "")
 
 
+def _prm_best_of_n(recipe: Recipe, plan: Plan, voted: list[dict[str, Any]], eval_dir: Path,
+                   verifiers: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """prm-bon's records (``best_of_n`` over sc's voted samples) and what the report says of it: the PRM, how it
+    agrees with the vote, its own quality from its training record. The choices are written to
+    ``<eval>/prm-bon/<the PRM's fingerprint>/choices.jsonl`` (every sample's step scores), to be inspected."""
+    from pluribus.distill.prm import PRMScorer, prm_reading
+
+    assert plan.verifier is not None
+    how = recipe.require("team").verifier_aggregate
+    if plan.verifier not in verifiers:
+        verifiers[plan.verifier] = PRMScorer(plan.verifier, trust_remote_code=recipe.trust_remote_code)
+    recs = best_of_n(voted, verifiers[plan.verifier], how)
+    fingerprint = content_fingerprint(plan.verifier)
+    atomic_write_text(eval_dir / "prm-bon" / str(fingerprint) / "choices.jsonl",
+                      "".join(json.dumps(r) + "\n" for r in recs))
+    reading = prm_reading(plan.verifier)
+    quality = ({"source": "prm_metrics", **reading["metrics"]} if reading["metrics"] else
+               {"source": "held-out steps at training (eval_step_*)", **reading["step_metrics"]}
+               if reading["step_metrics"] else None)
+    return recs, {"verifier": plan.verifier, "verifier_fingerprint": fingerprint, "verifier_aggregate": how,
+                  "verifier_prompt": reading["source"], "vs_sc": chooser_agreement(voted, recs),
+                  "verifier_quality": quality}
+
+
 def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig, eval_dir: Path, *,
-                  progress: bool, new_run: bool, robustness: bool, pool: EnginePool | None = None) -> dict[str, Any]:
-    """Every planned system on one task's problems: results, comparisons, the team's gain, early stopping."""
+                  progress: bool, new_run: bool, robustness: bool, pool: EnginePool | None = None,
+                  verifiers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every planned system on one task's problems: results, comparisons, the team's gain, early stopping, the
+    team's seats round by round. ``verifiers`` holds the PRMs loaded so far, by folder (shared across tasks)."""
+    verifiers = {} if verifiers is None else verifiers
     from pluribus.data.tasks import load_problems
 
     cfg = recipe.eval or EvalConfig()
@@ -209,6 +239,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
     records: dict[str, list[dict[str, Any]]] = {}
     robust: dict[str, dict[str, Any]] = {}
     sc_info: dict[str, Any] = {}
+    bon_info: dict[str, Any] = {}
     adapters: dict[str, dict[str, str | None]] = {}  # which weights each single-agent system's numbers belong to
     # single-greedy first (sc sizes its draws from it), the team before sc (sc spends the team's tokens)
     order = sorted(plans, key=lambda p: {"single": 0, "team": 1, "sc": 2}.get(p.system, 3))
@@ -246,8 +277,14 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             sc_info = {"samples_drawn": k, "mean_samples_used": sum(used) / max(1, len(used)),
                        "budget_reached": reached / max(1, len(voted))}
             recs = voted
+        elif plan.system == "prm-bon":
+            if "sc" not in records:
+                raise PluribusError("eval system 'prm-bon' chooses among sc's samples, and sc did not run here")
+            recs, bon_info = _prm_best_of_n(recipe, plan, records["sc"], eval_dir, verifiers)
         else:
             folder = eval_dir / plan.label / fingerprint if fingerprint else eval_dir / plan.label
+            if plan.verifier:  # a team that aggregates with a PRM: a retrained PRM answers in a store of its own
+                folder = eval_dir / plan.label / f"prm-{content_fingerprint(plan.verifier)}"
             recs = _system_records(recipe, folder, task, plan.team, mine, progress, fingerprint, new_run,
                                    label=plan.label, pool=pool)
         records[plan.label] = recs
@@ -256,7 +293,9 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             adapters[plan.label] = {"path": plan.adapter or plan.team.agents[0].model, "fingerprint": fingerprint}
         if plan.system == "sc":
             results[plan.label].update(sc_info)
-        for kind in cfg.robustness if robustness and plan.system != "sc" else []:
+        if plan.system == "prm-bon":
+            results[plan.label].update(bon_info)
+        for kind in cfg.robustness if robustness and plan.system not in ("sc", "prm-bon") else []:
             varied = [perturb(p, kind) for p in mine]
             folder = eval_dir / f"{plan.label}-{kind}" / fingerprint if fingerprint else eval_dir / f"{plan.label}-{kind}"
             perturbed = _system_records(recipe, folder, task, plan.team, varied, progress, fingerprint, new_run,
@@ -281,6 +320,8 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
         out["team_gain"] = gain
     if "team" in records and (effect := early_stop_effect(records["team"])):
         out["early_stop"] = effect
+    if "team" in records and max((len(r["rounds"]) for r in records["team"]), default=0) > 1:
+        out["seats"] = seat_rounds(records["team"])
     if robust:
         out["robustness"] = robust
     return out
@@ -299,13 +340,15 @@ def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) ->
     tasks = []
     with_team = {t.name for t in cfg.tasks if t.team}
     pool = EnginePool(plans, trust_remote_code=recipe.trust_remote_code)
+    verifiers: dict[str, Any] = {}  # the PRMs loaded, by folder: once for every task
     try:
         for i, (name, task, folder) in enumerate(_eval_tasks(recipe, cfg)):
             # the team and sc run on the recipe's own task; a transfer task measures the single-agent systems,
             # and the team and sc too where it says team: true
-            mine = plans if i == 0 or name in with_team else [p for p in plans if p.system not in ("team", "sc")]
+            mine = plans if i == 0 or name in with_team else [p for p in plans
+                                                              if p.system not in ("team", "sc", "prm-bon")]
             tasks.append(evaluate_task(recipe, mine, name, task, folder, progress=progress, new_run=new_run,
-                                       robustness=i == 0, pool=pool))
+                                       robustness=i == 0, pool=pool, verifiers=verifiers))
     finally:
         pool.close()
     main = tasks[0]
