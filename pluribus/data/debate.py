@@ -209,6 +209,21 @@ def asked_in_round(team: Team, traj: Trajectory, i: int, rnd: int) -> str:
     return text
 
 
+def debate_prompts(team: TeamConfig, readers: Mapping[tuple, Any]) -> Callable[[Trajectory, Turn], str]:
+    """``asked(trajectory, turn)``: the user turn ``turn``'s agent was asked in its round, rebuilt by
+    ``asked_in_round`` for a store ``team`` debated. ``readers`` (keyed by ``backend_key``, e.g.
+    ``backends.peer_reader``) count and trim the peers as each agent's backend did; nothing generates or scores,
+    so the team is built without its verifier."""
+    prompts_only = build_team(team.model_copy(update={"aggregation": "majority", "verifier": None}), readers)
+
+    def asked(traj: Trajectory, turn: Turn) -> str:
+        if turn.agent not in traj.team:
+            raise PluribusError(f"problem '{traj.problem_id}': agent '{turn.agent}' is not in its team {traj.team}")
+        return asked_in_round(prompts_only, traj, traj.team.index(turn.agent), turn.round)
+
+    return asked
+
+
 OnBatch = Callable[[list[Generation]], None]
 
 
