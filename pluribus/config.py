@@ -730,7 +730,7 @@ class EvalTask(TaskConfig):
     _name_is_a_folder = field_validator("name")(_folder_name)
 
 
-SYSTEMS = ("single", "sc", "prm-bon", "team", "experts", "merged", "distilled")
+SYSTEMS = ("single", "sc", "prm-bon", "team", "team-prm", "experts", "merged", "distilled")
 
 
 class EvalConfig(Section):
@@ -741,7 +741,8 @@ class EvalConfig(Section):
     systems: list[str] | None = Field(
         None, description="single: the team's first agent's model alone (N=1, R=1); sc: that model sampled until it "
         "has spent the team's tokens on each problem, majority vote; prm-bon: sc's very samples, the one the verifier "
-        "(eval.verifier) scores highest; team: the recipe's team; experts: every "
+        "(eval.verifier) scores highest; team: the recipe's team; team-prm: the team's own last round, the solution "
+        "the verifier scores highest (no new generation); experts: every "
         "trained expert but PRMs (or name experts one by one); merged: every merge of the merge section; "
         "distilled: the adapter in eval.adapter. None: every system the recipe has the sections for.",
     )
@@ -750,7 +751,8 @@ class EvalConfig(Section):
         "agents x rounds generations each); None: all. The report says how many.")
     sc_max_samples: int = Field(32, ge=1, description="sc: at most this many samples per problem.")
     verifier: str | None = Field(
-        None, description="prm-bon: the process reward model that picks the best of sc's samples: a PRM expert of "
+        None, description="prm-bon, team-prm: the process reward model that picks the best of sc's samples and of "
+        "the team's last round: a PRM expert of "
         "the run by name or a PRM adapter folder. None: team.verifier, else the train section's PRM expert when it "
         "has exactly one. Step scores become one score by team.verifier_aggregate.")
     sc_n: int | None = Field(
@@ -841,10 +843,10 @@ class Recipe(Section):
                 raise ValueError(f"merge '{m.name}' names the process reward model(s) {[e for e in m.experts or [] if e in prms]}, "
                                  "whose score head is no policy; merge the experts that answer")
         clash = sorted(set(experts) & set(merges))
-        reserved = sorted(n for n in [*experts, *merges] if n in ("sc", "team", "prm-bon") or n.startswith("single"))
+        reserved = sorted(n for n in [*experts, *merges] if n in ("sc", "team", "prm-bon", "team-prm") or n.startswith("single"))
         if clash or reserved:
             raise ValueError(f"names {clash or reserved} are used twice in eval's systems (an expert and a merge, "
-                             "or a built-in system: single, sc, prm-bon, team); rename them")
+                             "or a built-in system: single, sc, prm-bon, team, team-prm); rename them")
         for where, name in (("team.verifier", self.team.verifier if self.team else None),
                             ("eval.verifier", self.eval.verifier if self.eval else None)):
             if name in experts and name not in prms:

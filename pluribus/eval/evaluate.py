@@ -113,6 +113,8 @@ def _requested(recipe: Recipe, cfg: EvalConfig) -> list[str]:
         out += ["sc", "team"]
         if eval_verifier(recipe) is not None:
             out.append("prm-bon")
+            if not recipe.team.verifier:  # a team that aggregates with its verifier already is team-prm
+                out.append("team-prm")
     if recipe.train is not None:
         out.append("experts")
     if recipe.merge is not None:
@@ -180,6 +182,19 @@ def plan_systems(recipe: Recipe, *, check: bool = True) -> list[Plan]:
             folder = prm_folder(recipe, name, check=check)
             single = _single(team, adapter=None, model=None, mode="sampled", cfg=cfg, name="sc", prompt=prompt)
             plans.append(Plan("prm-bon", "prm-bon", "sampled", single, verifier=str(folder)))
+        elif system == "team-prm":
+            name = eval_verifier(recipe)
+            if name is None:
+                raise PluribusError("eval system 'team-prm' needs a process reward model: set eval.verifier (a PRM "
+                                    "expert of the run or a PRM folder), or train one prm expert")
+            if "team" not in _requested(recipe, cfg) or team.verifier:
+                raise PluribusError("eval system 'team-prm' re-chooses the answer of the team's own transcripts by the "
+                                    "PRM: add 'team' to eval.systems, with a team that aggregates without a verifier "
+                                    "(one with team.verifier is that system already)")
+            from pluribus.data.verify import prm_folder
+
+            folder = prm_folder(recipe, name, check=check)
+            plans.append(Plan("team-prm", "team-prm", "as-configured", _team(team, cfg), verifier=str(folder)))
         elif system == "experts" or system in experts:
             chosen = [t for t in experts.values() if t.objective != "prm"] if system == "experts" else [experts[system]]
             if system in experts and experts[system].objective == "prm":
@@ -286,17 +301,17 @@ def budget_vote(samples: dict[str, Any], budget: float) -> tuple[dict[str, Any],
 
 
 def best_of_n(voted: list[dict[str, Any]], verifier: Any, how: str) -> list[dict[str, Any]]:
-    """prm-bon: on each of sc's budget-matched records (``budget_vote``'s, the samples it voted over), the sample
-    the verifier scores highest (``pluribus.data.verify``, ``prm_best``; ``how`` aggregates its step scores)
-    instead of the majority. Same samples, same cost: only the chooser differs. Each record keeps every sample's
-    step scores in ``meta.verifier``."""
+    """The last round of each record (prm-bon: sc's budget-matched records, ``budget_vote``'s, one round of the
+    samples it voted over; team-prm: the team's transcripts), the answer chosen by the solution the verifier scores
+    highest (``pluribus.data.verify``, ``prm_best``; ``how`` aggregates its step scores) instead of the majority.
+    Same solutions, same cost: only the chooser differs. Each record keeps every step score in ``meta.verifier``."""
     from pluribus.data.verify import verdict
 
-    groups = [(r["question"], [t["response"] for t in r["rounds"][0]]) for r in voted]
+    groups = [(r["question"], [t["response"] for t in r["rounds"][-1]]) for r in voted]
     scored = verifier.score(groups) if groups else []
     out = []
     for r, steps in zip(voted, scored, strict=True):
-        turns = r["rounds"][0]
+        turns = r["rounds"][-1]
         pick, record = verdict([t["agent"] for t in turns], [t["answer"] for t in turns], steps, how, "prm_best",
                                verifier.name)
         chosen = turns[pick] if pick is not None else None
@@ -307,7 +322,7 @@ def best_of_n(voted: list[dict[str, Any]], verifier: Any, how: str) -> list[dict
 
 
 def chooser_agreement(vote: list[dict[str, Any]], verified: list[dict[str, Any]]) -> dict[str, Any]:
-    """On the same samples, the majority vote (sc) against the verifier's choice (prm-bon), problem by problem:
+    """On the same solutions, the majority vote (sc, the team) against the verifier's choice (prm-bon, team-prm):
     how often one is right where the other is wrong, and how often any sample was right (either chooser's
     ceiling). McNemar's exact p over the problems where they differ."""
     by_id = {r["problem_id"]: r for r in vote}
@@ -318,7 +333,7 @@ def chooser_agreement(vote: list[dict[str, Any]], verified: list[dict[str, Any]]
     vote_only = sum(bool(v["final_correct"]) for v, _ in prm_wrong)
     return {"problems": len(both), "vote_wrong": len(vote_wrong), "verifier_right_when_vote_wrong": prm_only,
             "verifier_wrong": len(prm_wrong), "vote_right_when_verifier_wrong": vote_only,
-            "any_sample_right": sum(any(t["correct"] for t in p["rounds"][0]) for _, p in both),
+            "any_sample_right": sum(any(t["correct"] for t in p["rounds"][-1]) for _, p in both),
             "p_value": mcnemar_exact(prm_only, vote_only)}
 
 

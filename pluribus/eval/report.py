@@ -27,12 +27,14 @@ def _share(k: int, n: int) -> str:
     return f"{k} of {n} ({k / n:.0%})" if n else "0 of 0"
 
 
-def _verifier_lines(bon: dict[str, Any]) -> list[str]:
-    """prm-bon against sc on the same samples, and the PRM's own quality as its training record gives it."""
-    agree = bon["vs_sc"]
-    lines = [f"prm-bon: on each problem, the very samples sc voted over, and the one the PRM `{bon['verifier']}` "
-             f"scores highest (its step scores aggregated by {bon['verifier_aggregate']}) instead of the majority; "
-             f"the same tokens as sc (the PRM's reading costs no generation). Prompt and step rule: "
+def _verifier_lines(name: str, bon: dict[str, Any]) -> list[str]:
+    """prm-bon against sc (team-prm against the team) on the same solutions, and the PRM's own quality as its
+    training record gives it."""
+    agree, vote = bon["vs_vote"], bon["vote"]
+    among = "the very samples sc voted over" if vote == "sc" else "the team's own last round (its transcripts)"
+    lines = [f"{name}: on each problem, {among}, and the answer of the solution the PRM `{bon['verifier']}` "
+             f"scores highest (its step scores aggregated by {bon['verifier_aggregate']}) instead of {vote}'s majority; "
+             f"the same tokens as {vote} (the PRM's reading costs no generation). Prompt and step rule: "
              f"{bon['verifier_prompt']}. On {agree['problems']} problems: where the majority vote is wrong, the PRM's "
              f"choice is right on {_share(agree['verifier_right_when_vote_wrong'], agree['vote_wrong'])}; where "
              f"the PRM's choice is wrong, the majority is right on "
@@ -76,9 +78,9 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
         lines += ["", f"sc: {sc['samples_drawn']} samples drawn per problem, {sc['mean_samples_used']:.1f} used on "
                   f"average to spend the team's tokens on that problem (reached on {sc['budget_reached']:.0%} of "
                   "problems), then a majority vote."]
-    bon = task["systems"].get("prm-bon")
-    if bon:
-        lines += ["", *_verifier_lines(bon)]
+    for name in ("prm-bon", "team-prm"):
+        if task["systems"].get(name):
+            lines += ["", *_verifier_lines(name, task["systems"][name])]
     if task.get("comparisons"):
         lines += ["", "Against the single base agent, problem by problem (two-sided exact McNemar test):", "",
                   "| system | baseline | problems | solved only by the system | solved only by the baseline | p |",
@@ -149,7 +151,7 @@ def plot(payload: dict[str, Any]) -> bytes:
 
     tasks = payload.get("tasks") or [{**payload, "name": "heldout"}]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks), 4.4), squeeze=False)
-    colors = {"single": "#4C72B0", "sc": "#8172B2", "prm-bon": "#937860", "team": "#C44E52", "expert": "#55A868", "merged": "#DD8452",
+    colors = {"single": "#4C72B0", "sc": "#8172B2", "prm-bon": "#937860", "team": "#C44E52", "team-prm": "#8C8C8C", "expert": "#55A868", "merged": "#DD8452",
               "distilled": "#55A868"}
     for ax, task in zip(axes[0], tasks, strict=True):
         for name, r in task["systems"].items():

@@ -199,9 +199,10 @@ def _task_label(task: TaskConfig) -> str:
 
 def _prm_best_of_n(recipe: Recipe, plan: Plan, voted: list[dict[str, Any]], eval_dir: Path,
                    verifiers: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """prm-bon's records (``best_of_n`` over sc's voted samples) and what the report says of it: the PRM, how it
-    agrees with the vote, its own quality from its training record. The choices are written to
-    ``<eval>/prm-bon/<the PRM's fingerprint>/choices.jsonl`` (every sample's step scores), to be inspected."""
+    """prm-bon's or team-prm's records (``best_of_n`` over sc's voted samples or the team's transcripts) and what
+    the report says of it: the PRM, how it agrees with the vote, its own quality from its training record. The
+    choices are written to ``<eval>/<system>/<the PRM's fingerprint>/choices.jsonl`` (every step score), to be
+    inspected."""
     from pluribus.distill.prm import PRMScorer, prm_reading
 
     assert plan.verifier is not None
@@ -210,14 +211,15 @@ def _prm_best_of_n(recipe: Recipe, plan: Plan, voted: list[dict[str, Any]], eval
         verifiers[plan.verifier] = PRMScorer(plan.verifier, trust_remote_code=recipe.trust_remote_code)
     recs = best_of_n(voted, verifiers[plan.verifier], how)
     fingerprint = content_fingerprint(plan.verifier)
-    atomic_write_text(eval_dir / "prm-bon" / str(fingerprint) / "choices.jsonl",
+    atomic_write_text(eval_dir / plan.label / str(fingerprint) / "choices.jsonl",
                       "".join(json.dumps(r) + "\n" for r in recs))
     reading = prm_reading(plan.verifier)
     quality = ({"source": "prm_metrics", **reading["metrics"]} if reading["metrics"] else
                {"source": "held-out steps at training (eval_step_*)", **reading["step_metrics"]}
                if reading["step_metrics"] else None)
     return recs, {"verifier": plan.verifier, "verifier_fingerprint": fingerprint, "verifier_aggregate": how,
-                  "verifier_prompt": reading["source"], "vs_sc": chooser_agreement(voted, recs),
+                  "verifier_prompt": reading["source"], "vote": plan.system.replace("prm-bon", "sc").replace("team-prm", "team"),
+                  "vs_vote": chooser_agreement(voted, recs),
                   "verifier_quality": quality}
 
 
@@ -277,10 +279,12 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             sc_info = {"samples_drawn": k, "mean_samples_used": sum(used) / max(1, len(used)),
                        "budget_reached": reached / max(1, len(voted))}
             recs = voted
-        elif plan.system == "prm-bon":
-            if "sc" not in records:
-                raise PluribusError("eval system 'prm-bon' chooses among sc's samples, and sc did not run here")
-            recs, bon_info = _prm_best_of_n(recipe, plan, records["sc"], eval_dir, verifiers)
+        elif plan.system in ("prm-bon", "team-prm"):
+            among = "sc" if plan.system == "prm-bon" else "team"
+            if among not in records:
+                raise PluribusError(f"eval system '{plan.system}' chooses among {among}'s answers, and {among} did "
+                                    "not run here")
+            recs, bon_info = _prm_best_of_n(recipe, plan, records[among], eval_dir, verifiers)
         else:
             folder = eval_dir / plan.label / fingerprint if fingerprint else eval_dir / plan.label
             if plan.verifier:  # a team that aggregates with a PRM: a retrained PRM answers in a store of its own
@@ -293,9 +297,9 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             adapters[plan.label] = {"path": plan.adapter or plan.team.agents[0].model, "fingerprint": fingerprint}
         if plan.system == "sc":
             results[plan.label].update(sc_info)
-        if plan.system == "prm-bon":
+        if plan.system in ("prm-bon", "team-prm"):
             results[plan.label].update(bon_info)
-        for kind in cfg.robustness if robustness and plan.system not in ("sc", "prm-bon") else []:
+        for kind in cfg.robustness if robustness and plan.system not in ("sc", "prm-bon", "team-prm") else []:
             varied = [perturb(p, kind) for p in mine]
             folder = eval_dir / f"{plan.label}-{kind}" / fingerprint if fingerprint else eval_dir / f"{plan.label}-{kind}"
             perturbed = _system_records(recipe, folder, task, plan.team, varied, progress, fingerprint, new_run,
@@ -310,7 +314,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
     ordered = {p.label: results[p.label] for p in plans}  # report in the order the recipe asks
     out: dict[str, Any] = {
         "name": name, "task": _task_label(task), "split": task.split, "problems": len(problems),
-        "team_problems": len(team_problems) if any(p.system in ("team", "sc") for p in plans) else 0,
+        "team_problems": len(team_problems) if any(p.system in ("team", "sc", "team-prm") for p in plans) else 0,
         "systems": ordered, "comparisons": compare({k: outcomes(v) for k, v in records.items()}),
     }
     if adapters:
@@ -346,7 +350,7 @@ def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) ->
             # the team and sc run on the recipe's own task; a transfer task measures the single-agent systems,
             # and the team and sc too where it says team: true
             mine = plans if i == 0 or name in with_team else [p for p in plans
-                                                              if p.system not in ("team", "sc", "prm-bon")]
+                                                              if p.system not in ("team", "sc", "prm-bon", "team-prm")]
             tasks.append(evaluate_task(recipe, mine, name, task, folder, progress=progress, new_run=new_run,
                                        robustness=i == 0, pool=pool, verifiers=verifiers))
     finally:

@@ -84,12 +84,12 @@ def test_eval_prm_bon_reads_sc_samples_and_reports(prm_dir, tiny_llama_dir, tmp_
     agent = f"{{model: '{tiny_llama_dir}', sampling: {{max_new_tokens: 6}}}}"
     recipe = load_recipe(None, [
         f"root={tmp_path}", "name=e", "task.source=synthetic", "task.n=4", "task.heldout_fraction=0.5",
-        f"team.agents=[{agent}, {agent}]", "team.rounds=2", "eval.systems=[single, team, sc, prm-bon]",
+        f"team.agents=[{agent}, {agent}]", "team.rounds=2", "eval.systems=[single, team, sc, prm-bon, team-prm]",
         f"eval.verifier={prm_dir}", "eval.sc_max_samples=5"])
     payload = run_eval(recipe, progress=False)
     sc, bon = payload["systems"]["sc"], payload["systems"]["prm-bon"]
     assert bon["problems"] == sc["problems"] and bon["tokens_per_problem"] == sc["tokens_per_problem"]
-    assert bon["vs_sc"]["problems"] == sc["problems"]
+    assert bon["vs_vote"]["problems"] == sc["problems"]
     assert {c["system"]: c["baseline"] for c in payload["comparisons"]}["prm-bon"] == "single-greedy"
     # its choices are among sc's stored draws, the first ones sc voted over (its budget), in order
     out = tmp_path / "e" / "eval"
@@ -111,3 +111,13 @@ def test_eval_prm_bon_reads_sc_samples_and_reports(prm_dir, tiny_llama_dir, tmp_
     assert "step accuracy" in report or "not measured" in report
     assert "Each seat of the team" in report
     assert [s["seat"] for s in payload["tasks"][0]["seats"]] == ["agent0", "agent1"]
+    # team-prm: the team's transcripts, re-chosen by the PRM at the team's cost
+    team, again = payload["systems"]["team"], payload["systems"]["team-prm"]
+    assert again["tokens_per_problem"] == team["tokens_per_problem"] and again["vote"] == "team"
+    [choices] = list((out / "team-prm").glob("*/choices.jsonl"))
+    stored = {json.loads(line)["problem_id"]: json.loads(line) for f in (out / "team").glob("**/*.jsonl")
+              for line in f.read_text().splitlines()}
+    for line in choices.read_text().splitlines():
+        rec = json.loads(line)
+        assert rec["rounds"] == stored[rec["problem_id"]]["rounds"]
+    assert "team-prm: on each problem, the team's own last round" in report

@@ -72,7 +72,7 @@ def _payload(quality) -> dict:
               "unparsable": 0.0, "tokens_per_problem": 300.0, "seconds_per_problem": 1.0, "verifier": "runs/x/prm",
               "verifier_fingerprint": "abc", "verifier_aggregate": "min", "verifier_prompt": "training record",
               "verifier_quality": quality,
-              "vs_sc": {"problems": 10, "vote_wrong": 7, "verifier_right_when_vote_wrong": 2, "verifier_wrong": 6,
+              "vote": "sc", "vs_vote": {"problems": 10, "vote_wrong": 7, "verifier_right_when_vote_wrong": 2, "verifier_wrong": 6,
                         "vote_right_when_verifier_wrong": 1, "any_sample_right": 8, "p_value": 1.0}}
     seats = [{"seat": "solver", "problems": 10, "round0_accuracy": 0.36, "final_accuracy": 0.26,
               "right_to_wrong": 3, "wrong_to_right": 2}]
@@ -104,3 +104,24 @@ def test_prm_bon_is_planned_with_sc_and_refused_without_it_or_a_prm(tmp_path):
     recipe = load_recipe(None, [*base, "train.experts=[{objective: rsft}, {objective: prm}]"])
     plans = {p.label: p for p in plan_systems(recipe, check=False)}
     assert "prm-bon" in plans and plans["prm-bon"].verifier == str(recipe.layout.adapter("prm"))
+    assert plans["team-prm"].verifier == plans["prm-bon"].verifier and plans["team-prm"].team == plans["team"].team
+    with pytest.raises(PluribusError, match="add 'team'"):
+        plan_systems(load_recipe(None, [*base, "eval.systems=[single, team-prm]", "eval.verifier=x"]), check=False)
+
+
+def test_team_prm_rechooses_the_teams_last_round_without_debating_again():
+    def traj(pid, r0, r1):
+        return {**_draws(pid, r0), "team": ["a", "b", "c"], "rounds": [r0, r1], "final_answer": "3",
+                "final_correct": False, "cost": {"tokens_in": 50, "tokens_out": 50, "seconds": 1.0}}
+
+    first = [_sample(n, "careful\n\\boxed{4}", "4", True) for n in "abc"]
+    last = [_sample("a", "quick\n\\boxed{3}", "3", False), _sample("b", "quick\n\\boxed{3}", "3", False),
+            _sample("c", "careful\n\\boxed{4}", "4", True)]
+    team = [traj("p0", first, last)]
+    verifier = ScriptedVerifier({"careful": 0.9, "quick": 0.3})
+    [chosen] = best_of_n(team, verifier, "min")
+    assert verifier.calls[0][0][1] == [t["response"] for t in last]  # the last round, not round 0
+    assert (chosen["final_answer"], chosen["final_correct"], chosen["cost"]) == ("4", True, team[0]["cost"])
+    assert chosen["rounds"] == team[0]["rounds"]  # the transcripts as the team debated them
+    agree = chooser_agreement(team, [chosen])
+    assert agree["verifier_right_when_vote_wrong"] == 1 and agree["any_sample_right"] == 1
