@@ -66,7 +66,7 @@ def _single(team: TeamConfig, *, adapter: str | None, model: str | None, mode: s
     member = agent.model_copy(update={"name": name, "persona": None, "adapter": adapter, "sampling": sampling,
                                       **({"model": model} if model else {})})
     return team.model_copy(update={"agents": [member], "rounds": 1, "topology": "all", "aggregation": "majority",
-                                   "judge": None, "problems_per_step": None, "early_stop": False,
+                                   "verifier": None, "judge": None, "problems_per_step": None, "early_stop": False,
                                    "prompts": {**team.prompts, "question": prompt}})
 
 

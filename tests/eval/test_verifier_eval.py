@@ -125,3 +125,16 @@ def test_team_prm_rechooses_the_teams_last_round_without_debating_again():
     assert chosen["rounds"] == team[0]["rounds"]  # the transcripts as the team debated them
     agree = chooser_agreement(team, [chosen])
     assert agree["verifier_right_when_vote_wrong"] == 1 and agree["any_sample_right"] == 1
+
+
+def test_a_verifier_team_is_evaluated_with_its_prm_and_the_single_systems_without(tmp_path):
+    prm = tmp_path / "elsewhere" / "prm"
+    recipe = load_recipe(None, [f"root={tmp_path}", "task.source=synthetic", "team.rounds=2",
+                                "team.agents=[{name: a}, {name: b}]", "team.aggregation=prm_vote",
+                                f"team.verifier={prm}"])
+    plans = {p.label: p for p in plan_systems(recipe, check=False)}
+    assert set(plans) == {"single-greedy", "sc", "team", "prm-bon"}  # the team is team-prm already
+    assert plans["team"].team.verifier == str(prm.resolve()) == plans["team"].verifier
+    assert plans["prm-bon"].verifier == str(prm)
+    # the single agent and sc answer alone: no verifier, so their stores are those of a majority team's
+    assert plans["single-greedy"].team.verifier is None and plans["sc"].team.verifier is None
