@@ -162,6 +162,10 @@ def test_run_debate_stores_the_scores_and_resumes(tmp_path):
     verifier = ScriptedVerifier({"I count.": 0.9, "So \\boxed{7}": 0.8, "I guess.": 0.4})
     s = run_debate(recipe, problems=problems(3), backends=backends, progress=False, verifier=verifier)
     assert s.problems == 3
+    # the summary's seats: a0 and a1 answer 1 (right on p0 of 3, in both rounds), a2 answers 7 (never right)
+    rows = dict(s.rows())
+    assert rows["seat a0: round 0 -> last round"] == "33.3% -> 33.3% (0 right -> wrong, 0 wrong -> right)"
+    assert rows["seat a2: round 0 -> last round"] == "0.0% -> 0.0% (0 right -> wrong, 0 wrong -> right)"
     records = list(TrajectoryStore(tmp_path / "r" / "trajectories").iter_records())
     assert all(r["meta"]["verifier"]["chosen"] == "a2" and r["final_answer"] == "7" for r in records)
     assert math.isclose(records[0]["meta"]["verifier"]["members"][1]["score"], 0.4)
