@@ -169,7 +169,7 @@ def check_verifier_cycle(recipe: Recipe) -> None:
 
 
 def verifier_path(recipe: Recipe, name: str | None = None, *, check: bool = True) -> Path:
-    """``pluribus.distill.prm.prm_folder`` of ``name`` (default ``team.verifier``)."""
+    """``pluribus.data.verify.prm_folder`` of ``name`` (default ``team.verifier``)."""
     from pluribus.data.verify import prm_folder
 
     name = name or recipe.require("team").verifier

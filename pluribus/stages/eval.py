@@ -197,7 +197,7 @@ def _task_label(task: TaskConfig) -> str:
                                else f":{Path(task.path).name}" if task.path else "")
 
 
-def _prm_best_of_n(recipe: Recipe, plan: Plan, voted: list[dict[str, Any]], eval_dir: Path,
+def _prm_best_of_n(recipe: Recipe, plan: Plan, among: str, voted: list[dict[str, Any]], eval_dir: Path,
                    verifiers: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """prm-bon's or team-prm's records (``best_of_n`` over sc's voted samples or the team's transcripts) and what
     the report says of it: the PRM, how it agrees with the vote, its own quality from its training record. The
@@ -218,8 +218,7 @@ def _prm_best_of_n(recipe: Recipe, plan: Plan, voted: list[dict[str, Any]], eval
                {"source": "held-out steps at training (eval_step_*)", **reading["step_metrics"]}
                if reading["step_metrics"] else None)
     return recs, {"verifier": plan.verifier, "verifier_fingerprint": fingerprint, "verifier_aggregate": how,
-                  "verifier_prompt": reading["source"], "vote": plan.system.replace("prm-bon", "sc").replace("team-prm", "team"),
-                  "vs_vote": chooser_agreement(voted, recs),
+                  "verifier_prompt": reading["source"], "vote": among, "vs_vote": chooser_agreement(voted, recs),
                   "verifier_quality": quality}
 
 
@@ -228,9 +227,9 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
                   verifiers: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every planned system on one task's problems: results, comparisons, the team's gain, early stopping, the
     team's seats round by round. ``verifiers`` holds the PRMs loaded so far, by folder (shared across tasks)."""
-    verifiers = {} if verifiers is None else verifiers
     from pluribus.data.tasks import load_problems
 
+    verifiers = {} if verifiers is None else verifiers
     cfg = recipe.eval or EvalConfig()
     problems = load_problems(task)
     if not problems:
@@ -250,6 +249,8 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
         fingerprint = adapter_fingerprint(plan.adapter) if plan.adapter else None
         if plan.system == "merged" and not plan.adapter:
             fingerprint = adapter_fingerprint(plan.team.agents[0].model)
+        # a team that aggregates with a PRM: a retrained PRM answers in stores of its own
+        sub = f"prm-{content_fingerprint(plan.verifier)}" if plan.system == "team" and plan.verifier else None
         if plan.system == "sc":
             if "team" not in records:
                 raise PluribusError("eval system 'sc' spends the team's tokens: add 'team' to eval.systems")
@@ -284,11 +285,9 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             if among not in records:
                 raise PluribusError(f"eval system '{plan.system}' chooses among {among}'s answers, and {among} did "
                                     "not run here")
-            recs, bon_info = _prm_best_of_n(recipe, plan, records[among], eval_dir, verifiers)
+            recs, bon_info = _prm_best_of_n(recipe, plan, among, records[among], eval_dir, verifiers)
         else:
-            folder = eval_dir / plan.label / fingerprint if fingerprint else eval_dir / plan.label
-            if plan.verifier:  # a team that aggregates with a PRM: a retrained PRM answers in a store of its own
-                folder = eval_dir / plan.label / f"prm-{content_fingerprint(plan.verifier)}"
+            folder = eval_dir / plan.label / (fingerprint or sub) if fingerprint or sub else eval_dir / plan.label
             recs = _system_records(recipe, folder, task, plan.team, mine, progress, fingerprint, new_run,
                                    label=plan.label, pool=pool)
         records[plan.label] = recs
@@ -301,7 +300,8 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             results[plan.label].update(bon_info)
         for kind in cfg.robustness if robustness and plan.system not in ("sc", "prm-bon", "team-prm") else []:
             varied = [perturb(p, kind) for p in mine]
-            folder = eval_dir / f"{plan.label}-{kind}" / fingerprint if fingerprint else eval_dir / f"{plan.label}-{kind}"
+            folder = eval_dir / f"{plan.label}-{kind}"
+            folder = folder / (fingerprint or sub) if fingerprint or sub else folder
             perturbed = _system_records(recipe, folder, task, plan.team, varied, progress, fingerprint, new_run,
                                         label=f"{plan.label}-{kind}", pool=pool)
             result = score(perturbed, plan.system, plan.mode)
