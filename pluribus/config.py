@@ -333,7 +333,8 @@ class BuildConfig(Section):
         "by the self-correction transcript of corrective_template (first attempt, a check, the corrected answer). "
         "debate: the exact debate prompt the agent was asked in the round it corrected itself (its peers' replies "
         "included, rebuilt by the debate engine's own prompt builder), answered by its corrected response, so a "
-        "student learns to use a peer's answer (corrective_template is then unused).")
+        "student learns to use a peer's answer (corrective_template is then unused). Its own wrong answer, earlier "
+        "in its conversation, is not in the row: SFT learns every assistant turn of a row.")
     corrective_template: str = Field(
         _CORRECTIVE_TEMPLATE,
         description="augmented: the self-correction transcript; fields {question} {first_attempt} {first_answer} "

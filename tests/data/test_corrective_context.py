@@ -39,7 +39,7 @@ def _row_of_a0(rows):
     return row
 
 
-@pytest.mark.parametrize("topology", ["all", "ring"])
+@pytest.mark.parametrize("topology", ["all", "ring", "star"])
 def test_the_corrective_rows_user_turn_is_the_prompt_the_engine_asked(topology):
     cfg, be, backends = _team(topology=topology)
     [traj] = debate_step(problems(1), build_team(cfg, backends), run_id="r")
@@ -54,7 +54,7 @@ def test_the_corrective_rows_user_turn_is_the_prompt_the_engine_asked(topology):
     assert row["messages"] == [{"role": "user", "content": asked[-1]["content"]},
                                {"role": "assistant", "content": traj.rounds[1][0].response}]
     peers = traj.rounds[1][0].meta["peers"]
-    assert peers == (["a1", "a2"] if topology == "all" else ["a2"])
+    assert peers == (["a2"] if topology == "ring" else ["a1", "a2"])  # a star without a judge: a0 is its hub
     assert all(f"{p} \\boxed{{1}}" in row["messages"][0]["content"] for p in peers)  # their replies' ends
 
 
@@ -103,3 +103,20 @@ def test_build_rebuilds_the_prompt_with_each_agents_real_tokenizer(tmp_path: Pat
     row = _row_of_a0(rows)
     assert row["messages"][0]["content"] == be.calls[1][0][-1]["content"]
     assert row["messages"][1]["content"] == "Peers convinced me. \\boxed{1}"
+
+
+def test_in_a_star_around_a_judge_the_row_shows_the_judges_summary():
+    cfg, be, backends = _team(topology="star")
+    judge = AgentConfig(name="judge", persona="judge", model="judge-model")
+    cfg = cfg.model_copy(update={"judge": judge})
+    backends = {**backends, backend_key(judge): be}
+    [traj] = debate_step(problems(1), build_team(cfg, backends), run_id="r")
+    assert traj.rounds[1][0].meta["peers"] == ["judge"]
+    rows = augmented_rows([traj], target="gold", prompt_template="{question}", k=4, ngram=3, measure="jaccard",
+                          max_similarity=0.9, corrective=True, corrective_template="unused",
+                          asked=debate_prompts(cfg, backends))
+    row = _row_of_a0(rows)
+    # round 0's agents, the judge of round 0, then round 1: a0's conversation opens the third call
+    asked = be.calls[2][0]
+    assert asked[0]["content"] == "a0" and row["messages"][0]["content"] == asked[-1]["content"]
+    assert "judge \\boxed{1}" in row["messages"][0]["content"]
