@@ -130,6 +130,13 @@ def test_the_debate_refuses_its_own_prm_a_missing_one_and_a_causal_adapter(tmp_p
     elsewhere = recipe.model_copy(update={"train": None, "team": cfg.model_copy(update={"verifier": str(tmp_path / "no")})})
     with pytest.raises(PluribusError, match="neither an expert of the run nor an adapter folder"):
         run_debate(elsewhere, problems=problems(2), backends=backends, progress=False)
+    causal = tmp_path / "rsft"
+    causal.mkdir()
+    (causal / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": "CAUSAL_LM"}')
+    (causal / "adapter_model.safetensors").write_bytes(b"weights")
+    policy = elsewhere.model_copy(update={"team": cfg.model_copy(update={"verifier": str(causal)})})
+    with pytest.raises(PluribusError, match="task type CAUSAL_LM, not a process reward model"):
+        run_debate(policy, problems=problems(2), backends=backends, progress=False)
     assert not (tmp_path / "r" / "trajectories").exists()  # nothing written
 
 
