@@ -41,17 +41,22 @@ def _verifier_lines(name: str, bon: dict[str, Any]) -> list[str]:
              f"{_share(agree['vote_right_when_verifier_wrong'], agree['verifier_wrong'])} (exact McNemar p = "
              f"{agree['p_value']:.3g}); some sample was right on {_share(agree['any_sample_right'], agree['problems'])}"
              " (the best any chooser could do)."]
+    return lines
+
+
+def _quality_lines(bon: dict[str, Any]) -> list[str]:
+    """The PRM's own step-level quality, as its training record gives it (or that it was not measured)."""
     q = bon.get("verifier_quality")
     if not q:
-        return [*lines, "", "The PRM's step-level quality: not measured (its training record holds no prm_metrics "
-                "and no held-out step metrics)."]
+        return [f"The step-level quality of the PRM `{bon['verifier']}`: not measured (its training record holds no "
+                "prm_metrics and no held-out step metrics)."]
     shown = ", ".join(f"{name.replace('_', ' ')} {q[key]:.3f}" if isinstance(q[key], float) else
                       f"{name.replace('_', ' ')} {q[key]}"
                       for key, name in (("auroc", "step AUROC"), ("f1", "step F1"), ("accuracy", "step accuracy"),
                                         ("first_error_accuracy", "first-error accuracy"), ("n_steps", "steps"),
                                         ("n_rows", "rows")) if q.get(key) is not None)
-    return [*lines, "", f"The PRM's step-level quality on held-out labelled steps ({q['source']}, from its training "
-            f"record): {shown or 'not measured'}."]
+    return [f"The step-level quality of the PRM `{bon['verifier']}` on held-out labelled steps ({q['source']}, from "
+            f"its training record): {shown or 'not measured'}."]
 
 
 def _seat_lines(seats: list[dict[str, Any]]) -> list[str]:
@@ -78,9 +83,15 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
         lines += ["", f"sc: {sc['samples_drawn']} samples drawn per problem, {sc['mean_samples_used']:.1f} used on "
                   f"average to spend the team's tokens on that problem (reached on {sc['budget_reached']:.0%} of "
                   "problems), then a majority vote."]
+    shown: set[str] = set()
     for name in ("prm-bon", "team-prm"):
         if task["systems"].get(name):
             lines += ["", *_verifier_lines(name, task["systems"][name])]
+    for name in ("prm-bon", "team-prm"):
+        bon = task["systems"].get(name)
+        if bon and bon["verifier"] not in shown:  # once per PRM
+            shown.add(bon["verifier"])
+            lines += ["", *_quality_lines(bon)]
     if task.get("comparisons"):
         lines += ["", "Against the single base agent, problem by problem (two-sided exact McNemar test):", "",
                   "| system | baseline | problems | solved only by the system | solved only by the baseline | p |",
