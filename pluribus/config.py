@@ -300,7 +300,19 @@ class TeamConfig(Section):
     agents: list[AgentConfig] = Field(default_factory=lambda: [AgentConfig()], min_length=1)
     rounds: int = Field(2, ge=1, description="Debate rounds R; round 0 answers alone.")
     topology: Literal["all", "ring", "star"] = Field("all")
-    aggregation: Literal["majority", "judge"] = Field("majority")
+    aggregation: Literal["majority", "judge", "prm_best", "prm_vote"] = Field(
+        "majority", description="How the last round becomes the team's answer: majority (vote of the parsed "
+        "answers), judge (the judge agent's verdict), prm_best (the answer of the member whose final solution the "
+        "verifier scores highest), prm_vote (each answer weighs the sum of its voters' verifier scores); see "
+        "pluribus.data.verify.")
+    verifier: str | None = Field(
+        None, description="prm_best / prm_vote: the process reward model that scores each member's final solution "
+        "step by step: a PRM expert of the run by name (<run>/adapters/<name>) or a PRM adapter folder. Its scores "
+        "are kept in each trajectory (meta.verifier), and its contents key the store.")
+    verifier_aggregate: Literal["min", "product", "last", "mean"] = Field(
+        "min", description="How a solution's step scores become one score (prm_best, prm_vote, eval's prm-bon): "
+        "min (its weakest step), product (every step right, steps taken as independent), last (its final step's "
+        "score), mean.")
     judge: AgentConfig | None = Field(None, description="Judge agent for topology star / aggregation judge.")
     batch_size: int = Field(32, ge=1, description="Max conversations per backend call.")
     peer_token_budget: int = Field(256, ge=16, description="Max tokens of each peer response shown to an agent.")
@@ -318,6 +330,16 @@ class TeamConfig(Section):
         "error", description="A problem whose prompt does not fit an agent's context (after peer trimming), in any "
         "round: error (refuse, naming it and the numbers) or skip (leave it out, counted and named in the summary). "
         "Prompts are never cut.")
+
+    @model_validator(mode="after")
+    def _verifier_with_prm_aggregation(self) -> TeamConfig:
+        if self.aggregation.startswith("prm_") and not self.verifier:
+            raise ValueError(f"aggregation '{self.aggregation}' needs team.verifier: a PRM expert of the run by "
+                             "name or a PRM adapter folder")
+        if self.verifier and not self.aggregation.startswith("prm_"):
+            raise ValueError(f"team.verifier is set but aggregation is '{self.aggregation}', which does not use it; "
+                             "set aggregation: prm_best or prm_vote, or remove team.verifier")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -358,6 +380,13 @@ class BuildConfig(Section):
         0.9, ge=0.0, le=1.0, description="augmented: never keep a trace more similar than this to a kept one."
     )
     corrective: bool = Field(True, description="augmented: add wrong-then-right corrective transcripts.")
+    corrective_context: Literal["question", "debate"] = Field(
+        "question", description="augmented: what a corrective row shows. question: the question prompt, answered "
+        "by the self-correction transcript of corrective_template (first attempt, a check, the corrected answer). "
+        "debate: the exact debate prompt the agent was asked in the round it corrected itself (its peers' replies "
+        "included, rebuilt by the debate engine's own prompt builder), answered by its corrected response, so a "
+        "student learns to use a peer's answer (corrective_template is then unused). Its own wrong answer, earlier "
+        "in its conversation, is not in the row: SFT learns every assistant turn of a row.")
     corrective_template: str = Field(
         _CORRECTIVE_TEMPLATE,
         description="augmented: the self-correction transcript; fields {question} {first_attempt} {first_answer} "
@@ -412,6 +441,16 @@ class BuildConfig(Section):
         if used - allowed:
             raise ValueError(f"unknown field(s) {sorted(used - allowed)}; allowed: {sorted(allowed)}")
         return v
+
+    @model_validator(mode="after")
+    def _corrective_context_used(self) -> BuildConfig:
+        if self.corrective_context == "debate" and not self.corrective:
+            raise ValueError("build.corrective_context: debate shapes corrective rows, but build.corrective is "
+                             "false; set corrective: true or drop corrective_context")
+        if self.corrective_context == "debate" and "corrective_template" in self.model_fields_set:
+            raise ValueError("build.corrective_template is unused with corrective_context: debate (the row is the "
+                             "debate prompt and the corrected answer); remove one of them")
+        return self
 
     @field_validator("completer")
     @classmethod
@@ -787,7 +826,7 @@ class EvalTask(TaskConfig):
     _name_is_a_folder = field_validator("name")(_folder_name)
 
 
-SYSTEMS = ("single", "sc", "team", "experts", "merged", "distilled")
+SYSTEMS = ("single", "sc", "prm-bon", "team", "team-prm", "experts", "merged", "distilled")
 
 
 class EvalConfig(Section):
@@ -797,7 +836,9 @@ class EvalConfig(Section):
     n: int | None = Field(None, ge=1, description="Held-out problems to evaluate (None: task.n, else the whole held-out split).")
     systems: list[str] | None = Field(
         None, description="single: the team's first agent's model alone (N=1, R=1); sc: that model sampled until it "
-        "has spent the team's tokens on each problem, majority vote; team: the recipe's team; experts: every "
+        "has spent the team's tokens on each problem, majority vote; prm-bon: sc's very samples, the one the verifier "
+        "(eval.verifier) scores highest; team: the recipe's team; team-prm: the team's own last round, the solution "
+        "the verifier scores highest (no new generation); experts: every "
         "trained expert but PRMs (or name experts one by one); merged: every merge of the merge section; "
         "distilled: the adapter in eval.adapter. None: every system the recipe has the sections for.",
     )
@@ -805,6 +846,11 @@ class EvalConfig(Section):
         None, ge=1, description="Run the team and sc on the first team_n of the problems only (they cost "
         "agents x rounds generations each); None: all. The report says how many.")
     sc_max_samples: int = Field(32, ge=1, description="sc: at most this many samples per problem.")
+    verifier: str | None = Field(
+        None, description="prm-bon, team-prm: the process reward model that picks the best of sc's samples and of "
+        "the team's last round: a PRM expert of "
+        "the run by name or a PRM adapter folder. None: team.verifier, else the train section's PRM expert when it "
+        "has exactly one. Step scores become one score by team.verifier_aggregate.")
     sc_n: int | None = Field(
         None, ge=1, description="Run sc on the first sc_n of the team's problems only (it draws many samples "
         "per problem); None: all of the team's. The report says how many.")
@@ -950,10 +996,16 @@ class Recipe(Section):
                 raise ValueError(f"merge '{m.name}' names the process reward model(s) {[e for e in m.experts or [] if e in prms]}, "
                                  "whose score head is no policy; merge the experts that answer")
         clash = sorted(set(experts) & set(merges))
-        reserved = sorted(n for n in [*experts, *merges] if n in ("sc", "team") or n.startswith("single"))
+        reserved = sorted(n for n in [*experts, *merges] if n in ("sc", "team", "prm-bon", "team-prm") or n.startswith("single"))
         if clash or reserved:
             raise ValueError(f"names {clash or reserved} are used twice in eval's systems (an expert and a merge, "
-                             "or a built-in system: single, sc, team); rename them")
+                             "or a built-in system: single, sc, prm-bon, team, team-prm); rename them")
+        for where, name in (("team.verifier", self.team.verifier if self.team else None),
+                            ("eval.verifier", self.eval.verifier if self.eval else None)):
+            if name in experts and name not in prms:
+                raise ValueError(f"{where} '{name}' is a {self.train.expert(name).objective} expert, not a process "
+                                 f"reward model; name a prm expert ({', '.join(prms) or 'none'}) or a PRM adapter "
+                                 "folder")
         if self.eval is not None and self.eval.systems is not None:
             unknown = [s for s in self.eval.systems if s not in (*SYSTEMS, *experts, *merges)]
             if unknown:

@@ -310,6 +310,43 @@ class TransformersBackend:
         self.model = None
 
 
+# ------------------------------------------------------------------------------------- reading peers
+
+
+@dataclass(frozen=True)
+class TokenText:
+    """Counting and trimming text in a model's tokens, as its backend does to the peers' responses it reads
+    (``team.peer_token_budget``): by the model's tokenizer (``PromptBuilder``); an openai model with no tokenizer
+    offline counts about 4 characters a token, and trims so where it has no chat template either."""
+
+    tokenizer: Any
+    builder: PromptBuilder | None
+
+    def count_tokens(self, text: str) -> int:
+        if self.tokenizer is not None:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return max(1, len(text) // 4)  # no tokenizer offline: ~4 characters a token
+
+    def keep_last_tokens(self, text: str, n: int) -> str:
+        if self.builder is not None:
+            return self.builder.keep_last_tokens(text, n)
+        return text if len(text) <= 4 * n else text[-4 * n :]
+
+
+def peer_reader(agent: AgentConfig, *, trust_remote_code: bool = False) -> TokenText:
+    """How ``agent``'s backend counts and trims its peers' responses, from its tokenizer alone (no weights, no
+    server): the builders rebuild a stored debate round's prompt with it (``debate.asked_in_round``)."""
+    from pluribus.models import load_tokenizer, resolve_model
+
+    if agent.backend == "openai":
+        tokenizer = _local_tokenizer(agent.model, trust_remote_code)
+    else:
+        tokenizer = load_tokenizer(resolve_model(agent.model), trust_remote_code=trust_remote_code)
+    has_template = tokenizer is not None and getattr(tokenizer, "chat_template", None)
+    # the context length plays no part in counting or trimming
+    return TokenText(tokenizer, PromptBuilder(tokenizer, 1 << 30, agent.model) if has_template else None)
+
+
 # --------------------------------------------------------------------------------------------- openai
 
 
@@ -411,14 +448,10 @@ class OpenAIBackend:
         self.estimated = 0  # generations whose token counts are estimates (no usage, no tokenizer)
 
     def count_tokens(self, text: str) -> int:
-        if self.tokenizer is not None:
-            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return max(1, len(text) // 4)  # no tokenizer offline: ~4 characters a token
+        return TokenText(self.tokenizer, self.builder).count_tokens(text)
 
     def keep_last_tokens(self, text: str, n: int) -> str:
-        if self.builder is not None:
-            return self.builder.keep_last_tokens(text, n)
-        return text if len(text) <= 4 * n else text[-4 * n :]
+        return TokenText(self.tokenizer, self.builder).keep_last_tokens(text, n)
 
     def prompt_fit(self, conversation: Conversation, max_new_tokens: int) -> Fit | None:
         """Known only with the model's tokenizer offline; without it the server refuses what does not fit."""

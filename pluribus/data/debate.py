@@ -14,6 +14,8 @@ Protocol (Du et al. 2023, "Improving Factuality and Reasoning in Language Models
 - Aggregation: ``majority`` over the last round's parsed answers; ties go to the answer with more votes over
   all rounds, then to the one given by the lowest-index agent in the last round; unparsable answers do not
   vote, and equal numbers written differently ("0.5", "1/2") are one answer. ``judge``: the judge agent reads the last round (``judge`` template) and its answer is final.
+  ``prm_best`` / ``prm_vote``: the team's verifier (a PRM) scores every member's last-round solution step by
+  step and chooses (pluribus.data.verify); every step score and aggregate is kept in ``meta.verifier``.
 - Each peer response is trimmed to ``team.peer_token_budget`` tokens of the reader's tokenizer, keeping its
   *end* (the conclusion and final answer) behind a "[...]" mark; the dropped token counts are recorded in
   the turn's ``meta.peer_tokens_dropped``.
@@ -51,6 +53,7 @@ from pluribus.data.answers import grade, vote_key
 from pluribus.data.backends import Backend, Conversation, Generation, backend_key, make_backend
 from pluribus.data.prompts import fill, resolve_prompts
 from pluribus.data.records import Problem, Trajectory, Turn
+from pluribus.data.verify import Verifier, verdict
 from pluribus.errors import PluribusError
 
 TRIM_MARK = "[...] "
@@ -74,6 +77,7 @@ class Team:
     judge: Member | None
     config: TeamConfig
     prompts: dict[str, str]
+    verifier: Verifier | None = None  # scores the last round's solutions (aggregation prm_best / prm_vote)
 
     @property
     def names(self) -> list[str]:
@@ -96,14 +100,18 @@ def validate_team(team: TeamConfig) -> list[str]:
     return names
 
 
-def build_team(team: TeamConfig, backends: Mapping[tuple, Backend]) -> Team:
-    """Pair each agent (and the judge) with its backend from ``backends`` (keyed by ``backend_key``)."""
+def build_team(team: TeamConfig, backends: Mapping[tuple, Backend], verifier: Verifier | None = None) -> Team:
+    """Pair each agent (and the judge) with its backend from ``backends`` (keyed by ``backend_key``); a team that
+    aggregates by a verifier (prm_best, prm_vote) takes the scorer in ``verifier``."""
     names = validate_team(team)
+    if team.aggregation.startswith("prm_") and verifier is None:
+        raise PluribusError(f"team.aggregation is '{team.aggregation}' but no verifier was given to score the "
+                            "solutions; set team.verifier to a PRM")
     members = [Member(n, a, backends[backend_key(a)]) for n, a in zip(names, team.agents, strict=True)]
     judge = None
     if team.judge is not None:
         judge = Member(team.judge.name or "judge", team.judge, backends[backend_key(team.judge)])
-    return Team(members, judge, team, resolve_prompts(team.prompts))
+    return Team(members, judge, team, resolve_prompts(team.prompts), verifier)
 
 
 def make_backends(team: TeamConfig, *, trust_remote_code: bool = False, device: str | None = None
@@ -165,6 +173,57 @@ def _peers_of(team: Team, state: _State, i: int) -> list[tuple[str, str]]:
     else:
         idx = [j for j in range(n) if j != i]
     return [(team.members[j].name, last[j].response) for j in idx]
+
+
+def round_prompt(team: Team, state: _State, i: int) -> tuple[str, list[str], list[int]]:
+    """The user turn agent i is asked after ``state``'s last round, with the names of the peers it shows and the
+    tokens trimmed from each: the ``debate`` template over its peers' responses (trimmed to the reader's
+    ``team.peer_token_budget``), or ``reflect`` when it has no peer. The one builder of that prompt: the debate
+    asks it, and the builders rebuild a stored round with it (``asked_in_round``)."""
+    peers = _peers_of(team, state, i)
+    if not peers:
+        return fill(team.prompts["reflect"], question=state.problem.question), [], []
+    block, names, dropped = _peer_block(team, team.members[i].backend, peers)
+    return fill(team.prompts["debate"], peers=block, question=state.problem.question), names, dropped
+
+
+def asked_in_round(team: Team, traj: Trajectory, i: int, rnd: int) -> str:
+    """The user turn agent i of ``traj`` was asked in round ``rnd`` (>= 1), rebuilt with ``round_prompt`` from
+    the stored rounds before it (and the judge's turns, in a star around a judge). ``team`` is the team that
+    debated, its members' backends the readers that trimmed the peers (only their tokenizers are used).
+
+    Raises PluribusError when the rebuilt prompt shows other peers, or trims them otherwise, than the stored
+    turn records (``meta.peers``, ``meta.peer_tokens_dropped``): the store was written by another team."""
+    if not 1 <= rnd < len(traj.rounds):
+        raise PluribusError(f"problem '{traj.problem_id}' has no round {rnd} to rebuild (it has {len(traj.rounds)})")
+    problem = Problem(traj.problem_id, traj.question, traj.gold)
+    judge_turns = [Turn.from_dict(t) for t in (traj.meta.get("judge") or [])]
+    state = _State(problem, [], rounds=[list(r) for r in traj.rounds[:rnd]], judge_turns=judge_turns[:rnd])
+    text, names, dropped = round_prompt(team, state, i)
+    turn = traj.rounds[rnd][i]
+    stored = (turn.meta.get("peers"), turn.meta.get("peer_tokens_dropped"))
+    if (stored[0] is not None and stored[0] != names) or (stored[1] is not None and stored[1] != dropped):
+        raise PluribusError(
+            f"problem '{traj.problem_id}', agent '{turn.agent}', round {rnd}: rebuilding its debate prompt shows "
+            f"peers {names} trimmed by {dropped} tokens, but the store recorded {stored[0]} trimmed by {stored[1]}; "
+            "the store was debated by another team (agents, topology, peer_token_budget or models): build with "
+            "the recipe that made it")
+    return text
+
+
+def debate_prompts(team: TeamConfig, readers: Mapping[tuple, Any]) -> Callable[[Trajectory, Turn], str]:
+    """``asked(trajectory, turn)``: the user turn ``turn``'s agent was asked in its round, rebuilt by
+    ``asked_in_round`` for a store ``team`` debated. ``readers`` (keyed by ``backend_key``, e.g.
+    ``backends.peer_reader``) count and trim the peers as each agent's backend did; nothing generates or scores,
+    so the team is built without its verifier."""
+    prompts_only = build_team(team.model_copy(update={"aggregation": "majority", "verifier": None}), readers)
+
+    def asked(traj: Trajectory, turn: Turn) -> str:
+        if turn.agent not in traj.team:
+            raise PluribusError(f"problem '{traj.problem_id}': agent '{turn.agent}' is not in its team {traj.team}")
+        return asked_in_round(prompts_only, traj, traj.team.index(turn.agent), turn.round)
+
+    return asked
 
 
 OnBatch = Callable[[list[Generation]], None]
@@ -362,13 +421,8 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
                 names: list[str] = []
                 dropped: list[int] = []
                 if rnd > 0:
-                    peers = _peers_of(team, st, i)
+                    text, names, dropped = round_prompt(team, st, i)
                     st.conversations[i].append({"role": "assistant", "content": st.rounds[-1][i].response})
-                    if peers:
-                        block, names, dropped = _peer_block(team, member.backend, peers)
-                        text = fill(team.prompts["debate"], peers=block, question=st.problem.question)
-                    else:
-                        text = fill(team.prompts["reflect"], question=st.problem.question)
                     st.conversations[i].append({"role": "user", "content": text})
                 requests.append((member, st.conversations[i], st.problem.id, rnd))
                 seen.append((names, dropped))
@@ -400,7 +454,25 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
         for rnd in sorted({len(st.rounds) - 1 for st in stopped}):  # judged as of the round each stopped after
             gone += _judge_round(team, [st for st in stopped if len(st.rounds) - 1 == rnd], rnd, seed, on_batch,
                                  skipped)
-    return [_finish(st, team, run_id) for st in states if st not in gone]
+    kept = [st for st in states if st not in gone]
+    verdicts = _verify(team, kept) if team.config.aggregation.startswith("prm_") else {}
+    return [_finish(st, team, run_id, verdicts.get(id(st))) for st in kept]
+
+
+def _verify(team: Team, states: list[_State]) -> dict[int, tuple[int | None, dict[str, Any]]]:
+    """Each state's verdict by the verifier (``pluribus.data.verify``): every member's last-round solution scored
+    step by step, one group per problem (so batching never changes a score), keyed by ``id(state)``."""
+    assert team.verifier is not None
+    groups = [(st.problem.question, [t.response for t in st.rounds[-1]]) for st in states]
+    scored = team.verifier.score(groups) if groups else []
+    if len(scored) != len(groups):
+        raise PluribusError(f"verifier '{team.verifier.name}' returned {len(scored)} results for {len(groups)} problems")
+    out = {}
+    for st, steps in zip(states, scored, strict=True):
+        last = st.rounds[-1]
+        out[id(st)] = verdict([t.agent for t in last], [t.answer for t in last], steps,
+                              team.config.verifier_aggregate, team.config.aggregation, team.verifier.name)
+    return out
 
 
 def agreed(answers: Sequence[str | None]) -> bool:
@@ -431,9 +503,15 @@ def majority(turns: Sequence[Turn], history: Sequence[Sequence[Turn]]) -> tuple[
     return winner.answer, winner.correct, len([a for a, c in votes.items() if c == top]) > 1
 
 
-def _finish(st: _State, team: Team, run_id: str) -> Trajectory:
+def _finish(st: _State, team: Team, run_id: str, verified: tuple[int | None, dict[str, Any]] | None = None
+            ) -> Trajectory:
+    extra: dict[str, Any] = {}
     if team.config.aggregation == "judge":
         final, correct, tie = st.judge_turns[-1].answer, st.judge_turns[-1].correct, False
+    elif verified is not None:
+        pick, extra["verifier"] = verified
+        chosen = st.rounds[-1][pick] if pick is not None else None
+        final, correct, tie = (chosen.answer, chosen.correct, False) if chosen else (None, False, False)
     else:
         final, correct, tie = majority(st.rounds[-1], st.rounds)
     turns = [t for rnd in st.rounds for t in rnd] + st.judge_turns
@@ -446,7 +524,7 @@ def _finish(st: _State, team: Team, run_id: str) -> Trajectory:
         rounds=st.rounds, final_answer=final, final_correct=correct, aggregation=team.config.aggregation,
         cost=cost, run_id=run_id,
         meta={"source": st.problem.source, "topology": team.config.topology, "tie_broken": tie,
-              "judge": [t.to_dict() for t in st.judge_turns],
+              "judge": [t.to_dict() for t in st.judge_turns], **extra,
               **({"stopped_after_round": len(st.rounds) - 1} if len(st.rounds) < team.config.rounds else {}),
               **guessed},
     )

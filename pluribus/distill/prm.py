@@ -10,7 +10,9 @@ What the PRM learned to read is one record, ``StepFormat`` (prompt template, ste
 the process dataset (``stats.json``), goes into the PRM's ``training_record.json`` as ``step_format``, and
 ``load_prm`` gives it back. ``score_solutions`` is the one way to score a solution with a trained PRM (``pluribus
 score``, RL's reward, TRL's reward, eval): it builds exactly training's input. ``prm_metrics`` gives held-out
-step AUROC, F1 and first-error accuracy (``prm_metrics`` in the record).
+step AUROC, F1 and first-error accuracy (``prm_metrics`` in the record). ``PRMScorer`` scores
+solutions by question for the team's verifier and eval's prm-bon (its groups scored apart, so a score never
+depends on what it was batched with).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from transformers import Trainer
 from pluribus import device as devices
 from pluribus.config import BuildConfig, Recipe, TrainConfig
 from pluribus.data.builders.steps import StepFormat
+from pluribus.data.verify import solution_score
 from pluribus.distill import distributed, output
 from pluribus.distill.data import load_rows, split_eval
 from pluribus.distill.loop import callbacks, quiet_printer, train_and_report, training_arguments
@@ -38,7 +41,6 @@ from pluribus.errors import PluribusError
 
 IGNORE = -100.0
 logger = logging.getLogger("pluribus.distill")
-AGGREGATES = ("min", "mean", "product", "last")
 
 
 def _prompt_messages(prompt: str | list[dict[str, str]]) -> list[dict[str, str]]:
@@ -199,18 +201,9 @@ def score_solutions(prm: PRM, questions: Sequence[str | list[dict[str, str]]], s
 
 
 def aggregate_steps(scores: Sequence[float], how: str) -> float:
-    """One number from a solution's step scores: min, mean, product or last (0.0 for a solution without steps)."""
-    if not scores:
-        return 0.0
-    if how == "min":
-        return min(scores)
-    if how == "mean":
-        return sum(scores) / len(scores)
-    if how == "product":
-        return float(torch.tensor(scores, dtype=torch.float64).prod())
-    if how == "last":
-        return scores[-1]
-    raise PluribusError(f"unknown step aggregation '{how}'; use {', '.join(AGGREGATES)}")
+    """One number from a solution's step scores: min, mean, product or last (0.0 for a solution without steps);
+    the team's verifier aggregates with the same rule (pluribus.data.verify.solution_score)."""
+    return solution_score(scores, how)
 
 
 def recorded_step_format(adapter: str | Path) -> StepFormat:
@@ -278,6 +271,50 @@ def load_prm(adapter: str | Path, *, trust_remote_code: bool = False, device: An
 
 
 # ------------------------------------------------------------------------------------------- metrics
+
+
+def prm_reading(adapter: str | Path) -> dict[str, Any]:
+    """What a PRM's ``training_record.json`` says of it, for eval's report: ``source``, the step format it is asked
+    in (``load_prm``: its recorded one, else its recipe's, else the default), and its held-out quality
+    (``metrics``: ``prm_metrics``; ``step_metrics``: the ``eval_step_*`` of records from before those)."""
+    from pluribus.distill.output import RECORD_NAME
+
+    path = Path(adapter) / RECORD_NAME
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise PluribusError(f"the PRM's training record '{path}' is unreadable ({e}); retrain the PRM") from None
+    record = record if isinstance(record, dict) else {}
+    out: dict[str, Any] = {"source": f"the step format recorded in {path}" if isinstance(record.get("step_format"), dict)
+                           else f"its recipe's prompt and step rule ({path} predates recorded step formats)"
+                           if record.get("recipe") else "the default step format (no training record)"}
+    out["metrics"] = record.get("prm_metrics") if isinstance(record.get("prm_metrics"), dict) else None
+    trained = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+    # what train_prm measured on its held-out rows before prm_metrics existed (evaluate_prm's keys)
+    out["step_metrics"] = {name: trained[key] for name, key in (("auroc", "eval_step_auroc"), ("f1", "eval_step_f1"),
+                           ("accuracy", "eval_step_accuracy"), ("n_steps", "eval_steps")) if key in trained}
+    return out
+
+
+class PRMScorer:
+    """A trained PRM that asks exactly what it learned (``load_prm``'s step format, through ``score_solutions``):
+    the one scorer of the team's verifier (pluribus.data.verify.Verifier) and of eval's prm-bon.
+
+    Each ``(question, solutions)`` group is scored in fixed chunks of its own, so a score never depends on the
+    other problems scored with it."""
+
+    def __init__(self, adapter: str | Path, *, trust_remote_code: bool = False, batch_size: int = 8,
+                 device: Any = None) -> None:
+        self.name = str(adapter)
+        self.prm = load_prm(adapter, trust_remote_code=trust_remote_code, device=device)
+        self.batch_size = batch_size
+
+    def steps(self, solution: str) -> list[str]:
+        return self.prm.step_format.split(solution)
+
+    def score(self, groups: list[tuple[str, list[str]]]) -> list[list[list[float]]]:
+        return [score_solutions(self.prm, [question] * len(solutions), solutions, batch_size=self.batch_size)
+                if solutions else [] for question, solutions in groups]
 
 
 def auroc(scores: list[float], labels: list[bool]) -> float | None:

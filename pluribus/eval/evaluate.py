@@ -61,6 +61,7 @@ class Plan:
         from pluribus.generations import prefix
 
         return prefix(self.generation)
+    verifier: str | None = None  # the PRM folder of prm-bon, or of a team that aggregates with one
 
 
 def _single(team: TeamConfig, *, adapter: str | None, model: str | None, mode: str, cfg: EvalConfig,
@@ -75,7 +76,7 @@ def _single(team: TeamConfig, *, adapter: str | None, model: str | None, mode: s
                                       **({"model": model} if model else {}),
                                       **({"device": cfg.device} if cfg.device else {})})  # eval.device
     return team.model_copy(update={"agents": [member], "rounds": 1, "topology": "all", "aggregation": "majority",
-                                   "judge": None, "problems_per_step": None, "early_stop": False,
+                                   "verifier": None, "judge": None, "problems_per_step": None, "early_stop": False,
                                    "prompts": {**team.prompts, "question": prompt}})
 
 
@@ -110,11 +111,26 @@ def _requested(recipe: Recipe, cfg: EvalConfig) -> list[str]:
     out = ["single"]
     if recipe.team is not None and len(recipe.team.agents) * recipe.team.rounds > 1:
         out += ["sc", "team"]
+        if eval_verifier(recipe) is not None:
+            out.append("prm-bon")
+            if not recipe.team.verifier:  # a team that aggregates with its verifier already is team-prm
+                out.append("team-prm")
     if recipe.train is not None:
         out.append("experts")
     if recipe.merge is not None:
         out.append("merged")
     return out
+
+
+def eval_verifier(recipe: Recipe) -> str | None:
+    """The PRM prm-bon chooses with, by name or folder: ``eval.verifier``, else ``team.verifier``, else the train
+    section's PRM expert when it has exactly one; None when there is none."""
+    if recipe.eval is not None and recipe.eval.verifier:
+        return recipe.eval.verifier
+    if recipe.team is not None and recipe.team.verifier:
+        return recipe.team.verifier
+    prms = [t.expert_name for t in recipe.train.trainings() if t.objective == "prm"] if recipe.train else []
+    return prms[0] if len(prms) == 1 else None
 
 
 def _check_adapter(path: Path, what: str, fix: str) -> None:
@@ -147,10 +163,42 @@ def plan_systems(recipe: Recipe, *, check: bool = True) -> list[Plan]:
         if system == "single":
             single_agent("single", "single", None, None)
         elif system == "team":
-            plans.append(Plan("team", "team", "as-configured", _team(seated_team, cfg), seats=seat_folders))
+            mine = _team(seated_team, cfg)
+            if mine.verifier:  # resolved here: the team's store lives under eval/, where the run's names are not
+                from pluribus.data.verify import prm_folder
+
+                folder = prm_folder(recipe, mine.verifier, check=check)
+                mine = mine.model_copy(update={"verifier": str(folder.resolve())})
+            plans.append(Plan("team", "team", "as-configured", mine, seats=seat_folders, verifier=mine.verifier))
         elif system == "sc":
             single = _single(team, adapter=None, model=None, mode="sampled", cfg=cfg, name="sc", prompt=prompt)
             plans.append(Plan("sc", "sc", "sampled", single))
+        elif system == "prm-bon":
+            name = eval_verifier(recipe)
+            if name is None:
+                raise PluribusError("eval system 'prm-bon' needs a process reward model: set eval.verifier (a PRM "
+                                    "expert of the run or a PRM folder), or train one prm expert")
+            if "sc" not in _requested(recipe, cfg):
+                raise PluribusError("eval system 'prm-bon' chooses among self-consistency's samples: add 'sc' to "
+                                    "eval.systems")
+            from pluribus.data.verify import prm_folder
+
+            folder = prm_folder(recipe, name, check=check)
+            single = _single(team, adapter=None, model=None, mode="sampled", cfg=cfg, name="sc", prompt=prompt)
+            plans.append(Plan("prm-bon", "prm-bon", "sampled", single, verifier=str(folder)))
+        elif system == "team-prm":
+            name = eval_verifier(recipe)
+            if name is None:
+                raise PluribusError("eval system 'team-prm' needs a process reward model: set eval.verifier (a PRM "
+                                    "expert of the run or a PRM folder), or train one prm expert")
+            if "team" not in _requested(recipe, cfg) or team.verifier:
+                raise PluribusError("eval system 'team-prm' re-chooses the answer of the team's own transcripts by the "
+                                    "PRM: add 'team' to eval.systems, with a team that aggregates without a verifier "
+                                    "(one with team.verifier is that system already)")
+            from pluribus.data.verify import prm_folder
+
+            folder = prm_folder(recipe, name, check=check)
+            plans.append(Plan("team-prm", "team-prm", "as-configured", _team(team, cfg), verifier=str(folder)))
         elif system == "experts" or system in experts:
             chosen = [t for t in experts.values() if t.objective != "prm"] if system == "experts" else [experts[system]]
             if system in experts and experts[system].objective == "prm":
@@ -255,6 +303,62 @@ def budget_vote(samples: dict[str, Any], budget: float) -> tuple[dict[str, Any],
     cost = {"tokens_in": sum(t["tokens_in"] for t in used), "tokens_out": sum(t["tokens_out"] for t in used),
             "seconds": sum(t["seconds"] for t in used)}
     return {**samples, "rounds": [used], "final_answer": final, "final_correct": correct, "cost": cost}, len(used)
+
+
+def best_of_n(voted: list[dict[str, Any]], verifier: Any, how: str) -> list[dict[str, Any]]:
+    """The last round of each record (prm-bon: sc's budget-matched records, ``budget_vote``'s, one round of the
+    samples it voted over; team-prm: the team's transcripts), the answer chosen by the solution the verifier scores
+    highest (``pluribus.data.verify``, ``prm_best``; ``how`` aggregates its step scores) instead of the majority.
+    Same solutions, same cost: only the chooser differs. Each record keeps every step score in ``meta.verifier``."""
+    from pluribus.data.verify import verdict
+
+    groups = [(r["question"], [t["response"] for t in r["rounds"][-1]]) for r in voted]
+    scored = verifier.score(groups) if groups else []
+    out = []
+    for r, steps in zip(voted, scored, strict=True):
+        turns = r["rounds"][-1]
+        pick, record = verdict([t["agent"] for t in turns], [t["answer"] for t in turns], steps, how, "prm_best",
+                               verifier.name)
+        chosen = turns[pick] if pick is not None else None
+        out.append({**r, "final_answer": chosen["answer"] if chosen else None,
+                    "final_correct": bool(chosen and chosen["correct"]), "aggregation": "prm_best",
+                    "meta": {**(r.get("meta") or {}), "verifier": record}})
+    return out
+
+
+def chooser_agreement(vote: list[dict[str, Any]], verified: list[dict[str, Any]]) -> dict[str, Any]:
+    """On the same solutions, the majority vote (sc, the team) against the verifier's choice (prm-bon, team-prm):
+    how often one is right where the other is wrong, and how often any sample was right (either chooser's
+    ceiling). McNemar's exact p over the problems where they differ."""
+    by_id = {r["problem_id"]: r for r in vote}
+    both = [(by_id[r["problem_id"]], r) for r in verified if r["problem_id"] in by_id]
+    vote_wrong = [(v, p) for v, p in both if not v["final_correct"]]
+    prm_wrong = [(v, p) for v, p in both if not p["final_correct"]]
+    prm_only = sum(bool(p["final_correct"]) for _, p in vote_wrong)
+    vote_only = sum(bool(v["final_correct"]) for v, _ in prm_wrong)
+    return {"problems": len(both), "vote_wrong": len(vote_wrong), "verifier_right_when_vote_wrong": prm_only,
+            "verifier_wrong": len(prm_wrong), "vote_right_when_verifier_wrong": vote_only,
+            "any_sample_right": sum(any(t["correct"] for t in p["rounds"][-1]) for _, p in both),
+            "p_value": mcnemar_exact(prm_only, vote_only)}
+
+
+def seat_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per seat of a team, over its trajectories: round-0 and last-round accuracy, and how many answers the seat
+    changed from right (round 0) to wrong (its last round) and from wrong to right. The last round is the last
+    one each problem ran (early stopping may end a problem sooner)."""
+    if not records:
+        return []
+    seats = list(records[0]["team"])
+    out = []
+    for i, name in enumerate(seats):
+        pairs = [(bool(r["rounds"][0][i]["correct"]), bool(r["rounds"][-1][i]["correct"]))
+                 for r in records if list(r["team"]) == seats]
+        n = len(pairs)
+        out.append({"seat": name, "problems": n, "round0_accuracy": sum(a for a, _ in pairs) / n if n else 0.0,
+                    "final_accuracy": sum(b for _, b in pairs) / n if n else 0.0,
+                    "right_to_wrong": sum(a and not b for a, b in pairs),
+                    "wrong_to_right": sum(b and not a for a, b in pairs)})
+    return out
 
 
 def early_stop_effect(records: list[dict[str, Any]]) -> dict[str, Any] | None:

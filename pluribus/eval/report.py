@@ -23,6 +23,53 @@ def _system_table(task: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _share(k: int, n: int) -> str:
+    return f"{k} of {n} ({k / n:.0%})" if n else "0 of 0"
+
+
+def _verifier_lines(name: str, bon: dict[str, Any]) -> list[str]:
+    """prm-bon against sc (team-prm against the team) on the same solutions, and the PRM's own quality as its
+    training record gives it."""
+    agree, vote = bon["vs_vote"], bon["vote"]
+    among = "the very samples sc voted over" if vote == "sc" else "the team's own last round (its transcripts)"
+    lines = [f"{name}: on each problem, {among}, and the answer of the solution the PRM `{bon['verifier']}` "
+             f"scores highest (its step scores aggregated by {bon['verifier_aggregate']}) instead of {vote}'s majority; "
+             f"the same tokens as {vote} (the PRM's reading costs no generation). Prompt and step rule: "
+             f"{bon['verifier_prompt']}. On {agree['problems']} problems: where the majority vote is wrong, the PRM's "
+             f"choice is right on {_share(agree['verifier_right_when_vote_wrong'], agree['vote_wrong'])}; where "
+             f"the PRM's choice is wrong, the majority is right on "
+             f"{_share(agree['vote_right_when_verifier_wrong'], agree['verifier_wrong'])} (exact McNemar p = "
+             f"{agree['p_value']:.3g}); some sample was right on {_share(agree['any_sample_right'], agree['problems'])}"
+             " (the best any chooser could do)."]
+    return lines
+
+
+def _quality_lines(bon: dict[str, Any]) -> list[str]:
+    """The PRM's own step-level quality, as its training record gives it (or that it was not measured)."""
+    q = bon.get("verifier_quality")
+    if not q:
+        return [f"The step-level quality of the PRM `{bon['verifier']}`: not measured (its training record holds no "
+                "prm_metrics and no held-out step metrics)."]
+    shown = ", ".join(f"{name.replace('_', ' ')} {q[key]:.3f}" if isinstance(q[key], float) else
+                      f"{name.replace('_', ' ')} {q[key]}"
+                      for key, name in (("auroc", "step AUROC"), ("f1", "step F1"), ("accuracy", "step accuracy"),
+                                        ("first_error_accuracy", "first-error accuracy"), ("n_steps", "steps"),
+                                        ("n_rows", "rows")) if q.get(key) is not None)
+    return [f"The step-level quality of the PRM `{bon['verifier']}` on held-out labelled steps ({q['source']}, from "
+            f"its training record): {shown or 'not measured'}."]
+
+
+def _seat_lines(seats: list[dict[str, Any]]) -> list[str]:
+    """Each seat of the team, its first round against its last: does seeing its peers help it?"""
+    lines = ["Each seat of the team, round 0 (alone) against its last round (after its peers), on the team's problems:",
+             "", "| seat | problems | round-0 accuracy | last-round accuracy | right -> wrong | wrong -> right |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for s in seats:
+        lines.append(f"| {s['seat']} | {s['problems']} | {s['round0_accuracy']:.1%} | {s['final_accuracy']:.1%} "
+                     f"| {s['right_to_wrong']} | {s['wrong_to_right']} |")
+    return lines
+
+
 def _task_section(task: dict[str, Any], heading: str) -> list[str]:
     gaps = task.get("unanswered") or {}
     asked = f"{task['problems']} problems of `{task['task']}` (split: {task['split']})" + (
@@ -58,6 +105,15 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
         lines += ["", f"sc: {sc['samples_drawn']} samples drawn per problem, {sc['mean_samples_used']:.1f} used on "
                   f"average to spend the team's tokens on that problem (reached on {sc['budget_reached']:.0%} of "
                   "problems), then a majority vote."]
+    shown: set[str] = set()
+    for name in ("prm-bon", "team-prm"):
+        if task["systems"].get(name):
+            lines += ["", *_verifier_lines(name, task["systems"][name])]
+    for name in ("prm-bon", "team-prm"):
+        bon = task["systems"].get(name)
+        if bon and bon["verifier"] not in shown:  # once per PRM
+            shown.add(bon["verifier"])
+            lines += ["", *_quality_lines(bon)]
     if task.get("comparisons"):
         lines += ["", "Against the single base agent, problem by problem (two-sided exact McNemar test):", "",
                   "| system | baseline | problems | solved only by the system | solved only by the baseline | p |",
@@ -78,6 +134,8 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
             frac = f"{g['token_fraction_of_team']:.0%}" if g["token_fraction_of_team"] is not None else "n/a"
             lines.append(f"| {name} | {g['problems']} | {g['accuracy_on_team_problems']:.1%} | "
                          f"{g['gain_over_single']:+.1%} | {share} | {frac} |")
+    if task.get("seats"):
+        lines += ["", *_seat_lines(task["seats"])]
     stop = task.get("early_stop")
     if stop and stop["observed"]:
         lines += ["", f"Early stopping (team.early_stop: a problem stops debating once every agent gives the same "

@@ -30,6 +30,8 @@ from pluribus.data.debate import (
 from pluribus.data.records import Problem, Trajectory
 from pluribus.device import ran_on, record_where, where_backend
 from pluribus.errors import PluribusError
+from pluribus.eval.evaluate import seat_rounds
+from pluribus.io import content_fingerprint
 from pluribus.stages import Stage, StageSummary
 
 
@@ -49,6 +51,7 @@ class DebateSummary:
     duplicates: tuple[str, ...] = ()  # "shard:line" of store lines repeating a stored problem (counted once)
     skipped: tuple[str, ...] = ()  # why each problem left out this run (team.too_long=skip) was
     ran_on: str = ""  # where this invocation's agents ran (pluribus.device.ran_on); "" when nothing was generated
+    seats: tuple[dict[str, Any], ...] = ()  # per seat: round-0 vs last-round accuracy, answers it changed
 
     def rows(self) -> list[tuple[str, str]]:
         repeated = [("duplicated store lines (counted once)",
@@ -66,6 +69,9 @@ class DebateSummary:
             ("right -> wrong (lost)", str(self.lost)),
             ("generated tokens / s (this run)", f"{self.tokens_per_second:.1f}"),
             *([("ran on (this run)", self.ran_on)] if self.ran_on else []),
+            *((f"seat {s['seat']}: round 0 -> last round",
+               f"{s['round0_accuracy']:.1%} -> {s['final_accuracy']:.1%} ({s['right_to_wrong']} right -> wrong, "
+               f"{s['wrong_to_right']} wrong -> right)") for s in self.seats),
         ]
 
 
@@ -87,6 +93,7 @@ def summarize(records: Sequence[Mapping[str, Any]], *, new: int = 0, tokens_per_
         seconds_per_problem=sum(r["cost"]["seconds"] for r in records) / n if n else 0.0,
         corrected=corrected, lost=lost, tokens_per_second=tokens_per_second, duplicates=tuple(duplicates),
         skipped=tuple(skipped),
+        seats=tuple(seat_rounds(list(records))) if any(len(r["rounds"]) > 1 for r in records) else (),
     )
 
 
@@ -149,6 +156,12 @@ def _hash(recipe: Recipe, team_exclude: Any, batch: list[int] | None = None, wei
           seats: Mapping[str, str] | None = None) -> str:
     task = recipe.require("task").model_dump(mode="json", exclude={"n"})
     team = without_engine_settings(recipe.require("team").model_dump(mode="json", exclude=team_exclude))
+    if recipe.require("team").verifier:
+        # the verifier by what it holds, not by its name or path: a retrained PRM is a new store
+        team["verifier"] = f"sha256:{content_fingerprint(verifier_path(recipe))}"
+    else:  # not set: hashed as before the verifier settings existed, so every earlier store still resumes
+        team.pop("verifier", None)
+        team.pop("verifier_aggregate", None)
     for agent in team["agents"] if weights else []:
         agent["adapter" if agent.get("adapter") else "model"] = f"sha256:{weights}"
     for role, fp in (seats or {}).items():
@@ -157,6 +170,38 @@ def _hash(recipe: Recipe, team_exclude: Any, batch: list[int] | None = None, wei
     extra = {} if batch is None else {"batch": batch}
     payload = json.dumps({"task": task, "team": team, "seed": recipe.seed, **extra}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def check_verifier_cycle(recipe: Recipe) -> None:
+    """Refuse a debate that aggregates with a PRM of the run trained on that same debate's data: the PRM needs
+    the debate's trajectories before the debate can have them."""
+    team = recipe.require("team")
+    experts = {t.expert_name: t for t in recipe.train.trainings()} if recipe.train else {}
+    prm = experts.get(team.verifier or "")
+    if prm is not None and prm.data == "team":
+        raise PluribusError(f"team.verifier '{team.verifier}' is this run's PRM, trained on the process data this "
+                            "very debate makes (a cycle); aggregate this debate with majority and use the PRM in "
+                            "eval (prm-bon), or give team.verifier a PRM folder trained on another run")
+
+
+def verifier_path(recipe: Recipe, name: str | None = None, *, check: bool = True) -> Path:
+    """``pluribus.data.verify.prm_folder`` of ``name`` (default ``team.verifier``)."""
+    from pluribus.data.verify import prm_folder
+
+    name = name or recipe.require("team").verifier
+    if not name:
+        raise PluribusError("no verifier is set; set team.verifier to a PRM expert of the run or a PRM folder")
+    return prm_folder(recipe, name, check=check)
+
+
+def load_verifier(recipe: Recipe) -> Any:
+    """The team's verifier (pluribus.distill.prm.PRMScorer), or None when the team aggregates without one."""
+    team = recipe.require("team")
+    if not team.verifier:
+        return None
+    from pluribus.distill.prm import PRMScorer
+
+    return PRMScorer(verifier_path(recipe), trust_remote_code=recipe.trust_remote_code)
 
 
 def check_team_models(team: TeamConfig) -> None:
@@ -193,11 +238,13 @@ def run_debate(
     label: str = "debate",
     weights: str | None = None,
     seats: Mapping[str, Path] | None = None,
+    verifier: Any = None,
 ) -> DebateSummary:
     """Run the recipe's team over its task's problems into ``<run>/trajectories``, resuming a stopped run.
 
     Everything is validated (team, problems, models) before the first file is written. ``backends`` (keyed
-    by ``backend_key``) replaces building them, for tests and benchmarks. ``on_step(done, total)`` is called
+    by ``backend_key``) replaces building them, for tests and benchmarks; ``verifier`` (a
+    ``pluribus.data.verify.Verifier``) replaces loading ``team.verifier``. ``on_step(done, total)`` is called
     after each stored step. ``label`` names the progress bar (eval names its systems). ``weights`` keys the
     store by the contents of the agents' weights (``config_hash``). ``seats``: the folders of the seated agents of
     a team of experts, by role (pluribus.seats.seated; the team already resolved): the store is keyed by their
@@ -209,6 +256,9 @@ def run_debate(
     task = recipe.require("task")
     team_cfg = recipe.require("team")
     validate_team(team_cfg)
+    if team_cfg.verifier:
+        check_verifier_cycle(recipe)
+        verifier_path(recipe)  # a missing or non-PRM verifier is refused before anything is written
     if problems is None:
         from pluribus.data.tasks import load_problems
 
@@ -224,7 +274,7 @@ def run_debate(
     owned: dict[str, Any] = {}  # backends built here are closed here: a vLLM engine holds its memory until then
     try:
         return _debate_into_store(recipe, problems, backends, fresh=fresh, new_run=new_run, progress=progress,
-                                  on_step=on_step, label=label, holder=owned, weights=weights, seats=seats)
+                                  on_step=on_step, label=label, holder=owned, weights=weights, seats=seats, verifier=verifier)
     finally:
         for backend in owned.get("backends", {}).values():
             backend.close()
@@ -233,7 +283,8 @@ def run_debate(
 def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Mapping[tuple, Backend] | None, *,
                        fresh: bool, new_run: bool, progress: bool, on_step: Callable[[int, int], None] | None,
                        label: str, holder: dict[str, Any], weights: str | None = None,
-                       seats: Mapping[str, Path] | None = None) -> DebateSummary:
+                       seats: Mapping[str, Path] | None = None,
+                       verifier: Any = None) -> DebateSummary:
     """``run_debate`` from its checks on; the backends it builds are left in ``holder`` for the caller to close."""
     from pluribus.config import write_recipe
     from pluribus.data.store import TrajectoryStore
@@ -251,7 +302,7 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
     too_long: dict[str, str] | None = None
     if fresh and backends is not None:
         # round 0 of every problem against the contexts: a refusal comes before any file, not hours in
-        too_long = check_prompts(problems, build_team(team_cfg, backends))
+        too_long = check_prompts(problems, build_team(team_cfg, backends, verifier or _NO_VERIFIER))
 
     with TrajectoryStore(recipe.layout.trajectories(), config_hash(recipe, weights, seat_prints), new_run=new_run,
                          same_config=older_config_hashes(recipe, weights), check=Trajectory.from_dict,
@@ -264,7 +315,9 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
                                                           device=recipe.device)
         stored_before = len(problems) - len(pending)
         if pending:
-            team = build_team(team_cfg, backends)  # type: ignore[arg-type]
+            if verifier is None and team_cfg.verifier:
+                verifier = load_verifier(recipe)  # only when something is left to debate
+            team = build_team(team_cfg, backends, verifier)  # type: ignore[arg-type]
             if too_long is None:
                 too_long = check_prompts(pending, team)  # a resumed run checks what it still has to debate
             pending = [p for p in pending if p.id not in too_long]
@@ -309,6 +362,18 @@ def _where(team: TeamConfig, backends: Mapping[tuple, Backend] | None) -> dict[s
     agents = [(a.name or f"agent{i}", a) for i, a in enumerate(team.agents)]
     agents += [(team.judge.name or "judge", team.judge)] if team.judge else []
     return {name: where_backend(backends[backend_key(a)]) for name, a in agents if backend_key(a) in backends}
+
+
+class _Unloaded:
+    """Stands in for a verifier not loaded yet where only prompts are checked (it is never asked to score)."""
+
+    name = "unloaded"
+
+    def score(self, groups: list[tuple[str, list[str]]]) -> list[list[list[float]]]:
+        raise PluribusError("internal: the verifier was asked to score before it was loaded")
+
+
+_NO_VERIFIER = _Unloaded()
 
 
 class _Progress:
@@ -408,5 +473,9 @@ def plan(recipe: Recipe) -> list[Stage]:
 
     if recipe.task is None or recipe.team is None:
         return []
+    if recipe.team.verifier:
+        check_verifier_cycle(recipe)  # before any step runs
+    # the PRM it aggregates with is an input (a step that trains it comes first); its contents key the store
+    inputs = (lambda: {"verifier": verifier_path(recipe, check=False)}) if recipe.team.verifier else dict
     return [Stage("debate", lambda progress, new_run: run(recipe, progress=progress, new_run=new_run),
-                  keeps_store=True, after=tuple(seat_steps(recipe)))]
+                  inputs=inputs, keeps_store=True, after=tuple(seat_steps(recipe)))]

@@ -24,7 +24,9 @@ from pluribus.eval.evaluate import (
     _sc_team,
     _single,
     _tokens,
+    best_of_n,
     budget_vote,
+    chooser_agreement,
     compare,
     coverage,
     early_stop_effect,
@@ -32,10 +34,11 @@ from pluribus.eval.evaluate import (
     plan_systems,
     robustness_row,
     score,
+    seat_rounds,
     team_gain,
 )
 from pluribus.eval.robustness import perturb
-from pluribus.io import atomic_write_text
+from pluribus.io import atomic_write_text, content_fingerprint
 from pluribus.layout import RunLayout
 from pluribus.merge import merge_record
 from pluribus.seats import base_team, source_of
@@ -223,11 +226,39 @@ def store_of(plan: Plan, eval_dir: Path) -> tuple[Path, str | None]:
     return (eval_dir / plan.label / fingerprint if fingerprint else eval_dir / plan.label), fingerprint
 
 
+def _prm_best_of_n(recipe: Recipe, plan: Plan, among: str, voted: list[dict[str, Any]], eval_dir: Path,
+                   verifiers: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """prm-bon's or team-prm's records (``best_of_n`` over sc's voted samples or the team's transcripts) and what
+    the report says of it: the PRM, how it agrees with the vote, its own quality from its training record. The
+    choices are written to ``<eval>/<system>/<the PRM's fingerprint>/choices.jsonl`` (every step score), to be
+    inspected."""
+    from pluribus.distill.prm import PRMScorer, prm_reading
+
+    assert plan.verifier is not None
+    how = recipe.require("team").verifier_aggregate
+    if plan.verifier not in verifiers:
+        verifiers[plan.verifier] = PRMScorer(plan.verifier, trust_remote_code=recipe.trust_remote_code)
+    recs = best_of_n(voted, verifiers[plan.verifier], how)
+    fingerprint = content_fingerprint(plan.verifier)
+    atomic_write_text(eval_dir / plan.label / str(fingerprint) / "choices.jsonl",
+                      "".join(json.dumps(r) + "\n" for r in recs))
+    reading = prm_reading(plan.verifier)
+    quality = ({"source": "prm_metrics", **reading["metrics"]} if reading["metrics"] else
+               {"source": "held-out steps at training (eval_step_*)", **reading["step_metrics"]}
+               if reading["step_metrics"] else None)
+    return recs, {"verifier": plan.verifier, "verifier_fingerprint": fingerprint, "verifier_aggregate": how,
+                  "verifier_prompt": reading["source"], "vote": among, "vs_vote": chooser_agreement(voted, recs),
+                  "verifier_quality": quality}
+
+
 def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig, eval_dir: Path, *,
-                  progress: bool, new_run: bool, robustness: bool, pool: EnginePool | None = None) -> dict[str, Any]:
-    """Every planned system on one task's problems: results, comparisons, the team's gain, early stopping."""
+                  progress: bool, new_run: bool, robustness: bool, pool: EnginePool | None = None,
+                  verifiers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every planned system on one task's problems: results, comparisons, the team's gain, early stopping, the
+    team's seats round by round. ``verifiers`` holds the PRMs loaded so far, by folder (shared across tasks)."""
     from pluribus.data.tasks import load_problems
 
+    verifiers = {} if verifiers is None else verifiers
     cfg = recipe.eval or EvalConfig()
     problems = load_problems(task)
     if not problems:
@@ -238,6 +269,7 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
     records: dict[str, list[dict[str, Any]]] = {}
     robust: dict[str, dict[str, Any]] = {}
     sc_info: dict[str, Any] = {}
+    bon_info: dict[str, Any] = {}
     adapters: dict[str, dict[str, str | None]] = {}  # which weights each single-agent system's numbers belong to
     where_of: dict[str, dict[str, dict[str, str]]] = {}  # system -> its agents' device and dtype (pluribus.device)
     # single-greedy first (sc sizes its draws from it), the team before sc (sc spends the team's tokens)
@@ -245,6 +277,10 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
     for plan in order:
         mine = team_problems if plan.system in ("team", "sc") else problems
         folder, fingerprint = store_of(plan, eval_dir)
+        # a team that aggregates with a PRM: a retrained PRM answers in stores of its own
+        sub = f"prm-{content_fingerprint(plan.verifier)}" if plan.system == "team" and plan.verifier else None
+        if sub:
+            folder = eval_dir / plan.label / sub
         if plan.system == "sc":
             if f"{plan.prefix}team" not in records:
                 raise PluribusError("eval system 'sc' spends the team's tokens: add 'team' to eval.systems")
@@ -275,6 +311,12 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
                        "budget_reached": reached / max(1, len(voted))}
             recs = voted
             folder = eval_dir / "sc" / f"k{k}"
+        elif plan.system in ("prm-bon", "team-prm"):
+            among = "sc" if plan.system == "prm-bon" else "team"
+            if among not in records:
+                raise PluribusError(f"eval system '{plan.system}' chooses among {among}'s answers, and {among} did "
+                                    "not run here")
+            recs, bon_info = _prm_best_of_n(recipe, plan, among, records[among], eval_dir, verifiers)
         else:
             recs = _system_records(recipe, folder, task, plan.team, mine, progress, fingerprint, new_run,
                                    label=plan.label, pool=pool, seats=plan.seats)
@@ -287,16 +329,19 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             results[plan.label].update(sc_info)
         if plan.system == "merged":  # what the merge is: exact, or truncated and by how much (its own record)
             results[plan.label]["merge"] = merge_record(Path(plan.adapter or plan.team.agents[0].model))
-        for kind in cfg.robustness if robustness and plan.system != "sc" else []:
+        if plan.system in ("prm-bon", "team-prm"):
+            results[plan.label].update(bon_info)
+        for kind in cfg.robustness if robustness and plan.system not in ("sc", "prm-bon", "team-prm") else []:
             varied = [perturb(p, kind) for p in mine]
-            folder = eval_dir / f"{plan.label}-{kind}" / fingerprint if fingerprint else eval_dir / f"{plan.label}-{kind}"
+            folder = eval_dir / f"{plan.label}-{kind}"
+            folder = folder / (fingerprint or sub) if fingerprint or sub else folder
             perturbed = _system_records(recipe, folder, task, plan.team, varied, progress, fingerprint, new_run,
                                         label=f"{plan.label}-{kind}", pool=pool, seats=plan.seats)
             robust.setdefault(plan.label, {})[kind] = robustness_row(recs, perturbed, plan.system, plan.mode)
     ordered = {p.label: results[p.label] for p in plans}  # report in the order the recipe asks
     out: dict[str, Any] = {
         "name": name, "task": _task_label(task), "split": task.split, "problems": len(problems),
-        "team_problems": len(team_problems) if any(p.system in ("team", "sc") for p in plans) else 0,
+        "team_problems": len(team_problems) if any(p.system in ("team", "sc", "team-prm") for p in plans) else 0,
         "systems": ordered, "comparisons": compare({k: outcomes(v) for k, v in records.items()}),
         "outcomes": {k: outcomes(v) for k, v in records.items()},  # per problem; run_eval drops it from results.json
         "ran_on": {p.label: where_of[p.label] for p in plans},
@@ -312,6 +357,8 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
         out["team_gain"] = gain
     if "team" in records and (effect := early_stop_effect(records["team"])):
         out["early_stop"] = effect
+    if "team" in records and max((len(r["rounds"]) for r in records["team"]), default=0) > 1:
+        out["seats"] = seat_rounds(records["team"])
     if robust:
         out["robustness"] = robust
     return out
@@ -330,13 +377,15 @@ def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) ->
     tasks = []
     with_team = {t.name for t in cfg.tasks if t.team}
     pool = EnginePool(plans, trust_remote_code=recipe.trust_remote_code)
+    verifiers: dict[str, Any] = {}  # the PRMs loaded, by folder: once for every task
     try:
         for i, (name, task, folder) in enumerate(_eval_tasks(recipe, cfg)):
             # the team and sc run on the recipe's own task; a transfer task measures the single-agent systems,
             # and the team and sc too where it says team: true
-            mine = plans if i == 0 or name in with_team else [p for p in plans if p.system not in ("team", "sc")]
+            mine = plans if i == 0 or name in with_team else [p for p in plans
+                                                              if p.system not in ("team", "sc", "prm-bon", "team-prm")]
             tasks.append(evaluate_task(recipe, mine, name, task, folder, progress=progress, new_run=new_run,
-                                       robustness=i == 0, pool=pool))
+                                       robustness=i == 0, pool=pool, verifiers=verifiers))
     finally:
         pool.close()
     main = tasks[0]

@@ -31,7 +31,7 @@ def self_team(recipe: Recipe) -> TeamConfig:
                                                       "seed": 7919 * (i + 1) + 1_000_003 * recipe.seed}),
     }) for i in range(k)]
     return team.model_copy(update={"agents": members, "rounds": 1, "topology": "all", "aggregation": "majority",
-                                   "judge": None, "early_stop": False,
+                                   "verifier": None, "judge": None, "early_stop": False,
                                    "prompts": {**team.prompts, "question": question_prompt(build, team)}})
 
 

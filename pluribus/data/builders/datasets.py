@@ -293,7 +293,8 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
         rows["augmented"] = augmented_rows(
             trajs, target=cfg.target, prompt_template=prompt, k=cfg.k, ngram=cfg.ngram,
             measure=cfg.similarity, max_similarity=cfg.max_similarity, corrective=cfg.corrective,
-            corrective_template=cfg.corrective_template)
+            corrective_template=cfg.corrective_template,
+            asked=_debate_asked(team, trust_remote_code) if cfg.corrective_context == "debate" else None)
         _require_rows("augmented", rows["augmented"], trajs, sources, cfg.target)
     traces, report = select_traces(trajs, cfg) if "process" in kinds else ([], {})
     if "process" in kinds and not traces:
@@ -346,6 +347,25 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
                             overwrite=overwrite, prompt_completion=prompt_completion and kind == "rsft",
                             task_source=task_source, model=team.agents[0].model if team else None))
     return built
+
+
+def _debate_asked(team: TeamConfig | None, trust_remote_code: bool) -> Any:
+    """``build.corrective_context: debate``: the debate engine's own prompt builder over the team that debated,
+    each agent's peers counted and trimmed by its tokenizer (``backends.peer_reader``)."""
+    from pluribus.data.backends import backend_key, peer_reader
+    from pluribus.data.debate import debate_prompts
+
+    if team is None:
+        raise PluribusError("build.corrective_context: debate rebuilds the debate prompts, so it needs the team "
+                            "that debated: build with the recipe whose team made the store")
+    readers: dict[tuple, Any] = {}
+    by_model: dict[tuple, Any] = {}  # one tokenizer per model, whatever the agents' other settings
+    for agent in [*team.agents, *([team.judge] if team.judge else [])]:
+        model = (agent.backend == "openai", agent.model)
+        if model not in by_model:
+            by_model[model] = peer_reader(agent, trust_remote_code=trust_remote_code)
+        readers[backend_key(agent)] = by_model[model]
+    return debate_prompts(team, readers)
 
 
 def _rollouts(traces: list[Trace], cfg: BuildConfig, completer: Completer | None, agent: AgentConfig | None,

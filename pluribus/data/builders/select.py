@@ -8,7 +8,7 @@ answer (``target='gold'``: the debate's own grading, ``Turn.correct``) or the te
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from string import Formatter
 from typing import Any
 
@@ -138,10 +138,15 @@ def corrective_text(template: str, traj: Trajectory, wrong: Turn, right: Turn) -
 
 def augmented_rows(trajs: Iterable[Trajectory], *, target: str, prompt_template: str, k: int, ngram: int,
                    measure: str, max_similarity: float, corrective: bool,
-                   corrective_template: str) -> list[dict[str, Any]]:
-    """Up to ``k`` diverse correct traces per problem (``kind='diverse'``) plus corrective transcripts.
+                   corrective_template: str,
+                   asked: Callable[[Trajectory, Turn], str] | None = None) -> list[dict[str, Any]]:
+    """Up to ``k`` diverse correct traces per problem (``kind='diverse'``) plus corrective rows.
 
-    Candidates are the correct turns of every round, latest round first, identical texts once.
+    Candidates are the correct turns of every round, latest round first, identical texts once. A corrective row
+    is the question prompt answered by the self-correction transcript (``corrective_template``), or, given
+    ``asked`` (``build.corrective_context: debate``), the debate prompt the agent was asked in the round it
+    corrected itself (``asked(trajectory, right turn)``: its peers' replies included) answered by its corrected
+    response.
     """
     rows = []
     for traj in trajs:
@@ -162,7 +167,9 @@ def augmented_rows(trajs: Iterable[Trajectory], *, target: str, prompt_template:
         if not corrective:
             continue
         for wrong, right in corrective_pairs(traj, target):
-            rows.append({"messages": chat(prompt, corrective_text(corrective_template, traj, wrong, right)),
+            shown = chat(asked(traj, right), right.response) if asked is not None else \
+                chat(prompt, corrective_text(corrective_template, traj, wrong, right))
+            rows.append({"messages": shown,
                          "problem_id": traj.problem_id, "agent": right.agent, "round": right.round,
                          "kind": "corrective"})
     return rows
