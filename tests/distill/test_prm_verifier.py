@@ -12,7 +12,7 @@ from pluribus.config import AgentConfig, Recipe, TaskConfig, TeamConfig, load_re
 from pluribus.data.backends import backend_key
 from pluribus.data.debate import build_team, debate_step
 from pluribus.data.store import TrajectoryStore
-from pluribus.distill.prm import PRMScorer, prm_reading, score_steps, step_texts, train_prm
+from pluribus.distill.prm import PRMScorer, prm_reading, score_steps, train_prm
 from pluribus.stages.debate import run_debate
 from tests.data.test_debate import ScriptedBackend, problems
 from tests.distill.test_prm import recipe as prm_recipe
@@ -41,13 +41,15 @@ def prm_dir(tmp_path_factory, student_dir) -> Path:
 
 
 def test_the_scorer_asks_the_prm_what_its_training_record_says(prm_dir):
-    reading = prm_reading(prm_dir)
-    assert reading["prompt"] == "Problem: {question}" and reading["step_rule"] == "sentences"
     scorer = PRMScorer(prm_dir)
+    fmt = scorer.prm.step_format
+    # the recipe's step rule; its question prompt is not the template, since the rows were the bare questions
+    assert (fmt.prompt_template, fmt.step_rule) == ("{question}", "sentences")
+    assert "recorded" in prm_reading(prm_dir)["source"]
     question, solution = "What is 2 + 1?", "2 + 1 = 3. So the answer is 3."
-    assert scorer.steps(solution) == step_texts(solution, "sentences") == ["2 + 1 = 3.", "So the answer is 3."]
+    assert scorer.steps(solution) == ["2 + 1 = 3.", "So the answer is 3."]
     [[got]] = scorer.score([(question, [solution])])
-    [want] = score_steps(scorer.model, scorer.tokenizer, [("Problem: What is 2 + 1?", scorer.steps(solution))])
+    [want] = score_steps(scorer.prm, [(fmt.prompt(question), scorer.steps(solution))])
     assert got == want
     assert scorer.score([(question, ["", solution])])[0][0] == []  # no step: nothing scored
 
@@ -61,8 +63,8 @@ def test_prm_best_with_the_real_prm_picks_the_member_it_scores_highest(prm_dir, 
     scorer = PRMScorer(prm_dir)
     t = debate_step(problems(1), build_team(cfg, backends, scorer), run_id="r")[0]
     # the PRM's own scores of each member's solution, asked as it was trained
-    items = [("Problem: " + t.question, scorer.steps(SOLUTIONS[n])) for n in SOLUTIONS]
-    want = score_steps(scorer.model, scorer.tokenizer, items)
+    items = [(scorer.prm.step_format.prompt(t.question), scorer.steps(SOLUTIONS[n])) for n in SOLUTIONS]
+    want = score_steps(scorer.prm, items)
     got = [m["step_scores"] for m in t.meta["verifier"]["members"]]
     assert got == want
     best = max(range(3), key=lambda i: (min(want[i]), -i))
