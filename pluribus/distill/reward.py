@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pluribus.distill.prm import AGGREGATES, PRM, aggregate_steps, load_prm, score_solutions
+from pluribus.data.verify import AGGREGATES
+from pluribus.distill.prm import PRM, aggregate_steps, load_prm, score_solutions
 from pluribus.errors import PluribusError, unknown_name
 
 
