@@ -59,15 +59,17 @@ def test_study_recipe_end_to_end_and_a_rerun_retrains_only_what_changed(tmp_path
 
     payload = json.loads((run / "eval" / "results.json").read_text())
     main = payload["tasks"][0]
-    assert list(main["systems"]) == ["single-greedy", "sc", "team", "rsft-greedy", "self-rsft-greedy", "rl-greedy",
-                                     "ta-greedy"]
+    # the run's PRM also chooses among sc's samples (prm-bon) and the team's answers (team-prm)
+    assert list(main["systems"]) == ["single-greedy", "sc", "team", "prm-bon", "team-prm", "rsft-greedy",
+                                     "self-rsft-greedy", "rl-greedy", "ta-greedy"]
     assert main["problems"] == 3 and main["team_problems"] == 2
     assert main["systems"]["team"]["problems"] == 2 and main["systems"]["sc"]["problems"] == 2
     assert main["systems"]["rsft-greedy"]["problems"] == 3
     # sc spends the team's tokens: on each problem at least the team's, or every sample it drew
     sc = main["systems"]["sc"]
     assert 1 <= sc["mean_samples_used"] <= sc["samples_drawn"] <= 4
-    assert set(main["team_gain"]["systems"]) == {"sc", "rsft-greedy", "self-rsft-greedy", "rl-greedy", "ta-greedy"}
+    assert set(main["team_gain"]["systems"]) == {"sc", "prm-bon", "team-prm", "rsft-greedy", "self-rsft-greedy",
+                                                 "rl-greedy", "ta-greedy"}
     assert {c["system"] for c in main["comparisons"]} == set(main["systems"]) - {"single-greedy"}
     assert "early_stop" in main and (run / "eval" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert "share of the team's gain" in (run / "eval" / "report.md").read_text()

@@ -172,11 +172,13 @@ def build_self(recipe: Recipe, built: list[Built], kinds: list[str], *, progress
     # the samples must be the ones this recipe asks for (its agent, prompt, seed and sample count), as the team's
     # store must be the team's: a store sampled before a change of build.prompt_template is refused, not built
     from pluribus.data.store import TrajectoryStore
+    from pluribus.seats import fingerprints, seated_recipe
     from pluribus.stages.debate import config_hash, older_config_hashes
     from pluribus.stages.selfsamples import self_recipe
 
-    mine = self_recipe(recipe)
-    hashes = [config_hash(mine), *older_config_hashes(mine)]
+    # generation g's self student samples with its weights: its store is keyed by them, as the sampling keyed it
+    mine, folders = seated_recipe(self_recipe(recipe), check=False)
+    hashes = [config_hash(mine, seats=fingerprints(folders) if folders else None), *older_config_hashes(mine)]
     with TrajectoryStore(store) as existing:
         if existing.manifest["config_hash"] not in hashes:
             raise PluribusError(f"the single agent's samples in {store} were drawn with other settings (its model, "
