@@ -312,7 +312,8 @@ def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig
             recs = voted
             folder = eval_dir / "sc" / f"k{k}"
         elif plan.system in ("prm-bon", "team-prm"):
-            among = "sc" if plan.system == "prm-bon" else "team"
+            # the same generation's sc or team (generation g's labels start with gen<g>/)
+            among = plan.prefix + ("sc" if plan.system == "prm-bon" else "team")
             if among not in records:
                 raise PluribusError(f"eval system '{plan.system}' chooses among {among}'s answers, and {among} did "
                                     "not run here")
