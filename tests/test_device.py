@@ -169,6 +169,24 @@ def test_the_prm_lands_where_the_policy_says(meta_policy: list[str], tiny_llama_
     assert meta_policy == ["cuda:2"] and _on(prm.model) == {"meta"}  # the score head and the LoRA with the base
 
 
+def test_the_teams_verifier_lands_where_the_recipe_says(meta_policy: list[str], tiny_llama_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """A team that aggregates with a PRM loads it through the recipe's device, not the machine's default."""
+    from peft import LoraConfig, get_peft_model
+
+    from pluribus.config import Recipe
+    from pluribus.distill.student import score_head_model
+    from pluribus.stages.debate import load_verifier
+
+    model = score_head_model(tiny_llama_dir, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="TOKEN_CLS")).save_pretrained(
+        tmp_path / "prm")
+    recipe = Recipe(name="v", root=str(tmp_path), device="cuda:3",
+                    team={"aggregation": "prm_best", "verifier": str(tmp_path / "prm")})
+    scorer = load_verifier(recipe)
+    assert meta_policy == ["cuda:3"] and _on(scorer.prm.model) == {"meta"}
+
+
 @pytest.mark.parametrize("head", ["causal", "token-cls"])
 def test_the_student_lands_where_the_policy_says(meta_policy: list[str], tiny_llama_dir: Path, head: str) -> None:
     """Before its kernels are patched and its attention chosen (both look at where it is), not at the Trainer."""

@@ -201,7 +201,7 @@ def load_verifier(recipe: Recipe) -> Any:
         return None
     from pluribus.distill.prm import PRMScorer
 
-    return PRMScorer(verifier_path(recipe), trust_remote_code=recipe.trust_remote_code)
+    return PRMScorer(verifier_path(recipe), trust_remote_code=recipe.trust_remote_code, device=recipe.device)
 
 
 def check_team_models(team: TeamConfig) -> None:

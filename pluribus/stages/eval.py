@@ -237,7 +237,10 @@ def _prm_best_of_n(recipe: Recipe, plan: Plan, among: str, voted: list[dict[str,
     assert plan.verifier is not None
     how = recipe.require("team").verifier_aggregate
     if plan.verifier not in verifiers:
-        verifiers[plan.verifier] = PRMScorer(plan.verifier, trust_remote_code=recipe.trust_remote_code)
+        # on eval's device where it names one, else the recipe's (pluribus.device)
+        where = recipe.eval.device if recipe.eval is not None and recipe.eval.device else recipe.device
+        verifiers[plan.verifier] = PRMScorer(plan.verifier, trust_remote_code=recipe.trust_remote_code,
+                                             device=where)
     recs = best_of_n(voted, verifiers[plan.verifier], how)
     fingerprint = content_fingerprint(plan.verifier)
     atomic_write_text(eval_dir / plan.label / str(fingerprint) / "choices.jsonl",
