@@ -35,6 +35,8 @@ OverridesArg = Annotated[list[str] | None, typer.Argument(help="Dotted overrides
 ThreadsOpt = Annotated[int | None, typer.Option(
     "--threads", min=1, help="CPU threads of torch (the recipe's `threads`); default 1 without a GPU, "
     "which does not collapse when other jobs share the cores ($OMP_NUM_THREADS is respected).")]
+NewRunOpt = Annotated[bool, typer.Option("--new-run", help="Config changed: move the old store aside.")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
 DeviceOpt = Annotated[str | None, typer.Option(
     "--device", help="Where models run (the recipe's `device`): auto (a CUDA GPU where there is one, else the "
     "CPU), cpu, cuda or cuda:N; a part's own device (an agent's, eval.device, ...) still wins.")]
@@ -96,8 +98,8 @@ def config_cmd(recipe: RecipeArg = None, overrides: OverridesArg = None) -> None
 def debate_cmd(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML with task and team sections.")],
     overrides: OverridesArg = None,
-    new_run: Annotated[bool, typer.Option("--new-run", help="Config changed: move the old store aside.")] = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    new_run: NewRunOpt = False,
+    no_progress: NoProgressOpt = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
 ) -> None:
@@ -123,7 +125,7 @@ def build_cmd(
     skip_corrupt: Annotated[bool, typer.Option("--skip-corrupt", help="Skip corrupt store lines (reported).")] = False,
     new_run: Annotated[bool, typer.Option("--new-run", help="Rollout config changed: move old rollouts aside.")] = False,
     push: Annotated[str | None, typer.Option("--push-to-hub", help="Push the datasets to this Hub repo (HF_TOKEN).")] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: NoProgressOpt = False,
     threads: ThreadsOpt = None,
     prompt_completion: Annotated[bool, typer.Option(
         "--prompt-completion", help="Also write rsft as TRL prompt/completion (rsft/prompt_completion/).")] = False,
@@ -150,8 +152,8 @@ def build_cmd(
 def selfsamples_cmd(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML with task, team, and an expert with data: self.")],
     overrides: OverridesArg = None,
-    new_run: Annotated[bool, typer.Option("--new-run", help="Config changed: move the old store aside.")] = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    new_run: NewRunOpt = False,
+    no_progress: NoProgressOpt = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
 ) -> None:
@@ -382,7 +384,7 @@ def eval_cmd(
     recipe: RecipeArg = None,
     overrides: OverridesArg = None,
     new_run: Annotated[bool, typer.Option("--new-run", help="Move aside answers stored with other settings.")] = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: NoProgressOpt = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
 ) -> None:
