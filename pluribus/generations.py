@@ -86,8 +86,8 @@ def _continued(train: TrainConfig, previous: Recipe) -> TrainConfig:
               else None for t in trainings]
     if not train.experts:
         return train.model_copy(update={"init_adapter": starts[0]}) if starts[0] else train
-    experts = [{**entry, "init_adapter": start} if start else entry for entry, start in zip(train.experts, starts,
-                                                                                            strict=True)]
+    experts = [{**entry.settings, "init_adapter": start} if start else entry
+               for entry, start in zip(train.experts, starts, strict=True)]
     return train.model_copy(update={"experts": experts})
 
 

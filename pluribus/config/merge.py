@@ -2,13 +2,60 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    RootModel,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pluribus.config.base import Section, _deep_merge, _describe_error, _folder_name
 from pluribus.errors import PluribusError, RecipeError
 from pluribus.layout import RunLayout
+
+
+def _check_spec(data: dict[str, Any]) -> None:
+    """Refuse now, as the merge stage would after hours of training, a merge mapping it cannot run: an unknown
+    method, an option the method does not read, a value out of range (ValueError with the merge package's words).
+
+    The merge package is the one truth for its methods and their options (merge/registry.py) and for the two forms
+    of a merge mapping (pluribus, mergekit); this schema reads them only here, lazily, through its public reader,
+    so that the recipe's sections import no merge code and a recipe without a merge section loads none.
+    """
+    from pluribus.merge.config import parse_merge_config
+
+    try:
+        parse_merge_config(data)
+    except PluribusError as e:
+        raise ValueError(str(e)) from None
+
+
+class MergeEntry(RootModel[dict[str, Any]]):
+    """One entry of ``merge.merges`` as written: the settings of one merge that differ from the section's.
+
+    It dumps as written (the run's recipe.yaml and the merge section's hashes are those of the YAML); the section
+    resolves it over its shared settings into one ``MergeConfig``, once (``MergeConfig.all``).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "merges" in data:
+            raise ValueError("must be a mapping of merge settings (without merges of its own)")
+        return data
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The entry's settings as written."""
+        return dict(self.root)
 
 
 class MergeConfig(Section):
@@ -27,60 +74,69 @@ class MergeConfig(Section):
     spec: dict[str, Any] | None = Field(None, description="The merge config inline (same keys as the YAML file).")
     name: str = Field("merged", description="Output folder: <run>/merged/<name>; also the merged system's name in eval.")
     overwrite: bool = Field(False, description="Replace an existing output folder.")
-    merges: list[dict[str, Any]] = Field(
+    merges: list[MergeEntry] = Field(
         default_factory=list, description="Several merges, each a mapping of the settings above that differ (at "
-        "least name); empty: this section is the one merge.")
+        "least name; params and spec merge key by key); empty: this section is the one merge.")
 
     _name_is_a_folder = field_validator("name")(_folder_name)
+    # the merges of ``merges``, each entry over the shared settings, resolved once by ``_merges_valid``
+    _merges: list[MergeConfig] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _merges_valid(self) -> MergeConfig:
-        names = [m.name for m in self.all()]
-        if len(set(names)) != len(names):
-            raise ValueError(f"merge names must be distinct, got {names}")
-        for m in self.all():
-            sources = sum(x is not None for x in (m.experts, m.config, m.spec))
-            if sources != 1:
-                raise ValueError(f"merge '{m.name}' needs exactly one of 'config' (a path), 'spec' (inline) or "
-                                 "'experts' (names of the run's experts)")
-            if m.weights is not None and m.experts is not None and len(m.weights) != len(m.experts):
-                raise ValueError(f"merge '{m.name}': {len(m.weights)} weights for {len(m.experts)} experts")
-            if m.experts is not None:
-                if not m.experts:
-                    raise ValueError(f"merge '{m.name}': experts is empty; name the experts to merge")
-                from pluribus.merge.config import parse_merge_config
-
-                try:  # the method and its settings, checked now rather than after hours of training
-                    parse_merge_config({"method": m.method, "inputs": [{"path": e} for e in m.experts], **m.params})
-                except PluribusError as e:
-                    raise ValueError(str(e)) from None
+        if self.merges:  # each entry checks itself as it validates (below), once
+            self._merges = self._resolve()
+            names = [m.name for m in self._merges]
+            if len(set(names)) != len(names):
+                raise ValueError(f"merge names must be distinct, got {names}")
+            return self
+        sources = sum(x is not None for x in (self.experts, self.config, self.spec))
+        if sources != 1:
+            raise ValueError(f"merge '{self.name}' needs exactly one of 'config' (a path), 'spec' (inline) or "
+                             "'experts' (names of the run's experts)")
+        if self.weights is not None and self.experts is not None and len(self.weights) != len(self.experts):
+            raise ValueError(f"merge '{self.name}': {len(self.weights)} weights for {len(self.experts)} experts")
+        if self.experts is not None:
+            if not self.experts:
+                raise ValueError(f"merge '{self.name}': experts is empty; name the experts to merge")
+            # the method and its settings, checked now rather than after hours of training
+            _check_spec({"method": self.method, "inputs": [{"path": e} for e in self.experts], **self.params})
         return self
 
-    def all(self) -> list[MergeConfig]:
-        """Every merge this section names, in order: each entry of ``merges`` over the shared settings."""
-        if not self.merges:
-            return [self]
+    def _resolve(self) -> list[MergeConfig]:
+        """Each entry of ``merges`` over the shared settings, validated into one merge (ValueError naming the
+        entry otherwise)."""
         shared = self.model_dump(mode="json", exclude={"merges"})
         out = []
         for i, entry in enumerate(self.merges):
-            if not isinstance(entry, dict) or "merges" in entry:
-                raise ValueError(f"merges.{i} must be a mapping of merge settings (without merges of its own)")
             try:
-                out.append(MergeConfig.model_validate(_deep_merge(shared, entry)))
+                out.append(MergeConfig.model_validate(_deep_merge(shared, entry.settings)))
             except ValidationError as e:
                 raise ValueError(f"merges.{i}: " + "; ".join(_describe_error(err) for err in e.errors())) from None
+        return out
+
+    def all(self) -> list[MergeConfig]:
+        """Every merge this section names, in order: each entry of ``merges`` over the shared settings (resolved
+        and validated once, when the section was); the section itself when it has no merges."""
+        return list(self._merges) if self.merges else [self]
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> MergeConfig:
+        """A copy with ``update``; its merges are resolved again over the copy's own settings (as validation)."""
+        if update and "merges" in update:
+            update = {**update, "merges": [MergeEntry.model_validate(e) for e in update["merges"]]}
+        out = super().model_copy(update=update, deep=deep)
+        if update and out.merges:
+            try:
+                out._merges = out._resolve()
+            except ValueError as e:
+                raise RecipeError(f"invalid recipe: merge: {e}") from None
         return out
 
     @field_validator("spec")
     @classmethod
     def _spec_valid(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         if v is not None:
-            from pluribus.merge.config import parse_merge_config
-
-            try:
-                parse_merge_config(v)
-            except PluribusError as e:
-                raise ValueError(str(e)) from None
+            _check_spec(v)
         return v
 
     def load(self, layout: RunLayout | None = None) -> Any:

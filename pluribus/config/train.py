@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    RootModel,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pluribus.config.agents import SamplingConfig, VLLMSettings
 from pluribus.config.base import Section, _deep_merge, _describe_error, _device, _folder_name, _renamed
@@ -112,6 +121,31 @@ REPORT_TO = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvcliv
              "neptune", "swanlab", "tensorboard", "trackio", "wandb")
 
 
+class ExpertEntry(RootModel[dict[str, Any]]):
+    """One entry of ``train.experts`` as written: the settings of one training that differ from the section's.
+
+    It dumps as written (the run's recipe.yaml, and every hash of the train section, are those of the YAML); the
+    section resolves it over its shared settings into one ``TrainConfig``, once (``TrainConfig.trainings``).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError(f"must be a mapping of settings (those of one training that differ from the shared "
+                             f"ones), got {type(data).__name__}")
+        if "experts" in data:
+            raise ValueError("an expert cannot have experts of its own")
+        return data
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The entry's settings as written."""
+        return dict(self.root)
+
+
 class TrainConfig(Section):
     """One LoRA/QLoRA training (an expert), or the shared settings of several (``experts``).
 
@@ -128,9 +162,10 @@ class TrainConfig(Section):
     data: Literal["team", "self"] = Field(
         "team", description="Whose verified traces it learns from: the team's debate (team), or the single agent's "
         "own samples of the same problems (self: the single-agent distillation baseline, same number of rows).")
-    experts: list[dict[str, Any]] = Field(
+    experts: list[ExpertEntry] = Field(
         default_factory=list, description="Several trainings, each a mapping of the settings above that differ "
-        "(at least objective or name); empty: this section is the one training.")
+        "(at least objective or name; nested sections merge key by key); they run in order, so an entry's "
+        "init_adapter or rl.prm may name an earlier one. Empty: this section is the one training.")
     model: str = Field("smollm2-135m", description="The student model.")
     lr: float = Field(2e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
@@ -166,6 +201,8 @@ class TrainConfig(Section):
     corrective_weight: float = Field(1.0, ge=0.0, description="augmented: loss weight of corrective traces.")
     prm: PRMSettings = Field(default_factory=PRMSettings)
     rl: RLSettings = Field(default_factory=RLSettings)
+    # the trainings of ``experts``, each entry over the shared settings, resolved once by ``_experts_valid``
+    _trainings: list[TrainConfig] = PrivateAttr(default_factory=list)
 
     @field_validator("kernels", mode="before")
     @classmethod
@@ -223,24 +260,21 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _experts_valid(self) -> TrainConfig:
-        self.trainings()  # every entry validates, names are unique, references point back
+        # every entry is validated here, once: names unique, each entry's settings over the shared ones
+        self._trainings = self._resolve()
         return self
 
-    def trainings(self) -> list[TrainConfig]:
-        """The trainings this section names, in order: each expert's settings over the shared ones."""
-        if not self.experts:
-            return [self]
+    def _resolve(self) -> list[TrainConfig]:
+        """Each entry of ``experts`` over the shared settings, validated into one training (ValueError naming the
+        entry otherwise)."""
         shared = self.model_dump(mode="json", exclude={"experts"})
         out: list[TrainConfig] = []
         for i, entry in enumerate(self.experts):
-            if not isinstance(entry, dict):
-                raise ValueError(f"experts.{i} must be a mapping of settings, got {type(entry).__name__}")
-            if "experts" in entry:
-                raise ValueError(f"experts.{i}: an expert cannot have experts of its own")
-            if isinstance(entry.get("rl"), dict):  # old names under the shared settings' new ones
-                entry = {**entry, "rl": _renamed(entry["rl"], f"train.experts.{i}.rl", _RL_RENAMES)}
+            settings = entry.settings
+            if isinstance(settings.get("rl"), dict):  # old names under the shared settings' new ones
+                settings = {**settings, "rl": _renamed(settings["rl"], f"train.experts.{i}.rl", _RL_RENAMES)}
             try:
-                expert = TrainConfig.model_validate(_deep_merge(shared, entry))
+                expert = TrainConfig.model_validate(_deep_merge(shared, settings))
             except ValidationError as e:
                 raise ValueError(f"experts.{i}: " + "; ".join(_describe_error(err) for err in e.errors())) from None
             names = [t.expert_name for t in out]
@@ -248,6 +282,24 @@ class TrainConfig(Section):
                 raise ValueError(f"experts.{i}: name '{expert.expert_name}' is used twice; give each expert a "
                                  "distinct name")
             out.append(expert)
+        return out
+
+    def trainings(self) -> list[TrainConfig]:
+        """The trainings this section names, in order: each expert's settings over the shared ones (resolved and
+        validated once, when the section was); the section itself when it has no experts."""
+        return list(self._trainings) if self.experts else [self]
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> TrainConfig:
+        """A copy with ``update``; its experts are resolved again over the copy's own settings, so a changed shared
+        setting (or new entries) reaches every training as validation would have."""
+        if update and "experts" in update:
+            update = {**update, "experts": [ExpertEntry.model_validate(e) for e in update["experts"]]}
+        out = super().model_copy(update=update, deep=deep)
+        if update and out.experts:
+            try:
+                out._trainings = out._resolve()
+            except ValueError as e:
+                raise RecipeError(f"invalid recipe: train: {e}") from None
         return out
 
     def expert(self, name: str) -> TrainConfig:

@@ -1,0 +1,85 @@
+"""train.experts and merge.merges are typed entries, validated once when the recipe loads; they dump as written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pluribus.config import load_recipe, validate_recipe
+from pluribus.config.merge import MergeEntry
+from pluribus.config.train import ExpertEntry
+from pluribus.errors import RecipeError
+
+EXPERTS = "train.experts=[{objective: rsft}, {name: rl, objective: rl, init_adapter: rsft, lr: 5.0e-5, rl: {kl: 0.1}}]"
+MERGES = ["train.experts=[{objective: rsft}, {objective: augmented}]", "merge.experts=[rsft, augmented]",
+          "merge.merges=[{name: ta}, {name: ties, method: ties, params: {density: 0.5}}]"]
+
+
+def test_expert_entries_are_resolved_once_and_dump_as_written() -> None:
+    recipe = load_recipe(None, ["train.lr=1e-4", "train.lora.r=8", EXPERTS])
+    train = recipe.train
+    assert all(isinstance(e, ExpertEntry) for e in train.experts)
+    first, again = train.trainings(), train.trainings()
+    assert [a is b for a, b in zip(first, again, strict=True)] == [True, True]  # no re-validation per call
+    rsft, rl = first
+    assert (rsft.lr, rsft.lora.r, rl.lr, rl.lora.r, rl.rl.kl, rl.init_adapter) == (1e-4, 8, 5e-5, 8, 0.1, "rsft")
+    assert recipe.to_dict()["train"]["experts"] == [
+        {"objective": "rsft"}, {"name": "rl", "objective": "rl", "init_adapter": "rsft", "lr": 5e-5, "rl": {"kl": 0.1}}]
+    assert validate_recipe(recipe.to_dict()) == recipe  # recipe.yaml reads back to the same recipe
+
+
+def test_a_copied_section_resolves_its_experts_over_its_own_settings() -> None:
+    train = load_recipe(None, [EXPERTS]).train
+    lower = train.model_copy(update={"lr": 1e-5})
+    assert [t.lr for t in lower.trainings()] == [1e-5, 5e-5]  # the shared lr reaches the expert that has none
+    assert [t.lr for t in train.trainings()] == [2e-4, 5e-5]  # the original is unchanged
+    renamed = train.model_copy(update={"experts": [{"objective": "augmented"}]})
+    assert [t.expert_name for t in renamed.trainings()] == ["augmented"]
+    with pytest.raises(RecipeError, match="experts.0: 'lr' = -1"):
+        train.model_copy(update={"experts": [{"objective": "rsft", "lr": -1}]})
+
+
+def test_merge_entries_are_resolved_once_and_dump_as_written() -> None:
+    recipe = load_recipe(None, MERGES)
+    merge = recipe.merge
+    assert all(isinstance(e, MergeEntry) for e in merge.merges)
+    assert [a is b for a, b in zip(merge.all(), merge.all(), strict=True)] == [True, True]
+    assert [(m.name, m.method, m.params, m.experts) for m in merge.all()] == [
+        ("ta", "task_arithmetic", {}, ["rsft", "augmented"]), ("ties", "ties", {"density": 0.5}, ["rsft", "augmented"])]
+    assert recipe.to_dict()["merge"]["merges"] == [{"name": "ta"}, {"name": "ties", "method": "ties",
+                                                                   "params": {"density": 0.5}}]
+    copy = merge.model_copy(update={"method": "linear"})
+    assert [m.method for m in copy.all()] == ["linear", "ties"]
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["train.experts=[3]"], "'train.experts.0' = 3: must be a mapping of settings"),
+    (["merge.merges=[3]"], "'merge.merges.0' = 3: must be a mapping of merge settings"),
+    (["merge.merges=[{name: a, merges: []}]"], "without merges of its own"),
+    (["merge.merges=[{name: a, spec: {method: tie}}]"], "merges.0: 'spec' = .*Unknown merge method 'tie'"),
+])
+def test_a_bad_entry_is_named(overrides: list[str], match: str) -> None:
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(None, overrides)
+
+
+def test_the_recipe_schema_imports_no_merge_code() -> None:
+    # the merge package is read only when a merge section is validated (config/merge.py's _check_spec)
+    code = ("import sys; from pluribus.config import load_recipe; "
+            "load_recipe(None, ['train.experts=[{objective: rsft}]', 'task.n=3']); "
+            "print(sorted(m for m in sys.modules if m.startswith('pluribus.merge')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_only_the_merge_sections_seam_reads_the_merge_package() -> None:
+    from tests.test_imports import imports, modules
+
+    mods = modules()
+    reads = {n: {m for m in imports(n, f, mods, top_level=False) if m.startswith("pluribus.merge")}
+             for n, f in mods.items() if n.startswith("pluribus.config")}
+    assert {n: r for n, r in reads.items() if r} == {"pluribus.config.merge": {"pluribus.merge.config"}}
+    top = {n: imports(n, f, mods, top_level=True) for n, f in mods.items() if n.startswith("pluribus.config")}
+    assert not any(m.startswith("pluribus.merge") for r in top.values() for m in r)
