@@ -12,8 +12,10 @@ from pluribus.config.base import Section, _device
 
 class SamplingConfig(Section):
     temperature: float = Field(0.0, ge=0.0, description="0 means greedy decoding.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(256, ge=1)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: draw from the smallest set of tokens "
+                         "whose probability reaches top_p (1: every token). Acts only with temperature > 0.")
+    max_new_tokens: int = Field(256, ge=1, description="Most tokens generated per response; a longer answer is cut "
+                                "there (and usually has no parsable final answer).")
     seed: int | None = Field(None, description="Sampling seed; None derives one from the recipe seed.")
 
 
@@ -96,7 +98,9 @@ def without_engine_settings(data: Any) -> Any:
 class AgentConfig(Section):
     name: str | None = Field(None, description="Agent name in the records; defaults to agent<i>.")
     model: str = Field("smollm2-135m", description="Hub id, local folder, .gguf file or alias.")
-    backend: Literal["transformers", "openai", "vllm"] = Field("transformers")
+    backend: Literal["transformers", "openai", "vllm"] = Field(
+        "transformers", description="What generates: transformers (the model in this process), vllm (a vLLM engine "
+        "in this process; pip install 'pluribus[vllm]') or openai (an OpenAI-compatible server at base_url).")
     adapter: str | None = Field(None, description="PEFT LoRA adapter folder applied on top of the model.")
     # exclude_if: a recipe without seats dumps (and so hashes: stores, stage fingerprints) as before this field
     expert: str | None = Field(
@@ -106,7 +110,9 @@ class AgentConfig(Section):
         "adapter unset (and model, or name the expert's base model). An expert trained on this team's own "
         "debate cannot sit in it (a cycle): seat it in the next generation (generations.seats).")
     persona: str | None = Field(None, description="System prompt of this agent.")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig, description="How this agent decodes: temperature (0: greedy), top_p, "
+        "max_new_tokens, seed.")
     base_url: str | list[str] | None = Field(
         None, description="openai backend: server URL, e.g. http://127.0.0.1:8000/v1, or a list of servers of the "
         "same model: requests spread over them, and a server that dies is taken out and its requests sent to the others.")

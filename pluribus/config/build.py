@@ -18,7 +18,10 @@ _CORRECTIVE_TEMPLATE = (
 class BuildConfig(Section):
     """Turning a trajectory store into datasets: rsft, augmented and process (see pluribus.data.builders)."""
 
-    kinds: list[Literal["rsft", "augmented", "process"]] = Field(default_factory=lambda: ["rsft"], min_length=1)
+    kinds: list[Literal["rsft", "augmented", "process"]] = Field(
+        default_factory=lambda: ["rsft"], min_length=1, description="Datasets to build: rsft (verified final "
+        "answers), augmented (diverse and corrective traces), process (step labels by Monte-Carlo rollouts, for a "
+        "PRM and RL). Each training objective reads its own (rsft, augmented; prm and rl read process).")
     target: Literal["gold", "consensus"] = Field(
         "gold", description="What 'correct' means: the gold answer, or the team's final answer (tasks without gold)."
     )

@@ -15,7 +15,8 @@ class ExportConfig(Section):
         "section exists, else <run>/adapters/<the first expert that is not a PRM>)."
     )
     repo_id: str | None = Field(None, description="Hub repository to push to (None: only write <run>/export).")
-    private: bool = True
+    private: bool = Field(True, description="Create the Hub repository private (only with repo_id); an existing "
+                          "repository keeps its visibility.")
     token_env: str = Field("HF_TOKEN", description="Environment variable holding the Hub token (never printed).")
     datasets: list[str] = Field(default_factory=list, description="Hub dataset ids for the card's datasets field.")
     overwrite: bool = Field(True, description="Replace <run>/export if it exists.")

@@ -29,7 +29,9 @@ class Recipe(Section):
 
     name: str = Field("quickstart", description="Run name (folder under root).")
     root: str = Field("runs", description="Folder holding run folders.")
-    seed: int = Field(0)
+    seed: int = Field(0, description="Seed of every draw of the run that has no seed of its own: the agents' "
+                      "sampling, the self samples, training (data order, LoRA init, RL's samples), sc's samples. "
+                      "Part of every step's fingerprint: another seed reruns every step.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python code.")
     threads: int | None = Field(
         None, ge=1, description="CPU threads of torch in every stage (CLI --threads). None: $OMP_NUM_THREADS if "
@@ -41,13 +43,19 @@ class Recipe(Section):
         "train.rl.prm_device, eval.device): auto (a CUDA GPU where torch sees one, else the CPU), cpu, cuda, "
         "cuda:N; CLI --device. A device this machine lacks is refused. bf16 where the device computes it natively, "
         "else float32; each stage's record says where it ran.")
-    task: TaskConfig | None = None
-    team: TeamConfig | None = None
-    build: BuildConfig | None = None
-    train: TrainConfig | None = None
-    merge: MergeConfig | None = None
-    eval: EvalConfig | None = None
-    export: ExportConfig | None = None
+    task: TaskConfig | None = Field(None, description="Where problems come from (see TaskConfig); None: no debate "
+                                    "or eval of the recipe's own problems.")
+    team: TeamConfig | None = Field(None, description="The debating team (see TeamConfig); None: no debate.")
+    build: BuildConfig | None = Field(None, description="The datasets built from the team's debate (see "
+                                      "BuildConfig); None: no build.")
+    train: TrainConfig | None = Field(None, description="The experts trained on those datasets (see TrainConfig); "
+                                      "None: no training.")
+    merge: MergeConfig | None = Field(None, description="The merges of the experts or of merge configs (see "
+                                      "MergeConfig); None: no merge.")
+    eval: EvalConfig | None = Field(None, description="Every system side by side on held-out problems (see "
+                                    "EvalConfig); None: no eval.")
+    export: ExportConfig | None = Field(None, description="The Hub-ready folder of the distilled adapter or merged "
+                                        "model (see ExportConfig); None: no export.")
     generations: GenerationsConfig | None = Field(
         None, description="Debate, train, evolve for several generations (see GenerationsConfig); None: one.")
     # Set only on generation g >= 2's own recipe (pluribus.generations.generation_recipe): the recipe of generation

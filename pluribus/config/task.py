@@ -42,5 +42,7 @@ class TaskConfig(Section):
     )
     subset: str | None = Field(None, description="hf source: dataset configuration name, e.g. 'main' for openai/gsm8k.")
     hf_split: str = Field("train", description="hf source: which split of the Hub dataset to read.")
-    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    synthetic: SyntheticConfig = Field(
+        default_factory=SyntheticConfig, description="synthetic source: the generator's level, steps, digits, "
+        "operators and style.")
 

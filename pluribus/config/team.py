@@ -11,9 +11,14 @@ from pluribus.config.base import Section
 
 
 class TeamConfig(Section):
-    agents: list[AgentConfig] = Field(default_factory=lambda: [AgentConfig()], min_length=1)
+    agents: list[AgentConfig] = Field(
+        default_factory=lambda: [AgentConfig()], min_length=1, description="The debating agents N, in order (at "
+        "least one); the first is also the single agent eval compares the team with. Default: one smollm2-135m.")
     rounds: int = Field(2, ge=1, description="Debate rounds R; round 0 answers alone.")
-    topology: Literal["all", "ring", "star"] = Field("all")
+    topology: Literal["all", "ring", "star"] = Field(
+        "all", description="Whose previous answers an agent sees each round: all (every other agent), ring (the "
+        "agent before it), star (agent 0 sees all others and they see agent 0; with a judge, every agent sees the "
+        "judge's last turn).")
     aggregation: Literal["majority", "judge", "prm_best", "prm_vote"] = Field(
         "majority", description="How the last round becomes the team's answer: majority (vote of the parsed "
         "answers), judge (the judge agent's verdict), prm_best (the answer of the member whose final solution the "

@@ -167,13 +167,16 @@ class TrainConfig(Section):
         "(at least objective or name; nested sections merge key by key); they run in order, so an entry's "
         "init_adapter or rl.prm may name an earlier one. Empty: this section is the one training.")
     model: str = Field("smollm2-135m", description="The student model.")
-    lr: float = Field(2e-4, gt=0)
-    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate of the trained weights (the Trainer's AdamW), reached after "
+                      "warmup.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the dataset (a fraction runs part of one); max_steps, "
+                          "when not -1, replaces it.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run the epochs).")
     kernels: Literal["auto", "triton", "torch", "off"] = Field(
         "auto", description="Fused LoRA kernels dispatch: auto (Triton where it runs, else the torch twins), triton, "
         "torch, off. A bare YAML off/false means off, on/true means auto.")
-    lora: LoraSettings = Field(default_factory=LoraSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="The adapter: rank r, alpha, dropout, "
+                               "rslora, target_modules, quantize (nf4: QLoRA).")
     init_adapter: str | None = Field(
         None, description="Start from this PEFT adapter: an earlier expert's name (rl from rsft) or a folder.")
     batch_size: int = Field(8, ge=1, description="Examples per device per micro-step (packed into one row in SFT).")
@@ -186,21 +189,30 @@ class TrainConfig(Section):
     packing: bool = Field(True, description="SFT: padding-free packing of a micro-batch into one row.")
     bf16: bool = Field(True, description="bf16 weights/autocast where the device computes bf16 natively, else float32 "
                       "(pluribus.device; the training record says so).")
-    gradient_checkpointing: bool = Field(False)
-    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine")
-    logging_steps: int = Field(10, ge=1)
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass instead of keeping them: less memory, one "
+        "more forward pass of compute per step; the result is the same.")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Share of the optimizer steps over which the "
+                                "learning rate rises linearly from 0 to lr.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay of the trained weights (0: none).")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="The learning rate after warmup: cosine or linear decay to 0, or constant (transformers' "
+        "lr_scheduler_type; constant ignores warmup_ratio).")
+    logging_steps: int = Field(10, ge=1, description="Log the training loss (and RL's rewards) every N optimizer "
+                               "steps, to the trackers of report_to and the training record's curves.")
     save_steps: int = Field(100, ge=1, description="Checkpoint every N optimizer steps (for --resume).")
-    save_total_limit: int = Field(2, ge=1)
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept in <adapter>.checkpoints/ (the oldest "
+                                  "are deleted).")
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Rows held out for the eval loss (0: none).")
     eval_steps: int = Field(100, ge=1, description="Eval loss every N optimizer steps.")
     report_to: list[str] = Field(
         default_factory=lambda: ["tensorboard"], description="Trackers, as transformers' TrainingArguments.report_to "
         f"takes them: {', '.join(REPORT_TO)}; all, or none. tensorboard logs land in <adapter>.checkpoints/runs/.")
     corrective_weight: float = Field(1.0, ge=0.0, description="augmented: loss weight of corrective traces.")
-    prm: PRMSettings = Field(default_factory=PRMSettings)
-    rl: RLSettings = Field(default_factory=RLSettings)
+    prm: PRMSettings = Field(default_factory=PRMSettings, description="objective prm: hard or soft step labels and "
+                             "the score threshold of a correct step.")
+    rl: RLSettings = Field(default_factory=RLSettings, description="objective rl: group size, sampling, the PRM and "
+                           "the reward, the clip, the KL and the sampler's backend.")
     # the trainings of ``experts``, each entry over the shared settings, resolved once by ``_experts_valid``
     _trainings: list[TrainConfig] = PrivateAttr(default_factory=list)
 
