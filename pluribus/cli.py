@@ -80,11 +80,26 @@ def _no_recipe(recipe: Path | None, overrides: list[str] | None) -> tuple[Path |
 
 
 @app.command("config")
-def config_cmd(recipe: RecipeArg = None, overrides: OverridesArg = None) -> None:
+def config_cmd(
+    recipe: RecipeArg = None,
+    overrides: OverridesArg = None,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="Print every field of the recipe schema (type, default, description), section by "
+        "section, instead of checking a recipe; a SECTION in place of RECIPE narrows it: pluribus config "
+        "--explain train (or team.agents, ...).")] = False,
+) -> None:
     """Validate RECIPE with OVERRIDES (fields and models) and print it as it would run."""
     from pluribus.checks import check_recipe_models
     from pluribus.config import load_recipe
 
+    if explain:
+        from pluribus.config.explain import explain as reference
+
+        if overrides:
+            raise PluribusError("--explain describes the schema, not a recipe: give it at most one SECTION "
+                                "(pluribus config --explain train)")
+        print(reference(None if recipe is None else str(recipe)), end="")
+        return
     recipe, overrides = _no_recipe(recipe, overrides)
     loaded = load_recipe(recipe, overrides)
     check_recipe_models(loaded)
