@@ -58,7 +58,9 @@ def test_merge_entries_are_resolved_once_and_dump_as_written() -> None:
     (["train.experts=[3]"], "'train.experts.0' = 3: must be a mapping of settings"),
     (["merge.merges=[3]"], "'merge.merges.0' = 3: must be a mapping of merge settings"),
     (["merge.merges=[{name: a, merges: []}]"], "without merges of its own"),
-    (["merge.merges=[{name: a, spec: {method: tie}}]"], "merges.0: 'spec' = .*Unknown merge method 'tie'"),
+    (["merge.merges=[{name: a, spec: {method: tie}}]"], "'merge.merges.0.spec' = .*Unknown merge method 'tie'"),
+    (MERGES[:2] + ["merge.merges=[{name: ta}, {name: ties, method: ties, params: {drop: 0.5}}]"],
+     "'merge.merges.1' = .*merge 'ties': drop has no effect in method 'ties'"),
 ])
 def test_a_bad_entry_is_named(overrides: list[str], match: str) -> None:
     with pytest.raises(RecipeError, match=match):
@@ -66,20 +68,29 @@ def test_a_bad_entry_is_named(overrides: list[str], match: str) -> None:
 
 
 def test_the_recipe_schema_imports_no_merge_code() -> None:
-    # the merge package is read only when a merge section is validated (config/merge.py's _check_spec)
-    code = ("import sys; from pluribus.config import load_recipe; "
-            "load_recipe(None, ['train.experts=[{objective: rsft}]', 'task.n=3']); "
-            "print(sorted(m for m in sys.modules if m.startswith('pluribus.merge')))")
+    # the schema validates a merge section by itself; validate_recipe then builds each merge's spec through the
+    # merge package (MergeConfig.load), the one place the recipe reads it
+    code = ("import sys; from pluribus.config import Recipe, load_recipe; from pluribus.overrides import "
+            f"apply_overrides; Recipe.model_validate(apply_overrides({{}}, {MERGES!r})); "
+            "print(sorted(m for m in sys.modules if m.startswith('pluribus.merge'))); "
+            f"load_recipe(None, {MERGES!r}); print('pluribus.merge.registry' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.split() == ["[]", "True"]
 
 
-def test_only_the_merge_sections_seam_reads_the_merge_package() -> None:
+def test_only_merge_config_load_reads_the_merge_package() -> None:
+    import ast
+    import inspect
+    import textwrap
+
+    from pluribus.config.merge import MergeConfig
     from tests.test_imports import imports, modules
 
     mods = modules()
     reads = {n: {m for m in imports(n, f, mods, top_level=False) if m.startswith("pluribus.merge")}
              for n, f in mods.items() if n.startswith("pluribus.config")}
     assert {n: r for n, r in reads.items() if r} == {"pluribus.config.merge": {"pluribus.merge.config"}}
+    load = ast.parse(textwrap.dedent(inspect.getsource(MergeConfig.load)))
+    assert any(isinstance(n, ast.ImportFrom) and n.module == "pluribus.merge.config" for n in ast.walk(load))
     top = {n: imports(n, f, mods, top_level=True) for n, f in mods.items() if n.startswith("pluribus.config")}
     assert not any(m.startswith("pluribus.merge") for r in top.values() for m in r)

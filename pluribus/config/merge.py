@@ -16,24 +16,8 @@ from pydantic import (
 )
 
 from pluribus.config.base import Section, _deep_merge, _describe_error, _folder_name
-from pluribus.errors import PluribusError, RecipeError
+from pluribus.errors import RecipeError
 from pluribus.layout import RunLayout
-
-
-def _check_spec(data: dict[str, Any]) -> None:
-    """Refuse now, as the merge stage would after hours of training, a merge mapping it cannot run: an unknown
-    method, an option the method does not read, a value out of range (ValueError with the merge package's words).
-
-    The merge package is the one truth for its methods and their options (merge/registry.py) and for the two forms
-    of a merge mapping (pluribus, mergekit); this schema reads them only here, lazily, through its public reader,
-    so that the recipe's sections import no merge code and a recipe without a merge section loads none.
-    """
-    from pluribus.merge.config import parse_merge_config
-
-    try:
-        parse_merge_config(data)
-    except PluribusError as e:
-        raise ValueError(str(e)) from None
 
 
 class MergeEntry(RootModel[dict[str, Any]]):
@@ -96,11 +80,10 @@ class MergeConfig(Section):
                              "'experts' (names of the run's experts)")
         if self.weights is not None and self.experts is not None and len(self.weights) != len(self.experts):
             raise ValueError(f"merge '{self.name}': {len(self.weights)} weights for {len(self.experts)} experts")
-        if self.experts is not None:
-            if not self.experts:
-                raise ValueError(f"merge '{self.name}': experts is empty; name the experts to merge")
-            # the method and its settings, checked now rather than after hours of training
-            _check_spec({"method": self.method, "inputs": [{"path": e} for e in self.experts], **self.params})
+        if self.experts is not None and not self.experts:
+            raise ValueError(f"merge '{self.name}': experts is empty; name the experts to merge")
+        # the method and its settings are the merge package's to check: validate_recipe builds each merge's spec
+        # (MergeConfig.load) once the recipe validates, so this schema imports no merge code
         return self
 
     def _resolve(self) -> list[MergeConfig]:
@@ -132,15 +115,12 @@ class MergeConfig(Section):
                 raise RecipeError(f"invalid recipe: merge: {e}") from None
         return out
 
-    @field_validator("spec")
-    @classmethod
-    def _spec_valid(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None:
-            _check_spec(v)
-        return v
-
     def load(self, layout: RunLayout | None = None) -> Any:
-        """The merge spec (a ``pluribus.merge.spec.MergeSpec``) this merge names; ``layout`` finds experts."""
+        """The merge spec (a ``pluribus.merge.spec.MergeSpec``) this merge names; ``layout`` finds experts.
+
+        The one place the recipe reads the merge package, lazily: its reader (pluribus or mergekit keys), whose
+        registry is the one truth for the methods and their options. PluribusError for a spec it refuses.
+        """
         from pluribus.merge.config import load_merge_config, parse_merge_config
 
         if self.experts is not None:
