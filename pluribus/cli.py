@@ -88,7 +88,8 @@ def config_cmd(
         "section, instead of checking a recipe; a SECTION in place of RECIPE narrows it: pluribus config "
         "--explain train (or team.agents, ...).")] = False,
 ) -> None:
-    """Validate RECIPE with OVERRIDES (fields and models) and print it as it would run."""
+    """Validate RECIPE with OVERRIDES (fields and models) and print it as it would run; with --explain [SECTION],
+    print the recipe schema's fields instead."""
     from pluribus.checks import check_recipe_models
     from pluribus.config import load_recipe
 
