@@ -92,7 +92,7 @@ def eval_verifier(recipe: Recipe) -> str | None:
     return prms[0] if len(prms) == 1 else None
 
 
-def check_adapter(path: Path, what: str, fix: str) -> None:
+def check_system_adapter(path: Path, what: str, fix: str) -> None:
     """Refuse a system whose adapter folder has no readable PEFT adapter (``fix`` says what to do)."""
     if not (path / "adapter_config.json").is_file():
         raise PluribusError(f"the {what} system needs an adapter; '{path}' has none. {fix}")

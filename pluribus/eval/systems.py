@@ -34,7 +34,7 @@ from pluribus.errors import PluribusError
 from pluribus.eval.planning import (
     Plan,
     PlanContext,
-    check_adapter,
+    check_system_adapter,
     default_adapter,
     eval_verifier,
     sc_team,
@@ -406,7 +406,7 @@ class Experts(System):
         for t in chosen:
             path = ctx.recipe.layout.adapter(t.expert_name)
             if ctx.check:
-                check_adapter(path, f"'{t.expert_name}' expert", "Train it first (pluribus train RECIPE "
+                check_system_adapter(path, f"'{t.expert_name}' expert", "Train it first (pluribus train RECIPE "
                               f"--expert {t.expert_name}) or drop it from eval.systems")
             out += ctx.single_agent("expert", t.expert_name, str(path), t.model)
         return out
@@ -464,7 +464,7 @@ class Distilled(System):
             raise PluribusError(f"eval.adapter '{adapter}' does not exist; set eval.adapter to a trained "
                                 "adapter folder, or drop 'distilled' from eval.systems")
         if ctx.check:
-            check_adapter(adapter, "distilled", "Train one first (pluribus train RECIPE) or set eval.adapter, "
+            check_system_adapter(adapter, "distilled", "Train one first (pluribus train RECIPE) or set eval.adapter, "
                           "or drop 'distilled' from eval.systems")
         student = recipe.train.model if recipe.train else None
         return ctx.single_agent("distilled", "distilled", str(adapter), student)
