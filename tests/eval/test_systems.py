@@ -19,9 +19,10 @@ def test_the_recipe_schema_and_the_registry_name_the_same_systems() -> None:
 
 
 def test_a_miss_names_every_valid_system_and_the_runs_experts_and_merges(tmp_path: Path) -> None:
-    with pytest.raises(PluribusError, match="unknown eval system 'nope'; use single, sc, team, prm-bon, team-prm, "
-                       r"experts, merged, distilled, an expert \(none\) or a merge \(none\)"):
+    with pytest.raises(PluribusError) as miss:
         system("nope")
+    assert str(miss.value) == f"unknown eval system 'nope'; use {', '.join(SYSTEMS)}, an expert (none) or a merge (none)"
+    assert {"single", "sc", "team", "prm-bon", "team-prm", "experts", "merged", "distilled"} <= set(SYSTEMS)
     recipe = load_recipe(None, [f"root={tmp_path}", "train.experts=[{objective: rsft}, {objective: augmented}]",
                                 "merge.experts=[rsft, augmented]", "merge.merges=[{name: ta}]"])
     assert system("augmented", recipe) is SYSTEMS["experts"] and system("ta", recipe) is SYSTEMS["merged"]
