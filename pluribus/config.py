@@ -826,7 +826,7 @@ class EvalTask(TaskConfig):
     _name_is_a_folder = field_validator("name")(_folder_name)
 
 
-SYSTEMS = ("single", "sc", "prm-bon", "team", "team-prm", "experts", "merged", "distilled", "always-zero")
+SYSTEMS = ("single", "sc", "prm-bon", "team", "team-prm", "experts", "merged", "distilled")
 
 
 class EvalConfig(Section):

@@ -468,23 +468,3 @@ class Distilled(System):
                           "or drop 'distilled' from eval.systems")
         student = recipe.train.model if recipe.train else None
         return ctx.single_agent("distilled", "distilled", str(adapter), student)
-
-
-@register_system("always-zero")
-class AlwaysZero(System):
-    """A toy: answers 0 to every problem without a model (the floor any system must beat on a task whose answers
-    are rarely 0)."""
-
-    def plan(self, ctx: PlanContext, name: str) -> list[Plan]:
-        return [Plan("always-zero", "always-zero", "greedy", ctx.team)]
-
-    def run(self, plan: Plan, run: TaskRun, store: Store) -> Ran:
-        from pluribus.data.answers import is_equivalent
-
-        turn = {"agent": "zero", "round": 0, "model": "none", "response": "0", "answer": "0", "tokens_in": 0,
-                "tokens_out": 0, "seconds": 0.0}
-        recs = [{"problem_id": p.id, "question": p.question, "gold": p.answer, "team": ["zero"],
-                 "rounds": [[{**turn, "correct": is_equivalent("0", p.answer)}]], "final_answer": "0",
-                 "final_correct": is_equivalent("0", p.answer), "cost": {"tokens_in": 0, "tokens_out": 0, "seconds": 0.0}}
-                for p in self.problems(run)]
-        return Ran(recs, store.folder)
