@@ -249,6 +249,7 @@ def _task_results(run: TaskRun, plans: list[Plan], name: str, task: TaskConfig, 
         out["robustness"] = robust
     return out
 
+
 def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) -> dict[str, Any]:
     """Evaluate every planned system on the held-out split and on ``eval.tasks``; write results.json, report.md
     and the plots. ``new_run`` moves aside a system's stored answers written with other settings (else refused)."""
