@@ -80,7 +80,7 @@ def read_adapter_config(adapter: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
-def _recorded_base_folder(base: str) -> Path | None:
+def recorded_base_folder(base: str) -> Path | None:
     """The local folder an adapter's recorded base names, when it names one on this machine (never downloads)."""
     if not base:
         return None
@@ -104,7 +104,9 @@ def _recorded_base_folder(base: str) -> Path | None:
     return found if _is_model_dir(found) else None
 
 
-def _config_identity(folder: Path) -> dict[str, Any] | None:
+def config_identity(folder: Path) -> dict[str, Any] | None:
+    """A model folder's config.json less what does not tell models apart (its path, dtype, transformers version,
+    use_cache): two folders with equal identities are the same architecture. None without a readable config."""
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
@@ -131,7 +133,7 @@ def check_adapter(adapter: str | os.PathLike[str], model_folder: str | os.PathLi
         return cfg
     model_folder = Path(model_folder)
     base = str(cfg.get("base_model_name_or_path") or "")
-    theirs = _recorded_base_folder(base)
+    theirs = recorded_base_folder(base)
     if theirs is None:
         if str(adapter) not in _unchecked_bases:
             _unchecked_bases.add(str(adapter))
@@ -140,7 +142,7 @@ def check_adapter(adapter: str | os.PathLike[str], model_folder: str | os.PathLi
         return cfg
     if theirs.resolve() == model_folder.resolve():
         return cfg
-    a, b = _config_identity(theirs), _config_identity(model_folder)
+    a, b = config_identity(theirs), config_identity(model_folder)
     if a is not None and b is not None and a != b:
         raise PluribusError(
             f"adapter '{adapter}' was trained on base '{base}', but the model is '{model_folder}' (their "

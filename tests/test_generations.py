@@ -58,8 +58,8 @@ def test_the_report_answers_the_question_per_generation(tmp_path: Path) -> None:
 def test_a_seat_eval_did_not_run_alone_is_named_not_taken_for_another(tmp_path: Path) -> None:
     """A base seat on another model than the first agent is not the single agent; a seat eval.systems leaves out
     is in no comparison: the report names both instead of comparing the team with a member it does not have."""
-    from pluribus.eval.evaluate import plan_systems
     from pluribus.eval.report import generations_section
+    from pluribus.eval.systems import plan_systems
     from pluribus.stages.eval import generation_plans, per_generation
 
     other = "{name: other, model: tiny-other, sampling: {temperature: 0.7}}"

@@ -66,3 +66,29 @@ def test_the_model_reference_and_file_reading_sit_below_config_and_models() -> N
     assert graph["pluribus.modelref"] == {"pluribus.errors"}
     assert graph["pluribus.io"] == {"pluribus.errors"}
     assert "pluribus.config" not in graph["pluribus.models"] | graph["pluribus.merge.spec"]
+
+
+# private names still imported across packages, from modules other branches own at present (to make public there)
+PRIVATE_ACROSS_KNOWN = {
+    ("pluribus.distill.rl", "pluribus.data.backends", "_eos_ids"),
+    ("pluribus.stages.build", "pluribus.data.builders.datasets", "_LISTS"),
+}
+
+
+def test_no_private_name_is_imported_across_packages() -> None:
+    """``from pluribus.a.m import _name`` only inside package ``pluribus.a``: what another package uses is public
+    (no leading underscore, a docstring), so a module's private names can change without breaking another's."""
+    mods = modules()
+
+    def package(module: str) -> str:
+        return module if mods[module].name == "__init__.py" else module.rsplit(".", 1)[0]
+
+    found = set()
+    for name, file in mods.items():
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in mods and node.level == 0:
+                for alias in node.names:
+                    private = alias.name.startswith("_") and not alias.name.startswith("__")
+                    if private and package(node.module) != package(name):
+                        found.add((name, node.module, alias.name))
+    assert found <= PRIVATE_ACROSS_KNOWN, sorted(found - PRIVATE_ACROSS_KNOWN)

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from pluribus.config import load_recipe
 from pluribus.data.builders.datasets import Built
-from pluribus.eval.evaluate import compare, outcomes, score
+from pluribus.eval.scoring import compare, outcomes, score
 from pluribus.io import shown_path
 from pluribus.stages import build, eval
 from tests.view_run import trajectories

@@ -65,8 +65,8 @@ def _parquet(folder: Path, rows: list[dict[str, Any]]) -> None:
 
 def make_view_run(root: Path, problems: int = 120, *, eval_: bool = True) -> Path:
     """A run folder ``root`` with a debate of ``problems``, datasets, three experts, a merge and (``eval_``) an eval."""
-    from pluribus.eval.evaluate import compare, outcomes, score
     from pluribus.eval.report import write_report
+    from pluribus.eval.scoring import compare, outcomes, score
     from pluribus.merge import MergeSummary
 
     root.mkdir(parents=True)

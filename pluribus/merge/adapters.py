@@ -186,7 +186,7 @@ def _saved_module(module: str, saved: list[str]) -> bool:
 def _base_values(spec: MergeSpec, adapters: list[Adapter], shapes: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
     """The base's values of the tensors the adapters store as full values (their task vectors are the differences),
     read from ``spec.base``, else from the base the adapters record; refused when no base is on this machine."""
-    from pluribus.adapter import _recorded_base_folder
+    from pluribus.adapter import recorded_base_folder
     from pluribus.merge.checkpoint import Checkpoint, check_same_weights, local_model
 
     names = sorted(set().union(*(a.full for a in adapters)))
@@ -199,7 +199,7 @@ def _base_values(spec: MergeSpec, adapters: list[Adapter], shapes: dict[str, tup
                                 "(modules_to_save) while another adapter trains a LoRA on it; merge adapters that "
                                 "treat each module alike")
     owner = next(a for a in adapters if a.full)
-    folder = local_model(spec.base) if spec.base else _recorded_base_folder(owner.base or "")
+    folder = local_model(spec.base) if spec.base else recorded_base_folder(owner.base or "")
     if folder is None:
         raise PluribusError(
             f"adapter '{owner.path}' stores full values of {len(owner.full)} base tensor(s) (trained biases or "

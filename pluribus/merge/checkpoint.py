@@ -162,12 +162,12 @@ def weights_fingerprint(folder: Path, sample: int = 4096) -> str:
 def base_identity(ref: str | None) -> tuple[str, str] | None:
     """What identifies the base model an adapter records: its config.json (less names and versions) and its
     weights fingerprint, when ``ref`` (a path, an alias, a cached hub id) is on this machine; else None."""
-    from pluribus.adapter import _config_identity, _recorded_base_folder
+    from pluribus.adapter import config_identity, recorded_base_folder
 
-    folder = _recorded_base_folder(ref or "")
+    folder = recorded_base_folder(ref or "")
     if folder is None:
         return None
-    config = _config_identity(folder)
+    config = config_identity(folder)
     try:
         weights = weights_fingerprint(folder)
     except PluribusError:
@@ -178,9 +178,9 @@ def base_identity(ref: str | None) -> tuple[str, str] | None:
 def check_same_weights(adapter: Any, model: Path) -> None:
     """Refuse applying ``adapter`` (``adapters.Adapter``) to ``model`` when the base it records is on this machine
     and holds other weights: a fine-tune of the base has the same config.json, which adapter.check_adapter compares."""
-    from pluribus.adapter import _recorded_base_folder
+    from pluribus.adapter import recorded_base_folder
 
-    recorded = _recorded_base_folder(adapter.base or "")
+    recorded = recorded_base_folder(adapter.base or "")
     if recorded is None or recorded.resolve() == model.resolve():
         return
     mine, theirs = base_identity(adapter.base), base_identity(str(model))

@@ -30,7 +30,7 @@ from pluribus.data.debate import (
 from pluribus.data.records import Problem, Trajectory
 from pluribus.device import ran_on, record_where, where_backend
 from pluribus.errors import PluribusError
-from pluribus.eval.evaluate import seat_rounds
+from pluribus.eval.scoring import seat_rounds
 from pluribus.io import content_fingerprint
 from pluribus.stages import Stage, StageSummary
 

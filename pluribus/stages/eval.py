@@ -4,44 +4,36 @@ Every system runs through the debate stage (a single agent is a team of N=1, R=1
 store under ``<run>/eval/<system>-<mode>/`` (the recipe's held-out split) or ``<run>/eval/tasks/<task>/...``
 (``eval.tasks``, for transfer), so an interrupted eval picks up where it stopped and the trajectories behind every
 number stay inspectable. A system with an adapter keeps its answers in a folder named by the adapter's contents,
-so a retrained adapter is evaluated afresh. Scoring is pluribus.eval.evaluate's; the report pluribus.eval.report's.
+so a retrained adapter is evaluated afresh. The systems are pluribus.eval.systems' registry, their scores
+pluribus.eval.scoring's, the report pluribus.eval.report's.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pluribus.adapter import adapter_fingerprint
 from pluribus.config import AgentConfig, EvalConfig, Recipe, TaskConfig, TeamConfig
 from pluribus.device import ran_on, read_where
 from pluribus.errors import PluribusError
-from pluribus.eval.evaluate import (
-    Plan,
-    _sc_team,
-    _single,
-    _tokens,
-    best_of_n,
-    budget_vote,
-    chooser_agreement,
+from pluribus.eval.engines import EnginePool
+from pluribus.eval.planning import Plan
+from pluribus.eval.robustness import perturb
+from pluribus.eval.scoring import (
     compare,
     coverage,
     early_stop_effect,
     outcomes,
-    plan_systems,
     robustness_row,
     score,
     seat_rounds,
     team_gain,
 )
-from pluribus.eval.robustness import perturb
-from pluribus.io import atomic_write_text, content_fingerprint
+from pluribus.eval.systems import Ran, Store, System, TaskRun, plan_systems, store_of, system_of
+from pluribus.io import atomic_write_text
 from pluribus.layout import RunLayout
-from pluribus.merge import merge_record
-from pluribus.seats import base_team, source_of
 from pluribus.stages import Stage, StageSummary
 
 COLUMNS = ("system", "accuracy", "95% interval", "vs single (p)", "first answer", "wrong first corrected",
@@ -95,58 +87,6 @@ def plan(recipe: Recipe) -> list[Stage]:
                   keeps_store=True)]
 
 
-class EnginePool:
-    """The vLLM engines of one eval: one per base model, started on first use and shared by every system on it
-    (the single agent, the team's agents, sc, each expert and adapter merge as a LoRA request), closed when the
-    eval ends. An engine start costs half a minute to minutes on CPU, and an eval has a dozen systems."""
-
-    def __init__(self, plans: list[Plan], *, trust_remote_code: bool) -> None:
-        from pluribus.data.vllm_engine import adapter_rank
-
-        agents = [a for p in plans if self.serves(p.team) for a in self._agents(p.team)]
-        ranks = [adapter_rank(a.adapter) for a in agents if a.adapter]
-        self.rank = max(ranks) if ranks else None  # one LoRA rank that holds every adapter the eval asks for
-        self.bases = {self._key(a) for a in agents}  # engines at once: they share a GPU's memory evenly
-        self.trust_remote_code = trust_remote_code
-        self.engines: dict[tuple, Any] = {}
-        self.lora_ids: dict[str, int] = {}
-
-    @staticmethod
-    def _agents(team: TeamConfig) -> list[Any]:
-        return [*team.agents, *([team.judge] if team.judge else [])]
-
-    @staticmethod
-    def _key(agent: Any) -> tuple:
-        from pluribus.data.backends import backend_key
-
-        return backend_key(agent.model_copy(update={"adapter": None}))
-
-    def serves(self, team: TeamConfig) -> bool:
-        """Whether every agent of ``team`` runs on in-process vLLM (a mixed team builds its own backends)."""
-        return all(a.backend == "vllm" for a in self._agents(team))
-
-    def backends(self, team: TeamConfig) -> dict[tuple, Any]:
-        """The team's backends, keyed as the debate keys them: views of the pool's engines."""
-        from pluribus.data.backends import VLLMBackend, backend_key
-        from pluribus.data.vllm_engine import GPU_MEMORY_SHARE
-
-        out = {}
-        for a in self._agents(team):
-            key = self._key(a)
-            if key not in self.engines:
-                self.engines[key] = VLLMBackend(a.model_copy(update={"adapter": None}),
-                                                trust_remote_code=self.trust_remote_code, lora_rank=self.rank,
-                                                gpu_share=GPU_MEMORY_SHARE / max(1, len(self.bases)))
-            lora_id = self.lora_ids.setdefault(str(a.adapter), len(self.lora_ids) + 1) if a.adapter else 0
-            out[backend_key(a)] = self.engines[key].with_adapter(a.adapter, lora_id)
-        return out
-
-    def close(self) -> None:
-        for engine in self.engines.values():
-            engine.close()
-        self.engines.clear()
-
-
 def _pending(store: Path, problems: list[Any]) -> bool:
     from pluribus.data.store import TrajectoryStore
 
@@ -157,7 +97,7 @@ def _pending(store: Path, problems: list[Any]) -> bool:
     return any(p.id not in done for p in problems)
 
 
-def _system_records(recipe: Recipe, folder: Path, task: Any, team: TeamConfig, problems: list[Any],
+def _system_records(recipe: Recipe, folder: Path, team: TeamConfig, problems: list[Any], *, task: Any,
                     progress: bool, fingerprint: str | None = None, new_run: bool = False,
                     label: str = "eval", pool: EnginePool | None = None,
                     seats: dict[str, Path] | None = None) -> list[dict[str, Any]]:
@@ -217,143 +157,85 @@ def _task_label(task: TaskConfig) -> str:
                                else f":{Path(task.path).name}" if task.path else "")
 
 
-def store_of(plan: Plan, eval_dir: Path) -> tuple[Path, str | None]:
-    """Where ``plan``'s answers are stored under ``eval_dir``, and the fingerprint of its weights: a system with
-    an adapter (or a full merged model) keeps them in a folder named by its contents."""
-    fingerprint = adapter_fingerprint(plan.adapter) if plan.adapter else None
-    if plan.system == "merged" and not plan.adapter:
-        fingerprint = adapter_fingerprint(plan.team.agents[0].model)
-    return (eval_dir / plan.label / fingerprint if fingerprint else eval_dir / plan.label), fingerprint
-
-
-def _prm_best_of_n(recipe: Recipe, plan: Plan, among: str, voted: list[dict[str, Any]], eval_dir: Path,
-                   verifiers: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """prm-bon's or team-prm's records (``best_of_n`` over sc's voted samples or the team's transcripts) and what
-    the report says of it: the PRM, how it agrees with the vote, its own quality from its training record. The
-    choices are written to ``<eval>/<system>/<the PRM's fingerprint>/choices.jsonl`` (every step score), to be
-    inspected."""
-    from pluribus.distill.prm import PRMScorer, prm_reading
-
-    assert plan.verifier is not None
-    how = recipe.require("team").verifier_aggregate
-    if plan.verifier not in verifiers:
-        # on eval's device where it names one, else the recipe's (pluribus.device)
-        where = recipe.eval.device if recipe.eval is not None and recipe.eval.device else recipe.device
-        verifiers[plan.verifier] = PRMScorer(plan.verifier, trust_remote_code=recipe.trust_remote_code,
-                                             device=where)
-    recs = best_of_n(voted, verifiers[plan.verifier], how)
-    fingerprint = content_fingerprint(plan.verifier)
-    atomic_write_text(eval_dir / plan.label / str(fingerprint) / "choices.jsonl",
-                      "".join(json.dumps(r) + "\n" for r in recs))
-    reading = prm_reading(plan.verifier)
-    quality = ({"source": "prm_metrics", **reading["metrics"]} if reading["metrics"] else
-               {"source": "held-out steps at training (eval_step_*)", **reading["step_metrics"]}
-               if reading["step_metrics"] else None)
-    return recs, {"verifier": plan.verifier, "verifier_fingerprint": fingerprint, "verifier_aggregate": how,
-                  "verifier_prompt": reading["source"], "vote": among, "vs_vote": chooser_agreement(voted, recs),
-                  "verifier_quality": quality}
-
-
 def evaluate_task(recipe: Recipe, plans: list[Plan], name: str, task: TaskConfig, eval_dir: Path, *,
                   progress: bool, new_run: bool, robustness: bool, pool: EnginePool | None = None,
                   verifiers: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every planned system on one task's problems: results, comparisons, the team's gain, early stopping, the
     team's seats round by round. ``verifiers`` holds the PRMs loaded so far, by folder (shared across tasks)."""
+    run = _task_run(recipe, name, task, eval_dir, progress=progress, new_run=new_run, pool=pool, verifiers=verifiers)
+    rows: dict[str, dict[str, Any]] = {}  # each system's row of results.json
+    where: dict[str, dict[str, dict[str, str]]] = {}  # system -> its agents' device and dtype (pluribus.device)
+    adapters: dict[str, dict[str, str | None]] = {}  # which weights each single-agent system's numbers belong to
+    robust: dict[str, dict[str, Any]] = {}
+    # in each system's order (pluribus.eval.systems): single-greedy first (sc sizes its draws from it), the team
+    # before sc (sc spends the team's tokens), a system that re-chooses among another's samples after it
+    for plan in sorted(plans, key=lambda p: system_of(p).order):
+        system = system_of(plan)
+        store = system.store(plan, eval_dir)
+        ran = system.run(plan, run, store)
+        run.records[plan.label] = ran.records
+        rows[plan.label] = {**asdict(score(ran.records, plan.system, plan.mode)), **ran.extra}
+        where[plan.label] = read_where(RunLayout(ran.folder).trajectories()) or {}  # where its answers were made
+        if store.fingerprint:
+            adapters[plan.label] = {"path": plan.adapter or plan.team.agents[0].model, "fingerprint": store.fingerprint}
+        if robustness and system.perturbed and run.cfg.robustness:
+            robust[plan.label] = _perturbed(run, plan, system, store, ran)
+    return _task_results(run, plans, name, task, rows, where, adapters, robust)
+
+
+def _task_run(recipe: Recipe, name: str, task: TaskConfig, eval_dir: Path, *, progress: bool, new_run: bool,
+              pool: EnginePool | None, verifiers: dict[str, Any] | None) -> TaskRun:
+    """The task's problems (the team's: the first eval.team_n) and how a system answers them: the debate stage
+    over its resumable store, on ``pool``'s engines where its agents run on vLLM."""
     from pluribus.data.tasks import load_problems
 
-    verifiers = {} if verifiers is None else verifiers
     cfg = recipe.eval or EvalConfig()
     problems = load_problems(task)
     if not problems:
         raise PluribusError(f"eval task '{name}' selects no problems; check its source, split and n")
-    team_problems = problems[: cfg.team_n] if cfg.team_n else problems
-    team_ids = {p.id for p in team_problems}
-    results: dict[str, dict[str, Any]] = {}
-    records: dict[str, list[dict[str, Any]]] = {}
-    robust: dict[str, dict[str, Any]] = {}
-    sc_info: dict[str, Any] = {}
-    bon_info: dict[str, Any] = {}
-    adapters: dict[str, dict[str, str | None]] = {}  # which weights each single-agent system's numbers belong to
-    where_of: dict[str, dict[str, dict[str, str]]] = {}  # system -> its agents' device and dtype (pluribus.device)
-    # single-greedy first (sc sizes its draws from it), the team before sc (sc spends the team's tokens)
-    order = sorted(plans, key=lambda p: {"single": 0, "team": 1, "sc": 2}.get(p.system, 3))
-    for plan in order:
-        mine = team_problems if plan.system in ("team", "sc") else problems
-        folder, fingerprint = store_of(plan, eval_dir)
-        # a team that aggregates with a PRM: a retrained PRM answers in stores of its own
-        sub = f"prm-{content_fingerprint(plan.verifier)}" if plan.system == "team" and plan.verifier else None
-        if sub:
-            folder = eval_dir / plan.label / sub
-        if plan.system == "sc":
-            if f"{plan.prefix}team" not in records:
-                raise PluribusError("eval system 'sc' spends the team's tokens: add 'team' to eval.systems")
-            team_tokens = {r["problem_id"]: _tokens(r) for r in records[f"{plan.prefix}team"]}
-            mine = [p for p in mine if p.id in team_tokens][: cfg.sc_n]  # a problem the team skipped has no budget
-            if not mine:
-                raise PluribusError("eval system 'sc' has no problem to run: the team answered none of them")
-            single = _single(base_team(recipe.require("team"), source_of(recipe)), adapter=None, model=None,
-                             mode="greedy", cfg=cfg, name="single", prompt=plan.team.prompts["question"])
-            greedy = records.get("single-greedy") or _system_records(
-                recipe, eval_dir / "single-greedy", task, single, problems, progress, None, new_run,
-                label="single-greedy", pool=pool)
-            # enough draws to reach the team's budget on 9 problems of 10 (the report says on how many it did)
-            per_sample = sum(_tokens(r) for r in greedy) / max(1, len(greedy))
-            spent = sorted(team_tokens.values())
-            q90 = spent[min(len(spent) - 1, math.ceil(0.9 * len(spent)) - 1)]
-            k = max(1, min(cfg.sc_max_samples, math.ceil(1.1 * q90 / max(1.0, per_sample))))
-            draws = _system_records(recipe, eval_dir / "sc" / f"k{k}", task,
-                                    _sc_team(plan.team, k, cfg.temperature, recipe.seed), mine, progress, None, new_run,
-                                    label=f"sc (k={k})", pool=pool)
-            voted, used = [], []
-            for r in draws:
-                v, u = budget_vote(r, team_tokens[r["problem_id"]])
-                voted.append(v)
-                used.append(u)
-            reached = sum(_tokens(v) >= team_tokens[v["problem_id"]] for v in voted)
-            sc_info = {"samples_drawn": k, "mean_samples_used": sum(used) / max(1, len(used)),
-                       "budget_reached": reached / max(1, len(voted))}
-            recs = voted
-            folder = eval_dir / "sc" / f"k{k}"
-        elif plan.system in ("prm-bon", "team-prm"):
-            # the same generation's sc or team (generation g's labels start with gen<g>/)
-            among = plan.prefix + ("sc" if plan.system == "prm-bon" else "team")
-            if among not in records:
-                raise PluribusError(f"eval system '{plan.system}' chooses among {among}'s answers, and {among} did "
-                                    "not run here")
-            recs, bon_info = _prm_best_of_n(recipe, plan, among, records[among], eval_dir, verifiers)
-        else:
-            recs = _system_records(recipe, folder, task, plan.team, mine, progress, fingerprint, new_run,
-                                   label=plan.label, pool=pool, seats=plan.seats)
-        where_of[plan.label] = read_where(RunLayout(folder).trajectories()) or {}  # where its answers were generated
-        records[plan.label] = recs
-        results[plan.label] = asdict(score(recs, plan.system, plan.mode))
-        if fingerprint:
-            adapters[plan.label] = {"path": plan.adapter or plan.team.agents[0].model, "fingerprint": fingerprint}
-        if plan.system == "sc":
-            results[plan.label].update(sc_info)
-        if plan.system == "merged":  # what the merge is: exact, or truncated and by how much (its own record)
-            results[plan.label]["merge"] = merge_record(Path(plan.adapter or plan.team.agents[0].model))
-        if plan.system in ("prm-bon", "team-prm"):
-            results[plan.label].update(bon_info)
-        for kind in cfg.robustness if robustness and plan.system not in ("sc", "prm-bon", "team-prm") else []:
-            varied = [perturb(p, kind) for p in mine]
-            folder = eval_dir / f"{plan.label}-{kind}"
-            folder = folder / (fingerprint or sub) if fingerprint or sub else folder
-            perturbed = _system_records(recipe, folder, task, plan.team, varied, progress, fingerprint, new_run,
-                                        label=f"{plan.label}-{kind}", pool=pool, seats=plan.seats)
-            robust.setdefault(plan.label, {})[kind] = robustness_row(recs, perturbed, plan.system, plan.mode)
-    ordered = {p.label: results[p.label] for p in plans}  # report in the order the recipe asks
+
+    def answer(folder: Path, team: TeamConfig, some: list[Any], *, fingerprint: str | None = None, label: str,
+               seats: dict[str, Path] | None = None) -> list[dict[str, Any]]:
+        return _system_records(recipe, folder, team, some, task=task, progress=progress, fingerprint=fingerprint,
+                               new_run=new_run, label=label, pool=pool, seats=seats)
+
+    return TaskRun(recipe=recipe, cfg=cfg, eval_dir=eval_dir, problems=problems,
+                   team_problems=problems[: cfg.team_n] if cfg.team_n else problems, answer=answer,
+                   verifiers={} if verifiers is None else verifiers)
+
+
+def _perturbed(run: TaskRun, plan: Plan, system: System, store: Store, clean: Ran) -> dict[str, Any]:
+    """``plan`` on perturbed copies of its problems (each of ``eval.robustness``), in stores of their own
+    (``<eval>/<label>-<kind>/``), against its clean answers."""
+    out = {}
+    for kind in run.cfg.robustness:
+        varied = [perturb(p, kind) for p in system.problems(run)]
+        folder = run.eval_dir / f"{plan.label}-{kind}"
+        folder = folder / store.key if store.key else folder
+        answers = run.answer(folder, plan.team, varied, fingerprint=store.fingerprint, label=f"{plan.label}-{kind}",
+                             seats=plan.seats)
+        out[kind] = robustness_row(clean.records, answers, plan.system, plan.mode)
+    return out
+
+
+def _task_results(run: TaskRun, plans: list[Plan], name: str, task: TaskConfig, rows: dict[str, dict[str, Any]],
+                  where: dict[str, Any], adapters: dict[str, Any], robust: dict[str, Any]) -> dict[str, Any]:
+    """One task's entry of results.json: the systems' rows in the order the recipe asks, the comparisons with the
+    single agent, who left problems unanswered, the team's gain, early stopping and seats, robustness."""
+    records = run.records
+    team_ids = {p.id for p in run.team_problems}
     out: dict[str, Any] = {
-        "name": name, "task": _task_label(task), "split": task.split, "problems": len(problems),
-        "team_problems": len(team_problems) if any(p.system in ("team", "sc", "team-prm") for p in plans) else 0,
-        "systems": ordered, "comparisons": compare({k: outcomes(v) for k, v in records.items()}),
+        "name": name, "task": _task_label(task), "split": task.split, "problems": len(run.problems),
+        "team_problems": len(run.team_problems) if any(system_of(p).on_team_problems for p in plans) else 0,
+        "systems": {p.label: rows[p.label] for p in plans},
+        "comparisons": compare({k: outcomes(v) for k, v in records.items()}),
         "outcomes": {k: outcomes(v) for k, v in records.items()},  # per problem; run_eval drops it from results.json
-        "ran_on": {p.label: where_of[p.label] for p in plans},
+        "ran_on": {p.label: where[p.label] for p in plans},
     }
     if adapters:
         out["adapters"] = adapters
     # sc runs on the team's answered problems by design (the report says so); every other system on all it was asked
-    asked = {p.label: team_ids if p.system == "team" else {q.id for q in problems} for p in plans if p.system != "sc"}
+    asked = {p.label: ids for p in plans if (ids := system_of(p).asked(run)) is not None}
     if gaps := coverage(records, asked):
         out["unanswered"] = gaps
     gain = team_gain(records, team_ids)
@@ -387,7 +269,7 @@ def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) ->
             # the team and sc run on the recipe's own task; a transfer task measures the single-agent systems,
             # and the team and sc too where it says team: true
             mine = plans if i == 0 or name in with_team else [p for p in plans
-                                                              if p.system not in ("team", "sc", "prm-bon", "team-prm")]
+                                                              if not system_of(p).on_team_problems]
             tasks.append(evaluate_task(recipe, mine, name, task, folder, progress=progress, new_run=new_run,
                                        robustness=i == 0, pool=pool, verifiers=verifiers))
     finally:
@@ -431,7 +313,7 @@ def generation_plans(recipe: Recipe, *, check: bool = True) -> list[Plan]:
     out = []
     for g in range(2, last_generation(recipe) + 1):
         gen = generation_recipe(recipe, g).model_copy(update={"eval": recipe.eval})
-        out += _of_generation([p for p in plan_systems(gen, check=check) if p.system not in ("single", "distilled")], g)
+        out += _of_generation([p for p in plan_systems(gen, check=check) if system_of(p).per_generation], g)
     return out
 
 
@@ -453,12 +335,9 @@ def students_accuracy(recipe: Recipe, g: int, *, progress: bool = True, new_run:
     from pluribus.generations import generation_recipe
 
     cfg = (recipe.eval or EvalConfig()).model_copy(update={"modes": ["greedy"], "systems": None})
-    if g == 0:
-        gen, wanted = recipe, ("single",)
-    else:
-        gen, wanted = generation_recipe(recipe, g), ("expert", "merged")
-    gen = gen.model_copy(update={"eval": cfg})
-    plans = _of_generation([p for p in plan_systems(gen) if p.system in wanted], max(1, g))
+    gen = (recipe if g == 0 else generation_recipe(recipe, g)).model_copy(update={"eval": cfg})
+    plans = _of_generation([p for p in plan_systems(gen) if (p.system == "single" if g == 0 else
+                                                             system_of(p).student)], max(1, g))
     if not plans:
         raise PluribusError(f"generation {g} has no student to compare (no expert but PRMs, no merge); "
                             "generations.stop_if_no_gain needs one")
@@ -467,8 +346,8 @@ def students_accuracy(recipe: Recipe, g: int, *, progress: bool = True, new_run:
     scored = []
     for plan in plans:
         folder, fingerprint = store_of(plan, eval_dir)
-        recs = _system_records(recipe, folder, task, plan.team, problems, progress, fingerprint, new_run,
-                               label=plan.label)
+        recs = _system_records(recipe, folder, plan.team, problems, task=task, progress=progress,
+                               fingerprint=fingerprint, new_run=new_run, label=plan.label)
         scored.append((plan.label, score(recs, plan.system, plan.mode).accuracy))
     return max(scored, key=lambda s: s[1]), len(problems)
 
@@ -501,7 +380,7 @@ def per_generation(recipe: Recipe, plans: list[Plan], main: dict[str, Any]) -> d
             generation=g, team=f"{own}team" if any(p.system == "team" for p in mine) else None,
             members=tuple(dict.fromkeys(members)),
             sc=f"{own}sc" if any(p.system == "sc" for p in mine) else None,
-            students=tuple(p.label for p in mine if p.system in ("expert", "merged") and p.mode == "greedy"),
+            students=tuple(p.label for p in mine if system_of(p).student and p.mode == "greedy"),
             self_baseline=f"{own}{student}-greedy" if student else None))
     out = answer(roles, main)
     record = recipe.layout.generations_record

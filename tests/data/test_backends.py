@@ -477,8 +477,8 @@ def test_openai_without_usage_counts_with_the_tokenizer_or_says_it_estimates(tin
 def test_estimated_token_counts_reach_the_trajectory_and_the_eval_summary(tmp_path):
     from dataclasses import asdict
 
-    from pluribus.eval.evaluate import score
     from pluribus.eval.report import markdown
+    from pluribus.eval.scoring import score
     from pluribus.stages.eval import summary_of
 
     server = NoUsageServer()

@@ -9,7 +9,8 @@ import pytest
 
 from pluribus.config import EvalConfig, load_recipe
 from pluribus.errors import PluribusError
-from pluribus.eval.evaluate import plan_systems, score
+from pluribus.eval.scoring import score
+from pluribus.eval.systems import plan_systems
 from pluribus.stages.eval import run_eval
 
 
@@ -136,7 +137,7 @@ def _t(answer, correct, tin=10, tout=5):
 
 
 def test_self_consistency_votes_over_the_samples_that_fit_the_budget() -> None:
-    from pluribus.eval.evaluate import budget_vote
+    from pluribus.eval.scoring import budget_vote
 
     samples = {"problem_id": "p", "rounds": [[_t("3", False), _t("4", True), _t("4", True), _t("5", False)]],
                "final_correct": None, "cost": {}}
@@ -156,7 +157,7 @@ def test_self_consistency_votes_over_the_samples_that_fit_the_budget() -> None:
 
 
 def test_early_stop_effect_from_full_trajectories() -> None:
-    from pluribus.eval.evaluate import early_stop_effect
+    from pluribus.eval.scoring import early_stop_effect
 
     agree_right = {"rounds": [[_t("2", True), _t("2", True)], [_t("2", True), _t("2", True)]], "final_correct": True,
                    "cost": {"tokens_in": 40, "tokens_out": 20}, "meta": {}}
@@ -173,7 +174,7 @@ def test_early_stop_effect_from_full_trajectories() -> None:
 
 
 def test_share_of_the_team_gain_on_the_team_problems() -> None:
-    from pluribus.eval.evaluate import team_gain
+    from pluribus.eval.scoring import team_gain
 
     def recs(correct, tokens):
         return [{"problem_id": f"p{i}", "final_correct": c, "cost": {"tokens_in": tokens, "tokens_out": 0}}
@@ -190,7 +191,7 @@ def test_share_of_the_team_gain_on_the_team_problems() -> None:
 
 
 def test_early_stop_effect_of_a_run_that_stopped_or_had_a_judge() -> None:
-    from pluribus.eval.evaluate import early_stop_effect
+    from pluribus.eval.scoring import early_stop_effect
 
     full = {"rounds": [[_t("2", True), _t("3", False)], [_t("2", True), _t("2", True)]], "final_correct": True,
             "cost": {"tokens_in": 40, "tokens_out": 20}, "meta": {}}
@@ -243,8 +244,8 @@ def _scored(correct: list[int], ids: list[int]) -> list[dict]:
 def test_systems_that_answered_other_problems_are_counted_and_paired_on_shared_ones() -> None:
     from dataclasses import asdict
 
-    from pluribus.eval.evaluate import compare, coverage, outcomes
     from pluribus.eval.report import markdown
+    from pluribus.eval.scoring import compare, coverage, outcomes
 
     # 6 problems; the rsft expert's longer prompt was skipped on p4 and p5 (team.too_long: skip)
     records = {"single-greedy": _scored([1, 0, 0, 1, 1, 1], [0, 1, 2, 3, 4, 5]),
@@ -265,7 +266,7 @@ def test_systems_that_answered_other_problems_are_counted_and_paired_on_shared_o
 
 
 def test_robustness_change_is_measured_on_the_problems_both_runs_answered() -> None:
-    from pluribus.eval.evaluate import robustness_row
+    from pluribus.eval.scoring import robustness_row
 
     clean = _scored([1, 1, 0, 0], [0, 1, 2, 3])
     # the distractor made p0's and p1's prompts too long: skipped; on p2 and p3 it changed nothing

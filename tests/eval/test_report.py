@@ -6,8 +6,8 @@ import itertools
 import re
 from dataclasses import asdict
 
-from pluribus.eval.evaluate import score
 from pluribus.eval.report import figure, plot
+from pluribus.eval.scoring import score
 from tests.view_run import trajectories
 
 

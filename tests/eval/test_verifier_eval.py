@@ -7,8 +7,9 @@ import pytest
 
 from pluribus.config import load_recipe
 from pluribus.errors import PluribusError
-from pluribus.eval.evaluate import best_of_n, budget_vote, chooser_agreement, plan_systems, seat_rounds
 from pluribus.eval.report import markdown
+from pluribus.eval.scoring import best_of_n, budget_vote, chooser_agreement, seat_rounds
+from pluribus.eval.systems import plan_systems
 from tests.data.test_verify import ScriptedVerifier
 
 

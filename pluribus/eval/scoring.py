@@ -1,25 +1,18 @@
-"""Eval's systems and their scores: which systems a recipe asks for, and what their stored answers say.
+"""What a system's stored answers score: accuracy with its interval, cost, self-correction, and the comparisons.
 
-Systems (``eval.systems``): the base single agent (greedy and sampled); **sc**, self-consistency at the team's
-token budget (the same model sampled until it has spent, on each problem, the tokens the team spent there, then
-a majority vote: the compute-matched baseline); the **team**; every trained **expert** (reasoning SFT, augmented,
-RL, and the single-agent distillation baseline trained on the model's own samples); every **merge**; and
-``distilled``, any adapter named by ``eval.adapter``. Each accuracy comes with its 95% Wilson interval; each
-system is compared with the single base agent on the same problems (exact McNemar test), and with the team on the
-team's problems: the share of the team's gain over the single agent that it recovers, at what fraction of its
-tokens. The eval stage (pluribus.stages.eval) runs the systems into their stores and reports.
+Each accuracy comes with its 95% Wilson interval; each system is compared with the single base agent on the same
+problems (exact McNemar test), and with the team on the team's problems: the share of the team's gain over the
+single agent that it recovers, at what fraction of its tokens. Self-consistency's budget vote and the verifier's
+best-of-N re-choose among stored samples. The systems themselves are pluribus.eval.systems'; the eval stage
+(pluribus.stages.eval) runs them into their stores and reports.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from pluribus.adapter import read_adapter_config
-from pluribus.config import EvalConfig, Recipe, TeamConfig
-from pluribus.errors import PluribusError
 from pluribus.eval.robustness import original_id
 from pluribus.eval.stats import mcnemar_exact, paired, wilson_interval
 
@@ -41,208 +34,6 @@ class SystemResult:
     wrong_first_corrected: float  # of round-0 wrong agent answers, the fraction right in the last round
     unparsable: float  # fraction of final-round turns with no parsable answer
     tokens_estimated: int = 0  # problems whose token counts are estimates (a server without usage, no tokenizer)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One system to evaluate: its label, kind, decoding mode, team, and adapter (for its store's key)."""
-
-    label: str
-    system: str  # single | sc | team | expert | merged | distilled
-    mode: str
-    team: TeamConfig
-    adapter: str | None = None
-    seats: dict[str, Path] = field(default_factory=dict)  # a team of experts: its seats' folders (pluribus.seats)
-    generation: int = 1  # pluribus.generations; generation g >= 2's labels start with gen<g>/
-
-    @property
-    def prefix(self) -> str:
-        """What its generation's labels start with: '' for generation 1, 'gen<g>/' after."""
-        from pluribus.generations import prefix
-
-        return prefix(self.generation)
-    verifier: str | None = None  # the PRM folder of prm-bon, or of a team that aggregates with one
-
-
-def _single(team: TeamConfig, *, adapter: str | None, model: str | None, mode: str, cfg: EvalConfig,
-            name: str, prompt: str) -> TeamConfig:
-    """The team's first agent alone (N=1, R=1), asked the recipe's one question prompt."""
-    agent = team.agents[0]
-    sampling = agent.sampling.model_copy(update={
-        "temperature": cfg.temperature if mode == "sampled" else 0.0,
-        **({"max_new_tokens": cfg.max_new_tokens} if cfg.max_new_tokens else {}),
-    })
-    member = agent.model_copy(update={"name": name, "persona": None, "adapter": adapter, "sampling": sampling,
-                                      **({"model": model} if model else {}),
-                                      **({"device": cfg.device} if cfg.device else {})})  # eval.device
-    return team.model_copy(update={"agents": [member], "rounds": 1, "topology": "all", "aggregation": "majority",
-                                   "verifier": None, "judge": None, "problems_per_step": None, "early_stop": False,
-                                   "prompts": {**team.prompts, "question": prompt}})
-
-
-def _team(team: TeamConfig, cfg: EvalConfig) -> TeamConfig:
-    """The team as eval runs it: ``eval.max_new_tokens`` (when set) for every agent and the judge."""
-    if not cfg.max_new_tokens:
-        return team
-
-    def capped(a: Any) -> Any:
-        return a.model_copy(update={"sampling": a.sampling.model_copy(update={"max_new_tokens": cfg.max_new_tokens})})
-
-    return team.model_copy(update={"agents": [capped(a) for a in team.agents],
-                                   "judge": capped(team.judge) if team.judge else None})
-
-
-def _sc_team(single: TeamConfig, k: int, temperature: float, seed: int) -> TeamConfig:
-    """k independent samples of the single agent (distinct seeds), R=1: the draws self-consistency votes over."""
-    agent = single.agents[0]
-    members = [agent.model_copy(update={"name": f"sc{i}", "sampling": agent.sampling.model_copy(
-        update={"temperature": temperature, "seed": 104729 * (i + 1) + 1_000_003 * seed})}) for i in range(k)]
-    return single.model_copy(update={"agents": members})
-
-
-def default_adapter(recipe: Recipe) -> Path:
-    experts = [t for t in recipe.train.trainings() if t.objective != "prm"] if recipe.train else []
-    return recipe.layout.adapter(experts[0].expert_name if experts else "rsft")
-
-
-def _requested(recipe: Recipe, cfg: EvalConfig) -> list[str]:
-    if cfg.systems is not None:
-        return cfg.systems
-    out = ["single"]
-    if recipe.team is not None and len(recipe.team.agents) * recipe.team.rounds > 1:
-        out += ["sc", "team"]
-        if eval_verifier(recipe) is not None:
-            out.append("prm-bon")
-            if not recipe.team.verifier:  # a team that aggregates with its verifier already is team-prm
-                out.append("team-prm")
-    if recipe.train is not None:
-        out.append("experts")
-    if recipe.merge is not None:
-        out.append("merged")
-    return out
-
-
-def eval_verifier(recipe: Recipe) -> str | None:
-    """The PRM prm-bon chooses with, by name or folder: ``eval.verifier``, else ``team.verifier``, else the train
-    section's PRM expert when it has exactly one; None when there is none."""
-    if recipe.eval is not None and recipe.eval.verifier:
-        return recipe.eval.verifier
-    if recipe.team is not None and recipe.team.verifier:
-        return recipe.team.verifier
-    prms = [t.expert_name for t in recipe.train.trainings() if t.objective == "prm"] if recipe.train else []
-    return prms[0] if len(prms) == 1 else None
-
-
-def _check_adapter(path: Path, what: str, fix: str) -> None:
-    if not (path / "adapter_config.json").is_file():
-        raise PluribusError(f"the {what} system needs an adapter; '{path}' has none. {fix}")
-    read_adapter_config(path)
-
-
-def plan_systems(recipe: Recipe, *, check: bool = True) -> list[Plan]:
-    """Every requested system and decoding mode, validated before anything runs (adapters must exist)."""
-    cfg = recipe.eval or EvalConfig()
-    from pluribus.data.prompts import question_prompt
-    from pluribus.seats import base_team, seated, source_of
-
-    written = recipe.require("team")
-    # a team of experts debates with its seats' weights; the single agent and sc are its first agent's base model
-    seated_team, seat_folders = seated(written, source_of(recipe), check=check)
-    team = base_team(written, source_of(recipe))
-    prompt = question_prompt(recipe.build, team)
-    experts = {t.expert_name: t for t in recipe.train.trainings()} if recipe.train else {}
-    merges = {m.name: m for m in recipe.merge.all()} if recipe.merge else {}
-    plans: list[Plan] = []
-
-    def single_agent(system: str, name: str, adapter: str | None, model: str | None) -> None:
-        for mode in cfg.modes:
-            plans.append(Plan(f"{name}-{mode}", system, mode, _single(team, adapter=adapter, model=model, mode=mode,
-                                                                      cfg=cfg, name=name, prompt=prompt), adapter))
-
-    for system in _requested(recipe, cfg):
-        if system == "single":
-            single_agent("single", "single", None, None)
-        elif system == "team":
-            mine = _team(seated_team, cfg)
-            if mine.verifier:  # resolved here: the team's store lives under eval/, where the run's names are not
-                from pluribus.data.verify import prm_folder
-
-                folder = prm_folder(recipe, mine.verifier, check=check)
-                mine = mine.model_copy(update={"verifier": str(folder.resolve())})
-            plans.append(Plan("team", "team", "as-configured", mine, seats=seat_folders, verifier=mine.verifier))
-        elif system == "sc":
-            single = _single(team, adapter=None, model=None, mode="sampled", cfg=cfg, name="sc", prompt=prompt)
-            plans.append(Plan("sc", "sc", "sampled", single))
-        elif system == "prm-bon":
-            name = eval_verifier(recipe)
-            if name is None:
-                raise PluribusError("eval system 'prm-bon' needs a process reward model: set eval.verifier (a PRM "
-                                    "expert of the run or a PRM folder), or train one prm expert")
-            if "sc" not in _requested(recipe, cfg):
-                raise PluribusError("eval system 'prm-bon' chooses among self-consistency's samples: add 'sc' to "
-                                    "eval.systems")
-            from pluribus.data.verify import prm_folder
-
-            folder = prm_folder(recipe, name, check=check)
-            single = _single(team, adapter=None, model=None, mode="sampled", cfg=cfg, name="sc", prompt=prompt)
-            plans.append(Plan("prm-bon", "prm-bon", "sampled", single, verifier=str(folder)))
-        elif system == "team-prm":
-            name = eval_verifier(recipe)
-            if name is None:
-                raise PluribusError("eval system 'team-prm' needs a process reward model: set eval.verifier (a PRM "
-                                    "expert of the run or a PRM folder), or train one prm expert")
-            if "team" not in _requested(recipe, cfg) or team.verifier:
-                raise PluribusError("eval system 'team-prm' re-chooses the answer of the team's own transcripts by the "
-                                    "PRM: add 'team' to eval.systems, with a team that aggregates without a verifier "
-                                    "(one with team.verifier is that system already)")
-            from pluribus.data.verify import prm_folder
-
-            folder = prm_folder(recipe, name, check=check)
-            plans.append(Plan("team-prm", "team-prm", "as-configured", _team(team, cfg), verifier=str(folder)))
-        elif system == "experts" or system in experts:
-            chosen = [t for t in experts.values() if t.objective != "prm"] if system == "experts" else [experts[system]]
-            if system in experts and experts[system].objective == "prm":
-                raise PluribusError(f"eval.systems: '{system}' is a process reward model, which scores steps "
-                                    "rather than answering; evaluate the rl expert it guides instead")
-            for t in chosen:
-                path = recipe.layout.adapter(t.expert_name)
-                if check:
-                    _check_adapter(path, f"'{t.expert_name}' expert", "Train it first (pluribus train RECIPE "
-                                   f"--expert {t.expert_name}) or drop it from eval.systems")
-                single_agent("expert", t.expert_name, str(path), t.model)
-        elif system == "merged" or system in merges:
-            for m in merges.values() if system == "merged" else [merges[system]]:
-                path = recipe.layout.merged(m.name)
-                if check and not path.is_dir():
-                    raise PluribusError(f"the merged system '{m.name}' needs '{path}'; run the merge first "
-                                        "(pluribus run RECIPE) or drop it from eval.systems")
-                if (path / "adapter_config.json").is_file():
-                    # the base of the experts it merges (they share one: merge checks it)
-                    student = experts[m.experts[0]].model if m.experts else recipe.train.model if recipe.train else None
-                    single_agent("merged", m.name, str(path), student)
-                else:  # a full model
-                    single_agent("merged", m.name, None, str(path))
-        elif system == "distilled":
-            adapter = Path(cfg.adapter) if cfg.adapter else default_adapter(recipe)
-            if cfg.adapter and not adapter.exists():
-                raise PluribusError(f"eval.adapter '{adapter}' does not exist; set eval.adapter to a trained "
-                                    "adapter folder, or drop 'distilled' from eval.systems")
-            if check:
-                _check_adapter(adapter, "distilled", "Train one first (pluribus train RECIPE) or set eval.adapter, "
-                               "or drop 'distilled' from eval.systems")
-            student = recipe.train.model if recipe.train else None
-            single_agent("distilled", "distilled", str(adapter), student)
-        else:
-            raise PluribusError(f"unknown eval system '{system}'")
-    labels = [p.label for p in plans]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        raise PluribusError(f"eval systems {dup} are named twice (an expert or merge named like a system?); "
-                            "rename the expert or merge")
-    return plans
-
-
-# ------------------------------------------------------------------------------------------ scoring
 
 
 def score(records: list[dict[str, Any]], system: str, mode: str) -> SystemResult:
@@ -271,7 +62,8 @@ def score(records: list[dict[str, Any]], system: str, mode: str) -> SystemResult
     )
 
 
-def _tokens(record: dict[str, Any]) -> int:
+def tokens(record: dict[str, Any]) -> int:
+    """The tokens a stored trajectory spent: prompt and completion, every turn (its ``cost``)."""
     return record["cost"]["tokens_in"] + record["cost"]["tokens_out"]
 
 
@@ -379,10 +171,10 @@ def early_stop_effect(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     if ran_stopped:  # run with team.early_stop: what it did is observed; the full debate was never run
         return {"problems": n, "observed": True, "stopped_early": ran_stopped,
                 "accuracy_early_stop": sum(bool(r["final_correct"]) for r in records) / n,
-                "tokens_early_stop": sum(_tokens(r) for r in records) / n}
+                "tokens_early_stop": sum(tokens(r) for r in records) / n}
     full_tokens = stop_tokens = full_ok = stop_ok = stopped = 0
     for r in records:
-        full_tokens += _tokens(r)
+        full_tokens += tokens(r)
         full_ok += bool(r["final_correct"])
         spent, outcome = 0, None
         for rnd in r["rounds"]:
@@ -391,7 +183,7 @@ def early_stop_effect(records: list[dict[str, Any]]) -> dict[str, Any] | None:
                 outcome = bool(rnd[0]["correct"])
                 break
         if outcome is None:
-            stop_tokens += _tokens(r)
+            stop_tokens += tokens(r)
             stop_ok += bool(r["final_correct"])
         else:
             stopped += 1
@@ -464,7 +256,7 @@ def team_gain(records: dict[str, list[dict[str, Any]]], team_ids: set[str]) -> d
     def acc_tokens(label: str, ids: set[str]) -> tuple[float, float]:
         mine = [r for r in records[label] if r["problem_id"] in ids]
         return (sum(bool(r["final_correct"]) for r in mine) / max(1, len(mine)),
-                sum(_tokens(r) for r in mine) / max(1, len(mine)))
+                sum(tokens(r) for r in mine) / max(1, len(mine)))
 
     answered = {r["problem_id"] for r in records["team"]} & team_ids
     base, _ = acc_tokens("single-greedy", answered)
@@ -474,16 +266,11 @@ def team_gain(records: dict[str, list[dict[str, Any]]], team_ids: set[str]) -> d
         if label in ("team", "single-greedy"):
             continue
         ids = answered & {r["problem_id"] for r in records[label]}
-        acc, tokens = acc_tokens(label, ids)
+        acc, spent = acc_tokens(label, ids)
         b, _ = acc_tokens("single-greedy", ids)
         t_acc, t_tokens = acc_tokens("team", ids)
         out[label] = {"problems": len(ids), "accuracy_on_team_problems": acc, "gain_over_single": acc - b,
                       "share_of_team_gain": (acc - b) / (t_acc - b) if t_acc > b else None,
-                      "token_fraction_of_team": tokens / t_tokens if t_tokens else None}
+                      "token_fraction_of_team": spent / t_tokens if t_tokens else None}
     return {"problems": len(answered), "single_accuracy": base, "team_accuracy": team_acc, "team_gain": team_acc - base,
             "team_tokens_per_problem": team_tokens, "systems": out}
-
-
-# ------------------------------------------------------------------------------------------ running
-
-
