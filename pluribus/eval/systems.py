@@ -359,6 +359,9 @@ class PRMBestOfN(System):
                              prompt=ctx.prompt)
         return [Plan("prm-bon", "prm-bon", "sampled", single, verifier=str(folder))]
 
+    def asked(self, run: TaskRun) -> set[str] | None:
+        return None  # sc's problems (eval.sc_n of the team's answered ones), as sc
+
     def run(self, plan: Plan, run: TaskRun, store: Store) -> Ran:
         return choose_by_verifier(plan, f"{plan.prefix}sc", run, store)  # the same generation's sc
 
@@ -382,6 +385,9 @@ class TeamPRM(System):
                                 "(one with team.verifier is that system already)")
         folder = ctx.prm_folder(verifier)
         return [Plan("team-prm", "team-prm", "as-configured", team_as_run(ctx.team, ctx.cfg), verifier=str(folder))]
+
+    def asked(self, run: TaskRun) -> set[str] | None:
+        return {p.id for p in run.team_problems}  # the team's problems (eval.team_n), as the team
 
     def run(self, plan: Plan, run: TaskRun, store: Store) -> Ran:
         return choose_by_verifier(plan, f"{plan.prefix}team", run, store)  # the same generation's team

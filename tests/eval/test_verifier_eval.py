@@ -139,3 +139,18 @@ def test_a_verifier_team_is_evaluated_with_its_prm_and_the_single_systems_withou
     assert plans["prm-bon"].verifier == str(prm)
     # the single agent and sc answer alone: no verifier, so their stores are those of a majority team's
     assert plans["single-greedy"].team.verifier is None and plans["sc"].team.verifier is None
+
+
+def test_verifier_systems_count_coverage_over_the_problems_their_chooser_saw(tmp_path):
+    """team-prm is asked the team's problems (eval.team_n), prm-bon sc's; neither over all of eval.n (a report
+    that said they skipped the rest as too long was wrong)."""
+    from types import SimpleNamespace
+
+    from pluribus.eval.systems import SYSTEMS, TaskRun
+
+    problems = [SimpleNamespace(id=f"p{i}") for i in range(5)]
+    run = TaskRun(recipe=None, cfg=None, eval_dir=tmp_path, problems=problems, team_problems=problems[:2],
+                  answer=lambda *a, **k: [])
+    assert SYSTEMS["team-prm"].asked(run) == SYSTEMS["team"].asked(run) == {"p0", "p1"}
+    assert SYSTEMS["prm-bon"].asked(run) is None is SYSTEMS["sc"].asked(run)
+    assert SYSTEMS["single"].asked(run) == {p.id for p in problems}
