@@ -1,8 +1,9 @@
 """Generation backends behind one batch method: chat conversations + sampling parameters in, texts + token counts out.
 
-``Backend.generate(conversations, sampling) -> list[Generation]`` is the whole interface (a backend may also
-take ``on_batch``, called with each batch of generations as it finishes, which the debate's progress bar
-follows, and ``seeds``, one sampling seed per conversation). Three backends:
+``Backend.generate(conversations, sampling) -> list[Generation]`` is the whole interface; a backend declares
+what more it takes (``takes_on_batch``: ``on_batch``, called with each batch of generations as it finishes, which
+the debate's progress bar follows; ``takes_seeds``: ``seeds``, one sampling seed per conversation) and answers
+``prompt_fit`` (None where it cannot tell). Three backends, each taking both:
 
 - ``transformers``: local model, batched with left padding (rows sorted by length to waste little padding),
   bf16 where the device computes it natively, else float32 (pluribus.device), greedy or seeded sampling, ``batch_size`` conversations per batch, each row leaving the batch as soon as

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pluribus.config import SamplingConfig
+
+if TYPE_CHECKING:  # prompt.py imports this module
+    from pluribus.data.backends.prompt import Fit
 
 Conversation = list[dict[str, str]]
 OnBatch = Callable[[list["Generation"]], None]
@@ -27,13 +30,22 @@ class Generation:
 
 
 class Backend(Protocol):
-    """The narrow interface every backend implements."""
+    """The narrow interface every backend implements; what it can do beyond ``generate(conversations, sampling)``
+    it declares (callers read these, never the signature)."""
 
     name: str  # the model name recorded in turns
+    # generate(..., seeds=[one per conversation]) draws each row from its own seed; False: one ``sampling.seed``
+    # per call, so a caller asking k samples of one prompt makes k calls
+    takes_seeds: bool
+    # generate(..., on_batch=f) calls f with each batch as it finishes; False: the caller reports the whole call
+    takes_on_batch: bool
 
     def generate(self, conversations: list[Conversation], sampling: SamplingConfig) -> list[Generation]: ...
-    # optional keywords: on_batch (progress) and seeds (one sampling seed per conversation)
-    # optional method: prompt_fit(conversation, max_new_tokens) -> Fit | None (does the prompt fit the context)
+
+    def prompt_fit(self, conversation: Conversation, max_new_tokens: int) -> Fit | None:
+        """How the rendered prompt compares with the context's room for it; None where the backend cannot tell
+        (no tokenizer: the server refuses what does not fit)."""
+        ...
 
     def count_tokens(self, text: str) -> int: ...
 

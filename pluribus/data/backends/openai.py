@@ -77,6 +77,9 @@ class OpenAIBackend:
     and a request out of retries, raise a one-line PluribusError.
     """
 
+    takes_seeds = True
+    takes_on_batch = True
+
     def __init__(self, agent: AgentConfig, *, trust_remote_code: bool = False, backoff_s: float = 0.5) -> None:
         try:
             import openai  # noqa: F401

@@ -14,6 +14,9 @@ class TransformersBackend:
     """A local model; every call is split into batches of ``batch_size`` rows, left-padded, decoded by
     ``decoding.decode``."""
 
+    takes_seeds = True
+    takes_on_batch = True
+
     def __init__(self, agent: AgentConfig, *, trust_remote_code: bool = False, batch_size: int = 32,
                  device: str | None = None) -> None:
         from pluribus import device as devices

@@ -15,6 +15,9 @@ class VLLMBackend:
     ``PromptBuilder``; one call per batch. Engine settings: the agent's ``vllm`` section (``vllm_engine``);
     ``gpu_share`` is its GPU memory share when those name none (the debate splits 0.9 among its engines)."""
 
+    takes_seeds = True
+    takes_on_batch = True
+
     def __init__(self, agent: AgentConfig, *, trust_remote_code: bool = False,
                  gpu_share: float | None = None, lora_rank: int | None = None) -> None:
         """``lora_rank``: start with LoRA on at this rank although ``agent`` has no adapter, for an engine that
