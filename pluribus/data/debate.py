@@ -346,7 +346,7 @@ def _turn(member: Member, rnd: int, gen: Generation, problem: Problem, peers: li
     return Turn(
         agent=member.name, round=rnd, model=member.backend.name, response=gen.text, answer=g.answer,
         correct=g.correct, tokens_in=gen.tokens_in, tokens_out=gen.tokens_out, seconds=round(gen.seconds, 6),
-        meta={"peers": peers, "peer_tokens_dropped": dropped, "prompt_tokens_dropped": gen.dropped_tokens,
+        meta={"peers": peers, "peer_tokens_dropped": dropped,
               "finish_reason": gen.finish_reason, "parse_method": g.method,
               **({"tokens_estimated": True} if gen.tokens_estimated else {})},
     )

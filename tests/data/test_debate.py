@@ -46,7 +46,7 @@ class ScriptedBackend:
         out = []
         for conv in conversations:
             text = self.reply(conv, len(self.calls) - 1)
-            out.append(Generation(text, len(str(conv)) // 4, len(text.split()), 0.01, False))
+            out.append(Generation(text, len(str(conv)) // 4, len(text.split()), 0.01))
         return out
 
     def prompt_fit(self, conversation, max_new_tokens: int):

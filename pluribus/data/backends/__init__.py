@@ -25,8 +25,8 @@ Context rule (transformers, vllm, and openai continuations): the new tokens get 
 (``max_new = min(max_new_tokens, context // 2)``) and the prompt must fit in the rest: a prompt longer than
 ``context - max_new`` is never cut (cutting its front would lose the system prompt and the question's start);
 ``encode`` raises ``PromptTooLong`` naming the numbers. ``Backend.prompt_fit`` tells a caller beforehand (the
-debate refuses or skips such a problem up front, by ``team.too_long``). ``Generation.truncated`` and
-``dropped_tokens`` stay in the record for old readers and are always False / 0.
+debate refuses or skips such a problem up front, by ``team.too_long``). An output that hits ``max_new`` has
+``Generation.finish_reason == "length"``.
 
 A conversation whose last message has role ``assistant`` is continued: the assistant prefix is kept and the
 generation extends it (used by Monte-Carlo rollouts from a solution prefix).

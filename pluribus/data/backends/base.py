@@ -23,8 +23,8 @@ class Generation:
     tokens_in: int
     tokens_out: int
     seconds: float
-    truncated: bool  # always False now: a prompt that does not fit is refused (kept for old readers)
-    dropped_tokens: int = 0  # always 0, as above
+    # No field says a prompt was cut: none is (PromptBuilder refuses a prompt that does not fit, a server answers
+    # one with an error); an output cut by max_new_tokens says so in finish_reason.
     finish_reason: str = "stop"  # "stop" (end of turn) or "length" (hit max_new_tokens)
     tokens_estimated: bool = False  # counts guessed from characters: no server usage and no tokenizer offline
 

@@ -43,7 +43,6 @@ class _Job:
     index: int
     payload: dict[str, Any]
     continuation: bool
-    dropped: int
     attempts: int = 0
 
 
@@ -156,17 +155,15 @@ class OpenAIBackend:
         if seed is not None:
             payload["seed"] = seed % 2**31  # servers take a 32-bit seed
         continuation = bool(conv) and conv[-1].get("role") == "assistant"
-        dropped = 0
         if continuation:
             if self.builder is None:
                 raise PluribusError(f"continuing an assistant message on the openai backend needs model "
                                     f"'{self.name}' available offline (its chat template renders the prompt)")
             prompt = self.builder.encode(conv, sampling.max_new_tokens)
-            dropped = prompt.dropped_tokens
             payload.update(max_tokens=prompt.max_new_tokens, prompt=self.tokenizer.decode(prompt.ids))
         else:
             payload["messages"] = conv
-        return _Job(index, payload, continuation, dropped)
+        return _Job(index, payload, continuation)
 
     async def _generate_all(self, jobs: list[_Job], on_batch: OnBatch | None) -> list[Generation]:
         import contextlib
@@ -252,7 +249,6 @@ class OpenAIBackend:
         tokens_in, tokens_out, estimated = self._counts(job, text, resp.usage)
         return Generation(
             text=text, tokens_in=tokens_in, tokens_out=tokens_out, seconds=time.perf_counter() - t0,
-            truncated=job.dropped > 0, dropped_tokens=job.dropped,
             finish_reason="length" if choice.finish_reason == "length" else "stop", tokens_estimated=estimated,
         )
 

@@ -15,7 +15,6 @@ from pluribus.errors import PluribusError
 class Prompt:
     ids: list[int]
     max_new_tokens: int
-    dropped_tokens: int
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ class PromptBuilder:
         if not fit.fits:
             raise PromptTooLong(f"a prompt does not fit the model's context: {fit.describe()}; shorten it, raise "
                                 "the agent's context_length or lower max_new_tokens")
-        return Prompt(ids=ids, max_new_tokens=fit.max_new, dropped_tokens=0)
+        return Prompt(ids=ids, max_new_tokens=fit.max_new)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -135,7 +134,7 @@ def peer_reader(agent: AgentConfig, *, trust_remote_code: bool = False) -> Token
     from pluribus.models import load_tokenizer, resolve_model
 
     if agent.backend == "openai":
-        tokenizer = _local_tokenizer(agent.model, trust_remote_code)
+        tokenizer, _ = _local_tokenizer(agent.model, trust_remote_code)
     else:
         tokenizer = load_tokenizer(resolve_model(agent.model), trust_remote_code=trust_remote_code)
     has_template = tokenizer is not None and getattr(tokenizer, "chat_template", None)

@@ -96,7 +96,6 @@ class TransformersBackend:
             text = self.tokenizer.decode(new[: stop if stop is not None else n_out], skip_special_tokens=True)
             gens.append(Generation(
                 text=text, tokens_in=len(p.ids), tokens_out=n_out, seconds=seconds,
-                truncated=p.dropped_tokens > 0, dropped_tokens=p.dropped_tokens,
                 finish_reason="stop" if stop is not None else "length",
             ))
         return gens

@@ -86,8 +86,7 @@ class VLLMBackend:
         seconds = (time.perf_counter() - t0) / max(1, len(prompts))
         gens = [
             Generation(text=o.outputs[0].text, tokens_in=len(p.ids), tokens_out=len(o.outputs[0].token_ids),
-                       seconds=seconds, truncated=p.dropped_tokens > 0, dropped_tokens=p.dropped_tokens,
-                       finish_reason="length" if o.outputs[0].finish_reason == "length" else "stop")
+                       seconds=seconds, finish_reason="length" if o.outputs[0].finish_reason == "length" else "stop")
             for p, o in zip(prompts, outs, strict=True)
         ]
         if on_batch is not None:  # vLLM schedules the whole call itself: one report when it returns
