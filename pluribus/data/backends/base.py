@@ -1,15 +1,13 @@
-"""What every generation backend is: the ``Backend`` protocol and the ``Generation`` record it returns."""
+"""What every generation backend is: the ``Backend`` protocol, the ``Generation`` record it returns and the ``Fit``
+of a prompt in its context."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from pluribus.config import SamplingConfig
-
-if TYPE_CHECKING:  # prompt.py imports this module
-    from pluribus.data.backends.prompt import Fit
 
 Conversation = list[dict[str, str]]
 OnBatch = Callable[[list["Generation"]], None]
@@ -27,6 +25,24 @@ class Generation:
     # one with an error); an output cut by max_new_tokens says so in finish_reason.
     finish_reason: str = "stop"  # "stop" (end of turn) or "length" (hit max_new_tokens)
     tokens_estimated: bool = False  # counts guessed from characters: no server usage and no tokenizer offline
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How a rendered prompt compares with the room the context leaves it: ``room = context - max_new``."""
+
+    tokens: int
+    room: int
+    context: int
+    max_new: int
+
+    @property
+    def fits(self) -> bool:
+        return self.tokens <= self.room
+
+    def describe(self) -> str:
+        return (f"its prompt is {self.tokens} tokens, and the context of {self.context} leaves {self.room} for the "
+                f"prompt after {self.max_new} new tokens")
 
 
 class Backend(Protocol):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pluribus.config import AgentConfig, SamplingConfig
-from pluribus.data.backends.base import Conversation
+from pluribus.data.backends.base import Conversation, Fit
 from pluribus.errors import PluribusError
 
 
@@ -15,24 +15,6 @@ from pluribus.errors import PluribusError
 class Prompt:
     ids: list[int]
     max_new_tokens: int
-
-
-@dataclass(frozen=True)
-class Fit:
-    """How a rendered prompt compares with the room the context leaves it: ``room = context - max_new``."""
-
-    tokens: int
-    room: int
-    context: int
-    max_new: int
-
-    @property
-    def fits(self) -> bool:
-        return self.tokens <= self.room
-
-    def describe(self) -> str:
-        return (f"its prompt is {self.tokens} tokens, and the context of {self.context} leaves {self.room} for the "
-                f"prompt after {self.max_new} new tokens")
 
 
 class PromptTooLong(PluribusError):
