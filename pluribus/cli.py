@@ -355,26 +355,43 @@ def merge_cmd(
         "cpu, cuda or cuda:N (default auto); other merges stream on the CPU.")] = None,
 ) -> None:
     """Merge adapters (low-rank, any ranks) or models (streaming) into OUT; mergekit YAML is accepted."""
-    from pluribus.device import resolve
     from pluribus.merge.resolve import resolve_merges
     from pluribus.stages import merge
 
     _threads(threads)
     if extract:
-        from pluribus.merge.extract import extract_lora
-
-        if not (base and out):
-            raise PluribusError("--extract needs --base (the model it was tuned from) and -o OUT")
-        r = extract_lora(base, extract, out, rank=rank, energy=energy, overwrite=overwrite, device=resolve(device))
-        Console().print(f"{r['modules']} modules, ranks {r['rank_min']}..{r['rank_max']}, relative error {r['error']:.3e}, "
-                        f"uncaptured (non-linear weights) {r['uncaptured']:.3e} -> {out}", highlight=False,
-                        markup=False, soft_wrap=True)
+        _extract(extract, base, out, rank=rank, energy=energy, overwrite=overwrite, device=device)
         return
     merges = resolve_merges(config, out, name, method=method, adapters=adapters, models=models, base=base,
                             weights=weights, density=density, drop=drop, seed=seed, rank=rank, energy=energy,
                             output=output, mergekit=mergekit or None, check_base=False if no_check_base else None,
                             normalize=normalize, **({"lambda": lam} if lam is not None else {}))
-    if not overwrite:  # every output checked before the first merge writes
+    _check_merges(merges, overwrite=overwrite, device=device)
+    for merge_name, spec, target in merges:
+        _show(merge.run(spec, target, overwrite=overwrite, device=device,
+                        name=f"merge:{merge_name}" if len(merges) > 1 else "merge"))
+
+
+def _extract(tuned: str, base: str | None, out: Path | None, *, rank: int | None, energy: float | None,
+             overwrite: bool, device: str | None) -> None:
+    """``merge --extract``: a LoRA of ``tuned - base`` into ``out``, and its figures printed."""
+    from pluribus.device import resolve
+    from pluribus.merge.extract import extract_lora
+
+    if not (base and out):
+        raise PluribusError("--extract needs --base (the model it was tuned from) and -o OUT")
+    r = extract_lora(base, tuned, out, rank=rank, energy=energy, overwrite=overwrite, device=resolve(device))
+    Console().print(f"{r['modules']} modules, ranks {r['rank_min']}..{r['rank_max']}, relative error {r['error']:.3e}, "
+                    f"uncaptured (non-linear weights) {r['uncaptured']:.3e} -> {out}", highlight=False,
+                    markup=False, soft_wrap=True)
+
+
+def _check_merges(merges: list[Any], *, overwrite: bool, device: str | None) -> None:
+    """Before the first merge writes: no output exists (unless ``overwrite``), and ``--device`` names a device only
+    where every merge folds adapters into a model (the others stream on the CPU)."""
+    from pluribus.device import resolve
+
+    if not overwrite:
         from pluribus.errors import OutputExistsError
 
         for _, _, target in merges:
@@ -387,9 +404,6 @@ def merge_cmd(
             raise PluribusError(f"--device {device}: only folding adapters into a model (--output model) computes on "
                                 "a device; this merge streams on the CPU (its seeded draws are the same on every "
                                 "machine). Leave out --device")
-    for merge_name, spec, target in merges:
-        _show(merge.run(spec, target, overwrite=overwrite, device=device,
-                        name=f"merge:{merge_name}" if len(merges) > 1 else "merge"))
 
 
 # --------------------------------------------------------------------------------------------- eval

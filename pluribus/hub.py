@@ -260,21 +260,9 @@ def model_card(
     ``measured`` names, per eval task, the systems of ``eval_results`` that are this model: only they go in
     model-index; every other system is a comparison, in the card's text.
     """
-    meta: dict[str, Any] = {"library_name": "peft" if kind == "adapter" else "transformers",
-                            "pipeline_tag": "token-classification" if is_prm(training_record) else "text-generation",
-                            "tags": ["pluribus", *(["prm", "process-reward-model"] if is_prm(training_record) else [])]}
-    meta.update(base_metadata(base_model))
-    if merge is not None:
-        meta["tags"] += ["merge", str(merge.get("method", "?"))]
-    hub_base = _hub_name(base_model)
-    if hub_base:
-        meta["base_model"] = hub_base
-        meta["base_model_relation"] = relation
-    if datasets:
-        meta["datasets"] = datasets
     measured = measured or {}
-    if eval_results and (index := model_index(title, eval_results, measured)):
-        meta["model-index"] = index
+    meta = _card_metadata(kind, base_model, relation, datasets, eval_results, training_record, title, merge, measured)
+    hub_base = _hub_name(base_model)
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {title}", ""]
     base_name = public_model_name(base_model)
     lines.append(f"A {'LoRA adapter' if kind == 'adapter' else 'model'} made with pluribus"
@@ -291,29 +279,58 @@ def model_card(
     if training_record:
         lines += _record_block(training_record)
     if eval_results:
-        main = _tasks(eval_results)[0] if eval_results.get("tasks") else eval_results
-        mine = set(measured.get(str(main.get("name", "heldout")), []))
-        n = eval_results.get("problems")
-        lines += ["", "## Evaluation", "", f"{n} held-out problems of `{eval_results.get('task', '?')}`." if n else "",
-                  "", "This model's rows are marked; the other systems (the base agent alone, the team, other "
-                  "experts) ran on the same problems, for comparison. Only this model's results are in the "
-                  "metadata.", "",
-                  "| system | accuracy | 95% interval | tokens / problem | seconds / problem | this model |",
-                  "|---|---|---|---|---|---|"]
-        for system, m in eval_results.get("systems", {}).items():
-            interval = f"{m['accuracy_low']:.3f} - {m['accuracy_high']:.3f}" if "accuracy_low" in m else "-"
-            lines.append(f"| {system} | {m.get('accuracy', float('nan')):.3f} | {interval} "
-                         f"| {m.get('tokens_per_problem', 0):.0f} | {m.get('seconds_per_problem', 0):.2f} "
-                         f"| {'yes' if system in mine else ''} |")
-        robust = [(system, kind, r) for system, kinds in (eval_results.get("robustness") or {}).items()
-                  for kind, r in kinds.items()]
-        if robust:
-            lines += ["", "Robustness (the same problems perturbed, gold answers unchanged):", "",
-                      "| system | perturbation | accuracy | change vs clean |", "|---|---|---|---|"]
-            lines += [f"| {system} | {kind} | {r['accuracy']:.3f} | {r['change']:+.3f} |" for system, kind, r in robust]
+        lines += _evaluation_section(eval_results, measured)
     if merge_recipe:
         lines += ["", "## Merge recipe", "", "```yaml", merge_recipe.strip(), "```"]
     return redact("\n".join(lines) + "\n")
+
+
+def _card_metadata(kind: str, base_model: str | None, relation: str, datasets: list[str],
+                   eval_results: dict[str, Any] | None, training_record: dict[str, Any] | None, title: str,
+                   merge: dict[str, Any] | None, measured: dict[str, list[str]]) -> dict[str, Any]:
+    """The card's YAML metadata (``model_card``'s arguments): library, pipeline, tags, base model and relation,
+    datasets, and the model-index of this model's own eval results."""
+    meta: dict[str, Any] = {"library_name": "peft" if kind == "adapter" else "transformers",
+                            "pipeline_tag": "token-classification" if is_prm(training_record) else "text-generation",
+                            "tags": ["pluribus", *(["prm", "process-reward-model"] if is_prm(training_record) else [])]}
+    meta.update(base_metadata(base_model))
+    if merge is not None:
+        meta["tags"] += ["merge", str(merge.get("method", "?"))]
+    hub_base = _hub_name(base_model)
+    if hub_base:
+        meta["base_model"] = hub_base
+        meta["base_model_relation"] = relation
+    if datasets:
+        meta["datasets"] = datasets
+    if eval_results and (index := model_index(title, eval_results, measured)):
+        meta["model-index"] = index
+    return meta
+
+
+def _evaluation_section(eval_results: dict[str, Any], measured: dict[str, list[str]]) -> list[str]:
+    """The card's Evaluation section: every system's row of the main task (this model's marked, by ``measured``),
+    then the robustness table where there is one."""
+    main = _tasks(eval_results)[0] if eval_results.get("tasks") else eval_results
+    mine = set(measured.get(str(main.get("name", "heldout")), []))
+    n = eval_results.get("problems")
+    lines = ["", "## Evaluation", "", f"{n} held-out problems of `{eval_results.get('task', '?')}`." if n else "",
+             "", "This model's rows are marked; the other systems (the base agent alone, the team, other "
+             "experts) ran on the same problems, for comparison. Only this model's results are in the "
+             "metadata.", "",
+             "| system | accuracy | 95% interval | tokens / problem | seconds / problem | this model |",
+             "|---|---|---|---|---|---|"]
+    for system, m in eval_results.get("systems", {}).items():
+        interval = f"{m['accuracy_low']:.3f} - {m['accuracy_high']:.3f}" if "accuracy_low" in m else "-"
+        lines.append(f"| {system} | {m.get('accuracy', float('nan')):.3f} | {interval} "
+                     f"| {m.get('tokens_per_problem', 0):.0f} | {m.get('seconds_per_problem', 0):.2f} "
+                     f"| {'yes' if system in mine else ''} |")
+    robust = [(system, kind, r) for system, kinds in (eval_results.get("robustness") or {}).items()
+              for kind, r in kinds.items()]
+    if robust:
+        lines += ["", "Robustness (the same problems perturbed, gold answers unchanged):", "",
+                  "| system | perturbation | accuracy | change vs clean |", "|---|---|---|---|"]
+        lines += [f"| {system} | {kind} | {r['accuracy']:.3f} | {r['change']:+.3f} |" for system, kind, r in robust]
+    return lines
 
 
 EXPORT_NOTE = ("This is a local working folder: its `adapter_config.json` / `merge.yaml` may point to files on the "

@@ -41,7 +41,6 @@ Speed: problems go through in steps of ``team.problems_per_step``; in each round
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -229,22 +228,15 @@ def debate_prompts(team: TeamConfig, readers: Mapping[tuple, Any]) -> Callable[[
 OnBatch = Callable[[list[Generation]], None]
 
 
-def _takes(backend: Backend, keyword: str) -> bool:
-    try:
-        return keyword in inspect.signature(backend.generate).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _generate(backend: Backend, conversations: list[Conversation], sampling: SamplingConfig,
               on_batch: OnBatch | None, seeds: list[int] | None = None) -> list[Generation]:
     """``backend.generate``, with one sampling seed per conversation where it takes ``seeds``, reporting each
     finished batch to ``on_batch``: through the backend where it takes ``on_batch`` (its micro-batches), else
-    once for the whole call (a scripted or third-party backend)."""
+    once for the whole call (a scripted or third-party backend). What it takes, it declares (``Backend``)."""
     kwargs: dict[str, Any] = {}
-    if seeds is not None and _takes(backend, "seeds"):
+    if seeds is not None and backend.takes_seeds:
         kwargs["seeds"] = seeds
-    if on_batch is not None and _takes(backend, "on_batch"):
+    if on_batch is not None and backend.takes_on_batch:
         kwargs["on_batch"] = on_batch
     gens = backend.generate(conversations, sampling, **kwargs)
     if on_batch is not None and "on_batch" not in kwargs:
@@ -274,7 +266,7 @@ def _generate_grouped(requests: list[Request], seed: int, on_batch: OnBatch | No
     for k, (member, *_) in enumerate(requests):
         backend = id(member.backend)
         if backend not in per_row:
-            per_row[backend] = _takes(member.backend, "seeds")
+            per_row[backend] = member.backend.takes_seeds
         # a backend that takes one seed per call needs one call per seed (else k samples would draw alike)
         fields = member.agent.sampling.model_dump(exclude={"seed"} if per_row[backend] else None)
         groups.setdefault((backend, json.dumps(fields, sort_keys=True)), []).append(k)
@@ -300,8 +292,7 @@ def _generate_grouped(requests: list[Request], seed: int, on_batch: OnBatch | No
 
 def _overflow(member: Member, conv: Conversation, problem: Problem, rnd: int) -> str | None:
     """Why ``conv`` cannot be asked of ``member`` (its prompt does not fit the context), or None."""
-    fit_of = getattr(member.backend, "prompt_fit", None)
-    fit = fit_of(conv, member.agent.sampling.max_new_tokens) if fit_of is not None else None
+    fit = member.backend.prompt_fit(conv, member.agent.sampling.max_new_tokens)
     if fit is None or fit.fits:
         return None
     return f"problem '{problem.id}' does not fit agent '{member.name}' in round {rnd}: {fit.describe()}"
@@ -355,7 +346,7 @@ def _turn(member: Member, rnd: int, gen: Generation, problem: Problem, peers: li
     return Turn(
         agent=member.name, round=rnd, model=member.backend.name, response=gen.text, answer=g.answer,
         correct=g.correct, tokens_in=gen.tokens_in, tokens_out=gen.tokens_out, seconds=round(gen.seconds, 6),
-        meta={"peers": peers, "peer_tokens_dropped": dropped, "prompt_tokens_dropped": gen.dropped_tokens,
+        meta={"peers": peers, "peer_tokens_dropped": dropped,
               "finish_reason": gen.finish_reason, "parse_method": g.method,
               **({"tokens_estimated": True} if gen.tokens_estimated else {})},
     )
@@ -414,18 +405,7 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
             active = [st for st in active if not agreed([t.answer for t in st.rounds[-1]])]
             if not active:
                 break
-        requests: list[Request] = []
-        seen: list[tuple[list[str], list[int]]] = []
-        for st in active:
-            for i, member in enumerate(team.members):
-                names: list[str] = []
-                dropped: list[int] = []
-                if rnd > 0:
-                    text, names, dropped = round_prompt(team, st, i)
-                    st.conversations[i].append({"role": "assistant", "content": st.rounds[-1][i].response})
-                    st.conversations[i].append({"role": "user", "content": text})
-                requests.append((member, st.conversations[i], st.problem.id, rnd))
-                seen.append((names, dropped))
+        requests, seen = _round_requests(team, active, rnd)
         n = len(team.members)
         drop = _drop_too_long(team, active, requests, skipped)
         if drop:
@@ -435,28 +415,51 @@ def debate_step(problems: Sequence[Problem], team: Team, *, run_id: str, seed: i
             seen = [seen[k * n + i] for k in keep for i in range(n)]
             active = [active[k] for k in keep]
         gens = _generate_grouped(requests, seed, on_batch) if requests else []
-        k = 0
-        for st in active:
-            turns = []
-            for member in team.members:
-                turns.append(_turn(member, rnd, gens[k], st.problem, *seen[k]))
-                k += 1
-            st.rounds.append(turns)
+        for k, st in enumerate(active):  # member i of problem k asked request k * n + i
+            st.rounds.append([_turn(member, rnd, gens[k * n + i], st.problem, *seen[k * n + i])
+                              for i, member in enumerate(team.members)])
         last = rnd == team.config.rounds - 1
         if team.judge is not None and (team.judge_each_round or (last and team.config.aggregation == "judge")):
             unread = _judge_round(team, active, rnd, seed, on_batch, skipped)
             gone += unread
             active = [st for st in active if st not in unread]
     if team.judge is not None and team.config.aggregation == "judge":
-        # problems stopped early still get the judge's verdict on their last round
-        stopped = [st for st in states if st not in gone
-                   and len(st.judge_turns) < (len(st.rounds) if team.judge_each_round else 1)]
-        for rnd in sorted({len(st.rounds) - 1 for st in stopped}):  # judged as of the round each stopped after
-            gone += _judge_round(team, [st for st in stopped if len(st.rounds) - 1 == rnd], rnd, seed, on_batch,
-                                 skipped)
+        gone += _judge_stopped(team, [st for st in states if st not in gone], seed, on_batch, skipped)
     kept = [st for st in states if st not in gone]
     verdicts = _verify(team, kept) if team.config.aggregation.startswith("prm_") else {}
     return [_finish(st, team, run_id, verdicts.get(id(st))) for st in kept]
+
+
+def _round_requests(team: Team, active: list[_State], rnd: int
+                    ) -> tuple[list[Request], list[tuple[list[str], list[int]]]]:
+    """Round ``rnd``'s requests, member by member within each problem (each conversation extended by its last
+    answer and the round's prompt after round 0), and per request the peers it read and the tokens trimmed
+    from each."""
+    requests: list[Request] = []
+    seen: list[tuple[list[str], list[int]]] = []
+    for st in active:
+        for i, member in enumerate(team.members):
+            names: list[str] = []
+            dropped: list[int] = []
+            if rnd > 0:
+                text, names, dropped = round_prompt(team, st, i)
+                st.conversations[i].append({"role": "assistant", "content": st.rounds[-1][i].response})
+                st.conversations[i].append({"role": "user", "content": text})
+            requests.append((member, st.conversations[i], st.problem.id, rnd))
+            seen.append((names, dropped))
+    return requests, seen
+
+
+def _judge_stopped(team: Team, states: list[_State], seed: int, on_batch: OnBatch | None,
+                   skipped: list[str] | None) -> list[_State]:
+    """Problems stopped early still get the judge's verdict on their last round (each judged as of the round
+    it stopped after); returns those left out (too long for the judge)."""
+    stopped = [st for st in states if len(st.judge_turns) < (len(st.rounds) if team.judge_each_round else 1)]
+    gone: list[_State] = []
+    for rnd in sorted({len(st.rounds) - 1 for st in stopped}):
+        gone += _judge_round(team, [st for st in stopped if len(st.rounds) - 1 == rnd], rnd, seed, on_batch,
+                             skipped)
+    return gone
 
 
 def _verify(team: Team, states: list[_State]) -> dict[int, tuple[int | None, dict[str, Any]]]:

@@ -100,31 +100,7 @@ class TrajectoryStore:
             except PluribusError:
                 self._unlock()  # a corrupt store must not stay locked for the rest of the process
                 raise
-            if old.get("config_hash") in same_config:
-                # the same config hashed by an earlier pluribus: adopt this version's hash and resume
-                old["config_hash"] = config_hash
-                atomic_write_text(manifest_path, json.dumps(old, indent=2) + "\n")
-            if old.get("config_hash") != config_hash and not self._holds_records():
-                # nothing stored yet (e.g. the first run failed to reach its server): nothing to be
-                # inconsistent with, so the store takes this run's config in place, without an archive
-                old["config_hash"] = config_hash
-                if family is not None:
-                    old["family"] = family
-                atomic_write_text(manifest_path, json.dumps(old, indent=2) + "\n")
-            if old.get("config_hash") != config_hash and family is not None and old.get("family") == family:
-                # the same team whose seated experts were retrained since: its answers are stale by construction
-                logger.warning("store '%s' was debated by earlier weights of its seated experts; moving it aside "
-                               "and debating afresh", self.directory)
-                new_run = True
-            if old.get("config_hash") != config_hash:
-                if not new_run:
-                    self._unlock()
-                    raise PluribusError(
-                        f"store '{self.directory}' was written with config {old.get('config_hash')} but this run's "
-                        f"config is {config_hash}; restore the old settings to resume, or pass --new-run to "
-                        "move the old store aside and start a new run"
-                    )
-                self._archive(old)
+            self._reconcile(old, config_hash, same_config=same_config, family=family, new_run=new_run)
         if not manifest_path.is_file():
             self.manifest = {"format": FORMAT, "config_hash": config_hash, "run_id": uuid.uuid4().hex[:12],
                              "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -139,6 +115,38 @@ class TrajectoryStore:
         except BaseException:
             self._unlock()
             raise
+
+    def _reconcile(self, old: dict[str, Any], config_hash: str, *, same_config: Collection[str], family: str | None,
+                   new_run: bool) -> None:
+        """Meet a stored manifest ``old`` written with another config than ``config_hash``: adopt this run's hash
+        (an older pluribus's hash of the same config, or a store that holds nothing yet), or move the store aside
+        (``new_run``, or the same seated team with retrained experts); else unlock and refuse."""
+        manifest_path = self.directory / "manifest.json"
+        if old.get("config_hash") in same_config:
+            # the same config hashed by an earlier pluribus: adopt this version's hash and resume
+            old["config_hash"] = config_hash
+            atomic_write_text(manifest_path, json.dumps(old, indent=2) + "\n")
+        if old.get("config_hash") != config_hash and not self._holds_records():
+            # nothing stored yet (e.g. the first run failed to reach its server): nothing to be
+            # inconsistent with, so the store takes this run's config in place, without an archive
+            old["config_hash"] = config_hash
+            if family is not None:
+                old["family"] = family
+            atomic_write_text(manifest_path, json.dumps(old, indent=2) + "\n")
+        if old.get("config_hash") != config_hash and family is not None and old.get("family") == family:
+            # the same team whose seated experts were retrained since: its answers are stale by construction
+            logger.warning("store '%s' was debated by earlier weights of its seated experts; moving it aside "
+                           "and debating afresh", self.directory)
+            new_run = True
+        if old.get("config_hash") != config_hash:
+            if not new_run:
+                self._unlock()
+                raise PluribusError(
+                    f"store '{self.directory}' was written with config {old.get('config_hash')} but this run's "
+                    f"config is {config_hash}; restore the old settings to resume, or pass --new-run to "
+                    "move the old store aside and start a new run"
+                )
+            self._archive(old)
 
     # ------------------------------------------------------------------------------------------ reading
 

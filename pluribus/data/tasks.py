@@ -399,51 +399,56 @@ def load_table(
         raise PluribusError(f"task.fields has unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(FIELD_DEFAULTS)}")
     rows, name, places = _read_rows(path, kind, subset, hf_split)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name) or "data"
-    problems = []
-    for i, (row, where) in enumerate(zip(rows, places, strict=True)):
-        question = _text(_column(row, "question", fields, True, where), "question", where)
-        raw_choices = _column(row, "choices", fields, multiple_choice, where)
-        answer = _column(row, "answer", fields, raw_choices is not None, where)
-        solution = _column(row, "solution", fields, False, where)
-        rid = _column(row, "id", fields, False, where)
-        if answer is None and _present(row, "answer", fields):
-            _text(answer, "answer", where)  # a null in the answer column is not a missing column
-        meta: dict[str, Any] = {}
-        if raw_choices is not None:
-            choices, labels = _choices_of(raw_choices, where)
-            key = str(answer).strip() if answer is not None else ""
-            if labels and key in labels:
-                gold = LETTERS[labels.index(key)]
-            else:
-                gold = gold_choice(answer if isinstance(answer, int) else key, choices)
-            if gold is None:
-                raise PluribusError(f"{where}: answer {answer!r} is not a letter, index or text of its {len(choices)} choices")
-            question = f"{question}\n\n" + "\n".join(f"{LETTERS[j]}) {c}" for j, c in enumerate(choices))
-            meta["choices"] = choices
-            answer_text = gold
-        elif answer is None and solution is not None:
-            found = extract_answer(str(solution))
-            if found is None or found.method == "last_number":
-                raise PluribusError(f"{where}: no answer column and no marked answer in the solution; map task.fields.answer")
-            answer_text = found.value
-        elif answer is None:
-            raise PluribusError(f"{where}: no answer column; map one with task.fields.answer=<column>")
-        elif isinstance(answer, str) and "####" in answer:
-            solution, answer_text = clean_gsm8k_solution(answer)
-        else:
-            answer_text = _gold(_text(answer, "answer", where))
-        pid = f"{name}-{rid}" if rid is not None and str(rid).strip() else f"{name}-{i:06d}"
-        problems.append(
-            Problem(
-                id=pid,
-                question=question,
-                answer=_text(answer_text, "answer", where),
-                solution=None if solution is None else str(solution),
-                source=name,
-                meta=meta,
-            )
-        )
-    return problems
+    return [_problem(row, where, i, name, fields, multiple_choice)
+            for i, (row, where) in enumerate(zip(rows, places, strict=True))]
+
+
+def _problem(row: dict[str, Any], where: str, i: int, name: str, fields: dict[str, str], multiple_choice: bool) -> Problem:
+    """Row ``i`` of table ``name`` (at ``where``, for errors) as a Problem: ``load_table``'s rules."""
+    question = _text(_column(row, "question", fields, True, where), "question", where)
+    raw_choices = _column(row, "choices", fields, multiple_choice, where)
+    answer = _column(row, "answer", fields, raw_choices is not None, where)
+    solution = _column(row, "solution", fields, False, where)
+    rid = _column(row, "id", fields, False, where)
+    if answer is None and _present(row, "answer", fields):
+        _text(answer, "answer", where)  # a null in the answer column is not a missing column
+    meta: dict[str, Any] = {}
+    if raw_choices is not None:
+        question, meta["choices"], answer_text = _with_choices(question, raw_choices, answer, where)
+    elif answer is None and solution is not None:
+        found = extract_answer(str(solution))
+        if found is None or found.method == "last_number":
+            raise PluribusError(f"{where}: no answer column and no marked answer in the solution; map task.fields.answer")
+        answer_text = found.value
+    elif answer is None:
+        raise PluribusError(f"{where}: no answer column; map one with task.fields.answer=<column>")
+    elif isinstance(answer, str) and "####" in answer:
+        solution, answer_text = clean_gsm8k_solution(answer)
+    else:
+        answer_text = _gold(_text(answer, "answer", where))
+    pid = f"{name}-{rid}" if rid is not None and str(rid).strip() else f"{name}-{i:06d}"
+    return Problem(
+        id=pid,
+        question=question,
+        answer=_text(answer_text, "answer", where),
+        solution=None if solution is None else str(solution),
+        source=name,
+        meta=meta,
+    )
+
+
+def _with_choices(question: str, raw_choices: Any, answer: Any, where: str) -> tuple[str, list[str], str]:
+    """(the question with its options appended as "A) ...", the options, the gold letter) of a multiple-choice
+    row; the gold comes from a source label, a letter, a 0-based index or the option's text."""
+    choices, labels = _choices_of(raw_choices, where)
+    key = str(answer).strip() if answer is not None else ""
+    if labels and key in labels:
+        gold = LETTERS[labels.index(key)]
+    else:
+        gold = gold_choice(answer if isinstance(answer, int) else key, choices)
+    if gold is None:
+        raise PluribusError(f"{where}: answer {answer!r} is not a letter, index or text of its {len(choices)} choices")
+    return f"{question}\n\n" + "\n".join(f"{LETTERS[j]}) {c}" for j, c in enumerate(choices)), choices, gold
 
 
 # ------------------------------------------------------------------------------------------ synthetic

@@ -506,6 +506,35 @@ def collate_prompts(rows: list[dict[str, str]]) -> dict[str, list[str]]:
             "problem_ids": [r["problem_id"] for r in rows], "metas": [r.get("meta", "{}") for r in rows]}
 
 
+def _kl_reference(model: Any, cfg: TrainConfig) -> tuple[dict[str, Any] | None, str]:
+    """(the KL's reference weights, None for the base; what the reference is, for the record): the starting
+    policy is the init_adapter's weights as loaded (a fresh LoRA starts as the base)."""
+    s = cfg.rl
+    if s.kl > 0 and s.reference == "start" and cfg.init_adapter:
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return weights, f"init_adapter {cfg.init_adapter}"
+    return None, "none (kl 0)" if s.kl == 0 else "base"
+
+
+def _sampler(recipe: Recipe, cfg: TrainConfig, model: Any, tokenizer: Any, prompts: list[dict[str, Any]]) -> Any:
+    """The sampler of the current policy: a vLLM engine (``train.rl.backend=vllm``) or the policy itself."""
+    s = cfg.rl
+    if s.backend == "vllm":
+        return VLLMSampler(tokenizer, s, str(base_identity(model)), _policy_rank(model),
+                           prompts=[p["prompt"] for p in prompts], dtype="bfloat16" if cfg.bf16 else "float32",
+                           seed=recipe.seed, trust_remote_code=recipe.trust_remote_code)
+    return LocalSampler(tokenizer, s)
+
+
+def _final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last logged reward / accuracy / KL / PRM score / clip fraction of this training, as ``final_*``."""
+    logged = [h for h in history if "reward" in h]
+    if not logged:
+        return {}
+    return {f"final_{k}": logged[-1][k] for k in ("reward", "accuracy", "kl", "prm_score", "clip_fraction")
+            if k in logged[-1]}  # kl only where it was computed (train.rl.kl > 0)
+
+
 def train_rl(
     recipe: Recipe, *, dataset: str | Path | None = None, out: str | Path | None = None,
     resume: bool | str | None = None, verify: Callable[[str, str], bool] | None = None,
@@ -534,19 +563,10 @@ def train_rl(
     # process's GPU under several) unless train.rl.prm_device names another
     prm = load_prm(prm_path, trust_remote_code=recipe.trust_remote_code,
                    device=devices.resolve(s.prm_device) if s.prm_device else args.device)
-    # the KL's reference: the starting policy is the init_adapter's weights as loaded (a fresh LoRA starts as the base)
-    reference_weights, kl_reference = None, "none (kl 0)" if s.kl == 0 else "base"
-    if s.kl > 0 and s.reference == "start" and cfg.init_adapter:
-        reference_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        kl_reference = f"init_adapter {cfg.init_adapter}"
+    reference_weights, kl_reference = _kl_reference(model, cfg)
 
     # 3. the sampler of the current policy
-    if s.backend == "vllm":
-        sampler = VLLMSampler(tokenizer, s, str(base_identity(model)), _policy_rank(model),
-                              prompts=[p["prompt"] for p in prompts], dtype="bfloat16" if cfg.bf16 else "float32",
-                              seed=recipe.seed, trust_remote_code=recipe.trust_remote_code)
-    else:
-        sampler = LocalSampler(tokenizer, s)
+    sampler = _sampler(recipe, cfg, model, tokenizer, prompts)
 
     # 4. Trainer over prompts: one batch = prompts_per_step prompts, G samples each
     trainer = GroupRLTrainer(
@@ -565,11 +585,7 @@ def train_rl(
         kernels.unpatch()
 
     # 5. the adapter folder + record (final metrics: the last logged reward/accuracy/KL)
-    logged = [h for h in trainer.state.log_history[history_start:] if "reward" in h]
-    if logged:
-        metrics.update({f"final_{k}": logged[-1][k] for k in ("reward", "accuracy", "kl", "prm_score",
-                                                               "clip_fraction")
-                        if k in logged[-1]})  # kl only where it was computed (train.rl.kl > 0)
+    metrics.update(_final_metrics(trainer.state.log_history[history_start:]))
     record = output.training_record(recipe, cfg, model, ds_path, metrics,
                                     {"prompts": len(prompts), "prm": str(prm_path), "kl_reference": kl_reference,
                                      "num_iterations": s.num_iterations, "loss_type": s.loss_type,

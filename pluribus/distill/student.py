@@ -39,23 +39,7 @@ def load_student(
     if device.type == "cuda" and device.index is None:  # where the Trainer trains this process: its rank's GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     folder = resolve_model(cfg.model)
-    kwargs: dict[str, Any] = {
-        "dtype": devices.dtype_for(device, "bfloat16" if cfg.bf16 else "float32"),
-        "use_safetensors": True,
-        "trust_remote_code": trust_remote_code,
-        "attn_implementation": "sdpa",
-    }
-    if cfg.lora.quantize == "nf4":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise PluribusError(
-                "train.lora.quantize=nf4 (QLoRA) needs bitsandbytes: run `pip install 'bitsandbytes>=0.45'`"
-            ) from None
-        from pluribus.models import nf4_config
-
-        kwargs["quantization_config"] = nf4_config("nf4")
-        kwargs["device_map"] = {"": str(device)}  # 4-bit weights load where they train (they cannot be moved)
+    kwargs = _load_kwargs(cfg, device, trust_remote_code)
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -76,6 +60,31 @@ def load_student(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     model.config.use_cache = False
     return model, tokenizer
+
+
+def _load_kwargs(cfg: TrainConfig, device: Any, trust_remote_code: bool) -> dict[str, Any]:
+    """``from_pretrained``'s arguments for the student: its dtype on ``device``, safetensors, SDPA attention, and
+    for QLoRA (``train.lora.quantize=nf4``) the 4-bit config, loaded on ``device`` (4-bit weights cannot move)."""
+    from pluribus import device as devices
+
+    kwargs: dict[str, Any] = {
+        "dtype": devices.dtype_for(device, "bfloat16" if cfg.bf16 else "float32"),
+        "use_safetensors": True,
+        "trust_remote_code": trust_remote_code,
+        "attn_implementation": "sdpa",
+    }
+    if cfg.lora.quantize == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise PluribusError(
+                "train.lora.quantize=nf4 (QLoRA) needs bitsandbytes: run `pip install 'bitsandbytes>=0.45'`"
+            ) from None
+        from pluribus.models import nf4_config
+
+        kwargs["quantization_config"] = nf4_config("nf4")
+        kwargs["device_map"] = {"": str(device)}  # 4-bit weights load where they train (they cannot be moved)
+    return kwargs
 
 
 def score_head_model(folder: str | Path, **kwargs: Any) -> Any:

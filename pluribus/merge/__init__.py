@@ -154,6 +154,29 @@ def run_merge(
     if spec.method == "mergekit":
         return _run_mergekit(spec, out, overwrite, start)
     kind = _kind(spec)
+    _refuse_what_has_no_effect(spec, kind)
+    summary = MergeSummary(spec.method, "", str(out), [i.label for i in spec.inputs])
+    fold_device = None
+    if kind == "adapters" and spec.output == "model":
+        from pluribus.device import resolve
+
+        fold_device = resolve(device)
+        summary.ran_on = f"{fold_device} (folding)"
+    with atomic_dir(out, overwrite=overwrite) as tmp, _progress() as bar:
+        if kind == "adapters":
+            _merge_adapters(spec, tmp, summary, bar, fold_device)
+        else:
+            _merge_full_models(spec, tmp, summary, bar)
+        summary.seconds = time.perf_counter() - start
+        (tmp / "merge.yaml").write_text(spec.to_yaml())
+        (tmp / "merge_report.json").write_text(json.dumps(asdict(summary), indent=2))
+        (tmp / "README.md").write_text(_card(spec, summary, adapter=summary.kind.endswith("adapter")))
+    return summary
+
+
+def _refuse_what_has_no_effect(spec: MergeSpec, kind: str) -> None:
+    """A method, output or option that this merge (of ``kind`` inputs: models or adapters) cannot honour is an
+    error, never silently ignored."""
     if kind == "models" and get_method(spec.method).adapters_only:
         raise PluribusError(f"method '{spec.method}' merges adapters; for models use task_arithmetic, ties, dare_ties ...")
     if kind == "models" and spec.output == "adapter":
@@ -168,32 +191,20 @@ def run_merge(
     if (kind == "models" or spec.output == "model") and (spec.rank is not None or spec.energy is not None):
         raise PluribusError("rank and energy shape an adapter output, but this merge writes a model; remove them "
                             "(or write an adapter with output: adapter)")
-    summary = MergeSummary(spec.method, "", str(out), [i.label for i in spec.inputs])
-    fold_device = None
-    if kind == "adapters" and spec.output == "model":
-        from pluribus.device import resolve
 
-        fold_device = resolve(device)
-        summary.ran_on = f"{fold_device} (folding)"
-    with atomic_dir(out, overwrite=overwrite) as tmp, _progress() as bar:
-        if kind == "adapters":
-            _merge_adapters(spec, tmp, summary, bar, fold_device)
-        else:
-            summary.kind = "models -> model"
-            summary.dtype = spec.out_dtype or "the base's dtype"
-            task = bar.add_task("merging tensors", total=None)
-            from pluribus.merge.checkpoint import local_model
-            from pluribus.merge.full import copy_companions, merge_models
 
-            summary.details = merge_models(spec, tmp, lambda k, n, _: bar.update(task, completed=k, total=n))
-            summary.error = summary.details["storage_error"]
-            copy_companions(local_model(spec.base), local_model(spec.tokenizer_source) if spec.tokenizer_source else None,
-                            tmp, spec.out_dtype)
-        summary.seconds = time.perf_counter() - start
-        (tmp / "merge.yaml").write_text(spec.to_yaml())
-        (tmp / "merge_report.json").write_text(json.dumps(asdict(summary), indent=2))
-        (tmp / "README.md").write_text(_card(spec, summary, adapter=summary.kind.endswith("adapter")))
-    return summary
+def _merge_full_models(spec: MergeSpec, tmp: Path, summary: MergeSummary, bar: Any) -> None:
+    """Merge full models tensor by tensor into ``tmp`` with the base's config and tokenizer files beside them."""
+    from pluribus.merge.checkpoint import local_model
+    from pluribus.merge.full import copy_companions, merge_models
+
+    summary.kind = "models -> model"
+    summary.dtype = spec.out_dtype or "the base's dtype"
+    task = bar.add_task("merging tensors", total=None)
+    summary.details = merge_models(spec, tmp, lambda k, n, _: bar.update(task, completed=k, total=n))
+    summary.error = summary.details["storage_error"]
+    copy_companions(local_model(spec.base), local_model(spec.tokenizer_source) if spec.tokenizer_source else None,
+                    tmp, spec.out_dtype)
 
 
 def _input_paths(spec: MergeSpec) -> list[str]:

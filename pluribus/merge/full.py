@@ -228,38 +228,20 @@ def merge_models(
     method stay on the CPU, where their seeded draws (DARE) are the same on every machine.
     Raises PluribusError for missing/corrupt files, mismatched tensors (naming both models) and NaN/Inf.
     """
-    from pluribus.adapter import check_adapter
-    from pluribus.merge.adapters import is_adapter, load_adapter
-
+    # 1. open and check every input before anything is written
     if not spec.base:
         raise PluribusError(f"method '{spec.method}' over models needs `base` (the model the experts were tuned from)")
     base_dir = local_model(spec.base)
     read_config(base_dir)  # copied beside the merged weights at the end: refuse a broken one before merging
     base = Checkpoint(base_dir)
-    experts: list[Expert] = []
-    if tensor_delta is None:
-        for inp in spec.inputs:
-            adapter = load_adapter(inp.adapter) if inp.adapter else None
-            if adapter is None and is_adapter(inp.path):
-                raise PluribusError(f"input '{inp.path}' is an adapter; give it as `adapter:` with `path:` its base model")
-            # the base itself as an input (alone or under an adapter) contributes no stored delta
-            path = local_model(inp.path)
-            if adapter is not None and spec.check_base:
-                check_adapter(adapter.path, path)  # shapes alone pass an adapter of a same-sized other model
-                check_same_weights(adapter, path)
-            same = path.resolve() == base_dir.resolve()
-            experts.append(Expert(None if same else Checkpoint(path), adapter, inp.label))
-        _check_shapes(base, experts)
-    for adapter in folded:
-        if spec.check_base:
-            check_adapter(adapter.path, base_dir)
-            check_same_weights(adapter, base_dir)
-        check_adapter_fits(base, adapter)
+    experts = _open_experts(spec, base, base_dir) if tensor_delta is None else []
+    _check_folded(spec, folded, base, base_dir)
+
+    # 2. stream: each tensor of the base merged (or copied), stored in the output dtype, written
     fixed = None if spec.dtype == "auto" else getattr(torch, spec.dtype)
     out_dtype = getattr(torch, spec.out_dtype) if spec.out_dtype else None
-    plan = [
-        (n, (out_dtype or i.dtype) if i.dtype.is_floating_point else i.dtype, i.shape) for n, i in base.tensors.items()
-    ]
+    plan = [(n, (out_dtype or i.dtype) if i.dtype.is_floating_point else i.dtype, i.shape)
+            for n, i in base.tensors.items()]
     writer = ShardedWriter(folder, plan, parse_size(spec.shard_size))
     params = _params(spec, base, experts, fixed or torch.float32) if tensor_delta is None else None
     gen = torch.Generator().manual_seed(spec.seed)
@@ -269,26 +251,12 @@ def merge_models(
     for k, (name, dtype, _) in enumerate(plan):
         b = base.get(name)
         if not b.is_floating_point():
-            # integer tensors (buffers) are not merged: an expert that changed one would be dropped without a word
-            other = next((e for e in experts if e.ckpt is not None and not torch.equal(e.ckpt.get(name), b)), None)
-            if other is not None:
-                raise PluribusError(f"tensor {name} ({b.dtype}) of '{other.label}' differs from the base's; integer "
-                                    "tensors cannot be merged: give experts that keep the base's")
-            stored = b
+            stored = _unmerged_integer(name, b, experts)
         else:
             work = fixed or (b.dtype if spec.mergekit else M.work_dtype(b))  # mergekit: the input dtype
             bw = b.to(device=device if tensor_delta is not None else None, dtype=work)
             M.check_finite(bw, f"{base.folder}:{name}")
-            if tensor_delta is not None:
-                d = tensor_delta(name, bw)
-                merged = bw if d is None else bw + d.to(device=bw.device, dtype=work)
-            elif get_method(spec.method).of_weights:  # a soup of the weights themselves (linear)
-                merged = M.linear([e.full(name, bw, work) for e in experts], params.weights,
-                                  True if spec.normalize is None else spec.normalize)
-            else:
-                delta = merge_deltas(spec.method, [e.delta(name, bw, work) for e in experts],
-                                       dataclasses.replace(params, dtype=work), gen, inplace=True)
-                merged = delta.add_(bw)
+            merged = _merge_tensor(spec, name, bw, experts, params, gen, tensor_delta)
             stored = merged.to(dtype)
             if merged is not bw:
                 # one temporary of the tensor's size each (a float64 copy would triple a large merge's peak memory)
@@ -304,6 +272,66 @@ def merge_models(
             e.ckpt.close()
     return {"tensors": len(plan), "bytes": writer.total, "shards": len(writer.names),
             "storage_error": math.sqrt(lost / changed) if changed else 0.0}
+
+
+def _open_experts(spec: MergeSpec, base: Checkpoint, base_dir: Path) -> list[Expert]:
+    """The inputs of ``spec`` as experts (the base itself as an input stores no delta), each adapter checked
+    against its model where ``spec.check_base``, and every shape against the base's."""
+    from pluribus.adapter import check_adapter
+    from pluribus.merge.adapters import is_adapter, load_adapter
+
+    experts: list[Expert] = []
+    for inp in spec.inputs:
+        adapter = load_adapter(inp.adapter) if inp.adapter else None
+        if adapter is None and is_adapter(inp.path):
+            raise PluribusError(f"input '{inp.path}' is an adapter; give it as `adapter:` with `path:` its base model")
+        # the base itself as an input (alone or under an adapter) contributes no stored delta
+        path = local_model(inp.path)
+        if adapter is not None and spec.check_base:
+            check_adapter(adapter.path, path)  # shapes alone pass an adapter of a same-sized other model
+            check_same_weights(adapter, path)
+        same = path.resolve() == base_dir.resolve()
+        experts.append(Expert(None if same else Checkpoint(path), adapter, inp.label))
+    _check_shapes(base, experts)
+    return experts
+
+
+def _check_folded(spec: MergeSpec, folded: Sequence[Any], base: Checkpoint, base_dir: Path) -> None:
+    """Each adapter to fold was trained on this base (where ``spec.check_base``) and fits its shapes."""
+    from pluribus.adapter import check_adapter
+
+    for adapter in folded:
+        if spec.check_base:
+            check_adapter(adapter.path, base_dir)
+            check_same_weights(adapter, base_dir)
+        check_adapter_fits(base, adapter)
+
+
+def _unmerged_integer(name: str, b: torch.Tensor, experts: list[Expert]) -> torch.Tensor:
+    """An integer tensor (a buffer) is not merged but kept as the base's: an expert that changed it would be
+    dropped without a word, so that is an error."""
+    other = next((e for e in experts if e.ckpt is not None and not torch.equal(e.ckpt.get(name), b)), None)
+    if other is not None:
+        raise PluribusError(f"tensor {name} ({b.dtype}) of '{other.label}' differs from the base's; integer "
+                            "tensors cannot be merged: give experts that keep the base's")
+    return b
+
+
+def _merge_tensor(spec: MergeSpec, name: str, bw: torch.Tensor, experts: list[Expert], params: M.MethodParams | None,
+                  gen: torch.Generator, tensor_delta: Callable[[str, torch.Tensor], torch.Tensor | None] | None
+                  ) -> torch.Tensor:
+    """One merged tensor from its base ``bw`` (in the work dtype): the folded delta where ``tensor_delta`` gives
+    one, else the method over the experts; ``bw`` itself where nothing changes it."""
+    work = bw.dtype
+    if tensor_delta is not None:
+        d = tensor_delta(name, bw)
+        return bw if d is None else bw + d.to(device=bw.device, dtype=work)
+    if get_method(spec.method).of_weights:  # a soup of the weights themselves (linear)
+        return M.linear([e.full(name, bw, work) for e in experts], params.weights,
+                        True if spec.normalize is None else spec.normalize)
+    delta = merge_deltas(spec.method, [e.delta(name, bw, work) for e in experts],
+                         dataclasses.replace(params, dtype=work), gen, inplace=True)
+    return delta.add_(bw)
 
 
 def _params(spec: MergeSpec, base: Checkpoint, experts: list[Expert], work: torch.dtype) -> M.MethodParams:

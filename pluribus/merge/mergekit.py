@@ -109,15 +109,9 @@ def _translate_mergekit(data: dict[str, Any]) -> MergeSpec:
     known_top = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"}
     if set(data) - known_top or not isinstance(data.get("models"), list):
         return fallback
-    params = data.get("parameters") or {}
-    if not isinstance(params, dict):
-        return fallback  # mergekit says what is wrong with it
-    glob: dict[str, Any] = {}
-    for key, value in params.items():
-        v = _scalar(value, key)
-        if v is None or key not in {"lambda", "normalize", "density", "weight", "int8_mask", "rescale"}:
-            return fallback
-        glob[key] = v
+    glob = _global_parameters(data.get("parameters") or {})
+    if glob is None:
+        return fallback
     ours = METHODS[MERGEKIT_NATIVE[method]]
     # rescale other than mergekit's default for the method (DARE's, on) changes the math beyond what pluribus mirrors
     default_rescale = "drop" in ours.options
@@ -133,30 +127,12 @@ def _translate_mergekit(data: dict[str, Any]) -> MergeSpec:
     for entry in data["models"]:
         if not isinstance(entry, dict) or "model" not in entry:
             return fallback
-        ref = str(entry["model"])
-        if base is not None and ref == str(base) and not ours.of_weights:
+        if base is not None and str(entry["model"]) == str(base) and not ours.of_weights:
             continue  # mergekit lists the base among models; task-vector methods skip it
-        p = entry.get("parameters") or {}
-        if not isinstance(p, dict):
+        one = _model_input(entry, glob, ours.options)
+        if one is None:
             return fallback
-        vals = {k: _scalar(v, k) for k, v in p.items()}
-        if any(v is None for v in vals.values()) or set(vals) - {"weight", "density"}:
-            return fallback
-        weight = float(vals.get("weight", glob.get("weight", WEIGHT_DEFAULT)))
-        density = vals.get("density", glob.get("density"))
-        # mergekit declares density for every task-arithmetic method but reads it in linear / task_arithmetic
-        # in none; DARE's keep rate is 1 - drop
-        reads = ours.options
-        model = ModelRef.parse(ref, adapter=True)
-        inputs.append(
-            MergeInput(
-                path=model.text,
-                adapter=model.adapter,
-                weight=weight,
-                density=float(density) if density is not None and "density" in reads else None,
-                drop=1.0 - float(density) if density is not None and "drop" in reads else None,
-            )
-        )
+        inputs.append(one)
     dtype = data.get("dtype")
     out_dtype = data.get("out_dtype") or (dtype if dtype in ("float32", "float16", "bfloat16") else None)
     return MergeSpec(
@@ -170,6 +146,43 @@ def _translate_mergekit(data: dict[str, Any]) -> MergeSpec:
         dtype=dtype if dtype in ("float32", "float64", "bfloat16", "float16") else "auto",
         out_dtype=out_dtype,
         tokenizer_source=data.get("tokenizer_source"),
+    )
+
+
+def _global_parameters(params: Any) -> dict[str, Any] | None:
+    """A mergekit config's top-level ``parameters`` as scalars; None where one is not a scalar or not one pluribus
+    mirrors (the config then goes to mergekit itself, which says what is wrong with it)."""
+    if not isinstance(params, dict):
+        return None
+    glob: dict[str, Any] = {}
+    for key, value in params.items():
+        v = _scalar(value, key)
+        if v is None or key not in {"lambda", "normalize", "density", "weight", "int8_mask", "rescale"}:
+            return None
+        glob[key] = v
+    return glob
+
+
+def _model_input(entry: dict[str, Any], glob: dict[str, Any], reads: tuple[str, ...]) -> MergeInput | None:
+    """One entry of a mergekit config's ``models`` as a pluribus input (its parameters over the global ones, the
+    method's option names ``reads``); None where its parameters are not ones pluribus mirrors."""
+    p = entry.get("parameters") or {}
+    if not isinstance(p, dict):
+        return None
+    vals = {k: _scalar(v, k) for k, v in p.items()}
+    if any(v is None for v in vals.values()) or set(vals) - {"weight", "density"}:
+        return None
+    weight = float(vals.get("weight", glob.get("weight", WEIGHT_DEFAULT)))
+    density = vals.get("density", glob.get("density"))
+    # mergekit declares density for every task-arithmetic method but reads it in linear / task_arithmetic
+    # in none; DARE's keep rate is 1 - drop
+    model = ModelRef.parse(str(entry["model"]), adapter=True)
+    return MergeInput(
+        path=model.text,
+        adapter=model.adapter,
+        weight=weight,
+        density=float(density) if density is not None and "density" in reads else None,
+        drop=1.0 - float(density) if density is not None and "drop" in reads else None,
     )
 
 

@@ -289,6 +289,19 @@ def pcb(
     taus = [d.to(dtype).reshape(-1) for d in deltas]
     if taus[0].numel() == 0:
         return torch.zeros(shape, dtype=dtype)
+    inter = _pcb_inter(taus)
+    scores = []  # log beta_hat_i: -inf where task i's entry is dropped
+    for i in range(n):
+        logits = _minmax(taus[i] * taus[i]).mul_(n)  # log of the intra softmax, times beta_inter_i
+        log_beta = logits.sub_(torch.logsumexp(logits, dim=0)).add_(inter[i].log_())
+        inter[i] = None  # type: ignore[call-overload]
+        scores.append(_pcb_drop(log_beta, taus[i], dens[i]))
+    return _pcb_rescale(taus, w, scores).mul_(lam).reshape(shape)
+
+
+def _pcb_inter(taus: list[Tensor]) -> list[Tensor]:
+    """PCB's inter-balancing ``beta_inter_i = sum_j Softmax(Norm(tau_i * tau_j))`` of every task i (flat)."""
+    n = len(taus)
     inter = [torch.zeros_like(taus[0]) for _ in range(n)]
     for i in range(n):
         for j in range(i, n):  # tau_i * tau_j is symmetric: one softmax serves both tasks
@@ -296,26 +309,32 @@ def pcb(
             inter[i].add_(s)
             if j != i:
                 inter[j].add_(s)
-    scores = []
-    for i in range(n):
-        logits = _minmax(taus[i] * taus[i]).mul_(n)
-        log_beta = logits.sub_(torch.logsumexp(logits, dim=0)).add_(inter[i].log_())
-        inter[i] = None  # type: ignore[call-overload]
-        k = keep_count(log_beta.numel(), dens[i])
-        kept = taus[i] != 0
-        if k < log_beta.numel():
-            cut = torch.kthvalue(log_beta, log_beta.numel() - k + 1).values if k else math.inf
-            kept &= log_beta >= cut
-        scores.append(log_beta.masked_fill_(~kept, -math.inf))
+    return inter
+
+
+def _pcb_drop(log_beta: Tensor, tau: Tensor, density: float) -> Tensor:
+    """PCB's drop of one task, in place: ``log_beta`` where the entry is among the top ``density`` fraction of its
+    scores and ``tau`` is not 0 there, else -inf."""
+    k = keep_count(log_beta.numel(), density)
+    kept = tau != 0
+    if k < log_beta.numel():
+        cut = torch.kthvalue(log_beta, log_beta.numel() - k + 1).values if k else math.inf
+        kept &= log_beta >= cut
+    return log_beta.masked_fill_(~kept, -math.inf)
+
+
+def _pcb_rescale(taus: list[Tensor], weights: list[float], scores: list[Tensor]) -> Tensor:
+    """PCB's rescale ``sum_i beta_hat_i w_i tau_i / sum_i beta_hat_i`` from ``scores`` = log beta_hat_i (a softmax
+    over tasks, shifted by the largest score: exact where the scores underflow), 0 where no task keeps the entry."""
+    dtype = taus[0].dtype
     top = torch.stack(scores).amax(dim=0)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # no task kept it: every weight is 0
     num, den = torch.zeros_like(taus[0]), torch.zeros_like(taus[0])
-    for tau, wt, score in zip(taus, w, scores, strict=True):
+    for tau, wt, score in zip(taus, weights, scores, strict=True):
         e = (score - top).exp_()
         den.add_(e)
         num.add_(e.mul_(tau), alpha=wt)
-    out = torch.where(den > 0, num / den.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(num))
-    return out.mul_(lam).reshape(shape)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(num))
 
 
 # ------------------------------------------------------------------------------------------ dispatch

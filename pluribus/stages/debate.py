@@ -28,6 +28,7 @@ from pluribus.data.debate import (
     validate_team,
 )
 from pluribus.data.records import Problem, Trajectory
+from pluribus.data.store import TrajectoryStore
 from pluribus.device import ran_on, record_where, where_backend
 from pluribus.errors import PluribusError
 from pluribus.eval.scoring import seat_rounds
@@ -287,26 +288,13 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
                        verifier: Any = None) -> DebateSummary:
     """``run_debate`` from its checks on; the backends it builds are left in ``holder`` for the caller to close."""
     from pluribus.config import write_recipe
-    from pluribus.data.store import TrajectoryStore
     from pluribus.seats import fingerprints
 
     seat_prints = fingerprints(dict(seats)) if seats else None
-
     team_cfg = recipe.require("team")
-    if backends is None:
-        check_team_models(team_cfg)
-        if fresh:
-            # a new run loads its models before its first file, so a broken checkpoint leaves no run folder
-            backends = holder["backends"] = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code,
-                                                          device=recipe.device)
-    too_long: dict[str, str] | None = None
-    if fresh and backends is not None:
-        # round 0 of every problem against the contexts: a refusal comes before any file, not hours in
-        too_long = check_prompts(problems, build_team(team_cfg, backends, verifier or _NO_VERIFIER))
-
-    with TrajectoryStore(recipe.layout.trajectories(), config_hash(recipe, weights, seat_prints), new_run=new_run,
-                         same_config=older_config_hashes(recipe, weights), check=Trajectory.from_dict,
-                         family=seats_family(recipe, seat_prints) if seat_prints else None) as store:
+    backends, too_long = _check_before_files(recipe, problems, backends, fresh=fresh, holder=holder,
+                                             verifier=verifier)
+    with _open_store(recipe, weights, seat_prints, new_run=new_run) as store:
         write_recipe(recipe)  # only now: a config the store refused must not replace the run's recipe
         done = store.done_ids()
         pending = [p for p in problems if p.id not in done]
@@ -322,12 +310,10 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
                 too_long = check_prompts(pending, team)  # a resumed run checks what it still has to debate
             pending = [p for p in pending if p.id not in too_long]
         skipped = [reason for pid, reason in (too_long or {}).items() if pid not in done]
-        step = team_cfg.problems_per_step or max(1, team_cfg.batch_size // len(team_cfg.agents))
-        # Steps are slices of the whole task (not of what is pending), and one with any problem pending is
-        # debated whole: a step torn by a crash is batched again as the uninterrupted run batched it.
+        # A step with any problem pending is debated whole: one torn by a crash is batched again as the
+        # uninterrupted run batched it.
         todo = {p.id for p in pending}
-        debated = [p for p in problems if p.id not in (too_long or {})]
-        steps = [debated[s : s + step] for s in range(0, len(debated), step)]
+        steps = _steps(team_cfg, [p for p in problems if p.id not in (too_long or {})])
         tokens, new, t0 = 0, 0, time.perf_counter()
         with _Progress(progress, total=len(problems) - len(skipped), done=stored_before, label=label,
                        per_problem=generations_per_problem(team_cfg), agents=len(team_cfg.agents),
@@ -353,6 +339,41 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
     return dataclasses.replace(
         summarize(records, new=new, tokens_per_second=tokens / elapsed if pending else 0.0,
                   duplicates=store.duplicates, skipped=skipped), ran_on=ran_on(where))
+
+
+def _check_before_files(recipe: Recipe, problems: Sequence[Problem], backends: Mapping[tuple, Backend] | None, *,
+                        fresh: bool, holder: dict[str, Any], verifier: Any) -> tuple[Mapping[tuple, Backend] | None,
+                                                                                   dict[str, str] | None]:
+    """What a run checks before its first file: the team's models (a new run loads them, left in ``holder``),
+    and a new run's round-0 prompts against the contexts; returns (the backends, the problems too long, by id:
+    None where not checked yet)."""
+    team_cfg = recipe.require("team")
+    if backends is None:
+        check_team_models(team_cfg)
+        if fresh:
+            # a new run loads its models before its first file, so a broken checkpoint leaves no run folder
+            backends = holder["backends"] = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code,
+                                                          device=recipe.device)
+    too_long: dict[str, str] | None = None
+    if fresh and backends is not None:
+        # round 0 of every problem against the contexts: a refusal comes before any file, not hours in
+        too_long = check_prompts(problems, build_team(team_cfg, backends, verifier or _NO_VERIFIER))
+    return backends, too_long
+
+
+def _open_store(recipe: Recipe, weights: str | None, seat_prints: dict[str, str] | None, *,
+                new_run: bool) -> TrajectoryStore:
+    """The run's trajectory store, keyed by the recipe's config hash (with its seats' fingerprints)."""
+    return TrajectoryStore(recipe.layout.trajectories(), config_hash(recipe, weights, seat_prints), new_run=new_run,
+                           same_config=older_config_hashes(recipe, weights), check=Trajectory.from_dict,
+                           family=seats_family(recipe, seat_prints) if seat_prints else None)
+
+
+def _steps(team: TeamConfig, debated: list[Problem]) -> list[list[Problem]]:
+    """The debate's steps: slices of the whole task's debated problems (not of what is pending), so a resumed
+    run batches as the uninterrupted one did; ``team.problems_per_step``, else as many as fill a batch."""
+    step = team.problems_per_step or max(1, team.batch_size // len(team.agents))
+    return [debated[s : s + step] for s in range(0, len(debated), step)]
 
 
 def _where(team: TeamConfig, backends: Mapping[tuple, Backend] | None) -> dict[str, dict[str, str]]:

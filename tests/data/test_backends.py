@@ -52,7 +52,7 @@ def test_prompt_builder_context_rule(tiny_llama_dir):
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     b = PromptBuilder(tok, context_length=64, model_name="tiny")
     short = b.encode(convs(1)[0], max_new_tokens=16)
-    assert short.dropped_tokens == 0 and short.max_new_tokens == 16
+    assert short.max_new_tokens == 16
     assert tok.decode(short.ids).endswith("<|im_start|>assistant\n")
     long = [{"role": "system", "content": "You are careful."}, {"role": "user", "content": "word " * 200 + "?"}]
     full = tok(b.render(long), add_special_tokens=False)["input_ids"]
@@ -74,7 +74,7 @@ def test_batched_greedy_equals_one_at_a_time(tiny):
     for conv, g in zip(convs(7), batch, strict=True):
         alone = tiny.generate([conv], GREEDY8)[0]
         assert (g.text, g.tokens_out, g.tokens_in) == (alone.text, alone.tokens_out, alone.tokens_in)
-        assert 1 <= g.tokens_out <= 8 and not g.truncated and g.seconds > 0
+        assert 1 <= g.tokens_out <= 8 and g.seconds > 0
     assert batch[0].tokens_in < batch[6].tokens_in
 
 
@@ -94,7 +94,7 @@ def test_continuation_and_long_conversation(tiny_llama_dir):
     long = [{"role": "user", "content": "blah " * 300}]
     out = backend.generate([prefix], SamplingConfig(max_new_tokens=100))
     # max_new 100 -> 64 (half the context)
-    assert not out[0].truncated and out[0].tokens_out <= 64
+    assert out[0].tokens_out <= 64
     assert backend.prompt_fit(long, 100).room == 64 and not backend.prompt_fit(long, 100).fits
     with pytest.raises(PromptTooLong, match="leaves 64 for the prompt after 64 new tokens"):
         backend.generate([prefix, long], SamplingConfig(max_new_tokens=100))
@@ -503,3 +503,31 @@ def test_estimated_token_counts_reach_the_trajectory_and_the_eval_summary(tmp_pa
     assert any("team: the token counts of 2 of its 2 problems are estimates" in w for w in shown)
     assert any("sc's budget is approximate" in w for w in shown)
     assert "Estimated token counts" in markdown(payload) and "sc's budget (the team's tokens)" in markdown(payload)
+
+
+@pytest.mark.parametrize("cls", ["TransformersBackend", "OpenAIBackend", "VLLMBackend"])
+def test_each_backend_declares_what_its_generate_takes(cls):
+    import inspect
+
+    import pluribus.data.backends as backends
+
+    backend = getattr(backends, cls)
+    params = inspect.signature(backend.generate).parameters
+    # callers read the declarations, never the signature: the two must agree
+    assert backend.takes_seeds == ("seeds" in params) and backend.takes_on_batch == ("on_batch" in params)
+    assert callable(backend.prompt_fit)
+
+
+def test_peer_reader_of_an_openai_agent_counts_as_its_backend(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    from pluribus.data.backends import peer_reader
+
+    text = "The answer is 12 because 5 + 7 = 12."
+    local = peer_reader(AgentConfig(backend="openai", model=str(tiny_llama_dir), base_url="http://127.0.0.1:1/v1"))
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    assert local.count_tokens(text) == len(tok(text, add_special_tokens=False)["input_ids"])
+    assert local.keep_last_tokens(text, 3) == tok.decode(tok(text, add_special_tokens=False)["input_ids"][-3:])
+    # a served name with no tokenizer offline: about 4 characters a token, as OpenAIBackend counts
+    served = peer_reader(AgentConfig(backend="openai", model="served-model", base_url="http://127.0.0.1:1/v1"))
+    assert served.count_tokens(text) == len(text) // 4 and served.keep_last_tokens(text, 2) == text[-8:]

@@ -10,7 +10,6 @@ fails fast and leaves no empty dataset behind. Each dataset folder is written at
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 from collections import Counter
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pluribus.config import AgentConfig, BuildConfig, SamplingConfig, TeamConfig, without_engine_settings
+from pluribus.data.backends import Backend
 from pluribus.data.builders.card import render_card
 from pluribus.data.builders.process import (
     Completer,
@@ -171,7 +171,7 @@ def default_completer(cfg: BuildConfig, team: TeamConfig | None) -> AgentConfig:
 class BackendCompleter:
     """Rollouts with a generation backend: the prefix is sent as an unfinished assistant turn and continued."""
 
-    def __init__(self, backend: Any, agent: AgentConfig, prompt: str, seed: int) -> None:
+    def __init__(self, backend: Backend, agent: AgentConfig, prompt: str, seed: int) -> None:
         self.backend, self.agent, self.prompt = backend, agent, prompt
         self.seed, self.calls = (agent.sampling.seed if agent.sampling.seed is not None else seed), 0
 
@@ -186,11 +186,7 @@ class BackendCompleter:
         seeds = [conversation_seed(self.seed, r.key, f"step {r.step}", r.sample) for r in requests]
         sampling: SamplingConfig = self.agent.sampling.model_copy(update={"seed": seeds[0] % 2**31 if seeds else 0})
         self.calls += 1
-        try:
-            per_row = "seeds" in inspect.signature(self.backend.generate).parameters
-        except (TypeError, ValueError):
-            per_row = False
-        gens = self.backend.generate(convs, sampling, **({"seeds": seeds} if per_row else {}))
+        gens = self.backend.generate(convs, sampling, **({"seeds": seeds} if self.backend.takes_seeds else {}))
         return [g.text for g in gens]
 
 
@@ -247,21 +243,90 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
     anything; OutputExistsError if a dataset exists and ``overwrite`` is False. ``device``: the recipe's device
     setting, where the completer runs unless it names its own (``pluribus.device``).
     """
-    kinds = list(dict.fromkeys(kinds or cfg.kinds))
+    # 0. read: the stores (of this recipe), where the datasets go, the trajectories of the recipe's problems
+    kinds = _kinds(kinds or cfg.kinds)
+    sources = open_sources(list(stores))
+    _check_config_hashes(sources, config_hashes)
+    run_dir = sources[0].path.parent
+    out_root = _out_root(out_root, run_dir, kinds, overwrite)
+    trajs, outside = _read_selected(sources, cfg, problem_ids)
+    task_source = task_source or _recorded_task_source(run_dir)
+
+    # 1. choose every kind's rows before writing anything (bad input fails here)
+    prompt = question_prompt(cfg, team)
+    rows, traces, report = _choose_rows(kinds, trajs, sources, cfg, team, prompt, trust_remote_code)
+    matched = _match_rows(rows, match_rows or {}, seed)
+
+    # 2. Monte-Carlo rollouts for the process traces, stored as they finish (a rerun resumes)
+    completer_cfg = default_completer(cfg, team) if traces and completer is None else None
+    where: dict[str, str] = {}
+    if traces:
+        records, where = _rollouts(traces, cfg, completer, completer_cfg, sources[0].config_hash, prompt,
+                                   Path(rollouts_dir) if rollouts_dir else RunLayout(run_dir).rollouts(), seed=seed,
+                                   new_run=new_run, trust_remote_code=trust_remote_code, progress=progress,
+                                   device=device)
+        rows["process"] = process_rows(traces, records, cfg.label_threshold, prompt, cfg.monotone_labels)
+
+    # 3. write each dataset atomically, with its card
+    config = cfg.model_dump(mode="json")
+    if completer_cfg is not None:
+        config["completer"] = completer_cfg.model_dump(mode="json", exclude_none=True)
+    built = []
+    for kind in kinds:
+        stats = _stats(kind, rows[kind], trajs, report, cfg)
+        _add_build_stats(stats, kind, sources, cfg, prompt, outside=None if problem_ids is None else outside,
+                         where=where, to_match=(match_rows or {}).get(kind),
+                         before_matching=matched.get(kind, len(rows[kind])))
+        built.append(_write(kind, rows[kind], out_root / kind, run_dir.name, sources, config, stats, cfg,
+                            overwrite=overwrite, prompt_completion=prompt_completion and kind == "rsft",
+                            task_source=task_source, model=team.agents[0].model if team else None))
+    return built
+
+
+def _add_build_stats(stats: dict[str, Any], kind: str, sources: list[Source], cfg: BuildConfig, prompt: str, *,
+                     outside: int | None, where: dict[str, str], to_match: int | None, before_matching: int) -> None:
+    """Add to a dataset's ``_stats`` what the build did around its rows: the step format (process), the stores'
+    skipped and duplicate lines, the stored trajectories outside the recipe's task (``outside``, when it selects
+    problems), where the completer ran (process) and the matched row count (``to_match``, when matched)."""
+    if kind == "process":
+        stats["step_format"] = step_format(cfg, prompt).to_dict()
+    stats["skipped_lines"] = [f"{s.path.name}/{line}" for s in sources for line in s.skipped]
+    stats["duplicate_lines"] = [f"{s.path.name}/{line}" for s in sources for line in s.duplicates]
+    if outside is not None:
+        stats["counts"]["stored trajectories outside the recipe's task (left out)"] = outside
+    if kind == "process" and where:
+        stats["completer ran on"] = where
+    if to_match is not None:
+        stats["counts"]["rows to match"] = to_match
+        stats["counts"]["rows before matching"] = before_matching
+
+
+def _kinds(kinds: list[str]) -> list[str]:
+    """The dataset kinds asked for, once each in their order; an unknown one is an error naming the valid ones."""
+    kinds = list(dict.fromkeys(kinds))
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise PluribusError(unknown_name("dataset kind(s)", unknown, KINDS))
-    sources = open_sources(list(stores))
-    if config_hashes is not None:
-        wanted = next(iter(config_hashes))
-        for src in sources:
-            if src.config_hash not in config_hashes:
-                raise PluribusError(
-                    f"the store '{src.path}' was written by another task, team or seed (config hash "
-                    f"{src.config_hash}) than this recipe's ({wanted}); build with the recipe that made it "
-                    f"(pluribus build --store {src.path.parent}) or debate this one first (pluribus debate "
-                    "RECIPE --new-run)")
-    run_dir = sources[0].path.parent
+    return kinds
+
+
+def _check_config_hashes(sources: list[Source], config_hashes: Collection[str] | None) -> None:
+    """Refuse a store written by another recipe than the caller's (``config_hashes``: the hashes it accepts)."""
+    if config_hashes is None:
+        return
+    wanted = next(iter(config_hashes))
+    for src in sources:
+        if src.config_hash not in config_hashes:
+            raise PluribusError(
+                f"the store '{src.path}' was written by another task, team or seed (config hash "
+                f"{src.config_hash}) than this recipe's ({wanted}); build with the recipe that made it "
+                f"(pluribus build --store {src.path.parent}) or debate this one first (pluribus debate "
+                "RECIPE --new-run)")
+
+
+def _out_root(out_root: str | Path | None, run_dir: Path, kinds: list[str], overwrite: bool) -> Path:
+    """Where the datasets go (default ``<run>/datasets``), refused if it cannot be a folder or if a dataset of
+    ``kinds`` is there already and ``overwrite`` is False."""
     out_root = Path(out_root) if out_root else RunLayout(run_dir).datasets()
     existing = next(p for p in [out_root, *out_root.parents] if p.exists())  # '.' or '/' at the latest
     if not existing.is_dir():
@@ -270,6 +335,13 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
         for kind in kinds:
             if (out_root / kind).exists():
                 raise OutputExistsError(out_root / kind)
+    return out_root
+
+
+def _read_selected(sources: list[Source], cfg: BuildConfig, problem_ids: Collection[str] | None
+                   ) -> tuple[list[Trajectory], int]:
+    """(the stores' trajectories of ``problem_ids`` (all without it), how many stored ones that leaves out);
+    a warning says how many are left out, and none left is an error."""
     only = None if problem_ids is None else set(problem_ids)
     trajs = read_trajectories(sources, skip_corrupt=cfg.skip_corrupt, max_problems=cfg.n, only=only)
     outside = sum(s.outside for s in sources)
@@ -277,15 +349,19 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
         logger.warning("build: the recipe's task selects %d of the store's %d problems; building from those %d "
                        "(%d stored ones left out)", sum(s.records for s in sources),
                        sum(s.records for s in sources) + outside, len(trajs), outside)
-    task_source = task_source or _recorded_task_source(run_dir)
     if not trajs:
         what = f" of the {len(only or ())} problems the recipe's task selects" if outside else ""
         raise PluribusError(f"store(s) {', '.join(str(s.path) for s in sources)} hold no readable trajectory"
                             f"{what}; nothing was written")
+    return trajs, outside
 
-    # 1. choose every kind's rows before writing anything (bad input fails here)
+
+def _choose_rows(kinds: list[str], trajs: list[Trajectory], sources: list[Source], cfg: BuildConfig,
+                 team: TeamConfig | None, prompt: str, trust_remote_code: bool
+                 ) -> tuple[dict[str, list[dict[str, Any]]], list[Trace], dict[str, list[str]]]:
+    """(the rsft and augmented rows, the process traces to roll out, why traces were left out); a kind left with
+    nothing is an error. The process rows come after the rollouts."""
     rows: dict[str, list[dict[str, Any]]] = {}
-    prompt = question_prompt(cfg, team)
     if "rsft" in kinds:
         rows["rsft"] = rsft_rows(trajs, target=cfg.target, prompt_template=prompt)
         _require_rows("rsft", rows["rsft"], trajs, sources, cfg.target)
@@ -302,51 +378,21 @@ def build(cfg: BuildConfig, stores: list[str | Path], *, kinds: list[str] | None
             f"the step rule '{cfg.step_rule}' found no labellable trace in {len(trajs)} trajectories "
             f"({len(report['no_steps'])} without steps, {len(report['too_many_steps'])} over "
             f"build.max_steps={cfg.max_steps}, {len(report['no_target'])} without a target); nothing was written")
+    return rows, traces, report
 
+
+def _match_rows(rows: dict[str, list[dict[str, Any]]], match_rows: dict[str, int], seed: int) -> dict[str, int]:
+    """Cap each kind of ``match_rows`` at its number of rows, a seeded choice (in place); returns the number of
+    rows each capped kind had before."""
     matched: dict[str, int] = {}
-    for kind, n in (match_rows or {}).items():
+    for kind, n in match_rows.items():
         if kind in rows and len(rows[kind]) > n:
             matched[kind] = len(rows[kind])
             rank = sorted(range(len(rows[kind])), key=lambda i: hashlib.sha256(
                 f"{seed}:{rows[kind][i]['problem_id']}:{i}".encode()).hexdigest())
             keep = set(rank[:n])
             rows[kind] = [r for i, r in enumerate(rows[kind]) if i in keep]
-
-    # 2. Monte-Carlo rollouts for the process traces, stored as they finish (a rerun resumes)
-    records: dict[str, dict[str, Any]] = {}
-    completer_cfg = None
-    if traces:
-        if completer is None:
-            completer_cfg = default_completer(cfg, team)
-        records, where = _rollouts(traces, cfg, completer, completer_cfg, sources[0].config_hash, prompt,
-                                   Path(rollouts_dir) if rollouts_dir else RunLayout(run_dir).rollouts(), seed=seed,
-                                   new_run=new_run, trust_remote_code=trust_remote_code, progress=progress,
-                                   device=device)
-        rows["process"] = process_rows(traces, records, cfg.label_threshold, prompt,
-                                       cfg.monotone_labels)
-
-    # 3. write each dataset atomically, with its card
-    config = cfg.model_dump(mode="json")
-    if completer_cfg is not None:
-        config["completer"] = completer_cfg.model_dump(mode="json", exclude_none=True)
-    built = []
-    for kind in kinds:
-        stats = _stats(kind, rows[kind], trajs, report, cfg)
-        if kind == "process":
-            stats["step_format"] = step_format(cfg, prompt).to_dict()
-        stats["skipped_lines"] = [f"{s.path.name}/{line}" for s in sources for line in s.skipped]
-        stats["duplicate_lines"] = [f"{s.path.name}/{line}" for s in sources for line in s.duplicates]
-        if problem_ids is not None:
-            stats["counts"]["stored trajectories outside the recipe's task (left out)"] = outside
-        if kind == "process" and where:
-            stats["completer ran on"] = where
-        if match_rows and kind in match_rows:
-            stats["counts"]["rows to match"] = match_rows[kind]
-            stats["counts"]["rows before matching"] = matched.get(kind, len(rows[kind]))
-        built.append(_write(kind, rows[kind], out_root / kind, run_dir.name, sources, config, stats, cfg,
-                            overwrite=overwrite, prompt_completion=prompt_completion and kind == "rsft",
-                            task_source=task_source, model=team.agents[0].model if team else None))
-    return built
+    return matched
 
 
 def _debate_asked(team: TeamConfig | None, trust_remote_code: bool) -> Any:
