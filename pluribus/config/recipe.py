@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,12 @@ def seat_problem(recipe: Recipe) -> str | None:
     A seat names an expert (not a PRM: its score head answers nothing) or a merge of named experts. Within one
     generation a seat may not depend on this team's debate: with a build section every expert trains on data
     built from it (the self baseline's rows are matched to the team's), so a seat there is a cycle."""
+    wrong = _seat_check(recipe)
+    return _team_seat_problem(recipe, wrong) or _generation_seat_problem(recipe, wrong)
+
+
+def _seat_check(recipe: Recipe) -> Callable[..., str | None]:
+    """``wrong(where, name, base_ok=False)``: what is wrong with seating ``name`` at ``where``, or None."""
     names = seatable(recipe)
     prms = {t.expert_name for t in recipe.train.trainings() if t.objective == "prm"} if recipe.train else set()
     other_merges = {m.name for m in recipe.merge.all() if m.experts is None} if recipe.merge else set()
@@ -189,6 +196,11 @@ def seat_problem(recipe: Recipe) -> str | None:
                 ", or base" if base_ok else "")
         return None
 
+    return wrong
+
+
+def _team_seat_problem(recipe: Recipe, wrong: Callable[..., str | None]) -> str | None:
+    """The first problem with the completer's, the team agents' and the judge's ``expert:`` seats."""
     completer = recipe.build.completer if recipe.build else None
     if completer is not None and completer.expert is not None:
         return (f"build.completer.expert '{completer.expert}': only team agents and the judge seat an expert; give "
@@ -211,6 +223,12 @@ def seat_problem(recipe: Recipe) -> str | None:
             return (f"{where} '{name}' trains on data built from this team's own debate: a cycle within one "
                     f"generation; use generations (generations: {{count: 2, seats: [{name}, ...]}}) so that "
                     "generation 2's team seats generation 1's experts")
+    return None
+
+
+def _generation_seat_problem(recipe: Recipe, wrong: Callable[..., str | None]) -> str | None:
+    """The first problem with ``generations``: its sections, its seats, its self student, its eval."""
+    team = recipe.team
     gens = recipe.generations
     if gens is not None and gens.count > 1:
         missing = [s for s in ("task", "team", "build", "train") if getattr(recipe, s) is None]
