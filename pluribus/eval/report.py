@@ -71,6 +71,17 @@ def _seat_lines(seats: list[dict[str, Any]]) -> list[str]:
 
 
 def _task_section(task: dict[str, Any], heading: str) -> list[str]:
+    """One task's section: what was asked, the table, the notes, the verifier, the comparisons, the team's gain,
+    the seats and early stopping."""
+    lines = [f"## {heading}", "", _asked_line(task), "", *_system_table(task)]
+    lines += _system_notes(task) + _verifier_section(task) + _comparison_lines(task) + _gain_lines(task)
+    if task.get("seats"):
+        lines += ["", *_seat_lines(task["seats"])]
+    return lines + _early_stop_lines(task)
+
+
+def _asked_line(task: dict[str, Any]) -> str:
+    """Which problems were asked, and which systems answered fewer."""
     gaps = task.get("unanswered") or {}
     asked = f"{task['problems']} problems of `{task['task']}` (split: {task['split']})" + (
         f"; the team and sc were asked the first {task['team_problems']} of them"
@@ -85,7 +96,12 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
         asked += "; every system answered all of them" + (
             " (sc: those the team answered, at most eval.sc_n; its problems column)." if "sc" in task["systems"]
             else ".")
-    lines = [f"## {heading}", "", asked, "", *_system_table(task)]
+    return asked
+
+
+def _system_notes(task: dict[str, Any]) -> list[str]:
+    """Estimated token counts, adapters, merges' errors, sc's samples."""
+    lines: list[str] = []
     guessed = {name: r["tokens_estimated"] for name, r in task["systems"].items() if r.get("tokens_estimated")}
     if guessed:
         lines += ["", "Estimated token counts (a server that sent no usage, a model whose tokenizer is not available "
@@ -105,6 +121,12 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
         lines += ["", f"sc: {sc['samples_drawn']} samples drawn per problem, {sc['mean_samples_used']:.1f} used on "
                   f"average to spend the team's tokens on that problem (reached on {sc['budget_reached']:.0%} of "
                   "problems), then a majority vote."]
+    return lines
+
+
+def _verifier_section(task: dict[str, Any]) -> list[str]:
+    """prm-bon's and team-prm's choices, and each PRM's quality once."""
+    lines: list[str] = []
     shown: set[str] = set()
     for name in ("prm-bon", "team-prm"):
         if task["systems"].get(name):
@@ -114,6 +136,12 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
         if bon and bon["verifier"] not in shown:  # once per PRM
             shown.add(bon["verifier"])
             lines += ["", *_quality_lines(bon)]
+    return lines
+
+
+def _comparison_lines(task: dict[str, Any]) -> list[str]:
+    """Every system against the single base agent (exact McNemar)."""
+    lines: list[str] = []
     if task.get("comparisons"):
         lines += ["", "Against the single base agent, problem by problem (two-sided exact McNemar test):", "",
                   "| system | baseline | problems | solved only by the system | solved only by the baseline | p |",
@@ -121,6 +149,12 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
         for c in task["comparisons"]:
             lines.append(f"| {c['system']} | {c['baseline']} | {c['problems']} | {c['wins']} | {c['losses']} "
                          f"| {c['p_value']:.3g} |")
+    return lines
+
+
+def _gain_lines(task: dict[str, Any]) -> list[str]:
+    """Each system's share of the team's gain over the single agent, at what fraction of its tokens."""
+    lines: list[str] = []
     gain = task.get("team_gain")
     if gain:
         lines += ["", f"On the team's {gain['problems']} problems the single agent scores {gain['single_accuracy']:.1%} "
@@ -134,8 +168,12 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
             frac = f"{g['token_fraction_of_team']:.0%}" if g["token_fraction_of_team"] is not None else "n/a"
             lines.append(f"| {name} | {g['problems']} | {g['accuracy_on_team_problems']:.1%} | "
                          f"{g['gain_over_single']:+.1%} | {share} | {frac} |")
-    if task.get("seats"):
-        lines += ["", *_seat_lines(task["seats"])]
+    return lines
+
+
+def _early_stop_lines(task: dict[str, Any]) -> list[str]:
+    """What early stopping did (or would do) to the team's accuracy and tokens."""
+    lines: list[str] = []
     stop = task.get("early_stop")
     if stop and stop["observed"]:
         lines += ["", f"Early stopping (team.early_stop: a problem stops debating once every agent gives the same "
