@@ -7,7 +7,7 @@ from pathlib import Path
 from pluribus.config import BuildConfig, Recipe
 from pluribus.data.builders.card import SIZE_ORDER
 from pluribus.data.builders.datasets import (
-    _LISTS,
+    CARD_LISTS,
     PARQUET,
     PROMPT_COMPLETION_PARQUET,
     SHEPHERD_PARQUET,
@@ -120,7 +120,7 @@ def hub_card(pushed: str, built: list[Built]) -> str:
     for b in built:
         local = DatasetCard((b.path / "README.md").read_text())
         ours = local.data.to_dict()
-        for key in _LISTS:
+        for key in CARD_LISTS:
             data[key] = list(dict.fromkeys([*(data.get(key) or []), *(ours.get(key) or [])]))
         licenses.append(ours.get("license"))
         names.append(ours.get("pretty_name"))

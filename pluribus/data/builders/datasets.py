@@ -531,6 +531,7 @@ def _write(kind: str, rows: list[dict[str, Any]], target: Path, run: str, source
 # ------------------------------------------------------------------------------------ recipe / hub
 
 
-_LISTS = ("tags", "task_categories", "language", "size_categories")
+# the card metadata fields that hold lists: merged, not replaced, when datasets share one card
+CARD_LISTS = ("tags", "task_categories", "language", "size_categories")
 
 
