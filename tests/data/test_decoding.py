@@ -131,3 +131,83 @@ def test_the_head_sees_a_contiguous_last_position_also_under_a_frozen_adapter(ti
     assert decode(model, ids, mask, max_new_tokens=6, eos=[]) == plain  # B = 0: the adapter changes nothing
     assert seen[0] == (True, (3, 1, base.config.vocab_size))
     assert all(contiguous for contiguous, _ in seen)
+
+
+def _forwards(model) -> tuple[list[tuple[int, int]], object]:
+    seen: list[tuple[int, int]] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    return seen, hook
+
+
+def test_continuous_batching_keeps_each_rows_tokens_and_fills_freed_slots(tiny_llama_dir):
+    # 7 prompts through 2 slots: a row that ends gives its slot to the next prompt, which joins rows that are
+    # mid-way; every row's greedy tokens are still generate's alone, its max_new_tokens and stop token kept
+    from pluribus.data.decoding import decode_rows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    rows = [[5, 17, 99, 3], [8, 8, 2, 41, 7, 7, 120], [300, 4], [11, 12, 13, 14, 15], [9] * 9, [77], [6, 5, 4]]
+    never = model.config.vocab_size + 1
+    free = [_alone(model, r, 12, [never]) for r in rows]
+    eos = next([t] for r in free for k, t in enumerate(r[:4]) if t not in r[:k] and sum(t in o for o in free) < 4)
+    expected = [_alone(model, r, 12, eos) for r in rows]
+    assert min(map(len, expected)) < 5 and max(map(len, expected)) == 12
+    seen, hook = _forwards(model)
+    ended: list[int] = []
+    got = decode_rows(model, rows, max_new_tokens=12, eos=eos, slots=2, on_finish=ended.extend)
+    hook.remove()
+    assert got == expected
+    assert sorted(ended) == list(range(len(rows)))  # each row reported once, when it ended
+    assert max(b for b, _ in seen) <= 2
+    # a prefill (more than one token) after a decode step (one token): a prompt joined running rows
+    assert any(w > 1 and prev == 1 for (_, w), (_, prev) in zip(seen[1:], seen, strict=False))
+    assert decode_rows(model, rows, max_new_tokens=3, eos=eos, slots=3) == [e[:3] for e in expected]
+
+
+def test_a_sampled_row_does_not_depend_on_its_slot_neighbours_or_admission(tiny_llama_dir):
+    from pluribus.data.decoding import decode_rows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    rows = [[5, 17, 99, 3], [8, 8, 2, 41, 7, 7, 120], [300, 4], [11, 12, 13, 14, 15], [9] * 9]
+    seeds = [21, 22, 23, 24, 25]
+    eos = [_alone(model, rows[0], 3, [model.config.vocab_size + 1])[2]]  # some rows end early, freeing slots
+    alone = [decode_rows(model, [r], max_new_tokens=10, eos=eos, pick=row_sampler([s], 0.9, 0.95))[0]
+             for r, s in zip(rows, seeds, strict=True)]
+    for slots in (1, 2, None):
+        got = decode_rows(model, rows, max_new_tokens=10, eos=eos, pick=row_sampler(seeds, 0.9, 0.95), slots=slots)
+        assert got == alone
+    # the same rows admitted in another order (row 4 first, row 0 last) draw the same tokens
+    order = [4, 2, 3, 1, 0]
+    got = decode_rows(model, [rows[i] for i in order], max_new_tokens=10, eos=eos, slots=2,
+                      pick=row_sampler([seeds[i] for i in order], 0.9, 0.95))
+    assert got == [alone[i] for i in order]
+
+
+def test_a_long_shared_prefix_is_prefilled_once(tiny_llama_dir):
+    # Monte-Carlo rollouts from one trace: prompts that share a long prefix prefill it once, then each its own
+    # suffix (one row of a different prompt shares nothing); tokens stay generate's, samples each row's own
+    from pluribus.data.decoding import SHARED_MIN_SAVED, decode_rows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    trace = [(7 * k) % 500 + 3 for k in range(48)]
+    rows = [trace[:40] + [1 + k, 2 + k][: 1 + k % 2] for k in range(5)] + [trace[:40], [300, 4, 5]]
+    assert SHARED_MIN_SAVED <= 5 * 40
+    never = model.config.vocab_size + 1
+    seen, hook = _forwards(model)
+    got = decode_rows(model, rows, max_new_tokens=6, eos=[never])
+    hook.remove()
+    assert seen[0] == (1, 39)  # the prefix once (up to the shortest sharing prompt's last token)
+    assert seen[1] == (len(rows), 3)  # then each row's own tokens, left-padded; the lone prompt whole
+    assert got == [_alone(model, r, 6, [never]) for r in rows]
+    seeds = list(range(31, 31 + len(rows)))
+    together = decode_rows(model, rows, max_new_tokens=6, eos=[never], pick=row_sampler(seeds, 1.0, 1.0))
+    for i, (r, s) in enumerate(zip(rows, seeds, strict=True)):
+        assert decode_rows(model, [r], max_new_tokens=6, eos=[never], pick=row_sampler([s], 1.0, 1.0))[0] == together[i]
+
+
+def test_a_prompt_of_no_tokens_is_refused(tiny_llama_dir):
+    from pluribus.data.decoding import decode_rows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    with pytest.raises(ValueError, match="a prompt of no tokens"):
+        decode_rows(model, [[5, 6], []], max_new_tokens=2, eos=[])
