@@ -41,7 +41,6 @@ Speed: problems go through in steps of ``team.problems_per_step``; in each round
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -229,22 +228,15 @@ def debate_prompts(team: TeamConfig, readers: Mapping[tuple, Any]) -> Callable[[
 OnBatch = Callable[[list[Generation]], None]
 
 
-def _takes(backend: Backend, keyword: str) -> bool:
-    try:
-        return keyword in inspect.signature(backend.generate).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _generate(backend: Backend, conversations: list[Conversation], sampling: SamplingConfig,
               on_batch: OnBatch | None, seeds: list[int] | None = None) -> list[Generation]:
     """``backend.generate``, with one sampling seed per conversation where it takes ``seeds``, reporting each
     finished batch to ``on_batch``: through the backend where it takes ``on_batch`` (its micro-batches), else
-    once for the whole call (a scripted or third-party backend)."""
+    once for the whole call (a scripted or third-party backend). What it takes, it declares (``Backend``)."""
     kwargs: dict[str, Any] = {}
-    if seeds is not None and _takes(backend, "seeds"):
+    if seeds is not None and backend.takes_seeds:
         kwargs["seeds"] = seeds
-    if on_batch is not None and _takes(backend, "on_batch"):
+    if on_batch is not None and backend.takes_on_batch:
         kwargs["on_batch"] = on_batch
     gens = backend.generate(conversations, sampling, **kwargs)
     if on_batch is not None and "on_batch" not in kwargs:
@@ -274,7 +266,7 @@ def _generate_grouped(requests: list[Request], seed: int, on_batch: OnBatch | No
     for k, (member, *_) in enumerate(requests):
         backend = id(member.backend)
         if backend not in per_row:
-            per_row[backend] = _takes(member.backend, "seeds")
+            per_row[backend] = member.backend.takes_seeds
         # a backend that takes one seed per call needs one call per seed (else k samples would draw alike)
         fields = member.agent.sampling.model_dump(exclude={"seed"} if per_row[backend] else None)
         groups.setdefault((backend, json.dumps(fields, sort_keys=True)), []).append(k)
@@ -300,8 +292,7 @@ def _generate_grouped(requests: list[Request], seed: int, on_batch: OnBatch | No
 
 def _overflow(member: Member, conv: Conversation, problem: Problem, rnd: int) -> str | None:
     """Why ``conv`` cannot be asked of ``member`` (its prompt does not fit the context), or None."""
-    fit_of = getattr(member.backend, "prompt_fit", None)
-    fit = fit_of(conv, member.agent.sampling.max_new_tokens) if fit_of is not None else None
+    fit = member.backend.prompt_fit(conv, member.agent.sampling.max_new_tokens)
     if fit is None or fit.fits:
         return None
     return f"problem '{problem.id}' does not fit agent '{member.name}' in round {rnd}: {fit.describe()}"

@@ -503,3 +503,16 @@ def test_estimated_token_counts_reach_the_trajectory_and_the_eval_summary(tmp_pa
     assert any("team: the token counts of 2 of its 2 problems are estimates" in w for w in shown)
     assert any("sc's budget is approximate" in w for w in shown)
     assert "Estimated token counts" in markdown(payload) and "sc's budget (the team's tokens)" in markdown(payload)
+
+
+@pytest.mark.parametrize("cls", ["TransformersBackend", "OpenAIBackend", "VLLMBackend"])
+def test_each_backend_declares_what_its_generate_takes(cls):
+    import inspect
+
+    import pluribus.data.backends as backends
+
+    backend = getattr(backends, cls)
+    params = inspect.signature(backend.generate).parameters
+    # callers read the declarations, never the signature: the two must agree
+    assert backend.takes_seeds == ("seeds" in params) and backend.takes_on_batch == ("on_batch" in params)
+    assert callable(backend.prompt_fit)

@@ -30,7 +30,11 @@ ONE_THREAD = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 class ScriptedBackend:
-    """Answers from a script: ``reply(conversation, call_index) -> text``; records every call it gets."""
+    """Answers from a script: ``reply(conversation, call_index) -> text``; records every call it gets. It takes
+    neither per-row seeds nor ``on_batch`` and cannot tell whether a prompt fits, as a minimal backend may."""
+
+    takes_seeds = False
+    takes_on_batch = False
 
     def __init__(self, reply, name: str = "scripted") -> None:
         self.reply = reply
@@ -44,6 +48,9 @@ class ScriptedBackend:
             text = self.reply(conv, len(self.calls) - 1)
             out.append(Generation(text, len(str(conv)) // 4, len(text.split()), 0.01, False))
         return out
+
+    def prompt_fit(self, conversation, max_new_tokens: int):
+        return None
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())

@@ -10,7 +10,6 @@ fails fast and leaves no empty dataset behind. Each dataset folder is written at
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 from collections import Counter
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pluribus.config import AgentConfig, BuildConfig, SamplingConfig, TeamConfig, without_engine_settings
+from pluribus.data.backends import Backend
 from pluribus.data.builders.card import render_card
 from pluribus.data.builders.process import (
     Completer,
@@ -171,7 +171,7 @@ def default_completer(cfg: BuildConfig, team: TeamConfig | None) -> AgentConfig:
 class BackendCompleter:
     """Rollouts with a generation backend: the prefix is sent as an unfinished assistant turn and continued."""
 
-    def __init__(self, backend: Any, agent: AgentConfig, prompt: str, seed: int) -> None:
+    def __init__(self, backend: Backend, agent: AgentConfig, prompt: str, seed: int) -> None:
         self.backend, self.agent, self.prompt = backend, agent, prompt
         self.seed, self.calls = (agent.sampling.seed if agent.sampling.seed is not None else seed), 0
 
@@ -186,11 +186,7 @@ class BackendCompleter:
         seeds = [conversation_seed(self.seed, r.key, f"step {r.step}", r.sample) for r in requests]
         sampling: SamplingConfig = self.agent.sampling.model_copy(update={"seed": seeds[0] % 2**31 if seeds else 0})
         self.calls += 1
-        try:
-            per_row = "seeds" in inspect.signature(self.backend.generate).parameters
-        except (TypeError, ValueError):
-            per_row = False
-        gens = self.backend.generate(convs, sampling, **({"seeds": seeds} if per_row else {}))
+        gens = self.backend.generate(convs, sampling, **({"seeds": seeds} if self.backend.takes_seeds else {}))
         return [g.text for g in gens]
 
 
