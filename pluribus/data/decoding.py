@@ -28,8 +28,8 @@ from typing import Any
 
 # A sampler: (float32 logits of the running rows, their row indices in the call) -> one token per row.
 Pick = Callable[[Any, list[int]], Any]
-# Told the indices of the rows that have just finished (their tokens are final).
-Finished = Callable[[list[int]], None]
+# Told the indices of the rows that have just ended and their tokens (final).
+Finished = Callable[[list[int], list[list[int]]], None]
 
 # A shared prefix is prefilled apart (one more forward) only where it saves at least this many prompt tokens.
 SHARED_MIN_SAVED = 128
@@ -311,7 +311,7 @@ def decode_rows(model: Any, prompts: list[list[int]], *, max_new_tokens: int, eo
                 device: Any = None) -> list[list[int]]:
     """The new tokens of each prompt, each ending at its first ``eos`` token (included) or after
     ``max_new_tokens``, decoded ``slots`` rows at a time (all at once by default; see the module docstring).
-    ``pick`` samples; without it each step takes the argmax. ``on_finish`` hears which rows have just ended."""
+    ``pick`` samples; without it each step takes the argmax. ``on_finish`` hears which rows have just ended, with their tokens."""
     import torch
 
     out: list[list[int]] = [[] for _ in prompts]
@@ -331,7 +331,7 @@ def decode_rows(model: Any, prompts: list[list[int]], *, max_new_tokens: int, eo
             tokens = run.logits.argmax(-1) if pick is None else pick(run.logits, run.rows)
             going, ended = _take(run, tokens.tolist(), out, finished, stop, max_new_tokens)
             if ended and on_finish is not None:
-                on_finish(ended)
+                on_finish(ended, [out[r] for r in ended])
             if not going:
                 run = None
                 continue

@@ -153,11 +153,12 @@ def test_continuous_batching_keeps_each_rows_tokens_and_fills_freed_slots(tiny_l
     expected = [_alone(model, r, 12, eos) for r in rows]
     assert min(map(len, expected)) < 5 and max(map(len, expected)) == 12
     seen, hook = _forwards(model)
-    ended: list[int] = []
-    got = decode_rows(model, rows, max_new_tokens=12, eos=eos, slots=2, on_finish=ended.extend)
+    ended: dict[int, list[int]] = {}
+    got = decode_rows(model, rows, max_new_tokens=12, eos=eos, slots=2,
+                      on_finish=lambda done, tokens: ended.update(zip(done, tokens, strict=True)))
     hook.remove()
     assert got == expected
-    assert sorted(ended) == list(range(len(rows)))  # each row reported once, when it ended
+    assert ended == dict(enumerate(expected))  # each row reported once, when it ended
     assert max(b for b, _ in seen) <= 2
     # a prefill (more than one token) after a decode step (one token): a prompt joined running rows
     assert any(w > 1 and prev == 1 for (_, w), (_, prev) in zip(seen[1:], seen, strict=False))
