@@ -24,7 +24,10 @@ import inspect
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pluribus.data.prefix_store import PrefixStore
 
 # A sampler: (float32 logits of the running rows, their row indices in the call) -> one token per row.
 Pick = Callable[[Any, list[int]], Any]
@@ -193,11 +196,11 @@ def _shared_prefixes(prompts: list[list[int]]) -> list[int]:
     return shared
 
 
-def _prefill(fwd: _Forward, prompts: list[list[int]], rows: list[int], pad: int, *, dedupe: bool, prefixes: bool
-             ) -> _Rows:
+def _prefill(fwd: _Forward, prompts: list[list[int]], rows: list[int], pad: int, *, dedupe: bool, prefixes: bool,
+             store: PrefixStore | None = None) -> _Rows:
     """The rows of ``prompts``, prefilled: with ``dedupe`` identical prompts once (the cache copied to each), with
     ``prefixes`` a prefix that several share once where that saves ``SHARED_MIN_SAVED`` tokens, then what each
-    has of its own."""
+    has of its own; or, where ``store`` holds heads of them, each its stored head and then the rest."""
     import torch
 
     if dedupe:
@@ -207,11 +210,15 @@ def _prefill(fwd: _Forward, prompts: list[list[int]], rows: list[int], pad: int,
     else:
         inverse, unique = list(range(len(prompts))), [list(p) for p in prompts]
     cache, device = fwd.new_cache(), fwd.device
-    shared = _shared_prefixes(unique) if prefixes else [0] * len(unique)
-    heads = {tuple(p[:n]) for p, n in zip(unique, shared, strict=True) if n}
-    if sum(shared) - sum(map(len, heads)) < SHARED_MIN_SAVED:  # the tokens one prefill of each prefix saves
-        shared = [0] * len(unique)
-    mask, base = _shared_prefill(fwd, cache, unique, shared, pad)
+    stored = _stored_prefill(cache, unique, store) if store is not None and prefixes else None
+    if stored is not None:
+        mask, base, shared = stored
+    else:
+        shared = _shared_prefixes(unique) if prefixes else [0] * len(unique)
+        heads = {tuple(p[:n]) for p, n in zip(unique, shared, strict=True) if n}
+        if sum(shared) - sum(map(len, heads)) < SHARED_MIN_SAVED:  # the tokens one prefill of each prefix saves
+            shared = [0] * len(unique)
+        mask, base = _shared_prefill(fwd, cache, unique, shared, pad)
     mask, logits = _extend(fwd, cache, mask, base, [p[n:] for p, n in zip(unique, shared, strict=True)], pad)
     last = torch.tensor([len(p) - 1 for p in unique], device=device)
     if len(unique) < len(prompts):
@@ -219,6 +226,48 @@ def _prefill(fwd: _Forward, prompts: list[list[int]], rows: list[int], pad: int,
         cache.batch_select_indices(index)
         mask, last, logits = mask[index], last[index], logits[index]
     return _Rows(list(rows), cache, mask, last, logits)
+
+
+def _stored_prefill(cache: Any, prompts: list[list[int]], store: PrefixStore) -> tuple[Any, Any, list[int]] | None:
+    """Each prompt's longest head in ``store`` (all but its last token at most) put in ``cache``, left-padded
+    with masked zeros: (the rows' mask, their count of real tokens, the heads' lengths); None where that saves
+    fewer than ``SHARED_MIN_SAVED`` tokens."""
+    import torch
+
+    hits = [store.longest(p[:-1]) for p in prompts]
+    hits = [(n, layers) if n >= SHARED_MIN_LEN else (0, []) for n, layers in hits]
+    lengths = [n for n, _ in hits]
+    if sum(lengths) < SHARED_MIN_SAVED:
+        return None
+    width = max(lengths)
+    some = next(layers for n, layers in hits if n)
+    for i, (k0, v0) in enumerate(some):
+        keys = k0.new_zeros((len(prompts), k0.shape[0], width, k0.shape[2]))
+        values = v0.new_zeros((len(prompts), v0.shape[0], width, v0.shape[2]))
+        for r, (n, layers) in enumerate(hits):
+            if n:
+                keys[r, :, width - n:] = layers[i][0][:, :n]
+                values[r, :, width - n:] = layers[i][1][:, :n]
+        cache.layers[i].update(keys, values)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=keys.device)
+    for r, n in enumerate(lengths):
+        if n:
+            mask[r, width - n:] = 1
+    return mask, torch.tensor(lengths, device=keys.device), lengths
+
+
+def _keep_finished(store: PrefixStore, run: _Rows, ended: list[int], prompts: list[list[int]],
+                   out: list[list[int]]) -> None:
+    """Put each ended row's keys and values in ``store``: its prompt and every token it took but the last (which
+    was never fed)."""
+    ending = set(ended)
+    for i, row in enumerate(run.rows):
+        if row in ending:
+            real = run.mask[i].bool()
+            tokens = prompts[row] + out[row][:-1]
+            layers = [(layer.keys[i][:, real], layer.values[i][:, real]) for layer in run.cache.layers]
+            assert layers[0][0].shape[1] == len(tokens), "a row's cache and its tokens disagree"
+            store.put(tokens, layers)
 
 
 def _shared_prefill(fwd: _Forward, cache: Any, prompts: list[list[int]], shared: list[int], pad: int
@@ -261,6 +310,7 @@ class _Plan:
     joinable: bool
     prunable: bool
     pad: int
+    store: PrefixStore | None = None
 
 
 def _admit(fwd: _Forward, prompts: list[list[int]], waiting: deque[int], run: _Rows | None, plan: _Plan
@@ -274,7 +324,8 @@ def _admit(fwd: _Forward, prompts: list[list[int]], waiting: deque[int], run: _R
         assert run is not None
         return run
     rows = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-    new = _prefill(fwd, [prompts[r] for r in rows], rows, plan.pad, dedupe=plan.prunable, prefixes=plan.joinable)
+    new = _prefill(fwd, [prompts[r] for r in rows], rows, plan.pad, dedupe=plan.prunable, prefixes=plan.joinable,
+                   store=plan.store)
     if run is None:
         return new
     run.join(new)
@@ -308,10 +359,12 @@ def _step(fwd: _Forward, run: _Rows, tokens: Any) -> None:
 
 def decode_rows(model: Any, prompts: list[list[int]], *, max_new_tokens: int, eos: list[int],
                 pick: Pick | None = None, slots: int | None = None, on_finish: Finished | None = None,
-                device: Any = None) -> list[list[int]]:
+                store: PrefixStore | None = None, device: Any = None) -> list[list[int]]:
     """The new tokens of each prompt, each ending at its first ``eos`` token (included) or after
     ``max_new_tokens``, decoded ``slots`` rows at a time (all at once by default; see the module docstring).
-    ``pick`` samples; without it each step takes the argmax. ``on_finish`` hears which rows have just ended, with their tokens."""
+    ``pick`` samples; without it each step takes the argmax. ``on_finish`` hears which rows have just ended, with
+    their tokens. ``store`` (a ``PrefixStore``) lends prompts the cached heads it holds and keeps every finished
+    row (where rows can join a batch: the module docstring)."""
     import torch
 
     out: list[list[int]] = [[] for _ in prompts]
@@ -322,7 +375,9 @@ def decode_rows(model: Any, prompts: list[list[int]], *, max_new_tokens: int, eo
     fwd = _Forward(model, model.device if device is None else device)
     probe = fwd.new_cache()
     prunable = all(type(layer) in _prunable() for layer in getattr(probe, "layers", [None]))
-    plan = _Plan(len(prompts) if slots is None else max(1, slots), _joinable(probe), prunable, pad=0)
+    joinable = _joinable(probe)
+    plan = _Plan(len(prompts) if slots is None else max(1, slots), joinable, prunable, pad=0,
+                 store=store if joinable else None)
     stop, finished = set(eos), set()
     waiting, run = deque(range(len(prompts))), None
     with torch.inference_mode():
@@ -330,6 +385,8 @@ def decode_rows(model: Any, prompts: list[list[int]], *, max_new_tokens: int, eo
             run = _admit(fwd, prompts, waiting, run, plan)
             tokens = run.logits.argmax(-1) if pick is None else pick(run.logits, run.rows)
             going, ended = _take(run, tokens.tolist(), out, finished, stop, max_new_tokens)
+            if ended and plan.store is not None:
+                _keep_finished(plan.store, run, ended, prompts, out)
             if ended and on_finish is not None:
                 on_finish(ended, [out[r] for r in ended])
             if not going:

@@ -212,3 +212,42 @@ def test_a_prompt_of_no_tokens_is_refused(tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     with pytest.raises(ValueError, match="a prompt of no tokens"):
         decode_rows(model, [[5, 6], []], max_new_tokens=2, eos=[])
+
+
+def test_a_next_rounds_prompt_reuses_the_stored_cache_of_its_own_last_exchange(tiny_llama_dir):
+    # round 1 starts with round 0's prompt and answer: the store lends their keys and values and only the new
+    # tokens are prefilled; tokens stay what a fresh prefill gives (generate's), also where the re-tokenised
+    # answer differs from the generated tokens after a point (the common head is used)
+    from pluribus.data.decoding import decode_rows
+    from pluribus.data.prefix_store import PrefixStore
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    never = model.config.vocab_size + 1
+    round0 = [[(5 * k + j) % 400 + 3 for k in range(30)] for j in range(4)]
+    store = PrefixStore()
+    answers = decode_rows(model, round0, max_new_tokens=8, eos=[never], store=store, slots=2)
+    assert len(store) == 4
+    follow = [700, 701, 702, 703, 704]
+    round1 = [p + a + follow for p, a in zip(round0, answers, strict=True)]
+    round1[3] = round0[3] + answers[3][:3] + [9, 9] + follow  # diverges after 3 of its answer's tokens
+    seen, hook = _forwards(model)
+    got = decode_rows(model, round1, max_new_tokens=6, eos=[never], store=store)
+    hook.remove()
+    # only the new tokens: rows 0-2 their answer's last token (never fed, so not stored) and what follows; row 3
+    # what follows its answer's third token
+    assert seen[0] == (4, 2 + len(follow))
+    assert got == [_alone(model, r, 6, [never]) for r in round1]
+    assert got == decode_rows(model, round1, max_new_tokens=6, eos=[never])  # without a store
+
+
+def test_the_prefix_store_keeps_to_its_budget_oldest_first():
+    from pluribus.data.prefix_store import PrefixStore
+
+    kv = [(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8))]  # 512 bytes per entry
+    store = PrefixStore(budget_bytes=1200)
+    for k in range(4):
+        store.put([k, 1, 2, 3], kv)
+    assert len(store) == 2 and store.bytes == 1024
+    assert store.longest([3, 1, 2, 9])[0] == 3 and store.longest([0, 1, 2, 3])[0] == 0  # 0 and 1 evicted
+    store.put([7] * 40, [(torch.zeros(2, 40, 8), torch.zeros(2, 40, 8))])  # larger than the budget: not kept
+    assert len(store) == 2

@@ -8,6 +8,7 @@ from pluribus.config import AgentConfig, SamplingConfig
 from pluribus.data.backends.base import Conversation, Generation, OnBatch
 from pluribus.data.backends.prompt import Fit, Prompt, PromptBuilder, _context_length, _eos_ids, row_seeds
 from pluribus.data.decoding import decode_rows, row_sampler
+from pluribus.data.prefix_store import PrefixStore
 
 
 class TransformersBackend:
@@ -38,6 +39,9 @@ class TransformersBackend:
         pad = self.tokenizer.pad_token_id
         self.pad = pad if pad is not None else self.eos[0]
         self.calls = 0  # decode_rows calls (one per generate); tests and benchmarks read it
+        # finished rows' KV caches: a next round's prompt, which starts with the agent's own last exchange,
+        # prefills only what is new (the model's weights never change under this backend)
+        self.prefixes = PrefixStore()
 
     def count_tokens(self, text: str) -> int:
         return self.builder.count_tokens(text)
@@ -76,7 +80,7 @@ class TransformersBackend:
 
         self.calls += 1
         decode_rows(self.model, [prompts[i].ids for i in order], max_new_tokens=prompts[0].max_new_tokens,
-                    eos=self.eos, pick=pick, slots=self.batch_size, on_finish=finished)
+                    eos=self.eos, pick=pick, slots=self.batch_size, on_finish=finished, store=self.prefixes)
         return out  # type: ignore[return-value]
 
     def _generation(self, prompt: Prompt, new: list[int], seconds: float) -> Generation:
@@ -89,3 +93,4 @@ class TransformersBackend:
 
     def close(self) -> None:
         self.model = None
+        self.prefixes = PrefixStore()

@@ -1,0 +1,75 @@
+"""Finished rows' KV caches, kept so that a later prompt that starts with a row's tokens prefills only the rest.
+
+An agent's next-round prompt starts with its own last exchange (its prompt and its answer: about 40% of the
+round-1 prompt in the quickstart's debate), and eval's and the builders' calls repeat long prompt heads. The
+transformers backend keeps one store for its model (the weights never change under it) and ``decode_rows`` puts
+every finished row in it and reads from it when it prefills. Entries are found by the longest common token prefix
+(a trie over their tokens), so a prompt whose re-tokenised answer differs from the generated tokens after some
+point still reuses everything before that point: keys and values of a causal model at a position depend only on
+the tokens up to it. The oldest entries go first once ``budget_bytes`` is passed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+# 1 GiB: about 45k tokens of SmolLM2-135M in bf16, 8k of a 7B model with 8 KV heads
+DEFAULT_BUDGET_BYTES = 1 << 30
+
+
+class PrefixStore:
+    """Token sequences and each one's per-layer keys and values (``[heads, tokens, head_dim]``)."""
+
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+        self.budget_bytes = budget_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[int, tuple[tuple[int, ...], list[tuple[Any, Any]]]] = OrderedDict()
+        self._next = 0
+        self._trie: dict[int, Any] = {}  # token -> (entry id of the newest sequence through it, children)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, tokens: list[int], layers: list[tuple[Any, Any]]) -> None:
+        """Keep ``layers`` (one (keys, values) per layer, each ``[heads, len(tokens), head_dim]``) for ``tokens``."""
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        if not tokens or size > self.budget_bytes:
+            return
+        key = self._next
+        self._next += 1
+        self._entries[key] = (tuple(tokens), layers)
+        self.bytes += size
+        node = self._trie
+        for t in tokens:
+            entry = node.setdefault(t, [key, {}])
+            entry[0] = key
+            node = entry[1]
+        if self.bytes > self.budget_bytes:
+            self._evict()
+
+    def _evict(self) -> None:
+        while self.bytes > self.budget_bytes and self._entries:
+            _, (_, layers) = self._entries.popitem(last=False)
+            self.bytes -= sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        self._trie = {}
+        for key, (tokens, _) in self._entries.items():  # rebuilt: rare, and simpler than unlinking nodes
+            node = self._trie
+            for t in tokens:
+                entry = node.setdefault(t, [key, {}])
+                entry[0] = key
+                node = entry[1]
+
+    def longest(self, prompt: list[int]) -> tuple[int, list[tuple[Any, Any]]]:
+        """(n, layers): the most leading tokens of ``prompt`` some entry holds, and that entry's layers (whose
+        first n positions are ``prompt[:n]``'s keys and values); (0, []) where none starts like it."""
+        node, n, key = self._trie, 0, None
+        for t in prompt:
+            if t not in node:
+                break
+            key, node = node[t]
+            n += 1
+        if key is None:
+            return 0, []
+        self._entries.move_to_end(key)  # used: kept longer
+        return n, self._entries[key][1]
