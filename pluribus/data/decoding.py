@@ -267,7 +267,7 @@ def _keep_finished(store: PrefixStore, run: _Rows, ended: list[int], prompts: li
             tokens = prompts[row] + out[row][:-1]
             layers = [(layer.keys[i][:, real], layer.values[i][:, real]) for layer in run.cache.layers]
             assert layers[0][0].shape[1] == len(tokens), "a row's cache and its tokens disagree"
-            store.put(tokens, layers)
+            store.put(tokens, len(prompts[row]), layers)
 
 
 def _shared_prefill(fwd: _Forward, cache: Any, prompts: list[list[int]], shared: list[int], pad: int

@@ -1,12 +1,15 @@
-"""Finished rows' KV caches, kept so that a later prompt that starts with a row's tokens prefills only the rest.
+"""Finished rows' KV caches, kept so that a prompt that continues a finished conversation prefills only the rest.
 
 An agent's next-round prompt starts with its own last exchange (its prompt and its answer: about 40% of the
-round-1 prompt in the quickstart's debate), and eval's and the builders' calls repeat long prompt heads. The
-transformers backend keeps one store for its model (the weights never change under it) and ``decode_rows`` puts
-every finished row in it and reads from it when it prefills. Entries are found by the longest common token prefix
-(a trie over their tokens), so a prompt whose re-tokenised answer differs from the generated tokens after some
-point still reuses everything before that point: keys and values of a causal model at a position depend only on
-the tokens up to it. The oldest entries go first once ``budget_bytes`` is passed.
+round-1 prompt in the quickstart's debate). The transformers backend keeps one store for its model (the weights
+never change under it); ``decode_rows`` puts every finished row in it and reads from it when it prefills. An entry
+is found by the longest common token prefix (a trie over the tokens), so a prompt whose re-tokenised answer
+differs from the generated tokens after some point still reuses everything before that point (keys and values of a
+causal model at a position depend only on the tokens up to it). It is lent only to a prompt that goes on past the
+entry's own prompt into its answer: one that merely starts alike (every prompt's system message and instructions)
+is prefilled afresh, so a prompt's cache never depends on which unrelated calls ran before it in this process, and
+a debate resumed at a step gives in bf16 the tokens the uninterrupted run gave. The least recently used entries go
+once ``budget_bytes`` is passed.
 """
 
 from __future__ import annotations
@@ -24,21 +27,23 @@ class PrefixStore:
     def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
         self.budget_bytes = budget_bytes
         self.bytes = 0
-        self._entries: OrderedDict[int, tuple[tuple[int, ...], list[tuple[Any, Any]]]] = OrderedDict()
+        # id -> (tokens, how many of them were the prompt, per-layer keys and values)
+        self._entries: OrderedDict[int, tuple[tuple[int, ...], int, list[tuple[Any, Any]]]] = OrderedDict()
         self._next = 0
         self._trie: dict[int, Any] = {}  # token -> (entry id of the newest sequence through it, children)
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, tokens: list[int], layers: list[tuple[Any, Any]]) -> None:
-        """Keep ``layers`` (one (keys, values) per layer, each ``[heads, len(tokens), head_dim]``) for ``tokens``."""
+    def put(self, tokens: list[int], prompt: int, layers: list[tuple[Any, Any]]) -> None:
+        """Keep ``layers`` (one (keys, values) per layer, each ``[heads, len(tokens), head_dim]``) for ``tokens``,
+        of which the first ``prompt`` were the row's prompt and the rest its answer."""
         size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
         if not tokens or size > self.budget_bytes:
             return
         key = self._next
         self._next += 1
-        self._entries[key] = (tuple(tokens), layers)
+        self._entries[key] = (tuple(tokens), prompt, layers)
         self.bytes += size
         node = self._trie
         for t in tokens:
@@ -50,10 +55,10 @@ class PrefixStore:
 
     def _evict(self) -> None:
         while self.bytes > self.budget_bytes and self._entries:
-            _, (_, layers) = self._entries.popitem(last=False)
+            _, (_, _, layers) = self._entries.popitem(last=False)
             self.bytes -= sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
         self._trie = {}
-        for key, (tokens, _) in self._entries.items():  # rebuilt: rare, and simpler than unlinking nodes
+        for key, (tokens, _, _) in self._entries.items():  # rebuilt: rare, and simpler than unlinking nodes
             node = self._trie
             for t in tokens:
                 entry = node.setdefault(t, [key, {}])
@@ -61,15 +66,16 @@ class PrefixStore:
                 node = entry[1]
 
     def longest(self, prompt: list[int]) -> tuple[int, list[tuple[Any, Any]]]:
-        """(n, layers): the most leading tokens of ``prompt`` some entry holds, and that entry's layers (whose
-        first n positions are ``prompt[:n]``'s keys and values); (0, []) where none starts like it."""
+        """(n, layers): the most leading tokens of ``prompt`` the newest entry that holds them holds, and that
+        entry's layers (whose first n positions are ``prompt[:n]``'s keys and values), where ``prompt`` goes on
+        past that entry's own prompt; else (0, [])."""
         node, n, key = self._trie, 0, None
         for t in prompt:
             if t not in node:
                 break
             key, node = node[t]
             n += 1
-        if key is None:
+        if key is None or n <= self._entries[key][1]:
             return 0, []
         self._entries.move_to_end(key)  # used: kept longer
-        return n, self._entries[key][1]
+        return n, self._entries[key][2]

@@ -238,6 +238,11 @@ def test_a_next_rounds_prompt_reuses_the_stored_cache_of_its_own_last_exchange(t
     assert seen[0] == (4, 2 + len(follow))
     assert got == [_alone(model, r, 6, [never]) for r in round1]
     assert got == decode_rows(model, round1, max_new_tokens=6, eos=[never])  # without a store
+    # a prompt that only starts like a stored one (round 0's head, not its answer) is prefilled afresh
+    seen, hook = _forwards(model)
+    decode_rows(model, [p[:25] + follow for p in round0], max_new_tokens=2, eos=[never], store=store)
+    hook.remove()
+    assert seen[0] == (4, 30)
 
 
 def test_the_prefix_store_keeps_to_its_budget_oldest_first():
@@ -246,8 +251,10 @@ def test_the_prefix_store_keeps_to_its_budget_oldest_first():
     kv = [(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8))]  # 512 bytes per entry
     store = PrefixStore(budget_bytes=1200)
     for k in range(4):
-        store.put([k, 1, 2, 3], kv)
+        store.put([k, 1, 2, 3], 2, kv)  # a prompt of 2 tokens, an answer of 2
     assert len(store) == 2 and store.bytes == 1024
     assert store.longest([3, 1, 2, 9])[0] == 3 and store.longest([0, 1, 2, 3])[0] == 0  # 0 and 1 evicted
-    store.put([7] * 40, [(torch.zeros(2, 40, 8), torch.zeros(2, 40, 8))])  # larger than the budget: not kept
+    # lent only to a prompt that goes on into the entry's answer, not to one that merely starts alike
+    assert store.longest([3, 1, 5])[0] == 0
+    store.put([7] * 40, 20, [(torch.zeros(2, 40, 8), torch.zeros(2, 40, 8))])  # over the budget: not kept
     assert len(store) == 2
