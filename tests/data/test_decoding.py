@@ -258,3 +258,24 @@ def test_the_prefix_store_keeps_to_its_budget_oldest_first():
     assert store.longest([3, 1, 5])[0] == 0
     store.put([7] * 40, 20, [(torch.zeros(2, 40, 8), torch.zeros(2, 40, 8))])  # over the budget: not kept
     assert len(store) == 2
+
+
+def test_a_sliding_window_cache_decodes_batch_after_batch_and_equals_generate():
+    # a sliding-window layer counts the tokens it has seen: rows cannot join it, so slots=2 decodes batches of
+    # two, one after the other (finished rows still leave), and each row is generate's alone
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+    from pluribus.data.decoding import decode_rows
+    from tests.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm("mistral", hidden_size=32, intermediate_size=64, vocab_size=512, head_dim=8,
+                           sliding_window=4).eval()
+    assert all(type(layer) is DynamicSlidingWindowLayer for layer in DynamicCache(config=model.config).layers)
+    rows = [[5, 17, 99, 3, 9, 9, 10], [8, 8, 2, 41, 7], [300, 4], [11, 12, 13]]
+    free = _alone(model, rows[0], 8, [model.config.vocab_size + 1])
+    eos = [free[2]] if free[2] not in free[:2] else [free[0]]
+    seen, hook = _forwards(model)
+    got = decode_rows(model, rows, max_new_tokens=8, eos=eos, slots=2)
+    hook.remove()
+    assert got == [_alone(model, r, 8, eos) for r in rows]
+    assert [s for s in seen if s[1] > 1] == [(2, 7), (2, 3)]  # two prefills of two rows, none joined mid-way
