@@ -39,7 +39,7 @@ class PrefixStore:
         """Keep ``layers`` (one (keys, values) per layer, each ``[heads, len(tokens), head_dim]``) for ``tokens``,
         of which the first ``prompt`` were the row's prompt and the rest its answer."""
         size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
-        if not tokens or size > self.budget_bytes:
+        if not tokens or size > self.budget_bytes or self._holds(tokens, prompt):
             return
         key = self._next
         self._next += 1
@@ -52,6 +52,20 @@ class PrefixStore:
             node = entry[1]
         if self.bytes > self.budget_bytes:
             self._evict()
+
+    def _holds(self, tokens: list[int], prompt: int) -> bool:
+        """Whether an entry already holds exactly ``tokens`` (rows of one prompt that answered alike: greedy
+        agents that differ only in name); it is then kept longer instead of stored twice."""
+        node, key = self._trie, None
+        for t in tokens:
+            if t not in node:
+                return False
+            key, node = node[t]
+        held = self._entries[key]
+        if len(held[0]) != len(tokens) or held[1] != prompt:
+            return False
+        self._entries.move_to_end(key)
+        return True
 
     def _evict(self) -> None:
         while self.bytes > self.budget_bytes and self._entries:

@@ -253,6 +253,8 @@ def test_the_prefix_store_keeps_to_its_budget_oldest_first():
     for k in range(4):
         store.put([k, 1, 2, 3], 2, kv)  # a prompt of 2 tokens, an answer of 2
     assert len(store) == 2 and store.bytes == 1024
+    store.put([3, 1, 2, 3], 2, kv)  # the same row again (greedy agents alike): stored once
+    assert len(store) == 2 and store.bytes == 1024
     assert store.longest([3, 1, 2, 9])[0] == 3 and store.longest([0, 1, 2, 3])[0] == 0  # 0 and 1 evicted
     # lent only to a prompt that goes on into the entry's answer, not to one that merely starts alike
     assert store.longest([3, 1, 5])[0] == 0
