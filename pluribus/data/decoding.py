@@ -239,6 +239,7 @@ def _stored_prefill(cache: Any, prompts: list[list[int]], store: PrefixStore) ->
     lengths = [n for n, _ in hits]
     if sum(lengths) < SHARED_MIN_SAVED:
         return None
+    store.lent += sum(lengths)
     width = max(lengths)
     some = next(layers for n, layers in hits if n)
     for i, (k0, v0) in enumerate(some):

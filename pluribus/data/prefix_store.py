@@ -27,6 +27,7 @@ class PrefixStore:
     def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
         self.budget_bytes = budget_bytes
         self.bytes = 0
+        self.lent = 0  # prompt tokens whose prefill the store saved (benchmarks read it)
         # id -> (tokens, how many of them were the prompt, per-layer keys and values)
         self._entries: OrderedDict[int, tuple[tuple[int, ...], int, list[tuple[Any, Any]]]] = OrderedDict()
         self._next = 0
