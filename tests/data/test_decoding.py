@@ -281,3 +281,26 @@ def test_a_sliding_window_cache_decodes_batch_after_batch_and_equals_generate():
     hook.remove()
     assert got == [_alone(model, r, 8, eos) for r in rows]
     assert [s for s in seen if s[1] > 1] == [(2, 7), (2, 3)]  # two prefills of two rows, none joined mid-way
+
+
+def test_packed_decode_attention_gives_sdpas_tokens(monkeypatch):
+    # grouped query heads packed onto their key/value heads for one-token steps: the same tokens as sdpa's
+    import pluribus.data.attention as attention
+    from pluribus.data.decoding import decode_rows
+    from tests.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm("llama", hidden_size=96, intermediate_size=128, vocab_size=512, num_attention_heads=6,
+                           num_key_value_heads=2).eval()
+    rows = [[5, 17, 99, 3], [8, 8, 2, 41, 7, 7, 120], [300, 4], [11, 12, 13, 14, 15]]
+    plain = decode_rows(model, rows, max_new_tokens=10, eos=[], slots=2)
+    packed_steps = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        packed_steps.append(query.shape[2] == 3)  # 6 query heads on 2 KV heads: 3 rows per KV head
+        return real(query, *args, **kwargs)
+
+    assert attention.pack_decode_attention(model) and model.config._attn_implementation == attention.NAME
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    assert decode_rows(model, rows, max_new_tokens=10, eos=[], slots=2) == plain
+    assert any(packed_steps)

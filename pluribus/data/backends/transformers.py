@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from pluribus.config import AgentConfig, SamplingConfig
+from pluribus.data.attention import pack_decode_attention
 from pluribus.data.backends.base import Conversation, Generation, OnBatch
 from pluribus.data.backends.prompt import Fit, Prompt, PromptBuilder, _context_length, _eos_ids, row_seeds
 from pluribus.data.decoding import decode_rows, row_sampler
@@ -30,6 +31,7 @@ class TransformersBackend:
             trust_remote_code=trust_remote_code
         )
         self.model.eval()
+        pack_decode_attention(self.model)  # one-token steps on the KV heads (transformers 5.16-5.19 repeat them)
         self.where = devices.where(self.model)  # {"device", "dtype"}: what the stage records
         self.name = agent.model if agent.adapter is None else f"{agent.model}+{agent.adapter}"
         self.batch_size = batch_size
