@@ -60,8 +60,14 @@ def main() -> None:
     def generate_batch() -> list[list[int]]:
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=eos,
                                   pad_token_id=tok.pad_token_id)
+        # a KV cache of fixed size: left to itself it takes 90% of free memory, and on a shared machine the kernel
+        # then kills a process
+        from transformers import ContinuousBatchingConfig
+
+        paged = ContinuousBatchingConfig(num_blocks=64, max_batch_tokens=4096)
         with torch.inference_mode():
-            out = model.generate_batch(prompts, generation_config=config, max_new_tokens=args.max_new_tokens)
+            out = model.generate_batch(prompts, generation_config=config, continuous_batching_config=paged,
+                                       max_new_tokens=args.max_new_tokens)
         rows = sorted(out.values(), key=lambda o: int(o.request_id.split("_")[-1]))
         return [cut(list(o.generated_tokens)) for o in rows]
 
