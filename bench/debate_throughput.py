@@ -163,6 +163,9 @@ def main() -> None:
         print(f"{name + ':':13s}{tok} tokens in {seconds[name]:.1f} s = {rate[name]:.1f} tok/s ({calls[name]})")
 
     records = results["pluribus"][1]
+    prompt_tokens = sum(t["tokens_in"] for r in records for rnd in r["rounds"] for t in rnd)
+    print(f"pluribus prompt tokens whose prefill a finished row's cache saved (prefix_store): "
+          f"{backend.prefixes.lent} of {prompt_tokens}")
     same = sum(r["rounds"][0][i]["response"] == naive[(r["problem_id"], 0)][i]
                for r in records for i in range(agents))
     print(f"round-0 responses identical to the naive loop: {same}/{len(records) * agents} "

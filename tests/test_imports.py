@@ -68,10 +68,7 @@ def test_the_model_reference_and_file_reading_sit_below_config_and_models() -> N
     assert "pluribus.config" not in graph["pluribus.models"] | graph["pluribus.merge.spec"]
 
 
-# private names still imported across packages, from modules other branches own at present (to make public there)
-PRIVATE_ACROSS_KNOWN = {
-    ("pluribus.distill.rl", "pluribus.data.backends", "_eos_ids"),
-}
+PRIVATE_ACROSS_KNOWN: set[tuple[str, str, str]] = set()  # none: keep it so
 
 
 def test_no_private_name_is_imported_across_packages() -> None:

@@ -33,7 +33,8 @@ class TeamConfig(Section):
         "min (its weakest step), product (every step right, steps taken as independent), last (its final step's "
         "score), mean.")
     judge: AgentConfig | None = Field(None, description="Judge agent for topology star / aggregation judge.")
-    batch_size: int = Field(32, ge=1, description="Max conversations per backend call.")
+    batch_size: int = Field(32, ge=1, description="Max conversations a transformers backend decodes at once (a "
+                            "finished one's slot goes to the next).")
     peer_token_budget: int = Field(256, ge=16, description="Max tokens of each peer response shown to an agent.")
     prompts: dict[str, str] = Field(
         default_factory=dict,

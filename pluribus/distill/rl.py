@@ -182,7 +182,7 @@ class LocalSampler:
 
     @torch.no_grad()
     def __call__(self, model: Any, prompts: list[str], seeds: list[int] | None = None) -> list[list[int]]:
-        from pluribus.data.backends import _eos_ids
+        from pluribus.data.backends import eos_ids
         from pluribus.data.decoding import decode, row_sampler
 
         tok, s = self.tokenizer, self.settings
@@ -203,7 +203,7 @@ class LocalSampler:
         model.eval()
         try:
             # a completion keeps its end-of-turn token: the policy is trained to stop
-            return decode(model, ids, mask, max_new_tokens=s.sampling.max_new_tokens, eos=_eos_ids(model, tok),
+            return decode(model, ids, mask, max_new_tokens=s.sampling.max_new_tokens, eos=eos_ids(model, tok),
                           pick=row_sampler(row_seeds, s.sampling.temperature, s.sampling.top_p))
         finally:
             model.train(was_training)

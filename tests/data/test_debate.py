@@ -487,7 +487,7 @@ def test_the_bar_follows_the_transformers_backends_micro_batches(tmp_path, monke
                     team=TeamConfig(agents=[agent], rounds=1, problems_per_step=3, batch_size=2))
     run_debate(recipe, problems=problems(3), backends={backend_key(agent): backend}, progress=True,
                label="single-greedy")
-    assert seen == [(2, 0), (3, 0)] and backend.calls == 2  # micro-batches of 2 and 1 rows
+    assert seen == [(2, 0), (3, 0)] and backend.calls == 1  # 2 slots: two rows end, then the third
     err = capsys.readouterr().err
     assert "single-greedy" in err and "3/3 problems" in err and "debate" not in err  # eval names its systems
 

@@ -131,3 +131,176 @@ def test_the_head_sees_a_contiguous_last_position_also_under_a_frozen_adapter(ti
     assert decode(model, ids, mask, max_new_tokens=6, eos=[]) == plain  # B = 0: the adapter changes nothing
     assert seen[0] == (True, (3, 1, base.config.vocab_size))
     assert all(contiguous for contiguous, _ in seen)
+
+
+def _forwards(model) -> tuple[list[tuple[int, int]], object]:
+    seen: list[tuple[int, int]] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    return seen, hook
+
+
+def test_continuous_batching_keeps_each_rows_tokens_and_fills_freed_slots(tiny_llama_dir):
+    # 7 prompts through 2 slots: a row that ends gives its slot to the next prompt, which joins rows that are
+    # mid-way; every row's greedy tokens are still generate's alone, its max_new_tokens and stop token kept
+    from pluribus.data.decoding import decode_rows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    rows = [[5, 17, 99, 3], [8, 8, 2, 41, 7, 7, 120], [300, 4], [11, 12, 13, 14, 15], [9] * 9, [77], [6, 5, 4]]
+    never = model.config.vocab_size + 1
+    free = [_alone(model, r, 12, [never]) for r in rows]
+    eos = next([t] for r in free for k, t in enumerate(r[:4]) if t not in r[:k] and sum(t in o for o in free) < 4)
+    expected = [_alone(model, r, 12, eos) for r in rows]
+    assert min(map(len, expected)) < 5 and max(map(len, expected)) == 12
+    seen, hook = _forwards(model)
+    ended: dict[int, list[int]] = {}
+    got = decode_rows(model, rows, max_new_tokens=12, eos=eos, slots=2,
+                      on_finish=lambda done, tokens: ended.update(zip(done, tokens, strict=True)))
+    hook.remove()
+    assert got == expected
+    assert ended == dict(enumerate(expected))  # each row reported once, when it ended
+    assert max(b for b, _ in seen) <= 2
+    # a prefill (more than one token) after a decode step (one token): a prompt joined running rows
+    assert any(w > 1 and prev == 1 for (_, w), (_, prev) in zip(seen[1:], seen, strict=False))
+    assert decode_rows(model, rows, max_new_tokens=3, eos=eos, slots=3) == [e[:3] for e in expected]
+
+
+def test_a_sampled_row_does_not_depend_on_its_slot_neighbours_or_admission(tiny_llama_dir):
+    from pluribus.data.decoding import decode_rows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    rows = [[5, 17, 99, 3], [8, 8, 2, 41, 7, 7, 120], [300, 4], [11, 12, 13, 14, 15], [9] * 9]
+    seeds = [21, 22, 23, 24, 25]
+    eos = [_alone(model, rows[0], 3, [model.config.vocab_size + 1])[2]]  # some rows end early, freeing slots
+    alone = [decode_rows(model, [r], max_new_tokens=10, eos=eos, pick=row_sampler([s], 0.9, 0.95))[0]
+             for r, s in zip(rows, seeds, strict=True)]
+    for slots in (1, 2, None):
+        got = decode_rows(model, rows, max_new_tokens=10, eos=eos, pick=row_sampler(seeds, 0.9, 0.95), slots=slots)
+        assert got == alone
+    # the same rows admitted in another order (row 4 first, row 0 last) draw the same tokens
+    order = [4, 2, 3, 1, 0]
+    got = decode_rows(model, [rows[i] for i in order], max_new_tokens=10, eos=eos, slots=2,
+                      pick=row_sampler([seeds[i] for i in order], 0.9, 0.95))
+    assert got == [alone[i] for i in order]
+
+
+def test_a_long_shared_prefix_is_prefilled_once(tiny_llama_dir):
+    # Monte-Carlo rollouts from one trace: prompts that share a long prefix prefill it once, then each its own
+    # suffix (one row of a different prompt shares nothing); tokens stay generate's, samples each row's own
+    from pluribus.data.decoding import SHARED_MIN_SAVED, decode_rows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    trace = [(7 * k) % 500 + 3 for k in range(48)]
+    rows = [trace[:40] + [1 + k, 2 + k][: 1 + k % 2] for k in range(5)] + [trace[:40], [300, 4, 5]]
+    assert SHARED_MIN_SAVED <= 5 * 40
+    never = model.config.vocab_size + 1
+    seen, hook = _forwards(model)
+    got = decode_rows(model, rows, max_new_tokens=6, eos=[never])
+    hook.remove()
+    assert seen[0] == (1, 39)  # the prefix once (up to the shortest sharing prompt's last token)
+    assert seen[1] == (len(rows), 3)  # then each row's own tokens, left-padded; the lone prompt whole
+    assert got == [_alone(model, r, 6, [never]) for r in rows]
+    seeds = list(range(31, 31 + len(rows)))
+    together = decode_rows(model, rows, max_new_tokens=6, eos=[never], pick=row_sampler(seeds, 1.0, 1.0))
+    for i, (r, s) in enumerate(zip(rows, seeds, strict=True)):
+        assert decode_rows(model, [r], max_new_tokens=6, eos=[never], pick=row_sampler([s], 1.0, 1.0))[0] == together[i]
+
+
+def test_a_prompt_of_no_tokens_is_refused(tiny_llama_dir):
+    from pluribus.data.decoding import decode_rows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    with pytest.raises(ValueError, match="a prompt of no tokens"):
+        decode_rows(model, [[5, 6], []], max_new_tokens=2, eos=[])
+
+
+def test_a_next_rounds_prompt_reuses_the_stored_cache_of_its_own_last_exchange(tiny_llama_dir):
+    # round 1 starts with round 0's prompt and answer: the store lends their keys and values and only the new
+    # tokens are prefilled; tokens stay what a fresh prefill gives (generate's), also where the re-tokenised
+    # answer differs from the generated tokens after a point (the common head is used)
+    from pluribus.data.decoding import decode_rows
+    from pluribus.data.prefix_store import PrefixStore
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    never = model.config.vocab_size + 1
+    round0 = [[(5 * k + j) % 400 + 3 for k in range(30)] for j in range(4)]
+    store = PrefixStore()
+    answers = decode_rows(model, round0, max_new_tokens=8, eos=[never], store=store, slots=2)
+    assert len(store) == 4
+    follow = [700, 701, 702, 703, 704]
+    round1 = [p + a + follow for p, a in zip(round0, answers, strict=True)]
+    round1[3] = round0[3] + answers[3][:3] + [9, 9] + follow  # diverges after 3 of its answer's tokens
+    seen, hook = _forwards(model)
+    got = decode_rows(model, round1, max_new_tokens=6, eos=[never], store=store)
+    hook.remove()
+    # only the new tokens: rows 0-2 their answer's last token (never fed, so not stored) and what follows; row 3
+    # what follows its answer's third token
+    assert seen[0] == (4, 2 + len(follow))
+    assert got == [_alone(model, r, 6, [never]) for r in round1]
+    assert got == decode_rows(model, round1, max_new_tokens=6, eos=[never])  # without a store
+    # a prompt that only starts like a stored one (round 0's head, not its answer) is prefilled afresh
+    seen, hook = _forwards(model)
+    decode_rows(model, [p[:25] + follow for p in round0], max_new_tokens=2, eos=[never], store=store)
+    hook.remove()
+    assert seen[0] == (4, 30)
+
+
+def test_the_prefix_store_keeps_to_its_budget_oldest_first():
+    from pluribus.data.prefix_store import PrefixStore
+
+    kv = [(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8))]  # 512 bytes per entry
+    store = PrefixStore(budget_bytes=1200)
+    for k in range(4):
+        store.put([k, 1, 2, 3], 2, kv)  # a prompt of 2 tokens, an answer of 2
+    assert len(store) == 2 and store.bytes == 1024
+    store.put([3, 1, 2, 3], 2, kv)  # the same row again (greedy agents alike): stored once
+    assert len(store) == 2 and store.bytes == 1024
+    assert store.longest([3, 1, 2, 9])[0] == 3 and store.longest([0, 1, 2, 3])[0] == 0  # 0 and 1 evicted
+    # lent only to a prompt that goes on into the entry's answer, not to one that merely starts alike
+    assert store.longest([3, 1, 5])[0] == 0
+    store.put([7] * 40, 20, [(torch.zeros(2, 40, 8), torch.zeros(2, 40, 8))])  # over the budget: not kept
+    assert len(store) == 2
+
+
+def test_a_sliding_window_cache_decodes_batch_after_batch_and_equals_generate():
+    # a sliding-window layer counts the tokens it has seen: rows cannot join it, so slots=2 decodes batches of
+    # two, one after the other (finished rows still leave), and each row is generate's alone
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+    from pluribus.data.decoding import decode_rows
+    from tests.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm("mistral", hidden_size=32, intermediate_size=64, vocab_size=512, head_dim=8,
+                           sliding_window=4).eval()
+    assert all(type(layer) is DynamicSlidingWindowLayer for layer in DynamicCache(config=model.config).layers)
+    rows = [[5, 17, 99, 3, 9, 9, 10], [8, 8, 2, 41, 7], [300, 4], [11, 12, 13]]
+    free = _alone(model, rows[0], 8, [model.config.vocab_size + 1])
+    eos = [free[2]] if free[2] not in free[:2] else [free[0]]
+    seen, hook = _forwards(model)
+    got = decode_rows(model, rows, max_new_tokens=8, eos=eos, slots=2)
+    hook.remove()
+    assert got == [_alone(model, r, 8, eos) for r in rows]
+    assert [s for s in seen if s[1] > 1] == [(2, 7), (2, 3)]  # two prefills of two rows, none joined mid-way
+
+
+def test_packed_decode_attention_gives_sdpas_tokens(monkeypatch):
+    # grouped query heads packed onto their key/value heads for one-token steps: the same tokens as sdpa's
+    import pluribus.data.attention as attention
+    from pluribus.data.decoding import decode_rows
+    from tests.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm("llama", hidden_size=96, intermediate_size=128, vocab_size=512, num_attention_heads=6,
+                           num_key_value_heads=2).eval()
+    rows = [[5, 17, 99, 3], [8, 8, 2, 41, 7, 7, 120], [300, 4], [11, 12, 13, 14, 15]]
+    plain = decode_rows(model, rows, max_new_tokens=10, eos=[], slots=2)
+    packed_steps = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        packed_steps.append(query.shape[2] == 3)  # 6 query heads on 2 KV heads: 3 rows per KV head
+        return real(query, *args, **kwargs)
+
+    assert attention.pack_decode_attention(model) and model.config._attn_implementation == attention.NAME
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    assert decode_rows(model, rows, max_new_tokens=10, eos=[], slots=2) == plain
+    assert any(packed_steps)

@@ -5,9 +5,11 @@ what more it takes (``takes_on_batch``: ``on_batch``, called with each batch of 
 the debate's progress bar follows; ``takes_seeds``: ``seeds``, one sampling seed per conversation) and answers
 ``prompt_fit`` (None where it cannot tell). Three backends, each taking both:
 
-- ``transformers``: local model, batched with left padding (rows sorted by length to waste little padding),
-  bf16 where the device computes it natively, else float32 (pluribus.device), greedy or seeded sampling, ``batch_size`` conversations per batch, each row leaving the batch as soon as
-  it finishes (``decoding.decode``).
+- ``transformers``: local model, continuous batching (``decoding.decode_rows``): at most ``batch_size`` rows
+  decode at once, longest prompts first, each row leaving the batch as soon as it finishes and its slot going to
+  the next prompt; prompts that share a long head prefill it once, and a prompt that continues a finished row's
+  conversation (an agent's next round) reuses that row's KV cache (``prefix_store``); bf16 where the device
+  computes it natively, else float32 (pluribus.device), greedy or seeded sampling.
   Sampling draws each row's tokens from a ``torch.Generator`` of its own, seeded by its entry of ``seeds``
   (default ``sampling.seed + i``), so a row's draws never depend on which rows share its batch or on their
   order. Its logits still do, in the last bits: batched matmuls round differently from unbatched ones, and
@@ -49,7 +51,7 @@ from pluribus.data.backends.prompt import (
     PromptBuilder,
     PromptTooLong,
     TokenText,
-    _eos_ids,
+    eos_ids,
     peer_reader,
     row_seeds,
 )
@@ -59,7 +61,7 @@ from pluribus.errors import PluribusError
 
 __all__ = [
     "TAKE_OUT_AFTER", "Backend", "Conversation", "Fit", "Generation", "OnBatch", "OpenAIBackend", "Prompt",
-    "PromptBuilder", "PromptTooLong", "Server", "TokenText", "TransformersBackend", "VLLMBackend", "_eos_ids",
+    "PromptBuilder", "PromptTooLong", "Server", "TokenText", "TransformersBackend", "VLLMBackend", "eos_ids",
     "backend_key", "make_backend", "peer_reader", "row_seeds",
 ]
 

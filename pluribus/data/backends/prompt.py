@@ -71,7 +71,8 @@ def _context_length(config: Any, tokenizer: Any, override: int | None) -> int:
     return min(limits) if limits else 2048
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The token ids that end an answer: the generation config's EOS ids, then the tokenizer's, each once."""
     ids: list[int] = []
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for x in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) + [tokenizer.eos_token_id]:

@@ -1,18 +1,20 @@
-"""The ``transformers`` backend: a local model, batched with left padding, decoded by ``decoding.decode``."""
+"""The ``transformers`` backend: a local model, decoded by ``decoding.decode_rows`` (continuous batching)."""
 
 from __future__ import annotations
 
 import time
 
 from pluribus.config import AgentConfig, SamplingConfig
+from pluribus.data.attention import pack_decode_attention
 from pluribus.data.backends.base import Conversation, Generation, OnBatch
-from pluribus.data.backends.prompt import Fit, Prompt, PromptBuilder, _context_length, _eos_ids, row_seeds
-from pluribus.data.decoding import decode, row_sampler
+from pluribus.data.backends.prompt import Fit, Prompt, PromptBuilder, _context_length, eos_ids, row_seeds
+from pluribus.data.decoding import decode_rows, row_sampler
+from pluribus.data.prefix_store import PrefixStore
 
 
 class TransformersBackend:
-    """A local model; every call is split into batches of ``batch_size`` rows, left-padded, decoded by
-    ``decoding.decode``."""
+    """A local model; every call is one ``decoding.decode_rows`` over its prompts, longest first, at most
+    ``batch_size`` rows decoding at once (a finished row's slot goes to the next prompt)."""
 
     takes_seeds = True
     takes_on_batch = True
@@ -29,15 +31,19 @@ class TransformersBackend:
             trust_remote_code=trust_remote_code
         )
         self.model.eval()
+        pack_decode_attention(self.model)  # one-token steps on the KV heads (transformers 5.16-5.19 repeat them)
         self.where = devices.where(self.model)  # {"device", "dtype"}: what the stage records
         self.name = agent.model if agent.adapter is None else f"{agent.model}+{agent.adapter}"
         self.batch_size = batch_size
         ctx = _context_length(self.model.config, self.tokenizer, agent.context_length)
         self.builder = PromptBuilder(self.tokenizer, ctx, agent.model)
-        self.eos = _eos_ids(self.model, self.tokenizer)
+        self.eos = eos_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad = pad if pad is not None else self.eos[0]
-        self.calls = 0  # generate() calls on the model; tests and benchmarks read it
+        self.calls = 0  # decode_rows calls (one per generate); tests and benchmarks read it
+        # finished rows' KV caches: a next round's prompt, which starts with the agent's own last exchange,
+        # prefills only what is new (the model's weights never change under this backend)
+        self.prefixes = PrefixStore()
 
     def count_tokens(self, text: str) -> int:
         return self.builder.count_tokens(text)
@@ -57,48 +63,35 @@ class TransformersBackend:
             import torch
 
             per_row = torch.randint(0, 2**62, (len(prompts),)).tolist()
-        # Longest first, so each micro-batch holds rows of similar length (little padding).
+        # Longest first, so rows decoding together have similar lengths (little padding)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids))
+        pick = None if sampling.temperature == 0.0 else row_sampler(
+            [per_row[i] for i in order], sampling.temperature, sampling.top_p)  # type: ignore[index]
         out: list[Generation | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            gens = self._generate_batch([prompts[i] for i in rows], sampling,
-                                        None if per_row is None else [per_row[i] for i in rows])
-            for i, g in zip(rows, gens, strict=True):
-                out[i] = g
+        clock = [time.perf_counter()]
+
+        def finished(rows: list[int], tokens: list[list[int]]) -> None:
+            # the wall time since rows last ended, shared by the rows that end now (the shares sum to the call's)
+            now = time.perf_counter()
+            seconds, clock[0] = (now - clock[0]) / len(rows), now
+            gens = [self._generation(prompts[order[r]], new, seconds) for r, new in zip(rows, tokens, strict=True)]
+            for r, g in zip(rows, gens, strict=True):
+                out[order[r]] = g
             if on_batch is not None:
                 on_batch(gens)
+
+        self.calls += 1
+        decode_rows(self.model, [prompts[i].ids for i in order], max_new_tokens=prompts[0].max_new_tokens,
+                    eos=self.eos, pick=pick, slots=self.batch_size, on_finish=finished, store=self.prefixes)
         return out  # type: ignore[return-value]
 
-    def _generate_batch(self, prompts: list[Prompt], sampling: SamplingConfig, seeds: list[int] | None
-                        ) -> list[Generation]:
-        import torch
-
-        width = max(len(p.ids) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            if p.ids:
-                input_ids[r, width - len(p.ids) :] = torch.tensor(p.ids)
-                mask[r, width - len(p.ids) :] = 1
-        pick = None if sampling.temperature == 0.0 else row_sampler(
-            seeds or [0] * len(prompts), sampling.temperature, sampling.top_p)
-        t0 = time.perf_counter()
-        device = self.model.device
-        rows = decode(self.model, input_ids.to(device), mask.to(device), max_new_tokens=prompts[0].max_new_tokens,
-                      eos=self.eos, pick=pick)
-        self.calls += 1
-        seconds = (time.perf_counter() - t0) / len(prompts)
-        gens = []
-        for p, new in zip(prompts, rows, strict=True):
-            stop = next((k for k, t in enumerate(new) if t in self.eos), None)
-            n_out = len(new) if stop is None else stop + 1
-            text = self.tokenizer.decode(new[: stop if stop is not None else n_out], skip_special_tokens=True)
-            gens.append(Generation(
-                text=text, tokens_in=len(p.ids), tokens_out=n_out, seconds=seconds,
-                finish_reason="stop" if stop is not None else "length",
-            ))
-        return gens
+    def _generation(self, prompt: Prompt, new: list[int], seconds: float) -> Generation:
+        stop = next((k for k, t in enumerate(new) if t in self.eos), None)
+        n_out = len(new) if stop is None else stop + 1
+        text = self.tokenizer.decode(new[: stop if stop is not None else n_out], skip_special_tokens=True)
+        return Generation(text=text, tokens_in=len(prompt.ids), tokens_out=n_out, seconds=seconds,
+                          finish_reason="stop" if stop is not None else "length")
 
     def close(self) -> None:
         self.model = None
+        self.prefixes = PrefixStore()
