@@ -24,6 +24,7 @@ def _attention(module: Any, query: Any, key: Any, value: Any, attention_mask: An
     batch, heads, length, dim = query.shape
     plain = (length != 1 or groups <= 1 or dropout or kwargs.get("position_bias") is not None
              or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None or kwargs.get("cache") is not None
+             or kwargs.get("softcap") is not None or kwargs.get("output_attentions")
              or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1))
              or key.shape[1] * groups != heads)
     if plain:

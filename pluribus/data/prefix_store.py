@@ -1,15 +1,17 @@
 """Finished rows' KV caches, kept so that a prompt that continues a finished conversation prefills only the rest.
 
 An agent's next-round prompt starts with its own last exchange (its prompt and its answer: about 40% of the
-round-1 prompt in the quickstart's debate). The transformers backend keeps one store for its model (the weights
-never change under it); ``decode_rows`` puts every finished row in it and reads from it when it prefills. An entry
+round-1 prompt in the quickstart's debate). The transformers backend keeps one store for its model (emptied when its weights
+change); ``decode_rows`` puts every finished row in it and reads from it when it prefills. An entry
 is found by the longest common token prefix (a trie over the tokens), so a prompt whose re-tokenised answer
 differs from the generated tokens after some point still reuses everything before that point (keys and values of a
 causal model at a position depend only on the tokens up to it). It is lent only to a prompt that goes on past the
 entry's own prompt into its answer: one that merely starts alike (every prompt's system message and instructions)
-is prefilled afresh, so a prompt's cache never depends on which unrelated calls ran before it in this process, and
-a debate resumed at a step gives in bf16 the tokens the uninterrupted run gave. The least recently used entries go
-once ``budget_bytes`` is passed.
+is prefilled afresh, so a prompt's cache never depends on which unrelated calls ran before it in this process. In
+bf16 a lent answer's keys (computed one token at a time) round differently from a fresh prefill of the same text,
+so a round's tokens can depend on whether the previous exchange is in the store: a debate resumes per problem
+(every round of an unfinished problem is decoded again), which keeps a resumed run equal to an uninterrupted one.
+The least recently used entries go once ``budget_bytes`` is passed.
 """
 
 from __future__ import annotations

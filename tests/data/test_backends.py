@@ -531,3 +531,21 @@ def test_peer_reader_of_an_openai_agent_counts_as_its_backend(tiny_llama_dir):
     # a served name with no tokenizer offline: about 4 characters a token, as OpenAIBackend counts
     served = peer_reader(AgentConfig(backend="openai", model="served-model", base_url="http://127.0.0.1:1/v1"))
     assert served.count_tokens(text) == len(text) // 4 and served.keep_last_tokens(text, 2) == text[-8:]
+
+
+def test_the_transformers_backend_lends_no_cache_across_a_change_of_its_weights(tiny_llama_dir):
+    # the store keeps finished rows' caches for a next round; weights changed in place (a training step, a
+    # loaded state) empty it first, so nothing computed under the old weights is lent
+    import torch
+
+    backend = TransformersBackend(AgentConfig(model=str(tiny_llama_dir), dtype="float32"), batch_size=3)
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=4)
+    asked = [[[{"role": "user", "content": f"question {k} {i}"}] for i in range(3)] for k in range(3)]
+    backend.generate(asked[0], greedy)
+    backend.generate(asked[1], greedy)
+    assert len(backend.prefixes) == 6  # the same weights: both calls' rows kept
+    with torch.no_grad():
+        next(backend.model.parameters()).add_(0.05)
+    backend.generate(asked[2], greedy)
+    assert len(backend.prefixes) == 3  # only the rows decoded under the new weights
+    assert backend.generate([], greedy) == []

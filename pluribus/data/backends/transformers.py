@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from pluribus.config import AgentConfig, SamplingConfig
 from pluribus.data.attention import pack_decode_attention
@@ -42,8 +43,9 @@ class TransformersBackend:
         self.pad = pad if pad is not None else self.eos[0]
         self.calls = 0  # decode_rows calls (one per generate); tests and benchmarks read it
         # finished rows' KV caches: a next round's prompt, which starts with the agent's own last exchange,
-        # prefills only what is new (the model's weights never change under this backend)
+        # prefills only what is new; emptied when the model's weights change under it (_weights_stamp)
         self.prefixes = PrefixStore()
+        self.weights = _weights_stamp(self.model)
 
     def count_tokens(self, text: str) -> int:
         return self.builder.count_tokens(text)
@@ -57,6 +59,8 @@ class TransformersBackend:
     def generate(self, conversations: list[Conversation], sampling: SamplingConfig,
                  on_batch: OnBatch | None = None, seeds: list[int] | None = None) -> list[Generation]:
         prompts = [self.builder.encode(c, sampling.max_new_tokens) for c in conversations]
+        if not prompts:
+            return []
         per_row = row_seeds(sampling, len(prompts), seeds)
         if per_row is None and sampling.temperature > 0:
             # unseeded sampling: seeds from torch's global RNG, so torch.manual_seed still reproduces a call
@@ -81,6 +85,9 @@ class TransformersBackend:
                 on_batch(gens)
 
         self.calls += 1
+        if (weights := _weights_stamp(self.model)) != self.weights:
+            # caches computed under other weights (an adapter swapped in, a training step) must not be lent
+            self.prefixes, self.weights = PrefixStore(), weights
         decode_rows(self.model, [prompts[i].ids for i in order], max_new_tokens=prompts[0].max_new_tokens,
                     eos=self.eos, pick=pick, slots=self.batch_size, on_finish=finished, store=self.prefixes)
         return out  # type: ignore[return-value]
@@ -95,3 +102,11 @@ class TransformersBackend:
     def close(self) -> None:
         self.model = None
         self.prefixes = PrefixStore()
+
+
+def _weights_stamp(model: Any) -> tuple:
+    """What changes when the weights do: the model object, its active PEFT adapter(s) and every parameter's in-place
+    version counter (an optimizer step, ``load_state_dict`` and ``copy_`` bump it)."""
+    active = getattr(model, "active_adapter", None)  # a PeftModel's property; a plain model's is a method
+    adapters = tuple(active) if isinstance(active, list | tuple) else active if isinstance(active, str) else None
+    return id(model), adapters, sum(p._version for p in model.parameters())
