@@ -94,3 +94,15 @@ def test_only_merge_config_load_reads_the_merge_package() -> None:
     assert any(isinstance(n, ast.ImportFrom) and n.module == "pluribus.merge.config" for n in ast.walk(load))
     top = {n: imports(n, f, mods, top_level=True) for n, f in mods.items() if n.startswith("pluribus.config")}
     assert not any(m.startswith("pluribus.merge") for r in top.values() for m in r)
+
+
+@pytest.mark.parametrize("key, value", [("batch_size", 4), ("eval_fraction", 0.1), ("max_length", 128),
+                                        ("packing", False), ("too_long", "truncate")])
+def test_a_setting_an_rl_training_does_not_read_is_refused_not_ignored(key, value):
+    # an rl expert's batch is rl.prompts_per_step; it holds out nothing; a sequence is a prompt and its sample
+    entry = f"train.experts=[{{objective: rsft}}, {{name: rl, objective: rl, init_adapter: rsft, {key}: {value}}}]"
+    with pytest.raises(RecipeError, match=f"experts.1: {key} have no effect on an rl training"):
+        load_recipe(None, ["train.objective=rsft", entry])
+    # shared by the section, the rsft expert reads it and the rl expert's default is untouched: accepted
+    load_recipe(None, [f"train.{key}={value}", "train.experts=[{objective: rsft}, {name: rl, objective: rl, "
+                       "init_adapter: rsft}]"])

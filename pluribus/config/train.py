@@ -50,7 +50,8 @@ class RLSettings(Section):
     prompts_per_step: int = Field(2, ge=1, description="Prompts per device per micro-step (each sampled G times): "
                                   "an rl training's batch, in place of train.batch_size, which rl does not read (nor "
                                   "eval_fraction, max_length, too_long, packing: rl holds out no rows, and a "
-                                  "sequence is a prompt plus at most sampling.max_new_tokens).")
+                                  "sequence is a prompt plus at most sampling.max_new_tokens; an rl entry of "
+                                  "train.experts that sets one of them is refused).")
     backend: Literal["transformers", "vllm"] = Field("transformers", description="Sampler of the current policy.")
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=1.0), description="How the policy samples: temperature "
@@ -119,6 +120,13 @@ DATASET_OF_OBJECTIVE = {"rsft": "rsft", "augmented": "augmented", "prm": "proces
 # recipe validates without importing transformers; tests/test_config_trackers.py fails when the installed list differs
 REPORT_TO = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow", "mlflow",
              "neptune", "swanlab", "tensorboard", "trackio", "wandb")
+
+
+# what an rl training does not read (pluribus.distill.rl): its batch is rl.prompts_per_step prompts x group_size,
+# it holds out no rows and a sequence is a prompt plus at most rl.sampling.max_new_tokens
+_RL_UNREAD = frozenset({"batch_size", "eval_fraction", "max_length", "packing", "too_long"})
+_RL_INSTEAD = ("its batch is rl.prompts_per_step prompts, each sampled rl.group_size times; it holds out no rows; a "
+               "sequence is its prompt plus at most rl.sampling.max_new_tokens")
 
 
 class ExpertEntry(RootModel[dict[str, Any]]):
@@ -285,8 +293,12 @@ class TrainConfig(Section):
             settings = entry.settings
             if isinstance(settings.get("rl"), dict):  # old names under the shared settings' new ones
                 settings = {**settings, "rl": _renamed(settings["rl"], f"train.experts.{i}.rl", _RL_RENAMES)}
+            merged = _deep_merge(shared, settings)
+            if merged.get("objective") == "rl" and (unread := sorted(set(settings) & _RL_UNREAD)):
+                raise ValueError(f"experts.{i}: {', '.join(unread)} have no effect on an rl training ({_RL_INSTEAD}); "
+                                 "remove them from this entry")
             try:
-                expert = TrainConfig.model_validate(_deep_merge(shared, settings))
+                expert = TrainConfig.model_validate(merged)
             except ValidationError as e:
                 raise ValueError(f"experts.{i}: " + "; ".join(_describe_error(err) for err in e.errors())) from None
             names = [t.expert_name for t in out]
