@@ -6,7 +6,7 @@ import logging
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, RootModel
 
 from pluribus.errors import validation_message
 
@@ -67,3 +67,15 @@ def _describe_error(err: dict[str, Any]) -> str:
         return f"'{path}' is now called objective (train.objective: rsft | augmented | prm | rl)"
     return validation_message([err])
 
+
+class Entry(RootModel[dict[str, Any]]):
+    """One entry of a section's list of variants (``train.experts``, ``merge.merges``) as written: the settings that
+    differ from the section's shared ones. It dumps as written, so recipe.yaml and every hash are those of the YAML;
+    the section resolves it over its shared settings once."""
+
+    model_config = ConfigDict(frozen=True)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The entry's settings as written."""
+        return dict(self.root)

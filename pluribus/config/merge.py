@@ -6,28 +6,24 @@ from collections.abc import Mapping
 from typing import Any
 
 from pydantic import (
-    ConfigDict,
     Field,
     PrivateAttr,
-    RootModel,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from pluribus.config.base import Section, _deep_merge, _describe_error, _folder_name
+from pluribus.config.base import Entry, Section, _deep_merge, _describe_error, _folder_name
 from pluribus.errors import RecipeError
 from pluribus.layout import RunLayout
 
 
-class MergeEntry(RootModel[dict[str, Any]]):
+class MergeEntry(Entry):
     """One entry of ``merge.merges`` as written: the settings of one merge that differ from the section's.
 
     It dumps as written (the run's recipe.yaml and the merge section's hashes are those of the YAML); the section
     resolves it over its shared settings into one ``MergeConfig``, once (``MergeConfig.all``).
     """
-
-    model_config = ConfigDict(frozen=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -35,11 +31,6 @@ class MergeEntry(RootModel[dict[str, Any]]):
         if not isinstance(data, dict) or "merges" in data:
             raise ValueError("must be a mapping of merge settings (without merges of its own)")
         return data
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        """The entry's settings as written."""
-        return dict(self.root)
 
 
 class MergeConfig(Section):

@@ -6,17 +6,15 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import (
-    ConfigDict,
     Field,
     PrivateAttr,
-    RootModel,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from pluribus.config.agents import SamplingConfig, VLLMSettings
-from pluribus.config.base import Section, _deep_merge, _describe_error, _device, _folder_name, _renamed
+from pluribus.config.base import Entry, Section, _deep_merge, _describe_error, _device, _folder_name, _renamed
 from pluribus.errors import RecipeError
 
 
@@ -129,14 +127,12 @@ _RL_INSTEAD = ("its batch is rl.prompts_per_step prompts, each sampled rl.group_
                "sequence is its prompt plus at most rl.sampling.max_new_tokens")
 
 
-class ExpertEntry(RootModel[dict[str, Any]]):
+class ExpertEntry(Entry):
     """One entry of ``train.experts`` as written: the settings of one training that differ from the section's.
 
     It dumps as written (the run's recipe.yaml, and every hash of the train section, are those of the YAML); the
     section resolves it over its shared settings into one ``TrainConfig``, once (``TrainConfig.trainings``).
     """
-
-    model_config = ConfigDict(frozen=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -147,11 +143,6 @@ class ExpertEntry(RootModel[dict[str, Any]]):
         if "experts" in data:
             raise ValueError("an expert cannot have experts of its own")
         return data
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        """The entry's settings as written."""
-        return dict(self.root)
 
 
 class TrainConfig(Section):
