@@ -79,3 +79,20 @@ class Entry(RootModel[dict[str, Any]]):
     def settings(self) -> dict[str, Any]:
         """The entry's settings as written."""
         return dict(self.root)
+
+
+def copy_resolving(copy: Any, update: Any, deep: bool, entries: str, resolved: str, entry: type,
+                   where: str) -> Any:
+    """``copy(update=update, deep=deep)`` (a section's parent model_copy) whose ``entries`` (each an ``entry``) are
+    resolved again over the copy's own settings into ``resolved``, as validation does; RecipeError naming ``where``."""
+    from pluribus.errors import RecipeError
+
+    if update and entries in update:
+        update = {**update, entries: [entry.model_validate(e) for e in update[entries]]}
+    out = copy(update=update, deep=deep)
+    if update and getattr(out, entries):
+        try:
+            setattr(out, resolved, out._resolve())
+        except ValueError as e:
+            raise RecipeError(f"invalid recipe: {where}: {e}") from None
+    return out

@@ -13,7 +13,7 @@ from pydantic import (
     model_validator,
 )
 
-from pluribus.config.base import Entry, Section, _deep_merge, _describe_error, _folder_name
+from pluribus.config.base import Entry, Section, _deep_merge, _describe_error, _folder_name, copy_resolving
 from pluribus.errors import RecipeError
 from pluribus.layout import RunLayout
 
@@ -96,15 +96,7 @@ class MergeConfig(Section):
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> MergeConfig:
         """A copy with ``update``; its merges are resolved again over the copy's own settings (as validation)."""
-        if update and "merges" in update:
-            update = {**update, "merges": [MergeEntry.model_validate(e) for e in update["merges"]]}
-        out = super().model_copy(update=update, deep=deep)
-        if update and out.merges:
-            try:
-                out._merges = out._resolve()
-            except ValueError as e:
-                raise RecipeError(f"invalid recipe: merge: {e}") from None
-        return out
+        return copy_resolving(super().model_copy, update, deep, "merges", "_merges", MergeEntry, "merge")
 
     def load(self, layout: RunLayout | None = None) -> Any:
         """The merge spec (a ``pluribus.merge.spec.MergeSpec``) this merge names; ``layout`` finds experts.

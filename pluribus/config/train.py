@@ -14,7 +14,16 @@ from pydantic import (
 )
 
 from pluribus.config.agents import SamplingConfig, VLLMSettings
-from pluribus.config.base import Entry, Section, _deep_merge, _describe_error, _device, _folder_name, _renamed
+from pluribus.config.base import (
+    Entry,
+    Section,
+    _deep_merge,
+    _describe_error,
+    _device,
+    _folder_name,
+    _renamed,
+    copy_resolving,
+)
 from pluribus.errors import RecipeError
 
 
@@ -307,15 +316,7 @@ class TrainConfig(Section):
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> TrainConfig:
         """A copy with ``update``; its experts are resolved again over the copy's own settings, so a changed shared
         setting (or new entries) reaches every training as validation would have."""
-        if update and "experts" in update:
-            update = {**update, "experts": [ExpertEntry.model_validate(e) for e in update["experts"]]}
-        out = super().model_copy(update=update, deep=deep)
-        if update and out.experts:
-            try:
-                out._trainings = out._resolve()
-            except ValueError as e:
-                raise RecipeError(f"invalid recipe: train: {e}") from None
-        return out
+        return copy_resolving(super().model_copy, update, deep, "experts", "_trainings", ExpertEntry, "train")
 
     def expert(self, name: str) -> TrainConfig:
         """The training named ``name``, or a RecipeError listing the names there are."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +82,7 @@ class Ran:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class System:
+class System(ABC):
     """One eval system: override ``plan`` (and ``default``, ``run``, ``store`` where it differs)."""
 
     name: ClassVar[str] = ""  # set by register_system: the name eval.systems takes
@@ -96,9 +97,9 @@ class System:
         """Whether it runs when ``eval.systems`` is unset."""
         return False
 
+    @abstractmethod
     def plan(self, ctx: PlanContext, name: str) -> list[Plan]:
         """Its plans for ``name`` (its own name, or an expert's or merge's), checked; raises PluribusError."""
-        raise NotImplementedError
 
     def store(self, plan: Plan, eval_dir: Path) -> Store:
         """Its store: ``<eval>/<label>/``, or under its adapter's fingerprint (a retrained adapter answers anew)."""
