@@ -36,7 +36,7 @@ ThreadsOpt = Annotated[int | None, typer.Option(
     "--threads", min=1, help="CPU threads of torch (the recipe's `threads`); default 1 without a GPU, "
     "which does not collapse when other jobs share the cores ($OMP_NUM_THREADS is respected).")]
 NewRunOpt = Annotated[bool, typer.Option("--new-run", help="Config changed: move the old store aside.")]
-NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bars.")]
 DeviceOpt = Annotated[str | None, typer.Option(
     "--device", help="Where models run (the recipe's `device`): auto (a CUDA GPU where there is one, else the "
     "CPU), cpu, cuda or cuda:N; a part's own device (an agent's, eval.device, ...) still wins.")]
@@ -221,6 +221,7 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint of this expert.")] = False,
     resume_from: Annotated[Path | None, typer.Option("--resume-from", help="Continue from this checkpoint folder.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter folder.")] = False,
+    no_progress: NoProgressOpt = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
 ) -> None:
@@ -241,7 +242,8 @@ def train_cmd(
             _self_data_current(loaded, name)
         # several processes: rank 0 wrote the adapter, and only its summary has lines
         _show(train.run(loaded, expert=name, dataset=dataset, out=out,
-                        resume=str(resume_from) if resume_from else resume, overwrite=overwrite))
+                        resume=str(resume_from) if resume_from else resume, overwrite=overwrite,
+                        progress=not no_progress))
 
 
 def _self_data_current(recipe: Any, name: str | None) -> None:
@@ -349,6 +351,7 @@ def merge_cmd(
                                                 help="Merge adapters even if their recorded bases differ.")] = False,
     extract: Annotated[str | None, _opt("Extract a LoRA from this fine-tuned model (with --base, --rank/--energy).", "--extract")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    no_progress: NoProgressOpt = False,
     threads: ThreadsOpt = None,
     device: Annotated[str | None, typer.Option(
         "--device", help="Where folding adapters into a model (--output model) and --extract's SVDs compute: auto, "
@@ -368,7 +371,7 @@ def merge_cmd(
                             normalize=normalize, **({"lambda": lam} if lam is not None else {}))
     _check_merges(merges, overwrite=overwrite, device=device)
     for merge_name, spec, target in merges:
-        _show(merge.run(spec, target, overwrite=overwrite, device=device,
+        _show(merge.run(spec, target, overwrite=overwrite, device=device, progress=not no_progress,
                         name=f"merge:{merge_name}" if len(merges) > 1 else "merge"))
 
 
@@ -475,7 +478,7 @@ def run_cmd(
     overrides: OverridesArg = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun stages that are up to date.")] = False,
     new_run: Annotated[bool, typer.Option("--new-run", help="Move aside debate/eval stores written with other settings.")] = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    no_progress: NoProgressOpt = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
 ) -> None:

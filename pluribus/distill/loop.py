@@ -167,9 +167,10 @@ def log_at_save() -> Any:
     return LogAtSave()
 
 
-def callbacks() -> list[Any]:
-    """The callbacks every stage's Trainer gets: the rich progress bar, the NaN/Inf guard, a log at each save."""
-    return [rich_progress_callback(), finite_guard(), log_at_save()]
+def callbacks(*, progress: bool) -> list[Any]:
+    """The callbacks every stage's Trainer gets: the rich progress bar (unless ``progress`` is off: `--no-progress`),
+    the NaN/Inf guard, a log at each save."""
+    return [*([rich_progress_callback()] if progress else []), finite_guard(), log_at_save()]
 
 
 def train_and_report(trainer: Any, checkpoint: str | None) -> dict[str, Any]:

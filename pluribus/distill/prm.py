@@ -439,9 +439,10 @@ def training_step_format(dataset: str | Path, rows: Any, recipe: Recipe) -> tupl
 
 def train_prm(
     recipe: Recipe, *, dataset: str | Path | None = None, out: str | Path | None = None,
-    resume: bool | str | None = None, overwrite: bool = False,
+    resume: bool | str | None = None, overwrite: bool = False, progress: bool = True,
 ) -> Path:
-    """Train the ``prm`` stage of ``recipe`` on a process dataset and return the adapter folder."""
+    """Train the ``prm`` stage of ``recipe`` on a process dataset and return the adapter folder; ``progress``:
+    its rich bar over optimizer steps (off: no bar, ``--no-progress``)."""
     from datasets import Dataset
 
     cfg: TrainConfig = recipe.require("train")
@@ -470,7 +471,7 @@ def train_prm(
     trainer = PRMTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_ex),
         eval_dataset=Dataset.from_list(eval_ex) if eval_ex else None,
-        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks(),
+        data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks(progress=progress),
     )
     quiet_printer(trainer)
     metrics = train_and_report(trainer, output.resume_checkpoint(out, resume, model))

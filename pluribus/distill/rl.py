@@ -538,9 +538,10 @@ def _final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
 def train_rl(
     recipe: Recipe, *, dataset: str | Path | None = None, out: str | Path | None = None,
     resume: bool | str | None = None, verify: Callable[[str, str], bool] | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, progress: bool = True,
 ) -> Path:
-    """Train the ``rl`` stage of ``recipe`` and return the adapter folder."""
+    """Train the ``rl`` stage of ``recipe`` and return the adapter folder; ``progress``: its rich bar over
+    optimizer steps (off: no bar, ``--no-progress``)."""
     from datasets import Dataset
 
     cfg: TrainConfig = recipe.require("train")
@@ -571,7 +572,7 @@ def train_rl(
     # 4. Trainer over prompts: one batch = prompts_per_step prompts, G samples each
     trainer = GroupRLTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(prompts), data_collator=collate_prompts,
-        processing_class=tokenizer, callbacks=callbacks(),
+        processing_class=tokenizer, callbacks=callbacks(progress=progress),
         sampler=sampler, prm=prm, verify=verify, settings=s, reference_weights=reference_weights,
     )
     quiet_printer(trainer)

@@ -211,9 +211,10 @@ class PackedSFTTrainer(Trainer):
 
 def train_sft(
     recipe: Recipe, *, dataset: str | Path | None = None, out: str | Path | None = None,
-    resume: bool | str | None = None, overwrite: bool = False,
+    resume: bool | str | None = None, overwrite: bool = False, progress: bool = True,
 ) -> Path:
-    """Train the ``rsft`` or ``augmented`` stage of ``recipe`` and return the adapter folder."""
+    """Train the ``rsft`` or ``augmented`` stage of ``recipe`` and return the adapter folder; ``progress``:
+    its rich bar over optimizer steps (off: no bar, ``--no-progress``)."""
     from datasets import Dataset
 
     cfg: TrainConfig = recipe.require("train")
@@ -245,7 +246,7 @@ def train_sft(
         model=model, args=args, train_dataset=Dataset.from_list(train_ex),
         eval_dataset=Dataset.from_list(eval_ex) if eval_ex else None,
         data_collator=PackingCollator(tokenizer.pad_token_id, packing=cfg.packing),
-        callbacks=callbacks(), kernels=cfg.kernels,
+        callbacks=callbacks(progress=progress), kernels=cfg.kernels,
     )
 
     # 5. train (resuming from a checkpoint of the same base), then evaluate once more

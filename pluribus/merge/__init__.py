@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,11 +82,14 @@ def merge_record(folder: Path) -> dict[str, Any] | None:
     return {k: data.get(k) for k in ("method", "kind", "error", "note", "ranks_out")}
 
 
-def _progress() -> Any:
+def _progress(enabled: bool) -> Any:
+    """The merge's transient bar on the terminal (stderr); none when ``enabled`` is off (``--no-progress``) or
+    stderr is no terminal (a log)."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True, disable=not sys.stderr.isatty())
+                    transient=True, console=Console(stderr=True), disable=not (enabled and sys.stderr.isatty()))
 
 
 def _card(spec: MergeSpec, summary: MergeSummary, adapter: bool) -> str:
@@ -134,7 +137,7 @@ def folds(spec: MergeSpec) -> bool:
 
 
 def run_merge(
-    spec: MergeSpec, out: str | Path, *, overwrite: bool = False, progress: Callable[..., Any] | None = None,
+    spec: MergeSpec, out: str | Path, *, overwrite: bool = False, progress: bool = True,
     device: str | None = None,
 ) -> MergeSummary:
     """Run one merge into ``out`` (refused if it exists unless ``overwrite``); returns the summary.
@@ -142,6 +145,7 @@ def run_merge(
     ``device`` (a setting, ``pluribus.device``; None: auto): where folding adapters into a model adds each
     delta; every other merge streams on the CPU (its seeded draws the same on every machine) and says so.
     Raises PluribusError for bad inputs before anything is written; ``out`` appears only when complete.
+    ``progress``: a bar on the terminal while it merges (off: none, ``--no-progress``).
     """
     from pluribus.io import atomic_dir
 
@@ -162,7 +166,7 @@ def run_merge(
 
         fold_device = resolve(device)
         summary.ran_on = f"{fold_device} (folding)"
-    with atomic_dir(out, overwrite=overwrite) as tmp, _progress() as bar:
+    with atomic_dir(out, overwrite=overwrite) as tmp, _progress(progress) as bar:
         if kind == "adapters":
             _merge_adapters(spec, tmp, summary, bar, fold_device)
         else:

@@ -11,12 +11,12 @@ from pluribus.stages import Stage, StageSummary, json_of
 
 
 def run(spec: MergeSpec, target: Path, *, overwrite: bool = False, name: str = "merge",
-        device: str | None = None) -> StageSummary:
+        device: str | None = None, progress: bool = True) -> StageSummary:
     """Merge ``spec`` into ``target`` (``pluribus merge``), summarized by what went in and what came out;
-    ``device``: where folding adapters into a model computes (``pluribus.merge.run_merge``)."""
+    ``device``: where folding adapters into a model computes, ``progress``: its bar (``pluribus.merge.run_merge``)."""
     from pluribus.merge import run_merge
 
-    lines = run_merge(spec, target, overwrite=overwrite, device=device).lines()
+    lines = run_merge(spec, target, overwrite=overwrite, device=device, progress=progress).lines()
     return StageSummary(name, target, " | ".join(lines), notes=tuple(lines))
 
 
@@ -50,7 +50,8 @@ def plan(recipe: Recipe) -> list[Stage]:
         # overwrite: a rerun reaches this step only when its inputs changed, so the old merge is stale
         return Stage(f"merge:{m.name}",
                      lambda progress, new_run: run(m.load(recipe.layout), recipe.layout.merged(m.name),
-                                                   overwrite=True, name=f"merge:{m.name}", device=recipe.device),
+                                                   overwrite=True, name=f"merge:{m.name}", device=recipe.device,
+                                                   progress=progress),
                      settings=lambda: merge_settings(recipe, m), inputs=lambda: merge_inputs(recipe, m),
                      after=tuple(f"train:{e}" for e in m.experts or []))
 

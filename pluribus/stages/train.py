@@ -59,11 +59,12 @@ def expert_inputs(recipe: Recipe, cfg: TrainConfig) -> dict[str, Path]:
 
 
 def train_stage(recipe: Recipe, *, expert: str | None = None, dataset: str | Path | None = None,
-                out: str | Path | None = None, resume: bool | str | None = None, overwrite: bool = False) -> Path:
+                out: str | Path | None = None, resume: bool | str | None = None, overwrite: bool = False,
+                progress: bool = True) -> Path:
     """Train one expert of ``recipe.train`` (the only one, or the one named ``expert``); returns its adapter folder.
 
     rsft | augmented -> SFT, prm -> the process reward model, rl -> process-aware RL. An existing adapter folder
-    is replaced only with ``overwrite`` (or when ``resume`` continues its run).
+    is replaced only with ``overwrite`` (or when ``resume`` continues its run); ``progress`` off draws no bar.
     """
     from pluribus.distill.distributed import check_launch
 
@@ -90,20 +91,22 @@ def train_stage(recipe: Recipe, *, expert: str | None = None, dataset: str | Pat
         from pluribus.distill.prm import train_prm as run
     else:
         from pluribus.distill.rl import train_rl as run
-    return run(one, dataset=dataset, out=out, resume=resume, overwrite=overwrite)
+    return run(one, dataset=dataset, out=out, resume=resume, overwrite=overwrite, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------ the protocol
 
 
 def run(recipe: Recipe, *, expert: str | None = None, dataset: str | Path | None = None,
-        out: str | Path | None = None, resume: bool | str | None = None, overwrite: bool = False) -> StageSummary:
+        out: str | Path | None = None, resume: bool | str | None = None, overwrite: bool = False,
+        progress: bool = True) -> StageSummary:
     """One expert of ``recipe`` trained (``pluribus train``), summarized by its losses and final metrics.
 
     Under several processes every rank trains; rank 0 alone wrote the adapter, and only its summary has lines."""
     from pluribus.distill.distributed import is_main
 
-    folder = train_stage(recipe, expert=expert, dataset=dataset, out=out, resume=resume, overwrite=overwrite)
+    folder = train_stage(recipe, expert=expert, dataset=dataset, out=out, resume=resume, overwrite=overwrite,
+                         progress=progress)
     name = expert or recipe.require("train").trainings()[0].expert_name
     if not is_main():
         return StageSummary(f"train:{name}", folder, "")
@@ -157,7 +160,7 @@ def plan(recipe: Recipe) -> list[Stage]:
     def step(cfg: TrainConfig) -> Stage:
         # overwrite: a rerun reaches this step only when its inputs changed, so the old adapter is stale
         return Stage(f"train:{cfg.expert_name}",
-                     lambda progress, new_run: run(recipe, expert=cfg.expert_name, overwrite=True),
+                     lambda progress, new_run: run(recipe, expert=cfg.expert_name, overwrite=True, progress=progress),
                      settings=lambda: json_of(cfg), inputs=lambda: expert_inputs(recipe, cfg), after=earlier(cfg))
 
     return [step(cfg) for cfg in trainings]
