@@ -516,11 +516,12 @@ def models_list() -> None:
 
 
 @models_app.command("resolve")
-def models_resolve(model: Annotated[str, typer.Argument(help="Hub id, local folder, .gguf file or alias.")]) -> None:
+def models_resolve(model: Annotated[str, typer.Argument(help="Hub id, local folder, .gguf file or alias.")],
+                   no_progress: NoProgressOpt = False) -> None:
     """Print the local folder that `from_pretrained` loads for MODEL (dequantizing a GGUF once if needed)."""
     from pluribus.models import resolve_model
 
-    print(resolve_model(model))
+    print(resolve_model(model, progress=not no_progress))
 
 
 # -------------------------------------------------------------------------------------- entry point

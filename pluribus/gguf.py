@@ -19,8 +19,9 @@ from pluribus.weights import _is_model_dir
 
 
 @contextlib.contextmanager
-def _rich_gguf_bar() -> Iterator[None]:
-    """transformers' GGUF reader draws its own tqdm bar (which no transformers setting turns off): ours instead."""
+def _rich_gguf_bar(enabled: bool = True) -> Iterator[None]:
+    """transformers' GGUF reader draws its own tqdm bar (which no transformers setting turns off): ours instead,
+    on a terminal, and none when ``enabled`` is off (``--no-progress``)."""
     import sys
 
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
@@ -29,7 +30,7 @@ def _rich_gguf_bar() -> Iterator[None]:
 
     def bar(items: Any, desc: str = "", **_: Any) -> Any:
         return track(items, description="dequantizing the GGUF model (once)", transient=True,
-                     disable=not sys.stderr.isatty(), console=Console(stderr=True))
+                     disable=not (enabled and sys.stderr.isatty()), console=Console(stderr=True))
 
     own = gguf_utils.tqdm
     gguf_utils.tqdm = bar
@@ -39,11 +40,12 @@ def _rich_gguf_bar() -> Iterator[None]:
         gguf_utils.tqdm = own
 
 
-def dequantize_gguf(gguf_path: Path, out_dir: Path) -> Path:
+def dequantize_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Path:
     """Dequantize a GGUF checkpoint into a bf16 safetensors folder (config, tokenizer, weights) at ``out_dir``.
 
     Written to a temporary folder beside ``out_dir`` and renamed at the end, so ``out_dir`` is either absent
-    or complete. If another process finished first, its folder is kept and ours is discarded.
+    or complete. If another process finished first, its folder is kept and ours is discarded. ``progress``: a bar
+    on the terminal while it reads the file (off: none).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -63,7 +65,7 @@ def dequantize_gguf(gguf_path: Path, out_dir: Path) -> Path:
         config.dtype = torch.bfloat16
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-        with _rich_gguf_bar():
+        with _rich_gguf_bar(progress):
             parsed = load_gguf_checkpoint(
                 str(gguf_path), return_tensors=True, model_to_load=skeleton, torch_dtype=torch.bfloat16
             )

@@ -53,16 +53,17 @@ def _resolve_hub_id(repo_id: str) -> Path:
     return path
 
 
-def resolve_model(name: str | os.PathLike[str]) -> Path:
+def resolve_model(name: str | os.PathLike[str], *, progress: bool = True) -> Path:
     """Return a local folder with config, tokenizer and safetensors weights for ``name``.
 
     ``name`` is an alias (``smollm2-135m``), a local folder, a ``.gguf`` file, or a Hugging Face id.
-    Raises PluribusError naming what is missing and how to fix it.
+    Raises PluribusError naming what is missing and how to fix it. ``progress``: the bar of a first dequantization
+    (off: none, ``--no-progress``).
     """
     ref = ModelRef.parse(name)
     if ref.form == "alias":
         gguf = find_alias_file(ref.text)
-        return dequantize_gguf(gguf, cache_dir() / "models" / f"{ref.text}-{_file_key(gguf)}")
+        return dequantize_gguf(gguf, cache_dir() / "models" / f"{ref.text}-{_file_key(gguf)}", progress=progress)
     if ref.form == "hub":
         return _resolve_hub_id(ref.text)
     path = ref.path
@@ -74,7 +75,7 @@ def resolve_model(name: str | os.PathLike[str]) -> Path:
         _check_safetensors(path, "model folder")
         return path
     if ref.form == "gguf":
-        return dequantize_gguf(path, cache_dir() / "models" / f"{path.stem}-{_file_key(path)}")
+        return dequantize_gguf(path, cache_dir() / "models" / f"{path.stem}-{_file_key(path)}", progress=progress)
     if ref.form == "file":
         raise PluribusError(f"'{path}' is a file but not a .gguf model; pass a model folder, a .gguf file or an alias")
     if path.suffix == ".gguf":

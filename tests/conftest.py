@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,27 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
 def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
     """A 2-layer random Qwen2 (hidden 64) with SmolLM2's tokenizer and chat template, saved as safetensors."""
     return _tiny("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), smollm2_dir)
+
+
+class _Terminal(io.StringIO):
+    """A stream that says it is a terminal: where pluribus's transient bars (merge, GGUF) are drawn."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture()
+def terminal_stderr(monkeypatch: pytest.MonkeyPatch) -> Callable[[], _Terminal]:
+    """Call it in the test's body (pytest's capture resets sys.stderr after a fixture's setup): sys.stderr is a
+    terminal for the rest of the test, where a live rich bar draws; read what it shows with getvalue()."""
+    import sys
+
+    def install() -> _Terminal:
+        monkeypatch.setenv("TERM", "xterm")  # rich draws no live bar on a dumb terminal
+        for name in ("TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR", "NO_COLOR"):
+            monkeypatch.delenv(name, raising=False)
+        screen = _Terminal()
+        monkeypatch.setattr(sys, "stderr", screen)
+        return screen
+
+    return install

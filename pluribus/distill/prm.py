@@ -237,9 +237,10 @@ def recorded_step_format(adapter: str | Path) -> StepFormat:
     return fmt
 
 
-def load_prm(adapter: str | Path, *, trust_remote_code: bool = False, device: Any = None) -> PRM:
+def load_prm(adapter: str | Path, *, trust_remote_code: bool = False, device: Any = None, progress: bool = True) -> PRM:
     """Load a trained PRM (base from the adapter's config + the LoRA and score head) and its step format, on
-    ``device`` (a setting or a torch.device, through ``pluribus.device``; None: auto), in bf16 where it computes it."""
+    ``device`` (a setting or a torch.device, through ``pluribus.device``; None: auto), in bf16 where it computes it;
+    ``progress``: the bar of a first dequantization of a GGUF base."""
     from peft import PeftModel
 
     from pluribus.adapter import check_adapter
@@ -254,7 +255,7 @@ def load_prm(adapter: str | Path, *, trust_remote_code: bool = False, device: An
                             "train one that way")
     fmt = recorded_step_format(adapter)
     base = cfg.get("base_model_name_or_path") or ""
-    base_folder = resolve_model(base)
+    base_folder = resolve_model(base, progress=progress)
     has_tokenizer = (Path(adapter) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(Path(adapter) if has_tokenizer else base_folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
@@ -457,7 +458,7 @@ def train_prm(
     # 2. the student as a one-logit token classifier, LoRA + a trainable head (PEFT TOKEN_CLS saves `score`)
     device = devices.training_device(recipe.device, processes=distributed.world_size())
     model, tokenizer = load_student(cfg, head="token-cls", trust_remote_code=recipe.trust_remote_code, seed=recipe.seed,
-                                    device=device)
+                                    device=device, progress=progress)
     model = attach_lora(model, cfg, "TOKEN_CLS")
     kernels = patch_kernels(model, cfg.kernels)
 

@@ -555,14 +555,15 @@ def train_rl(
 
     # 2. the policy (LoRA, optionally continuing an SFT adapter), for the device the Trainer places it on
     device = devices.training_device(recipe.device, processes=distributed.world_size())
-    model, tokenizer = load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed, device=device)
+    model, tokenizer = load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed, device=device,
+                                    progress=progress)
     model = attach_lora(model, cfg, "CAUSAL_LM")
     kernels = patch_kernels(model, cfg.kernels)
     args = training_arguments(cfg, output.checkpoints_dir(out), seed=recipe.seed, has_eval=False, device=device,
                               per_device_train_batch_size=s.prompts_per_step)
     # the PRM (its own base + adapter) scores every sample beside the policy: on the Trainer's device (this
     # process's GPU under several) unless train.rl.prm_device names another
-    prm = load_prm(prm_path, trust_remote_code=recipe.trust_remote_code,
+    prm = load_prm(prm_path, trust_remote_code=recipe.trust_remote_code, progress=progress,
                    device=devices.resolve(s.prm_device) if s.prm_device else args.device)
     reference_weights, kl_reference = _kl_reference(model, cfg)
 

@@ -230,7 +230,8 @@ def train_sft(
     # 2. the student with LoRA (QLoRA when quantized), fused kernels, varlen attention for packed rows, for the
     # device the Trainer places it on (the recipe's device: pluribus.device)
     device = training_device(recipe.device, processes=distributed.world_size())
-    model, tokenizer = load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed, device=device)
+    model, tokenizer = load_student(cfg, trust_remote_code=recipe.trust_remote_code, seed=recipe.seed, device=device,
+                                    progress=progress)
     model = attach_lora(model, cfg, "CAUSAL_LM")
     kernels = patch_kernels(model, cfg.kernels)
     attention = use_varlen_attention(model) if cfg.packing else "sdpa"

@@ -13,6 +13,7 @@ from pluribus.errors import PluribusError
 
 def load_student(
     cfg: TrainConfig, *, head: str = "causal", trust_remote_code: bool = False, seed: int = 0, device: Any = None,
+    progress: bool = True,
 ) -> tuple[Any, Any]:
     """Load the student (``head`` causal or token-cls with one logit) in bf16, or 4-bit NF4 for QLoRA.
 
@@ -23,7 +24,8 @@ def load_student(
 
     The tokenizer gets a pad token (eos) when it has none and pads on the right (training). The global RNG is
     seeded with ``seed`` first: the new score head and the LoRA A matrices are drawn from it, so one recipe
-    gives one initial adapter whatever ran before in the process (the Trainer seeds only later).
+    gives one initial adapter whatever ran before in the process (the Trainer seeds only later). ``progress``: the
+    bar of a first dequantization of a GGUF model (``pluribus.models.resolve_model``).
     """
     import os
 
@@ -38,7 +40,7 @@ def load_student(
     device = devices.resolve(device) if device is None or isinstance(device, str) else device
     if device.type == "cuda" and device.index is None:  # where the Trainer trains this process: its rank's GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    folder = resolve_model(cfg.model)
+    folder = resolve_model(cfg.model, progress=progress)
     kwargs = _load_kwargs(cfg, device, trust_remote_code)
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:

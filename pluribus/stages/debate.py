@@ -205,9 +205,10 @@ def load_verifier(recipe: Recipe) -> Any:
     return PRMScorer(verifier_path(recipe), trust_remote_code=recipe.trust_remote_code, device=recipe.device)
 
 
-def check_team_models(team: TeamConfig) -> None:
-    """Fail before anything is written: every local model resolves (readable weights, a tokenizer), every
-    adapter is sound and made for its agent's model, every server setting exists."""
+def check_team_models(team: TeamConfig, *, progress: bool = True) -> None:
+    """Fail before anything is written: every local model resolves (readable weights, a tokenizer; a GGUF is
+    dequantized here, with a bar unless ``progress`` is off), every adapter is sound and made for its agent's
+    model, every server setting exists."""
     import os
 
     from pluribus.adapter import check_adapter
@@ -215,7 +216,7 @@ def check_team_models(team: TeamConfig) -> None:
 
     for agent in [*team.agents, *([team.judge] if team.judge else [])]:
         if agent.backend in ("transformers", "vllm"):
-            folder = resolve_model(agent.model)
+            folder = resolve_model(agent.model, progress=progress)
             require_tokenizer_files(folder)
             if agent.adapter:
                 check_adapter(agent.adapter, folder)
@@ -293,7 +294,7 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
     seat_prints = fingerprints(dict(seats)) if seats else None
     team_cfg = recipe.require("team")
     backends, too_long = _check_before_files(recipe, problems, backends, fresh=fresh, holder=holder,
-                                             verifier=verifier)
+                                             verifier=verifier, progress=progress)
     with _open_store(recipe, weights, seat_prints, new_run=new_run) as store:
         write_recipe(recipe)  # only now: a config the store refused must not replace the run's recipe
         done = store.done_ids()
@@ -342,14 +343,14 @@ def _debate_into_store(recipe: Recipe, problems: Sequence[Problem], backends: Ma
 
 
 def _check_before_files(recipe: Recipe, problems: Sequence[Problem], backends: Mapping[tuple, Backend] | None, *,
-                        fresh: bool, holder: dict[str, Any], verifier: Any) -> tuple[Mapping[tuple, Backend] | None,
-                                                                                   dict[str, str] | None]:
+                        fresh: bool, holder: dict[str, Any], verifier: Any, progress: bool = True
+                        ) -> tuple[Mapping[tuple, Backend] | None, dict[str, str] | None]:
     """What a run checks before its first file: the team's models (a new run loads them, left in ``holder``),
     and a new run's round-0 prompts against the contexts; returns (the backends, the problems too long, by id:
     None where not checked yet)."""
     team_cfg = recipe.require("team")
     if backends is None:
-        check_team_models(team_cfg)
+        check_team_models(team_cfg, progress=progress)
         if fresh:
             # a new run loads its models before its first file, so a broken checkpoint leaves no run folder
             backends = holder["backends"] = make_backends(team_cfg, trust_remote_code=recipe.trust_remote_code,

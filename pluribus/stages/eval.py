@@ -259,7 +259,7 @@ def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) ->
     cfg = recipe.eval or EvalConfig()
     plans = [*plan_systems(recipe), *generation_plans(recipe)]
     for p in plans:  # every system's models and adapter, before the first system writes anything
-        check_team_models(p.team)
+        check_team_models(p.team, progress=progress)
     tasks = []
     with_team = {t.name for t in cfg.tasks if t.team}
     pool = EnginePool(plans, trust_remote_code=recipe.trust_remote_code)

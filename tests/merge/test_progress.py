@@ -3,32 +3,18 @@ steps and `pluribus merge` pass it)."""
 
 from __future__ import annotations
 
-import io
-import sys
-
 import pytest
 
 from pluribus.config import load_recipe
 from pluribus.stages import merge
 
 
-class _Terminal(io.StringIO):
-    """stderr as a terminal: the only place the merge's (transient) bar is drawn."""
-
-    def isatty(self) -> bool:
-        return True
-
-
 @pytest.mark.parametrize("progress", [True, False])
-def test_the_merge_steps_bar_follows_progress(make_adapter, tmp_path, monkeypatch, progress):
-    monkeypatch.setenv("TERM", "xterm")  # rich draws no live bar on a dumb terminal
-    for name in ("TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR", "NO_COLOR"):
-        monkeypatch.delenv(name, raising=False)
-    screen = _Terminal()
-    monkeypatch.setattr(sys, "stderr", screen)
+def test_the_merge_steps_bar_follows_progress(make_adapter, tmp_path, terminal_stderr, progress):
     inputs = ", ".join(f"{{path: '{make_adapter(2, 4, ['q_proj'], seed=s)}'}}" for s in (1, 2))
     recipe = load_recipe(None, [f"root={tmp_path}", "name=m", f"merge.spec={{method: linear, inputs: [{inputs}]}}"])
     (step,) = merge.plan(recipe)  # the merge step of `pluribus run` (--no-progress: progress False)
+    screen = terminal_stderr()
     step.run(progress, False)
     assert (recipe.layout.merged("merged") / "adapter_model.safetensors").is_file()
     assert ("merging modules" in screen.getvalue()) is progress, screen.getvalue()
