@@ -247,3 +247,28 @@ def test_member_sc_samples_the_members_weights_at_the_teams_budget_and_prm_bon_r
     assert f"member-sc: the team's seat `c` (model `{tiny_llama_dir}`, adapter `{c}`; chosen by highest" in report
     assert "member-prm-bon: on each problem, the very samples member-sc voted over" in report
     assert "The team against its strongest member and the base agent" in report and "| team | member-sc:" in report
+
+
+def test_the_teams_comparisons_include_member_sc_and_member_prm_bon_where_they_ran() -> None:
+    from pluribus.eval.generations import GenerationSystems, answer
+    from pluribus.eval.report import generations_section
+    from pluribus.eval.stats import mcnemar_exact
+
+    def right(*ids: int) -> dict[str, bool]:
+        return {f"p{i}": i in ids for i in range(8)}
+
+    outcomes = {"single-greedy": right(0), "team": right(0, 1, 2, 3, 4), "sc": right(0, 1),
+                "member-sc": right(0, 5, 6), "member-prm-bon": right(1, 2, 3, 4, 5)}
+    main = {"systems": {k: {"accuracy": sum(v.values()) / 8} for k, v in outcomes.items()}, "outcomes": outcomes}
+    roles = [GenerationSystems(1, "team", ("single-greedy",), "sc", (), None, member_sc="member-sc",
+                               member_verifier="member-prm-bon")]
+    [g] = answer(roles, main)["generations"]
+    rows = {c["against"]: c for c in g["team_comparisons"]}
+    assert list(rows) == ["best member", "sc", "member sc", "member verifier"]
+    # team 5 of 8 against member-sc 3 of 8: the team alone on 1, 2, 3, 4, member-sc alone on 5, 6
+    assert (rows["member sc"]["wins"], rows["member sc"]["losses"]) == (4, 2)
+    assert rows["member sc"]["p_value"] == mcnemar_exact(4, 2)
+    assert (rows["member verifier"]["wins"], rows["member verifier"]["losses"]) == (1, 1)
+    assert g["accuracy"]["member-sc"] == 3 / 8
+    text = "\n".join(generations_section({"generations": [g]}))
+    assert f"| team | member sc: member-sc | 8 | 62.5% | 37.5% | +25.0% | 4 | 2 | {mcnemar_exact(4, 2):.3g} |" in text
