@@ -47,10 +47,12 @@ def debate_round0(records: list[dict[str, Any]], target: str) -> list[dict[str, 
     from pluribus.data.answers import is_equivalent
     from pluribus.eval.scoring import seat_rounds
 
+    def agrees(turn: dict[str, Any], final: str | None) -> bool:
+        return turn["answer"] is not None and final is not None and bool(is_equivalent(turn["answer"], final))
+
     if target == "consensus":
-        records = [{**r, "rounds": [[{**t, "correct": bool(t["answer"] is not None and r["final_answer"] is not None
-                                                         and is_equivalent(t["answer"], r["final_answer"]))}
-                                     for t in rnd] for rnd in r["rounds"]]} for r in records]
+        records = [{**r, "rounds": [[{**t, "correct": agrees(t, r["final_answer"])} for t in rnd]
+                                    for rnd in r["rounds"]]} for r in records]
     return seat_rounds(records)
 
 

@@ -337,8 +337,8 @@ def write_generations_plot(payload: dict[str, Any], out_dir: Path) -> Path:
 
 
 BASE = "single-greedy"  # the base agent: every comparison's baseline
-COLORS = {"single": "#4C72B0", "sc": "#8172B2", "member-sc": "#8172B2", "team": "#C44E52", "expert": "#55A868", "merged": "#DD8452",
-          "distilled": "#55A868"}
+COLORS = {"single": "#4C72B0", "sc": "#8172B2", "member-sc": "#8172B2", "team": "#C44E52", "expert": "#55A868",
+          "merged": "#DD8452", "distilled": "#55A868"}
 
 
 def _overlaps(box: Any, others: list[Any]) -> bool:

@@ -411,7 +411,7 @@ def _member_default(recipe: Recipe) -> bool:
 
 
 def _member_extra(plan: Plan) -> dict[str, Any]:
-    """What results.json says of the member a plan sampled: its seat, its weights, why it."""
+    """What results.json says of the member a plan sampled: its seat, its weights, why that seat."""
     m = plan.member
     return {"member": m.seat, "member_weights": m.weights(), "member_chosen_by": m.why} if m else {}
 
