@@ -252,8 +252,9 @@ def _task_results(run: TaskRun, plans: list[Plan], name: str, task: TaskConfig, 
         # would the team's strongest member, at the team's budget, do as well as the debate? (exact McNemar)
         from pluribus.eval.generations import team_against
 
-        out["team_versus"] = team_against("team", tuple((label, label) for label in (
-            "member-sc", "member-prm-bon", "sc", "prm-bon")), out["outcomes"])
+        out["team_versus"] = team_against("team", (("member, vote", "member-sc"), ("member, PRM", "member-prm-bon"),
+                                                   ("base agent, vote", "sc"), ("base agent, PRM", "prm-bon")),
+                                          out["outcomes"])
     if robust:
         out["robustness"] = robust
     return out
