@@ -173,14 +173,15 @@ def _comparison_lines(task: dict[str, Any]) -> list[str]:
 
 
 def _team_versus_lines(task: dict[str, Any]) -> list[str]:
-    """The team against its strongest member sampled at its budget (member-sc, member-prm-bon) and against the base
-    agent at that budget (sc, prm-bon), problem by problem (exact McNemar); only where member-sc ran."""
+    """The team (and team-prm) against its strongest member sampled at its budget (member-sc, member-prm-bon) and
+    against the base agent at that budget (sc, prm-bon), problem by problem (exact McNemar); where member-sc ran."""
     rows = task.get("team_versus")
     if not rows:
         return []
-    return ["", "The team against its strongest member and the base agent, each sampled at the team's token budget "
-            "(a majority vote, or the PRM's choice among the same samples), problem by problem (two-sided exact "
-            "McNemar test):", "", *_VERSUS_HEAD, *(_versus_row(c) for c in rows)]
+    return ["", "The team (its vote, and team-prm: the PRM's choice among its transcripts) against its strongest "
+            "member and the base agent, each sampled at the team's token budget (a majority vote, or the PRM's choice "
+            "among the same samples), problem by problem (two-sided exact McNemar test):", "", *_VERSUS_HEAD,
+            *(_versus_row(c) for c in rows)]
 
 
 def _gain_lines(task: dict[str, Any]) -> list[str]:

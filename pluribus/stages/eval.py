@@ -248,13 +248,15 @@ def _task_results(run: TaskRun, plans: list[Plan], name: str, task: TaskConfig, 
         out["early_stop"] = effect
     if "team" in records and max((len(r["rounds"]) for r in records["team"]), default=0) > 1:
         out["seats"] = seat_rounds(records["team"])
-    if "team" in records and "member-sc" in records:
-        # would the team's strongest member, at the team's budget, do as well as the debate? (exact McNemar)
+    if "member-sc" in records:
+        # would the team's strongest member, at the team's budget, do as well as the debate? (exact McNemar; the
+        # team as it votes and as the PRM re-chooses its transcripts, against each chooser of each sampled agent)
         from pluribus.eval.generations import team_against
 
-        out["team_versus"] = team_against("team", (("member, vote", "member-sc"), ("member, PRM", "member-prm-bon"),
-                                                   ("base agent, vote", "sc"), ("base agent, PRM", "prm-bon")),
-                                          out["outcomes"])
+        others = (("member, vote", "member-sc"), ("member, PRM", "member-prm-bon"), ("base agent, vote", "sc"),
+                  ("base agent, PRM", "prm-bon"))
+        out["team_versus"] = [row for team in ("team", "team-prm")
+                              for row in team_against(team, others, out["outcomes"])]
     if robust:
         out["robustness"] = robust
     return out
