@@ -125,15 +125,26 @@ def test_two_generations_the_second_team_seating_the_first_ones_experts(tmp_path
 
     payload = json.loads((run / "eval" / "results.json").read_text())
     main = payload["tasks"][0]
+    # generation 1's team is two copies of the base model: no member-sc; generation 2's seats two experts: it has one
     assert list(main["systems"]) == ["single-greedy", "sc", "team", "rsft-greedy", "self-rsft-greedy", "ta-greedy",
-                                     "gen2/sc", "gen2/team", "gen2/rsft-greedy", "gen2/self-rsft-greedy",
-                                     "gen2/ta-greedy"]
+                                     "gen2/sc", "gen2/team", "gen2/member-sc", "gen2/rsft-greedy",
+                                     "gen2/self-rsft-greedy", "gen2/ta-greedy"]
+    # its member: the seat most often agreeing with the team in round 0 of generation 2's debate (target consensus)
+    from pluribus.eval.members import debate_round0
+
+    seats = debate_round0(team, "consensus")
+    best = max(range(2), key=lambda i: (seats[i]["round0_accuracy"], -i))
+    member = main["systems"]["gen2/member-sc"]
+    assert member["member"] == f"agent{best}" and member["member_weights"]["adapter"] == str(
+        [run / "adapters" / "rsft", run / "merged" / "ta"][best])
+    assert member["member_chosen_by"] == (f"highest round-0 accuracy in the debate, {seats[best]['round0_accuracy']:.1%}"
+                                          f" on {len(team)} training problems")
     assert main["systems"]["gen2/team"]["problems"] == 2 and main["systems"]["gen2/rsft-greedy"]["problems"] == 3
     assert "outcomes" not in main
     g1, g2 = payload["generations"]["generations"]
     assert g2["members"] == ["rsft-greedy", "ta-greedy"] and g2["self_baseline"] == "gen2/self-rsft-greedy"
     assert g1["not_evaluated"] == g2["not_evaluated"] == []  # every seat and baseline was evaluated alone
-    assert {c["against"] for c in g2["team_comparisons"]} == {"best member", "sc"}
+    assert {c["against"] for c in g2["team_comparisons"]} == {"best member", "sc", "member sc"}
     for c in g1["student_comparisons"] + g2["student_comparisons"]:
         assert c["p_value"] == mcnemar_exact(c["wins"], c["losses"])
     assert {(c["system"], c["against"]) for c in g2["student_comparisons"]} == {

@@ -24,7 +24,8 @@ class EvalTask(TaskConfig):
     _name_is_a_folder = field_validator("name")(_folder_name)
 
 
-SYSTEMS = ("single", "sc", "prm-bon", "team", "team-prm", "experts", "merged", "distilled")
+SYSTEMS = ("single", "sc", "prm-bon", "member-sc", "member-prm-bon", "team", "team-prm", "experts", "merged",
+           "distilled")
 
 
 class EvalConfig(Section):
@@ -35,7 +36,9 @@ class EvalConfig(Section):
     systems: list[str] | None = Field(
         None, description="single: the team's first agent's model alone (N=1, R=1); sc: that model sampled until it "
         "has spent the team's tokens on each problem, majority vote; prm-bon: sc's very samples, the one the verifier "
-        "(eval.verifier) scores highest; team: the recipe's team; team-prm: the team's own last round, the solution "
+        "(eval.verifier) scores highest; member-sc, member-prm-bon: the same two with the team's strongest member "
+        "(eval.member) in place of the single agent, by default when the team seats two different weights; "
+        "team: the recipe's team; team-prm: the team's own last round, the solution "
         "the verifier scores highest (no new generation); experts: every "
         "trained expert but PRMs (or name experts one by one); merged: every merge of the merge section; "
         "distilled: the adapter in eval.adapter. None: every system the recipe has the sections for.",
@@ -49,6 +52,11 @@ class EvalConfig(Section):
         "the team's last round: a PRM expert of "
         "the run by name or a PRM adapter folder. None: team.verifier, else the train section's PRM expert when it "
         "has exactly one. Step scores become one score by team.verifier_aggregate.")
+    member: str | None = Field(
+        None, description="member-sc, member-prm-bon: the team seat (an agent's name) whose weights are sampled at "
+        "the team's budget. None: the seat with the highest round-0 accuracy in the run's debate (its training "
+        "problems, against the debate's target; ties: the first seat). Setting it adds member-sc (and member-prm-bon, "
+        "with a PRM) to the default systems, also for a team of copies of one model.")
     sc_n: int | None = Field(
         None, ge=1, description="Run sc on the first sc_n of the team's problems only (it draws many samples "
         "per problem); None: all of the team's. The report says how many.")

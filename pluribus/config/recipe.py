@@ -88,10 +88,11 @@ class Recipe(Section):
                 raise ValueError(f"merge '{m.name}' names the process reward model(s) {[e for e in m.experts or [] if e in prms]}, "
                                  "whose score head is no policy; merge the experts that answer")
         clash = sorted(set(experts) & set(merges))
-        reserved = sorted(n for n in [*experts, *merges] if n in ("sc", "team", "prm-bon", "team-prm") or n.startswith("single"))
+        builtin = ("sc", "team", "prm-bon", "team-prm", "member-sc", "member-prm-bon")
+        reserved = sorted(n for n in [*experts, *merges] if n in builtin or n.startswith("single"))
         if clash or reserved:
             raise ValueError(f"names {clash or reserved} are used twice in eval's systems (an expert and a merge, "
-                             "or a built-in system: single, sc, prm-bon, team, team-prm); rename them")
+                             f"or a built-in system: single, {', '.join(builtin)}); rename them")
         for where, name in (("team.verifier", self.team.verifier if self.team else None),
                             ("eval.verifier", self.eval.verifier if self.eval else None)):
             if name in experts and name not in prms:
@@ -103,6 +104,21 @@ class Recipe(Section):
             if unknown:
                 raise ValueError(f"eval.systems {unknown} are not systems; use {', '.join(SYSTEMS)}, an expert "
                                  f"({', '.join(experts) or 'none'}) or a merge ({', '.join(merges) or 'none'})")
+        return self
+
+    @model_validator(mode="after")
+    def _member_is_a_seat(self) -> Recipe:
+        member = self.eval.member if self.eval is not None else None
+        if member is None:
+            return self
+        seats = self.team.seat_names() if self.team is not None else []
+        if member not in seats:
+            raise ValueError(f"eval.member '{member}' is not a seat of the team; use one of: "
+                             f"{', '.join(seats) or 'none (the recipe has no team section)'}")
+        asked = self.eval.systems
+        if asked is not None and not {"member-sc", "member-prm-bon"} & set(asked):
+            raise ValueError("eval.member chooses member-sc's seat, and eval.systems has no member-sc; add it, or "
+                             "remove eval.member")
         return self
 
     @model_validator(mode="after")

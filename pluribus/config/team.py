@@ -51,6 +51,10 @@ class TeamConfig(Section):
         "round: error (refuse, naming it and the numbers) or skip (leave it out, counted and named in the summary). "
         "Prompts are never cut.")
 
+    def seat_names(self) -> list[str]:
+        """The agents' names as the debate records them (``agent<i>`` for an unnamed one)."""
+        return [a.name or f"agent{i}" for i, a in enumerate(self.agents)]
+
     @model_validator(mode="after")
     def _verifier_with_prm_aggregation(self) -> TeamConfig:
         if self.aggregation.startswith("prm_") and not self.verifier:

@@ -28,6 +28,9 @@ class GenerationSystems:
     self_baseline: str | None  # its self-distillation student (the single-agent baseline of this generation)
     # PRM best-of-N at the team's budget (the same draws as sc, another chooser) goes here beside sc
     verifier: str | None = None
+    # the team's strongest member sampled at its budget (member-sc), and the PRM's choice among those draws
+    member_sc: str | None = None
+    member_verifier: str | None = None
 
 
 def versus(system: str, other: str, outcomes: dict[str, dict[str, bool]]) -> dict[str, Any] | None:
@@ -52,6 +55,17 @@ def best_member(team: str, members: tuple[str, ...], outcomes: dict[str, dict[st
     return max(scored)[2] if scored else None
 
 
+def team_against(team: str, others: tuple[tuple[str, str | None], ...],
+                 outcomes: dict[str, dict[str, bool]]) -> list[dict[str, Any]]:
+    """``team`` against each (role, label) of ``others`` that was evaluated (``versus``), the role in "against"."""
+    rows = []
+    for role, other in others:
+        row = versus(team, other, outcomes) if other else None
+        if row is not None:
+            rows.append({"against": role, **row})
+    return rows
+
+
 def answer(roles: list[GenerationSystems], main: dict[str, Any]) -> dict[str, Any]:
     """Per generation: accuracy of each system, the team's comparisons (best member, sc, verifier) and each
     student's (base, self baseline). ``main`` is the eval stage's scored main task (``systems``, ``outcomes``)."""
@@ -62,17 +76,17 @@ def answer(roles: list[GenerationSystems], main: dict[str, Any]) -> dict[str, An
         team: list[dict[str, Any]] = []
         if r.team is not None:
             member = best_member(r.team, r.members, outcomes)
-            for role, other in (("best member", member), ("sc", r.sc), ("verifier", r.verifier)):
-                row = versus(r.team, other, outcomes) if other else None
-                if row is not None:
-                    team.append({"against": role, **row})
+            team = team_against(r.team, (("best member", member), ("sc", r.sc), ("verifier", r.verifier),
+                                         ("member sc", r.member_sc), ("member verifier", r.member_verifier)),
+                                outcomes)
         students = []
         for s in r.students:
             for role, other in (("base", BASE), ("self baseline", r.self_baseline)):
                 row = versus(s, other, outcomes) if other and other != s else None
                 if row is not None:
                     students.append({"against": role, **row})
-        labels = [x for x in (r.team, r.sc, r.verifier, *r.students) if x and x in systems]
+        labels = [x for x in (r.team, r.sc, r.verifier, r.member_sc, r.member_verifier, *r.students)
+                  if x and x in systems]
         # a seat or baseline eval did not run (eval.systems): no comparison with it, and the report says so
         missing = [x for x in (*r.members, r.self_baseline) if x and x not in outcomes]
         out.append({**asdict(r), "accuracy": {x: systems[x]["accuracy"] for x in labels}, "not_evaluated": missing,

@@ -15,6 +15,7 @@ from typing import Any
 from pluribus.adapter import read_adapter_config
 from pluribus.config import EvalConfig, Recipe, TeamConfig
 from pluribus.errors import PluribusError
+from pluribus.eval.members import Member
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Plan:
     seats: dict[str, Path] = field(default_factory=dict)  # a team of experts: its seats' folders (pluribus.seats)
     generation: int = 1  # pluribus.generations; generation g >= 2's labels start with gen<g>/
     verifier: str | None = None  # the PRM folder of prm-bon, or of a team that aggregates with one
+    member: Member | None = None  # member-sc's and member-prm-bon's seat (pluribus.eval.members)
 
     @property
     def prefix(self) -> str:

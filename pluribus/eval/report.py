@@ -7,6 +7,10 @@ from typing import Any
 
 from pluribus.io import atomic_write_bytes, atomic_write_text
 
+# a table of paired comparisons (the team's, the students'): one system against another on shared problems
+_VERSUS_HEAD = ["| system | against | problems | accuracy | theirs | difference | solved only by the system "
+                "| solved only by the other | p |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
 
 def _system_table(task: dict[str, Any]) -> list[str]:
     lines = [
@@ -31,7 +35,8 @@ def _verifier_lines(name: str, bon: dict[str, Any]) -> list[str]:
     """prm-bon against sc (team-prm against the team) on the same solutions, and the PRM's own quality as its
     training record gives it."""
     agree, vote = bon["vs_vote"], bon["vote"]
-    among = "the very samples sc voted over" if vote == "sc" else "the team's own last round (its transcripts)"
+    among = (f"the very samples {vote} voted over" if vote in ("sc", "member-sc") else
+             "the team's own last round (its transcripts)")
     lines = [f"{name}: on each problem, {among}, and the answer of the solution the PRM `{bon['verifier']}` "
              f"scores highest (its step scores aggregated by {bon['verifier_aggregate']}) instead of {vote}'s majority; "
              f"the same tokens as {vote} (the PRM's reading costs no generation). Prompt and step rule: "
@@ -74,7 +79,8 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
     """One task's section: what was asked, the table, the notes, the verifier, the comparisons, the team's gain,
     the seats and early stopping."""
     lines = [f"## {heading}", "", _asked_line(task), "", *_system_table(task)]
-    lines += _system_notes(task) + _verifier_section(task) + _comparison_lines(task) + _gain_lines(task)
+    lines += _system_notes(task) + _verifier_section(task) + _comparison_lines(task) + _team_versus_lines(task)
+    lines += _gain_lines(task)
     if task.get("seats"):
         lines += ["", *_seat_lines(task["seats"])]
     return lines + _early_stop_lines(task)
@@ -93,8 +99,9 @@ def _asked_line(task: dict[str, Any]) -> str:
                   f"skipped): {said}. Each accuracy is over the problems its system answered (the problems column), "
                   "each comparison over the problems both answered.")
     else:
+        sampled = [x for x in ("sc", "member-sc") if x in task["systems"]]
         asked += "; every system answered all of them" + (
-            " (sc: those the team answered, at most eval.sc_n; its problems column)." if "sc" in task["systems"]
+            f" ({', '.join(sampled)}: those the team answered, at most eval.sc_n; its problems column)." if sampled
             else ".")
     return asked
 
@@ -121,17 +128,30 @@ def _system_notes(task: dict[str, Any]) -> list[str]:
         lines += ["", f"sc: {sc['samples_drawn']} samples drawn per problem, {sc['mean_samples_used']:.1f} used on "
                   f"average to spend the team's tokens on that problem (reached on {sc['budget_reached']:.0%} of "
                   "problems), then a majority vote."]
+    for name, r in task["systems"].items():
+        if r["system"] == "member-sc":
+            lines += ["", _member_line(name, r)]
     return lines
+
+
+def _member_line(name: str, r: dict[str, Any]) -> str:
+    """Which seat member-sc sampled, with which weights, why, and how its samples met the team's budget."""
+    w = r["member_weights"]
+    weights = f"model `{w['model']}`" + (f", adapter `{w['adapter']}`" if w.get("adapter") else "")
+    return (f"{name}: the team's seat `{r['member']}` ({weights}; chosen by {r['member_chosen_by']}) alone, as sc "
+            f"samples the base agent: {r['samples_drawn']} samples drawn per problem, {r['mean_samples_used']:.1f} "
+            f"used on average to spend the team's tokens on that problem (reached on {r['budget_reached']:.0%} of "
+            "problems), then a majority vote.")
 
 
 def _verifier_section(task: dict[str, Any]) -> list[str]:
     """prm-bon's and team-prm's choices, and each PRM's quality once."""
     lines: list[str] = []
     shown: set[str] = set()
-    for name in ("prm-bon", "team-prm"):
+    for name in ("prm-bon", "member-prm-bon", "team-prm"):
         if task["systems"].get(name):
             lines += ["", *_verifier_lines(name, task["systems"][name])]
-    for name in ("prm-bon", "team-prm"):
+    for name in ("prm-bon", "member-prm-bon", "team-prm"):
         bon = task["systems"].get(name)
         if bon and bon["verifier"] not in shown:  # once per PRM
             shown.add(bon["verifier"])
@@ -150,6 +170,18 @@ def _comparison_lines(task: dict[str, Any]) -> list[str]:
             lines.append(f"| {c['system']} | {c['baseline']} | {c['problems']} | {c['wins']} | {c['losses']} "
                          f"| {c['p_value']:.3g} |")
     return lines
+
+
+def _team_versus_lines(task: dict[str, Any]) -> list[str]:
+    """The team (and team-prm) against its strongest member sampled at its budget (member-sc, member-prm-bon) and
+    against the base agent at that budget (sc, prm-bon), problem by problem (exact McNemar); where member-sc ran."""
+    rows = task.get("team_versus")
+    if not rows:
+        return []
+    return ["", "The team (its vote, and team-prm: the PRM's choice among its transcripts) against its strongest "
+            "member and the base agent, each sampled at the team's token budget (a majority vote, or the PRM's choice "
+            "among the same samples), problem by problem (two-sided exact McNemar test):", "", *_VERSUS_HEAD,
+            *(_versus_row(c) for c in rows)]
 
 
 def _gain_lines(task: dict[str, Any]) -> list[str]:
@@ -225,8 +257,7 @@ def _versus_row(c: dict[str, Any]) -> str:
 def generations_section(gens: dict[str, Any]) -> list[str]:
     """Per generation (pluribus.eval.generations): the team against its best member, sc at its budget (and PRM
     best-of-N where eval has it); each student against the base agent and the same generation's self baseline."""
-    head = ["| system | against | problems | accuracy | theirs | difference | solved only by the system "
-            "| solved only by the other | p |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = _VERSUS_HEAD
     base = gens.get("base_accuracy")
     lines = ["## Generations (debate, train, evolve)", "", "![accuracy per generation](generations.png)", "",
              "Every generation's systems on the same held-out problems; each comparison is paired on the problems "
@@ -307,8 +338,8 @@ def write_generations_plot(payload: dict[str, Any], out_dir: Path) -> Path:
 
 
 BASE = "single-greedy"  # the base agent: every comparison's baseline
-COLORS = {"single": "#4C72B0", "sc": "#8172B2", "team": "#C44E52", "expert": "#55A868", "merged": "#DD8452",
-          "distilled": "#55A868"}
+COLORS = {"single": "#4C72B0", "sc": "#8172B2", "member-sc": "#8172B2", "team": "#C44E52", "expert": "#55A868",
+          "merged": "#DD8452", "distilled": "#55A868"}
 
 
 def _overlaps(box: Any, others: list[Any]) -> bool:

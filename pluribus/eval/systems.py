@@ -8,6 +8,8 @@ A system is one small class registered by name (``@register_system("name")``), t
 - **team**: the recipe's team as it debates (a team of experts with its seats' weights);
 - **prm-bon** / **team-prm**: sc's very samples / the team's last round, the answer of the solution the run's PRM
   scores highest (no new generation: only the chooser differs);
+- **member-sc** / **member-prm-bon**: sc and prm-bon with the team's strongest member (pluribus.eval.members) in
+  place of the base agent: its own weights sampled at the team's budget; by default for a team of different weights;
 - **experts**: every trained expert but PRMs (or one by its name); **merged**: every merge (or one by its name);
 - **distilled**: the adapter named by ``eval.adapter``.
 
@@ -32,6 +34,7 @@ from typing import Any, ClassVar
 from pluribus.adapter import adapter_fingerprint
 from pluribus.config import EvalConfig, Recipe
 from pluribus.errors import PluribusError
+from pluribus.eval.members import choose_member, heterogeneous
 from pluribus.eval.planning import (
     Plan,
     PlanContext,
@@ -232,30 +235,17 @@ class SelfConsistency(System):
         return None  # it runs on the team's answered problems by design (the report says so)
 
     def run(self, plan: Plan, run: TaskRun, store: Store) -> Ran:
-        team = f"{plan.prefix}team"  # the same generation's team
-        if team not in run.records:
-            raise PluribusError("eval system 'sc' spends the team's tokens: add 'team' to eval.systems")
-        budget = {r["problem_id"]: tokens(r) for r in run.records[team]}
-        mine = [p for p in self.problems(run) if p.id in budget][: run.cfg.sc_n]  # a skipped problem has no budget
-        if not mine:
-            raise PluribusError("eval system 'sc' has no problem to run: the team answered none of them")
+        budget, mine = team_budget(plan, run)
         k = self._draws(plan, run, budget)
         folder = run.eval_dir / "sc" / f"k{k}"
         draws = run.answer(folder, sc_team(plan.team, k, run.cfg.temperature, run.recipe.seed), mine,
                            label=f"sc (k={k})")
-        voted, used = [], []
-        for r in draws:
-            v, u = budget_vote(r, budget[r["problem_id"]])
-            voted.append(v)
-            used.append(u)
-        reached = sum(tokens(v) >= budget[v["problem_id"]] for v in voted)
-        return Ran(voted, folder, {"samples_drawn": k, "mean_samples_used": sum(used) / max(1, len(used)),
-                                   "budget_reached": reached / max(1, len(voted))})
+        voted, extra = vote_at_budget(draws, budget)
+        return Ran(voted, folder, {"samples_drawn": k, **extra})
 
     @staticmethod
     def _draws(plan: Plan, run: TaskRun, budget: dict[str, int]) -> int:
-        """Enough draws to reach the team's budget on 9 problems of 10 (the report says on how many it did), from
-        single-greedy's tokens per answer (run here if it was not asked for), at most ``eval.sc_max_samples``."""
+        """``draws_for`` from single-greedy's tokens per answer (run here if it was not asked for)."""
         from pluribus.seats import base_team, source_of
 
         greedy = run.records.get("single-greedy")
@@ -264,10 +254,41 @@ class SelfConsistency(System):
                                  model=None, mode="greedy", cfg=run.cfg, name="single",
                                  prompt=plan.team.prompts["question"])
             greedy = run.answer(run.eval_dir / "single-greedy", single, run.problems, label="single-greedy")
-        per_sample = sum(tokens(r) for r in greedy) / max(1, len(greedy))
-        spent = sorted(budget.values())
-        q90 = spent[min(len(spent) - 1, math.ceil(0.9 * len(spent)) - 1)]
-        return max(1, min(run.cfg.sc_max_samples, math.ceil(1.1 * q90 / max(1.0, per_sample))))
+        return draws_for(sum(tokens(r) for r in greedy) / max(1, len(greedy)), budget, run.cfg)
+
+
+def team_budget(plan: Plan, run: TaskRun) -> tuple[dict[str, int], list[Any]]:
+    """sc's (and member-sc's) budget: the tokens the same generation's team spent on each problem it answered,
+    and the problems drawn for (the team's answered ones, the first ``eval.sc_n``)."""
+    team = f"{plan.prefix}team"  # the same generation's team
+    name = plan.system
+    if team not in run.records:
+        raise PluribusError(f"eval system '{name}' spends the team's tokens: add 'team' to eval.systems")
+    budget = {r["problem_id"]: tokens(r) for r in run.records[team]}
+    mine = [p for p in run.team_problems if p.id in budget][: run.cfg.sc_n]  # a skipped problem has no budget
+    if not mine:
+        raise PluribusError(f"eval system '{name}' has no problem to run: the team answered none of them")
+    return budget, mine
+
+
+def draws_for(per_sample: float, budget: dict[str, int], cfg: EvalConfig) -> int:
+    """Enough draws to reach the team's budget on 9 problems of 10 (the report says on how many it did), at
+    ``per_sample`` tokens an answer, at most ``eval.sc_max_samples``."""
+    spent = sorted(budget.values())
+    q90 = spent[min(len(spent) - 1, math.ceil(0.9 * len(spent)) - 1)]
+    return max(1, min(cfg.sc_max_samples, math.ceil(1.1 * q90 / max(1.0, per_sample))))
+
+
+def vote_at_budget(draws: Records, budget: dict[str, int]) -> tuple[Records, dict[str, Any]]:
+    """Each problem's draws voted at its budget (``budget_vote``), and how many samples that used on average and
+    on how many problems the budget was reached."""
+    voted, used = [], []
+    for r in draws:
+        v, u = budget_vote(r, budget[r["problem_id"]])
+        voted.append(v)
+        used.append(u)
+    reached = sum(tokens(v) >= budget[v["problem_id"]] for v in voted)
+    return voted, {"mean_samples_used": sum(used) / max(1, len(used)), "budget_reached": reached / max(1, len(voted))}
 
 
 @register_system("team")
@@ -365,6 +386,98 @@ class PRMBestOfN(System):
 
     def run(self, plan: Plan, run: TaskRun, store: Store) -> Ran:
         return choose_by_verifier(plan, f"{plan.prefix}sc", run, store)  # the same generation's sc
+
+
+def _member_plan(ctx: PlanContext, name: str, verifier: str | None = None) -> Plan:
+    """member-sc's (or member-prm-bon's) plan: the chosen seat's agent alone, sampled as sc samples the first agent
+    (the recipe's question prompt, no persona, eval.temperature, eval.device), on the seat's own weights."""
+    member = choose_member(ctx.recipe, ctx.seated, check=ctx.check)
+    agent = member.agent
+    single = single_team(ctx.seated.model_copy(update={"agents": [agent]}), adapter=agent.adapter, model=agent.model,
+                         mode="sampled", cfg=ctx.cfg, name=name, prompt=ctx.prompt)
+    return Plan(name, name, "sampled", single, adapter=agent.adapter if verifier is None else None, verifier=verifier,
+                member=member)
+
+
+def _member_default(recipe: Recipe) -> bool:
+    """member-sc runs by default when the team debates and seats two different weights (a team of copies: its
+    member-sc would be sc up to a persona), or when eval.member names its seat."""
+    from pluribus.seats import seated, source_of
+
+    if not _debates(recipe):
+        return False
+    return bool(recipe.eval is not None and recipe.eval.member) or heterogeneous(
+        seated(recipe.require("team"), source_of(recipe), check=False)[0])
+
+
+def _member_extra(plan: Plan) -> dict[str, Any]:
+    """What results.json says of the member a plan sampled: its seat, its weights, why that seat."""
+    m = plan.member
+    return {"member": m.seat, "member_weights": m.weights(), "member_chosen_by": m.why} if m else {}
+
+
+@register_system("member-sc")
+class MemberSelfConsistency(System):
+    """sc with the team's strongest member in place of the base agent (pluribus.eval.members): its weights sampled
+    until they spent the team's tokens on each problem, then the same budget vote. Would the best expert alone, at
+    the team's budget, do as well as the debate?"""
+
+    order = 2  # after the team, whose tokens are the budget
+    on_team_problems = True
+    perturbed = False
+
+    def default(self, recipe: Recipe) -> bool:
+        return _member_default(recipe)
+
+    def plan(self, ctx: PlanContext, name: str) -> list[Plan]:
+        return [_member_plan(ctx, "member-sc")]
+
+    def store(self, plan: Plan, eval_dir: Path) -> Store:
+        model = plan.team.agents[0].model
+        if plan.adapter or not Path(model).is_dir():
+            return super().store(plan, eval_dir)
+        fingerprint = adapter_fingerprint(model)  # a full merged model: named by its weights, as merged's
+        return Store(eval_dir / plan.label / fingerprint, fingerprint, fingerprint)
+
+    def asked(self, run: TaskRun) -> set[str] | None:
+        return None  # sc's problems: the team's answered ones, at most eval.sc_n
+
+    def run(self, plan: Plan, run: TaskRun, store: Store) -> Ran:
+        budget, mine = team_budget(plan, run)
+        seat = plan.member.index if plan.member else 0
+        # the member's own tokens per answer: its round-0 turns in the same generation's team transcripts
+        turns = [r["rounds"][0][seat] for r in run.records[f"{plan.prefix}team"]]
+        k = draws_for(sum(t["tokens_in"] + t["tokens_out"] for t in turns) / max(1, len(turns)), budget, run.cfg)
+        folder = store.folder / f"k{k}"
+        draws = run.answer(folder, sc_team(plan.team, k, run.cfg.temperature, run.recipe.seed), mine,
+                           fingerprint=store.fingerprint, label=f"{plan.label} (k={k})")
+        voted, extra = vote_at_budget(draws, budget)
+        return Ran(voted, folder, {"samples_drawn": k, **extra, **_member_extra(plan)})
+
+
+@register_system("member-prm-bon")
+class MemberPRMBestOfN(System):
+    """member-sc's very samples (the ones its budget vote used), the answer of the one the PRM scores highest."""
+
+    on_team_problems = True
+    perturbed = False
+
+    def default(self, recipe: Recipe) -> bool:
+        return _member_default(recipe) and eval_verifier(recipe) is not None
+
+    def plan(self, ctx: PlanContext, name: str) -> list[Plan]:
+        verifier = _verifier(ctx, name)
+        if "member-sc" not in ctx.requested:
+            raise PluribusError("eval system 'member-prm-bon' chooses among member-sc's samples: add 'member-sc' to "
+                                "eval.systems")
+        return [_member_plan(ctx, "member-prm-bon", str(ctx.prm_folder(verifier)))]
+
+    def asked(self, run: TaskRun) -> set[str] | None:
+        return None  # member-sc's problems, as member-sc
+
+    def run(self, plan: Plan, run: TaskRun, store: Store) -> Ran:
+        ran = choose_by_verifier(plan, f"{plan.prefix}member-sc", run, store)  # the same generation's member-sc
+        return Ran(ran.records, ran.folder, {**ran.extra, **_member_extra(plan)})
 
 
 @register_system("team-prm")

@@ -67,6 +67,9 @@ def summary_of(recipe: Recipe, payload: dict[str, Any]) -> StageSummary:
                  if r.get("tokens_estimated")]
     if team_guessed and "sc" in payload["systems"]:
         warnings.append("sc: its token budget is the team's, whose counts are estimates: sc's budget is approximate")
+    if team_guessed and "member-sc" in payload["systems"]:
+        warnings.append("member-sc: its token budget is the team's, whose counts are estimates: its budget is "
+                        "approximate")
     where = ran_on({f"{system} {agent}" if len(parts) > 1 else system: w
                     for system, parts in (payload.get("ran_on") or {}).items() for agent, w in parts.items()})
     return StageSummary("eval", eval_dir / "results.json", line, COLUMNS, tuple(rows), tuple(warnings),
@@ -245,6 +248,15 @@ def _task_results(run: TaskRun, plans: list[Plan], name: str, task: TaskConfig, 
         out["early_stop"] = effect
     if "team" in records and max((len(r["rounds"]) for r in records["team"]), default=0) > 1:
         out["seats"] = seat_rounds(records["team"])
+    if "member-sc" in records:
+        # would the team's strongest member, at the team's budget, do as well as the debate? (exact McNemar; the
+        # team as it votes and as the PRM re-chooses its transcripts, against each chooser of each sampled agent)
+        from pluribus.eval.generations import team_against
+
+        others = (("member, vote", "member-sc"), ("member, PRM", "member-prm-bon"), ("base agent, vote", "sc"),
+                  ("base agent, PRM", "prm-bon"))
+        out["team_versus"] = [row for team in ("team", "team-prm")
+                              for row in team_against(team, others, out["outcomes"])]
     if robust:
         out["robustness"] = robust
     return out
@@ -380,6 +392,8 @@ def per_generation(recipe: Recipe, plans: list[Plan], main: dict[str, Any]) -> d
             generation=g, team=f"{own}team" if any(p.system == "team" for p in mine) else None,
             members=tuple(dict.fromkeys(members)),
             sc=f"{own}sc" if any(p.system == "sc" for p in mine) else None,
+            member_sc=f"{own}member-sc" if any(p.system == "member-sc" for p in mine) else None,
+            member_verifier=f"{own}member-prm-bon" if any(p.system == "member-prm-bon" for p in mine) else None,
             students=tuple(p.label for p in mine if system_of(p).student and p.mode == "greedy"),
             self_baseline=f"{own}{student}-greedy" if student else None))
     out = answer(roles, main)
