@@ -55,6 +55,29 @@ def test_the_report_answers_the_question_per_generation(tmp_path: Path) -> None:
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_team_as_the_prm_rechooses_it_is_compared_with_the_same_others_as_the_team() -> None:
+    """team-prm's rows sit beside the team's, against the best member, sc and prm-bon at the same budget."""
+    from pluribus.eval.generations import GenerationSystems, answer
+    from pluribus.eval.report import generations_section
+
+    def right(*ids: int) -> dict[str, bool]:
+        return {f"p{i}": i in ids for i in range(6)}
+
+    outcomes = {"single-greedy": right(0), "rsft-greedy": right(0, 1), "gen2/team": right(0, 1),
+                "gen2/team-prm": right(0, 1, 2, 3, 4), "gen2/sc": right(0), "gen2/prm-bon": right(0, 5)}
+    main = {"systems": {k: {"accuracy": sum(v.values()) / 6} for k, v in outcomes.items()}, "outcomes": outcomes}
+    role = GenerationSystems(2, "gen2/team", ("rsft-greedy",), "gen2/sc", (), None, verifier="gen2/prm-bon",
+                             team_verifier="gen2/team-prm")
+    [g] = answer([role], main)["generations"]
+    rows = {(c["system"], c["against"]): c for c in g["team_comparisons"]}
+    assert set(rows) == {(t, a) for t in ("gen2/team", "gen2/team-prm") for a in ("best member", "sc", "verifier")}
+    best = rows[("gen2/team-prm", "best member")]
+    assert best["versus"] == "rsft-greedy" and (best["wins"], best["losses"]) == (3, 0)
+    assert (rows[("gen2/team-prm", "verifier")]["wins"], rows[("gen2/team-prm", "verifier")]["losses"]) == (4, 1)
+    assert g["accuracy"]["gen2/team-prm"] == pytest.approx(5 / 6) and g["accuracy"]["gen2/prm-bon"] == pytest.approx(2 / 6)
+    assert "| gen2/team-prm | verifier: gen2/prm-bon | 6 |" in "\n".join(generations_section({"generations": [g]}))
+
+
 def test_a_seat_eval_did_not_run_alone_is_named_not_taken_for_another(tmp_path: Path) -> None:
     """A base seat on another model than the first agent is not the single agent; a seat eval.systems leaves out
     is in no comparison: the report names both instead of comparing the team with a member it does not have."""

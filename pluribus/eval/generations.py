@@ -31,6 +31,8 @@ class GenerationSystems:
     # the team's strongest member sampled at its budget (member-sc), and the PRM's choice among those draws
     member_sc: str | None = None
     member_verifier: str | None = None
+    # the team's own transcripts re-chosen by the PRM (team-prm): compared with the same others as the team
+    team_verifier: str | None = None
 
 
 def versus(system: str, other: str, outcomes: dict[str, dict[str, bool]]) -> dict[str, Any] | None:
@@ -67,7 +69,8 @@ def team_against(team: str, others: tuple[tuple[str, str | None], ...],
 
 
 def answer(roles: list[GenerationSystems], main: dict[str, Any]) -> dict[str, Any]:
-    """Per generation: accuracy of each system, the team's comparisons (best member, sc, verifier) and each
+    """Per generation: accuracy of each system, the team's comparisons (the team as it votes and as the PRM
+    re-chooses its transcripts, against its best member, sc, PRM best-of-N, member-sc, member-prm-bon) and each
     student's (base, self baseline). ``main`` is the eval stage's scored main task (``systems``, ``outcomes``)."""
     outcomes: dict[str, dict[str, bool]] = main["outcomes"]
     systems = main["systems"]
@@ -76,16 +79,17 @@ def answer(roles: list[GenerationSystems], main: dict[str, Any]) -> dict[str, An
         team: list[dict[str, Any]] = []
         if r.team is not None:
             member = best_member(r.team, r.members, outcomes)
-            team = team_against(r.team, (("best member", member), ("sc", r.sc), ("verifier", r.verifier),
-                                         ("member sc", r.member_sc), ("member verifier", r.member_verifier)),
-                                outcomes)
+            others = (("best member", member), ("sc", r.sc), ("verifier", r.verifier), ("member sc", r.member_sc),
+                      ("member verifier", r.member_verifier))
+            team = [row for chooser in (r.team, r.team_verifier) if chooser
+                    for row in team_against(chooser, others, outcomes)]
         students = []
         for s in r.students:
             for role, other in (("base", BASE), ("self baseline", r.self_baseline)):
                 row = versus(s, other, outcomes) if other and other != s else None
                 if row is not None:
                     students.append({"against": role, **row})
-        labels = [x for x in (r.team, r.sc, r.verifier, r.member_sc, r.member_verifier, *r.students)
+        labels = [x for x in (r.team, r.team_verifier, r.sc, r.verifier, r.member_sc, r.member_verifier, *r.students)
                   if x and x in systems]
         # a seat or baseline eval did not run (eval.systems): no comparison with it, and the report says so
         missing = [x for x in (*r.members, r.self_baseline) if x and x not in outcomes]

@@ -392,6 +392,8 @@ def per_generation(recipe: Recipe, plans: list[Plan], main: dict[str, Any]) -> d
             generation=g, team=f"{own}team" if any(p.system == "team" for p in mine) else None,
             members=tuple(dict.fromkeys(members)),
             sc=f"{own}sc" if any(p.system == "sc" for p in mine) else None,
+            verifier=f"{own}prm-bon" if any(p.system == "prm-bon" for p in mine) else None,
+            team_verifier=f"{own}team-prm" if any(p.system == "team-prm" for p in mine) else None,
             member_sc=f"{own}member-sc" if any(p.system == "member-sc" for p in mine) else None,
             member_verifier=f"{own}member-prm-bon" if any(p.system == "member-prm-bon" for p in mine) else None,
             students=tuple(p.label for p in mine if system_of(p).student and p.mode == "greedy"),
