@@ -243,7 +243,20 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append("")
     if payload.get("generations"):
         lines += [*generations_section(payload["generations"]), ""]
+    else:
+        lines += next_generation_lines(tasks)
     return "\n".join(lines)
+
+
+def next_generation_lines(tasks: list[dict[str, Any]]) -> list[str]:
+    """A one-generation run with a team: how to run the next generation (none without a team)."""
+    if not any("team" in t.get("systems", {}) for t in tasks):
+        return []
+    return ["## Generations (debate, train, evolve)", "", "This run is one generation: its team debated, its experts "
+            "learned from that. `generations: {count: 2, seats: [...]}` seats this run's experts and merges in a new "
+            "debate, trains the next generation on it and puts both here side by side, with each generation's team "
+            "against its best member and each student against the same generation's self-distillation baseline "
+            "(pluribus' `configs/study.yaml` does so on the quickstart's run).", ""]
 
 
 # ------------------------------------------------------------------------------------------ generations
