@@ -327,6 +327,33 @@ def _verifier(ctx: PlanContext, name: str) -> str:
     return verifier
 
 
+class RememberedScores:
+    """A PRM's step scores, read back from the choices an earlier eval wrote (``choices.jsonl`` under the PRM's
+    content fingerprint) where it scored the very same group (question and solutions, in order), the PRM loaded
+    and run only for the others: a rerun or a resumed eval rescores nothing it has, with the same scores, since
+    ``PRMScorer`` scores each group in chunks of its own."""
+
+    def __init__(self, name: str, scorer: Callable[[], Any], choices: Path) -> None:
+        self.name = name
+        self._scorer = scorer
+        self.known: dict[tuple[str, tuple[str, ...]], list[list[float]]] = {}
+        if choices.is_file():
+            for line in choices.read_text().splitlines():
+                r = json.loads(line)
+                turns, members = r["rounds"][-1], ((r.get("meta") or {}).get("verifier") or {}).get("members") or []
+                if len(members) == len(turns) and all(m["agent"] == t["agent"] for m, t in zip(members, turns, strict=True)):
+                    self.known[(r["question"], tuple(t["response"] for t in turns))] = [m["step_scores"]
+                                                                                       for m in members]
+
+    def score(self, groups: list[tuple[str, list[str]]]) -> list[list[list[float]]]:
+        keys = [(q, tuple(solutions)) for q, solutions in groups]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.known))
+        if missing:
+            scored = self._scorer().score([(q, list(solutions)) for q, solutions in missing])
+            self.known.update(zip(missing, scored, strict=True))
+        return [self.known[k] for k in keys]
+
+
 def choose_by_verifier(plan: Plan, among: str, run: TaskRun, store: Store) -> Ran:
     """prm-bon's or team-prm's records (``best_of_n`` over ``among``'s: sc's voted samples or the team's
     transcripts) and what the report says of it: the PRM, how it agrees with the vote, its own quality from its
@@ -342,15 +369,19 @@ def choose_by_verifier(plan: Plan, among: str, run: TaskRun, store: Store) -> Ra
     voted = run.records[among]
     recipe = run.recipe
     how = recipe.require("team").verifier_aggregate
-    if plan.verifier not in run.verifiers:
-        # on eval's device where it names one, else the recipe's (pluribus.device)
-        where = recipe.eval.device if recipe.eval is not None and recipe.eval.device else recipe.device
-        run.verifiers[plan.verifier] = PRMScorer(plan.verifier, trust_remote_code=recipe.trust_remote_code,
-                                                 device=where)
-    recs = best_of_n(voted, run.verifiers[plan.verifier], how)
+
+    def scorer() -> PRMScorer:
+        if plan.verifier not in run.verifiers:
+            # on eval's device where it names one, else the recipe's (pluribus.device)
+            where = recipe.eval.device if recipe.eval is not None and recipe.eval.device else recipe.device
+            run.verifiers[plan.verifier] = PRMScorer(plan.verifier, trust_remote_code=recipe.trust_remote_code,
+                                                     device=where)
+        return run.verifiers[plan.verifier]
+
     fingerprint = content_fingerprint(plan.verifier)
-    atomic_write_text(run.eval_dir / plan.label / str(fingerprint) / "choices.jsonl",
-                      "".join(json.dumps(r) + "\n" for r in recs))
+    choices = run.eval_dir / plan.label / str(fingerprint) / "choices.jsonl"
+    recs = best_of_n(voted, RememberedScores(plan.verifier, scorer, choices), how)
+    atomic_write_text(choices, "".join(json.dumps(r) + "\n" for r in recs))
     reading = prm_reading(plan.verifier)
     quality = ({"source": "prm_metrics", **reading["metrics"]} if reading["metrics"] else
                {"source": "held-out steps at training (eval_step_*)", **reading["step_metrics"]}

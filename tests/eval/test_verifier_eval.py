@@ -154,3 +154,35 @@ def test_verifier_systems_count_coverage_over_the_problems_their_chooser_saw(tmp
     assert SYSTEMS["team-prm"].asked(run) == SYSTEMS["team"].asked(run) == {"p0", "p1"}
     assert SYSTEMS["prm-bon"].asked(run) is None is SYSTEMS["sc"].asked(run)
     assert SYSTEMS["single"].asked(run) == {p.id for p in problems}
+
+
+def test_a_rerun_reads_the_prm_scores_it_wrote_and_scores_only_new_groups(tmp_path):
+    """choose_by_verifier's RememberedScores: the groups an earlier eval scored (same question, same solutions in
+    the same order) come back from its choices.jsonl without loading the PRM; the others are scored, once."""
+    import json
+
+    from pluribus.eval.systems import RememberedScores
+
+    old = [_draws("p0", [_sample("a", "careful\n\\boxed{4}", "4", True), _sample("b", "quick\n\\boxed{3}", "3", False)])]
+    first = ScriptedVerifier({"careful": 0.9, "quick": 0.3})
+    chosen = best_of_n(old, first, "min")
+    choices = tmp_path / "choices.jsonl"
+    choices.write_text("".join(json.dumps(r) + "\n" for r in chosen))
+
+    later = ScriptedVerifier({"careful": 0.1, "quick": 0.8})  # another scorer: a score it gives was not read back
+    loads = []
+
+    def load():
+        loads.append(1)
+        return later
+
+    new = _draws("p1", [_sample("a", "quick\n\\boxed{4}", "4", True), _sample("b", "careful\n\\boxed{5}", "5", False)])
+    changed = _draws("p0", [_sample("a", "careful\n\\boxed{4}", "4", True), _sample("b", "other\n\\boxed{3}", "3", False)])
+    remembered = RememberedScores(first.name, load, choices)
+    assert remembered.score([("q p0", ["careful\n\\boxed{4}", "quick\n\\boxed{3}"])]) == \
+        [[m["step_scores"] for m in chosen[0]["meta"]["verifier"]["members"]]]
+    assert loads == []  # everything known: the PRM is not even loaded
+    again = best_of_n([*old, new, changed, new], remembered, "min")
+    assert [g[0] for g in later.calls[0]] == ["q p1", "q p0"]  # the new group and the changed one, each once
+    assert again[0]["meta"]["verifier"] == chosen[0]["meta"]["verifier"] and again[0]["final_answer"] == "4"
+    assert again[1]["final_answer"] == "4" and loads == [1]  # the later scorer prefers "quick" lines
