@@ -160,7 +160,8 @@ def test_two_generations_the_second_team_seating_the_first_ones_experts(tmp_path
     member = main["systems"]["gen2/member-sc"]
     assert member["member"] == f"agent{best}" and member["member_weights"]["adapter"] == str(
         [run / "adapters" / "rsft", run / "merged" / "ta"][best])
-    assert member["member_chosen_by"] == (f"highest round-0 accuracy in the debate, {seats[best]['round0_accuracy']:.1%}"
+    assert member["member_chosen_by"] == ("highest round-0 agreement with the team's final answer in the debate "
+                                          f"(build.target: consensus), {seats[best]['round0_accuracy']:.1%}"
                                           f" on {len(team)} training problems")
     assert main["systems"]["gen2/team"]["problems"] == 2 and main["systems"]["gen2/rsft-greedy"]["problems"] == 3
     assert "outcomes" not in main
@@ -214,3 +215,31 @@ def test_the_study_recipe_runs_two_generations_in_order() -> None:
     run = study.layout
     assert seats == {"agents.0": run.adapter("self-rsft"), "agents.1": run.adapter("rl"), "agents.2": run.merged("ties")}
     assert study.eval.n >= 300
+
+
+def test_each_generation_s_team_is_set_against_its_own_member_sc() -> None:
+    """The task's team-versus table covers every generation where member-sc ran (gen2's against gen2's), and the
+    report describes each generation's PRM choosers."""
+    from pluribus.eval.report import _verifier_section
+    from pluribus.stages.eval import _team_versus
+
+    def right(*ids: int) -> dict[str, bool]:
+        return {f"p{i}": i in ids for i in range(4)}
+
+    outcomes = {"team": right(0), "sc": right(1), "gen2/team": right(0, 1), "gen2/team-prm": right(0, 1, 2),
+                "gen2/member-sc": right(3), "gen2/sc": right(), "gen2/member-prm-bon": right(2, 3)}
+    rows = _team_versus({k: [] for k in outcomes}, outcomes)
+    assert {(r["system"], r["versus"]) for r in rows} == {
+        (t, f"gen2/{o}") for t in ("gen2/team", "gen2/team-prm") for o in ("member-sc", "member-prm-bon", "sc")}
+
+    def chooser(vote: str) -> dict:
+        return {"verifier": f"prm of {vote}", "verifier_aggregate": "min", "verifier_prompt": "p", "vote": vote,
+                "vs_vote": {"problems": 1, "vote_wrong": 0, "verifier_right_when_vote_wrong": 0, "verifier_wrong": 0,
+                            "vote_right_when_verifier_wrong": 0, "any_sample_right": 0, "p_value": 1.0}}
+
+    task = {"systems": {"team-prm": chooser("team"), "gen2/prm-bon": chooser("gen2/sc"),
+                        "gen2/team-prm": chooser("gen2/team"), "prm-bon": chooser("sc")}}
+    text = "\n".join(_verifier_section(task))
+    assert [line.split(":")[0] for line in text.split("\n") if line.endswith("(the best any chooser could do).")] == [
+        "prm-bon", "team-prm", "gen2/prm-bon", "gen2/team-prm"]
+    assert "gen2/prm-bon: on each problem, the very samples gen2/sc voted over" in text

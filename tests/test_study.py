@@ -72,7 +72,9 @@ def test_study_recipe_end_to_end_and_a_rerun_retrains_only_what_changed(tmp_path
                                                  "rl-greedy", "ta-greedy"}
     assert {c["system"] for c in main["comparisons"]} == set(main["systems"]) - {"single-greedy"}
     assert "early_stop" in main and (run / "eval" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
-    assert "share of the team's gain" in (run / "eval" / "report.md").read_text()
+    report = (run / "eval" / "report.md").read_text()
+    assert "share of the team's gain" in report
+    assert payload["next_generation"] and "This run is one generation" in report  # how to go on: generations
 
     # one expert's settings change: it retrains, and so does what depends on it (the merge), nothing else
     changed = _recipe(tmp_path, "train.experts.3.lr=1e-4")

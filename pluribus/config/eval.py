@@ -55,7 +55,8 @@ class EvalConfig(Section):
     member: str | None = Field(
         None, description="member-sc, member-prm-bon: the team seat (an agent's name) whose weights are sampled at "
         "the team's budget. None: the seat with the highest round-0 accuracy in the run's debate (its training "
-        "problems, against the debate's target; ties: the first seat). Setting it adds member-sc (and member-prm-bon, "
+        "problems, against gold answers, or with build.target consensus by agreeing with the team's final answer; "
+        "ties: the first seat). Setting it adds member-sc (and member-prm-bon, "
         "with a PRM) to the default systems, also for a team of copies of one model.")
     sc_n: int | None = Field(
         None, ge=1, description="Run sc on the first sc_n of the team's problems only (it draws many samples "

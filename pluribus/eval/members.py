@@ -74,6 +74,9 @@ def strongest(store: Path, team: TeamConfig, target: str) -> tuple[int, str]:
     seats = debate_round0(records, target)
     best = max(range(len(seats)), key=lambda i: (seats[i]["round0_accuracy"], -i))
     s = seats[best]
+    if target == "consensus":  # no gold: a seat is scored by agreeing with the team's final answer
+        return best, (f"highest round-0 agreement with the team's final answer in the debate (build.target: "
+                      f"consensus), {s['round0_accuracy']:.1%} on {s['problems']} training problems")
     return best, (f"highest round-0 accuracy in the debate, {s['round0_accuracy']:.1%} on {s['problems']} "
                   "training problems")
 

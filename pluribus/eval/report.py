@@ -34,8 +34,10 @@ def _share(k: int, n: int) -> str:
 def _verifier_lines(name: str, bon: dict[str, Any]) -> list[str]:
     """prm-bon against sc (team-prm against the team) on the same solutions, and the PRM's own quality as its
     training record gives it."""
+    from pluribus.eval.generations import family
+
     agree, vote = bon["vs_vote"], bon["vote"]
-    among = (f"the very samples {vote} voted over" if vote in ("sc", "member-sc") else
+    among = (f"the very samples {vote} voted over" if family(vote) in ("sc", "member-sc") else
              "the team's own last round (its transcripts)")
     lines = [f"{name}: on each problem, {among}, and the answer of the solution the PRM `{bon['verifier']}` "
              f"scores highest (its step scores aggregated by {bon['verifier_aggregate']}) instead of {vote}'s majority; "
@@ -88,6 +90,8 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
 
 def _asked_line(task: dict[str, Any]) -> str:
     """Which problems were asked, and which systems answered fewer."""
+    from pluribus.eval.generations import family
+
     gaps = task.get("unanswered") or {}
     asked = f"{task['problems']} problems of `{task['task']}` (split: {task['split']})" + (
         f"; the team and sc were asked the first {task['team_problems']} of them"
@@ -99,7 +103,7 @@ def _asked_line(task: dict[str, Any]) -> str:
                   f"skipped): {said}. Each accuracy is over the problems its system answered (the problems column), "
                   "each comparison over the problems both answered.")
     else:
-        sampled = [x for x in ("sc", "member-sc") if x in task["systems"]]
+        sampled = [x for x in task["systems"] if family(x) in ("sc", "member-sc")]
         asked += "; every system answered all of them" + (
             f" ({', '.join(sampled)}: those the team answered, at most eval.sc_n; its problems column)." if sampled
             else ".")
@@ -148,12 +152,16 @@ def _verifier_section(task: dict[str, Any]) -> list[str]:
     """prm-bon's and team-prm's choices, and each PRM's quality once."""
     lines: list[str] = []
     shown: set[str] = set()
-    for name in ("prm-bon", "member-prm-bon", "team-prm"):
-        if task["systems"].get(name):
-            lines += ["", *_verifier_lines(name, task["systems"][name])]
-    for name in ("prm-bon", "member-prm-bon", "team-prm"):
-        bon = task["systems"].get(name)
-        if bon and bon["verifier"] not in shown:  # once per PRM
+    from pluribus.eval.generations import family
+
+    order = ("prm-bon", "member-prm-bon", "team-prm")  # every generation's, generation 1's first
+    choosers = sorted((n for n in task["systems"] if family(n) in order),
+                      key=lambda n: (n[: len(n) - len(family(n))], order.index(family(n))))
+    for name in choosers:
+        lines += ["", *_verifier_lines(name, task["systems"][name])]
+    for name in choosers:
+        bon = task["systems"][name]
+        if bon["verifier"] not in shown:  # once per PRM
             shown.add(bon["verifier"])
             lines += ["", *_quality_lines(bon)]
     return lines
@@ -243,15 +251,13 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append("")
     if payload.get("generations"):
         lines += [*generations_section(payload["generations"]), ""]
-    else:
-        lines += next_generation_lines(tasks)
+    elif payload.get("next_generation"):
+        lines += next_generation_lines()
     return "\n".join(lines)
 
 
-def next_generation_lines(tasks: list[dict[str, Any]]) -> list[str]:
-    """A one-generation run with a team: how to run the next generation (none without a team)."""
-    if not any("team" in t.get("systems", {}) for t in tasks):
-        return []
+def next_generation_lines() -> list[str]:
+    """For a one-generation run whose team's debate trained experts: how to run the next generation."""
     return ["## Generations (debate, train, evolve)", "", "This run is one generation: its team debated, its experts "
             "learned from that. `generations: {count: 2, seats: [...]}` seats this run's experts and merges in a new "
             "debate, trains the next generation on it and puts both here side by side, with each generation's team "

@@ -327,25 +327,38 @@ def _verifier(ctx: PlanContext, name: str) -> str:
     return verifier
 
 
-class RememberedScores:
-    """A PRM's step scores, read back from the choices an earlier eval wrote (``choices.jsonl`` under the PRM's
-    content fingerprint) where it scored the very same group (question and solutions, in order), the PRM loaded
-    and run only for the others: a rerun or a resumed eval rescores nothing it has, with the same scores, since
-    ``PRMScorer`` scores each group in chunks of its own."""
+# bump when the PRM's reading of a solution (step split, encoding, score head) changes: older scores are not reused
+SCORES_VERSION = 1
 
-    def __init__(self, name: str, scorer: Callable[[], Any], choices: Path) -> None:
+
+def scored_with(device: Any) -> str:
+    """What a PRM's scores depend on besides its weights and the text: the device type and dtype it runs in
+    (``load_prm``'s policy) and ``SCORES_VERSION``; kept with each choice, a remembered score must match it."""
+    from pluribus import device as devices
+
+    target = devices.resolve(device) if device is None or isinstance(device, str) else device
+    return f"{target.type}:{str(devices.dtype_for(target, 'bfloat16')).removeprefix('torch.')}:v{SCORES_VERSION}"
+
+
+class RememberedScores:
+    """A PRM's step scores, read back from the choices a finished eval wrote (``choices.jsonl`` under the PRM's
+    content fingerprint) where it scored the very same group (question and solutions, in order) on the same
+    device type and dtype (``scored_with``), the PRM loaded and run only for the others: a rerun rescores nothing
+    it has, with the same scores, since ``PRMScorer`` scores each group in chunks of its own."""
+
+    def __init__(self, name: str, scorer: Callable[[], Any], choices: Path, tag: str) -> None:
         self.name = name
         self._scorer = scorer
         self.known: dict[tuple[str, tuple[str, ...]], list[list[float]]] = {}
-        if choices.is_file():
-            for line in choices.read_text().splitlines():
-                r = json.loads(line)
-                turns, members = r["rounds"][-1], ((r.get("meta") or {}).get("verifier") or {}).get("members") or []
-                if len(members) == len(turns) and all(m["agent"] == t["agent"] for m, t in zip(members, turns, strict=True)):
-                    self.known[(r["question"], tuple(t["response"] for t in turns))] = [m["step_scores"]
-                                                                                       for m in members]
+        for line in choices.read_text().splitlines() if choices.is_file() else []:
+            r = json.loads(line)
+            turns, verifier = r["rounds"][-1], (r.get("meta") or {}).get("verifier") or {}
+            members = verifier.get("members") or []
+            if verifier.get("scored_with") == tag and [m["agent"] for m in members] == [t["agent"] for t in turns]:
+                self.known[(r["question"], tuple(t["response"] for t in turns))] = [m["step_scores"] for m in members]
 
     def score(self, groups: list[tuple[str, list[str]]]) -> list[list[list[float]]]:
+        """Each group's step scores per solution: remembered, or scored now (each new group once)."""
         keys = [(q, tuple(solutions)) for q, solutions in groups]
         missing = list(dict.fromkeys(k for k in keys if k not in self.known))
         if missing:
@@ -358,7 +371,7 @@ def choose_by_verifier(plan: Plan, among: str, run: TaskRun, store: Store) -> Ra
     """prm-bon's or team-prm's records (``best_of_n`` over ``among``'s: sc's voted samples or the team's
     transcripts) and what the report says of it: the PRM, how it agrees with the vote, its own quality from its
     training record. The choices are written to ``<eval>/<system>/<the PRM's fingerprint>/choices.jsonl`` (every
-    step score), to be inspected."""
+    step score, and what they were scored with), to be inspected and read back by a rerun (``RememberedScores``)."""
     from pluribus.distill.prm import PRMScorer, prm_reading
 
     if among not in run.records:
@@ -369,18 +382,21 @@ def choose_by_verifier(plan: Plan, among: str, run: TaskRun, store: Store) -> Ra
     voted = run.records[among]
     recipe = run.recipe
     how = recipe.require("team").verifier_aggregate
+    # on eval's device where it names one, else the recipe's (pluribus.device)
+    where = recipe.eval.device if recipe.eval is not None and recipe.eval.device else recipe.device
 
-    def scorer() -> PRMScorer:
+    def scorer() -> PRMScorer:  # loaded only when a group is not remembered
         if plan.verifier not in run.verifiers:
-            # on eval's device where it names one, else the recipe's (pluribus.device)
-            where = recipe.eval.device if recipe.eval is not None and recipe.eval.device else recipe.device
             run.verifiers[plan.verifier] = PRMScorer(plan.verifier, trust_remote_code=recipe.trust_remote_code,
                                                      device=where)
         return run.verifiers[plan.verifier]
 
     fingerprint = content_fingerprint(plan.verifier)
     choices = run.eval_dir / plan.label / str(fingerprint) / "choices.jsonl"
-    recs = best_of_n(voted, RememberedScores(plan.verifier, scorer, choices), how)
+    tag = scored_with(where)
+    recs = best_of_n(voted, RememberedScores(plan.verifier, scorer, choices, tag), how)
+    for r in recs:
+        r["meta"]["verifier"]["scored_with"] = tag
     atomic_write_text(choices, "".join(json.dumps(r) + "\n" for r in recs))
     reading = prm_reading(plan.verifier)
     quality = ({"source": "prm_metrics", **reading["metrics"]} if reading["metrics"] else

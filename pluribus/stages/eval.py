@@ -19,6 +19,7 @@ from pluribus.config import AgentConfig, EvalConfig, Recipe, TaskConfig, TeamCon
 from pluribus.device import ran_on, read_where
 from pluribus.errors import PluribusError
 from pluribus.eval.engines import EnginePool
+from pluribus.eval.generations import family
 from pluribus.eval.planning import Plan
 from pluribus.eval.robustness import perturb
 from pluribus.eval.scoring import (
@@ -60,16 +61,13 @@ def summary_of(recipe: Recipe, payload: dict[str, Any]) -> StageSummary:
                 "skipped: too long for its model); its accuracy is over those it answered, each comparison over "
                 "the problems both answered" for task in payload["tasks"]
                 for name, g in (task.get("unanswered") or {}).items()]
-    team_guessed = bool(payload["systems"].get("team", {}).get("tokens_estimated"))
     warnings += [f"{name}: the token counts of {r['tokens_estimated']} of its {r['problems']} problems are estimates "
                  "(4 characters a token: its server sent no usage and the model's tokenizer is not available "
                  "offline), so its tokens per problem is approximate" for name, r in payload["systems"].items()
                  if r.get("tokens_estimated")]
-    if team_guessed and "sc" in payload["systems"]:
-        warnings.append("sc: its token budget is the team's, whose counts are estimates: sc's budget is approximate")
-    if team_guessed and "member-sc" in payload["systems"]:
-        warnings.append("member-sc: its token budget is the team's, whose counts are estimates: its budget is "
-                        "approximate")
+    warnings += [f"{name}: its token budget is the team's, whose counts are estimates: {name}'s budget is approximate"
+                 for name in payload["systems"] if family(name) in ("sc", "member-sc")  # each generation's own team
+                 and payload["systems"].get(f"{name[: len(name) - len(family(name))]}team", {}).get("tokens_estimated")]
     where = ran_on({f"{system} {agent}" if len(parts) > 1 else system: w
                     for system, parts in (payload.get("ran_on") or {}).items() for agent, w in parts.items()})
     return StageSummary("eval", eval_dir / "results.json", line, COLUMNS, tuple(rows), tuple(warnings),
@@ -248,15 +246,8 @@ def _task_results(run: TaskRun, plans: list[Plan], name: str, task: TaskConfig, 
         out["early_stop"] = effect
     if "team" in records and max((len(r["rounds"]) for r in records["team"]), default=0) > 1:
         out["seats"] = seat_rounds(records["team"])
-    if "member-sc" in records:
-        # would the team's strongest member, at the team's budget, do as well as the debate? (exact McNemar; the
-        # team as it votes and as the PRM re-chooses its transcripts, against each chooser of each sampled agent)
-        from pluribus.eval.generations import team_against
-
-        others = (("member, vote", "member-sc"), ("member, PRM", "member-prm-bon"), ("base agent, vote", "sc"),
-                  ("base agent, PRM", "prm-bon"))
-        out["team_versus"] = [row for team in ("team", "team-prm")
-                              for row in team_against(team, others, out["outcomes"])]
+    if versus := _team_versus(records, out["outcomes"]):
+        out["team_versus"] = versus
     if robust:
         out["robustness"] = robust
     return out
@@ -304,6 +295,8 @@ def run_eval(recipe: Recipe, *, progress: bool = True, new_run: bool = False) ->
     eval_dir = recipe.layout.eval
     if generations is not None:
         payload["generations"] = generations
+    elif recipe.team is not None and recipe.build is not None and recipe.train is not None:
+        payload["next_generation"] = True  # a debate that trained experts: the report says how to go on
     atomic_write_text(eval_dir / "results.json", json.dumps(payload, indent=2))
     write_report(payload, eval_dir)
     if "generations" in payload:
@@ -373,6 +366,22 @@ def _member(agent: AgentConfig, i: int, first: AgentConfig, previous: str) -> st
     if (agent.backend, agent.model, agent.adapter) == (first.backend, first.model, first.adapter):
         return "single-greedy"
     return f"{agent.name or f'agent {i}'} ({agent.model}{'+' + agent.adapter if agent.adapter else ''})"
+
+
+def _team_versus(records: dict[str, Any], outcomes: dict[str, dict[str, bool]]) -> list[dict[str, Any]]:
+    """Would the team's strongest member, at the team's budget, do as well as the debate? In each generation
+    where member-sc ran: its team as it votes and as the PRM re-chooses its transcripts, against each chooser of
+    each agent sampled at its budget (exact McNemar)."""
+    from pluribus.eval.generations import team_against
+
+    rows = []
+    for prefix in dict.fromkeys(label[: len(label) - len("member-sc")] for label in records
+                                if family(label) == "member-sc"):
+        others = tuple((role, f"{prefix}{name}") for role, name in (
+            ("member, vote", "member-sc"), ("member, PRM", "member-prm-bon"), ("base agent, vote", "sc"),
+            ("base agent, PRM", "prm-bon")))
+        rows += [row for team in ("team", "team-prm") for row in team_against(f"{prefix}{team}", others, outcomes)]
+    return rows
 
 
 def per_generation(recipe: Recipe, plans: list[Plan], main: dict[str, Any]) -> dict[str, Any]:

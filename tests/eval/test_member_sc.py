@@ -65,8 +65,9 @@ def test_equal_seats_go_to_the_first_and_the_target_is_the_debates(tmp_path: Pat
     _debate(tmp_path / "s2", [[True, True, False], [True, False, False]])
     assert strongest(tmp_path / "s2", team, "gold") == (0, "highest round-0 accuracy in the debate, 100.0% on 2 "
                                                             "training problems")
-    assert strongest(tmp_path / "s2", team, "consensus") == (2, "highest round-0 accuracy in the debate, 100.0% on 2 "
-                                                                 "training problems")
+    assert strongest(tmp_path / "s2", team, "consensus") == (
+        2, "highest round-0 agreement with the team's final answer in the debate (build.target: consensus), 100.0% on "
+           "2 training problems")
 
 
 def test_eval_member_names_the_seat_and_an_unknown_one_is_refused(tmp_path: Path) -> None:

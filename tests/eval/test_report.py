@@ -52,12 +52,10 @@ def test_labels_are_placed_apart_and_ticks_are_plain_numbers() -> None:
 
 
 
-def test_a_one_generation_report_with_a_team_points_to_generations() -> None:
-    """The quickstart's report (one generation) says how to run the next one; without a team, nothing."""
+
+def test_a_one_generation_report_points_to_generations_where_its_debate_trained_experts() -> None:
+    """The quickstart's report (one generation) says how to run the next one (the flag: tests/test_study.py)."""
     from pluribus.eval.report import next_generation_lines
 
-    task = _payload()["tasks"][0]
-    text = "\n".join(next_generation_lines([task]))
+    text = "\n".join(next_generation_lines())
     assert text.startswith("## Generations (debate, train, evolve)") and "`generations: {count: 2, seats: [...]}`" in text
-    no_team = {**task, "systems": {k: v for k, v in task["systems"].items() if k != "team"}}
-    assert next_generation_lines([no_team]) == []

@@ -166,8 +166,12 @@ def test_a_rerun_reads_the_prm_scores_it_wrote_and_scores_only_new_groups(tmp_pa
     old = [_draws("p0", [_sample("a", "careful\n\\boxed{4}", "4", True), _sample("b", "quick\n\\boxed{3}", "3", False)])]
     first = ScriptedVerifier({"careful": 0.9, "quick": 0.3})
     chosen = best_of_n(old, first, "min")
+    for r in chosen:
+        r["meta"]["verifier"]["scored_with"] = "cpu:bfloat16:v1"
     choices = tmp_path / "choices.jsonl"
     choices.write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    # scored on another device type or dtype (or by an older reading of solutions): nothing is remembered
+    assert RememberedScores(first.name, lambda: first, choices, "cuda:bfloat16:v1").known == {}
 
     later = ScriptedVerifier({"careful": 0.1, "quick": 0.8})  # another scorer: a score it gives was not read back
     loads = []
@@ -178,11 +182,12 @@ def test_a_rerun_reads_the_prm_scores_it_wrote_and_scores_only_new_groups(tmp_pa
 
     new = _draws("p1", [_sample("a", "quick\n\\boxed{4}", "4", True), _sample("b", "careful\n\\boxed{5}", "5", False)])
     changed = _draws("p0", [_sample("a", "careful\n\\boxed{4}", "4", True), _sample("b", "other\n\\boxed{3}", "3", False)])
-    remembered = RememberedScores(first.name, load, choices)
+    remembered = RememberedScores(first.name, load, choices, "cpu:bfloat16:v1")
     assert remembered.score([("q p0", ["careful\n\\boxed{4}", "quick\n\\boxed{3}"])]) == \
         [[m["step_scores"] for m in chosen[0]["meta"]["verifier"]["members"]]]
     assert loads == []  # everything known: the PRM is not even loaded
     again = best_of_n([*old, new, changed, new], remembered, "min")
     assert [g[0] for g in later.calls[0]] == ["q p1", "q p0"]  # the new group and the changed one, each once
-    assert again[0]["meta"]["verifier"] == chosen[0]["meta"]["verifier"] and again[0]["final_answer"] == "4"
+    assert {**again[0]["meta"]["verifier"], "scored_with": "cpu:bfloat16:v1"} == chosen[0]["meta"]["verifier"]
+    assert again[0]["final_answer"] == "4"
     assert again[1]["final_answer"] == "4" and loads == [1]  # the later scorer prefers "quick" lines
