@@ -41,6 +41,13 @@ COLUMNS = ("system", "accuracy", "95% interval", "vs single (p)", "first answer"
            "tokens/problem", "s/problem")
 
 
+def where_systems_ran(parts: dict[str, dict[str, dict[str, str]]]) -> str:
+    """results.json's ``ran_on`` (system -> agent -> device and dtype) as one summary line: a system's agents by
+    name only where they ran in different places (sc's 15 samples or a team on one device are the system)."""
+    return ran_on({f"{system} {agent}" if len({(v.get("device"), v.get("dtype")) for v in agents.values()}) > 1
+                   else system: w for system, agents in parts.items() for agent, w in agents.items()})
+
+
 def summary_of(recipe: Recipe, payload: dict[str, Any]) -> StageSummary:
     """The main task's systems as a table; robustness lines and the report's path after it."""
     versus = {c["system"]: c for c in payload.get("comparisons", [])}
@@ -68,8 +75,7 @@ def summary_of(recipe: Recipe, payload: dict[str, Any]) -> StageSummary:
     warnings += [f"{name}: its token budget is the team's, whose counts are estimates: {name}'s budget is approximate"
                  for name in payload["systems"] if family(name) in ("sc", "member-sc")  # each generation's own team
                  and payload["systems"].get(f"{name[: len(name) - len(family(name))]}team", {}).get("tokens_estimated")]
-    where = ran_on({f"{system} {agent}" if len(parts) > 1 else system: w
-                    for system, parts in (payload.get("ran_on") or {}).items() for agent, w in parts.items()})
+    where = where_systems_ran(payload.get("ran_on") or {})
     return StageSummary("eval", eval_dir / "results.json", line, COLUMNS, tuple(rows), tuple(warnings),
                         notes=(*notes, *([f"ran on: {where}"] if where else []), f"report: {eval_dir / 'report.md'}"))
 

@@ -59,3 +59,12 @@ def test_a_one_generation_report_points_to_generations_where_its_debate_trained_
 
     text = "\n".join(next_generation_lines())
     assert text.startswith("## Generations (debate, train, evolve)") and "`generations: {count: 2, seats: [...]}`" in text
+
+
+def test_the_summary_names_a_system_s_agents_only_where_they_ran_apart() -> None:
+    from pluribus.stages.eval import where_systems_ran
+
+    cpu, gpu = {"device": "cpu", "dtype": "bfloat16"}, {"device": "cuda:0", "dtype": "bfloat16"}
+    line = where_systems_ran({"sc": {f"sc{i}": cpu for i in range(15)}, "team": {"a": cpu, "judge": gpu},
+                              "rsft-greedy": {"a": cpu}})
+    assert line == "sc, team a, rsft-greedy: cpu bfloat16; team judge: cuda:0 bfloat16"
