@@ -186,7 +186,8 @@ def _team_versus_lines(task: dict[str, Any]) -> list[str]:
     rows = task.get("team_versus")
     if not rows:
         return []
-    return ["", "The team (its vote, and team-prm: the PRM's choice among its transcripts) against its strongest "
+    return ["", "The team (as team.aggregation chooses its answer, and team-prm: the PRM's choice among its "
+            "transcripts) against its strongest "
             "member and the base agent, each sampled at the team's token budget (a majority vote, or the PRM's choice "
             "among the same samples), problem by problem (two-sided exact McNemar test):", "", *_VERSUS_HEAD,
             *(_versus_row(c) for c in rows)]

@@ -247,7 +247,8 @@ def test_member_sc_samples_the_members_weights_at_the_teams_budget_and_prm_bon_r
     report = (out / "report.md").read_text()
     assert f"member-sc: the team's seat `c` (model `{tiny_llama_dir}`, adapter `{c}`; chosen by highest" in report
     assert "member-prm-bon: on each problem, the very samples member-sc voted over" in report
-    assert "The team (its vote, and team-prm: the PRM's choice among its transcripts) against its strongest" in report and "| team | member, vote: member-sc |" in report
+    assert "The team (as team.aggregation chooses its answer, and team-prm: the PRM's choice among its transcripts) " \
+        "against its strongest" in report and "| team | member, vote: member-sc |" in report
 
 
 def test_the_teams_comparisons_include_member_sc_and_member_prm_bon_where_they_ran() -> None:
