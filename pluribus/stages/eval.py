@@ -20,6 +20,7 @@ from pluribus.device import ran_on, read_where
 from pluribus.errors import PluribusError
 from pluribus.eval.engines import EnginePool
 from pluribus.eval.generations import family
+from pluribus.eval.members import weights_of
 from pluribus.eval.planning import Plan
 from pluribus.eval.robustness import perturb
 from pluribus.eval.scoring import (
@@ -369,7 +370,7 @@ def _member(agent: AgentConfig, i: int, first: AgentConfig, previous: str) -> st
     unseated agent was not evaluated alone, and its label says so (the report lists it)."""
     if agent.expert is not None:
         return f"{previous}{agent.expert}-greedy"
-    if (agent.backend, agent.model, agent.adapter) == (first.backend, first.model, first.adapter):
+    if weights_of(agent) == weights_of(first):
         return "single-greedy"
     return f"{agent.name or f'agent {i}'} ({agent.model}{'+' + agent.adapter if agent.adapter else ''})"
 
