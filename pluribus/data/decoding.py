@@ -44,7 +44,9 @@ def _prunable() -> tuple[type, ...]:
     """The cache layers whose rows ``batch_select_indices`` drops exactly (keys and values are all they hold)."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    return (DynamicLayer, DynamicSlidingWindowLayer)
+    from pluribus.data.kv_cache import RoomyLayer
+
+    return (DynamicLayer, DynamicSlidingWindowLayer, RoomyLayer)
 
 
 def _joinable(cache: Any) -> bool:
@@ -52,7 +54,10 @@ def _joinable(cache: Any) -> bool:
     along one sequence axis (a sliding-window layer also counts the tokens it has seen)."""
     from transformers.cache_utils import DynamicLayer
 
-    return bool(getattr(cache, "layers", None)) and all(type(layer) is DynamicLayer for layer in cache.layers)
+    from pluribus.data.kv_cache import RoomyLayer
+
+    return bool(getattr(cache, "layers", None)) and all(type(layer) in (DynamicLayer, RoomyLayer)
+                                                        for layer in cache.layers)
 
 
 def nucleus(logits: Any, top_p: float) -> Any:
@@ -69,10 +74,10 @@ def nucleus(logits: Any, top_p: float) -> Any:
 class _Forward:
     """One model's forward with a KV cache, under the argument names its transformers version takes."""
 
-    def __init__(self, model: Any, device: Any) -> None:
+    def __init__(self, model: Any, device: Any, room: int = 64) -> None:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel takes **kwargs
         params = set(inspect.signature(inner.forward).parameters)
-        self.model, self.device = model, device
+        self.model, self.device, self.room = model, device, room
         # the KV cache is `cache` from transformers 5.24, `past_key_values` before (5.24 still takes the old name,
         # with a deprecation warning)
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -81,7 +86,10 @@ class _Forward:
     def new_cache(self) -> Any:
         from transformers import DynamicCache
 
-        return DynamicCache(config=self.model.config)
+        from pluribus.data.kv_cache import roomy
+
+        # keys and values written in place, ``room`` columns at a time (kv_cache.py): a step copies no cache
+        return roomy(DynamicCache(config=self.model.config), self.room)
 
     def __call__(self, ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
         """The float logits of the last column of ``ids`` (every row left-padded to it)."""
@@ -127,8 +135,10 @@ class _Rows:
         used = self.mask.any(0)
         first = int(used.nonzero()[0]) if cut and bool(used.any()) else 0
         if first > 0:
+            from pluribus.data.kv_cache import drop_columns
+
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+                drop_columns(layer, first)
             self.mask = self.mask[:, first:]
 
     def join(self, other: _Rows) -> None:
@@ -373,7 +383,8 @@ def decode_rows(model: Any, prompts: list[list[int]], *, max_new_tokens: int, eo
         return out
     if not all(prompts):
         raise ValueError("decode_rows: a prompt of no tokens has nothing to continue; give every row a token")
-    fwd = _Forward(model, model.device if device is None else device)
+    # a step writes into its cache's spare room; the room is renewed (one copy) every ``room`` steps
+    fwd = _Forward(model, model.device if device is None else device, room=max(16, min(max_new_tokens, 128)))
     probe = fwd.new_cache()
     prunable = all(type(layer) in _prunable() for layer in getattr(probe, "layers", [None]))
     joinable = _joinable(probe)
