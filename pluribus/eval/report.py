@@ -83,9 +83,31 @@ def _task_section(task: dict[str, Any], heading: str) -> list[str]:
     lines = [f"## {heading}", "", _asked_line(task), "", *_system_table(task)]
     lines += _system_notes(task) + _verifier_section(task) + _comparison_lines(task) + _team_versus_lines(task)
     lines += _gain_lines(task)
-    if task.get("seats"):
+    if task.get("debate_rounds"):
+        for label, debate in task["debate_rounds"].items():
+            lines += _debate_lines(label, debate)
+        return lines
+    if task.get("seats"):  # a results.json written before debate_rounds: the first generation's team only
         lines += ["", *_seat_lines(task["seats"])]
-    return lines + _early_stop_lines(task)
+    return lines + _early_stop_lines(task.get("early_stop"))
+
+
+def _debate_lines(label: str, debate: dict[str, Any]) -> list[str]:
+    """One team, round by round: the vote after each round (what stopping there would have given), its seats,
+    early stopping."""
+    lines = ["", f"### `{label}`, round by round", ""]
+    if debate["votes"]:
+        lines += ["The team stopped after each round (what `team.rounds` set to one more than that round gives: a "
+                  "round never sees later ones), its majority vote against the team's answer (paired on the same "
+                  "problems, exact McNemar p):", "",
+                  "| after round | problems | vote accuracy | tokens per problem | right only here | right only in "
+                  "the team's answer | p |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {v['round']} | {v['problems']} | {v['accuracy']:.1%} | {v['tokens']:.0f} | {v['only_round']} "
+                  f"| {v['only_final']} | {v['p_value']:.3g} |" for v in debate["votes"]]
+        lines.append("")
+    if debate["seats"]:
+        lines += _seat_lines(debate["seats"])
+    return lines + _early_stop_lines(debate.get("early_stop"))
 
 
 def _asked_line(task: dict[str, Any]) -> str:
@@ -212,10 +234,9 @@ def _gain_lines(task: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _early_stop_lines(task: dict[str, Any]) -> list[str]:
+def _early_stop_lines(stop: dict[str, Any] | None) -> list[str]:
     """What early stopping did (or would do) to the team's accuracy and tokens."""
     lines: list[str] = []
-    stop = task.get("early_stop")
     if stop and stop["observed"]:
         lines += ["", f"Early stopping (team.early_stop: a problem stops debating once every agent gives the same "
                   f"answer): {stop['stopped_early']} of {stop['problems']} team problems stopped before the last "

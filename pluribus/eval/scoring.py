@@ -153,6 +153,37 @@ def seat_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def round_votes(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The team stopped after each round: per round, the accuracy of that round's majority vote (the debate's own
+    ``majority``, ties by the votes of the rounds so far), the tokens spent up to it, and against the team's final
+    answer the problems only that vote got right, only the final got right, and their exact McNemar p. Empty where
+    the trajectories differ in rounds (early stopping) or a judge decided (its verdict is not a vote)."""
+    from types import SimpleNamespace
+
+    from pluribus.data.debate import majority
+
+    if not records or len({len(r["rounds"]) for r in records}) != 1 or len(records[0]["rounds"]) < 2:
+        return []
+    if any((r.get("meta") or {}).get("judge") for r in records):
+        return []
+    n = len(records)
+    out = []
+    for k in range(len(records[0]["rounds"])):
+        right, spent = [], 0
+        for r in records:
+            history = [[SimpleNamespace(answer=t["answer"], correct=t["correct"]) for t in rnd]
+                       for rnd in r["rounds"][:k + 1]]
+            right.append(bool(majority(history[-1], history)[1]))
+            spent += sum(t["tokens_in"] + t["tokens_out"] for rnd in r["rounds"][:k + 1] for t in rnd)
+        final = [bool(r["final_correct"]) for r in records]
+        only_round = sum(a and not b for a, b in zip(right, final, strict=True))
+        only_final = sum(b and not a for a, b in zip(right, final, strict=True))
+        out.append({"round": k, "problems": n, "accuracy": sum(right) / n, "tokens": spent / n,
+                    "only_round": only_round, "only_final": only_final,
+                    "p_value": mcnemar_exact(only_round, only_final)})
+    return out
+
+
 def early_stop_effect(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """What stopping on agreement does, from the team's trajectories.
 

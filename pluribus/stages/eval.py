@@ -29,6 +29,7 @@ from pluribus.eval.scoring import (
     early_stop_effect,
     outcomes,
     robustness_row,
+    round_votes,
     score,
     seat_rounds,
     team_gain,
@@ -253,6 +254,8 @@ def _task_results(run: TaskRun, plans: list[Plan], name: str, task: TaskConfig, 
         out["early_stop"] = effect
     if "team" in records and max((len(r["rounds"]) for r in records["team"]), default=0) > 1:
         out["seats"] = seat_rounds(records["team"])
+    if debates := _debate_rounds(records):
+        out["debate_rounds"] = debates
     if versus := _team_versus(records, out["outcomes"]):
         out["team_versus"] = versus
     if robust:
@@ -373,6 +376,17 @@ def _member(agent: AgentConfig, i: int, first: AgentConfig, previous: str) -> st
     if weights_of(agent) == weights_of(first):
         return "single-greedy"
     return f"{agent.name or f'agent {i}'} ({agent.model}{'+' + agent.adapter if agent.adapter else ''})"
+
+
+def _debate_rounds(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Every generation's team (``team``, ``gen2/team``, ...), round by round: each round's vote, each seat's first
+    round against its last, and what early stopping does; only teams that debated more than one round."""
+    out = {}
+    for label, recs in records.items():
+        if family(label) != "team" or max((len(r["rounds"]) for r in recs), default=0) < 2:
+            continue
+        out[label] = {"votes": round_votes(recs), "seats": seat_rounds(recs), "early_stop": early_stop_effect(recs)}
+    return out
 
 
 def _team_versus(records: dict[str, Any], outcomes: dict[str, dict[str, bool]]) -> list[dict[str, Any]]:

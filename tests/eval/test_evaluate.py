@@ -318,3 +318,48 @@ def test_a_merged_system_shows_its_merge_error_beside_it(tiny_llama_dir: Path, t
     report = (tmp_path / "m" / "eval" / "report.md").read_text()
     assert (f"merged-greedy is the task_arithmetic merge (adapters -> adapter), relative error vs the exact merge "
             f"{summary.error:.3e}: the exact merge's best approximation at rank 2, as asked.") in report
+
+
+def test_round_votes_say_what_stopping_after_each_round_would_have_given() -> None:
+    from pluribus.eval.scoring import round_votes
+    from pluribus.stages.eval import _debate_rounds
+
+    def rec(r0, r1, final):
+        return {"team": ["a", "b", "c"], "rounds": [[_t(a, a == "2") for a in r0], [_t(a, a == "2") for a in r1]],
+                "final_correct": final, "meta": {}, "cost": {"tokens_in": 60, "tokens_out": 30}}
+
+    # round 0 right by its vote, the debate talked the team out of it; one the debate fixed; one tie in round 0
+    # that goes to the first voter
+    records = [rec(["2", "2", "3"], ["3", "3", "2"], False), rec(["3", "3", "2"], ["2", "2", "2"], True),
+               rec(["2", "3", None], ["3", "3", "3"], False), rec(["2", "2", "2"], ["2", "2", "2"], True)]
+    votes = round_votes(records)
+    assert [v["round"] for v in votes] == [0, 1]
+    assert votes[0]["accuracy"] == 0.75 and votes[0]["only_round"] == 2 and votes[0]["only_final"] == 1
+    assert votes[0]["p_value"] == 1.0 and votes[0]["problems"] == 4
+    assert votes[0]["tokens"] == 3 * 15 and votes[1]["tokens"] == 6 * 15  # _t's turns: 10 in + 5 out
+    assert votes[1]["accuracy"] == 0.5 and votes[1]["only_round"] == votes[1]["only_final"] == 0
+    # early stopping (rounds differ) or a judge: no exact what-if
+    assert round_votes([*records, {**records[0], "rounds": records[0]["rounds"][:1]}]) == []
+    assert round_votes([{**records[0], "meta": {"judge": [{"answer": "2"}]}}]) == []
+    # every generation's team gets its rounds; a system that is not a team does not
+    debates = _debate_rounds({"team": records, "gen2/team": records[:2], "sc": records, "gen2/team-prm": records})
+    assert set(debates) == {"team", "gen2/team"}
+    assert debates["gen2/team"]["votes"][0]["problems"] == 2 and debates["gen2/team"]["seats"][0]["seat"] == "a"
+
+
+def test_the_report_shows_each_generations_team_round_by_round() -> None:
+    from pluribus.eval.report import markdown
+
+    votes = [{"round": 0, "problems": 300, "accuracy": 0.39, "tokens": 348.6, "only_round": 47, "only_final": 24,
+              "p_value": 0.0086},
+             {"round": 1, "problems": 300, "accuracy": 0.313, "tokens": 1379.1, "only_round": 0, "only_final": 0,
+              "p_value": 1.0}]
+    seats = [{"seat": "solver", "problems": 300, "round0_accuracy": 0.397, "final_accuracy": 0.303,
+              "right_to_wrong": 40, "wrong_to_right": 12}]
+    task = {"name": "heldout", "task": "synthetic", "split": "heldout", "problems": 300, "team_problems": 300,
+            "systems": {}, "comparisons": [],
+            "debate_rounds": {"gen2/team": {"votes": votes, "seats": seats, "early_stop": None}}}
+    text = markdown({"run": "r", "tasks": [task]})
+    assert "### `gen2/team`, round by round" in text
+    assert "| 0 | 300 | 39.0% | 349 | 47 | 24 | 0.0086 |" in text
+    assert "| solver | 300 | 39.7% | 30.3% | 40 | 12 |" in text
