@@ -71,7 +71,7 @@ def test_study_recipe_end_to_end_and_a_rerun_retrains_only_what_changed(tmp_path
     assert set(main["team_gain"]["systems"]) == {"sc", "prm-bon", "team-prm", "rsft-greedy", "self-rsft-greedy",
                                                  "rl-greedy", "ta-greedy"}
     assert {c["system"] for c in main["comparisons"]} == set(main["systems"]) - {"single-greedy"}
-    assert "early_stop" in main and (run / "eval" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert main["debate_rounds"]["team"]["early_stop"] and (run / "eval" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     report = (run / "eval" / "report.md").read_text()
     assert "share of the team's gain" in report
     assert payload["next_generation"] and "This run is one generation" in report  # how to go on: generations

@@ -74,7 +74,7 @@ def nucleus(logits: Any, top_p: float) -> Any:
 class _Forward:
     """One model's forward with a KV cache, under the argument names its transformers version takes."""
 
-    def __init__(self, model: Any, device: Any, room: int = 64) -> None:
+    def __init__(self, model: Any, device: Any, room: int) -> None:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel takes **kwargs
         params = set(inspect.signature(inner.forward).parameters)
         self.model, self.device, self.room = model, device, room

@@ -20,58 +20,71 @@ class RoomyLayer(DynamicLayer):
     """A ``DynamicLayer`` written in place, ``room`` columns at a time (see the module docstring)."""
 
     def __init__(self, room: int = 64) -> None:
-        super().__init__()
         self.room = max(1, room)
         self._buffers: tuple[Any, Any] | None = None
-        self._view: Any = None  # the ``keys`` this layer handed out last; another object there was set from outside
+        self._views: tuple[Any, Any] = (None, None)  # the keys and values this layer handed out last
+        super().__init__()
 
-    def _writable(self, length: int, key_states: Any) -> bool:
-        if self._buffers is None or self.keys is not self._view:
-            return False
-        buffer = self._buffers[0]
-        return buffer.shape[-2] >= length and buffer.shape[:2] == key_states.shape[:2]
+    # keys or values set from outside (a join, a stored prefix, ``crop``) drop the buffers at once: no stale
+    # buffer is written or kept alive beside the new tensors
+    @property
+    def keys(self) -> Any:
+        return self._keys
+
+    @keys.setter
+    def keys(self, tensor: Any) -> None:
+        if tensor is not self._views[0]:
+            self._buffers, self._views = None, (None, None)
+        self._keys = tensor
+
+    @property
+    def values(self) -> Any:
+        return self._values
+
+    @values.setter
+    def values(self, tensor: Any) -> None:
+        if tensor is not self._views[1]:
+            self._buffers, self._views = None, (None, None)
+        self._values = tensor
 
     def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = self.keys.shape[-2] if self.keys.dim() == 4 else 0  # lazy initialization leaves an empty 1-d tensor
         length = n + key_states.shape[-2]
-        if not self._writable(length, key_states):
-            self._buffers = (_with_room(self.keys, n, key_states, length + self.room),
-                             _with_room(self.values, n, value_states, length + self.room))
-        keys, values = self._buffers
-        keys[:, :, n:length] = key_states
-        values[:, :, n:length] = value_states
-        self._show(length)
+        buffers = self._buffers
+        if buffers is None or buffers[0].shape[-2] < length or buffers[0].shape[:2] != key_states.shape[:2]:
+            buffers = (_with_room(self.keys, n, key_states, length + self.room),
+                       _with_room(self.values, n, value_states, length + self.room))
+        buffers[0][:, :, n:length] = key_states
+        buffers[1][:, :, n:length] = value_states
+        self._show(buffers, length)
         return self.keys, self.values
 
-    def _show(self, length: int) -> None:
-        keys, values = self._buffers  # type: ignore[misc]
-        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
-        self._view = self.keys
+    def _show(self, buffers: tuple[Any, Any], length: int) -> None:
+        """Make ``length`` columns of ``buffers`` the layer's keys and values."""
+        views = (buffers[0][:, :, :length], buffers[1][:, :, :length])
+        self._buffers, self._views = buffers, views
+        self._keys, self._values = views
 
     def batch_select_indices(self, indices: Any) -> None:
         """Keep the rows at ``indices``, their spare room with them."""
-        if self._buffers is None or self.keys is not self._view:
+        if self._buffers is None:
             super().batch_select_indices(indices)
             return
-        length = self.keys.shape[-2]
-        self._buffers = (self._buffers[0][indices], self._buffers[1][indices])
-        self._show(length)
+        self._show((self._buffers[0][indices], self._buffers[1][indices]), self.keys.shape[-2])
 
     def drop_columns(self, first: int) -> None:
         """Drop the ``first`` leading columns (no row attends to them), without a copy."""
         if first <= 0:
             return
-        if self._buffers is None or self.keys is not self._view:
+        if self._buffers is None:
             self.keys, self.values = self.keys[..., first:, :], self.values[..., first:, :]
             return
-        length = self.keys.shape[-2] - first
-        self._buffers = (self._buffers[0][:, :, first:], self._buffers[1][:, :, first:])
-        self._show(length)
+        self._show((self._buffers[0][:, :, first:], self._buffers[1][:, :, first:]), self.keys.shape[-2] - first)
 
     def reset(self) -> None:
-        self._buffers = self._view = None
+        self._buffers, self._views = None, (None, None)
         super().reset()
 
 

@@ -97,9 +97,9 @@ def _debate_lines(label: str, debate: dict[str, Any]) -> list[str]:
     early stopping."""
     lines = ["", f"### `{label}`, round by round", ""]
     if debate["votes"]:
-        lines += ["The team stopped after each round (what `team.rounds` set to one more than that round gives: a "
-                  "round never sees later ones), its majority vote against the team's answer (paired on the same "
-                  "problems, exact McNemar p):", "",
+        lines += ["The team stopped after each round (what `team.rounds` set to one more than that round gives on "
+                  "the problems the full debate answered: a round never sees later ones), its majority vote against "
+                  "the team's answer (paired on the same problems, exact McNemar p):", "",
                   "| after round | problems | vote accuracy | tokens per problem | right only here | right only in "
                   "the team's answer | p |", "|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {v['round']} | {v['problems']} | {v['accuracy']:.1%} | {v['tokens']:.0f} | {v['only_round']} "

@@ -156,15 +156,19 @@ def seat_rounds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def round_votes(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The team stopped after each round: per round, the accuracy of that round's majority vote (the debate's own
     ``majority``, ties by the votes of the rounds so far), the tokens spent up to it, and against the team's final
-    answer the problems only that vote got right, only the final got right, and their exact McNemar p. Empty where
-    the trajectories differ in rounds (early stopping) or a judge decided (its verdict is not a vote)."""
+    answer the problems only that vote got right, only the final got right, and their exact McNemar p.
+
+    Exact for a team that aggregates by ``majority`` (a round never sees later ones; seeds are per conversation
+    and round), a judge that only steers the rounds included. Empty where the trajectories differ in rounds (early
+    stopping) or the team's answer is not a vote (``judge``, ``prm_best``, ``prm_vote``: stopping sooner would
+    have been judged or scored anew)."""
     from types import SimpleNamespace
 
     from pluribus.data.debate import majority
 
     if not records or len({len(r["rounds"]) for r in records}) != 1 or len(records[0]["rounds"]) < 2:
         return []
-    if any((r.get("meta") or {}).get("judge") for r in records):
+    if any(r.get("aggregation", "majority") != "majority" for r in records):
         return []
     n = len(records)
     out = []

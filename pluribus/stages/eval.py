@@ -250,10 +250,6 @@ def _task_results(run: TaskRun, plans: list[Plan], name: str, task: TaskConfig, 
     gain = team_gain(records, team_ids)
     if gain:
         out["team_gain"] = gain
-    if "team" in records and (effect := early_stop_effect(records["team"])):
-        out["early_stop"] = effect
-    if "team" in records and max((len(r["rounds"]) for r in records["team"]), default=0) > 1:
-        out["seats"] = seat_rounds(records["team"])
     if debates := _debate_rounds(records):
         out["debate_rounds"] = debates
     if versus := _team_versus(records, out["outcomes"]):

@@ -112,7 +112,7 @@ def test_eval_prm_bon_reads_sc_samples_and_reports(prm_dir, tiny_llama_dir, tmp_
     assert "prm-bon: on each problem, the very samples sc voted over" in report
     assert "step accuracy" in report or "not measured" in report
     assert "Each seat of the team" in report
-    assert [s["seat"] for s in payload["tasks"][0]["seats"]] == ["agent0", "agent1"]
+    assert [s["seat"] for s in payload["tasks"][0]["debate_rounds"]["team"]["seats"]] == ["agent0", "agent1"]
     # team-prm: the team's transcripts, re-chosen by the PRM at the team's cost
     team, again = payload["systems"]["team"], payload["systems"]["team-prm"]
     assert again["tokens_per_problem"] == team["tokens_per_problem"] and again["vote"] == "team"

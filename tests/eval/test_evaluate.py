@@ -338,13 +338,21 @@ def test_round_votes_say_what_stopping_after_each_round_would_have_given() -> No
     assert votes[0]["p_value"] == 1.0 and votes[0]["problems"] == 4
     assert votes[0]["tokens"] == 3 * 15 and votes[1]["tokens"] == 6 * 15  # _t's turns: 10 in + 5 out
     assert votes[1]["accuracy"] == 0.5 and votes[1]["only_round"] == votes[1]["only_final"] == 0
-    # early stopping (rounds differ) or a judge: no exact what-if
+    # a round-1 tie goes to the answer with more votes over rounds 0 and 1, as the debate breaks it
+    tie = rec(["3", "3", "3"], ["2", "3", None], False)
+    assert round_votes([tie, *records])[1]["accuracy"] == 0.4
+    # early stopping (rounds differ), or an answer that is not a vote (a judge's verdict, a PRM's choice): no exact
+    # what-if; a judge that only steers a majority team keeps it
     assert round_votes([*records, {**records[0], "rounds": records[0]["rounds"][:1]}]) == []
-    assert round_votes([{**records[0], "meta": {"judge": [{"answer": "2"}]}}]) == []
+    for aggregation in ("judge", "prm_best", "prm_vote"):
+        assert round_votes([{**r, "aggregation": aggregation} for r in records]) == []
+    steered = [{**r, "aggregation": "majority", "meta": {"judge": [{"answer": "2"}]}} for r in records]
+    assert round_votes(steered) == votes
     # every generation's team gets its rounds; a system that is not a team does not
     debates = _debate_rounds({"team": records, "gen2/team": records[:2], "sc": records, "gen2/team-prm": records})
     assert set(debates) == {"team", "gen2/team"}
     assert debates["gen2/team"]["votes"][0]["problems"] == 2 and debates["gen2/team"]["seats"][0]["seat"] == "a"
+    assert debates["team"]["early_stop"]["stopped_early"] == 1  # the problem all three agree on in round 0
 
 
 def test_the_report_shows_each_generations_team_round_by_round() -> None:
@@ -358,8 +366,12 @@ def test_the_report_shows_each_generations_team_round_by_round() -> None:
               "right_to_wrong": 40, "wrong_to_right": 12}]
     task = {"name": "heldout", "task": "synthetic", "split": "heldout", "problems": 300, "team_problems": 300,
             "systems": {}, "comparisons": [],
-            "debate_rounds": {"gen2/team": {"votes": votes, "seats": seats, "early_stop": None}}}
+            "debate_rounds": {"gen2/team": {"votes": votes, "seats": seats, "early_stop": {
+                "problems": 300, "observed": False, "stopped_early": 9, "accuracy_full": 0.313,
+                "accuracy_early_stop": 0.313, "tokens_full": 1379.1, "tokens_early_stop": 1350.0,
+                "tokens_saved": 0.021}}}}
     text = markdown({"run": "r", "tasks": [task]})
+    assert "on 300 team problems, 9 would stop before the last round; accuracy 31.3% -> 31.3%" in text
     assert "### `gen2/team`, round by round" in text
     assert "| 0 | 300 | 39.0% | 349 | 47 | 24 | 0.0086 |" in text
     assert "| solver | 300 | 39.7% | 30.3% | 40 | 12 |" in text
