@@ -171,15 +171,13 @@ def round_votes(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if any(r.get("aggregation", "majority") != "majority" for r in records):
         return []
     n = len(records)
+    turns = [[[SimpleNamespace(answer=t["answer"], correct=t["correct"]) for t in rnd] for rnd in r["rounds"]]
+             for r in records]
+    final = [bool(r["final_correct"]) for r in records]
     out = []
     for k in range(len(records[0]["rounds"])):
-        right, spent = [], 0
-        for r in records:
-            history = [[SimpleNamespace(answer=t["answer"], correct=t["correct"]) for t in rnd]
-                       for rnd in r["rounds"][:k + 1]]
-            right.append(bool(majority(history[-1], history)[1]))
-            spent += sum(t["tokens_in"] + t["tokens_out"] for rnd in r["rounds"][:k + 1] for t in rnd)
-        final = [bool(r["final_correct"]) for r in records]
+        right = [bool(majority(rounds[k], rounds[:k + 1])[1]) for rounds in turns]
+        spent = sum(t["tokens_in"] + t["tokens_out"] for r in records for rnd in r["rounds"][:k + 1] for t in rnd)
         only_round = sum(a and not b for a, b in zip(right, final, strict=True))
         only_final = sum(b and not a for a, b in zip(right, final, strict=True))
         out.append({"round": k, "problems": n, "accuracy": sum(right) / n, "tokens": spent / n,
