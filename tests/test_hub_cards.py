@@ -74,9 +74,12 @@ def test_a_long_training_record_is_summarized_never_cut(adapter_dir: Path, tmp_p
 
 
 @pytest.mark.integration
-def test_following_the_card_gives_the_logits_the_eval_measured(smollm2_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ran_in", [None, "bfloat16", "float32"])
+def test_following_the_card_gives_the_logits_the_eval_measured(smollm2_dir: Path, tmp_path: Path,
+                                                               ran_in: str | None) -> None:
     """An adapter trained on the embedded (dequantized Q4_1 GGUF) model: the card says so, and its loading code,
-    run as written, gives the logits of the model eval ran (pluribus.models.load_model with the adapter)."""
+    run as written, gives the logits of the model eval ran (pluribus.models.load_model with the adapter) in the
+    dtype its results.json says it ran in (float32 on a CPU without native bf16; bf16 where nothing says)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -87,8 +90,13 @@ def test_following_the_card_gives_the_logits_the_eval_measured(smollm2_dir: Path
     torch.manual_seed(0)
     lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # B != 0: it changes logits
     get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")  # records the cache folder, as training does
-    out = export_folder(tmp_path / "adapter", tmp_path / "export")
+    results = None
+    if ran_in is not None:
+        results = measured(tmp_path / "adapter", {"distilled-greedy": {"accuracy": 0.4}})
+        results["tasks"][0]["ran_on"] = {"distilled-greedy": {"distilled": {"device": "cpu", "dtype": ran_in}}}
+    out = export_folder(tmp_path / "adapter", tmp_path / "export", eval_results=results)
     card = (out / "README.md").read_text()
+    assert ("The evaluation ran in float32" in card) == (ran_in == "float32")
     meta = metadata_load(out / "README.md")
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in card and "not on the bf16 weights of" in card
@@ -97,7 +105,8 @@ def test_following_the_card_gives_the_logits_the_eval_measured(smollm2_dir: Path
     code = card.split("```python\n", 1)[1].split("\n```", 1)[0].replace("<this repo>", str(out))
     scope: dict = {}
     exec(compile(code, "card", "exec"), scope)  # the card's code, as a user runs it
-    evaluated, tokenizer = load_model("smollm2-135m", adapter=tmp_path / "adapter")
+    evaluated, tokenizer = load_model("smollm2-135m", adapter=tmp_path / "adapter",
+                                      dtype=getattr(torch, ran_in or "bfloat16"))
     ids = tokenizer("What is 12 + 30? Answer:", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         theirs = scope["model"].eval()(ids).logits
