@@ -1,11 +1,13 @@
-"""One-token decode steps' attention on the key/value heads: grouped query heads packed as the query length.
+"""Attention on the key/value heads: grouped query heads never get a copy of the keys and values per head.
 
-A decode step's query is one token. transformers from 5.20 packs the query heads that share a key/value head
-into that head's query rows for such steps (``pack_gqa``); 5.16-5.19 (vLLM's environment pins them) repeat every
-key and value per query head instead, which on CPU made a step's attention 4-7x slower (SmolLM2-135M: 3 KV heads
-for 9 query heads; 15.5 ms against 2.1 ms for 18 rows over 300 cached tokens, same results to the bit). The
-backend registers ``pluribus_sdpa``, this packing in front of transformers' own ``sdpa``, for models that run sdpa;
-every other call (prefill, dropout, a position bias, attention sinks, a per-head mask) goes to ``sdpa`` as is.
+SmolLM2-135M has 3 key/value heads for 9 query heads. transformers' ``sdpa`` repeats every key and value per query
+head wherever a mask is given (every batch of left-padded prompts) and, before 5.20, for one-token decode steps
+too (5.16-5.19: vLLM's environment pins them), where on CPU it made a step's attention 4-7x slower (15.5 ms
+against 2.1 ms for 18 rows over 300 cached tokens). ``pluribus_sdpa`` sits in front of transformers' ``sdpa``:
+a one-token step packs the query heads that share a key/value head into that head's query rows; a longer query
+(a prefill) hands the key/value heads to torch's SDPA with ``enable_gqa``. Both give sdpa's results to the bit
+(tests/data/test_decoding.py; ``bench/prefill_attention.py``). Every other call (dropout, a position bias,
+attention sinks, a per-head mask, a torch before 2.5) goes to ``sdpa`` as is.
 """
 
 from __future__ import annotations
@@ -15,31 +17,50 @@ from typing import Any
 NAME = "pluribus_sdpa"
 
 
+def _plain(module: Any, query: Any, key: Any, attention_mask: Any, dropout: float, kwargs: dict[str, Any]) -> bool:
+    """Whether a call goes to transformers' ``sdpa`` as is: no grouped heads, or anything beyond a plain
+    causal or masked attention."""
+    import torch
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    return bool(groups <= 1 or dropout or kwargs.get("position_bias") is not None
+                or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None
+                or kwargs.get("cache") is not None or kwargs.get("softcap") is not None
+                or kwargs.get("output_attentions")
+                or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1))
+                or key.shape[1] * groups != query.shape[1]
+                or (query.shape[2] > 1 and torch.__version__ < "2.5"))  # SDPA takes enable_gqa from 2.5
+
+
 def _attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
                scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    groups = getattr(module, "num_key_value_groups", 1)
-    batch, heads, length, dim = query.shape
-    plain = (length != 1 or groups <= 1 or dropout or kwargs.get("position_bias") is not None
-             or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None or kwargs.get("cache") is not None
-             or kwargs.get("softcap") is not None or kwargs.get("output_attentions")
-             or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1))
-             or key.shape[1] * groups != heads)
-    if plain:
+    if _plain(module, query, key, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if attention_mask is not None:
-        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+    groups = module.num_key_value_groups
+    batch, heads, length, dim = query.shape
+    if length == 1:
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling)
+        return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+    # a prefill: transformers' own rule for is_causal (a mask given means no flag), and its cut of a static
+    # cache's empty columns where the flag is set
+    causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if causal and key.shape[2] > length:
+        key, value = key[:, :, :length], value[:, :, :length]
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           scale=scaling, is_causal=causal, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
 
 
-def pack_decode_attention(model: Any) -> bool:
-    """Run ``model``'s one-token steps through ``pluribus_sdpa`` where it runs transformers' sdpa; whether it
-    does now."""
+def kv_head_attention(model: Any) -> bool:
+    """Run ``model``'s attention through ``pluribus_sdpa`` where it runs transformers' sdpa; whether it does
+    now."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 

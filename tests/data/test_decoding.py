@@ -284,7 +284,8 @@ def test_a_sliding_window_cache_decodes_batch_after_batch_and_equals_generate():
 
 
 def test_packed_decode_attention_gives_sdpas_tokens(monkeypatch):
-    # grouped query heads packed onto their key/value heads for one-token steps: the same tokens as sdpa's
+    # grouped query heads packed onto their key/value heads for one-token steps, a prefill's on the KV heads
+    # through enable_gqa: the same tokens as sdpa's
     import pluribus.data.attention as attention
     from pluribus.data.decoding import decode_rows
     from tests.tiny import tiny_causal_lm
@@ -296,11 +297,54 @@ def test_packed_decode_attention_gives_sdpas_tokens(monkeypatch):
     packed_steps = []
     real = torch.nn.functional.scaled_dot_product_attention
 
-    def spy(query, *args, **kwargs):
-        packed_steps.append(query.shape[2] == 3)  # 6 query heads on 2 KV heads: 3 rows per KV head
-        return real(query, *args, **kwargs)
+    gqa_prefills = []
 
-    assert attention.pack_decode_attention(model) and model.config._attn_implementation == attention.NAME
+    def spy(query, key, *args, **kwargs):
+        packed_steps.append(query.shape[2] == 3)  # 6 query heads on 2 KV heads: 3 rows per KV head
+        if query.shape[2] > 1 and query.shape[1] == 6:
+            gqa_prefills.append(key.shape[1] == 2 and kwargs.get("enable_gqa") is True)
+        return real(query, key, *args, **kwargs)
+
+    assert attention.kv_head_attention(model) and model.config._attn_implementation == attention.NAME
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     assert decode_rows(model, rows, max_new_tokens=10, eos=[], slots=2) == plain
     assert any(packed_steps)
+    assert gqa_prefills and all(gqa_prefills)  # every prefill (left-padded, joined later) on the KV heads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_on_the_kv_heads_gives_sdpas_logits_to_the_bit(dtype):
+    # left-padded rows (a mask), one unpadded row alone (no mask: the causal flag), and a prefill on top of a
+    # cache (a mask over more columns than the query): sdpa's logits to the bit
+    import pluribus.data.attention as attention
+    from tests.tiny import tiny_causal_lm
+
+    torch.manual_seed(0)
+    model = tiny_causal_lm("llama", hidden_size=96, intermediate_size=128, vocab_size=512, num_attention_heads=6,
+                           num_key_value_heads=2).to(dtype).eval()
+    ids = torch.randint(1, 512, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+
+    def run() -> list:
+        import inspect
+
+        from transformers import DynamicCache
+
+        # the KV cache is `cache` from transformers 5.24, `past_key_values` before
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        with torch.inference_mode():
+            padded = model(input_ids=ids, attention_mask=mask).logits
+            alone = model(input_ids=ids[1:2]).logits
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids[:, :5], attention_mask=mask[:, :5], **{name: cache})
+            on_top = model(input_ids=ids[:, 5:], attention_mask=mask, **{name: cache}).logits
+        return [padded, alone, on_top]
+
+    before = run()
+    assert attention.kv_head_attention(model)
+    after = run()
+    for b, a in zip(before, after, strict=True):
+        real = mask.bool()[:, -b.shape[1]:] if b.shape[0] == 3 else torch.ones(b.shape[:2], dtype=torch.bool)
+        assert torch.equal(b[real], a[real])

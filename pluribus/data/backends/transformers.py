@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from pluribus.config import AgentConfig, SamplingConfig
-from pluribus.data.attention import pack_decode_attention
+from pluribus.data.attention import kv_head_attention
 from pluribus.data.backends.base import Conversation, Generation, OnBatch
 from pluribus.data.backends.prompt import Fit, Prompt, PromptBuilder, _context_length, eos_ids, row_seeds
 from pluribus.data.decoding import decode_rows, row_sampler
@@ -32,7 +32,7 @@ class TransformersBackend:
             trust_remote_code=trust_remote_code
         )
         self.model.eval()
-        pack_decode_attention(self.model)  # one-token steps on the KV heads (transformers 5.16-5.19 repeat them)
+        kv_head_attention(self.model)  # attention on the KV heads (transformers' sdpa repeats them per query head)
         self.where = devices.where(self.model)  # {"device", "dtype"}: what the stage records
         self.name = agent.model if agent.adapter is None else f"{agent.model}+{agent.adapter}"
         self.batch_size = batch_size
