@@ -1,7 +1,8 @@
 """What transformers ships against pluribus' ``decode_rows``: continuous batching (``generate_batch``, paged
 attention), ``generate`` with a static cache, and ``generate`` as is, on the same prompts.
 
-The embedded SmolLM2-135M, bf16, the quickstart team's round-0 prompt on held-out problems of a synthetic level,
+The embedded SmolLM2-135M in the dtype pluribus runs on this CPU (bf16 where it computes it natively, else
+float32; ``--dtype`` to choose), the quickstart team's round-0 prompt on held-out problems of a synthetic level,
 greedy. Each side runs once (``generate_batch`` twice: its first call builds its manager); prints seconds,
 generated tokens per second and how many rows are token-for-token equal to ``decode_rows``'.
 
@@ -19,6 +20,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 
+from pluribus import device as devices  # noqa: E402
 from pluribus.config import TaskConfig  # noqa: E402
 from pluribus.data.backends import eos_ids  # noqa: E402
 from pluribus.data.decoding import decode_rows  # noqa: E402
@@ -34,13 +36,16 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=24)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="auto: what pluribus runs on this machine (bf16 where the CPU computes it natively)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import GenerationConfig
 
     problems = load_problems(TaskConfig(source="synthetic", n=args.problems * 4, split="heldout",
                                         heldout_fraction=0.25, synthetic={"level": args.level}))[: args.problems]
-    model, tok = load_model(EMBEDDED, dtype=torch.bfloat16)
+    dtype = devices.dtype_for(torch.device("cpu")) if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tok = load_model(EMBEDDED, dtype=dtype, device="cpu")
     eos = eos_ids(model, tok)
     texts = [tok.apply_chat_template([{"role": "user", "content": PROMPT.replace("{question}", p.question)}],
                                      tokenize=False, add_generation_prompt=True) for p in problems]
@@ -74,7 +79,7 @@ def main() -> None:
     sides = {"decode_rows": lambda: decode_rows(model, prompts, max_new_tokens=args.max_new_tokens, eos=eos),
              "generate_batch (1st)": generate_batch, "generate_batch": generate_batch,
              "generate static": lambda: generate(cache_implementation="static"), "generate": generate}
-    print(f"{len(prompts)} prompts of {args.level}, {args.max_new_tokens} new tokens at most, bf16, greedy, torch "
+    print(f"{len(prompts)} prompts of {args.level}, {args.max_new_tokens} new tokens at most, {dtype}, greedy, torch "
           f"threads {torch.get_num_threads()}")
     ours = None
     for name, fn in sides.items():

@@ -1,6 +1,7 @@
 """What continuous batching buys: pluribus' ``decode_rows`` against its ``decode`` before it, same prompts.
 
-The embedded SmolLM2-135M, bf16, the quickstart team's round-0 prompt on held-out problems of a synthetic level,
+The embedded SmolLM2-135M in the dtype pluribus runs on this CPU (bf16 where it computes it natively, else
+float32; ``--dtype`` to choose), the quickstart team's round-0 prompt on held-out problems of a synthetic level,
 greedy, longest prompts first (as the transformers backend orders them). The baseline (``decode_before``, the old
 algorithm kept verbatim below) decodes left-padded batches of ``--batch-size`` one after the other, each until its
 last row ends (finished rows leave its cache); ``decode_rows`` keeps ``--batch-size`` slots, a finished row's slot
@@ -25,6 +26,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 
+from pluribus import device as devices  # noqa: E402
 from pluribus.config import TaskConfig  # noqa: E402
 from pluribus.data.backends import eos_ids  # noqa: E402
 from pluribus.data.decoding import _prunable, decode_rows  # noqa: E402
@@ -117,13 +119,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="auto: what pluribus runs on this machine (bf16 where the CPU computes it natively)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--generate", action="store_true", help="also one batched model.generate per batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     problems = load_problems(TaskConfig(source="synthetic", n=args.problems, split="heldout",
                                         heldout_fraction=0.25, synthetic={"level": args.level}))
-    model, tok = load_model(EMBEDDED, dtype=torch.bfloat16)
+    dtype = devices.dtype_for(torch.device("cpu")) if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tok = load_model(EMBEDDED, dtype=dtype, device="cpu")
     eos = eos_ids(model, tok)
     texts = [tok.apply_chat_template([{"role": "user", "content": PROMPT.replace("{question}", p.question)}],
                                      tokenize=False, add_generation_prompt=True) for p in problems]
@@ -160,13 +165,13 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     tokens = {k: sum(map(len, v)) for k, v in outs.items()}
     print(f"{len(problems)} prompts of {args.level}, batches of {args.batch_size}, {args.max_new_tokens} new tokens at "
-          f"most, bf16, torch threads {torch.get_num_threads()}, {args.reps} interleaved pairs")
+          f"most, {dtype}, torch threads {torch.get_num_threads()}, {args.reps} interleaved pairs")
     for name in times:
         t = statistics.median(times[name])
         equal = sum(a == b for a, b in zip(outs["before"], outs[name], strict=True))
         print(f"  {name:9s} {t:6.1f} s  {tokens[name] / t:7.1f} generated tok/s  ({tokens[name]} tokens; rows equal "
               f"to before's token for token: {equal} / {len(problems)})")
-    print("  (bf16 rounds differently as batch compositions differ)")
+    print("  (bf16 rounds differently as batch compositions differ; float32 rarely)")
     base = statistics.median(times["before"])
     print("  speed against before: " + ", ".join(f"{name} {base / statistics.median(t):.2f}x"
                                                  for name, t in times.items() if name != "before"))

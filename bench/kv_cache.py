@@ -1,7 +1,8 @@
 """A KV cache written in place (``kv_cache.RoomyLayer``, what ``decode_rows`` runs) against transformers'
 ``DynamicLayer`` (a ``torch.cat`` of the whole cache at every step), same prompts, same ``decode_rows`` otherwise.
 
-The embedded SmolLM2-135M, bf16, greedy, GSM8K training questions from ``../shared/data/gsm8k`` (long prompts:
+The embedded SmolLM2-135M in the dtype pluribus runs on this CPU (bf16 where it computes it natively, else
+float32; ``--dtype`` to choose), greedy, GSM8K training questions from ``../shared/data/gsm8k`` (long prompts:
 the cost of a copy grows with the cached length) under the quickstart's question prompt, ``--rows`` prompts
 through ``--slots`` slots, ``--max-new-tokens`` new tokens at most. The sides run in turn, ``--reps`` rounds
 (interleaved, so that load on a shared machine hits both alike); prints each side's median seconds, generated
@@ -23,6 +24,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 
+from pluribus import device as devices  # noqa: E402
 from pluribus.data import kv_cache  # noqa: E402
 from pluribus.data.backends import eos_ids  # noqa: E402
 from pluribus.data.decoding import decode_rows  # noqa: E402
@@ -38,12 +40,15 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=96)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="auto: what pluribus runs on this machine (bf16 where the CPU computes it natively)")
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with open(default_gsm8k_path()) as f:
         questions = [json.loads(line)["question"] for _, line in zip(range(args.rows), f, strict=False)]
-    model, tok = load_model(EMBEDDED, dtype=torch.bfloat16)
+    dtype = devices.dtype_for(torch.device("cpu")) if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, tok = load_model(EMBEDDED, dtype=dtype, device="cpu")
     eos = eos_ids(model, tok)
     prompts = [tok.apply_chat_template([{"role": "user", "content": PROMPT.replace("{question}", q)}],
                                        tokenize=True, add_generation_prompt=True) for q in questions]
@@ -68,7 +73,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     lengths = [len(p) for p in prompts]
     print(f"{len(prompts)} GSM8K prompts of {min(lengths)}-{max(lengths)} tokens, {args.slots} slots, "
-          f"{args.max_new_tokens} new tokens at most, bf16, greedy, torch threads {torch.get_num_threads()}, "
+          f"{args.max_new_tokens} new tokens at most, {dtype}, greedy, torch threads {torch.get_num_threads()}, "
           f"{args.reps} interleaved pairs")
     base = next(iter(outs.values()))
     for name, ts in times.items():
