@@ -1,7 +1,7 @@
 """Debate generation throughput: pluribus (one batch per model per round) vs the naive per-agent generate loop,
 and with ``--vllm`` the same debate on vLLM, in-process and through its OpenAI-compatible server.
 
-Same problems (synthetic), the same model (embedded SmolLM2-135M, bf16), 3 agents x 2 rounds, the same prompt
+Same problems (synthetic), the same model (embedded SmolLM2-135M, in the dtype pluribus runs on this CPU: bf16 where it computes it natively, else float32), 3 agents x 2 rounds, the same prompt
 templates, the same max new tokens, greedy decoding, one run:
 
 - pluribus (transformers backend): ``run_debate`` into a temporary store; every round is one ``Backend.generate``
@@ -101,8 +101,10 @@ def main() -> None:
 
     problems = load_problems(TaskConfig(source="synthetic", n=args.problems))
     backend = TransformersBackend(agent, batch_size=args.batch_size)
+    # every side in the dtype the transformers backend runs on this CPU (float32 where bf16 is not native)
+    dtype = backend.where["dtype"]
     print(f"{len(problems)} problems, {agents} agents x {rounds} rounds, max_new_tokens={args.max_new_tokens}, "
-          f"greedy, {EMBEDDED} bf16, torch threads={torch.get_num_threads()}, batch size {args.batch_size}; "
+          f"greedy, {EMBEDDED} {dtype}, torch threads={torch.get_num_threads()}, batch size {args.batch_size}; "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     # name -> (team, backends): the sides that run through run_debate
     sides = {"pluribus": (team_of(agent), {backend_key(agent): backend})}
@@ -112,12 +114,12 @@ def main() -> None:
         from pluribus.data.vllm_engine import VLLMServer, engine_kwargs
         from pluribus.models import resolve_model
 
-        local = agent.model_copy(update={"backend": "vllm", "context_length": 2048})
+        local = agent.model_copy(update={"backend": "vllm", "context_length": 2048, "dtype": dtype})
         t0 = time.perf_counter()
         engine = make_backend(local)
         startup["vllm"] = time.perf_counter() - t0
         sides["vllm"] = (team_of(local), {backend_key(local): engine})
-        kwargs = engine_kwargs(None, model=str(resolve_model(EMBEDDED)), dtype="bfloat16", max_model_len=2048,
+        kwargs = engine_kwargs(None, model=str(resolve_model(EMBEDDED)), dtype=dtype, max_model_len=2048,
                                lora_rank_needed=None, trust_remote_code=False)
         t0 = time.perf_counter()
         server = VLLMServer(kwargs, served_name=EMBEDDED, log=Path(tempfile.gettempdir()) / "bench-vllm-server.log",
