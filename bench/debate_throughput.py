@@ -1,8 +1,8 @@
 """Debate generation throughput: pluribus (one batch per model per round) vs the naive per-agent generate loop,
 and with ``--vllm`` the same debate on vLLM, in-process and through its OpenAI-compatible server.
 
-Same problems (synthetic), the same model (embedded SmolLM2-135M, in the dtype pluribus runs on this CPU: bf16 where it computes it natively, else float32), 3 agents x 2 rounds, the same prompt
-templates, the same max new tokens, greedy decoding, one run:
+Same problems (synthetic), the same model (embedded SmolLM2-135M, in the dtype pluribus runs on this CPU: bf16
+where it computes it natively, else float32), 3 agents x 2 rounds, the same prompt templates, the same max new tokens, greedy decoding, one run:
 
 - pluribus (transformers backend): ``run_debate`` into a temporary store; every round is one ``Backend.generate``
   call over all (problem x agent) conversations, split into ``--batch-size`` left-padded rows per ``model.generate``;
