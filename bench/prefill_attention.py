@@ -4,7 +4,7 @@ transformers' ``sdpa``, which repeats every key and value per query head whereve
 The embedded SmolLM2-135M (9 query heads on 3 key/value heads) in the dtype pluribus picks for this CPU (bf16
 where it computes it natively, else float32; ``--dtype`` to choose), debate-shaped prompts: the quickstart's
 round-1 prompt over a GSM8K training question, with two other questions' reference solutions as the peers'
-answers (``../shared/data/gsm8k``; 250-500 tokens). The prompts go longest first in batches of ``--batch-size``,
+answers (``../shared/data/gsm8k``; about 200-650 tokens). The prompts go longest first in batches of ``--batch-size``,
 left-padded, as the transformers backend prefills them; the sides run in turn, ``--reps`` rounds, interleaved.
 Prints each side's median seconds for the prefill of all ``--prompts``, prompt tokens per second, whether every
 prompt's last-position logits are equal to the bit, and the ratio.
@@ -85,9 +85,12 @@ def main() -> None:
     sides = {"sdpa (keys and values repeated per query head)": "sdpa", "pluribus_sdpa (on the KV heads)": NAME}
     times: dict[str, list[float]] = {s: [] for s in sides}
     logits: dict[str, torch.Tensor] = {}
-    prefill(model, prompts[: args.batch_size], args.batch_size, pad)  # warm-up
-    for _ in range(args.reps):
-        for side, implementation in sides.items():
+    for implementation in sides.values():  # warm-up, each side
+        model.set_attn_implementation(implementation)
+        prefill(model, prompts[: args.batch_size], args.batch_size, pad)
+    for rep in range(args.reps):
+        # each round in the other order, so neither side always runs first after the other
+        for side, implementation in (list(sides.items()) if rep % 2 == 0 else list(sides.items())[::-1]):
             model.set_attn_implementation(implementation)
             t0 = time.perf_counter()
             logits[side] = prefill(model, prompts, args.batch_size, pad)

@@ -140,12 +140,19 @@ def _record_block(record: dict[str, Any]) -> list[str]:
     return ["", "## Training", "", "```json", text, "```", *note]
 
 
+# the dtypes an eval can run the bf16 weights in other than bf16 (the card casts to them after loading)
+_UPCAST = ("float32", "float16")
+
+
 def _eval_dtype(results: dict[str, Any] | None, measured: dict[str, list[str]]) -> str | None:
     """The one dtype the eval ran this model's systems in (results.json's ``ran_on``); None where it is not
     recorded or was not one."""
-    dtypes = {agent.get("dtype") for task in _tasks(results or {}) for label in measured.get(str(task.get("name",
-              "heldout")), []) for agent in ((task.get("ran_on") or {}).get(label) or {}).values()
-              if isinstance(agent, dict)}
+    dtypes = set()
+    for task in _tasks(results or {}):
+        ran_on = task.get("ran_on") if isinstance(task.get("ran_on"), dict) else {}
+        for label in measured.get(str(task.get("name", "heldout")), []):
+            agents = ran_on.get(label) if isinstance(ran_on.get(label), dict) else {}
+            dtypes |= {a.get("dtype") if isinstance(a, dict) else None for a in agents.values()}
     return dtypes.pop() if len(dtypes) == 1 and None not in dtypes else None
 
 
@@ -171,15 +178,15 @@ def _gguf_note(kind: str, hub_base: str | None, origin: tuple[str, str | None], 
                   "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f"folder = pathlib.Path(importlib.util.find_spec(\"{spec.package}\").submodule_search_locations[0])",
                   f"base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=\"{gguf}\", dtype=torch.bfloat16)"
-                  + (f".to(torch.{dtype})" if dtype and dtype != "bfloat16" else ""),
+                  + (f".to(torch.{dtype})" if dtype in _UPCAST else ""),
                   f"tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=\"{gguf}\")",
                   "model = PeftModel.from_pretrained(base, \"<this repo>\")", "```",
                   "", f"(`pluribus` does the same with the model alias `{alias}`.)"]
-    if dtype and dtype != "bfloat16":
-        # a CPU without native bf16 runs pluribus in float32: the same (bf16-valued) weights, other arithmetic
-        lines += ["", f"The evaluation ran in {dtype} (the device it ran on does not compute bf16 natively), on "
-                      f"the bf16 weights: hence `.to(torch.{dtype})` after loading them in bf16 (loaded in {dtype} "
-                      "directly, the GGUF file dequantizes to other weights)."]
+        if dtype in _UPCAST:
+            # e.g. a CPU without native bf16, where pluribus runs float32: the same (bf16-valued) weights
+            lines += ["", f"The evaluation ran in {dtype} on the bf16 weights: hence `.to(torch.{dtype})` after "
+                          f"loading them in bf16 (loaded in {dtype} directly, the GGUF file dequantizes to other "
+                          "weights)."]
     return lines
 
 

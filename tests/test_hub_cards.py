@@ -73,6 +73,25 @@ def test_a_long_training_record_is_summarized_never_cut(adapter_dir: Path, tmp_p
     assert json.loads((tmp_path / "export" / "training_record.json").read_text())["recipe"] == record["recipe"]
 
 
+def test_the_cards_dtype_is_the_one_the_eval_ran_this_model_in() -> None:
+    from pluribus.hub import _eval_dtype
+
+    def task(name: str, ran_on: object) -> dict:
+        return {"name": name, "systems": {}, "ran_on": ran_on}
+
+    cpu32, gpu16 = {"device": "cpu", "dtype": "float32"}, {"device": "cuda:0", "dtype": "bfloat16"}
+    both = {"tasks": [task("heldout", {"d-greedy": {"d": cpu32}, "team": {"a": gpu16}}),
+                      task("transfer", {"d-greedy": {"d": cpu32}})]}
+    assert _eval_dtype(both, {"heldout": ["d-greedy"], "transfer": ["d-greedy"]}) == "float32"  # others' aside
+    mixed = {"tasks": [task("heldout", {"d-greedy": {"d": cpu32}}), task("transfer", {"d-greedy": {"d": gpu16}})]}
+    assert _eval_dtype(mixed, {"heldout": ["d-greedy"], "transfer": ["d-greedy"]}) is None  # not one dtype
+    assert _eval_dtype({"tasks": [task("heldout", {"d-greedy": {"d": {"device": "cpu"}}})]},
+                       {"heldout": ["d-greedy"]}) is None  # a backend that records no dtype
+    assert _eval_dtype({"tasks": [task("heldout", {"d-greedy": "cpu"})]}, {"heldout": ["d-greedy"]}) is None
+    assert _eval_dtype({"systems": {}}, {"heldout": ["d-greedy"]}) is None  # an older results.json: no ran_on
+    assert _eval_dtype(None, {}) is None
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("ran_in", [None, "bfloat16", "float32"])
 def test_following_the_card_gives_the_logits_the_eval_measured(smollm2_dir: Path, tmp_path: Path,

@@ -5,31 +5,43 @@ head wherever a mask is given (every batch of left-padded prompts) and, before 5
 too (5.16-5.19: vLLM's environment pins them), where on CPU it made a step's attention 4-7x slower (15.5 ms
 against 2.1 ms for 18 rows over 300 cached tokens). ``pluribus_sdpa`` sits in front of transformers' ``sdpa``:
 a one-token step packs the query heads that share a key/value head into that head's query rows; a longer query
-(a prefill) hands the key/value heads to torch's SDPA with ``enable_gqa``. Both give sdpa's results to the bit
-(tests/data/test_decoding.py; ``bench/prefill_attention.py``). Every other call (dropout, a position bias,
-attention sinks, a per-head mask, a torch before 2.5) goes to ``sdpa`` as is.
+(a prefill) on the CPU hands the key/value heads to torch's SDPA with ``enable_gqa``. Both give sdpa's results
+to the bit (tests/data/test_decoding.py; ``bench/prefill_attention.py``). Every other call (dropout, a position
+bias, attention sinks, a per-head mask, a step without a mask, a prefill on a GPU or under a torch before 2.9)
+goes to ``sdpa`` as is.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 NAME = "pluribus_sdpa"
 
 
-def _plain(module: Any, query: Any, key: Any, attention_mask: Any, dropout: float, kwargs: dict[str, Any]) -> bool:
-    """Whether a call goes to transformers' ``sdpa`` as is: no grouped heads, or anything beyond a plain
-    causal or masked attention."""
-    import torch
+@cache
+def _cpu_flash_gqa() -> bool:
+    """Whether torch's CPU flash kernel takes grouped KV heads with a mask (from 2.9; before, ``enable_gqa`` with
+    a mask falls back to the math kernel: other bits and a score tensor per query head)."""
+    from transformers.utils.import_utils import is_torch_greater_or_equal
 
+    return is_torch_greater_or_equal("2.9", accept_dev=True)
+
+
+def _plain(module: Any, query: Any, key: Any, attention_mask: Any, dropout: float, kwargs: dict[str, Any]) -> bool:
+    """Whether a call goes to transformers' ``sdpa`` as is: no grouped heads, anything beyond a plain causal or
+    masked attention, a one-token step without a mask (sdpa runs it on the KV heads itself), or a prefill off the
+    CPU (CUDA's flash kernel takes no mask: a masked grouped prefill there would fall back to the math kernel)."""
     groups = getattr(module, "num_key_value_groups", 1)
+    length = query.shape[2]
     return bool(groups <= 1 or dropout or kwargs.get("position_bias") is not None
                 or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None
                 or kwargs.get("cache") is not None or kwargs.get("softcap") is not None
                 or kwargs.get("output_attentions")
                 or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1))
                 or key.shape[1] * groups != query.shape[1]
-                or (query.shape[2] > 1 and torch.__version__ < "2.5"))  # SDPA takes enable_gqa from 2.5
+                or (length == 1 and attention_mask is None)
+                or (length > 1 and (query.device.type != "cpu" or not _cpu_flash_gqa())))
 
 
 def _attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,

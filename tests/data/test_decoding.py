@@ -283,9 +283,9 @@ def test_a_sliding_window_cache_decodes_batch_after_batch_and_equals_generate():
     assert [s for s in seen if s[1] > 1] == [(2, 7), (2, 3)]  # two prefills of two rows, none joined mid-way
 
 
-def test_packed_decode_attention_gives_sdpas_tokens(monkeypatch):
-    # grouped query heads packed onto their key/value heads for one-token steps, a prefill's on the KV heads
-    # through enable_gqa: the same tokens as sdpa's
+def test_attention_on_the_kv_heads_gives_sdpas_tokens(monkeypatch):
+    # grouped query heads packed onto their key/value heads for one-token steps, a masked prefill's on the KV
+    # heads through enable_gqa: the same tokens as sdpa's
     import pluribus.data.attention as attention
     from pluribus.data.decoding import decode_rows
     from tests.tiny import tiny_causal_lm
@@ -294,28 +294,68 @@ def test_packed_decode_attention_gives_sdpas_tokens(monkeypatch):
                            num_key_value_heads=2).eval()
     rows = [[5, 17, 99, 3], [8, 8, 2, 41, 7, 7, 120], [300, 4], [11, 12, 13, 14, 15]]
     plain = decode_rows(model, rows, max_new_tokens=10, eos=[], slots=2)
-    packed_steps = []
+    packed_steps, masked_prefills = [], []
     real = torch.nn.functional.scaled_dot_product_attention
-
-    gqa_prefills = []
 
     def spy(query, key, *args, **kwargs):
         packed_steps.append(query.shape[2] == 3)  # 6 query heads on 2 KV heads: 3 rows per KV head
-        if query.shape[2] > 1 and query.shape[1] == 6:
-            gqa_prefills.append(key.shape[1] == 2 and kwargs.get("enable_gqa") is True)
+        if query.shape[2] > 1 and query.shape[1] == 6 and kwargs.get("attn_mask") is not None:
+            masked_prefills.append(key.shape[1] == 2 and kwargs.get("enable_gqa") is True)
         return real(query, key, *args, **kwargs)
 
     assert attention.kv_head_attention(model) and model.config._attn_implementation == attention.NAME
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     assert decode_rows(model, rows, max_new_tokens=10, eos=[], slots=2) == plain
     assert any(packed_steps)
-    assert gqa_prefills and all(gqa_prefills)  # every prefill (left-padded, joined later) on the KV heads
+    # every left-padded prefill on the KV heads (transformers' sdpa repeats them per query head once masked)
+    assert masked_prefills and all(masked_prefills)
+
+
+class _Heads(torch.nn.Module):
+    """What transformers' attention functions read of a layer."""
+
+    def __init__(self, groups: int, causal: bool | None) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+        if causal is not None:
+            self.is_causal = causal
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_on_the_kv_heads_gives_sdpas_logits_to_the_bit(dtype):
+@pytest.mark.parametrize("mask", ["none", "bool", "float", "bool-batch-1"])
+@pytest.mark.parametrize("is_causal", [None, True, False])
+@pytest.mark.parametrize("module_causal", [None, True, False])
+@pytest.mark.parametrize("length", [1, 5])
+def test_pluribus_sdpa_is_sdpa_to_the_bit(dtype, mask, is_causal, module_causal, length):
+    # against transformers' own sdpa_attention_forward: masks of every kind it builds, the causal flag from the
+    # call or the layer, a longer cache than the query (a static cache's cut), one-token steps and prefills
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pluribus.data.attention import _attention
+
+    g = torch.Generator().manual_seed(length * 7 + len(mask))
+    batch, kv_heads, groups, dim = 3, 2, 3, 16
+    for kv_len in (length, length + 4):
+        q = torch.randn(batch, kv_heads * groups, length, dim, generator=g).to(dtype)
+        k, v = (torch.randn(batch, kv_heads, kv_len, dim, generator=g).to(dtype) for _ in range(2))
+        allowed = torch.rand(batch, 1, length, kv_len, generator=g) > 0.3
+        allowed[..., -1] = True  # every query row sees something
+        attn_mask = {"none": None, "bool": allowed, "bool-batch-1": allowed[:1],
+                     "float": torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)}[mask]
+        module = _Heads(groups, module_causal)
+        want, _ = sdpa_attention_forward(module, q, k, v, attn_mask, scaling=dim ** -0.5, is_causal=is_causal)
+        got, _ = _attention(module, q, k, v, attn_mask, scaling=dim ** -0.5, is_causal=is_causal)
+        assert got.shape == want.shape and torch.equal(got, want), (kv_len, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_on_the_kv_heads_gives_sdpas_logits_to_the_bit(dtype, monkeypatch):
     # left-padded rows (a mask), one unpadded row alone (no mask: the causal flag), and a prefill on top of a
-    # cache (a mask over more columns than the query): sdpa's logits to the bit
+    # cache (a mask over more columns than the query): sdpa's logits to the bit, the masked ones on the KV heads
+    import inspect
+
+    from transformers import DynamicCache
+
     import pluribus.data.attention as attention
     from tests.tiny import tiny_causal_lm
 
@@ -326,14 +366,10 @@ def test_prefill_on_the_kv_heads_gives_sdpas_logits_to_the_bit(dtype):
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     mask[2, :1] = 0
+    # the KV cache is `cache` from transformers 5.24, `past_key_values` before
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def run() -> list:
-        import inspect
-
-        from transformers import DynamicCache
-
-        # the KV cache is `cache` from transformers 5.24, `past_key_values` before
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         with torch.inference_mode():
             padded = model(input_ids=ids, attention_mask=mask).logits
             alone = model(input_ids=ids[1:2]).logits
@@ -344,7 +380,16 @@ def test_prefill_on_the_kv_heads_gives_sdpas_logits_to_the_bit(dtype):
 
     before = run()
     assert attention.kv_head_attention(model)
+    on_kv_heads = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, *args, **kwargs):
+        if kwargs.get("attn_mask") is not None:
+            on_kv_heads.append(key.shape[1] == 2 and kwargs.get("enable_gqa") is True)
+        return real(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     after = run()
+    assert on_kv_heads and all(on_kv_heads)
     for b, a in zip(before, after, strict=True):
-        real = mask.bool()[:, -b.shape[1]:] if b.shape[0] == 3 else torch.ones(b.shape[:2], dtype=torch.bool)
-        assert torch.equal(b[real], a[real])
+        assert torch.equal(b, a)
