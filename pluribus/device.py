@@ -146,7 +146,9 @@ def where_backend(backend: Any) -> dict[str, str]:
     if kind == "VLLMBackend":
         import torch
 
-        return {"device": f"{'cuda' if torch.cuda.is_available() else 'cpu'} (vLLM)"}
+        dtype = (getattr(backend, "engine_kwargs", None) or {}).get("dtype")
+        return {"device": f"{'cuda' if torch.cuda.is_available() else 'cpu'} (vLLM)",
+                **({"dtype": str(dtype)} if dtype else {})}
     if kind == "OpenAIBackend":
         return {"device": "server"}
     return {"device": f"unknown ({kind})"}

@@ -32,6 +32,18 @@ def test_cpu_defaults_avoid_the_chunked_prefill_crash_and_size_the_kv_cache(monk
     assert share["gpu_memory_utilization"] == 0.3 and "kv_cache_memory_bytes" not in share
 
 
+def test_a_cpu_without_native_bf16_runs_vllm_in_float32_as_the_other_backends(monkeypatch):
+    import pluribus.device as devices
+
+    monkeypatch.setattr(devices, "supports_bf16", lambda device: False)
+    assert _kw(None, cpu=True)["dtype"] == "float32"
+    assert _kw(None, cpu=True, dtype="auto")["dtype"] == "float32"
+    assert _kw(None, cpu=True, dtype="float16")["dtype"] == "float16"  # asked for by name: kept
+    assert _kw(None, cpu=False)["dtype"] == "bfloat16"  # a GPU engine: vLLM's own checks
+    monkeypatch.setattr(devices, "supports_bf16", lambda device: True)
+    assert _kw(None, cpu=True)["dtype"] == "bfloat16" and _kw(None, cpu=True, dtype="auto")["dtype"] == "auto"
+
+
 def test_vllm_cpu_kvcache_space_is_read_by_vllm_and_a_contradicting_setting_refused(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
     assert "kv_cache_memory_bytes" not in _kw(None, cpu=True)  # vLLM-CPU reads the variable itself
