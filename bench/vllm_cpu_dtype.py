@@ -1,7 +1,8 @@
 """vLLM-CPU in float32 against bf16 on this CPU: why an engine asked for bf16 runs float32 where the CPU lacks
 native bf16 (``vllm_engine._cpu_dtype``).
 
-One in-process engine per dtype, one after the other (each in its own process: vLLM-CPU binds its cores), the
+vLLM's own engine defaults but the dtype (not ``engine_kwargs``: the dtype is what differs), one in-process engine
+per dtype, one after the other (each in its own process: vLLM-CPU binds its cores), the
 embedded SmolLM2-135M, ``--prompts`` synthetic questions under its chat template and the quickstart's brief-answer
 instruction, greedy, ``--max-new-tokens`` at most, after a
 4-prompt warm-up. Prints each dtype's seconds and generated tokens per second, and the ratio. Needs vLLM (run it with

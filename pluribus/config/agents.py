@@ -118,8 +118,8 @@ class AgentConfig(Section):
         "same model: requests spread over them, and a server that dies is taken out and its requests sent to the others.")
     api_key_env: str | None = Field(None, description="openai backend: name of the env var holding the API key.")
     dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field(
-        "bfloat16", description="transformers/vllm backends: weight and compute dtype; on the transformers backend bf16 (or auto) runs "
-        "in float32 on a device that lacks native bf16 (pluribus.device; the record says so)."
+        "bfloat16", description="transformers/vllm backends: weight and compute dtype; bf16 (or auto) runs in float32 on a "
+        "device that lacks native bf16 (the transformers backend anywhere, vLLM on a CPU; pluribus.device; the record says so)."
     )
     context_length: int | None = Field(
         None, ge=32, description="Max prompt + new tokens; None: the model's own limit. Longer prompts are refused, never cut (team.too_long)."

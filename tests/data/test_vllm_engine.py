@@ -41,7 +41,17 @@ def test_a_cpu_without_native_bf16_runs_vllm_in_float32_as_the_other_backends(mo
     assert _kw(None, cpu=True, dtype="float16")["dtype"] == "float16"  # asked for by name: kept
     assert _kw(None, cpu=False)["dtype"] == "bfloat16"  # a GPU engine: vLLM's own checks
     monkeypatch.setattr(devices, "supports_bf16", lambda device: True)
-    assert _kw(None, cpu=True)["dtype"] == "bfloat16" and _kw(None, cpu=True, dtype="auto")["dtype"] == "auto"
+    assert _kw(None, cpu=True)["dtype"] == "bfloat16" and _kw(None, cpu=True, dtype="auto")["dtype"] == "bfloat16"
+
+
+def test_the_record_of_a_vllm_backend_says_its_dtype():
+    from pluribus.device import where_backend
+
+    class VLLMBackend:  # what where_backend reads of the real one
+        engine_kwargs = {"dtype": "float32"}
+
+    assert where_backend(VLLMBackend())["dtype"] == "float32"
+    assert where_backend(VLLMBackend())["device"].endswith("(vLLM)")
 
 
 def test_vllm_cpu_kvcache_space_is_read_by_vllm_and_a_contradicting_setting_refused(monkeypatch):

@@ -79,10 +79,11 @@ def test_sampler_engine_follows_the_policy_and_the_settings(policy_and_sampler):
     kw = sampler.engine_kwargs
     import torch
 
+    from pluribus.data.vllm_engine import on_cpu
     from pluribus.device import supports_bf16
 
     # the policy's bf16, or float32 on a CPU without native bf16 (as every backend there)
-    native = supports_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    native = not on_cpu() or supports_bf16(torch.device("cpu"))
     assert kw["enable_lora"] and kw["max_lora_rank"] == 8 and kw["dtype"] == ("bfloat16" if native else "float32")
     longest = max(len(sampler._ids(p)) for p in PROMPTS)
     assert sampler.llm.llm_engine.vllm_config.model_config.max_model_len == longest + 1
