@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pluribus.errors import PluribusError
@@ -257,14 +257,19 @@ def pcb_paper(taus: list[torch.Tensor], r: float, lam: float = 1.0, weights: lis
 
 @SETTINGS
 @given(shapes, seeds, st.integers(2, 5), st.sampled_from([1.0, 0.7, 0.3, 0.1]), st.floats(0.5, 2.0))
+@example((8, 10), 2029, 2, 1.0, 2.0)  # a cancelling entry (below)
 def test_pcb_follows_the_paper_step_by_step(shape, seed, n, density, lam):
     taus = [rand(shape, seed + i).double() for i in range(n)]
     got = merge_deltas("pcb", taus, M.MethodParams(weights=(1.0,) * n, density=(density,) * n, lam=lam))
     torch.testing.assert_close(got, pcb_paper(taus, density, lam), rtol=1e-12, atol=1e-12)
-    # float32 inputs compute in float32: within its rounding of the same formula
+    # float32 inputs compute in float32: within its rounding of the same formula. An entry is a beta-weighted mean
+    # of the task vectors' entries, so where their signs differ it cancels: its error is a few float32 eps of
+    # lam * max |tau|, not of itself (seed 2029, n=2, lam=2: 1.7e-6 off -0.61 from entries 1.66 and -1.75)
     got32 = M.pcb([t.float() for t in taus], density, lam=lam)
     assert got32.dtype == torch.float32
-    torch.testing.assert_close(got32.double(), pcb_paper(taus, density, lam), rtol=1e-5, atol=1e-6)
+    scale = lam * max(float(t.abs().max()) for t in taus)
+    torch.testing.assert_close(got32.double(), pcb_paper(taus, density, lam), rtol=1e-5,
+                               atol=16 * torch.finfo(torch.float32).eps * scale)
 
 
 def test_pcb_worked_example_by_hand():
